@@ -1,0 +1,165 @@
+"""Run configuration: one YAML file with sections `model`, `training`, `wafer`, `compile`.
+
+Every section is a strict pydantic model (unknown keys are rejected). `load_config(path)`
+turns any problem with the file (missing, malformed YAML, a bad field) into a
+`wse_sim.errors.UserError` whose message is one line naming the file and the field path:
+
+    models/x.yaml: model.n_heads: d_model (100) must be divisible by n_heads (3)
+
+The `wafer` section is `wse_sim.hardware.WaferConfig`: a preset name (`wse2`, `wse3`) or a
+mapping with `preset` and field overrides. Hardware fields are defined only there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from wse_sim.errors import UserError
+from wse_sim.hardware import WaferConfig
+
+Placement = Literal["linear", "snake", "random", "greedy", "anneal", "partition"]
+PLACEMENTS: tuple[str, ...] = get_args(Placement)
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+def _cross_field_error(field: str, message: str) -> PydanticCustomError:
+    """An error about `field` (a dotted path from the root) found by a validator on an
+    enclosing model, whose own location would otherwise not name the field."""
+    return PydanticCustomError("cross_field", message, {"field": field})
+
+
+class ModelConfig(BaseModel):
+    """Shape of a GPT-2 / Cerebras-GPT style decoder (pre-LN, learned positions)."""
+
+    model_config = _STRICT
+
+    vocab_size: int = Field(gt=0, description="Tokens in the vocabulary.")
+    n_ctx: int = Field(gt=0, description="Learned positions (maximum sequence length).")
+    d_model: int = Field(gt=0, description="Width of the residual stream.")
+    n_layers: int = Field(gt=0, description="Transformer blocks.")
+    n_heads: int = Field(gt=0, description="Attention heads; must divide d_model.")
+    d_ffn: int = Field(gt=0, description="Hidden width of the MLP.")
+    activation: Literal["gelu", "gelu_tanh"] = Field(
+        default="gelu", description="MLP activation: `gelu` (exact, erf) or `gelu_tanh`."
+    )
+    ln_eps: float = Field(default=1e-5, gt=0, description="LayerNorm epsilon.")
+    tie_embeddings: bool = Field(
+        default=True, description="LM head reuses the token embedding (no separate weight)."
+    )
+
+    @field_validator("n_heads")
+    @classmethod
+    def _heads_divide_width(cls, n_heads: int, info: ValidationInfo) -> int:
+        d_model = info.data.get("d_model")  # absent if d_model itself failed validation
+        if d_model is not None and d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        return n_heads
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class TrainingConfig(BaseModel):
+    """One SGD training step: batch shape, step size, and the seed for weights and data."""
+
+    model_config = _STRICT
+
+    batch_size: int = Field(gt=0, description="Sequences per step (B).")
+    # A step predicts tokens 1..T-1 from 0..T-2, so it needs at least two tokens.
+    seq_len: int = Field(ge=2, description="Tokens per sequence (T); at most model.n_ctx.")
+    lr: float = Field(gt=0, description="SGD learning rate.")
+    seed: int = Field(default=0, ge=0, description="Seed of the initial weights and the batch.")
+    init_std: float = Field(default=0.02, gt=0, description="Std of the normal weight init.")
+
+
+class CompileConfig(BaseModel):
+    """Choices of the compiler (placement, stream width)."""
+
+    model_config = _STRICT
+
+    placement: Placement = Field(
+        default="linear", description=f"Placement strategy, one of {', '.join(PLACEMENTS)}."
+    )
+    lane_width: int | None = Field(
+        default=None,
+        gt=0,
+        description="fp32 columns one fabric stream / PE column-chunk carries; null = automatic.",
+    )
+    seed: int = Field(default=0, ge=0, description="Seed of randomised placement strategies.")
+
+
+class RunConfig(BaseModel):
+    """Everything one run needs: the model, the training step, the wafer, compiler options."""
+
+    model_config = _STRICT
+
+    model: ModelConfig
+    training: TrainingConfig
+    wafer: WaferConfig = Field(
+        default_factory=WaferConfig,
+        description="A preset name (`wse2`, `wse3`) or a mapping with `preset` and overrides.",
+    )
+    compile: CompileConfig = Field(default_factory=CompileConfig)
+
+    @model_validator(mode="after")
+    def _sequence_fits_context(self) -> RunConfig:
+        if self.training.seq_len > self.model.n_ctx:
+            raise _cross_field_error(
+                "training.seq_len",
+                f"seq_len ({self.training.seq_len}) must be <= model.n_ctx ({self.model.n_ctx})",
+            )
+        return self
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line for the first error: `field.path: message` (and how many more there were)."""
+    errors = err.errors(include_url=False)
+    first = errors[0]
+    field = (first.get("ctx") or {}).get("field") or ".".join(str(p) for p in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    extra = len(errors) - 1
+    more = f" (and {extra} more error{'s' if extra > 1 else ''})" if extra else ""
+    return f"{field or '<root>'}: {message}{more}"
+
+
+def parse_config(data: Any, source: str = "<config>") -> RunConfig:
+    """Validate an already-parsed mapping; errors become one-line UserErrors naming `source`."""
+    if not isinstance(data, dict):
+        raise UserError(
+            f"{source}: expected a mapping with sections model, training, wafer, compile"
+        )
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise UserError(f"{source}: {format_validation_error(err)}") from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a run config YAML file; any problem raises a one-line UserError."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read config: {err.strerror or err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "malformed YAML"
+        raise UserError(f"{path}: invalid YAML{where}: {problem}") from None
+    return parse_config(data, str(path))
