@@ -28,7 +28,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from wse_sim.errors import UserError
-from wse_sim.hardware import WaferConfig
+from wse_sim.hardware import PRESETS, WaferConfig
 
 Placement = Literal["linear", "snake", "random", "greedy", "anneal", "partition"]
 PLACEMENTS: tuple[str, ...] = get_args(Placement)
@@ -103,6 +103,12 @@ class CompileConfig(BaseModel):
     seed: int = Field(default=0, ge=0, description="Seed of randomised placement strategies.")
 
 
+def _preset_name_allowed(schema: dict[str, Any]) -> None:
+    """WaferConfig also accepts a bare preset name; say so in the JSON Schema."""
+    ref = {"$ref": schema.pop("$ref")}
+    schema["anyOf"] = [ref, {"type": "string", "enum": list(PRESETS)}]
+
+
 class RunConfig(BaseModel):
     """Everything one run needs: the model, the training step, the wafer, compiler options."""
 
@@ -113,6 +119,7 @@ class RunConfig(BaseModel):
     wafer: WaferConfig = Field(
         default_factory=WaferConfig,
         description="A preset name (`wse2`, `wse3`) or a mapping with `preset` and overrides.",
+        json_schema_extra=_preset_name_allowed,
     )
     compile: CompileConfig = Field(default_factory=CompileConfig)
 

@@ -1,0 +1,36 @@
+"""`python -m wse_sim graph CONFIG [--json]`: op counts, parameters and FLOPs of one step."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "Build the training-step graph of a config; print op counts, parameters and FLOPs."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run config YAML (e.g. models/gpt_small.yaml)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from compiler.config import load_config
+    from compiler.graph import build_graph
+
+    summary = build_graph(load_config(args.config)).summary()
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"{args.config}: {summary['ops']:,} ops, {summary['tensors']:,} tensors")
+    print(f"parameters: {summary['parameters']:,}")
+    print("ops by kind:")
+    for kind, count in summary["ops_by_kind"].items():
+        print(f"  {kind:<20} {count:>8,}")
+    print("FLOPs per step:")
+    for phase, flops in summary["flops"].items():
+        label = "matmul (fwd + bwd)" if phase == "matmul" else phase
+        print(f"  {label:<20} {flops:>22,}")
+    print(f"bytes read / written by ops: {summary['bytes']['read']:,} / "
+          f"{summary['bytes']['written']:,}")
+    return 0
