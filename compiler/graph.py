@@ -259,8 +259,7 @@ class _Builder:
         attrs = attrs or {}
         outs = tuple(self.tensor(n, s, "activation") for n, s in outputs.items())
         extra = tuple(self.tensor(n, s, "activation") for n, s in (stats or {}).items())
-        self.op(name, kind, "forward", inputs, outs + extra, flops, matmul_flops, attrs,
-                bytes_read)
+        self.op(name, kind, "forward", inputs, outs + extra, flops, matmul_flops, attrs, bytes_read)
         grad_inputs = tuple(t for t in inputs if self.tensors[t].kind != "input")
         self.forwards.append(
             _Forward(name, kind, grad_inputs, outs, saved, bwd_flops, 2 * matmul_flops, attrs)
@@ -285,8 +284,15 @@ class _Builder:
                 return
             total = self.tensor(grad_name(tensor), self.tensors[tensor].shape, "gradient")
             numel = self.tensors[tensor].numel
-            self.op(f"{tensor}.grad_acc", "grad_acc", "backward", tuple(shares[tensor]),
-                    (total,), numel * (uses[tensor] - 1), attrs={"tensor": tensor})
+            self.op(
+                f"{tensor}.grad_acc",
+                "grad_acc",
+                "backward",
+                tuple(shares[tensor]),
+                (total,),
+                numel * (uses[tensor] - 1),
+                attrs={"tensor": tensor},
+            )
             grad_of[tensor] = total
 
         for f in reversed(self.forwards):
@@ -299,8 +305,16 @@ class _Builder:
                 name = grad_name(t) if uses[t] == 1 else grad_share_name(t, f.name)
                 outs.append(self.tensor(name, self.tensors[t].shape, "gradient"))
             grads_in = tuple(grad_of[o] for o in f.outputs if o != loss)
-            self.op(f"{f.name}.bwd", f"{f.kind}.bwd", "backward", grads_in + f.saved,
-                    tuple(outs), f.bwd_flops, f.bwd_matmul_flops, {**f.attrs, "forward": f.name})
+            self.op(
+                f"{f.name}.bwd",
+                f"{f.kind}.bwd",
+                "backward",
+                grads_in + f.saved,
+                tuple(outs),
+                f.bwd_flops,
+                f.bwd_matmul_flops,
+                {**f.attrs, "forward": f.name},
+            )
             for t, share in zip(f.grad_inputs, outs, strict=True):
                 contribute(t, share)
 
@@ -312,8 +326,15 @@ class _Builder:
         for p in self.parameters:
             spec = self.tensors[p]
             new = self.tensor(updated_name(p), spec.shape, "parameter")
-            self.op(f"{p}.sgd", "sgd_update", "update", (p, grad_name(p)), (new,),
-                    2 * spec.numel, attrs={"lr": lr, "parameter": p})
+            self.op(
+                f"{p}.sgd",
+                "sgd_update",
+                "update",
+                (p, grad_name(p)),
+                (new,),
+                2 * spec.numel,
+                attrs={"lr": lr, "parameter": p},
+            )
 
     def graph(self) -> TrainingGraph:
         g = nx.DiGraph()
@@ -360,8 +381,13 @@ def _matmul(
     part = n_out // len(out_names)
     products = 2 * m * k * n_out
     return b.forward(
-        name, "matmul", (x, w, bias), {f"{name}.{o}": (m, part) for o in out_names},
-        flops=products + m * n_out, matmul_flops=products, bwd_flops=2 * products + m * n_out,
+        name,
+        "matmul",
+        (x, w, bias),
+        {f"{name}.{o}": (m, part) for o in out_names},
+        flops=products + m * n_out,
+        matmul_flops=products,
+        bwd_flops=2 * products + m * n_out,
         saved=(x, w),
         attrs={"m": m, "k": k, "n": n_out, "bias": True, "transpose_b": False, "layer": layer},
     )
@@ -373,24 +399,42 @@ def _layernorm(b: _Builder, name: str, x: str, layer: int | None = None) -> str:
     bias = b.param(f"{name}.bias", (d,), "zeros")
     mean, rstd = f"{name}.mean", f"{name}.rstd"
     (out,) = b.forward(
-        name, "layernorm", (x, w, bias), {f"{name}.out": (m, d)},
+        name,
+        "layernorm",
+        (x, w, bias),
+        {f"{name}.out": (m, d)},
         stats={mean: (m, 1), rstd: (m, 1)},
-        flops=7 * m * d, bwd_flops=13 * m * d, saved=(x, w, mean, rstd),
+        flops=7 * m * d,
+        bwd_flops=13 * m * d,
+        saved=(x, w, mean, rstd),
         attrs={"eps": b.cfg.model.ln_eps, "layer": layer},
     )
     return out
 
 
 def _elementwise(
-    b: _Builder, name: str, kind: str, inputs: tuple[str, ...], rates: tuple[int, int],
-    saved: tuple[str, ...] = (), attrs: dict[str, Any] | None = None,
+    b: _Builder,
+    name: str,
+    kind: str,
+    inputs: tuple[str, ...],
+    rates: tuple[int, int],
+    saved: tuple[str, ...] = (),
+    attrs: dict[str, Any] | None = None,
 ) -> str:
     """An op whose output has the shape of its first input; `rates` are fwd/bwd FLOPs per
     output element."""
     shape = b.tensors[inputs[0]].shape
     n = math.prod(shape)
-    (out,) = b.forward(name, kind, inputs, {f"{name}.out": shape}, flops=rates[0] * n,
-                       bwd_flops=rates[1] * n, saved=saved, attrs=attrs)
+    (out,) = b.forward(
+        name,
+        kind,
+        inputs,
+        {f"{name}.out": shape},
+        flops=rates[0] * n,
+        bwd_flops=rates[1] * n,
+        saved=saved,
+        attrs=attrs,
+    )
     return out
 
 
@@ -399,28 +443,39 @@ def _attention(b: _Builder, p: str, x: str, layer: int) -> str:
     model, train = b.cfg.model, b.cfg.training
     batch, t, h, dh = train.batch_size, train.seq_len, model.n_heads, model.d_head
     m = batch * t
-    q, k, v = _matmul(b, f"{p}.qkv", x, 3 * model.d_model, out_names=("q", "k", "v"),
-                      layer=layer)
+    q, k, v = _matmul(b, f"{p}.qkv", x, 3 * model.d_model, out_names=("q", "k", "v"), layer=layer)
     heads = {"heads": h, "d_head": dh, "batch": batch, "seq_len": t, "layer": layer}
     scores_shape = (m, h * t)
     n_scores = m * h * t
     products = 2 * n_scores * dh
     (scores,) = b.forward(
-        f"{p}.scores", "attn_scores", (q, k), {f"{p}.scores.out": scores_shape},
-        flops=products + n_scores, matmul_flops=products, bwd_flops=2 * products + n_scores,
-        saved=(q, k), attrs={**heads, "scale": 1.0 / math.sqrt(dh)},
+        f"{p}.scores",
+        "attn_scores",
+        (q, k),
+        {f"{p}.scores.out": scores_shape},
+        flops=products + n_scores,
+        matmul_flops=products,
+        bwd_flops=2 * products + n_scores,
+        saved=(q, k),
+        attrs={**heads, "scale": 1.0 / math.sqrt(dh)},
     )
     masked = _elementwise(b, f"{p}.mask", "causal_mask", (scores,), (0, 0), attrs=heads)
     # The softmax backward needs only its own output, the probabilities.
-    probs = _elementwise(b, f"{p}.softmax", "softmax", (masked,), (5, 4),
-                         saved=(f"{p}.softmax.out",), attrs=heads)
+    probs = _elementwise(
+        b, f"{p}.softmax", "softmax", (masked,), (5, 4), saved=(f"{p}.softmax.out",), attrs=heads
+    )
     (values,) = b.forward(
-        f"{p}.values", "attn_values", (probs, v), {f"{p}.values.out": (m, model.d_model)},
-        flops=products, matmul_flops=products, bwd_flops=2 * products, saved=(probs, v),
+        f"{p}.values",
+        "attn_values",
+        (probs, v),
+        {f"{p}.values.out": (m, model.d_model)},
+        flops=products,
+        matmul_flops=products,
+        bwd_flops=2 * products,
+        saved=(probs, v),
         attrs=heads,
     )
-    (proj,) = _matmul(b, f"{p}.proj", values, model.d_model, init="normal_residual",
-                      layer=layer)
+    (proj,) = _matmul(b, f"{p}.proj", values, model.d_model, init="normal_residual", layer=layer)
     return proj
 
 
@@ -436,8 +491,13 @@ def build_graph(cfg: RunConfig) -> TrainingGraph:
     wte = b.param("wte.weight", (vocab, d), "normal")
     wpe = b.param("wpe.weight", (model.n_ctx, d), "normal")
     (x,) = b.forward(
-        "embed", "embedding", (tokens, wte, wpe), {"embed.out": (m, d)},
-        flops=m * d, bwd_flops=2 * m * d, saved=(tokens,),
+        "embed",
+        "embedding",
+        (tokens, wte, wpe),
+        {"embed.out": (m, d)},
+        flops=m * d,
+        bwd_flops=2 * m * d,
+        saved=(tokens,),
         attrs={"batch": batch, "seq_len": t},
         bytes_read=BYTES_PER_ELEMENT * (m + m * d + t * d),  # only the gathered rows
     )
@@ -447,8 +507,15 @@ def build_graph(cfg: RunConfig) -> TrainingGraph:
         attn = _attention(b, f"{p}.attn", _layernorm(b, f"{p}.ln1", x, i), i)
         x = _elementwise(b, f"{p}.attn.res", "add", (x, attn), (1, 0), attrs={"layer": i})
         fc = _matmul(b, f"{p}.mlp.fc", _layernorm(b, f"{p}.ln2", x, i), model.d_ffn, layer=i)[0]
-        act = _elementwise(b, f"{p}.mlp.gelu", "gelu", (fc,), (8, 12), saved=(fc,),
-                           attrs={"activation": model.activation, "layer": i})
+        act = _elementwise(
+            b,
+            f"{p}.mlp.gelu",
+            "gelu",
+            (fc,),
+            (8, 12),
+            saved=(fc,),
+            attrs={"activation": model.activation, "layer": i},
+        )
         (mlp,) = _matmul(b, f"{p}.mlp.proj", act, d, init="normal_residual", layer=i)
         x = _elementwise(b, f"{p}.mlp.res", "add", (x, mlp), (1, 0), attrs={"layer": i})
 
@@ -456,14 +523,24 @@ def build_graph(cfg: RunConfig) -> TrainingGraph:
     head = wte if model.tie_embeddings else b.param("lm_head.weight", (vocab, d), "normal")
     products = 2 * m * d * vocab
     (logits,) = b.forward(
-        "lm_head", "matmul", (final, head), {"lm_head.out": (m, vocab)},
-        flops=products, matmul_flops=products, bwd_flops=2 * products, saved=(final, head),
+        "lm_head",
+        "matmul",
+        (final, head),
+        {"lm_head.out": (m, vocab)},
+        flops=products,
+        matmul_flops=products,
+        bwd_flops=2 * products,
+        saved=(final, head),
         attrs={"m": m, "k": d, "n": vocab, "bias": False, "transpose_b": True},
     )
     predictions = batch * (t - 1)
     (loss,) = b.forward(
-        "loss", "cross_entropy", (logits, tokens), {"loss.out": (1, 1)},
-        flops=4 * predictions * vocab, bwd_flops=6 * predictions * vocab,
+        "loss",
+        "cross_entropy",
+        (logits, tokens),
+        {"loss.out": (1, 1)},
+        flops=4 * predictions * vocab,
+        bwd_flops=6 * predictions * vocab,
         saved=(logits, tokens),
         attrs={"batch": batch, "seq_len": t, "predictions": predictions},
     )

@@ -31,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     for phase, flops in summary["flops"].items():
         label = "matmul (fwd + bwd)" if phase == "matmul" else phase
         print(f"  {label:<20} {flops:>22,}")
-    print(f"bytes read / written by ops: {summary['bytes']['read']:,} / "
-          f"{summary['bytes']['written']:,}")
+    print(
+        f"bytes read / written by ops: {summary['bytes']['read']:,} / "
+        f"{summary['bytes']['written']:,}"
+    )
     return 0

@@ -1,0 +1,147 @@
+"""Run configs: the zoo loads, bad files end in one line naming the field (exit code 2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compiler.config import PLACEMENTS, RunConfig, load_config, parse_config
+from wse_sim.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+ZOO = sorted((ROOT / "models").glob("*.yaml"))
+
+
+def _tiny() -> dict:
+    return yaml.safe_load((ROOT / "models" / "gpt_tiny.yaml").read_text())
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "wse_sim", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("path", ZOO, ids=lambda p: p.stem)
+def test_zoo_configs_load(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.training.seq_len <= cfg.model.n_ctx
+    assert cfg.model.d_model == cfg.model.n_heads * cfg.model.d_head
+
+
+def test_zoo_is_complete() -> None:
+    names = {p.stem for p in ZOO}
+    sizes = ("111m", "256m", "590m", "1p3b", "2p7b", "6p7b", "13b")
+    assert {"gpt_tiny", "gpt_small"} | {f"cerebras_gpt_{s}" for s in sizes} <= names
+
+
+def test_tiny_keeps_heads_wide_enough() -> None:
+    assert load_config(ROOT / "models" / "gpt_tiny.yaml").model.d_head >= 16
+
+
+@pytest.mark.parametrize(
+    ("section", "change", "expected"),
+    [
+        ("model", {"colour": 1}, "model.colour: Extra inputs are not permitted"),
+        ("model", {"n_heads": 3}, "model.n_heads: d_model (32) must be divisible by n_heads (3)"),
+        ("model", {"d_ffn": -4}, "model.d_ffn: Input should be greater than 0"),
+        ("training", {"seq_len": 17}, "training.seq_len: seq_len (17) must be <= model.n_ctx"),
+        ("training", {"lr": 0}, "training.lr: Input should be greater than 0"),
+        ("wafer", {"width": 0}, "wafer.width: Input should be greater than 0"),
+        ("compile", {"placement": "spiral"}, "compile.placement: Input should be"),
+        ("compile", {"lane_width": 0}, "compile.lane_width: Input should be greater than 0"),
+    ],
+)
+def test_bad_field_is_named(tmp_path: Path, section: str, change: dict, expected: str) -> None:
+    data = _tiny()
+    if not isinstance(data.get(section), dict):
+        data[section] = {}  # `wafer: wse2` becomes a mapping of overrides
+    data[section].update(change)
+    path = _write(tmp_path, data)
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: {expected}")
+
+
+@pytest.mark.parametrize(
+    ("section", "change", "field"),
+    [
+        ("model", {"colour": 1}, "model.colour"),
+        ("model", {"n_heads": 3}, "model.n_heads"),
+        ("model", {"n_layers": -2}, "model.n_layers"),
+    ],
+)
+def test_cli_reports_bad_config_in_one_line(
+    tmp_path: Path, section: str, change: dict, field: str
+) -> None:
+    data = _tiny()
+    data[section].update(change)
+    path = _write(tmp_path, data)
+    result = _cli("graph", str(path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert field in lines[0] and str(path) in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_file_and_malformed_yaml(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"nope\.yaml: cannot read config"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: {vocab_size: 3\n")
+    with pytest.raises(UserError, match=r"broken\.yaml: invalid YAML at line \d+") as err:
+        load_config(broken)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="expected a mapping"):
+        parse_config(["not", "a", "mapping"], "list.yaml")
+
+
+def test_missing_section_is_named() -> None:
+    data = _tiny()
+    del data["training"]
+    with pytest.raises(UserError, match="x.yaml: training: Field required"):
+        parse_config(data, "x.yaml")
+
+
+def test_wafer_preset_name_or_mapping() -> None:
+    data = _tiny()
+    data["wafer"] = "wse3"
+    assert parse_config(data).wafer.width == 762
+    data["wafer"] = {"preset": "wse3", "sram_bytes_per_pe": 96 * 1024}
+    wafer = parse_config(data).wafer
+    assert (wafer.height, wafer.sram_bytes_per_pe) == (1172, 96 * 1024)
+    del data["wafer"]
+    assert parse_config(data).wafer.preset == "wse2"
+
+
+def test_compile_section_defaults() -> None:
+    data = _tiny()
+    del data["compile"]
+    compile_cfg = parse_config(data).compile
+    assert (compile_cfg.placement, compile_cfg.lane_width, compile_cfg.seed) == ("linear", None, 0)
+    assert PLACEMENTS == ("linear", "snake", "random", "greedy", "anneal", "partition")
+
+
+def test_schema_command_prints_json_schema() -> None:
+    result = _cli("schema")
+    assert result.returncode == 0, result.stderr
+    schema = json.loads(result.stdout)
+    assert schema["type"] == "object"
+    assert set(schema["properties"]) == {"model", "training", "wafer", "compile"}
+    assert schema == json.loads(json.dumps(RunConfig.model_json_schema()))
