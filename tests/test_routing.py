@@ -1,0 +1,155 @@
+"""Routing (streams -> XY multicast trees -> colors -> Program) and the kernel harness."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compiler.lowering.kernel import Kernel, LocalStream, StreamEnd, StreamIds, lane_cols
+from compiler.routing import link
+from wse_sim.errors import UserError
+from wse_sim.hardware import WaferConfig
+from wse_sim.program import FabIn, FabOut, Imm, Mem, Op, Port, port_mask, repeat, validate, vec
+
+WAFER = WaferConfig()
+
+
+def sender(name: str, tensor: str, lanes: int, rows: int, ids: StreamIds) -> Kernel:
+    """1 x `lanes` strip: PE (j, 0) sends lane j (rows x 1) of `tensor` from SRAM."""
+    kernel = Kernel(name=name, op="test", ops=[], width=lanes, height=1,
+                    shapes={tensor: (rows, lanes)})
+    for j in range(lanes):
+        sid = ids.new()
+        off = kernel.alloc((j, 0), rows, "data")
+        kernel.emit((j, 0), vec(Op.MOV, rows, FabOut(sid), Mem(off)))
+        kernel.outputs.append(StreamEnd(tensor, j, ((j, 0),), sid))
+    return kernel
+
+
+def receiver(name: str, tensor: str, pes_of_lane: dict[int, tuple[tuple[int, int], ...]],
+             width: int, height: int, rows: int, ids: StreamIds) -> Kernel:
+    kernel = Kernel(name=name, op="test", ops=[], width=width, height=height,
+                    shapes={tensor: (rows, len(pes_of_lane))})
+    for lane, pes in pes_of_lane.items():
+        sid = ids.new()
+        for pe in pes:
+            off = kernel.alloc(pe, rows, "data")
+            kernel.emit(pe, vec(Op.MOV, rows, Mem(off), FabIn(sid)))
+        kernel.inputs.append(StreamEnd(tensor, lane, pes, sid))
+    return kernel
+
+
+def passthrough(name: str, x: str, y: str, rows: int, cols: int, lw: int,
+                ids: StreamIds) -> Kernel:
+    """1 x lanes strip: PE (j, 0) forwards lane j of `x` as lane j of `y`, doubled (so
+    the harness test sees the kernel compute), in chunks of one row (a REPEAT)."""
+    lanes = lane_cols(cols, lw)
+    kernel = Kernel(name=name, op="test", ops=[], width=len(lanes), height=1,
+                    shapes={x: (rows, cols), y: (rows, cols)})
+    for j, (c0, c1) in enumerate(lanes):
+        sin, sout = ids.new(), ids.new()
+        kernel.emit((j, 0), *repeat(rows, [vec(Op.MUL, c1 - c0, FabOut(sout), FabIn(sin),
+                                              Imm(2.0))]))
+        kernel.inputs.append(StreamEnd(x, j, ((j, 0),), sin))
+        kernel.outputs.append(StreamEnd(y, j, ((j, 0),), sout))
+    return kernel
+
+
+def test_multicast_tree_is_xy_union():
+    ids = StreamIds()
+    src = sender("src", "t", 1, 3, ids)
+    dst = receiver("dst", "t", {0: ((0, 0), (2, 0), (2, 2))}, 3, 3, 3, ids)
+    linked = link([src, dst], {"src": (5, 1), "dst": (6, 0)}, WAFER)
+    assert linked.origin == (5, 0)
+    (stream,) = linked.streams
+    e = stream.entries
+    # source (5, 1) -> east along row 1 to x = 6, 8, then north / south in those columns
+    assert e[(5, 1)].rx == port_mask(Port.RAMP) and e[(5, 1)].tx == port_mask(Port.E)
+    assert e[(6, 1)].rx == port_mask(Port.W)
+    assert e[(6, 1)].tx == port_mask(Port.N, Port.E)
+    assert e[(6, 0)].tx == port_mask(Port.RAMP)
+    assert e[(7, 1)].tx == port_mask(Port.E)
+    assert e[(8, 1)].tx == port_mask(Port.N, Port.S)
+    assert e[(8, 0)].rx == port_mask(Port.S) and e[(8, 0)].tx == port_mask(Port.RAMP)
+    assert e[(8, 2)].rx == port_mask(Port.N) and e[(8, 2)].tx == port_mask(Port.RAMP)
+    assert set(e) == {(5, 1), (6, 1), (6, 0), (7, 1), (8, 1), (8, 0), (8, 2)}
+    # 3 wavelets on each of the 6 links of the tree, in program coordinates
+    assert linked.link_wavelets.sum() == 3 * 6
+    assert linked.link_wavelets[int(Port.E), 1, 0] == 3
+    assert linked.link_wavelets[int(Port.S), 1, 3] == 3
+    validate(linked.program, WAFER)
+
+
+def test_conflicting_streams_get_different_colors_and_bound_programs():
+    ids = StreamIds()
+    src = sender("src", "t", 3, 4, ids)
+    dst = receiver("dst", "t", {0: ((3, 0),), 1: ((3, 0),), 2: ((2, 0),)}, 4, 1, 4, ids)
+    linked = link([src, dst], {"src": (0, 0), "dst": (3, 0)}, WAFER)
+    colors = [s.color for s in linked.streams]
+    assert len(set(colors)) == 3  # all three routes share PE (2, 0)
+    assert linked.colors_used == 3
+    # the receiver's two instructions at (6, 0) were rewritten to the real colors
+    instrs = linked.program.pes[(6, 0)].tasks[0].instrs
+    assert [i.a.color for i in instrs] == colors[:2]
+    validate(linked.program, WAFER)
+
+
+def test_disjoint_streams_share_a_color():
+    ids = StreamIds()
+    kernel = Kernel(name="k", op="test", ops=[], width=2, height=2)
+    for y in range(2):
+        sid = ids.new()
+        off = kernel.alloc((0, y), 1, "x")
+        kernel.emit((0, y), vec(Op.MOV, 1, FabOut(sid), Mem(off)))
+        kernel.emit((1, y), vec(Op.MOV, 1, Mem(kernel.alloc((1, y), 1, "y")), FabIn(sid)))
+        kernel.local_streams.append(LocalStream((0, y), ((1, y),), sid))
+    linked = link([kernel], {"k": (0, 0)}, WAFER)
+    assert linked.colors_used == 1
+    assert [s.name for s in linked.streams] == ["k/local 0", "k/local 1"]
+
+
+def test_too_few_colors_names_stream_and_pe():
+    ids = StreamIds()
+    src = sender("src", "t", 3, 2, ids)
+    dst = receiver("dst", "t", {j: ((0, 0),) for j in range(3)}, 1, 1, 2, ids)
+    with pytest.raises(UserError, match=r"stream t\[lane \d\] could not get a color: 3 "
+                                        r"streams route through PE \(\d, 0\).* 2 colors"):
+        link([src, dst], {"src": (0, 0), "dst": (3, 0)}, WaferConfig(colors=2))
+
+
+def test_sram_overflow_names_op_pe_and_bytes():
+    ids = StreamIds()
+    src = sender("src", "t", 1, 2, ids)
+    dst = receiver("dst", "t", {0: ((0, 0),)}, 1, 1, 2, ids)
+    dst.alloc((0, 0), 20_000, "huge buffer")
+    with pytest.raises(UserError, match=r"op dst \(test\): PE \(5, 7\) needs 80008 bytes of "
+                                        r"SRAM, has 49152"):
+        link([src, dst], {"src": (4, 7), "dst": (5, 7)}, WAFER)
+
+
+def test_unmatched_lanes_are_compiler_bugs():
+    ids = StreamIds()
+    dst = receiver("dst", "t", {0: ((0, 0),)}, 1, 1, 2, ids)
+    with pytest.raises(ValueError, match="no producer"):
+        link([dst], {"dst": (0, 0)}, WAFER)
+    src = sender("src", "t", 1, 2, ids)
+    with pytest.raises(ValueError, match="no consumer"):
+        link([src], {"src": (0, 0)}, WAFER)
+    twin = sender("twin", "t", 1, 2, ids)
+    with pytest.raises(ValueError, match="two producers"):
+        link([src, twin, dst], {"src": (0, 0), "twin": (0, 1), "dst": (1, 0)}, WAFER)
+
+
+@settings(max_examples=6, deadline=None)
+@given(rows=st.integers(1, 5), cols=st.integers(1, 11), lw=st.integers(2, 4))
+def test_harness_passthrough(rows, cols, lw):
+    pytest.importorskip("wse_sim.engine")
+    from compiler.lowering.harness import run_kernel
+
+    x = np.random.default_rng(rows * 100 + cols).standard_normal((rows, cols)).astype(np.float32)
+    kernel = passthrough("pass", "x", "y", rows, cols, lw, StreamIds())
+    run = run_kernel(kernel, {"x": x})
+    np.testing.assert_array_equal(run.outputs["y"], 2 * x)
+    assert run.cycles >= rows * min(lw, cols)
