@@ -34,14 +34,14 @@ LayerNorm also saves `.mean`, `.rstd`); parameters `{op}.weight`, `{op}.bias`
 (embeddings: `wte.weight`, `wpe.weight`); `tokens` is the only input. The gradient of
 tensor X is `grad:X`; when X feeds several ops, the op C's share is `grad:X@C` and
 `X.grad_acc` sums the shares into `grad:X` (residual fan-out, tied embedding). The
-updated parameter P is `updated:P`.
+updated parameter P is `updated:P`. The forward ops of block i and their backward twins
+carry `attrs["layer"] = i`.
 
 Backward conventions: an `add` has no backward node (its gradient is the identity on
 both inputs), so consumers read the output's gradient directly: `h{i}.mlp.proj.bwd`
 reads `grad:h{i}.mlp.res.out`. The cross-entropy backward seeds the chain (dloss = 1).
 A backward op reads the gradients of its forward twin's outputs, then the saved tensors
-it needs, and writes the gradients of the twin's inputs (activations first, then
-parameters), in the order of the twin's inputs.
+it needs, and writes the gradients of the twin's inputs in the order of those inputs.
 
 FLOPs
 -----
@@ -60,6 +60,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 import networkx as nx
@@ -143,14 +144,23 @@ class TrainingGraph:
 
     def producer(self, tensor: str) -> str | None:
         """The op that writes `tensor`, or None for parameters and inputs."""
-        return self._producers().get(tensor)
+        return self._producers.get(tensor)
 
     def consumers(self, tensor: str) -> list[str]:
         """The ops that read `tensor`, in construction order."""
-        return [op.name for op in self.ops.values() if tensor in op.inputs]
+        return self._consumers.get(tensor, [])
 
+    @cached_property
     def _producers(self) -> dict[str, str]:
         return {out: op.name for op in self.ops.values() for out in op.outputs}
+
+    @cached_property
+    def _consumers(self) -> dict[str, list[str]]:
+        readers: dict[str, list[str]] = {}
+        for op in self.ops.values():
+            for t in op.inputs:
+                readers.setdefault(t, []).append(op.name)
+        return readers
 
     def parameter_count(self) -> int:
         return sum(self.tensors[p].numel for p in self.parameters)
@@ -199,6 +209,7 @@ class _Builder:
         self.ops: dict[str, OpSpec] = {}
         self.parameters: list[str] = []
         self.forwards: list[_Forward] = []
+        self.layer: int | None = None  # the block being built; its ops get attrs["layer"]
 
     # -- tables ---------------------------------------------------------------------------
 
@@ -256,7 +267,7 @@ class _Builder:
     ) -> tuple[str, ...]:
         """Add a forward op; `outputs` carry gradients, `stats` are saved, non-differentiable
         outputs. The backward twin costs `bwd_flops`, its products twice `matmul_flops`."""
-        attrs = attrs or {}
+        attrs = {**(attrs or {}), **({} if self.layer is None else {"layer": self.layer})}
         outs = tuple(self.tensor(n, s, "activation") for n, s in outputs.items())
         extra = tuple(self.tensor(n, s, "activation") for n, s in (stats or {}).items())
         self.op(name, kind, "forward", inputs, outs + extra, flops, matmul_flops, attrs, bytes_read)
@@ -371,7 +382,6 @@ def _matmul(
     *,
     out_names: tuple[str, ...] = ("out",),
     init: ParamInit = "normal",
-    layer: int | None = None,
 ) -> tuple[str, ...]:
     """`x @ weight + bias` with weight (in, out); several `out_names` split the output
     columns into equal blocks (the fused QKV projection)."""
@@ -389,11 +399,11 @@ def _matmul(
         matmul_flops=products,
         bwd_flops=2 * products + m * n_out,
         saved=(x, w),
-        attrs={"m": m, "k": k, "n": n_out, "bias": True, "transpose_b": False, "layer": layer},
+        attrs={"m": m, "k": k, "n": n_out, "bias": True, "transpose_b": False},
     )
 
 
-def _layernorm(b: _Builder, name: str, x: str, layer: int | None = None) -> str:
+def _layernorm(b: _Builder, name: str, x: str) -> str:
     m, d = b.tensors[x].shape
     w = b.param(f"{name}.weight", (d,), "ones")
     bias = b.param(f"{name}.bias", (d,), "zeros")
@@ -407,7 +417,7 @@ def _layernorm(b: _Builder, name: str, x: str, layer: int | None = None) -> str:
         flops=7 * m * d,
         bwd_flops=13 * m * d,
         saved=(x, w, mean, rstd),
-        attrs={"eps": b.cfg.model.ln_eps, "layer": layer},
+        attrs={"eps": b.cfg.model.ln_eps},
     )
     return out
 
@@ -438,13 +448,13 @@ def _elementwise(
     return out
 
 
-def _attention(b: _Builder, p: str, x: str, layer: int) -> str:
+def _attention(b: _Builder, p: str, x: str) -> str:
     """Causal multi-head self-attention on LayerNorm output `x`; returns the projection."""
     model, train = b.cfg.model, b.cfg.training
     batch, t, h, dh = train.batch_size, train.seq_len, model.n_heads, model.d_head
     m = batch * t
-    q, k, v = _matmul(b, f"{p}.qkv", x, 3 * model.d_model, out_names=("q", "k", "v"), layer=layer)
-    heads = {"heads": h, "d_head": dh, "batch": batch, "seq_len": t, "layer": layer}
+    q, k, v = _matmul(b, f"{p}.qkv", x, 3 * model.d_model, out_names=("q", "k", "v"))
+    heads = {"heads": h, "d_head": dh, "batch": batch, "seq_len": t}
     scores_shape = (m, h * t)
     n_scores = m * h * t
     products = 2 * n_scores * dh
@@ -475,7 +485,7 @@ def _attention(b: _Builder, p: str, x: str, layer: int) -> str:
         saved=(probs, v),
         attrs=heads,
     )
-    (proj,) = _matmul(b, f"{p}.proj", values, model.d_model, init="normal_residual", layer=layer)
+    (proj,) = _matmul(b, f"{p}.proj", values, model.d_model, init="normal_residual")
     return proj
 
 
@@ -504,9 +514,10 @@ def build_graph(cfg: RunConfig) -> TrainingGraph:
 
     for i in range(model.n_layers):
         p = f"h{i}"
-        attn = _attention(b, f"{p}.attn", _layernorm(b, f"{p}.ln1", x, i), i)
-        x = _elementwise(b, f"{p}.attn.res", "add", (x, attn), (1, 0), attrs={"layer": i})
-        fc = _matmul(b, f"{p}.mlp.fc", _layernorm(b, f"{p}.ln2", x, i), model.d_ffn, layer=i)[0]
+        b.layer = i
+        attn = _attention(b, f"{p}.attn", _layernorm(b, f"{p}.ln1", x))
+        x = _elementwise(b, f"{p}.attn.res", "add", (x, attn), (1, 0))
+        fc = _matmul(b, f"{p}.mlp.fc", _layernorm(b, f"{p}.ln2", x), model.d_ffn)[0]
         act = _elementwise(
             b,
             f"{p}.mlp.gelu",
@@ -514,10 +525,11 @@ def build_graph(cfg: RunConfig) -> TrainingGraph:
             (fc,),
             (8, 12),
             saved=(fc,),
-            attrs={"activation": model.activation, "layer": i},
+            attrs={"activation": model.activation},
         )
-        (mlp,) = _matmul(b, f"{p}.mlp.proj", act, d, init="normal_residual", layer=i)
-        x = _elementwise(b, f"{p}.mlp.res", "add", (x, mlp), (1, 0), attrs={"layer": i})
+        (mlp,) = _matmul(b, f"{p}.mlp.proj", act, d, init="normal_residual")
+        x = _elementwise(b, f"{p}.mlp.res", "add", (x, mlp), (1, 0))
+    b.layer = None
 
     final = _layernorm(b, "ln_f", x)
     head = wte if model.tie_embeddings else b.param("lm_head.weight", (vocab, d), "normal")
