@@ -5,13 +5,15 @@
 1. Streams. Every (tensor, lane) has exactly one producer (a `StreamEnd` in some kernel's
    `outputs`) and at least one consumer (`StreamEnd`s in `inputs`); the consumers' PEs are
    merged into one destination set. Each `LocalStream` of a kernel is a stream too.
-2. Routes. A stream is a multicast tree of dimension-order (X then Y) paths from its source
-   PE to each destination. The union of XY paths from one source is always a tree (every
-   path runs along the source's row, then down/up a destination's column), so each PE on
-   it receives from exactly one port: `RAMP` at the source, the upstream neighbour
-   elsewhere; it transmits to the downstream neighbours and to `RAMP` at destinations.
-   XY only (no per-stream YX choice): the kernel families and the harness place streams so
-   that XY paths stay on the rows/columns the kernels were designed around.
+2. Routes. A stream is a multicast tree of dimension-order paths from its source PE to
+   each destination, all X-then-Y or all Y-then-X. The union of XY paths from one source is
+   always a tree (every path runs along the source's row, then along a destination's
+   column; YX symmetrically), so each PE on it receives from exactly one port: `RAMP` at
+   the source, the upstream neighbour elsewhere; it transmits to the downstream
+   neighbours and to `RAMP` at destinations. Per stream we take the order whose tree has
+   fewer PEs (ties: XY): a lane multicast along one PE row of a kernel from a source
+   above or below it then travels once down to that row and along it (YX), instead of
+   down every column (XY), which would cost a color on every PE of those columns.
 3. Colors. The hardware keeps one route per (PE, color), so two streams with a route entry
    on the same PE must differ in color. Coloring that conflict graph is graph coloring; we
    take the best of networkx's greedy strategies (DSATUR first). A stream that cannot get
@@ -144,14 +146,15 @@ class Linked:
         return out
 
 
-def _xy_tree(src: PE, dsts: Iterable[PE]) -> dict[PE, Route]:
-    """Route entries of the multicast tree of XY paths from `src` to every PE of `dsts`."""
+def _tree(src: PE, dsts: Iterable[PE], x_first: bool) -> dict[PE, Route]:
+    """Route entries of the multicast tree of XY (`x_first`) or YX paths from `src` to
+    every PE of `dsts`."""
     rx: dict[PE, int] = {src: port_mask(Port.RAMP)}
     tx: dict[PE, int] = defaultdict(int)
     for dst in dsts:
         x, y = src
         while (x, y) != dst:
-            if x != dst[0]:
+            if x != dst[0] and (x_first or y == dst[1]):
                 port = Port.E if dst[0] > x else Port.W
             else:
                 port = Port.S if dst[1] > y else Port.N
@@ -288,7 +291,8 @@ def link(kernels: list[Kernel], positions: dict[str, PE], wafer: WaferConfig) ->
 
     streams = _collect_streams(kernels, positions)
     for stream in streams:
-        stream.entries = _xy_tree(stream.src, stream.dsts)
+        xy, yx = (_tree(stream.src, stream.dsts, x_first) for x_first in (True, False))
+        stream.entries = yx if len(yx) < len(xy) else xy
     colors_used = _assign_colors(streams, wafer)
 
     program = Program(width=x1 - x0, height=y1 - y0)

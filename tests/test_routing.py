@@ -82,6 +82,18 @@ def test_multicast_tree_is_xy_union():
     validate(linked.program, WAFER)
 
 
+def test_row_multicast_from_above_takes_yx():
+    ids = StreamIds()
+    src = sender("src", "t", 1, 2, ids)
+    dst = receiver("dst", "t", {0: tuple((x, 2) for x in range(4))}, 4, 3, 2, ids)
+    linked = link([src, dst], {"src": (0, 0), "dst": (1, 0)}, WAFER)
+    (stream,) = linked.streams
+    # down column 0 to row 2, then east along it: 3 + 4 PEs (XY would take 1 + 4 * 3 + ...)
+    assert set(stream.entries) == {(0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (3, 2), (4, 2)}
+    assert stream.entries[(0, 2)].tx == port_mask(Port.E)
+    validate(linked.program, WAFER)
+
+
 def test_conflicting_streams_get_different_colors_and_bound_programs():
     ids = StreamIds()
     src = sender("src", "t", 3, 4, ids)
