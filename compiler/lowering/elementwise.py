@@ -1,0 +1,142 @@
+"""Elementwise kernels: the add (residual adds and gradient accumulation) and GELU.
+
+Layout: a 1-high strip, PE (j, 0) owns lane j of the tensor (see rowreduce's strip layout).
+Neither op needs anything from another PE, so each PE is an independent pipeline from its
+input lane(s) to its output lane. Costs below are per PE, for M rows of a lane w wide,
+counting one cycle per vector element (the PE's fp32 rate) and leaving out fabric latency.
+
+build_add: y = a + b
+--------------------
+The two inputs come from different producer kernels, so (the deadlock rule) the PE reads
+the earlier producer's lane (`first`) completely into SRAM, then streams the other lane
+through a single `ADD FabOut = FabIn + Mem` instruction: the output leaves at the rate the
+second input arrives, with no extra pass. The same kernel sums the two shares of a
+gradient where a tensor fans out to two consumers. It has no backward part (the gradient
+of an add is the identity on both inputs). Cost: 2 M w cycles; SRAM M w words.
+
+build_gelu: y = gelu(x), dx = dy * gelu'(x)
+-------------------------------------------
+`activation` "gelu": gelu(x) = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2, and
+gelu'(x) = Phi(x) + x exp(-x^2 / 2) / sqrt(2 pi).
+"gelu_tanh": gelu(x) = x Phi_t(x), Phi_t = (1 + tanh u) / 2, u = k x (1 + a x^2),
+k = sqrt(2 / pi), a = 0.044715, and gelu'(x) = Phi_t + s (1 - tanh^2 u) / 2 with
+s = k x (1 + 3 a x^2); the code uses (1 - tanh^2 u) / 2 = 2 Phi_t (1 - Phi_t), so
+gelu' = Phi_t (1 + 2 s (1 - Phi_t)).
+
+Forward, per block of rows: receive x into SRAM, build Phi in place with vector ops, emit
+y = Phi * x. After the last block, while the rest of the forward pass runs downstream,
+each PE turns its stored (x, Phi) into gelu'(x) in place of Phi (x is then dead). The
+backward is a single streaming instruction `MUL FabOut = FabIn(dy) * Mem(gelu')`: dx leaves
+as fast as dy arrives. Keeping gelu'(x) instead of x costs the same SRAM and moves the
+derivative's arithmetic off the backward critical path.
+Cost (cycles per element; M w elements): exact: forward 5 (receive, scale, erf, fma,
+multiply-out), derivative 5, backward 1; tanh: forward 7, derivative 6, backward 1.
+SRAM 2 M w + 1 block (block_rows * w) of scratch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from compiler.lowering.kernel import Kernel, StreamIds
+from compiler.lowering.rowreduce import (
+    DEFAULT_BLOCK_ROWS,
+    alloc_all,
+    lane_inputs,
+    lane_outputs,
+    row_blocks,
+    strip_kernel,
+)
+from wse_sim.program import FabIn, FabOut, Imm, Mem, Op, vec
+
+Activation = Literal["gelu", "gelu_tanh"]
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+_TANH_K = math.sqrt(2.0 / math.pi)
+_TANH_A = 0.044715
+
+
+def build_add(name: str, ops: list[str], ids: StreamIds, *, rows: int, cols: int,
+              lane_width: int, first: str, second: str, out: str) -> Kernel:
+    """out = first + second, both [rows, cols]; `first` is the input whose producer comes
+    earlier in the graph (read completely before `second` is streamed)."""
+    kernel, lanes, pes = strip_kernel(name, "add", ops, cols, lane_width)
+    kernel.shapes.update({first: (rows, cols), second: (rows, cols), out: (rows, cols)})
+    a_in = lane_inputs(kernel, ids, first, pes)
+    b_in = lane_inputs(kernel, ids, second, pes)
+    y_out = lane_outputs(kernel, ids, out, pes)
+    buf = alloc_all(kernel, pes, rows * lane_width, f"{first} lane")
+    for j, (pe, (c0, c1)) in enumerate(zip(pes, lanes, strict=True)):
+        n = rows * (c1 - c0)
+        kernel.emit(
+            pe,
+            vec(Op.MOV, n, Mem(buf), FabIn(a_in[j])),
+            vec(Op.ADD, n, FabOut(y_out[j]), FabIn(b_in[j]), Mem(buf)),
+        )
+    return kernel
+
+
+def build_gelu(name: str, ops: list[str], ids: StreamIds, *, rows: int, cols: int,
+               lane_width: int, activation: Activation, x_tensor: str, y_tensor: str,
+               dy_tensor: str, dx_tensor: str,
+               block_rows: int = DEFAULT_BLOCK_ROWS) -> Kernel:
+    """y = gelu(x) forward, dx = dy * gelu'(x) backward, all [rows, cols]."""
+    if activation not in ("gelu", "gelu_tanh"):
+        raise ValueError(f"{name}: unknown activation {activation!r}")
+    kernel, lanes, pes = strip_kernel(name, "gelu", ops, cols, lane_width)
+    kernel.shapes.update({t: (rows, cols) for t in (x_tensor, y_tensor, dy_tensor, dx_tensor)})
+    x_in = lane_inputs(kernel, ids, x_tensor, pes)
+    y_out = lane_outputs(kernel, ids, y_tensor, pes)
+    dy_in = lane_inputs(kernel, ids, dy_tensor, pes)
+    dx_out = lane_outputs(kernel, ids, dx_tensor, pes)
+    blocks = row_blocks(rows, block_rows)
+    words = rows * lane_width
+    xs = alloc_all(kernel, pes, words, f"{x_tensor} (x)")
+    phi = alloc_all(kernel, pes, words, "Phi(x), then gelu'(x)")
+    scratch = alloc_all(kernel, pes, min(rows, block_rows) * lane_width, "scratch block")
+    tanh = activation == "gelu_tanh"
+    for j, (pe, (c0, c1)) in enumerate(zip(pes, lanes, strict=True)):
+        w = c1 - c0
+        for r0, r1 in blocks:
+            n, x, p = (r1 - r0) * w, Mem(xs + r0 * w), Mem(phi + r0 * w)
+            kernel.emit(pe, vec(Op.MOV, n, x, FabIn(x_in[j])))
+            if tanh:
+                kernel.emit(
+                    pe,
+                    vec(Op.MUL, n, p, x, x),
+                    vec(Op.FMA, n, p, p, Imm(_TANH_K * _TANH_A), Imm(_TANH_K)),
+                    vec(Op.MUL, n, p, p, x),  # u
+                    vec(Op.TANH, n, p, p),
+                )
+            else:
+                kernel.emit(pe, vec(Op.MUL, n, p, x, Imm(_INV_SQRT2)), vec(Op.ERF, n, p, p))
+            kernel.emit(
+                pe,
+                vec(Op.FMA, n, p, p, Imm(0.5), Imm(0.5)),  # Phi
+                vec(Op.MUL, n, FabOut(y_out[j]), p, x),
+            )
+        for r0, r1 in blocks:
+            n, x, p, s = (r1 - r0) * w, Mem(xs + r0 * w), Mem(phi + r0 * w), Mem(scratch)
+            if tanh:
+                kernel.emit(
+                    pe,
+                    vec(Op.MUL, n, s, x, x),
+                    vec(Op.FMA, n, s, s, Imm(3.0 * _TANH_K * _TANH_A), Imm(_TANH_K)),
+                    vec(Op.MUL, n, s, s, x),  # s = k x (1 + 3 a x^2)
+                    vec(Op.FMA, n, x, p, Imm(-2.0), Imm(2.0)),  # 2 (1 - Phi_t), over x
+                    vec(Op.FMA, n, x, x, s, Imm(1.0)),
+                    vec(Op.MUL, n, p, p, x),
+                )
+            else:
+                kernel.emit(
+                    pe,
+                    vec(Op.MUL, n, s, x, Imm(-0.5)),
+                    vec(Op.FMA, n, s, s, x, Imm(-_LOG_SQRT_2PI)),
+                    vec(Op.EXP, n, s, s),  # phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+                    vec(Op.MUL, n, s, s, x),
+                    vec(Op.ADD, n, p, p, s),
+                )
+        kernel.emit(pe, vec(Op.MUL, rows * w, FabOut(dx_out[j]), FabIn(dy_in[j]), Mem(phi)))
+    return kernel

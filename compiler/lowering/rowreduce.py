@@ -1,0 +1,198 @@
+"""Strip layout and row reductions over the fabric, shared by the elementwise, LayerNorm,
+softmax and cross-entropy kernels.
+
+The strip layout
+----------------
+These kernels give every lane of a tensor its own PE: a *group* of PEs (a 1-high strip,
+or one PE row per attention head) where PE `g` receives lane `g` and keeps its columns of
+every row in SRAM row-major (row stride = that lane's width). Elementwise work then needs
+nothing from other PEs; a row statistic (sum, max, dot product over all columns) is a
+per-PE partial plus a reduction across the group over the fabric.
+
+Rows are processed in blocks of `block_rows` (`row_blocks`): each PE receives a block,
+computes, reduces and emits it before the next. A downstream kernel therefore starts after
+one block, not after the whole tensor (the kernels pipeline), while the per-block cost of
+a reduction (a fabric round trip of about 2 G hops) is spread over `block_rows` rows.
+
+The reduction
+-------------
+1. `row_partials`: each PE reduces each row of its block to one scalar with a register
+   accumulator (set, one vector op over the row, store): R rows of w columns cost
+   R * (w + 2) cycles.
+2. `GroupReducer.reduce`: a chain west -> east. The first PE sends its R partials, every
+   next PE combines what arrives with its own partials (one `OP FabOut = FabIn, Mem`) and
+   passes the vector on; the last PE keeps the result. The elements flow pipelined, so a
+   reduction costs about R + (G - 1) * (hop latency + 1) cycles, not R * G.
+3. `GroupReducer.broadcast`: the last PE multicasts the R results back to all others on one
+   stream (one multicast tree): about R + G * hop latency cycles.
+
+Why a chain: every PE takes one incoming stream, which its ramp delivers at the full rate of
+one wavelet per cycle; a tree would make inner PEs merge two streams through one ramp (half
+rate) to save only latency, and a strip's G is small next to R. Why whole vectors of R
+partials: one instruction per PE per reduction, so the instruction overhead and the hop
+latency are paid once per block instead of once per row.
+
+The group's streams (G - 1 chain links and one broadcast) are created once and carry every
+reduction of the kernel in program order, so a group needs only about three colors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from compiler.lowering.kernel import (
+    Kernel,
+    LocalPE,
+    LocalStream,
+    StreamEnd,
+    StreamIds,
+    lane_cols,
+)
+from wse_sim.program import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, Reg, repeat, vec
+
+# Rows per block: a reduction round trip (~2 G hops plus a few instructions) is small next
+# to the ~7 * R * w cycles of a LayerNorm block at R = 8 and w >= 8, while a consumer can
+# start after 8 rows instead of waiting for all of them.
+DEFAULT_BLOCK_ROWS = 8
+
+# The register row_partials accumulates in; kernels keep other scalars in other registers.
+ACC = Reg(0)
+
+RowOp = Literal["sum", "max", "dot"]
+
+
+def row_blocks(rows: int, block_rows: int) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) of `rows` rows in blocks of `block_rows` (the last shorter)."""
+    if block_rows <= 0:
+        raise ValueError(f"block_rows must be positive, got {block_rows}")
+    return [(start, min(rows, start + block_rows)) for start in range(0, rows, block_rows)]
+
+
+def strip_kernel(name: str, op: str, ops: list[str], cols: int,
+                 lane_width: int) -> tuple[Kernel, list[tuple[int, int]], list[LocalPE]]:
+    """An empty 1-high kernel with PE (j, 0) per lane j of a `cols`-wide tensor; returns
+    the kernel, the lanes' column ranges and the PEs."""
+    lanes = lane_cols(cols, lane_width)
+    kernel = Kernel(name=name, op=op, ops=list(ops), width=len(lanes), height=1)
+    return kernel, lanes, [(j, 0) for j in range(len(lanes))]
+
+
+def alloc_all(kernel: Kernel, pes: list[LocalPE], words: int, purpose: str) -> int:
+    """Allocate `words` on every PE of `pes` at one common offset (the group's PEs allocate
+    the same buffers in the same order, so any PE's offset is every PE's offset)."""
+    offsets = {kernel.alloc(pe, words, purpose) for pe in pes}
+    if len(offsets) != 1:
+        raise AssertionError(f"kernel {kernel.name}: {purpose} allocated at offsets {offsets}")
+    return offsets.pop()
+
+
+def lane_inputs(kernel: Kernel, ids: StreamIds, tensor: str, pes: list[LocalPE]) -> list[int]:
+    """Declare that `pes[j]` receives lane j of `tensor`; returns the stream id of each lane."""
+    return _lane_ends(kernel.inputs, ids, tensor, pes)
+
+
+def lane_outputs(kernel: Kernel, ids: StreamIds, tensor: str, pes: list[LocalPE]) -> list[int]:
+    """Declare that `pes[j]` sends lane j of `tensor`; returns the stream id of each lane."""
+    return _lane_ends(kernel.outputs, ids, tensor, pes)
+
+
+def _lane_ends(ends: list[StreamEnd], ids: StreamIds, tensor: str,
+               pes: list[LocalPE]) -> list[int]:
+    streams = [ids.new() for _ in pes]
+    for lane, (pe, stream) in enumerate(zip(pes, streams, strict=True)):
+        ends.append(StreamEnd(tensor, lane, (pe,), stream))
+    return streams
+
+
+def row_partials(
+    kernel: Kernel,
+    pe: LocalPE,
+    op: RowOp,
+    *,
+    rows: int,
+    width: int,
+    dst: int,
+    a: Operand,
+    b: Operand | None = None,
+) -> None:
+    """dst[r] = reduce over the `width` elements of row r of `a` (for r < rows) on `pe`.
+
+    `a` (and `b` for "dot") are memory operands at row 0 whose `loop_stride` steps to the
+    next row (0 for a vector shared by all rows, e.g. gamma). "sum": sum of a; "max": max
+    of a (-inf for a row of -inf); "dot": sum of a * b."""
+    if op == "sum":
+        init, body = 0.0, vec(Op.ADD, width, ACC, a, ACC)
+    elif op == "max":
+        init, body = float("-inf"), vec(Op.MAX, width, ACC, a, ACC)
+    else:
+        if b is None:
+            raise ValueError("row_partials: 'dot' needs a second operand")
+        init, body = 0.0, vec(Op.FMA, width, ACC, a, b, ACC)
+    kernel.emit(
+        pe,
+        *repeat(rows, [
+            vec(Op.MOV, 1, ACC, Imm(init)),
+            body,
+            vec(Op.MOV, 1, Mem(dst, 1, loop_stride=1), ACC),
+        ]),
+    )
+
+
+@dataclass(frozen=True)
+class GroupReducer:
+    """Reductions across one group of PEs (chain order: `pes[0]` first, `pes[-1]` holds the
+    results). Every PE of the group must call reduce/broadcast in the same order, with
+    vectors at the same SRAM offset on every PE (see `alloc_all`)."""
+
+    kernel: Kernel
+    pes: tuple[LocalPE, ...]
+    chain: tuple[int, ...]  # chain[i]: pes[i] -> pes[i + 1]
+    bcast: int | None  # pes[-1] -> all others (None for a group of one)
+
+    @classmethod
+    def create(cls, kernel: Kernel, ids: StreamIds, pes: list[LocalPE]) -> GroupReducer:
+        chain = []
+        for src, dst in zip(pes, pes[1:], strict=False):
+            stream = ids.new()
+            kernel.local_streams.append(LocalStream(src, (dst,), stream))
+            chain.append(stream)
+        bcast = None
+        if len(pes) > 1:
+            bcast = ids.new()
+            kernel.local_streams.append(LocalStream(pes[-1], tuple(pes[:-1]), bcast))
+        return cls(kernel, tuple(pes), tuple(chain), bcast)
+
+    @property
+    def last(self) -> LocalPE:
+        return self.pes[-1]
+
+    def reduce(self, offset: int, n: int, op: Op) -> None:
+        """Words offset..offset+n of the last PE become OP over the group (ADD or MAX) of
+        everyone's words there; the other PEs' words are left as they were."""
+        if len(self.pes) == 1:
+            return
+        emit = self.kernel.emit
+        emit(self.pes[0], vec(Op.MOV, n, FabOut(self.chain[0]), Mem(offset)))
+        for i, pe in enumerate(self.pes[1:-1], start=1):
+            emit(pe, vec(op, n, FabOut(self.chain[i]), FabIn(self.chain[i - 1]), Mem(offset)))
+        emit(self.last, vec(op, n, Mem(offset), FabIn(self.chain[-1]), Mem(offset)))
+
+    def broadcast(self, offset: int, n: int) -> None:
+        """Copy words offset..offset+n of the last PE to the same words of all others."""
+        if self.bcast is None:
+            return
+        self.kernel.emit(self.last, vec(Op.MOV, n, FabOut(self.bcast), Mem(offset)))
+        for pe in self.pes[:-1]:
+            self.kernel.emit(pe, vec(Op.MOV, n, Mem(offset), FabIn(self.bcast)))
+
+    def allreduce(self, offset: int, n: int, op: Op) -> None:
+        """Every PE's words offset..offset+n become OP over the group of them (in place)."""
+        self.reduce(offset, n, op)
+        self.broadcast(offset, n)
+
+
+def emit_rows(kernel: Kernel, pe: LocalPE, rows: int, instr: Instr) -> None:
+    """Run the row instruction `instr` (its memory operands step by their loop_stride) for
+    `rows` rows."""
+    kernel.emit(pe, *repeat(rows, [instr]))
