@@ -31,10 +31,18 @@ engine's thread state stays flat.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from enum import IntEnum
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from wse_sim.errors import ProgramError, UserError
+
+if TYPE_CHECKING:
+    from wse_sim.hardware import WaferConfig
 
 
 class Port(IntEnum):
@@ -225,3 +233,247 @@ class Program:
         """Add ports to the route of `color` at (x, y) (routes of one color merge)."""
         old = self.routes.get((x, y, color), Route(0, 0))
         self.routes[(x, y, color)] = Route(old.rx | rx, old.tx | tx)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: every check the engine relies on, before anything runs.
+
+CONTROL_OPS = frozenset({Op.REPEAT, Op.ACTIVATE, Op.BLOCK, Op.UNBLOCK, Op.HALT})
+SOURCE_FIELDS = ("a", "b", "c")
+
+
+def validate(program: Program, wafer: WaferConfig) -> None:
+    """Raise ProgramError (one line naming PE, task id, instruction index and field) if
+    `program` cannot run on `wafer`; return None if it can."""
+    w, h = program.width, program.height
+    if not (0 < w <= wafer.width and 0 < h <= wafer.height):
+        raise ProgramError(f"program fabric {w} x {h} does not fit the wafer "
+                           f"{wafer.width} x {wafer.height}")
+    routes = program.routes
+    for (x, y, color), route in routes.items():
+        where = f"route at PE ({x}, {y}) color {color}"
+        if not (0 <= x < w and 0 <= y < h):
+            raise ProgramError(f"{where}: PE outside the {w} x {h} fabric")
+        if not 0 <= color < wafer.colors:
+            raise ProgramError(f"{where}: color must be in 0..{wafer.colors - 1}")
+        for name, mask in (("rx", route.rx), ("tx", route.tx)):
+            if not 0 <= mask < 32:
+                raise ProgramError(f"{where}: {name} mask {mask} is not a set of 5 ports")
+        for port, (dx, dy) in PORT_OFFSET.items():
+            if not route.tx >> port & 1:
+                continue
+            nx, ny = x + dx, y + dy
+            if not (0 <= nx < w and 0 <= ny < h):
+                raise ProgramError(f"{where}: tx {port.name} leads off the mesh edge")
+            nbr = routes.get((nx, ny, color))
+            if nbr is None or not nbr.rx >> OPPOSITE[port] & 1:
+                raise ProgramError(
+                    f"{where}: tx {port.name} but the route of PE ({nx}, {ny}) color {color} "
+                    f"does not accept from {OPPOSITE[port].name}"
+                )
+    for (x, y), pe in program.pes.items():
+        _validate_pe(x, y, pe, program, wafer)
+
+
+def _validate_pe(x: int, y: int, pe: PEProgram, program: Program, wafer: WaferConfig) -> None:
+    where = f"PE ({x}, {y})"
+    if not (0 <= x < program.width and 0 <= y < program.height):
+        raise ProgramError(f"{where}: outside the {program.width} x {program.height} fabric")
+    words = pe.sram_words
+    if not 0 <= words <= wafer.sram_words_per_pe:
+        raise ProgramError(f"{where}: sram_words {words} not in 0..{wafer.sram_words_per_pe}")
+    for offset, data in pe.image.items():
+        if offset < 0 or offset + len(data) > words:
+            raise ProgramError(f"{where}: image at offset {offset} ({len(data)} words) outside "
+                               f"its {words} SRAM words")
+    ids = [task.id for task in pe.tasks]
+    for task in pe.tasks:
+        tw = f"{where} task {task.id}"
+        if not 0 <= task.id < wafer.max_tasks:
+            raise ProgramError(f"{tw}: id must be in 0..{wafer.max_tasks - 1}")
+        if ids.count(task.id) > 1:
+            raise ProgramError(f"{tw}: task id used twice on this PE")
+        if task.trigger not in tuple(Trigger):
+            raise ProgramError(f"{tw}: unknown trigger {task.trigger!r}")
+        if not task.instrs:
+            raise ProgramError(f"{tw}: field instrs: a task needs at least one instruction")
+        if task.trigger == Trigger.COLOR:
+            _check_color(task.color, wafer, f"{tw}: trigger color")
+            if not _route_has(program, x, y, task.color, "tx"):
+                raise ProgramError(f"{tw}: triggered by color {task.color} but that color's route "
+                                   f"does not deliver to RAMP")
+        loop_end = -1  # last instruction of the REPEAT body we are in
+        loop_count = 1
+        for i, instr in enumerate(task.instrs):
+            if i > loop_end:
+                loop_count = 1
+            iw = f"{tw} instr {i}"
+            try:
+                op = Op(instr.op)
+            except ValueError:
+                raise ProgramError(f"{iw}: field op: unknown opcode {instr.op!r}") from None
+            if op == Op.REPEAT:
+                if i <= loop_end:
+                    raise ProgramError(f"{iw}: field op: REPEAT inside a REPEAT body (no nesting)")
+                if instr.count < 0 or instr.body < 1:
+                    raise ProgramError(f"{iw}: REPEAT needs count >= 0 and body >= 1")
+                if i + instr.body >= len(task.instrs):
+                    raise ProgramError(f"{iw}: field body: REPEAT body of {instr.body} runs past "
+                                       f"the task's end")
+                loop_end, loop_count = i + instr.body, instr.count
+            elif op in (Op.ACTIVATE, Op.BLOCK, Op.UNBLOCK):
+                if instr.task not in ids:
+                    raise ProgramError(f"{iw}: field task: {op.name} names task {instr.task}, "
+                                       f"not a task of this PE")
+            elif op != Op.HALT:
+                _validate_vector(instr, op, max(loop_count, 1), x, y, words, program, wafer,
+                                 iw)
+
+
+def _validate_vector(instr: Instr, op: Op, loop_count: int, x: int, y: int, words: int,
+                     program: Program, wafer: WaferConfig, iw: str) -> None:
+    if instr.n <= 0:
+        raise ProgramError(f"{iw}: field n: a vector op needs n > 0 (got {instr.n})")
+    nsrc = SOURCES_OF[op]
+    for k, name in enumerate(SOURCE_FIELDS):
+        kind = getattr(instr, name).kind
+        if (k < nsrc) != (kind != Kind.NONE):
+            raise ProgramError(f"{iw}: field {name}: {op.name} takes {nsrc} source(s)")
+        if kind == Kind.FABOUT:
+            raise ProgramError(f"{iw}: field {name}: FABOUT may only be a destination")
+    if instr.dst.kind in (Kind.NONE, Kind.IMM, Kind.FABIN):
+        raise ProgramError(f"{iw}: field dst: {instr.dst.kind.name} cannot be a destination")
+    strided_reads = 0
+    fabin_colors: list[int] = []
+    for name in ("dst", *SOURCE_FIELDS):
+        opnd: Operand = getattr(instr, name)
+        fw = f"{iw}: field {name}"
+        if opnd.kind == Kind.MEM:
+            corners = [opnd.offset + de * opnd.stride + dk * opnd.loop_stride
+                       for de in (0, instr.n - 1) for dk in (0, loop_count - 1)]
+            if min(corners) < 0 or max(corners) >= words:
+                raise ProgramError(f"{fw}: memory operand (offset {opnd.offset}, stride "
+                                   f"{opnd.stride}, loop_stride {opnd.loop_stride}) reaches words "
+                                   f"{min(corners)}..{max(corners)} outside 0..{words - 1}")
+            if name != "dst" and opnd.stride != 0:
+                strided_reads += 1
+        elif opnd.kind == Kind.REG:
+            if not 0 <= opnd.reg < wafer.registers:
+                raise ProgramError(f"{fw}: register {opnd.reg} not in 0..{wafer.registers - 1}")
+        elif opnd.kind == Kind.FABIN:
+            _check_color(opnd.color, wafer, fw)
+            if opnd.color in fabin_colors:
+                raise ProgramError(f"{fw}: two FABIN operands of color {opnd.color}")
+            fabin_colors.append(opnd.color)
+            if not _route_has(program, x, y, opnd.color, "tx"):
+                raise ProgramError(f"{fw}: FABIN color {opnd.color} but that color's route "
+                                   f"does not deliver to RAMP")
+        elif opnd.kind == Kind.FABOUT:
+            _check_color(opnd.color, wafer, fw)
+            if not _route_has(program, x, y, opnd.color, "rx"):
+                raise ProgramError(f"{fw}: FABOUT color {opnd.color} but that color's route "
+                                   f"does not accept from RAMP")
+    # (An element writes at most one word, its memory dst: within any write budget >= 1.)
+    if strided_reads > wafer.sram_reads_per_cycle:
+        raise ProgramError(f"{iw}: {strided_reads} strided memory sources per element but "
+                           f"the PE reads {wafer.sram_reads_per_cycle} words per cycle")
+
+
+def _check_color(color: int, wafer: WaferConfig, where: str) -> None:
+    if not 0 <= color < wafer.colors:
+        raise ProgramError(f"{where}: color {color} not in 0..{wafer.colors - 1}")
+
+
+def _route_has(program: Program, x: int, y: int, color: int, side: str) -> bool:
+    route = program.routes.get((x, y, color))
+    return route is not None and bool(getattr(route, side) >> Port.RAMP & 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Serialization: one .npz of flat integer/float arrays plus a JSON header; no pickle.
+
+FORMAT_VERSION = 1
+_OPERAND_FIELDS = ("dst", "a", "b", "c")
+
+
+def save_program(program: Program, path: str | Path) -> None:
+    """Write `program` to `path` (.npz); `load_program` reads it back equal."""
+    pe_keys = list(program.pes)
+    pe_rows: list[tuple] = []
+    task_rows: list[tuple] = []
+    instr_rows: list[tuple] = []
+    opnd_int: list[tuple] = []
+    opnd_val: list[float] = []
+    image_rows: list[tuple] = []
+    images: list[np.ndarray] = []
+    for p, (x, y) in enumerate(pe_keys):
+        pe = program.pes[(x, y)]
+        pe_rows.append((x, y, pe.sram_words))
+        for task in pe.tasks:
+            task_rows.append((p, task.id, int(task.trigger), task.color, len(instr_rows),
+                              len(task.instrs)))
+            for ins in task.instrs:
+                instr_rows.append((int(ins.op), ins.n, ins.count, ins.body, ins.task))
+                for name in _OPERAND_FIELDS:
+                    o: Operand = getattr(ins, name)
+                    opnd_int.append((int(o.kind), o.offset, o.stride, o.loop_stride, o.color,
+                                     o.reg))
+                    opnd_val.append(o.value)
+        for offset, data in pe.image.items():
+            image_rows.append((p, offset, sum(len(d) for d in images), len(data)))
+            images.append(np.asarray(data, np.float32).ravel())
+    route_rows = [(x, y, c, r.rx, r.tx) for (x, y, c), r in program.routes.items()]
+    header = {"format": "wse_sim.Program", "version": FORMAT_VERSION,
+              "width": program.width, "height": program.height}
+
+    def table(rows: list, cols: int) -> np.ndarray:
+        return np.array(rows, np.int64).reshape(-1, cols)
+
+    with open(path, "wb") as fh:
+        np.savez_compressed(
+            fh,
+            header=np.frombuffer(json.dumps(header).encode(), np.uint8),
+            pes=table(pe_rows, 3),
+            tasks=table(task_rows, 6),
+            instrs=table(instr_rows, 5),
+            operands=table(opnd_int, 6).reshape(-1, 4, 6),
+            values=np.array(opnd_val, np.float64).reshape(-1, 4),
+            images=table(image_rows, 4),
+            image_data=np.concatenate(images) if images else np.zeros(0, np.float32),
+            routes=table(route_rows, 5),
+        )
+
+
+def load_program(path: str | Path) -> Program:
+    """Read a program written by `save_program`."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {name: z[name] for name in z.files}
+        header = json.loads(arrays["header"].tobytes().decode())
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{path}: not a saved program ({err})") from None
+    if header.get("format") != "wse_sim.Program" or header.get("version") != FORMAT_VERSION:
+        raise UserError(f"{path}: not a version-{FORMAT_VERSION} wse_sim program file")
+    program = Program(width=header["width"], height=header["height"])
+    pe_keys = []
+    for x, y, words in arrays["pes"].tolist():
+        program.pes[(x, y)] = PEProgram(sram_words=words)
+        pe_keys.append((x, y))
+    operands, values = arrays["operands"].tolist(), arrays["values"].tolist()
+    instrs = arrays["instrs"].tolist()
+    for p, tid, trig, color, start, n in arrays["tasks"].tolist():
+        body = []
+        for i in range(start, start + n):
+            op, vn, count, rep_body, target = instrs[i]
+            opnds = [Operand(Kind(k), offset=off, stride=st, loop_stride=ls, color=c, reg=r,
+                             value=v)
+                     for (k, off, st, ls, c, r), v in zip(operands[i], values[i], strict=True)]
+            body.append(Instr(Op(op), n=vn, dst=opnds[0], a=opnds[1], b=opnds[2], c=opnds[3],
+                              count=count, body=rep_body, task=target))
+        program.pes[pe_keys[p]].tasks.append(Task(tid, Trigger(trig), body, color=color))
+    data = arrays["image_data"]
+    for p, offset, start, n in arrays["images"].tolist():
+        program.pes[pe_keys[p]].image[offset] = data[start:start + n].copy()
+    for x, y, c, rx, tx in arrays["routes"].tolist():
+        program.routes[(x, y, c)] = Route(rx, tx)
+    return program
