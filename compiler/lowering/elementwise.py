@@ -62,16 +62,17 @@ def build_add(name: str, ops: list[str], ids: StreamIds, *, rows: int, cols: int
               lane_width: int, first: str, second: str, out: str) -> Kernel:
     """out = first + second, both [rows, cols]; `first` is the input whose producer comes
     earlier in the graph (read completely before `second` is streamed)."""
-    kernel, lanes, pes = strip_kernel(name, "add", ops, cols, lane_width)
+    kernel, lanes = strip_kernel(name, "add", ops, cols, lane_width)
+    pes = [lane.pe for lane in lanes]
     kernel.shapes.update({first: (rows, cols), second: (rows, cols), out: (rows, cols)})
     a_in = lane_inputs(kernel, ids, first, pes)
     b_in = lane_inputs(kernel, ids, second, pes)
     y_out = lane_outputs(kernel, ids, out, pes)
     buf = alloc_all(kernel, pes, rows * lane_width, f"{first} lane")
-    for j, (pe, (c0, c1)) in enumerate(zip(pes, lanes, strict=True)):
-        n = rows * (c1 - c0)
+    for j, lane in enumerate(lanes):
+        n = rows * lane.width
         kernel.emit(
-            pe,
+            lane.pe,
             vec(Op.MOV, n, Mem(buf), FabIn(a_in[j])),
             vec(Op.ADD, n, FabOut(y_out[j]), FabIn(b_in[j]), Mem(buf)),
         )
@@ -85,7 +86,8 @@ def build_gelu(name: str, ops: list[str], ids: StreamIds, *, rows: int, cols: in
     """y = gelu(x) forward, dx = dy * gelu'(x) backward, all [rows, cols]."""
     if activation not in ("gelu", "gelu_tanh"):
         raise ValueError(f"{name}: unknown activation {activation!r}")
-    kernel, lanes, pes = strip_kernel(name, "gelu", ops, cols, lane_width)
+    kernel, lanes = strip_kernel(name, "gelu", ops, cols, lane_width)
+    pes = [lane.pe for lane in lanes]
     kernel.shapes.update({t: (rows, cols) for t in (x_tensor, y_tensor, dy_tensor, dx_tensor)})
     x_in = lane_inputs(kernel, ids, x_tensor, pes)
     y_out = lane_outputs(kernel, ids, y_tensor, pes)
@@ -97,8 +99,8 @@ def build_gelu(name: str, ops: list[str], ids: StreamIds, *, rows: int, cols: in
     phi = alloc_all(kernel, pes, words, "Phi(x), then gelu'(x)")
     scratch = alloc_all(kernel, pes, min(rows, block_rows) * lane_width, "scratch block")
     tanh = activation == "gelu_tanh"
-    for j, (pe, (c0, c1)) in enumerate(zip(pes, lanes, strict=True)):
-        w = c1 - c0
+    for j, lane in enumerate(lanes):
+        pe, w = lane.pe, lane.width
         for r0, r1 in blocks:
             n, x, p = (r1 - r0) * w, Mem(xs + r0 * w), Mem(phi + r0 * w)
             kernel.emit(pe, vec(Op.MOV, n, x, FabIn(x_in[j])))

@@ -69,13 +69,26 @@ def row_blocks(rows: int, block_rows: int) -> list[tuple[int, int]]:
     return [(start, min(rows, start + block_rows)) for start in range(0, rows, block_rows)]
 
 
+@dataclass(frozen=True)
+class Lane:
+    """Lane `index` of a tensor (columns c0..c1) and the PE that owns it."""
+
+    index: int
+    pe: LocalPE
+    c0: int
+    c1: int
+
+    @property
+    def width(self) -> int:
+        return self.c1 - self.c0
+
+
 def strip_kernel(name: str, op: str, ops: list[str], cols: int,
-                 lane_width: int) -> tuple[Kernel, list[tuple[int, int]], list[LocalPE]]:
-    """An empty 1-high kernel with PE (j, 0) per lane j of a `cols`-wide tensor; returns
-    the kernel, the lanes' column ranges and the PEs."""
-    lanes = lane_cols(cols, lane_width)
-    kernel = Kernel(name=name, op=op, ops=list(ops), width=len(lanes), height=1)
-    return kernel, lanes, [(j, 0) for j in range(len(lanes))]
+                 lane_width: int) -> tuple[Kernel, list[Lane]]:
+    """An empty 1-high kernel with PE (j, 0) per lane j of a `cols`-wide tensor."""
+    ranges = lane_cols(cols, lane_width)
+    kernel = Kernel(name=name, op=op, ops=list(ops), width=len(ranges), height=1)
+    return kernel, [Lane(j, (j, 0), c0, c1) for j, (c0, c1) in enumerate(ranges)]
 
 
 def alloc_all(kernel: Kernel, pes: list[LocalPE], words: int, purpose: str) -> int:
@@ -105,18 +118,19 @@ def _lane_ends(ends: list[StreamEnd], ids: StreamIds, tensor: str,
     return streams
 
 
-def row_partials(
-    kernel: Kernel,
-    pe: LocalPE,
-    op: RowOp,
-    *,
-    rows: int,
-    width: int,
-    dst: int,
-    a: Operand,
-    b: Operand | None = None,
-) -> None:
-    """dst[r] = reduce over the `width` elements of row r of `a` (for r < rows) on `pe`.
+def rows_at(offset: int, width: int) -> Operand:
+    """A row-major block at `offset` as a row operand: one row per REPEAT iteration."""
+    return Mem(offset, 1, loop_stride=width)
+
+
+def scalar_at(offset: int) -> Operand:
+    """Element k of the vector at `offset` as the scalar of REPEAT iteration k."""
+    return Mem(offset, 0, loop_stride=1)
+
+
+def row_partials(op: RowOp, *, rows: int, width: int, dst: int, a: Operand,
+                 b: Operand | None = None) -> list[Instr]:
+    """Instructions for dst[r] = reduce over the `width` elements of row r of `a`, r < rows.
 
     `a` (and `b` for "dot") are memory operands at row 0 whose `loop_stride` steps to the
     next row (0 for a vector shared by all rows, e.g. gamma). "sum": sum of a; "max": max
@@ -129,14 +143,8 @@ def row_partials(
         if b is None:
             raise ValueError("row_partials: 'dot' needs a second operand")
         init, body = 0.0, vec(Op.FMA, width, ACC, a, b, ACC)
-    kernel.emit(
-        pe,
-        *repeat(rows, [
-            vec(Op.MOV, 1, ACC, Imm(init)),
-            body,
-            vec(Op.MOV, 1, Mem(dst, 1, loop_stride=1), ACC),
-        ]),
-    )
+    return repeat(rows, [vec(Op.MOV, 1, ACC, Imm(init)), body,
+                         vec(Op.MOV, 1, scalar_at(dst), ACC)])
 
 
 @dataclass(frozen=True)
@@ -190,9 +198,3 @@ class GroupReducer:
         """Every PE's words offset..offset+n become OP over the group of them (in place)."""
         self.reduce(offset, n, op)
         self.broadcast(offset, n)
-
-
-def emit_rows(kernel: Kernel, pe: LocalPE, rows: int, instr: Instr) -> None:
-    """Run the row instruction `instr` (its memory operands step by their loop_stride) for
-    `rows` rows."""
-    kernel.emit(pe, *repeat(rows, [instr]))

@@ -1,0 +1,161 @@
+"""LayerNorm kernel: forward, backward and the SGD update of gamma and beta on one strip.
+
+y = xhat * gamma + beta, xhat = (x - mean) * rstd, rstd = 1 / sqrt(var + eps) per row
+(biased variance, over all D columns). Backward with g = dy * gamma:
+dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), dgamma = sum_rows dy * xhat,
+dbeta = sum_rows dy; update p -= lr * dp.
+
+Layout and algorithm
+--------------------
+A 1-high strip, PE (j, 0) owns lane j (w columns): its slice of gamma, beta and their
+gradients, and the xhat rows and rstd it saves for the backward. Rows go in blocks of R
+(see rowreduce). Per block, each PE:
+
+forward: receive the x block into the xhat store; row sums -> allreduce -> mean; subtract
+(two-pass variance: numerically the reference's formula, not E[x^2] - mean^2); row sums of
+squares -> allreduce -> rstd; scale to xhat in place; emit xhat * gamma + beta row by row.
+backward: receive the dy block; dbeta += dy; t = dy * xhat; dgamma += t; row partials of
+sum(gamma dy) and sum(gamma t) -> one allreduce of both (2R words, one chain);
+t = xhat * P + Q with P = -rstd mean(g xhat), Q = -rstd mean(g); emit
+dx = (dy * gamma) * rstd + t.
+update: [gamma | beta] += -lr * [dgamma | dbeta] (one FMA; the four are stored contiguous).
+
+Each PE reads one input stream at a time (x, then after its forward output dy), and the
+only coupling between PEs is the per-block allreduce, so consuming dy block by block keeps
+the deadlock rule's guarantee: no PE waits on one stream while another goes unread.
+
+Cycle cost per PE (one cycle per vector element; M rows, lane w, G = lanes, R = block):
+forward  7 M w + 12 M + (M / R) * 2 * allreduce latency
+         (receive Mw, two row partials M(w+2) each, subtract Mw, scale Mw, emit 2Mw,
+          two allreduces 2M each, mean/var/rstd 3M),
+backward 9 M w + 13 M + (M / R) * allreduce latency
+         (receive, dbeta, t, dgamma, t', g, emit: 7Mw; two row partials M(w+2) each;
+          one allreduce of 2M words twice: 4M; scalings 4M),
+update   2 w; an allreduce's latency is about 2 (G - 1) (hop latency + 1) cycles.
+SRAM per PE: M w (xhat) + M (rstd) + 2 R w (dy, t blocks) + 4 w + w + 2 R.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from compiler.graph import grad_name, updated_name
+from compiler.lowering.kernel import Kernel, ResultSlot, StreamIds
+from compiler.lowering.rowreduce import (
+    DEFAULT_BLOCK_ROWS,
+    GroupReducer,
+    alloc_all,
+    lane_inputs,
+    lane_outputs,
+    row_blocks,
+    row_partials,
+    rows_at,
+    scalar_at,
+    strip_kernel,
+)
+from wse_sim.program import FabIn, FabOut, Imm, Mem, Op, repeat, vec
+
+
+def build_layernorm(name: str, ops: list[str], ids: StreamIds, *, rows: int, cols: int,
+                    lane_width: int, gamma: np.ndarray, beta: np.ndarray, eps: float, lr: float,
+                    x_tensor: str, y_tensor: str, dy_tensor: str, dx_tensor: str,
+                    gamma_name: str, beta_name: str,
+                    block_rows: int = DEFAULT_BLOCK_ROWS) -> Kernel:
+    """LayerNorm over the `cols` columns of x [rows, cols] with parameters gamma, beta
+    [cols]; results grad:/updated: of `gamma_name` and `beta_name`."""
+    kernel, lanes = strip_kernel(name, "layernorm", ops, cols, lane_width)
+    pes = [lane.pe for lane in lanes]
+    kernel.shapes.update({t: (rows, cols) for t in (x_tensor, y_tensor, dy_tensor, dx_tensor)})
+    for param in (gamma_name, beta_name):
+        kernel.shapes.update({grad_name(param): (1, cols), updated_name(param): (1, cols)})
+    x_in = lane_inputs(kernel, ids, x_tensor, pes)
+    y_out = lane_outputs(kernel, ids, y_tensor, pes)
+    dy_in = lane_inputs(kernel, ids, dy_tensor, pes)
+    dx_out = lane_outputs(kernel, ids, dx_tensor, pes)
+    reducer = GroupReducer.create(kernel, ids, pes)
+
+    blocks = row_blocks(rows, block_rows)
+    rb = min(rows, block_rows)
+    lw = lane_width
+    xhat = alloc_all(kernel, pes, rows * lw, f"xhat of {x_tensor}")
+    rstd = alloc_all(kernel, pes, rows, "rstd")
+    params = alloc_all(kernel, pes, 2 * lw, "gamma | beta")  # beta at params + w
+    grads = alloc_all(kernel, pes, 2 * lw, "dgamma | dbeta")  # dbeta at grads + w
+    scratch = alloc_all(kernel, pes, lw, "scaled row")
+    dy_blk = alloc_all(kernel, pes, rb * lw, "dy block")
+    t_blk = alloc_all(kernel, pes, rb * lw, "t block")
+    stat = alloc_all(kernel, pes, 2 * rb, "row statistics")
+    inv_d = 1.0 / cols
+    for lane in lanes:
+        kernel.load(lane.pe, params,
+                    np.concatenate([gamma[lane.c0:lane.c1], beta[lane.c0:lane.c1]]))
+
+    # The group's PEs run the same phases; each allreduce sits between two phases.
+    for r0, r1 in blocks:
+        r = r1 - r0
+        for lane in lanes:
+            w, xh = lane.width, xhat + r0 * lane.width
+            kernel.emit(lane.pe, vec(Op.MOV, r * w, Mem(xh), FabIn(x_in[lane.index])),
+                        *row_partials("sum", rows=r, width=w, dst=stat, a=rows_at(xh, w)))
+        reducer.allreduce(stat, r, Op.ADD)
+        for lane in lanes:
+            w, xh = lane.width, rows_at(xhat + r0 * lane.width, lane.width)
+            kernel.emit(
+                lane.pe,
+                vec(Op.MUL, r, Mem(stat), Mem(stat), Imm(inv_d)),  # mean
+                *repeat(r, [vec(Op.SUB, w, xh, xh, scalar_at(stat))]),
+                *row_partials("dot", rows=r, width=w, dst=stat, a=xh, b=xh),
+            )
+        reducer.allreduce(stat, r, Op.ADD)
+        for lane in lanes:
+            w, xh = lane.width, rows_at(xhat + r0 * lane.width, lane.width)
+            gamma_row, beta_row = Mem(params), Mem(params + w)
+            kernel.emit(
+                lane.pe,
+                vec(Op.FMA, r, Mem(stat), Mem(stat), Imm(inv_d), Imm(eps)),  # var + eps
+                vec(Op.RSQRT, r, Mem(rstd + r0), Mem(stat)),
+                *repeat(r, [vec(Op.MUL, w, xh, xh, scalar_at(rstd + r0))]),
+                *repeat(r, [
+                    vec(Op.MUL, w, Mem(scratch), xh, gamma_row),
+                    vec(Op.ADD, w, FabOut(y_out[lane.index]), Mem(scratch), beta_row),
+                ]),
+            )
+
+    for r0, r1 in blocks:
+        r = r1 - r0
+        for lane in lanes:
+            w, xh = lane.width, xhat + r0 * lane.width
+            dy, t, gamma_row = rows_at(dy_blk, w), rows_at(t_blk, w), Mem(params)
+            kernel.emit(
+                lane.pe,
+                vec(Op.MOV, r * w, Mem(dy_blk), FabIn(dy_in[lane.index])),
+                *repeat(r, [vec(Op.ADD, w, Mem(grads + w), Mem(grads + w), dy)]),  # dbeta
+                vec(Op.MUL, r * w, Mem(t_blk), Mem(dy_blk), Mem(xh)),
+                *repeat(r, [vec(Op.ADD, w, Mem(grads), Mem(grads), t)]),  # dgamma
+                # stat[0:r] = sum(g), stat[rb:rb+r] = sum(g xhat): one allreduce for both
+                *row_partials("dot", rows=r, width=w, dst=stat, a=dy, b=gamma_row),
+                *row_partials("dot", rows=r, width=w, dst=stat + rb, a=t, b=gamma_row),
+            )
+        reducer.allreduce(stat, 2 * rb, Op.ADD)
+        for lane in lanes:
+            w, xh = lane.width, rows_at(xhat + r0 * lane.width, lane.width)
+            dy, t, rs = rows_at(dy_blk, w), rows_at(t_blk, w), scalar_at(rstd + r0)
+            kernel.emit(
+                lane.pe,
+                vec(Op.MUL, r, Mem(stat), Mem(stat), Mem(rstd + r0)),
+                vec(Op.MUL, r, Mem(stat + rb), Mem(stat + rb), Mem(rstd + r0)),
+                vec(Op.MUL, 2 * rb, Mem(stat), Mem(stat), Imm(-inv_d)),  # Q | P
+                *repeat(r, [vec(Op.FMA, w, t, xh, scalar_at(stat + rb), scalar_at(stat))]),
+                *repeat(r, [vec(Op.MUL, w, dy, dy, Mem(params))]),  # g
+                *repeat(r, [vec(Op.FMA, w, FabOut(dx_out[lane.index]), dy, rs, t)]),
+            )
+
+    for lane in lanes:
+        w, pe, cs = lane.width, lane.pe, (lane.c0, lane.c1)
+        kernel.emit(pe, vec(Op.FMA, 2 * w, Mem(params), Mem(grads), Imm(-lr), Mem(params)))
+        for param, offset in ((gamma_name, 0), (beta_name, w)):
+            kernel.results += [
+                ResultSlot(grad_name(param), pe, grads + offset, (0, 1), cs, w),
+                ResultSlot(updated_name(param), pe, params + offset, (0, 1), cs, w),
+            ]
+    return kernel
