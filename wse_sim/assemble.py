@@ -243,8 +243,8 @@ def assemble(program: Program, wafer: WaferConfig) -> Assembled:
         th_rr=np.zeros(nslot, np.int64),
         tk_rr=np.zeros(nslot, np.int64),
         rd_debt=np.zeros(nslot, np.int64),
-        fp=np.zeros(nslot, np.float64),
-        fp_t=np.full(nslot, -1, np.int64),
+        fp=np.full(nslot, max(rate, 1.0), np.float64),  # full credit at cycle 0
+        fp_t=np.zeros(nslot, np.int64),
         nrun=np.zeros(nslot, np.int64),
         act=act_full,
         in_act=in_act,

@@ -306,8 +306,9 @@ def _scan_tasks(fb, cs, s, t, start):
     ntask = cs.tk_lo[s + 1] - lo
     started = 0
     pending = False
+    rr = cs.tk_rr[s]
     for q in range(ntask):
-        k = lo + (cs.tk_rr[s] + q) % ntask
+        k = lo + (rr + q) % ntask
         if cs.task_run[k] or cs.task_blk[k]:
             continue
         ready = cs.task_act[k] != 0

@@ -1,0 +1,223 @@
+"""PE semantics and whole programs, with cycle counts derived by hand in each test."""
+
+import numpy as np
+import pytest
+from programs import deadlock_pair, outer_product_matmul, send_east, systolic_dot
+
+from wse_sim.engine import simulate
+from wse_sim.errors import DeadlockError, ProgramError, UserError
+from wse_sim.hardware import WaferConfig
+from wse_sim.program import (
+    FabIn,
+    FabOut,
+    Imm,
+    Instr,
+    Mem,
+    Op,
+    Port,
+    Program,
+    Reg,
+    Task,
+    Trigger,
+    port_mask,
+    repeat,
+    vec,
+)
+
+
+def wafer(**kw) -> WaferConfig:
+    return WaferConfig(width=16, height=16, **kw)
+
+
+def one_pe(*tasks: Task, words: int = 64) -> Program:
+    p = Program(1, 1)
+    pe = p.pe(0, 0, words)
+    pe.load(0, np.arange(words, dtype=np.float32))
+    pe.tasks.extend(tasks)
+    return p
+
+
+def test_systolic_dot_product():
+    pes, k = 6, 16
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal(pes * k).astype(np.float32)
+    b = rng.standard_normal(pes * k).astype(np.float32)
+    r = simulate(systolic_dot(a, b, pes), wafer())
+    # Every PE: k FMA elements in cycles 0..k-1. PE 0 sends its sum at cycle k; each next
+    # PE consumes it h*L + 2 = 3 cycles later and sends its own sum in the same element, so
+    # the last PE stores at k + 3 * (pes - 1) and the run ends one cycle later.
+    assert r.cycles == k + 3 * (pes - 1) + 1
+    got = r.sram(pes - 1, 0)[2 * k]
+    assert got == pytest.approx(float(np.dot(a.astype(np.float64), b)), rel=1e-5, abs=1e-5)
+    assert r.stats.flops.sum() == 2 * pes * k + (pes - 1)  # FMAs + the chain's ADDs
+    assert r.stats.sram_read.sum() == 2 * pes * k
+
+
+def test_outer_product_matmul_2x2_matches_numpy():
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((8, 6)).astype(np.float32)
+    b = rng.standard_normal((6, 8)).astype(np.float32)
+    r = simulate(outer_product_matmul(a, b, 2), wafer())
+    c = np.block([[r.sram(x, y)[:16].reshape(4, 4) for x in range(2)] for y in range(2)])
+    np.testing.assert_allclose(c, a.astype(np.float64) @ b, rtol=1e-5, atol=1e-5)
+    assert r.stats.flops.sum() == 2 * 8 * 8 * 6
+    # Lower bound: per k step a PE receives 4 + 4 wavelets (8 cycles) and runs 4 FMA rows
+    # of 4 elements, each row 5 cycles (element 0 also loads the stride-0 a[i]: 3 reads).
+    assert r.cycles >= 6 * (8 + 4 * 5)
+
+
+def test_same_program_same_counters():
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((12, 9)).astype(np.float32)
+    b = rng.standard_normal((9, 6)).astype(np.float32)
+    r1 = simulate(outer_product_matmul(a, b, 3), wafer())
+    r2 = simulate(outer_product_matmul(a, b, 3), wafer())
+    assert r1.cycles == r2.cycles
+    for name, value in vars(r1.stats).items():
+        np.testing.assert_array_equal(value, getattr(r2.stats, name), err_msg=name)
+
+
+def test_repeat_with_loop_stride():
+    # REPEAT takes one cycle, then 3 iterations of a 2-element ADD: cycles 1..6.
+    body = [vec(Op.ADD, 2, Mem(40, 1, 2), Mem(0, 1, 2), Imm(100.0))]
+    r = simulate(one_pe(Task(0, Trigger.RESET, repeat(3, body))), wafer())
+    assert r.cycles == 7
+    np.testing.assert_array_equal(r.sram(0, 0)[40:46], np.arange(6) + 100.0)
+    assert r.stats.move[0, 0] == 1 and r.stats.compute[0, 0] == 6
+
+
+def test_scalar_operand_costs_one_extra_read():
+    # FMA with a stride-0 source: element 0 reads 3 words (budget 2), owing one read, so
+    # element 1 waits a cycle: n elements take n + 1 cycles.
+    n = 4
+    instr = vec(Op.FMA, n, Mem(20), Mem(5, 0), Mem(0), Mem(10))
+    r = simulate(one_pe(Task(0, Trigger.RESET, [instr])), wafer())
+    assert r.cycles == n + 1
+    mem = r.sram(0, 0)
+    np.testing.assert_array_equal(mem[20:24], np.float32(5) * np.arange(4) + np.arange(10, 14))
+    assert r.stats.sram_read[0, 0] == 2 * n + 1
+    assert r.stats.flops[0, 0] == 2 * n and r.stats.ops[0, 0] == n
+
+
+def test_half_rate_fpu():
+    # fp32 credit 0.5 per cycle, starting full: elements at cycles 0, 2, 4, 6.
+    instr = vec(Op.MUL, 4, Mem(20), Mem(0), Imm(3.0))
+    r = simulate(one_pe(Task(0, Trigger.RESET, [instr])), wafer(fp32_ops_per_cycle=0.5))
+    assert r.cycles == 7
+    assert r.stats.compute[0, 0] == 7  # waiting only for the FPU counts as compute
+
+
+def test_local_task_activate_block_unblock():
+    # Task 0: BLOCK 1 (0), ACTIVATE 1 (1), MOV 3 elements (2..4), UNBLOCK 1 (5); task 1
+    # starts at 6 (the next cycle's scan) and runs 2 elements (6, 7).
+    t0 = Task(0, Trigger.RESET, [Instr(Op.BLOCK, task=1), Instr(Op.ACTIVATE, task=1),
+                                 vec(Op.MOV, 3, Mem(30), Mem(0)),
+                                 Instr(Op.UNBLOCK, task=1)])
+    t1 = Task(1, Trigger.LOCAL, [vec(Op.ADD, 2, Mem(40), Mem(30), Imm(1.0))])
+    r = simulate(one_pe(t0, t1), wafer())
+    assert r.cycles == 8
+    np.testing.assert_array_equal(r.sram(0, 0)[40:42], [1.0, 2.0])
+
+
+def test_halt_stops_new_tasks():
+    t0 = Task(0, Trigger.RESET, [Instr(Op.HALT), Instr(Op.ACTIVATE, task=1)])
+    t1 = Task(1, Trigger.LOCAL, [vec(Op.MOV, 1, Mem(0), Imm(7.0))])
+    r = simulate(one_pe(t0, t1), wafer())
+    assert r.cycles == 2
+    assert r.sram(0, 0)[0] == 0.0
+
+
+@pytest.mark.parametrize("threads, cycles", [(1, 6), (2, 3)])
+def test_microthreads_run_tasks_concurrently(threads, cycles):
+    tasks = [Task(k, Trigger.RESET, [vec(Op.MOV, 3, Reg(k), Imm(1.0))]) for k in range(2)]
+    r = simulate(one_pe(*tasks), wafer(microthreads=threads))
+    assert r.cycles == cycles
+
+
+def test_color_task_runs_once_per_wavelet():
+    # PE (0, 0) sends 3 wavelets in cycles 0..2; they are ready at PE (1, 0) in cycles
+    # 3..5. The color task adds one to Reg 0 per run: runs at 3, 4, 5; done at 6.
+    p = send_east(3, 1)
+    p.pes[(1, 0)].tasks = [Task(5, Trigger.COLOR, [vec(Op.ADD, 1, Reg(0), FabIn(1), Reg(0))],
+                                color=1)]
+    r = simulate(p, wafer())
+    assert r.cycles == 6
+    assert r.registers(1, 0)[0] == 0.0 + 1.0 + 2.0
+    assert r.stats.receive[0, 1] == 0 and r.stats.compute[0, 1] == 3
+
+
+def test_stats_classes_and_idle():
+    r = simulate(send_east(10, 3, width=5), wafer())
+    s = r.stats
+    total = s.compute + s.send + s.receive + s.move + s.stalled + s.idle
+    assert (total == r.cycles).all()
+    assert s.idle[0, 4] == r.cycles  # no program
+    assert s.send[0, 0] == 10 and s.compute[0, 3] == 10 and s.stalled[0, 3] == 5
+    assert s.ramp_out[0, 0] == 10 and s.ramp_in[0, 3] == 10
+    assert s.totals()["link"] == 30
+    assert 0 < s.utilization()[0, 3] < 1
+
+
+def test_planted_deadlock_is_named():
+    with pytest.raises(DeadlockError) as info:
+        simulate(deadlock_pair(), wafer(deadlock_cycles=50))
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "cycle 51" in msg  # the tasks started at cycle 0, nothing moved since
+    assert "PE (0, 0) task 0 pc 0 MOV waits: FABIN color 3 empty" in msg
+    assert "PE (1, 0) task 0 pc 0 MOV waits: FABIN color 4 empty" in msg
+
+
+def test_full_buffers_and_ramp_named():
+    # PE (1, 0) waits for color 2, which nobody sends, so color 1 backs up to the sender.
+    p = send_east(20, 1)
+    p.pes[(1, 0)].tasks[0].instrs.insert(0, vec(Op.MOV, 1, Mem(0), FabIn(2)))
+    p.add_route(1, 0, 2, port_mask(Port.E), port_mask(Port.RAMP))
+    p.add_route(2, 0, 2, 0, port_mask(Port.W))
+    p.width = 3
+    with pytest.raises(DeadlockError) as info:
+        simulate(p, wafer(deadlock_cycles=30))
+    msg = str(info.value)
+    assert "PE (0, 0) task 0 pc 0 MOV waits: FABOUT color 1: ramp buffer full" in msg
+    assert "PE (1, 0) W color 1" in msg and "PE (0, 0) RAMP color 1" in msg
+
+
+def test_wavelets_stranded_at_halted_pe():
+    p = send_east(1, 1)
+    p.pes[(1, 0)].tasks = [Task(0, Trigger.RESET, [Instr(Op.HALT)])]
+    with pytest.raises(DeadlockError, match=r"stranded: PE \(1, 0\) color 1: 1 wavelets at a ha"):
+        simulate(p, wafer())
+
+
+def test_out_of_bounds_program_rejected_before_running():
+    p = send_east(10, 2)
+    p.pes[(2, 0)].sram_words = 9  # the receiver writes words 0..9
+    with pytest.raises(ProgramError, match=r"PE \(2, 0\) task 0 instr 0: field dst"):
+        simulate(p, wafer())
+
+
+def test_max_cycles_exceeded():
+    with pytest.raises(UserError, match="max_cycles=10"):
+        simulate(send_east(100, 2), wafer(), max_cycles=10)
+
+
+def test_progress_callback_and_result_views():
+    seen: list[int] = []
+    r = simulate(send_east(5, 1), wafer(), progress=seen.append)
+    assert seen[-1] == r.cycles
+    assert r.sram(0, 0).dtype == np.float32 and len(r.registers(0, 0)) == 16
+    with pytest.raises(UserError):
+        r.sram(5, 5)
+
+
+def test_sends_to_itself():
+    # A route RAMP -> RAMP: sent at t, consumed at t + 2 (h = 0): sends 0..3, receives 2..5.
+    p = Program(1, 1)
+    pe = p.pe(0, 0, 8)
+    pe.load(0, np.arange(4, dtype=np.float32))
+    pe.tasks = [Task(0, Trigger.RESET, [vec(Op.MOV, 4, FabOut(0), Mem(0))]),
+                Task(1, Trigger.RESET, [vec(Op.MOV, 4, Mem(4), FabIn(0))])]
+    p.add_route(0, 0, 0, port_mask(Port.RAMP), port_mask(Port.RAMP))
+    r = simulate(p, wafer())
+    assert r.cycles == 3 + 2 + 1
+    np.testing.assert_array_equal(r.sram(0, 0)[4:], np.arange(4))
