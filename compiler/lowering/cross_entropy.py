@@ -1,0 +1,185 @@
+"""Cross-entropy kernel: the mean next-token loss over logits [M, V] and its gradient.
+
+Row m = b*T + t predicts token tokens[b, t + 1] for t < T - 1; rows t = T - 1 predict
+nothing (no loss, zero gradient). loss = mean over the B (T - 1) predictions of
+max + log(sum exp(z - max)) - z[target]; dlogits = (softmax - onehot) / B (T - 1).
+
+The tokens are known when the program is built (the batch is baked in, like an input DMA):
+which PE holds a row's target column, the word it sits at, and each row's weight
+(1 / count or 0) are compile-time constants.
+
+Layout and algorithm
+--------------------
+A 1-high strip, PE (j, 0) owns lane j of V (the last lane may be narrower); one reduction
+group (rowreduce). Per block of R rows, each PE:
+receive the logits block (kept: result slot `logits_result`); row max partials ->
+allreduce(max); p = exp(z - max) into the probability store; row sum partials; the PE
+holding a row's target copies its logit into that row's slot of a target vector (zero
+elsewhere). The sums and the target vector are reduced to the last PE, the sums
+broadcast back. Then p /= sum, p[target] -= 1, p *= weight: the block's dlogits.
+After the last block every PE emits its dlogits lane in one pass (not earlier: the logits'
+producer, the LM head, reads dlogits only after it has sent all logits, so emitting sooner
+could fill the fabric and deadlock).
+
+The loss is computed on the last PE after that emission, off the critical path. The PE has
+no log instruction, so log(s) for the row sums s in [1, V] is Newton's method on exp:
+z <- z + 1 - s exp(z) converges to z = -log s (quadratically; from above, since exp is
+convex). The start y0 = 2^k (s^(1/2^k) - 1) >= log s costs k square roots; k and the number
+of steps are chosen at build time for the worst case s = V (the start error grows with s),
+minimising k + 3 * steps passes. Then loss = sum_m weight_m (max_m - z_m - z[target]_m).
+
+Cycle cost per PE (one cycle per vector element; M rows, lane w, G lanes, R = block):
+7 M w + 9 M + 1 per predicted row in its lane (gather, -1) + (M / R) * 3 chain latencies
+(receive, subtract, exp, divide, weight: 5 M w; two row partials M (w + 2) each;
+allreduce(max) 2 M, reduce sums and targets 2 M, broadcast sums M), then the dlogits
+emission M w. Last PE after that: (k + 3 steps + 3) M for the loss. A chain or broadcast's
+latency is about (G - 1) (hop latency + 1) cycles.
+SRAM per PE: 2 M w + 4 M (+ 2 M + 1 on the last PE).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from compiler.lowering.kernel import Kernel, ResultSlot, StreamIds
+from compiler.lowering.rowreduce import (
+    DEFAULT_BLOCK_ROWS,
+    GroupReducer,
+    alloc_all,
+    lane_inputs,
+    lane_outputs,
+    row_blocks,
+    row_partials,
+    rows_at,
+    scalar_at,
+    strip_kernel,
+)
+from wse_sim.program import FabIn, FabOut, Imm, Mem, Op, repeat, vec
+
+# Newton on exp stops when the worst-case error is below this (float64 model of the
+# iteration; the fp32 result is then limited by rounding, ~1 ulp of the loss).
+_LOG_TOLERANCE = 2.0**-26
+
+
+def log_plan(largest: float) -> tuple[int, int]:
+    """(square roots k, Newton steps) that compute log(s) for every s in [1, largest] with
+    the fewest vector passes (k + 3 per step)."""
+    best: tuple[int, int, int] | None = None
+    for k in range(12):
+        scale = 2.0**k
+        err = scale * math.expm1(math.log(largest) / scale) - math.log(largest)
+        steps = 0
+        while err > _LOG_TOLERANCE:
+            err = err - 1.0 + math.exp(-err)
+            steps += 1
+        if best is None or k + 3 * steps < best[0]:
+            best = (k + 3 * steps, k, steps)
+    assert best is not None
+    return best[1], best[2]
+
+
+def build_cross_entropy(name: str, ops: list[str], ids: StreamIds, *, tokens: np.ndarray,
+                        vocab: int, lane_width: int, logits_tensor: str, dlogits_tensor: str,
+                        logits_result: str = "logits", loss_result: str = "loss",
+                        block_rows: int = DEFAULT_BLOCK_ROWS) -> Kernel:
+    """Mean next-token cross-entropy of logits [B*T, vocab] against `tokens` [B, T]."""
+    tokens = np.asarray(tokens)
+    batch, seq = tokens.shape
+    rows, count = batch * seq, batch * (seq - 1)
+    if count == 0 or tokens.min() < 0 or tokens.max() >= vocab:
+        raise ValueError(f"{name}: need seq >= 2 and tokens in 0..{vocab - 1}")
+    kernel, lanes = strip_kernel(name, "cross_entropy", ops, vocab, lane_width)
+    pes = [lane.pe for lane in lanes]
+    kernel.shapes.update({logits_tensor: (rows, vocab), dlogits_tensor: (rows, vocab),
+                          logits_result: (rows, vocab), loss_result: (1, 1)})
+    z_in = lane_inputs(kernel, ids, logits_tensor, pes)
+    dz_out = lane_outputs(kernel, ids, dlogits_tensor, pes)
+    reducer = GroupReducer.create(kernel, ids, pes)
+
+    # targets[m] = the token row m predicts, -1 for the last position of each sequence
+    targets = np.full((batch, seq), -1, dtype=np.int64)
+    targets[:, :-1] = tokens[:, 1:]
+    targets = targets.ravel()
+    weight = np.where(targets >= 0, 1.0 / count, 0.0).astype(np.float32)
+
+    lw = lane_width
+    blocks = row_blocks(rows, block_rows)
+    logits = alloc_all(kernel, pes, rows * lw, f"{logits_tensor} lane")
+    probs = alloc_all(kernel, pes, rows * lw, "softmax, then dlogits")
+    row_max = alloc_all(kernel, pes, rows, "row max")
+    sums = alloc_all(kernel, pes, rows, "row sum of exp")
+    picked = alloc_all(kernel, pes, rows, "target logit (0 off its lane)")
+    weights = alloc_all(kernel, pes, rows, "row weight")
+    for lane in lanes:
+        kernel.load(lane.pe, weights, weight)
+        kernel.results.append(ResultSlot(logits_result, lane.pe, logits, (0, rows),
+                                         (lane.c0, lane.c1), lane.width))
+
+    def targets_in(lane_index: int, r0: int, r1: int) -> list[tuple[int, int]]:
+        """(row, column within the lane) of the rows r0..r1 whose target is in the lane."""
+        return [(m, int(targets[m]) % lw) for m in range(r0, r1)
+                if targets[m] >= 0 and targets[m] // lw == lane_index]
+
+    for r0, r1 in blocks:
+        r = r1 - r0
+        for lane in lanes:
+            w, z = lane.width, logits + r0 * lane.width
+            kernel.emit(lane.pe, vec(Op.MOV, r * w, Mem(z), FabIn(z_in[lane.index])),
+                        *row_partials("max", rows=r, width=w, dst=row_max + r0, a=rows_at(z, w)))
+        reducer.allreduce(row_max + r0, r, Op.MAX)
+        for lane in lanes:
+            w, z, p = lane.width, logits + r0 * lane.width, probs + r0 * lane.width
+            kernel.emit(
+                lane.pe,
+                *repeat(r, [vec(Op.SUB, w, rows_at(p, w), rows_at(z, w), scalar_at(row_max + r0))]),
+                vec(Op.EXP, r * w, Mem(p), Mem(p)),
+                *row_partials("sum", rows=r, width=w, dst=sums + r0, a=rows_at(p, w)),
+                *(vec(Op.MOV, 1, Mem(picked + m), Mem(logits + m * w + col))
+                  for m, col in targets_in(lane.index, r0, r1)),
+            )
+        reducer.reduce(sums + r0, r, Op.ADD)
+        reducer.reduce(picked + r0, r, Op.ADD)
+        reducer.broadcast(sums + r0, r)
+        for lane in lanes:
+            w, p = lane.width, probs + r0 * lane.width
+            kernel.emit(
+                lane.pe,
+                *repeat(r, [vec(Op.DIV, w, rows_at(p, w), rows_at(p, w), scalar_at(sums + r0))]),
+                *(vec(Op.ADD, 1, Mem(probs + m * w + col), Mem(probs + m * w + col), Imm(-1.0))
+                  for m, col in targets_in(lane.index, r0, r1)),
+                *repeat(r, [vec(Op.MUL, w, rows_at(p, w), rows_at(p, w),
+                                scalar_at(weights + r0))]),
+            )
+    for lane in lanes:
+        kernel.emit(lane.pe, vec(Op.MOV, rows * lane.width, FabOut(dz_out[lane.index]),
+                                 Mem(probs)))
+
+    # The loss, on the last PE: z = -log(sum) by Newton, then the weighted row losses.
+    last = reducer.last
+    neg_log = kernel.alloc(last, rows, "-log(row sum)")
+    tmp = kernel.alloc(last, rows, "Newton scratch")
+    loss = kernel.alloc(last, 1, "loss")
+    k, steps = log_plan(float(vocab))
+    s, nz, t = Mem(sums), Mem(neg_log), Mem(tmp)
+    root = s
+    for _ in range(k):
+        kernel.emit(last, vec(Op.SQRT, rows, t, root))
+        root = t
+    kernel.emit(last, vec(Op.FMA, rows, nz, root, Imm(-(2.0**k)), Imm(2.0**k)))
+    for _ in range(steps):
+        kernel.emit(
+            last,
+            vec(Op.EXP, rows, t, nz),
+            vec(Op.FMA, rows, t, t, s, Imm(-1.0)),  # s exp(z) - 1
+            vec(Op.SUB, rows, nz, nz, t),
+        )
+    kernel.emit(
+        last,
+        vec(Op.SUB, rows, t, Mem(row_max), nz),  # max + log(sum) = log sum exp
+        vec(Op.SUB, rows, t, t, Mem(picked)),
+        *row_partials("dot", rows=1, width=rows, dst=loss, a=t, b=Mem(weights)),
+    )
+    kernel.results.append(ResultSlot(loss_result, last, loss, (0, 1), (0, 1), 1))
+    return kernel
