@@ -1,0 +1,480 @@
+"""Attention kernels: causal scores `S = q k^T / sqrt(dh)` and values `o = P v`, with their
+backward passes, on a key-block x query-group grid of PEs per head.
+
+Layout. Both kernels use the same rectangle: `T/lw` columns (key blocks, `lw` keys each:
+exactly the columns of one scores lane) by `H * R` rows (head `h` owns rows
+`h*R .. h*R + R-1`; `R = row_groups`). PE `(c, h*R + r)` handles key block `c` of head
+`h` for the query rows `m` with `m % R == r` (round-robin, so the causal triangle's work is
+spread evenly over the groups). It stores the k (or v) rows of its key block for every
+batch element and only its own query rows of q, dS, P, dO. With `R = 1` this is the
+(T/lw) x H layout of one PE per (key block, head); a larger `R` divides the per-PE work
+(the arithmetic is `O(M T dh)` per head and would otherwise sit on T/lw PEs) for the price
+of relaying rows, which costs fabric bandwidth that is otherwise idle.
+
+Only `lw == dh` is supported: then q, k and v of head `h` are the single lanes `h`,
+`H + h`, `2H + h` of the qkv tensor and one lane carries a whole head (the default lane
+width is `d_head`).
+
+Every arithmetic step is one primitive, `_dots`: a batch of dot products, each one output
+element accumulated in register 0 over `terms` products (a 1-element MUL or FMA seeding
+it — the FMA adds an incoming fabric wavelet, which is how partial sums are chained — an
+FMA over the middle terms, and a 1-element FMA writing the result), in a zero-overhead
+REPEAT over the outputs. Each term is one cycle and both factors are strided SRAM reads
+(the 2 reads/cycle budget, no scalar-load surcharge), so a batch of `n` dots of length `k`
+costs `n * k + 1` cycles.
+
+Phases (the same three shapes serve both kernels):
+
+* block products (scores forward, dP): for each own query row, the `nk` unmasked keys of
+  the block get `x_m . y_j` (nk dots of dh terms), the masked rest is a fill value
+  (`-inf` for scores: the causal mask is applied here; `0` for dP). Rows relay south down
+  the PE column to the group-`R-1` PE, which emits the lane; each PE forwards the rows of
+  lower groups from the north, in row order.
+* row reduction (forward o, dq): `out_m = sum_j w[m, j] y_j` over the block's unmasked
+  keys is `dh` dots of `nk` terms, the first term seeded by the partial sum from the
+  west PE; the east column's result relays south to the emitting PE. A PE whose block is
+  fully masked for row m forwards the west partial unchanged.
+* column sums (dk, dv): `out_j = sum_m w[m, j] x_m` over the own rows with `t >= j` is `dh`
+  dots, seeded by the north PE's partial sum and passed south; the bottom group holds the
+  total and relays its block east, batch by batch, to the PE that emits the lane.
+
+Masked work is skipped exactly: a masked score is the constant `-inf` (its softmax weight
+P is exactly 0), so no term with `j > t` contributes to o, dq, dk or dv, and the gradient
+reaching a masked score is zero by definition. The dS entries above the diagonal are
+ignored (they are P * (...) = 0 anyway), and dP is emitted as 0 there: the true dL/dP of
+a masked entry (do . v) is never used because softmax's backward multiplies it by P = 0.
+The scale 1/sqrt(dh) is folded into k when it arrives (S = q . k', dq = dS k'), so the
+only extra multiply is on dk as it leaves (dk = scale * dS^T q): no cycle is spent on it.
+
+Deadlock (the kernel.py rule). The scores kernel reads all of q and k (one producer,
+interleaved row by row) into SRAM before it emits a score: the values kernel reads all of
+v, a sibling lane of the same QKV producer, before it reads P, and P depends on these
+scores, so streaming scores while q/k are still arriving could stall the QKV kernel
+forever. The values kernel reads v completely, then P row by row (each P row in step with
+the partial sums it feeds: a PE may not read ahead of its west neighbour, whose lane comes
+from the same softmax). Backward inputs (dS, dO) are read completely first. Inside a
+kernel every stream flows east or south, so the chains cannot wait in a cycle.
+
+Cycle cost (one element per cycle, R = row_groups, nb = T/lw, M = B*T, nk(c, t) =
+clamp(t - c*lw + 1, 0, lw) unmasked keys of block c for query position t, rows(r) the own
+rows of group r; the busiest PE is column 0, where nk = min(lw, t + 1)):
+
+* scores forward: read `2 M dh`, then per own row `1 + nk dh + (lw - nk)` (full rows:
+  `1 + lw dh`), plus `lw` per relayed row. About `2 M dh + (M/R) lw dh` on column 0.
+* scores backward: read `M lw`; dq: per own row `1 + nk dh` (plus `dh` per relayed row in
+  the east column); dk: per key `1 + rows(r, t >= j) dh`, plus the east relay `lw dh` per
+  block. About `M lw + (M/R) lw dh + (M/R) lw dh` on column 0.
+* values forward: read `M dh`, then per row `lw` (the P row) + `1 + nk dh` for own rows.
+* values backward: read `M dh`, dP like the scores forward, dv like dk.
+The pipelines between PEs add O(nb + R) row latencies; the row chains are pipelined, not
+serial (a PE starts row m+1 while its east neighbour finishes row m).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from compiler.lowering.kernel import Kernel, LocalPE, LocalStream, StreamEnd, StreamIds
+from wse_sim.errors import UserError
+from wse_sim.program import (
+    SOURCES_OF,
+    FabIn,
+    FabOut,
+    Imm,
+    Instr,
+    Kind,
+    Mem,
+    Op,
+    Operand,
+    Reg,
+    repeat,
+    vec,
+)
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class AttnLayout:
+    """Shapes of one attention op and the PE grid that runs it."""
+
+    batch: int
+    seq: int
+    heads: int
+    d_head: int
+    lane_width: int
+    row_groups: int = 1
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def blocks(self) -> int:
+        return self.seq // self.lane_width
+
+    @property
+    def d_model(self) -> int:
+        return self.heads * self.d_head
+
+    def pe(self, c: int, h: int, r: int) -> LocalPE:
+        return (c, h * self.row_groups + r)
+
+    def own_rows(self, r: int) -> int:
+        """Query rows of group r (m = r, r + R, ...)."""
+        return len(range(r, self.rows, self.row_groups))
+
+    def slot(self, m: int) -> int:
+        """Where own row m sits among its group's rows."""
+        return m // self.row_groups
+
+    def keys(self, c: int, t: int) -> int:
+        """Unmasked keys of block c for query position t."""
+        return max(0, min(self.lane_width, t - c * self.lane_width + 1))
+
+
+def attn_layout(op: str, *, batch: int, seq: int, heads: int, d_head: int, lane_width: int,
+                row_groups: int = 1) -> AttnLayout:
+    """Check the shapes an attention kernel supports (UserError names the op and field)."""
+    if lane_width != d_head:
+        raise UserError(f"op {op}: compile.lane_width {lane_width} must equal d_head {d_head} "
+                        f"for attention (one lane per head)")
+    if seq % lane_width:
+        raise UserError(f"op {op}: compile.lane_width {lane_width} must divide seq_len {seq}")
+    if min(batch, seq, heads, d_head, row_groups) < 1:
+        raise UserError(f"op {op}: batch, seq_len, heads, d_head and row_groups must be >= 1")
+    if row_groups > batch * seq:
+        raise UserError(f"op {op}: row_groups {row_groups} exceeds the {batch * seq} query rows")
+    return AttnLayout(batch, seq, heads, d_head, lane_width, row_groups)
+
+
+@dataclass(frozen=True)
+class _Vec:
+    """A strided SRAM vector walked by `_dots`: element k of output i is at
+    offset + k * stride + i * step."""
+
+    offset: int
+    stride: int
+    step: int
+
+    def term(self, k: int, stride: int = 1) -> Operand:
+        return Mem(self.offset + k * self.stride, stride, self.step)
+
+
+def _dots(outputs: int, terms: int, a: _Vec, b: _Vec, init: Operand | None,
+          out: Operand) -> list[Instr]:
+    """`outputs` dot products out[i] = (init[i] +) sum_k a[k, i] * b[k, i].
+
+    `out` is a FabOut, or a Mem whose loop_stride is the step between outputs; `init` is
+    None or a FabIn supplying one addend per output. Cost: outputs * terms (+1 for the
+    REPEAT) cycles."""
+    seeded = Op.FMA if init is not None else Op.MUL
+    seed = () if init is None else (init,)
+    if terms == 0:
+        out_vec = out if out.kind is Kind.FABOUT else Mem(out.offset, out.loop_stride)
+        return [vec(Op.MOV, outputs, out_vec, init if init is not None else Imm(0.0))]
+    if terms == 1:
+        out_vec = out if out.kind is Kind.FABOUT else Mem(out.offset, out.loop_stride)
+        return [vec(seeded, outputs, out_vec, Mem(a.offset, a.step), Mem(b.offset, b.step),
+                    *seed)]
+    acc = Reg(0)
+    body = [vec(seeded, 1, acc, a.term(0), b.term(0), *seed)]
+    if terms > 2:
+        body.append(vec(Op.FMA, terms - 2, acc, a.term(1, a.stride), b.term(1, b.stride), acc))
+    body.append(vec(Op.FMA, 1, out, a.term(terms - 1), b.term(terms - 1), acc))
+    return body if outputs == 1 else repeat(outputs, body)
+
+
+def _merge(instrs: list[Instr]) -> list[Instr]:
+    """Fuse neighbouring vector instructions that continue each other (same op and fabric
+    or immediate operands, memory operands contiguous), e.g. the per-row reads of a lane
+    into one instruction. REPEAT blocks are left untouched."""
+    out: list[Instr] = []
+    loop_left = 0  # instructions of the current REPEAT body still to copy
+    free_last = False  # out[-1] is outside any REPEAT block
+    for instr in instrs:
+        if loop_left:
+            loop_left -= 1
+            out.append(instr)
+            continue
+        if instr.op is Op.REPEAT:
+            loop_left = instr.body
+            free_last = False
+        elif free_last and _continues(out[-1], instr):
+            prev = out.pop()
+            instr = Instr(prev.op, n=prev.n + instr.n, dst=prev.dst, a=prev.a, b=prev.b,
+                          c=prev.c)
+        else:
+            free_last = instr.op in SOURCES_OF
+        out.append(instr)
+    return out
+
+
+def _continues(prev: Instr, nxt: Instr) -> bool:
+    if prev.op is not nxt.op:
+        return False
+    for p, q in ((prev.dst, nxt.dst), (prev.a, nxt.a), (prev.b, nxt.b), (prev.c, nxt.c)):
+        if p.kind is not q.kind or p.kind is Kind.REG:
+            return False
+        if p.kind is Kind.MEM:
+            if (q.stride != p.stride or p.loop_stride or q.loop_stride
+                    or q.offset != p.offset + prev.n * p.stride):
+                return False
+        elif p != q:
+            return False
+    return True
+
+
+@dataclass
+class _Grid:
+    """A kernel under construction plus the neighbour streams of its PE grid: `east` from
+    (c, h, r) to (c+1, h, r), `south` from (c, h, r) to (c, h, r+1)."""
+
+    kernel: Kernel
+    lay: AttnLayout
+    ids: StreamIds
+    east: dict[tuple[int, int, int], int] = field(default_factory=dict)
+    south: dict[tuple[int, int, int], int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        lay = self.lay
+        for h in range(lay.heads):
+            for r in range(lay.row_groups):
+                for c in range(lay.blocks):
+                    for links, nbr in ((self.east, (c + 1, h, r)), (self.south, (c, h, r + 1))):
+                        if nbr[0] < lay.blocks and nbr[2] < lay.row_groups:
+                            links[(c, h, r)] = sid = self.ids.new()
+                            self.kernel.local_streams.append(
+                                LocalStream(lay.pe(c, h, r), (lay.pe(*nbr),), sid))
+
+    def west_in(self, c: int, h: int, r: int) -> Operand | None:
+        return FabIn(self.east[(c - 1, h, r)]) if c > 0 else None
+
+    def north_in(self, c: int, h: int, r: int) -> Operand | None:
+        return FabIn(self.south[(c, h, r - 1)]) if r > 0 else None
+
+    def east_out(self, c: int, h: int, r: int, last: Operand) -> Operand:
+        return FabOut(self.east[(c, h, r)]) if c < self.lay.blocks - 1 else last
+
+    def south_out(self, c: int, h: int, r: int, last: int) -> Operand:
+        """Towards the lane `last` emitted by the bottom group of the column."""
+        return FabOut(self.south[(c, h, r)] if r < self.lay.row_groups - 1 else last)
+
+    def head_pes(self, h: int) -> tuple[LocalPE, ...]:
+        lay = self.lay
+        return tuple(lay.pe(c, h, r) for r in range(lay.row_groups) for c in range(lay.blocks))
+
+    def column_pes(self, c: int, h: int) -> tuple[LocalPE, ...]:
+        return tuple(self.lay.pe(c, h, r) for r in range(self.lay.row_groups))
+
+    def emit(self, pe: LocalPE, instrs: list[Instr]) -> None:
+        self.kernel.emit(pe, *_merge(instrs))
+
+
+@dataclass(frozen=True)
+class _PE:
+    """PE (c, h*R + r) of the grid."""
+
+    c: int
+    h: int
+    r: int
+    scratch: int  # a word that discarded wavelets are moved to
+
+
+def _read_own(g: _Grid, p: _PE, stream: int, width: int, base: int) -> list[Instr]:
+    """Read a whole lane; keep the own rows (row slot s at base + s * width)."""
+    lay = g.lay
+    return [vec(Op.MOV, width,
+                Mem(base + lay.slot(m) * width) if m % lay.row_groups == p.r
+                else Mem(p.scratch, 0), FabIn(stream))
+            for m in range(lay.rows)]
+
+
+def _read_block_row(g: _Grid, p: _PE, m: int, stream: int, block: int,
+                    scale: float | None) -> Instr:
+    """Receive row m of a k or v lane; keep it (times `scale`) if its key is in block c."""
+    lay = g.lay
+    b, t = divmod(m, lay.seq)
+    dh = lay.d_head
+    if t // lay.lane_width != p.c:
+        return vec(Op.MOV, dh, Mem(p.scratch, 0), FabIn(stream))
+    dst = Mem(block + (b * lay.lane_width + t % lay.lane_width) * dh)
+    if scale is None:
+        return vec(Op.MOV, dh, dst, FabIn(stream))
+    return vec(Op.MUL, dh, dst, FabIn(stream), Imm(scale))
+
+
+def _block_products(g: _Grid, p: _PE, x_rows: int, block: int, fill: float,
+                    lane: int) -> list[Instr]:
+    """Lane (h, c) of x y^T over the block's unmasked keys, `fill` where masked."""
+    lay = g.lay
+    lw, dh = lay.lane_width, lay.d_head
+    out = g.south_out(p.c, p.h, p.r, lane)
+    north = g.north_in(p.c, p.h, p.r)
+    instrs: list[Instr] = []
+    for m in range(lay.rows):
+        group = m % lay.row_groups
+        b, t = divmod(m, lay.seq)
+        if group < p.r:
+            instrs.append(vec(Op.MOV, lw, out, north))
+        elif group == p.r:
+            nk = lay.keys(p.c, t)
+            if nk:
+                instrs += _dots(nk, dh, _Vec(x_rows + lay.slot(m) * dh, 1, 0),
+                                _Vec(block + b * lw * dh, 1, dh), None, out)
+            if nk < lw:
+                instrs.append(vec(Op.MOV, lw - nk, out, Imm(fill)))
+    return instrs
+
+
+def _row_reduce(g: _Grid, p: _PE, w_rows: int, block: int, lane: int,
+                read: int | None) -> list[Instr]:
+    """Lane h of w y (w: the own rows' block weights), summed west to east over the key
+    blocks and relayed south in the east column. With `read`, each row's weights are first
+    received from that stream (every row of it; own rows kept)."""
+    lay = g.lay
+    lw, dh = lay.lane_width, lay.d_head
+    last = lay.blocks - 1
+    final = g.south_out(last, p.h, p.r, lane)
+    out = g.east_out(p.c, p.h, p.r, final)
+    west = g.west_in(p.c, p.h, p.r)
+    north = g.north_in(p.c, p.h, p.r)
+    instrs: list[Instr] = []
+    for m in range(lay.rows):
+        group = m % lay.row_groups
+        b, t = divmod(m, lay.seq)
+        if read is not None:
+            keep = Mem(w_rows + lay.slot(m) * lw) if group == p.r else Mem(p.scratch, 0)
+            instrs.append(vec(Op.MOV, lw, keep, FabIn(read)))
+        if group == p.r:
+            instrs += _dots(dh, lay.keys(p.c, t), _Vec(w_rows + lay.slot(m) * lw, 1, 0),
+                            _Vec(block + b * lw * dh, dh, 1), west, out)
+        elif group < p.r and p.c == last:
+            instrs.append(vec(Op.MOV, dh, final, north))
+    return instrs
+
+
+def _column_sums(g: _Grid, p: _PE, w_rows: int, x_rows: int, block: int, lane: int,
+                 scale: float | None) -> list[Instr]:
+    """Lane of w^T x for the block's keys (rows j >= t masked out), summed north to south
+    over the groups into `block` of the bottom PE, then relayed east (times `scale`)."""
+    lay = g.lay
+    lw, dh, rg = lay.lane_width, lay.d_head, lay.row_groups
+    north = g.north_in(p.c, p.h, p.r)
+    instrs: list[Instr] = []
+    for b in range(lay.batch):
+        for jj in range(lw):
+            row0 = b * lay.seq + p.c * lw + jj  # first row that sees key j
+            first = row0 + (p.r - row0) % rg
+            count = len(range(first, (b + 1) * lay.seq, rg))
+            s = lay.slot(first)
+            out = (FabOut(g.south[(p.c, p.h, p.r)]) if p.r < rg - 1
+                   else Mem(block + (b * lw + jj) * dh, 1, 1))
+            instrs += _dots(dh, count, _Vec(w_rows + s * lw + jj, lw, 0),
+                            _Vec(x_rows + s * dh, dh, 1), north, out)
+        if p.r == rg - 1:
+            out = g.east_out(p.c, p.h, p.r, FabOut(lane))
+            if p.c:
+                instrs.append(vec(Op.MOV, p.c * lw * dh, out, g.west_in(p.c, p.h, p.r)))
+            mine = Mem(block + b * lw * dh)
+            instrs.append(vec(Op.MOV, lw * dh, out, mine) if scale is None
+                          else vec(Op.MUL, lw * dh, out, mine, Imm(scale)))
+    return instrs
+
+
+def _alloc(g: _Grid, c: int, h: int, r: int, sizes: dict[str, int]) -> tuple[_PE, list[int]]:
+    pe = g.lay.pe(c, h, r)
+    offsets = [g.kernel.alloc(pe, words, f"{g.kernel.name}: {what}")
+               for what, words in sizes.items()]
+    return _PE(c, h, r, g.kernel.alloc(pe, 1, f"{g.kernel.name}: discard")), offsets
+
+
+def build_attn_scores(name: str, ops: list[str], ids: StreamIds, *, batch: int, seq: int,
+                      heads: int, d_head: int, lane_width: int, qkv: str, scores: str,
+                      d_scores: str, d_qkv: str, row_groups: int = 1) -> Kernel:
+    """Causal attention scores S = q k^T / sqrt(dh) (masked entries exactly -inf) from the
+    q and k lanes of `qkv`, and the backward dq, dk lanes of `d_qkv` from `d_scores`."""
+    lay = attn_layout(name, batch=batch, seq=seq, heads=heads, d_head=d_head,
+                      lane_width=lane_width, row_groups=row_groups)
+    M, T, H, lw, dh = lay.rows, seq, heads, lane_width, d_head
+    kernel = Kernel(name=name, op="attn_scores", ops=list(ops), width=lay.blocks,
+                    height=H * row_groups,
+                    shapes={qkv: (M, 3 * lay.d_model), scores: (M, H * T),
+                            d_scores: (M, H * T), d_qkv: (M, 3 * lay.d_model)})
+    g = _Grid(kernel, lay, ids)
+    scale = 1.0 / math.sqrt(dh)
+    for h in range(H):
+        q_in, k_in, dq_out, dk_out = (ids.new() for _ in range(4))
+        kernel.inputs += [StreamEnd(qkv, h, g.head_pes(h), q_in),
+                          StreamEnd(qkv, H + h, g.head_pes(h), k_in)]
+        emitter = lay.pe(lay.blocks - 1, h, row_groups - 1)
+        kernel.outputs += [StreamEnd(d_qkv, h, (emitter,), dq_out),
+                           StreamEnd(d_qkv, H + h, (emitter,), dk_out)]
+        for c in range(lay.blocks):
+            lane = h * lay.blocks + c
+            s_out, ds_in = ids.new(), ids.new()
+            kernel.outputs.append(StreamEnd(scores, lane, (lay.pe(c, h, row_groups - 1),),
+                                            s_out))
+            kernel.inputs.append(StreamEnd(d_scores, lane, g.column_pes(c, h), ds_in))
+            for r in range(row_groups):
+                n_own = lay.own_rows(r)
+                p, (q, k, ds) = _alloc(g, c, h, r, {"q rows": n_own * dh,
+                                                    "k block (scaled), then dk": batch * lw * dh,
+                                                    "dS rows": n_own * lw})
+                reads: list[Instr] = []
+                for m in range(M):
+                    keep = Mem(q + lay.slot(m) * dh) if m % row_groups == r else Mem(
+                        p.scratch, 0)
+                    reads += [vec(Op.MOV, dh, keep, FabIn(q_in)),
+                              _read_block_row(g, p, m, k_in, k, scale)]
+                g.emit(lay.pe(c, h, r), [
+                    *reads,
+                    *_block_products(g, p, q, k, NEG_INF, s_out),
+                    *_read_own(g, p, ds_in, lw, ds),
+                    *_row_reduce(g, p, ds, k, dq_out, None),
+                    *_column_sums(g, p, ds, q, k, dk_out, scale),
+                ])
+    return kernel
+
+
+def build_attn_values(name: str, ops: list[str], ids: StreamIds, *, batch: int, seq: int,
+                      heads: int, d_head: int, lane_width: int, qkv: str, probs: str, out: str,
+                      d_out: str, d_probs: str, d_qkv: str, row_groups: int = 1) -> Kernel:
+    """Attention output o = P v from the v lanes of `qkv` and the `probs` lanes, and the
+    backward dP lanes of `d_probs` and dv lanes of `d_qkv` from `d_out`."""
+    lay = attn_layout(name, batch=batch, seq=seq, heads=heads, d_head=d_head,
+                      lane_width=lane_width, row_groups=row_groups)
+    M, T, H, lw, dh = lay.rows, seq, heads, lane_width, d_head
+    kernel = Kernel(name=name, op="attn_values", ops=list(ops), width=lay.blocks,
+                    height=H * row_groups,
+                    shapes={qkv: (M, 3 * lay.d_model), probs: (M, H * T), out: (M, lay.d_model),
+                            d_out: (M, lay.d_model), d_probs: (M, H * T),
+                            d_qkv: (M, 3 * lay.d_model)})
+    g = _Grid(kernel, lay, ids)
+    for h in range(H):
+        v_in, o_out, do_in, dv_out = (ids.new() for _ in range(4))
+        kernel.inputs += [StreamEnd(qkv, 2 * H + h, g.head_pes(h), v_in),
+                          StreamEnd(d_out, h, g.head_pes(h), do_in)]
+        emitter = lay.pe(lay.blocks - 1, h, row_groups - 1)
+        kernel.outputs += [StreamEnd(out, h, (emitter,), o_out),
+                           StreamEnd(d_qkv, 2 * H + h, (emitter,), dv_out)]
+        for c in range(lay.blocks):
+            lane = h * lay.blocks + c
+            p_in, dp_out = ids.new(), ids.new()
+            kernel.inputs.append(StreamEnd(probs, lane, g.column_pes(c, h), p_in))
+            kernel.outputs.append(StreamEnd(d_probs, lane, (lay.pe(c, h, row_groups - 1),),
+                                            dp_out))
+            for r in range(row_groups):
+                n_own = lay.own_rows(r)
+                p, (v, pr, do) = _alloc(g, c, h, r, {"v block, then dv": batch * lw * dh,
+                                                     "P rows": n_own * lw,
+                                                     "dO rows": n_own * dh})
+                g.emit(lay.pe(c, h, r), [
+                    *(_read_block_row(g, p, m, v_in, v, None) for m in range(M)),
+                    *_row_reduce(g, p, pr, v, o_out, p_in),
+                    *_read_own(g, p, do_in, dh, do),
+                    *_block_products(g, p, do, v, 0.0, dp_out),
+                    *_column_sums(g, p, pr, do, v, dv_out, None),
+                ])
+    return kernel

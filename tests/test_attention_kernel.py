@@ -1,0 +1,152 @@
+"""Attention kernels on the simulator against numpy (float64 reference, fp32 tolerances).
+
+Shapes keep B >= 2 (batch boundaries), H >= 2 and T >= 2 lanes; row_groups values that do
+not divide B*T exercise uneven round-robin groups."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compiler.lowering.attention import build_attn_scores, build_attn_values
+from compiler.lowering.harness import run_kernel
+from compiler.lowering.kernel import Kernel, StreamEnd, StreamIds
+from wse_sim.errors import UserError
+
+RTOL = ATOL = 2e-5
+
+
+def _split(x: np.ndarray, batch: int, heads: int) -> np.ndarray:
+    """[B*T, H*w] -> [B, H, T, w]."""
+    rows, cols = x.shape
+    return x.reshape(batch, rows // batch, heads, cols // heads).transpose(0, 2, 1, 3)
+
+
+def _merge(x: np.ndarray) -> np.ndarray:
+    """[B, H, T, w] -> [B*T, H*w]."""
+    b, h, t, w = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b * t, h * w)
+
+
+def _lanes_as_tensor(kernel: Kernel, tensor: str, lanes: range, width: int, name: str) -> None:
+    """Rename output lanes `lanes` of `tensor` (lane width `width`) to lanes 0.. of a tensor
+    `name` holding just their columns: the harness assembles an output only when every lane
+    of it is produced, and these kernels produce some lanes of d(qkv) each."""
+    declared = sorted(end.lane for end in kernel.outputs if end.tensor == tensor)
+    assert declared == list(lanes)
+    kernel.outputs = [StreamEnd(name, end.lane - lanes.start, end.pes, end.stream)
+                      if end.tensor == tensor else end for end in kernel.outputs]
+    kernel.shapes[name] = (kernel.shapes.pop(tensor)[0], len(lanes) * width)
+
+
+def _causal(seq: int) -> np.ndarray:
+    return np.tril(np.ones((seq, seq), dtype=bool))
+
+
+def _check(got: np.ndarray, want: np.ndarray) -> None:
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL * max(1.0, np.abs(want).max()))
+
+
+def _run_scores(batch: int, seq: int, heads: int, dh: int, groups: int, seed: int):
+    rng = np.random.default_rng(seed)
+    rows, d = batch * seq, heads * dh
+    qkv = rng.standard_normal((rows, 3 * d)).astype(np.float32)
+    # masked entries carry garbage: the kernel must ignore them
+    d_scores = rng.standard_normal((rows, heads * seq)).astype(np.float32)
+    kernel = build_attn_scores("attn.scores", ["attn.scores"], StreamIds(), batch=batch,
+                               seq=seq, heads=heads, d_head=dh, lane_width=dh, qkv="qkv",
+                               scores="S", d_scores="dS", d_qkv="dqkv", row_groups=groups)
+    _lanes_as_tensor(kernel, "dqkv", range(2 * heads), dh, "dqk")
+    run = run_kernel(kernel, {"qkv": qkv, "dS": d_scores})
+    return run, qkv.astype(np.float64), d_scores.astype(np.float64)
+
+
+def _scores_reference(qkv, d_scores, batch, seq, heads, dh):
+    d = heads * dh
+    q, k = (_split(qkv[:, i * d:(i + 1) * d], batch, heads) for i in range(2))
+    scale = 1.0 / math.sqrt(dh)
+    mask = _causal(seq)
+    s = np.where(mask, q @ k.transpose(0, 1, 3, 2) * scale, -np.inf)
+    ds = np.where(mask, _split(d_scores, batch, heads), 0.0)
+    dq = scale * ds @ k
+    dk = scale * ds.transpose(0, 1, 3, 2) @ q
+    return _merge(s), _merge(dq), _merge(dk)
+
+
+@settings(max_examples=6, deadline=None)
+@given(batch=st.integers(2, 3), heads=st.integers(2, 3), dh=st.sampled_from([1, 2, 3, 4]),
+       blocks=st.integers(2, 3), groups=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_scores_forward_and_backward(batch, heads, dh, blocks, groups, seed):
+    seq = blocks * dh
+    run, qkv, d_scores = _run_scores(batch, seq, heads, dh, groups, seed)
+    s, dq, dk = _scores_reference(qkv, d_scores, batch, seq, heads, dh)
+    got_s = run.outputs["S"]
+    assert np.array_equal(np.isneginf(got_s), np.isneginf(s)), "causal mask must be exact -inf"
+    finite = np.isfinite(s)
+    _check(got_s[finite], s[finite])
+    d = heads * dh
+    _check(run.outputs["dqk"][:, :d], dq)
+    _check(run.outputs["dqk"][:, d:], dk)
+
+
+def _run_values(batch: int, seq: int, heads: int, dh: int, groups: int, seed: int):
+    rng = np.random.default_rng(seed)
+    rows, d = batch * seq, heads * dh
+    qkv = rng.standard_normal((rows, 3 * d)).astype(np.float32)
+    logits = np.where(_causal(seq), rng.standard_normal((batch, heads, seq, seq)), -np.inf)
+    probs = np.exp(logits - logits.max(axis=3, keepdims=True))
+    probs = _merge(probs / probs.sum(axis=3, keepdims=True)).astype(np.float32)
+    d_out = rng.standard_normal((rows, d)).astype(np.float32)
+    kernel = build_attn_values("attn.values", ["attn.values"], StreamIds(), batch=batch,
+                               seq=seq, heads=heads, d_head=dh, lane_width=dh, qkv="qkv",
+                               probs="P", out="O", d_out="dO", d_probs="dP", d_qkv="dqkv",
+                               row_groups=groups)
+    _lanes_as_tensor(kernel, "dqkv", range(2 * heads, 3 * heads), dh, "dv")
+    run = run_kernel(kernel, {"qkv": qkv, "P": probs, "dO": d_out})
+    return run, qkv.astype(np.float64), probs.astype(np.float64), d_out.astype(np.float64)
+
+
+@settings(max_examples=6, deadline=None)
+@given(batch=st.integers(2, 3), heads=st.integers(2, 3), dh=st.sampled_from([1, 2, 3, 4]),
+       blocks=st.integers(2, 3), groups=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_values_forward_and_backward(batch, heads, dh, blocks, groups, seed):
+    seq = blocks * dh
+    run, qkv, probs, d_out = _run_values(batch, seq, heads, dh, groups, seed)
+    d = heads * dh
+    v = _split(qkv[:, 2 * d:], batch, heads)
+    p = _split(probs, batch, heads)
+    do = _split(d_out, batch, heads)
+    mask = _causal(seq)
+    _check(run.outputs["O"], _merge(p @ v))
+    # dP is do . v where P can be nonzero and exactly 0 where the mask makes P == 0
+    _check(run.outputs["dP"], _merge(np.where(mask, do @ v.transpose(0, 1, 3, 2), 0.0)))
+    _check(run.outputs["dv"], _merge(p.transpose(0, 1, 3, 2) @ do))
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_gpt_tiny_shapes(groups):
+    """gpt_tiny's attention (d_head 16, seq 16, batch 2, 2 heads) with lane width 16: one
+    key block per head, so the 2 lanes per head of the brief need seq 32 here."""
+    batch, seq, heads, dh = 2, 32, 2, 16
+    run, qkv, d_scores = _run_scores(batch, seq, heads, dh, groups, seed=7)
+    s, dq, dk = _scores_reference(qkv, d_scores, batch, seq, heads, dh)
+    finite = np.isfinite(s)
+    _check(run.outputs["S"][finite], s[finite])
+    assert np.isneginf(run.outputs["S"][~finite]).all()
+    _check(run.outputs["dqk"][:, :heads * dh], dq)
+    _check(run.outputs["dqk"][:, heads * dh:], dk)
+
+
+def test_rejects_unsupported_lane_width():
+    with pytest.raises(UserError, match="lane_width 8 must equal d_head 16"):
+        build_attn_scores("h0.attn.scores", [], StreamIds(), batch=2, seq=16, heads=2,
+                          d_head=16, lane_width=8, qkv="qkv", scores="S", d_scores="dS",
+                          d_qkv="dqkv")
+    with pytest.raises(UserError, match="must divide seq_len 12"):
+        build_attn_values("h0.attn.values", [], StreamIds(), batch=2, seq=12, heads=2,
+                          d_head=8, lane_width=8, qkv="qkv", probs="P", out="O", d_out="dO",
+                          d_probs="dP", d_qkv="dqkv")
