@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import networkx as nx
 import numpy as np
@@ -81,6 +82,12 @@ def program_elements(program: PEProgram, stream: int, kind: Kind) -> int:
     return sum(fabric_elements(task.instrs, stream, kind) for task in program.tasks)
 
 
+class FinalSram(Protocol):
+    """What `read_tensor` needs of a simulation result (wse_sim.engine.SimResult)."""
+
+    def sram(self, x: int, y: int) -> np.ndarray: ...
+
+
 @dataclass
 class RoutedStream:
     """One routed stream: a tensor lane or a kernel-local stream."""
@@ -121,10 +128,10 @@ class Linked:
         kx, ky = self.positions[kernel]
         return self.local((kx + pe[0], ky + pe[1]))
 
-    def read_tensor(self, sim_result, tensor: str,
+    def read_tensor(self, sim_result: FinalSram, tensor: str,
                     kernels: Iterable[str] | None = None) -> np.ndarray:
         """Assemble `tensor` from the ResultSlots of `kernels` (default: all) in the final
-        SRAM of `sim_result` (anything with `.sram(x, y)` in program coordinates)."""
+        SRAM of `sim_result` (`.sram(x, y)` in program coordinates)."""
         names = list(self.kernels) if kernels is None else list(kernels)
         slots = [(name, slot) for name in names for slot in self.kernels[name].results
                  if slot.tensor == tensor]

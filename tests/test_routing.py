@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from compiler.lowering.harness import run_kernel
 from compiler.lowering.kernel import Kernel, LocalStream, StreamEnd, StreamIds, lane_cols
 from compiler.routing import link
 from wse_sim.errors import UserError
@@ -157,9 +158,6 @@ def test_unmatched_lanes_are_compiler_bugs():
 @settings(max_examples=6, deadline=None)
 @given(rows=st.integers(1, 5), cols=st.integers(1, 11), lw=st.integers(2, 4))
 def test_harness_passthrough(rows, cols, lw):
-    pytest.importorskip("wse_sim.engine")
-    from compiler.lowering.harness import run_kernel
-
     x = np.random.default_rng(rows * 100 + cols).standard_normal((rows, cols)).astype(np.float32)
     kernel = passthrough("pass", "x", "y", rows, cols, lw, StreamIds())
     run = run_kernel(kernel, {"x": x})

@@ -30,8 +30,10 @@ import numpy as np
 
 from compiler.lowering.kernel import Kernel, ResultSlot, StreamEnd, StreamIds, lane_cols
 from compiler.routing import Linked, link, program_elements
+from wse_sim.engine import SimResult, simulate
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import FabIn, FabOut, Kind, Mem, Op, vec
+from wse_sim.stats import Stats
 
 Edge = str  # "north", "west", "east", "south"
 
@@ -44,9 +46,9 @@ class KernelRun:
     outputs: dict[str, np.ndarray]
     results: dict[str, np.ndarray]
     cycles: int
-    stats: object
+    stats: Stats
     linked: Linked
-    sim: object
+    sim: SimResult
 
 
 def _lane_width(kernel: Kernel, given: int | None) -> int:
@@ -94,8 +96,6 @@ def run_kernel(kernel: Kernel, inputs: dict[str, np.ndarray], wafer: WaferConfig
                *, lane_width: int | None = None, max_cycles: int | None = None) -> KernelRun:
     """Simulate `kernel` fed with `inputs` (tensor -> [rows, cols] array) on `wafer`
     (default WSE-2; only the used region is simulated)."""
-    from wse_sim.engine import simulate  # the engine is optional until a run is asked for
-
     wafer = wafer or WaferConfig()
     lw = _lane_width(kernel, lane_width)
     ids = StreamIds()
