@@ -1,0 +1,186 @@
+"""The tied token embedding + LM head (+ learned positions): one kernel, one copy of wte.
+
+Layout. The LM head is logits = x wte^T, so wte is held as the [d, V] matrix wte^T on a
+weight-stationary grid exactly like `matmul` (R = lanes of d rows, C = lanes of V columns:
+PE (c, r) holds wte^T[d-lane r, V-lane c], i.e. wte[V-lane c, d-lane r] transposed, and
+its gradient). One more column, x = C (the *position column*), holds wpe[:, d-lane r] on
+PE (C, r) with its gradient; it emits h0 lane r. wpe lives apart from the grid so that the
+grid PEs, which also store the LM head's x and dlogits rows, keep their SRAM for those.
+
+Tokens are known at compile time: the batch is baked into the program like an input DMA
+(the step simulated is one fixed batch), so every PE knows which rows it serves.
+
+Forward embedding, h0[m, lane r] = wte[tok_m, lane r] + wpe[t, lane r] (m = b T + t): the
+chunk wte[tok_m, lane r] is column tok_m - v0 of the block on PE (c(tok_m), r), read with
+stride nb. Along each PE row the chunks are relayed east in row order: PE c forwards
+every row owned by a PE west of it and injects its own rows (consecutive forwarded rows
+are one MOV), so each relay link carries the rows owned west of it; the position PE adds
+wpe[t] and emits h0 lane r.
+LM head forward: the matmul forward (x lane r multicast along grid row r, partial sums
+down the columns, logits lane c leaves the bottom PE); no bias.
+Backward: the matmul backward on dlogits (read completely first; dX lane r = the final
+LayerNorm's gradient leaves PE (C - 1, r); dwte^T accumulates x^T dlogits). Then dh0 lane
+r is multicast along PE row r (grid and position column): the PE holding tok_m's column
+adds row m into that column of the same gradient block (strided destination), the others
+discard it (runs of discarded rows are one MOV into a scratch word), so the tied gradient
+sums both uses; the position PE adds dh0[b T + t] into dwpe[t]. SGD updates wte (one copy)
+and wpe locally.
+
+Cost (cycles; M = B T rows, kb = |d-lane r|, n_ctx positions): embedding forward ~ M kb +
+3 (C + 1) (every relay PE moves at most M kb wavelets at one per cycle, 3 cycles a hop);
+LM head forward and backward: the matmul formulas with N = V and no bias (see
+`compiler.lowering.matmul`); embedding backward M kb on every PE of a row (each dh0 element
+is consumed by every PE once); update kb nb per grid PE and n_ctx kb on the position PE.
+"""
+
+from __future__ import annotations
+
+from itertools import groupby
+
+import numpy as np
+
+from compiler.graph import grad_name, updated_name
+from compiler.lowering.kernel import (
+    Kernel,
+    LocalPE,
+    ResultSlot,
+    StreamEnd,
+    StreamIds,
+    lane_cols,
+)
+from compiler.lowering.matmul import (
+    WeightGrid,
+    chain,
+    emit_backward,
+    emit_forward,
+    emit_sgd,
+    place_weights,
+    weight_slots,
+)
+from wse_sim.program import FabIn, FabOut, Instr, Mem, Op, vec
+
+
+def _row_owners(grid: WeightGrid, tokens: np.ndarray) -> list[tuple[int, int]]:
+    """(V-lane c, column in its block) of each row's token, rows in order."""
+    owners = []
+    for tok in tokens.ravel():
+        c = next(i for i, (v0, v1) in enumerate(grid.n_lanes) if v0 <= tok < v1)
+        owners.append((c, int(tok) - grid.n_lanes[c][0]))
+    return owners
+
+
+def _emit_relay(grid: WeightGrid, pe: LocalPE, owners: list[tuple[int, int]],
+                relay_in: int | None, relay_out: int) -> None:
+    """PE (c, r) of the embedding relay: in row order, inject own chunks, forward the rows
+    of PEs to the west (a run of them in one MOV)."""
+    c, _ = pe
+    kb, nb = grid.block(pe)
+    instrs: list[Instr] = []
+    for west, run in groupby(owners, key=lambda owner: owner[0] < c):
+        rows = list(run)
+        if west:
+            instrs.append(vec(Op.MOV, kb * len(rows), FabOut(relay_out), FabIn(relay_in)))
+            continue
+        instrs += [vec(Op.MOV, kb, FabOut(relay_out), Mem(grid.weight[pe] + j, nb))
+                   for owner, j in rows if owner == c]
+    grid.kernel.emit(pe, *instrs)
+
+
+def _emit_scatter(grid: WeightGrid, pe: LocalPE, owners: list[tuple[int, int]],
+                  dh0: int) -> None:
+    """dh0 rows whose token column is on PE (c, r) add into that column of the gradient
+    block; the other rows go to a scratch word."""
+    c, _ = pe
+    kb, nb = grid.block(pe)
+    scratch = grid.kernel.alloc(pe, 1, "discarded dh0")
+    instrs: list[Instr] = []
+    for mine, run in groupby(owners, key=lambda owner: owner[0] == c):
+        rows = list(run)
+        if not mine:
+            instrs.append(vec(Op.MOV, kb * len(rows), Mem(scratch, 0), FabIn(dh0)))
+            continue
+        instrs += [vec(Op.ADD, kb, Mem(grid.grad[pe] + j, nb), Mem(grid.grad[pe] + j, nb),
+                       FabIn(dh0)) for _, j in rows]
+    grid.kernel.emit(pe, *instrs)
+
+
+def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.ndarray,
+                    lane_width: int, wte: np.ndarray, wpe: np.ndarray, lr: float,
+                    h0_tensor: str, x_tensor: str, logits_tensor: str,
+                    dlogits_tensor: str | None = None, dx_tensor: str | None = None,
+                    dh0_tensor: str | None = None, wte_name: str = "wte.weight",
+                    wpe_name: str = "wpe.weight") -> Kernel:
+    """The tied embedding + LM head kernel for the batch `tokens` [B, T].
+
+    Forward: h0 = wte[tokens] + wpe[:T] (output `h0_tensor`), logits = x wte^T (input
+    `x_tensor` [B T, d], output `logits_tensor` [B T, V]). With `dlogits_tensor` the
+    backward: dX (`dx_tensor`, optional), the embedding gradient `dh0_tensor` (optional)
+    and the SGD update; result slots grad:/updated: of `wte_name` [V, d] and (with dh0)
+    `wpe_name` [n_ctx, d]."""
+    vocab, d = wte.shape
+    batch, seq = tokens.shape
+    n_ctx = wpe.shape[0]
+    if wpe.shape[1] != d or seq > n_ctx:
+        raise ValueError(f"{name}: wpe {wpe.shape} does not fit wte {wte.shape} and T={seq}")
+    if not (0 <= tokens.min() and tokens.max() < vocab):
+        raise ValueError(f"{name}: tokens outside 0..{vocab - 1}")
+    if (dx_tensor is not None or dh0_tensor is not None) and dlogits_tensor is None:
+        raise ValueError(f"{name}: a backward needs dlogits")
+    backward = dlogits_tensor is not None
+    rows = batch * seq
+    n_r, n_c = len(lane_cols(d, lane_width)), len(lane_cols(vocab, lane_width))
+    kernel = Kernel(name=name, op="embedding", ops=list(ops), width=n_c + 1, height=n_r,
+                    shapes={h0_tensor: (rows, d), x_tensor: (rows, d),
+                            logits_tensor: (rows, vocab)})
+    grid = place_weights(kernel, rows, wte.T, lane_width, backward=backward)
+    owners = _row_owners(grid, tokens)
+
+    # forward embedding: relay wte chunks east along each row, the position column adds wpe
+    wpe_at: dict[int, int] = {}
+    h0_ids = [ids.new() for _ in range(n_r)]
+    for r, (k0, k1) in enumerate(grid.k_lanes):
+        pos = (n_c, r)
+        wpe_at[r] = kernel.alloc(pos, n_ctx * (k1 - k0), "wpe lane")
+        kernel.load(pos, wpe_at[r], wpe[:, k0:k1])
+        relay = chain(kernel, ids, [(c, r) for c in range(n_c + 1)])
+        for c in range(n_c):
+            _emit_relay(grid, (c, r), owners, relay[c - 1] if c > 0 else None, relay[c])
+        kernel.emit(pos, *[vec(Op.ADD, seq * (k1 - k0), FabOut(h0_ids[r]), FabIn(relay[-1]),
+                               Mem(wpe_at[r])) for _ in range(batch)])
+        kernel.outputs.append(StreamEnd(h0_tensor, r, (pos,), h0_ids[r]))
+
+    emit_forward(grid, ids, x_tensor=x_tensor, y_tensor=logits_tensor, bias=None,
+                 keep_x=backward)
+    if not backward:
+        return kernel
+    kernel.shapes[dlogits_tensor] = (rows, vocab)
+    if dx_tensor is not None:
+        kernel.shapes[dx_tensor] = (rows, d)
+    emit_backward(grid, ids, dy_tensor=dlogits_tensor, dx_tensor=dx_tensor)
+
+    if dh0_tensor is not None:
+        kernel.shapes[dh0_tensor] = (rows, d)
+        for r, (k0, k1) in enumerate(grid.k_lanes):
+            pos, kb = (n_c, r), k1 - k0
+            dh0 = ids.new()
+            kernel.inputs.append(StreamEnd(dh0_tensor, r, tuple((c, r) for c in range(n_c + 1)),
+                                           dh0))
+            for c in range(n_c):
+                _emit_scatter(grid, (c, r), owners, dh0)
+            dwpe = kernel.alloc(pos, n_ctx * kb, "wpe gradient")
+            kernel.emit(pos, *[vec(Op.ADD, seq * kb, Mem(dwpe), Mem(dwpe), FabIn(dh0))
+                               for _ in range(batch)])
+            emit_sgd(kernel, pos, wpe_at[r], dwpe, n_ctx * kb, lr)
+            for tensor, offset in ((grad_name(wpe_name), dwpe), (updated_name(wpe_name),
+                                                                 wpe_at[r])):
+                kernel.results.append(ResultSlot(tensor, pos, offset, (0, n_ctx), (k0, k1),
+                                                 row_stride=kb))
+                kernel.shapes[tensor] = (n_ctx, d)
+
+    for pe in grid.pes():
+        kb, nb = grid.block(pe)
+        emit_sgd(kernel, pe, grid.weight[pe], grid.grad[pe], kb * nb, lr)
+    weight_slots(grid, wte_name, transposed=True)
+    for tensor in (grad_name(wte_name), updated_name(wte_name)):
+        kernel.shapes[tensor] = (vocab, d)
+    return kernel
