@@ -1,0 +1,67 @@
+"""Synthetic traffic on the shared router: exact contention-free latencies, the acceptance
+figures (8x8 uniform: near zero-load at 0.02, saturation at 0.6), and the CLI."""
+
+import json
+
+import pytest
+
+from wse_sim.cli import main
+from wse_sim.traffic import mean_hops, run_traffic
+
+
+@pytest.mark.parametrize("hop_latency", [1, 2])
+def test_contention_free_latency_is_exact(hop_latency):
+    # 4 x 1 mesh, neighbor pattern: nodes 0..2 send 1 hop east, node 3 sends 3 hops west.
+    # Every link and every ejection ramp has a single source, and a node creates at most
+    # one packet per cycle, so even at rate 1 nothing waits: latency = 1 + L * hops.
+    r = run_traffic(4, 1, "neighbor", 1.0, 200, warmup=10, hop_latency=hop_latency)
+    assert r.mean_hops == pytest.approx(1.5)
+    assert r.latency_avg == pytest.approx(1 + hop_latency * 1.5)
+    assert r.latency_max == 1 + hop_latency * 3
+    assert r.offered == r.accepted == 1.0  # every link saturated at one wavelet per cycle
+    assert r.unfinished_packets == 0
+
+
+def test_mean_hops_closed_forms():
+    assert mean_hops(8, 8, "uniform") == pytest.approx(2 * 8 / 3)  # 2k/3 excluding self
+    assert mean_hops(16, 16, "transpose") == pytest.approx(2 * 17 / 3)  # 2(k+1)/3
+    assert mean_hops(16, 16, "neighbor") == pytest.approx(2 * 15 / 16)  # 2(k-1)/k
+    # Hotspot: 20% to the center (mean distance to it), 80% uniform, center sends uniform.
+    assert 0.2 * 4 + 0.8 * 2 * 8 / 3 - 0.1 < mean_hops(8, 8, "hotspot") < 2 * 8 / 3
+
+
+def test_uniform_low_load_near_zero_load_latency():
+    r = run_traffic(8, 8, "uniform", 0.02, 10_000, warmup=1000)
+    assert r.zero_load_latency == pytest.approx(1 + 16 / 3)
+    assert abs(r.latency_avg - r.zero_load_latency) <= 0.1 * r.zero_load_latency
+    assert r.accepted == pytest.approx(0.02, rel=0.05)
+    assert r.unfinished_packets == 0
+
+
+def test_uniform_saturates_below_the_bisection_bound():
+    r = run_traffic(8, 8, "uniform", 0.6, 3000, warmup=1000, drain=0)
+    assert r.offered == pytest.approx(0.6, rel=0.03)
+    assert 0.30 <= r.accepted <= 0.5  # 4/k = 0.5 bounds uniform traffic on a k x k mesh
+    assert r.unfinished_packets > 0  # source queues grow without bound past saturation
+
+
+def test_seeded_and_deterministic():
+    a = run_traffic(8, 8, "hotspot", 0.05, 500, warmup=100, seed=7).to_json()
+    b = run_traffic(8, 8, "hotspot", 0.05, 500, warmup=100, seed=7).to_json()
+    c = run_traffic(8, 8, "hotspot", 0.05, 500, warmup=100, seed=8).to_json()
+    assert a == b and a != c
+
+
+def test_cli_json(capsys):
+    assert main(["traffic", "--mesh", "4x4", "--pattern", "transpose", "--rate", "0.05",
+                 "--cycles", "500", "--warmup", "100", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("latency_avg", "latency_p99", "offered", "accepted", "cycles", "nodes",
+                "zero_load_latency"):
+        assert key in out
+    assert out["nodes"] == 16 and out["cycles"] == 500
+
+
+def test_cli_user_errors(capsys):
+    assert main(["traffic", "--mesh", "4x8", "--pattern", "transpose", "--rate", "0.1"]) == 2
+    assert "transpose needs a square mesh" in capsys.readouterr().err
