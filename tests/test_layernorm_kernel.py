@@ -1,0 +1,87 @@
+"""The LayerNorm kernel against numpy (forward, backward, gradients, SGD update), its
+cycle formula, and the SRAM fit check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compiler.lowering.harness import run_kernel
+from compiler.lowering.kernel import StreamIds
+from compiler.lowering.layernorm import build_layernorm
+from wse_sim.errors import UserError
+
+EPS, LR = 1e-5, 0.1
+RTOL = 1e-5  # fp32: a few dozen roundings, sums over <= 13 columns or rows
+
+
+def layernorm(rows: int, cols: int, lw: int, block_rows: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, cols)) * 2 + 1).astype(np.float32)
+    dy = rng.standard_normal((rows, cols)).astype(np.float32)
+    gamma = rng.standard_normal(cols).astype(np.float32)
+    beta = rng.standard_normal(cols).astype(np.float32)
+    kernel = build_layernorm(
+        "ln", ["ln", "ln.bwd", "ln.weight.sgd", "ln.bias.sgd"], StreamIds(), rows=rows,
+        cols=cols, lane_width=lw, gamma=gamma, beta=beta, eps=EPS, lr=LR, x_tensor="x",
+        y_tensor="y", dy_tensor="dy", dx_tensor="dx", gamma_name="ln.weight",
+        beta_name="ln.bias", block_rows=block_rows)
+    return kernel, x, dy, gamma, beta
+
+
+def reference(x, dy, gamma, beta):
+    """Forward and backward in float64, and the scale of each result's terms."""
+    x, dy, gamma, beta = (a.astype(np.float64) for a in (x, dy, gamma, beta))
+    mean = x.mean(axis=1, keepdims=True)
+    rstd = 1 / np.sqrt(((x - mean) ** 2).mean(axis=1, keepdims=True) + EPS)
+    xhat = (x - mean) * rstd
+    g = dy * gamma
+    dx = rstd * (g - g.mean(axis=1, keepdims=True)
+                 - xhat * (g * xhat).mean(axis=1, keepdims=True))
+    dx_size = rstd * (np.abs(g) + np.abs(g).mean(axis=1, keepdims=True)
+                      + np.abs(xhat) * np.abs(g * xhat).mean(axis=1, keepdims=True))
+    return {
+        "y": (xhat * gamma + beta, np.abs(xhat * gamma) + np.abs(beta)),
+        "dx": (dx, dx_size),
+        "grad:ln.weight": ((dy * xhat).sum(axis=0), np.abs(dy * xhat).sum(axis=0)),
+        "grad:ln.bias": (dy.sum(axis=0), np.abs(dy).sum(axis=0)),
+    }
+
+
+def assert_close(got, want, size):
+    assert np.all(np.abs(got - want) <= RTOL * (np.asarray(size) + 1e-30)), (got, want)
+
+
+@settings(max_examples=10, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 13), lw=st.integers(1, 5),
+       block_rows=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_layernorm_matches_numpy(rows, cols, lw, block_rows, seed):
+    kernel, x, dy, gamma, beta = layernorm(rows, cols, lw, block_rows, seed)
+    run = run_kernel(kernel, {"x": x, "dy": dy})
+    ref = reference(x, dy, gamma, beta)
+    for tensor in ("y", "dx"):
+        assert_close(run.outputs[tensor], *ref[tensor])
+    for param, value in (("ln.weight", gamma), ("ln.bias", beta)):
+        grad, size = ref[f"grad:{param}"]
+        assert_close(run.results[f"grad:{param}"], grad[None, :], size[None, :])
+        assert_close(run.results[f"updated:{param}"], (value - LR * grad)[None, :],
+                     np.abs(value) + LR * size)
+
+
+def test_layernorm_cycles_match_formula():
+    """Docstring: forward 7 M w + 12 M, backward 9 M w + 13 M, update 2 w (plus the
+    allreduce latencies, a few percent at R = 8)."""
+    rows, cols, lw = 64, 64, 16
+    kernel, x, dy, _, _ = layernorm(rows, cols, lw, block_rows=8)
+    run = run_kernel(kernel, {"x": x, "dy": dy})
+    formula = (7 * rows * lw + 12 * rows) + (9 * rows * lw + 13 * rows) + 2 * lw
+    assert formula <= run.cycles <= 1.05 * formula
+
+
+def test_layernorm_too_big_for_sram_names_op_and_pe():
+    rows, cols = 400, 32  # xhat alone: 400 x 32 words > 12288 words of a WSE-2 PE
+    kernel, x, dy, _, _ = layernorm(rows, cols, 32, block_rows=8)
+    with pytest.raises(UserError, match=r"op ln \(layernorm\): PE \(\d+, \d+\) needs \d+ bytes"):
+        run_kernel(kernel, {"x": x, "dy": dy})
