@@ -1,0 +1,98 @@
+"""The cross-entropy kernel against numpy (loss, dlogits, stored logits), its software
+log, and its cycle formula."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compiler.lowering.cross_entropy import build_cross_entropy, log_plan
+from compiler.lowering.harness import run_kernel
+from compiler.lowering.kernel import StreamIds
+
+RTOL = 1e-5  # fp32: exp, sums over <= V terms, a Newton log
+
+
+def ce_kernel(tokens, vocab, lw, block_rows=8):
+    return build_cross_entropy("ce", ["loss", "loss.bwd"], StreamIds(), tokens=tokens,
+                               vocab=vocab, lane_width=lw, logits_tensor="z",
+                               dlogits_tensor="dz", block_rows=block_rows)
+
+
+def reference(z, tokens):
+    """Mean loss over the B (T - 1) predictions and d loss / d z, float64."""
+    batch, seq = tokens.shape
+    z3 = z.astype(np.float64).reshape(batch, seq, -1)[:, :-1]
+    shifted = z3 - z3.max(axis=2, keepdims=True)
+    lse = np.log(np.exp(shifted).sum(axis=2, keepdims=True))
+    picked = np.take_along_axis(shifted, tokens[:, 1:, None], axis=2)
+    count = batch * (seq - 1)
+    dz = np.zeros((batch, seq, z.shape[1]))
+    dz[:, :-1] = np.exp(shifted - lse)
+    onehot = np.zeros_like(dz)
+    np.put_along_axis(onehot[:, :-1], tokens[:, 1:, None], 1.0, axis=2)
+    return (lse - picked).sum() / count, ((dz - onehot) / count).reshape(z.shape)
+
+
+def check(run, z, tokens):
+    loss, dz = reference(z, tokens)
+    np.testing.assert_array_equal(run.results["logits"], z)
+    assert run.results["loss"].shape == (1, 1)
+    assert run.results["loss"][0, 0] == pytest.approx(loss, rel=RTOL)
+    count = tokens.shape[0] * (tokens.shape[1] - 1)
+    assert np.all(np.abs(run.outputs["dz"] - dz) <= RTOL / count)  # entries are (p - 1) / count
+
+
+@settings(max_examples=10, deadline=None)
+@given(batch=st.integers(1, 3), seq=st.integers(2, 5), vocab=st.integers(1, 20),
+       lw=st.integers(1, 6), block_rows=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_cross_entropy_matches_numpy(batch, seq, vocab, lw, block_rows, seed):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch, seq))
+    z = (3 * rng.standard_normal((batch * seq, vocab))).astype(np.float32)
+    check(run_kernel(ce_kernel(tokens, vocab, lw, block_rows), {"z": z}), z, tokens)
+
+
+def test_cross_entropy_large_logits_are_stable():
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, 10, (2, 4))
+    z = (100 * rng.standard_normal((8, 10))).astype(np.float32)  # exp(100) overflows fp32
+    check(run_kernel(ce_kernel(tokens, 10, 4), {"z": z}), z, tokens)
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 64, 256, 50257])
+def test_newton_log_plan_is_accurate_in_fp32(vocab):
+    """The kernel's log: k square roots, y0 = 2^k (s^(1/2^k) - 1), then z <- z + 1 - s e^z
+    with z = -y, every operation rounded to fp32 like the PE does."""
+    k, steps = log_plan(float(vocab))
+    s = np.geomspace(1.0, vocab, 2000).astype(np.float32)
+    root = s
+    for _ in range(k):
+        root = np.sqrt(root)
+    z = (root * np.float32(-(2.0**k)) + np.float32(2.0**k)).astype(np.float32)
+    for _ in range(steps):
+        t = (np.exp(z) * s - np.float32(1)).astype(np.float32)
+        z = (z - t).astype(np.float32)
+    exact = np.log(s.astype(np.float64))
+    assert np.all(np.abs(-z - exact) <= 4 * np.spacing(np.float32(max(1.0, np.log(vocab)))))
+
+
+def test_cross_entropy_rejects_tokens_outside_vocab():
+    with pytest.raises(ValueError, match="tokens in 0..9"):
+        ce_kernel(np.array([[1, 10]]), 10, 4)
+
+
+def test_cross_entropy_cycles_match_formula():
+    """Docstring: 7 M w + 9 M per PE for the blocks, M w for the dlogits emission, then
+    (k + 3 steps + 3) M + M on the last PE for the loss."""
+    batch, seq, vocab, lw = 2, 16, 64, 16
+    rows = batch * seq
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab, (batch, seq))
+    z = rng.standard_normal((rows, vocab)).astype(np.float32)
+    run = run_kernel(ce_kernel(tokens, vocab, lw), {"z": z})
+    k, steps = log_plan(float(vocab))
+    formula = 8 * rows * lw + 9 * rows + (k + 3 * steps + 3) * rows + rows
+    assert formula <= run.cycles <= 1.1 * formula
