@@ -32,8 +32,8 @@ Cycle cost per PE (one cycle per vector element; M rows, lane w, G lanes, R = bl
 7 M w + 9 M + 1 per predicted row in its lane (gather, -1) + (M / R) * 3 chain latencies
 (receive, subtract, exp, divide, weight: 5 M w; two row partials M (w + 2) each;
 allreduce(max) 2 M, reduce sums and targets 2 M, broadcast sums M), then the dlogits
-emission M w. Last PE after that: (k + 3 steps + 3) M for the loss. A chain or broadcast's
-latency is about (G - 1) (hop latency + 1) cycles.
+emission M w. Last PE after that: (k + 3 steps + 3) M + M for the loss. Chain and
+broadcast latencies: see rowreduce.
 SRAM per PE: 2 M w + 4 M (+ 2 M + 1 on the last PE).
 """
 

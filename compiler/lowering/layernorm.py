@@ -25,13 +25,13 @@ only coupling between PEs is the per-block allreduce, so consuming dy block by b
 the deadlock rule's guarantee: no PE waits on one stream while another goes unread.
 
 Cycle cost per PE (one cycle per vector element; M rows, lane w, G = lanes, R = block):
-forward  7 M w + 12 M + (M / R) * 2 * allreduce latency
+forward  7 M w + 11 M + (M / R) * 2 * allreduce latency
          (receive Mw, two row partials M(w+2) each, subtract Mw, scale Mw, emit 2Mw,
           two allreduces 2M each, mean/var/rstd 3M),
-backward 9 M w + 13 M + (M / R) * allreduce latency
+backward 9 M w + 12 M + (M / R) * allreduce latency
          (receive, dbeta, t, dgamma, t', g, emit: 7Mw; two row partials M(w+2) each;
           one allreduce of 2M words twice: 4M; scalings 4M),
-update   2 w; an allreduce's latency is about 2 (G - 1) (hop latency + 1) cycles.
+update   2 w; an allreduce's latency is in rowreduce (about 4 (G - 1) + 2 cycles).
 SRAM per PE: M w (xhat) + M (rstd) + 2 R w (dy, t blocks) + 4 w + w + 2 R.
 """
 

@@ -23,11 +23,13 @@ couple only through the per-block allreduces, so streaming dP block by block can
 deadlock (see layernorm).
 
 Cycle cost per PE (one cycle per vector element; M rows, w = lw):
-forward  6 M w + 8 M + (M / R) * 2 * allreduce latency
+forward  7 M w + 8 M + (M / R) * 2 * allreduce latency
          (receive, subtract, exp, divide, emit: 5 M w; two row partials M (w + 2) each;
-          two allreduces 2 M each),
-backward 4 M w + 4 M + (M / R) * allreduce latency;
-an allreduce's latency is about 2 (G - 1) (hop latency + 1) cycles.
+          two allreduces 2 M each, none when G = 1),
+backward 4 M w + 4 M + (M / R) * allreduce latency
+         (receive, subtract, emit: 3 M w; a row partial M (w + 2); an allreduce 2 M);
+an allreduce's latency is in rowreduce (about 4 (G - 1) + 2 cycles). Lanes that share
+links (G > 1 with all consumers to one side) make these rates lower: see rowreduce.
 SRAM per PE: M w (P) + R w (dP block) + R.
 """
 
