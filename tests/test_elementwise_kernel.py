@@ -87,8 +87,9 @@ def test_gelu_cycles_match_formula(activation, per_element):
 
 
 def test_add_cycles_match_formula():
-    """2 M w: buffer the first input, then one ADD per element as the second streams in."""
+    """3 M w: both inputs absorbed through the PE's one ramp (2 M w), then one ADD per
+    element out (M w); the join token costs a few cycles."""
     rows, cols, lw = 64, 64, 16
     x = np.ones((rows, cols), np.float32)
     run = run_kernel(add_kernel(rows, cols, lw), {"a": x, "b": x})
-    assert run.cycles == pytest.approx(2 * rows * lw, rel=0.03)
+    assert run.cycles == pytest.approx(3 * rows * lw, rel=0.03)

@@ -7,12 +7,19 @@ counting one cycle per vector element (the PE's fp32 rate) and leaving out fabri
 
 build_add: y = a + b
 --------------------
-The two inputs come from different producer kernels, so (the deadlock rule) the PE reads
-the earlier producer's lane (`first`) completely into SRAM, then streams the other lane
-through a single `ADD FabOut = FabIn + Mem` instruction: the output leaves at the rate the
-second input arrives, with no extra pass. The same kernel sums the two shares of a
+The two inputs come from different producer kernels and either may arrive first: in a
+residual block the skip input is multicast by the same producer that feeds the branch,
+so the branch can only make progress while the add keeps absorbing the skip, and the
+branch's own output can only leave while the add absorbs it. Reading one input
+completely before the other deadlocks whenever the branch streams (the MLP branch does).
+So each PE absorbs both lanes at once, on two microthreads (two reset tasks), each into
+its own SRAM buffer; the task reading `second` then sends a one-wavelet token to its own
+PE over a self-addressed local stream, and the task that read `first` waits for that
+token before it emits `ADD FabOut = Mem + Mem`. The same kernel sums the two shares of a
 gradient where a tensor fans out to two consumers. It has no backward part (the gradient
-of an add is the identity on both inputs). Cost: 2 M w cycles; SRAM M w words.
+of an add is the identity on both inputs). Cost: 2 M w cycles to absorb (both lanes share
+the one ramp into the PE, a wavelet per cycle), a few for the token, M w to emit: 3 M w;
+SRAM 2 M w + 1 words.
 
 build_gelu: y = gelu(x), dx = dy * gelu'(x)
 -------------------------------------------
@@ -39,7 +46,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from compiler.lowering.kernel import Kernel, StreamIds
+from compiler.lowering.kernel import Kernel, LocalStream, StreamIds
 from compiler.lowering.rowreduce import (
     DEFAULT_BLOCK_ROWS,
     alloc_all,
@@ -68,13 +75,23 @@ def build_add(name: str, ops: list[str], ids: StreamIds, *, rows: int, cols: int
     a_in = lane_inputs(kernel, ids, first, pes)
     b_in = lane_inputs(kernel, ids, second, pes)
     y_out = lane_outputs(kernel, ids, out, pes)
-    buf = alloc_all(kernel, pes, rows * lane_width, f"{first} lane")
+    a_buf = alloc_all(kernel, pes, rows * lane_width, f"{first} lane")
+    b_buf = alloc_all(kernel, pes, rows * lane_width, f"{second} lane")
+    token = alloc_all(kernel, pes, 1, "join token")
     for j, lane in enumerate(lanes):
         n = rows * lane.width
+        joined = ids.new()
+        kernel.local_streams.append(LocalStream(lane.pe, (lane.pe,), joined))
         kernel.emit(
             lane.pe,
-            vec(Op.MOV, n, Mem(buf), FabIn(a_in[j])),
-            vec(Op.ADD, n, FabOut(y_out[j]), FabIn(b_in[j]), Mem(buf)),
+            vec(Op.MOV, n, Mem(a_buf), FabIn(a_in[j])),
+            vec(Op.MOV, 1, Mem(token), FabIn(joined)),
+            vec(Op.ADD, n, FabOut(y_out[j]), Mem(a_buf), Mem(b_buf)),
+        )
+        kernel.add_task(
+            lane.pe,
+            vec(Op.MOV, n, Mem(b_buf), FabIn(b_in[j])),
+            vec(Op.MOV, 1, FabOut(joined), Imm(1.0)),
         )
     return kernel
 

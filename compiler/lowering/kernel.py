@@ -13,8 +13,9 @@ refers to a stream by a *symbolic* color: an integer from `StreamIds.new()`, alw
 >= SYMBOLIC_BASE so it can never be mistaken for a real color. Routing later assigns a
 real color per stream and rewrites the programs (`bind_colors`).
 
-Each PE of a kernel runs one task started at reset: a straight-line list of instructions
-(forward part, then backward part, then the SGD update). The forward op, its backward twin
+Each PE of a kernel runs one main task started at reset: a straight-line list of
+instructions (forward part, then backward part, then the SGD update); `add_task` gives a PE
+further reset tasks that run concurrently on other microthreads. The forward op, its backward twin
 and the update of its parameters share one kernel, so stored activations and weights
 never leave the PE.
 
@@ -132,6 +133,12 @@ class Kernel:
     def emit(self, pe: LocalPE, *instrs: Instr) -> None:
         """Append instructions to the reset task of `pe`."""
         self._program(pe).tasks[0].instrs.extend(instrs)
+
+    def add_task(self, pe: LocalPE, *instrs: Instr) -> None:
+        """Another task started at reset on `pe`, run concurrently with the main one on its
+        own microthread (for reading several input streams at once)."""
+        tasks = self._program(pe).tasks
+        tasks.append(Task(id=len(tasks), trigger=Trigger.RESET, instrs=list(instrs)))
 
     def load(self, pe: LocalPE, offset: int, data) -> None:
         """Initial SRAM contents (weights, constants) at `offset` of `pe`."""
