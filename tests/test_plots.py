@@ -1,0 +1,143 @@
+"""`python -m wse_sim plot RUN.json`: five PNGs of the expected size, not blank, written
+whole; bad input is one line naming the file and the field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wse_sim.cli import main
+from wse_sim.plots import PLOTS, PNG_SIZES, _reduce, write_plots
+
+OPS = ("matmul", "layernorm", "attention.bwd", "gelu", "embed", "loss")
+
+
+def synthetic_run(width: int, height: int, kernels: list[tuple[int, int, int, int]],
+                  origin: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    """A RUN.json object: `kernels` as (x, y, w, h), busy, storing and sending inside their
+    rectangles, plus one thin line of link traffic across the whole fabric."""
+    def zeros() -> list[list[float]]:
+        return [[0] * width for _ in range(height)]  # ints: quick to write and parse
+
+    grids: dict[str, Any] = {"utilization": zeros(), "sram_words": zeros(),
+                             "link_wavelets": {d: zeros() for d in "NESW"},
+                             "sram_capacity_words": 12288}
+    records = []
+    for i, (x, y, w, h) in enumerate(kernels):
+        for row in range(y, y + h):
+            for col in range(x, x + w):
+                grids["utilization"][row][col] = 0.2 + 0.1 * i
+                grids["sram_words"][row][col] = 1000 * (i + 1)
+            grids["link_wavelets"]["E"][row][x] = 100 * (i + 1)
+        records.append({"name": f"h{i}.{OPS[i % len(OPS)]}", "op": OPS[i % len(OPS)],
+                        "x": x, "y": y, "w": w, "h": h, "pes": w * h,
+                        "start_cycle": 50 * i, "end_cycle": 50 * i + 400, "utilization": 0.5})
+    grids["link_wavelets"]["S"] = [[3 if col == width // 2 else 0 for col in range(width)]
+                                   for _ in range(height)]
+    return {"config": "models/gpt_tiny.yaml", "placement": "snake",
+            "fabric": {"width": width, "height": height, "origin": list(origin)},
+            "cycles": 50 * len(kernels) + 450, "kernels": records, "grids": grids}
+
+
+def write_run(path: Path, run: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(run))
+    return path
+
+
+def check_pngs(paths: list[Path]) -> None:
+    assert [p.name for p in paths] == [f"{name}.png" for name in PLOTS]
+    for name, path in zip(PLOTS, paths, strict=True):
+        with Image.open(path) as image:
+            assert image.size == PNG_SIZES[name], name
+            rgb = np.asarray(image.convert("RGB"), dtype=np.uint32)
+        colours = np.unique((rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2])
+        assert colours.size > 20, f"{name} is nearly one colour"
+
+
+def test_plot_command_on_a_64_by_64_fabric(tmp_path, capsys):
+    kernels = [(0, 0, 12, 4), (12, 0, 8, 8), (20, 0, 16, 16), (0, 8, 4, 4), (40, 30, 1, 1),
+               (50, 50, 14, 14), (36, 0, 3, 9)]
+    run = write_run(tmp_path / "run.json", synthetic_run(64, 64, kernels, origin=(5, 7)))
+    assert main(["plot", str(run), "--out", str(tmp_path / "pictures")]) == 0
+    printed = [Path(line) for line in capsys.readouterr().out.splitlines()]
+    check_pngs(printed)
+    # written whole: nothing but the five PNGs is left in the folder
+    assert sorted(p.name for p in (tmp_path / "pictures").iterdir()) == sorted(
+        f"{name}.png" for name in PLOTS)
+
+
+def test_plot_command_on_a_whole_wse2_wafer(tmp_path, capsys):
+    kernels = [(0, 0, 16, 16), (700, 10, 1, 1), (300, 500, 12, 4), (734, 978, 16, 16)]
+    run = write_run(tmp_path / "big.json", synthetic_run(750, 994, kernels))
+    assert main(["plot", str(run)]) == 0  # --out defaults to the folder of the run
+    check_pngs([Path(line) for line in capsys.readouterr().out.splitlines()])
+    assert (tmp_path / "placement.png").exists()
+
+
+def test_write_plots_takes_the_run_record_in_memory(tmp_path):
+    run = synthetic_run(9, 5, [(0, 0, 3, 2), (4, 1, 5, 4)])
+    run["grids"]["link_wavelets"] = {d: [[0] * 9 for _ in range(5)] for d in "NESW"}
+    paths = write_plots(run, tmp_path)  # no traffic at all: still five drawn pictures
+    check_pngs(paths)
+
+
+def test_block_reduction_keeps_a_lone_hot_link_visible():
+    grid = np.zeros((994, 750))
+    grid[700, 600] = 9000.0
+    grid[500, :] = 1.0
+    blocks, factor = _reduce(grid, 400)
+    assert factor == 3 and blocks.shape == (332, 250)
+    assert (blocks == 9000.0).sum() == 9  # the hot link, widened to 3 x 3 blocks
+    assert (blocks[166, :] >= 1.0).all()  # the one-PE line survives reduction
+    assert (blocks[:, :] >= 0).all() and np.isfinite(blocks).all()  # padding never shows
+    small, factor = _reduce(grid[:300, :200], 400)
+    assert factor == 1 and (small == grid[:300, :200]).all()  # small fabrics: every PE
+
+
+def plot_error(tmp_path: Path, capsys, text: str) -> str:
+    path = tmp_path / "run.json"
+    path.write_text(text)
+    assert main(["plot", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    return err
+
+
+def test_missing_file(tmp_path, capsys):
+    assert main(["plot", str(tmp_path / "nope.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope.json: cannot read run file" in err
+
+
+def test_not_json(tmp_path, capsys):
+    assert "not JSON" in plot_error(tmp_path, capsys, "{cycles: 3")
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda r: r.pop("cycles"), "field cycles: Field required"),
+        (lambda r: r["kernels"][1].pop("end_cycle"), "field kernels.1.end_cycle"),
+        (lambda r: r["fabric"].update(width="wide"), "field fabric.width"),
+        (lambda r: r["grids"]["utilization"].pop(), "field grids.utilization: expected 6 rows"),
+        (lambda r: r["grids"]["link_wavelets"].pop("W"), "field grids.link_wavelets.W"),
+        (lambda r: r["grids"]["sram_words"][0].append(1), "field grids.sram_words"),
+        (lambda r: r["grids"]["link_wavelets"]["N"][2].__setitem__(0, "x"), "not numbers"),
+        (lambda r: r["kernels"][0].update(x=7), "field kernels.0: kernel 'h0.matmul'"),
+        (lambda r: r["grids"].update(sram_capacity_words=0), "grids.sram_capacity_words"),
+    ],
+)
+def test_bad_field_is_named(tmp_path, capsys, change, field):
+    run = synthetic_run(9, 6, [(0, 0, 3, 2), (4, 1, 5, 4)])
+    change(run)
+    assert field in plot_error(tmp_path, capsys, json.dumps(run))
+
+
+def test_top_level_must_be_an_object(tmp_path, capsys):
+    assert "expected a JSON object" in plot_error(tmp_path, capsys, "[1, 2]")

@@ -1,0 +1,414 @@
+"""Pictures of one run, from the RUN.json the run command writes.
+
+`write_plots(run, out_dir)` draws five PNGs (`PLOTS`): PE utilization, link traffic (one
+panel per direction, their sum, and the totals per direction), the placement map (each
+kernel's rectangle coloured by op family), SRAM occupancy (fraction of capacity) and the
+kernel timeline (a Gantt chart of each kernel's first to last busy cycle).
+
+Why it looks the way it does:
+
+* Axes are wafer PE coordinates (the fabric's origin added to kernel positions), y down
+  as rows are numbered, one square per PE, so pictures of different runs line up.
+* Fixed figure sizes at a fixed dpi (`PNG_SIZES`), no tight bounding box: every PNG of a
+  kind has the same pixel size whatever the fabric, so they can be compared and diffed.
+* A large fabric (750 x 994 PEs) has more PEs than the picture has pixels. Heatmaps are
+  reduced by blocks of f x f PEs first, f chosen so each block gets at least one pixel,
+  and drawn with nearest-neighbour. Blocks take the max, never the mean (one busy PE,
+  full SRAM or hot link must not be averaged away), and are widened by one block on each
+  side so a lone hot spot still shows; the title says when blocks were reduced. Kernel
+  rectangles are drawn at least `_MIN_PIXELS` pixels wide so a 1 x 1 kernel still shows.
+* Link traffic uses a log colour scale (a few hot links would otherwise wash out the
+  rest); links that carried nothing are light grey, not the colour of "few".
+* Only the Agg canvas of a private `Figure` is used (no pyplot global state), and each
+  file is written to a temporary name then renamed, so a reader never sees half a PNG.
+
+Bad input (missing file, not JSON, a missing or ill-typed field, a grid of the wrong
+shape) is a UserError of one line naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
+from matplotlib.patches import Patch, Rectangle
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from wse_sim.errors import UserError
+
+PLOTS: tuple[str, ...] = ("utilization", "links", "placement", "sram", "timeline")
+DPI = 100
+_INCHES: dict[str, tuple[float, float]] = {
+    "utilization": (9.0, 8.0),
+    "links": (16.0, 10.0),
+    "placement": (11.0, 8.0),
+    "sram": (9.0, 8.0),
+    "timeline": (12.0, 8.0),
+}
+PNG_SIZES: dict[str, tuple[int, int]] = {
+    name: (round(w * DPI), round(h * DPI)) for name, (w, h) in _INCHES.items()
+}  # (width, height) in pixels of each PNG
+DIRECTIONS = ("N", "E", "S", "W")
+_HEATMAP_CELLS = 400  # at most this many blocks along a side of a one-panel heatmap
+_PANEL_CELLS = 250  # ... and of a panel of the link figure
+_MIN_PIXELS = 3.0  # smallest drawn size of a kernel rectangle, pixels
+_NO_TRAFFIC = "#e6e6e6"
+# fixed axes boxes (figure fractions: left, bottom, width, height) instead of a layout
+# engine: the same place in every picture, and a layout engine doubled the drawing time
+_MAP = (0.08, 0.07, 0.78, 0.83)
+_TIMELINE_NAMES = 40  # name each timeline row up to this many kernels
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, arbitrary_types_allowed=True)
+
+
+class _Fabric(_Strict):
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    origin: tuple[int, int]
+
+
+class _Kernel(_Strict):
+    name: str
+    op: str
+    x: int = Field(ge=0)
+    y: int = Field(ge=0)
+    w: int = Field(gt=0)
+    h: int = Field(gt=0)
+    start_cycle: int = Field(ge=0)
+    end_cycle: int = Field(ge=0)
+
+    @property
+    def family(self) -> str:
+        """The op family: "layernorm.bwd" and "layernorm" draw alike."""
+        return self.op.split(".")[0]
+
+
+class _Grids(_Strict):
+    # rows of numbers, checked and converted by numpy in `_array` (pydantic per element
+    # would take most of the time of a 750 x 994 run)
+    utilization: list[Any]
+    link_wavelets: dict[Literal["N", "E", "S", "W"], list[Any]]
+    sram_words: list[Any]
+    sram_capacity_words: int = Field(gt=0)
+
+
+class _Run(_Strict):
+    config: str
+    placement: str
+    fabric: _Fabric
+    cycles: int = Field(ge=0)
+    kernels: list[_Kernel]
+    grids: _Grids
+
+
+class _Data:
+    """A validated run: its header plus the grids as (height, width) float arrays."""
+
+    def __init__(self, run: _Run, source: str) -> None:
+        self.run = run
+        shape = (run.fabric.height, run.fabric.width)
+        grids = run.grids
+        self.utilization = _array(grids.utilization, shape, source, "grids.utilization")
+        missing = [d for d in DIRECTIONS if d not in grids.link_wavelets]
+        if missing:
+            raise UserError(f"{source}: field grids.link_wavelets.{missing[0]}: missing")
+        self.links = {
+            d: _array(grids.link_wavelets[d], shape, source, f"grids.link_wavelets.{d}")
+            for d in DIRECTIONS
+        }
+        words = _array(grids.sram_words, shape, source, "grids.sram_words")
+        self.sram = words / grids.sram_capacity_words
+        for i, k in enumerate(run.kernels):
+            if k.x + k.w > run.fabric.width or k.y + k.h > run.fabric.height:
+                raise UserError(
+                    f"{source}: field kernels.{i}: kernel {k.name!r} ({k.w} x {k.h} at "
+                    f"({k.x}, {k.y})) lies outside the {run.fabric.width} x "
+                    f"{run.fabric.height} fabric"
+                )
+        families = sorted({k.family for k in run.kernels})
+        palette = colormaps["tab10" if len(families) <= 10 else "tab20"]
+        self.colours = {f: palette(i % palette.N) for i, f in enumerate(families)}
+
+    def subtitle(self) -> str:
+        run = self.run
+        return (
+            f"{run.config} · placement {run.placement} · {run.fabric.width} x "
+            f"{run.fabric.height} PEs · {run.cycles:,} cycles"
+        )
+
+    def extent(self) -> tuple[float, float, float, float]:
+        """(left, right, bottom, top) of the fabric in wafer PE coordinates."""
+        (x0, y0), fabric = self.run.fabric.origin, self.run.fabric
+        return x0, x0 + fabric.width, y0 + fabric.height, y0
+
+
+def _array(rows: list[Any], shape: tuple[int, int], source: str, field: str) -> np.ndarray:
+    """`rows` as a (height, width) float array, or a UserError naming `field`."""
+    if len(rows) != shape[0] or any(not isinstance(r, list) or len(r) != shape[1]
+                                    for r in rows):
+        lengths = sorted({len(r) if isinstance(r, list) else -1 for r in rows})
+        raise UserError(
+            f"{source}: field {field}: expected {shape[0]} rows of {shape[1]} values (the "
+            f"fabric), got {len(rows)} rows of "
+            f"{', '.join(str(n) if n >= 0 else 'non-list' for n in lengths) or 'no'} values"
+        )
+    try:
+        grid = np.asarray(rows, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise UserError(f"{source}: field {field}: has values that are not numbers") from None
+    if not np.isfinite(grid).all():
+        raise UserError(f"{source}: field {field}: has values that are not finite numbers")
+    return grid
+
+
+def load_run(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The RUN.json at `path` as a dict; UserError naming the file if unreadable."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read run file: {err.strerror or err}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not JSON: {err.msg} at line {err.lineno}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a run record: expected a JSON object")
+    return data
+
+
+def write_plots(run: Mapping[str, Any], out_dir: str | os.PathLike[str],
+                source: str = "run") -> list[Path]:
+    """Draw the five PNGs of `run` (a RUN.json object) into `out_dir`; returns their paths.
+    `source` names the run in error messages (the file it came from)."""
+    try:
+        data = _Data(_Run.model_validate(run), source)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        raise UserError(f"{source}: field {field}: {first['msg']}") from None
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{out}: cannot create the plot folder: {err.strerror}") from None
+    written = []
+    for name in PLOTS:
+        fig = Figure(figsize=_INCHES[name], dpi=DPI)
+        FigureCanvasAgg(fig)
+        _DRAW[name](fig, data)
+        written.append(_save(fig, out / f"{name}.png"))
+    return written
+
+
+def plot_file(path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> list[Path]:
+    """`write_plots` of the RUN.json at `path`."""
+    return write_plots(load_run(path), out_dir, source=str(path))
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(temporary, format="png", dpi=DPI)
+        os.replace(temporary, path)
+    except OSError as err:
+        raise UserError(f"{path}: cannot write the plot: {err.strerror}") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+# --- heatmaps ------------------------------------------------------------------------------
+
+
+def _reduce(grid: np.ndarray, cells: int) -> tuple[np.ndarray, int]:
+    """Blocks of f x f PEs reduced by max, f the smallest factor leaving at most `cells`
+    blocks per side; returns (blocks, f). Edge blocks are partial. Each block also takes
+    the max of its 8 neighbours, so a lone hot PE or link, or a one-PE-wide line, is at
+    least 3 blocks wide and stays visible."""
+    factor = max(1, math.ceil(max(grid.shape) / cells))
+    if factor == 1:
+        return grid, 1
+    rows, cols = (math.ceil(n / factor) for n in grid.shape)
+    padded = np.full((rows * factor, cols * factor), np.nan)
+    padded[: grid.shape[0], : grid.shape[1]] = grid
+    peak = np.nanmax(padded.reshape(rows, factor, cols, factor), axis=(1, 3))
+    around = np.pad(peak, 1, constant_values=-np.inf)
+    shifts = [around[dy : dy + rows, dx : dx + cols] for dy in range(3) for dx in range(3)]
+    return np.max(shifts, axis=0), factor
+
+
+def _heatmap(ax: Axes, data: _Data, grid: np.ndarray, *, cells: int, cmap: str,
+             norm: Normalize, title: str) -> AxesImage:
+    """Draw `grid` (the fabric) on `ax` in wafer coordinates, reduced to at most `cells`
+    blocks per side."""
+    blocks, factor = _reduce(grid, cells)
+    left, _, _, top = extent = data.extent()
+    palette = colormaps[cmap].with_extremes(bad=_NO_TRAFFIC)
+    shown = np.ma.masked_less_equal(blocks, 0) if isinstance(norm, LogNorm) else blocks
+    image = ax.imshow(
+        shown, cmap=palette, norm=norm, interpolation="nearest", aspect="equal",
+        extent=(left, left + blocks.shape[1] * factor, top + blocks.shape[0] * factor, top),
+    )
+    ax.set_xlim(extent[0], extent[1])
+    ax.set_ylim(extent[2], extent[3])
+    _axes_labels(ax)
+    if factor > 1:
+        title += f"\n(each pixel: max of {factor} x {factor} PEs, widened by one)"
+    ax.set_title(title, fontsize=10)
+    return image
+
+
+def _bar_beside(fig: Figure, ax: Axes) -> Axes:
+    """Axes for a colorbar just right of the box of `ax` (as its aspect leaves it)."""
+    ax.apply_aspect()
+    box = ax.get_position()
+    return fig.add_axes((box.x1 + 0.008, box.y0, 0.008, box.height))
+
+
+def _axes_labels(ax: Axes) -> None:
+    ax.set_xlabel("x (PE column)")
+    ax.set_ylabel("y (PE row)")
+
+
+def _outline_kernels(ax: Axes, data: _Data) -> None:
+    """Thin outlines of the kernels over a heatmap, to tell which kernel a hot spot is."""
+    x0, y0 = data.run.fabric.origin
+    width = 0.6 if max(data.run.fabric.width, data.run.fabric.height) <= 256 else 0.3
+    for k in data.run.kernels:
+        ax.add_patch(Rectangle((x0 + k.x, y0 + k.y), k.w, k.h, fill=False,
+                               edgecolor="white", linewidth=width, alpha=0.7))
+
+
+def _draw_utilization(fig: Figure, data: _Data) -> None:
+    ax = fig.add_axes(_MAP)
+    image = _heatmap(ax, data, data.utilization, cells=_HEATMAP_CELLS, cmap="viridis",
+                     norm=Normalize(0.0, 1.0), title=f"PE utilization — {data.subtitle()}")
+    fig.colorbar(image, cax=_bar_beside(fig, ax), label="fraction of cycles computing")
+    _outline_kernels(ax, data)
+
+
+def _draw_sram(fig: Figure, data: _Data) -> None:
+    ax = fig.add_axes(_MAP)
+    capacity = data.run.grids.sram_capacity_words
+    image = _heatmap(ax, data, data.sram, cells=_HEATMAP_CELLS, cmap="magma",
+                     norm=Normalize(0.0, 1.0), title=f"SRAM occupancy — {data.subtitle()}")
+    fig.colorbar(image, cax=_bar_beside(fig, ax),
+                 label=f"fraction of SRAM used ({capacity:,} words = {capacity * 4 / 1024:g} KiB)")
+    _outline_kernels(ax, data)
+
+
+def _log_norm(grids: list[np.ndarray]) -> Normalize:
+    """Log scale from 1 wavelet to the busiest link; linear 0..1 when nothing moved."""
+    peak = max(float(g.max()) for g in grids)
+    return LogNorm(1.0, max(peak, 10.0)) if peak > 0 else Normalize(0.0, 1.0)
+
+
+def _draw_links(fig: Figure, data: _Data) -> None:
+    axes = fig.subplots(2, 3, gridspec_kw={"left": 0.05, "right": 0.95, "bottom": 0.06,
+                                           "top": 0.91, "wspace": 0.6, "hspace": 0.3})
+    panels = [axes[0, 0], axes[0, 1], axes[1, 0], axes[1, 1]]
+    norm = _log_norm(list(data.links.values()))
+    for ax, d in zip(panels, DIRECTIONS, strict=True):
+        image = _heatmap(ax, data, data.links[d], cells=_PANEL_CELLS, cmap="inferno",
+                         norm=norm, title=f"leaving each PE to the {d}")
+    fig.colorbar(image, cax=_bar_beside(fig, axes[1, 1]),
+                 label="wavelets per link (N, E, S, W: one scale)")
+    total = sum(data.links.values())
+    image = _heatmap(axes[0, 2], data, total, cells=_PANEL_CELLS, cmap="inferno",
+                     norm=_log_norm([total]), title="all four directions")
+    fig.colorbar(image, cax=_bar_beside(fig, axes[0, 2]), label="wavelets leaving the PE")
+    bars = axes[1, 2]
+    sums = [float(data.links[d].sum()) for d in DIRECTIONS]
+    bars.bar(DIRECTIONS, sums, color=colormaps["inferno"](0.55))
+    bars.set_xlabel("direction")
+    bars.set_ylabel("wavelets (all links)")
+    bars.set_title(f"total link crossings: {sum(sums):,.0f}", fontsize=10)
+    fig.suptitle(f"Link traffic — {data.subtitle()}", fontsize=12, y=0.98)
+
+
+def _draw_placement(fig: Figure, data: _Data) -> None:
+    ax = fig.add_axes((0.07, 0.07, 0.72, 0.83))
+    left, right, bottom, top = data.extent()
+    x0, y0 = data.run.fabric.origin
+    ax.set_xlim(left, right)
+    ax.set_ylim(bottom, top)
+    ax.set_aspect("equal")
+    ax.set_facecolor("#f4f4f4")
+    _axes_labels(ax)
+    ax.apply_aspect()  # the axes box is final: data units per pixel are known
+    corner, step = ax.transData.inverted().transform([(0.0, 0.0), (1.0, 1.0)])
+    pixel = np.abs(step - corner)  # PEs per pixel along x and y
+    small = max(data.run.fabric.width, data.run.fabric.height) > 256
+    for k in data.run.kernels:
+        w, h = max(k.w, _MIN_PIXELS * pixel[0]), max(k.h, _MIN_PIXELS * pixel[1])
+        cx, cy = x0 + k.x + k.w / 2, y0 + k.y + k.h / 2
+        ax.add_patch(Rectangle((cx - w / 2, cy - h / 2), w, h, facecolor=data.colours[k.family],
+                               edgecolor="none" if small else "black", linewidth=0.5))
+        _label(ax, k.name, (cx, cy), (k.w / pixel[0], k.h / pixel[1]))
+    used = sum(k.w * k.h for k in data.run.kernels)
+    fabric = data.run.fabric.width * data.run.fabric.height
+    ax.set_title(f"Placement — {data.subtitle()}\n{len(data.run.kernels)} kernels on "
+                 f"{used:,} of {fabric:,} PEs ({100 * used / fabric:.3g}%)", fontsize=10)
+    _family_legend(ax, data)
+
+
+def _label(ax: Axes, name: str, centre: tuple[float, float], pixels: tuple[float, float]) -> None:
+    """Name a kernel inside its rectangle if the name (or its last part) fits."""
+    size = 7.0
+    char = size * DPI / 72 * 0.62  # average glyph width of the default font, pixels
+    if pixels[1] < size * DPI / 72 * 1.3:
+        return
+    for text in (name, name.rsplit(".", 1)[-1]):
+        if len(text) * char <= pixels[0] - 2:
+            ax.text(*centre, text, ha="center", va="center", fontsize=size, clip_on=True)
+            return
+
+
+def _family_legend(ax: Axes, data: _Data) -> None:
+    handles = [Patch(color=colour, label=family) for family, colour in data.colours.items()]
+    if handles:
+        ax.legend(handles=handles, title="op family", loc="upper left",
+                  bbox_to_anchor=(1.02, 1.0), fontsize=8, title_fontsize=9)
+
+
+def _draw_timeline(fig: Figure, data: _Data) -> None:
+    ax = fig.add_axes((0.15, 0.07, 0.69, 0.87))
+    kernels = data.run.kernels
+    horizon = max([data.run.cycles, 1, *(k.end_cycle for k in kernels)])
+    shortest = horizon / 800  # a bar is at least about one pixel long
+    rows = np.arange(len(kernels))
+    ax.barh(rows, [max(k.end_cycle - k.start_cycle, shortest) for k in kernels],
+            left=[k.start_cycle for k in kernels], height=0.8,
+            color=[data.colours[k.family] for k in kernels])
+    ax.axvline(data.run.cycles, color="black", linestyle="--", linewidth=0.8)
+    ax.set_xlim(0, horizon * 1.02)
+    ax.set_ylim(len(kernels) - 0.5, -0.5)
+    ax.set_xlabel("cycle")
+    if len(kernels) <= _TIMELINE_NAMES:
+        ax.set_yticks(rows, [k.name for k in kernels], fontsize=7)
+    else:
+        ax.set_ylabel("kernel (op order)")
+    ax.set_title(f"Kernel timeline (first to last busy cycle) — {data.subtitle()}", fontsize=10)
+    _family_legend(ax, data)
+
+
+_DRAW = {
+    "utilization": _draw_utilization,
+    "links": _draw_links,
+    "placement": _draw_placement,
+    "sram": _draw_sram,
+    "timeline": _draw_timeline,
+}
