@@ -305,53 +305,70 @@ def _read_block_row(g: _Grid, p: _PE, m: int, stream: int, block: int,
     return vec(Op.MUL, dh, dst, FabIn(stream), Imm(scale))
 
 
-def _block_products(g: _Grid, p: _PE, x_rows: int, block: int, fill: float,
-                    lane: int) -> list[Instr]:
-    """Lane (h, c) of x y^T over the block's unmasked keys, `fill` where masked."""
+def _relay_south(g: _Grid, p: _PE, buf: int, width: int, lane: int) -> list[Instr]:
+    """Send a lane down the PE column in row order: rows of lower groups forwarded from
+    the north, own rows (slot s at buf + s * width) injected from SRAM."""
     lay = g.lay
-    lw, dh = lay.lane_width, lay.d_head
     out = g.south_out(p.c, p.h, p.r, lane)
-    north = g.north_in(p.c, p.h, p.r)
     instrs: list[Instr] = []
     for m in range(lay.rows):
         group = m % lay.row_groups
-        b, t = divmod(m, lay.seq)
         if group < p.r:
-            instrs.append(vec(Op.MOV, lw, out, north))
+            instrs.append(vec(Op.MOV, width, out, g.north_in(p.c, p.h, p.r)))
         elif group == p.r:
-            nk = lay.keys(p.c, t)
-            if nk:
-                instrs += _dots(nk, dh, _Vec(x_rows + lay.slot(m) * dh, 1, 0),
-                                _Vec(block + b * lw * dh, 1, dh), None, out)
-            if nk < lw:
-                instrs.append(vec(Op.MOV, lw - nk, out, Imm(fill)))
+            instrs.append(vec(Op.MOV, width, out, Mem(buf + lay.slot(m) * width)))
     return instrs
 
 
-def _row_reduce(g: _Grid, p: _PE, w_rows: int, block: int, lane: int,
-                read: int | None) -> list[Instr]:
-    """Lane h of w y (w: the own rows' block weights), summed west to east over the key
-    blocks and relayed south in the east column. With `read`, each row's weights are first
-    received from that stream (every row of it; own rows kept)."""
+def _block_products(g: _Grid, p: _PE, x_rows: int, block: int, fill: float, lane: int,
+                    buf: int) -> list[Instr]:
+    """Lane (h, c) of x y^T over the block's unmasked keys, `fill` where masked. With one
+    group the rows go straight out; with several, own rows are computed into `buf` first
+    and then relayed, so the groups compute in parallel rather than in row order."""
     lay = g.lay
     lw, dh = lay.lane_width, lay.d_head
-    last = lay.blocks - 1
-    final = g.south_out(last, p.h, p.r, lane)
-    out = g.east_out(p.c, p.h, p.r, final)
-    west = g.west_in(p.c, p.h, p.r)
-    north = g.north_in(p.c, p.h, p.r)
+    direct = lay.row_groups == 1
     instrs: list[Instr] = []
-    for m in range(lay.rows):
-        group = m % lay.row_groups
+    for m in range(p.r, lay.rows, lay.row_groups):
         b, t = divmod(m, lay.seq)
-        if read is not None:
-            keep = Mem(w_rows + lay.slot(m) * lw) if group == p.r else Mem(p.scratch, 0)
-            instrs.append(vec(Op.MOV, lw, keep, FabIn(read)))
-        if group == p.r:
-            instrs += _dots(dh, lay.keys(p.c, t), _Vec(w_rows + lay.slot(m) * lw, 1, 0),
-                            _Vec(block + b * lw * dh, dh, 1), west, out)
-        elif group < p.r and p.c == last:
-            instrs.append(vec(Op.MOV, dh, final, north))
+        nk = lay.keys(p.c, t)
+        row = buf + lay.slot(m) * lw
+        if nk:
+            instrs += _dots(nk, dh, _Vec(x_rows + lay.slot(m) * dh, 1, 0),
+                            _Vec(block + b * lw * dh, 1, dh), None,
+                            FabOut(lane) if direct else Mem(row, 1, 1))
+        if nk < lw:
+            instrs.append(vec(Op.MOV, lw - nk, FabOut(lane) if direct else Mem(row + nk),
+                              Imm(fill)))
+    return instrs if direct else instrs + _relay_south(g, p, buf, lw, lane)
+
+
+def _row_reduce(g: _Grid, p: _PE, w_rows: int, block: int, lane: int, read: int | None,
+                buf: int) -> list[Instr]:
+    """Lane h of w y (w: the own rows' block weights), summed west to east over the key
+    blocks. With `read`, the weights arrive on that stream: with one group each weight row
+    is read just before its row is reduced (the kernel streams); with several they are
+    read completely first (every PE of the column takes the whole multicast lane, so a PE
+    busy on its own row would hold back the others). With one group the east PE emits
+    the lane; with several it keeps its results in `buf`, then relays them south."""
+    lay = g.lay
+    lw, dh = lay.lane_width, lay.d_head
+    direct = lay.row_groups == 1
+    east = p.c == lay.blocks - 1
+    west = g.west_in(p.c, p.h, p.r)
+    instrs = [] if direct or read is None else _read_own(g, p, read, lw, w_rows)
+    for m in range(p.r, lay.rows, lay.row_groups):
+        b, t = divmod(m, lay.seq)
+        if direct and read is not None:
+            instrs.append(vec(Op.MOV, lw, Mem(w_rows + lay.slot(m) * lw), FabIn(read)))
+        if not east:
+            out = FabOut(g.east[(p.c, p.h, p.r)])
+        else:
+            out = FabOut(lane) if direct else Mem(buf + lay.slot(m) * dh, 1, 1)
+        instrs += _dots(dh, lay.keys(p.c, t), _Vec(w_rows + lay.slot(m) * lw, 1, 0),
+                        _Vec(block + b * lw * dh, dh, 1), west, out)
+    if east and not direct:
+        instrs += _relay_south(g, p, buf, dh, lane)
     return instrs
 
 
@@ -419,9 +436,12 @@ def build_attn_scores(name: str, ops: list[str], ids: StreamIds, *, batch: int, 
             kernel.inputs.append(StreamEnd(d_scores, lane, g.column_pes(c, h), ds_in))
             for r in range(row_groups):
                 n_own = lay.own_rows(r)
-                p, (q, k, ds) = _alloc(g, c, h, r, {"q rows": n_own * dh,
-                                                    "k block (scaled), then dk": batch * lw * dh,
-                                                    "dS rows": n_own * lw})
+                relays_dq = row_groups > 1 and c == lay.blocks - 1
+                p, (q, k, ds, dq) = _alloc(g, c, h, r, {
+                    "q rows": n_own * dh,
+                    "k block (scaled), then dk": batch * lw * dh,
+                    "own S rows, then dS rows": n_own * lw,
+                    "own dq rows": n_own * dh if relays_dq else 0})
                 reads: list[Instr] = []
                 for m in range(M):
                     keep = Mem(q + lay.slot(m) * dh) if m % row_groups == r else Mem(
@@ -430,9 +450,9 @@ def build_attn_scores(name: str, ops: list[str], ids: StreamIds, *, batch: int, 
                               _read_block_row(g, p, m, k_in, k, scale)]
                 g.emit(lay.pe(c, h, r), [
                     *reads,
-                    *_block_products(g, p, q, k, NEG_INF, s_out),
+                    *_block_products(g, p, q, k, NEG_INF, s_out, ds),
                     *_read_own(g, p, ds_in, lw, ds),
-                    *_row_reduce(g, p, ds, k, dq_out, None),
+                    *_row_reduce(g, p, ds, k, dq_out, None, dq),
                     *_column_sums(g, p, ds, q, k, dk_out, scale),
                 ])
     return kernel
@@ -467,14 +487,16 @@ def build_attn_values(name: str, ops: list[str], ids: StreamIds, *, batch: int, 
                                             dp_out))
             for r in range(row_groups):
                 n_own = lay.own_rows(r)
-                p, (v, pr, do) = _alloc(g, c, h, r, {"v block, then dv": batch * lw * dh,
-                                                     "P rows": n_own * lw,
-                                                     "dO rows": n_own * dh})
+                p, (v, pr, do, dp) = _alloc(g, c, h, r, {
+                    "v block, then dv": batch * lw * dh,
+                    "P rows": n_own * lw,
+                    "own o rows, then dO rows": n_own * dh,
+                    "own dP rows": n_own * lw if row_groups > 1 else 0})
                 g.emit(lay.pe(c, h, r), [
                     *(_read_block_row(g, p, m, v_in, v, None) for m in range(M)),
-                    *_row_reduce(g, p, pr, v, o_out, p_in),
+                    *_row_reduce(g, p, pr, v, o_out, p_in, do),
                     *_read_own(g, p, do_in, dh, do),
-                    *_block_products(g, p, do, v, 0.0, dp_out),
+                    *_block_products(g, p, do, v, 0.0, dp_out, dp),
                     *_column_sums(g, p, pr, do, v, dv_out, None),
                 ])
     return kernel
