@@ -82,6 +82,7 @@ def test_plot_command_on_a_whole_wse2_wafer(tmp_path, capsys):
 def test_write_plots_takes_the_run_record_in_memory(tmp_path):
     run = synthetic_run(9, 5, [(0, 0, 3, 2), (4, 1, 5, 4)])
     run["grids"]["link_wavelets"] = {d: [[0] * 9 for _ in range(5)] for d in "NESW"}
+    run["kernels"][1].update(start_cycle=-1, end_cycle=-1)  # a kernel that never ran
     paths = write_plots(run, tmp_path)  # no traffic at all: still five drawn pictures
     check_pngs(paths)
 
@@ -131,6 +132,7 @@ def test_not_json(tmp_path, capsys):
         (lambda r: r["grids"]["link_wavelets"]["N"][2].__setitem__(0, "x"), "not numbers"),
         (lambda r: r["kernels"][0].update(x=7), "field kernels.0: kernel 'h0.matmul'"),
         (lambda r: r["grids"].update(sram_capacity_words=0), "grids.sram_capacity_words"),
+        (lambda r: r["kernels"][1].update(end_cycle=3), "field kernels.1.end_cycle: kernel"),
     ],
 )
 def test_bad_field_is_named(tmp_path, capsys, change, field):

@@ -70,25 +70,27 @@ _MAP = (0.08, 0.07, 0.78, 0.83)
 _TIMELINE_NAMES = 40  # name each timeline row up to this many kernels
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True, arbitrary_types_allowed=True)
+class _Record(BaseModel):
+    """The part of RUN.json the pictures use; the run command may write more."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
-class _Fabric(_Strict):
+class _Fabric(_Record):
     width: int = Field(gt=0)
     height: int = Field(gt=0)
     origin: tuple[int, int]
 
 
-class _Kernel(_Strict):
+class _Kernel(_Record):
     name: str
     op: str
     x: int = Field(ge=0)
     y: int = Field(ge=0)
     w: int = Field(gt=0)
     h: int = Field(gt=0)
-    start_cycle: int = Field(ge=0)
-    end_cycle: int = Field(ge=0)
+    start_cycle: int = Field(ge=-1)  # first and last busy cycle; -1: never busy
+    end_cycle: int = Field(ge=-1)
 
     @property
     def family(self) -> str:
@@ -96,7 +98,7 @@ class _Kernel(_Strict):
         return self.op.split(".")[0]
 
 
-class _Grids(_Strict):
+class _Grids(_Record):
     # rows of numbers, checked and converted by numpy in `_array` (pydantic per element
     # would take most of the time of a 750 x 994 run)
     utilization: list[Any]
@@ -105,7 +107,7 @@ class _Grids(_Strict):
     sram_capacity_words: int = Field(gt=0)
 
 
-class _Run(_Strict):
+class _Run(_Record):
     config: str
     placement: str
     fabric: _Fabric
@@ -138,6 +140,9 @@ class _Data:
                     f"({k.x}, {k.y})) lies outside the {run.fabric.width} x "
                     f"{run.fabric.height} fabric"
                 )
+            if k.end_cycle < k.start_cycle:
+                raise UserError(f"{source}: field kernels.{i}.end_cycle: kernel {k.name!r} "
+                                f"ends at cycle {k.end_cycle}, before it starts")
         families = sorted({k.family for k in run.kernels})
         palette = colormaps["tab10" if len(families) <= 10 else "tab20"]
         self.colours = {f: palette(i % palette.N) for i, f in enumerate(families)}
@@ -351,12 +356,12 @@ def _draw_placement(fig: Figure, data: _Data) -> None:
     ax.apply_aspect()  # the axes box is final: data units per pixel are known
     corner, step = ax.transData.inverted().transform([(0.0, 0.0), (1.0, 1.0)])
     pixel = np.abs(step - corner)  # PEs per pixel along x and y
-    small = max(data.run.fabric.width, data.run.fabric.height) > 256
+    crowded = max(data.run.fabric.width, data.run.fabric.height) > 256  # edges would merge
     for k in data.run.kernels:
         w, h = max(k.w, _MIN_PIXELS * pixel[0]), max(k.h, _MIN_PIXELS * pixel[1])
         cx, cy = x0 + k.x + k.w / 2, y0 + k.y + k.h / 2
         ax.add_patch(Rectangle((cx - w / 2, cy - h / 2), w, h, facecolor=data.colours[k.family],
-                               edgecolor="none" if small else "black", linewidth=0.5))
+                               edgecolor="none" if crowded else "black", linewidth=0.5))
         _label(ax, k.name, (cx, cy), (k.w / pixel[0], k.h / pixel[1]))
     used = sum(k.w * k.h for k in data.run.kernels)
     fabric = data.run.fabric.width * data.run.fabric.height
@@ -390,9 +395,11 @@ def _draw_timeline(fig: Figure, data: _Data) -> None:
     horizon = max([data.run.cycles, 1, *(k.end_cycle for k in kernels)])
     shortest = horizon / 800  # a bar is at least about one pixel long
     rows = np.arange(len(kernels))
-    ax.barh(rows, [max(k.end_cycle - k.start_cycle, shortest) for k in kernels],
-            left=[k.start_cycle for k in kernels], height=0.8,
-            color=[data.colours[k.family] for k in kernels])
+    busy = [(row, k) for row, k in zip(rows, kernels, strict=True) if k.start_cycle >= 0]
+    ax.barh([row for row, _ in busy],
+            [max(k.end_cycle - k.start_cycle, shortest) for _, k in busy],
+            left=[k.start_cycle for _, k in busy], height=0.8,
+            color=[data.colours[k.family] for _, k in busy])
     ax.axvline(data.run.cycles, color="black", linestyle="--", linewidth=0.8)
     ax.set_xlim(0, horizon * 1.02)
     ax.set_ylim(len(kernels) - 0.5, -0.5)
