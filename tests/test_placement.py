@@ -175,3 +175,37 @@ def test_fills_a_region_exactly_when_it_can():
     for strategy in STRATEGIES:
         positions = place(boxes, chain(boxes), (16, 16), strategy)
         assert bounding_box(boxes, positions) == (0, 0, 16, 16), strategy
+
+
+def test_anneal_link_loads_stay_exact_through_moves_and_undos():
+    """The annealer updates link loads incrementally; after many applied and reverted moves
+    they must equal a fresh routing of the same positions, and their sum words x hops."""
+    from compiler.placement import _Annealer, _greedy, _problem
+
+    boxes = random_boxes(30, seed=4, biggest=6)
+    rng = np.random.default_rng(4)
+    traffic = chain(boxes, 7) + [
+        (boxes[int(a)].name, boxes[int(b)].name, int(w))
+        for a, b, w in zip(rng.integers(0, 30, 25), rng.integers(0, 30, 25),
+                           rng.integers(1, 90, 25), strict=True)
+    ]
+    problem = _problem(boxes, traffic, WSE2, "anneal", 0)
+    state = _Annealer(problem, _greedy(problem))
+    moved = 0
+    for step in range(300):
+        moves = state.propose(rng)
+        if moves is None:
+            continue
+        undo = state.apply(moves)
+        moved += 1
+        if step % 2:
+            state.revert(undo)
+    assert moved > 50
+    fresh = _Annealer(problem, state.xy)  # routes all edges anew
+    assert np.isclose(state.links.squares, fresh.links.squares)
+    assert np.isclose(state.cost(), fresh.cost())
+    assert np.allclose(np.sort(state.links.loads[state.links.loads > 0]),
+                       np.sort(fresh.links.loads[fresh.links.loads > 0]))
+    positions = {b.name: (int(x), int(y)) for b, (x, y) in zip(boxes, state.xy, strict=True)}
+    check_placement(boxes, positions, WSE2)
+    assert state.links.total == hop_words(boxes, positions, traffic)
