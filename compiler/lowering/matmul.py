@@ -26,17 +26,25 @@ Backward (DEADLOCK RULE: the dY lane comes from another kernel, so each PE reads
   db[n_c] = sum of the dy rows, on the top PE.
 Update: W -= lr dW and b -= lr db, one FMA with Imm(-lr) each.
 
-Cost (cycles, one fp32 element per cycle per PE; M rows; kb, nb as above, lw for full
-lanes). A PE spends per forward row kb (receive x) + kb nb (FMAs) + nb (chain ADD, all but
-the top row); the multicast rows and the column chains keep the grid in lock step, so
+Cost (cycles; one fp32 element per cycle per PE; M rows; kb, nb as above, lw for full
+lanes). Every vector instruction costs one cycle per element, plus one for an FMA whose
+first element reads three SRAM words (two vectors and its stride-0 scalar) against a budget
+of two per cycle. Per forward row a PE spends kb (receive x) + kb nb (products) + kb - 1
+(FMAs after the first term, a MUL; kb on the top row, whose first FMA adds the bias) + nb
+(the chain ADD, all but the top row). The multicast x rows and the column chains keep
+the grid in lock step, so the slowest PE sets the pace:
 
-  T_fwd ~ M * max_PE (kb + kb nb + [r > 0] nb) + fill,
+  T_fwd = M * max_PE (kb + kb nb + (kb if r = 0 else kb - 1 + nb)) + fill,
 
-fill = a few hops per chain PE plus the source/sink latency (measured against this in
-tests/test_matmul_kernel.py). With full lanes that is M (lw^2 + 2 lw): 89% FMA utilisation
-at lw = 16. Backward per PE: M nb (receive dY) + M (kb nb + [c > 0] kb) (dX) + M kb nb (dW)
-+ [r = 0] M nb (db); update kb nb (+ nb). SRAM per PE: 2 kb nb (W, dW) + M kb (x rows) +
-M nb (dY rows) + nb + kb (+ 2 nb for the bias on the top row).
+fill ~ 3 cycles a hop (ramp, link, receive queue) from the source through the R chain PEs
+to the sink. With full lanes, M (lw^2 + 3 lw - 1): 92% of the cycles are FMAs at lw = 32
+(tests/test_matmul_kernel.py checks this form against the simulator: within 0.1%).
+Backward, per PE: M nb (receive dY) + M (kb nb + nb - 1 + [c > 0] kb) (dX) +
+M (kb nb + kb) (dW) + [r = 0] M nb (db); update kb nb (+ nb for the bias). E.g. a
+128-row 128x128 layer at lw = 32 (4 x 4 PEs): forward 143,250 cycles, forward + backward +
+update 426,802 by the formula, 426,796 simulated.
+SRAM per PE: 2 kb nb (W, dW) + M kb (x rows) + M nb (dY rows) + nb + kb (+ 2 nb for the
+bias on the top row); 10,368 words of 12,288 for gpt_small's layers at lw = 32.
 """
 
 from __future__ import annotations
