@@ -150,3 +150,38 @@ def test_rejects_unsupported_lane_width():
         build_attn_values("h0.attn.values", [], StreamIds(), batch=2, seq=12, heads=2,
                           d_head=8, lane_width=8, qkv="qkv", probs="P", out="O", d_out="dO",
                           d_probs="dP", d_qkv="dqkv")
+
+
+def _column0_cycles(batch: int, seq: int, dh: int, reads: int, stream_weights: bool) -> int:
+    """Closed form for row_groups = 1: the busiest PE is key block 0 (every query row has
+    nk = min(lw, t + 1) unmasked keys there), and the kernel ends when the east PE has
+    injected its own block after relaying block 0's.
+
+    Per query row: products (scores / dP) `[nk > 1] + nk dh + (lw - nk)` (a REPEAT over the
+    nk dots of dh terms, then the masked fill); reduction (dq / o) `[dh > 1] + nk dh`, plus
+    `lw` when its weight row is read just before it (P). Per key j of block 0: `1 + (T - j)
+    dh` (column sum), then `lw dh` per batch element to inject the block, and one more
+    block injected by the east PE. `reads` is the bulk input reading."""
+    lw = dh
+    total = reads
+    for t in range(seq):
+        nk = min(lw, t + 1)
+        products = (nk > 1) + nk * dh + (lw - nk)
+        reduction = (dh > 1) + nk * dh + (lw if stream_weights else 0)
+        total += batch * (products + reduction)
+    total += batch * sum(1 + (seq - j) * dh for j in range(lw))
+    return total + batch * lw * dh + lw * dh
+
+
+def test_cycles_match_closed_form():
+    batch, seq, heads, dh = 2, 32, 2, 16
+    rows = batch * seq
+    scores = _run_scores(batch, seq, heads, dh, 1, seed=1)[0]
+    # q and k rows (2 M dh), then dS (M lw)
+    want = _column0_cycles(batch, seq, dh, reads=2 * rows * dh + rows * dh,
+                           stream_weights=False)
+    assert abs(scores.cycles - want) <= 0.01 * want, (scores.cycles, want)
+    values = _run_values(batch, seq, heads, dh, 1, seed=1)[0]
+    # v rows (M dh), then dO (M dh); P rows are read as the rows are reduced
+    want = _column0_cycles(batch, seq, dh, reads=2 * rows * dh, stream_weights=True)
+    assert abs(values.cycles - want) <= 0.01 * want, (values.cycles, want)
