@@ -86,19 +86,27 @@ def test_random_depends_on_the_seed():
     assert len(layouts) == 3
 
 
-def test_linear_and_snake_follow_op_order():
-    boxes = [Box(f"k{i}", 4, 4) for i in range(12)]
-    linear = place(boxes, [], (64, 64), "linear")
+def test_shelves_of_stacks_in_op_order():
+    from compiler.placement import _problem, _shelves
+
+    boxes = [Box("a", 4, 2), Box("b", 3, 2), Box("c", 2, 4), Box("d", 4, 4), Box("e", 2, 1)]
+    problem = _problem(boxes, [], (64, 64), "linear", 0)
+    linear = _shelves(problem, range(5), width=8, height=4, snake=False)
+    # b stacks under a; c would overflow the stack: new stack; d overflows the shelf
+    assert linear.tolist() == [[0, 0], [0, 2], [4, 0], [0, 4], [4, 4]]
+    snake = _shelves(problem, range(5), width=8, height=4, snake=True)
+    # the second shelf runs right to left, its second stack bottom up
+    assert snake.tolist() == [[0, 0], [0, 2], [4, 0], [2, 4], [0, 7]]
+
+
+def test_snake_keeps_consecutive_kernels_touching():
+    boxes = [Box(f"k{i}", 4, 4) for i in range(30)]
     snake = place(boxes, [], (64, 64), "snake")
-    shelf = [b.name for b in boxes if linear[b.name][1] == 0]
-    width = 4 * len(shelf)  # 12 squares of 4: shelves of equal length
-    for i, box in enumerate(boxes):
-        row, col = divmod(i, len(shelf))
-        assert linear[box.name] == (4 * col, 4 * row)
-        x = 4 * col if row % 2 == 0 else width - 4 - 4 * col
-        assert snake[box.name] == (x, 4 * row)
-    # boustrophedon: consecutive kernels are always neighbours
-    assert hop_words(boxes, snake, chain(boxes, 1)) == 4 * (len(boxes) - 1)
+    linear = place(boxes, [], (64, 64), "linear")
+    hops = [hop_words(boxes, snake, [(a.name, b.name, 1)]) for a, b in zip(boxes, boxes[1:],
+                                                                           strict=False)]
+    assert hops == [4] * len(hops)  # equal squares: the boustrophedon never breaks
+    assert hop_words(boxes, snake, chain(boxes)) < hop_words(boxes, linear, chain(boxes))
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "anneal", "partition"])
