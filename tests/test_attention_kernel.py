@@ -16,6 +16,7 @@ from compiler.lowering.attention import build_attn_scores, build_attn_values
 from compiler.lowering.harness import run_kernel
 from compiler.lowering.kernel import Kernel, StreamEnd, StreamIds
 from wse_sim.errors import UserError
+from wse_sim.hardware import WaferConfig
 
 RTOL = ATOL = 2e-5
 
@@ -185,3 +186,13 @@ def test_cycles_match_closed_form():
     # v rows (M dh), then dO (M dh); P rows are read as the rows are reduced
     want = _column0_cycles(batch, seq, dh, reads=2 * rows * dh, stream_weights=True)
     assert abs(values.cycles - want) <= 0.01 * want, (values.cycles, want)
+
+
+def test_sram_overflow_is_a_user_error():
+    kernel = build_attn_scores("h0.attn.scores", [], StreamIds(), batch=2, seq=8, heads=2,
+                               d_head=4, lane_width=4, qkv="qkv", scores="S", d_scores="dS",
+                               d_qkv="dqkv")
+    inputs = {"qkv": np.zeros((16, 24), np.float32), "dS": np.zeros((16, 16), np.float32)}
+    # PE (0, 0) holds 16 q rows (64 words), its k block (32) and 16 dS rows (64), + 1
+    with pytest.raises(UserError, match=r"h0\.attn\.scores.*needs 644 bytes of SRAM, has 512"):
+        run_kernel(kernel, inputs, WaferConfig(sram_bytes_per_pe=512))

@@ -373,10 +373,8 @@ def _row_reduce(g: _Grid, p: _PE, w_rows: int, block: int, lane: int, read: int 
         b, t = divmod(m, lay.seq)
         if direct and read is not None:
             instrs.append(vec(Op.MOV, lw, Mem(w_rows + lay.slot(m) * lw), FabIn(read)))
-        if not east:
-            out = FabOut(g.east[(p.c, p.h, p.r)])
-        else:
-            out = FabOut(lane) if direct else Mem(buf + lay.slot(m) * dh, 1, 1)
+        out = g.east_out(p.c, p.h, p.r,
+                         FabOut(lane) if direct else Mem(buf + lay.slot(m) * dh, 1, 1))
         instrs += _dots(dh, lay.keys(p.c, t), _Vec(w_rows + lay.slot(m) * lw, 1, 0),
                         _Vec(block + b * lw * dh, dh, 1), west, out)
     if east and not direct:
@@ -386,8 +384,9 @@ def _row_reduce(g: _Grid, p: _PE, w_rows: int, block: int, lane: int, read: int 
 
 def _column_sums(g: _Grid, p: _PE, w_rows: int, x_rows: int, block: int, lane: int,
                  scale: float | None) -> list[Instr]:
-    """Lane of w^T x for the block's keys (rows j >= t masked out), summed north to south
-    over the groups into `block` of the bottom PE, then relayed east (times `scale`)."""
+    """Lane of w^T x for the block's keys (key j sums the own rows with t >= j), summed
+    north to south over the groups into `block` of the bottom PE (replacing the k or v
+    rows, no longer needed), then relayed east batch by batch (times `scale`)."""
     lay = g.lay
     lw, dh, rg = lay.lane_width, lay.d_head, lay.row_groups
     north = g.north_in(p.c, p.h, p.r)
