@@ -6,13 +6,20 @@ not divide B*T exercise uneven round-robin groups."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compiler.lowering.attention import build_attn_scores, build_attn_values
+from compiler.lowering.attention import (
+    attn_layout,
+    attn_sram_words,
+    build_attn_scores,
+    build_attn_values,
+    fit_row_groups,
+)
 from compiler.lowering.harness import run_kernel
 from compiler.lowering.kernel import Kernel, StreamEnd, StreamIds
 from wse_sim.errors import UserError
@@ -196,3 +203,24 @@ def test_sram_overflow_is_a_user_error():
     # PE (0, 0) holds 16 q rows (64 words), its k block (32) and 16 dS rows (64), + 1
     with pytest.raises(UserError, match=r"h0\.attn\.scores.*needs 644 bytes of SRAM, has 512"):
         run_kernel(kernel, inputs, WaferConfig(sram_bytes_per_pe=512))
+
+
+@pytest.mark.parametrize("batch,seq,heads,dh,sram", [(2, 8, 2, 4, 120), (3, 12, 2, 4, 200),
+                                                     (2, 8, 1, 2, 40)])
+def test_fit_row_groups_matches_the_built_kernels(batch, seq, heads, dh, sram):
+    lay = attn_layout("a", batch=batch, seq=seq, heads=heads, d_head=dh, lane_width=dh)
+    groups = fit_row_groups("a", lay, sram)
+
+    def most_words(r: int) -> int:
+        shape = {"batch": batch, "seq": seq, "heads": heads, "d_head": dh, "lane_width": dh,
+                 "row_groups": r, "qkv": "qkv", "d_qkv": "dqkv"}
+        kernels = [build_attn_scores("s", [], StreamIds(), scores="S", d_scores="dS", **shape),
+                   build_attn_values("v", [], StreamIds(), probs="P", out="O", d_out="dO",
+                                     d_probs="dP", **shape)]
+        return max(k.sram_words(pe) for k in kernels for pe in k.programs)
+
+    assert most_words(groups) == attn_sram_words(replace(lay, row_groups=groups)) <= sram
+    if groups > 1:
+        assert most_words(groups - 1) > sram
+    with pytest.raises(UserError, match="op a: PE .* needs .* bytes of SRAM"):
+        fit_row_groups("a", lay, batch * dh * dh)

@@ -85,7 +85,7 @@ R = 1 / 4 / 16 (8, 32, 128 PEs).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from compiler.lowering.kernel import Kernel, LocalPE, LocalStream, StreamEnd, StreamIds
 from wse_sim.errors import UserError
@@ -411,6 +411,41 @@ def _column_sums(g: _Grid, p: _PE, w_rows: int, x_rows: int, block: int, lane: i
     return instrs
 
 
+def _scores_buffers(lay: AttnLayout, c: int, r: int) -> dict[str, int]:
+    """SRAM words of scores PE (c, h, r), by purpose."""
+    own, lw, dh = lay.own_rows(r), lay.lane_width, lay.d_head
+    relays_dq = lay.row_groups > 1 and c == lay.blocks - 1
+    return {"q rows": own * dh, "k block (scaled), then dk": lay.batch * lw * dh,
+            "own S rows, then dS rows": own * lw, "own dq rows": own * dh if relays_dq else 0}
+
+
+def _values_buffers(lay: AttnLayout, r: int) -> dict[str, int]:
+    """SRAM words of values PE (c, h, r), by purpose."""
+    own, lw, dh = lay.own_rows(r), lay.lane_width, lay.d_head
+    return {"v block, then dv": lay.batch * lw * dh, "P rows": own * lw,
+            "own o rows, then dO rows": own * dh,
+            "own dP rows": own * lw if lay.row_groups > 1 else 0}
+
+
+def attn_sram_words(lay: AttnLayout) -> int:
+    """The most SRAM words any PE of either attention kernel needs (group 0 has the most
+    rows; +1 for the discard word)."""
+    return 1 + max(sum(_scores_buffers(lay, lay.blocks - 1, 0).values()),
+                   sum(_values_buffers(lay, 0).values()))
+
+
+def fit_row_groups(op: str, lay: AttnLayout, sram_words: int, at_least: int = 1) -> int:
+    """The smallest row_groups >= `at_least` with which both attention kernels of `lay`
+    fit `sram_words` per PE; UserError naming `op` if none does (every PE keeps the k or v
+    block of each batch element, whatever R)."""
+    for groups in range(max(1, at_least), lay.rows + 1):
+        if attn_sram_words(replace(lay, row_groups=groups)) <= sram_words:
+            return groups
+    words = attn_sram_words(replace(lay, row_groups=lay.rows))
+    raise UserError(f"op {op}: PE (0, 0) needs {4 * words} bytes of SRAM even with one query "
+                    f"row per group, has {4 * sram_words}")
+
+
 def _alloc(g: _Grid, c: int, h: int, r: int, sizes: dict[str, int]) -> tuple[_PE, list[int]]:
     pe = g.lay.pe(c, h, r)
     offsets = [g.kernel.alloc(pe, words, f"{g.kernel.name}: {what}")
@@ -446,13 +481,7 @@ def build_attn_scores(name: str, ops: list[str], ids: StreamIds, *, batch: int, 
                                             s_out))
             kernel.inputs.append(StreamEnd(d_scores, lane, g.column_pes(c, h), ds_in))
             for r in range(row_groups):
-                n_own = lay.own_rows(r)
-                relays_dq = row_groups > 1 and c == lay.blocks - 1
-                p, (q, k, ds, dq) = _alloc(g, c, h, r, {
-                    "q rows": n_own * dh,
-                    "k block (scaled), then dk": batch * lw * dh,
-                    "own S rows, then dS rows": n_own * lw,
-                    "own dq rows": n_own * dh if relays_dq else 0})
+                p, (q, k, ds, dq) = _alloc(g, c, h, r, _scores_buffers(lay, c, r))
                 reads: list[Instr] = []
                 for m in range(M):
                     keep = Mem(q + lay.slot(m) * dh) if m % row_groups == r else Mem(
@@ -476,7 +505,7 @@ def build_attn_values(name: str, ops: list[str], ids: StreamIds, *, batch: int, 
     backward dP lanes of `d_probs` and dv lanes of `d_qkv` from `d_out`."""
     lay = attn_layout(name, batch=batch, seq=seq, heads=heads, d_head=d_head,
                       lane_width=lane_width, row_groups=row_groups)
-    M, T, H, lw, dh = lay.rows, seq, heads, lane_width, d_head
+    M, T, H, dh = lay.rows, seq, heads, d_head
     kernel = Kernel(name=name, op="attn_values", ops=list(ops), width=lay.blocks,
                     height=H * row_groups,
                     shapes={qkv: (M, 3 * lay.d_model), probs: (M, H * T), out: (M, lay.d_model),
@@ -497,12 +526,7 @@ def build_attn_values(name: str, ops: list[str], ids: StreamIds, *, batch: int, 
             kernel.outputs.append(StreamEnd(d_probs, lane, (lay.pe(c, h, row_groups - 1),),
                                             dp_out))
             for r in range(row_groups):
-                n_own = lay.own_rows(r)
-                p, (v, pr, do, dp) = _alloc(g, c, h, r, {
-                    "v block, then dv": batch * lw * dh,
-                    "P rows": n_own * lw,
-                    "own o rows, then dO rows": n_own * dh,
-                    "own dP rows": n_own * lw if row_groups > 1 else 0})
+                p, (v, pr, do, dp) = _alloc(g, c, h, r, _values_buffers(lay, r))
                 g.emit(lay.pe(c, h, r), [
                     *(_read_block_row(g, p, m, v_in, v, None) for m in range(M)),
                     *_row_reduce(g, p, pr, v, o_out, p_in, do),
