@@ -11,6 +11,10 @@ batch element and only its own query rows of q, dS, P, dO. With `R = 1` this is 
 (the arithmetic is `O(M T dh)` per head and would otherwise sit on T/lw PEs) for the price
 of relaying rows, which costs fabric bandwidth that is otherwise idle.
 
+Choosing R is the caller's (the builders default to 1): `fit_row_groups` gives the
+smallest R with which every PE fits its SRAM (R = 1 for gpt_small; a T = 2048 model needs
+tens), and the cost notes below say how far a larger R still pays.
+
 Only `lw == dh` is supported: then q, k and v of head `h` are the single lanes `h`,
 `H + h`, `2H + h` of the qkv tensor and one lane carries a whole head (the default lane
 width is `d_head`).
