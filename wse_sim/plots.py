@@ -18,7 +18,9 @@ Why it looks the way it does:
   side so a lone hot spot still shows; the title says when blocks were reduced. Kernel
   rectangles are drawn at least `_MIN_PIXELS` pixels wide so a 1 x 1 kernel still shows.
 * Link traffic uses a log colour scale (a few hot links would otherwise wash out the
-  rest); links that carried nothing are light grey, not the colour of "few".
+  rest); links that carried nothing, and PEs of no kernel, are light grey, not the colour
+  of "few". Utilization is scaled to the busiest PE (a run at 8% would otherwise be one
+  dark colour; the colorbar says the scale); SRAM to the capacity (full is the limit).
 * Only the Agg canvas of a private `Figure` is used (no pyplot global state), and each
   file is written to a temporary name then renamed, so a reader never sees half a PNG.
 
@@ -43,6 +45,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import MaxNLocator
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from wse_sim.errors import UserError
@@ -63,7 +66,7 @@ DIRECTIONS = ("N", "E", "S", "W")
 _HEATMAP_CELLS = 400  # at most this many blocks along a side of a one-panel heatmap
 _PANEL_CELLS = 250  # ... and of a panel of the link figure
 _MIN_PIXELS = 3.0  # smallest drawn size of a kernel rectangle, pixels
-_NO_TRAFFIC = "#e6e6e6"
+_NOTHING = "#e6e6e6"  # PEs outside every kernel, links that carried nothing
 # fixed axes boxes (figure fractions: left, bottom, width, height) instead of a layout
 # engine: the same place in every picture, and a layout engine doubled the drawing time
 _MAP = (0.08, 0.07, 0.78, 0.83)
@@ -146,6 +149,13 @@ class _Data:
         families = sorted({k.family for k in run.kernels})
         palette = colormaps["tab10" if len(families) <= 10 else "tab20"]
         self.colours = {f: palette(i % palette.N) for i, f in enumerate(families)}
+
+    def outside_kernels(self, grid: np.ndarray) -> np.ndarray:
+        """`grid` with NaN (drawn grey) at PEs of no kernel that have nothing to show."""
+        inside = np.zeros(grid.shape, dtype=bool)
+        for k in self.run.kernels:
+            inside[k.y : k.y + k.h, k.x : k.x + k.w] = True
+        return np.where(inside | (grid != 0), grid, np.nan)
 
     def subtitle(self) -> str:
         run = self.run
@@ -247,12 +257,13 @@ def _reduce(grid: np.ndarray, cells: int) -> tuple[np.ndarray, int]:
     if factor == 1:
         return grid, 1
     rows, cols = (math.ceil(n / factor) for n in grid.shape)
-    padded = np.full((rows * factor, cols * factor), np.nan)
-    padded[: grid.shape[0], : grid.shape[1]] = grid
-    peak = np.nanmax(padded.reshape(rows, factor, cols, factor), axis=(1, 3))
+    padded = np.full((rows * factor, cols * factor), -np.inf)  # NaN (no kernel) too
+    padded[: grid.shape[0], : grid.shape[1]] = np.where(np.isnan(grid), -np.inf, grid)
+    peak = padded.reshape(rows, factor, cols, factor).max(axis=(1, 3))
     around = np.pad(peak, 1, constant_values=-np.inf)
     shifts = [around[dy : dy + rows, dx : dx + cols] for dy in range(3) for dx in range(3)]
-    return np.max(shifts, axis=0), factor
+    blocks = np.max(shifts, axis=0)
+    return np.where(blocks == -np.inf, np.nan, blocks), factor
 
 
 def _heatmap(ax: Axes, data: _Data, grid: np.ndarray, *, cells: int, cmap: str,
@@ -261,7 +272,7 @@ def _heatmap(ax: Axes, data: _Data, grid: np.ndarray, *, cells: int, cmap: str,
     blocks per side."""
     blocks, factor = _reduce(grid, cells)
     left, _, _, top = extent = data.extent()
-    palette = colormaps[cmap].with_extremes(bad=_NO_TRAFFIC)
+    palette = colormaps[cmap].with_extremes(bad=_NOTHING)
     shown = np.ma.masked_less_equal(blocks, 0) if isinstance(norm, LogNorm) else blocks
     image = ax.imshow(
         shown, cmap=palette, norm=norm, interpolation="nearest", aspect="equal",
@@ -286,6 +297,8 @@ def _bar_beside(fig: Figure, ax: Axes) -> Axes:
 def _axes_labels(ax: Axes) -> None:
     ax.set_xlabel("x (PE column)")
     ax.set_ylabel("y (PE row)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _outline_kernels(ax: Axes, data: _Data) -> None:
@@ -299,16 +312,21 @@ def _outline_kernels(ax: Axes, data: _Data) -> None:
 
 def _draw_utilization(fig: Figure, data: _Data) -> None:
     ax = fig.add_axes(_MAP)
-    image = _heatmap(ax, data, data.utilization, cells=_HEATMAP_CELLS, cmap="viridis",
-                     norm=Normalize(0.0, 1.0), title=f"PE utilization — {data.subtitle()}")
-    fig.colorbar(image, cax=_bar_beside(fig, ax), label="fraction of cycles computing")
+    busiest = float(data.utilization.max())
+    top = min(1.0, max(0.05, math.ceil(busiest * 20) / 20))  # the busiest PE, up to 5%
+    image = _heatmap(ax, data, data.outside_kernels(data.utilization), cells=_HEATMAP_CELLS,
+                     cmap="viridis", norm=Normalize(0.0, top),
+                     title=f"PE utilization — {data.subtitle()}")
+    fig.colorbar(image, cax=_bar_beside(fig, ax),
+                 label=f"fraction of cycles computing (scale to the busiest PE: {busiest:.1%})")
     _outline_kernels(ax, data)
 
 
 def _draw_sram(fig: Figure, data: _Data) -> None:
     ax = fig.add_axes(_MAP)
     capacity = data.run.grids.sram_capacity_words
-    image = _heatmap(ax, data, data.sram, cells=_HEATMAP_CELLS, cmap="magma",
+    image = _heatmap(ax, data, data.outside_kernels(data.sram), cells=_HEATMAP_CELLS,
+                     cmap="magma",
                      norm=Normalize(0.0, 1.0), title=f"SRAM occupancy — {data.subtitle()}")
     fig.colorbar(image, cax=_bar_beside(fig, ax),
                  label=f"fraction of SRAM used ({capacity:,} words = {capacity * 4 / 1024:g} KiB)")
