@@ -98,6 +98,10 @@ def test_block_reduction_keeps_a_lone_hot_link_visible():
     assert (blocks[:, :] >= 0).all() and np.isfinite(blocks).all()  # padding never shows
     small, factor = _reduce(grid[:300, :200], 400)
     assert factor == 1 and (small == grid[:300, :200]).all()  # small fabrics: every PE
+    empty = np.full((994, 750), np.nan)  # PEs of no kernel stay "nothing" (grey) ...
+    empty[10, 10] = 0.0  # ... unless a block holds a PE that has a value, even zero
+    blocks, _ = _reduce(empty, 400)
+    assert np.isnan(blocks).sum() == blocks.size - 9 and (blocks[2:5, 2:5] == 0).all()
 
 
 def plot_error(tmp_path: Path, capsys, text: str) -> str:
