@@ -64,7 +64,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
 
 from wse_sim.assemble import (
     C_DEADLOCK,
@@ -72,15 +71,61 @@ from wse_sim.assemble import (
     C_READS,
     C_THREADS,
     C_WRITES,
-    CS_CONSUMED,
     CS_LAST_MOVE,
     CS_LAST_PROGRESS,
     CS_NACT,
+    CT_FIRST,
+    CT_FLOPS,
+    CT_LAST,
+    CT_OPS,
+    CT_RD,
+    CT_WR,
+    I_BODY,
+    I_COUNT,
+    I_FLOPS,
+    I_N,
+    I_NRD,
+    I_NRD0,
+    I_OP,
+    I_TASK,
+    I_WR,
     K_COMPUTE,
     K_MOVE,
     K_RECV,
     K_SEND,
     K_STALL,
+    O_ADDR,
+    O_BASE,
+    O_BUF,
+    O_KIND,
+    O_LSTRIDE,
+    O_REG,
+    O_STRIDE,
+    S_FP_T,
+    S_HALTED,
+    S_IN_ACT,
+    S_NRUN,
+    S_PE,
+    S_RD_DEBT,
+    S_TH_RR,
+    S_TK_HI,
+    S_TK_LO,
+    S_TK_RR,
+    S_WAKE,
+    T_ACT,
+    T_BLK,
+    T_END,
+    T_FIRST,
+    T_RECV,
+    T_RUN,
+    T_TRIG,
+    TH_E,
+    TH_ITER,
+    TH_PC,
+    TH_RCOUNT,
+    TH_RFIRST,
+    TH_RLAST,
+    TH_TASK,
     Assembled,
     assemble,
 )
@@ -88,16 +133,27 @@ from wse_sim.errors import DeadlockError, UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import Kind, Op, Port, Program, Trigger, validate
 from wse_sim.router import (
+    B_COUNT,
+    B_PORT,
+    B_ROUTE,
+    CT_RAMP_IN,
+    CT_RAMP_OUT,
     P_DEPTH,
     P_HOP,
+    P_WIDTH,
+    R_COLOR,
+    R_PE,
     RECV,
     SC_COPIES,
     SC_INFLIGHT,
     SC_NWOKEN,
     has_room,
+    head_ready,
+    hot,
+    hot_inline,
     inject,
     pop_recv,
-    router_step,
+    route_cycle,
 )
 from wse_sim.stats import Stats
 
@@ -112,9 +168,10 @@ FIRST_CONTROL = REPEAT
 RUNNING, DONE, DEADLOCK, FROZEN = range(4)
 # Thread step outcomes (bit flags, merged per PE per cycle).
 F_ARITH, F_SEND, F_RECV, F_MOVE, F_STALL, F_FPWAIT = 1, 2, 4, 8, 16, 32
+F_WORK = F_ARITH | F_SEND | F_RECV | F_MOVE
 
 
-@njit(cache=True, error_model="numpy")
+@hot_inline
 def _apply(op, a, b, c):
     """dst = OP(a, b, c) in float32."""
     if op == MOV:
@@ -148,301 +205,310 @@ def _apply(op, a, b, c):
     return math.sqrt(a)  # SQRT
 
 
-@njit(cache=True)
-def _end_instr(cs, th, i):
-    """Thread th finished instruction i: step to the next one (REPEAT loop-back is free)."""
+@hot_inline
+def _end_instr(slot, task, th, s, thr, i):
+    """Thread thr of slot s finished instruction i: step to the next one (REPEAT loop-back
+    is free); free the thread after the task's last instruction."""
     pc = i + 1
-    if cs.th_rcount[th] > 0 and i == cs.th_rlast[th]:
-        cs.th_iter[th] += 1
-        if cs.th_iter[th] < cs.th_rcount[th]:
-            pc = cs.th_rfirst[th]
+    if th[thr, TH_RCOUNT] > 0 and i == th[thr, TH_RLAST]:
+        th[thr, TH_ITER] += 1
+        if th[thr, TH_ITER] < th[thr, TH_RCOUNT]:
+            pc = th[thr, TH_RFIRST]
         else:
-            cs.th_rcount[th] = 0
-            cs.th_iter[th] = 0
-    cs.th_e[th] = 0
-    task = cs.th_task[th]
-    if pc == cs.task_end[task]:
-        cs.th_task[th] = -1
-        cs.task_run[task] = 0
-        s = th // cs.params[C_THREADS]
-        cs.nrun[s] -= 1
-        cs.wake[s] = 1  # the task may be ready again, or another may take the thread
+            th[thr, TH_RCOUNT] = 0
+            th[thr, TH_ITER] = 0
+    th[thr, TH_E] = 0
+    k = th[thr, TH_TASK]
+    if pc == task[k, T_END]:
+        th[thr, TH_TASK] = -1
+        task[k, T_RUN] = 0
+        slot[s, S_NRUN] -= 1
+        slot[s, S_WAKE] = 1  # the task may be ready again, or another may take the thread
     else:
-        cs.th_pc[th] = pc
+        th[thr, TH_PC] = pc
 
 
-@njit(cache=True)
-def _control(cs, s, th, i):
-    op = cs.i_op[i]
+@hot_inline
+def _control(slot, task, ins, th, s, thr, i):
+    """Execute control instruction i (one cycle)."""
+    op = ins[i, I_OP]
     if op == REPEAT:
-        count = cs.i_count[i]
+        count = ins[i, I_COUNT]
         if count == 0:
-            cs.th_rcount[th] = 0
-            _end_instr(cs, th, i + cs.i_body[i])  # skip the body
+            th[thr, TH_RCOUNT] = 0
+            _end_instr(slot, task, th, s, thr, i + ins[i, I_BODY])  # skip the body
             return
-        cs.th_rcount[th] = count
-        cs.th_iter[th] = 0
-        cs.th_rfirst[th] = i + 1
-        cs.th_rlast[th] = i + cs.i_body[i]
+        th[thr, TH_RCOUNT] = count
+        th[thr, TH_ITER] = 0
+        th[thr, TH_RFIRST] = i + 1
+        th[thr, TH_RLAST] = i + ins[i, I_BODY]
     elif op == ACTIVATE:
-        cs.task_act[cs.i_task[i]] = 1
-        cs.wake[s] = 1
+        task[ins[i, I_TASK], T_ACT] = 1
+        slot[s, S_WAKE] = 1
     elif op == BLOCK:
-        cs.task_blk[cs.i_task[i]] = 1
+        task[ins[i, I_TASK], T_BLK] = 1
     elif op == UNBLOCK:
-        cs.task_blk[cs.i_task[i]] = 0
-        cs.wake[s] = 1
+        task[ins[i, I_TASK], T_BLK] = 0
+        slot[s, S_WAKE] = 1
     else:  # HALT
-        cs.halted[s] = 1
-    _end_instr(cs, th, i)
+        slot[s, S_HALTED] = 1
+    _end_instr(slot, task, th, s, thr, i)
 
 
-@njit(cache=True, error_model="numpy")
-def _element(fb, cs, s, pe, th, t, budget):
-    """Try to advance thread th by one element in cycle t. budget = [reads, writes, ramp
+@hot_inline
+def _element(t, s, pe, thr, buf, wl, wval, node, fsc, fctr, depth, cparams, slot, fpc, task,
+             ins, imm, sram, regs, th, th_scal, ctr, budget):
+    """Try to advance thread thr by one element in cycle t. budget = [reads, writes, ramp
     out] left this cycle. Returns F_* flags (0: blocked by a budget another thread used)."""
-    i = cs.th_pc[th]
-    op = cs.i_op[i]
+    i = th[thr, TH_PC]
+    op = ins[i, I_OP]
     if op >= FIRST_CONTROL:
-        _control(cs, s, th, i)
+        _control(slot, task, ins, th, s, thr, i)
         return F_MOVE
-    e = cs.th_e[th]
-    reads = cs.i_nrd[i]
+    e = th[thr, TH_E]
+    reads = ins[i, I_NRD]
     if e == 0:
-        reads += cs.i_nrd0[i]
-    full = cs.params[C_READS]
+        reads += ins[i, I_NRD0]
+    full = cparams[C_READS]
     if reads > budget[0] and not (reads > full and budget[0] == full):
         return 0
-    if cs.i_wr[i] > budget[1]:
+    writes = ins[i, I_WR]
+    if writes > budget[1]:
         return 0
-    flops = cs.i_flops[i]
-    if flops > 0 and cs.fp[s] < 1.0:
+    flops = ins[i, I_FLOPS]
+    if flops > 0 and fpc[s] < 1.0:
         return F_FPWAIT
-    depth = fb.params[P_DEPTH]
     flags = 0
     for k in range(1, 4):
-        if cs.o_kind[i, k] == FABIN:
-            b = cs.o_buf[i, k]
-            if fb.count[b] == 0 or fb.ready[b * depth + fb.head[b]] > t:
+        if ins[i, O_BASE + 6 * k + O_KIND] == FABIN:
+            if not head_ready(buf, wl, ins[i, O_BASE + 6 * k + O_BUF], t, depth):
                 return F_STALL
             flags |= F_RECV
-    if cs.o_kind[i, 0] == FABOUT:
+    dst_kind = ins[i, O_BASE + O_KIND]
+    if dst_kind == FABOUT:
         if budget[2] == 0:
             return 0
-        if not has_room(fb, cs.o_buf[i, 0], t):
+        if not has_room(buf, ins[i, O_BASE + O_BUF], t, depth):
             return F_STALL
         flags |= F_SEND
     # Execute: read every source before writing the destination (they may alias).
-    it = cs.th_iter[th]
-    a = b_ = c = np.float32(0.0)
+    it = th[thr, TH_ITER]
+    a = b = c = np.float32(0.0)
     for k in range(1, 4):
-        kind = cs.o_kind[i, k]
+        col = O_BASE + 6 * k
+        kind = ins[i, col + O_KIND]
         if kind == MEM:
-            addr = cs.o_addr[i, k] + it * cs.o_lstride[i, k]
-            stride = cs.o_stride[i, k]
+            addr = ins[i, col + O_ADDR] + it * ins[i, col + O_LSTRIDE]
+            stride = ins[i, col + O_STRIDE]
             if stride == 0:
                 if e == 0:
-                    cs.th_scal[th, k] = cs.sram[addr]
-                v = cs.th_scal[th, k]
+                    th_scal[thr, k] = sram[addr]
+                v = th_scal[thr, k]
             else:
-                v = cs.sram[addr + e * stride]
+                v = sram[addr + e * stride]
         elif kind == FABIN:
-            v = pop_recv(fb, cs.o_buf[i, k])
-            cs.sc[CS_CONSUMED] += 1
+            v = pop_recv(buf, wval, fsc, ins[i, col + O_BUF], depth)
         elif kind == REG:
-            v = cs.regs[cs.o_reg[i, k]]
+            v = regs[ins[i, col + O_REG]]
         elif kind == IMM:
-            v = cs.o_imm[i, k]
+            v = imm[i, k]
         else:
             continue
         if k == 1:
             a = v
         elif k == 2:
-            b_ = v
+            b = v
         else:
             c = v
-    res = _apply(op, a, b_, c)
-    kind = cs.o_kind[i, 0]
-    if kind == MEM:
-        cs.sram[cs.o_addr[i, 0] + it * cs.o_lstride[i, 0] + e * cs.o_stride[i, 0]] = res
-    elif kind == REG:
-        cs.regs[cs.o_reg[i, 0]] = res
+    res = _apply(op, a, b, c)
+    if dst_kind == MEM:
+        sram[ins[i, O_BASE + O_ADDR] + it * ins[i, O_BASE + O_LSTRIDE]
+             + e * ins[i, O_BASE + O_STRIDE]] = res
+    elif dst_kind == REG:
+        regs[ins[i, O_BASE + O_REG]] = res
     else:  # FABOUT
-        inject(fb, cs.o_buf[i, 0], pe, res, 0, t)
+        inject(buf, wl, wval, node, fsc, fctr, ins[i, O_BASE + O_BUF], pe, res, 0, t, depth)
         budget[2] -= 1
     # Budgets and counters.
     if reads > budget[0]:
-        cs.rd_debt[s] = reads - budget[0]
+        slot[s, S_RD_DEBT] = reads - budget[0]
         budget[0] = 0
     else:
         budget[0] -= reads
-    budget[1] -= cs.i_wr[i]
-    cs.sram_rd[pe] += reads
-    cs.sram_wr[pe] += cs.i_wr[i]
+    budget[1] -= writes
+    ctr[pe, CT_RD] += reads
+    ctr[pe, CT_WR] += writes
     if flops > 0:
-        cs.fp[s] -= 1.0
-        cs.ops[pe] += 1
-        cs.flops[pe] += flops
+        fpc[s] -= 1.0
+        ctr[pe, CT_OPS] += 1
+        ctr[pe, CT_FLOPS] += flops
         flags |= F_ARITH
     elif flags == 0:
         flags = F_MOVE
     e += 1
-    if e == cs.i_n[i]:
-        _end_instr(cs, th, i)
+    if e == ins[i, I_N]:
+        _end_instr(slot, task, th, s, thr, i)
     else:
-        cs.th_e[th] = e
+        th[thr, TH_E] = e
     return flags
 
 
-@njit(cache=True)
-def _scan_tasks(fb, cs, s, t, start):
-    """Start ready tasks on free microthreads (if `start`). Returns (tasks started, whether
-    a ready task is left waiting, or a COLOR task's wavelet is still on its way)."""
-    if cs.halted[s]:
+@hot
+def _scan_tasks(t, s, start, buf, wl, depth, threads, slot, task, th):
+    """Start ready tasks of slot s on free microthreads (if `start`). Returns (tasks
+    started, whether a ready task is left waiting or a COLOR task's wavelet is on its way)."""
+    if slot[s, S_HALTED]:
         return 0, False
-    threads = cs.params[C_THREADS]
-    depth = fb.params[P_DEPTH]
-    lo = cs.tk_lo[s]
-    ntask = cs.tk_lo[s + 1] - lo
+    lo = slot[s, S_TK_LO]
+    ntask = slot[s, S_TK_HI] - lo
     started = 0
     pending = False
-    rr = cs.tk_rr[s]
+    rr = slot[s, S_TK_RR]
     for q in range(ntask):
         k = lo + (rr + q) % ntask
-        if cs.task_run[k] or cs.task_blk[k]:
+        if task[k, T_RUN] or task[k, T_BLK]:
             continue
-        ready = cs.task_act[k] != 0
-        if not ready and cs.task_trig[k] == COLOR_TRIGGER:
-            b = cs.task_recv[k]
-            if fb.count[b] > 0:
-                if fb.ready[b * depth + fb.head[b]] <= t:
-                    ready = True
-                else:
-                    pending = True
+        ready = task[k, T_ACT] != 0
+        if not ready and task[k, T_TRIG] == COLOR_TRIGGER:
+            b = task[k, T_RECV]
+            if head_ready(buf, wl, b, t, depth):
+                ready = True
+            elif buf[b, B_COUNT] > 0:
+                pending = True
         if not ready:
             continue
-        if not start or cs.nrun[s] == threads:
+        if not start or slot[s, S_NRUN] == threads:
             pending = True
             continue
-        th = s * threads
-        while cs.th_task[th] >= 0:
-            th += 1
-        cs.th_task[th] = k
-        cs.th_pc[th] = cs.task_first[k]
-        cs.th_e[th] = 0
-        cs.th_rcount[th] = 0
-        cs.th_iter[th] = 0
-        cs.task_run[k] = 1
-        cs.task_act[k] = 0
-        cs.nrun[s] += 1
-        cs.tk_rr[s] = (k - lo + 1) % ntask
+        thr = s * threads
+        while th[thr, TH_TASK] >= 0:
+            thr += 1
+        th[thr, TH_TASK] = k
+        th[thr, TH_PC] = task[k, T_FIRST]
+        th[thr, TH_E] = 0
+        th[thr, TH_RCOUNT] = 0
+        th[thr, TH_ITER] = 0
+        task[k, T_RUN] = 1
+        task[k, T_ACT] = 0
+        slot[s, S_NRUN] += 1
+        slot[s, S_TK_RR] = (k - lo + 1) % ntask
         started += 1
     return started, pending
 
 
-@njit(cache=True, error_model="numpy")
-def _core_cycle(fb, cs, s, t, budget):
-    """One cycle of the PE in slot s. Returns its progress (elements + tasks started)."""
-    pe = cs.slot_pe[s]
-    progress = 0
-    if cs.wake[s]:
-        started, pending = _scan_tasks(fb, cs, s, t, True)
-        progress += started
-        cs.wake[s] = 1 if pending else 0
-    if cs.nrun[s] > 0:
-        full = cs.params[C_READS]
-        budget[0] = full - cs.rd_debt[s]
-        cs.rd_debt[s] = 0
-        if budget[0] < 0:
-            cs.rd_debt[s] = -budget[0]
-            budget[0] = 0
-        budget[1] = cs.params[C_WRITES]
-        budget[2] = cs.params[C_RAMP_OUT]
-        rate = cs.fp_rate[0]
-        cs.fp[s] = min(cs.fp[s] + rate * (t - cs.fp_t[s]), cs.fp_rate[1])
-        cs.fp_t[s] = t
-        threads = cs.params[C_THREADS]
-        base = s * threads
-        start = cs.th_rr[s]
-        first = -1
-        flags = 0
-        for q in range(threads):
-            k = (start + q) % threads
-            th = base + k
-            if cs.th_task[th] < 0:
-                continue
-            f = _element(fb, cs, s, pe, th, t, budget)
-            flags |= f
-            if f & (F_ARITH | F_SEND | F_RECV | F_MOVE):
-                progress += 1
-                if first < 0:
-                    first = k
-        if first >= 0:
-            cs.th_rr[s] = (first + 1) % threads
-        if flags & (F_ARITH | F_FPWAIT):
-            cs.cls[K_COMPUTE, pe] += 1
-        elif flags & F_SEND:
-            cs.cls[K_SEND, pe] += 1
-        elif flags & F_RECV:
-            cs.cls[K_RECV, pe] += 1
-        elif flags & F_MOVE:
-            cs.cls[K_MOVE, pe] += 1
-        elif flags & F_STALL:
-            cs.cls[K_STALL, pe] += 1
-        if flags & (F_ARITH | F_SEND | F_RECV | F_MOVE):
-            if cs.first[pe] < 0:
-                cs.first[pe] = t
-            cs.last[pe] = t
-    if cs.nrun[s] == 0 and cs.wake[s]:
-        # Keep the PE active only if some task can start next cycle.
-        cs.wake[s] = 1 if _scan_tasks(fb, cs, s, t + 1, False)[1] else 0
-    return progress
-
-
-@njit(cache=True)
-def _pe_step(fb, cs, t, budget):
-    """Cycle t of every active PE. Returns the progress made."""
-    for j in range(fb.sc[SC_NWOKEN]):
-        s = cs.pe_slot[fb.woken[j]]
+@hot
+def _pe_cycle(t, buf, wl, wval, node, fsc, fctr, woken, depth, cparams, fp_rate, csc, slot,
+              act, fpc, pe_slot, task, ins, imm, sram, regs, th, th_scal, ctr, budget):
+    """Cycle t of every active PE. Returns the progress made (elements, control ops and
+    tasks started)."""
+    threads = cparams[C_THREADS]
+    for j in range(fsc[SC_NWOKEN]):
+        s = pe_slot[woken[j]]
         if s < 0:
             continue
-        cs.wake[s] = 1
-        if cs.in_act[s] == 0:
-            cs.in_act[s] = 1
-            cs.act[cs.sc[CS_NACT]] = s
-            cs.sc[CS_NACT] += 1
-    fb.sc[SC_NWOKEN] = 0
+        slot[s, S_WAKE] = 1
+        if slot[s, S_IN_ACT] == 0:
+            slot[s, S_IN_ACT] = 1
+            act[csc[CS_NACT]] = s
+            csc[CS_NACT] += 1
+    fsc[SC_NWOKEN] = 0
     progress = 0
-    n = 0
-    for j in range(cs.sc[CS_NACT]):
-        s = cs.act[j]
-        progress += _core_cycle(fb, cs, s, t, budget)
-        if cs.nrun[s] > 0 or cs.wake[s]:
-            cs.act[n] = s
-            n += 1
+    n_keep = 0
+    for j in range(csc[CS_NACT]):
+        s = act[j]
+        pe = slot[s, S_PE]
+        if slot[s, S_WAKE]:
+            started, pending = _scan_tasks(t, s, True, buf, wl, depth, threads, slot, task, th)
+            progress += started
+            slot[s, S_WAKE] = 1 if pending else 0
+        if slot[s, S_NRUN] > 0:
+            budget[0] = cparams[C_READS] - slot[s, S_RD_DEBT]
+            slot[s, S_RD_DEBT] = 0
+            if budget[0] < 0:
+                slot[s, S_RD_DEBT] = -budget[0]
+                budget[0] = 0
+            budget[1] = cparams[C_WRITES]
+            budget[2] = cparams[C_RAMP_OUT]
+            fpc[s] = min(fpc[s] + fp_rate[0] * (t - slot[s, S_FP_T]), fp_rate[1])
+            slot[s, S_FP_T] = t
+            start = slot[s, S_TH_RR]
+            first = -1
+            flags = 0
+            for q in range(threads):
+                k = start + q
+                if k >= threads:
+                    k -= threads
+                thr = s * threads + k
+                if th[thr, TH_TASK] < 0:
+                    continue
+                f = _element(t, s, pe, thr, buf, wl, wval, node, fsc, fctr, depth, cparams,
+                             slot, fpc, task, ins, imm, sram, regs, th, th_scal, ctr, budget)
+                flags |= f
+                if f & F_WORK:
+                    progress += 1
+                    if first < 0:
+                        first = k
+            if first >= 0:
+                slot[s, S_TH_RR] = first + 1 if first + 1 < threads else 0
+            _count_cycle(ctr, pe, flags, t)
+        if slot[s, S_NRUN] == 0 and slot[s, S_WAKE]:
+            # Keep the PE active only if some task can start next cycle.
+            pending = _scan_tasks(t + 1, s, False, buf, wl, depth, threads, slot, task, th)[1]
+            slot[s, S_WAKE] = 1 if pending else 0
+        if slot[s, S_NRUN] > 0 or slot[s, S_WAKE]:
+            act[n_keep] = s
+            n_keep += 1
         else:
-            cs.in_act[s] = 0
-    cs.sc[CS_NACT] = n
+            slot[s, S_IN_ACT] = 0
+    csc[CS_NACT] = n_keep
     return progress
 
 
-@njit(cache=True)
+@hot_inline
+def _count_cycle(ctr, pe, flags, t):
+    """Class of PE pe's cycle t (first that applies) and its first/last working cycle."""
+    if flags & (F_ARITH | F_FPWAIT):
+        ctr[pe, K_COMPUTE] += 1
+    elif flags & F_SEND:
+        ctr[pe, K_SEND] += 1
+    elif flags & F_RECV:
+        ctr[pe, K_RECV] += 1
+    elif flags & F_MOVE:
+        ctr[pe, K_MOVE] += 1
+    elif flags & F_STALL:
+        ctr[pe, K_STALL] += 1
+    if flags & F_WORK:
+        if ctr[pe, CT_FIRST] < 0:
+            ctr[pe, CT_FIRST] = t
+        ctr[pe, CT_LAST] = t
+
+
+@hot
 def run_chunk(fb, cs, t, t_end):
     """Run cycles t.. until done, a deadlock, or t_end. Returns (cycle, status)."""
-    budget = np.zeros(3, np.int64)
-    deadlock = cs.params[C_DEADLOCK]
-    hop = fb.params[P_HOP]
-    last_progress = cs.sc[CS_LAST_PROGRESS]
-    last_move = cs.sc[CS_LAST_MOVE]
+    fparams, fsc, route, dest, buf, rb_lo = fb.params, fb.sc, fb.route, fb.dest, fb.buf, fb.rb_lo
+    wl, wval, node, woken, cand = fb.wl, fb.wval, fb.node, fb.woken, fb.cand
+    lat_hist, fctr, color_hops = fb.lat_hist, fb.ctr, fb.color_hops
+    cparams, fp_rate, csc, slot, act, fpc = cs.params, cs.fp_rate, cs.sc, cs.slot, cs.act, cs.fpc
+    pe_slot, task, ins, imm, sram, regs = cs.pe_slot, cs.task, cs.ins, cs.imm, cs.sram, cs.regs
+    th, th_scal, ctr, budget = cs.th, cs.th_scal, cs.ctr, cs.budget
+    depth = fparams[P_DEPTH]
+    hop = fparams[P_HOP]
+    deadlock = cparams[C_DEADLOCK]
+    last_progress = csc[CS_LAST_PROGRESS]
+    last_move = csc[CS_LAST_MOVE]
     status = RUNNING
     while True:
-        if fb.sc[SC_INFLIGHT] == 0 and cs.sc[CS_NACT] == 0:
+        if fsc[SC_INFLIGHT] == 0 and csc[CS_NACT] == 0:
             status = DONE
             break
         if t >= t_end:
             break
-        moved = router_step(fb, t)
-        progress = _pe_step(fb, cs, t, budget)
+        moved = route_cycle(t, fparams, fsc, route, dest, buf, rb_lo, wl, wval, node, woken,
+                            cand, lat_hist, fctr, color_hops)
+        progress = _pe_cycle(t, buf, wl, wval, node, fsc, fctr, woken, depth, cparams, fp_rate,
+                             csc, slot, act, fpc, pe_slot, task, ins, imm, sram, regs, th,
+                             th_scal, ctr, budget)
         if moved > 0:
             last_move = t
         if moved + progress > 0:
@@ -451,11 +517,11 @@ def run_chunk(fb, cs, t, t_end):
         if t - last_progress > deadlock:
             status = DEADLOCK
             break
-        if cs.sc[CS_NACT] == 0 and fb.sc[SC_INFLIGHT] > 0 and t - last_move > hop + 1:
+        if csc[CS_NACT] == 0 and fsc[SC_INFLIGHT] > 0 and t - last_move > hop + 1:
             status = FROZEN
             break
-    cs.sc[CS_LAST_PROGRESS] = last_progress
-    cs.sc[CS_LAST_MOVE] = last_move
+    csc[CS_LAST_PROGRESS] = last_progress
+    csc[CS_LAST_MOVE] = last_move
     return t, status
 
 
@@ -519,16 +585,18 @@ def simulate(
             raise DeadlockError(_deadlock_message(asm, t, status))
         if max_cycles is not None and t >= max_cycles:
             raise UserError(
-                f"simulation exceeded max_cycles={max_cycles}: {int(cs.nrun.sum())} tasks "
-                f"still running, {int(fb.sc[SC_INFLIGHT])} wavelets in flight"
+                f"simulation exceeded max_cycles={max_cycles}: "
+                f"{int(cs.slot[:, S_NRUN].sum())} tasks still running, "
+                f"{int(fb.sc[SC_INFLIGHT])} wavelets in flight"
             )
         # Aim for ~0.2 s between progress calls.
         chunk = int(min(max(chunk * min(0.2 / max(elapsed, 1e-4), 4.0), 256), 1 << 22))
-    injected = int(fb.ramp_out.sum()) + int(fb.sc[SC_COPIES])
-    delivered = int(cs.sc[CS_CONSUMED])
+    # The fabric is empty: every wavelet sent (and every multicast copy) reached a PE.
+    injected = int(fb.ctr[:, CT_RAMP_OUT].sum()) + int(fb.sc[SC_COPIES])
+    delivered = int(fb.ctr[:, CT_RAMP_IN].sum())
     if injected != delivered:
         raise AssertionError(f"fabric lost wavelets: {injected} sent (with multicast copies), "
-                             f"{delivered} consumed")
+                             f"{delivered} delivered")
     stats = Stats.from_state(program.width, program.height, t, fb, cs,
                              injected=injected, delivered=delivered)
     return SimResult(cycles=t, stats=stats, _asm=asm)
@@ -538,37 +606,41 @@ def _deadlock_message(asm: Assembled, t: int, status: int, limit: int = 8) -> st
     """One line: the waiting threads (PE, task, pc, op, what they wait for), the full FIFOs,
     and wavelets stranded at PEs that will not consume them."""
     fb, cs = asm.fabric, asm.cores
-    width = int(fb.params[0])
+    width = int(fb.params[P_WIDTH])
     depth = int(fb.params[P_DEPTH])
     threads = int(cs.params[C_THREADS])
+    count = fb.buf[:, B_COUNT]
+
+    def color_of(b: int) -> int:
+        return int(fb.route[R_COLOR, fb.buf[b, B_ROUTE]])
+
     waiting: list[str] = []
-    for th in np.nonzero(cs.th_task >= 0)[0]:
-        s, task, i = th // threads, cs.th_task[th], cs.th_pc[th]
-        pe = int(cs.slot_pe[s])
-        op = Op(int(cs.i_op[i]))
+    for thr in np.nonzero(cs.th[:, TH_TASK] >= 0)[0]:
+        s, k, i = thr // threads, int(cs.th[thr, TH_TASK]), int(cs.th[thr, TH_PC])
+        pe = int(cs.slot[s, S_PE])
         what = "budget"
-        for k in range(4):
-            kind, b = int(cs.o_kind[i, k]), int(cs.o_buf[i, k])
-            color = int(fb.route_color[fb.buf_route[b]]) if b >= 0 else -1
-            if kind == FABIN and fb.count[b] == 0:
-                what = f"FABIN color {color} empty"
-            elif kind == FABOUT and fb.count[b] >= depth:
-                what = f"FABOUT color {color}: ramp buffer full"
-        waiting.append(f"PE ({pe % width}, {pe // width}) task {int(asm.task_ids[task])} "
-                       f"pc {int(i - asm.task_pc0[task])} {op.name} waits: {what}")
+        for col in range(O_BASE, O_BASE + 24, 6):
+            kind, b = int(cs.ins[i, col + O_KIND]), int(cs.ins[i, col + O_BUF])
+            if kind == FABIN and count[b] == 0:
+                what = f"FABIN color {color_of(b)} empty"
+            elif kind == FABOUT and count[b] >= depth:
+                what = f"FABOUT color {color_of(b)}: ramp buffer full"
+        waiting.append(f"PE ({pe % width}, {pe // width}) task {int(asm.task_ids[k])} "
+                       f"pc {i - int(cs.task[k, T_FIRST])} {Op(int(cs.ins[i, I_OP])).name} "
+                       f"waits: {what}")
     full, stranded = [], []
-    for b in np.nonzero(fb.count > 0)[0]:
-        r = fb.buf_route[b]
-        pe, color, port = int(fb.route_pe[r]), int(fb.route_color[r]), int(fb.buf_port[b])
+    for b in np.nonzero(count > 0)[0]:
+        r = fb.buf[b, B_ROUTE]
+        pe, port = int(fb.route[R_PE, r]), int(fb.buf[b, B_PORT])
         where = f"({pe % width}, {pe // width})"
         if port == RECV:
-            s = cs.pe_slot[pe]
-            if s < 0 or cs.halted[s] or not (cs.th_task[s * threads:(s + 1) * threads] >= 0).any():
-                state = "halted" if s >= 0 and cs.halted[s] else "idle"
-                stranded.append(f"PE {where} color {color}: {int(fb.count[b])} wavelets "
-                                f"at a {state} PE")
-        elif fb.count[b] >= depth:
-            full.append(f"PE {where} {Port(port).name} color {color}")
+            s = int(cs.pe_slot[pe])
+            halted = s >= 0 and bool(cs.slot[s, S_HALTED])
+            if halted or s < 0 or cs.slot[s, S_NRUN] == 0:
+                stranded.append(f"PE {where} color {color_of(b)}: {int(count[b])} wavelets "
+                                f"at a {'halted' if halted else 'idle'} PE")
+        elif count[b] >= depth:
+            full.append(f"PE {where} {Port(port).name} color {color_of(b)}")
     kind = "no progress" if status == DEADLOCK else "the fabric is stuck"
     parts = [f"deadlock at cycle {t} ({kind})"]
     for label, items in (("waiting", waiting), ("stranded", stranded), ("full buffers", full)):

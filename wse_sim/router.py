@@ -29,6 +29,9 @@ A link of latency L fed by a FIFO of depth D carries min(1, D / (L + 1)) wavelet
 when saturated: with the defaults (L = 1, D = 4) exactly one per cycle. Nothing is dropped:
 a wavelet only moves into a FIFO with room. Colors have separate FIFOs, so a blocked color
 never blocks another.
+
+Layout. State is grouped into a few 2D int64 arrays (columns named by the constants below,
+one row per buffer / wavelet slot / PE, so one item's fields share a cache line).
 """
 
 from __future__ import annotations
@@ -38,58 +41,62 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-RAMP = 4
-RECV = 5  # buf_port of a PE receive queue (not a router input)
-SINK = -2  # dest of RAMP in packet mode: the packet leaves the network there
-TAG_DEST_BITS = 24
-TAG_DEST_MASK = (1 << TAG_DEST_BITS) - 1
+# The cycle loop's functions. `_nrt=False`: they allocate nothing, and numba's reference
+# counting of array arguments (an atomic call per array per function call, ~100 ns for a
+# helper taking six arrays) would otherwise cost more than the simulation itself.
+hot = njit(cache=True, _nrt=False, error_model="numpy")
+hot_inline = njit(cache=True, _nrt=False, error_model="numpy", inline="always")
 
-# params (int64) indices
+RAMP = 4
+RECV = 5  # buf[:, B_PORT] of a PE receive queue (not a router input)
+SINK = -2  # dest of RAMP in packet mode: the packet leaves the network there
+# Packet tag: creation cycle << 24 | destination y << 12 | destination x.
+TAG_DEST_BITS = 24
+TAG_COORD_BITS = 12
+TAG_COORD_MASK = (1 << TAG_COORD_BITS) - 1
+
+# params entries
 P_WIDTH, P_HEIGHT, P_DEPTH, P_HOP, P_RAMP_IN, P_PACKET, P_WIN0, P_WIN1 = range(8)
-# sc (int64 scalars) indices
+# sc (int64 scalars)
 (
     SC_NACT,  # routers in the active list
-    SC_NWOKEN,  # PEs woken this cycle (receive queue went 0 -> 1)
+    SC_NWOKEN,  # PEs woken this cycle (a receive queue went 0 -> 1)
     SC_INFLIGHT,  # wavelets in all FIFOs and receive queues
     SC_COPIES,  # extra copies made by multicast
-    SC_EJECTED,  # packet mode: packets ejected
     SC_ACCEPTED,  # packet mode: packets ejected inside the measurement window
     SC_MEASURED,  # packet mode: measured packets ejected
     SC_LAT_SUM,  # packet mode: sum of their latencies
     SC_LAT_MAX,
-) = range(9)
-N_SC = 9
+) = range(8)
+N_SC = 8
+# route rows (route is [3, routes]: read once per move)
+R_PE, R_COLOR, R_TX = range(3)
+# buf columns
+B_ROUTE, B_PORT, B_HEAD, B_COUNT, B_LAST_POP, B_LAST_GRANT = range(6)
+# wl columns (per wavelet slot; the value is in wval)
+W_TAG, W_READY = range(2)
+# node columns (per PE)
+N_OCC, N_IN_ACT, N_ACT = range(3)  # N_ACT: the active list (first sc[SC_NACT] entries)
+# ctr columns (per PE counters): wavelets leaving through N, E, S, W; ramp in; ramp out
+CT_RAMP_IN, CT_RAMP_OUT = 4, 5
 
 
 class Fabric(NamedTuple):
-    """Router state as flat arrays (a numba-friendly named tuple)."""
+    """Router state as grouped flat arrays (a numba-friendly named tuple)."""
 
     params: np.ndarray  # int64 [8]
     sc: np.ndarray  # int64 [N_SC]
-    route_pe: np.ndarray  # int64 [routes]
-    route_color: np.ndarray  # int64 [routes]
-    route_tx: np.ndarray  # int64 [routes] output port mask (program mode)
+    route: np.ndarray  # int64 [3, routes]
     dest: np.ndarray  # int64 [routes, 5]: buffer reached through each output (-1 none)
-    buf_route: np.ndarray  # int64 [buffers]
-    buf_port: np.ndarray  # int64 [buffers]: input port 0..4, or RECV
+    buf: np.ndarray  # int64 [buffers, 6]
     rb_lo: np.ndarray  # int64 [pes + 1]: router input FIFOs of PE p are rb_lo[p]:rb_lo[p+1]
-    head: np.ndarray  # int64 [buffers]
-    count: np.ndarray  # int64 [buffers]
-    last_pop: np.ndarray  # int64 [buffers]: cycle of the last pop (start-of-cycle room)
-    last_grant: np.ndarray  # int64 [buffers]: cycle last served (arbitration age)
-    val: np.ndarray  # float32 [buffers * depth]
-    tag: np.ndarray  # int64 [buffers * depth]
-    ready: np.ndarray  # int64 [buffers * depth]
-    occ: np.ndarray  # int64 [pes]: wavelets in the PE's router input FIFOs
-    act: np.ndarray  # int64 [pes]: routers with occ > 0 (first sc[SC_NACT] entries)
-    in_act: np.ndarray  # uint8 [pes]
+    wl: np.ndarray  # int64 [buffers * depth, 2]
+    wval: np.ndarray  # float32 [buffers * depth]
+    node: np.ndarray  # int64 [pes, 3]
     woken: np.ndarray  # int64 [pes * ramp_in]: PEs whose receive queue became non-empty
     cand: np.ndarray  # int64 scratch for arbitration
     lat_hist: np.ndarray  # int64 [bins]: packet mode latency histogram (last bin: overflow)
-    # counters
-    link: np.ndarray  # int64 [4, pes]: wavelets leaving PE p through N/E/S/W
-    ramp_in: np.ndarray  # int64 [pes]: wavelets the router delivered to its PE
-    ramp_out: np.ndarray  # int64 [pes]: wavelets the PE put on its router
+    ctr: np.ndarray  # int64 [pes, 6]: link N/E/S/W crossings leaving the PE, ramp in, out
     color_hops: np.ndarray  # int64 [colors]: mesh link crossings per color
 
 
@@ -123,7 +130,7 @@ def build_fabric(
     n_in = int(flat.sum())
     in_buf.ravel()[flat] = np.arange(n_in)
     buf_route = np.repeat(np.arange(nroute), has_in.sum(axis=1))
-    buf_port = np.nonzero(has_in)[1].astype(np.int64)
+    buf_port = np.nonzero(has_in)[1]
     rb_lo = np.searchsorted(route_pe[buf_route], np.arange(npe + 1)).astype(np.int64)
     dest = np.full((nroute, 5), -1, np.int64)
     if packet:
@@ -132,8 +139,6 @@ def build_fabric(
     else:
         recv_routes = np.nonzero((tx >> RAMP) & 1)[0]
         dest[recv_routes, RAMP] = n_in + np.arange(len(recv_routes))
-    buf_route = np.concatenate([buf_route, recv_routes]).astype(np.int64)
-    buf_port = np.concatenate([buf_port, np.full(len(recv_routes), RECV)]).astype(np.int64)
     # Mesh outputs: the neighbour's route of the same color, its opposite input FIFO.
     key = route_pe * colors + route_color
     x, y = route_pe % width, route_pe // width
@@ -146,96 +151,101 @@ def build_fabric(
         pos = np.minimum(np.searchsorted(key, nkey), max(nroute - 1, 0))
         found = key[pos] == nkey
         dest[sel[found], port] = in_buf[pos[found], opp]
-    nbuf = len(buf_route)
+    nbuf = n_in + len(recv_routes)
+    buf = np.zeros((nbuf, 6), np.int64)
+    buf[:, B_ROUTE] = np.concatenate([buf_route, recv_routes])
+    buf[:, B_PORT] = np.concatenate([buf_port, np.full(len(recv_routes), RECV)])
+    buf[:, B_LAST_POP] = buf[:, B_LAST_GRANT] = -1
     max_local = int(np.max(np.diff(rb_lo))) if npe else 0
-    params = np.array(
-        [width, height, depth, hop_latency, ramp_in, int(packet), 0, 0], np.int64
-    )
     return Fabric(
-        params=params,
+        params=np.array([width, height, depth, hop_latency, ramp_in, int(packet), 0, 0],
+                        np.int64),
         sc=np.zeros(N_SC, np.int64),
-        route_pe=route_pe,
-        route_color=route_color,
-        route_tx=tx,
+        route=np.stack([route_pe, route_color, tx]).reshape(3, nroute),
         dest=dest,
-        buf_route=buf_route,
-        buf_port=buf_port,
+        buf=buf,
         rb_lo=rb_lo,
-        head=np.zeros(nbuf, np.int64),
-        count=np.zeros(nbuf, np.int64),
-        last_pop=np.full(nbuf, -1, np.int64),
-        last_grant=np.full(nbuf, -1, np.int64),
-        val=np.zeros(nbuf * depth, np.float32),
-        tag=np.zeros(nbuf * depth, np.int64),
-        ready=np.zeros(nbuf * depth, np.int64),
-        occ=np.zeros(npe, np.int64),
-        act=np.zeros(npe, np.int64),
-        in_act=np.zeros(npe, np.uint8),
+        wl=np.zeros((nbuf * depth, 2), np.int64),
+        wval=np.zeros(nbuf * depth, np.float32),
+        node=np.zeros((npe, 3), np.int64),
         woken=np.zeros(max(npe * ramp_in, 1), np.int64),
         cand=np.zeros(max(max_local, 1), np.int64),
         lat_hist=np.zeros(max(latency_bins, 1), np.int64),
-        link=np.zeros((4, npe), np.int64),
-        ramp_in=np.zeros(npe, np.int64),
-        ramp_out=np.zeros(npe, np.int64),
+        ctr=np.zeros((npe, 6), np.int64),
         color_hops=np.zeros(colors, np.int64),
     )
 
 
-@njit(cache=True, inline="always")
-def has_room(fb, b, t):
+@hot_inline
+def has_room(buf, b, t, depth):
     """Room in FIFO b for a wavelet arriving in cycle t (start-of-cycle occupancy)."""
-    freed = 1 if fb.last_pop[b] == t else 0
-    return fb.count[b] + freed < fb.params[P_DEPTH]
+    freed = 1 if buf[b, B_LAST_POP] == t else 0
+    return buf[b, B_COUNT] + freed < depth
 
 
-@njit(cache=True, inline="always")
-def _push(fb, b, value, tag, ready):
-    depth = fb.params[P_DEPTH]
-    slot = b * depth + (fb.head[b] + fb.count[b]) % depth
-    fb.val[slot] = value
-    fb.tag[slot] = tag
-    fb.ready[slot] = ready
-    fb.count[b] += 1
-    fb.sc[SC_INFLIGHT] += 1
+@hot_inline
+def head_ready(buf, wl, b, t, depth):
+    """FIFO or receive queue b holds a wavelet that may move (be consumed) in cycle t."""
+    return buf[b, B_COUNT] > 0 and wl[b * depth + buf[b, B_HEAD], W_READY] <= t
 
 
-@njit(cache=True, inline="always")
-def _enter_router(fb, pe):
-    fb.occ[pe] += 1
-    if fb.in_act[pe] == 0:
-        fb.in_act[pe] = 1
-        fb.act[fb.sc[SC_NACT]] = pe
-        fb.sc[SC_NACT] += 1
+@hot_inline
+def _push(buf, wl, wval, sc, b, value, tag, ready, depth):
+    pos = buf[b, B_HEAD] + buf[b, B_COUNT]  # ring buffer; no division in the hot path
+    if pos >= depth:
+        pos -= depth
+    slot = b * depth + pos
+    wval[slot] = value
+    wl[slot, W_TAG] = tag
+    wl[slot, W_READY] = ready
+    buf[b, B_COUNT] += 1
+    sc[SC_INFLIGHT] += 1
 
 
-@njit(cache=True)
-def inject(fb, b, pe, value, tag, t):
+@hot_inline
+def _pop(buf, sc, b, depth):
+    """Remove the head of b; returns its slot."""
+    head = buf[b, B_HEAD]
+    buf[b, B_HEAD] = head + 1 if head + 1 < depth else 0
+    slot = b * depth + head
+    buf[b, B_COUNT] -= 1
+    sc[SC_INFLIGHT] -= 1
+    return slot
+
+
+@hot_inline
+def _enter_router(node, sc, pe):
+    node[pe, N_OCC] += 1
+    if node[pe, N_IN_ACT] == 0:
+        node[pe, N_IN_ACT] = 1
+        node[sc[SC_NACT], N_ACT] = pe
+        sc[SC_NACT] += 1
+
+
+@hot_inline
+def inject(buf, wl, wval, node, sc, ctr, b, pe, value, tag, t, depth):
     """The PE (or a packet source) puts a wavelet into its router's RAMP FIFO b in cycle t;
     the caller has checked `has_room`. It may leave the router from cycle t + 1."""
-    _push(fb, b, value, tag, t + 1)
-    _enter_router(fb, pe)
-    fb.ramp_out[pe] += 1
+    _push(buf, wl, wval, sc, b, value, tag, t + 1, depth)
+    _enter_router(node, sc, pe)
+    ctr[pe, CT_RAMP_OUT] += 1
 
 
-@njit(cache=True)
-def pop_recv(fb, b):
+@hot_inline
+def pop_recv(buf, wval, sc, b, depth):
     """The PE consumes the head of its receive queue b; returns the value."""
-    depth = fb.params[P_DEPTH]
-    slot = b * depth + fb.head[b]
-    fb.head[b] = (fb.head[b] + 1) % depth
-    fb.count[b] -= 1
-    fb.sc[SC_INFLIGHT] -= 1
-    return fb.val[slot]
+    return wval[_pop(buf, sc, b, depth)]
 
 
-@njit(cache=True, inline="always")
-def _xy_port(width, pe, dest):
-    dx = dest % width - pe % width
+@hot_inline
+def _xy_port(x, y, tag):
+    """Dimension-order next hop from (x, y) to the destination in `tag`."""
+    dx = (tag & TAG_COORD_MASK) - x
     if dx > 0:
         return 1
     if dx < 0:
         return 3
-    dy = dest // width - pe // width
+    dy = ((tag >> TAG_COORD_BITS) & TAG_COORD_MASK) - y
     if dy > 0:
         return 2
     if dy < 0:
@@ -243,28 +253,32 @@ def _xy_port(width, pe, dest):
     return RAMP
 
 
-@njit(cache=True)
-def router_step(fb, t):
+@hot
+def route_cycle(t, params, sc, route, dest, buf, rb_lo, wl, wval, node, woken, cand,
+                lat_hist, ctr, color_hops):
     """Advance every active router by cycle t. Returns the number of wavelets moved."""
-    width = fb.params[P_WIDTH]
-    depth = fb.params[P_DEPTH]
-    hop = fb.params[P_HOP]
-    ramp_cap = fb.params[P_RAMP_IN]
-    packet = fb.params[P_PACKET] != 0
-    cand = fb.cand
+    width = params[P_WIDTH]
+    depth = params[P_DEPTH]
+    hop = params[P_HOP]
+    ramp_cap = params[P_RAMP_IN]
+    packet = params[P_PACKET] != 0
     moved = 0
+    i_first_new = sc[SC_NACT]
     i = 0
-    while i < fb.sc[SC_NACT]:  # routers activated during this cycle are appended
-        pe = fb.act[i]
+    while i < sc[SC_NACT]:  # routers activated during this cycle are appended
+        pe = node[i, N_ACT]
         i += 1
+        if packet:
+            x = pe % width
+            y = pe // width
         # Ready heads, least recently served first.
         nc = 0
-        for b in range(fb.rb_lo[pe], fb.rb_lo[pe + 1]):
-            if fb.count[b] == 0 or fb.ready[b * depth + fb.head[b]] > t:
+        for b in range(rb_lo[pe], rb_lo[pe + 1]):
+            if not head_ready(buf, wl, b, t, depth):
                 continue
-            age = fb.last_grant[b]
+            age = buf[b, B_LAST_GRANT]
             j = nc
-            while j > 0 and fb.last_grant[cand[j - 1]] > age:
+            while j > 0 and buf[cand[j - 1], B_LAST_GRANT] > age:
                 cand[j] = cand[j - 1]
                 j -= 1
             cand[j] = b
@@ -273,12 +287,11 @@ def router_step(fb, t):
         ramp_used = 0
         for k in range(nc):
             b = cand[k]
-            slot = b * depth + fb.head[b]
-            r = fb.buf_route[b]
+            r = buf[b, B_ROUTE]
             if packet:
-                tx = 1 << _xy_port(width, pe, fb.tag[slot] & TAG_DEST_MASK)
+                tx = 1 << _xy_port(x, y, wl[b * depth + buf[b, B_HEAD], W_TAG])
             else:
-                tx = fb.route_tx[r]
+                tx = route[R_TX, r]
             if tx & used & 15:
                 continue
             if (tx >> RAMP) & 1 and ramp_used >= ramp_cap:
@@ -286,70 +299,93 @@ def router_step(fb, t):
             ok = True
             for o in range(5):
                 if (tx >> o) & 1:
-                    d = fb.dest[r, o]
-                    if d >= 0 and not has_room(fb, d, t):
+                    d = dest[r, o]
+                    if d >= 0 and not has_room(buf, d, t, depth):
                         ok = False
                         break
             if not ok:
                 continue
             # Move: pop once, copy to every output.
-            fb.head[b] = (fb.head[b] + 1) % depth
-            fb.count[b] -= 1
-            fb.sc[SC_INFLIGHT] -= 1
-            fb.last_pop[b] = t
-            fb.last_grant[b] = t
-            fb.occ[pe] -= 1
-            value = fb.val[slot]
-            tag = fb.tag[slot]
-            color = fb.route_color[r]
+            slot = _pop(buf, sc, b, depth)
+            buf[b, B_LAST_POP] = t
+            buf[b, B_LAST_GRANT] = t
+            node[pe, N_OCC] -= 1
+            value = wval[slot]
+            tag = wl[slot, W_TAG]
+            color = route[R_COLOR, r]
             copies = -1
             for o in range(4):
                 if (tx >> o) & 1:
-                    d = fb.dest[r, o]
-                    _push(fb, d, value, tag, t + hop)
-                    _enter_router(fb, fb.route_pe[fb.buf_route[d]])
-                    fb.link[o, pe] += 1
-                    fb.color_hops[color] += 1
+                    d = dest[r, o]
+                    _push(buf, wl, wval, sc, d, value, tag, t + hop, depth)
+                    _enter_router(node, sc, route[R_PE, buf[d, B_ROUTE]])
+                    ctr[pe, o] += 1
+                    color_hops[color] += 1
                     copies += 1
             used |= tx & 15
             if (tx >> RAMP) & 1:
                 ramp_used += 1
                 copies += 1
-                fb.ramp_in[pe] += 1
-                d = fb.dest[r, RAMP]
+                ctr[pe, CT_RAMP_IN] += 1
+                d = dest[r, RAMP]
                 if d >= 0:
-                    if fb.count[d] == 0:
-                        fb.woken[fb.sc[SC_NWOKEN]] = pe
-                        fb.sc[SC_NWOKEN] += 1
-                    _push(fb, d, value, tag, t + 1)
+                    if buf[d, B_COUNT] == 0:
+                        woken[sc[SC_NWOKEN]] = pe
+                        sc[SC_NWOKEN] += 1
+                    _push(buf, wl, wval, sc, d, value, tag, t + 1, depth)
                 else:
-                    _eject(fb, tag, t)
-            fb.sc[SC_COPIES] += copies
+                    _eject(params, sc, lat_hist, tag, t)
+            sc[SC_COPIES] += copies
             moved += 1
-    # Drop idle routers from the active list.
-    n = 0
-    for j in range(fb.sc[SC_NACT]):
-        pe = fb.act[j]
-        if fb.occ[pe] > 0:
-            fb.act[n] = pe
-            n += 1
-        else:
-            fb.in_act[pe] = 0
-    fb.sc[SC_NACT] = n
+    _compact_active(node, sc, i_first_new)
     return moved
 
 
-@njit(cache=True, inline="always")
-def _eject(fb, tag, t):
+@hot
+def _compact_active(node, sc, n_old):
+    """Drop idle routers from the active list. When it is dense and entries were appended
+    this cycle (from n_old on), rebuild it in PE order so the next cycle walks memory in
+    order."""
+    total = sc[SC_NACT]
+    npe = node.shape[0]
+    if total > n_old and 8 * total > npe:  # dense: rebuild from the flags, in order
+        n = 0
+        for pe in range(npe):
+            if node[pe, N_IN_ACT]:
+                if node[pe, N_OCC] > 0:
+                    node[n, N_ACT] = pe
+                    n += 1
+                else:
+                    node[pe, N_IN_ACT] = 0
+        sc[SC_NACT] = n
+        return
+    n = 0
+    for j in range(total):
+        pe = node[j, N_ACT]
+        if node[pe, N_OCC] > 0:
+            node[n, N_ACT] = pe
+            n += 1
+        else:
+            node[pe, N_IN_ACT] = 0
+    sc[SC_NACT] = n
+
+
+@hot_inline
+def _eject(params, sc, lat_hist, tag, t):
     """Packet mode: a packet leaves the network at its destination in cycle t."""
-    fb.sc[SC_EJECTED] += 1
-    if fb.params[P_WIN0] <= t < fb.params[P_WIN1]:
-        fb.sc[SC_ACCEPTED] += 1
+    if params[P_WIN0] <= t < params[P_WIN1]:
+        sc[SC_ACCEPTED] += 1
     birth = tag >> TAG_DEST_BITS
-    if fb.params[P_WIN0] <= birth < fb.params[P_WIN1]:
+    if params[P_WIN0] <= birth < params[P_WIN1]:
         latency = t - birth
-        fb.sc[SC_MEASURED] += 1
-        fb.sc[SC_LAT_SUM] += latency
-        fb.sc[SC_LAT_MAX] = max(fb.sc[SC_LAT_MAX], latency)
-        bins = fb.lat_hist.shape[0]
-        fb.lat_hist[min(latency, bins - 1)] += 1
+        sc[SC_MEASURED] += 1
+        sc[SC_LAT_SUM] += latency
+        sc[SC_LAT_MAX] = max(sc[SC_LAT_MAX], latency)
+        lat_hist[min(latency, lat_hist.shape[0] - 1)] += 1
+
+
+@hot
+def router_step(fb, t):
+    """`route_cycle` on a Fabric tuple (unpacked once per call)."""
+    return route_cycle(t, fb.params, fb.sc, fb.route, fb.dest, fb.buf, fb.rb_lo, fb.wl, fb.wval,
+                       fb.node, fb.woken, fb.cand, fb.lat_hist, fb.ctr, fb.color_hops)

@@ -42,26 +42,23 @@ class Stats:
     @classmethod
     def from_state(cls, width: int, height: int, cycles: int, fb: Any, cs: Any | None, *,
                    injected: int, delivered: int) -> Stats:
-        """Build from the engine's counter arrays (`cs` None: a run without PE programs)."""
+        """Build from the engine's counter arrays: `fb.ctr` (per PE: wavelets out through
+        N/E/S/W, ramp in, ramp out), `cs.ctr` (per PE: 5 cycle classes, SRAM reads, writes,
+        ops, FLOPs, first, last); `cs` None for a run without PE programs."""
         shape = (height, width)
 
-        def grid(a: np.ndarray) -> np.ndarray:
-            return np.asarray(a, np.int64).reshape(shape).copy()
+        def grid(column: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(column, np.int64).reshape(shape)
 
-        zeros = np.zeros(shape, np.int64)
+        pe_ctr = np.zeros((width * height, 11), np.int64) if cs is None else cs.ctr
         if cs is None:
-            classes = [zeros.copy() for _ in range(5)]
-            per_pe = [zeros.copy() for _ in range(4)]
-            first = last = np.full(shape, -1, np.int64)
-        else:
-            classes = [grid(row) for row in cs.cls]
-            per_pe = [grid(a) for a in (cs.sram_rd, cs.sram_wr, cs.ops, cs.flops)]
-            first, last = grid(cs.first), grid(cs.last)
+            pe_ctr[:, 9:] = -1  # never worked
+        classes = [grid(pe_ctr[:, k]) for k in range(5)]
         idle = cycles - sum(classes)
-        return cls(width, height, cycles, *classes, idle, *per_pe, first, last,
-                   np.asarray(fb.link, np.int64).reshape(4, *shape).copy(),
-                   grid(fb.ramp_in), grid(fb.ramp_out), fb.color_hops.copy(), injected,
-                   delivered)
+        link = np.ascontiguousarray(fb.ctr[:, :4].T, np.int64).reshape(4, *shape)
+        return cls(width, height, cycles, *classes, idle,
+                   *(grid(pe_ctr[:, k]) for k in range(5, 11)), link, grid(fb.ctr[:, 4]),
+                   grid(fb.ctr[:, 5]), fb.color_hops.copy(), injected, delivered)
 
     def utilization(self) -> np.ndarray:
         """Fraction of cycles each PE spent computing, (height, width)."""

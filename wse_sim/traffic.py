@@ -35,10 +35,13 @@ from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
 
 from wse_sim.errors import UserError
 from wse_sim.router import (
+    B_PORT,
+    CT_RAMP_IN,
+    CT_RAMP_OUT,
+    P_DEPTH,
     P_WIN0,
     P_WIN1,
     RAMP,
@@ -46,10 +49,12 @@ from wse_sim.router import (
     SC_LAT_MAX,
     SC_LAT_SUM,
     SC_MEASURED,
+    TAG_COORD_BITS,
     TAG_DEST_BITS,
     Fabric,
     build_fabric,
     has_room,
+    hot,
     inject,
     router_step,
 )
@@ -72,7 +77,7 @@ class Sources(NamedTuple):
     sc: np.ndarray  # int64 [2]
 
 
-@njit(cache=True)
+@hot
 def _uniform01(rng):
     """splitmix64: a float in [0, 1)."""
     z = rng[0] + np.uint64(0x9E3779B97F4A7C15)
@@ -83,63 +88,74 @@ def _uniform01(rng):
     return (z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
 
 
-@njit(cache=True)
-def _gap(src):
+@hot
+def _gap(rate, rng):
     """Cycles to the next Bernoulli(rate) success: geometric on 1, 2, ..."""
-    if src.rate[0] >= 1.0:
+    if rate[0] >= 1.0:
         return 1
-    return 1 + int(np.log(1.0 - _uniform01(src.rng)) / src.rate[1])
+    return 1 + int(np.log(1.0 - _uniform01(rng)) / rate[1])
 
 
-@njit(cache=True)
-def _destination(src, n):
-    kind, width, height, center = src.pattern[0], src.pattern[1], src.pattern[2], src.pattern[3]
+@hot
+def _destination(pattern, rate, rng, n):
+    """Destination of node n's next packet, as tag bits (y << 12 | x)."""
+    kind, width, height, center = pattern[0], pattern[1], pattern[2], pattern[3]
+    x, y = n % width, n // width
     if kind == TRANSPOSE:
-        return (n % width) * width + n // width
-    if kind == NEIGHBOR:
-        return n - n % width + (n % width + 1) % width
-    if kind == HOTSPOT and n != center and _uniform01(src.rng) < src.rate[2]:
-        return center
-    d = int(_uniform01(src.rng) * (width * height - 1))
-    return d + 1 if d >= n else d
+        x, y = y, x
+    elif kind == NEIGHBOR:
+        x = x + 1 if x + 1 < width else 0
+    elif kind == HOTSPOT and n != center and _uniform01(rng) < rate[2]:
+        x, y = center % width, center // width
+    else:
+        d = int(_uniform01(rng) * (width * height - 1))
+        d = d + 1 if d >= n else d
+        x, y = d % width, d // width
+    return (y << TAG_COORD_BITS) | x
 
 
-@njit(cache=True)
+@hot
 def _traffic_chunk(fb, src, t, t_end):
     """Run cycles t..t_end-1, stopping early once every measured packet has arrived.
     Returns (cycle, drained)."""
-    win0, win1 = fb.params[P_WIN0], fb.params[P_WIN1]
-    nodes = src.next_arr.shape[0]
+    params, fsc, buf, wl, wval, node, ctr = (fb.params, fb.sc, fb.buf, fb.wl, fb.wval, fb.node,
+                                             fb.ctr)
+    next_arr, ramp_buf, rng, pattern, rate, ssc = (src.next_arr, src.ramp_buf, src.rng,
+                                                   src.pattern, src.rate, src.sc)
+    win0, win1, depth = params[P_WIN0], params[P_WIN1], params[P_DEPTH]
+    nodes = next_arr.shape[0]
     while t < t_end:
-        if t >= win1 and src.sc[S_BEHIND] == 0 and fb.sc[SC_MEASURED] == src.sc[S_MEASURED_IN]:
+        if t >= win1 and ssc[S_BEHIND] == 0 and fsc[SC_MEASURED] == ssc[S_MEASURED_IN]:
             return t, True
         router_step(fb, t)
         behind = 0
         for n in range(nodes):
-            birth = src.next_arr[n]
-            if birth <= t and has_room(fb, src.ramp_buf[n], t):
-                dest = _destination(src, n)
-                inject(fb, src.ramp_buf[n], n, np.float32(0.0), (birth << TAG_DEST_BITS) | dest, t)
+            birth = next_arr[n]
+            if birth <= t and has_room(buf, ramp_buf[n], t, depth):
+                tag = (birth << TAG_DEST_BITS) | _destination(pattern, rate, rng, n)
+                inject(buf, wl, wval, node, fsc, ctr, ramp_buf[n], n, np.float32(0.0), tag, t,
+                       depth)
                 if win0 <= birth < win1:
-                    src.sc[S_MEASURED_IN] += 1
-                src.next_arr[n] = birth + _gap(src)
-            if src.next_arr[n] < win1:
+                    ssc[S_MEASURED_IN] += 1
+                next_arr[n] = birth + _gap(rate, rng)
+            if next_arr[n] < win1:
                 behind += 1
-        src.sc[S_BEHIND] = behind
+        ssc[S_BEHIND] = behind
         t += 1
     return t, False
 
 
-@njit(cache=True)
-def _queued_before(src, t, end):
-    """Packets created in [.., end) but still in source queues at cycle t (drawing the rest
-    of each node's arrival process; called once the run is over)."""
+@hot
+def _queued_before(src, end):
+    """Packets created before cycle `end` still in source queues (drawing the rest of each
+    node's arrival process; called once the run is over)."""
     total = 0
-    for n in range(src.next_arr.shape[0]):
-        a = src.next_arr[n]
+    next_arr, rate, rng = src.next_arr, src.rate, src.rng
+    for n in range(next_arr.shape[0]):
+        a = next_arr[n]
         while a < end:
             total += 1
-            a += _gap(src)
+            a += _gap(rate, rng)
     return total
 
 
@@ -220,9 +236,9 @@ def run_traffic(
         raise UserError(f"rate must be in (0, 1] packets/node/cycle (got {rate})")
     if width < 1 or height < 1 or width * height < 2:
         raise UserError(f"mesh must have at least 2 nodes (got {width} x {height})")
-    if width * height > 1 << TAG_DEST_BITS:
-        raise UserError(f"mesh of {width * height} nodes exceeds the {1 << TAG_DEST_BITS} "
-                        f"a packet tag can address")
+    if max(width, height) > 1 << TAG_COORD_BITS:
+        raise UserError(f"mesh sides are limited to {1 << TAG_COORD_BITS} nodes in traffic "
+                        f"mode (got {width} x {height})")
     if pattern == "transpose" and width != height:
         raise UserError(f"transpose needs a square mesh (got {width} x {height})")
     if cycles < 1 or warmup < 0:
@@ -242,15 +258,16 @@ def run_traffic(
         if drained:
             break
         chunk = int(min(max(chunk * min(0.2 / max(elapsed, 1e-4), 4.0), 64), 1 << 20))
-    queued = _queued_before(src, t, win1)
+    queued = _queued_before(src, win1)
     measured = int(src.sc[S_MEASURED_IN]) + queued
     done = int(fb.sc[SC_MEASURED])
     nodes = width * height
     hist = fb.lat_hist
     p99 = float(np.searchsorted(np.cumsum(hist), 0.99 * done)) if done else float("nan")
     hops = mean_hops(width, height, pattern, hotspot_fraction)
-    stats = Stats.from_state(width, height, t, fb, None, injected=int(fb.ramp_out.sum()),
-                             delivered=int(fb.ramp_in.sum()))
+    stats = Stats.from_state(width, height, t, fb, None,
+                             injected=int(fb.ctr[:, CT_RAMP_OUT].sum()),
+                             delivered=int(fb.ctr[:, CT_RAMP_IN].sum()))
     return TrafficResult(
         mesh=f"{width}x{height}", pattern=pattern, rate=rate, nodes=nodes, warmup=warmup,
         cycles=cycles, total_cycles=t, seed=seed, queue_depth=queue_depth,
@@ -273,7 +290,7 @@ def _build(width: int, height: int, pattern: str, rate: float, seed: int, depth:
                       depth=depth, hop_latency=hop_latency, ramp_in=ramp_in, packet=True,
                       latency_bins=LATENCY_BINS)
     n_in = int(fb.rb_lo[-1])
-    ramp_buf = np.nonzero(fb.buf_port[:n_in] == RAMP)[0].astype(np.int64)
+    ramp_buf = np.nonzero(fb.buf[:n_in, B_PORT] == RAMP)[0].astype(np.int64)
     center = (height // 2) * width + width // 2
     src = Sources(
         next_arr=np.zeros(nodes, np.int64),
@@ -285,7 +302,7 @@ def _build(width: int, height: int, pattern: str, rate: float, seed: int, depth:
     )
     silent = _silent_nodes(pattern, x, y, width)
     # First arrival: failures before the first success (cycle 0 with probability rate).
-    src.next_arr[:] = [_gap(src) - 1 for _ in range(nodes)]
+    src.next_arr[:] = [_gap(src.rate, src.rng) - 1 for _ in range(nodes)]
     src.next_arr[silent] = NEVER
     return fb, src
 
