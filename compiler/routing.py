@@ -15,11 +15,11 @@
    above or below it then travels once down to that row and along it (YX), instead of
    down every column (XY), which would cost a color on every PE of those columns.
 3. Colors. The hardware keeps one route per (PE, color), so two streams with a route entry
-   on the same PE must differ in color. Coloring that conflict graph is graph coloring; we
-   take the best of networkx's greedy strategies (DSATUR first). A stream that cannot get
-   one of `wafer.colors` colors is a `UserError` naming it and the most crowded PE on its
-   route. Symbolic stream ids are mapped per kernel (ids of separately built kernels may
-   coincide) and rewritten with `bind_colors`.
+   on the same PE must differ in color. Coloring that conflict graph is graph coloring:
+   DSATUR or networkx's smallest-last order, whichever needs fewer, then iterated greedy.
+   A stream that cannot get one of `wafer.colors` colors is a `UserError` naming it and
+   the most crowded PE on its route. Symbolic stream ids are mapped per kernel (ids of
+   separately built kernels may coincide) and rewritten with `bind_colors`.
 4. Program. Only the bounding box of the placed kernels is simulated (every XY route stays
    inside the bounding box of its endpoints); `Linked.origin` is that box's top-left PE on
    the wafer. Each PE's SRAM is checked against `wafer.sram_words_per_pe` at compile time.
@@ -30,6 +30,7 @@ number of FabOut elements it emits on the stream (rows x lane width for a tensor
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -58,7 +59,6 @@ from wse_sim.program import (
 
 PE = tuple[int, int]  # (x, y) on the wafer
 MESH_PORTS = (Port.N, Port.E, Port.S, Port.W)
-_COLORING_STRATEGIES = ("DSATUR", "largest_first", "smallest_last", "connected_sequential_bfs")
 
 
 def fabric_elements(instrs: list[Instr], stream: int, kind: Kind) -> int:
@@ -222,33 +222,93 @@ def _collect_streams(kernels: list[Kernel], positions: dict[str, PE]) -> list[Ro
     return streams
 
 
+def _dsatur(adj: list[list[int]]) -> list[int]:
+    """DSATUR greedy coloring (Brelaz): color next the vertex with the most distinct
+    neighbour colors (ties: most neighbours), with the smallest color free. A lazy heap
+    keeps it O(E log V); networkx's version is quadratic and takes a minute on a model."""
+    color = [-1] * len(adj)
+    seen: list[set[int]] = [set() for _ in adj]
+    heap = [(0, -len(nbrs), v) for v, nbrs in enumerate(adj)]
+    heapq.heapify(heap)
+    while heap:
+        neg_sat, _, v = heapq.heappop(heap)
+        if color[v] >= 0 or -neg_sat != len(seen[v]):
+            continue  # colored already, or a stale entry
+        c = 0
+        while c in seen[v]:
+            c += 1
+        color[v] = c
+        for u in adj[v]:
+            if color[u] < 0 and c not in seen[u]:
+                seen[u].add(c)
+                heapq.heappush(heap, (-len(seen[u]), -len(adj[u]), u))
+    return color
+
+
+def _first_fit(adj: list[list[int]], order: list[int]) -> list[int]:
+    color = [-1] * len(adj)
+    for v in order:
+        used = {color[u] for u in adj[v]}
+        c = 0
+        while c in used:
+            c += 1
+        color[v] = c
+    return color
+
+
+def _iterated_greedy(adj: list[list[int]], color: list[int], limit: int,
+                     rounds: int = 40) -> list[int]:
+    """Culberson's iterated greedy: re-run first-fit with the vertices grouped by color
+    class (classes reversed, or largest first); never uses more colors than before."""
+    best = color
+    for i in range(rounds):
+        if max(best, default=-1) < limit:
+            break
+        classes: dict[int, list[int]] = defaultdict(list)
+        for v, c in enumerate(best):
+            classes[c].append(v)
+        keys = sorted(classes, reverse=True) if i % 2 == 0 else sorted(
+            classes, key=lambda c: -len(classes[c]))
+        new = _first_fit(adj, [v for c in keys for v in classes[c]])
+        if max(new) <= max(best):
+            best = new
+    return best
+
+
 def _assign_colors(streams: list[RoutedStream], wafer: WaferConfig) -> int:
-    """Color the conflict graph (streams sharing a PE); returns the number of colors used."""
+    """Color the conflict graph (streams sharing a PE); returns the number of colors used.
+
+    Bundles of lanes that cross form cliques larger than any one PE's stream count (every
+    lane of one bundle crosses every lane of the other), so the colors needed can exceed
+    the busiest PE's count; we take the better of DSATUR and networkx's smallest-last
+    order, then improve it by iterated greedy."""
     by_pe: dict[PE, list[int]] = defaultdict(list)
     for i, stream in enumerate(streams):
         for pe in stream.entries:
             by_pe[pe].append(i)
-    graph = nx.Graph()
-    graph.add_nodes_from(range(len(streams)))
+    neighbours: list[set[int]] = [set() for _ in streams]
     for users in by_pe.values():
-        graph.add_edges_from((a, b) for j, a in enumerate(users) for b in users[j + 1:])
-    best: dict[int, int] = {}
-    for strategy in _COLORING_STRATEGIES:
-        coloring = nx.greedy_color(graph, strategy=strategy)
-        if not best or max(coloring.values(), default=-1) < max(best.values(), default=-1):
-            best = coloring
-        if max(best.values(), default=-1) < wafer.colors:
-            break
-    for i, color in sorted(best.items(), key=lambda item: -item[1]):
-        if color >= wafer.colors:
-            stream = streams[i]
-            crowded = max(stream.entries, key=lambda pe: len(by_pe[pe]))
-            raise UserError(
-                f"routing: stream {stream.name} could not get a color: {len(by_pe[crowded])} "
-                f"streams route through PE {crowded} and the wafer has {wafer.colors} colors")
+        for a in users:
+            neighbours[a].update(users)
+    adj = [sorted(nbrs - {v}) for v, nbrs in enumerate(neighbours)]
+    graph = nx.Graph()
+    graph.add_nodes_from(range(len(adj)))
+    graph.add_edges_from((v, u) for v, nbrs in enumerate(adj) for u in nbrs if v < u)
+    smallest_last = nx.greedy_color(graph, strategy="smallest_last")
+    color = min(_dsatur(adj), [smallest_last[v] for v in range(len(adj))],
+                key=lambda col: max(col, default=-1))
+    color = _iterated_greedy(adj, color, wafer.colors)
+    worst = max(range(len(streams)), key=color.__getitem__, default=None)
+    if worst is not None and color[worst] >= wafer.colors:
+        stream = streams[worst]
+        crowded = max(stream.entries, key=lambda pe: len(by_pe[pe]))
+        raise UserError(
+            f"routing: stream {stream.name} could not get a color: its route crosses "
+            f"{len(adj[worst])} other streams (the most at PE {crowded}: "
+            f"{len(by_pe[crowded])} streams) and the wafer has {wafer.colors} colors")
     for i, stream in enumerate(streams):
-        stream.color = best[i]
-    return max(best.values(), default=-1) + 1
+        stream.color = color[i]
+    return max(color, default=-1) + 1
 
 
 def _check_sram(kernel: Kernel, origin: PE, wafer: WaferConfig) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from compiler.lowering.harness import run_kernel
@@ -123,12 +123,34 @@ def test_disjoint_streams_share_a_color():
     assert [s.name for s in linked.streams] == ["k/local 0", "k/local 1"]
 
 
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9), st.integers(0, 9),
+                          st.integers(0, 9)), min_size=1, max_size=25, unique=True))
+def test_random_streams_get_a_proper_coloring(pairs):
+    """1x1 senders and receivers on a 10 x 20 patch: every two streams with an entry on a
+    common PE differ in color, and the Program validates."""
+    ids = StreamIds()
+    kernels, positions = [], {}
+    for i, (sx, sy, dx, dy) in enumerate(pairs):
+        kernels += [sender(f"s{i}", f"t{i}", 1, 2, ids),
+                    receiver(f"r{i}", f"t{i}", {0: ((0, 0),)}, 1, 1, 2, ids)]
+        positions[f"s{i}"], positions[f"r{i}"] = (sx, sy), (dx, 10 + dy)
+    assume(len(set(positions.values())) == len(positions))  # one kernel per PE
+    linked = link(kernels, positions, WAFER)
+    for a in linked.streams:
+        for b in linked.streams:
+            if a is not b and set(a.entries) & set(b.entries):
+                assert a.color != b.color
+    validate(linked.program, WAFER)
+
+
 def test_too_few_colors_names_stream_and_pe():
     ids = StreamIds()
     src = sender("src", "t", 3, 2, ids)
     dst = receiver("dst", "t", {j: ((0, 0),) for j in range(3)}, 1, 1, 2, ids)
-    with pytest.raises(UserError, match=r"stream t\[lane \d\] could not get a color: 3 "
-                                        r"streams route through PE \(\d, 0\).* 2 colors"):
+    with pytest.raises(UserError, match=r"stream t\[lane \d\] could not get a color: its route "
+                                        r"crosses 2 other streams \(the most at PE \(\d, 0\): 3 "
+                                        r"streams\) and the wafer has 2 colors"):
         link([src, dst], {"src": (0, 0), "dst": (3, 0)}, WaferConfig(colors=2))
 
 
