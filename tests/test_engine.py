@@ -1,13 +1,18 @@
 """PE semantics and whole programs, with cycle counts derived by hand in each test."""
 
+import copy
+
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from programs import deadlock_pair, outer_product_matmul, send_east, systolic_dot
 
 from wse_sim.engine import simulate
 from wse_sim.errors import DeadlockError, ProgramError, UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
+    SOURCES_OF,
     FabIn,
     FabOut,
     Imm,
@@ -221,3 +226,66 @@ def test_sends_to_itself():
     r = simulate(p, wafer())
     assert r.cycles == 3 + 2 + 1
     np.testing.assert_array_equal(r.sram(0, 0)[4:], np.arange(4))
+
+
+# Bulk execution (a lone thread's memory-only vector op run in one go) must be invisible:
+# the same program with a never-triggered COLOR task on the PE (which disables it) must
+# give identical cycles, counters, memory and registers.
+
+VECTOR_OPS = [Op.MOV, Op.NEG, Op.EXP, Op.RECIP, Op.TANH, Op.ADD, Op.SUB, Op.MUL, Op.MAX, Op.FMA]
+
+
+@st.composite
+def operands(draw, dst: bool = False):
+    kind = draw(st.sampled_from(["mem", "reg"] if dst else ["mem", "mem", "reg", "imm"]))
+    if kind == "mem":
+        return Mem(draw(st.integers(0, 40)), draw(st.sampled_from([0, 1, 1, 2])),
+                   draw(st.sampled_from([0, 8])))
+    if kind == "reg":
+        return Reg(draw(st.integers(0, 3)))
+    return Imm(draw(st.floats(-2, 2, width=32)))
+
+
+@st.composite
+def instructions(draw):
+    op = draw(st.sampled_from(VECTOR_OPS))
+    srcs = [draw(operands()) for _ in range(SOURCES_OF[op])]
+    return vec(op, draw(st.integers(1, 8)), draw(operands(dst=True)), *srcs)
+
+
+@st.composite
+def bulk_programs(draw):
+    tasks = []
+    for tid in range(draw(st.integers(1, 3))):
+        body = draw(st.lists(instructions(), min_size=1, max_size=3))
+        if draw(st.booleans()):
+            body = repeat(draw(st.integers(0, 3)), body)
+        trigger = Trigger.RESET if tid == 0 or draw(st.booleans()) else Trigger.LOCAL
+        tasks.append(Task(tid, trigger, body))
+    if any(t.trigger == Trigger.LOCAL for t in tasks):
+        tasks[0].instrs.append(Instr(Op.ACTIVATE, task=len(tasks) - 1))
+    wafer_kw = {"fp32_ops_per_cycle": draw(st.sampled_from([0.25, 0.5, 1.0, 2.0])),
+                "sram_reads_per_cycle": draw(st.integers(1, 3)),
+                "sram_writes_per_cycle": draw(st.integers(1, 2)),
+                "microthreads": draw(st.integers(1, 2))}
+    return tasks, wafer_kw
+
+
+@settings(max_examples=60, deadline=None)
+@given(bulk_programs())
+def test_bulk_execution_is_invisible(case):
+    tasks, wafer_kw = case
+    plain = one_pe(*copy.deepcopy(tasks))
+    w = wafer(**wafer_kw)
+    try:
+        fast = simulate(plain, w)
+    except ProgramError:
+        assume(False)
+    slow_prog = one_pe(*copy.deepcopy(tasks), Task(9, Trigger.COLOR, [Instr(Op.HALT)], color=0))
+    slow_prog.add_route(0, 0, 0, port_mask(Port.RAMP), port_mask(Port.RAMP))
+    slow = simulate(slow_prog, w)
+    assert fast.cycles == slow.cycles
+    for name, value in vars(fast.stats).items():
+        np.testing.assert_array_equal(value, getattr(slow.stats, name), err_msg=name)
+    np.testing.assert_array_equal(fast.sram(0, 0), slow.sram(0, 0))
+    np.testing.assert_array_equal(fast.registers(0, 0), slow.registers(0, 0))

@@ -19,21 +19,22 @@ from typing import NamedTuple
 import numpy as np
 
 from wse_sim.hardware import WaferConfig
-from wse_sim.program import ARITHMETIC_OPS, Kind, Op, Program, Trigger
+from wse_sim.program import ARITHMETIC_OPS, SOURCES_OF, Kind, Op, Program, Trigger
 from wse_sim.router import B_PORT, B_ROUTE, RAMP, Fabric, build_fabric
 
 # params entries
 C_THREADS, C_READS, C_WRITES, C_RAMP_OUT, C_DEADLOCK = range(5)
 # sc entries
-CS_NACT, CS_LAST_PROGRESS, CS_LAST_MOVE, CS_CONSUMED = range(4)
+CS_NACT, CS_LAST_PROGRESS, CS_LAST_MOVE, CS_BULK_END, CS_NEXT_FREE = range(5)
 # slot columns
 (S_PE, S_TK_LO, S_TK_HI, S_HALTED, S_WAKE, S_TH_RR, S_TK_RR, S_RD_DEBT, S_FP_T, S_NRUN,
- S_IN_ACT) = range(11)
+ S_IN_ACT, S_NCOLOR, S_BUSY) = range(13)
+N_SLOT_COLS = 13
 # task columns
 T_TRIG, T_RECV, T_FIRST, T_END, T_ACT, T_BLK, T_RUN = range(7)
 # ins columns: the instruction, then 6 columns per operand k (dst, a, b, c) at O_BASE + 6k
-I_OP, I_N, I_COUNT, I_BODY, I_TASK, I_NRD, I_NRD0, I_WR, I_FLOPS = range(9)
-O_BASE = 9
+I_OP, I_N, I_COUNT, I_BODY, I_TASK, I_NRD, I_NRD0, I_WR, I_FLOPS, I_BULK = range(10)
+O_BASE = 10
 O_KIND, O_ADDR, O_STRIDE, O_LSTRIDE, O_BUF, O_REG = range(6)  # + O_BASE + 6 * k
 # th columns
 TH_TASK, TH_PC, TH_E, TH_ITER, TH_RFIRST, TH_RLAST, TH_RCOUNT = range(7)
@@ -49,12 +50,12 @@ class Cores(NamedTuple):
     params: np.ndarray  # int64, C_* entries
     fp_rate: np.ndarray  # float64 [2]: fp32 elements per cycle, credit cap
     sc: np.ndarray  # int64, CS_* entries
-    slot: np.ndarray  # int64 [slots, 11]
+    slot: np.ndarray  # int64 [slots, N_SLOT_COLS]
     act: np.ndarray  # int64 [slots]: active slots (running or ready), first sc[CS_NACT]
     fpc: np.ndarray  # float64 [slots]: fp32 credit
     pe_slot: np.ndarray  # int64 [pes]: slot of a PE, -1 if it has no program
     task: np.ndarray  # int64 [tasks, 7]
-    ins: np.ndarray  # int64 [instrs, 9 + 24]
+    ins: np.ndarray  # int64 [instrs, O_BASE + 24]
     imm: np.ndarray  # float32 [instrs, 4]
     sram: np.ndarray  # float32 pool
     regs: np.ndarray  # float32 [slots * registers]
@@ -103,7 +104,7 @@ def assemble(program: Program, wafer: WaferConfig) -> Assembled:
     for s, (_, key) in enumerate(slots):
         sram_base[s + 1] = sram_base[s] + program.pes[key].sram_words
     sram = np.zeros(int(sram_base[-1]), np.float32)
-    slot = np.zeros((nslot, 11), np.int64)
+    slot = np.zeros((nslot, N_SLOT_COLS), np.int64)
     tasks: list[list[int]] = []
     task_ids: list[int] = []
     ins: list[list[int]] = []
@@ -124,7 +125,9 @@ def assemble(program: Program, wafer: WaferConfig) -> Assembled:
                 row = [int(op), instr.n, instr.count, instr.body, index_of.get(instr.task, -1),
                        sum(o.stride != 0 for o in sources), sum(o.stride == 0 for o in sources),
                        int(instr.dst.kind == Kind.MEM),
-                       2 if op == Op.FMA else int(op in ARITHMETIC_OPS)]
+                       2 if op == Op.FMA else int(op in ARITHMETIC_OPS),
+                       int(op in SOURCES_OF and not any(o.kind in (Kind.FABIN, Kind.FABOUT)
+                                                        for o in opnds))]
                 for o in opnds:
                     fab = o.kind in (Kind.FABIN, Kind.FABOUT)
                     row += [int(o.kind), base + o.offset, o.stride, o.loop_stride,
@@ -137,14 +140,15 @@ def assemble(program: Program, wafer: WaferConfig) -> Assembled:
                           int(task.trigger == Trigger.RESET), 0, 0])
             task_ids.append(task.id)
         slot[s, S_TK_HI] = len(tasks)
+        slot[s, S_NCOLOR] = sum(task.trigger == Trigger.COLOR for task in prog.tasks)
     has_tasks = slot[:, S_TK_HI] > slot[:, S_TK_LO]
     slot[:, S_WAKE] = slot[:, S_IN_ACT] = has_tasks
     act = np.zeros(nslot, np.int64)
     active = np.nonzero(has_tasks)[0]
     act[: len(active)] = active
-    sc = np.zeros(4, np.int64)
+    sc = np.zeros(5, np.int64)
     sc[CS_NACT] = len(active)
-    sc[CS_LAST_PROGRESS] = sc[CS_LAST_MOVE] = -1
+    sc[CS_LAST_PROGRESS] = sc[CS_LAST_MOVE] = sc[CS_BULK_END] = -1
     rate = wafer.fp32_ops_per_cycle
     th = np.zeros((nslot * threads, 7), np.int64)
     th[:, TH_TASK] = -1

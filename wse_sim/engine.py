@@ -71,9 +71,11 @@ from wse_sim.assemble import (
     C_READS,
     C_THREADS,
     C_WRITES,
+    CS_BULK_END,
     CS_LAST_MOVE,
     CS_LAST_PROGRESS,
     CS_NACT,
+    CS_NEXT_FREE,
     CT_FIRST,
     CT_FLOPS,
     CT_LAST,
@@ -81,6 +83,7 @@ from wse_sim.assemble import (
     CT_RD,
     CT_WR,
     I_BODY,
+    I_BULK,
     I_COUNT,
     I_FLOPS,
     I_N,
@@ -101,9 +104,11 @@ from wse_sim.assemble import (
     O_LSTRIDE,
     O_REG,
     O_STRIDE,
+    S_BUSY,
     S_FP_T,
     S_HALTED,
     S_IN_ACT,
+    S_NCOLOR,
     S_NRUN,
     S_PE,
     S_RD_DEBT,
@@ -146,6 +151,7 @@ from wse_sim.router import (
     RECV,
     SC_COPIES,
     SC_INFLIGHT,
+    SC_NACT,
     SC_NWOKEN,
     has_room,
     head_ready,
@@ -166,8 +172,10 @@ COLOR_TRIGGER = int(Trigger.COLOR)
 FIRST_CONTROL = REPEAT
 
 RUNNING, DONE, DEADLOCK, FROZEN = range(4)
+NEVER = 1 << 62
 # Thread step outcomes (bit flags, merged per PE per cycle).
-F_ARITH, F_SEND, F_RECV, F_MOVE, F_STALL, F_FPWAIT = 1, 2, 4, 8, 16, 32
+# F_BUSY_*: the thread waited only for its own PE's SRAM ports, fp32 credit or ramp slot.
+F_ARITH, F_SEND, F_RECV, F_MOVE, F_STALL, F_BUSY_ARITH, F_BUSY_MOVE = 1, 2, 4, 8, 16, 32, 64
 F_WORK = F_ARITH | F_SEND | F_RECV | F_MOVE
 
 
@@ -256,42 +264,10 @@ def _control(slot, task, ins, th, s, thr, i):
 
 
 @hot_inline
-def _element(t, s, pe, thr, buf, wl, wval, node, fsc, fctr, depth, cparams, slot, fpc, task,
-             ins, imm, sram, regs, th, th_scal, ctr, budget):
-    """Try to advance thread thr by one element in cycle t. budget = [reads, writes, ramp
-    out] left this cycle. Returns F_* flags (0: blocked by a budget another thread used)."""
-    i = th[thr, TH_PC]
-    op = ins[i, I_OP]
-    if op >= FIRST_CONTROL:
-        _control(slot, task, ins, th, s, thr, i)
-        return F_MOVE
-    e = th[thr, TH_E]
-    reads = ins[i, I_NRD]
-    if e == 0:
-        reads += ins[i, I_NRD0]
-    full = cparams[C_READS]
-    if reads > budget[0] and not (reads > full and budget[0] == full):
-        return 0
-    writes = ins[i, I_WR]
-    if writes > budget[1]:
-        return 0
-    flops = ins[i, I_FLOPS]
-    if flops > 0 and fpc[s] < 1.0:
-        return F_FPWAIT
-    flags = 0
-    for k in range(1, 4):
-        if ins[i, O_BASE + 6 * k + O_KIND] == FABIN:
-            if not head_ready(buf, wl, ins[i, O_BASE + 6 * k + O_BUF], t, depth):
-                return F_STALL
-            flags |= F_RECV
-    dst_kind = ins[i, O_BASE + O_KIND]
-    if dst_kind == FABOUT:
-        if budget[2] == 0:
-            return 0
-        if not has_room(buf, ins[i, O_BASE + O_BUF], t, depth):
-            return F_STALL
-        flags |= F_SEND
-    # Execute: read every source before writing the destination (they may alias).
+def _execute(t, pe, thr, i, e, buf, wl, wval, node, fsc, fctr, depth, ins, imm, sram, regs, th,
+             th_scal):
+    """Element e of instruction i on thread thr in cycle t: read every source (consuming
+    FABIN wavelets), then write the destination (they may alias)."""
     it = th[thr, TH_ITER]
     a = b = c = np.float32(0.0)
     for k in range(1, 4):
@@ -320,16 +296,55 @@ def _element(t, s, pe, thr, buf, wl, wval, node, fsc, fctr, depth, cparams, slot
             b = v
         else:
             c = v
-    res = _apply(op, a, b, c)
-    if dst_kind == MEM:
+    res = _apply(ins[i, I_OP], a, b, c)
+    kind = ins[i, O_BASE + O_KIND]
+    if kind == MEM:
         sram[ins[i, O_BASE + O_ADDR] + it * ins[i, O_BASE + O_LSTRIDE]
              + e * ins[i, O_BASE + O_STRIDE]] = res
-    elif dst_kind == REG:
+    elif kind == REG:
         regs[ins[i, O_BASE + O_REG]] = res
     else:  # FABOUT
         inject(buf, wl, wval, node, fsc, fctr, ins[i, O_BASE + O_BUF], pe, res, 0, t, depth)
+
+
+@hot_inline
+def _element(t, s, pe, thr, buf, wl, wval, node, fsc, fctr, depth, cparams, slot, fpc, task,
+             ins, imm, sram, regs, th, th_scal, ctr, budget):
+    """Try to advance thread thr by one element in cycle t. budget = [reads, writes, ramp
+    out] left this cycle. Returns F_* flags."""
+    i = th[thr, TH_PC]
+    if ins[i, I_OP] >= FIRST_CONTROL:
+        _control(slot, task, ins, th, s, thr, i)
+        return F_MOVE
+    e = th[thr, TH_E]
+    flops = ins[i, I_FLOPS]
+    waiting = F_BUSY_ARITH if flops > 0 else F_BUSY_MOVE
+    reads = ins[i, I_NRD]
+    if e == 0:
+        reads += ins[i, I_NRD0]
+    full = cparams[C_READS]
+    if reads > budget[0] and not (reads > full and budget[0] == full):
+        return waiting
+    writes = ins[i, I_WR]
+    if writes > budget[1]:
+        return waiting
+    if flops > 0 and fpc[s] < 1.0:
+        return waiting
+    flags = 0
+    for k in range(1, 4):
+        if ins[i, O_BASE + 6 * k + O_KIND] == FABIN:
+            if not head_ready(buf, wl, ins[i, O_BASE + 6 * k + O_BUF], t, depth):
+                return F_STALL
+            flags |= F_RECV
+    if ins[i, O_BASE + O_KIND] == FABOUT:
+        if budget[2] == 0:
+            return waiting
+        if not has_room(buf, ins[i, O_BASE + O_BUF], t, depth):
+            return F_STALL
+        flags |= F_SEND
         budget[2] -= 1
-    # Budgets and counters.
+    _execute(t, pe, thr, i, e, buf, wl, wval, node, fsc, fctr, depth, ins, imm, sram, regs, th,
+             th_scal)
     if reads > budget[0]:
         slot[s, S_RD_DEBT] = reads - budget[0]
         budget[0] = 0
@@ -351,6 +366,65 @@ def _element(t, s, pe, thr, buf, wl, wval, node, fsc, fctr, depth, cparams, slot
     else:
         th[thr, TH_E] = e
     return flags
+
+
+@hot_inline
+def _bulk(t, s, pe, thr, buf, wl, wval, node, fsc, fctr, depth, cparams, fp_rate, slot, fpc,
+          task, ins, imm, sram, regs, th, th_scal, ctr):
+    """Run the rest of thread thr's memory-only vector instruction at once, from cycle t.
+
+    Only called when the thread is the PE's only one and no COLOR task exists there: then
+    nothing outside the PE can change what it does until the instruction ends, so looping
+    the cycles of this one thread (the same budgets and credit as `_element` meets with
+    every cycle) is exact. Returns the cycle the thread resumes in (after the last
+    element). Every cycle spent counts as compute (arithmetic op) or move (MOV)."""
+    i = th[thr, TH_PC]
+    n = ins[i, I_N]
+    flops = ins[i, I_FLOPS]
+    writes = ins[i, I_WR]
+    full = cparams[C_READS]
+    debt = slot[s, S_RD_DEBT]
+    credit = fpc[s]
+    tc = t
+    first = -1
+    reads_total = 0
+    e = th[thr, TH_E]
+    while e < n:
+        avail = full - debt
+        debt = 0
+        if avail < 0:
+            debt = -avail
+            avail = 0
+        credit = min(credit + fp_rate[0] * (tc - slot[s, S_FP_T]), fp_rate[1])
+        slot[s, S_FP_T] = tc
+        reads = ins[i, I_NRD] + (ins[i, I_NRD0] if e == 0 else 0)
+        if ((reads <= avail or (reads > full and avail == full))
+                and writes <= cparams[C_WRITES] and (flops == 0 or credit >= 1.0)):
+            if reads > avail:
+                debt = reads - avail
+            if flops > 0:
+                credit -= 1.0
+            reads_total += reads
+            _execute(tc, pe, thr, i, e, buf, wl, wval, node, fsc, fctr, depth, ins, imm, sram,
+                     regs, th, th_scal)
+            if first < 0:
+                first = tc
+            e += 1
+        tc += 1
+    done = n - th[thr, TH_E]
+    slot[s, S_RD_DEBT] = debt
+    fpc[s] = credit
+    ctr[pe, K_COMPUTE if flops > 0 else K_MOVE] += tc - t
+    ctr[pe, CT_RD] += reads_total
+    ctr[pe, CT_WR] += writes * done
+    if flops > 0:
+        ctr[pe, CT_OPS] += done
+        ctr[pe, CT_FLOPS] += flops * done
+    if ctr[pe, CT_FIRST] < 0:
+        ctr[pe, CT_FIRST] = first
+    ctr[pe, CT_LAST] = tc - 1
+    _end_instr(slot, task, th, s, thr, i)
+    return tc
 
 
 @hot
@@ -396,7 +470,7 @@ def _scan_tasks(t, s, start, buf, wl, depth, threads, slot, task, th):
     return started, pending
 
 
-@hot
+@hot_inline
 def _pe_cycle(t, buf, wl, wval, node, fsc, fctr, woken, depth, cparams, fp_rate, csc, slot,
               act, fpc, pe_slot, task, ins, imm, sram, regs, th, th_scal, ctr, budget):
     """Cycle t of every active PE. Returns the progress made (elements, control ops and
@@ -414,14 +488,43 @@ def _pe_cycle(t, buf, wl, wval, node, fsc, fctr, woken, depth, cparams, fp_rate,
     fsc[SC_NWOKEN] = 0
     progress = 0
     n_keep = 0
+    csc[CS_NEXT_FREE] = NEVER  # the first cycle a busy slot resumes, if all are busy
     for j in range(csc[CS_NACT]):
         s = act[j]
+        if slot[s, S_BUSY] > t:  # inside a bulk-run instruction
+            act[n_keep] = s
+            n_keep += 1
+            csc[CS_NEXT_FREE] = min(csc[CS_NEXT_FREE], slot[s, S_BUSY])
+            continue
         pe = slot[s, S_PE]
         if slot[s, S_WAKE]:
             started, pending = _scan_tasks(t, s, True, buf, wl, depth, threads, slot, task, th)
             progress += started
             slot[s, S_WAKE] = 1 if pending else 0
-        if slot[s, S_NRUN] > 0:
+        nrun = slot[s, S_NRUN]
+        if nrun == 1 and slot[s, S_NCOLOR] == 0:
+            thr = s * threads
+            while th[thr, TH_TASK] < 0:
+                thr += 1
+            i = th[thr, TH_PC]
+            if ins[i, I_BULK] and ins[i, I_N] - th[thr, TH_E] > 1:
+                resume = _bulk(t, s, pe, thr, buf, wl, wval, node, fsc, fctr, depth, cparams,
+                               fp_rate, slot, fpc, task, ins, imm, sram, regs, th, th_scal, ctr)
+                slot[s, S_BUSY] = resume
+                csc[CS_BULK_END] = max(csc[CS_BULK_END], resume)
+                progress += 1
+                if slot[s, S_NRUN] == 0:  # the task ended: as at the end of cycle resume - 1
+                    pending = _scan_tasks(resume, s, False, buf, wl, depth, threads, slot, task,
+                                          th)[1]
+                    slot[s, S_WAKE] = 1 if pending else 0
+                if slot[s, S_NRUN] > 0 or slot[s, S_WAKE]:
+                    act[n_keep] = s
+                    n_keep += 1
+                    csc[CS_NEXT_FREE] = min(csc[CS_NEXT_FREE], resume)
+                else:
+                    slot[s, S_IN_ACT] = 0
+                continue
+        if nrun > 0:
             budget[0] = cparams[C_READS] - slot[s, S_RD_DEBT]
             slot[s, S_RD_DEBT] = 0
             if budget[0] < 0:
@@ -458,6 +561,7 @@ def _pe_cycle(t, buf, wl, wval, node, fsc, fctr, woken, depth, cparams, fp_rate,
         if slot[s, S_NRUN] > 0 or slot[s, S_WAKE]:
             act[n_keep] = s
             n_keep += 1
+            csc[CS_NEXT_FREE] = t + 1
         else:
             slot[s, S_IN_ACT] = 0
     csc[CS_NACT] = n_keep
@@ -467,13 +571,13 @@ def _pe_cycle(t, buf, wl, wval, node, fsc, fctr, woken, depth, cparams, fp_rate,
 @hot_inline
 def _count_cycle(ctr, pe, flags, t):
     """Class of PE pe's cycle t (first that applies) and its first/last working cycle."""
-    if flags & (F_ARITH | F_FPWAIT):
+    if flags & (F_ARITH | F_BUSY_ARITH):
         ctr[pe, K_COMPUTE] += 1
     elif flags & F_SEND:
         ctr[pe, K_SEND] += 1
     elif flags & F_RECV:
         ctr[pe, K_RECV] += 1
-    elif flags & F_MOVE:
+    elif flags & (F_MOVE | F_BUSY_MOVE):
         ctr[pe, K_MOVE] += 1
     elif flags & F_STALL:
         ctr[pe, K_STALL] += 1
@@ -500,6 +604,8 @@ def run_chunk(fb, cs, t, t_end):
     status = RUNNING
     while True:
         if fsc[SC_INFLIGHT] == 0 and csc[CS_NACT] == 0:
+            # A PE that ended inside a bulk-run instruction finished at CS_BULK_END.
+            t = max(t, csc[CS_BULK_END])
             status = DONE
             break
         if t >= t_end:
@@ -514,7 +620,12 @@ def run_chunk(fb, cs, t, t_end):
         if moved + progress > 0:
             last_progress = t
         t += 1
-        if t - last_progress > deadlock:
+        if fsc[SC_NACT] == 0 and fsc[SC_NWOKEN] == 0 and csc[CS_NACT] > 0:
+            # Nothing in the routers, every active PE inside a bulk-run instruction: nothing
+            # happens until the first of them resumes.
+            t = max(t, min(csc[CS_NEXT_FREE], t_end))
+        # A bulk-run instruction makes progress every cycle until it ends.
+        if t - max(last_progress, csc[CS_BULK_END] - 1) > deadlock:
             status = DEADLOCK
             break
         if csc[CS_NACT] == 0 and fsc[SC_INFLIGHT] > 0 and t - last_move > hop + 1:

@@ -253,7 +253,7 @@ def _xy_port(x, y, tag):
     return RAMP
 
 
-@hot
+@hot_inline
 def route_cycle(t, params, sc, route, dest, buf, rb_lo, wl, wval, node, woken, cand,
                 lat_hist, ctr, color_hops):
     """Advance every active router by cycle t. Returns the number of wavelets moved."""
