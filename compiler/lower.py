@@ -25,7 +25,7 @@ from compiler.lowering.attention import build_attn_scores, build_attn_values
 from compiler.lowering.cross_entropy import build_cross_entropy
 from compiler.lowering.elementwise import build_add, build_gelu
 from compiler.lowering.embedding import build_embedding
-from compiler.lowering.kernel import Kernel, StreamIds
+from compiler.lowering.kernel import Kernel, StreamIds, sram_budget
 from compiler.lowering.layernorm import build_layernorm
 from compiler.lowering.matmul import build_linear
 from compiler.lowering.softmax import build_softmax
@@ -233,5 +233,8 @@ class _Lowering:
 
 def lower(graph: TrainingGraph, params: dict[str, np.ndarray], tokens: np.ndarray,
           lane_width: int) -> list[Kernel]:
-    """The kernels of one training step, in graph order; every graph op is in exactly one."""
-    return _Lowering(graph, params, tokens, lane_width).kernels()
+    """The kernels of one training step, in graph order; every graph op is in exactly one.
+    A kernel that needs more SRAM on a PE than the wafer has is a UserError, raised as soon
+    as its allocation passes the limit."""
+    with sram_budget(graph.cfg.wafer.sram_words_per_pe):
+        return _Lowering(graph, params, tokens, lane_width).kernels()

@@ -28,11 +28,29 @@ kernel computes from them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 
+from wse_sim.errors import UserError
 from wse_sim.program import Instr, Kind, Operand, PEProgram, Task, Trigger
 
 SYMBOLIC_BASE = 1_000_000
+
+# SRAM words per PE while lowering for a wafer: an allocation past it fails at once, before
+# a model too large for the wafer spends minutes building programs that cannot run.
+_SRAM_WORDS: ContextVar[int | None] = ContextVar("sram_words_per_pe", default=None)
+
+
+@contextmanager
+def sram_budget(words_per_pe: int) -> Iterator[None]:
+    """Within this block, `Kernel.alloc` past `words_per_pe` words raises a UserError."""
+    token = _SRAM_WORDS.set(words_per_pe)
+    try:
+        yield
+    finally:
+        _SRAM_WORDS.reset(token)
 
 LocalPE = tuple[int, int]  # (x, y) inside the kernel's rectangle
 
@@ -128,6 +146,12 @@ class Kernel:
         offset = prog.sram_words
         prog.sram_words += words
         self.allocations.setdefault(pe, []).append((purpose, offset, words))
+        limit = _SRAM_WORDS.get()
+        if limit is not None and prog.sram_words > limit:
+            raise UserError(
+                f"op {self.name} ({self.op}): PE {pe} of its {self.width}x{self.height} "
+                f"rectangle needs at least {4 * prog.sram_words:,} bytes of SRAM, has "
+                f"{4 * limit:,} (buffer {purpose!r}: {4 * words:,} bytes)")
         return offset
 
     def emit(self, pe: LocalPE, *instrs: Instr) -> None:
