@@ -1,0 +1,92 @@
+"""gpt_tiny end to end through the CLI: compile, simulate, check, report; and the one-line
+errors of a model that does not fit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wse_sim.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "models" / "gpt_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[int, dict]:
+    out = tmp_path_factory.mktemp("run") / "out.json"
+    code = main(["run", str(TINY), "--json", str(out), "--quiet"])
+    return code, json.loads(out.read_text())
+
+
+def test_tiny_step_passes_the_check(tiny_run):
+    code, report = tiny_run
+    assert code == 0
+    check = report["check"]
+    assert check["passed"]
+    assert check["tensors"], "no tensor was compared"
+    assert max(check["tensors"].values()) <= 1e-4
+    assert abs(check["loss_sim"] - check["loss_ref"]) <= 1e-4 * abs(check["loss_ref"])
+    # every parameter's gradient and updated value was compared, plus the loss and logits
+    params = [name.removeprefix("grad:") for name in check["tensors"] if name.startswith("grad:")]
+    assert {f"updated:{p}" for p in params} <= set(check["tensors"])
+    assert {"loss", "logits", "grad:wte.weight", "grad:h1.mlp.fc.weight"} <= set(check["tensors"])
+
+
+def test_tiny_report_counters(tiny_run):
+    _, report = tiny_run
+    for key in ("cycles", "simulated_seconds", "tokens_per_second", "flops", "sram_bytes_read",
+                "sram_bytes_written", "fabric_wavelet_hops", "max_link_load", "flops_counted"):
+        assert report[key] > 0, key
+    assert 0 < report["pe_utilization"] <= 1
+    assert report["simulated_seconds"] == pytest.approx(
+        report["cycles"] / report["wafer"]["clock_hz"])
+    tokens = 2 * 16  # gpt_tiny: batch 2 x seq_len 16
+    assert report["tokens_per_second"] == pytest.approx(tokens / report["simulated_seconds"])
+    # the compiler's per-link estimate counts every routed wavelet: the simulation agrees
+    assert report["link_load_estimate"]["total"] == report["fabric_wavelet_hops"]
+    assert report["link_load_estimate"]["max"] == report["max_link_load"]
+    kernels = report["kernels"]
+    assert {k["op"] for k in kernels} >= {"embedding", "layernorm", "matmul", "attn_scores",
+                                          "softmax", "attn_values", "gelu", "add",
+                                          "cross_entropy"}
+    for k in kernels:
+        assert 0 <= k["start_cycle"] <= k["end_cycle"] < report["cycles"], k["name"]
+        assert 0 < k["utilization"] <= 1, k["name"]
+        assert k["pes"] == k["w"] * k["h"]
+    # the backward pass ends after the forward pass: the loss kernel before the embedding
+    ends = {k["name"]: k["end_cycle"] for k in kernels}
+    assert ends["loss"] < ends["embed"]
+
+
+def _write_config(tmp_path: Path, **wafer) -> Path:
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["wafer"] = {"preset": "wse2", **wafer}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "wse_sim", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+def test_model_too_large_for_sram_names_op_and_pe(tmp_path):
+    result = _cli("run", str(_write_config(tmp_path, sram_bytes_per_pe=2048)))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "op embed" in lines[0] and "PE (" in lines[0] and "2,048" in lines[0]
+
+
+def test_model_too_large_for_the_fabric_is_one_line(tmp_path):
+    result = _cli("run", str(_write_config(tmp_path, width=8, height=8)))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "8 x 8" in result.stderr
