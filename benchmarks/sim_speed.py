@@ -3,11 +3,15 @@
     python benchmarks/sim_speed.py [--quick]
 
 Rows: synthetic uniform traffic at 0.05 packets/node/cycle on 16x16, 64x64 and 256x256
-meshes (beyond saturation on the larger two: 4/k is 0.0625 and 0.0156, so their FIFOs fill
-up, the router's worst case), and an output-stationary matrix product on 32 x 32 PEs
-(tests/programs.py: every PE receives a column of A and a row of B per k step and runs an
-outer-product update with FMAs; compute-bound). Peak host memory is the process maximum
-(resource.getrusage), so it covers every row run before it.
+meshes (the last two are past saturation: 4/k is 0.0625 and 0.0156, so their FIFOs fill
+and every router moves wavelets every cycle, the router's worst case), the 64x64 mesh at a
+light 0.01 for contrast, and an output-stationary matrix product on 32 x 32 PEs
+(tests/programs.py: every PE receives a column of A and a row of B per k step and runs
+an outer-product update with FMAs; compute-bound). "loop s" is the cycle loop alone,
+"total s" adds building the state (and for the program, validating and assembling it).
+Rates use the loop time. Wavelet moves per cycle show the work the routers do; a move
+costs about the same at any mesh size, so PE-cycles/s falls as the load rises. Peak host
+memory is the process maximum (resource.getrusage), so it covers every row before it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,23 +29,37 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # run from a checkout without installing
 from programs import outer_product_matmul  # noqa: E402
 
-from wse_sim.engine import simulate  # noqa: E402
+from wse_sim.assemble import assemble  # noqa: E402
+from wse_sim.engine import run_chunk, simulate  # noqa: E402
 from wse_sim.hardware import WaferConfig  # noqa: E402
+from wse_sim.program import validate  # noqa: E402
 from wse_sim.traffic import run_traffic  # noqa: E402
 
 
-def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+@dataclass
+class Row:
+    label: str
+    pes: int
+    cycles: int
+    loop_s: float
+    total_s: float
+    moves: float  # wavelet moves (link + ramp crossings) per cycle
+
+    def rate(self) -> float:
+        return self.pes * self.cycles / self.loop_s / 1e6
 
 
-def traffic_row(k: int, cycles: int) -> tuple[str, int, int, float]:
+def traffic_row(k: int, rate: float, cycles: int) -> Row:
     started = time.perf_counter()
-    r = run_traffic(k, k, "uniform", 0.05, cycles, warmup=0, drain=0)
+    r = run_traffic(k, k, "uniform", rate, cycles, warmup=0, drain=0)
     elapsed = time.perf_counter() - started
-    return f"traffic uniform 0.05, {k}x{k}", k * k, r.total_cycles, elapsed
+    moves = (r.stats.link.sum() + r.stats.ramp_in.sum()) / r.total_cycles
+    # Building a packet fabric is a few numpy calls; count it in both columns.
+    return Row(f"traffic uniform {rate}, {k}x{k}", k * k, r.total_cycles, elapsed, elapsed,
+               moves)
 
 
-def matmul_row(grid: int, block: int, depth: int) -> tuple[str, int, int, float]:
+def matmul_row(grid: int, block: int, depth: int) -> Row:
     rng = np.random.default_rng(0)
     a = rng.standard_normal((grid * block, depth)).astype(np.float32)
     b = rng.standard_normal((depth, grid * block)).astype(np.float32)
@@ -48,14 +67,19 @@ def matmul_row(grid: int, block: int, depth: int) -> tuple[str, int, int, float]
     wafer = WaferConfig(width=grid, height=grid)
     started = time.perf_counter()
     r = simulate(program, wafer)
-    elapsed = time.perf_counter() - started
+    total = time.perf_counter() - started
+    validate(program, wafer)
+    asm = assemble(program, wafer)
+    started = time.perf_counter()
+    run_chunk(asm.fabric, asm.cores, 0, 1 << 40)
+    loop = time.perf_counter() - started
     c = np.block([[r.sram(x, y)[:block * block].reshape(block, block) for x in range(grid)]
                   for y in range(grid)])
     err = float(np.abs(c - a.astype(np.float64) @ b).max())
-    util = float(r.stats.utilization().mean())
-    label = (f"matmul {grid * block}x{depth}x{grid * block} on {grid}x{grid} PEs "
-             f"(util {util:.0%}, max err {err:.1e})")
-    return label, grid * grid, r.cycles, elapsed
+    label = (f"matmul {grid * block}x{depth}x{grid * block}, {grid}x{grid} PEs "
+             f"(util {r.stats.utilization().mean():.0%}, err {err:.0e})")
+    moves = (r.stats.link.sum() + r.stats.ramp_in.sum()) / r.cycles
+    return Row(label, grid * grid, r.cycles, loop, total, moves)
 
 
 def main() -> None:
@@ -67,16 +91,19 @@ def main() -> None:
     matmul_row(2, 2, 2)
     scale = 0.2 if quick else 1.0
     rows = [
-        traffic_row(16, int(40_000 * scale)),
-        traffic_row(64, int(4_000 * scale)),
-        traffic_row(256, int(400 * scale)),
+        traffic_row(16, 0.05, int(40_000 * scale)),
+        traffic_row(64, 0.05, int(4_000 * scale)),
+        traffic_row(256, 0.05, int(400 * scale)),
+        traffic_row(64, 0.01, int(4_000 * scale)),
         matmul_row(32, 16, int(64 * scale)),
     ]
-    print(f"{'workload':<64} {'PEs':>7} {'cycles':>8} {'seconds':>8} {'M PE-cycles/s':>14}")
-    for label, pes, cycles, seconds in rows:
-        rate = pes * cycles / seconds / 1e6
-        print(f"{label:<64} {pes:>7} {cycles:>8} {seconds:>8.2f} {rate:>14.1f}")
-    print(f"peak host memory: {peak_mib():.0f} MiB")
+    print(f"{'workload':<58} {'PEs':>6} {'cycles':>7} {'loop s':>7} {'total s':>7} "
+          f"{'moves/cyc':>9} {'M PE-cyc/s':>10}")
+    for r in rows:
+        print(f"{r.label:<58} {r.pes:>6} {r.cycles:>7} {r.loop_s:>7.2f} {r.total_s:>7.2f} "
+              f"{r.moves:>9.0f} {r.rate():>10.1f}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak host memory: {peak:.0f} MiB")
 
 
 if __name__ == "__main__":

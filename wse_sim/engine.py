@@ -43,17 +43,30 @@ starts the next cycle. REPEAT, ACTIVATE, BLOCK, UNBLOCK and HALT take one cycle 
 loop). HALT stops new tasks from starting on the PE; running tasks finish.
 
 Cycle classes, one per PE per cycle, first that applies: compute (an arithmetic element
-advanced, or a thread waited only for fp32 credit), send (an element produced a
-wavelet), receive (an element consumed a wavelet), move (a MOV between memory/registers or
-a control op), stalled (a thread waited for the fabric: FABIN empty or RAMP FIFO full),
-idle (the rest, including PEs without a program).
+advanced, or a thread of an arithmetic op waited only for its PE's own fp32 credit, SRAM
+ports or ramp slot), send (an element produced a wavelet), receive (an element consumed a
+wavelet), move (a MOV element between memory/registers, a control op, or a MOV waiting
+only for the PE's own budgets), stalled (a thread waited for the fabric: FABIN empty or
+RAMP FIFO full), idle (the rest, including PEs without a program).
+
+Bulk execution (speed, not semantics). When a PE runs one thread only, has no COLOR
+task, and that thread is at a vector instruction without fabric operands, nothing outside
+the PE can influence it until the instruction ends (no wavelet is consumed or produced,
+no other task can start: RESET tasks started at cycle 0 or wait for this thread, LOCAL
+ones need an ACTIVATE from it). The engine then runs the instruction's remaining elements
+in one go, cycle by cycle with the same budgets and credit as above, and skips the PE until
+the cycle after its last element; when every active PE is in such an instruction and the
+routers are empty, whole cycles are skipped. A property test checks that results,
+cycles and every counter equal the per-cycle path's.
 
 The run ends at the first cycle at which no thread runs, no task is ready and no wavelet
-is in any FIFO or receive queue; `cycles` is that cycle's index. Deadlock: `deadlock_cycles`
-cycles without progress (a wavelet moved, an element or control op executed, a task
-started), or a fabric with no PE left able to act whose routers moved nothing for
-hop_latency + 1 cycles (then nothing can ever change). Both raise DeadlockError naming the
-waiting threads and the full FIFOs.
+is in any FIFO or receive queue; `cycles` is that cycle's index. Then every wavelet sent
+(plus every extra multicast copy) must have been delivered to a PE (checked). Deadlock:
+`deadlock_cycles` cycles without progress (a wavelet moved, an element or control op
+executed, a task started), or a fabric with no PE left able to act whose routers moved
+nothing for hop_latency + 1 cycles (then nothing can ever change). Both raise
+DeadlockError naming the waiting threads, the wavelets stranded at idle or halted PEs and
+the full FIFOs.
 """
 
 from __future__ import annotations

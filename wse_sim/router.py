@@ -190,7 +190,7 @@ def head_ready(buf, wl, b, t, depth):
 
 
 @hot_inline
-def _push(buf, wl, wval, sc, b, value, tag, ready, depth):
+def _push(buf, wl, wval, b, value, tag, ready, depth):
     pos = buf[b, B_HEAD] + buf[b, B_COUNT]  # ring buffer; no division in the hot path
     if pos >= depth:
         pos -= depth
@@ -199,18 +199,15 @@ def _push(buf, wl, wval, sc, b, value, tag, ready, depth):
     wl[slot, W_TAG] = tag
     wl[slot, W_READY] = ready
     buf[b, B_COUNT] += 1
-    sc[SC_INFLIGHT] += 1
 
 
 @hot_inline
-def _pop(buf, sc, b, depth):
+def _pop(buf, b, depth):
     """Remove the head of b; returns its slot."""
     head = buf[b, B_HEAD]
     buf[b, B_HEAD] = head + 1 if head + 1 < depth else 0
-    slot = b * depth + head
     buf[b, B_COUNT] -= 1
-    sc[SC_INFLIGHT] -= 1
-    return slot
+    return b * depth + head
 
 
 @hot_inline
@@ -226,7 +223,8 @@ def _enter_router(node, sc, pe):
 def inject(buf, wl, wval, node, sc, ctr, b, pe, value, tag, t, depth):
     """The PE (or a packet source) puts a wavelet into its router's RAMP FIFO b in cycle t;
     the caller has checked `has_room`. It may leave the router from cycle t + 1."""
-    _push(buf, wl, wval, sc, b, value, tag, t + 1, depth)
+    _push(buf, wl, wval, b, value, tag, t + 1, depth)
+    sc[SC_INFLIGHT] += 1
     _enter_router(node, sc, pe)
     ctr[pe, CT_RAMP_OUT] += 1
 
@@ -234,7 +232,8 @@ def inject(buf, wl, wval, node, sc, ctr, b, pe, value, tag, t, depth):
 @hot_inline
 def pop_recv(buf, wval, sc, b, depth):
     """The PE consumes the head of its receive queue b; returns the value."""
-    return wval[_pop(buf, sc, b, depth)]
+    sc[SC_INFLIGHT] -= 1
+    return wval[_pop(buf, b, depth)]
 
 
 @hot_inline
@@ -263,6 +262,8 @@ def route_cycle(t, params, sc, route, dest, buf, rb_lo, wl, wval, node, woken, c
     ramp_cap = params[P_RAMP_IN]
     packet = params[P_PACKET] != 0
     moved = 0
+    copies = 0  # extra wavelets made by multicast
+    delta = 0  # change of the wavelets in flight
     i_first_new = sc[SC_NACT]
     i = 0
     while i < sc[SC_NACT]:  # routers activated during this cycle are appended
@@ -306,18 +307,20 @@ def route_cycle(t, params, sc, route, dest, buf, rb_lo, wl, wval, node, woken, c
             if not ok:
                 continue
             # Move: pop once, copy to every output.
-            slot = _pop(buf, sc, b, depth)
+            slot = _pop(buf, b, depth)
+            delta -= 1
             buf[b, B_LAST_POP] = t
             buf[b, B_LAST_GRANT] = t
             node[pe, N_OCC] -= 1
             value = wval[slot]
             tag = wl[slot, W_TAG]
             color = route[R_COLOR, r]
-            copies = -1
+            copies -= 1
             for o in range(4):
                 if (tx >> o) & 1:
                     d = dest[r, o]
-                    _push(buf, wl, wval, sc, d, value, tag, t + hop, depth)
+                    _push(buf, wl, wval, d, value, tag, t + hop, depth)
+                    delta += 1
                     _enter_router(node, sc, route[R_PE, buf[d, B_ROUTE]])
                     ctr[pe, o] += 1
                     color_hops[color] += 1
@@ -332,11 +335,13 @@ def route_cycle(t, params, sc, route, dest, buf, rb_lo, wl, wval, node, woken, c
                     if buf[d, B_COUNT] == 0:
                         woken[sc[SC_NWOKEN]] = pe
                         sc[SC_NWOKEN] += 1
-                    _push(buf, wl, wval, sc, d, value, tag, t + 1, depth)
+                    _push(buf, wl, wval, d, value, tag, t + 1, depth)
+                    delta += 1
                 else:
                     _eject(params, sc, lat_hist, tag, t)
-            sc[SC_COPIES] += copies
             moved += 1
+    sc[SC_COPIES] += copies
+    sc[SC_INFLIGHT] += delta
     _compact_active(node, sc, i_first_new)
     return moved
 

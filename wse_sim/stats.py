@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-PORT_NAMES = ("N", "E", "S", "W")
+from wse_sim.assemble import CLASSES, CT_FIRST, CT_LAST, CT_RD
+from wse_sim.router import CT_RAMP_IN, CT_RAMP_OUT
 
 
 @dataclass
@@ -50,15 +51,16 @@ class Stats:
         def grid(column: np.ndarray) -> np.ndarray:
             return np.ascontiguousarray(column, np.int64).reshape(shape)
 
-        pe_ctr = np.zeros((width * height, 11), np.int64) if cs is None else cs.ctr
+        pe_ctr = np.zeros((width * height, CT_LAST + 1), np.int64) if cs is None else cs.ctr
         if cs is None:
-            pe_ctr[:, 9:] = -1  # never worked
-        classes = [grid(pe_ctr[:, k]) for k in range(5)]
+            pe_ctr[:, CT_FIRST:] = -1  # never worked
+        classes = [grid(pe_ctr[:, k]) for k in range(len(CLASSES))]
         idle = cycles - sum(classes)
         link = np.ascontiguousarray(fb.ctr[:, :4].T, np.int64).reshape(4, *shape)
         return cls(width, height, cycles, *classes, idle,
-                   *(grid(pe_ctr[:, k]) for k in range(5, 11)), link, grid(fb.ctr[:, 4]),
-                   grid(fb.ctr[:, 5]), fb.color_hops.copy(), injected, delivered)
+                   *(grid(pe_ctr[:, k]) for k in range(CT_RD, CT_LAST + 1)), link,
+                   grid(fb.ctr[:, CT_RAMP_IN]), grid(fb.ctr[:, CT_RAMP_OUT]),
+                   fb.color_hops.copy(), injected, delivered)
 
     def utilization(self) -> np.ndarray:
         """Fraction of cycles each PE spent computing, (height, width)."""
