@@ -15,6 +15,8 @@ import numpy as np
 from wse_sim.assemble import CLASSES, CT_FIRST, CT_LAST, CT_RD
 from wse_sim.router import CT_RAMP_IN, CT_RAMP_OUT
 
+PORT_NAMES = ("N", "E", "S", "W")  # the order of the first axis of Stats.link
+
 
 @dataclass
 class Stats:
