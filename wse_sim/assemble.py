@@ -25,11 +25,11 @@ from wse_sim.router import B_PORT, B_ROUTE, RAMP, Fabric, build_fabric
 # params entries
 C_THREADS, C_READS, C_WRITES, C_RAMP_OUT, C_DEADLOCK = range(5)
 # sc entries
-CS_NACT, CS_LAST_PROGRESS, CS_LAST_MOVE, CS_BULK_END, CS_NEXT_FREE = range(5)
+CS_NACT, CS_LAST_PROGRESS, CS_BULK_END, CS_NEXT_FREE, CS_NSLEEP = range(5)
 # slot columns
 (S_PE, S_TK_LO, S_TK_HI, S_HALTED, S_WAKE, S_TH_RR, S_TK_RR, S_RD_DEBT, S_FP_T, S_NRUN,
- S_IN_ACT, S_NCOLOR, S_BUSY) = range(13)
-N_SLOT_COLS = 13
+ S_IN_ACT, S_NCOLOR, S_BUSY, S_SLEEP) = range(14)
+N_SLOT_COLS = 14
 # task columns
 T_TRIG, T_RECV, T_FIRST, T_END, T_ACT, T_BLK, T_RUN = range(7)
 # ins columns: the instruction, then 6 columns per operand k (dst, a, b, c) at O_BASE + 6k
@@ -143,12 +143,13 @@ def assemble(program: Program, wafer: WaferConfig) -> Assembled:
         slot[s, S_NCOLOR] = sum(task.trigger == Trigger.COLOR for task in prog.tasks)
     has_tasks = slot[:, S_TK_HI] > slot[:, S_TK_LO]
     slot[:, S_WAKE] = slot[:, S_IN_ACT] = has_tasks
+    slot[:, S_SLEEP] = -1  # cycle after which it sleeps waiting for a delivery
     act = np.zeros(nslot, np.int64)
     active = np.nonzero(has_tasks)[0]
     act[: len(active)] = active
     sc = np.zeros(5, np.int64)
     sc[CS_NACT] = len(active)
-    sc[CS_LAST_PROGRESS] = sc[CS_LAST_MOVE] = sc[CS_BULK_END] = -1
+    sc[CS_LAST_PROGRESS] = sc[CS_BULK_END] = -1
     rate = wafer.fp32_ops_per_cycle
     th = np.zeros((nslot * threads, 7), np.int64)
     th[:, TH_TASK] = -1

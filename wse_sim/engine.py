@@ -63,8 +63,8 @@ The run ends at the first cycle at which no thread runs, no task is ready and no
 is in any FIFO or receive queue; `cycles` is that cycle's index. Then every wavelet sent
 (plus every extra multicast copy) must have been delivered to a PE (checked). Deadlock:
 `deadlock_cycles` cycles without progress (a wavelet moved, an element or control op
-executed, a task started), or a fabric with no PE left able to act whose routers moved
-nothing for hop_latency + 1 cycles (then nothing can ever change). Both raise
+executed, a task started), or no PE able to act (all done, or waiting on empty receive queues)
+and nothing moved for hop_latency + 1 cycles (then nothing can ever change). Both raise
 DeadlockError naming the waiting threads, the wavelets stranded at idle or halted PEs and
 the full FIFOs.
 """
@@ -85,10 +85,10 @@ from wse_sim.assemble import (
     C_THREADS,
     C_WRITES,
     CS_BULK_END,
-    CS_LAST_MOVE,
     CS_LAST_PROGRESS,
     CS_NACT,
     CS_NEXT_FREE,
+    CS_NSLEEP,
     CT_FIRST,
     CT_FLOPS,
     CT_LAST,
@@ -125,6 +125,7 @@ from wse_sim.assemble import (
     S_NRUN,
     S_PE,
     S_RD_DEBT,
+    S_SLEEP,
     S_TH_RR,
     S_TK_HI,
     S_TK_LO,
@@ -188,7 +189,9 @@ RUNNING, DONE, DEADLOCK, FROZEN = range(4)
 NEVER = 1 << 62
 # Thread step outcomes (bit flags, merged per PE per cycle).
 # F_BUSY_*: the thread waited only for its own PE's SRAM ports, fp32 credit or ramp slot.
+# F_NOSLEEP: a stall that can end without a delivery to the PE (FIFO full, wavelet in transit).
 F_ARITH, F_SEND, F_RECV, F_MOVE, F_STALL, F_BUSY_ARITH, F_BUSY_MOVE = 1, 2, 4, 8, 16, 32, 64
+F_NOSLEEP = 128
 F_WORK = F_ARITH | F_SEND | F_RECV | F_MOVE
 
 
@@ -346,14 +349,16 @@ def _element(t, s, pe, thr, buf, wl, wval, node, fsc, fctr, depth, cparams, slot
     flags = 0
     for k in range(1, 4):
         if ins[i, O_BASE + 6 * k + O_KIND] == FABIN:
-            if not head_ready(buf, wl, ins[i, O_BASE + 6 * k + O_BUF], t, depth):
-                return F_STALL
+            b = ins[i, O_BASE + 6 * k + O_BUF]
+            if not head_ready(buf, wl, b, t, depth):
+                # An empty queue can only fill through a delivery, which wakes the PE.
+                return F_STALL if buf[b, B_COUNT] == 0 else F_STALL | F_NOSLEEP
             flags |= F_RECV
     if ins[i, O_BASE + O_KIND] == FABOUT:
         if budget[2] == 0:
             return waiting
         if not has_room(buf, ins[i, O_BASE + O_BUF], t, depth):
-            return F_STALL
+            return F_STALL | F_NOSLEEP
         flags |= F_SEND
         budget[2] -= 1
     _execute(t, pe, thr, i, e, buf, wl, wval, node, fsc, fctr, depth, ins, imm, sram, regs, th,
@@ -494,6 +499,13 @@ def _pe_cycle(t, buf, wl, wval, node, fsc, fctr, woken, depth, cparams, fp_rate,
         if s < 0:
             continue
         slot[s, S_WAKE] = 1
+        if slot[s, S_SLEEP] >= 0:
+            # It stalled in every cycle it slept through, and paid its read debt.
+            slept = t - slot[s, S_SLEEP] - 1
+            ctr[slot[s, S_PE], K_STALL] += slept
+            slot[s, S_RD_DEBT] = max(0, slot[s, S_RD_DEBT] - slept * cparams[C_READS])
+            slot[s, S_SLEEP] = -1
+            csc[CS_NSLEEP] -= 1
         if slot[s, S_IN_ACT] == 0:
             slot[s, S_IN_ACT] = 1
             act[csc[CS_NACT]] = s
@@ -567,6 +579,12 @@ def _pe_cycle(t, buf, wl, wval, node, fsc, fctr, woken, depth, cparams, fp_rate,
             if first >= 0:
                 slot[s, S_TH_RR] = first + 1 if first + 1 < threads else 0
             _count_cycle(ctr, pe, flags, t)
+            if flags == F_STALL and slot[s, S_WAKE] == 0:
+                # Every thread waits on an empty receive queue: sleep until a delivery.
+                slot[s, S_SLEEP] = t
+                slot[s, S_IN_ACT] = 0
+                csc[CS_NSLEEP] += 1
+                continue
         if slot[s, S_NRUN] == 0 and slot[s, S_WAKE]:
             # Keep the PE active only if some task can start next cycle.
             pending = _scan_tasks(t + 1, s, False, buf, wl, depth, threads, slot, task, th)[1]
@@ -613,10 +631,12 @@ def run_chunk(fb, cs, t, t_end):
     hop = fparams[P_HOP]
     deadlock = cparams[C_DEADLOCK]
     last_progress = csc[CS_LAST_PROGRESS]
-    last_move = csc[CS_LAST_MOVE]
     status = RUNNING
     while True:
         if fsc[SC_INFLIGHT] == 0 and csc[CS_NACT] == 0:
+            if csc[CS_NSLEEP] > 0:  # threads wait for wavelets nobody can send
+                status = FROZEN
+                break
             # A PE that ended inside a bulk-run instruction finished at CS_BULK_END.
             t = max(t, csc[CS_BULK_END])
             status = DONE
@@ -628,8 +648,6 @@ def run_chunk(fb, cs, t, t_end):
         progress = _pe_cycle(t, buf, wl, wval, node, fsc, fctr, woken, depth, cparams, fp_rate,
                              csc, slot, act, fpc, pe_slot, task, ins, imm, sram, regs, th,
                              th_scal, ctr, budget)
-        if moved > 0:
-            last_move = t
         if moved + progress > 0:
             last_progress = t
         t += 1
@@ -641,11 +659,10 @@ def run_chunk(fb, cs, t, t_end):
         if t - max(last_progress, csc[CS_BULK_END] - 1) > deadlock:
             status = DEADLOCK
             break
-        if csc[CS_NACT] == 0 and fsc[SC_INFLIGHT] > 0 and t - last_move > hop + 1:
+        if csc[CS_NACT] == 0 and fsc[SC_INFLIGHT] > 0 and t - last_progress > hop + 1:
             status = FROZEN
             break
     csc[CS_LAST_PROGRESS] = last_progress
-    csc[CS_LAST_MOVE] = last_move
     return t, status
 
 
