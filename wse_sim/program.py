@@ -27,6 +27,10 @@ A memory operand of stride 0 is a scalar loaded once, at the instruction's first
 `REPEAT(count, body)` runs the next `body` instructions `count` times; in iteration `k` a
 memory operand's offset is `offset + k * loop_stride`. One level (no nesting) so the
 engine's thread state stays flat.
+
+`validate(program, wafer)` checks everything the engine relies on and raises a one-line
+ProgramError naming PE, task, instruction and field. `save_program` / `load_program` write
+and read a program as one .npz of flat arrays plus a JSON header (no pickle).
 """
 
 from __future__ import annotations
