@@ -15,8 +15,8 @@ PE may consume it (a FABIN element) one cycle later. Unloaded, a wavelet sent ov
 in cycle t is consumed in cycle t + h * L + 2 (h = 0: a PE sending to itself, t + 2).
 
 PE. Tasks: RESET tasks are ready at cycle 0, LOCAL tasks when ACTIVATEd (any task may be
-activated), COLOR tasks whenever a wavelet of their color is ready in the PE's receive
-queue. A task starts (at no cost) in the first cycle it is ready, not blocked, not already
+activated; a running task activated runs again after it ends), COLOR tasks whenever a
+wavelet of their color is ready in the PE's receive queue. A task starts (at no cost) in the first cycle it is ready, not blocked, not already
 running, the PE has not halted, and a microthread is free (tasks are scanned round-robin).
 A running task executes its instructions in order to completion; its microthread is free
 for another task from the next cycle. Each cycle the running threads are served

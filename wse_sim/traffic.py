@@ -63,7 +63,7 @@ from wse_sim.stats import Stats
 PATTERNS = ("uniform", "transpose", "hotspot", "neighbor")
 UNIFORM, TRANSPOSE, HOTSPOT, NEIGHBOR = range(4)
 NEVER = np.iinfo(np.int64).max // 2
-LATENCY_BINS = 1 << 16
+LATENCY_BINS = 1 << 20  # latencies beyond fall into the last bin
 # Sources.sc indices
 S_MEASURED_IN, S_BEHIND = range(2)
 
