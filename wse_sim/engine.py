@@ -16,13 +16,13 @@ in cycle t is consumed in cycle t + h * L + 2 (h = 0: a PE sending to itself, t 
 
 PE. Tasks: RESET tasks are ready at cycle 0, LOCAL tasks when ACTIVATEd (any task may be
 activated; a running task activated runs again after it ends), COLOR tasks whenever a
-wavelet of their color is ready in the PE's receive queue. A task starts (at no cost) in the first cycle it is ready, not blocked, not already
-running, the PE has not halted, and a microthread is free (tasks are scanned round-robin).
-A running task executes its instructions in order to completion; its microthread is free
-for another task from the next cycle. Each cycle the running threads are served
-round-robin (starting after the thread first served in the previous cycle) and each
-advances at most one element of its current vector instruction, if the PE's per-cycle
-budgets allow it:
+wavelet of their color is ready in the PE's receive queue. A task starts (at no cost) in
+the first cycle it is ready, not blocked, not already running, the PE has not halted, and a
+microthread is free (tasks are scanned round-robin). A running task executes its
+instructions in order to completion; its microthread is free for another task from the next
+cycle. Each cycle the running threads are served round-robin (starting after the thread
+first served in the previous cycle) and each advances at most one element of its current
+vector instruction, if the PE's per-cycle budgets allow it:
 
 * SRAM reads: `sram_reads_per_cycle` words; an element reads one word per strided memory
   source, and element 0 also loads the stride-0 (scalar) memory sources. An element needing
