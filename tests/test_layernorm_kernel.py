@@ -37,15 +37,18 @@ def reference(x, dy, gamma, beta):
     mean = x.mean(axis=1, keepdims=True)
     rstd = 1 / np.sqrt(((x - mean) ** 2).mean(axis=1, keepdims=True) + EPS)
     xhat = (x - mean) * rstd
+    # x - mean cancels: fp32 rounds it to about eps * (|x| + |mean|), not eps * |x - mean|,
+    # so that (times rstd) is the scale of xhat's error wherever xhat enters a result
+    xhat_size = (np.abs(x) + np.abs(mean)) * rstd
     g = dy * gamma
     dx = rstd * (g - g.mean(axis=1, keepdims=True)
                  - xhat * (g * xhat).mean(axis=1, keepdims=True))
     dx_size = rstd * (np.abs(g) + np.abs(g).mean(axis=1, keepdims=True)
-                      + np.abs(xhat) * np.abs(g * xhat).mean(axis=1, keepdims=True))
+                      + xhat_size * (np.abs(g) * xhat_size).mean(axis=1, keepdims=True))
     return {
-        "y": (xhat * gamma + beta, np.abs(xhat * gamma) + np.abs(beta)),
+        "y": (xhat * gamma + beta, xhat_size * np.abs(gamma) + np.abs(beta)),
         "dx": (dx, dx_size),
-        "grad:ln.weight": ((dy * xhat).sum(axis=0), np.abs(dy * xhat).sum(axis=0)),
+        "grad:ln.weight": ((dy * xhat).sum(axis=0), (np.abs(dy) * xhat_size).sum(axis=0)),
         "grad:ln.bias": (dy.sum(axis=0), np.abs(dy).sum(axis=0)),
     }
 
