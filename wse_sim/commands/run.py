@@ -51,7 +51,7 @@ def execute(config_path: str, placement: str | None = None, max_cycles: int | No
     from compiler.config import load_config
     from compiler.reference import reference_step
     from wse_sim.engine import simulate
-    from wse_sim.report import Region, fabric_report, grids, region_report
+    from wse_sim.report import Region, fabric_report, grids, hottest_links, region_report
 
     cfg = load_config(config_path)
     compiled = compile_step(cfg, placement)
@@ -103,7 +103,8 @@ def execute(config_path: str, placement: str | None = None, max_cycles: int | No
         "hop_words": compiled.hop_words,
         "link_load_estimate": {"max": int(estimate.max()),
                                "mean": float(estimate[estimate > 0].mean()),
-                               "total": int(estimate.sum())},
+                               "total": int(estimate.sum()),
+                               "hottest_links": hottest_links(estimate)},
         "compile_seconds": compiled.seconds,
         "host_simulation_seconds": sim_seconds,
         "kernels": [region_report(stats, region) for region in regions],
@@ -114,9 +115,14 @@ def execute(config_path: str, placement: str | None = None, max_cycles: int | No
     }
 
 
+def _links(links: list[dict[str, Any]], count: int = 3) -> str:
+    return ", ".join(f"({k['x']},{k['y']}){k['dir']} {k['wavelets']:,}" for k in links[:count])
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report for a terminal."""
     pc = report["pe_cycles"]
+    estimate = report["link_load_estimate"]
     total = max(sum(pc.values()), 1)
     check = report["check"]
     lines = [
@@ -138,9 +144,12 @@ def format_report(report: dict[str, Any]) -> str:
         "PE-cycles: " + ", ".join(f"{k} {v / total:.1%}" for k, v in pc.items()),
         f"SRAM          {report['sram_bytes_read']:,} B read, "
         f"{report['sram_bytes_written']:,} B written",
-        f"fabric        {report['fabric_wavelet_hops']:,} wavelet-hops; busiest link "
-        f"{report['max_link_load']:,} wavelets (compiler estimate "
-        f"{report['link_load_estimate']['max']:,}); hop-words {report['hop_words']:,}",
+        f"fabric        {report['fabric_wavelet_hops']:,} wavelet-hops; hop-words "
+        f"{report['hop_words']:,}",
+        f"links         simulated: max {report['max_link_load']:,}, mean "
+        f"{report['mean_link_load']:,.0f}, hottest {_links(report['hottest_links'])}",
+        f"              compiler estimate: max {estimate['max']:,}, mean "
+        f"{estimate['mean']:,.0f}, hottest {_links(estimate['hottest_links'])}",
         f"host          compile {report['compile_seconds']:.1f} s, simulate "
         f"{report['host_simulation_seconds']:.1f} s",
         "",
