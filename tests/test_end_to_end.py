@@ -90,3 +90,11 @@ def test_model_too_large_for_the_fabric_is_one_line(tmp_path):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "8 x 8" in result.stderr
+
+
+def test_unroutable_placement_names_the_stream(tmp_path):
+    result = _cli("run", str(_write_config(tmp_path, colors=4)))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "routing: stream " in lines[0] and "4 colors" in lines[0]
