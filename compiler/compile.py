@@ -1,4 +1,5 @@
-"""The compiler pipeline: config -> graph -> kernels -> placement -> routing -> Program.
+"""The compiler pipeline: config -> graph -> kernels -> placement -> orientation -> routing
+-> Program.
 
 `compile_step(cfg)` runs every stage once and keeps each stage's product in a `Compiled`,
 so reports and benchmarks can look at any of them.
@@ -16,6 +17,7 @@ from compiler.config import RunConfig
 from compiler.graph import TrainingGraph, build_graph
 from compiler.lower import default_lane_width, lower
 from compiler.lowering.kernel import Kernel
+from compiler.orient import orient
 from compiler.placement import Box, hop_words, place
 from compiler.reference import init_params, make_batch
 from compiler.routing import Linked, link, program_elements
@@ -71,6 +73,7 @@ def compile_step(cfg: RunConfig, placement: str | None = None) -> Compiled:
     traffic = kernel_traffic(kernels)
     positions = place(boxes, traffic, (cfg.wafer.width, cfg.wafer.height), strategy,
                       seed=cfg.compile.seed)
+    kernels = orient(kernels, positions)  # mirror kernels so lane bundles cross less
     linked = link(kernels, positions, cfg.wafer)
     return Compiled(cfg, graph, params, tokens, lane_width, kernels, strategy, boxes, traffic,
                     linked, time.perf_counter() - started)

@@ -4,39 +4,50 @@
 
 1. Streams. Every (tensor, lane) has exactly one producer (a `StreamEnd` in some kernel's
    `outputs`) and at least one consumer (`StreamEnd`s in `inputs`); the consumers' PEs are
-   merged into one destination set. Each `LocalStream` of a kernel is a stream too.
-2. Routes. A stream is a multicast tree of dimension-order paths from its source PE to
-   each destination, all X-then-Y or all Y-then-X. The union of XY paths from one source is
-   always a tree (every path runs along the source's row, then along a destination's
-   column; YX symmetrically), so each PE on it receives from exactly one port: `RAMP` at
-   the source, the upstream neighbour elsewhere; it transmits to the downstream
-   neighbours and to `RAMP` at destinations. Per stream we take the order whose tree has
-   fewer PEs (ties: XY): a lane multicast along one PE row of a kernel from a source
-   above or below it then travels once down to that row and along it (YX), instead of
-   down every column (XY), which would cost a color on every PE of those columns.
-3. Colors. The hardware keeps one route per (PE, color), so two streams with a route entry
-   on the same PE must differ in color. Coloring that conflict graph is graph coloring:
-   DSATUR or networkx's smallest-last order, whichever needs fewer, then iterated greedy.
-   A stream that cannot get one of `wafer.colors` colors is a `UserError` naming it and
-   the most crowded PE on its route. Symbolic stream ids are mapped per kernel (ids of
-   separately built kernels may coincide) and rewritten with `bind_colors`.
-4. Program. Only the bounding box of the placed kernels is simulated (every XY route stays
-   inside the bounding box of its endpoints); `Linked.origin` is that box's top-left PE on
-   the wafer. Each PE's SRAM is checked against `wafer.sram_words_per_pe` at compile time.
+   merged into one destination set (`match_lanes`). Each `LocalStream` of a kernel is a
+   stream too.
+2. Candidate trees. A stream is a multicast tree: every PE on it receives from exactly one
+   port (`RAMP` at the source, the upstream neighbour elsewhere) and transmits to its
+   downstream neighbours and to `RAMP` at destinations. The candidates of a stream are the
+   *via trees*: a straight run from the source along its row to a column `xm`, then YX
+   paths (down `xm` to each destination's row, then along it); or along its column to a
+   row `ym`, then XY paths. `xm` = the source's column gives the plain YX tree, `ym` = its
+   row the plain XY tree; other `xm` / `ym` are the one-bend-more routes that move a
+   bundle's turn to another column or row, and up to `ROUTE_MARGIN` PEs beyond the
+   endpoints' bounding box they are detours around a crowded spot. Kernel-local streams
+   keep to their minimal trees. Every route stays inside the bounding box of the placed
+   kernels.
+3. Colors: negotiated congestion (PathFinder, McMurchie and Ebeling 1995). The hardware
+   keeps one route per (PE, color), so the resources are (PE, color) pairs of capacity
+   one, and a stream takes one candidate tree and one color. Each stream in turn takes the
+   (tree, color) of least cost sum over its PEs of (1 + history) x (1 + pressure x
+   streams already there); after each round the pairs still shared get more history and
+   the pressure grows, and only the streams on a shared pair are rerouted, until none is
+   shared. Plain graph coloring of fixed trees cannot do this: bundles of lanes that meet
+   or cross form cliques larger than any one PE's stream count, and picking each stream's
+   tree *with* its color lets lanes step aside into a color that is free along another
+   path. A PE that more streams start or end at than the wafer has colors, or conflicts
+   left after `MAX_ROUNDS` rounds, are a `UserError` naming a stream. Symbolic stream ids
+   are mapped per kernel (ids of separately built kernels may coincide) and rewritten with
+   `bind_colors`.
+4. Program. Only the bounding box of the placed kernels is simulated; `Linked.origin` is
+   that box's top-left PE on the wafer. Each PE's SRAM is checked against
+   `wafer.sram_words_per_pe` at compile time.
 
 Wavelet counts (for the link-load estimate) are read from the producer's program: the
 number of FabOut elements it emits on the stream (rows x lane width for a tensor lane).
+
+The orientation pass (`compiler/orient.py`) runs before `link` and mirrors kernels so
+that the bundles between them need no crossings; routing then has room to spare.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import networkx as nx
 import numpy as np
 
 from compiler.lowering.kernel import SYMBOLIC_BASE, Kernel, LocalPE, bind_colors
@@ -59,6 +70,13 @@ from wse_sim.program import (
 
 PE = tuple[int, int]  # (x, y) on the wafer
 MESH_PORTS = (Port.N, Port.E, Port.S, Port.W)
+
+ROUTE_MARGIN = 3  # a lane's turns may lie this many PEs beyond its endpoints' bounding box
+MAX_ROUNDS = 500  # negotiation rounds before routing gives up
+PRESSURE_START = 0.5  # cost factor per other stream on a (PE, color), first round ...
+PRESSURE_GROWTH = 1.3  # ... grown this much per round ...
+PRESSURE_MAX = 100.0  # ... up to this
+HISTORY_STEP = 2.0  # cost added per round to a (PE, color) that is still shared
 
 
 def fabric_elements(instrs: list[Instr], stream: int, kind: Kind) -> int:
@@ -99,6 +117,7 @@ class RoutedStream:
     wavelets: int  # wavelets the source emits
     entries: dict[PE, Route] = field(default_factory=dict)  # wafer coordinates
     color: int = -1
+    local: bool = False  # a kernel-local stream
 
     def links(self) -> list[tuple[PE, Port]]:
         """The mesh links (PE, outgoing port) the stream uses."""
@@ -153,33 +172,88 @@ class Linked:
         return out
 
 
-def _tree(src: PE, dsts: Iterable[PE], x_first: bool) -> dict[PE, Route]:
-    """Route entries of the multicast tree of XY (`x_first`) or YX paths from `src` to
-    every PE of `dsts`."""
-    rx: dict[PE, int] = {src: port_mask(Port.RAMP)}
+_TO = {port: port_mask(port) for port in Port}  # tx bit of each port
+_FROM = {port: port_mask(OPPOSITE[port]) for port in MESH_PORTS}  # rx bit after moving
+
+
+@dataclass
+class _Tree:
+    """A candidate multicast tree: per PE the rx and tx port masks of its route."""
+
+    rx: dict[PE, int]
+    tx: dict[PE, int]
+
+    def entries(self) -> dict[PE, Route]:
+        return {pe: Route(rx, self.tx.get(pe, 0)) for pe, rx in self.rx.items()}
+
+
+def _via_tree(src: PE, via: PE, dsts: Iterable[PE], x_first: bool) -> _Tree | None:
+    """The multicast tree that runs straight from `src` to `via` (on its row or column),
+    then on XY (`x_first`) or YX paths to every PE of `dsts`; None when two of those paths
+    enter a PE from different sides (the union is then no tree)."""
+    rx: dict[PE, int] = {src: _TO[Port.RAMP]}
     tx: dict[PE, int] = defaultdict(int)
     for dst in dsts:
         x, y = src
-        while (x, y) != dst:
-            if x != dst[0] and (x_first or y == dst[1]):
-                port = Port.E if dst[0] > x else Port.W
-            else:
-                port = Port.S if dst[1] > y else Port.N
-            dx, dy = PORT_OFFSET[port]
-            tx[(x, y)] |= port_mask(port)
-            x, y = x + dx, y + dy
-            rx[(x, y)] = port_mask(OPPOSITE[port])
-        tx[dst] |= port_mask(Port.RAMP)
-    return {pe: Route(rx[pe], tx[pe]) for pe in rx}
+        corner = (dst[0], via[1]) if x_first else (via[0], dst[1])
+        for tx_, ty_ in (via, corner, dst):
+            while x != tx_ or y != ty_:
+                if x != tx_:
+                    port = Port.E if tx_ > x else Port.W
+                else:
+                    port = Port.S if ty_ > y else Port.N
+                dx, dy = PORT_OFFSET[port]
+                came = _FROM[port]
+                if rx.setdefault((x + dx, y + dy), came) != came:
+                    return None
+                tx[(x, y)] |= _TO[port]
+                x, y = x + dx, y + dy
+        tx[dst] |= _TO[Port.RAMP]
+    return _Tree(rx, tx)
 
 
-def _collect_streams(kernels: list[Kernel], positions: dict[str, PE]) -> list[RoutedStream]:
-    """Match producers with consumers and list kernel-local streams (wafer coordinates)."""
+def _candidates(src: PE, dsts: Sequence[PE], box: tuple[int, int, int, int],
+                margin: int | None) -> list[_Tree]:
+    """The distinct via trees of a stream (module docstring), smallest first (ties: XY
+    before YX), their turns at most `margin` PEs beyond the endpoints' bounding box and
+    inside `box` = (x0, y0, x1, y1), exclusive ends; only the plain XY and YX trees when
+    `margin` is None."""
+    vias = [(src, True), (src, False)]
+    if margin is not None:
+        x0, y0, x1, y1 = box
+        xs = [src[0], *(d[0] for d in dsts)]
+        ys = [src[1], *(d[1] for d in dsts)]
+        vias += [((src[0], ym), True) for ym in
+                 range(max(y0, min(ys) - margin), min(y1 - 1, max(ys) + margin) + 1)]
+        vias += [((xm, src[1]), False) for xm in
+                 range(max(x0, min(xs) - margin), min(x1 - 1, max(xs) + margin) + 1)]
+    trees: dict[frozenset[PE], _Tree] = {}
+    for via, x_first in vias:
+        tree = _via_tree(src, via, dsts, x_first)
+        if tree is not None:
+            trees.setdefault(frozenset(tree.rx), tree)
+    return sorted(trees.values(), key=lambda t: len(t.rx))
 
-    def at(kernel: Kernel, pe: LocalPE) -> PE:
-        kx, ky = positions[kernel.name]
-        return kx + pe[0], ky + pe[1]
 
+def plain_tree(src: PE, dsts: Sequence[PE]) -> frozenset[PE]:
+    """The PEs of a stream's smaller plain tree (XY or YX): the route it takes when
+    nothing is in its way, for passes that estimate routes before routing."""
+    return frozenset(_candidates(src, dsts, (0, 0, 0, 0), None)[0].rx)
+
+
+@dataclass
+class LaneEnds:
+    """One lane of a tensor: its producer's end and every consumer's end."""
+
+    tensor: str
+    lane: int
+    producer: tuple[Kernel, int, LocalPE]  # (kernel, symbolic id, the sending PE)
+    consumers: list[tuple[Kernel, int, tuple[LocalPE, ...]]]  # (kernel, id, receiving PEs)
+
+
+def match_lanes(kernels: list[Kernel]) -> list[LaneEnds]:
+    """Every lane's producer and consumers, sorted by (tensor, lane); a lane without a
+    producer or a consumer, or with two producers, is a compiler bug (ValueError)."""
     producers: dict[tuple[str, int], tuple[Kernel, int, LocalPE]] = {}
     consumers: dict[tuple[str, int], list[tuple[Kernel, int, tuple[LocalPE, ...]]]] = (
         defaultdict(list))
@@ -195,8 +269,7 @@ def _collect_streams(kernels: list[Kernel], positions: dict[str, PE]) -> list[Ro
             producers[key] = (kernel, end.stream, end.pes[0])
         for end in kernel.inputs:
             consumers[(end.tensor, end.lane)].append((kernel, end.stream, end.pes))
-
-    streams = []
+    lanes = []
     for key in sorted(set(producers) | set(consumers)):
         tensor, lane = key
         if key not in producers:
@@ -205,11 +278,24 @@ def _collect_streams(kernels: list[Kernel], positions: dict[str, PE]) -> list[Ro
         if key not in consumers:
             raise ValueError(f"lane {lane} of {tensor!r} (sent by {producers[key][0].name}) "
                              f"has no consumer: its producer would block")
-        kernel, sid, pe = producers[key]
-        dsts = sorted({at(k, p) for k, _, pes in consumers[key] for p in pes})
+        lanes.append(LaneEnds(tensor, lane, producers[key], consumers[key]))
+    return lanes
+
+
+def _collect_streams(kernels: list[Kernel], positions: dict[str, PE]) -> list[RoutedStream]:
+    """Tensor lanes and kernel-local streams, in wafer coordinates."""
+
+    def at(kernel: Kernel, pe: LocalPE) -> PE:
+        kx, ky = positions[kernel.name]
+        return kx + pe[0], ky + pe[1]
+
+    streams = []
+    for lane in match_lanes(kernels):
+        kernel, sid, pe = lane.producer
+        dsts = sorted({at(k, p) for k, _, pes in lane.consumers for p in pes})
         streams.append(RoutedStream(
-            name=f"{tensor}[lane {lane}]", src=at(kernel, pe), dsts=tuple(dsts),
-            ends=[(kernel.name, sid)] + [(k.name, s) for k, s, _ in consumers[key]],
+            name=f"{lane.tensor}[lane {lane.lane}]", src=at(kernel, pe), dsts=tuple(dsts),
+            ends=[(kernel.name, sid)] + [(k.name, s) for k, s, _ in lane.consumers],
             wavelets=program_elements(kernel.programs[pe], sid, Kind.FABOUT)))
     for kernel in kernels:
         for i, local in enumerate(kernel.local_streams):
@@ -218,97 +304,105 @@ def _collect_streams(kernels: list[Kernel], positions: dict[str, PE]) -> list[Ro
                 dsts=tuple(at(kernel, p) for p in local.dsts),
                 ends=[(kernel.name, local.stream)],
                 wavelets=program_elements(kernel.programs[local.src], local.stream,
-                                          Kind.FABOUT)))
+                                          Kind.FABOUT), local=True))
     return streams
 
 
-def _dsatur(adj: list[list[int]]) -> list[int]:
-    """DSATUR greedy coloring (Brelaz): color next the vertex with the most distinct
-    neighbour colors (ties: most neighbours), with the smallest color free. A lazy heap
-    keeps it O(E log V); networkx's version is quadratic and takes a minute on a model."""
-    color = [-1] * len(adj)
-    seen: list[set[int]] = [set() for _ in adj]
-    heap = [(0, -len(nbrs), v) for v, nbrs in enumerate(adj)]
-    heapq.heapify(heap)
-    while heap:
-        neg_sat, _, v = heapq.heappop(heap)
-        if color[v] >= 0 or -neg_sat != len(seen[v]):
-            continue  # colored already, or a stale entry
-        c = 0
-        while c in seen[v]:
-            c += 1
-        color[v] = c
-        for u in adj[v]:
-            if color[u] < 0 and c not in seen[u]:
-                seen[u].add(c)
-                heapq.heappush(heap, (-len(seen[u]), -len(adj[u]), u))
-    return color
+class _Negotiation:
+    """PathFinder state over the (color, PE) pairs of the routing box (module docstring):
+    per stream its candidate trees as flat PE indices, the chosen (tree, color), and the
+    occupancy and history of every pair."""
+
+    def __init__(self, candidates: list[list[_Tree]], box: tuple[int, int, int, int],
+                 colors: int) -> None:
+        x0, y0, x1, y1 = box
+        width = x1 - x0
+        self.trees: list[list[np.ndarray]] = [
+            [np.array([(y - y0) * width + x - x0 for x, y in tree.rx], dtype=np.int64)
+             for tree in trees] for trees in candidates]
+        self.flat = [np.concatenate(trees) for trees in self.trees]
+        self.starts = [np.cumsum([0] + [t.size for t in trees[:-1]]) for trees in self.trees]
+        self.occupancy = np.zeros((colors, width * (y1 - y0)), dtype=np.int64)
+        self.history = np.zeros(self.occupancy.shape)
+        self.pressure = PRESSURE_START
+        self.choice: list[tuple[int, int]] = [(0, 0)] * len(candidates)
+
+    def place(self, i: int) -> None:
+        """Give stream i its cheapest (tree, color) given everyone else's."""
+        flat = self.flat[i]
+        cost = (1.0 + self.history[:, flat]) * (1.0 + self.pressure * self.occupancy[:, flat])
+        totals = np.add.reduceat(cost, self.starts[i], axis=1)  # (colors, trees)
+        color, tree = divmod(int(np.argmin(totals)), totals.shape[1])
+        self.choice[i] = (tree, color)
+        self.occupancy[color, self.trees[i][tree]] += 1
+
+    def unplace(self, i: int) -> None:
+        tree, color = self.choice[i]
+        self.occupancy[color, self.trees[i][tree]] -= 1
+
+    def shared(self, i: int, over: np.ndarray) -> bool:
+        tree, color = self.choice[i]
+        return bool(over[color, self.trees[i][tree]].any())
+
+    def run(self, rounds: int) -> list[int]:
+        """Negotiate for at most `rounds` rounds; returns the streams still sharing a pair
+        (empty on success). The reroute order is shuffled each round from a fixed seed."""
+        order = sorted(range(len(self.trees)), key=lambda i: -self.trees[i][0].size)
+        for i in order:
+            self.place(i)
+        rng = np.random.default_rng(0)
+        for _ in range(rounds):
+            over = self.occupancy > 1
+            if not over.any():
+                return []
+            self.history += HISTORY_STEP * over
+            self.pressure = min(self.pressure * PRESSURE_GROWTH, PRESSURE_MAX)
+            rng.shuffle(order)
+            for i in [i for i in order if self.shared(i, over)]:
+                self.unplace(i)
+                self.place(i)
+        over = self.occupancy > 1
+        return [i for i in range(len(self.trees)) if self.shared(i, over)]
 
 
-def _first_fit(adj: list[list[int]], order: list[int]) -> list[int]:
-    color = [-1] * len(adj)
-    for v in order:
-        used = {color[u] for u in adj[v]}
-        c = 0
-        while c in used:
-            c += 1
-        color[v] = c
-    return color
-
-
-def _iterated_greedy(adj: list[list[int]], color: list[int], limit: int,
-                     rounds: int = 40) -> list[int]:
-    """Culberson's iterated greedy: re-run first-fit with the vertices grouped by color
-    class (classes reversed, or largest first); never uses more colors than before."""
-    best = color
-    for i in range(rounds):
-        if max(best, default=-1) < limit:
-            break
-        classes: dict[int, list[int]] = defaultdict(list)
-        for v, c in enumerate(best):
-            classes[c].append(v)
-        keys = sorted(classes, reverse=True) if i % 2 == 0 else sorted(
-            classes, key=lambda c: -len(classes[c]))
-        new = _first_fit(adj, [v for c in keys for v in classes[c]])
-        if max(new) <= max(best):
-            best = new
-    return best
-
-
-def _assign_colors(streams: list[RoutedStream], wafer: WaferConfig) -> int:
-    """Color the conflict graph (streams sharing a PE); returns the number of colors used.
-
-    Bundles of lanes that cross form cliques larger than any one PE's stream count (every
-    lane of one bundle crosses every lane of the other), so the colors needed can exceed
-    the busiest PE's count; we take the better of DSATUR and networkx's smallest-last
-    order, then improve it by iterated greedy."""
-    by_pe: dict[PE, list[int]] = defaultdict(list)
-    for i, stream in enumerate(streams):
-        for pe in stream.entries:
-            by_pe[pe].append(i)
-    neighbours: list[set[int]] = [set() for _ in streams]
-    for users in by_pe.values():
-        for a in users:
-            neighbours[a].update(users)
-    adj = [sorted(nbrs - {v}) for v, nbrs in enumerate(neighbours)]
-    graph = nx.Graph()
-    graph.add_nodes_from(range(len(adj)))
-    graph.add_edges_from((v, u) for v, nbrs in enumerate(adj) for u in nbrs if v < u)
-    smallest_last = nx.greedy_color(graph, strategy="smallest_last")
-    color = min(_dsatur(adj), [smallest_last[v] for v in range(len(adj))],
-                key=lambda col: max(col, default=-1))
-    color = _iterated_greedy(adj, color, wafer.colors)
-    worst = max(range(len(streams)), key=color.__getitem__, default=None)
-    if worst is not None and color[worst] >= wafer.colors:
-        stream = streams[worst]
-        crowded = max(stream.entries, key=lambda pe: len(by_pe[pe]))
+def _check_ends(streams: list[RoutedStream], wafer: WaferConfig) -> None:
+    """A PE where more streams start or end than the wafer has colors cannot be routed."""
+    ends: dict[PE, list[RoutedStream]] = defaultdict(list)
+    for stream in streams:
+        for pe in {stream.src, *stream.dsts}:
+            ends[pe].append(stream)
+    pe, users = max(ends.items(), key=lambda item: len(item[1]), default=((0, 0), []))
+    if len(users) > wafer.colors:
         raise UserError(
-            f"routing: stream {stream.name} could not get a color: its route crosses "
-            f"{len(adj[worst])} other streams (the most at PE {crowded}: "
-            f"{len(by_pe[crowded])} streams) and the wafer has {wafer.colors} colors")
-    for i, stream in enumerate(streams):
-        stream.color = color[i]
-    return max(color, default=-1) + 1
+            f"routing: stream {users[-1].name} could not get a color: PE {pe} is an end of "
+            f"{len(users)} streams and the wafer has {wafer.colors} colors")
+
+
+def _route(streams: list[RoutedStream], box: tuple[int, int, int, int],
+           wafer: WaferConfig) -> int:
+    """Choose every stream's tree and color (module docstring, step 3); returns the number
+    of colors used."""
+    _check_ends(streams, wafer)
+    candidates = [_candidates(s.src, s.dsts, box, None if s.local else ROUTE_MARGIN)
+                  for s in streams]
+    negotiation = _Negotiation(candidates, box, wafer.colors)
+    stuck = negotiation.run(MAX_ROUNDS)
+    for stream, trees, (tree, color) in zip(streams, candidates, negotiation.choice,
+                                            strict=True):
+        stream.entries, stream.color = trees[tree].entries(), color
+    if stuck:
+        by_pair: dict[tuple[int, PE], list[RoutedStream]] = defaultdict(list)
+        for i in stuck:
+            for pe in streams[i].entries:
+                by_pair[(streams[i].color, pe)].append(streams[i])
+        (color, pe), users = max(by_pair.items(), key=lambda item: len(item[1]))
+        load = sum(pe in s.entries for s in streams)
+        raise UserError(
+            f"routing: stream {users[0].name} could not get a color: after {MAX_ROUNDS} "
+            f"rounds of negotiation it still shares color {color} at PE {pe} with "
+            f"{users[1].name} ({load} streams pass that PE) and the wafer has "
+            f"{wafer.colors} colors")
+    return max((s.color for s in streams), default=-1) + 1
 
 
 def _check_sram(kernel: Kernel, origin: PE, wafer: WaferConfig) -> None:
@@ -322,16 +416,29 @@ def _check_sram(kernel: Kernel, origin: PE, wafer: WaferConfig) -> None:
                 f"{largest[0]!r}, {4 * largest[2]} bytes)")
 
 
+def _bound_instrs(instrs: list[Instr], colors: dict[int, int], where: str) -> list[Instr]:
+    """`instrs` with symbolic stream ids replaced by real colors; only the instructions
+    naming a stream are rebuilt (a model has ~10^5 instructions, few of them on the
+    fabric)."""
+    bound = list(instrs)
+    fabric = []
+    for k, instr in enumerate(instrs):
+        streams = [o.color for o in (instr.dst, instr.a, instr.b, instr.c)
+                   if o.kind in (Kind.FABIN, Kind.FABOUT) and o.color >= SYMBOLIC_BASE]
+        for stream in streams:
+            if stream not in colors:
+                raise ValueError(f"{where}: stream id {stream} is not declared in the "
+                                 f"kernel's inputs, outputs or local streams")
+        if streams:
+            fabric.append(k)
+    for k, instr in zip(fabric, bind_colors([instrs[k] for k in fabric], colors), strict=True):
+        bound[k] = instr
+    return bound
+
+
 def _bound_program(prog: PEProgram, colors: dict[int, int], where: str) -> PEProgram:
     """A copy of `prog` with its symbolic stream ids replaced by real colors."""
-    for task in prog.tasks:
-        for instr in task.instrs:
-            for operand in (instr.dst, instr.a, instr.b, instr.c):
-                if (operand.kind in (Kind.FABIN, Kind.FABOUT)
-                        and operand.color >= SYMBOLIC_BASE and operand.color not in colors):
-                    raise ValueError(f"{where}: stream id {operand.color} is not declared in "
-                                     f"the kernel's inputs, outputs or local streams")
-    tasks = [Task(task.id, task.trigger, bind_colors(task.instrs, colors),
+    tasks = [Task(task.id, task.trigger, _bound_instrs(task.instrs, colors, where),
                   colors.get(task.color, task.color) if task.trigger is Trigger.COLOR
                   else task.color)
              for task in prog.tasks]
@@ -357,10 +464,7 @@ def link(kernels: list[Kernel], positions: dict[str, PE], wafer: WaferConfig) ->
     y1 = max(positions[k.name][1] + k.height for k in kernels)
 
     streams = _collect_streams(kernels, positions)
-    for stream in streams:
-        xy, yx = (_tree(stream.src, stream.dsts, x_first) for x_first in (True, False))
-        stream.entries = yx if len(yx) < len(xy) else xy
-    colors_used = _assign_colors(streams, wafer)
+    colors_used = _route(streams, (x0, y0, x1, y1), wafer)
 
     program = Program(width=x1 - x0, height=y1 - y0)
     kernel_colors: dict[str, dict[int, int]] = defaultdict(dict)

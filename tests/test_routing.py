@@ -1,4 +1,5 @@
-"""Routing (streams -> XY multicast trees -> colors -> Program) and the kernel harness."""
+"""Routing (streams -> candidate multicast trees -> negotiated trees and colors -> Program)
+and the kernel harness."""
 
 from __future__ import annotations
 
@@ -9,10 +10,23 @@ from hypothesis import strategies as st
 
 from compiler.lowering.harness import run_kernel
 from compiler.lowering.kernel import Kernel, LocalStream, StreamEnd, StreamIds, lane_cols
-from compiler.routing import link
+from compiler.routing import _candidates, link
 from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
-from wse_sim.program import FabIn, FabOut, Imm, Mem, Op, Port, port_mask, repeat, validate, vec
+from wse_sim.program import (
+    OPPOSITE,
+    PORT_OFFSET,
+    FabIn,
+    FabOut,
+    Imm,
+    Mem,
+    Op,
+    Port,
+    port_mask,
+    repeat,
+    validate,
+    vec,
+)
 
 WAFER = WaferConfig()
 
@@ -148,10 +162,70 @@ def test_too_few_colors_names_stream_and_pe():
     ids = StreamIds()
     src = sender("src", "t", 3, 2, ids)
     dst = receiver("dst", "t", {j: ((0, 0),) for j in range(3)}, 1, 1, 2, ids)
-    with pytest.raises(UserError, match=r"stream t\[lane \d\] could not get a color: its route "
-                                        r"crosses 2 other streams \(the most at PE \(\d, 0\): 3 "
-                                        r"streams\) and the wafer has 2 colors"):
+    with pytest.raises(UserError, match=r"^routing: stream t\[lane \d\] could not get a color: "
+                                        r"PE \(3, 0\) is an end of 3 streams and the wafer "
+                                        r"has 2 colors$"):
         link([src, dst], {"src": (0, 0), "dst": (3, 0)}, WaferConfig(colors=2))
+
+
+def test_forced_crossing_fails_after_negotiation():
+    """Two streams whose endpoints interleave on the border of their box must meet; with
+    one color the negotiation gives up and names both and the PE."""
+    ids = StreamIds()
+    kernels = [sender("a", "ta", 1, 2, ids), receiver("ra", "ta", {0: ((0, 0),)}, 1, 1, 2, ids),
+               sender("b", "tb", 1, 2, ids), receiver("rb", "tb", {0: ((0, 0),)}, 1, 1, 2, ids)]
+    positions = {"a": (0, 1), "ra": (2, 1), "b": (1, 0), "rb": (1, 2)}
+    with pytest.raises(UserError, match=r"^routing: stream t[ab]\[lane 0\] could not get a "
+                                        r"color: after \d+ rounds of negotiation it still "
+                                        r"shares color 0 at PE \(\d, \d\) with t[ab]\[lane 0\] "
+                                        r"\(\d streams pass that PE\) and the wafer has 1 "
+                                        r"colors$"):
+        link(kernels, positions, WaferConfig(colors=1))
+
+
+def test_negotiation_steps_aside_into_a_free_tree():
+    """Plain XY trees of the two streams share PE (2, 1); the YX tree of the second is
+    free, so one color is enough (graph coloring of the plain trees needed two)."""
+    ids = StreamIds()
+    kernels = [sender("a", "ta", 1, 2, ids), receiver("ra", "ta", {0: ((0, 0),)}, 1, 1, 2, ids),
+               sender("b", "tb", 1, 2, ids), receiver("rb", "tb", {0: ((0, 0),)}, 1, 1, 2, ids)]
+    positions = {"a": (0, 0), "ra": (2, 1), "b": (0, 1), "rb": (2, 2)}
+    linked = link(kernels, positions, WaferConfig(colors=1))
+    assert linked.colors_used == 1
+    a, b = linked.streams
+    assert not set(a.entries) & set(b.entries)
+    validate(linked.program, WaferConfig(colors=1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(src=st.tuples(st.integers(0, 6), st.integers(0, 6)),
+       dsts=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=1, max_size=5,
+                     unique=True),
+       margin=st.sampled_from([None, 0, 2]))
+def test_candidates_are_trees(src, dsts, margin):
+    """Every candidate is a tree inside the box: each PE but the source is entered from
+    one side, following tx ports from the source visits every PE once, and RAMP delivers at
+    exactly the destinations."""
+    assume(src not in dsts)
+    box = (0, 0, 7, 7)
+    trees = _candidates(src, dsts, box, margin)
+    assert trees and sorted(map(len, (t.rx for t in trees))) == [len(t.rx) for t in trees]
+    for tree in trees:
+        entries = tree.entries()
+        assert entries[src].rx == port_mask(Port.RAMP)
+        assert all(0 <= x < 7 and 0 <= y < 7 for x, y in entries)
+        seen, todo = set(), [src]
+        while todo:
+            pe = todo.pop()
+            assert pe not in seen
+            seen.add(pe)
+            for port, (dx, dy) in PORT_OFFSET.items():
+                if entries[pe].tx & port_mask(port):
+                    nxt = (pe[0] + dx, pe[1] + dy)
+                    assert entries[nxt].rx == port_mask(OPPOSITE[port])
+                    todo.append(nxt)
+        assert seen == set(entries)
+        assert {pe for pe, r in entries.items() if r.tx & port_mask(Port.RAMP)} == set(dsts)
 
 
 def test_sram_overflow_names_op_pe_and_bytes():
