@@ -15,8 +15,8 @@
    row the plain XY tree; other `xm` / `ym` are the one-bend-more routes that move a
    bundle's turn to another column or row, and up to `ROUTE_MARGIN` PEs beyond the
    endpoints' bounding box they are detours around a crowded spot. Kernel-local streams
-   keep to their minimal trees. Every route stays inside the bounding box of the placed
-   kernels.
+   keep to the plain XY and YX trees. Every route stays inside the bounding box of the
+   placed kernels.
 3. Colors: negotiated congestion (PathFinder, McMurchie and Ebeling 1995). The hardware
    keeps one route per (PE, color), so the resources are (PE, color) pairs of capacity
    one, and a stream takes one candidate tree and one color. Each stream in turn takes the
@@ -24,12 +24,16 @@
    streams already there); after each round the pairs still shared get more history and
    the pressure grows, and only the streams on a shared pair are rerouted, until none is
    shared. Plain graph coloring of fixed trees cannot do this: bundles of lanes that meet
-   or cross form cliques larger than any one PE's stream count, and picking each stream's
-   tree *with* its color lets lanes step aside into a color that is free along another
-   path. A PE that more streams start or end at than the wafer has colors, or conflicts
-   left after `MAX_ROUNDS` rounds, are a `UserError` naming a stream. Symbolic stream ids
-   are mapped per kernel (ids of separately built kernels may coincide) and rewritten with
-   `bind_colors`.
+   or cross form cliques larger than any one PE's stream count (gpt_small's plain trees
+   needed 35-77 colors where no PE carried more than 23-52 streams), and picking each
+   stream's tree *with* its color lets lanes step aside into a color that is free along
+   another path. Cost: a reroute is one vectorised pass over the (colors x PEs of all
+   candidates) costs, ~50 us; gpt_small (2272 streams, ~40k candidates) needs 5-300 rounds
+   and 0.01-1.4 reroutes per stream, 0.3-6 s. A PE that more streams start or end at than
+   the wafer has colors, or pairs still shared after `MAX_ROUNDS` rounds or
+   `REROUTES_PER_STREAM` reroutes per stream, are a `UserError` naming a stream. Symbolic
+   stream ids are mapped per kernel (ids of separately built kernels may coincide) and
+   rewritten with `bind_colors`.
 4. Program. Only the bounding box of the placed kernels is simulated; `Linked.origin` is
    that box's top-left PE on the wafer. Each PE's SRAM is checked against
    `wafer.sram_words_per_pe` at compile time.
@@ -38,7 +42,8 @@ Wavelet counts (for the link-load estimate) are read from the producer's program
 number of FabOut elements it emits on the stream (rows x lane width for a tensor lane).
 
 The orientation pass (`compiler/orient.py`) runs before `link` and mirrors kernels so
-that the bundles between them need no crossings; routing then has room to spare.
+that the bundles between them cross less; without it gpt_small's negotiation needs 1.4-10x
+the rounds, and does not converge for the greedy placement.
 """
 
 from __future__ import annotations
@@ -71,11 +76,12 @@ from wse_sim.program import (
 PE = tuple[int, int]  # (x, y) on the wafer
 MESH_PORTS = (Port.N, Port.E, Port.S, Port.W)
 
-ROUTE_MARGIN = 3  # a lane's turns may lie this many PEs beyond its endpoints' bounding box
-MAX_ROUNDS = 500  # negotiation rounds before routing gives up
+ROUTE_MARGIN = 8  # a lane's turns may lie this many PEs beyond its endpoints' bounding box
+MAX_ROUNDS = 800  # negotiation rounds before routing gives up ...
+REROUTES_PER_STREAM = 8  # ... or reroutes per stream
 PRESSURE_START = 0.5  # cost factor per other stream on a (PE, color), first round ...
-PRESSURE_GROWTH = 1.3  # ... grown this much per round ...
-PRESSURE_MAX = 100.0  # ... up to this
+PRESSURE_GROWTH = 1.5  # ... grown this much per round ...
+PRESSURE_MAX = 1000.0  # ... up to this
 HISTORY_STEP = 2.0  # cost added per round to a (PE, color) that is still shared
 
 
@@ -324,8 +330,12 @@ class _Negotiation:
         self.starts = [np.cumsum([0] + [t.size for t in trees[:-1]]) for trees in self.trees]
         self.occupancy = np.zeros((colors, width * (y1 - y0)), dtype=np.int64)
         self.history = np.zeros(self.occupancy.shape)
+        # the streams on each (color, PE) pair
+        self.users: list[defaultdict[int, set[int]]] = [defaultdict(set) for _ in range(colors)]
         self.pressure = PRESSURE_START
         self.choice: list[tuple[int, int]] = [(0, 0)] * len(candidates)
+        self.rounds = 0
+        self.reroutes = 0
 
     def place(self, i: int) -> None:
         """Give stream i its cheapest (tree, color) given everyone else's."""
@@ -334,35 +344,45 @@ class _Negotiation:
         totals = np.add.reduceat(cost, self.starts[i], axis=1)  # (colors, trees)
         color, tree = divmod(int(np.argmin(totals)), totals.shape[1])
         self.choice[i] = (tree, color)
-        self.occupancy[color, self.trees[i][tree]] += 1
+        pes = self.trees[i][tree]
+        self.occupancy[color, pes] += 1
+        for pe in pes.tolist():
+            self.users[color][pe].add(i)
 
     def unplace(self, i: int) -> None:
         tree, color = self.choice[i]
-        self.occupancy[color, self.trees[i][tree]] -= 1
+        pes = self.trees[i][tree]
+        self.occupancy[color, pes] -= 1
+        for pe in pes.tolist():
+            self.users[color][pe].discard(i)
 
-    def shared(self, i: int, over: np.ndarray) -> bool:
-        tree, color = self.choice[i]
-        return bool(over[color, self.trees[i][tree]].any())
+    def shared(self) -> list[int]:
+        """The streams on a (color, PE) pair that another stream uses too, in index order."""
+        colors, pes = np.nonzero(self.occupancy > 1)
+        return sorted({i for c, pe in zip(colors.tolist(), pes.tolist(), strict=True)
+                       for i in self.users[c][pe]})
 
-    def run(self, rounds: int) -> list[int]:
-        """Negotiate for at most `rounds` rounds; returns the streams still sharing a pair
-        (empty on success). The reroute order is shuffled each round from a fixed seed."""
+    def run(self) -> list[int]:
+        """Negotiate until no pair is shared, or for at most `MAX_ROUNDS` rounds and
+        `REROUTES_PER_STREAM` reroutes per stream (a feasible layout needs far fewer: at
+        most 2 per stream for gpt_small's placements); returns the streams still sharing a
+        pair (empty on success). Each round reroutes the sharing streams in an order
+        shuffled from a fixed seed, so the result is deterministic."""
         order = sorted(range(len(self.trees)), key=lambda i: -self.trees[i][0].size)
         for i in order:
             self.place(i)
         rng = np.random.default_rng(0)
-        for _ in range(rounds):
-            over = self.occupancy > 1
-            if not over.any():
-                return []
-            self.history += HISTORY_STEP * over
+        budget = REROUTES_PER_STREAM * len(self.trees)
+        while (shared := self.shared()) and self.rounds < MAX_ROUNDS and self.reroutes < budget:
+            self.rounds += 1
+            self.history += HISTORY_STEP * (self.occupancy > 1)
             self.pressure = min(self.pressure * PRESSURE_GROWTH, PRESSURE_MAX)
-            rng.shuffle(order)
-            for i in [i for i in order if self.shared(i, over)]:
+            rng.shuffle(shared)
+            for i in shared:
                 self.unplace(i)
                 self.place(i)
-        over = self.occupancy > 1
-        return [i for i in range(len(self.trees)) if self.shared(i, over)]
+            self.reroutes += len(shared)
+        return shared
 
 
 def _check_ends(streams: list[RoutedStream], wafer: WaferConfig) -> None:
@@ -386,7 +406,7 @@ def _route(streams: list[RoutedStream], box: tuple[int, int, int, int],
     candidates = [_candidates(s.src, s.dsts, box, None if s.local else ROUTE_MARGIN)
                   for s in streams]
     negotiation = _Negotiation(candidates, box, wafer.colors)
-    stuck = negotiation.run(MAX_ROUNDS)
+    stuck = negotiation.run()
     for stream, trees, (tree, color) in zip(streams, candidates, negotiation.choice,
                                             strict=True):
         stream.entries, stream.color = trees[tree].entries(), color
@@ -398,8 +418,9 @@ def _route(streams: list[RoutedStream], box: tuple[int, int, int, int],
         (color, pe), users = max(by_pair.items(), key=lambda item: len(item[1]))
         load = sum(pe in s.entries for s in streams)
         raise UserError(
-            f"routing: stream {users[0].name} could not get a color: after {MAX_ROUNDS} "
-            f"rounds of negotiation it still shares color {color} at PE {pe} with "
+            f"routing: stream {users[0].name} could not get a color: after "
+            f"{negotiation.rounds} rounds of negotiation it still shares color {color} at PE "
+            f"{pe} with "
             f"{users[1].name} ({load} streams pass that PE) and the wafer has "
             f"{wafer.colors} colors")
     return max((s.color for s in streams), default=-1) + 1

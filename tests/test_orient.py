@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from compiler.compile import kernel_traffic
+from compiler.config import load_config
+from compiler.graph import build_graph
+from compiler.lower import default_lane_width, lower
 from compiler.lowering.harness import run_kernel
 from compiler.lowering.kernel import Kernel, StreamEnd, StreamIds
 from compiler.lowering.matmul import build_linear
 from compiler.orient import FLIPS, flip_kernel, orient
+from compiler.placement import Box, place
+from compiler.reference import init_params, make_batch
 from compiler.routing import link
 from wse_sim.hardware import WaferConfig
-from wse_sim.program import FabIn, FabOut, Mem, Op, vec
+from wse_sim.program import FabIn, FabOut, Mem, Op, validate, vec
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @settings(max_examples=4, deadline=None)
@@ -77,3 +88,24 @@ def test_orientation_uncrosses_a_bundle_turning_a_corner():
     assert link(kernels, positions, wafer).colors_used == lanes
     oriented = orient(kernels, positions)
     assert link(oriented, positions, wafer).colors_used == 1
+
+
+@pytest.fixture(scope="module")
+def gpt_small() -> tuple[list[Kernel], list[tuple[str, str, int]], WaferConfig]:
+    cfg = load_config(ROOT / "models" / "gpt_small.yaml")
+    graph = build_graph(cfg)
+    kernels = lower(graph, init_params(cfg), make_batch(cfg), default_lane_width(graph))
+    return kernels, kernel_traffic(kernels), cfg.wafer
+
+
+@pytest.mark.parametrize("strategy", ["linear", "snake", "greedy", "anneal", "partition"])
+def test_gpt_small_routes_with_the_wafers_colors(gpt_small, strategy):
+    """Compile-only (no simulation): place, orient and link gpt_small's 59 kernels. (Not
+    `random`: a shuffled op order needs ~33k (PE, color) route entries in its 2560-PE box,
+    about 20 per PE over its west half, and does not route in 24 colors.)"""
+    kernels, traffic, wafer = gpt_small
+    boxes = [Box(k.name, k.width, k.height) for k in kernels]
+    positions = place(boxes, traffic, (wafer.width, wafer.height), strategy)
+    linked = link(orient(kernels, positions), positions, wafer)
+    assert linked.colors_used <= wafer.colors
+    validate(linked.program, wafer)
