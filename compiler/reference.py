@@ -77,14 +77,14 @@ def make_batch(cfg: RunConfig) -> np.ndarray:
 # -- layers -------------------------------------------------------------------------------
 
 
-def _split_heads(x: np.ndarray, batch: int, heads: int) -> np.ndarray:
+def split_heads(x: np.ndarray, batch: int, heads: int) -> np.ndarray:
     """(B*T, H*w) with head j in column block j -> (B, H, T, w)."""
     rows, cols = x.shape
     return x.reshape(batch, rows // batch, heads, cols // heads).transpose(0, 2, 1, 3)
 
 
-def _merge_heads(x: np.ndarray) -> np.ndarray:
-    """(B, H, T, w) -> (B*T, H*w), the inverse of _split_heads."""
+def merge_heads(x: np.ndarray) -> np.ndarray:
+    """(B, H, T, w) -> (B*T, H*w), the inverse of split_heads."""
     batch, heads, seq, width = x.shape
     return x.transpose(0, 2, 1, 3).reshape(batch * seq, heads * width)
 
@@ -188,15 +188,15 @@ def forward(
         qkv = _linear(t, f"{h}.attn.qkv", _layernorm(t, f"{h}.ln1", x, eps))
         q, k, v = np.split(qkv, 3, axis=1)
         t[f"{h}.attn.qkv.q"], t[f"{h}.attn.qkv.k"], t[f"{h}.attn.qkv.v"] = q, k, v
-        q4, k4, v4 = (_split_heads(a, batch, heads) for a in (q, k, v))
+        q4, k4, v4 = (split_heads(a, batch, heads) for a in (q, k, v))
         scores = (q4 @ k4.transpose(0, 1, 3, 2)) / math.sqrt(model.d_head)
         masked = np.where(mask, scores, -np.inf)
         probs = np.exp(masked - masked.max(axis=3, keepdims=True))
         probs /= probs.sum(axis=3, keepdims=True)
-        t[f"{h}.attn.scores.out"] = _merge_heads(scores)
-        t[f"{h}.attn.mask.out"] = _merge_heads(masked)
-        t[f"{h}.attn.softmax.out"] = _merge_heads(probs)
-        values = t[f"{h}.attn.values.out"] = _merge_heads(probs @ v4)
+        t[f"{h}.attn.scores.out"] = merge_heads(scores)
+        t[f"{h}.attn.mask.out"] = merge_heads(masked)
+        t[f"{h}.attn.softmax.out"] = merge_heads(probs)
+        values = t[f"{h}.attn.values.out"] = merge_heads(probs @ v4)
         proj = t[f"{h}.attn.proj.out"] = _linear(t, f"{h}.attn.proj", values)
         x = t[f"{h}.attn.res.out"] = x + proj
 
@@ -253,18 +253,18 @@ def _backward(cfg: RunConfig, t: Arrays, tokens: np.ndarray) -> None:
         # Attention, per head on (B, H, T, *) views of the column blocks.
         a = f"{h}.attn"
         _linear_bwd(t, f"{a}.proj", f"{a}.values.out", d_mid, grad_name(f"{a}.values.out"))
-        d_values = _split_heads(t[grad_name(f"{a}.values.out")], batch, heads)
-        probs = _split_heads(t[f"{a}.softmax.out"], batch, heads)
-        q4, k4, v4 = (_split_heads(t[f"{a}.qkv.{n}"], batch, heads) for n in "qkv")
+        d_values = split_heads(t[grad_name(f"{a}.values.out")], batch, heads)
+        probs = split_heads(t[f"{a}.softmax.out"], batch, heads)
+        q4, k4, v4 = (split_heads(t[f"{a}.qkv.{n}"], batch, heads) for n in "qkv")
         d_probs = d_values @ v4.transpose(0, 1, 3, 2)
-        t[grad_name(f"{a}.qkv.v")] = _merge_heads(probs.transpose(0, 1, 3, 2) @ d_values)
-        t[grad_name(f"{a}.softmax.out")] = _merge_heads(d_probs)
+        t[grad_name(f"{a}.qkv.v")] = merge_heads(probs.transpose(0, 1, 3, 2) @ d_values)
+        t[grad_name(f"{a}.softmax.out")] = merge_heads(d_probs)
         d_masked = probs * (d_probs - (d_probs * probs).sum(axis=3, keepdims=True))
-        t[grad_name(f"{a}.mask.out")] = _merge_heads(d_masked)
+        t[grad_name(f"{a}.mask.out")] = merge_heads(d_masked)
         d_scores = np.where(mask, d_masked, 0)
-        t[grad_name(f"{a}.scores.out")] = _merge_heads(d_scores)
-        t[grad_name(f"{a}.qkv.q")] = _merge_heads(scale * d_scores @ k4)
-        t[grad_name(f"{a}.qkv.k")] = _merge_heads(scale * d_scores.transpose(0, 1, 3, 2) @ q4)
+        t[grad_name(f"{a}.scores.out")] = merge_heads(d_scores)
+        t[grad_name(f"{a}.qkv.q")] = merge_heads(scale * d_scores @ k4)
+        t[grad_name(f"{a}.qkv.k")] = merge_heads(scale * d_scores.transpose(0, 1, 3, 2) @ q4)
         d_qkv = np.concatenate([t[grad_name(f"{a}.qkv.{n}")] for n in "qkv"], axis=1)
         _linear_bwd(t, f"{a}.qkv", f"{h}.ln1.out", d_qkv, grad_name(f"{h}.ln1.out"))
         _layernorm_bwd(

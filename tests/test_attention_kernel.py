@@ -22,22 +22,11 @@ from compiler.lowering.attention import (
 )
 from compiler.lowering.harness import run_kernel
 from compiler.lowering.kernel import Kernel, StreamEnd, StreamIds
+from compiler.reference import merge_heads, split_heads
 from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
 
 RTOL = ATOL = 2e-5
-
-
-def _split(x: np.ndarray, batch: int, heads: int) -> np.ndarray:
-    """[B*T, H*w] -> [B, H, T, w]."""
-    rows, cols = x.shape
-    return x.reshape(batch, rows // batch, heads, cols // heads).transpose(0, 2, 1, 3)
-
-
-def _merge(x: np.ndarray) -> np.ndarray:
-    """[B, H, T, w] -> [B*T, H*w]."""
-    b, h, t, w = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(b * t, h * w)
 
 
 def _lanes_as_tensor(kernel: Kernel, tensor: str, lanes: range, width: int, name: str) -> None:
@@ -75,14 +64,14 @@ def _run_scores(batch: int, seq: int, heads: int, dh: int, groups: int, seed: in
 
 def _scores_reference(qkv, d_scores, batch, seq, heads, dh):
     d = heads * dh
-    q, k = (_split(qkv[:, i * d:(i + 1) * d], batch, heads) for i in range(2))
+    q, k = (split_heads(qkv[:, i * d:(i + 1) * d], batch, heads) for i in range(2))
     scale = 1.0 / math.sqrt(dh)
     mask = _causal(seq)
     s = np.where(mask, q @ k.transpose(0, 1, 3, 2) * scale, -np.inf)
-    ds = np.where(mask, _split(d_scores, batch, heads), 0.0)
+    ds = np.where(mask, split_heads(d_scores, batch, heads), 0.0)
     dq = scale * ds @ k
     dk = scale * ds.transpose(0, 1, 3, 2) @ q
-    return _merge(s), _merge(dq), _merge(dk)
+    return merge_heads(s), merge_heads(dq), merge_heads(dk)
 
 
 @settings(max_examples=6, deadline=None)
@@ -107,7 +96,7 @@ def _run_values(batch: int, seq: int, heads: int, dh: int, groups: int, seed: in
     qkv = rng.standard_normal((rows, 3 * d)).astype(np.float32)
     logits = np.where(_causal(seq), rng.standard_normal((batch, heads, seq, seq)), -np.inf)
     probs = np.exp(logits - logits.max(axis=3, keepdims=True))
-    probs = _merge(probs / probs.sum(axis=3, keepdims=True)).astype(np.float32)
+    probs = merge_heads(probs / probs.sum(axis=3, keepdims=True)).astype(np.float32)
     d_out = rng.standard_normal((rows, d)).astype(np.float32)
     kernel = build_attn_values("attn.values", ["attn.values"], StreamIds(), batch=batch,
                                seq=seq, heads=heads, d_head=dh, lane_width=dh, qkv="qkv",
@@ -125,14 +114,14 @@ def test_values_forward_and_backward(batch, heads, dh, blocks, groups, seed):
     seq = blocks * dh
     run, qkv, probs, d_out = _run_values(batch, seq, heads, dh, groups, seed)
     d = heads * dh
-    v = _split(qkv[:, 2 * d:], batch, heads)
-    p = _split(probs, batch, heads)
-    do = _split(d_out, batch, heads)
+    v = split_heads(qkv[:, 2 * d:], batch, heads)
+    p = split_heads(probs, batch, heads)
+    do = split_heads(d_out, batch, heads)
     mask = _causal(seq)
-    _check(run.outputs["O"], _merge(p @ v))
+    _check(run.outputs["O"], merge_heads(p @ v))
     # dP is do . v where P can be nonzero and exactly 0 where the mask makes P == 0
-    _check(run.outputs["dP"], _merge(np.where(mask, do @ v.transpose(0, 1, 3, 2), 0.0)))
-    _check(run.outputs["dv"], _merge(p.transpose(0, 1, 3, 2) @ do))
+    _check(run.outputs["dP"], merge_heads(np.where(mask, do @ v.transpose(0, 1, 3, 2), 0.0)))
+    _check(run.outputs["dv"], merge_heads(p.transpose(0, 1, 3, 2) @ do))
 
 
 @pytest.mark.parametrize("groups", [1, 4])
