@@ -177,6 +177,9 @@ from wse_sim.router import (
 )
 from wse_sim.stats import Stats
 
+# wse_sim.router's helpers (has_room, head_ready, inject, pop_recv, route_cycle) are
+# inlined here: see the note there on numba's cache.
+
 # Plain ints for numba.
 MEM, FABIN, FABOUT, REG, IMM = (int(k) for k in (Kind.MEM, Kind.FABIN, Kind.FABOUT, Kind.REG,
                                                  Kind.IMM))

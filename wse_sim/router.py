@@ -41,6 +41,13 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
+# numba caches each compiled function keyed on its own file only: the helpers below are
+# inlined into wse_sim.engine and wse_sim.traffic, so a change to them (or to the column
+# layout) must also change those files, or their cached machine code keeps the old one.
+#
+# Row indices of 2D arrays go through U() (uint64): for a signed index numba emits
+# negative-index wraparound code on every access (~13% of the router's instructions).
+#
 # The cycle loop's functions. `_nrt=False`: they allocate nothing, and numba's reference
 # counting of array arguments (an atomic call per array per function call, ~100 ns for a
 # helper taking six arrays) would otherwise cost more than the simulation itself.
@@ -177,45 +184,51 @@ def build_fabric(
 
 
 @hot_inline
+def U(i):
+    """A row index as uint64: numba emits no negative-index wraparound for it."""
+    return np.uint64(i)
+
+
+@hot_inline
 def has_room(buf, b, t, depth):
     """Room in FIFO b for a wavelet arriving in cycle t (start-of-cycle occupancy)."""
-    freed = 1 if buf[b, B_LAST_POP] == t else 0
-    return buf[b, B_COUNT] + freed < depth
+    freed = 1 if buf[U(b), B_LAST_POP] == t else 0
+    return buf[U(b), B_COUNT] + freed < depth
 
 
 @hot_inline
 def head_ready(buf, wl, b, t, depth):
     """FIFO or receive queue b holds a wavelet that may move (be consumed) in cycle t."""
-    return buf[b, B_COUNT] > 0 and wl[b * depth + buf[b, B_HEAD], W_READY] <= t
+    return buf[U(b), B_COUNT] > 0 and wl[U(b * depth + buf[U(b), B_HEAD]), W_READY] <= t
 
 
 @hot_inline
 def _push(buf, wl, wval, b, value, tag, ready, depth):
-    pos = buf[b, B_HEAD] + buf[b, B_COUNT]  # ring buffer; no division in the hot path
+    pos = buf[U(b), B_HEAD] + buf[U(b), B_COUNT]  # ring buffer; no division in the hot path
     if pos >= depth:
         pos -= depth
     slot = b * depth + pos
     wval[slot] = value
-    wl[slot, W_TAG] = tag
-    wl[slot, W_READY] = ready
-    buf[b, B_COUNT] += 1
+    wl[U(slot), W_TAG] = tag
+    wl[U(slot), W_READY] = ready
+    buf[U(b), B_COUNT] += 1
 
 
 @hot_inline
 def _pop(buf, b, depth):
     """Remove the head of b; returns its slot."""
-    head = buf[b, B_HEAD]
-    buf[b, B_HEAD] = head + 1 if head + 1 < depth else 0
-    buf[b, B_COUNT] -= 1
+    head = buf[U(b), B_HEAD]
+    buf[U(b), B_HEAD] = head + 1 if head + 1 < depth else 0
+    buf[U(b), B_COUNT] -= 1
     return b * depth + head
 
 
 @hot_inline
 def _enter_router(node, sc, pe):
-    node[pe, N_OCC] += 1
-    if node[pe, N_IN_ACT] == 0:
-        node[pe, N_IN_ACT] = 1
-        node[sc[SC_NACT], N_ACT] = pe
+    node[U(pe), N_OCC] += 1
+    if node[U(pe), N_IN_ACT] == 0:
+        node[U(pe), N_IN_ACT] = 1
+        node[U(sc[SC_NACT]), N_ACT] = pe
         sc[SC_NACT] += 1
 
 
@@ -226,7 +239,7 @@ def inject(buf, wl, wval, node, sc, ctr, b, pe, value, tag, t, depth):
     _push(buf, wl, wval, b, value, tag, t + 1, depth)
     sc[SC_INFLIGHT] += 1
     _enter_router(node, sc, pe)
-    ctr[pe, CT_RAMP_OUT] += 1
+    ctr[U(pe), CT_RAMP_OUT] += 1
 
 
 @hot_inline
@@ -267,7 +280,7 @@ def route_cycle(t, params, sc, route, dest, buf, rb_lo, wl, wval, node, woken, c
     i_first_new = sc[SC_NACT]
     i = 0
     while i < sc[SC_NACT]:  # routers activated during this cycle are appended
-        pe = node[i, N_ACT]
+        pe = node[U(i), N_ACT]
         i += 1
         if packet:
             x = pe % width
@@ -277,9 +290,9 @@ def route_cycle(t, params, sc, route, dest, buf, rb_lo, wl, wval, node, woken, c
         for b in range(rb_lo[pe], rb_lo[pe + 1]):
             if not head_ready(buf, wl, b, t, depth):
                 continue
-            age = buf[b, B_LAST_GRANT]
+            age = buf[U(b), B_LAST_GRANT]
             j = nc
-            while j > 0 and buf[cand[j - 1], B_LAST_GRANT] > age:
+            while j > 0 and buf[U(cand[j - 1]), B_LAST_GRANT] > age:
                 cand[j] = cand[j - 1]
                 j -= 1
             cand[j] = b
@@ -288,9 +301,9 @@ def route_cycle(t, params, sc, route, dest, buf, rb_lo, wl, wval, node, woken, c
         ramp_used = 0
         for k in range(nc):
             b = cand[k]
-            r = buf[b, B_ROUTE]
+            r = buf[U(b), B_ROUTE]
             if packet:
-                tx = 1 << _xy_port(x, y, wl[b * depth + buf[b, B_HEAD], W_TAG])
+                tx = 1 << _xy_port(x, y, wl[U(b * depth + buf[U(b), B_HEAD]), W_TAG])
             else:
                 tx = route[R_TX, r]
             if tx & used & 15:
@@ -300,7 +313,7 @@ def route_cycle(t, params, sc, route, dest, buf, rb_lo, wl, wval, node, woken, c
             ok = True
             for o in range(5):
                 if (tx >> o) & 1:
-                    d = dest[r, o]
+                    d = dest[U(r), o]
                     if d >= 0 and not has_room(buf, d, t, depth):
                         ok = False
                         break
@@ -309,30 +322,30 @@ def route_cycle(t, params, sc, route, dest, buf, rb_lo, wl, wval, node, woken, c
             # Move: pop once, copy to every output.
             slot = _pop(buf, b, depth)
             delta -= 1
-            buf[b, B_LAST_POP] = t
-            buf[b, B_LAST_GRANT] = t
-            node[pe, N_OCC] -= 1
+            buf[U(b), B_LAST_POP] = t
+            buf[U(b), B_LAST_GRANT] = t
+            node[U(pe), N_OCC] -= 1
             value = wval[slot]
-            tag = wl[slot, W_TAG]
+            tag = wl[U(slot), W_TAG]
             color = route[R_COLOR, r]
             copies -= 1
             for o in range(4):
                 if (tx >> o) & 1:
-                    d = dest[r, o]
+                    d = dest[U(r), o]
                     _push(buf, wl, wval, d, value, tag, t + hop, depth)
                     delta += 1
-                    _enter_router(node, sc, route[R_PE, buf[d, B_ROUTE]])
-                    ctr[pe, o] += 1
+                    _enter_router(node, sc, route[R_PE, buf[U(d), B_ROUTE]])
+                    ctr[U(pe), o] += 1
                     color_hops[color] += 1
                     copies += 1
             used |= tx & 15
             if (tx >> RAMP) & 1:
                 ramp_used += 1
                 copies += 1
-                ctr[pe, CT_RAMP_IN] += 1
-                d = dest[r, RAMP]
+                ctr[U(pe), CT_RAMP_IN] += 1
+                d = dest[U(r), RAMP]
                 if d >= 0:
-                    if buf[d, B_COUNT] == 0:
+                    if buf[U(d), B_COUNT] == 0:
                         woken[sc[SC_NWOKEN]] = pe
                         sc[SC_NWOKEN] += 1
                     _push(buf, wl, wval, d, value, tag, t + 1, depth)

@@ -60,6 +60,8 @@ from wse_sim.router import (
 )
 from wse_sim.stats import Stats
 
+# wse_sim.router's helpers (has_room, inject) are inlined here: see the note
+# there on numba's cache.
 PATTERNS = ("uniform", "transpose", "hotspot", "neighbor")
 UNIFORM, TRANSPOSE, HOTSPOT, NEIGHBOR = range(4)
 NEVER = np.iinfo(np.int64).max // 2
