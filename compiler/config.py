@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from wse_sim.errors import UserError
+from wse_sim.errors import UserError, read_user_file
 from wse_sim.hardware import PRESETS, WaferConfig
 
 Placement = Literal["linear", "snake", "random", "greedy", "anneal", "partition"]
@@ -158,10 +158,7 @@ def parse_config(data: Any, source: str = "<config>") -> RunConfig:
 
 def load_config(path: str | Path) -> RunConfig:
     """Read and validate a run config YAML file; any problem raises a one-line UserError."""
-    try:
-        text = Path(path).read_text()
-    except OSError as err:
-        raise UserError(f"{path}: cannot read config: {err.strerror or err}") from None
+    text = read_user_file(path, "config")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -48,7 +48,7 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from wse_sim.errors import UserError
+from wse_sim.errors import UserError, read_user_file
 
 PLOTS: tuple[str, ...] = ("utilization", "links", "placement", "sram", "timeline")
 DPI = 100
@@ -191,10 +191,7 @@ def _array(rows: list[Any], shape: tuple[int, int], source: str, field: str) -> 
 
 def load_run(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The RUN.json at `path` as a dict; UserError naming the file if unreadable."""
-    try:
-        text = Path(path).read_text()
-    except OSError as err:
-        raise UserError(f"{path}: cannot read run file: {err.strerror or err}") from None
+    text = read_user_file(path, "run file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
