@@ -55,7 +55,12 @@ from typing import Protocol
 
 import numpy as np
 
-from compiler.lowering.kernel import SYMBOLIC_BASE, Kernel, LocalPE, bind_colors
+from compiler.lowering.kernel import (
+    Kernel,
+    LocalPE,
+    bind_colors,
+    symbolic_streams,
+)
 from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
@@ -438,23 +443,13 @@ def _check_sram(kernel: Kernel, origin: PE, wafer: WaferConfig) -> None:
 
 
 def _bound_instrs(instrs: list[Instr], colors: dict[int, int], where: str) -> list[Instr]:
-    """`instrs` with symbolic stream ids replaced by real colors; only the instructions
-    naming a stream are rebuilt (a model has ~10^5 instructions, few of them on the
-    fabric)."""
-    bound = list(instrs)
-    fabric = []
-    for k, instr in enumerate(instrs):
-        streams = [o.color for o in (instr.dst, instr.a, instr.b, instr.c)
-                   if o.kind in (Kind.FABIN, Kind.FABOUT) and o.color >= SYMBOLIC_BASE]
-        for stream in streams:
+    """`instrs` with symbolic stream ids replaced by real colors."""
+    for instr in instrs:
+        for stream in symbolic_streams(instr):
             if stream not in colors:
                 raise ValueError(f"{where}: stream id {stream} is not declared in the "
                                  f"kernel's inputs, outputs or local streams")
-        if streams:
-            fabric.append(k)
-    for k, instr in zip(fabric, bind_colors([instrs[k] for k in fabric], colors), strict=True):
-        bound[k] = instr
-    return bound
+    return bind_colors(instrs, colors)
 
 
 def _bound_program(prog: PEProgram, colors: dict[int, int], where: str) -> PEProgram:

@@ -172,6 +172,12 @@ class Kernel:
         return self._program(pe).sram_words
 
 
+def symbolic_streams(instr: Instr) -> list[int]:
+    """The symbolic stream ids an instruction's fabric operands name."""
+    return [o.color for o in (instr.dst, instr.a, instr.b, instr.c)
+            if o.kind in (Kind.FABIN, Kind.FABOUT) and o.color >= SYMBOLIC_BASE]
+
+
 def _bind(operand: Operand, colors: dict[int, int]) -> Operand:
     if operand.kind in (Kind.FABIN, Kind.FABOUT) and operand.color >= SYMBOLIC_BASE:
         return replace(operand, color=colors[operand.color])
@@ -179,9 +185,11 @@ def _bind(operand: Operand, colors: dict[int, int]) -> Operand:
 
 
 def bind_colors(instrs: list[Instr], colors: dict[int, int]) -> list[Instr]:
-    """Rewrite symbolic stream ids in fabric operands to the colors routing chose."""
+    """Rewrite symbolic stream ids in fabric operands to the colors routing chose; an
+    instruction that names no stream is kept as it is (most of a model's are not on the
+    fabric, and rebuilding them dominated linking)."""
     return [
         replace(i, dst=_bind(i.dst, colors), a=_bind(i.a, colors), b=_bind(i.b, colors),
-                c=_bind(i.c, colors))
+                c=_bind(i.c, colors)) if symbolic_streams(i) else i
         for i in instrs
     ]
