@@ -49,6 +49,9 @@ if TYPE_CHECKING:
     from wse_sim.hardware import WaferConfig
 
 
+BYTES_PER_WORD = 4  # an SRAM word, a register and a wavelet's payload are 32 bits
+
+
 class Port(IntEnum):
     """Router ports. Directions are also bit positions in a Route's rx/tx masks."""
 
