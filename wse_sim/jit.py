@@ -124,6 +124,18 @@ def bits_float(typingctx, bits):
     return sig, codegen
 
 
+@intrinsic
+def trailing_zeros(typingctx, bits):
+    """The index of the lowest set bit of a non-zero uint64."""
+    sig = types.int64(types.uint64)
+
+    def codegen(context, builder, sig, args):
+        fn = builder.module.declare_intrinsic("llvm.cttz", [ir.IntType(64), ir.IntType(1)])
+        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
+
+    return sig, codegen
+
+
 sched_yield = types.ExternalFunction("sched_yield", types.int32())
 COUNT, GENERATION = 0, 8  # barrier words, a cache line apart
 SPINS = 1 << 12  # spins before a waiting worker yields its core

@@ -55,7 +55,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from wse_sim.jit import bits_float, float_bits, hot, hot_inline
+from wse_sim.jit import bits_float, float_bits, hot, hot_inline, trailing_zeros
 from wse_sim.program import OPPOSITE, PORT_OFFSET, Port
 from wse_sim.state import (
     FABRIC_PARAMS,
@@ -222,6 +222,7 @@ def build_fabric(spec: FabricSpec, routes: RouteTable, program_pes: np.ndarray,
         route=route,
         router=router,
         router_pe=router_pe,
+        occupied=np.zeros((max(nrouter, 1), max(-(-widest // 64), 1)), np.uint64),
         active=np.zeros((2, max(nrouter, 1)), np.int32),
         woken=np.zeros(max(int(wakers.sum()), 1), np.int64),
         cand=np.zeros((stripes, max(widest, 1)), np.int64),
@@ -294,6 +295,17 @@ def head_ready(fb, b, t):
 
 
 @hot_inline
+def _mark(fb, r, b, on):
+    """Set (or clear) router r's bit of its input FIFO b in `occupied`."""
+    j = b - fb.router[U(r)].fifo_lo
+    bit = np.uint64(1) << np.uint64(j & 63)
+    if on:
+        fb.occupied[U(r), U(j >> 6)] |= bit
+    else:
+        fb.occupied[U(r), U(j >> 6)] &= ~bit
+
+
+@hot_inline
 def _push(fb, d, data, ready, shift):
     f = fb.fifo[U(d)]
     if f.pushed == f.popped:
@@ -322,9 +334,12 @@ def _pop(fb, b, shift):
 def inject(fb, s, b, data, t):
     """The PE (or a packet source) puts a wavelet into its RAMP FIFO b in cycle t; the
     caller has checked `has_room`. It may leave the router from cycle t + 1."""
+    r = fb.info[U(b)].router
+    if fb.fifo[U(b)].pushed == fb.fifo[U(b)].popped:
+        _mark(fb, r, b, True)
     _push(fb, b, data, t + 1, fb.params[0].shift)
     s.inflight += 1
-    activate(fb, s, fb.info[U(b)].router, t)
+    activate(fb, s, r, t)
 
 
 @hot_inline
@@ -398,8 +413,11 @@ def _output(fb, s, w, rt, o, d, data, t):
     p = fb.params[0]
     if o < RAMP:
         if d >= 0:
+            r = fb.info[U(d)].router
+            if fb.fifo[U(d)].pushed == fb.fifo[U(d)].popped:
+                _mark(fb, r, d, True)
             _push(fb, d, data, t + p.hop, p.shift)
-            activate(fb, s, fb.info[U(d)].router, t)
+            activate(fb, s, r, t)
         else:  # into another stripe, once every stripe has routed (`exchange`)
             x = fb.xpush[U(s.x_lo + s.nxpush)]
             x.ready, x.data, x.xfifo = t + p.hop, data, REMOTE - d
@@ -416,12 +434,15 @@ def _output(fb, s, w, rt, o, d, data, t):
 
 
 @hot_inline
-def _move(fb, s, w, rt, b, route, out, t):
-    """Move the head of FIFO b (of router rt, run by worker w of stripe s) to output port
+def _move(fb, s, w, rt_index, b, route, out, t):
+    """Move the head of FIFO b (of router rt_index, run in stripe s, index w) to output port
     `out`, or to every output of the route if out < 0 (room checked)."""
+    rt = fb.router[U(rt_index)]
     f = fb.fifo[U(b)]
     data = f.head
     _pop(fb, b, fb.params[0].shift)
+    if f.popped == f.pushed:
+        _mark(fb, rt_index, b, False)
     f.last_grant = t
     s.inflight -= 1
     info = fb.info[U(b)]
@@ -451,21 +472,25 @@ def _route_one(fb, s, w, r, t):
     ramp_cap = p.ramp_in
     rt = fb.router[U(r)]
     cand = fb.cand[U(w)]
-    # Ready heads, least recently served first.
+    # Ready heads, least recently served first (ties: lower index).
     nc = 0
     waiting = False  # a head that becomes ready later
-    for b in range(rt.fifo_lo, rt.fifo_hi):
-        f = fb.fifo[U(b)]
-        if f.head_ready > t:
-            waiting |= f.head_ready != NEVER
-            continue
-        age = f.last_grant
-        j = nc
-        while j > 0 and fb.fifo[U(cand[j - 1])].last_grant > age:
-            cand[j] = cand[j - 1]
-            j -= 1
-        cand[j] = b
-        nc += 1
+    for word in range(fb.occupied.shape[1]):
+        bits = fb.occupied[U(r), U(word)]
+        while bits:
+            b = rt.fifo_lo + 64 * word + trailing_zeros(bits)
+            bits &= bits - np.uint64(1)
+            f = fb.fifo[U(b)]
+            if f.head_ready > t:
+                waiting = True
+                continue
+            age = f.last_grant
+            j = nc
+            while j > 0 and fb.fifo[U(cand[j - 1])].last_grant > age:
+                cand[j] = cand[j - 1]
+                j -= 1
+            cand[j] = b
+            nc += 1
     moved = 0
     used = 0  # mesh output ports used this cycle (bit mask)
     ramp_used = 0
@@ -496,7 +521,7 @@ def _route_one(fb, s, w, r, t):
                     break
             if not ok:
                 continue
-        _move(fb, s, w, rt, b, route, out, t)
+        _move(fb, s, w, r, b, route, out, t)
         used |= tx
         ramp_used += (tx >> RAMP) & 1
         moved += 1
@@ -555,7 +580,8 @@ def exchange(fb, stripes, w, t):
 
 @hot
 def list_pushed(fb, stripes, w, t):
-    """Before cycle t + 1: list stripe w's routers that a neighbour pushed into in t."""
+    """Before cycle t + 1: list (and mark occupied) stripe w's FIFOs that a neighbour
+    pushed into in t."""
     if not ((w > 0 and stripes[w - 1].pub_xpush > 0) or (w + 1 < len(stripes)
                                                           and stripes[w + 1].pub_xpush > 0)):
         return
@@ -563,4 +589,6 @@ def list_pushed(fb, stripes, w, t):
     for j in range(s.xi_lo, s.xi_hi):
         x = fb.xfifo[U(fb.xin[U(j)])]
         if x.pushed_at == t:
-            activate(fb, s, fb.info[U(x.fifo)].router, t)
+            r = fb.info[U(x.fifo)].router
+            _mark(fb, r, x.fifo, True)
+            activate(fb, s, r, t)

@@ -121,6 +121,8 @@ class Fabric(NamedTuple):
     route: np.ndarray  # ROUTE [routes]
     router: np.ndarray  # ROUTER [routers]
     router_pe: np.ndarray  # int64 [routers]: PE index (y * width + x)
+    occupied: np.ndarray  # uint64 [routers, words]: bit j set iff input FIFO fifo_lo + j holds
+    # a wavelet (the router looks at no other)
     active: np.ndarray  # int32 [2, routers]: this and next cycle's routers, per-stripe segments
     woken: np.ndarray  # int64 [receive queues + RAMP FIFOs]: PE wake-ups, per-stripe segments
     cand: np.ndarray  # int64 [stripes, FIFOs of the largest router]: arbitration scratch
