@@ -10,6 +10,7 @@ lane, a missing term, a stale buffer) shows up far above it.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,7 @@ class CheckResult:
     loss_sim: float
     loss_ref: float
     errors: dict[str, float]  # tensor name -> relative error
+    digest: str  # sha256 of every simulated tensor compared (float32 bits, by name)
     tolerance: float = TOLERANCE
 
     def failures(self) -> list[str]:
@@ -51,4 +53,15 @@ def check_step(linked: Linked, result: FinalSram, reference: ReferenceResult,
     simulated = {name: linked.read_tensor(result, name) for name in expected}
     errors = {name: relative_error(simulated[name], expected[name]) for name in expected}
     passed = all(err <= TOLERANCE for err in errors.values())
-    return CheckResult(passed, float(simulated["loss"].ravel()[0]), reference.loss, errors)
+    return CheckResult(passed, float(simulated["loss"].ravel()[0]), reference.loss, errors,
+                       results_digest(simulated))
+
+
+def results_digest(tensors: dict[str, np.ndarray]) -> str:
+    """A fingerprint of simulated results: sha256 over the names and float32 bits, in name
+    order. Two runs with equal digests computed bit-identical numbers."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(tensors[name], np.float32).tobytes())
+    return digest.hexdigest()

@@ -110,7 +110,7 @@ def execute(config_path: str, placement: str | None = None, max_cycles: int | No
         "kernels": [region_report(stats, region) for region in regions],
         "check": {"passed": check.passed, "tolerance": check.tolerance,
                   "loss_sim": check.loss_sim, "loss_ref": check.loss_ref,
-                  "tensors": check.errors},
+                  "results_sha256": check.digest, "tensors": check.errors},
         "grids": grids(stats, sram_words, wafer.sram_words_per_pe),
     }
 
