@@ -16,7 +16,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from compiler.config import load_config
-    from compiler.graph import build_graph
+    from compiler.gpt import build_graph
 
     summary = build_graph(load_config(args.config)).summary()
     if args.json:
