@@ -1,4 +1,5 @@
-"""Run configuration: one YAML file with sections `model`, `training`, `wafer`, `compile`.
+"""Run configuration: one YAML file with sections `model`, `training`, `wafer`, `compile`,
+`data`.
 
 Every section is a strict pydantic model (unknown keys are rejected). `load_config(path)`
 turns any problem with the file (missing, malformed YAML, a bad field) into a
@@ -12,14 +13,19 @@ mapping with `preset` and field overrides. Hardware fields are defined only ther
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
+    AllowInfNan,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
+    StrictStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -34,6 +40,24 @@ Placement = Literal["linear", "snake", "random", "greedy", "anneal", "partition"
 PLACEMENTS: tuple[str, ...] = get_args(Placement)
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
+
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _decimal_string_to_float(value: Any) -> Any:
+    """PyYAML reads `1e-8` (an exponent without a dot, valid YAML 1.2) as a string; take it
+    as the number the user wrote. Other strings stay strings and are rejected."""
+    if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+# A finite float that is not a bool (strict: True is not 1.0); ints are exact, so accepted.
+# The string conversion goes last: placed first, pydantic checks bounds before finiteness
+# and calls a NaN "not >= 0".
+FiniteFloat = Annotated[
+    float, Strict(), AllowInfNan(False), BeforeValidator(_decimal_string_to_float)
+]
 
 
 def _cross_field_error(field: str, message: str) -> PydanticCustomError:
@@ -75,16 +99,60 @@ class ModelConfig(BaseModel):
 
 
 class TrainingConfig(BaseModel):
-    """One SGD training step: batch shape, step size, and the seed for weights and data."""
+    """The training step: batch shape, optimizer and step size, the seed for weights and data."""
 
     model_config = _STRICT
 
     batch_size: int = Field(gt=0, description="Sequences per step (B).")
     # A step predicts tokens 1..T-1 from 0..T-2, so it needs at least two tokens.
     seq_len: int = Field(ge=2, description="Tokens per sequence (T); at most model.n_ctx.")
-    lr: float = Field(gt=0, description="SGD learning rate.")
+    lr: float = Field(gt=0, description="Learning rate (of SGD or AdamW).")
     seed: int = Field(default=0, ge=0, description="Seed of the initial weights and the batch.")
     init_std: float = Field(default=0.02, gt=0, description="Std of the normal weight init.")
+    # AdamW defaults are Cerebras-GPT's (model zoo configs, Dey et al. 2023, arXiv:2304.03208).
+    optimizer: Literal["sgd", "adamw"] = Field(
+        default="sgd",
+        description="`sgd` (p -= lr g) or `adamw` (torch.optim.AdamW); see compiler/optim.py.",
+    )
+    beta1: FiniteFloat = Field(
+        default=0.9, ge=0, lt=1, description="AdamW only: decay of the first moment, in [0, 1)."
+    )
+    beta2: FiniteFloat = Field(
+        default=0.95, ge=0, lt=1, description="AdamW only: decay of the second moment, in [0, 1)."
+    )
+    eps: FiniteFloat = Field(
+        default=1e-8, gt=0, description="AdamW only: added to sqrt(v_hat) in the denominator."
+    )
+    weight_decay: FiniteFloat = Field(
+        default=0.1,
+        ge=0,
+        description="AdamW only: decoupled weight decay (p *= 1 - lr * weight_decay) of the "
+        "parameters `compiler.optim.decays` names (not biases, not LayerNorm).",
+    )
+
+
+class DataConfig(BaseModel):
+    """Where training text comes from and how it becomes tokens (see compiler/data.py)."""
+
+    model_config = _STRICT
+
+    tokenizer: Literal["byte", "bpe"] = Field(
+        default="byte",
+        description="`byte` (UTF-8 bytes, needs model.vocab_size >= 256) or `bpe` (byte-level "
+        "BPE trained on the corpus to exactly model.vocab_size tokens, saved as tokenizer.json).",
+    )
+    val_fraction: FiniteFloat = Field(
+        default=0.1,
+        gt=0,
+        lt=1,
+        description="Fraction of the corpus's tokens held out for validation (the tail).",
+    )
+    path: StrictStr | None = Field(
+        default=None,
+        min_length=1,
+        description="UTF-8 text file to train on (relative to the working directory); null = "
+        "the default corpus, the Python documentation topics in pydoc_data.topics.",
+    )
 
 
 class CompileConfig(BaseModel):
@@ -122,6 +190,7 @@ class RunConfig(BaseModel):
         json_schema_extra=_preset_name_allowed,
     )
     compile: CompileConfig = Field(default_factory=CompileConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
 
     @model_validator(mode="after")
     def _sequence_fits_context(self) -> RunConfig:
@@ -148,7 +217,7 @@ def parse_config(data: Any, source: str = "<config>") -> RunConfig:
     """Validate an already-parsed mapping; errors become one-line UserErrors naming `source`."""
     if not isinstance(data, dict):
         raise UserError(
-            f"{source}: expected a mapping with sections model, training, wafer, compile"
+            f"{source}: expected a mapping with sections model, training, wafer, compile, data"
         )
     try:
         return RunConfig.model_validate(data)

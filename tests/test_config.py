@@ -65,6 +65,19 @@ def test_tiny_keeps_heads_wide_enough() -> None:
         ("wafer", {"width": 0}, "wafer.width: Input should be greater than 0"),
         ("compile", {"placement": "spiral"}, "compile.placement: Input should be"),
         ("compile", {"lane_width": 0}, "compile.lane_width: Input should be greater than 0"),
+        ("training", {"optimizer": "adam"}, "training.optimizer: Input should be 'sgd' or 'adamw'"),
+        ("training", {"beta1": 1.0}, "training.beta1: Input should be less than 1"),
+        ("training", {"beta2": -0.5}, "training.beta2: Input should be greater than or equal to 0"),
+        ("training", {"eps": 0}, "training.eps: Input should be greater than 0"),
+        ("training", {"eps": float("inf")}, "training.eps: Input should be a finite number"),
+        ("training", {"beta2": float("nan")}, "training.beta2: Input should be a finite number"),
+        ("training", {"weight_decay": -0.1}, "training.weight_decay: Input should be greater than"),
+        ("training", {"beta1": True}, "training.beta1: Input should be a valid number"),
+        ("data", {"tokenizer": "char"}, "data.tokenizer: Input should be 'byte' or 'bpe'"),
+        ("data", {"val_fraction": 1}, "data.val_fraction: Input should be less than 1"),
+        ("data", {"val_fraction": False}, "data.val_fraction: Input should be a valid number"),
+        ("data", {"path": 7}, "data.path: Input should be a valid string"),
+        ("data", {"colour": 1}, "data.colour: Extra inputs are not permitted"),
     ],
 )
 def test_bad_field_is_named(tmp_path: Path, section: str, change: dict, expected: str) -> None:
@@ -138,10 +151,37 @@ def test_compile_section_defaults() -> None:
     assert PLACEMENTS == ("linear", "snake", "random", "greedy", "anneal", "partition")
 
 
+def test_optimizer_and_data_defaults() -> None:
+    cfg = parse_config(_tiny())
+    training = cfg.training
+    assert training.optimizer == "sgd"  # every shipped config trains with plain SGD
+    # Cerebras-GPT's AdamW settings.
+    assert (training.beta1, training.beta2, training.eps, training.weight_decay) == (
+        0.9,
+        0.95,
+        1e-8,
+        0.1,
+    )
+    assert (cfg.data.tokenizer, cfg.data.val_fraction, cfg.data.path) == ("byte", 0.1, None)
+
+
+def test_exponent_without_dot_is_a_number(tmp_path: Path) -> None:
+    # PyYAML reads `1e-8` as a string (YAML 1.1 wants `1.0e-8`); the user meant the number.
+    text = (ROOT / "models" / "gpt_tiny.yaml").read_text()
+    text = text.replace("  seed: 0\n  init_std", "  seed: 0\n  eps: 1e-6\n  init_std", 1)
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    assert load_config(path).training.eps == 1e-6
+    data = _tiny()
+    data["training"]["eps"] = "tiny"
+    with pytest.raises(UserError, match="training.eps: Input should be a valid number"):
+        parse_config(data)
+
+
 def test_schema_command_prints_json_schema() -> None:
     result = _cli("schema")
     assert result.returncode == 0, result.stderr
     schema = json.loads(result.stdout)
     assert schema["type"] == "object"
-    assert set(schema["properties"]) == {"model", "training", "wafer", "compile"}
+    assert set(schema["properties"]) == {"model", "training", "wafer", "compile", "data"}
     assert schema == json.loads(json.dumps(RunConfig.model_json_schema()))
