@@ -19,12 +19,11 @@ import csv
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+from compiler.placement import STRATEGIES
+from wse_sim.errors import UserError
+from wse_sim.pipeline import run_step
 
-from compiler.placement import STRATEGIES  # noqa: E402
-from wse_sim.commands.run import execute  # noqa: E402
-from wse_sim.errors import UserError  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 COLUMNS = ("model", "strategy", "hop_words", "hop_vs_linear", "max_link", "max_link_estimate",
            "colors", "compile_s", "cycles", "cycles_vs_linear", "tokens_per_s", "check")
@@ -33,7 +32,7 @@ COLUMNS = ("model", "strategy", "hop_words", "hop_vs_linear", "max_link", "max_l
 def measure(model: str, strategy: str) -> dict:
     row: dict = {"model": model, "strategy": strategy}
     try:
-        report = execute(str(ROOT / "models" / f"{model}.yaml"), strategy)
+        report = run_step(str(ROOT / "models" / f"{model}.yaml"), strategy)
     except UserError as err:
         row["check"] = f"error: {err}"
         return row

@@ -42,9 +42,9 @@ def golden_counters(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_report() -> dict[str, Any]:
-    from wse_sim.commands.run import execute
+    from wse_sim.pipeline import run_step
 
-    return execute(str(CONFIG))
+    return run_step(str(CONFIG))
 
 
 def main() -> None:

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compiler.config import RunConfig, load_config
-from compiler.graph import build_graph
+from compiler.gpt import build_graph
+from compiler.inputs import init_params, make_batch
 from compiler.optim import (
     OptimizerState,
     adamw_update,
@@ -20,7 +21,7 @@ from compiler.optim import (
     optimizer_step,
     sgd_update,
 )
-from compiler.reference import init_params, make_batch, reference_step
+from compiler.reference import reference_step
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -111,8 +111,8 @@ class _Grids(_Record):
 
 
 class _Run(_Record):
-    config: str
-    placement: str
+    config: str = "program"  # a compiled step's config and placement, if it says
+    placement: str = "unknown"
     fabric: _Fabric
     cycles: int = Field(ge=0)
     kernels: list[_Kernel]
