@@ -66,7 +66,7 @@ def simulate_program(program: Program, wafer: WaferConfig, *, max_cycles: int | 
 def check_report(check: CheckResult) -> dict[str, Any]:
     return {"passed": check.passed, "tolerance": check.tolerance, "loss_sim": check.loss_sim,
             "loss_ref": check.loss_ref, "results_sha256": check.digest,
-            "tensors": check.errors}
+            "tensors": check.errors, "tolerances": check.tolerances}
 
 
 def run_step(config_path: str, placement: str | None = None, max_cycles: int | None = None,
@@ -76,6 +76,6 @@ def run_step(config_path: str, placement: str | None = None, max_cycles: int | N
     result, report = simulate_program(compiled.linked.program, compiled.cfg.wafer,
                                       max_cycles=max_cycles, progress=progress)
     reference = reference_step(compiled.cfg, compiled.params, compiled.tokens, np.float64)
-    check = check_step(compiled.linked, result, reference, compiled.graph.parameters)
+    check = check_step(compiled.linked, result, reference, compiled.params)
     report["check"] = check_report(check)
     return report

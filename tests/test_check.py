@@ -1,0 +1,42 @@
+"""The check catches what it must: a skipped SGD update fails it for every parameter, even
+where the update is far below 1e-4 of the weight."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compiler.check import TOLERANCE, compare, read_results, relative_error, update_name
+from compiler.graph import updated_name
+from compiler.reference import reference_step
+from wse_sim.engine import simulate
+from wse_sim.pipeline import compile_config
+
+TINY = Path(__file__).resolve().parent.parent / "models" / "gpt_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    compiled = compile_config(str(TINY))
+    result = simulate(compiled.linked.program, compiled.cfg.wafer)
+    simulated = read_results(compiled.linked, result, compiled.graph.parameters)
+    reference = reference_step(compiled.cfg, compiled.params, compiled.tokens)
+    return simulated, reference, compiled.params
+
+
+def test_the_real_step_passes(tiny):
+    assert compare(*tiny).passed
+
+
+def test_a_skipped_update_fails_for_every_parameter(tiny):
+    simulated, reference, initial = tiny
+    hidden = 0  # parameters whose updated weight alone would pass without the update
+    for p, start in initial.items():
+        skipped = {**simulated, updated_name(p): np.asarray(start, np.float32)}
+        check = compare(skipped, reference, initial)
+        assert update_name(p) in check.failures(), p
+        assert set(check.failures()) <= {update_name(p), updated_name(p)}, p
+        hidden += relative_error(skipped[updated_name(p)], reference.updated[p]) <= TOLERANCE
+    assert hidden > 0, "no parameter shows why the update check is needed"
