@@ -172,9 +172,9 @@ class CompileConfig(BaseModel):
 
 
 def _preset_name_allowed(schema: dict[str, Any]) -> None:
-    """WaferConfig also accepts a bare preset name; say so in the JSON Schema."""
+    """WaferConfig also accepts a bare preset name or file; say so in the JSON Schema."""
     ref = {"$ref": schema.pop("$ref")}
-    schema["anyOf"] = [ref, {"type": "string", "enum": list(PRESETS)}]
+    schema["anyOf"] = [ref, {"type": "string", "examples": list(PRESETS)}]
 
 
 class RunConfig(BaseModel):
@@ -186,7 +186,8 @@ class RunConfig(BaseModel):
     training: TrainingConfig
     wafer: WaferConfig = Field(
         default_factory=WaferConfig,
-        description="A preset name (`wse2`, `wse3`) or a mapping with `preset` and overrides.",
+        description="A preset (`wse2`, `wse3` or a YAML file of wafer fields) or a mapping "
+        "with `preset` and overrides.",
         json_schema_extra=_preset_name_allowed,
     )
     compile: CompileConfig = Field(default_factory=CompileConfig)
@@ -235,4 +236,16 @@ def load_config(path: str | Path) -> RunConfig:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or "malformed YAML"
         raise UserError(f"{path}: invalid YAML{where}: {problem}") from None
+    if isinstance(data, dict):
+        data["wafer"] = _preset_beside(data.get("wafer", {}), Path(path).parent)
     return parse_config(data, str(path))
+
+
+def _preset_beside(wafer: Any, folder: Path) -> Any:
+    """A wafer preset file named relative to the config is found beside the config."""
+    preset = wafer if isinstance(wafer, str) else (
+        wafer.get("preset") if isinstance(wafer, dict) else None)
+    if not isinstance(preset, str) or preset in PRESETS or Path(preset).is_absolute():
+        return wafer
+    resolved = str(folder / preset)
+    return resolved if isinstance(wafer, str) else {**wafer, "preset": resolved}

@@ -12,6 +12,7 @@ import yaml
 
 from compiler.config import PLACEMENTS, RunConfig, load_config, parse_config
 from wse_sim.errors import UserError
+from wse_sim.hardware import PRESET_DIR, PRESETS, WaferConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = sorted((ROOT / "models").glob("*.yaml"))
@@ -141,6 +142,38 @@ def test_wafer_preset_name_or_mapping() -> None:
     assert (wafer.height, wafer.sram_bytes_per_pe) == (1172, 96 * 1024)
     del data["wafer"]
     assert parse_config(data).wafer.preset == "wse2"
+
+
+def test_a_copied_preset_file_beside_the_config(tmp_path: Path) -> None:
+    """A user copies a preset, edits it, and names the copy relative to the config."""
+    text = (PRESET_DIR / "wse2.yaml").read_text().replace("sram_bytes_per_pe: 49152",
+                                                         "sram_bytes_per_pe: 98304")
+    (tmp_path / "big_sram.yaml").write_text(text)
+    data = _tiny()
+    data["wafer"] = {"preset": "big_sram.yaml", "colors": 16}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(data))
+    wafer = load_config(config).wafer
+    assert (wafer.width, wafer.sram_bytes_per_pe, wafer.colors) == (750, 98304, 16)
+
+
+@pytest.mark.parametrize(("wafer", "expected"), [
+    ("wse9", "wafer.preset: unknown preset 'wse9': not one of wse2, wse3 and no such file"),
+    ({"preset": None, "width": 4}, "wafer.height: Field required"),
+    ({"sram_bytes_per_pe": 1001}, "wafer.sram_bytes_per_pe: Input should be a multiple of 4"),
+])
+def test_bad_wafer_is_one_line_naming_the_field(wafer, expected) -> None:
+    data = _tiny()
+    data["wafer"] = wafer
+    with pytest.raises(UserError) as err:
+        parse_config(data, "x.yaml")
+    assert str(err.value).startswith(f"x.yaml: {expected}")
+
+
+def test_preset_files_hold_every_field() -> None:
+    fields = set(WaferConfig.model_fields) - {"preset"}
+    for name in PRESETS:
+        assert set(yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text())) == fields
 
 
 def test_compile_section_defaults() -> None:
