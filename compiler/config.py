@@ -17,7 +17,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-import yaml
 from pydantic import (
     AllowInfNan,
     BaseModel,
@@ -33,7 +32,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from wse_sim.errors import UserError, read_user_file
+from wse_sim.errors import UserError, read_user_yaml
 from wse_sim.hardware import PRESETS, WaferConfig
 
 Placement = Literal["linear", "snake", "random", "greedy", "anneal", "partition"]
@@ -228,21 +227,22 @@ def parse_config(data: Any, source: str = "<config>") -> RunConfig:
 
 def load_config(path: str | Path) -> RunConfig:
     """Read and validate a run config YAML file; any problem raises a one-line UserError."""
-    text = read_user_file(path, "config")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "malformed YAML"
-        raise UserError(f"{path}: invalid YAML{where}: {problem}") from None
+    return parse_config(read_config_data(path), str(path))
+
+
+def read_config_data(path: str | Path) -> Any:
+    """The mapping of a run config YAML file, not yet validated (a sweep merges overrides
+    into it first), its wafer preset file resolved beside it; unreadable or malformed YAML
+    raises a one-line UserError."""
+    data = read_user_yaml(path, "config")
     if isinstance(data, dict):
-        data["wafer"] = _preset_beside(data.get("wafer", {}), Path(path).parent)
-    return parse_config(data, str(path))
+        data["wafer"] = preset_beside(data.get("wafer", {}), Path(path).parent)
+    return data
 
 
-def _preset_beside(wafer: Any, folder: Path) -> Any:
-    """A wafer preset file named relative to the config is found beside the config."""
+def preset_beside(wafer: Any, folder: Path) -> Any:
+    """A wafer section whose preset file, if named relative, is found in `folder` (beside
+    the file that names it)."""
     preset = wafer if isinstance(wafer, str) else (
         wafer.get("preset") if isinstance(wafer, dict) else None)
     if not isinstance(preset, str) or preset in PRESETS or Path(preset).is_absolute():

@@ -1,7 +1,8 @@
 """The run pipeline: the one place (with the CLI) where the compiler and the simulator
 meet. `compile_config` turns a run config into a Program whose `meta` says what the step
 is; `simulate_program` runs any Program and reports its counters; `run_step` is both plus
-the check against the float64 reference.
+the check against the float64 reference. `compile_parsed` and `run_parsed` do the same for
+a config already parsed (a sweep's merged point), named by a label instead of a file.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 from compiler.check import CheckResult, check_step
 from compiler.compile import Compiled, compile_step
-from compiler.config import load_config
+from compiler.config import RunConfig, load_config
 from compiler.reference import reference_step
 from wse_sim.engine import SimResult, simulate
 from wse_sim.hardware import WaferConfig
@@ -22,13 +23,14 @@ from wse_sim.program import Program
 from wse_sim.report import hottest_links, run_report
 
 
-def step_meta(config_path: str, compiled: Compiled) -> dict[str, Any]:
-    """What a compiled step's report shows besides the counters (`Program.meta`)."""
+def step_meta(source: str, compiled: Compiled) -> dict[str, Any]:
+    """What a compiled step's report shows besides the counters (`Program.meta`); `source`
+    names the config (its file, or a sweep point's label)."""
     summary = compiled.graph.summary()
     train = compiled.cfg.training
     estimate = compiled.linked.link_wavelets
     return {
-        "config": config_path,
+        "config": source,
         "placement": compiled.placement,
         "lane_width": compiled.lane_width,
         "parameters": summary["parameters"],
@@ -49,8 +51,13 @@ def step_meta(config_path: str, compiled: Compiled) -> dict[str, Any]:
 
 def compile_config(config_path: str, placement: str | None = None) -> Compiled:
     """Compile the step of a config file; its Program carries `step_meta`."""
-    compiled = compile_step(load_config(config_path), placement)
-    compiled.linked.program.meta = step_meta(config_path, compiled)
+    return compile_parsed(load_config(config_path), config_path, placement)
+
+
+def compile_parsed(cfg: RunConfig, source: str, placement: str | None = None) -> Compiled:
+    """Compile the step of a parsed config that `source` names."""
+    compiled = compile_step(cfg, placement)
+    compiled.linked.program.meta = step_meta(source, compiled)
     return compiled
 
 
@@ -72,7 +79,14 @@ def check_report(check: CheckResult) -> dict[str, Any]:
 def run_step(config_path: str, placement: str | None = None, max_cycles: int | None = None,
              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Compile, simulate and check one step; the report as a JSON-ready dict."""
-    compiled = compile_config(config_path, placement)
+    return run_parsed(load_config(config_path), config_path, placement, max_cycles, progress)
+
+
+def run_parsed(cfg: RunConfig, source: str, placement: str | None = None,
+               max_cycles: int | None = None, progress: Callable[[int], None] | None = None
+               ) -> dict[str, Any]:
+    """`run_step` for a parsed config that `source` names."""
+    compiled = compile_parsed(cfg, source, placement)
     result, report = simulate_program(compiled.linked.program, compiled.cfg.wafer,
                                       max_cycles=max_cycles, progress=progress)
     reference = reference_step(compiled.cfg, compiled.params, compiled.tokens, np.float64)

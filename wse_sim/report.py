@@ -126,13 +126,19 @@ def run_report(program: Program, wafer: WaferConfig, stats: Stats,
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write `data` whole: to a temporary file beside `path`, then an atomic rename."""
+    """Write `data` as JSON, whole (`write_atomic`)."""
+    write_atomic(path, json.dumps(data, indent=1))
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write `text` whole: to a temporary file beside `path`, then an atomic rename, so a
+    reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
