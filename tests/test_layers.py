@@ -4,8 +4,8 @@
   the compiler;
 * the compiler uses only the simulator's Program IR, hardware description and error types,
   and knows nothing of numba;
-* the CLI (wse_sim.cli, wse_sim.commands) and the run pipeline (wse_sim.pipeline) are the
-  one place that joins them;
+* the CLI (wse_sim.cli, wse_sim.commands), the run pipeline (wse_sim.pipeline) and the
+  sweeps built on it (wse_sim.sweep) are the one place that joins them;
 * benchmarks go through the pipeline, never through the CLI's modules or test helpers.
 """
 
@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-JOIN = ("wse_sim.cli", "wse_sim.__main__", "wse_sim.commands", "wse_sim.pipeline")
+JOIN = ("wse_sim.cli", "wse_sim.__main__", "wse_sim.commands", "wse_sim.pipeline",
+        "wse_sim.sweep")
 COMPILER_MAY_USE = ("wse_sim.program", "wse_sim.hardware", "wse_sim.errors")
 
 
@@ -57,3 +58,11 @@ def test_compiler_uses_only_the_ir_hardware_and_errors(path):
     used = imports(path)
     assert not [m for m in used if within(m, ("wse_sim",)) and not within(m, COMPILER_MAY_USE)]
     assert not [m for m in used if within(m, ("numba",))]
+
+
+def test_placement_benchmark_uses_the_installed_package_not_the_cli_or_tests():
+    path = ROOT / "benchmarks" / "placement.py"
+    assert not [m for m in imports(path) if within(m, ("wse_sim.cli", "wse_sim.commands"))]
+    helpers = {"tests"} | {p.stem for p in (ROOT / "tests").glob("*.py")}
+    assert not {m.split(".")[0] for m in imports(path)} & helpers
+    assert "sys.path" not in path.read_text()

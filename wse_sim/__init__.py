@@ -9,7 +9,8 @@ Layers (tests/test_layers.py enforces them):
   imports `compiler`.
 * `compiler` (beside this package) lowers a GPT training step to a Program using only the
   core's Program IR, hardware description and error types.
-* the CLI (`cli`, `commands`) and the run pipeline (`pipeline`) join the two.
+* the CLI (`cli`, `commands`), the run pipeline (`pipeline`) and sweeps of runs on
+  dask.distributed (`sweep`) join the two.
 """
 
 __version__ = "0.1.0"
