@@ -5,9 +5,9 @@ dask.distributed: a LocalCluster on this machine, or a running cluster's schedul
 A sweep file (YAML, `SweepSpec`; unknown keys are errors):
 
     configs: [../gpt_tiny.yaml]      # run configs, relative to the sweep file
-    placements: [linear, greedy]     # strategies; omitted: each config's compile.placement
+    placements: [linear, anneal]     # strategies; omitted: each config's compile.placement
     wafer: [{}, {hop_latency: 2}]    # mappings merged into the config's wafer section
-    compile: [{}, {lane_width: 8}]   # ... into its compile section
+    compile: [{}, {seed: 1}]         # ... into its compile section
     training: [{}, {seed: 1}]        # ... into its training section
     max_cycles: 100000000            # optional: a point that needs more cycles fails
 
