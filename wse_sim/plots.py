@@ -48,7 +48,8 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from wse_sim.errors import UserError, read_user_file
+from wse_sim.errors import UserError
+from wse_sim.userinput import read_user_file
 
 PLOTS: tuple[str, ...] = ("utilization", "links", "placement", "sram", "timeline")
 DPI = 100
