@@ -12,15 +12,13 @@ the report's own), and two optional entries of it turn cycles into rates: `throu
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from wse_sim.hardware import WaferConfig
+from wse_sim.outputs import strict_json, write_file
 from wse_sim.program import Program, Region
 from wse_sim.stats import PORT_NAMES, Stats
 
@@ -126,17 +124,8 @@ def run_report(program: Program, wafer: WaferConfig, stats: Stats,
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write `data` whole: to a temporary file beside `path`, then an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write `data` as strict JSON, atomically (`wse_sim.outputs`)."""
+    write_file(path, strict_json(data, indent=1).encode())
 
 
 def _links(links: list[dict[str, Any]], count: int = 3) -> str:

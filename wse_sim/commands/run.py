@@ -6,7 +6,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from wse_sim.commands.simulate import add_output_arguments, write_outputs
+from wse_sim.commands.simulate import (
+    add_output_arguments,
+    check_output_arguments,
+    write_outputs,
+)
 
 HELP = ("Compile one GPT training step for the wafer, simulate it cycle by cycle, check the "
         "numbers against the numpy reference and report where the cycles went.")
@@ -39,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from wse_sim.progress import Progress
     from wse_sim.report import format_report
 
+    check_output_arguments(args, (args.config,))
     progress = Progress(not args.quiet)
     report = run_step(args.config, args.placement, args.max_cycles, progress)
     progress.done()
