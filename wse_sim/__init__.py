@@ -9,7 +9,8 @@ Layers (tests/test_layers.py enforces them):
   numbers (`userinput`), output files (`outputs`), host memory (`hostmem`). It runs any
   `wse_sim.program.Program` and knows nothing of GPT; it never imports `compiler`.
 * `compiler` (beside this package) lowers a GPT training step to a Program using only the
-  core's Program IR, hardware description, error types and user-input readers.
+  core's Program IR, hardware description, error types, user-input readers and
+  host-memory estimates.
 * the CLI (`cli`, `commands`) and the run pipeline (`pipeline`) join the two.
 """
 
