@@ -29,7 +29,7 @@ from pydantic_core import PydanticCustomError
 
 from wse_sim.errors import UserError
 from wse_sim.hardware import PRESETS, WaferConfig
-from wse_sim.userinput import FiniteFloat, load_yaml, read_user_file
+from wse_sim.userinput import FiniteFloat, Fp32, load_yaml, read_user_file
 
 Placement = Literal["linear", "snake", "random", "greedy", "anneal", "partition"]
 PLACEMENTS: tuple[str, ...] = get_args(Placement)
@@ -59,7 +59,7 @@ class ModelConfig(BaseModel):
     activation: Literal["gelu", "gelu_tanh"] = Field(
         default="gelu", description="MLP activation: `gelu` (exact, erf) or `gelu_tanh`."
     )
-    ln_eps: FiniteFloat = Field(default=1e-5, gt=0, description="LayerNorm epsilon.")
+    ln_eps: Fp32 = Field(default=1e-5, gt=0, description="LayerNorm epsilon.")
     tie_embeddings: bool = Field(
         default=True, description="LM head reuses the token embedding (no separate weight)."
     )
@@ -85,9 +85,9 @@ class TrainingConfig(BaseModel):
     batch_size: int = Field(gt=0, description="Sequences per step (B).")
     # A step predicts tokens 1..T-1 from 0..T-2, so it needs at least two tokens.
     seq_len: int = Field(ge=2, description="Tokens per sequence (T); at most model.n_ctx.")
-    lr: FiniteFloat = Field(gt=0, description="Learning rate (of SGD or AdamW).")
+    lr: Fp32 = Field(gt=0, description="Learning rate (of SGD or AdamW).")
     seed: int = Field(default=0, ge=0, description="Seed of the initial weights and the batch.")
-    init_std: FiniteFloat = Field(default=0.02, gt=0, description="Std of the normal weight init.")
+    init_std: Fp32 = Field(default=0.02, gt=0, description="Std of the normal weight init.")
     # AdamW defaults are Cerebras-GPT's (model zoo configs, Dey et al. 2023, arXiv:2304.03208).
     optimizer: Literal["sgd", "adamw"] = Field(
         default="sgd",

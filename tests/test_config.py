@@ -93,6 +93,10 @@ def test_tiny_keeps_heads_wide_enough() -> None:
         ("training", {"init_std": float("nan")}, "training.init_std: Input should be a finite"),
         ("model", {"ln_eps": float("inf")}, "model.ln_eps: Input should be a finite number"),
         ("wafer", {"clock_hz": float("inf")}, "wafer.clock_hz: Input should be a finite number"),
+        # what the PEs compute with must be a normal float32
+        ("training", {"init_std": 1e200}, "training.init_std: 1e+200 is not a normal float32"),
+        ("training", {"lr": 1e-50}, "training.lr: 1e-50 is not a normal float32"),
+        ("model", {"ln_eps": 1e-40}, "model.ln_eps: 1e-40 is not a normal float32"),
     ],
 )
 def test_bad_field_is_named(tmp_path: Path, section: str, change: dict, expected: str) -> None:

@@ -9,7 +9,8 @@ follows, so a bad file ends in one line naming it (`wse_sim.errors.UserError`).
 * Numbers in user-written pydantic models are strict (`ConfigDict(strict=True)`: no float,
   bool or string becomes an int, no bool becomes a float) and floats are finite
   (`FiniteFloat`: `.inf` and `.nan` are refused where they would otherwise pass a bound
-  like `gt=0`).
+  like `gt=0`); a float the simulated PEs compute with is a normal float32 (`Fp32`), so
+  an `lr: 1e-50` does not become 0 on the wafer nor an `init_std: 1e200` infinity.
 """
 
 from __future__ import annotations
@@ -18,13 +19,26 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import yaml
-from pydantic import AllowInfNan
+from pydantic import AfterValidator, AllowInfNan
 
 from wse_sim.errors import UserError
 
 # A float field: finite; under a strict model an int is accepted (exact), a bool is not.
 FiniteFloat = Annotated[float, AllowInfNan(False)]
+_FP32_TINY, _FP32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+
+
+def _in_fp32(value: float) -> float:
+    if value != 0 and not _FP32_TINY <= abs(value) <= _FP32_MAX:
+        raise ValueError(f"{value:g} is not a normal float32 (the wafer computes in float32: "
+                         f"magnitudes {_FP32_TINY:.3g} to {_FP32_MAX:.3g})")
+    return value
+
+
+# A float the simulated PEs compute with: it must survive the conversion to float32.
+Fp32 = Annotated[FiniteFloat, AfterValidator(_in_fp32)]
 
 _FLOAT_TAG = "tag:yaml.org,2002:float"
 # The YAML 1.2 floats with an exponent that YAML 1.1's pattern misses (PyYAML's own
