@@ -2,8 +2,8 @@
 
 * `check_outputs` runs before any compiling or simulating, so a bad --json, --plot, --out,
   -o or --tensors ends in one line (exit 2) at once, not after the run. A file's folder
-  must exist or be creatable, and be writable: that is tested by creating and removing a
-  file there, because permission bits do not tell (root passes every access() test, yet
+  must exist or be creatable, and be writable: that is tested by creating a file there
+  (`_probe`), because permission bits do not tell (root passes every access() test, yet
   cannot create files in /sys). The file must not be a folder or a special file (FIFO,
   device, socket); an existing file must be writable as open() would judge it. No two
   outputs may be the same file, and no output may be one of the command's inputs. A
@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -40,6 +41,7 @@ from wse_sim.errors import UserError
 Content = bytes | Callable[[BinaryIO], object]
 _HELD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 _names = itertools.count()  # temporary names: unique within the process, pid across
+_TMPFILE = getattr(os, "O_TMPFILE", None)  # Linux only
 
 
 def strict_json(data: Any, indent: int | None = None) -> str:
@@ -111,9 +113,23 @@ def _check_folder(folder: Path, where: str) -> None:
     if not existing.is_dir():
         raise UserError(f"{where}: {existing} is not a folder")
     try:
-        handle, probe = tempfile.mkstemp(prefix=".wse-sim-probe-", dir=existing)
+        _probe(existing)
     except OSError as err:
         raise UserError(f"{where}: cannot create files in {existing}: {err.strerror}") from None
+
+
+def _probe(folder: Path) -> None:
+    """Create a file in `folder` and remove it; OSError if that cannot be done. A nameless
+    O_TMPFILE leaves no trace, not even the folder's mtime; where the file system has no
+    O_TMPFILE (sysfs, procfs, other systems), a named file is created and removed."""
+    if _TMPFILE is not None:
+        try:
+            os.close(os.open(folder, _TMPFILE | os.O_WRONLY, 0o600))
+            return
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EISDIR):  # EISDIR: an old kernel
+                raise
+    handle, probe = tempfile.mkstemp(prefix=".wse-sim-probe-", dir=folder)
     os.close(handle)
     os.unlink(probe)
 

@@ -202,6 +202,8 @@ def load_run(path: str | os.PathLike[str]) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not JSON: {err.msg} at line {err.lineno}") from None
+    except RecursionError:
+        raise UserError(f"{path}: not a run record: nested too deeply") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a run record: expected a JSON object")
     return data
