@@ -119,6 +119,15 @@ def program_copy(folder: Path, program: Path, header: bytes | None = None,
     return str(path)
 
 
+def header_with_fabric(program: Path, side: int) -> bytes:
+    """The header of a program for a `side` x `side` fabric, on a wafer that large."""
+    with np.load(program) as z:
+        header = json.loads(z["header"].tobytes())
+    header.update(width=side, height=side)
+    header["wafer"].update(width=side, height=side)
+    return json.dumps(header).encode()
+
+
 def header_with_nan(program: Path) -> bytes:
     with np.load(program) as z:
         header = json.loads(z["header"].tobytes())
@@ -233,6 +242,8 @@ CASES: list[tuple[str, Callable[..., list[str]], str]] = [
     ("N-compile-n-ctx", lambda d: ["compile", config(d, model__n_ctx=BIG), "-o",
                                    str(d / "s.npz")],
      "model.n_ctx: too large for this machine's memory"),
+    ("N-program-fabric", lambda d, p: ["simulate", program_copy(d, p, header_with_fabric(
+        p, 10**7))], "step.npz: fabric: too large for this machine's memory"),
     ("N-max-cycles-zero", lambda d: ["run", config(d), "--max-cycles", "0"],
      "argument --max-cycles: must be >= 1 (got 0)"),
     ("N-max-cycles-negative", lambda d, p: ["simulate", str(p), "--max-cycles", "-5"],

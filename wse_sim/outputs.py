@@ -56,14 +56,14 @@ def check_outputs(*, files: Mapping[str, str | None] | None = None,
     `files`: option -> path (None: not asked for); `folders`: option -> (folder, the names
     of the files to be written in it); `inputs`: the files the command reads."""
     seen = {_target(path): f"the input {path}" for path in inputs}
-    targets: list[tuple[str, Path]] = []
+    targets: list[tuple[str, str, Path]] = []  # (option, where in a message, file)
     for option, path in (files or {}).items():
         if path is not None:
             where = f"{option} {path}"
             target = _target(path)
             _check_folder(target.parent, where)
             _check_file(target, where)
-            targets.append((where, target))
+            targets.append((option, where, target))
     for option, (path, names) in (folders or {}).items():
         if path is not None:
             where = f"{option} {path}"
@@ -73,11 +73,11 @@ def check_outputs(*, files: Mapping[str, str | None] | None = None,
             _check_folder(folder, where)
             for name in names:
                 _check_file(folder / name, f"{where}: {name}")
-                targets.append((where, folder / name))
-    for where, target in targets:
+                targets.append((option, where, folder / name))
+    for option, where, target in targets:
         if target in seen:
             raise UserError(f"{where}: the same file as {seen[target]}")
-        seen[target] = where.split(" ")[0]
+        seen[target] = option
 
 
 def write_file(path: str | os.PathLike[str], content: Content) -> Path:

@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     from wse_sim.errors import UserError
     from wse_sim.hardware import WaferConfig
+    from wse_sim.hostmem import program_bytes, require
     from wse_sim.outputs import write_file
     from wse_sim.pipeline import simulate_program
     from wse_sim.program import read_program_file, read_tensor
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.program}: the program names no tensors to write (--tensors)")
     if wafer is None:
         wafer = WaferConfig()
+    require(program_bytes(program), args.program)
     progress = Progress(not args.quiet)
     result, report = simulate_program(program, wafer, max_cycles=args.max_cycles,
                                       progress=progress)
