@@ -7,6 +7,7 @@ a config already parsed (a sweep's merged point), named by a label instead of a 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,10 +16,13 @@ import numpy as np
 
 from compiler.check import CheckResult, check_step
 from compiler.compile import Compiled, compile_step
-from compiler.config import RunConfig, load_config
+from compiler.config import PLACEMENTS, RunConfig, load_config
+from compiler.footprint import step_footprint
 from compiler.reference import reference_step
 from wse_sim.engine import SimResult, simulate
+from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
+from wse_sim.hostmem import require
 from wse_sim.program import Program
 from wse_sim.report import hottest_links, run_report
 
@@ -55,7 +59,13 @@ def compile_config(config_path: str, placement: str | None = None) -> Compiled:
 
 
 def compile_parsed(cfg: RunConfig, source: str, placement: str | None = None) -> Compiled:
-    """Compile the step of a parsed config that `source` names."""
+    """Compile the step of a parsed config that `source` names. A placement that does not
+    exist, or a step too large for this machine's memory, is refused before anything is
+    built."""
+    if placement is not None and placement not in PLACEMENTS:
+        raise UserError(f"--placement: unknown strategy {placement!r}; one of "
+                        f"{', '.join(PLACEMENTS)}")
+    require(step_footprint(cfg, reference=False), source)
     compiled = compile_step(cfg, placement)
     compiled.linked.program.meta = step_meta(source, compiled)
     return compiled
@@ -71,9 +81,33 @@ def simulate_program(program: Program, wafer: WaferConfig, *, max_cycles: int | 
 
 
 def check_report(check: CheckResult) -> dict[str, Any]:
-    return {"passed": check.passed, "tolerance": check.tolerance, "loss_sim": check.loss_sim,
-            "loss_ref": check.loss_ref, "results_sha256": check.digest,
-            "tensors": check.errors, "tolerances": check.tolerances}
+    """The check as strict JSON data: a loss or error that is not finite (the numbers
+    overflowed) and an unbounded tolerance are null, with the reason in `null_reasons`
+    (shaped like the report: {"loss_sim": why, "tensors": {name: why}, ...})."""
+    overflow = "not finite: the simulated or the reference values overflowed"
+    nulls: dict[str, Any] = {}
+    tensor_nulls: dict[str, str] = {}
+    tolerance_nulls: dict[str, str] = {}
+    report = {"passed": check.passed, "failures": check.failures(),
+              "tolerance": check.tolerance,
+              **_finite({"loss_sim": check.loss_sim, "loss_ref": check.loss_ref}, overflow,
+                        nulls),
+              "results_sha256": check.digest,
+              "tensors": _finite(check.errors, overflow, tensor_nulls),
+              "tolerances": _finite(check.tolerances, "unbounded: the reference update is zero",
+                                    tolerance_nulls)}
+    nulls.update((key, reasons) for key, reasons in (("tensors", tensor_nulls),
+                                                      ("tolerances", tolerance_nulls)) if reasons)
+    if nulls:
+        report["null_reasons"] = nulls
+    return report
+
+
+def _finite(values: dict[str, float], why: str, reasons: dict[str, str]
+            ) -> dict[str, float | None]:
+    """`values` with each non-finite one null and `why` in `reasons` under its name."""
+    reasons.update((name, why) for name, value in values.items() if not math.isfinite(value))
+    return {name: None if name in reasons else value for name, value in values.items()}
 
 
 def run_step(config_path: str, placement: str | None = None, max_cycles: int | None = None,
@@ -87,6 +121,9 @@ def run_parsed(cfg: RunConfig, source: str, placement: str | None = None,
                ) -> dict[str, Any]:
     """`run_step` for a parsed config that `source` names."""
     compiled = compile_parsed(cfg, source, placement)
+    # After compiling, which names the op and PE of a model too large for the wafer, and
+    # before the simulation, not after it: the reference needs the most memory.
+    require(step_footprint(compiled.cfg, reference=True), source)
     result, report = simulate_program(compiled.linked.program, compiled.cfg.wafer,
                                       max_cycles=max_cycles, progress=progress)
     reference = reference_step(compiled.cfg, compiled.params, compiled.tokens, np.float64)

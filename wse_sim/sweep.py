@@ -59,10 +59,11 @@ from compiler.config import (
     preset_beside,
     read_config_data,
 )
-from wse_sim.errors import UserError, read_user_yaml
+from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
+from wse_sim.outputs import strict_json, write_files
 from wse_sim.pipeline import run_parsed
-from wse_sim.report import write_atomic, write_json
+from wse_sim.userinput import read_user_yaml
 
 SECTIONS: dict[str, type[BaseModel]] = {
     "wafer": WaferConfig, "compile": CompileConfig, "training": TrainingConfig}
@@ -326,13 +327,13 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, int]:
 
 def write_results(sweep: Sweep, rows: list[dict[str, Any]], csv_path: str | Path,
                   json_path: str | Path) -> None:
-    """The rows as one CSV and one JSON file (each written whole, then renamed)."""
+    """The rows as one CSV and one JSON file, written as a set (both or neither)."""
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=sweep.columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_atomic(csv_path, text.getvalue())
-    write_json(json_path, {"sweep": sweep.source, **summary(rows), "rows": rows})
+    summary_json = strict_json({"sweep": sweep.source, **summary(rows), "rows": rows}, indent=1)
+    write_files({csv_path: text.getvalue().encode(), json_path: summary_json.encode()})
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -6,15 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from wse_sim.commands import int_in
+
 HELP = ("Run a grid of training steps (configs x placements x wafer, compile and training "
         "overrides) as tasks on a local or remote Dask cluster; write one CSV and one JSON.")
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", metavar="ADDRESS",
                         help="run on the Dask cluster of this scheduler (tcp://host:8786) "
                              "instead of a LocalCluster")
-    parser.add_argument("--workers", type=_positive, metavar="N",
+    parser.add_argument("--workers", type=int_in(1), metavar="N",
                         help="LocalCluster worker processes (one per core, at most one per "
                              "point)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -35,26 +30,24 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from wse_sim.errors import UserError
+    from wse_sim.outputs import check_outputs
     from wse_sim.sweep import format_table, load_sweep, run_sweep, summary, write_results
 
     if args.scheduler and args.workers:
         raise UserError("--workers sizes a LocalCluster; with --scheduler the cluster has "
                         "its own workers")
     sweep = load_sweep(args.sweep)
+    stem = Path(args.sweep).stem
     out = Path(args.out)
-    try:  # before the sweep runs, not after
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--out {out}: cannot create the folder: {err.strerror or err}"
-                        ) from None
+    csv_path, json_path = out / f"{stem}.csv", out / f"{stem}.json"
+    check_outputs(folders={"--out": (args.out, [csv_path.name, json_path.name])},
+                  inputs=[args.sweep])  # before the sweep runs, not after
     where = f"scheduler {args.scheduler}" if args.scheduler else "a LocalCluster"
     print(f"{args.sweep}: {len(sweep.points)} points on {where}")
     started = time.perf_counter()
     rows = run_sweep(sweep, scheduler=args.scheduler, workers=args.workers,
                      progress=not args.quiet)
     seconds = time.perf_counter() - started
-    stem = Path(args.sweep).stem
-    csv_path, json_path = out / f"{stem}.csv", out / f"{stem}.json"
     write_results(sweep, rows, csv_path, json_path)
     shown = [{**row, "tokens_per_second": _rounded(row["tokens_per_second"]),
               "pe_utilization": _rounded(row["pe_utilization"], 4),
