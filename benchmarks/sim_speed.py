@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 
 def _cores() -> int:
@@ -52,11 +51,9 @@ def traffic_row(size: tuple[int, int], rate: float, cycles: int, warmup: int,
 
 def program_row(path: str, threads: int | None) -> dict:
     from wse_sim.engine import simulate
-    from wse_sim.hardware import WaferConfig
-    from wse_sim.program import load_program
+    from wse_sim.program import read_program_file
 
-    program = load_program(path)
-    wafer = WaferConfig.model_validate_json(Path(path).with_suffix(".json").read_text())
+    program, wafer = read_program_file(path)
     simulate(_tiny_program(), wafer, threads=threads)  # compile
     started = time.perf_counter()
     r = simulate(program, wafer, threads=threads)
@@ -81,15 +78,13 @@ def _tiny_program():
 
 
 def compile_program(config: Path, out: Path) -> Path:
-    """The step's Program (and its wafer) saved for the program rows."""
-    from compiler.compile import compile_step
-    from compiler.config import load_config
+    """The step's Program, saved with its wafer for the program rows."""
+    from wse_sim.pipeline import compile_config
     from wse_sim.program import save_program
 
-    cfg = load_config(str(config))
+    compiled = compile_config(str(config))
     path = out / f"{config.stem}.npz"
-    save_program(compile_step(cfg).linked.program, path)
-    path.with_suffix(".json").write_text(cfg.wafer.model_dump_json())
+    save_program(compiled.linked.program, path, compiled.cfg.wafer)
     return path
 
 

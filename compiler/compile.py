@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from compiler.config import RunConfig
-from compiler.graph import TrainingGraph, build_graph
+from compiler.gpt import build_graph
+from compiler.graph import TrainingGraph
+from compiler.inputs import init_params, make_batch
 from compiler.lower import default_lane_width, lower
 from compiler.lowering.kernel import Kernel
 from compiler.orient import orient
 from compiler.placement import Box, hop_words, place
-from compiler.reference import init_params, make_batch
 from compiler.routing import Linked, link, program_elements
 from wse_sim.program import Kind
 

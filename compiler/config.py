@@ -1,4 +1,5 @@
-"""Run configuration: one YAML file with sections `model`, `training`, `wafer`, `compile`.
+"""Run configuration: one YAML file with sections `model`, `training`, `wafer`, `compile`,
+`data`.
 
 Every section is a strict pydantic model (unknown keys are rejected). `load_config(path)`
 turns any problem with the file (missing, malformed YAML, a bad field) into a
@@ -15,7 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -27,13 +27,16 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from wse_sim.errors import UserError, read_user_file
+from wse_sim.errors import UserError
 from wse_sim.hardware import PRESETS, WaferConfig
+from wse_sim.userinput import FiniteFloat, Fp32, read_user_yaml
 
 Placement = Literal["linear", "snake", "random", "greedy", "anneal", "partition"]
 PLACEMENTS: tuple[str, ...] = get_args(Placement)
 
-_STRICT = ConfigDict(extra="forbid", frozen=True)
+# Strict (wse_sim.userinput): no float, bool or string is taken for an int, nor a bool
+# for a float; every float field is a FiniteFloat.
+_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 def _cross_field_error(field: str, message: str) -> PydanticCustomError:
@@ -56,7 +59,7 @@ class ModelConfig(BaseModel):
     activation: Literal["gelu", "gelu_tanh"] = Field(
         default="gelu", description="MLP activation: `gelu` (exact, erf) or `gelu_tanh`."
     )
-    ln_eps: float = Field(default=1e-5, gt=0, description="LayerNorm epsilon.")
+    ln_eps: Fp32 = Field(default=1e-5, gt=0, description="LayerNorm epsilon.")
     tie_embeddings: bool = Field(
         default=True, description="LM head reuses the token embedding (no separate weight)."
     )
@@ -75,16 +78,60 @@ class ModelConfig(BaseModel):
 
 
 class TrainingConfig(BaseModel):
-    """One SGD training step: batch shape, step size, and the seed for weights and data."""
+    """The training step: batch shape, optimizer and step size, the seed for weights and data."""
 
     model_config = _STRICT
 
     batch_size: int = Field(gt=0, description="Sequences per step (B).")
     # A step predicts tokens 1..T-1 from 0..T-2, so it needs at least two tokens.
     seq_len: int = Field(ge=2, description="Tokens per sequence (T); at most model.n_ctx.")
-    lr: float = Field(gt=0, description="SGD learning rate.")
+    lr: Fp32 = Field(gt=0, description="Learning rate (of SGD or AdamW).")
     seed: int = Field(default=0, ge=0, description="Seed of the initial weights and the batch.")
-    init_std: float = Field(default=0.02, gt=0, description="Std of the normal weight init.")
+    init_std: Fp32 = Field(default=0.02, gt=0, description="Std of the normal weight init.")
+    # AdamW defaults are Cerebras-GPT's (model zoo configs, Dey et al. 2023, arXiv:2304.03208).
+    optimizer: Literal["sgd", "adamw"] = Field(
+        default="sgd",
+        description="`sgd` (p -= lr g) or `adamw` (torch.optim.AdamW); see compiler/optim.py.",
+    )
+    beta1: FiniteFloat = Field(
+        default=0.9, ge=0, lt=1, description="AdamW only: decay of the first moment, in [0, 1)."
+    )
+    beta2: FiniteFloat = Field(
+        default=0.95, ge=0, lt=1, description="AdamW only: decay of the second moment, in [0, 1)."
+    )
+    eps: FiniteFloat = Field(
+        default=1e-8, gt=0, description="AdamW only: added to sqrt(v_hat) in the denominator."
+    )
+    weight_decay: FiniteFloat = Field(
+        default=0.1,
+        ge=0,
+        description="AdamW only: decoupled weight decay (p *= 1 - lr * weight_decay) of the "
+        "parameters `compiler.optim.decays` names (not biases, not LayerNorm).",
+    )
+
+
+class DataConfig(BaseModel):
+    """Where training text comes from and how it becomes tokens (see compiler/data.py)."""
+
+    model_config = _STRICT
+
+    tokenizer: Literal["byte", "bpe"] = Field(
+        default="byte",
+        description="`byte` (UTF-8 bytes, needs model.vocab_size >= 256) or `bpe` (byte-level "
+        "BPE trained on the corpus to exactly model.vocab_size tokens, saved as tokenizer.json).",
+    )
+    val_fraction: FiniteFloat = Field(
+        default=0.1,
+        gt=0,
+        lt=1,
+        description="Fraction of the corpus's tokens held out for validation (the tail).",
+    )
+    path: str | None = Field(
+        default=None,
+        min_length=1,
+        description="UTF-8 text file to train on (relative to the working directory); null = "
+        "the default corpus, the Python documentation topics in pydoc_data.topics.",
+    )
 
 
 class CompileConfig(BaseModel):
@@ -104,9 +151,9 @@ class CompileConfig(BaseModel):
 
 
 def _preset_name_allowed(schema: dict[str, Any]) -> None:
-    """WaferConfig also accepts a bare preset name; say so in the JSON Schema."""
+    """WaferConfig also accepts a bare preset name or file; say so in the JSON Schema."""
     ref = {"$ref": schema.pop("$ref")}
-    schema["anyOf"] = [ref, {"type": "string", "enum": list(PRESETS)}]
+    schema["anyOf"] = [ref, {"type": "string", "examples": list(PRESETS)}]
 
 
 class RunConfig(BaseModel):
@@ -118,10 +165,12 @@ class RunConfig(BaseModel):
     training: TrainingConfig
     wafer: WaferConfig = Field(
         default_factory=WaferConfig,
-        description="A preset name (`wse2`, `wse3`) or a mapping with `preset` and overrides.",
+        description="A preset (`wse2`, `wse3` or a YAML file of wafer fields) or a mapping "
+        "with `preset` and overrides.",
         json_schema_extra=_preset_name_allowed,
     )
     compile: CompileConfig = Field(default_factory=CompileConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
 
     @model_validator(mode="after")
     def _sequence_fits_context(self) -> RunConfig:
@@ -134,21 +183,27 @@ class RunConfig(BaseModel):
 
 
 def format_validation_error(err: ValidationError) -> str:
-    """One line for the first error: `field.path: message` (and how many more there were)."""
+    """One line for the first error: `field.path: message`, the value the user wrote if
+    it is a scalar (strict types make "32.0" for an int an error: show it), and how many
+    more errors there were."""
     errors = err.errors(include_url=False)
     first = errors[0]
     field = (first.get("ctx") or {}).get("field") or ".".join(str(p) for p in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
+    value, shown = first.get("input"), repr(first.get("input"))
+    got = (f" (got {shown if len(shown) <= 40 else shown[:36] + ' ...'})"
+           if first["type"] not in ("missing", "value_error")
+           and isinstance(value, str | int | float | bool) else "")
     extra = len(errors) - 1
     more = f" (and {extra} more error{'s' if extra > 1 else ''})" if extra else ""
-    return f"{field or '<root>'}: {message}{more}"
+    return f"{field or '<root>'}: {message}{got}{more}"
 
 
 def parse_config(data: Any, source: str = "<config>") -> RunConfig:
     """Validate an already-parsed mapping; errors become one-line UserErrors naming `source`."""
     if not isinstance(data, dict):
         raise UserError(
-            f"{source}: expected a mapping with sections model, training, wafer, compile"
+            f"{source}: expected a mapping with sections model, training, wafer, compile, data"
         )
     try:
         return RunConfig.model_validate(data)
@@ -158,12 +213,25 @@ def parse_config(data: Any, source: str = "<config>") -> RunConfig:
 
 def load_config(path: str | Path) -> RunConfig:
     """Read and validate a run config YAML file; any problem raises a one-line UserError."""
-    text = read_user_file(path, "config")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "malformed YAML"
-        raise UserError(f"{path}: invalid YAML{where}: {problem}") from None
-    return parse_config(data, str(path))
+    return parse_config(read_config_data(path), str(path))
+
+
+def read_config_data(path: str | Path) -> Any:
+    """The mapping of a run config YAML file, not yet validated (a sweep merges overrides
+    into it first), its wafer preset file resolved beside it; unreadable or malformed YAML
+    raises a one-line UserError."""
+    data = read_user_yaml(path, "config")
+    if isinstance(data, dict):
+        data["wafer"] = preset_beside(data.get("wafer", {}), Path(path).parent)
+    return data
+
+
+def preset_beside(wafer: Any, folder: Path) -> Any:
+    """A wafer section whose preset file, if named relative, is found in `folder` (beside
+    the file that names it)."""
+    preset = wafer if isinstance(wafer, str) else (
+        wafer.get("preset") if isinstance(wafer, dict) else None)
+    if not isinstance(preset, str) or preset in PRESETS or Path(preset).is_absolute():
+        return wafer
+    resolved = str(folder / preset)
+    return resolved if isinstance(wafer, str) else {**wafer, "preset": resolved}

@@ -72,10 +72,14 @@ from wse_sim.program import (
     PEProgram,
     Port,
     Program,
+    Region,
     Route,
     Task,
+    TensorLayout,
+    TensorSlot,
     Trigger,
     port_mask,
+    read_tensor,
 )
 
 PE = tuple[int, int]  # (x, y) on the wafer
@@ -158,29 +162,13 @@ class Linked:
         kx, ky = self.positions[kernel]
         return self.local((kx + pe[0], ky + pe[1]))
 
-    def read_tensor(self, sim_result: FinalSram, tensor: str,
-                    kernels: Iterable[str] | None = None) -> np.ndarray:
-        """Assemble `tensor` from the ResultSlots of `kernels` (default: all) in the final
-        SRAM of `sim_result` (`.sram(x, y)` in program coordinates)."""
-        names = list(self.kernels) if kernels is None else list(kernels)
-        slots = [(name, slot) for name in names for slot in self.kernels[name].results
-                 if slot.tensor == tensor]
-        if not slots:
+    def read_tensor(self, sim_result: FinalSram, tensor: str) -> np.ndarray:
+        """Assemble `tensor` from its slots in the final SRAM of `sim_result` (`.sram(x, y)`
+        in program coordinates)."""
+        layout = self.program.tensors.get(tensor)
+        if layout is None:
             raise KeyError(f"no result slot holds tensor {tensor!r}")
-        shape = self.kernels[slots[0][0]].shapes[tensor]
-        out = np.zeros(shape, dtype=np.float32)
-        covered = np.zeros(shape, dtype=bool)
-        for name, slot in slots:
-            sram = np.asarray(sim_result.sram(*self.kernel_pe(name, slot.pe)))
-            r = np.arange(slot.rows[1] - slot.rows[0])[:, None]
-            c = np.arange(slot.cols[1] - slot.cols[0])[None, :]
-            words = slot.offset + r * slot.row_stride + c * slot.col_stride
-            out[slot.rows[0]:slot.rows[1], slot.cols[0]:slot.cols[1]] = sram[words]
-            covered[slot.rows[0]:slot.rows[1], slot.cols[0]:slot.cols[1]] = True
-        if not covered.all():
-            raise ValueError(f"result slots of {tensor!r} cover {covered.sum()} of "
-                             f"{covered.size} elements")
-        return out
+        return read_tensor(layout, sim_result.sram, tensor)
 
 
 _TO = {port: port_mask(port) for port in Port}  # tx bit of each port
@@ -501,6 +489,17 @@ def link(kernels: list[Kernel], positions: dict[str, PE], wafer: WaferConfig) ->
                                  f"({pe[0] + x0}, {pe[1] + y0})")
             program.pes[pe] = _bound_program(prog, kernel_colors[kernel.name],
                                              f"kernel {kernel.name} PE {(px, py)}")
+        program.regions.append(Region(kernel.name, kernel.op, kx - x0, ky - y0, kernel.width,
+                                      kernel.height))
+        for slot in kernel.results:
+            layout = program.tensors.setdefault(slot.tensor,
+                                                TensorLayout(kernel.shapes[slot.tensor]))
+            program.tensors[slot.tensor].slots.append(TensorSlot(
+                kx + slot.pe[0] - x0, ky + slot.pe[1] - y0, slot.offset, slot.rows,
+                slot.cols, slot.row_stride, slot.col_stride))
+            if layout.shape != kernel.shapes[slot.tensor]:
+                raise ValueError(f"kernel {kernel.name}: tensor {slot.tensor!r} has shape "
+                                 f"{kernel.shapes[slot.tensor]} here, {layout.shape} elsewhere")
     return Linked(program=program, origin=(x0, y0), kernels={k.name: k for k in kernels},
                   positions=dict(positions), streams=streams, link_wavelets=link_wavelets,
                   colors_used=colors_used)

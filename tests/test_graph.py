@@ -12,7 +12,8 @@ import networkx as nx
 import pytest
 
 from compiler.config import RunConfig, load_config
-from compiler.graph import TrainingGraph, build_graph, grad_name, updated_name
+from compiler.gpt import build_graph
+from compiler.graph import TrainingGraph, grad_name, updated_name
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = sorted((ROOT / "models").glob("*.yaml"))

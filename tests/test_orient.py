@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_bench import run_kernel
 
 from compiler.compile import kernel_traffic
 from compiler.config import load_config
-from compiler.graph import build_graph
+from compiler.gpt import build_graph
+from compiler.inputs import init_params, make_batch
 from compiler.lower import default_lane_width, lower
-from compiler.lowering.harness import run_kernel
 from compiler.lowering.kernel import Kernel, StreamEnd, StreamIds
-from compiler.lowering.matmul import build_linear
+from compiler.ops.matmul import build_linear
 from compiler.orient import FLIPS, flip_kernel, orient
 from compiler.placement import Box, place
-from compiler.reference import init_params, make_batch
 from compiler.routing import link
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import FabIn, FabOut, Mem, Op, validate, vec

@@ -4,15 +4,17 @@ whole; bad input is one line naming the file and the field."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from matplotlib import colormaps
 from PIL import Image
 
 from wse_sim.cli import main
-from wse_sim.plots import PLOTS, PNG_SIZES, _reduce, write_plots
+from wse_sim.plots import _NOTHING, PLOTS, PNG_SIZES, _reduce, write_plots
 
 OPS = ("matmul", "layernorm", "attention.bwd", "gelu", "embed", "loss")
 
@@ -49,23 +51,42 @@ def write_run(path: Path, run: dict[str, Any]) -> Path:
     return path
 
 
-def check_pngs(paths: list[Path]) -> None:
+def hex_colour(rgba: tuple[float, ...]) -> int:
+    return int(round(rgba[0] * 255)) << 16 | int(round(rgba[1] * 255)) << 8 | int(
+        round(rgba[2] * 255))
+
+
+def check_pngs(paths: list[Path], run: dict[str, Any]) -> None:
+    """Each PNG has its size and shows what it must: PEs of no kernel in the "nothing"
+    grey, the busiest PE at the top of the utilization scale, the fullest SRAM's colour,
+    every op family's colour on the placement map."""
     assert [p.name for p in paths] == [f"{name}.png" for name in PLOTS]
+    colours = {}
     for name, path in zip(PLOTS, paths, strict=True):
         with Image.open(path) as image:
             assert image.size == PNG_SIZES[name], name
             rgb = np.asarray(image.convert("RGB"), dtype=np.uint32)
-        colours = np.unique((rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2])
-        assert colours.size > 20, f"{name} is nearly one colour"
+        colours[name] = set(np.unique((rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]))
+    grey = int(_NOTHING[1:], 16)
+    assert grey in colours["utilization"] and grey in colours["sram"]
+    busiest = max(max(row) for row in run["grids"]["utilization"])
+    top = min(1.0, max(0.05, math.ceil(busiest * 20) / 20))
+    assert hex_colour(colormaps["viridis"](busiest / top)) in colours["utilization"]
+    fullest = max(max(row) for row in run["grids"]["sram_words"]) / 12288
+    assert hex_colour(colormaps["magma"](fullest)) in colours["sram"]
+    families = sorted({k["op"].split(".")[0] for k in run["kernels"]})
+    for i, _ in enumerate(families):
+        assert hex_colour(colormaps["tab10"](i)) in colours["placement"], families[i]
 
 
 def test_plot_command_on_a_64_by_64_fabric(tmp_path, capsys):
     kernels = [(0, 0, 12, 4), (12, 0, 8, 8), (20, 0, 16, 16), (0, 8, 4, 4), (40, 30, 1, 1),
                (50, 50, 14, 14), (36, 0, 3, 9)]
-    run = write_run(tmp_path / "run.json", synthetic_run(64, 64, kernels, origin=(5, 7)))
+    data = synthetic_run(64, 64, kernels, origin=(5, 7))
+    run = write_run(tmp_path / "run.json", data)
     assert main(["plot", str(run), "--out", str(tmp_path / "pictures")]) == 0
     printed = [Path(line) for line in capsys.readouterr().out.splitlines()]
-    check_pngs(printed)
+    check_pngs(printed, data)
     # written whole: nothing but the five PNGs is left in the folder
     assert sorted(p.name for p in (tmp_path / "pictures").iterdir()) == sorted(
         f"{name}.png" for name in PLOTS)
@@ -73,9 +94,10 @@ def test_plot_command_on_a_64_by_64_fabric(tmp_path, capsys):
 
 def test_plot_command_on_a_whole_wse2_wafer(tmp_path, capsys):
     kernels = [(0, 0, 16, 16), (700, 10, 1, 1), (300, 500, 12, 4), (734, 978, 16, 16)]
-    run = write_run(tmp_path / "big.json", synthetic_run(750, 994, kernels))
+    data = synthetic_run(750, 994, kernels)
+    run = write_run(tmp_path / "big.json", data)
     assert main(["plot", str(run)]) == 0  # --out defaults to the folder of the run
-    check_pngs([Path(line) for line in capsys.readouterr().out.splitlines()])
+    check_pngs([Path(line) for line in capsys.readouterr().out.splitlines()], data)
     assert (tmp_path / "placement.png").exists()
 
 
@@ -84,7 +106,7 @@ def test_write_plots_takes_the_run_record_in_memory(tmp_path):
     run["grids"]["link_wavelets"] = {d: [[0] * 9 for _ in range(5)] for d in "NESW"}
     run["kernels"][1].update(start_cycle=-1, end_cycle=-1)  # a kernel that never ran
     paths = write_plots(run, tmp_path)  # no traffic at all: still five drawn pictures
-    check_pngs(paths)
+    check_pngs(paths, run)
 
 
 def test_block_reduction_keeps_a_lone_hot_link_visible():

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from compiler.config import RunConfig, load_config
-from compiler.graph import build_graph
-from compiler.reference import ReferenceResult, forward, init_params, make_batch, reference_step
+from compiler.gpt import build_graph
+from compiler.inputs import init_params, make_batch
+from compiler.reference import ReferenceResult, forward, reference_step
 
 ROOT = Path(__file__).resolve().parents[1]
 

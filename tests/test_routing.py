@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from kernel_bench import run_kernel
 
-from compiler.lowering.harness import run_kernel
 from compiler.lowering.kernel import Kernel, LocalStream, StreamEnd, StreamIds, lane_cols
 from compiler.routing import _candidates, link
 from wse_sim.errors import UserError

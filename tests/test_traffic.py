@@ -56,12 +56,32 @@ def test_cli_json(capsys):
     assert main(["traffic", "--mesh", "4x4", "--pattern", "transpose", "--rate", "0.05",
                  "--cycles", "500", "--warmup", "100", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    for key in ("latency_avg", "latency_p99", "offered", "accepted", "cycles", "nodes",
-                "zero_load_latency"):
-        assert key in out
     assert out["nodes"] == 16 and out["cycles"] == 500
+    # transpose on 4 x 4: the 4 diagonal nodes send nothing, the others 2|x - y| hops
+    assert out["mean_hops"] == pytest.approx(40 / 12)
+    assert out["zero_load_latency"] == pytest.approx(1 + out["mean_hops"])
+    assert out["latency_max"] >= out["latency_p99"] >= out["latency_avg"]
+    assert out["latency_avg"] >= out["zero_load_latency"]
+    # far below saturation every measured packet arrives, offered = accepted
+    assert out["unfinished_packets"] == 0
+    assert out["measured_packets"] == round(out["offered"] * 16 * 500)
+    assert out["accepted"] == pytest.approx(out["offered"], rel=0.05)
 
 
 def test_cli_user_errors(capsys):
     assert main(["traffic", "--mesh", "4x8", "--pattern", "transpose", "--rate", "0.1"]) == 2
     assert "transpose needs a square mesh" in capsys.readouterr().err
+
+
+def test_cli_json_of_a_run_without_latencies_is_strict(capsys):
+    # neighbor traffic on a one-column mesh: every node would send to itself, so none sends
+    silent = ["traffic", "--mesh", "1x4", "--pattern", "neighbor", "--rate", "0.1", "--cycles",
+              "1", "--warmup", "0"]
+    assert main([*silent, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out, parse_constant=pytest.fail)  # no NaN
+    assert out["measured_packets"] == 0
+    why = "no packet was created in the measurement window"
+    assert out["null_reasons"] == dict.fromkeys(("latency_avg", "latency_p99", "latency_max"), why)
+    assert out["latency_avg"] is out["latency_p99"] is out["latency_max"] is None
+    assert main(silent) == 0
+    assert f"latency: n/a ({why})" in capsys.readouterr().out

@@ -1,63 +1,76 @@
 """The wafer's hardware parameters: one pydantic model, every number a field.
 
-Defaults and their sources are the table in DESIGN.md (README "Hardware model"):
-
-* PE SRAM 48 KiB in 8 banks; 2 reads + 1 write of 32 bits per cycle (Cerebras SDK,
-  CSL appendix; Jacquelin et al. 2022, arXiv:2204.03775).
-* fp32 multiply-accumulate 1 element/cycle (SDK SIMD table: fp32 is not SIMD; a silicon
-  study measured 0.5, so it is a field).
-* Router: 5 ports, 24 routable colors, one 32-bit wavelet per link per direction per
-  cycle, hop latency 1 (a silicon study measured 2), per-color input queues whose depth is
-  not published (a field).
-* Up to 64 task ids, 8 microthreads (WSE-3).
-* Clock 850 MHz (the SDK examples' cycle-to-seconds conversion).
-* Fabric: WSE-2 750 x 994 usable PEs, WSE-3 762 x 1172.
+The published wafers are data files in `wse_sim/presets/` (`wse2.yaml`, `wse3.yaml`), each
+number with its source in a comment; a user copies one, edits it and names the copy as
+the preset. A config's `wafer` is a preset name or file, or a mapping with `preset` and
+field overrides (`{preset: wse2, sram_bytes_per_pe: 98304}`); `preset: null` gives every
+field explicitly. README "Hardware model" tabulates the defaults and their sources.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "wse2": {"width": 750, "height": 994, "clock_hz": 850e6, "fp16_simd_width": 4},
-    "wse3": {"width": 762, "height": 1172, "clock_hz": 850e6, "fp16_simd_width": 8},
-}
+from wse_sim.errors import UserError
+from wse_sim.userinput import FiniteFloat, read_user_yaml
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+PRESETS: tuple[str, ...] = tuple(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+
+
+def preset_fields(preset: str) -> dict[str, Any]:
+    """The fields of a preset: a name in PRESETS or the path of a YAML file of fields."""
+    path = PRESET_DIR / f"{preset}.yaml" if preset in PRESETS else Path(preset)
+    if not path.exists():
+        raise _preset_error(f"unknown preset {preset!r}: not one of {', '.join(PRESETS)} and "
+                            "no such file")
+    try:
+        data = read_user_yaml(path, "preset file")
+    except UserError as err:
+        raise _preset_error(f"bad preset file: {err}") from None
+    if not isinstance(data, dict) or "preset" in data:
+        raise _preset_error(f"preset file {preset!r} must be a mapping of wafer fields (and "
+                            "name no preset itself)")
+    return data
+
+
+def _preset_error(message: str) -> PydanticCustomError:
+    # ctx "field" lets a run config's error name `wafer.preset`, not just `wafer`
+    return PydanticCustomError("preset", message, {"field": "wafer.preset"})
 
 
 class WaferConfig(BaseModel):
-    """Hardware of one wafer. Give a `preset` and override any field, or give all fields."""
+    """Hardware of one wafer: a `preset` (name or file) and overrides, or all fields."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    preset: Literal["wse2", "wse3"] | None = Field(
-        default="wse2", description="Start from a published wafer; explicit fields override it."
-    )
-    width: int = Field(default=750, gt=0, description="PEs per row (x extent).")
-    height: int = Field(default=994, gt=0, description="PEs per column (y extent).")
-    clock_hz: float = Field(default=850e6, gt=0, description="Core clock; cycles -> seconds.")
-    sram_bytes_per_pe: int = Field(default=48 * 1024, gt=0, description="SRAM per PE, bytes.")
-    sram_banks: int = Field(default=8, gt=0, description="SRAM banks per PE (reported only).")
-    sram_reads_per_cycle: int = Field(default=2, gt=0, description="32-bit SRAM reads/cycle.")
-    sram_writes_per_cycle: int = Field(default=1, gt=0, description="32-bit SRAM writes/cycle.")
-    fp32_ops_per_cycle: float = Field(
-        default=1.0, gt=0, description="fp32 arithmetic elements (an FMAC counts one) per cycle."
-    )
-    fp16_simd_width: int = Field(default=4, gt=0, description="fp16 SIMD lanes (reported only).")
-    colors: int = Field(default=24, gt=0, le=64, description="Routable colors (virtual channels).")
-    queue_depth: int = Field(
-        default=4, gt=0, description="Wavelets buffered per (router input port, color)."
-    )
-    hop_latency: int = Field(default=1, gt=0, description="Cycles for a wavelet to cross a link.")
-    ramp_in_per_cycle: int = Field(default=1, gt=0, description="Wavelets router->PE per cycle.")
-    ramp_out_per_cycle: int = Field(default=1, gt=0, description="Wavelets PE->router per cycle.")
-    microthreads: int = Field(default=8, gt=0, description="Tasks that may run at once on a PE.")
-    max_tasks: int = Field(default=64, gt=0, description="Task ids per PE.")
-    registers: int = Field(default=16, gt=0, description="fp32 scalar registers per PE.")
+    preset: str | None = Field(
+        default="wse2",
+        description="A published wafer (wse2, wse3) or a YAML file of fields to start from; "
+        "explicit fields override it. null: every field is given.")
+    width: int = Field(gt=0, description="PEs per row (x extent).")
+    height: int = Field(gt=0, description="PEs per column (y extent).")
+    clock_hz: FiniteFloat = Field(gt=0, description="Core clock; cycles -> seconds.")
+    sram_bytes_per_pe: int = Field(gt=0, multiple_of=4, description="SRAM per PE, bytes.")
+    sram_reads_per_cycle: int = Field(gt=0, description="32-bit SRAM reads per cycle.")
+    sram_writes_per_cycle: int = Field(gt=0, description="32-bit SRAM writes per cycle.")
+    fp32_ops_per_cycle: FiniteFloat = Field(
+        gt=0, description="fp32 arithmetic elements (an FMAC counts one) per cycle.")
+    colors: int = Field(gt=0, le=64, description="Routable colors (virtual channels).")
+    queue_depth: int = Field(gt=0, description="Wavelets buffered per (router input port, "
+                             "color).")
+    hop_latency: int = Field(gt=0, description="Cycles for a wavelet to cross a link.")
+    ramp_in_per_cycle: int = Field(gt=0, description="Wavelets router -> PE per cycle.")
+    ramp_out_per_cycle: int = Field(gt=0, description="Wavelets PE -> router per cycle.")
+    microthreads: int = Field(gt=0, description="Tasks that may run at once on a PE.")
+    max_tasks: int = Field(gt=0, description="Task ids per PE.")
+    registers: int = Field(gt=0, description="fp32 scalar registers per PE.")
     deadlock_cycles: int = Field(
-        default=20_000, gt=0, description="Cycles without progress before a deadlock is declared."
-    )
+        gt=0, description="Cycles without progress before a deadlock is declared.")
 
     @model_validator(mode="before")
     @classmethod
@@ -67,11 +80,9 @@ class WaferConfig(BaseModel):
         if not isinstance(data, dict):
             return data
         preset = data.get("preset", "wse2")
-        if preset is None:
-            return data
-        if preset not in PRESETS:
-            return data  # the Literal check names the field
-        return {**PRESETS[preset], **data}
+        if preset is None or not isinstance(preset, str):
+            return data  # no preset, or the type check names the field
+        return {**preset_fields(preset), **data}
 
     @property
     def sram_words_per_pe(self) -> int:

@@ -28,26 +28,37 @@ A memory operand of stride 0 is a scalar loaded once, at the instruction's first
 memory operand's offset is `offset + k * loop_stride`. One level (no nesting) so the
 engine's thread state stays flat.
 
+Besides code and routes a Program may carry, for whoever reads its results:
+
+* `tensors`: a symbol table, named 2-D tensors and the blocks of them each PE's SRAM holds
+  after the run (`TensorSlot`); `read_tensor` assembles one from a run's final SRAM;
+* `regions`: named rectangles of PEs with a label (a compiler's kernels and their op
+  families), which reports break figures down by;
+* `meta`: free-form JSON-ready facts from whoever built it (the compiler's FLOP counts,
+  tokens per step, placement), passed through to reports untouched.
+
 `validate(program, wafer)` checks everything the engine relies on and raises a one-line
 ProgramError naming PE, task, instruction and field. `save_program` / `load_program` write
-and read a program as one .npz of flat arrays plus a JSON header (no pickle).
+and read a program (and the wafer it was built for) as one .npz of flat arrays plus a JSON
+header (no pickle): the file is the seam between a compiler and the simulator.
 """
 
 from __future__ import annotations
 
 import json
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from wse_sim.errors import ProgramError, UserError
-
-if TYPE_CHECKING:
-    from wse_sim.hardware import WaferConfig
-
+from wse_sim.hardware import WaferConfig
+from wse_sim.outputs import strict_json, write_file
 
 BYTES_PER_WORD = 4  # an SRAM word, a register and a wavelet's payload are 32 bits
 
@@ -218,6 +229,41 @@ class PEProgram:
         self.image[offset] = np.ascontiguousarray(data, dtype=np.float32).ravel()
 
 
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where a block of a named tensor sits in the SRAM of PE (x, y) after the run: element
+    (r, c) of `tensor[rows[0]:rows[1], cols[0]:cols[1]]` is at word
+    `offset + (r - rows[0]) * row_stride + (c - cols[0]) * col_stride`."""
+
+    x: int
+    y: int
+    offset: int
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    row_stride: int
+    col_stride: int = 1
+
+
+@dataclass
+class TensorLayout:
+    """A named [rows, cols] tensor and the slots that together hold every element."""
+
+    shape: tuple[int, int]
+    slots: list[TensorSlot] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Region:
+    """A named rectangle of PEs with a label (e.g. a compiled kernel and its op family)."""
+
+    name: str
+    label: str
+    x: int
+    y: int
+    width: int
+    height: int
+
+
 @dataclass
 class Program:
     """A whole fabric's program. PEs absent from `pes` run nothing (their routers may still
@@ -227,6 +273,9 @@ class Program:
     height: int
     pes: dict[tuple[int, int], PEProgram] = field(default_factory=dict)
     routes: dict[tuple[int, int, int], Route] = field(default_factory=dict)  # (x, y, color)
+    tensors: dict[str, TensorLayout] = field(default_factory=dict)
+    regions: list[Region] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def pe(self, x: int, y: int, sram_words: int = 0) -> PEProgram:
         """The program of PE (x, y), created on first use; grows its SRAM to `sram_words`."""
@@ -240,6 +289,25 @@ class Program:
         """Add ports to the route of `color` at (x, y) (routes of one color merge)."""
         old = self.routes.get((x, y, color), Route(0, 0))
         self.routes[(x, y, color)] = Route(old.rx | rx, old.tx | tx)
+
+
+def read_tensor(layout: TensorLayout, sram: Callable[[int, int], np.ndarray],
+                name: str = "tensor") -> np.ndarray:
+    """Assemble a tensor from its slots in the final SRAM (`sram(x, y)`, float32 words of
+    PE (x, y)); every element must be covered by a slot."""
+    out = np.zeros(layout.shape, dtype=np.float32)
+    covered = np.zeros(layout.shape, dtype=bool)
+    for slot in layout.slots:
+        words = np.asarray(sram(slot.x, slot.y))
+        r = np.arange(slot.rows[1] - slot.rows[0])[:, None]
+        c = np.arange(slot.cols[1] - slot.cols[0])[None, :]
+        block = np.s_[slot.rows[0]:slot.rows[1], slot.cols[0]:slot.cols[1]]
+        out[block] = words[slot.offset + r * slot.row_stride + c * slot.col_stride]
+        covered[block] = True
+    if not covered.all():
+        raise ValueError(f"the slots of {name!r} cover {covered.sum()} of {covered.size} "
+                         f"elements")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,6 +348,33 @@ def validate(program: Program, wafer: WaferConfig) -> None:
                 )
     for (x, y), pe in program.pes.items():
         _validate_pe(x, y, pe, program, wafer)
+    for name, layout in program.tensors.items():
+        _validate_tensor(name, layout, program)
+    for region in program.regions:
+        if not (0 <= region.x and 0 <= region.y and region.width > 0 and region.height > 0
+                and region.x + region.width <= w and region.y + region.height <= h):
+            raise ProgramError(f"region {region.name}: rectangle {region.width} x "
+                               f"{region.height} at ({region.x}, {region.y}) is outside the "
+                               f"{w} x {h} fabric")
+
+
+def _validate_tensor(name: str, layout: TensorLayout, program: Program) -> None:
+    rows, cols = layout.shape
+    for slot in layout.slots:
+        where = f"tensor {name} slot at PE ({slot.x}, {slot.y})"
+        pe = program.pes.get((slot.x, slot.y))
+        if pe is None:
+            raise ProgramError(f"{where}: that PE has no program")
+        if not (0 <= slot.rows[0] < slot.rows[1] <= rows and 0 <= slot.cols[0] < slot.cols[1]
+                <= cols):
+            raise ProgramError(f"{where}: rows {slot.rows} / cols {slot.cols} outside the "
+                               f"{rows} x {cols} tensor")
+        corners = [slot.offset + dr * slot.row_stride + dc * slot.col_stride
+                   for dr in (0, slot.rows[1] - slot.rows[0] - 1)
+                   for dc in (0, slot.cols[1] - slot.cols[0] - 1)]
+        if min(corners) < 0 or max(corners) >= pe.sram_words:
+            raise ProgramError(f"{where}: words {min(corners)}..{max(corners)} outside its "
+                               f"{pe.sram_words} SRAM words")
 
 
 def _validate_pe(x: int, y: int, pe: PEProgram, program: Program, wafer: WaferConfig) -> None:
@@ -399,12 +494,13 @@ def _route_has(program: Program, x: int, y: int, color: int, side: str) -> bool:
 # --------------------------------------------------------------------------------------------
 # Serialization: one .npz of flat integer/float arrays plus a JSON header; no pickle.
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _OPERAND_FIELDS = ("dst", "a", "b", "c")
 
 
-def save_program(program: Program, path: str | Path) -> None:
-    """Write `program` to `path` (.npz); `load_program` reads it back equal."""
+def save_program(program: Program, path: str | Path, wafer: WaferConfig | None = None) -> None:
+    """Write `program` (and the wafer it was built for) to `path` (.npz), atomically
+    (`wse_sim.outputs`); `load_program` reads it back equal."""
     pe_keys = list(program.pes)
     pe_rows: list[tuple] = []
     task_rows: list[tuple] = []
@@ -430,38 +526,67 @@ def save_program(program: Program, path: str | Path) -> None:
             image_rows.append((p, offset, sum(len(d) for d in images), len(data)))
             images.append(np.asarray(data, np.float32).ravel())
     route_rows = [(x, y, c, r.rx, r.tx) for (x, y, c), r in program.routes.items()]
+    names = list(program.tensors)
+    slot_rows = [(t, s.x, s.y, s.offset, *s.rows, *s.cols, s.row_stride, s.col_stride)
+                 for t, name in enumerate(names) for s in program.tensors[name].slots]
     header = {"format": "wse_sim.Program", "version": FORMAT_VERSION,
-              "width": program.width, "height": program.height}
+              "width": program.width, "height": program.height,
+              "tensors": [[name, list(program.tensors[name].shape)] for name in names],
+              "regions": [[r.name, r.label, r.x, r.y, r.width, r.height]
+                          for r in program.regions],
+              "meta": program.meta,
+              "wafer": None if wafer is None else wafer.model_dump()}
 
     def table(rows: list, cols: int) -> np.ndarray:
         return np.array(rows, np.int64).reshape(-1, cols)
 
-    with open(path, "wb") as fh:
-        np.savez_compressed(
-            fh,
-            header=np.frombuffer(json.dumps(header).encode(), np.uint8),
-            pes=table(pe_rows, 3),
-            tasks=table(task_rows, 6),
-            instrs=table(instr_rows, 5),
-            operands=table(opnd_int, 6).reshape(-1, 4, 6),
-            values=np.array(opnd_val, np.float64).reshape(-1, 4),
-            images=table(image_rows, 4),
-            image_data=np.concatenate(images) if images else np.zeros(0, np.float32),
-            routes=table(route_rows, 5),
-        )
+    arrays = {
+        "header": np.frombuffer(strict_json(header).encode(), np.uint8),
+        "pes": table(pe_rows, 3),
+        "tasks": table(task_rows, 6),
+        "instrs": table(instr_rows, 5),
+        "operands": table(opnd_int, 6).reshape(-1, 4, 6),
+        "values": np.array(opnd_val, np.float64).reshape(-1, 4),
+        "images": table(image_rows, 4),
+        "image_data": np.concatenate(images) if images else np.zeros(0, np.float32),
+        "routes": table(route_rows, 5),
+        "tensor_slots": table(slot_rows, 10),
+    }
+    write_file(path, lambda fh: np.savez_compressed(fh, **arrays))
 
 
 def load_program(path: str | Path) -> Program:
     """Read a program written by `save_program`."""
+    return read_program_file(path)[0]
+
+
+def read_program_file(path: str | Path) -> tuple[Program, WaferConfig | None]:
+    """A program written by `save_program` and the wafer it was saved with (None if none).
+    A file that is not one is a UserError naming it."""
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {name: z[name] for name in z.files}
-        header = json.loads(arrays["header"].tobytes().decode())
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"{path}: not a saved program ({err})") from None
+        header = json.loads(arrays["header"].tobytes().decode(), parse_constant=_no_constant)
+        program = _program_from(header, arrays)
+        wafer = None if header["wafer"] is None else WaferConfig.model_validate(header["wafer"])
+    except (OSError, ValueError, KeyError, TypeError, IndexError, ValidationError,
+            UnicodeDecodeError, zipfile.BadZipFile, EOFError, RecursionError) as err:
+        detail = str(err).splitlines()[0] if str(err) else ""
+        raise UserError(f"{path}: not a saved program of format version {FORMAT_VERSION} "
+                        f"({type(err).__name__}: {detail})") from None
+    return program, wafer
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"header holds {name}, not strict JSON")
+
+
+def _program_from(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Program:
     if header.get("format") != "wse_sim.Program" or header.get("version") != FORMAT_VERSION:
-        raise UserError(f"{path}: not a version-{FORMAT_VERSION} wse_sim program file")
-    program = Program(width=header["width"], height=header["height"])
+        raise ValueError(f"format {header.get('format')!r} version {header.get('version')!r}")
+    if not isinstance(header["meta"], dict):
+        raise TypeError("header field meta must be an object")
+    program = Program(width=header["width"], height=header["height"], meta=header["meta"])
     pe_keys = []
     for x, y, words in arrays["pes"].tolist():
         program.pes[(x, y)] = PEProgram(sram_words=words)
@@ -483,4 +608,11 @@ def load_program(path: str | Path) -> Program:
         program.pes[pe_keys[p]].image[offset] = data[start:start + n].copy()
     for x, y, c, rx, tx in arrays["routes"].tolist():
         program.routes[(x, y, c)] = Route(rx, tx)
+    names = [name for name, _ in header["tensors"]]
+    for name, (rows, cols) in header["tensors"]:
+        program.tensors[name] = TensorLayout((rows, cols))
+    for t, x, y, offset, r0, r1, c0, c1, rs, cs in arrays["tensor_slots"].tolist():
+        program.tensors[names[t]].slots.append(TensorSlot(x, y, offset, (r0, r1), (c0, c1),
+                                                          rs, cs))
+    program.regions = [Region(*fields) for fields in header["regions"]]
     return program

@@ -1,35 +1,26 @@
 """Reports of one run, built only from the simulator's counters (`Stats`).
 
-The simulator knows nothing of what the PEs compute: the caller names rectangular
+The simulator knows nothing of what the PEs compute: the program names rectangular
 `Region`s of the fabric (a compiler's kernels) and gets per-region start/end cycles and
-utilization, plus fabric-wide figures and per-PE grids for plots. Everything here is a
-count the cycle loop kept, never an estimate.
+utilization, plus fabric-wide figures and per-PE grids for plots. Every figure is a count
+the cycle loop kept, never an estimate. What the program's builder declared in
+`Program.meta` is copied to the top level of the report untouched (its keys must not be
+the report's own), and two optional entries of it turn cycles into rates: `throughput`
+({"unit": "tokens", "per_run": N}: N units of work per run -> "tokens_per_second") and
+`model_flops` (FLOPs of the workload's own count per run -> FLOP/s and % of peak).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from wse_sim.hardware import WaferConfig
+from wse_sim.outputs import strict_json, write_file
+from wse_sim.program import Program, Region
 from wse_sim.stats import PORT_NAMES, Stats
-
-
-@dataclass(frozen=True)
-class Region:
-    """A named rectangle of PEs in program coordinates (e.g. one compiled kernel)."""
-
-    name: str
-    op: str
-    x: int
-    y: int
-    width: int
-    height: int
 
 
 def region_report(stats: Stats, region: Region) -> dict[str, Any]:
@@ -44,7 +35,7 @@ def region_report(stats: Stats, region: Region) -> dict[str, Any]:
     end = int(last[worked].max()) if worked.any() else -1
     span = end - start + 1 if worked.any() else 0
     return {
-        "name": region.name, "op": region.op,
+        "name": region.name, "op": region.label,
         "x": region.x, "y": region.y, "w": region.width, "h": region.height, "pes": pes,
         "start_cycle": start, "end_cycle": end,
         "utilization": compute / (pes * max(stats.cycles, 1)),
@@ -99,15 +90,119 @@ def grids(stats: Stats, sram_words: np.ndarray, sram_capacity_words: int) -> dic
     }
 
 
+def run_report(program: Program, wafer: WaferConfig, stats: Stats,
+               host_seconds: float) -> dict[str, Any]:
+    """The JSON-ready report of a finished run of `program` (see the module docstring)."""
+    used = np.zeros((program.height, program.width), bool)
+    sram_words = np.zeros((program.height, program.width), np.int64)
+    for (x, y), pe in program.pes.items():
+        used[y, x] = True
+        sram_words[y, x] = pe.sram_words
+    fabric = fabric_report(stats, wafer.clock_hz, used)
+    meta = program.meta
+    seconds = fabric["simulated_seconds"]
+    report: dict[str, Any] = {
+        **meta,
+        "wafer": wafer.model_dump(),
+        "fabric": {"width": program.width, "height": program.height,
+                   "origin": list(meta.get("origin", (0, 0)))},
+        **fabric,
+    }
+    per_run: dict[str, float] = {}  # report key -> amount per run, reported per second
+    throughput = meta.get("throughput")
+    if throughput is not None:
+        per_run[f"{throughput['unit']}_per_second"] = throughput["per_run"]
+    if "model_flops" in meta:
+        per_run["achieved_flops_per_second"] = meta["model_flops"]
+    if seconds > 0:  # (then some PE held a program: the used PEs' peak is not 0)
+        report.update((key, amount / seconds) for key, amount in per_run.items())
+        if "model_flops" in meta:
+            flops_per_second = report["achieved_flops_per_second"]
+            report.update(
+                percent_of_wafer_peak=100 * flops_per_second / wafer.peak_flops(),
+                percent_of_used_peak=100 * flops_per_second
+                / wafer.peak_flops(fabric["pes_used"]))
+    else:  # a program that did nothing has no rates: null, with the reason
+        unknown = [*per_run, *(("percent_of_wafer_peak", "percent_of_used_peak")
+                               if "model_flops" in meta else ())]
+        if unknown:
+            report.update(dict.fromkeys(unknown))
+            report["null_reasons"] = dict.fromkeys(unknown, "no cycle was simulated (no PE "
+                                                   "had work)")
+    report["host_simulation_seconds"] = host_seconds
+    report["kernels"] = [region_report(stats, region) for region in program.regions]
+    report["grids"] = grids(stats, sram_words, wafer.sram_words_per_pe)
+    return report
+
+
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write `data` whole: to a temporary file beside `path`, then an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write `data` as strict JSON, atomically (`wse_sim.outputs`)."""
+    write_file(path, strict_json(data, indent=1).encode())
+
+
+def _null(report: dict[str, Any], key: str) -> str:
+    return f"n/a: {report['null_reasons'][key]}"
+
+
+def _links(links: list[dict[str, Any]], count: int = 3) -> str:
+    return ", ".join(f"({k['x']},{k['y']}){k['dir']} {k['wavelets']:,}" for k in links[:count])
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report for a terminal: the builder's facts it knows of, then the counters and
+    one line per region."""
+    pc = report["pe_cycles"]
+    total = max(sum(pc.values()), 1)
+    fabric = report["fabric"]
+    lines = []
+    if "parameters" in report:
+        lines.append(f"{report.get('config', 'program')}: {report['parameters']:,} parameters, "
+                     f"{report['kernels_count']} kernels, placement {report['placement']}, "
+                     f"lane width {report['lane_width']}")
+    colors = f", {report['colors_used']} colors" if "colors_used" in report else ""
+    lines += [
+        f"fabric        {fabric['width']} x {fabric['height']} PEs simulated at "
+        f"{tuple(fabric['origin'])}, {report['pes_used']} used{colors}",
+        f"cycles        {report['cycles']:,}  ({report['simulated_seconds'] * 1e3:.3f} ms "
+        f"at {report['wafer']['clock_hz'] / 1e6:.0f} MHz)",
+    ]
+    if "throughput" in report:
+        unit = report["throughput"]["unit"]
+        rate = report[f"{unit}_per_second"]
+        lines.append("throughput    " + (_null(report, f"{unit}_per_second") if rate is None
+                                         else f"{rate:,.0f} {unit}/s"))
+    if "model_flops" in report:
+        flops = report["achieved_flops_per_second"]
+        lines += [
+            f"FLOPs         {report['model_flops']:.4g} per run (model count; the PEs executed "
+            f"{report['flops_counted']:.4g})",
+            "FLOP/s        " + (_null(report, "achieved_flops_per_second") if flops is None else
+                                f"{flops:.4g}  = {report['percent_of_used_peak']:.2f}% of the "
+                                f"used PEs' peak, {report['percent_of_wafer_peak']:.4f}% of the "
+                                "wafer's"),
+        ]
+    lines += [
+        f"utilization   {report['pe_utilization']:.1%} mean compute over the used PEs; "
+        "PE-cycles: " + ", ".join(f"{k} {v / total:.1%}" for k, v in pc.items()),
+        f"SRAM          {report['sram_bytes_read']:,} B read, "
+        f"{report['sram_bytes_written']:,} B written",
+        f"fabric        {report['fabric_wavelet_hops']:,} wavelet-hops"
+        + (f"; hop-words {report['hop_words']:,}" if "hop_words" in report else ""),
+        f"links         simulated: max {report['max_link_load']:,}, mean "
+        f"{report['mean_link_load']:,.0f}, hottest {_links(report['hottest_links'])}",
+    ]
+    estimate = report.get("link_load_estimate")
+    if estimate is not None:
+        lines.append(f"              compiler estimate: max {estimate['max']:,}, mean "
+                     f"{estimate['mean']:,.0f}, hottest {_links(estimate['hottest_links'])}")
+    compile_part = (f"compile {report['compile_seconds']:.1f} s, "
+                    if "compile_seconds" in report else "")
+    lines += [
+        f"host          {compile_part}simulate {report['host_simulation_seconds']:.1f} s",
+        "",
+        f"{'kernel':<28} {'op':<14} {'PEs':>5} {'start':>9} {'end':>9} {'util':>6}",
+    ]
+    for k in report["kernels"]:
+        lines.append(f"{k['name']:<28} {k['op']:<14} {k['pes']:>5} {k['start_cycle']:>9,} "
+                     f"{k['end_cycle']:>9,} {k['utilization']:>6.1%}")
+    return "\n".join(lines)

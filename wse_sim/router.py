@@ -55,7 +55,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from wse_sim.jit import bits_float, float_bits, hot, hot_inline, trailing_zeros
+from wse_sim.jit import atomic_add, bits_float, float_bits, hot, hot_inline, trailing_zeros
 from wse_sim.program import OPPOSITE, PORT_OFFSET, Port
 from wse_sim.state import (
     FABRIC_PARAMS,
@@ -229,7 +229,7 @@ def build_fabric(spec: FabricSpec, routes: RouteTable, program_pes: np.ndarray,
         xfifo=xfifo,
         xin=xin,
         xpush=XPUSH.new(len(xf_fifo)),
-        lat_hist=np.zeros((stripes, max(spec.latency_bins, 1)), np.int64),
+        lat_hist=np.zeros(max(spec.latency_bins, 1), np.int64),
     )
     return fb, Workers(stripe=stripe, barrier=np.zeros(16, np.int64))
 
@@ -385,7 +385,7 @@ def _room(fb, d, t, depth):
 
 
 @hot_inline
-def _eject(fb, s, w, rt, tag, t):
+def _eject(fb, s, rt, tag, t):
     """Packet mode: a packet leaves the network at its destination in cycle t."""
     p = fb.params[0]
     rt.ejected += 1
@@ -398,7 +398,8 @@ def _eject(fb, s, w, rt, tag, t):
         s.measured += 1
         s.lat_sum += latency
         s.lat_max = max(s.lat_max, latency)
-        fb.lat_hist[U(w), U(min(latency, fb.lat_hist.shape[1] - 1))] += 1
+        # one histogram for every stripe: its workers count into it atomically
+        atomic_add(fb.lat_hist, min(latency, len(fb.lat_hist) - 1), 1)
 
 
 @hot_inline
@@ -408,7 +409,7 @@ def _woken(fb, s, slot, what):
 
 
 @hot_inline
-def _output(fb, s, w, rt, o, d, data, t):
+def _output(fb, s, rt, o, d, data, t):
     """Copy a moved wavelet to output o of router rt, destination d."""
     p = fb.params[0]
     if o < RAMP:
@@ -430,12 +431,12 @@ def _output(fb, s, w, rt, o, d, data, t):
         _push(fb, d, data, t + 1, p.shift)
         s.inflight += 1
     else:
-        _eject(fb, s, w, rt, data, t)
+        _eject(fb, s, rt, data, t)
 
 
 @hot_inline
-def _move(fb, s, w, rt_index, b, route, out, t):
-    """Move the head of FIFO b (of router rt_index, run in stripe s, index w) to output port
+def _move(fb, s, rt_index, b, route, out, t):
+    """Move the head of FIFO b (of router rt_index, run in stripe s) to output port
     `out`, or to every output of the route if out < 0 (room checked)."""
     rt = fb.router[U(rt_index)]
     f = fb.fifo[U(b)]
@@ -454,12 +455,12 @@ def _move(fb, s, w, rt_index, b, route, out, t):
     else:
         s.xpops += 1  # fed from another stripe: `exchange` lists its producer
     if out >= 0:
-        _output(fb, s, w, rt, out, route.dest[out], data, t)
+        _output(fb, s, rt, out, route.dest[out], data, t)
         return
     s.copies -= 1
     for o in range(RAMP + 1):
         if (route.tx >> o) & 1:
-            _output(fb, s, w, rt, o, route.dest[o], data, t)
+            _output(fb, s, rt, o, route.dest[o], data, t)
             s.copies += 1
 
 
@@ -521,7 +522,7 @@ def _route_one(fb, s, w, r, t):
                     break
             if not ok:
                 continue
-        _move(fb, s, w, r, b, route, out, t)
+        _move(fb, s, r, b, route, out, t)
         used |= tx
         ramp_used += (tx >> RAMP) & 1
         moved += 1

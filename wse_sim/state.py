@@ -129,7 +129,7 @@ class Fabric(NamedTuple):
     xfifo: np.ndarray  # XFIFO [cross-stripe FIFOs], grouped by producer stripe
     xin: np.ndarray  # int32 [cross-stripe FIFOs]: XFIFO indices grouped by owner stripe
     xpush: np.ndarray  # XPUSH [cross-stripe FIFOs]: deferred pushes, producer-stripe segments
-    lat_hist: np.ndarray  # int64 [stripes, bins]: packet latencies (last bin: overflow)
+    lat_hist: np.ndarray  # int64 [bins]: packet latencies (last bin: overflow), all stripes
 
 
 # ---------------------------------------------------------------------------------------------

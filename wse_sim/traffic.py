@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from wse_sim.errors import UserError
+from wse_sim.hostmem import mesh_bytes, require
 from wse_sim.jit import barrier, cores, hot, run_workers, workers_for
 from wse_sim.router import (
     RAMP,
@@ -258,11 +259,15 @@ def run_traffic(
     """Run synthetic traffic; see the module docstring. `drain` (default 4 * cycles) bounds
     the cycles run after the measurement window. The mesh's rows are split into `threads`
     stripes (default: one per core), run by as many host threads as the work per cycle
-    pays for (`wse_sim.jit.workers_for`); the results do not depend on either."""
+    pays for (`wse_sim.jit.workers_for`); the results do not depend on either. Arguments
+    out of range, and a mesh too large for this machine's memory, are UserErrors naming
+    the argument."""
     if pattern not in PATTERNS:
         raise UserError(f"pattern must be one of {', '.join(PATTERNS)} (got {pattern!r})")
-    if not 0.0 < rate <= 1.0:
+    if not 0.0 < rate <= 1.0:  # also refuses NaN
         raise UserError(f"rate must be in (0, 1] packets/node/cycle (got {rate})")
+    if not 0.0 <= hotspot_fraction <= 1.0:
+        raise UserError(f"hotspot_fraction must be in [0, 1] (got {hotspot_fraction})")
     if width < 1 or height < 1 or width * height < 2:
         raise UserError(f"mesh must have at least 2 nodes (got {width} x {height})")
     if max(width, height) > 1 << TAG_COORD_BITS:
@@ -270,9 +275,21 @@ def run_traffic(
                         f"mode (got {width} x {height})")
     if pattern == "transpose" and width != height:
         raise UserError(f"transpose needs a square mesh (got {width} x {height})")
-    if cycles < 1 or warmup < 0:
-        raise UserError("cycles must be >= 1 and warmup >= 0")
+    if not 0 <= seed < 1 << 64:  # the generator's state is one uint64
+        raise UserError(f"seed must be in 0 .. 2**64 - 1 (got {seed})")
     drain = 4 * cycles if drain is None else drain
+    for name, value, least in (("cycles", cycles, 1), ("warmup", warmup, 0),
+                               ("drain", drain, 0), ("queue_depth", queue_depth, 1),
+                               ("hop_latency", hop_latency, 1), ("ramp_in", ramp_in, 1)):
+        if value < least:
+            raise UserError(f"{name} must be >= {least} (got {value})")
+    # A packet's tag holds its creation cycle above the destination bits of an int64,
+    # and a wavelet's ready cycle is a cycle plus hop_latency: both must not overflow.
+    last = warmup + cycles + drain
+    if max(last, hop_latency) >= 1 << (63 - TAG_DEST_BITS):
+        raise UserError(f"warmup + cycles + drain ({last:,}) and hop_latency ({hop_latency:,}) "
+                        f"must be below 2**{63 - TAG_DEST_BITS} cycles")
+    require(mesh_bytes(width, height, queue_depth))
     nodes = width * height
     spec = FabricSpec(width, height, colors=1, depth=queue_depth, hop_latency=hop_latency,
                       ramp_in=ramp_in, packet=True, latency_bins=LATENCY_BINS)
@@ -295,7 +312,7 @@ def run_traffic(
     queued = _queued_before(src, win1)
     measured = int(wk.stripe["measured_in"].sum()) + queued
     done = int(wk.stripe["measured"].sum())
-    hist = fb.lat_hist.sum(axis=0)
+    hist = fb.lat_hist
     p99 = float(np.searchsorted(np.cumsum(hist), 0.99 * done)) if done else float("nan")
     hops = mean_hops(width, height, pattern, hotspot_fraction)
     stats = Stats.from_state(width, height, t, fb, wk)

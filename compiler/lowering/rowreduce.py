@@ -73,6 +73,18 @@ ACC = Reg(0)
 RowOp = Literal["sum", "max", "dot"]
 
 
+def reduce_latency(group: int, hop_latency: int = 1) -> int:
+    """Cycles a chain reduction over `group` PEs adds to its R elements: a wavelet takes
+    L + 2 cycles a hop (ramp, link, receive queue)."""
+    return (group - 1) * (hop_latency + 2)
+
+
+def broadcast_latency(group: int, hop_latency: int = 1) -> int:
+    """Cycles the broadcast back to `group` PEs adds to its R elements (one multicast tree
+    over G - 1 hops, then the receive queue)."""
+    return (group - 1) * hop_latency + 2 if group > 1 else 0
+
+
 def row_blocks(rows: int, block_rows: int) -> list[tuple[int, int]]:
     """Row ranges [start, stop) of `rows` rows in blocks of `block_rows` (the last shorter)."""
     if block_rows <= 0:

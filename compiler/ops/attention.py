@@ -1,5 +1,13 @@
-"""Attention kernels: causal scores `S = q k^T / sqrt(dh)` and values `o = P v`, with their
+"""Attention: causal scores `S = q k^T / sqrt(dh)` and values `o = P v`, with their
 backward passes, on a key-block x query-group grid of PEs per head.
+
+Graph: three op kinds over all heads at once (attributes heads, d_head, batch, seq_len):
+`attn_scores` (q, k -> S [M, H*T], scale 1/sqrt(dh); FLOPs 2 M H T dh for the product over
+the full T x T plus M H T for the scaling, backward twice the product plus the scaling),
+`causal_mask` (S -> S with -inf where key > query; no FLOPs) and `attn_values` (P, v -> o
+[M, d]; 2 M H T dh, backward twice). Head j owns columns [j dh, (j+1) dh) of q, k, v and o,
+and columns [j T, (j+1) T) of S and P (see `split_heads`). The softmax between them is
+`compiler.ops.softmax`.
 
 Layout. Both kernels use the same rectangle: `T/lw` columns (key blocks, `lw` keys each:
 exactly the columns of one scores lane) by `H * R` rows (head `h` owns rows
@@ -90,8 +98,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from compiler.graph import GraphBuilder, OpSpec, grad_name
 from compiler.lowering.kernel import Kernel, LocalPE, LocalStream, StreamEnd, StreamIds
+from compiler.ops.base import OpFamily, Tensors
 from wse_sim.errors import UserError
 from wse_sim.program import (
     SOURCES_OF,
@@ -108,7 +121,95 @@ from wse_sim.program import (
     vec,
 )
 
+if TYPE_CHECKING:
+    from compiler.lower import LoweringContext
+
 NEG_INF = float("-inf")
+
+
+def add_scores(b: GraphBuilder, name: str, q: str, k: str, heads: dict[str, Any]) -> str:
+    """S = q k^T / sqrt(dh) per head; `heads` are the attention attributes."""
+    m = b.shape(q)[0]
+    n_scores = m * heads["heads"] * heads["seq_len"]
+    products = 2 * n_scores * heads["d_head"]
+    (scores,) = b.forward(
+        name, "attn_scores", (q, k), {f"{name}.out": (m, heads["heads"] * heads["seq_len"])},
+        flops=products + n_scores, matmul_flops=products, bwd_flops=2 * products + n_scores,
+        saved=(q, k), attrs={**heads, "scale": 1.0 / math.sqrt(heads["d_head"])})
+    return scores
+
+
+def add_mask(b: GraphBuilder, name: str, scores: str, heads: dict[str, Any]) -> str:
+    """The causal mask: -inf where key s > query t."""
+    return b.elementwise(name, "causal_mask", (scores,), (0, 0), attrs=heads)
+
+
+def add_values(b: GraphBuilder, name: str, probs: str, v: str, heads: dict[str, Any]) -> str:
+    """o = P v per head."""
+    m, d = b.shape(v)
+    products = 2 * m * heads["heads"] * heads["seq_len"] * heads["d_head"]
+    (out,) = b.forward(name, "attn_values", (probs, v), {f"{name}.out": (m, d)},
+                       flops=products, matmul_flops=products, bwd_flops=2 * products,
+                       saved=(probs, v), attrs=heads)
+    return out
+
+
+# -- numpy ------------------------------------------------------------------------------------
+
+
+def split_heads(x: np.ndarray, batch: int, heads: int) -> np.ndarray:
+    """(B*T, H*w) with head j in column block j -> (B, H, T, w)."""
+    rows, cols = x.shape
+    return x.reshape(batch, rows // batch, heads, cols // heads).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: np.ndarray) -> np.ndarray:
+    """(B, H, T, w) -> (B*T, H*w), the inverse of split_heads."""
+    batch, heads, seq, width = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(batch * seq, heads * width)
+
+
+def causal(seq: int) -> np.ndarray:
+    """True where query t may attend to key s (s <= t)."""
+    return np.tril(np.ones((seq, seq), dtype=bool))
+
+
+def attn_scores_forward(q: np.ndarray, k: np.ndarray, batch: int, heads: int,
+                        scale: float) -> np.ndarray:
+    q4, k4 = split_heads(q, batch, heads), split_heads(k, batch, heads)
+    return merge_heads((q4 @ k4.transpose(0, 1, 3, 2)) * scale)
+
+
+def attn_scores_backward(dscores: np.ndarray, q: np.ndarray, k: np.ndarray, batch: int,
+                         heads: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(dq, dk)."""
+    ds4 = split_heads(dscores, batch, heads)
+    q4, k4 = split_heads(q, batch, heads), split_heads(k, batch, heads)
+    return merge_heads(scale * ds4 @ k4), merge_heads(scale * ds4.transpose(0, 1, 3, 2) @ q4)
+
+
+def causal_mask_forward(s: np.ndarray, batch: int, heads: int) -> np.ndarray:
+    s4 = split_heads(s, batch, heads)
+    return merge_heads(np.where(causal(s4.shape[2]), s4, -np.inf))
+
+
+def causal_mask_backward(ds: np.ndarray, batch: int, heads: int) -> np.ndarray:
+    ds4 = split_heads(ds, batch, heads)
+    return merge_heads(np.where(causal(ds4.shape[2]), ds4, 0))
+
+
+def attn_values_forward(p: np.ndarray, v: np.ndarray, batch: int, heads: int) -> np.ndarray:
+    return merge_heads(split_heads(p, batch, heads) @ split_heads(v, batch, heads))
+
+
+def attn_values_backward(dout: np.ndarray, p: np.ndarray, v: np.ndarray, batch: int,
+                         heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """(dp, dv)."""
+    do4, p4, v4 = (split_heads(a, batch, heads) for a in (dout, p, v))
+    return merge_heads(do4 @ v4.transpose(0, 1, 3, 2)), merge_heads(p4.transpose(0, 1, 3, 2) @ do4)
+
+
+# -- kernels ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -539,3 +640,114 @@ def build_attn_values(name: str, ops: list[str], ids: StreamIds, *, batch: int, 
                     *_column_sums(g, p, pr, do, v, dv_out, None),
                 ])
     return kernel
+
+
+# -- cost -------------------------------------------------------------------------------------
+
+
+def cycles(kernel: str, batch: int, seq: int, d_head: int) -> int:
+    """Cycles of a lone scores or values kernel with row_groups = 1 and lw = dh. The busiest
+    PE is key block 0 (every query row has nk = min(lw, t + 1) unmasked keys there), and the
+    kernel ends when the east PE has injected its own block after relaying block 0's.
+
+    Per query row: products (S / dP) `[nk > 1] + nk dh + (lw - nk)` (a REPEAT over the nk
+    dots of dh terms, then the masked fill); reduction (dq / o) `[dh > 1] + nk dh`, plus
+    `lw` in the values kernel, which reads each P row just before it reduces it. Per key j
+    of block 0: `1 + (T - j) dh` (column sum), then `lw dh` per batch element to inject the
+    block, and one more block injected by the east PE. Bulk reads: q, k and dS rows
+    (scores), v and dO rows (values)."""
+    if kernel not in ("scores", "values"):
+        raise ValueError(f"attention.cycles: kernel must be 'scores' or 'values', not {kernel}")
+    lw, rows = d_head, batch * seq
+    streams_p = kernel == "values"
+    total = 2 * rows * d_head if streams_p else 3 * rows * d_head
+    for t in range(seq):
+        nk = min(lw, t + 1)
+        products = (nk > 1) + nk * d_head + (lw - nk)
+        reduction = (d_head > 1) + nk * d_head + (lw if streams_p else 0)
+        total += batch * (products + reduction)
+    total += batch * sum(1 + (seq - j) * d_head for j in range(lw))
+    return total + batch * lw * d_head + lw * d_head
+
+
+def fit_shape(ctx: LoweringContext, op: OpSpec) -> dict[str, int]:
+    """Shape arguments of both attention kernels of `op`, with the fewest query-row groups
+    per head that fit SRAM. More groups divide the attention products over more PE rows:
+    on gpt_small 4 groups cut the step from 7.0 M to 6.2 M cycles, but added 192 PEs,
+    their relay streams (colors) and half again the host time, so fewest-that-fit is the
+    default."""
+    attrs = op.attrs
+    shape = {"batch": attrs["batch"], "seq": attrs["seq_len"], "heads": attrs["heads"],
+             "d_head": attrs["d_head"], "lane_width": ctx.lane_width}
+    layout = attn_layout(op.name, **shape)
+    groups = fit_row_groups(op.name, layout, ctx.wafer.sram_words_per_pe)
+    return {**shape, "row_groups": groups}
+
+
+def _block_of(name: str) -> str:
+    """`h{i}.attn` of an attention op name `h{i}.attn.<part>`."""
+    return name.rsplit(".", 1)[0]
+
+
+class Scores(OpFamily):
+    kinds = ("attn_scores",)
+
+    def forward(self, op: OpSpec, t: Tensors) -> None:
+        q, k = op.inputs
+        a = op.attrs
+        t[op.outputs[0]] = attn_scores_forward(t[q], t[k], a["batch"], a["heads"], a["scale"])
+
+    def backward(self, op: OpSpec, t: Tensors) -> None:
+        ds, q, k = op.inputs
+        dq, dk = op.outputs
+        a = op.attrs
+        t[dq], t[dk] = attn_scores_backward(t[ds], t[q], t[k], a["batch"], a["heads"],
+                                            a["scale"])
+
+    def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
+        block = _block_of(op.name)
+        (mask,) = ctx.graph.consumers(op.outputs[0])  # the causal mask, fused here
+        return build_attn_scores(
+            op.name, [op.name, mask, f"{mask}.bwd", f"{op.name}.bwd"], ctx.ids,
+            **fit_shape(ctx, op), qkv=f"{block}.qkv.out",
+            scores=ctx.graph.ops[mask].outputs[0], d_scores=ctx.dy(mask),
+            d_qkv=grad_name(f"{block}.qkv.out"))
+
+
+class CausalMask(OpFamily):
+    """Applied by the scores kernel, which writes exactly -inf above the diagonal."""
+
+    kinds = ("causal_mask",)
+
+    def forward(self, op: OpSpec, t: Tensors) -> None:
+        t[op.outputs[0]] = causal_mask_forward(t[op.inputs[0]], op.attrs["batch"],
+                                               op.attrs["heads"])
+
+    def backward(self, op: OpSpec, t: Tensors) -> None:
+        t[op.outputs[0]] = causal_mask_backward(t[op.inputs[0]], op.attrs["batch"],
+                                                op.attrs["heads"])
+
+
+class Values(OpFamily):
+    kinds = ("attn_values",)
+
+    def forward(self, op: OpSpec, t: Tensors) -> None:
+        p, v = op.inputs
+        t[op.outputs[0]] = attn_values_forward(t[p], t[v], op.attrs["batch"], op.attrs["heads"])
+
+    def backward(self, op: OpSpec, t: Tensors) -> None:
+        dout, p, v = op.inputs
+        dp, dv = op.outputs
+        t[dp], t[dv] = attn_values_backward(t[dout], t[p], t[v], op.attrs["batch"],
+                                            op.attrs["heads"])
+
+    def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
+        block = _block_of(op.name)
+        probs, _ = op.inputs
+        return build_attn_values(
+            op.name, ctx.ops_with_updates(op.name), ctx.ids, **fit_shape(ctx, op),
+            qkv=f"{block}.qkv.out", probs=probs, out=op.outputs[0], d_out=ctx.dy(op.name),
+            d_probs=ctx.dx(op.name), d_qkv=grad_name(f"{block}.qkv.out"))
+
+
+FAMILIES = (Scores(), CausalMask(), Values())

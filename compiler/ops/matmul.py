@@ -1,5 +1,10 @@
 """The linear layer Y = X W + b: forward, backward and SGD update on a weight-stationary grid.
 
+Graph: kind `matmul`, inputs x [M, K], `{op}.weight` [K, N] and `{op}.bias` [N]; several
+outputs split the columns into equal blocks (the fused QKV projection: `.q`, `.k`, `.v`).
+It saves x and W. FLOPs: 2 M K N for the product plus M N for the bias; the backward
+twice the product (dX and dW) plus M N (db).
+
 Layout. W [K, N] is cut into lanes (`lane_cols`): K lanes k_0..k_{R-1}, N lanes
 n_0..n_{C-1}. The kernel is an R-high, C-wide rectangle; PE (c, r) holds the block
 W[k_r, n_c] row-major (kb x nb words, kb = |k_r|, nb = |n_c|), its gradient, and PE (c, 0)
@@ -27,9 +32,10 @@ Backward (DEADLOCK RULE: the dY lane comes from another kernel, so each PE reads
 Update: W -= lr dW and b -= lr db, one FMA with Imm(-lr) each.
 
 Cost (cycles; one fp32 element per cycle per PE; M rows; kb, nb as above, lw for full
-lanes). Every vector instruction costs one cycle per element, plus one for an FMA whose
-first element reads three SRAM words (two vectors and its stride-0 scalar) against a budget
-of two per cycle. Per forward row a PE spends kb (receive x) + kb nb (products) + kb - 1
+lanes; `forward_cycles`, `backward_cycles` and `sram_words` below). Every vector
+instruction costs one cycle per element, plus one for an FMA whose first element reads
+three SRAM words (two vectors and its stride-0 scalar) against a budget of two per cycle.
+Per forward row a PE spends kb (receive x) + kb nb (products) + kb - 1
 (FMAs after the first term, a MUL; kb on the top row, whose first FMA adds the bias) + nb
 (the chain ADD, all but the top row). The multicast x rows and the column chains keep
 the grid in lock step, so the slowest PE sets the pace:
@@ -50,10 +56,11 @@ bias on the top row); 10,368 words of 12,288 for gpt_small's layers at lw = 32.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compiler.graph import grad_name, updated_name
+from compiler.graph import GraphBuilder, OpSpec, ParamInit, grad_name, updated_name
 from compiler.lowering.kernel import (
     Kernel,
     LocalPE,
@@ -63,9 +70,45 @@ from compiler.lowering.kernel import (
     StreamIds,
     lane_cols,
 )
+from compiler.ops.base import OpFamily, Tensors
 from wse_sim.program import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, repeat, vec
 
+if TYPE_CHECKING:
+    from compiler.lower import LoweringContext
+
 Lane = tuple[int, int]
+
+
+def add_linear(b: GraphBuilder, name: str, x: str, n_out: int, *,
+               out_names: tuple[str, ...] = ("out",),
+               init: ParamInit = "normal") -> tuple[str, ...]:
+    """`x @ weight + bias` with weight (in, out); several `out_names` split the output
+    columns into equal blocks (the fused QKV projection)."""
+    m, k = b.shape(x)
+    w = b.param(f"{name}.weight", (k, n_out), init)
+    bias = b.param(f"{name}.bias", (n_out,), "zeros")
+    part = n_out // len(out_names)
+    products = 2 * m * k * n_out
+    return b.forward(
+        name, "matmul", (x, w, bias), {f"{name}.{o}": (m, part) for o in out_names},
+        flops=products + m * n_out, matmul_flops=products, bwd_flops=2 * products + m * n_out,
+        saved=(x, w), attrs={"m": m, "k": k, "n": n_out})
+
+
+# -- numpy ------------------------------------------------------------------------------------
+
+
+def linear_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    return x @ weight + bias
+
+
+def linear_backward(dy: np.ndarray, x: np.ndarray,
+                    weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dx, dweight, dbias)."""
+    return dy @ weight.T, x.T @ dy, dy.sum(axis=0)
+
+
+# -- kernel -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -286,3 +329,73 @@ def build_linear(name: str, ops: list[str], ids: StreamIds, *, rows: int, k: int
     for tensor in (grad_name(weight_name), updated_name(weight_name)):
         kernel.shapes[tensor] = (k, n)
     return kernel
+
+
+# -- cost -------------------------------------------------------------------------------------
+
+
+def _blocks(k: int, n: int, lane_width: int) -> list[tuple[int, int, int, int]]:
+    """(c, r, kb, nb) of every PE of the grid."""
+    return [(c, r, k1 - k0, n1 - n0)
+            for r, (k0, k1) in enumerate(lane_cols(k, lane_width))
+            for c, (n0, n1) in enumerate(lane_cols(n, lane_width))]
+
+
+def forward_cycles(rows: int, k: int, n: int, lane_width: int) -> int:
+    """A lone forward pass with bias: per row a PE (c, r) receives its x row (kb cycles),
+    runs kb FMA/MUL instructions of nb elements (kb nb, plus one cycle for each instruction
+    whose first element reads three SRAM words against a budget of two: all kb FMAs on the
+    top row, whose first addend is the bias, kb - 1 elsewhere) and, below the top row, adds
+    the partial from the north (nb). The multicast x rows and the column chains keep the
+    grid in lock step, so the slowest PE sets the pace; the fill is 3 cycles a hop (ramp,
+    link, receive queue) from the source through the R chain PEs to the sink."""
+    per_row = max(kb + kb * nb + (kb if r == 0 else kb - 1 + nb)
+                  for _, r, kb, nb in _blocks(k, n, lane_width))
+    return rows * per_row + 3 * (len(lane_cols(k, lane_width)) + 2)
+
+
+def backward_cycles(rows: int, k: int, n: int, lane_width: int) -> int:
+    """The backward with dX and the updates, after the forward, on the busiest PE: dY rows
+    (M nb), dX partials (M (kb nb + nb - 1) plus M kb to add the west partial), dW
+    (M (kb nb + kb)), db on the top row (M nb) and the updates (kb nb, + nb on the top
+    row)."""
+    return max(rows * nb + rows * (kb * nb + nb - 1 + (kb if c > 0 else 0))
+               + rows * (kb * nb + kb) + (rows * nb + nb if r == 0 else 0) + kb * nb
+               for c, r, kb, nb in _blocks(k, n, lane_width))
+
+
+def sram_words(rows: int, kb: int, nb: int, *, top_row: bool) -> int:
+    """Words of a PE with a kb x nb block: W and dW, its x and dY rows, the partial rows,
+    and on the top row the bias lane and its gradient."""
+    return 2 * kb * nb + rows * kb + rows * nb + nb + kb + (2 * nb if top_row else 0)
+
+
+class Matmul(OpFamily):
+    kinds = ("matmul",)
+
+    def forward(self, op: OpSpec, t: Tensors) -> None:
+        x, weight, bias = op.inputs
+        y = linear_forward(t[x], t[weight], t[bias])
+        for name, part in zip(op.outputs, np.split(y, len(op.outputs), axis=1), strict=True):
+            t[name] = part
+
+    def backward(self, op: OpSpec, t: Tensors) -> None:
+        *dys, x, weight = op.inputs
+        dx, dweight, dbias = op.outputs
+        dy = np.concatenate([t[d] for d in dys], axis=1)
+        t[dx], t[dweight], t[dbias] = linear_backward(dy, t[x], t[weight])
+
+    def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
+        x, weight, bias = op.inputs
+        rows, k = ctx.rows_cols(x)
+        # The fused QKV product streams one [M, 3d] tensor `{op}.out` (see compiler.lower).
+        y, dy = ((op.outputs[0], ctx.dy(op.name)) if len(op.outputs) == 1
+                 else (f"{op.name}.out", grad_name(f"{op.name}.out")))
+        return build_linear(
+            op.name, ctx.ops_with_updates(op.name, weight, bias), ctx.ids, rows=rows, k=k,
+            n=op.attrs["n"], lane_width=ctx.lane_width, weight=ctx.param(weight),
+            bias=ctx.param(bias), lr=ctx.lr, x_tensor=x, y_tensor=y, dy_tensor=dy,
+            dx_tensor=ctx.dx(op.name), weight_name=weight, bias_name=bias)
+
+
+FAMILY = Matmul()

@@ -1,5 +1,5 @@
-"""The cross-entropy kernel against numpy (loss, dlogits, stored logits), its software
-log, and its cycle formula."""
+"""The cross-entropy kernel against its numpy oracle (loss, dlogits, stored logits), its
+software log, and its cycle and SRAM formulas."""
 
 from __future__ import annotations
 
@@ -7,10 +7,17 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_bench import run_kernel
 
-from compiler.lowering.cross_entropy import build_cross_entropy, log_plan
-from compiler.lowering.harness import run_kernel
 from compiler.lowering.kernel import StreamIds
+from compiler.ops.cross_entropy import (
+    build_cross_entropy,
+    cross_entropy_backward,
+    cross_entropy_forward,
+    cycles,
+    log_plan,
+    sram_words,
+)
 
 RTOL = 1e-5  # fp32: exp, sums over <= V terms, a Newton log
 
@@ -22,23 +29,20 @@ def ce_kernel(tokens, vocab, lw, block_rows=8):
 
 
 def reference(z, tokens):
-    """Mean loss over the B (T - 1) predictions, the scale of its terms, and d loss / d z,
-    float64. Each prediction's loss is log(sum) - (z_t - max) with sum >= 1: fp32 rounds
-    the sum (and so its log) to about eps * 1 absolute, and the shifted target to eps *
+    """The oracle's mean loss and d loss / d z in float64, and the scale of the loss's
+    terms. Each prediction's loss is log(sum) - (z_t - max) with sum >= 1: fp32 rounds the
+    sum (and so its log) to about eps * 1 absolute, and the shifted target to eps *
     |z_t - max|, so the loss's error scales with 1 + lse + |z_t - max|, not with the loss,
     which is near 0 when the target is the largest logit."""
     batch, seq = tokens.shape
-    z3 = z.astype(np.float64).reshape(batch, seq, -1)[:, :-1]
+    z64 = z.astype(np.float64)
+    z3 = z64.reshape(batch, seq, -1)[:, :-1]
     shifted = z3 - z3.max(axis=2, keepdims=True)
     lse = np.log(np.exp(shifted).sum(axis=2, keepdims=True))
     picked = np.take_along_axis(shifted, tokens[:, 1:, None], axis=2)
-    count = batch * (seq - 1)
-    dz = np.zeros((batch, seq, z.shape[1]))
-    dz[:, :-1] = np.exp(shifted - lse)
-    onehot = np.zeros_like(dz)
-    np.put_along_axis(onehot[:, :-1], tokens[:, 1:, None], 1.0, axis=2)
-    size = (1 + lse + np.abs(picked)).sum() / count
-    return (lse - picked).sum() / count, size, ((dz - onehot) / count).reshape(z.shape)
+    size = (1 + lse + np.abs(picked)).sum() / (batch * (seq - 1))
+    loss = cross_entropy_forward(z64, tokens)[0, 0]
+    return loss, size, cross_entropy_backward(z64, tokens)
 
 
 def check(run, z, tokens):
@@ -89,15 +93,14 @@ def test_cross_entropy_rejects_tokens_outside_vocab():
         ce_kernel(np.array([[1, 10]]), 10, 4)
 
 
-def test_cross_entropy_cycles_match_formula():
-    """Docstring: 7 M w + 9 M per PE for the blocks, M w for the dlogits emission, then
-    (k + 3 steps + 3) M + M on the last PE for the loss."""
+def test_cross_entropy_cycles_and_sram_match_formula():
     batch, seq, vocab, lw = 2, 16, 64, 16
     rows = batch * seq
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, vocab, (batch, seq))
     z = rng.standard_normal((rows, vocab)).astype(np.float32)
-    run = run_kernel(ce_kernel(tokens, vocab, lw), {"z": z})
-    k, steps = log_plan(float(vocab))
-    formula = 8 * rows * lw + 9 * rows + (k + 3 * steps + 3) * rows + rows
-    assert formula <= run.cycles <= 1.1 * formula
+    kernel = ce_kernel(tokens, vocab, lw)
+    run = run_kernel(kernel, {"z": z})
+    assert run.cycles == pytest.approx(cycles(rows, vocab, lw), rel=0.002)
+    assert max(kernel.sram_words(pe) for pe in kernel.programs) == sram_words(rows, lw,
+                                                                              last=True)

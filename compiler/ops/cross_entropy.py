@@ -1,4 +1,8 @@
-"""Cross-entropy kernel: the mean next-token loss over logits [M, V] and its gradient.
+"""Cross-entropy: the mean next-token loss over logits [M, V] and its gradient.
+
+Graph: kind `cross_entropy`, inputs the logits and the tokens, output `loss.out` [1, 1]; it
+saves both. FLOPs per logit of the B (T - 1) predicted rows: forward 4 (max, subtract,
+exp, sum), backward 6.
 
 Row m = b*T + t predicts token tokens[b, t + 1] for t < T - 1; rows t = T - 1 predict
 nothing (no loss, zero gradient). loss = mean over the B (T - 1) predictions of
@@ -28,7 +32,8 @@ convex). The start y0 = 2^k (s^(1/2^k) - 1) >= log s costs k square roots; k and
 of steps are chosen at build time for the worst case s = V (the start error grows with s),
 minimising k + 3 * steps passes. Then loss = sum_m weight_m (max_m - z_m - z[target]_m).
 
-Cycle cost per PE (one cycle per vector element; M rows, lane w, G lanes, R = block):
+Cycle cost per PE (one cycle per vector element; M rows, lane w, G lanes, R = block;
+`cycles` below):
 7 M w + 9 M + 1 per predicted row in its lane (gather, -1) + (M / R) * 3 chain latencies
 (receive, subtract, exp, divide, weight: 5 M w; two row partials M (w + 2) each;
 allreduce(max) 2 M, reduce sums and targets 2 M, broadcast sums M), then the dlogits
@@ -40,23 +45,80 @@ SRAM per PE: 2 M w + 4 M (+ 2 M + 1 on the last PE).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from compiler.graph import GraphBuilder, OpSpec
 from compiler.lowering.kernel import Kernel, ResultSlot, StreamIds
 from compiler.lowering.rowreduce import (
     DEFAULT_BLOCK_ROWS,
     GroupReducer,
     alloc_all,
+    broadcast_latency,
     lane_inputs,
     lane_outputs,
+    reduce_latency,
     row_blocks,
     row_partials,
     rows_at,
     scalar_at,
     strip_kernel,
 )
+from compiler.ops.base import OpFamily, Tensors, token_batch
 from wse_sim.program import FabIn, FabOut, Imm, Mem, Op, repeat, vec
+
+if TYPE_CHECKING:
+    from compiler.lower import LoweringContext
+
+FORWARD_FLOPS = 4  # per logit of a predicted row
+BACKWARD_FLOPS = 6
+
+
+def add_cross_entropy(b: GraphBuilder, logits: str, tokens: str) -> str:
+    """The loss op `loss` of `logits` [B T, V] against the next tokens."""
+    batch, seq = b.cfg.training.batch_size, b.cfg.training.seq_len
+    vocab = b.shape(logits)[1]
+    predictions = batch * (seq - 1)
+    (loss,) = b.forward(
+        "loss", "cross_entropy", (logits, tokens), {"loss.out": (1, 1)},
+        flops=FORWARD_FLOPS * predictions * vocab, bwd_flops=BACKWARD_FLOPS * predictions * vocab,
+        saved=(logits, tokens),
+        attrs={"batch": batch, "seq_len": seq, "predictions": predictions})
+    return loss
+
+
+# -- numpy ------------------------------------------------------------------------------------
+
+
+def cross_entropy_forward(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """The mean loss [1, 1] over the B (T - 1) predictions of tokens [B, T]."""
+    return _loss_and_gradient(logits, tokens)[0]
+
+
+def cross_entropy_backward(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """d loss / d logits (zero on the rows that predict nothing)."""
+    return _loss_and_gradient(logits, tokens)[1]
+
+
+def _loss_and_gradient(logits: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    batch, seq = tokens.shape
+    z = logits.reshape(batch, seq, -1)[:, :-1]  # the last position predicts nothing
+    targets = tokens[:, 1:]
+    z = z - z.max(axis=2, keepdims=True)
+    lse = np.log(np.exp(z).sum(axis=2, keepdims=True))
+    picked = np.take_along_axis(z, targets[..., None], axis=2)
+    count = batch * (seq - 1)
+    loss = (lse - picked).sum() / count
+    dz = np.exp(z - lse)
+    np.put_along_axis(
+        dz, targets[..., None], np.take_along_axis(dz, targets[..., None], 2) - 1, axis=2)
+    dlogits = np.zeros_like(logits).reshape(batch, seq, -1)
+    dlogits[:, :-1] = dz / count
+    return np.asarray(loss, logits.dtype).reshape(1, 1), dlogits.reshape(logits.shape)
+
+
+# -- kernel -----------------------------------------------------------------------------------
 
 # Newton on exp stops when the worst-case error is below this (float64 model of the
 # iteration; the fp32 result is then limited by rounding, ~1 ulp of the loss).
@@ -183,3 +245,46 @@ def build_cross_entropy(name: str, ops: list[str], ids: StreamIds, *, tokens: np
     )
     kernel.results.append(ResultSlot(loss_result, last, loss, (0, 1), (0, 1), 1))
     return kernel
+
+
+# -- cost -------------------------------------------------------------------------------------
+
+
+def cycles(rows: int, vocab: int, lane_width: int,
+           block_rows: int = DEFAULT_BLOCK_ROWS) -> int:
+    """Cycles of a lone cross-entropy kernel: the docstring's 7 M w + 9 M, the dlogits
+    emission M w, the loss on the last PE, and per block of rows the latencies of its
+    three chain reductions and two broadcasts."""
+    k, steps = log_plan(float(vocab))
+    w, group = lane_width, math.ceil(vocab / lane_width)
+    latency = 3 * reduce_latency(group) + 2 * broadcast_latency(group)
+    return (8 * rows * w + 9 * rows + (k + 3 * steps + 3) * rows + rows
+            + math.ceil(rows / block_rows) * latency)
+
+
+def sram_words(rows: int, lane_width: int, *, last: bool) -> int:
+    """Words per PE: logits and probabilities lanes, four row vectors (max, sum, target
+    logit, weight), and on the last PE the log's two vectors and the loss."""
+    return 2 * rows * lane_width + 4 * rows + (2 * rows + 1 if last else 0)
+
+
+class CrossEntropy(OpFamily):
+    kinds = ("cross_entropy",)
+
+    def forward(self, op: OpSpec, t: Tensors) -> None:
+        logits, tokens = op.inputs
+        t[op.outputs[0]] = cross_entropy_forward(t[logits], token_batch(op, t[tokens]))
+
+    def backward(self, op: OpSpec, t: Tensors) -> None:
+        logits, tokens = op.inputs
+        t[op.outputs[0]] = cross_entropy_backward(t[logits], token_batch(op, t[tokens]))
+
+    def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
+        logits, _ = op.inputs
+        return build_cross_entropy(
+            op.name, ctx.ops_with_updates(op.name), ctx.ids, tokens=ctx.tokens,
+            vocab=ctx.rows_cols(logits)[1], lane_width=ctx.lane_width, logits_tensor=logits,
+            dlogits_tensor=ctx.dx(op.name), logits_result="logits", loss_result="loss")
+
+
+FAMILY = CrossEntropy()

@@ -1,4 +1,8 @@
-"""LayerNorm kernel: forward, backward and the SGD update of gamma and beta on one strip.
+"""LayerNorm: forward, backward and the SGD update of gamma and beta on one strip.
+
+Graph: kind `layernorm` (attribute `eps`), parameters `{op}.weight` (gamma, ones) and
+`{op}.bias` (beta, zeros); it also outputs the row statistics `{op}.mean`, `{op}.rstd`,
+saved with x and gamma for the backward. FLOPs per element: forward 7, backward 13.
 
 y = xhat * gamma + beta, xhat = (x - mean) * rstd, rstd = 1 / sqrt(var + eps) per row
 (biased variance, over all D columns). Backward with g = dy * gamma:
@@ -24,7 +28,8 @@ Each PE reads one input stream at a time (x, then after its forward output dy), 
 only coupling between PEs is the per-block allreduce, so consuming dy block by block keeps
 the deadlock rule's guarantee: no PE waits on one stream while another goes unread.
 
-Cycle cost per PE (one cycle per vector element; M rows, lane w, G = lanes, R = block):
+Cycle cost per PE (one cycle per vector element; M rows, lane w, G = lanes, R = block;
+`cycles` below):
 forward  7 M w + 11 M + (M / R) * 2 * allreduce latency
          (receive Mw, two row partials M(w+2) each, subtract Mw, scale Mw, emit 2Mw,
           two allreduces 2M each, mean/var/rstd 3M),
@@ -37,23 +42,73 @@ SRAM per PE: M w (xhat) + M (rstd) + 2 R w (dy, t blocks) + 4 w + w + 2 R.
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from compiler.graph import grad_name, updated_name
+from compiler.graph import GraphBuilder, OpSpec, grad_name, updated_name
 from compiler.lowering.kernel import Kernel, ResultSlot, StreamIds
 from compiler.lowering.rowreduce import (
     DEFAULT_BLOCK_ROWS,
     GroupReducer,
     alloc_all,
+    broadcast_latency,
     lane_inputs,
     lane_outputs,
+    reduce_latency,
     row_blocks,
     row_partials,
     rows_at,
     scalar_at,
     strip_kernel,
 )
+from compiler.ops.base import OpFamily, Tensors
 from wse_sim.program import FabIn, FabOut, Imm, Mem, Op, repeat, vec
+
+if TYPE_CHECKING:
+    from compiler.lower import LoweringContext
+
+FORWARD_FLOPS = 7  # per element
+BACKWARD_FLOPS = 13
+
+
+def add_layernorm(b: GraphBuilder, name: str, x: str) -> str:
+    """LayerNorm `name` over the columns of x [M, D]; returns its output."""
+    m, d = b.shape(x)
+    gamma = b.param(f"{name}.weight", (d,), "ones")
+    beta = b.param(f"{name}.bias", (d,), "zeros")
+    mean, rstd = f"{name}.mean", f"{name}.rstd"
+    (out,) = b.forward(
+        name, "layernorm", (x, gamma, beta), {f"{name}.out": (m, d)},
+        stats={mean: (m, 1), rstd: (m, 1)}, flops=FORWARD_FLOPS * m * d,
+        bwd_flops=BACKWARD_FLOPS * m * d, saved=(x, gamma, mean, rstd),
+        attrs={"eps": b.cfg.model.ln_eps})
+    return out
+
+
+# -- numpy ------------------------------------------------------------------------------------
+
+
+def layernorm_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray,
+                      eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(out, mean, rstd) with the biased variance; mean and rstd are [M, 1]."""
+    mean = x.mean(axis=1, keepdims=True)
+    rstd = 1 / np.sqrt(((x - mean) ** 2).mean(axis=1, keepdims=True) + eps)
+    return (x - mean) * rstd * weight + bias, mean, rstd
+
+
+def layernorm_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, mean: np.ndarray,
+                       rstd: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dx, dweight, dbias)."""
+    xhat = (x - mean) * rstd
+    dxhat = dy * weight
+    dx = rstd * (dxhat - dxhat.mean(axis=1, keepdims=True)
+                 - xhat * (dxhat * xhat).mean(axis=1, keepdims=True))
+    return dx, (dy * xhat).sum(axis=0), dy.sum(axis=0)
+
+
+# -- kernel -----------------------------------------------------------------------------------
 
 
 def build_layernorm(name: str, ops: list[str], ids: StreamIds, *, rows: int, cols: int,
@@ -159,3 +214,55 @@ def build_layernorm(name: str, ops: list[str], ids: StreamIds, *, rows: int, col
                 ResultSlot(updated_name(param), pe, params + offset, (0, 1), cs, w),
             ]
     return kernel
+
+
+# -- cost -------------------------------------------------------------------------------------
+
+
+def cycles(rows: int, cols: int, lane_width: int,
+           block_rows: int = DEFAULT_BLOCK_ROWS) -> int:
+    """Cycles of a lone LayerNorm kernel: forward, backward and update of the docstring;
+    per block of rows the latencies of its three allreduces and its 12 REPEAT
+    instructions; and per row one cycle for the FMA whose first element reads a vector and
+    two scalars (three words against two reads a cycle)."""
+    m, w = rows, lane_width
+    group = math.ceil(cols / lane_width)
+    per_block = 3 * (reduce_latency(group) + broadcast_latency(group)) + 12
+    return ((7 * m * w + 11 * m) + (9 * m * w + 12 * m) + 2 * w
+            + math.ceil(rows / block_rows) * per_block + m)
+
+
+def sram_words(rows: int, lane_width: int, block_rows: int = DEFAULT_BLOCK_ROWS) -> int:
+    """Words per PE: xhat, rstd, gamma | beta and their gradients, a scaled row, the dy and
+    t blocks and the row statistics."""
+    rb, w = min(rows, block_rows), lane_width
+    return rows * w + rows + 4 * w + w + 2 * rb * w + 2 * rb
+
+
+class LayerNorm(OpFamily):
+    kinds = ("layernorm",)
+
+    def forward(self, op: OpSpec, t: Tensors) -> None:
+        x, weight, bias = op.inputs
+        out, mean, rstd = op.outputs
+        t[out], t[mean], t[rstd] = layernorm_forward(t[x], t[weight], t[bias],
+                                                     op.attrs["eps"])
+
+    def backward(self, op: OpSpec, t: Tensors) -> None:
+        dy, x, weight, mean, rstd = op.inputs
+        dx, dweight, dbias = op.outputs
+        t[dx], t[dweight], t[dbias] = layernorm_backward(t[dy], t[x], t[weight], t[mean],
+                                                         t[rstd])
+
+    def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
+        x, gamma, beta = op.inputs
+        rows, cols = ctx.rows_cols(x)
+        return build_layernorm(
+            op.name, ctx.ops_with_updates(op.name, gamma, beta), ctx.ids, rows=rows,
+            cols=cols, lane_width=ctx.lane_width, gamma=ctx.param(gamma),
+            beta=ctx.param(beta), eps=op.attrs["eps"], lr=ctx.lr, x_tensor=x,
+            y_tensor=op.outputs[0], dy_tensor=ctx.dy(op.name), dx_tensor=ctx.dx(op.name),
+            gamma_name=gamma, beta_name=beta)
+
+
+FAMILY = LayerNorm()

@@ -1,16 +1,25 @@
-"""The tied embedding + LM head kernel against numpy: h0, logits, dX, grads, updates."""
+"""The tied embedding + LM head kernel against its numpy oracles: h0, logits, dX, grads,
+updates; and its embedding cycle formula."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from bounds import assert_sums_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_matmul_kernel import assert_sums_close
+from kernel_bench import run_kernel
 
-from compiler.lowering.embedding import build_embedding
-from compiler.lowering.harness import run_kernel
 from compiler.lowering.kernel import StreamIds
+from compiler.ops.embedding import (
+    build_embedding,
+    embedding_backward,
+    embedding_cycles,
+    embedding_forward,
+    lm_head_backward,
+    lm_head_forward,
+)
+from compiler.ops.sgd import sgd_update
 
 LR = 0.1
 
@@ -41,27 +50,25 @@ def test_embedding_and_lm_head_match_numpy(batch, seq, vocab, d, extra_ctx, lw):
     x, dlogits, dh0 = (arrays[name].astype(np.float64) for name in ("x", "dlogits", "dh0"))
     rows = batch * seq
 
-    positions = np.tile(wpe[:seq], (batch, 1))
-    h0 = wte[tokens.ravel()] + positions
+    # The oracles on absolute values give the sums of absolute terms (the error scale).
+    h0 = embedding_forward(tokens, wte, wpe)
     assert_sums_close(run.outputs["h0"], h0, np.abs(h0), 1)
-    assert_sums_close(run.outputs["logits"], x @ wte.T, np.abs(x) @ np.abs(wte.T), d)
-    assert_sums_close(run.outputs["dx"], dlogits @ wte, np.abs(dlogits) @ np.abs(wte), vocab)
+    assert_sums_close(run.outputs["logits"], lm_head_forward(x, wte),
+                      lm_head_forward(np.abs(x), np.abs(wte)), d)
+    dx, head_grad = lm_head_backward(dlogits, x, wte)
+    dx_abs, head_grad_abs = lm_head_backward(np.abs(dlogits), np.abs(x), np.abs(wte))
+    assert_sums_close(run.outputs["dx"], dx, dx_abs, vocab)
 
-    # the tied gradient sums the LM head's x^T dlogits and the embedding's scatter-add
-    grad, grad_abs = dlogits.T @ x, np.abs(dlogits.T) @ np.abs(x)
-    np.add.at(grad, tokens.ravel(), dh0)
-    np.add.at(grad_abs, tokens.ravel(), np.abs(dh0))
+    # the tied gradient sums the LM head's dlogits^T x and the embedding's scatter-add
+    dwte, dwpe = embedding_backward(dh0, tokens, vocab, wpe.shape[0])
+    dwte_abs, dwpe_abs = embedding_backward(np.abs(dh0), tokens, vocab, wpe.shape[0])
+    grad, grad_abs = head_grad + dwte, head_grad_abs + dwte_abs
     assert_sums_close(run.results["grad:wte.weight"], grad, grad_abs, rows + 1)
-    assert_sums_close(run.results["updated:wte.weight"], wte - LR * grad,
+    assert_sums_close(run.results["updated:wte.weight"], sgd_update(wte, grad, LR),
                       np.abs(wte) + LR * grad_abs, rows + 3)
-
-    grad_pos = np.zeros_like(wpe)
-    grad_pos[:seq] = dh0.reshape(batch, seq, d).sum(axis=0)
-    grad_pos_abs = np.zeros_like(wpe)
-    grad_pos_abs[:seq] = np.abs(dh0).reshape(batch, seq, d).sum(axis=0)
-    assert_sums_close(run.results["grad:wpe.weight"], grad_pos, grad_pos_abs, batch)
-    assert_sums_close(run.results["updated:wpe.weight"], wpe - LR * grad_pos,
-                      np.abs(wpe) + LR * grad_pos_abs, batch + 2)
+    assert_sums_close(run.results["grad:wpe.weight"], dwpe, dwpe_abs, batch)
+    assert_sums_close(run.results["updated:wpe.weight"], sgd_update(wpe, dwpe, LR),
+                      np.abs(wpe) + LR * dwpe_abs, batch + 2)
 
 
 def test_forward_only_embeds_and_projects():
@@ -69,10 +76,23 @@ def test_forward_only_embeds_and_projects():
     assert kernel.results == []
     assert {end.tensor for end in kernel.inputs} == {"x"}
     run = run_kernel(kernel, {"x": arrays["x"]})
-    h0 = wte[tokens.ravel()] + np.tile(wpe[:4], (2, 1))
+    h0 = embedding_forward(tokens, wte, wpe)
     assert_sums_close(run.outputs["h0"], h0, np.abs(h0), 1)
     x = arrays["x"].astype(np.float64)
-    assert_sums_close(run.outputs["logits"], x @ wte.T, np.abs(x) @ np.abs(wte.T), 6)
+    assert_sums_close(run.outputs["logits"], lm_head_forward(x, wte),
+                      lm_head_forward(np.abs(x), np.abs(wte)), 6)
+
+
+@pytest.mark.parametrize("batch,seq,vocab,d,lw", [(2, 16, 64, 32, 16), (2, 8, 40, 24, 8)])
+def test_embedding_cycles_match_formula(batch, seq, vocab, d, lw):
+    """The position column (the last column of the kernel) ends when it has emitted h0."""
+    kernel, _, _, _, arrays = embedding(batch, seq, vocab, d, seq, lw, backward=False)
+    run = run_kernel(kernel, {"x": arrays["x"]})
+    position = kernel.width - 1
+    ends = [run.stats.last_cycle[y, x] for x, y in
+            (run.linked.kernel_pe("embed", (position, r)) for r in range(kernel.height))]
+    first_row_latency = 3 * (kernel.width - 1)  # at most: the owner's hops to the column
+    assert 0 <= max(ends) + 1 - embedding_cycles(batch * seq, d, lw) <= first_row_latency
 
 
 def test_bad_tokens_and_shapes_are_rejected():

@@ -1,4 +1,9 @@
-"""The tied token embedding + LM head (+ learned positions): one kernel, one copy of wte.
+"""The token embedding (+ learned positions) and the LM head: one kernel, one copy of wte.
+
+Graph: kind `embedding` (tokens, `wte.weight` [V, d], `wpe.weight` [n_ctx, d] -> h0 [M, d];
+FLOPs M d forward (the add of the position), 2 M d backward; it reads only the gathered
+rows) and kind `lm_head` (x, W [V, d] -> logits = x W^T [M, V]; W is `wte.weight` when the
+embeddings are tied, else `lm_head.weight`; 2 M d V FLOPs, backward twice that).
 
 Layout. The LM head is logits = x wte^T, so wte is held as the [d, V] matrix wte^T on a
 weight-stationary grid exactly like `matmul` (R = lanes of d rows, C = lanes of V columns:
@@ -26,20 +31,23 @@ discard it (runs of discarded rows are one MOV into a scratch word), so the tied
 sums both uses; the position PE adds dh0[b T + t] into dwpe[t]. SGD updates wte (one copy)
 and wpe locally.
 
-Cost (cycles; M = B T rows, kb = |d-lane r|, n_ctx positions): embedding forward ~ M kb +
-3 (C + 1) (every relay PE moves at most M kb wavelets at one per cycle, 3 cycles a hop);
+Cost (cycles; M = B T rows, kb = |d-lane r|, n_ctx positions; `embedding_cycles` and
+`sram_words` below): embedding forward M kb + 3 plus up to 3 C for the first row's
+chunk to reach the position column (every relay PE moves at most M kb wavelets at one per
+cycle, 3 cycles a hop);
 LM head forward and backward: the matmul formulas with N = V and no bias (see
-`compiler.lowering.matmul`); embedding backward M kb on every PE of a row (each dh0 element
+`compiler.ops.matmul`); embedding backward M kb on every PE of a row (each dh0 element
 is consumed by every PE once); update kb nb per grid PE and n_ctx kb on the position PE.
 """
 
 from __future__ import annotations
 
 from itertools import groupby
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compiler.graph import grad_name, updated_name
+from compiler.graph import BYTES_PER_ELEMENT, GraphBuilder, OpSpec, grad_name, updated_name
 from compiler.lowering.kernel import (
     Kernel,
     LocalPE,
@@ -48,7 +56,8 @@ from compiler.lowering.kernel import (
     StreamIds,
     lane_cols,
 )
-from compiler.lowering.matmul import (
+from compiler.ops.base import OpFamily, Tensors, token_batch
+from compiler.ops.matmul import (
     WeightGrid,
     chain,
     emit_backward,
@@ -57,7 +66,71 @@ from compiler.lowering.matmul import (
     place_weights,
     weight_slots,
 )
+from wse_sim.errors import UserError
 from wse_sim.program import FabIn, FabOut, Instr, Mem, Op, vec
+
+if TYPE_CHECKING:
+    from compiler.lower import LoweringContext
+
+
+def add_embedding(b: GraphBuilder, tokens: str) -> str:
+    """h0 = wte[tokens] + wpe[:T] (op `embed`); creates both tables."""
+    model, train = b.cfg.model, b.cfg.training
+    batch, seq, d = train.batch_size, train.seq_len, model.d_model
+    m = batch * seq
+    wte = b.param("wte.weight", (model.vocab_size, d), "normal")
+    wpe = b.param("wpe.weight", (model.n_ctx, d), "normal")
+    (h0,) = b.forward(
+        "embed", "embedding", (tokens, wte, wpe), {"embed.out": (m, d)}, flops=m * d,
+        bwd_flops=2 * m * d, saved=(tokens,),
+        attrs={"batch": batch, "seq_len": seq, "vocab": model.vocab_size, "n_ctx": model.n_ctx},
+        bytes_read=BYTES_PER_ELEMENT * (m + m * d + seq * d))  # only the gathered rows
+    return h0
+
+
+def add_lm_head(b: GraphBuilder, x: str, weight: str) -> str:
+    """logits = x weight^T (op `lm_head`), weight [V, d]."""
+    m, d = b.shape(x)
+    vocab = b.shape(weight)[0]
+    products = 2 * m * d * vocab
+    (logits,) = b.forward("lm_head", "lm_head", (x, weight), {"lm_head.out": (m, vocab)},
+                          flops=products, matmul_flops=products, bwd_flops=2 * products,
+                          saved=(x, weight), attrs={"m": m, "k": d, "n": vocab})
+    return logits
+
+
+# -- numpy ------------------------------------------------------------------------------------
+
+
+def embedding_forward(tokens: np.ndarray, wte: np.ndarray, wpe: np.ndarray) -> np.ndarray:
+    """h0 [B T, d] of tokens [B, T]."""
+    batch, seq = tokens.shape
+    return (wte[tokens] + wpe[:seq]).reshape(batch * seq, -1)
+
+
+def embedding_backward(dh0: np.ndarray, tokens: np.ndarray, vocab: int,
+                       n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
+    """(dwte, dwpe): a token used twice gets both rows' gradients."""
+    batch, seq = tokens.shape
+    d = dh0.reshape(batch, seq, -1)
+    dwte = np.zeros((vocab, d.shape[2]), dh0.dtype)
+    np.add.at(dwte, tokens, d)
+    dwpe = np.zeros((n_ctx, d.shape[2]), dh0.dtype)
+    dwpe[:seq] = d.sum(axis=0)
+    return dwte, dwpe
+
+
+def lm_head_forward(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    return x @ weight.T
+
+
+def lm_head_backward(dlogits: np.ndarray, x: np.ndarray,
+                     weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(dx, dweight)."""
+    return dlogits @ weight, dlogits.T @ x
+
+
+# -- kernel -----------------------------------------------------------------------------------
 
 
 def _row_owners(grid: WeightGrid, tokens: np.ndarray) -> list[tuple[int, int]]:
@@ -184,3 +257,69 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
     for tensor in (grad_name(wte_name), updated_name(wte_name)):
         kernel.shapes[tensor] = (vocab, d)
     return kernel
+
+
+# -- cost -------------------------------------------------------------------------------------
+
+
+def embedding_cycles(rows: int, d: int, lane_width: int) -> int:
+    """The forward embedding alone, until the position column has emitted h0: M kb
+    wavelets at one per cycle, and the 3 cycles of the last hop. The first row's chunk
+    travels from its owner's column (up to C hops of 3 cycles more); the rows behind it
+    are already on the way, so only that first latency adds."""
+    kb = lane_cols(d, lane_width)[0][1]
+    return rows * kb + 3
+
+
+def sram_words(rows: int, kb: int, nb: int, n_ctx: int, *, position_column: bool) -> int:
+    """Words of a grid PE (the LM head's matmul PE without bias) or of the position column
+    PE (its wpe lane and gradient)."""
+    if position_column:
+        return 2 * n_ctx * kb
+    return 2 * kb * nb + rows * kb + rows * nb + nb + kb + 1  # + the discarded dh0 word
+
+
+class Embedding(OpFamily):
+    kinds = ("embedding", "lm_head")
+
+    def forward(self, op: OpSpec, t: Tensors) -> None:
+        if op.kind == "lm_head":
+            x, weight = op.inputs
+            t[op.outputs[0]] = lm_head_forward(t[x], t[weight])
+            return
+        tokens, wte, wpe = op.inputs
+        t[op.outputs[0]] = embedding_forward(token_batch(op, t[tokens]), t[wte], t[wpe])
+
+    def backward(self, op: OpSpec, t: Tensors) -> None:
+        if op.kind == "lm_head.bwd":
+            dlogits, x, weight = op.inputs
+            dx, dweight = op.outputs
+            t[dx], t[dweight] = lm_head_backward(t[dlogits], t[x], t[weight])
+            return
+        dh0, tokens = op.inputs
+        dwte, dwpe = op.outputs
+        t[dwte], t[dwpe] = embedding_backward(t[dh0], token_batch(op, t[tokens]), op.attrs["vocab"],
+                                              op.attrs["n_ctx"])
+
+    def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel | None:
+        """One kernel for both ops, started by `embed`; it holds the only copy of wte, so
+        the tied gradient's accumulation and both tables' updates happen there too."""
+        if op.kind == "lm_head":
+            return None
+        lm_head = ctx.graph.ops["lm_head"]
+        final, head = lm_head.inputs
+        _, wte, wpe = op.inputs
+        if head != wte:
+            raise UserError("model.tie_embeddings: the lowering implements tied embeddings "
+                            "only (the LM head is the embedding kernel); set it to true")
+        ops = [op.name, f"{op.name}.bwd", "lm_head", "lm_head.bwd", f"{wte}.grad_acc",
+               f"{wte}.sgd", f"{wpe}.sgd"]
+        return build_embedding(
+            op.name, ops, ctx.ids, tokens=ctx.tokens, lane_width=ctx.lane_width,
+            wte=ctx.param(wte), wpe=ctx.param(wpe), lr=ctx.lr, h0_tensor=op.outputs[0],
+            x_tensor=final, logits_tensor=lm_head.outputs[0],
+            dlogits_tensor=ctx.dy("lm_head"), dx_tensor=ctx.dx("lm_head"),
+            dh0_tensor=ctx.dy(op.name), wte_name=wte, wpe_name=wpe)
+
+
+FAMILY = Embedding()

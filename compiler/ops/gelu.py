@@ -1,28 +1,14 @@
-"""Elementwise kernels: the add (residual adds and gradient accumulation) and GELU.
+"""GELU: y = gelu(x), dx = dy * gelu'(x).
 
-Layout: a 1-high strip, PE (j, 0) owns lane j of the tensor (see rowreduce's strip layout).
-Neither op needs anything from another PE, so each PE is an independent pipeline from its
-input lane(s) to its output lane. Costs below are per PE, for M rows of a lane w wide,
-counting one cycle per vector element (the PE's fp32 rate) and leaving out fabric latency.
+Graph: kind `gelu` (attribute `activation`), saves its input. FLOPs per element: forward 8,
+backward 12 (erf or tanh counted as one).
 
-build_add: y = a + b
---------------------
-The two inputs come from different producer kernels and either may arrive first: in a
-residual block the skip input is multicast by the same producer that feeds the branch,
-so the branch can only make progress while the add keeps absorbing the skip, and the
-branch's own output can only leave while the add absorbs it. Reading one input
-completely before the other deadlocks whenever the branch streams (the MLP branch does).
-So each PE absorbs both lanes at once, on two microthreads (two reset tasks), each into
-its own SRAM buffer; the task reading `second` then sends a one-wavelet token to its own
-PE over a self-addressed local stream, and the task that read `first` waits for that
-token before it emits `ADD FabOut = Mem + Mem`. The same kernel sums the two shares of a
-gradient where a tensor fans out to two consumers. It has no backward part (the gradient
-of an add is the identity on both inputs). Cost: 2 M w cycles to absorb (both lanes share
-the one ramp into the PE, a wavelet per cycle), a few for the token, M w to emit: 3 M w;
-SRAM 2 M w + 1 words.
+Layout: a 1-high strip, PE (j, 0) owns lane j of the tensor (see rowreduce's strip
+layout); nothing is needed from another PE. Costs are per PE, for M rows of a lane w
+wide, one cycle per vector element, fabric latency left out.
 
-build_gelu: y = gelu(x), dx = dy * gelu'(x)
--------------------------------------------
+Algorithm
+---------
 `activation` "gelu": gelu(x) = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2, and
 gelu'(x) = Phi(x) + x exp(-x^2 / 2) / sqrt(2 pi).
 "gelu_tanh": gelu(x) = x Phi_t(x), Phi_t = (1 + tanh u) / 2, u = k x (1 + a x^2),
@@ -44,9 +30,12 @@ SRAM 2 M w + 1 block (block_rows * w) of scratch.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from compiler.lowering.kernel import Kernel, LocalStream, StreamIds
+import numpy as np
+
+from compiler.graph import GraphBuilder, OpSpec
+from compiler.lowering.kernel import Kernel, StreamIds
 from compiler.lowering.rowreduce import (
     DEFAULT_BLOCK_ROWS,
     alloc_all,
@@ -55,7 +44,11 @@ from compiler.lowering.rowreduce import (
     row_blocks,
     strip_kernel,
 )
+from compiler.ops.base import OpFamily, Tensors
 from wse_sim.program import FabIn, FabOut, Imm, Mem, Op, vec
+
+if TYPE_CHECKING:
+    from compiler.lower import LoweringContext
 
 Activation = Literal["gelu", "gelu_tanh"]
 
@@ -63,37 +56,44 @@ _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 _TANH_K = math.sqrt(2.0 / math.pi)
 _TANH_A = 0.044715
+FORWARD_FLOPS = 8  # per element
+BACKWARD_FLOPS = 12
+
+_erf = np.frompyfunc(math.erf, 1, 1)  # numpy has no erf; exact GELU needs it
 
 
-def build_add(name: str, ops: list[str], ids: StreamIds, *, rows: int, cols: int,
-              lane_width: int, first: str, second: str, out: str) -> Kernel:
-    """out = first + second, both [rows, cols]; `first` is the input whose producer comes
-    earlier in the graph (read completely before `second` is streamed)."""
-    kernel, lanes = strip_kernel(name, "add", ops, cols, lane_width)
-    pes = [lane.pe for lane in lanes]
-    kernel.shapes.update({first: (rows, cols), second: (rows, cols), out: (rows, cols)})
-    a_in = lane_inputs(kernel, ids, first, pes)
-    b_in = lane_inputs(kernel, ids, second, pes)
-    y_out = lane_outputs(kernel, ids, out, pes)
-    a_buf = alloc_all(kernel, pes, rows * lane_width, f"{first} lane")
-    b_buf = alloc_all(kernel, pes, rows * lane_width, f"{second} lane")
-    token = alloc_all(kernel, pes, 1, "join token")
-    for j, lane in enumerate(lanes):
-        n = rows * lane.width
-        joined = ids.new()
-        kernel.local_streams.append(LocalStream(lane.pe, (lane.pe,), joined))
-        kernel.emit(
-            lane.pe,
-            vec(Op.MOV, n, Mem(a_buf), FabIn(a_in[j])),
-            vec(Op.MOV, 1, Mem(token), FabIn(joined)),
-            vec(Op.ADD, n, FabOut(y_out[j]), Mem(a_buf), Mem(b_buf)),
-        )
-        kernel.add_task(
-            lane.pe,
-            vec(Op.MOV, n, Mem(b_buf), FabIn(b_in[j])),
-            vec(Op.MOV, 1, FabOut(joined), Imm(1.0)),
-        )
-    return kernel
+def add_gelu(b: GraphBuilder, name: str, x: str, activation: Activation) -> str:
+    """The GELU op on `x`; it saves `x` for the backward."""
+    return b.elementwise(name, "gelu", (x,), (FORWARD_FLOPS, BACKWARD_FLOPS), saved=(x,),
+                         attrs={"activation": activation})
+
+
+# -- numpy ------------------------------------------------------------------------------------
+
+
+def gelu_forward(x: np.ndarray, activation: Activation) -> np.ndarray:
+    if activation == "gelu":
+        return 0.5 * x * (1 + _erf(x / math.sqrt(2)).astype(x.dtype))
+    u = math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)
+    return 0.5 * x * (1 + np.tanh(u))
+
+
+def gelu_backward(dy: np.ndarray, x: np.ndarray, activation: Activation) -> np.ndarray:
+    """dx = dy * gelu'(x)."""
+    return dy * gelu_derivative(x, activation)
+
+
+def gelu_derivative(x: np.ndarray, activation: Activation) -> np.ndarray:
+    """d gelu(x) / dx, elementwise."""
+    if activation == "gelu":
+        cdf = 0.5 * (1 + _erf(x / math.sqrt(2)).astype(x.dtype))
+        return cdf + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    c = math.sqrt(2 / math.pi)
+    th = np.tanh(c * (x + 0.044715 * x**3))
+    return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * c * (1 + 3 * 0.044715 * x * x)
+
+
+# -- kernel -----------------------------------------------------------------------------------
 
 
 def build_gelu(name: str, ops: list[str], ids: StreamIds, *, rows: int, cols: int,
@@ -159,3 +159,42 @@ def build_gelu(name: str, ops: list[str], ids: StreamIds, *, rows: int, cols: in
                 )
         kernel.emit(pe, vec(Op.MUL, rows * w, FabOut(dx_out[j]), FabIn(dy_in[j]), Mem(phi)))
     return kernel
+
+
+# -- cost -------------------------------------------------------------------------------------
+
+# Vector passes per element (see the docstring): forward, derivative, backward.
+PASSES = {"gelu": 5 + 5 + 1, "gelu_tanh": 7 + 6 + 1}
+
+
+def cycles(rows: int, lane_width: int, activation: Activation) -> int:
+    """Cycles of a lone GELU kernel (its lanes run in parallel)."""
+    return PASSES[activation] * rows * lane_width
+
+
+def sram_words(rows: int, lane_width: int, block_rows: int = DEFAULT_BLOCK_ROWS) -> int:
+    """Words per PE: x, Phi (then gelu'), one scratch block."""
+    return 2 * rows * lane_width + min(rows, block_rows) * lane_width
+
+
+class Gelu(OpFamily):
+    kinds = ("gelu",)
+
+    def forward(self, op: OpSpec, t: Tensors) -> None:
+        (x,) = op.inputs
+        t[op.outputs[0]] = gelu_forward(t[x], op.attrs["activation"])
+
+    def backward(self, op: OpSpec, t: Tensors) -> None:
+        dy, x = op.inputs
+        t[op.outputs[0]] = gelu_backward(t[dy], t[x], op.attrs["activation"])
+
+    def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
+        (x,) = op.inputs
+        rows, cols = ctx.rows_cols(x)
+        return build_gelu(
+            op.name, ctx.ops_with_updates(op.name), ctx.ids, rows=rows, cols=cols,
+            lane_width=ctx.lane_width, activation=op.attrs["activation"], x_tensor=x,
+            y_tensor=op.outputs[0], dy_tensor=ctx.dy(op.name), dx_tensor=ctx.dx(op.name))
+
+
+FAMILY = Gelu()

@@ -122,7 +122,6 @@ def run_kernel(kernel: Kernel, inputs: dict[str, np.ndarray], wafer: WaferConfig
         source.outputs.append(StreamEnd(tensor, lane, ((0, 0),), sid))
         helpers.append((source, *_source_edge(pes)))
 
-    sinks = []
     for end in kernel.outputs:
         rows, cols = kernel.shapes[end.tensor]
         c0, c1 = lane_cols(cols, lw)[end.lane]
@@ -133,7 +132,6 @@ def run_kernel(kernel: Kernel, inputs: dict[str, np.ndarray], wafer: WaferConfig
         sink.emit((0, 0), vec(Op.MOV, rows * (c1 - c0), Mem(offset), FabIn(sid)))
         sink.inputs.append(StreamEnd(end.tensor, end.lane, ((0, 0),), sid))
         sink.results.append(ResultSlot(end.tensor, (0, 0), offset, (0, rows), (c0, c1), c1 - c0))
-        sinks.append(sink)
         helpers.append((sink, *_sink_edge(kernel, end.pes[0])))
 
     # Stack helpers outward from the kernel's edges; the kernel sits at (west, north).
@@ -155,10 +153,9 @@ def run_kernel(kernel: Kernel, inputs: dict[str, np.ndarray], wafer: WaferConfig
 
     linked = link([kernel, *(h for h, _, _ in helpers)], positions, wafer)
     sim = simulate(linked.program, wafer, max_cycles=max_cycles)
-    outputs = {tensor: linked.read_tensor(sim, tensor, [s.name for s in sinks
-                                                        if tensor in s.shapes])
+    outputs = {tensor: linked.read_tensor(sim, tensor)
                for tensor in {end.tensor for end in kernel.outputs}}
-    results = {tensor: linked.read_tensor(sim, tensor, [kernel.name])
+    results = {tensor: linked.read_tensor(sim, tensor)
                for tensor in {slot.tensor for slot in kernel.results}}
     return KernelRun(outputs=outputs, results=results, cycles=sim.cycles, stats=sim.stats,
                      linked=linked, sim=sim)

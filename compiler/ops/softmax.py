@@ -1,5 +1,9 @@
-"""Attention softmax kernel: P = softmax over each head's T key columns of S [M, H*T], and
-its backward dS = P * (dP - rowsum(dP * P)).
+"""Attention softmax: P = softmax over each head's T key columns of S [M, H*T], and its
+backward dS = P * (dP - rowsum(dP * P)).
+
+Graph: kind `softmax`, input the masked scores, output P (saved for the backward, which
+needs only P). FLOPs per element: forward 5 (max, subtract, exp, sum, divide), backward 4
+(product, sum, subtract, product).
 
 Layout and algorithm
 --------------------
@@ -22,7 +26,7 @@ Each PE reads one input stream at a time (S, then dP after its forward output), 
 couple only through the per-block allreduces, so streaming dP block by block cannot
 deadlock (see layernorm).
 
-Cycle cost per PE (one cycle per vector element; M rows, w = lw):
+Cycle cost per PE (one cycle per vector element; M rows, w = lw; `cycles` below):
 forward  7 M w + 8 M + (M / R) * 2 * allreduce latency
          (receive, subtract, exp, divide, emit: 5 M w; two row partials M (w + 2) each;
           two allreduces 2 M each, none when G = 1),
@@ -35,6 +39,12 @@ SRAM per PE: M w (P) + R w (dP block) + R.
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from compiler.graph import GraphBuilder, OpSpec
 from compiler.lowering.kernel import Kernel, StreamIds, lane_cols
 from compiler.lowering.rowreduce import (
     DEFAULT_BLOCK_ROWS,
@@ -48,8 +58,40 @@ from compiler.lowering.rowreduce import (
     rows_at,
     scalar_at,
 )
+from compiler.ops.base import OpFamily, Tensors
 from wse_sim.errors import UserError
 from wse_sim.program import FabIn, FabOut, Mem, Op, repeat, vec
+
+if TYPE_CHECKING:
+    from compiler.lower import LoweringContext
+
+FORWARD_FLOPS = 5  # per element
+BACKWARD_FLOPS = 4
+
+
+def add_softmax(b: GraphBuilder, name: str, scores: str, heads: dict[str, Any]) -> str:
+    """The softmax op over masked `scores`; `heads` are the attention attributes."""
+    return b.elementwise(name, "softmax", (scores,), (FORWARD_FLOPS, BACKWARD_FLOPS),
+                         saved=(f"{name}.out",), attrs=heads)
+
+
+# -- numpy ------------------------------------------------------------------------------------
+
+
+def softmax_forward(s: np.ndarray, heads: int) -> np.ndarray:
+    """P [M, H*T]: softmax of each head's T columns of s (-inf entries give exactly 0)."""
+    rows = s.shape[0]
+    s3 = s.reshape(rows, heads, -1)
+    p = np.exp(s3 - s3.max(axis=2, keepdims=True))
+    p /= p.sum(axis=2, keepdims=True)
+    return p.reshape(s.shape)
+
+
+def softmax_backward(dp: np.ndarray, p: np.ndarray, heads: int) -> np.ndarray:
+    """dS = P * (dP - rowsum(dP * P)) per head."""
+    rows = p.shape[0]
+    p3, dp3 = p.reshape(rows, heads, -1), dp.reshape(rows, heads, -1)
+    return (p3 * (dp3 - (dp3 * p3).sum(axis=2, keepdims=True))).reshape(p.shape)
 
 
 def build_softmax(name: str, ops: list[str], ids: StreamIds, *, rows: int, heads: int,
@@ -118,3 +160,48 @@ def build_softmax(name: str, ops: list[str], ids: StreamIds, *, rows: int, heads
                 vec(Op.MUL, r * w, FabOut(ds_out[lane.index]), Mem(dp_blk), Mem(p)),
             )
     return kernel
+
+
+# -- cost -------------------------------------------------------------------------------------
+
+
+def cycles(rows: int, heads: int, seq_len: int, lane_width: int,
+           block_rows: int = DEFAULT_BLOCK_ROWS) -> int:
+    """Cycles of a lone kernel with one lane per head (T = lane width): the docstring's
+    forward and backward less their allreduces, which a head of one lane skips, and 6
+    REPEAT instructions per block of rows. Wider heads add 6 M plus the allreduce
+    latencies, and their lanes share links (see rowreduce)."""
+    if seq_len != lane_width:
+        raise ValueError("softmax.cycles: the closed form covers one lane per head")
+    m, w = rows, lane_width
+    return (7 * m * w + 4 * m) + (4 * m * w + 2 * m) + 6 * math.ceil(rows / block_rows)
+
+
+def sram_words(rows: int, lane_width: int, block_rows: int = DEFAULT_BLOCK_ROWS) -> int:
+    """Words per PE: the P lane, one dP block and one row statistic per block row."""
+    rb = min(rows, block_rows)
+    return rows * lane_width + rb * lane_width + rb
+
+
+class Softmax(OpFamily):
+    kinds = ("softmax",)
+
+    def forward(self, op: OpSpec, t: Tensors) -> None:
+        (s,) = op.inputs
+        t[op.outputs[0]] = softmax_forward(t[s], op.attrs["heads"])
+
+    def backward(self, op: OpSpec, t: Tensors) -> None:
+        dp, p = op.inputs
+        t[op.outputs[0]] = softmax_backward(t[dp], t[p], op.attrs["heads"])
+
+    def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
+        (s,) = op.inputs
+        rows, _ = ctx.rows_cols(s)
+        return build_softmax(
+            op.name, ctx.ops_with_updates(op.name), ctx.ids, rows=rows,
+            heads=op.attrs["heads"], seq_len=op.attrs["seq_len"], lane_width=ctx.lane_width,
+            s_tensor=s, p_tensor=op.outputs[0], dp_tensor=ctx.dy(op.name),
+            ds_tensor=ctx.dx(op.name))
+
+
+FAMILY = Softmax()

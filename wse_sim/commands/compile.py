@@ -1,0 +1,33 @@
+"""`python -m wse_sim compile CONFIG -o STEP.npz`: compile one training step into a
+program file (the linked program, where each tensor lives, the wafer it is for)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = ("Compile one GPT training step for the wafer into a program file that `simulate` "
+        "runs.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run config YAML (see models/)")
+    parser.add_argument("-o", "--output", required=True, metavar="FILE",
+                        help="program file to write (.npz)")
+    parser.add_argument("--placement", metavar="NAME",
+                        help="placement strategy (overrides compile.placement)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from wse_sim.outputs import check_outputs
+    from wse_sim.pipeline import compile_config
+    from wse_sim.program import save_program
+
+    check_outputs(files={"-o": args.output}, inputs=(args.config,))
+    compiled = compile_config(args.config, args.placement)
+    program = compiled.linked.program
+    save_program(program, args.output, compiled.cfg.wafer)
+    print(f"{args.config}: {len(compiled.kernels)} kernels on {program.width} x "
+          f"{program.height} PEs ({len(program.pes)} used, {compiled.linked.colors_used} "
+          f"colors), {len(program.tensors)} tensors, compiled in {compiled.seconds:.1f} s "
+          f"-> {args.output}")
+    return 0
