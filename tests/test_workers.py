@@ -1,6 +1,8 @@
 """Worker threads and memory: results do not depend on how many host threads share the
 fabric, and a program placed anywhere on the wafer costs memory for the PEs it uses."""
 
+import json
+
 import numpy as np
 import pytest
 from programs import outer_product_matmul, route_east
@@ -111,3 +113,47 @@ def test_memory_follows_the_pes_used():
     state = sum(a.nbytes for bundle in (asm.fabric, asm.cores) for a in bundle)
     assert len(asm.fabric.router) == wafer.width
     assert state < 1000 * wafer.width  # bytes: about one router's worth per PE on the path
+
+
+def test_cli_threads_option_gives_identical_reports(all_workers, tmp_path, monkeypatch):
+    # `simulate --threads N`, every stripe on its own thread: the JSON reports (host time
+    # aside) and the final SRAM of every named tensor are equal for 1, 2 and 4 threads.
+    from wse_sim import pipeline
+    from wse_sim.cli import main
+    from wse_sim.program import TensorLayout, TensorSlot, save_program
+
+    stripes = []
+
+    def counted(*args, **kwargs):
+        result = simulate(*args, **kwargs)
+        stripes.append(len(result._asm.workers.stripe))
+        return result
+
+    monkeypatch.setattr(pipeline, "simulate", counted)
+
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((16, 12)).astype(np.float32)
+    b = rng.standard_normal((12, 16)).astype(np.float32)
+    program = outer_product_matmul(a, b, 8)
+    program.tensors["c"] = TensorLayout((16, 16), [
+        TensorSlot(x, y, 0, (2 * y, 2 * y + 2), (2 * x, 2 * x + 2), 2)
+        for y in range(8) for x in range(8)])
+    wafer = WaferConfig(width=8, height=8, fp32_ops_per_cycle=0.25, queue_depth=2)
+    path = tmp_path / "step.npz"
+    save_program(program, path, wafer)
+    reports, tensors = [], []
+    for k in (1, 2, 4):
+        out, dump = tmp_path / f"r{k}.json", tmp_path / f"t{k}.npz"
+        assert main(["simulate", str(path), "--threads", str(k), "--quiet", "--json", str(out),
+                     "--tensors", str(dump)]) == 0
+        report = json.loads(out.read_text())
+        assert report.pop("host_simulation_seconds") >= 0
+        reports.append(report)
+        with np.load(dump) as z:
+            tensors.append(z["c"])
+    assert stripes == [1, 2, 4]
+    assert reports[0]["cycles"] > 0
+    for report, c in zip(reports[1:], tensors[1:], strict=True):
+        assert report == reports[0]
+        np.testing.assert_array_equal(c, tensors[0])
+    np.testing.assert_allclose(tensors[0], a.astype(np.float64) @ b, rtol=1e-5, atol=1e-5)
