@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from wse_sim.errors import UserError
-from wse_sim.program import Program
+from wse_sim.program import BYTES_PER_WORD, Program
 from wse_sim.state import FIFO, FIFO_INFO, ROUTE, ROUTER, SOURCE, WAVELET
 
 MEMINFO = "/proc/meminfo"
@@ -84,18 +84,18 @@ def human_bytes(count: int) -> str:
 
 
 def program_bytes(program: Program) -> Footprint:
-    """What simulating `program` allocates: the SRAM pool (4 bytes per word each PE
+    """What simulating `program` allocates: the SRAM pool (BYTES_PER_WORD per word each PE
     allocates) and the counters of every PE of its fabric (`STATS_BYTES_PER_PE`). The
     engine's per-thread and per-route state is not counted."""
     words = sum(pe.sram_words for pe in program.pes.values())
     pes = program.width * program.height
 
     def blame() -> tuple[str, str]:
-        if 4 * words >= STATS_BYTES_PER_PE * pes:
+        if BYTES_PER_WORD * words >= STATS_BYTES_PER_PE * pes:
             return "sram_words", f"{words:,} SRAM words over {len(program.pes):,} PEs"
         return "fabric", f"{program.width:,} x {program.height:,} PEs"
 
-    return Footprint("the simulation", 4 * words + STATS_BYTES_PER_PE * pes, blame)
+    return Footprint("the simulation", BYTES_PER_WORD * words + STATS_BYTES_PER_PE * pes, blame)
 
 
 def mesh_bytes(width: int, height: int, depth: int) -> Footprint:

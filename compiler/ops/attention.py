@@ -107,6 +107,7 @@ from compiler.lowering.kernel import Kernel, LocalPE, LocalStream, StreamEnd, St
 from compiler.ops.base import OpFamily, Tensors
 from wse_sim.errors import UserError
 from wse_sim.program import (
+    BYTES_PER_WORD,
     SOURCES_OF,
     FabIn,
     FabOut,
@@ -547,8 +548,8 @@ def fit_row_groups(op: str, lay: AttnLayout, sram_words: int, at_least: int = 1)
         if attn_sram_words(replace(lay, row_groups=groups)) <= sram_words:
             return groups
     words = attn_sram_words(replace(lay, row_groups=lay.rows))
-    raise UserError(f"op {op}: PE (0, 0) needs {4 * words} bytes of SRAM even with one query "
-                    f"row per group, has {4 * sram_words}")
+    raise UserError(f"op {op}: PE (0, 0) needs {BYTES_PER_WORD * words} bytes of SRAM even with "
+                    f"one query row per group, has {BYTES_PER_WORD * sram_words}")
 
 
 def _alloc(g: _Grid, c: int, h: int, r: int, sizes: dict[str, int]) -> tuple[_PE, list[int]]:
