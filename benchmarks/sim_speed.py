@@ -6,16 +6,18 @@ One table, one row per workload, each run in a fresh process (so its peak memory
 own) after a warm-up that compiles or loads the numba code, which is not timed:
 
 * synthetic uniform traffic (warmup 0, no drain) on 16x16, 32x32, 64x64 and 256x256
-  meshes, at 1 thread and at every core: 0.05 packets/node/cycle (0.1 on 32x32), past
-  saturation on the larger meshes (4/k bounds uniform traffic on a k x k mesh), so their
-  FIFOs fill and every router moves wavelets every cycle, the router's worst case;
-* one training step of gpt_tiny and gpt_small (`simulate`: validation, assembly, the cycle
-  loop and the counters; the compiler's time is excluded), PE-cycles counting every PE of
-  the simulated rectangle;
+  meshes, at 1 thread and at every core: 0.05 packets/node/cycle (0.1 on 32x32); 4/k
+  bounds uniform traffic on a k x k mesh, so the 32x32 and 64x64 rows run just below
+  saturation (every router moves about two wavelets a cycle) and the 256x256 row past it
+  (its FIFOs fill);
+* one training step of gpt_tiny and gpt_small: its compile (config to placed, routed
+  Program, one row) and its simulation (validation, assembly, the cycle loop and the
+  counters, another row), PE-cycles counting every PE of the simulated rectangle;
 * the full WSE-2 fabric (750 x 994) under uniform traffic at 0.01: 1000 warm-up cycles and
   1000 measured ones, every core.
 
-Peak MiB is the process's maximum resident memory (its Python, numpy and numba included).
+Peak MiB is the row process's maximum resident memory (VmHWM: its Python, numpy and numba
+included, not the memory of the parent it was started from).
 The table is also written as CSV to DIR (default benchmarks/out/sim_speed.csv).
 """
 
@@ -77,19 +79,34 @@ def _tiny_program():
     return p
 
 
-def compile_program(config: Path, out: Path) -> Path:
-    """The step's Program, saved with its wafer for the program rows."""
+def compile_row(config: str, path: str) -> dict:
+    """Compile the step of `config` (timed: the pipeline's compile, config to placed and
+    routed Program) and save it with its wafer to `path` for the program rows."""
     from wse_sim.pipeline import compile_config
     from wse_sim.program import save_program
 
-    compiled = compile_config(str(config))
-    path = out / f"{config.stem}.npz"
+    started = time.perf_counter()
+    compiled = compile_config(config)
+    seconds = time.perf_counter() - started
     save_program(compiled.linked.program, path, compiled.cfg.wafer)
-    return path
+    return {"pe_cycles": None, "seconds": seconds}
+
+
+def _peak_mib() -> float | None:
+    """This process's peak resident memory (Linux: VmHWM, which a fork's child does not
+    inherit, unlike wait4's ru_maxrss), or None where /proc is missing."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
 
 
 def run_row(spec: dict) -> dict:
-    """One row in a fresh process: its figures, and its peak memory from wait4."""
+    """One row in a fresh process: its figures and its peak memory."""
     proc = subprocess.Popen([sys.executable, __file__, "--row", json.dumps(spec)],
                             stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read()
@@ -98,7 +115,8 @@ def run_row(spec: dict) -> dict:
     if status != 0:
         raise SystemExit(f"row {spec['label']} failed")
     row = json.loads(out.strip().splitlines()[-1])
-    row["peak_mib"] = usage.ru_maxrss / 1024
+    if row["peak_mib"] is None:  # no /proc: wait4's figure, which may include the parent's
+        row["peak_mib"] = usage.ru_maxrss / 1024
     return row
 
 
@@ -114,9 +132,11 @@ def main() -> None:
         if spec["kind"] == "traffic":
             row = traffic_row(tuple(spec["size"]), spec["rate"], spec["cycles"],
                               spec["warmup"], spec["threads"])
+        elif spec["kind"] == "compile":
+            row = compile_row(spec["config"], spec["path"])
         else:
             row = program_row(spec["path"], spec["threads"])
-        print(json.dumps({**spec, **row}))
+        print(json.dumps({**spec, **row, "peak_mib": _peak_mib()}))
         return
     scale = 0.2 if args.quick else 1.0
     cores = _cores()
@@ -129,8 +149,10 @@ def main() -> None:
                           "label": f"traffic {k}x{k} uniform {rate}, {threads} thread(s)"})
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("gpt_tiny", "gpt_small"):
-            path = compile_program(ROOT / "models" / f"{name}.yaml", Path(tmp))
-            specs.append({"kind": "program", "path": str(path), "threads": None,
+            path = str(Path(tmp) / f"{name}.npz")
+            specs.append({"kind": "compile", "config": str(ROOT / "models" / f"{name}.yaml"),
+                          "path": path, "threads": 1, "label": f"{name} compile"})
+            specs.append({"kind": "program", "path": path, "threads": None,
                           "label": f"{name} simulate, {cores} thread(s)"})
         if not args.no_wafer:
             specs.append({"kind": "traffic", "size": [750, 994], "rate": 0.01,
@@ -140,9 +162,10 @@ def main() -> None:
         rows = [run_row(spec) for spec in specs]
     print(f"{'workload':<58} {'M PE-cycles/s':>13} {'host s':>8} {'peak MiB':>9}")
     for r in rows:
-        r["mpe_cycles_per_s"] = r["pe_cycles"] / r["seconds"] / 1e6
-        print(f"{r['label']:<58} {r['mpe_cycles_per_s']:>13.1f} {r['seconds']:>8.2f} "
-              f"{r['peak_mib']:>9.0f}")
+        rate = None if r["pe_cycles"] is None else r["pe_cycles"] / r["seconds"] / 1e6
+        r["mpe_cycles_per_s"] = rate
+        print(f"{r['label']:<58} {'-' if rate is None else f'{rate:.1f}':>13} "
+              f"{r['seconds']:>8.2f} {r['peak_mib']:>9.0f}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "sim_speed.csv"
     with open(path, "w", newline="") as fh:
@@ -150,8 +173,9 @@ def main() -> None:
         writer.writerow(["workload", "threads", "pe_cycles", "host_seconds",
                          "mpe_cycles_per_s", "peak_mib"])
         for r in rows:
-            writer.writerow([r["label"], r["threads"] or cores, r["pe_cycles"],
-                             f"{r['seconds']:.3f}", f"{r['mpe_cycles_per_s']:.2f}",
+            rate = r["mpe_cycles_per_s"]
+            writer.writerow([r["label"], r["threads"] or cores, r["pe_cycles"] or "",
+                             f"{r['seconds']:.3f}", "" if rate is None else f"{rate:.2f}",
                              f"{r['peak_mib']:.0f}"])
     print(f"wrote {path}")
 
