@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from programs import deadlock_pair, outer_product_matmul, send_east, systolic_dot
 
 from wse_sim.engine import simulate
-from wse_sim.errors import DeadlockError, ProgramError, UserError
+from wse_sim.errors import DeadlockError, ProgramError, SimulationStopped, UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
     SOURCES_OF,
@@ -209,6 +209,33 @@ def test_max_cycles_exceeded():
         simulate(send_east(100, 2), wafer(), max_cycles=10)
 
 
+def test_a_stopped_run_counts_the_cycles_before_the_stop():
+    # PE (0, 0) runs a 200-element FMA (one bulk-run instruction, cycles 0..199), then sends
+    # 4 words east; PE (1, 0) waits for them from cycle 0 (asleep on an empty queue).
+    p = Program(2, 1)
+    src = p.pe(0, 0, 200)
+    src.tasks.append(Task(0, Trigger.RESET, [vec(Op.FMA, 200, Mem(0), Mem(0), Imm(2.0), Reg(0)),
+                                             vec(Op.MOV, 4, FabOut(1), Mem(0))]))
+    p.pe(1, 0, 4).tasks.append(Task(0, Trigger.RESET, [vec(Op.MOV, 4, Mem(0), FabIn(1))]))
+    p.add_route(0, 0, 1, port_mask(Port.RAMP), port_mask(Port.E))
+    p.add_route(1, 0, 1, port_mask(Port.W), port_mask(Port.RAMP))
+    with pytest.raises(SimulationStopped) as info:
+        simulate(p, wafer(), max_cycles=100)
+    assert str(info.value).startswith("stopped at cycle 100: reached max_cycles=100; 2 PEs "
+                                      "still running a task, 0 wavelets in flight")
+    stopped = info.value.result
+    assert (info.value.cycle, info.value.reason, stopped.cycles) == (100, "max_cycles", 100)
+    s = stopped.stats
+    # The sender computed in cycles 0..99 only: 100 elements of its 200, one read each.
+    assert (s.compute[0, 0], s.ops[0, 0], s.flops[0, 0]) == (100, 100, 200)
+    assert (s.sram_read[0, 0], s.sram_write[0, 0]) == (100, 100)
+    assert (s.first_cycle[0, 0], s.last_cycle[0, 0]) == (0, 99)
+    # The receiver stalled in every one of them.
+    assert (s.stalled[0, 1], s.first_cycle[0, 1]) == (100, -1)
+    assert (s.idle[0, :2] == 0).all()
+    assert stopped.running()[0, :2].all()
+
+
 def test_progress_callback_and_result_views():
     seen: list[int] = []
     r = simulate(send_east(5, 1), wafer(), progress=seen.append)
@@ -292,3 +319,31 @@ def test_bulk_execution_is_invisible(case):
         np.testing.assert_array_equal(value, getattr(slow.stats, name), err_msg=name)
     np.testing.assert_array_equal(fast.sram(0, 0), slow.sram(0, 0))
     np.testing.assert_array_equal(fast.registers(0, 0), slow.registers(0, 0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(bulk_programs(), st.floats(0.0, 1.0))
+def test_a_stopped_bulk_run_counts_as_the_cycle_by_cycle_run(case, where):
+    # Stopped inside or between bulk-run instructions, the counters are those the
+    # cycle-by-cycle path (the same program with a COLOR task) kept up to the stop.
+    tasks, wafer_kw = case
+    plain = one_pe(*copy.deepcopy(tasks))
+    w = wafer(**wafer_kw)
+    try:
+        full = simulate(plain, w)
+    except ProgramError:
+        assume(False)
+    assume(full.cycles >= 2)
+    stop = 1 + int(where * (full.cycles - 2))  # 1 .. cycles - 1
+    slow_prog = one_pe(*copy.deepcopy(tasks), Task(9, Trigger.COLOR, [Instr(Op.HALT)], color=0))
+    slow_prog.add_route(0, 0, 0, port_mask(Port.RAMP), port_mask(Port.RAMP))
+    runs = []
+    for program in (plain, slow_prog):
+        with pytest.raises(SimulationStopped) as info:
+            simulate(program, w, max_cycles=stop)
+        runs.append(info.value.result)
+    fast, slow = runs
+    assert fast.cycles == slow.cycles == stop
+    for name, value in vars(fast.stats).items():
+        np.testing.assert_array_equal(value, getattr(slow.stats, name), err_msg=name)
+    assert fast.stats.idle.min() >= 0

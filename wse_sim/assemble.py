@@ -17,6 +17,7 @@ from wse_sim.hardware import WaferConfig
 from wse_sim.program import ARITHMETIC_OPS, SOURCES_OF, Kind, Op, Port, Program, Trigger
 from wse_sim.router import FabricSpec, RouteTable, build_fabric
 from wse_sim.state import (
+    BULK,
     CORE_PARAMS,
     INSTR,
     OPERAND,
@@ -135,6 +136,7 @@ def assemble(program: Program, wafer: WaferConfig, stripes: int = 1) -> Assemble
         params=params,
         slot=slot,
         ctr=PE_COUNTERS.new(nslot),
+        bulk=BULK.new(nslot),
         task=np.array(tasks, TASK.dtype),
         ins=np.array(ins, INSTR.dtype),
         opnd=np.array(opnd, OPERAND.dtype),

@@ -1,4 +1,6 @@
-"""`python -m wse_sim COMMAND ...`: the command line. User errors end in one line, exit 2."""
+"""`python -m wse_sim COMMAND ...`: the command line. User errors end in one line, exit 2;
+Ctrl-C in one line, exit 130 (during a simulation, `run` and `simulate` stop it at a cycle
+boundary and report what ran)."""
 
 from __future__ import annotations
 
@@ -41,3 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        return 130

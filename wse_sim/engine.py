@@ -92,8 +92,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from wse_sim.assemble import Assembled, assemble
-from wse_sim.errors import DeadlockError, UserError
+from wse_sim.errors import DeadlockError, SimulationStopped, UserError
 from wse_sim.hardware import WaferConfig
+from wse_sim.interrupt import sigint_flag
 from wse_sim.jit import barrier, cores, hot, hot_inline, run_workers, workers_for
 from wse_sim.program import Kind, Op, Port, Program, Trigger, validate
 from wse_sim.router import (
@@ -385,53 +386,40 @@ def _run_elements(cs, thr, i, e0, n):
             cs.sram[U(di + e * ds)] = res
 
 
-@hot
-def _bulk(cs, sidx, thr, t):
-    """Run the rest of thread thr's memory-only vector instruction at once, from cycle t.
-
-    Only called when the thread is the PE's only one and no COLOR task exists there: then
-    nothing outside the PE can change what it does until the instruction ends, so looping
-    the cycles of this one thread (the same budgets and credit as `_element` meets with
-    every cycle) is exact, and so is running its elements, in order, apart from the cycles
-    they take. Returns the cycle the thread resumes in (after the last element). Every
-    cycle spent counts as compute (arithmetic op) or move (MOV)."""
-    p = cs.params[0]
-    sl = cs.slot[U(sidx)]
-    th = cs.th[U(thr)]
-    i = th.pc
-    ins = cs.ins[U(i)]
+@hot_inline
+def _bulk_timing(p, ins, e, debt, credit, fp_t, tc, t_stop):
+    """The cycles of a bulk-run instruction from element e, cycle tc, read debt, fp32 credit
+    and its last update cycle fp_t, up to the end of the instruction or the start of cycle
+    t_stop. Returns (elements done: next e, cycle after the last, SRAM words read, cycles of
+    the first and the last element run or -1, debt, credit, fp_t)."""
     n = ins.n
     flops = ins.flops
     writes = ins.wr
     full = p.reads
-    debt = sl.rd_debt
-    credit = sl.fpc
-    tc = t
-    first = -1
+    first = last = -1
     reads_total = 0
-    e0 = th.e
-    e = e0
     # Once no read debt is left and element 0's scalar loads are behind, an element takes
     # exactly one cycle if a whole cycle's budgets cover it and the fp32 credit refills to
     # its cap every cycle (rate >= 1): then the rest needs no per-cycle bookkeeping.
     steady = p.fp_rate >= 1.0 and ins.nrd <= full and writes <= p.writes
-    while e < n:
+    while e < n and tc < t_stop:
         if steady and debt == 0 and (e > 0 or ins.nrd0 == 0):
-            m = n - e
+            m = min(n - e, t_stop - tc)
             if first < 0:
                 first = tc
             reads_total += m * ins.nrd
             credit = p.fp_cap - 1.0 if flops > 0 else p.fp_cap
-            sl.fp_t = tc + m - 1
+            fp_t = last = tc + m - 1
             tc += m
+            e += m
             break
         avail = full - debt
         debt = 0
         if avail < 0:
             debt = -avail
             avail = 0
-        credit = min(credit + p.fp_rate * (tc - sl.fp_t), p.fp_cap)
-        sl.fp_t = tc
+        credit = min(credit + p.fp_rate * (tc - fp_t), p.fp_cap)
+        fp_t = tc
         reads = ins.nrd + (ins.nrd0 if e == 0 else 0)
         if ((reads <= avail or (reads > full and avail == full))
                 and writes <= p.writes and (flops == 0 or credit >= 1.0)):
@@ -442,28 +430,87 @@ def _bulk(cs, sidx, thr, t):
             reads_total += reads
             if first < 0:
                 first = tc
+            last = tc
             e += 1
         tc += 1
+    return e, tc, reads_total, first, last, debt, credit, fp_t
+
+
+@hot_inline
+def _count_bulk(ctr, ins, e0, e, t0, tc, reads, sign):
+    """Add (sign 1) or take back (sign -1) the counters of elements e0..e-1 of a bulk-run
+    instruction run in cycles t0..tc-1: every cycle counts as compute (arithmetic) or move
+    (MOV)."""
+    done = e - e0
+    if ins.flops > 0:
+        ctr.compute += sign * (tc - t0)
+        ctr.ops += sign * done
+        ctr.flops += sign * ins.flops * done
+    else:
+        ctr.move += sign * (tc - t0)
+    ctr.sram_read += sign * reads
+    ctr.sram_write += sign * ins.wr * done
+
+
+@hot
+def _bulk(cs, sidx, thr, t):
+    """Run the rest of thread thr's memory-only vector instruction at once, from cycle t.
+
+    Only called when the thread is the PE's only one and no COLOR task exists there: then
+    nothing outside the PE can change what it does until the instruction ends, so looping
+    the cycles of this one thread (the same budgets and credit as `_element` meets with
+    every cycle) is exact, and so is running its elements, in order, apart from the cycles
+    they take. Returns the cycle the thread resumes in (after the last element). Every
+    cycle spent counts as compute (arithmetic op) or move (MOV). What it started from is
+    kept in `cs.bulk` (`_settle` replays it when a run stops in the middle)."""
+    p = cs.params[0]
+    sl = cs.slot[U(sidx)]
+    th = cs.th[U(thr)]
+    i = th.pc
+    ins = cs.ins[U(i)]
+    ctr = cs.ctr[U(sidx)]
+    e0 = th.e
+    b = cs.bulk[U(sidx)]
+    b.t0, b.fp_t, b.debt, b.credit = t, sl.fp_t, sl.rd_debt, sl.fpc
+    b.first, b.last, b.ins, b.e0 = ctr.first_cycle, ctr.last_cycle, i, e0
+    e, tc, reads_total, first, last, debt, credit, fp_t = _bulk_timing(
+        p, ins, e0, sl.rd_debt, sl.fpc, sl.fp_t, t, NEVER)
+    sl.fp_t = fp_t
     if e0 == 0:
         _load_scalars(cs, th, i)
-    _run_elements(cs, thr, i, e0, n)
-    done = n - e0
+    _run_elements(cs, thr, i, e0, ins.n)
     sl.rd_debt = debt
     sl.fpc = credit
-    ctr = cs.ctr[U(sidx)]
-    if flops > 0:
-        ctr.compute += tc - t
-        ctr.ops += done
-        ctr.flops += flops * done
-    else:
-        ctr.move += tc - t
-    ctr.sram_read += reads_total
-    ctr.sram_write += writes * done
+    _count_bulk(ctr, ins, e0, e, t, tc, reads_total, 1)
     if ctr.first_cycle < 0:
         ctr.first_cycle = first
-    ctr.last_cycle = tc - 1
+    ctr.last_cycle = last
     _end_instr(cs, sidx, thr, i)
     return tc
+
+
+@hot
+def _settle(cs, t):
+    """Make the PE counters those of cycles 0..t-1 when a run stops before its end: a PE
+    asleep since cycle s stalled in cycles s+1..t-1; a PE inside a bulk-run instruction
+    (counted whole when it started) gets back the counts of the cycles from t on, found by
+    replaying the instruction's timing from where it started."""
+    p = cs.params[0]
+    for sidx in range(len(cs.slot)):
+        sl = cs.slot[U(sidx)]
+        ctr = cs.ctr[U(sidx)]
+        if sl.sleep >= 0:
+            ctr.stalled += t - sl.sleep - 1
+        if sl.busy > t:
+            b = cs.bulk[U(sidx)]
+            ins = cs.ins[U(b.ins)]
+            whole = _bulk_timing(p, ins, b.e0, b.debt, b.credit, b.fp_t, b.t0, NEVER)
+            _count_bulk(ctr, ins, b.e0, whole[0], b.t0, whole[1], whole[2], -1)
+            e, tc, reads, first, last, _, _, _ = _bulk_timing(p, ins, b.e0, b.debt, b.credit,
+                                                              b.fp_t, b.t0, t)
+            _count_bulk(ctr, ins, b.e0, e, b.t0, tc, reads, 1)
+            ctr.first_cycle = b.first if b.first >= 0 else first
+            ctr.last_cycle = last if last >= 0 else b.last
 
 
 @hot
@@ -805,6 +852,15 @@ class SimResult:
             return np.zeros(nreg, np.float32)
         return self._asm.cores.regs[s * nreg: (s + 1) * nreg]
 
+    def running(self) -> np.ndarray:
+        """PEs with a task running at the end, (height, width) bool: none after a finished
+        run, those a stopped run left in the middle of a task."""
+        w, h = self.stats.width, self.stats.height
+        out = np.zeros(w * h, bool)
+        slot = self._asm.cores.slot
+        out[self._asm.slot_pe] = (slot["nrun"] > 0) | (slot["busy"] > self.cycles)
+        return out.reshape(h, w)
+
     def _slot(self, x: int, y: int) -> int:
         w, h = self.stats.width, self.stats.height
         if not (0 <= x < w and 0 <= y < h):
@@ -819,16 +875,28 @@ def simulate(
     max_cycles: int | None = None,
     progress: Callable[[int], None] | None = None,
     threads: int | None = None,
+    interruptible: bool = False,
 ) -> SimResult:
     """Validate and run `program` to completion; see the module docstring for the model.
 
     The fabric's rows are split into `threads` stripes (default: one per core), run by as
     many host threads as the work per cycle pays for (`wse_sim.jit.workers_for`); the
     results do not depend on either.
-    Raises ProgramError (invalid program), DeadlockError, or UserError if the run needs more
-    than `max_cycles` cycles. `progress(cycle)` is called between chunks of cycles."""
+    Raises ProgramError (invalid program), DeadlockError, or SimulationStopped (a UserError
+    holding the partial result) if the run needs more than `max_cycles` cycles or, with
+    `interruptible`, Ctrl-C is pressed (`wse_sim.interrupt`; the run stops within a chunk
+    of cycles). `progress(cycle)` is called between chunks of cycles."""
     validate(program, wafer)
     asm = assemble(program, wafer, threads or cores())
+    if not interruptible:
+        return _run(program, asm, max_cycles, progress, lambda: False)
+    with sigint_flag() as interrupted:
+        return _run(program, asm, max_cycles, progress, interrupted)
+
+
+def _run(program: Program, asm: Assembled, max_cycles: int | None,
+         progress: Callable[[int], None] | None, interrupted: Callable[[], bool]) -> SimResult:
+    """`simulate`'s loop over chunks of cycles."""
     fb, cs, wk = asm.fabric, asm.cores, asm.workers
     t = 0
     chunk = 1024
@@ -844,15 +912,17 @@ def simulate(
         if progress is not None:
             progress(t)
         if status == DONE:
+            if max_cycles is not None and t > max_cycles:
+                # The last work was bulk-run instructions ending after the limit.
+                raise _stopped(program, asm, max_cycles, "max_cycles",
+                               f"reached max_cycles={max_cycles}")
             break
         if status in (DEADLOCK, FROZEN):
             raise DeadlockError(_deadlock_message(asm, t, status))
         if max_cycles is not None and t >= max_cycles:
-            raise UserError(
-                f"simulation exceeded max_cycles={max_cycles}: "
-                f"{int(cs.slot['nrun'].sum())} tasks still running, "
-                f"{int(wk.stripe['inflight'].sum())} wavelets in flight"
-            )
+            raise _stopped(program, asm, t, "max_cycles", f"reached max_cycles={max_cycles}")
+        if interrupted():
+            raise _stopped(program, asm, t, "interrupted", "interrupted (Ctrl-C)")
         # Aim for ~0.2 s between progress calls.
         chunk = int(min(max(chunk * min(0.2 / max(elapsed, 1e-4), 4.0), 256), 1 << 22))
     # The fabric is empty: every wavelet sent (and every multicast copy) reached a PE.
@@ -862,6 +932,21 @@ def simulate(
         raise AssertionError(f"fabric lost wavelets: {stats.injected} sent (with multicast "
                              f"copies), {stats.delivered} delivered, {consumed} consumed")
     return SimResult(cycles=t, stats=stats, _asm=asm)
+
+
+def _stopped(program: Program, asm: Assembled, t: int, reason: str,
+             why: str) -> SimulationStopped:
+    """The run stops after cycle t - 1: its counters settled to cycles 0..t-1 (`_settle`)
+    in a partial result, and the one-line message."""
+    cs, wk = asm.cores, asm.workers
+    running = int(((cs.slot["nrun"] > 0) | (cs.slot["busy"] > t)).sum())
+    inflight = int(wk.stripe["inflight"].sum())
+    _settle(cs, t)
+    stats = Stats.from_state(program.width, program.height, t, asm.fabric, wk, cs)
+    result = SimResult(cycles=t, stats=stats, _asm=asm)
+    return SimulationStopped(f"stopped at cycle {t:,}: {why}; {running} PEs still running a "
+                             f"task, {inflight} wavelets in flight", cycle=t, reason=reason,
+                             result=result)
 
 
 def _deadlock_message(asm: Assembled, t: int, status: int, limit: int = 8) -> str:

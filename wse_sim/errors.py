@@ -13,3 +13,17 @@ class ProgramError(UserError):
 class DeadlockError(UserError):
     """The fabric stopped making progress while work remained."""
 
+
+class SimulationStopped(UserError):
+    """A run stopped at a cycle boundary before its end: `reason` is "max_cycles" (the
+    cycle limit) or "interrupted" (Ctrl-C); `cycle` the cycles run; `result` what ran (a
+    partial `wse_sim.engine.SimResult`: counters of those cycles); `report`, once a
+    pipeline built it, the partial report. The message is `stopped at cycle N: why`."""
+
+    def __init__(self, message: str, *, cycle: int, reason: str, result: object) -> None:
+        super().__init__(message)
+        self.cycle = cycle
+        self.reason = reason
+        self.result = result
+        self.report: dict | None = None
+

@@ -20,11 +20,11 @@ from compiler.config import PLACEMENTS, RunConfig, load_config
 from compiler.footprint import step_footprint
 from compiler.reference import reference_step
 from wse_sim.engine import SimResult, simulate
-from wse_sim.errors import UserError
+from wse_sim.errors import SimulationStopped, UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.hostmem import require
 from wse_sim.program import Program
-from wse_sim.report import hottest_links, run_report
+from wse_sim.report import hottest_links, partial_report, run_report
 
 
 def step_meta(source: str, compiled: Compiled) -> dict[str, Any]:
@@ -72,13 +72,22 @@ def compile_parsed(cfg: RunConfig, source: str, placement: str | None = None) ->
 
 
 def simulate_program(program: Program, wafer: WaferConfig, *, max_cycles: int | None = None,
-                     progress: Callable[[int], None] | None = None, threads: int | None = None
-                     ) -> tuple[SimResult, dict[str, Any]]:
+                     progress: Callable[[int], None] | None = None, threads: int | None = None,
+                     interruptible: bool = False) -> tuple[SimResult, dict[str, Any]]:
     """Run `program` on `threads` host threads (default: every core; the counters do not
-    depend on it) and report its counters (`wse_sim.report.run_report`)."""
+    depend on it) and report its counters (`wse_sim.report.run_report`). A run stopped by
+    `max_cycles` or (with `interruptible`) Ctrl-C raises SimulationStopped holding the
+    partial report (`wse_sim.report.partial_report`)."""
     started = time.perf_counter()
-    result = simulate(program, wafer, max_cycles=max_cycles, progress=progress,
-                      threads=threads)
+    try:
+        result = simulate(program, wafer, max_cycles=max_cycles, progress=progress,
+                          threads=threads, interruptible=interruptible)
+    except SimulationStopped as stop:
+        stop.report = partial_report(
+            program, wafer, stop.result.stats, stop.result.running(),
+            time.perf_counter() - started,
+            {"cycle": stop.cycle, "reason": stop.reason, "message": str(stop)})
+        raise
     return result, run_report(program, wafer, result.stats, time.perf_counter() - started)
 
 
@@ -113,17 +122,17 @@ def _finite(values: dict[str, float], why: str, reasons: dict[str, str]
 
 
 def run_step(config_path: str, placement: str | None = None, max_cycles: int | None = None,
-             progress: Callable[[int], None] | None = None, threads: int | None = None
-             ) -> dict[str, Any]:
+             progress: Callable[[int], None] | None = None, threads: int | None = None,
+             interruptible: bool = False) -> dict[str, Any]:
     """Compile, simulate (on `threads` host threads) and check one step; the report as a
-    JSON-ready dict."""
+    JSON-ready dict. A stopped simulation raises SimulationStopped (`simulate_program`)."""
     return run_parsed(load_config(config_path), config_path, placement, max_cycles, progress,
-                      threads)
+                      threads, interruptible)
 
 
 def run_parsed(cfg: RunConfig, source: str, placement: str | None = None,
                max_cycles: int | None = None, progress: Callable[[int], None] | None = None,
-               threads: int | None = None) -> dict[str, Any]:
+               threads: int | None = None, interruptible: bool = False) -> dict[str, Any]:
     """`run_step` for a parsed config that `source` names."""
     compiled = compile_parsed(cfg, source, placement)
     # After compiling, which names the op and PE of a model too large for the wafer, and
@@ -131,7 +140,7 @@ def run_parsed(cfg: RunConfig, source: str, placement: str | None = None,
     require(step_footprint(compiled.cfg, reference=True), source)
     result, report = simulate_program(compiled.linked.program, compiled.cfg.wafer,
                                       max_cycles=max_cycles, progress=progress,
-                                      threads=threads)
+                                      threads=threads, interruptible=interruptible)
     reference = reference_step(compiled.cfg, compiled.params, compiled.tokens, np.float64)
     check = check_step(compiled.linked, result, reference, compiled.params)
     report["check"] = check_report(check)

@@ -135,6 +135,26 @@ def run_report(program: Program, wafer: WaferConfig, stats: Stats,
     return report
 
 
+def partial_report(program: Program, wafer: WaferConfig, stats: Stats, running: np.ndarray,
+                   host_seconds: float, stopped: dict[str, Any]) -> dict[str, Any]:
+    """`run_report` of a run stopped before its end (`stats` count its cycles so far):
+    marked `"partial": true`, with `stopped` (cycle, reason, message) and each kernel's
+    progress: besides its span, utilization and FLOPs so far, `running_pes`, its PEs that
+    were in the middle of a task (`running`, (height, width) bool). Rates per run (tokens/s,
+    FLOP/s, % of peak) are null: the run's work was not done."""
+    report = run_report(program, wafer, stats, host_seconds)
+    rates = [key for key in report
+             if key.endswith("_per_second") or key.startswith("percent_of_")]
+    if rates:
+        report.update(dict.fromkeys(rates))
+        report["null_reasons"] = {**report.get("null_reasons", {}), **dict.fromkeys(
+            rates, "the run stopped before its end: a rate per run needs the whole run")}
+    for kernel, region in zip(report["kernels"], program.regions, strict=True):
+        window = np.s_[region.y:region.y + region.height, region.x:region.x + region.width]
+        kernel["running_pes"] = int(running[window].sum())
+    return {"partial": True, "stopped": stopped, **report}
+
+
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     """Write `data` as strict JSON, atomically (`wse_sim.outputs`)."""
     write_file(path, strict_json(data, indent=1).encode())
@@ -155,6 +175,11 @@ def format_report(report: dict[str, Any]) -> str:
     total = max(sum(pc.values()), 1)
     fabric = report["fabric"]
     lines = []
+    partial = report.get("partial", False)
+    if partial:
+        stopped = report["stopped"]
+        lines.append(f"PARTIAL REPORT ({stopped['message']}): the counters cover cycles 0.."
+                     f"{stopped['cycle'] - 1:,} only")
     if "parameters" in report:
         lines.append(f"{report.get('config', 'program')}: {report['parameters']:,} parameters, "
                      f"{report['kernels_count']} kernels, placement {report['placement']}, "
@@ -200,9 +225,11 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [
         f"host          {compile_part}simulate {report['host_simulation_seconds']:.1f} s",
         "",
-        f"{'kernel':<28} {'op':<14} {'PEs':>5} {'start':>9} {'end':>9} {'util':>6}",
+        f"{'kernel':<28} {'op':<14} {'PEs':>5} {'start':>9} {'end':>9} {'util':>6}"
+        + (f" {'running':>8}" if partial else ""),
     ]
     for k in report["kernels"]:
         lines.append(f"{k['name']:<28} {k['op']:<14} {k['pes']:>5} {k['start_cycle']:>9,} "
-                     f"{k['end_cycle']:>9,} {k['utilization']:>6.1%}")
+                     f"{k['end_cycle']:>9,} {k['utilization']:>6.1%}"
+                     + (f" {k['running_pes']:>8}" if partial else ""))
     return "\n".join(lines)

@@ -169,6 +169,13 @@ PE_COUNTERS = Table(
     init={"first_cycle": -1, "last_cycle": -1},
 )
 CYCLE_CLASSES = PE_COUNTERS.dtype.names[:5]
+BULK = Table(  # a PE's last bulk-run instruction: what it started from (`wse_sim.engine`
+    # replays its timing up to a stop cycle to count only the cycles run before it)
+    ("t0", i8),  # the cycle it started in
+    ("fp_t", i8), ("debt", i8), ("credit", f8),  # SLOT's fp_t, rd_debt and fpc then
+    ("first", i8), ("last", i8),  # PE_COUNTERS.first_cycle and last_cycle before it
+    ("ins", i4), ("e0", i4),  # the instruction and its first element
+)
 TASK = Table(
     ("trig", i4),  # Trigger
     ("recv", i4),  # COLOR: its receive queue
@@ -209,6 +216,7 @@ class Cores(NamedTuple):
     params: np.ndarray  # CORE_PARAMS [1]
     slot: np.ndarray  # SLOT [slots]
     ctr: np.ndarray  # PE_COUNTERS [slots]
+    bulk: np.ndarray  # BULK [slots]
     task: np.ndarray  # TASK [tasks]
     ins: np.ndarray  # INSTR [instructions]
     opnd: np.ndarray  # OPERAND [instructions * OPERANDS]

@@ -10,8 +10,10 @@ from typing import Any
 from wse_sim.commands.simulate import (
     add_output_arguments,
     check_output_arguments,
+    report_stopped,
     write_outputs,
 )
+from wse_sim.errors import SimulationStopped
 
 HELP = ("Compile one GPT training step for the wafer, simulate it cycle by cycle, check the "
         "numbers against the numpy reference and report where the cycles went.")
@@ -64,7 +66,12 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_arguments(args, (args.config,))
     progress = Progress(not args.quiet)
-    report = run_step(args.config, args.placement, args.max_cycles, progress, args.threads)
+    try:
+        report = run_step(args.config, args.placement, args.max_cycles, progress, args.threads,
+                          interruptible=True)
+    except SimulationStopped as stop:
+        progress.done()
+        return report_stopped(args, stop)
     progress.done()
     print(format_report(report))
     print()

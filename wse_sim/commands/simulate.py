@@ -5,9 +5,11 @@ its counters."""
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from wse_sim.commands import int_in
+from wse_sim.errors import SimulationStopped
 
 HELP = ("Simulate a saved program cycle by cycle on the wafer it was compiled for and "
         "report cycles, utilization, SRAM and fabric traffic per region.")
@@ -18,7 +20,7 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     parser.add_argument("--plot", metavar="DIR", help="also write the five PNG plots")
     parser.add_argument("--max-cycles", type=int_in(1), metavar="N",
-                        help="stop with an error if the run needs more cycles")
+                        help="stop after N cycles (a partial report, exit 2)")
     add_threads_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress line")
 
@@ -64,6 +66,20 @@ def write_outputs(args: argparse.Namespace, report: dict[str, Any]) -> None:
             print(f"wrote {path}")
 
 
+def report_stopped(args: argparse.Namespace, stop: SimulationStopped) -> int:
+    """A simulation stopped by --max-cycles or Ctrl-C: its partial report on stdout and to
+    --json (marked partial; plots, tensors and the check need a finished run and are not
+    written), one line `stopped at cycle N: ...` on stderr; exit 130 for Ctrl-C, else 2."""
+    from wse_sim.report import format_report, write_json
+
+    assert stop.report is not None  # the pipeline attaches it
+    print(format_report(stop.report))
+    if args.json:
+        write_json(args.json, stop.report)
+    print(stop, file=sys.stderr)
+    return 130 if stop.reason == "interrupted" else 2
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -84,8 +100,13 @@ def run(args: argparse.Namespace) -> int:
         wafer = WaferConfig()
     require(program_bytes(program), args.program)
     progress = Progress(not args.quiet)
-    result, report = simulate_program(program, wafer, max_cycles=args.max_cycles,
-                                      progress=progress, threads=args.threads)
+    try:
+        result, report = simulate_program(program, wafer, max_cycles=args.max_cycles,
+                                          progress=progress, threads=args.threads,
+                                          interruptible=True)
+    except SimulationStopped as stop:
+        progress.done()
+        return report_stopped(args, stop)
     progress.done()
     print(format_report(report))
     if args.tensors:
