@@ -17,10 +17,11 @@ from compiler.config import RunConfig
 from compiler.gpt import build_graph
 from compiler.graph import TrainingGraph
 from compiler.inputs import init_params, make_batch
-from compiler.lower import default_lane_width, lower
+from compiler.lower import lower
 from compiler.lowering.kernel import Kernel
 from compiler.orient import orient
 from compiler.placement import Box, hop_words, place
+from compiler.plan import Plan, plan_step
 from compiler.routing import Linked, link, program_elements
 from wse_sim.program import Kind
 
@@ -31,7 +32,7 @@ class Compiled:
     graph: TrainingGraph
     params: dict[str, np.ndarray]  # initial weights (float64, the reference's)
     tokens: np.ndarray  # (B, T) the batch baked into the program
-    lane_width: int
+    plan: Plan
     kernels: list[Kernel]
     placement: str
     boxes: list[Box]
@@ -68,13 +69,13 @@ def compile_step(cfg: RunConfig, placement: str | None = None) -> Compiled:
     graph = build_graph(cfg)
     params = init_params(cfg)
     tokens = make_batch(cfg)
-    lane_width = cfg.compile.lane_width or default_lane_width(graph)
-    kernels = lower(graph, params, tokens, lane_width)
+    plan = plan_step(graph, cfg.compile.lane_width or cfg.model.d_head)
+    kernels = lower(graph, params, tokens, plan)
     boxes = [Box(k.name, k.width, k.height) for k in kernels]
     traffic = kernel_traffic(kernels)
     positions = place(boxes, traffic, (cfg.wafer.width, cfg.wafer.height), strategy,
                       seed=cfg.compile.seed)
     kernels = orient(kernels, positions)  # mirror kernels so lane bundles cross less
     linked = link(kernels, positions, cfg.wafer)
-    return Compiled(cfg, graph, params, tokens, lane_width, kernels, strategy, boxes, traffic,
+    return Compiled(cfg, graph, params, tokens, plan, kernels, strategy, boxes, traffic,
                     linked, time.perf_counter() - started)

@@ -8,10 +8,11 @@ each exact, are the families' own:
 
 * `embed` and `lm_head` (tied embeddings) are one kernel holding the single copy of
   `wte.weight`, so `wte.weight.grad_acc` (the sum of both uses' gradients) happens in place.
-* `attn.mask` (and its backward, the identity on unmasked entries) is applied by the scores
-  kernel, which writes exactly -inf above the diagonal.
+* `attn.scores`, `attn.mask`, `attn.softmax` and `attn.values` (and their backward twins)
+  are one attention kernel: the masked scores are never computed, the probabilities never
+  leave the PEs.
 * The three QKV outputs q, k, v are the column blocks of one [M, 3d] stream tensor
-  `{op}.out` whose lanes the attention kernels pick (lane h of q is head h).
+  `{op}.out`, cut into lanes per block (`compiler.plan`), that the attention kernel reads.
 """
 
 from __future__ import annotations
@@ -23,12 +24,9 @@ import numpy as np
 from compiler.graph import OpSpec, TrainingGraph
 from compiler.lowering.kernel import Kernel, StreamIds, sram_budget
 from compiler.ops import family_of
+from compiler.ops.attention import AttnShape, fit_key_pes
+from compiler.plan import Plan
 from wse_sim.hardware import WaferConfig
-
-
-def default_lane_width(graph: TrainingGraph) -> int:
-    """One attention head per lane: the attention kernels need lanes of d_head columns."""
-    return graph.cfg.model.d_head
 
 
 @dataclass
@@ -39,7 +37,7 @@ class LoweringContext:
     graph: TrainingGraph
     params: dict[str, np.ndarray]  # initial weights by parameter name (float64)
     tokens: np.ndarray  # (B, T) the batch baked into the program
-    lane_width: int
+    plan: Plan
     ids: StreamIds = field(default_factory=StreamIds)
 
     @property
@@ -74,6 +72,23 @@ class LoweringContext:
         rows, cols = self.graph.tensors[tensor].shape
         return rows, cols
 
+    def lanes(self, tensor: str) -> list[tuple[int, int]]:
+        """The lanes `tensor` streams in (a fused QKV output is 3 d_model wide)."""
+        base = self.plan.sections.get(tensor.removeprefix("grad:"))
+        cols = 3 * base if base is not None else self.rows_cols(tensor)[1]
+        return self.plan.lanes(tensor, cols)
+
+    def attention_shape(self, op: OpSpec, qkv: str, out: str) -> AttnShape:
+        """The attention kernel's shape for scores op `op`: the plan's PEs per head group,
+        at least as many as SRAM needs."""
+        a = op.attrs
+        shape = AttnShape(a["batch"], a["seq_len"], a["heads"], a["d_head"], self.lanes(qkv),
+                          self.lanes(out), 1)
+        block = op.name.rsplit(".", 1)[0]
+        groups = fit_key_pes(block, shape, self.wafer.sram_words_per_pe,
+                             at_least=self.plan.key_pes.get(block, 1))
+        return AttnShape(**{**shape.__dict__, "key_pes": groups})
+
     def earlier_first(self, a: str, b: str) -> tuple[str, str]:
         """The two tensors ordered by their producers' place in the graph."""
         order = list(self.graph.ops)
@@ -82,11 +97,11 @@ class LoweringContext:
 
 
 def lower(graph: TrainingGraph, params: dict[str, np.ndarray], tokens: np.ndarray,
-          lane_width: int) -> list[Kernel]:
+          plan: Plan) -> list[Kernel]:
     """The kernels of one training step, in graph order; every graph op is in exactly one.
     A kernel that needs more SRAM on a PE than the wafer has is a UserError, raised as soon
     as its allocation passes the limit."""
-    ctx = LoweringContext(graph, params, tokens, lane_width)
+    ctx = LoweringContext(graph, params, tokens, plan)
     kernels = []
     with sram_budget(graph.cfg.wafer.sram_words_per_pe):
         for op in graph.ops.values():

@@ -252,10 +252,12 @@ class LaneEnds:
 
 def match_lanes(kernels: list[Kernel]) -> list[LaneEnds]:
     """Every lane's producer and consumers, sorted by (tensor, lane); a lane without a
-    producer or a consumer, or with two producers, is a compiler bug (ValueError)."""
+    producer or a consumer, with two producers, or whose ends disagree on its columns or
+    row order, is a compiler bug (ValueError)."""
     producers: dict[tuple[str, int], tuple[Kernel, int, LocalPE]] = {}
     consumers: dict[tuple[str, int], list[tuple[Kernel, int, tuple[LocalPE, ...]]]] = (
         defaultdict(list))
+    shapes: dict[tuple[str, int], tuple[tuple[int, int], str, str]] = {}
     for kernel in kernels:
         for end in kernel.outputs:
             key = (end.tensor, end.lane)
@@ -268,6 +270,12 @@ def match_lanes(kernels: list[Kernel]) -> list[LaneEnds]:
             producers[key] = (kernel, end.stream, end.pes[0])
         for end in kernel.inputs:
             consumers[(end.tensor, end.lane)].append((kernel, end.stream, end.pes))
+        for end in kernel.inputs + kernel.outputs:
+            shape = shapes.setdefault((end.tensor, end.lane), (end.cols, end.order, kernel.name))
+            if shape[:2] != (end.cols, end.order):
+                raise ValueError(f"lane {end.lane} of {end.tensor!r}: {kernel.name} has columns "
+                                 f"{end.cols} in {end.order} order, {shape[2]} has {shape[0]} "
+                                 f"in {shape[1]} order")
     lanes = []
     for key in sorted(set(producers) | set(consumers)):
         tensor, lane = key

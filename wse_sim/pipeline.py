@@ -30,7 +30,7 @@ def step_meta(config_path: str, compiled: Compiled) -> dict[str, Any]:
     return {
         "config": config_path,
         "placement": compiled.placement,
-        "lane_width": compiled.lane_width,
+        "lane_width": compiled.plan.width,
         "parameters": summary["parameters"],
         "kernels_count": len(compiled.kernels),
         "origin": list(compiled.linked.origin),

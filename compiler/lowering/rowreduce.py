@@ -52,14 +52,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from compiler.lowering.kernel import (
-    Kernel,
-    LocalPE,
-    LocalStream,
-    StreamEnd,
-    StreamIds,
-    lane_cols,
-)
+from compiler.lowering.kernel import Kernel, LocalPE, LocalStream, RowOrder, StreamIds
 from wse_sim.program import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, Reg, repeat, vec
 
 # Rows per block: a reduction round trip (~2 G hops plus a few instructions) is small next
@@ -105,13 +98,30 @@ class Lane:
     def width(self) -> int:
         return self.c1 - self.c0
 
+    @property
+    def cols(self) -> tuple[int, int]:
+        return self.c0, self.c1
 
-def strip_kernel(name: str, op: str, ops: list[str], cols: int,
-                 lane_width: int) -> tuple[Kernel, list[Lane]]:
-    """An empty 1-high kernel with PE (j, 0) per lane j of a `cols`-wide tensor."""
-    ranges = lane_cols(cols, lane_width)
-    kernel = Kernel(name=name, op=op, ops=list(ops), width=len(ranges), height=1)
-    return kernel, [Lane(j, (j, 0), c0, c1) for j, (c0, c1) in enumerate(ranges)]
+
+def strip_kernel(name: str, op: str, ops: list[str],
+                 lanes: list[tuple[int, int]]) -> tuple[Kernel, list[Lane]]:
+    """An empty 1-high kernel with PE (j, 0) per lane j (columns `lanes[j]`)."""
+    kernel = Kernel(name=name, op=op, ops=list(ops), width=len(lanes), height=1)
+    return kernel, [Lane(j, (j, 0), c0, c1) for j, (c0, c1) in enumerate(lanes)]
+
+
+def strip_inputs(kernel: Kernel, ids: StreamIds, tensor: str, lanes: list[Lane],
+                 order: RowOrder) -> list[int]:
+    """Declare that each lane's PE receives that lane of `tensor`; its stream ids."""
+    return kernel.lane_inputs(ids, tensor, [lane.cols for lane in lanes],
+                              [(lane.pe,) for lane in lanes], order)
+
+
+def strip_outputs(kernel: Kernel, ids: StreamIds, tensor: str, lanes: list[Lane],
+                  order: RowOrder) -> list[int]:
+    """Declare that each lane's PE sends that lane of `tensor`; its stream ids."""
+    return kernel.lane_outputs(ids, tensor, [lane.cols for lane in lanes],
+                               [lane.pe for lane in lanes], order)
 
 
 def alloc_all(kernel: Kernel, pes: list[LocalPE], words: int, purpose: str) -> int:
@@ -123,32 +133,20 @@ def alloc_all(kernel: Kernel, pes: list[LocalPE], words: int, purpose: str) -> i
     return offsets.pop()
 
 
-def lane_inputs(kernel: Kernel, ids: StreamIds, tensor: str, pes: list[LocalPE]) -> list[int]:
-    """Declare that `pes[j]` receives lane j of `tensor`; returns the stream id of each lane."""
-    return _lane_ends(kernel.inputs, ids, tensor, pes)
-
-
-def lane_outputs(kernel: Kernel, ids: StreamIds, tensor: str, pes: list[LocalPE]) -> list[int]:
-    """Declare that `pes[j]` sends lane j of `tensor`; returns the stream id of each lane."""
-    return _lane_ends(kernel.outputs, ids, tensor, pes)
-
-
-def _lane_ends(ends: list[StreamEnd], ids: StreamIds, tensor: str,
-               pes: list[LocalPE]) -> list[int]:
-    streams = [ids.new() for _ in pes]
-    for lane, (pe, stream) in enumerate(zip(pes, streams, strict=True)):
-        ends.append(StreamEnd(tensor, lane, (pe,), stream))
-    return streams
-
-
 def rows_at(offset: int, width: int) -> Operand:
     """A row-major block at `offset` as a row operand: one row per REPEAT iteration."""
     return Mem(offset, 1, loop_stride=width)
 
 
-def scalar_at(offset: int) -> Operand:
-    """Element k of the vector at `offset` as the scalar of REPEAT iteration k."""
-    return Mem(offset, 0, loop_stride=1)
+def rows_back(last: int, width: int) -> Operand:
+    """The rows of a row-major block from the one at `last` backwards: one row per REPEAT
+    iteration (how a descending stream meets rows stored in ascending order)."""
+    return Mem(last, 1, loop_stride=-width)
+
+
+def scalar_at(offset: int, step: int = 1) -> Operand:
+    """Element k * step of the vector at `offset` as the scalar of REPEAT iteration k."""
+    return Mem(offset, 0, loop_stride=step)
 
 
 def row_partials(op: RowOp, *, rows: int, width: int, dst: int, a: Operand,

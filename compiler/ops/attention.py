@@ -1,5 +1,5 @@
-"""Attention: causal scores `S = q k^T / sqrt(dh)` and values `o = P v`, with their
-backward passes, on a key-block x query-group grid of PEs per head.
+"""Attention: causal scores `S = q k^T / sqrt(dh)`, the causal mask, the softmax and the
+values `o = P v`, with their backward passes, in one streaming kernel.
 
 Graph: three op kinds over all heads at once (attributes heads, d_head, batch, seq_len):
 `attn_scores` (q, k -> S [M, H*T], scale 1/sqrt(dh); FLOPs 2 M H T dh for the product over
@@ -7,124 +7,70 @@ the full T x T plus M H T for the scaling, backward twice the product plus the s
 `causal_mask` (S -> S with -inf where key > query; no FLOPs) and `attn_values` (P, v -> o
 [M, d]; 2 M H T dh, backward twice). Head j owns columns [j dh, (j+1) dh) of q, k, v and o,
 and columns [j T, (j+1) T) of S and P (see `split_heads`). The softmax between them is
-`compiler.ops.softmax`.
+`compiler.ops.softmax`; one kernel implements all four ops (and their backward twins):
+the masked entries are never computed, the probabilities never leave the PEs.
 
-Layout. Both kernels use the same rectangle: `T/lw` columns (key blocks, `lw` keys each:
-exactly the columns of one scores lane) by `H * R` rows (head `h` owns rows
-`h*R .. h*R + R-1`; `R = row_groups`). PE `(c, h*R + r)` handles key block `c` of head
-`h` for the query rows `m` with `m % R == r` (round-robin, so the causal triangle's work is
-spread evenly over the groups). It stores the k (or v) rows of its key block for every
-batch element and only its own query rows of q, dS, P, dO. With `R = 1` this is the
-(T/lw) x H layout of one PE per (key block, head); a larger `R` divides the per-PE work
-(the arithmetic is `O(M T dh)` per head and would otherwise sit on T/lw PEs) for the price
-of relaying rows, which costs fabric bandwidth that is otherwise idle.
+Layout. The q, k, v lanes (of the fused [M, 3d] QKV output) and the o lanes may split a
+head over several lanes or hold several heads in one; the heads whose columns share lanes
+form a *group* (`head_groups`), one column of the kernel. A group's column has G PEs, and
+PE c owns the keys at positions t = c, c + G, c + 2G, ... of every sequence (round-robin,
+so the causal triangle's work spreads evenly). Every PE of the column receives every q,
+k and v row of its group (multicast lanes) and keeps the q rows (the backward needs them)
+and its own keys' k (scaled by 1/sqrt(dh) as it arrives) and v rows.
 
-Choosing R is the caller's (the builders default to 1): `fit_row_groups` gives the
-smallest R with which every PE fits its SRAM (R = 1 for gpt_small; a T = 2048 model needs
-tens), and the cost notes below say how far a larger R still pays.
+Forward, rows ascending, per row m at position t and per head: PE c takes its own keys
+j <= t (n of them): scores s_j = q_m . k_j (n dot products of dh), its local max mu_c,
+p_j = exp(s_j - mu_c), l_c = sum p_j and o_c = sum p_j v_j (dh dots of n terms): a
+partial softmax. The partials combine along the column c = 0 -> G-1 as flash attention's
+do: mu = max(mu_in, mu_c), l = l_in e^(mu_in - mu) + l_c e^(mu_c - mu), o likewise; a PE
+with no key <= t passes its input on. The last PE divides o by l and sends the o lanes,
+and multicasts (mu, 1 / l) of every row back up the column, where a second thread stores
+them for the backward (so no PE waits for them in the forward).
+Backward, rows descending (compiler.lowering.kernel), per row m: every PE receives dO_m,
+recomputes p_j = exp(q_m . k_j - mu) / l for its keys, dP_j = dO_m . v_j, and its share of
+D = sum_j p_j dP_j (= dO_m . o_m); the shares are summed down the column and the total
+multicast back (while the PE adds dv_j += p_j dO_m, which does not need D); then dS_j =
+p_j (dP_j - D), its share of dq_m = sum_j dS_j k'_j (k' the scaled keys: no multiply on
+the way out) is summed down the column, and dk_j += dS_j q_m. Walking the rows backwards
+completes key t's dk and dv when row t passes (every query i >= t has been seen): its
+owner sends them down the column, scaled by 1/sqrt(dh), and the last PE sends the dq, dk,
+dv lanes of row m.
 
-Only `lw == dh` is supported: then q, k and v of head `h` are the single lanes `h`,
-`H + h`, `2H + h` of the qkv tensor and one lane carries a whole head (the default lane
-width is `d_head`).
+Deadlock (compiler.lowering.kernel): the kernel is row-causal; within a column every
+stream flows one way (down the chain, or from the last PE up to the others' second thread
+and, in the backward, for D, which every PE reads after sending its share of it), and each
+PE reads its streams in the same order per row.
 
-Every arithmetic step is one primitive, `_dots`: a batch of dot products, each one output
-element accumulated in register 0 over `terms` products (a 1-element MUL or FMA seeding
-it — the FMA adds an incoming fabric wavelet, which is how partial sums are chained — an
-FMA over the middle terms, and a 1-element FMA writing the result), in a zero-overhead
-REPEAT over the outputs. Each term is one cycle and both factors are strided SRAM reads
-(the 2 reads/cycle budget, no scalar-load surcharge), so a batch of `n` dots of length `k`
-costs `n * k + 1` cycles.
-
-Phases (the same three shapes serve both kernels):
-
-* block products (scores forward, dP): for each own query row, the `nk` unmasked keys of
-  the block get `x_m . y_j` (nk dots of dh terms), the masked rest is a fill value
-  (`-inf` for scores: the causal mask is applied here; `0` for dP). With R = 1 the rows go
-  straight out; with R > 1 each PE computes its own rows into SRAM, then the column relays
-  the lane south in row order (each PE forwards lower groups' rows from the north and
-  injects its own) to the group-(R-1) PE, which emits it. Computing first is what lets
-  the groups work in parallel: a PE that interleaved its own rows with forwarding would
-  wait for every earlier row, serializing the column.
-* row reduction (forward o, dq): `out_m = sum_j w[m, j] y_j` over the block's unmasked
-  keys is `dh` dots of `nk` terms, the first term seeded by the partial sum from the
-  west PE; a PE whose block is fully masked for row m forwards the west partial. The east
-  column emits the lane (R = 1) or keeps its results and relays them south (R > 1).
-* column sums (dk, dv): `out_j = sum_m w[m, j] x_m` over the own rows with `t >= j` is `dh`
-  dots, seeded by the north PE's partial sum and passed south; the bottom group holds the
-  total and relays its block east, batch by batch, to the PE that emits the lane.
-
-Masked work is skipped exactly: a masked score is the constant `-inf` (its softmax weight
-P is exactly 0), so no term with `j > t` contributes to o, dq, dk or dv, and the gradient
-reaching a masked score is zero by definition. The dS entries above the diagonal are
-ignored (they are P * (...) = 0 anyway), and dP is emitted as 0 there: the true dL/dP of
-a masked entry (do . v, what a dense numpy reference reports) is never used because
-softmax's backward multiplies it by P = 0.
-The scale 1/sqrt(dh) is folded into k when it arrives (S = q . k', dq = dS k'), so the
-only extra multiply is on dk as it leaves (dk = scale * dS^T q): no cycle is spent on it.
-
-Deadlock (the kernel.py rule). The scores kernel reads all of q and k (one producer,
-interleaved row by row) into SRAM before it emits a score: the values kernel reads all of
-v, a sibling lane of the same QKV producer, before it reads P, and P depends on these
-scores, so streaming scores while q/k are still arriving could stall the QKV kernel
-forever. The values kernel reads v completely, then P: with R = 1 row by row, each P row
-just before the row it weights (P lane c has the one reader, PE c, which reads no further
-ahead than its west neighbour's partial sums, whose lane comes from the same softmax);
-with R > 1 completely first, because the R PEs of a column share one multicast P lane
-and a PE busy on its own row would stall the lane for the others. Backward inputs (dS,
-dO) are read completely first. Inside a kernel every stream flows east or south and each
-PE runs its phases in one order, so the chains cannot wait in a cycle.
-
-Cycle cost, one element per cycle (M = B*T rows, nk = min(lw, t + 1) the unmasked keys of
-block 0 for query position t; block 0 is the busiest PE column, and the kernel ends when
-the east PE has relayed block 0's column sums and injected its own):
-
-* R = 1, scores: `2 M dh` (q, k) + `M lw` (dS) + sum over rows of
-  `[nk > 1] + nk dh + (lw - nk)` (S row: REPEAT, dots, -inf fill) and `[dh > 1] + nk dh`
-  (dq row) + sum over keys j < lw, per batch element, of `1 + (T - j) dh` (dk) +
-  `(B + 1) lw dh` (dk relay). Dominant: `~3 B T lw dh` — each of S, dq, dk costs
-  `B (T - lw/2) lw dh`.
-* R = 1, values: the same with reads `2 M dh` (v, dO) and `lw` more per row (the P row
-  read as the row is reduced).
-* R > 1: the arithmetic terms divide by R (round-robin rows balance the triangle); the
-  reads stay `2 M dh + M lw` per PE (every PE takes whole multicast lanes), and each
-  relay adds up to `M lw` (S, dP) or `M dh` (dq, o) cycles at the emitting PE. So the cost
-  is about `(3 B T lw dh) / R + 6 M dh` for lw = dh, and R beyond ~lw/2 buys little.
-Measured (gpt_small attention, B 2, T 64, 4 heads, dh 32, run alone with run_kernel):
-scores 314,830 / 108,889 / 55,880 cycles and values 316,177 / 113,056 / 57,806 cycles at
-R = 1 / 4 / 16 (8, 32, 128 PEs).
+Cost per PE and row (`cycles`, `sram_words` below), per head with n own keys <= t:
+forward 3 W (receive q, k, v rows, W = the group's columns) + n dh (scores) + 4 n + 6
+(softmax partial) + n dh (o) + 2 dh + 10 (combine; dh + 2 to pass on); backward W
+(receive dO) + 2 n dh + 3 n (recompute p) + n dh (dP) + n (D) + n (dh + 1) (dv) + 2 n
+(dS) + n dh (dq) + n (dh + 1) (dk) + W (dq down the column) + 2 W (key t's dk, dv, on the
+PEs from its owner to the last). With G PEs per group n ~ (t + 1) / G.
+SRAM per PE: M W (q rows) + 4 (B ceil(T / G)) W (own k, v and their gradients) + 2 M
+(row statistics per head) + a few rows of scratch.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec, grad_name
-from compiler.lowering.kernel import Kernel, LocalPE, LocalStream, StreamEnd, StreamIds
+from compiler.lowering.dots import Walk, dots
+from compiler.lowering.kernel import Kernel, LocalPE, StreamIds, Tokens
 from compiler.ops.base import OpFamily, Tensors
+from compiler.ops.softmax import partial_softmax
 from wse_sim.errors import UserError
-from wse_sim.program import (
-    SOURCES_OF,
-    FabIn,
-    FabOut,
-    Imm,
-    Instr,
-    Kind,
-    Mem,
-    Op,
-    Operand,
-    Reg,
-    repeat,
-    vec,
-)
+from wse_sim.program import FabIn, FabOut, Imm, Instr, Mem, Op, Reg, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
 
-NEG_INF = float("-inf")
+Lane = tuple[int, int]
 
 
 def add_scores(b: GraphBuilder, name: str, q: str, k: str, heads: dict[str, Any]) -> str:
@@ -209,479 +155,500 @@ def attn_values_backward(dout: np.ndarray, p: np.ndarray, v: np.ndarray, batch: 
     return merge_heads(do4 @ v4.transpose(0, 1, 3, 2)), merge_heads(p4.transpose(0, 1, 3, 2) @ do4)
 
 
-# -- kernels ----------------------------------------------------------------------------------
+# -- kernel -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class AttnLayout:
-    """Shapes of one attention op and the PE grid that runs it."""
+class AttnShape:
+    """One attention op's shapes, its tensors' lanes, and the PEs per head group."""
 
     batch: int
     seq: int
     heads: int
     d_head: int
-    lane_width: int
-    row_groups: int = 1
+    qkv_lanes: list[Lane]  # lanes of the fused [M, 3d] q | k | v tensor
+    o_lanes: list[Lane]  # lanes of the output [M, d]
+    key_pes: int  # G: PEs per head group, each owning every G-th key
 
     @property
     def rows(self) -> int:
         return self.batch * self.seq
 
     @property
-    def blocks(self) -> int:
-        return self.seq // self.lane_width
-
-    @property
     def d_model(self) -> int:
         return self.heads * self.d_head
 
-    def pe(self, c: int, h: int, r: int) -> LocalPE:
-        return (c, h * self.row_groups + r)
+    def own_keys(self, c: int) -> int:
+        """Key positions of one sequence that PE c owns (t = c, c + G, ...)."""
+        return len(range(c, self.seq, self.key_pes))
 
-    def own_rows(self, r: int) -> int:
-        """Query rows of group r (m = r, r + R, ...)."""
-        return len(range(r, self.rows, self.row_groups))
-
-    def slot(self, m: int) -> int:
-        """Where own row m sits among its group's rows."""
-        return m // self.row_groups
-
-    def keys(self, c: int, t: int) -> int:
-        """Unmasked keys of block c for query position t."""
-        return max(0, min(self.lane_width, t - c * self.lane_width + 1))
+    def keys_upto(self, c: int, t: int) -> int:
+        """PE c's keys at positions <= t."""
+        return len(range(c, t + 1, self.key_pes))
 
 
-def attn_layout(op: str, *, batch: int, seq: int, heads: int, d_head: int, lane_width: int,
-                row_groups: int = 1) -> AttnLayout:
-    """Check the shapes an attention kernel supports (UserError names the op and field)."""
-    if lane_width != d_head:
-        raise UserError(f"op {op}: compile.lane_width {lane_width} must equal d_head {d_head} "
-                        f"for attention (one lane per head)")
-    if seq % lane_width:
-        raise UserError(f"op {op}: compile.lane_width {lane_width} must divide seq_len {seq}")
-    if min(batch, seq, heads, d_head, row_groups) < 1:
-        raise UserError(f"op {op}: batch, seq_len, heads, d_head and row_groups must be >= 1")
-    if row_groups > batch * seq:
-        raise UserError(f"op {op}: row_groups {row_groups} exceeds the {batch * seq} query rows")
-    return AttnLayout(batch, seq, heads, d_head, lane_width, row_groups)
+def head_groups(op: str, shape: AttnShape) -> list[tuple[int, int]]:
+    """(first head, heads) of each group: the fewest consecutive heads whose q, k, v and o
+    columns no lane shares with another group. A lane crossing the q/k/v boundaries is a
+    UserError naming the op."""
+    d, dh = shape.d_model, shape.d_head
+    owner = list(range(shape.heads))  # union of heads that share a lane
 
+    def join(cols: Lane, base: int) -> None:
+        first, last = (cols[0] - base) // dh, (cols[1] - 1 - base) // dh
+        for h in range(first + 1, last + 1):
+            owner[h] = owner[first]
 
-@dataclass(frozen=True)
-class _Vec:
-    """A strided SRAM vector walked by `_dots`: element k of output i is at
-    offset + k * stride + i * step."""
-
-    offset: int
-    stride: int
-    step: int
-
-    def term(self, k: int, stride: int = 1) -> Operand:
-        return Mem(self.offset + k * self.stride, stride, self.step)
-
-
-def _dots(outputs: int, terms: int, a: _Vec, b: _Vec, init: Operand | None,
-          out: Operand) -> list[Instr]:
-    """`outputs` dot products out[i] = (init[i] +) sum_k a[k, i] * b[k, i].
-
-    `out` is a FabOut, or a Mem whose loop_stride is the step between outputs; `init` is
-    None or a FabIn supplying one addend per output. Cost: outputs * terms (+1 for the
-    REPEAT) cycles."""
-    seeded = Op.FMA if init is not None else Op.MUL
-    seed = () if init is None else (init,)
-    if terms == 0:
-        out_vec = out if out.kind is Kind.FABOUT else Mem(out.offset, out.loop_stride)
-        return [vec(Op.MOV, outputs, out_vec, init if init is not None else Imm(0.0))]
-    if terms == 1:
-        out_vec = out if out.kind is Kind.FABOUT else Mem(out.offset, out.loop_stride)
-        return [vec(seeded, outputs, out_vec, Mem(a.offset, a.step), Mem(b.offset, b.step),
-                    *seed)]
-    acc = Reg(0)
-    body = [vec(seeded, 1, acc, a.term(0), b.term(0), *seed)]
-    if terms > 2:
-        body.append(vec(Op.FMA, terms - 2, acc, a.term(1, a.stride), b.term(1, b.stride), acc))
-    body.append(vec(Op.FMA, 1, out, a.term(terms - 1), b.term(terms - 1), acc))
-    return body if outputs == 1 else repeat(outputs, body)
-
-
-def _merge(instrs: list[Instr]) -> list[Instr]:
-    """Fuse neighbouring vector instructions that continue each other (same op and fabric
-    or immediate operands, memory operands contiguous), e.g. the per-row reads of a lane
-    into one instruction. REPEAT blocks are left untouched."""
-    out: list[Instr] = []
-    loop_left = 0  # instructions of the current REPEAT body still to copy
-    free_last = False  # out[-1] is outside any REPEAT block
-    for instr in instrs:
-        if loop_left:
-            loop_left -= 1
-            out.append(instr)
-            continue
-        if instr.op is Op.REPEAT:
-            loop_left = instr.body
-            free_last = False
-        elif free_last and _continues(out[-1], instr):
-            prev = out.pop()
-            instr = Instr(prev.op, n=prev.n + instr.n, dst=prev.dst, a=prev.a, b=prev.b,
-                          c=prev.c)
+    for c0, c1 in shape.qkv_lanes:
+        if c0 // d != (c1 - 1) // d:
+            raise UserError(f"op {op}: a lane of the QKV output (columns {c0}..{c1 - 1}) "
+                            f"crosses the q, k, v boundary at a multiple of d_model {d}")
+        join((c0, c1), c0 // d * d)
+    for lane in shape.o_lanes:
+        join(lane, 0)
+    for h in range(shape.heads):  # owners point back: resolve to the first head
+        owner[h] = owner[owner[h]]
+    groups: list[tuple[int, int]] = []
+    for h in range(shape.heads):
+        if groups and owner[h] == groups[-1][0]:
+            groups[-1] = (groups[-1][0], groups[-1][1] + 1)
         else:
-            free_last = instr.op in SOURCES_OF
-        out.append(instr)
-    return out
+            groups.append((h, 1))
+    return groups
 
 
-def _continues(prev: Instr, nxt: Instr) -> bool:
-    if prev.op is not nxt.op:
-        return False
-    for p, q in ((prev.dst, nxt.dst), (prev.a, nxt.a), (prev.b, nxt.b), (prev.c, nxt.c)):
-        if p.kind is not q.kind or p.kind is Kind.REG:
-            return False
-        if p.kind is Kind.MEM:
-            if (q.stride != p.stride or p.loop_stride or q.loop_stride
-                    or q.offset != p.offset + prev.n * p.stride):
-                return False
-        elif p != q:
-            return False
-    return True
+def _lanes_within(lanes: list[Lane], c0: int, c1: int) -> list[tuple[int, Lane]]:
+    """(lane index, columns) of the lanes inside columns [c0, c1)."""
+    return [(j, lane) for j, lane in enumerate(lanes) if c0 <= lane[0] and lane[1] <= c1]
 
 
 @dataclass
-class _Grid:
-    """A kernel under construction plus the neighbour streams of its PE grid: `east` from
-    (c, h, r) to (c+1, h, r), `south` from (c, h, r) to (c, h, r+1)."""
+class _Group:
+    """One head group's column of PEs, its lanes and its local streams."""
 
-    kernel: Kernel
-    lay: AttnLayout
-    ids: StreamIds
-    east: dict[tuple[int, int, int], int] = field(default_factory=dict)
-    south: dict[tuple[int, int, int], int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        lay = self.lay
-        for h in range(lay.heads):
-            for r in range(lay.row_groups):
-                for c in range(lay.blocks):
-                    for links, nbr in ((self.east, (c + 1, h, r)), (self.south, (c, h, r + 1))):
-                        if nbr[0] < lay.blocks and nbr[2] < lay.row_groups:
-                            links[(c, h, r)] = sid = self.ids.new()
-                            self.kernel.local_streams.append(
-                                LocalStream(lay.pe(c, h, r), (lay.pe(*nbr),), sid))
-
-    def west_in(self, c: int, h: int, r: int) -> Operand | None:
-        return FabIn(self.east[(c - 1, h, r)]) if c > 0 else None
-
-    def north_in(self, c: int, h: int, r: int) -> Operand | None:
-        return FabIn(self.south[(c, h, r - 1)]) if r > 0 else None
-
-    def east_out(self, c: int, h: int, r: int, last: Operand) -> Operand:
-        return FabOut(self.east[(c, h, r)]) if c < self.lay.blocks - 1 else last
-
-    def south_out(self, c: int, h: int, r: int, last: int) -> Operand:
-        """Towards the lane `last` emitted by the bottom group of the column."""
-        return FabOut(self.south[(c, h, r)] if r < self.lay.row_groups - 1 else last)
-
-    def head_pes(self, h: int) -> tuple[LocalPE, ...]:
-        lay = self.lay
-        return tuple(lay.pe(c, h, r) for r in range(lay.row_groups) for c in range(lay.blocks))
-
-    def column_pes(self, c: int, h: int) -> tuple[LocalPE, ...]:
-        return tuple(self.lay.pe(c, h, r) for r in range(self.lay.row_groups))
-
-    def emit(self, pe: LocalPE, instrs: list[Instr]) -> None:
-        self.kernel.emit(pe, *_merge(instrs))
+    first_head: int
+    n_heads: int
+    col: int  # the kernel column
+    q: list[tuple[int, Lane]]  # (stream, columns relative to the group) of its q lanes
+    k: list[tuple[int, Lane]]
+    v: list[tuple[int, Lane]]
+    o: list[tuple[int, Lane]]  # o lanes (outputs), dO lanes (inputs) below
+    d_out: list[tuple[int, Lane]]
+    dq: list[tuple[int, Lane]]
+    dk: list[tuple[int, Lane]]
+    dv: list[tuple[int, Lane]]
+    down: list[int]  # down[c]: PE c -> PE c + 1
+    up: int | None  # the last PE -> every other (None for one PE)
 
 
 @dataclass(frozen=True)
+class _Buffers:
+    """SRAM word offsets of one PE of a group (the same layout on every PE)."""
+
+    q: int  # q rows: M x W
+    k: int  # own keys, scaled: slots x W
+    v: int
+    dk: int
+    dv: int
+    stats: int  # per row and head: mu, 1 / l
+    s: int  # per head: the row's scores / probabilities over own keys
+    dp: int  # per head: dP, then dS
+    o: int  # the row's partial o (W), then o or dq partial
+    d_out: int  # the row's dO (W)
+    scal: int  # per head: mu_c, l_c, mu, a, b, 1 / l; then D share and D
+    discard: int
+
+
+SCALARS = 8  # words per head in `scal`
+
+
+def _buffers(kernel: Kernel, pe: LocalPE, shape: AttnShape, width: int, heads: int,
+             c: int) -> _Buffers:
+    slots = shape.batch * shape.own_keys(c)
+    n_max = shape.own_keys(0)
+
+    def words(count: int, what: str) -> int:
+        return kernel.alloc(pe, count, f"{kernel.name}: {what}")
+
+    return _Buffers(
+        q=words(shape.rows * width, "q rows"), k=words(slots * width, "own k rows (scaled)"),
+        v=words(slots * width, "own v rows"), dk=words(slots * width, "dk of own keys"),
+        dv=words(slots * width, "dv of own keys"),
+        stats=words(2 * heads * shape.rows, "softmax statistics"),
+        s=words(heads * n_max, "scores, then probabilities"), dp=words(heads * n_max, "dP, dS"),
+        o=words(width, "partial o, then dq"), d_out=words(width, "dO row"),
+        scal=words(SCALARS * heads, "scalars"), discard=words(1, "discarded wavelets"))
+
+
+def build_attention(name: str, ops: list[str], ids: StreamIds, *, shape: AttnShape,
+                    qkv: str, out: str, d_out: str, d_qkv: str, queue_depth: int) -> Kernel:
+    """Causal softmax attention of the q, k, v lanes of `qkv` [M, 3d] into `out` [M, d]
+    (forward, rows ascending) and the d(q, k, v) lanes of `d_qkv` from `d_out` (backward,
+    rows descending); see the module docstring."""
+    d, dh, G = shape.d_model, shape.d_head, shape.key_pes
+    groups = head_groups(name, shape)
+    kernel = Kernel(name=name, op="attention", ops=list(ops), width=len(groups), height=G,
+                    shapes={qkv: (shape.rows, 3 * d), out: (shape.rows, d),
+                            d_out: (shape.rows, d), d_qkv: (shape.rows, 3 * d)})
+    column = [[(gi, c) for c in range(G)] for gi in range(len(groups))]
+    streams = {}
+    for tensor, lanes, order, sending in ((qkv, shape.qkv_lanes, "ascending", False),
+                                          (d_qkv, shape.qkv_lanes, "descending", True),
+                                          (out, shape.o_lanes, "ascending", True),
+                                          (d_out, shape.o_lanes, "descending", False)):
+        owners = [next(gi for gi, (h0, nh) in enumerate(groups)
+                       if h0 * dh <= lane[0] % d < (h0 + nh) * dh) for lane in lanes]
+        if sending:
+            ids_ = kernel.lane_outputs(ids, tensor, lanes, [(gi, G - 1) for gi in owners],
+                                       order)
+        else:
+            ids_ = kernel.lane_inputs(ids, tensor, lanes,
+                                      [tuple(column[gi]) for gi in owners], order)
+        streams[tensor] = ids_
+    for gi, (h0, nh) in enumerate(groups):
+        g0, g1 = h0 * dh, (h0 + nh) * dh
+
+        def section(tensor: str, lanes: list[Lane], base: int, g0: int = g0,
+                    g1: int = g1) -> list[tuple[int, Lane]]:
+            """The group's lanes of `tensor` in the section at `base`, columns relative
+            to the group."""
+            return [(streams[tensor][j], (c0 - base - g0, c1 - base - g0))
+                    for j, (c0, c1) in _lanes_within(lanes, base + g0, base + g1)]
+
+        down = [kernel.local((gi, c), ((gi, c + 1),), ids) for c in range(G - 1)]
+        up = kernel.local((gi, G - 1), tuple((gi, c) for c in range(G - 1)), ids) if G > 1 \
+            else None
+        group = _Group(h0, nh, gi, section(qkv, shape.qkv_lanes, 0),
+                       section(qkv, shape.qkv_lanes, d), section(qkv, shape.qkv_lanes, 2 * d),
+                       section(out, shape.o_lanes, 0), section(d_out, shape.o_lanes, 0),
+                       section(d_qkv, shape.qkv_lanes, 0), section(d_qkv, shape.qkv_lanes, d),
+                       section(d_qkv, shape.qkv_lanes, 2 * d), down, up)
+        for c in range(G):
+            _emit_pe(kernel, ids, shape, group, c, queue_depth)
+    return kernel
+
+
 class _PE:
-    """PE (c, h*R + r) of the grid."""
+    """Instruction builders of PE c of one group."""
 
-    c: int
-    h: int
-    r: int
-    scratch: int  # a word that discarded wavelets are moved to
+    def __init__(self, kernel: Kernel, shape: AttnShape, group: _Group, c: int,
+                 buf: _Buffers) -> None:
+        self.kernel, self.shape, self.g, self.c, self.buf = kernel, shape, group, c, buf
+        self.width = group.n_heads * shape.d_head
+        self.last = c == shape.key_pes - 1
+        self.pe = (group.col, c)
+
+    def slot(self, b: int, t: int) -> int:
+        """The own-key slot of position t (owned by this PE) in sequence b."""
+        return b * self.shape.own_keys(self.c) + (t - self.c) // self.shape.key_pes
+
+    def scal(self, h: int, k: int) -> int:
+        return self.buf.scal + SCALARS * h + k
+
+    def row_buffers(self, h: int) -> tuple[int, int]:
+        """Head h's scores / probabilities and dP / dS of the current row."""
+        n_max = self.shape.own_keys(0)
+        return self.buf.s + h * n_max, self.buf.dp + h * n_max
+
+    def stat(self, m: int, h: int, k: int) -> int:
+        """mu (k = 0) or 1 / l (k = 1) of row m, head h."""
+        return self.buf.stats + 2 * (m * self.g.n_heads + h) + k
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def receive(self, m: int) -> list[Instr]:
+        """q_m kept, k_m and v_m kept (k scaled) if this PE owns key t, else discarded."""
+        b, t = divmod(m, self.shape.seq)
+        mine = t % self.shape.key_pes == self.c
+        scale = Imm(1.0 / math.sqrt(self.shape.d_head))
+        instrs = [vec(Op.MOV, c1 - c0, Mem(self.buf.q + m * self.width + c0), FabIn(s))
+                  for s, (c0, c1) in self.g.q]
+        for lanes, base, factor in ((self.g.k, self.buf.k, scale), (self.g.v, self.buf.v, None)):
+            for s, (c0, c1) in lanes:
+                if not mine:
+                    instrs.append(vec(Op.MOV, c1 - c0, Mem(self.buf.discard, 0), FabIn(s)))
+                    continue
+                dst = Mem(base + self.slot(b, t) * self.width + c0)
+                instrs.append(vec(Op.MUL, c1 - c0, dst, FabIn(s), factor) if factor
+                              else vec(Op.MOV, c1 - c0, dst, FabIn(s)))
+        return instrs
+
+    def scores(self, m: int, h: int, n: int, dst: int) -> list[Instr]:
+        """n scores q_m . k'_j of head h into `dst`."""
+        b, _ = divmod(m, self.shape.seq)
+        dh, w = self.shape.d_head, self.width
+        return dots(n, dh, Walk(self.buf.q + m * w + h * dh, 1),
+                    Walk(self.buf.k + self.slot(b, self.c) * w + h * dh, 1, w), acc=0,
+                    out=[Mem(dst + i) for i in range(n)])
+
+    def weighted_rows(self, m: int, h: int, n: int, weights: int, rows: int,
+                      dst: int) -> list[Instr]:
+        """dst[:dh] = sum over the n own keys j of weights[j] * rows[j, head h]."""
+        b, _ = divmod(m, self.shape.seq)
+        dh, w = self.shape.d_head, self.width
+        return dots(dh, n, Walk(weights, 1), Walk(rows + self.slot(b, self.c) * w + h * dh,
+                                                  w, 1),
+                    acc=0, out=[Mem(dst + i) for i in range(dh)])
+
+    def forward_row(self, m: int) -> list[Instr]:
+        t = m % self.shape.seq
+        dh = self.shape.d_head
+        instrs = self.receive(m)
+        for h in range(self.g.n_heads):
+            n = self.shape.keys_upto(self.c, t)
+            s, o = self.row_buffers(h)[0], self.buf.o + h * dh
+            mu, ell = self.scal(h, 0), self.scal(h, 1)
+            if n:
+                instrs += self.scores(m, h, n, s)
+                instrs += partial_softmax(n, s, mu=mu, total=ell, acc=1)
+                instrs += self.weighted_rows(m, h, n, s, self.buf.v, o)
+            instrs += self.combine(m, h, n)
+        return instrs
+
+    def combine(self, m: int, h: int, n: int) -> list[Instr]:
+        """Merge (mu, l, o) of head h from the PE above with this PE's own and send it on
+        (in that order); the last PE keeps the merge and finishes."""
+        dh = self.shape.d_head
+        o = Mem(self.buf.o + h * dh)
+        mu, ell = Mem(self.scal(h, 0)), Mem(self.scal(h, 1))
+        down = FabOut(self.g.down[self.c]) if not self.last else None
+        if self.c == 0:  # the first PE always owns key 0 of the row
+            if down is None:
+                return self.finish(m, h)
+            return [vec(Op.MOV, 1, down, mu), vec(Op.MOV, 1, down, ell),
+                    vec(Op.MOV, dh, down, o)]
+        inflow = FabIn(self.g.down[self.c - 1])
+        if n == 0:  # no key of its own yet: pass on (or keep) the partial from above
+            if down is not None:
+                return [vec(Op.MOV, dh + 2, down, inflow)]
+            return [vec(Op.MOV, 1, mu, inflow), vec(Op.MOV, 1, ell, inflow),
+                    vec(Op.MOV, dh, o, inflow), *self.finish(m, h)]
+        mu_in, new, a, bb = (Mem(self.scal(h, k)) for k in (2, 3, 4, 5))
+        instrs = [
+            vec(Op.MOV, 1, mu_in, inflow),
+            vec(Op.MAX, 1, new, mu_in, mu),
+            vec(Op.SUB, 1, a, mu_in, new), vec(Op.EXP, 1, a, a),  # e^(mu_in - mu')
+            vec(Op.SUB, 1, bb, mu, new), vec(Op.EXP, 1, bb, bb),  # e^(mu_c - mu')
+            vec(Op.MUL, 1, ell, ell, bb),
+            vec(Op.MUL, dh, o, o, Mem(self.scal(h, 5), 0)),
+        ]
+        a_scalar = Mem(self.scal(h, 4), 0)
+        if down is not None:
+            return instrs + [vec(Op.MOV, 1, down, new), vec(Op.FMA, 1, down, inflow, a, ell),
+                             vec(Op.FMA, dh, down, inflow, a_scalar, o)]
+        return instrs + [vec(Op.MOV, 1, mu, new), vec(Op.FMA, 1, ell, inflow, a, ell),
+                         vec(Op.FMA, dh, o, inflow, a_scalar, o), *self.finish(m, h)]
+
+    def finish(self, m: int, h: int) -> list[Instr]:
+        """The last PE: 1 / l, o / l to the o lanes, the statistics kept and sent up."""
+        dh = self.shape.d_head
+        o = self.buf.o + h * dh
+        mu, rl = self.stat(m, h, 0), self.stat(m, h, 1)
+        instrs = [vec(Op.MOV, 1, Mem(mu), Mem(self.scal(h, 0))),
+                  vec(Op.RECIP, 1, Mem(rl), Mem(self.scal(h, 1)))]
+        for s, (c0, c1) in self.g.o:  # the lanes (or parts of lanes) of head h
+            lo, hi = max(c0, h * dh), min(c1, (h + 1) * dh)
+            if lo < hi:
+                instrs.append(vec(Op.MUL, hi - lo, FabOut(s), Mem(o + lo - h * dh),
+                                  Mem(rl, 0)))
+        if self.g.up is not None:
+            instrs.append(vec(Op.MOV, 2, FabOut(self.g.up), Mem(mu)))
+        return instrs
+
+    # -- backward -----------------------------------------------------------------------------
+
+    def backward_row(self, m: int) -> list[Instr]:
+        b, t = divmod(m, self.shape.seq)
+        dh, w, nh = self.shape.d_head, self.width, self.g.n_heads
+        n = self.shape.keys_upto(self.c, t)
+        instrs = [vec(Op.MOV, c1 - c0, Mem(self.buf.d_out + c0), FabIn(s))
+                  for s, (c0, c1) in self.g.d_out]
+        for h in range(nh):
+            s, dp = self.row_buffers(h)
+            if not n:
+                instrs.append(vec(Op.MOV, 1, Mem(self.scal(h, 6)), Imm(0.0)))  # D's share
+                continue
+            instrs += self.scores(m, h, n, s)
+            instrs += [vec(Op.SUB, n, Mem(s), Mem(s), Mem(self.stat(m, h, 0), 0)),
+                       vec(Op.EXP, n, Mem(s), Mem(s)),
+                       vec(Op.MUL, n, Mem(s), Mem(s), Mem(self.stat(m, h, 1), 0))]  # p_j
+            instrs += dots(n, dh, Walk(self.buf.d_out + h * dh, 1),
+                           Walk(self.buf.v + self.slot(b, self.c) * w + h * dh, 1, w),
+                           acc=0, out=[Mem(dp + i) for i in range(n)])  # dP_j
+            instrs += [vec(Op.MOV, 1, Reg(1), Imm(0.0)),
+                       vec(Op.FMA, n, Reg(1), Mem(s), Mem(dp), Reg(1)),
+                       vec(Op.MOV, 1, Mem(self.scal(h, 6)), Reg(1))]  # D's share
+        instrs += self.sum_down(nh)
+        for h in range(nh):  # dv does not need D: it hides the sum's round trip
+            s, _ = self.row_buffers(h)
+            instrs += self.accumulate(b, h, n, self.buf.dv, self.buf.d_out + h * dh, s)
+        if self.g.up is not None:
+            target = Mem(self.scal(0, 6), SCALARS)
+            instrs.append(vec(Op.MOV, nh, target, FabIn(self.g.up)) if not self.last
+                          else vec(Op.MOV, nh, FabOut(self.g.up), target))
+        for h in range(nh):
+            s, dp = self.row_buffers(h)
+            dq = self.buf.o + h * dh
+            if not n:
+                instrs.append(vec(Op.MOV, dh, Mem(dq), Imm(0.0)))
+                continue
+            instrs += [vec(Op.SUB, n, Mem(dp), Mem(dp), Mem(self.scal(h, 6), 0)),
+                       vec(Op.MUL, n, Mem(dp), Mem(dp), Mem(s))]  # dS_j
+            instrs += self.weighted_rows(m, h, n, dp, self.buf.k, dq)
+            instrs += self.accumulate(b, h, n, self.buf.dk, self.buf.q + m * w + h * dh, dp)
+        instrs += self.dq_down()
+        instrs += self.key_gradients(b, t)
+        return instrs
+
+    def accumulate(self, b: int, h: int, n: int, grads: int, row: int,
+                   weights: int) -> list[Instr]:
+        """grads[j, head h] += weights[j] * row[:dh] for the n own keys j."""
+        dh, w = self.shape.d_head, self.width
+        first = grads + self.slot(b, self.c) * w + h * dh
+        return [vec(Op.FMA, dh, Mem(first + i * w), Mem(row), Mem(weights + i, 0),
+                    Mem(first + i * w)) for i in range(n)]
+
+    def sum_down(self, heads: int) -> list[Instr]:
+        """Every head's share of D summed down the column into the last PE's (in place)."""
+        if self.shape.key_pes == 1:
+            return []
+        shares = Mem(self.scal(0, 6), SCALARS)
+        if self.c == 0:
+            return [vec(Op.MOV, heads, FabOut(self.g.down[0]), shares)]
+        target = shares if self.last else FabOut(self.g.down[self.c])
+        return [vec(Op.ADD, heads, target, FabIn(self.g.down[self.c - 1]), shares)]
+
+    def dq_down(self) -> list[Instr]:
+        """dq's shares summed down the column; the last PE sends the dq lanes."""
+        w = self.width
+        o = Mem(self.buf.o)
+        if self.shape.key_pes > 1 and self.c == 0:
+            return [vec(Op.MOV, w, FabOut(self.g.down[0]), o)]
+        instrs = []
+        if self.c > 0:
+            inflow = FabIn(self.g.down[self.c - 1])
+            if not self.last:
+                return [vec(Op.ADD, w, FabOut(self.g.down[self.c]), inflow, o)]
+            instrs.append(vec(Op.ADD, w, o, inflow, o))
+        return instrs + [vec(Op.MOV, c1 - c0, FabOut(s), Mem(self.buf.o + c0))
+                         for s, (c0, c1) in self.g.dq]
+
+    def key_gradients(self, b: int, t: int) -> list[Instr]:
+        """Key t's dk (scaled) and dv, complete now: its owner sends them down the column
+        and clears them; PEs below pass them on; the last PE sends the dk, dv lanes."""
+        owner = t % self.shape.key_pes
+        if self.c < owner:
+            return []
+        w = self.width
+        scale = Imm(1.0 / math.sqrt(self.shape.d_head))
+        if self.c > owner:
+            inflow = FabIn(self.g.down[self.c - 1])
+            if not self.last:
+                return [vec(Op.MOV, 2 * w, FabOut(self.g.down[self.c]), inflow)]
+            return [*(vec(Op.MOV, c1 - c0, FabOut(s), inflow) for s, (c0, c1) in self.g.dk),
+                    *(vec(Op.MOV, c1 - c0, FabOut(s), inflow) for s, (c0, c1) in self.g.dv)]
+        slot = self.slot(b, t) * w
+        dk, dv = self.buf.dk + slot, self.buf.dv + slot
+        if self.last:
+            sends = [*(vec(Op.MUL, c1 - c0, FabOut(s), Mem(dk + c0), scale)
+                       for s, (c0, c1) in self.g.dk),
+                     *(vec(Op.MOV, c1 - c0, FabOut(s), Mem(dv + c0)) for s, (c0, c1) in self.g.dv)]
+        else:
+            down = FabOut(self.g.down[self.c])
+            sends = [vec(Op.MUL, w, down, Mem(dk), scale), vec(Op.MOV, w, down, Mem(dv))]
+        # cleared for the next wave of rows through the same slots
+        return sends + [vec(Op.MOV, w, Mem(dk), Imm(0.0)), vec(Op.MOV, w, Mem(dv), Imm(0.0))]
 
 
-def _read_own(g: _Grid, p: _PE, stream: int, width: int, base: int) -> list[Instr]:
-    """Read a whole lane; keep the own rows (row slot s at base + s * width)."""
-    lay = g.lay
-    return [vec(Op.MOV, width,
-                Mem(base + lay.slot(m) * width) if m % lay.row_groups == p.r
-                else Mem(p.scratch, 0), FabIn(stream))
-            for m in range(lay.rows)]
-
-
-def _read_block_row(g: _Grid, p: _PE, m: int, stream: int, block: int,
-                    scale: float | None) -> Instr:
-    """Receive row m of a k or v lane; keep it (times `scale`) if its key is in block c."""
-    lay = g.lay
-    b, t = divmod(m, lay.seq)
-    dh = lay.d_head
-    if t // lay.lane_width != p.c:
-        return vec(Op.MOV, dh, Mem(p.scratch, 0), FabIn(stream))
-    dst = Mem(block + (b * lay.lane_width + t % lay.lane_width) * dh)
-    if scale is None:
-        return vec(Op.MOV, dh, dst, FabIn(stream))
-    return vec(Op.MUL, dh, dst, FabIn(stream), Imm(scale))
-
-
-def _relay_south(g: _Grid, p: _PE, buf: int, width: int, lane: int) -> list[Instr]:
-    """Send a lane down the PE column in row order: rows of lower groups forwarded from
-    the north, own rows (slot s at buf + s * width) injected from SRAM."""
-    lay = g.lay
-    out = g.south_out(p.c, p.h, p.r, lane)
-    instrs: list[Instr] = []
-    for m in range(lay.rows):
-        group = m % lay.row_groups
-        if group < p.r:
-            instrs.append(vec(Op.MOV, width, out, g.north_in(p.c, p.h, p.r)))
-        elif group == p.r:
-            instrs.append(vec(Op.MOV, width, out, Mem(buf + lay.slot(m) * width)))
-    return instrs
-
-
-def _block_products(g: _Grid, p: _PE, x_rows: int, block: int, fill: float, lane: int,
-                    buf: int) -> list[Instr]:
-    """Lane (h, c) of x y^T over the block's unmasked keys, `fill` where masked. With one
-    group the rows go straight out; with several, own rows are computed into `buf` first
-    and then relayed, so the groups compute in parallel rather than in row order."""
-    lay = g.lay
-    lw, dh = lay.lane_width, lay.d_head
-    direct = lay.row_groups == 1
-    instrs: list[Instr] = []
-    for m in range(p.r, lay.rows, lay.row_groups):
-        b, t = divmod(m, lay.seq)
-        nk = lay.keys(p.c, t)
-        row = buf + lay.slot(m) * lw
-        if nk:
-            instrs += _dots(nk, dh, _Vec(x_rows + lay.slot(m) * dh, 1, 0),
-                            _Vec(block + b * lw * dh, 1, dh), None,
-                            FabOut(lane) if direct else Mem(row, 1, 1))
-        if nk < lw:
-            instrs.append(vec(Op.MOV, lw - nk, FabOut(lane) if direct else Mem(row + nk),
-                              Imm(fill)))
-    return instrs if direct else instrs + _relay_south(g, p, buf, lw, lane)
-
-
-def _row_reduce(g: _Grid, p: _PE, w_rows: int, block: int, lane: int, read: int | None,
-                buf: int) -> list[Instr]:
-    """Lane h of w y (w: the own rows' block weights), summed west to east over the key
-    blocks. With `read`, the weights arrive on that stream: with one group each weight row
-    is read just before its row is reduced (the kernel streams); with several they are
-    read completely first (every PE of the column takes the whole multicast lane, so a PE
-    busy on its own row would hold back the others). With one group the east PE emits
-    the lane; with several it keeps its results in `buf`, then relays them south."""
-    lay = g.lay
-    lw, dh = lay.lane_width, lay.d_head
-    direct = lay.row_groups == 1
-    east = p.c == lay.blocks - 1
-    west = g.west_in(p.c, p.h, p.r)
-    instrs = [] if direct or read is None else _read_own(g, p, read, lw, w_rows)
-    for m in range(p.r, lay.rows, lay.row_groups):
-        b, t = divmod(m, lay.seq)
-        if direct and read is not None:
-            instrs.append(vec(Op.MOV, lw, Mem(w_rows + lay.slot(m) * lw), FabIn(read)))
-        out = g.east_out(p.c, p.h, p.r,
-                         FabOut(lane) if direct else Mem(buf + lay.slot(m) * dh, 1, 1))
-        instrs += _dots(dh, lay.keys(p.c, t), _Vec(w_rows + lay.slot(m) * lw, 1, 0),
-                        _Vec(block + b * lw * dh, dh, 1), west, out)
-    if east and not direct:
-        instrs += _relay_south(g, p, buf, dh, lane)
-    return instrs
-
-
-def _column_sums(g: _Grid, p: _PE, w_rows: int, x_rows: int, block: int, lane: int,
-                 scale: float | None) -> list[Instr]:
-    """Lane of w^T x for the block's keys (key j sums the own rows with t >= j), summed
-    north to south over the groups into `block` of the bottom PE (replacing the k or v
-    rows, no longer needed), then relayed east batch by batch (times `scale`)."""
-    lay = g.lay
-    lw, dh, rg = lay.lane_width, lay.d_head, lay.row_groups
-    north = g.north_in(p.c, p.h, p.r)
-    instrs: list[Instr] = []
-    for b in range(lay.batch):
-        for jj in range(lw):
-            row0 = b * lay.seq + p.c * lw + jj  # first row that sees key j
-            first = row0 + (p.r - row0) % rg
-            count = len(range(first, (b + 1) * lay.seq, rg))
-            s = lay.slot(first)
-            out = (FabOut(g.south[(p.c, p.h, p.r)]) if p.r < rg - 1
-                   else Mem(block + (b * lw + jj) * dh, 1, 1))
-            instrs += _dots(dh, count, _Vec(w_rows + s * lw + jj, lw, 0),
-                            _Vec(x_rows + s * dh, dh, 1), north, out)
-        if p.r == rg - 1:
-            out = g.east_out(p.c, p.h, p.r, FabOut(lane))
-            if p.c:
-                instrs.append(vec(Op.MOV, p.c * lw * dh, out, g.west_in(p.c, p.h, p.r)))
-            mine = Mem(block + b * lw * dh)
-            instrs.append(vec(Op.MOV, lw * dh, out, mine) if scale is None
-                          else vec(Op.MUL, lw * dh, out, mine, Imm(scale)))
-    return instrs
-
-
-def _scores_buffers(lay: AttnLayout, c: int, r: int) -> dict[str, int]:
-    """SRAM words of scores PE (c, h, r), by purpose."""
-    own, lw, dh = lay.own_rows(r), lay.lane_width, lay.d_head
-    relays_dq = lay.row_groups > 1 and c == lay.blocks - 1
-    return {"q rows": own * dh, "k block (scaled), then dk": lay.batch * lw * dh,
-            "own S rows, then dS rows": own * lw, "own dq rows": own * dh if relays_dq else 0}
-
-
-def _values_buffers(lay: AttnLayout, r: int) -> dict[str, int]:
-    """SRAM words of values PE (c, h, r), by purpose."""
-    own, lw, dh = lay.own_rows(r), lay.lane_width, lay.d_head
-    return {"v block, then dv": lay.batch * lw * dh, "P rows": own * lw,
-            "own o rows, then dO rows": own * dh,
-            "own dP rows": own * lw if lay.row_groups > 1 else 0}
-
-
-def attn_sram_words(lay: AttnLayout) -> int:
-    """The most SRAM words any PE of either attention kernel needs (group 0 has the most
-    rows; +1 for the discard word)."""
-    return 1 + max(sum(_scores_buffers(lay, lay.blocks - 1, 0).values()),
-                   sum(_values_buffers(lay, 0).values()))
-
-
-def fit_row_groups(op: str, lay: AttnLayout, sram_words: int, at_least: int = 1) -> int:
-    """The smallest row_groups >= `at_least` with which both attention kernels of `lay`
-    fit `sram_words` per PE; UserError naming `op` if none does (every PE keeps the k or v
-    block of each batch element, whatever R)."""
-    for groups in range(max(1, at_least), lay.rows + 1):
-        if attn_sram_words(replace(lay, row_groups=groups)) <= sram_words:
-            return groups
-    words = attn_sram_words(replace(lay, row_groups=lay.rows))
-    raise UserError(f"op {op}: PE (0, 0) needs {4 * words} bytes of SRAM even with one query "
-                    f"row per group, has {4 * sram_words}")
-
-
-def _alloc(g: _Grid, c: int, h: int, r: int, sizes: dict[str, int]) -> tuple[_PE, list[int]]:
-    pe = g.lay.pe(c, h, r)
-    offsets = [g.kernel.alloc(pe, words, f"{g.kernel.name}: {what}")
-               for what, words in sizes.items()]
-    return _PE(c, h, r, g.kernel.alloc(pe, 1, f"{g.kernel.name}: discard")), offsets
-
-
-def build_attn_scores(name: str, ops: list[str], ids: StreamIds, *, batch: int, seq: int,
-                      heads: int, d_head: int, lane_width: int, qkv: str, scores: str,
-                      d_scores: str, d_qkv: str, row_groups: int = 1) -> Kernel:
-    """Causal attention scores S = q k^T / sqrt(dh) (masked entries exactly -inf) from the
-    q and k lanes of `qkv`, and the backward dq, dk lanes of `d_qkv` from `d_scores`."""
-    lay = attn_layout(name, batch=batch, seq=seq, heads=heads, d_head=d_head,
-                      lane_width=lane_width, row_groups=row_groups)
-    M, T, H, lw, dh = lay.rows, seq, heads, lane_width, d_head
-    kernel = Kernel(name=name, op="attn_scores", ops=list(ops), width=lay.blocks,
-                    height=H * row_groups,
-                    shapes={qkv: (M, 3 * lay.d_model), scores: (M, H * T),
-                            d_scores: (M, H * T), d_qkv: (M, 3 * lay.d_model)})
-    g = _Grid(kernel, lay, ids)
-    scale = 1.0 / math.sqrt(dh)
-    for h in range(H):
-        q_in, k_in, dq_out, dk_out = (ids.new() for _ in range(4))
-        kernel.inputs += [StreamEnd(qkv, h, g.head_pes(h), q_in),
-                          StreamEnd(qkv, H + h, g.head_pes(h), k_in)]
-        emitter = lay.pe(lay.blocks - 1, h, row_groups - 1)
-        kernel.outputs += [StreamEnd(d_qkv, h, (emitter,), dq_out),
-                           StreamEnd(d_qkv, H + h, (emitter,), dk_out)]
-        for c in range(lay.blocks):
-            lane = h * lay.blocks + c
-            s_out, ds_in = ids.new(), ids.new()
-            kernel.outputs.append(StreamEnd(scores, lane, (lay.pe(c, h, row_groups - 1),),
-                                            s_out))
-            kernel.inputs.append(StreamEnd(d_scores, lane, g.column_pes(c, h), ds_in))
-            for r in range(row_groups):
-                p, (q, k, ds, dq) = _alloc(g, c, h, r, _scores_buffers(lay, c, r))
-                reads: list[Instr] = []
-                for m in range(M):
-                    keep = Mem(q + lay.slot(m) * dh) if m % row_groups == r else Mem(
-                        p.scratch, 0)
-                    reads += [vec(Op.MOV, dh, keep, FabIn(q_in)),
-                              _read_block_row(g, p, m, k_in, k, scale)]
-                g.emit(lay.pe(c, h, r), [
-                    *reads,
-                    *_block_products(g, p, q, k, NEG_INF, s_out, ds),
-                    *_read_own(g, p, ds_in, lw, ds),
-                    *_row_reduce(g, p, ds, k, dq_out, None, dq),
-                    *_column_sums(g, p, ds, q, k, dk_out, scale),
-                ])
-    return kernel
-
-
-def build_attn_values(name: str, ops: list[str], ids: StreamIds, *, batch: int, seq: int,
-                      heads: int, d_head: int, lane_width: int, qkv: str, probs: str, out: str,
-                      d_out: str, d_probs: str, d_qkv: str, row_groups: int = 1) -> Kernel:
-    """Attention output o = P v from the v lanes of `qkv` and the `probs` lanes, and the
-    backward dP lanes of `d_probs` and dv lanes of `d_qkv` from `d_out`."""
-    lay = attn_layout(name, batch=batch, seq=seq, heads=heads, d_head=d_head,
-                      lane_width=lane_width, row_groups=row_groups)
-    M, T, H, dh = lay.rows, seq, heads, d_head
-    kernel = Kernel(name=name, op="attn_values", ops=list(ops), width=lay.blocks,
-                    height=H * row_groups,
-                    shapes={qkv: (M, 3 * lay.d_model), probs: (M, H * T), out: (M, lay.d_model),
-                            d_out: (M, lay.d_model), d_probs: (M, H * T),
-                            d_qkv: (M, 3 * lay.d_model)})
-    g = _Grid(kernel, lay, ids)
-    for h in range(H):
-        v_in, o_out, do_in, dv_out = (ids.new() for _ in range(4))
-        kernel.inputs += [StreamEnd(qkv, 2 * H + h, g.head_pes(h), v_in),
-                          StreamEnd(d_out, h, g.head_pes(h), do_in)]
-        emitter = lay.pe(lay.blocks - 1, h, row_groups - 1)
-        kernel.outputs += [StreamEnd(out, h, (emitter,), o_out),
-                           StreamEnd(d_qkv, 2 * H + h, (emitter,), dv_out)]
-        for c in range(lay.blocks):
-            lane = h * lay.blocks + c
-            p_in, dp_out = ids.new(), ids.new()
-            kernel.inputs.append(StreamEnd(probs, lane, g.column_pes(c, h), p_in))
-            kernel.outputs.append(StreamEnd(d_probs, lane, (lay.pe(c, h, row_groups - 1),),
-                                            dp_out))
-            for r in range(row_groups):
-                p, (v, pr, do, dp) = _alloc(g, c, h, r, _values_buffers(lay, r))
-                g.emit(lay.pe(c, h, r), [
-                    *(_read_block_row(g, p, m, v_in, v, None) for m in range(M)),
-                    *_row_reduce(g, p, pr, v, o_out, p_in, do),
-                    *_read_own(g, p, do_in, dh, do),
-                    *_block_products(g, p, do, v, 0.0, dp_out, dp),
-                    *_column_sums(g, p, pr, do, v, dv_out, None),
-                ])
-    return kernel
+def _emit_pe(kernel: Kernel, ids: StreamIds, shape: AttnShape, group: _Group, c: int,
+             queue_depth: int) -> None:
+    width = group.n_heads * shape.d_head
+    pe = (group.col, c)
+    buf = _buffers(kernel, pe, shape, width, group.n_heads, c)
+    unit = _PE(kernel, shape, group, c, buf)
+    for m in range(shape.rows):
+        kernel.emit(pe, *unit.forward_row(m))
+    if group.up is not None and not unit.last:
+        # The last PE's statistics arrive while the forward runs; the backward waits for
+        # the token that says they all have.
+        tokens = Tokens.create(kernel, pe, ids, queue_depth)
+        kernel.emit(pe, vec(Op.MOV, 2 * group.n_heads * shape.rows, Mem(buf.stats),
+                            FabIn(group.up)), tokens.signal(), thread=1)
+        kernel.emit(pe, tokens.wait())
+    for m in reversed(range(shape.rows)):
+        kernel.emit(pe, *unit.backward_row(m))
 
 
 # -- cost -------------------------------------------------------------------------------------
 
 
-def cycles(kernel: str, batch: int, seq: int, d_head: int) -> int:
-    """Cycles of a lone scores or values kernel with row_groups = 1 and lw = dh. The busiest
-    PE is key block 0 (every query row has nk = min(lw, t + 1) unmasked keys there), and the
-    kernel ends when the east PE has injected its own block after relaying block 0's.
-
-    Per query row: products (S / dP) `[nk > 1] + nk dh + (lw - nk)` (a REPEAT over the nk
-    dots of dh terms, then the masked fill); reduction (dq / o) `[dh > 1] + nk dh`, plus
-    `lw` in the values kernel, which reads each P row just before it reduces it. Per key j
-    of block 0: `1 + (T - j) dh` (column sum), then `lw dh` per batch element to inject the
-    block, and one more block injected by the east PE. Bulk reads: q, k and dS rows
-    (scores), v and dO rows (values)."""
-    if kernel not in ("scores", "values"):
-        raise ValueError(f"attention.cycles: kernel must be 'scores' or 'values', not {kernel}")
-    lw, rows = d_head, batch * seq
-    streams_p = kernel == "values"
-    total = 2 * rows * d_head if streams_p else 3 * rows * d_head
-    for t in range(seq):
-        nk = min(lw, t + 1)
-        products = (nk > 1) + nk * d_head + (lw - nk)
-        reduction = (d_head > 1) + nk * d_head + (lw if streams_p else 0)
-        total += batch * (products + reduction)
-    total += batch * sum(1 + (seq - j) * d_head for j in range(lw))
-    return total + batch * lw * d_head + lw * d_head
+def _finish_cycles(shape: AttnShape, up: bool) -> int:
+    """The last PE's per-head finish: 1 / l, o / l out, the statistics kept and sent up."""
+    return 2 + shape.d_head + (2 if up else 0)
 
 
-def fit_shape(ctx: LoweringContext, op: OpSpec) -> dict[str, int]:
-    """Shape arguments of both attention kernels of `op`, with the fewest query-row groups
-    per head that fit SRAM. More groups divide the attention products over more PE rows:
-    on gpt_small 4 groups cut the step from 7.0 M to 6.2 M cycles, but added 192 PEs,
-    their relay streams (colors) and half again the host time, so fewest-that-fit is the
-    default."""
-    attrs = op.attrs
-    shape = {"batch": attrs["batch"], "seq": attrs["seq_len"], "heads": attrs["heads"],
-             "d_head": attrs["d_head"], "lane_width": ctx.lane_width}
-    layout = attn_layout(op.name, **shape)
-    groups = fit_row_groups(op.name, layout, ctx.wafer.sram_words_per_pe)
-    return {**shape, "row_groups": groups}
+def pe_cycles(shape: AttnShape, heads: int, c: int) -> int:
+    """Busy cycles of PE c of a group of `heads` heads (the docstring's per-row costs,
+    summed over the rows; stalls and the fill are left out)."""
+    dh, G, w = shape.d_head, shape.key_pes, heads * shape.d_head
+    last, up = c == G - 1, G > 1
+    total = 0
+    for m in range(shape.rows):
+        t = m % shape.seq
+        n = shape.keys_upto(c, t)
+        forward = 3 * w
+        backward = w + (heads if up else 0)  # dO; D's share down the column (or its sum)
+        for _ in range(heads):
+            if n:
+                forward += n * dh + 4 * n + 4 + dh * n  # scores, partial softmax, o
+            if c == 0:
+                forward += _finish_cycles(shape, up) if last else dh + 2
+            elif n == 0:
+                forward += dh + 2 + (_finish_cycles(shape, up) if last else 0)
+            else:
+                forward += 7 + dh + 2 + dh + (_finish_cycles(shape, up) if last else 0)
+            if n:
+                backward += (n * dh + 3 * n + n * dh + 3 + n  # recompute p, dP, D's share
+                             + n * (dh + 1) + 2 * n + dh * n + n * (dh + 1))  # dv, dS, dq, dk
+            else:
+                backward += 1 + dh
+        backward += w if (c > 0 or G == 1) else w  # dq's share down the column / out
+        if up:
+            backward += heads  # D up the column
+        owner = t % G
+        if c == owner:
+            backward += 4 * w  # dk, dv sent and cleared
+        elif c > owner:
+            backward += 2 * w
+        total += forward + backward
+    return total
+
+
+def cycles(shape: AttnShape, op: str = "attention") -> int:
+    """Busy cycles of the busiest PE of the kernel."""
+    return max(pe_cycles(shape, heads, c) for _, heads in head_groups(op, shape)
+               for c in range(shape.key_pes))
+
+
+def sram_words(shape: AttnShape, heads: int, c: int) -> int:
+    """Words of PE c of a group of `heads` heads (see `_buffers`)."""
+    w, slots = heads * shape.d_head, shape.batch * shape.own_keys(c)
+    return (shape.rows * w + 4 * slots * w + 2 * heads * shape.rows
+            + 2 * heads * shape.own_keys(0) + 2 * w + SCALARS * heads + 1)
+
+
+def fit_key_pes(op: str, shape: AttnShape, sram_words_per_pe: int, at_least: int = 1) -> int:
+    """The fewest PEs per head group (>= `at_least`) with which every PE fits its SRAM; a
+    UserError naming `op` if even one key per PE does not fit."""
+    groups = head_groups(op, shape)
+    for g in range(max(1, at_least), shape.seq + 1):
+        trial = AttnShape(**{**shape.__dict__, "key_pes": g})
+        if all(sram_words(trial, heads, 0) <= sram_words_per_pe for _, heads in groups):
+            return g
+    trial = AttnShape(**{**shape.__dict__, "key_pes": shape.seq})
+    words = max(sram_words(trial, heads, 0) for _, heads in groups)
+    raise UserError(f"op {op}: PE (0, 0) needs {4 * words:,} bytes of SRAM even with one key "
+                    f"per PE, has {4 * sram_words_per_pe:,}")
 
 
 def _block_of(name: str) -> str:
@@ -690,6 +657,8 @@ def _block_of(name: str) -> str:
 
 
 class Scores(OpFamily):
+    """Starts the fused kernel of scores, mask, softmax and values."""
+
     kinds = ("attn_scores",)
 
     def forward(self, op: OpSpec, t: Tensors) -> None:
@@ -706,16 +675,18 @@ class Scores(OpFamily):
 
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
         block = _block_of(op.name)
-        (mask,) = ctx.graph.consumers(op.outputs[0])  # the causal mask, fused here
-        return build_attn_scores(
-            op.name, [op.name, mask, f"{mask}.bwd", f"{op.name}.bwd"], ctx.ids,
-            **fit_shape(ctx, op), qkv=f"{block}.qkv.out",
-            scores=ctx.graph.ops[mask].outputs[0], d_scores=ctx.dy(mask),
-            d_qkv=grad_name(f"{block}.qkv.out"))
+        parts = [op.name, f"{block}.mask", f"{block}.softmax", f"{block}.values"]
+        values = ctx.graph.ops[f"{block}.values"]
+        qkv, d_qkv = f"{block}.qkv.out", grad_name(f"{block}.qkv.out")
+        out = values.outputs[0]
+        return build_attention(
+            block, parts + [f"{p}.bwd" for p in parts], ctx.ids,
+            shape=ctx.attention_shape(op, qkv, out), qkv=qkv, out=out,
+            d_out=ctx.dy(values.name), d_qkv=d_qkv, queue_depth=ctx.wafer.queue_depth)
 
 
 class CausalMask(OpFamily):
-    """Applied by the scores kernel, which writes exactly -inf above the diagonal."""
+    """Never computed: the attention kernel skips the masked keys."""
 
     kinds = ("causal_mask",)
 
@@ -729,6 +700,8 @@ class CausalMask(OpFamily):
 
 
 class Values(OpFamily):
+    """Lives in the attention kernel that the scores op starts."""
+
     kinds = ("attn_values",)
 
     def forward(self, op: OpSpec, t: Tensors) -> None:
@@ -740,14 +713,6 @@ class Values(OpFamily):
         dp, dv = op.outputs
         t[dp], t[dv] = attn_values_backward(t[dout], t[p], t[v], op.attrs["batch"],
                                             op.attrs["heads"])
-
-    def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
-        block = _block_of(op.name)
-        probs, _ = op.inputs
-        return build_attn_values(
-            op.name, ctx.ops_with_updates(op.name), ctx.ids, **fit_shape(ctx, op),
-            qkv=f"{block}.qkv.out", probs=probs, out=op.outputs[0], d_out=ctx.dy(op.name),
-            d_probs=ctx.dx(op.name), d_qkv=grad_name(f"{block}.qkv.out"))
 
 
 FAMILIES = (Scores(), CausalMask(), Values())

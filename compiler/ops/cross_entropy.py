@@ -21,9 +21,9 @@ allreduce(max); p = exp(z - max) into the probability store; row sum partials; t
 holding a row's target copies its logit into that row's slot of a target vector (zero
 elsewhere). The sums and the target vector are reduced to the last PE, the sums
 broadcast back. Then p /= sum, p[target] -= 1, p *= weight: the block's dlogits.
-After the last block every PE emits its dlogits lane in one pass (not earlier: the logits'
-producer, the LM head, reads dlogits only after it has sent all logits, so emitting sooner
-could fill the fabric and deadlock).
+After the last block every PE emits its dlogits lane, rows descending (the backward's
+order, compiler.lowering.kernel): the last row's dlogits exist only after every row's
+logits have arrived, which is why the cross-entropy is where the step turns around.
 
 The loss is computed on the last PE after that emission, off the critical path. The PE has
 no log instruction, so log(s) for the row sums s in [1, V] is Newton's method on exp:
@@ -54,16 +54,18 @@ from compiler.lowering.kernel import Kernel, ResultSlot, StreamIds
 from compiler.lowering.rowreduce import (
     DEFAULT_BLOCK_ROWS,
     GroupReducer,
+    Lane,
     alloc_all,
     broadcast_latency,
-    lane_inputs,
-    lane_outputs,
     reduce_latency,
     row_blocks,
     row_partials,
     rows_at,
+    rows_back,
     scalar_at,
+    strip_inputs,
     strip_kernel,
+    strip_outputs,
 )
 from compiler.ops.base import OpFamily, Tensors, token_batch
 from wse_sim.program import FabIn, FabOut, Imm, Mem, Op, repeat, vec
@@ -143,21 +145,23 @@ def log_plan(largest: float) -> tuple[int, int]:
 
 
 def build_cross_entropy(name: str, ops: list[str], ids: StreamIds, *, tokens: np.ndarray,
-                        vocab: int, lane_width: int, logits_tensor: str, dlogits_tensor: str,
+                        lanes: list[tuple[int, int]], logits_tensor: str, dlogits_tensor: str,
                         logits_result: str = "logits", loss_result: str = "loss",
                         block_rows: int = DEFAULT_BLOCK_ROWS) -> Kernel:
-    """Mean next-token cross-entropy of logits [B*T, vocab] against `tokens` [B, T]."""
+    """Mean next-token cross-entropy of logits [B*T, vocab] (in `lanes`) against `tokens`
+    [B, T]; dlogits leave in the same lanes, rows descending."""
     tokens = np.asarray(tokens)
     batch, seq = tokens.shape
+    vocab = lanes[-1][1]
     rows, count = batch * seq, batch * (seq - 1)
     if count == 0 or tokens.min() < 0 or tokens.max() >= vocab:
         raise ValueError(f"{name}: need seq >= 2 and tokens in 0..{vocab - 1}")
-    kernel, lanes = strip_kernel(name, "cross_entropy", ops, vocab, lane_width)
-    pes = [lane.pe for lane in lanes]
+    kernel, strip = strip_kernel(name, "cross_entropy", ops, lanes)
+    pes = [lane.pe for lane in strip]
     kernel.shapes.update({logits_tensor: (rows, vocab), dlogits_tensor: (rows, vocab),
                           logits_result: (rows, vocab), loss_result: (1, 1)})
-    z_in = lane_inputs(kernel, ids, logits_tensor, pes)
-    dz_out = lane_outputs(kernel, ids, dlogits_tensor, pes)
+    z_in = strip_inputs(kernel, ids, logits_tensor, strip, "ascending")
+    dz_out = strip_outputs(kernel, ids, dlogits_tensor, strip, "descending")
     reducer = GroupReducer.create(kernel, ids, pes)
 
     # targets[m] = the token row m predicts, -1 for the last position of each sequence
@@ -166,7 +170,7 @@ def build_cross_entropy(name: str, ops: list[str], ids: StreamIds, *, tokens: np
     targets = targets.ravel()
     weight = np.where(targets >= 0, 1.0 / count, 0.0).astype(np.float32)
 
-    lw = lane_width
+    lw = max(lane.width for lane in strip)
     blocks = row_blocks(rows, block_rows)
     logits = alloc_all(kernel, pes, rows * lw, f"{logits_tensor} lane")
     probs = alloc_all(kernel, pes, rows * lw, "softmax, then dlogits")
@@ -174,24 +178,24 @@ def build_cross_entropy(name: str, ops: list[str], ids: StreamIds, *, tokens: np
     sums = alloc_all(kernel, pes, rows, "row sum of exp")
     picked = alloc_all(kernel, pes, rows, "target logit (0 off its lane)")
     weights = alloc_all(kernel, pes, rows, "row weight")
-    for lane in lanes:
+    for lane in strip:
         kernel.load(lane.pe, weights, weight)
         kernel.results.append(ResultSlot(logits_result, lane.pe, logits, (0, rows),
                                          (lane.c0, lane.c1), lane.width))
 
-    def targets_in(lane_index: int, r0: int, r1: int) -> list[tuple[int, int]]:
+    def targets_in(lane: Lane, r0: int, r1: int) -> list[tuple[int, int]]:
         """(row, column within the lane) of the rows r0..r1 whose target is in the lane."""
-        return [(m, int(targets[m]) % lw) for m in range(r0, r1)
-                if targets[m] >= 0 and targets[m] // lw == lane_index]
+        return [(m, int(targets[m]) - lane.c0) for m in range(r0, r1)
+                if lane.c0 <= targets[m] < lane.c1]
 
     for r0, r1 in blocks:
         r = r1 - r0
-        for lane in lanes:
+        for lane in strip:
             w, z = lane.width, logits + r0 * lane.width
             kernel.emit(lane.pe, vec(Op.MOV, r * w, Mem(z), FabIn(z_in[lane.index])),
                         *row_partials("max", rows=r, width=w, dst=row_max + r0, a=rows_at(z, w)))
         reducer.allreduce(row_max + r0, r, Op.MAX)
-        for lane in lanes:
+        for lane in strip:
             w, z, p = lane.width, logits + r0 * lane.width, probs + r0 * lane.width
             kernel.emit(
                 lane.pe,
@@ -199,24 +203,26 @@ def build_cross_entropy(name: str, ops: list[str], ids: StreamIds, *, tokens: np
                 vec(Op.EXP, r * w, Mem(p), Mem(p)),
                 *row_partials("sum", rows=r, width=w, dst=sums + r0, a=rows_at(p, w)),
                 *(vec(Op.MOV, 1, Mem(picked + m), Mem(logits + m * w + col))
-                  for m, col in targets_in(lane.index, r0, r1)),
+                  for m, col in targets_in(lane, r0, r1)),
             )
         reducer.reduce(sums + r0, r, Op.ADD)
         reducer.reduce(picked + r0, r, Op.ADD)
         reducer.broadcast(sums + r0, r)
-        for lane in lanes:
+        for lane in strip:
             w, p = lane.width, probs + r0 * lane.width
             kernel.emit(
                 lane.pe,
                 *repeat(r, [vec(Op.DIV, w, rows_at(p, w), rows_at(p, w), scalar_at(sums + r0))]),
                 *(vec(Op.ADD, 1, Mem(probs + m * w + col), Mem(probs + m * w + col), Imm(-1.0))
-                  for m, col in targets_in(lane.index, r0, r1)),
+                  for m, col in targets_in(lane, r0, r1)),
                 *repeat(r, [vec(Op.MUL, w, rows_at(p, w), rows_at(p, w),
                                 scalar_at(weights + r0))]),
             )
-    for lane in lanes:
-        kernel.emit(lane.pe, vec(Op.MOV, rows * lane.width, FabOut(dz_out[lane.index]),
-                                 Mem(probs)))
+    # The LM head's backward takes dlogits rows descending (compiler.lowering.kernel).
+    for lane in strip:
+        w = lane.width
+        kernel.emit(lane.pe, *repeat(rows, [vec(Op.MOV, w, FabOut(dz_out[lane.index]),
+                                                rows_back(probs + (rows - 1) * w, w))]))
 
     # The loss, on the last PE: z = -log(sum) by Newton, then the weighted row losses.
     last = reducer.last
@@ -283,7 +289,7 @@ class CrossEntropy(OpFamily):
         logits, _ = op.inputs
         return build_cross_entropy(
             op.name, ctx.ops_with_updates(op.name), ctx.ids, tokens=ctx.tokens,
-            vocab=ctx.rows_cols(logits)[1], lane_width=ctx.lane_width, logits_tensor=logits,
+            lanes=ctx.lanes(logits), logits_tensor=logits,
             dlogits_tensor=ctx.dx(op.name), logits_result="logits", loss_result="loss")
 
 

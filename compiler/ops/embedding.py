@@ -48,18 +48,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from compiler.graph import BYTES_PER_ELEMENT, GraphBuilder, OpSpec, grad_name, updated_name
-from compiler.lowering.kernel import (
-    Kernel,
-    LocalPE,
-    ResultSlot,
-    StreamEnd,
-    StreamIds,
-    lane_cols,
-)
+from compiler.lowering.kernel import Kernel, LocalPE, ResultSlot, StreamIds
 from compiler.ops.base import OpFamily, Tensors, token_batch
 from compiler.ops.matmul import (
+    Lane,
     WeightGrid,
-    chain,
     emit_backward,
     emit_forward,
     emit_sgd,
@@ -67,7 +60,7 @@ from compiler.ops.matmul import (
     weight_slots,
 )
 from wse_sim.errors import UserError
-from wse_sim.program import FabIn, FabOut, Instr, Mem, Op, vec
+from wse_sim.program import FabIn, FabOut, Instr, Mem, Op, repeat, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
@@ -161,13 +154,13 @@ def _emit_relay(grid: WeightGrid, pe: LocalPE, owners: list[tuple[int, int]],
 
 def _emit_scatter(grid: WeightGrid, pe: LocalPE, owners: list[tuple[int, int]],
                   dh0: int) -> None:
-    """dh0 rows whose token column is on PE (c, r) add into that column of the gradient
-    block; the other rows go to a scratch word."""
+    """dh0 rows (descending) whose token column is on PE (c, r) add into that column of
+    the gradient block; the other rows go to a scratch word."""
     c, _ = pe
     kb, nb = grid.block(pe)
     scratch = grid.kernel.alloc(pe, 1, "discarded dh0")
     instrs: list[Instr] = []
-    for mine, run in groupby(owners, key=lambda owner: owner[0] == c):
+    for mine, run in groupby(reversed(owners), key=lambda owner: owner[0] == c):
         rows = list(run)
         if not mine:
             instrs.append(vec(Op.MOV, kb * len(rows), Mem(scratch, 0), FabIn(dh0)))
@@ -178,12 +171,14 @@ def _emit_scatter(grid: WeightGrid, pe: LocalPE, owners: list[tuple[int, int]],
 
 
 def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.ndarray,
-                    lane_width: int, wte: np.ndarray, wpe: np.ndarray, lr: float,
-                    h0_tensor: str, x_tensor: str, logits_tensor: str,
-                    dlogits_tensor: str | None = None, dx_tensor: str | None = None,
-                    dh0_tensor: str | None = None, wte_name: str = "wte.weight",
-                    wpe_name: str = "wpe.weight") -> Kernel:
-    """The tied embedding + LM head kernel for the batch `tokens` [B, T].
+                    d_lanes: list[Lane], v_lanes: list[Lane], wte: np.ndarray,
+                    wpe: np.ndarray, lr: float, h0_tensor: str, x_tensor: str,
+                    logits_tensor: str, dlogits_tensor: str | None = None,
+                    dx_tensor: str | None = None, dh0_tensor: str | None = None,
+                    wte_name: str = "wte.weight", wpe_name: str = "wpe.weight") -> Kernel:
+    """The tied embedding + LM head kernel for the batch `tokens` [B, T]; the model width
+    d is cut into `d_lanes` (h0's lanes, and the lanes x arrives in), the vocabulary into
+    `v_lanes` (the logits' lanes).
 
     Forward: h0 = wte[tokens] + wpe[:T] (output `h0_tensor`), logits = x wte^T (input
     `x_tensor` [B T, d], output `logits_tensor` [B T, V]). With `dlogits_tensor` the
@@ -201,26 +196,26 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
         raise ValueError(f"{name}: a backward needs dlogits")
     backward = dlogits_tensor is not None
     rows = batch * seq
-    n_r, n_c = len(lane_cols(d, lane_width)), len(lane_cols(vocab, lane_width))
+    n_r, n_c = len(d_lanes), len(v_lanes)
     kernel = Kernel(name=name, op="embedding", ops=list(ops), width=n_c + 1, height=n_r,
                     shapes={h0_tensor: (rows, d), x_tensor: (rows, d),
                             logits_tensor: (rows, vocab)})
-    grid = place_weights(kernel, rows, wte.T, lane_width, backward=backward)
+    grid = place_weights(kernel, rows, wte.T, d_lanes, v_lanes, backward=backward)
     owners = _row_owners(grid, tokens)
 
     # forward embedding: relay wte chunks east along each row, the position column adds wpe
     wpe_at: dict[int, int] = {}
-    h0_ids = [ids.new() for _ in range(n_r)]
-    for r, (k0, k1) in enumerate(grid.k_lanes):
+    h0_ids = kernel.lane_outputs(ids, h0_tensor, d_lanes, [(n_c, r) for r in range(n_r)],
+                                 "ascending")
+    for r, (k0, k1) in enumerate(d_lanes):
         pos = (n_c, r)
         wpe_at[r] = kernel.alloc(pos, n_ctx * (k1 - k0), "wpe lane")
         kernel.load(pos, wpe_at[r], wpe[:, k0:k1])
-        relay = chain(kernel, ids, [(c, r) for c in range(n_c + 1)])
+        relay = [kernel.local((c, r), ((c + 1, r),), ids) for c in range(n_c)]
         for c in range(n_c):
             _emit_relay(grid, (c, r), owners, relay[c - 1] if c > 0 else None, relay[c])
         kernel.emit(pos, *[vec(Op.ADD, seq * (k1 - k0), FabOut(h0_ids[r]), FabIn(relay[-1]),
                                Mem(wpe_at[r])) for _ in range(batch)])
-        kernel.outputs.append(StreamEnd(h0_tensor, r, (pos,), h0_ids[r]))
 
     emit_forward(grid, ids, x_tensor=x_tensor, y_tensor=logits_tensor, bias=None,
                  keep_x=backward)
@@ -229,20 +224,21 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
     kernel.shapes[dlogits_tensor] = (rows, vocab)
     if dx_tensor is not None:
         kernel.shapes[dx_tensor] = (rows, d)
-    emit_backward(grid, ids, dy_tensor=dlogits_tensor, dx_tensor=dx_tensor)
+    emit_backward(grid, ids, dy_tensor=dlogits_tensor, dx_tensor=dx_tensor, bias_grad=None)
 
     if dh0_tensor is not None:
         kernel.shapes[dh0_tensor] = (rows, d)
-        for r, (k0, k1) in enumerate(grid.k_lanes):
+        dh0_ids = kernel.lane_inputs(
+            ids, dh0_tensor, d_lanes, [tuple((c, r) for c in range(n_c + 1))
+                                       for r in range(n_r)], "descending")
+        for r, (k0, k1) in enumerate(d_lanes):
             pos, kb = (n_c, r), k1 - k0
-            dh0 = ids.new()
-            kernel.inputs.append(StreamEnd(dh0_tensor, r, tuple((c, r) for c in range(n_c + 1)),
-                                           dh0))
             for c in range(n_c):
-                _emit_scatter(grid, (c, r), owners, dh0)
+                _emit_scatter(grid, (c, r), owners, dh0_ids[r])
             dwpe = kernel.alloc(pos, n_ctx * kb, "wpe gradient")
-            kernel.emit(pos, *[vec(Op.ADD, seq * kb, Mem(dwpe), Mem(dwpe), FabIn(dh0))
-                               for _ in range(batch)])
+            last = Mem(dwpe + (seq - 1) * kb, 1, -kb)  # positions T-1 .. 0
+            for _ in range(batch):
+                kernel.emit(pos, *repeat(seq, [vec(Op.ADD, kb, last, last, FabIn(dh0_ids[r]))]))
             emit_sgd(kernel, pos, wpe_at[r], dwpe, n_ctx * kb, lr)
             for tensor, offset in ((grad_name(wpe_name), dwpe), (updated_name(wpe_name),
                                                                  wpe_at[r])):
@@ -262,12 +258,11 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
 # -- cost -------------------------------------------------------------------------------------
 
 
-def embedding_cycles(rows: int, d: int, lane_width: int) -> int:
+def embedding_cycles(rows: int, kb: int) -> int:
     """The forward embedding alone, until the position column has emitted h0: M kb
     wavelets at one per cycle, and the 3 cycles of the last hop. The first row's chunk
     travels from its owner's column (up to C hops of 3 cycles more); the rows behind it
     are already on the way, so only that first latency adds."""
-    kb = lane_cols(d, lane_width)[0][1]
     return rows * kb + 3
 
 
@@ -315,7 +310,8 @@ class Embedding(OpFamily):
         ops = [op.name, f"{op.name}.bwd", "lm_head", "lm_head.bwd", f"{wte}.grad_acc",
                f"{wte}.sgd", f"{wpe}.sgd"]
         return build_embedding(
-            op.name, ops, ctx.ids, tokens=ctx.tokens, lane_width=ctx.lane_width,
+            op.name, ops, ctx.ids, tokens=ctx.tokens, d_lanes=ctx.lanes(op.outputs[0]),
+            v_lanes=ctx.lanes(lm_head.outputs[0]),
             wte=ctx.param(wte), wpe=ctx.param(wpe), lr=ctx.lr, h0_tensor=op.outputs[0],
             x_tensor=final, logits_tensor=lm_head.outputs[0],
             dlogits_tensor=ctx.dy("lm_head"), dx_tensor=ctx.dx("lm_head"),

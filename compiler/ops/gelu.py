@@ -19,9 +19,9 @@ gelu' = Phi_t (1 + 2 s (1 - Phi_t)).
 Forward, per block of rows: receive x into SRAM, build Phi in place with vector ops, emit
 y = Phi * x. After the last block, while the rest of the forward pass runs downstream,
 each PE turns its stored (x, Phi) into gelu'(x) in place of Phi (x is then dead). The
-backward is a single streaming instruction `MUL FabOut = FabIn(dy) * Mem(gelu')`: dx leaves
-as fast as dy arrives. Keeping gelu'(x) instead of x costs the same SRAM and moves the
-derivative's arithmetic off the backward critical path.
+backward streams one instruction per row, rows descending, `MUL FabOut = FabIn(dy) *
+Mem(gelu' row)`: dx leaves as fast as dy arrives. Keeping gelu'(x) instead of x costs the
+same SRAM and moves the derivative's arithmetic off the backward critical path.
 Cost (cycles per element; M w elements): exact: forward 5 (receive, scale, erf, fma,
 multiply-out), derivative 5, backward 1; tanh: forward 7, derivative 6, backward 1.
 SRAM 2 M w + 1 block (block_rows * w) of scratch.
@@ -39,13 +39,14 @@ from compiler.lowering.kernel import Kernel, StreamIds
 from compiler.lowering.rowreduce import (
     DEFAULT_BLOCK_ROWS,
     alloc_all,
-    lane_inputs,
-    lane_outputs,
     row_blocks,
+    rows_back,
+    strip_inputs,
     strip_kernel,
+    strip_outputs,
 )
 from compiler.ops.base import OpFamily, Tensors
-from wse_sim.program import FabIn, FabOut, Imm, Mem, Op, vec
+from wse_sim.program import FabIn, FabOut, Imm, Mem, Op, repeat, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
@@ -96,27 +97,29 @@ def gelu_derivative(x: np.ndarray, activation: Activation) -> np.ndarray:
 # -- kernel -----------------------------------------------------------------------------------
 
 
-def build_gelu(name: str, ops: list[str], ids: StreamIds, *, rows: int, cols: int,
-               lane_width: int, activation: Activation, x_tensor: str, y_tensor: str,
-               dy_tensor: str, dx_tensor: str,
+def build_gelu(name: str, ops: list[str], ids: StreamIds, *, rows: int,
+               lanes: list[tuple[int, int]], activation: Activation, x_tensor: str,
+               y_tensor: str, dy_tensor: str, dx_tensor: str,
                block_rows: int = DEFAULT_BLOCK_ROWS) -> Kernel:
-    """y = gelu(x) forward, dx = dy * gelu'(x) backward, all [rows, cols]."""
+    """y = gelu(x) forward, dx = dy * gelu'(x) backward, all [rows, cols] in `lanes`."""
     if activation not in ("gelu", "gelu_tanh"):
         raise ValueError(f"{name}: unknown activation {activation!r}")
-    kernel, lanes = strip_kernel(name, "gelu", ops, cols, lane_width)
-    pes = [lane.pe for lane in lanes]
+    cols = lanes[-1][1]
+    kernel, strip = strip_kernel(name, "gelu", ops, lanes)
+    pes = [lane.pe for lane in strip]
     kernel.shapes.update({t: (rows, cols) for t in (x_tensor, y_tensor, dy_tensor, dx_tensor)})
-    x_in = lane_inputs(kernel, ids, x_tensor, pes)
-    y_out = lane_outputs(kernel, ids, y_tensor, pes)
-    dy_in = lane_inputs(kernel, ids, dy_tensor, pes)
-    dx_out = lane_outputs(kernel, ids, dx_tensor, pes)
+    x_in = strip_inputs(kernel, ids, x_tensor, strip, "ascending")
+    y_out = strip_outputs(kernel, ids, y_tensor, strip, "ascending")
+    dy_in = strip_inputs(kernel, ids, dy_tensor, strip, "descending")
+    dx_out = strip_outputs(kernel, ids, dx_tensor, strip, "descending")
     blocks = row_blocks(rows, block_rows)
+    lane_width = max(lane.width for lane in strip)
     words = rows * lane_width
     xs = alloc_all(kernel, pes, words, f"{x_tensor} (x)")
     phi = alloc_all(kernel, pes, words, "Phi(x), then gelu'(x)")
     scratch = alloc_all(kernel, pes, min(rows, block_rows) * lane_width, "scratch block")
     tanh = activation == "gelu_tanh"
-    for j, lane in enumerate(lanes):
+    for j, lane in enumerate(strip):
         pe, w = lane.pe, lane.width
         for r0, r1 in blocks:
             n, x, p = (r1 - r0) * w, Mem(xs + r0 * w), Mem(phi + r0 * w)
@@ -157,7 +160,8 @@ def build_gelu(name: str, ops: list[str], ids: StreamIds, *, rows: int, cols: in
                     vec(Op.MUL, n, s, s, x),
                     vec(Op.ADD, n, p, p, s),
                 )
-        kernel.emit(pe, vec(Op.MUL, rows * w, FabOut(dx_out[j]), FabIn(dy_in[j]), Mem(phi)))
+        kernel.emit(pe, *repeat(rows, [vec(Op.MUL, w, FabOut(dx_out[j]), FabIn(dy_in[j]),
+                                            rows_back(phi + (rows - 1) * w, w))]))
     return kernel
 
 
@@ -190,10 +194,10 @@ class Gelu(OpFamily):
 
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
         (x,) = op.inputs
-        rows, cols = ctx.rows_cols(x)
+        rows, _ = ctx.rows_cols(x)
         return build_gelu(
-            op.name, ctx.ops_with_updates(op.name), ctx.ids, rows=rows, cols=cols,
-            lane_width=ctx.lane_width, activation=op.attrs["activation"], x_tensor=x,
+            op.name, ctx.ops_with_updates(op.name), ctx.ids, rows=rows, lanes=ctx.lanes(x),
+            activation=op.attrs["activation"], x_tensor=x,
             y_tensor=op.outputs[0], dy_tensor=ctx.dy(op.name), dx_tensor=ctx.dx(op.name))
 
 

@@ -54,14 +54,15 @@ from compiler.lowering.rowreduce import (
     GroupReducer,
     alloc_all,
     broadcast_latency,
-    lane_inputs,
-    lane_outputs,
     reduce_latency,
     row_blocks,
     row_partials,
     rows_at,
+    rows_back,
     scalar_at,
+    strip_inputs,
     strip_kernel,
+    strip_outputs,
 )
 from compiler.ops.base import OpFamily, Tensors
 from wse_sim.program import FabIn, FabOut, Imm, Mem, Op, repeat, vec
@@ -111,27 +112,29 @@ def layernorm_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, mean: 
 # -- kernel -----------------------------------------------------------------------------------
 
 
-def build_layernorm(name: str, ops: list[str], ids: StreamIds, *, rows: int, cols: int,
-                    lane_width: int, gamma: np.ndarray, beta: np.ndarray, eps: float, lr: float,
-                    x_tensor: str, y_tensor: str, dy_tensor: str, dx_tensor: str,
-                    gamma_name: str, beta_name: str,
+def build_layernorm(name: str, ops: list[str], ids: StreamIds, *, rows: int,
+                    lanes: list[tuple[int, int]], gamma: np.ndarray, beta: np.ndarray,
+                    eps: float, lr: float, x_tensor: str, y_tensor: str, dy_tensor: str,
+                    dx_tensor: str, gamma_name: str, beta_name: str,
                     block_rows: int = DEFAULT_BLOCK_ROWS) -> Kernel:
-    """LayerNorm over the `cols` columns of x [rows, cols] with parameters gamma, beta
-    [cols]; results grad:/updated: of `gamma_name` and `beta_name`."""
-    kernel, lanes = strip_kernel(name, "layernorm", ops, cols, lane_width)
-    pes = [lane.pe for lane in lanes]
+    """LayerNorm over the columns of x [rows, cols] (cols = the end of the last lane), the
+    tensors in `lanes`, with parameters gamma, beta [cols]; results grad:/updated: of
+    `gamma_name` and `beta_name`."""
+    cols = lanes[-1][1]
+    kernel, strip = strip_kernel(name, "layernorm", ops, lanes)
+    pes = [lane.pe for lane in strip]
     kernel.shapes.update({t: (rows, cols) for t in (x_tensor, y_tensor, dy_tensor, dx_tensor)})
     for param in (gamma_name, beta_name):
         kernel.shapes.update({grad_name(param): (1, cols), updated_name(param): (1, cols)})
-    x_in = lane_inputs(kernel, ids, x_tensor, pes)
-    y_out = lane_outputs(kernel, ids, y_tensor, pes)
-    dy_in = lane_inputs(kernel, ids, dy_tensor, pes)
-    dx_out = lane_outputs(kernel, ids, dx_tensor, pes)
+    x_in = strip_inputs(kernel, ids, x_tensor, strip, "ascending")
+    y_out = strip_outputs(kernel, ids, y_tensor, strip, "ascending")
+    dy_in = strip_inputs(kernel, ids, dy_tensor, strip, "descending")
+    dx_out = strip_outputs(kernel, ids, dx_tensor, strip, "descending")
     reducer = GroupReducer.create(kernel, ids, pes)
 
     blocks = row_blocks(rows, block_rows)
     rb = min(rows, block_rows)
-    lw = lane_width
+    lw = max(lane.width for lane in strip)
     xhat = alloc_all(kernel, pes, rows * lw, f"xhat of {x_tensor}")
     rstd = alloc_all(kernel, pes, rows, "rstd")
     params = alloc_all(kernel, pes, 2 * lw, "gamma | beta")  # beta at params + w
@@ -141,19 +144,19 @@ def build_layernorm(name: str, ops: list[str], ids: StreamIds, *, rows: int, col
     t_blk = alloc_all(kernel, pes, rb * lw, "t block")
     stat = alloc_all(kernel, pes, 2 * rb, "row statistics")
     inv_d = 1.0 / cols
-    for lane in lanes:
+    for lane in strip:
         kernel.load(lane.pe, params,
                     np.concatenate([gamma[lane.c0:lane.c1], beta[lane.c0:lane.c1]]))
 
     # The group's PEs run the same phases; each allreduce sits between two phases.
     for r0, r1 in blocks:
         r = r1 - r0
-        for lane in lanes:
+        for lane in strip:
             w, xh = lane.width, xhat + r0 * lane.width
             kernel.emit(lane.pe, vec(Op.MOV, r * w, Mem(xh), FabIn(x_in[lane.index])),
                         *row_partials("sum", rows=r, width=w, dst=stat, a=rows_at(xh, w)))
         reducer.allreduce(stat, r, Op.ADD)
-        for lane in lanes:
+        for lane in strip:
             w, xh = lane.width, rows_at(xhat + r0 * lane.width, lane.width)
             kernel.emit(
                 lane.pe,
@@ -162,7 +165,7 @@ def build_layernorm(name: str, ops: list[str], ids: StreamIds, *, rows: int, col
                 *row_partials("dot", rows=r, width=w, dst=stat, a=xh, b=xh),
             )
         reducer.allreduce(stat, r, Op.ADD)
-        for lane in lanes:
+        for lane in strip:
             w, xh = lane.width, rows_at(xhat + r0 * lane.width, lane.width)
             gamma_row, beta_row = Mem(params), Mem(params + w)
             kernel.emit(
@@ -176,37 +179,42 @@ def build_layernorm(name: str, ops: list[str], ids: StreamIds, *, rows: int, col
                 ]),
             )
 
-    for r0, r1 in blocks:
+    # Backward: blocks last to first, each block's rows arriving last to first; the block
+    # buffers hold them in arrival order, the stored xhat rows and rstd are read backwards.
+    for r0, r1 in reversed(blocks):
         r = r1 - r0
-        for lane in lanes:
-            w, xh = lane.width, xhat + r0 * lane.width
+        rstd_back = Mem(rstd + r1 - 1, -1)  # rstd of the block's rows in arrival order
+        for lane in strip:
+            w = lane.width
+            xh = rows_back(xhat + (r1 - 1) * w, w)
             dy, t, gamma_row = rows_at(dy_blk, w), rows_at(t_blk, w), Mem(params)
             kernel.emit(
                 lane.pe,
                 vec(Op.MOV, r * w, Mem(dy_blk), FabIn(dy_in[lane.index])),
                 *repeat(r, [vec(Op.ADD, w, Mem(grads + w), Mem(grads + w), dy)]),  # dbeta
-                vec(Op.MUL, r * w, Mem(t_blk), Mem(dy_blk), Mem(xh)),
+                *repeat(r, [vec(Op.MUL, w, t, dy, xh)]),
                 *repeat(r, [vec(Op.ADD, w, Mem(grads), Mem(grads), t)]),  # dgamma
                 # stat[0:r] = sum(g), stat[rb:rb+r] = sum(g xhat): one allreduce for both
                 *row_partials("dot", rows=r, width=w, dst=stat, a=dy, b=gamma_row),
                 *row_partials("dot", rows=r, width=w, dst=stat + rb, a=t, b=gamma_row),
             )
         reducer.allreduce(stat, 2 * rb, Op.ADD)
-        for lane in lanes:
-            w, xh = lane.width, rows_at(xhat + r0 * lane.width, lane.width)
-            dy, t, rs = rows_at(dy_blk, w), rows_at(t_blk, w), scalar_at(rstd + r0)
+        for lane in strip:
+            w = lane.width
+            xh = rows_back(xhat + (r1 - 1) * w, w)
+            dy, t, rs = rows_at(dy_blk, w), rows_at(t_blk, w), scalar_at(rstd + r1 - 1, -1)
             kernel.emit(
                 lane.pe,
-                vec(Op.MUL, r, Mem(stat), Mem(stat), Mem(rstd + r0)),
-                vec(Op.MUL, r, Mem(stat + rb), Mem(stat + rb), Mem(rstd + r0)),
+                vec(Op.MUL, r, Mem(stat), Mem(stat), rstd_back),
+                vec(Op.MUL, r, Mem(stat + rb), Mem(stat + rb), rstd_back),
                 vec(Op.MUL, 2 * rb, Mem(stat), Mem(stat), Imm(-inv_d)),  # Q | P
                 *repeat(r, [vec(Op.FMA, w, t, xh, scalar_at(stat + rb), scalar_at(stat))]),
                 *repeat(r, [vec(Op.MUL, w, dy, dy, Mem(params))]),  # g
                 *repeat(r, [vec(Op.FMA, w, FabOut(dx_out[lane.index]), dy, rs, t)]),
             )
 
-    for lane in lanes:
-        w, pe, cs = lane.width, lane.pe, (lane.c0, lane.c1)
+    for lane in strip:
+        w, pe, cs = lane.width, lane.pe, lane.cols
         kernel.emit(pe, vec(Op.FMA, 2 * w, Mem(params), Mem(grads), Imm(-lr), Mem(params)))
         for param, offset in ((gamma_name, 0), (beta_name, w)):
             kernel.results += [
@@ -256,10 +264,10 @@ class LayerNorm(OpFamily):
 
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
         x, gamma, beta = op.inputs
-        rows, cols = ctx.rows_cols(x)
+        rows, _ = ctx.rows_cols(x)
         return build_layernorm(
             op.name, ctx.ops_with_updates(op.name, gamma, beta), ctx.ids, rows=rows,
-            cols=cols, lane_width=ctx.lane_width, gamma=ctx.param(gamma),
+            lanes=ctx.lanes(x), gamma=ctx.param(gamma),
             beta=ctx.param(beta), eps=op.attrs["eps"], lr=ctx.lr, x_tensor=x,
             y_tensor=op.outputs[0], dy_tensor=ctx.dy(op.name), dx_tensor=ctx.dx(op.name),
             gamma_name=gamma, beta_name=beta)
