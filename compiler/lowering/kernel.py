@@ -202,6 +202,10 @@ class Kernel:
             tasks.append(Task(id=thread, trigger=Trigger.RESET, instrs=[]))
         tasks[thread].instrs.extend(instrs)
 
+    def new_thread(self, pe: LocalPE) -> int:
+        """The number of the next thread of `pe` (for `emit`)."""
+        return len(self._program(pe).tasks)
+
     def load(self, pe: LocalPE, offset: int, data) -> None:
         """Initial SRAM contents (weights, constants) at `offset` of `pe`."""
         self._program(pe).load(offset, data)

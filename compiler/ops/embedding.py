@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from compiler.graph import BYTES_PER_ELEMENT, GraphBuilder, OpSpec, grad_name, updated_name
-from compiler.lowering.kernel import Kernel, LocalPE, ResultSlot, StreamIds
+from compiler.lowering.kernel import Kernel, LocalPE, ResultSlot, StreamIds, Tokens
 from compiler.ops.base import OpFamily, Tensors, token_batch
 from compiler.ops.matmul import (
     Lane,
@@ -64,6 +64,7 @@ from wse_sim.program import FabIn, FabOut, Instr, Mem, Op, repeat, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
+
 
 
 def add_embedding(b: GraphBuilder, tokens: str) -> str:
@@ -137,8 +138,9 @@ def _row_owners(grid: WeightGrid, tokens: np.ndarray) -> list[tuple[int, int]]:
 
 def _emit_relay(grid: WeightGrid, pe: LocalPE, owners: list[tuple[int, int]],
                 relay_in: int | None, relay_out: int) -> None:
-    """PE (c, r) of the embedding relay: in row order, inject own chunks, forward the rows
-    of PEs to the west (a run of them in one MOV)."""
+    """PE (c, r) of the embedding relay, on a thread of its own (the same PEs run the LM
+    head, whose first rows arrive while the relay still sends later ones): in row order,
+    inject own chunks, forward the rows of PEs to the west (a run of them in one MOV)."""
     c, _ = pe
     kb, nb = grid.block(pe)
     instrs: list[Instr] = []
@@ -149,13 +151,14 @@ def _emit_relay(grid: WeightGrid, pe: LocalPE, owners: list[tuple[int, int]],
             continue
         instrs += [vec(Op.MOV, kb, FabOut(relay_out), Mem(grid.weight[pe] + j, nb))
                    for owner, j in rows if owner == c]
-    grid.kernel.emit(pe, *instrs)
+    if instrs:
+        grid.kernel.emit(pe, *instrs, thread=grid.kernel.new_thread(pe))
 
 
-def _emit_scatter(grid: WeightGrid, pe: LocalPE, owners: list[tuple[int, int]],
-                  dh0: int) -> None:
+def _scatter(grid: WeightGrid, pe: LocalPE, owners: list[tuple[int, int]],
+             dh0: int, grad: int) -> list[Instr]:
     """dh0 rows (descending) whose token column is on PE (c, r) add into that column of
-    the gradient block; the other rows go to a scratch word."""
+    the embedding's gradient block at `grad`; the other rows go to a scratch word."""
     c, _ = pe
     kb, nb = grid.block(pe)
     scratch = grid.kernel.alloc(pe, 1, "discarded dh0")
@@ -165,9 +168,9 @@ def _emit_scatter(grid: WeightGrid, pe: LocalPE, owners: list[tuple[int, int]],
         if not mine:
             instrs.append(vec(Op.MOV, kb * len(rows), Mem(scratch, 0), FabIn(dh0)))
             continue
-        instrs += [vec(Op.ADD, kb, Mem(grid.grad[pe] + j, nb), Mem(grid.grad[pe] + j, nb),
-                       FabIn(dh0)) for _, j in rows]
-    grid.kernel.emit(pe, *instrs)
+        instrs += [vec(Op.ADD, kb, Mem(grad + j, nb), Mem(grad + j, nb), FabIn(dh0))
+                   for _, j in rows]
+    return instrs
 
 
 def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.ndarray,
@@ -207,18 +210,21 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
     wpe_at: dict[int, int] = {}
     h0_ids = kernel.lane_outputs(ids, h0_tensor, d_lanes, [(n_c, r) for r in range(n_r)],
                                  "ascending")
+    relays: list[list[int]] = []
     for r, (k0, k1) in enumerate(d_lanes):
         pos = (n_c, r)
         wpe_at[r] = kernel.alloc(pos, n_ctx * (k1 - k0), "wpe lane")
         kernel.load(pos, wpe_at[r], wpe[:, k0:k1])
         relay = [kernel.local((c, r), ((c + 1, r),), ids) for c in range(n_c)]
-        for c in range(n_c):
-            _emit_relay(grid, (c, r), owners, relay[c - 1] if c > 0 else None, relay[c])
         kernel.emit(pos, *[vec(Op.ADD, seq * (k1 - k0), FabOut(h0_ids[r]), FabIn(relay[-1]),
                                Mem(wpe_at[r])) for _ in range(batch)])
+        relays.append(relay)
 
     emit_forward(grid, ids, x_tensor=x_tensor, y_tensor=logits_tensor, bias=None,
                  keep_x=backward)
+    for r, relay in enumerate(relays):
+        for c in range(n_c):
+            _emit_relay(grid, (c, r), owners, relay[c - 1] if c > 0 else None, relay[c])
     if not backward:
         return kernel
     kernel.shapes[dlogits_tensor] = (rows, vocab)
@@ -234,7 +240,17 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
         for r, (k0, k1) in enumerate(d_lanes):
             pos, kb = (n_c, r), k1 - k0
             for c in range(n_c):
-                _emit_scatter(grid, (c, r), owners, dh0_ids[r])
+                # dh0 arrives while the LM head's backward still runs on the main thread:
+                # the scatter has a thread and a gradient block of its own, added in when
+                # its token says it is done.
+                pe = (c, r)
+                words = kb * grid.block(pe)[1]
+                scattered = kernel.alloc(pe, words, "embedding gradient")
+                done = Tokens.create(kernel, pe, ids, 1)
+                kernel.emit(pe, *_scatter(grid, pe, owners, dh0_ids[r], scattered),
+                            done.signal(), thread=kernel.new_thread(pe))
+                kernel.emit(pe, done.wait(), vec(Op.ADD, words, Mem(grid.grad[pe]),
+                                                 Mem(grid.grad[pe]), Mem(scattered)))
             dwpe = kernel.alloc(pos, n_ctx * kb, "wpe gradient")
             last = Mem(dwpe + (seq - 1) * kb, 1, -kb)  # positions T-1 .. 0
             for _ in range(batch):
