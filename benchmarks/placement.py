@@ -1,15 +1,17 @@
 """Which placement wins: every strategy on gpt_tiny and gpt_small, compiled, simulated, checked.
 
     python benchmarks/placement.py [--models gpt_tiny gpt_small] [--strategies linear ...]
-                                   [--out benchmarks/out]
+                                   [--workers N | --scheduler ADDRESS] [--out benchmarks/out]
 
-Prints one row per (model, strategy): hop-words (words x hops between kernel centres, the
-placement's own objective) and its ratio to `linear`, the busiest link measured by the
-simulation (and the compiler's estimate), the colors the routes needed, compile seconds,
-simulated cycles, tokens/s, and whether the numerical check passed. A strategy whose
-placement cannot be routed with the wafer's colors is a row saying so, not a crash.
-Writes placement.csv and placement.png (hop-words and cycles per strategy, relative to
-linear) into --out.
+The grid (models x strategies) runs as a sweep (wse_sim/sweep.py): one task per point on
+a LocalCluster of --workers processes (one per core by default) or on the Dask cluster
+of --scheduler. Prints one row per (model, strategy): hop-words (words x hops between
+kernel centres, the placement's own objective) and its ratio to `linear`, the busiest link
+measured by the simulation (and the compiler's estimate), the colors the routes needed,
+compile seconds, simulated cycles, tokens/s, and whether the numerical check passed. A
+strategy whose placement cannot be routed with the wafer's colors is a row saying so, not
+a crash. Writes placement.csv and placement.png (hop-words and cycles per strategy,
+relative to linear) into --out.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+import time
 from pathlib import Path
 
 from compiler.placement import STRATEGIES
 from wse_sim.errors import UserError
-from wse_sim.pipeline import run_step
+from wse_sim.sweep import SweepSpec, format_table, make_sweep, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,19 +32,25 @@ COLUMNS = ("model", "strategy", "hop_words", "hop_vs_linear", "max_link", "max_l
            "colors", "compile_s", "cycles", "cycles_vs_linear", "tokens_per_s", "check")
 
 
-def measure(model: str, strategy: str) -> dict:
-    row: dict = {"model": model, "strategy": strategy}
-    try:
-        report = run_step(str(ROOT / "models" / f"{model}.yaml"), strategy)
-    except UserError as err:
-        row["check"] = f"error: {err}"
-        return row
-    row.update(hop_words=report["hop_words"], max_link=report["max_link_load"],
-               max_link_estimate=report["link_load_estimate"]["max"],
-               colors=report["colors_used"], compile_s=round(report["compile_seconds"], 2),
-               cycles=report["cycles"], tokens_per_s=round(report["tokens_per_second"]),
-               check="passed" if report["check"]["passed"] else "FAILED")
-    return row
+def measure(models: list[str], strategies: list[str], scheduler: str | None,
+            workers: int | None) -> list[dict]:
+    """One row per (model, strategy), from a sweep over the models' configs."""
+    spec = SweepSpec(configs=[f"{model}.yaml" for model in models], placements=strategies)
+    sweep = make_sweep(spec, ROOT / "models", "benchmarks/placement.py")
+    rows = []
+    for result in run_sweep(sweep, scheduler=scheduler, workers=workers):
+        row: dict = {"model": Path(result["config"]).stem, "strategy": result["placement"]}
+        if result["error"] is not None:
+            row["check"] = f"error: {result['error']}"
+        else:
+            row.update(hop_words=result["hop_words"], max_link=result["max_link_load"],
+                       max_link_estimate=result["max_link_estimate"],
+                       colors=result["colors_used"],
+                       compile_s=round(result["compile_seconds"], 2), cycles=result["cycles"],
+                       tokens_per_s=round(result["tokens_per_second"]),
+                       check="passed" if result["check_passed"] else "FAILED")
+        rows.append(row)
+    return rows
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -53,13 +62,6 @@ def add_ratios(rows: list[dict]) -> None:
             continue
         row["hop_vs_linear"] = round(row["hop_words"] / base["hop_words"], 3)
         row["cycles_vs_linear"] = round(row["cycles"] / base["cycles"], 3)
-
-
-def print_table(rows: list[dict]) -> None:
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in COLUMNS}
-    print("  ".join(c.ljust(widths[c]) for c in COLUMNS))
-    for row in rows:
-        print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in COLUMNS))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -89,17 +91,21 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["gpt_tiny", "gpt_small"])
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, help="LocalCluster processes (one per core)")
+    where.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args = parser.parse_args()
-    rows = []
-    for model in args.models:
-        for strategy in args.strategies:
-            rows.append(measure(model, strategy))
-            print(f"{model} {strategy}: {rows[-1].get('cycles', '-')} cycles, "
-                  f"{rows[-1]['check']}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    try:
+        rows = measure(args.models, args.strategies, args.scheduler, args.workers)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - started
     add_ratios(rows)
-    print_table(rows)
+    print(format_table(rows, list(COLUMNS)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "placement.csv", "w", newline="") as f:
@@ -107,7 +113,8 @@ def main() -> int:
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, out / "placement.png")
-    print(f"wrote {out / 'placement.csv'} and {out / 'placement.png'}")
+    print(f"{len(rows)} runs in {seconds:.1f} s; wrote {out / 'placement.csv'} and "
+          f"{out / 'placement.png'}")
     return 0
 
 

@@ -13,19 +13,13 @@ mapping with `preset` and field overrides. Hardware fields are defined only ther
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
-import yaml
 from pydantic import (
-    AllowInfNan,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
-    Strict,
-    StrictStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -33,31 +27,16 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from wse_sim.errors import UserError, read_user_file
+from wse_sim.errors import UserError
 from wse_sim.hardware import PRESETS, WaferConfig
+from wse_sim.userinput import FiniteFloat, Fp32, read_user_yaml
 
 Placement = Literal["linear", "snake", "random", "greedy", "anneal", "partition"]
 PLACEMENTS: tuple[str, ...] = get_args(Placement)
 
-_STRICT = ConfigDict(extra="forbid", frozen=True)
-
-_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def _decimal_string_to_float(value: Any) -> Any:
-    """PyYAML reads `1e-8` (an exponent without a dot, valid YAML 1.2) as a string; take it
-    as the number the user wrote. Other strings stay strings and are rejected."""
-    if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
-        return float(value)
-    return value
-
-
-# A finite float that is not a bool (strict: True is not 1.0); ints are exact, so accepted.
-# The string conversion goes last: placed first, pydantic checks bounds before finiteness
-# and calls a NaN "not >= 0".
-FiniteFloat = Annotated[
-    float, Strict(), AllowInfNan(False), BeforeValidator(_decimal_string_to_float)
-]
+# Strict (wse_sim.userinput): no float, bool or string is taken for an int, nor a bool
+# for a float; every float field is a FiniteFloat.
+_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 def _cross_field_error(field: str, message: str) -> PydanticCustomError:
@@ -80,7 +59,7 @@ class ModelConfig(BaseModel):
     activation: Literal["gelu", "gelu_tanh"] = Field(
         default="gelu", description="MLP activation: `gelu` (exact, erf) or `gelu_tanh`."
     )
-    ln_eps: float = Field(default=1e-5, gt=0, description="LayerNorm epsilon.")
+    ln_eps: Fp32 = Field(default=1e-5, gt=0, description="LayerNorm epsilon.")
     tie_embeddings: bool = Field(
         default=True, description="LM head reuses the token embedding (no separate weight)."
     )
@@ -106,9 +85,9 @@ class TrainingConfig(BaseModel):
     batch_size: int = Field(gt=0, description="Sequences per step (B).")
     # A step predicts tokens 1..T-1 from 0..T-2, so it needs at least two tokens.
     seq_len: int = Field(ge=2, description="Tokens per sequence (T); at most model.n_ctx.")
-    lr: float = Field(gt=0, description="Learning rate (of SGD or AdamW).")
+    lr: Fp32 = Field(gt=0, description="Learning rate (of SGD or AdamW).")
     seed: int = Field(default=0, ge=0, description="Seed of the initial weights and the batch.")
-    init_std: float = Field(default=0.02, gt=0, description="Std of the normal weight init.")
+    init_std: Fp32 = Field(default=0.02, gt=0, description="Std of the normal weight init.")
     # AdamW defaults are Cerebras-GPT's (model zoo configs, Dey et al. 2023, arXiv:2304.03208).
     optimizer: Literal["sgd", "adamw"] = Field(
         default="sgd",
@@ -147,7 +126,7 @@ class DataConfig(BaseModel):
         lt=1,
         description="Fraction of the corpus's tokens held out for validation (the tail).",
     )
-    path: StrictStr | None = Field(
+    path: str | None = Field(
         default=None,
         min_length=1,
         description="UTF-8 text file to train on (relative to the working directory); null = "
@@ -204,14 +183,20 @@ class RunConfig(BaseModel):
 
 
 def format_validation_error(err: ValidationError) -> str:
-    """One line for the first error: `field.path: message` (and how many more there were)."""
+    """One line for the first error: `field.path: message`, the value the user wrote if
+    it is a scalar (strict types make "32.0" for an int an error: show it), and how many
+    more errors there were."""
     errors = err.errors(include_url=False)
     first = errors[0]
     field = (first.get("ctx") or {}).get("field") or ".".join(str(p) for p in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
+    value, shown = first.get("input"), repr(first.get("input"))
+    got = (f" (got {shown if len(shown) <= 40 else shown[:36] + ' ...'})"
+           if first["type"] not in ("missing", "value_error")
+           and isinstance(value, str | int | float | bool) else "")
     extra = len(errors) - 1
     more = f" (and {extra} more error{'s' if extra > 1 else ''})" if extra else ""
-    return f"{field or '<root>'}: {message}{more}"
+    return f"{field or '<root>'}: {message}{got}{more}"
 
 
 def parse_config(data: Any, source: str = "<config>") -> RunConfig:
@@ -228,21 +213,22 @@ def parse_config(data: Any, source: str = "<config>") -> RunConfig:
 
 def load_config(path: str | Path) -> RunConfig:
     """Read and validate a run config YAML file; any problem raises a one-line UserError."""
-    text = read_user_file(path, "config")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "malformed YAML"
-        raise UserError(f"{path}: invalid YAML{where}: {problem}") from None
+    return parse_config(read_config_data(path), str(path))
+
+
+def read_config_data(path: str | Path) -> Any:
+    """The mapping of a run config YAML file, not yet validated (a sweep merges overrides
+    into it first), its wafer preset file resolved beside it; unreadable or malformed YAML
+    raises a one-line UserError."""
+    data = read_user_yaml(path, "config")
     if isinstance(data, dict):
-        data["wafer"] = _preset_beside(data.get("wafer", {}), Path(path).parent)
-    return parse_config(data, str(path))
+        data["wafer"] = preset_beside(data.get("wafer", {}), Path(path).parent)
+    return data
 
 
-def _preset_beside(wafer: Any, folder: Path) -> Any:
-    """A wafer preset file named relative to the config is found beside the config."""
+def preset_beside(wafer: Any, folder: Path) -> Any:
+    """A wafer section whose preset file, if named relative, is found in `folder` (beside
+    the file that names it)."""
     preset = wafer if isinstance(wafer, str) else (
         wafer.get("preset") if isinstance(wafer, dict) else None)
     if not isinstance(preset, str) or preset in PRESETS or Path(preset).is_absolute():

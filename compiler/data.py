@@ -65,6 +65,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from compiler.config import RunConfig
 from wse_sim.errors import UserError
+from wse_sim.userinput import read_user_file
 
 BYTE_VOCAB = 256
 TOKENIZER_FILE = "tokenizer.json"
@@ -82,18 +83,7 @@ def normalize_text(text: str) -> str:
 def read_text(path: str | Path) -> str:
     """A UTF-8 file's normalised text; a UserError naming the file if it cannot be read or
     is not UTF-8 (with the offset of the first bad byte)."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as err:
-        raise UserError(f"{path}: cannot read data: {err.strerror or err}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        bad = raw[err.start]
-        raise UserError(
-            f"{path}: not UTF-8 text: byte 0x{bad:02x} at offset {err.start} ({err.reason})"
-        ) from None
-    return normalize_text(text)
+    return normalize_text(read_user_file(path, "data"))
 
 
 def default_corpus() -> str:

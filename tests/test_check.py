@@ -11,8 +11,10 @@ import pytest
 from compiler.check import TOLERANCE, compare, read_results, relative_error, update_name
 from compiler.graph import updated_name
 from compiler.reference import reference_step
+from wse_sim.commands.run import format_check
 from wse_sim.engine import simulate
-from wse_sim.pipeline import compile_config
+from wse_sim.outputs import strict_json
+from wse_sim.pipeline import check_report, compile_config
 
 TINY = Path(__file__).resolve().parent.parent / "models" / "gpt_tiny.yaml"
 
@@ -40,3 +42,19 @@ def test_a_skipped_update_fails_for_every_parameter(tiny):
         assert set(check.failures()) <= {update_name(p), updated_name(p)}, p
         hidden += relative_error(skipped[updated_name(p)], reference.updated[p]) <= TOLERANCE
     assert hidden > 0, "no parameter shows why the update check is needed"
+
+
+def test_numbers_that_overflowed_are_null_in_the_report_with_the_reason(tiny):
+    simulated, reference, initial = tiny
+    broken = {**simulated, "loss": np.array([[np.nan]], np.float32),
+              "grad:wte.weight": np.full_like(simulated["grad:wte.weight"], np.inf)}
+    check = compare(broken, reference, initial)
+    report = check_report(check)
+    strict_json(report)  # no NaN or Infinity left
+    overflow = "not finite: the simulated or the reference values overflowed"
+    assert report["loss_sim"] is None and report["tensors"]["grad:wte.weight"] is None
+    assert report["null_reasons"]["loss_sim"] == overflow
+    assert report["null_reasons"]["tensors"] == {"loss": overflow, "grad:wte.weight": overflow}
+    assert not report["passed"] and {"loss", "grad:wte.weight"} <= set(report["failures"])
+    text = format_check(report)
+    assert f"n/a: {overflow}" in text and "loss sim n/a" in text

@@ -13,6 +13,7 @@ import yaml
 from compiler.config import PLACEMENTS, RunConfig, load_config, parse_config
 from wse_sim.errors import UserError
 from wse_sim.hardware import PRESET_DIR, PRESETS, WaferConfig
+from wse_sim.userinput import load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = sorted((ROOT / "models").glob("*.yaml"))
@@ -79,6 +80,23 @@ def test_tiny_keeps_heads_wide_enough() -> None:
         ("data", {"val_fraction": False}, "data.val_fraction: Input should be a valid number"),
         ("data", {"path": 7}, "data.path: Input should be a valid string"),
         ("data", {"colour": 1}, "data.colour: Extra inputs are not permitted"),
+        # strict types: nothing is converted to what the field wants
+        ("model", {"n_layers": 2.0}, "model.n_layers: Input should be a valid integer (got 2.0)"),
+        ("training", {"batch_size": True}, "training.batch_size: Input should be a valid integer"),
+        ("model", {"d_model": "32"}, "model.d_model: Input should be a valid integer (got '32')"),
+        ("model", {"tie_embeddings": 1}, "model.tie_embeddings: Input should be a valid boolean"),
+        ("training", {"lr": "0.1"}, "training.lr: Input should be a valid number (got '0.1')"),
+        ("compile", {"seed": 1.5}, "compile.seed: Input should be a valid integer (got 1.5)"),
+        ("wafer", {"width": 750.0}, "wafer.width: Input should be a valid integer (got 750.0)"),
+        # every float is finite
+        ("training", {"lr": float("inf")}, "training.lr: Input should be a finite number"),
+        ("training", {"init_std": float("nan")}, "training.init_std: Input should be a finite"),
+        ("model", {"ln_eps": float("inf")}, "model.ln_eps: Input should be a finite number"),
+        ("wafer", {"clock_hz": float("inf")}, "wafer.clock_hz: Input should be a finite number"),
+        # what the PEs compute with must be a normal float32
+        ("training", {"init_std": 1e200}, "training.init_std: 1e+200 is not a normal float32"),
+        ("training", {"lr": 1e-50}, "training.lr: 1e-50 is not a normal float32"),
+        ("model", {"ln_eps": 1e-40}, "model.ln_eps: 1e-40 is not a normal float32"),
     ],
 )
 def test_bad_field_is_named(tmp_path: Path, section: str, change: dict, expected: str) -> None:
@@ -209,6 +227,29 @@ def test_exponent_without_dot_is_a_number(tmp_path: Path) -> None:
     data["training"]["eps"] = "tiny"
     with pytest.raises(UserError, match="training.eps: Input should be a valid number"):
         parse_config(data)
+
+
+def test_yaml_numbers_follow_yaml_1_2_floats() -> None:
+    data = load_yaml("a: 1e-8\nb: 1.0e8\nc: 1E5\nd: -.5e3\ne: '1e-8'\nf: 1_000\ng: 0.25\n", "x")
+    assert data == {"a": 1e-8, "b": 1e8, "c": 1e5, "d": -500.0, "e": "1e-8", "f": 1000,
+                    "g": 0.25}
+    assert [type(v) for v in data.values()] == [float] * 4 + [str, int, float]
+    assert yaml.safe_load("a: 1e-8") == {"a": "1e-8"}  # PyYAML's own loader is untouched
+
+
+def test_config_that_is_not_utf8_names_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes((ROOT / "models" / "gpt_tiny.yaml").read_bytes() + b"# caf\xe9\n")
+    with pytest.raises(UserError, match=r"latin1\.yaml: not UTF-8 text: byte 0xe9 at offset"):
+        load_config(path)
+    preset = tmp_path / "wafer.yaml"
+    preset.write_bytes(b"width: 4 # \xff\n")
+    data = _tiny()
+    data["wafer"] = {"preset": "wafer.yaml"}
+    config = _write(tmp_path, data)
+    with pytest.raises(UserError, match=r"wafer\.preset: bad preset file: .*wafer\.yaml: not "
+                                        r"UTF-8 text: byte 0xff at offset 11"):
+        load_config(config)
 
 
 def test_schema_command_prints_json_schema() -> None:

@@ -16,6 +16,8 @@ from compiler.check import results_digest
 from compiler.config import load_config
 from compiler.gpt import build_graph
 from wse_sim.cli import main
+from wse_sim.hardware import WaferConfig
+from wse_sim.program import Program, save_program
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "models" / "gpt_tiny.yaml"
@@ -136,3 +138,19 @@ def test_compile_then_simulate_gives_the_run_counters(tiny_run, tmp_path):
         checked = {name: arrays[name] for name in report["check"]["tensors"]
                    if not name.startswith("update:")}
     assert results_digest(checked) == report["check"]["results_sha256"]
+
+
+def test_a_program_that_does_nothing_has_null_rates(tmp_path):
+    """No cycle: tokens/s and FLOP/s cannot be computed; the JSON says null and why."""
+    program = Program(2, 1)
+    program.pe(0, 0, 4)
+    program.meta = {"throughput": {"unit": "tokens", "per_run": 32}, "model_flops": 100}
+    save_program(program, tmp_path / "idle.npz", WaferConfig())
+    out = tmp_path / "idle.json"
+    assert main(["simulate", str(tmp_path / "idle.npz"), "--json", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text(), parse_constant=pytest.fail)
+    rates = ("tokens_per_second", "achieved_flops_per_second", "percent_of_wafer_peak",
+             "percent_of_used_peak")
+    assert report["cycles"] == 0 and all(report[key] is None for key in rates)
+    assert report["null_reasons"] == dict.fromkeys(rates, "no cycle was simulated (no PE had "
+                                                   "work)")

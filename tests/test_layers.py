@@ -2,10 +2,10 @@
 
 * the simulator core (every wse_sim module but the CLI and the run pipeline) never imports
   the compiler;
-* the compiler uses only the simulator's Program IR, hardware description and error types,
-  and knows nothing of numba;
-* the CLI (wse_sim.cli, wse_sim.commands) and the run pipeline (wse_sim.pipeline) are the
-  one place that joins them;
+* the compiler uses only the simulator's Program IR, hardware description, error types,
+  user-input readers and host-memory estimates, and knows nothing of numba;
+* the CLI (wse_sim.cli, wse_sim.commands), the run pipeline (wse_sim.pipeline) and the
+  sweeps built on it (wse_sim.sweep) are the one place that joins them;
 * benchmarks go through the pipeline, never through the CLI's modules or test helpers.
 """
 
@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-JOIN = ("wse_sim.cli", "wse_sim.__main__", "wse_sim.commands", "wse_sim.pipeline")
-COMPILER_MAY_USE = ("wse_sim.program", "wse_sim.hardware", "wse_sim.errors")
+JOIN = ("wse_sim.cli", "wse_sim.__main__", "wse_sim.commands", "wse_sim.pipeline",
+        "wse_sim.sweep")
+COMPILER_MAY_USE = ("wse_sim.program", "wse_sim.hardware", "wse_sim.errors",
+                    "wse_sim.userinput", "wse_sim.hostmem")
 
 
 def module_name(path: Path) -> str:
@@ -57,3 +59,11 @@ def test_compiler_uses_only_the_ir_hardware_and_errors(path):
     used = imports(path)
     assert not [m for m in used if within(m, ("wse_sim",)) and not within(m, COMPILER_MAY_USE)]
     assert not [m for m in used if within(m, ("numba",))]
+
+
+def test_placement_benchmark_uses_the_installed_package_not_the_cli_or_tests():
+    path = ROOT / "benchmarks" / "placement.py"
+    assert not [m for m in imports(path) if within(m, ("wse_sim.cli", "wse_sim.commands"))]
+    helpers = {"tests"} | {p.stem for p in (ROOT / "tests").glob("*.py")}
+    assert not {m.split(".")[0] for m in imports(path)} & helpers
+    assert "sys.path" not in path.read_text()

@@ -71,3 +71,16 @@ def test_cli_json(capsys):
 def test_cli_user_errors(capsys):
     assert main(["traffic", "--mesh", "4x8", "--pattern", "transpose", "--rate", "0.1"]) == 2
     assert "transpose needs a square mesh" in capsys.readouterr().err
+
+
+def test_cli_json_of_a_run_without_latencies_is_strict(capsys):
+    assert main(["traffic", "--mesh", "4x4", "--rate", "0.1", "--cycles", "1", "--warmup", "0",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out, parse_constant=pytest.fail)  # no NaN
+    assert out["measured_packets"] == 0
+    why = "no packet was created in the measurement window"
+    assert out["null_reasons"] == dict.fromkeys(("latency_avg", "latency_p99", "latency_max"), why)
+    assert out["latency_avg"] is out["latency_p99"] is out["latency_max"] is None
+    assert main(["traffic", "--mesh", "4x4", "--rate", "0.1", "--cycles", "1", "--warmup",
+                 "0"]) == 0
+    assert f"latency: n/a ({why})" in capsys.readouterr().out

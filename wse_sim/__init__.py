@@ -5,11 +5,14 @@ Layers (tests/test_layers.py enforces them):
 * the simulator core, every module here but the CLI and the run pipeline: the Program IR
   (`program`), the hardware description (`hardware`), the engine (`engine`, `router`,
   `assemble`), its counters and reports (`stats`, `report`, `plots`), synthetic traffic
-  (`traffic`). It runs any `wse_sim.program.Program` and knows nothing of GPT; it never
-  imports `compiler`.
+  (`traffic`), and the rules for what a user gives and gets: input files and config
+  numbers (`userinput`), output files (`outputs`), host memory (`hostmem`). It runs any
+  `wse_sim.program.Program` and knows nothing of GPT; it never imports `compiler`.
 * `compiler` (beside this package) lowers a GPT training step to a Program using only the
-  core's Program IR, hardware description and error types.
-* the CLI (`cli`, `commands`) and the run pipeline (`pipeline`) join the two.
+  core's Program IR, hardware description, error types, user-input readers and
+  host-memory estimates.
+* the CLI (`cli`, `commands`), the run pipeline (`pipeline`) and sweeps of runs on
+  dask.distributed (`sweep`) join the two.
 """
 
 __version__ = "0.1.0"

@@ -5,13 +5,23 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from wse_sim.commands import COMMANDS
 from wse_sim.errors import UserError
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line and a pointer to --help (argparse's
+    own usage block of a command with many options runs to ten lines)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the "
+                     "options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m wse_sim",
         description="Cycle-level wafer-scale engine simulator and GPT training-step compiler.",
     )

@@ -12,9 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
+
+from wse_sim.errors import UserError
+from wse_sim.userinput import FiniteFloat, read_user_yaml
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 PRESETS: tuple[str, ...] = tuple(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
@@ -23,14 +25,13 @@ PRESETS: tuple[str, ...] = tuple(sorted(p.stem for p in PRESET_DIR.glob("*.yaml"
 def preset_fields(preset: str) -> dict[str, Any]:
     """The fields of a preset: a name in PRESETS or the path of a YAML file of fields."""
     path = PRESET_DIR / f"{preset}.yaml" if preset in PRESETS else Path(preset)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not path.exists():
         raise _preset_error(f"unknown preset {preset!r}: not one of {', '.join(PRESETS)} and "
-                            "no such file") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise _preset_error(f"cannot read preset file {preset!r}: "
-                            f"{str(err).splitlines()[0]}") from None
+                            "no such file")
+    try:
+        data = read_user_yaml(path, "preset file")
+    except UserError as err:
+        raise _preset_error(f"bad preset file: {err}") from None
     if not isinstance(data, dict) or "preset" in data:
         raise _preset_error(f"preset file {preset!r} must be a mapping of wafer fields (and "
                             "name no preset itself)")
@@ -45,7 +46,7 @@ def _preset_error(message: str) -> PydanticCustomError:
 class WaferConfig(BaseModel):
     """Hardware of one wafer: a `preset` (name or file) and overrides, or all fields."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     preset: str | None = Field(
         default="wse2",
@@ -53,14 +54,12 @@ class WaferConfig(BaseModel):
         "explicit fields override it. null: every field is given.")
     width: int = Field(gt=0, description="PEs per row (x extent).")
     height: int = Field(gt=0, description="PEs per column (y extent).")
-    clock_hz: float = Field(gt=0, allow_inf_nan=False, description="Core clock; cycles -> "
-                            "seconds.")
+    clock_hz: FiniteFloat = Field(gt=0, description="Core clock; cycles -> seconds.")
     sram_bytes_per_pe: int = Field(gt=0, multiple_of=4, description="SRAM per PE, bytes.")
     sram_reads_per_cycle: int = Field(gt=0, description="32-bit SRAM reads per cycle.")
     sram_writes_per_cycle: int = Field(gt=0, description="32-bit SRAM writes per cycle.")
-    fp32_ops_per_cycle: float = Field(
-        gt=0, allow_inf_nan=False,
-        description="fp32 arithmetic elements (an FMAC counts one) per cycle.")
+    fp32_ops_per_cycle: FiniteFloat = Field(
+        gt=0, description="fp32 arithmetic elements (an FMAC counts one) per cycle.")
     colors: int = Field(gt=0, le=64, description="Routable colors (virtual channels).")
     queue_depth: int = Field(gt=0, description="Wavelets buffered per (router input port, "
                              "color).")

@@ -1,11 +1,13 @@
 """The run pipeline: the one place (with the CLI) where the compiler and the simulator
 meet. `compile_config` turns a run config into a Program whose `meta` says what the step
 is; `simulate_program` runs any Program and reports its counters; `run_step` is both plus
-the check against the float64 reference.
+the check against the float64 reference. `compile_parsed` and `run_parsed` do the same for
+a config already parsed (a sweep's merged point), named by a label instead of a file.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,21 +16,25 @@ import numpy as np
 
 from compiler.check import CheckResult, check_step
 from compiler.compile import Compiled, compile_step
-from compiler.config import load_config
+from compiler.config import PLACEMENTS, RunConfig, load_config
+from compiler.footprint import step_footprint
 from compiler.reference import reference_step
 from wse_sim.engine import SimResult, simulate
+from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
+from wse_sim.hostmem import require
 from wse_sim.program import Program
 from wse_sim.report import hottest_links, run_report
 
 
-def step_meta(config_path: str, compiled: Compiled) -> dict[str, Any]:
-    """What a compiled step's report shows besides the counters (`Program.meta`)."""
+def step_meta(source: str, compiled: Compiled) -> dict[str, Any]:
+    """What a compiled step's report shows besides the counters (`Program.meta`); `source`
+    names the config (its file, or a sweep point's label)."""
     summary = compiled.graph.summary()
     train = compiled.cfg.training
     estimate = compiled.linked.link_wavelets
     return {
-        "config": config_path,
+        "config": source,
         "placement": compiled.placement,
         "lane_width": compiled.plan.width,
         "parameters": summary["parameters"],
@@ -49,8 +55,19 @@ def step_meta(config_path: str, compiled: Compiled) -> dict[str, Any]:
 
 def compile_config(config_path: str, placement: str | None = None) -> Compiled:
     """Compile the step of a config file; its Program carries `step_meta`."""
-    compiled = compile_step(load_config(config_path), placement)
-    compiled.linked.program.meta = step_meta(config_path, compiled)
+    return compile_parsed(load_config(config_path), config_path, placement)
+
+
+def compile_parsed(cfg: RunConfig, source: str, placement: str | None = None) -> Compiled:
+    """Compile the step of a parsed config that `source` names. A placement that does not
+    exist, or a step too large for this machine's memory, is refused before anything is
+    built."""
+    if placement is not None and placement not in PLACEMENTS:
+        raise UserError(f"--placement: unknown strategy {placement!r}; one of "
+                        f"{', '.join(PLACEMENTS)}")
+    require(step_footprint(cfg, reference=False), source)
+    compiled = compile_step(cfg, placement)
+    compiled.linked.program.meta = step_meta(source, compiled)
     return compiled
 
 
@@ -64,15 +81,49 @@ def simulate_program(program: Program, wafer: WaferConfig, *, max_cycles: int | 
 
 
 def check_report(check: CheckResult) -> dict[str, Any]:
-    return {"passed": check.passed, "tolerance": check.tolerance, "loss_sim": check.loss_sim,
-            "loss_ref": check.loss_ref, "results_sha256": check.digest,
-            "tensors": check.errors, "tolerances": check.tolerances}
+    """The check as strict JSON data: a loss or error that is not finite (the numbers
+    overflowed) and an unbounded tolerance are null, with the reason in `null_reasons`
+    (shaped like the report: {"loss_sim": why, "tensors": {name: why}, ...})."""
+    overflow = "not finite: the simulated or the reference values overflowed"
+    nulls: dict[str, Any] = {}
+    tensor_nulls: dict[str, str] = {}
+    tolerance_nulls: dict[str, str] = {}
+    report = {"passed": check.passed, "failures": check.failures(),
+              "tolerance": check.tolerance,
+              **_finite({"loss_sim": check.loss_sim, "loss_ref": check.loss_ref}, overflow,
+                        nulls),
+              "results_sha256": check.digest,
+              "tensors": _finite(check.errors, overflow, tensor_nulls),
+              "tolerances": _finite(check.tolerances, "unbounded: the reference update is zero",
+                                    tolerance_nulls)}
+    nulls.update((key, reasons) for key, reasons in (("tensors", tensor_nulls),
+                                                      ("tolerances", tolerance_nulls)) if reasons)
+    if nulls:
+        report["null_reasons"] = nulls
+    return report
+
+
+def _finite(values: dict[str, float], why: str, reasons: dict[str, str]
+            ) -> dict[str, float | None]:
+    """`values` with each non-finite one null and `why` in `reasons` under its name."""
+    reasons.update((name, why) for name, value in values.items() if not math.isfinite(value))
+    return {name: None if name in reasons else value for name, value in values.items()}
 
 
 def run_step(config_path: str, placement: str | None = None, max_cycles: int | None = None,
              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Compile, simulate and check one step; the report as a JSON-ready dict."""
-    compiled = compile_config(config_path, placement)
+    return run_parsed(load_config(config_path), config_path, placement, max_cycles, progress)
+
+
+def run_parsed(cfg: RunConfig, source: str, placement: str | None = None,
+               max_cycles: int | None = None, progress: Callable[[int], None] | None = None
+               ) -> dict[str, Any]:
+    """`run_step` for a parsed config that `source` names."""
+    compiled = compile_parsed(cfg, source, placement)
+    # After compiling, which names the op and PE of a model too large for the wafer, and
+    # before the simulation, not after it: the reference needs the most memory.
+    require(step_footprint(compiled.cfg, reference=True), source)
     result, report = simulate_program(compiled.linked.program, compiled.cfg.wafer,
                                       max_cycles=max_cycles, progress=progress)
     reference = reference_step(compiled.cfg, compiled.params, compiled.tokens, np.float64)

@@ -21,8 +21,10 @@ Why it looks the way it does:
   rest); links that carried nothing, and PEs of no kernel, are light grey, not the colour
   of "few". Utilization is scaled to the busiest PE (a run at 8% would otherwise be one
   dark colour; the colorbar says the scale); SRAM to the capacity (full is the limit).
-* Only the Agg canvas of a private `Figure` is used (no pyplot global state), and each
-  file is written to a temporary name then renamed, so a reader never sees half a PNG.
+* Only the Agg canvas of a private `Figure` is used (no pyplot global state). All five
+  are drawn in memory first, then written as one set (`wse_sim.outputs.write_files`): an
+  error or a Ctrl-C leaves the folder's old PNGs as they were, never half a PNG or a mix
+  of two runs.
 
 Bad input (missing file, not JSON, a missing or ill-typed field, a grid of the wrong
 shape) is a UserError of one line naming the file and the field.
@@ -30,6 +32,7 @@ shape) is a UserError of one line naming the file and the field.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -48,7 +51,9 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from wse_sim.errors import UserError, read_user_file
+from wse_sim.errors import UserError
+from wse_sim.outputs import write_files
+from wse_sim.userinput import read_user_file
 
 PLOTS: tuple[str, ...] = ("utilization", "links", "placement", "sram", "timeline")
 DPI = 100
@@ -59,6 +64,7 @@ _INCHES: dict[str, tuple[float, float]] = {
     "sram": (9.0, 8.0),
     "timeline": (12.0, 8.0),
 }
+PLOT_FILES: tuple[str, ...] = tuple(f"{name}.png" for name in PLOTS)
 PNG_SIZES: dict[str, tuple[int, int]] = {
     name: (round(w * DPI), round(h * DPI)) for name, (w, h) in _INCHES.items()
 }  # (width, height) in pixels of each PNG
@@ -196,6 +202,8 @@ def load_run(path: str | os.PathLike[str]) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not JSON: {err.msg} at line {err.lineno}") from None
+    except RecursionError:
+        raise UserError(f"{path}: not a run record: nested too deeply") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a run record: expected a JSON object")
     return data
@@ -211,35 +219,20 @@ def write_plots(run: Mapping[str, Any], out_dir: str | os.PathLike[str],
         first = err.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or "(top level)"
         raise UserError(f"{source}: field {field}: {first['msg']}") from None
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"{out}: cannot create the plot folder: {err.strerror}") from None
-    written = []
+    pngs = {}
     for name in PLOTS:
         fig = Figure(figsize=_INCHES[name], dpi=DPI)
         FigureCanvasAgg(fig)
         _DRAW[name](fig, data)
-        written.append(_save(fig, out / f"{name}.png"))
-    return written
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=DPI)
+        pngs[Path(out_dir) / f"{name}.png"] = png.getvalue()
+    return write_files(pngs)
 
 
 def plot_file(path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> list[Path]:
     """`write_plots` of the RUN.json at `path`."""
     return write_plots(load_run(path), out_dir, source=str(path))
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(temporary, format="png", dpi=DPI)
-        os.replace(temporary, path)
-    except OSError as err:
-        raise UserError(f"{path}: cannot write the plot: {err.strerror}") from None
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
 
 
 # --- heatmaps ------------------------------------------------------------------------------

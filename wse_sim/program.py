@@ -46,6 +46,7 @@ header (no pickle): the file is the seam between a compiler and the simulator.
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -57,6 +58,7 @@ from pydantic import ValidationError
 
 from wse_sim.errors import ProgramError, UserError
 from wse_sim.hardware import WaferConfig
+from wse_sim.outputs import strict_json, write_file
 
 
 class Port(IntEnum):
@@ -495,8 +497,8 @@ _OPERAND_FIELDS = ("dst", "a", "b", "c")
 
 
 def save_program(program: Program, path: str | Path, wafer: WaferConfig | None = None) -> None:
-    """Write `program` (and the wafer it was built for) to `path` (.npz); `load_program`
-    reads it back equal."""
+    """Write `program` (and the wafer it was built for) to `path` (.npz), atomically
+    (`wse_sim.outputs`); `load_program` reads it back equal."""
     pe_keys = list(program.pes)
     pe_rows: list[tuple] = []
     task_rows: list[tuple] = []
@@ -536,20 +538,19 @@ def save_program(program: Program, path: str | Path, wafer: WaferConfig | None =
     def table(rows: list, cols: int) -> np.ndarray:
         return np.array(rows, np.int64).reshape(-1, cols)
 
-    with open(path, "wb") as fh:
-        np.savez_compressed(
-            fh,
-            header=np.frombuffer(json.dumps(header).encode(), np.uint8),
-            pes=table(pe_rows, 3),
-            tasks=table(task_rows, 6),
-            instrs=table(instr_rows, 5),
-            operands=table(opnd_int, 6).reshape(-1, 4, 6),
-            values=np.array(opnd_val, np.float64).reshape(-1, 4),
-            images=table(image_rows, 4),
-            image_data=np.concatenate(images) if images else np.zeros(0, np.float32),
-            routes=table(route_rows, 5),
-            tensor_slots=table(slot_rows, 10),
-        )
+    arrays = {
+        "header": np.frombuffer(strict_json(header).encode(), np.uint8),
+        "pes": table(pe_rows, 3),
+        "tasks": table(task_rows, 6),
+        "instrs": table(instr_rows, 5),
+        "operands": table(opnd_int, 6).reshape(-1, 4, 6),
+        "values": np.array(opnd_val, np.float64).reshape(-1, 4),
+        "images": table(image_rows, 4),
+        "image_data": np.concatenate(images) if images else np.zeros(0, np.float32),
+        "routes": table(route_rows, 5),
+        "tensor_slots": table(slot_rows, 10),
+    }
+    write_file(path, lambda fh: np.savez_compressed(fh, **arrays))
 
 
 def load_program(path: str | Path) -> Program:
@@ -563,20 +564,26 @@ def read_program_file(path: str | Path) -> tuple[Program, WaferConfig | None]:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {name: z[name] for name in z.files}
-        header = json.loads(arrays["header"].tobytes().decode())
+        header = json.loads(arrays["header"].tobytes().decode(), parse_constant=_no_constant)
         program = _program_from(header, arrays)
         wafer = None if header["wafer"] is None else WaferConfig.model_validate(header["wafer"])
     except (OSError, ValueError, KeyError, TypeError, IndexError, ValidationError,
-            UnicodeDecodeError) as err:
+            UnicodeDecodeError, zipfile.BadZipFile, EOFError, RecursionError) as err:
         detail = str(err).splitlines()[0] if str(err) else ""
         raise UserError(f"{path}: not a saved program of format version {FORMAT_VERSION} "
                         f"({type(err).__name__}: {detail})") from None
     return program, wafer
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"header holds {name}, not strict JSON")
+
+
 def _program_from(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Program:
     if header.get("format") != "wse_sim.Program" or header.get("version") != FORMAT_VERSION:
         raise ValueError(f"format {header.get('format')!r} version {header.get('version')!r}")
+    if not isinstance(header["meta"], dict):
+        raise TypeError("header field meta must be an object")
     program = Program(width=header["width"], height=header["height"], meta=header["meta"])
     pe_keys = []
     for x, y, words in arrays["pes"].tolist():

@@ -12,15 +12,13 @@ the report's own), and two optional entries of it turn cycles into rates: `throu
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from wse_sim.hardware import WaferConfig
+from wse_sim.outputs import strict_json, write_file
 from wse_sim.program import Program, Region
 from wse_sim.stats import PORT_NAMES, Stats
 
@@ -110,15 +108,27 @@ def run_report(program: Program, wafer: WaferConfig, stats: Stats,
                    "origin": list(meta.get("origin", (0, 0)))},
         **fabric,
     }
+    per_run: dict[str, float] = {}  # report key -> amount per run, reported per second
     throughput = meta.get("throughput")
     if throughput is not None:
-        report[f"{throughput['unit']}_per_second"] = throughput["per_run"] / seconds
+        per_run[f"{throughput['unit']}_per_second"] = throughput["per_run"]
     if "model_flops" in meta:
-        flops_per_second = meta["model_flops"] / seconds
-        report.update(
-            achieved_flops_per_second=flops_per_second,
-            percent_of_wafer_peak=100 * flops_per_second / wafer.peak_flops(),
-            percent_of_used_peak=100 * flops_per_second / wafer.peak_flops(fabric["pes_used"]))
+        per_run["achieved_flops_per_second"] = meta["model_flops"]
+    if seconds > 0:  # (then some PE held a program: the used PEs' peak is not 0)
+        report.update((key, amount / seconds) for key, amount in per_run.items())
+        if "model_flops" in meta:
+            flops_per_second = report["achieved_flops_per_second"]
+            report.update(
+                percent_of_wafer_peak=100 * flops_per_second / wafer.peak_flops(),
+                percent_of_used_peak=100 * flops_per_second
+                / wafer.peak_flops(fabric["pes_used"]))
+    else:  # a program that did nothing has no rates: null, with the reason
+        unknown = [*per_run, *(("percent_of_wafer_peak", "percent_of_used_peak")
+                               if "model_flops" in meta else ())]
+        if unknown:
+            report.update(dict.fromkeys(unknown))
+            report["null_reasons"] = dict.fromkeys(unknown, "no cycle was simulated (no PE "
+                                                   "had work)")
     report["host_simulation_seconds"] = host_seconds
     report["kernels"] = [region_report(stats, region) for region in program.regions]
     report["grids"] = grids(stats, sram_words, wafer.sram_words_per_pe)
@@ -126,17 +136,12 @@ def run_report(program: Program, wafer: WaferConfig, stats: Stats,
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write `data` whole: to a temporary file beside `path`, then an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write `data` as strict JSON, atomically (`wse_sim.outputs`)."""
+    write_file(path, strict_json(data, indent=1).encode())
+
+
+def _null(report: dict[str, Any], key: str) -> str:
+    return f"n/a: {report['null_reasons'][key]}"
 
 
 def _links(links: list[dict[str, Any]], count: int = 3) -> str:
@@ -163,14 +168,18 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if "throughput" in report:
         unit = report["throughput"]["unit"]
-        lines.append(f"throughput    {report[f'{unit}_per_second']:,.0f} {unit}/s")
+        rate = report[f"{unit}_per_second"]
+        lines.append("throughput    " + (_null(report, f"{unit}_per_second") if rate is None
+                                         else f"{rate:,.0f} {unit}/s"))
     if "model_flops" in report:
+        flops = report["achieved_flops_per_second"]
         lines += [
             f"FLOPs         {report['model_flops']:.4g} per run (model count; the PEs executed "
             f"{report['flops_counted']:.4g})",
-            f"FLOP/s        {report['achieved_flops_per_second']:.4g}  "
-            f"= {report['percent_of_used_peak']:.2f}% of the used PEs' peak, "
-            f"{report['percent_of_wafer_peak']:.4f}% of the wafer's",
+            "FLOP/s        " + (_null(report, "achieved_flops_per_second") if flops is None else
+                                f"{flops:.4g}  = {report['percent_of_used_peak']:.2f}% of the "
+                                f"used PEs' peak, {report['percent_of_wafer_peak']:.4f}% of the "
+                                "wafer's"),
         ]
     lines += [
         f"utilization   {report['pe_utilization']:.1%} mean compute over the used PEs; "

@@ -37,6 +37,7 @@ from typing import NamedTuple
 import numpy as np
 
 from wse_sim.errors import UserError
+from wse_sim.hostmem import mesh_bytes, require
 from wse_sim.router import (
     B_PORT,
     CT_RAMP_IN,
@@ -231,11 +232,14 @@ def run_traffic(
     progress: Callable[[int], None] | None = None,
 ) -> TrafficResult:
     """Run synthetic traffic; see the module docstring. `drain` (default 4 * cycles) bounds
-    the cycles run after the measurement window."""
+    the cycles run after the measurement window. Arguments out of range, and a mesh too
+    large for this machine's memory, are UserErrors naming the argument."""
     if pattern not in PATTERNS:
         raise UserError(f"pattern must be one of {', '.join(PATTERNS)} (got {pattern!r})")
-    if not 0.0 < rate <= 1.0:
+    if not 0.0 < rate <= 1.0:  # also refuses NaN
         raise UserError(f"rate must be in (0, 1] packets/node/cycle (got {rate})")
+    if not 0.0 <= hotspot_fraction <= 1.0:
+        raise UserError(f"hotspot_fraction must be in [0, 1] (got {hotspot_fraction})")
     if width < 1 or height < 1 or width * height < 2:
         raise UserError(f"mesh must have at least 2 nodes (got {width} x {height})")
     if max(width, height) > 1 << TAG_COORD_BITS:
@@ -243,9 +247,21 @@ def run_traffic(
                         f"mode (got {width} x {height})")
     if pattern == "transpose" and width != height:
         raise UserError(f"transpose needs a square mesh (got {width} x {height})")
-    if cycles < 1 or warmup < 0:
-        raise UserError("cycles must be >= 1 and warmup >= 0")
+    if not 0 <= seed < 1 << 64:  # the generator's state is one uint64
+        raise UserError(f"seed must be in 0 .. 2**64 - 1 (got {seed})")
     drain = 4 * cycles if drain is None else drain
+    for name, value, least in (("cycles", cycles, 1), ("warmup", warmup, 0),
+                               ("drain", drain, 0), ("queue_depth", queue_depth, 1),
+                               ("hop_latency", hop_latency, 1), ("ramp_in", ramp_in, 1)):
+        if value < least:
+            raise UserError(f"{name} must be >= {least} (got {value})")
+    # A packet's tag holds its creation cycle above the destination bits of an int64,
+    # and a wavelet's ready cycle is a cycle plus hop_latency: both must not overflow.
+    last = warmup + cycles + drain
+    if max(last, hop_latency) >= 1 << (63 - TAG_DEST_BITS):
+        raise UserError(f"warmup + cycles + drain ({last:,}) and hop_latency ({hop_latency:,}) "
+                        f"must be below 2**{63 - TAG_DEST_BITS} cycles")
+    require(mesh_bytes(width, height, queue_depth))
     fb, src = _build(width, height, pattern, rate, seed, queue_depth, hop_latency, ramp_in,
                      hotspot_fraction)
     win0, win1 = warmup, warmup + cycles

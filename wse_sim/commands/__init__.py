@@ -1,4 +1,23 @@
 """One module per CLI sub-command. Each exposes `HELP`, `add_arguments(parser)` and
 `run(args) -> int`; `wse_sim.cli` collects the modules listed in COMMANDS."""
 
-COMMANDS = ("run", "compile", "simulate", "graph", "schema", "traffic", "plot")
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+COMMANDS = ("run", "compile", "simulate", "graph", "schema", "traffic", "plot", "sweep")
+
+
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in low..high (no upper bound if high is None)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"must be {bounds} (got {value})")
+        return value
+    return parse

@@ -18,9 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from wse_sim.outputs import check_outputs
     from wse_sim.pipeline import compile_config
     from wse_sim.program import save_program
 
+    check_outputs(files={"-o": args.output}, inputs=(args.config,))
     compiled = compile_config(args.config, args.placement)
     program = compiled.linked.program
     save_program(program, args.output, compiled.cfg.wafer)

@@ -13,14 +13,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
     from compiler.config import load_config
+    from compiler.footprint import graph_footprint
     from compiler.gpt import build_graph
+    from wse_sim.hostmem import require
+    from wse_sim.outputs import strict_json
 
-    summary = build_graph(load_config(args.config)).summary()
+    cfg = load_config(args.config)
+    require(graph_footprint(cfg), args.config)
+    summary = build_graph(cfg).summary()
     if args.json:
-        print(json.dumps(summary))
+        print(strict_json(summary))
         return 0
     print(f"{args.config}: {summary['ops']:,} ops, {summary['tensors']:,} tensors")
     print(f"parameters: {summary['parameters']:,}")

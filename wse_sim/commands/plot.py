@@ -17,9 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from wse_sim.plots import plot_file
+    from wse_sim.outputs import check_outputs
+    from wse_sim.plots import PLOT_FILES, plot_file
 
-    out = args.out if args.out is not None else Path(args.run).parent
+    out = args.out if args.out is not None else str(Path(args.run).parent)
+    check_outputs(folders={"--out": (out, PLOT_FILES)}, inputs=(args.run,))
     for path in plot_file(args.run, out):
         print(path)
     return 0

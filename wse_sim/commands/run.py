@@ -4,9 +4,14 @@ same as `compile` then `simulate`, plus the check against the float64 reference.
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
-from wse_sim.commands.simulate import add_output_arguments, write_outputs
+from wse_sim.commands.simulate import (
+    add_output_arguments,
+    check_output_arguments,
+    write_outputs,
+)
 
 HELP = ("Compile one GPT training step for the wafer, simulate it cycle by cycle, check the "
         "numbers against the numpy reference and report where the cycles went.")
@@ -20,18 +25,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def format_check(check: dict[str, Any]) -> str:
-    """The check's lines for a terminal: every tensor's error, worst first."""
-    tolerances = check["tolerances"]
+    """The check's lines for a terminal: every tensor's error, worst first (a null error,
+    one that is not finite, first of all)."""
+    tolerances, failures = check["tolerances"], set(check["failures"])
+
+    def shown(value: float | None, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
     lines = [f"check (relative error, tolerance {check['tolerance']:g}; an update's is "
-             f"derived from fp32 rounding): loss sim {check['loss_sim']:.7f} ref "
-             f"{check['loss_ref']:.7f}"]
-    for name, err in sorted(check["tensors"].items(), key=lambda item: -item[1]):
-        verdict = "ok" if err <= tolerances[name] else "FAIL"
-        lines.append(f"  {name:<40} {err:.2e}  (<= {tolerances[name]:.2e})  {verdict}")
-    passed = sum(err <= tolerances[name] for name, err in check["tensors"].items())
-    lines.append(f"check {'PASSED' if check['passed'] else 'FAILED'}: {passed} of "
-                 f"{len(check['tensors'])} tensors within tolerance")
+             f"derived from fp32 rounding): loss sim {shown(check['loss_sim'], '.7f')} ref "
+             f"{shown(check['loss_ref'], '.7f')}"]
+    worst_first = sorted(check["tensors"].items(),
+                         key=lambda item: -math.inf if item[1] is None else -item[1])
+    for name, err in worst_first:
+        verdict = "FAIL" if name in failures else "ok"
+        lines.append(f"  {name:<40} {shown(err, '.2e'):>8}  (<= {shown(tolerances[name], '.2e')})"
+                     f"  {verdict}")
+    lines.append(f"check {'PASSED' if check['passed'] else 'FAILED'}: "
+                 f"{len(check['tensors']) - len(failures)} of {len(check['tensors'])} tensors "
+                 "within tolerance")
+    if "null_reasons" in check:
+        lines.append(f"n/a: {_reasons(check['null_reasons'])}")
     return "\n".join(lines)
+
+
+def _reasons(nulls: dict[str, Any]) -> str:
+    """The distinct reasons of a null_reasons mirror, in order."""
+    found: dict[str, None] = {}
+    for value in nulls.values():
+        found.update(dict.fromkeys([value] if isinstance(value, str) else value.values()))
+    return "; ".join(found)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from wse_sim.progress import Progress
     from wse_sim.report import format_report
 
+    check_output_arguments(args, (args.config,))
     progress = Progress(not args.quiet)
     report = run_step(args.config, args.placement, args.max_cycles, progress)
     progress.done()

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 
+from wse_sim.commands import int_in
+
 HELP = "Print the JSON Schema of a run config (sections model, training, wafer, compile)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--indent", type=int, default=2, help="JSON indentation (default 2)")
+    parser.add_argument("--indent", type=int_in(0, 16), default=2,
+                        help="JSON indentation, 0 to 16 (default 2)")
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
     from compiler.config import RunConfig
+    from wse_sim.outputs import strict_json
 
-    print(json.dumps(RunConfig.model_json_schema(), indent=args.indent))
+    print(strict_json(RunConfig.model_json_schema(), indent=args.indent))
     return 0

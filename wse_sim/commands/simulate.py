@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from wse_sim.commands import int_in
+
 HELP = ("Simulate a saved program cycle by cycle on the wafer it was compiled for and "
         "report cycles, utilization, SRAM and fabric traffic per region.")
 
@@ -15,9 +17,24 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """The options `simulate` and `run` share."""
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     parser.add_argument("--plot", metavar="DIR", help="also write the five PNG plots")
-    parser.add_argument("--max-cycles", type=int, metavar="N",
+    parser.add_argument("--max-cycles", type=int_in(1), metavar="N",
                         help="stop with an error if the run needs more cycles")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+def check_output_arguments(args: argparse.Namespace, inputs: tuple[str, ...],
+                           **files: str | None) -> None:
+    """Check --json, --plot and the command's other output `files` (option -> path) before
+    any work (`wse_sim.outputs.check_outputs`)."""
+    from wse_sim.outputs import check_outputs
+
+    plot_files: tuple[str, ...] = ()
+    if args.plot is not None:
+        from wse_sim.plots import PLOT_FILES  # matplotlib: only when plots are asked for
+
+        plot_files = PLOT_FILES
+    check_outputs(files={"--json": args.json, **files},
+                  folders={"--plot": (args.plot, plot_files)}, inputs=inputs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,25 +61,28 @@ def run(args: argparse.Namespace) -> int:
 
     from wse_sim.errors import UserError
     from wse_sim.hardware import WaferConfig
+    from wse_sim.hostmem import program_bytes, require
+    from wse_sim.outputs import write_file
     from wse_sim.pipeline import simulate_program
     from wse_sim.program import read_program_file, read_tensor
     from wse_sim.progress import Progress
     from wse_sim.report import format_report
 
+    check_output_arguments(args, (args.program,), **{"--tensors": args.tensors})
     program, wafer = read_program_file(args.program)
+    if args.tensors and not program.tensors:
+        raise UserError(f"{args.program}: the program names no tensors to write (--tensors)")
     if wafer is None:
         wafer = WaferConfig()
+    require(program_bytes(program), args.program)
     progress = Progress(not args.quiet)
     result, report = simulate_program(program, wafer, max_cycles=args.max_cycles,
                                       progress=progress)
     progress.done()
     print(format_report(report))
     if args.tensors:
-        if not program.tensors:
-            raise UserError(f"{args.program}: the program names no tensors to write")
         tensors = {name: read_tensor(layout, result.sram, name)
                    for name, layout in program.tensors.items()}
-        with open(args.tensors, "wb") as fh:
-            np.savez(fh, **tensors)
+        write_file(args.tensors, lambda fh: np.savez(fh, **tensors))
     write_outputs(args, report)
     return 0

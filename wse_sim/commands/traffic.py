@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from wse_sim.traffic import TrafficResult
 
 HELP = "Synthetic packet traffic on a k x k mesh: latency and throughput of the router model."
 
@@ -35,25 +38,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+LATENCIES = ("latency_avg", "latency_p99", "latency_max")
+
+
+def latency_unknown(result: TrafficResult) -> str | None:
+    """Why a run has no latency figures (no measured packet arrived), or None."""
+    if result.measured_packets > result.unfinished_packets:
+        return None
+    if result.measured_packets == 0:
+        return "no packet was created in the measurement window"
+    return (f"none of the {result.measured_packets} measured packets arrived before the "
+            "drain limit")
+
+
+def result_json(result: TrafficResult) -> dict[str, Any]:
+    """The result as strict JSON data: latencies no packet gave are null, with the reason
+    in `null_reasons`."""
+    out = result.to_json()
+    why = latency_unknown(result)
+    if why is not None:
+        out.update(dict.fromkeys(LATENCIES), null_reasons=dict.fromkeys(LATENCIES, why))
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
-    from wse_sim.errors import UserError
+    from wse_sim.outputs import strict_json
     from wse_sim.traffic import run_traffic
 
-    if args.queue_depth < 1 or args.hop_latency < 1:
-        raise UserError("--queue-depth and --hop-latency must be >= 1")
     width, height = args.mesh
     result = run_traffic(width, height, args.pattern, args.rate, args.cycles,
                          warmup=args.warmup, seed=args.seed, queue_depth=args.queue_depth,
                          hop_latency=args.hop_latency, drain=args.drain,
                          hotspot_fraction=args.hotspot_fraction)
     if args.json:
-        print(json.dumps(result.to_json()))
+        print(strict_json(result_json(result)))
         return 0
     r = result
     print(f"{r.mesh} mesh, {r.pattern} traffic at {r.rate} packets/node/cycle "
           f"(warmup {r.warmup}, {r.cycles} measured cycles, {r.total_cycles} simulated)")
-    print(f"latency: average {r.latency_avg:.2f} cycles, 99th percentile {r.latency_p99:.0f}, "
-          f"max {r.latency_max}; zero-load {r.zero_load_latency:.2f} "
+    why = latency_unknown(r)
+    latency = (f"n/a ({why})" if why is not None else
+               f"average {r.latency_avg:.2f} cycles, 99th percentile {r.latency_p99:.0f}, "
+               f"max {r.latency_max}")
+    print(f"latency: {latency}; zero-load {r.zero_load_latency:.2f} "
           f"(1 + {r.hop_latency} x {r.mean_hops:.3f} mean hops)")
     print(f"throughput: offered {r.offered:.4f}, accepted {r.accepted:.4f} flits/node/cycle")
     if r.unfinished_packets:

@@ -1,0 +1,115 @@
+"""Host memory: what this machine has free, and refusing work that cannot fit in it.
+
+Before a command allocates, it estimates what it will need (a `Footprint`) and `require`
+refuses an estimate above the memory available, in one line naming the field or option
+that makes it so large, instead of a numpy allocation traceback, or swapping until the
+machine stalls. Estimates count the big items only, so they are lower bounds: what is
+refused could not have run; what passes may still be tight.
+
+Available memory is MemAvailable of /proc/meminfo (what the kernel can hand out without
+swapping), else the free physical pages os.sysconf reports; if neither is known, nothing
+is refused.
+
+Estimators here are for what the simulator core builds (`program_bytes`, `mesh_bytes`);
+the compiler's live in `compiler.footprint`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from wse_sim.errors import UserError
+from wse_sim.program import Program
+
+MEMINFO = "/proc/meminfo"
+# Per PE of a fabric, whatever runs on it: the 18 int64 counters of wse_sim.stats.Stats.
+STATS_BYTES_PER_PE = 18 * 8
+# Router state per node in packet mode (wse_sim.router.build_fabric): one route with an
+# input FIFO per port (5: N, E, S, W, ramp), each a 6-int64 row plus `depth` wavelet slots
+# of 2 int64 and a float32, and per node the 10 int64 of the route's port tables and the
+# 13 int64 of its node, wake-up and counter rows.
+_FIFOS_PER_NODE = 5
+_FIFO_ROW_BYTES = 6 * 8
+_SLOT_BYTES = 2 * 8 + 4
+_NODE_BYTES = (10 + 13) * 8
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """`need` bytes for `what` ("the step", "the mesh"); `blame()` gives the field or
+    option that makes it so large and a detail, computed only when refusing."""
+
+    what: str
+    need: int
+    blame: Callable[[], tuple[str, str]]
+
+
+def available_bytes() -> int | None:
+    """Bytes of memory this machine can give without swapping; None if unknown."""
+    try:
+        with open(MEMINFO, encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file says kB: KiB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def require(footprint: Footprint, source: str | None = None) -> None:
+    """UserError (prefixed by `source`, a file) if `footprint` needs more than is
+    available."""
+    available = available_bytes()
+    if available is None or footprint.need <= available:
+        return
+    field, detail = footprint.blame()
+    prefix = f"{source}: " if source else ""
+    raise UserError(f"{prefix}{field}: too large for this machine's memory: {footprint.what} "
+                    f"needs at least {human_bytes(footprint.need)} ({detail}), "
+                    f"{human_bytes(available)} available")
+
+
+def human_bytes(count: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024 or unit == "PiB":
+            return f"{value:.0f} B" if unit == "B" else f"{value:.3g} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def program_bytes(program: Program) -> Footprint:
+    """What simulating `program` allocates: the SRAM pool (4 bytes per word each PE
+    allocates) and the counters of every PE of its fabric (`STATS_BYTES_PER_PE`). The
+    engine's per-thread and per-route state is not counted."""
+    words = sum(pe.sram_words for pe in program.pes.values())
+    pes = program.width * program.height
+
+    def blame() -> tuple[str, str]:
+        if 4 * words >= STATS_BYTES_PER_PE * pes:
+            return "sram_words", f"{words:,} SRAM words over {len(program.pes):,} PEs"
+        return "fabric", f"{program.width:,} x {program.height:,} PEs"
+
+    return Footprint("the simulation", 4 * words + STATS_BYTES_PER_PE * pes, blame)
+
+
+def mesh_bytes(width: int, height: int, depth: int) -> Footprint:
+    """The router state of a `width` x `height` packet-mode mesh with FIFOs of `depth`
+    wavelets, plus the counters of its PEs (see the constants above). Temporaries of the
+    set-up are not counted."""
+    nodes = width * height
+    fifos = _FIFOS_PER_NODE * (_FIFO_ROW_BYTES + depth * _SLOT_BYTES)
+    need = nodes * (fifos + _NODE_BYTES + STATS_BYTES_PER_PE)
+
+    def blame() -> tuple[str, str]:
+        slots = _FIFOS_PER_NODE * depth * _SLOT_BYTES
+        option = "queue_depth" if slots > need // nodes - slots else "mesh"
+        return option, f"{width:,} x {height:,} nodes, FIFOs of {depth:,} wavelets"
+
+    return Footprint("the mesh", need, blame)
