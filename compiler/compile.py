@@ -16,7 +16,7 @@ import numpy as np
 from compiler.config import RunConfig
 from compiler.gpt import build_graph
 from compiler.graph import TrainingGraph
-from compiler.inputs import init_params, make_batch
+from compiler.inputs import Batch, init_params, make_batch
 from compiler.lower import lower
 from compiler.lowering.kernel import Kernel
 from compiler.orient import orient
@@ -31,7 +31,7 @@ class Compiled:
     cfg: RunConfig
     graph: TrainingGraph
     params: dict[str, np.ndarray]  # initial weights (float64, the reference's)
-    tokens: np.ndarray  # (B, T) the batch baked into the program
+    batch: Batch  # the batch the program's code is built for
     plan: Plan
     kernels: list[Kernel]
     placement: str
@@ -68,14 +68,14 @@ def compile_step(cfg: RunConfig, placement: str | None = None) -> Compiled:
     strategy = placement or cfg.compile.placement
     graph = build_graph(cfg)
     params = init_params(cfg)
-    tokens = make_batch(cfg)
+    batch = make_batch(cfg)
     plan = plan_step(graph, cfg.compile.lane_width or cfg.model.d_head)
-    kernels = lower(graph, params, tokens, plan)
+    kernels = lower(graph, params, batch, plan)
     boxes = [Box(k.name, k.width, k.height) for k in kernels]
     traffic = kernel_traffic(kernels)
     positions = place(boxes, traffic, (cfg.wafer.width, cfg.wafer.height), strategy,
                       seed=cfg.compile.seed)
     kernels = orient(kernels, positions)  # mirror kernels so lane bundles cross less
     linked = link(kernels, positions, cfg.wafer)
-    return Compiled(cfg, graph, params, tokens, plan, kernels, strategy, boxes, traffic,
+    return Compiled(cfg, graph, params, batch, plan, kernels, strategy, boxes, traffic,
                     linked, time.perf_counter() - started)

@@ -22,21 +22,24 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compiler.graph import OpSpec, TrainingGraph
+from compiler.inputs import Batch
 from compiler.lowering.kernel import Kernel, StreamIds, sram_budget
 from compiler.ops import family_of
 from compiler.ops.attention import AttnShape, fit_key_pes
+from compiler.ops.update import UpdateRule
 from compiler.plan import Plan
 from wse_sim.hardware import WaferConfig
 
 
 @dataclass
 class LoweringContext:
-    """What a family's `lower` may use: the graph, the initial values, the lane width, the
-    stream id allocator, and look-ups that name the tensors an op's kernel streams."""
+    """What a family's `lower` may use: the graph, the initial values, the batch, the lane
+    width, the stream id allocator, and look-ups that name the tensors an op's kernel
+    streams."""
 
     graph: TrainingGraph
     params: dict[str, np.ndarray]  # initial weights by parameter name (float64)
-    tokens: np.ndarray  # (B, T) the batch baked into the program
+    batch: Batch  # the batch the code is built for (`compiler.batch` rebuilds it per step)
     plan: Plan
     ids: StreamIds = field(default_factory=StreamIds)
 
@@ -45,8 +48,14 @@ class LoweringContext:
         return self.graph.cfg.wafer
 
     @property
-    def lr(self) -> float:
-        return self.graph.cfg.training.lr
+    def tokens(self) -> np.ndarray:
+        """The batch's input tokens (B, T)."""
+        return self.batch.tokens
+
+    @property
+    def update(self) -> UpdateRule:
+        """The optimizer update every parameter-holding kernel applies."""
+        return UpdateRule.of(self.graph.cfg.training)
 
     def dy(self, name: str) -> str:
         """The gradient of op `name`'s (first) output, as its backward twin reads it (for an
@@ -66,7 +75,7 @@ class LoweringContext:
         ops = [name]
         if self.graph.backward_of(name) is not None:
             ops.append(f"{name}.bwd")
-        return ops + [f"{p}.sgd" for p in params]
+        return ops + [f"{p}.update" for p in params]
 
     def rows_cols(self, tensor: str) -> tuple[int, int]:
         rows, cols = self.graph.tensors[tensor].shape
@@ -96,12 +105,12 @@ class LoweringContext:
         return (a, b) if rank[a] <= rank[b] else (b, a)
 
 
-def lower(graph: TrainingGraph, params: dict[str, np.ndarray], tokens: np.ndarray,
+def lower(graph: TrainingGraph, params: dict[str, np.ndarray], batch: Batch,
           plan: Plan) -> list[Kernel]:
     """The kernels of one training step, in graph order; every graph op is in exactly one.
     A kernel that needs more SRAM on a PE than the wafer has is a UserError, raised as soon
     as its allocation passes the limit."""
-    ctx = LoweringContext(graph, params, tokens, plan)
+    ctx = LoweringContext(graph, params, batch, plan)
     kernels = []
     with sram_budget(graph.cfg.wafer.sram_words_per_pe):
         for op in graph.ops.values():

@@ -19,9 +19,11 @@ from compiler.ops.embedding import (
     lm_head_backward,
     lm_head_forward,
 )
-from compiler.ops.sgd import sgd_update
+from compiler.ops.update import UpdateRule
+from compiler.optim import sgd_tensor
 
 LR = 0.1
+SGD = UpdateRule("sgd", LR)
 
 
 def embedding(batch, seq, vocab, d, n_ctx, lw, *, backward=True, seed=0):
@@ -35,7 +37,7 @@ def embedding(batch, seq, vocab, d, n_ctx, lw, *, backward=True, seed=0):
               (("x", (rows, d)), ("dlogits", (rows, vocab)), ("dh0", (rows, d)))}
     kernel = build_embedding(
         "embed", ["embed", "lm_head"], StreamIds(), tokens=tokens, lane_width=lw, wte=wte,
-        wpe=wpe, lr=LR, h0_tensor="h0", x_tensor="x", logits_tensor="logits",
+        wpe=wpe, update=SGD, h0_tensor="h0", x_tensor="x", logits_tensor="logits",
         dlogits_tensor="dlogits" if backward else None, dx_tensor="dx" if backward else None,
         dh0_tensor="dh0" if backward else None)
     return kernel, tokens, wte.astype(np.float64), wpe.astype(np.float64), arrays
@@ -64,10 +66,10 @@ def test_embedding_and_lm_head_match_numpy(batch, seq, vocab, d, extra_ctx, lw):
     dwte_abs, dwpe_abs = embedding_backward(np.abs(dh0), tokens, vocab, wpe.shape[0])
     grad, grad_abs = head_grad + dwte, head_grad_abs + dwte_abs
     assert_sums_close(run.results["grad:wte.weight"], grad, grad_abs, rows + 1)
-    assert_sums_close(run.results["updated:wte.weight"], sgd_update(wte, grad, LR),
+    assert_sums_close(run.results["updated:wte.weight"], sgd_tensor(wte, grad, LR),
                       np.abs(wte) + LR * grad_abs, rows + 3)
     assert_sums_close(run.results["grad:wpe.weight"], dwpe, dwpe_abs, batch)
-    assert_sums_close(run.results["updated:wpe.weight"], sgd_update(wpe, dwpe, LR),
+    assert_sums_close(run.results["updated:wpe.weight"], sgd_tensor(wpe, dwpe, LR),
                       np.abs(wpe) + LR * dwpe_abs, batch + 2)
 
 
@@ -97,7 +99,7 @@ def test_embedding_cycles_match_formula(batch, seq, vocab, d, lw):
 
 def test_bad_tokens_and_shapes_are_rejected():
     wte, wpe = np.zeros((8, 4), np.float32), np.zeros((3, 4), np.float32)
-    common = dict(lane_width=4, wte=wte, wpe=wpe, lr=LR, h0_tensor="h0", x_tensor="x",
+    common = dict(lane_width=4, wte=wte, wpe=wpe, update=SGD, h0_tensor="h0", x_tensor="x",
                   logits_tensor="logits")
     with pytest.raises(ValueError, match="tokens outside"):
         build_embedding("e", [], StreamIds(), tokens=np.array([[8]]), **common)

@@ -17,10 +17,12 @@ from compiler.ops.layernorm import (
     layernorm_forward,
     sram_words,
 )
-from compiler.ops.sgd import sgd_update
+from compiler.ops.update import UpdateRule
+from compiler.optim import sgd_tensor
 from wse_sim.errors import UserError
 
 EPS, LR = 1e-5, 0.1
+SGD = UpdateRule("sgd", LR)
 RTOL = 1e-5  # fp32: a few dozen roundings, sums over <= 13 columns or rows
 
 
@@ -31,8 +33,8 @@ def layernorm(rows: int, cols: int, lw: int, block_rows: int, seed: int = 0):
     gamma = rng.standard_normal(cols).astype(np.float32)
     beta = rng.standard_normal(cols).astype(np.float32)
     kernel = build_layernorm(
-        "ln", ["ln", "ln.bwd", "ln.weight.sgd", "ln.bias.sgd"], StreamIds(), rows=rows,
-        cols=cols, lane_width=lw, gamma=gamma, beta=beta, eps=EPS, lr=LR, x_tensor="x",
+        "ln", ["ln", "ln.bwd", "ln.weight.update", "ln.bias.update"], StreamIds(), rows=rows,
+        cols=cols, lane_width=lw, gamma=gamma, beta=beta, eps=EPS, update=SGD, x_tensor="x",
         y_tensor="y", dy_tensor="dy", dx_tensor="dx", gamma_name="ln.weight",
         beta_name="ln.bias", block_rows=block_rows)
     return kernel, x, dy, gamma, beta
@@ -73,7 +75,7 @@ def test_layernorm_matches_numpy(rows, cols, lw, block_rows, seed):
     for param, value in (("ln.weight", gamma), ("ln.bias", beta)):
         grad, size = ref[f"grad:{param}"]
         assert_close(run.results[f"grad:{param}"], grad[None, :], size[None, :])
-        assert_close(run.results[f"updated:{param}"], sgd_update(value, grad, LR)[None, :],
+        assert_close(run.results[f"updated:{param}"], sgd_tensor(value, grad, LR)[None, :],
                      np.abs(value) + LR * size)
 
 

@@ -18,10 +18,13 @@ from compiler.ops.matmul import (
     linear_forward,
     sram_words,
 )
-from compiler.ops.sgd import sgd_update
+from compiler.ops.update import UpdateRule
+from compiler.optim import sgd_tensor
 from compiler.routing import link
 from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
+
+SGD = UpdateRule("sgd", 0.1)
 
 
 def linear(rows, k, n, lw, *, bias=True, backward=True, dx=True, seed=0):
@@ -32,7 +35,7 @@ def linear(rows, k, n, lw, *, bias=True, backward=True, dx=True, seed=0):
     dy = rng.standard_normal((rows, n)).astype(np.float32)
     kernel = build_linear(
         "lin", ["lin"], StreamIds(), rows=rows, k=k, n=n, lane_width=lw, weight=w, bias=b,
-        lr=0.1, x_tensor="x", y_tensor="y", dy_tensor="dy" if backward else None,
+        update=SGD, x_tensor="x", y_tensor="y", dy_tensor="dy" if backward else None,
         dx_tensor="dx" if backward and dx else None, weight_name="w",
         bias_name="b" if bias else None)
     return kernel, x, w, b, dy
@@ -56,11 +59,11 @@ def test_linear_matches_numpy(rows, k, n, lw, bias, dx):
     else:
         assert "dx" not in run.outputs
     assert_sums_close(run.results["grad:w"], dw, dw_abs, rows)
-    assert_sums_close(run.results["updated:w"], sgd_update(w64, dw, 0.1),
+    assert_sums_close(run.results["updated:w"], sgd_tensor(w64, dw, 0.1),
                       np.abs(w64) + 0.1 * dw_abs, rows + 2)
     if bias:
         assert_sums_close(run.results["grad:b"][0], db, db_abs, rows)
-        assert_sums_close(run.results["updated:b"][0], sgd_update(b64, db, 0.1),
+        assert_sums_close(run.results["updated:b"][0], sgd_tensor(b64, db, 0.1),
                           np.abs(b64) + 0.1 * db_abs, rows + 2)
     else:
         assert "grad:b" not in run.results

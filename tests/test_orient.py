@@ -17,11 +17,14 @@ from compiler.inputs import init_params, make_batch
 from compiler.lower import default_lane_width, lower
 from compiler.lowering.kernel import Kernel, StreamEnd, StreamIds
 from compiler.ops.matmul import build_linear
+from compiler.ops.update import UpdateRule
 from compiler.orient import FLIPS, flip_kernel, orient
 from compiler.placement import Box, place
 from compiler.routing import link
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import FabIn, FabOut, Mem, Op, validate, vec
+
+SGD = UpdateRule("sgd", 0.1)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +40,7 @@ def test_mirrored_linear_kernel_gives_identical_results(rows, k, n, lw):
     w, b = rng.standard_normal((k, n)).astype(np.float32), rng.standard_normal(n)
     kernel = build_linear(
         "lin", ["lin"], StreamIds(), rows=rows, k=k, n=n, lane_width=lw, weight=w,
-        bias=b.astype(np.float32), lr=0.1, x_tensor="x", y_tensor="y", dy_tensor="dy",
+        bias=b.astype(np.float32), update=SGD, x_tensor="x", y_tensor="y", dy_tensor="dy",
         dx_tensor="dx", weight_name="w", bias_name="b")
     base = run_kernel(kernel, {"x": x, "dy": dy})
     for flip in FLIPS[1:]:

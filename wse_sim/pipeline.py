@@ -126,7 +126,8 @@ def run_parsed(cfg: RunConfig, source: str, placement: str | None = None,
     require(step_footprint(compiled.cfg, reference=True), source)
     result, report = simulate_program(compiled.linked.program, compiled.cfg.wafer,
                                       max_cycles=max_cycles, progress=progress)
-    reference = reference_step(compiled.cfg, compiled.params, compiled.tokens, np.float64)
-    check = check_step(compiled.linked, result, reference, compiled.params)
+    reference = reference_step(compiled.cfg, compiled.params, compiled.batch, np.float64)
+    check = check_step(compiled.linked, result, reference, compiled.params,
+                       compiled.cfg.training)
     report["check"] = check_report(check)
     return report

@@ -14,14 +14,14 @@ from compiler.ops import (
     gelu,
     layernorm,
     matmul,
-    sgd,
     softmax,
+    update,
 )
 from compiler.ops.base import OpFamily
 
 _ALL: tuple[OpFamily, ...] = (
     embedding.FAMILY, layernorm.FAMILY, matmul.FAMILY, *attention.FAMILIES, softmax.FAMILY,
-    gelu.FAMILY, add.FAMILY, cross_entropy.FAMILY, sgd.FAMILY,
+    gelu.FAMILY, add.FAMILY, cross_entropy.FAMILY, update.FAMILY,
 )
 FAMILIES: dict[str, OpFamily] = {kind: family for family in _ALL for kind in family.kinds}
 

@@ -1,16 +1,15 @@
 """Cross-entropy: the mean next-token loss over logits [M, V] and its gradient.
 
-Graph: kind `cross_entropy`, inputs the logits and the tokens, output `loss.out` [1, 1]; it
-saves both. FLOPs per logit of the B (T - 1) predicted rows: forward 4 (max, subtract,
-exp, sum), backward 6.
+Graph: kind `cross_entropy`, inputs the logits and the targets [B T, 1], output
+`loss.out` [1, 1]; it saves both. FLOPs per logit: forward 4 (max, subtract, exp, sum),
+backward 6.
 
-Row m = b*T + t predicts token tokens[b, t + 1] for t < T - 1; rows t = T - 1 predict
-nothing (no loss, zero gradient). loss = mean over the B (T - 1) predictions of
-max + log(sum exp(z - max)) - z[target]; dlogits = (softmax - onehot) / B (T - 1).
+Row m predicts targets[m] (the token after the row's input token). loss = mean over the
+M = B T rows of max + log(sum exp(z - max)) - z[target]; dlogits = (softmax - onehot) / M.
 
-The tokens are known when the program is built (the batch is baked in, like an input DMA):
-which PE holds a row's target column, the word it sits at, and each row's weight
-(1 / count or 0) are compile-time constants.
+The targets are known when the code is built (the batch is part of the code, like an input
+DMA's descriptors: `compiler.batch` rebuilds them for every training step): which PE holds
+a row's target column and the word it sits at are constants of the code.
 
 Layout and algorithm
 --------------------
@@ -30,16 +29,16 @@ no log instruction, so log(s) for the row sums s in [1, V] is Newton's method on
 z <- z + 1 - s exp(z) converges to z = -log s (quadratically; from above, since exp is
 convex). The start y0 = 2^k (s^(1/2^k) - 1) >= log s costs k square roots; k and the number
 of steps are chosen at build time for the worst case s = V (the start error grows with s),
-minimising k + 3 * steps passes. Then loss = sum_m weight_m (max_m - z_m - z[target]_m).
+minimising k + 3 * steps passes. Then loss = sum_m (max_m - z_m - z[target]_m) / M.
 
 Cycle cost per PE (one cycle per vector element; M rows, lane w, G lanes, R = block;
 `cycles` below):
-7 M w + 9 M + 1 per predicted row in its lane (gather, -1) + (M / R) * 3 chain latencies
-(receive, subtract, exp, divide, weight: 5 M w; two row partials M (w + 2) each;
+7 M w + 9 M + 1 per row whose target is in its lane (gather, -1) + (M / R) * 3 chain latencies
+(receive, subtract, exp, divide, scale by 1 / M: 5 M w; two row partials M (w + 2) each;
 allreduce(max) 2 M, reduce sums and targets 2 M, broadcast sums M), then the dlogits
 emission M w. Last PE after that: (k + 3 steps + 3) M + M for the loss. Chain and
 broadcast latencies: see rowreduce.
-SRAM per PE: 2 M w + 4 M (+ 2 M + 1 on the last PE).
+SRAM per PE: 2 M w + 3 M (+ 2 M + 1 on the last PE).
 """
 
 from __future__ import annotations
@@ -67,7 +66,7 @@ from compiler.lowering.rowreduce import (
     strip_kernel,
     strip_outputs,
 )
-from compiler.ops.base import OpFamily, Tensors, token_batch
+from compiler.ops.base import OpFamily, Tensors
 from wse_sim.program import FabIn, FabOut, Imm, Mem, Op, repeat, vec
 
 if TYPE_CHECKING:
@@ -77,47 +76,38 @@ FORWARD_FLOPS = 4  # per logit of a predicted row
 BACKWARD_FLOPS = 6
 
 
-def add_cross_entropy(b: GraphBuilder, logits: str, tokens: str) -> str:
-    """The loss op `loss` of `logits` [B T, V] against the next tokens."""
-    batch, seq = b.cfg.training.batch_size, b.cfg.training.seq_len
-    vocab = b.shape(logits)[1]
-    predictions = batch * (seq - 1)
+def add_cross_entropy(b: GraphBuilder, logits: str, targets: str) -> str:
+    """The loss op `loss` of `logits` [M, V] against `targets` [M, 1]."""
+    rows, vocab = b.shape(logits)
     (loss,) = b.forward(
-        "loss", "cross_entropy", (logits, tokens), {"loss.out": (1, 1)},
-        flops=FORWARD_FLOPS * predictions * vocab, bwd_flops=BACKWARD_FLOPS * predictions * vocab,
-        saved=(logits, tokens),
-        attrs={"batch": batch, "seq_len": seq, "predictions": predictions})
+        "loss", "cross_entropy", (logits, targets), {"loss.out": (1, 1)},
+        flops=FORWARD_FLOPS * rows * vocab, bwd_flops=BACKWARD_FLOPS * rows * vocab,
+        saved=(logits, targets), attrs={"predictions": rows})
     return loss
 
 
 # -- numpy ------------------------------------------------------------------------------------
 
 
-def cross_entropy_forward(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """The mean loss [1, 1] over the B (T - 1) predictions of tokens [B, T]."""
-    return _loss_and_gradient(logits, tokens)[0]
+def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """The mean loss [1, 1] of logits [M, V] predicting targets (M ids, any shape)."""
+    return _loss_and_gradient(logits, targets)[0]
 
 
-def cross_entropy_backward(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """d loss / d logits (zero on the rows that predict nothing)."""
-    return _loss_and_gradient(logits, tokens)[1]
+def cross_entropy_backward(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """d loss / d logits."""
+    return _loss_and_gradient(logits, targets)[1]
 
 
-def _loss_and_gradient(logits: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    batch, seq = tokens.shape
-    z = logits.reshape(batch, seq, -1)[:, :-1]  # the last position predicts nothing
-    targets = tokens[:, 1:]
-    z = z - z.max(axis=2, keepdims=True)
-    lse = np.log(np.exp(z).sum(axis=2, keepdims=True))
-    picked = np.take_along_axis(z, targets[..., None], axis=2)
-    count = batch * (seq - 1)
-    loss = (lse - picked).sum() / count
-    dz = np.exp(z - lse)
-    np.put_along_axis(
-        dz, targets[..., None], np.take_along_axis(dz, targets[..., None], 2) - 1, axis=2)
-    dlogits = np.zeros_like(logits).reshape(batch, seq, -1)
-    dlogits[:, :-1] = dz / count
-    return np.asarray(loss, logits.dtype).reshape(1, 1), dlogits.reshape(logits.shape)
+def _loss_and_gradient(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.arange(len(logits))
+    targets = np.asarray(targets).ravel()
+    z = logits - logits.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(z).sum(axis=1, keepdims=True))
+    loss = (lse[:, 0] - z[rows, targets]).sum() / len(logits)
+    dlogits = np.exp(z - lse)
+    dlogits[rows, targets] -= 1
+    return np.asarray(loss, logits.dtype).reshape(1, 1), dlogits / len(logits)
 
 
 # -- kernel -----------------------------------------------------------------------------------
@@ -144,18 +134,17 @@ def log_plan(largest: float) -> tuple[int, int]:
     return best[1], best[2]
 
 
-def build_cross_entropy(name: str, ops: list[str], ids: StreamIds, *, tokens: np.ndarray,
+def build_cross_entropy(name: str, ops: list[str], ids: StreamIds, *, targets: np.ndarray,
                         lanes: list[tuple[int, int]], logits_tensor: str, dlogits_tensor: str,
                         logits_result: str = "logits", loss_result: str = "loss",
                         block_rows: int = DEFAULT_BLOCK_ROWS) -> Kernel:
-    """Mean next-token cross-entropy of logits [B*T, vocab] (in `lanes`) against `tokens`
-    [B, T]; dlogits leave in the same lanes, rows descending."""
-    tokens = np.asarray(tokens)
-    batch, seq = tokens.shape
+    """Mean cross-entropy of logits [M, vocab] (in `lanes`) against `targets` (M ids);
+    dlogits leave in the same lanes, rows descending."""
+    targets = np.asarray(targets).ravel()
     vocab = lanes[-1][1]
-    rows, count = batch * seq, batch * (seq - 1)
-    if count == 0 or tokens.min() < 0 or tokens.max() >= vocab:
-        raise ValueError(f"{name}: need seq >= 2 and tokens in 0..{vocab - 1}")
+    rows = len(targets)
+    if targets.min() < 0 or targets.max() >= vocab:
+        raise ValueError(f"{name}: targets outside 0..{vocab - 1}")
     kernel, strip = strip_kernel(name, "cross_entropy", ops, lanes)
     pes = [lane.pe for lane in strip]
     kernel.shapes.update({logits_tensor: (rows, vocab), dlogits_tensor: (rows, vocab),
@@ -164,12 +153,6 @@ def build_cross_entropy(name: str, ops: list[str], ids: StreamIds, *, tokens: np
     dz_out = strip_outputs(kernel, ids, dlogits_tensor, strip, "descending")
     reducer = GroupReducer.create(kernel, ids, pes)
 
-    # targets[m] = the token row m predicts, -1 for the last position of each sequence
-    targets = np.full((batch, seq), -1, dtype=np.int64)
-    targets[:, :-1] = tokens[:, 1:]
-    targets = targets.ravel()
-    weight = np.where(targets >= 0, 1.0 / count, 0.0).astype(np.float32)
-
     lw = max(lane.width for lane in strip)
     blocks = row_blocks(rows, block_rows)
     logits = alloc_all(kernel, pes, rows * lw, f"{logits_tensor} lane")
@@ -177,9 +160,7 @@ def build_cross_entropy(name: str, ops: list[str], ids: StreamIds, *, tokens: np
     row_max = alloc_all(kernel, pes, rows, "row max")
     sums = alloc_all(kernel, pes, rows, "row sum of exp")
     picked = alloc_all(kernel, pes, rows, "target logit (0 off its lane)")
-    weights = alloc_all(kernel, pes, rows, "row weight")
     for lane in strip:
-        kernel.load(lane.pe, weights, weight)
         kernel.results.append(ResultSlot(logits_result, lane.pe, logits, (0, rows),
                                          (lane.c0, lane.c1), lane.width))
 
@@ -215,8 +196,7 @@ def build_cross_entropy(name: str, ops: list[str], ids: StreamIds, *, tokens: np
                 *repeat(r, [vec(Op.DIV, w, rows_at(p, w), rows_at(p, w), scalar_at(sums + r0))]),
                 *(vec(Op.ADD, 1, Mem(probs + m * w + col), Mem(probs + m * w + col), Imm(-1.0))
                   for m, col in targets_in(lane, r0, r1)),
-                *repeat(r, [vec(Op.MUL, w, rows_at(p, w), rows_at(p, w),
-                                scalar_at(weights + r0))]),
+                vec(Op.MUL, r * w, Mem(p), Mem(p), Imm(1.0 / rows)),
             )
     # The LM head's backward takes dlogits rows descending (compiler.lowering.kernel).
     for lane in strip:
@@ -247,7 +227,7 @@ def build_cross_entropy(name: str, ops: list[str], ids: StreamIds, *, tokens: np
         last,
         vec(Op.SUB, rows, t, Mem(row_max), nz),  # max + log(sum) = log sum exp
         vec(Op.SUB, rows, t, t, Mem(picked)),
-        *row_partials("dot", rows=1, width=rows, dst=loss, a=t, b=Mem(weights)),
+        *row_partials("dot", rows=1, width=rows, dst=loss, a=t, b=Imm(1.0 / rows)),
     )
     kernel.results.append(ResultSlot(loss_result, last, loss, (0, 1), (0, 1), 1))
     return kernel
@@ -269,26 +249,26 @@ def cycles(rows: int, vocab: int, lane_width: int,
 
 
 def sram_words(rows: int, lane_width: int, *, last: bool) -> int:
-    """Words per PE: logits and probabilities lanes, four row vectors (max, sum, target
-    logit, weight), and on the last PE the log's two vectors and the loss."""
-    return 2 * rows * lane_width + 4 * rows + (2 * rows + 1 if last else 0)
+    """Words per PE: logits and probabilities lanes, three row vectors (max, sum, target
+    logit), and on the last PE the log's two vectors and the loss."""
+    return 2 * rows * lane_width + 3 * rows + (2 * rows + 1 if last else 0)
 
 
 class CrossEntropy(OpFamily):
     kinds = ("cross_entropy",)
 
     def forward(self, op: OpSpec, t: Tensors) -> None:
-        logits, tokens = op.inputs
-        t[op.outputs[0]] = cross_entropy_forward(t[logits], token_batch(op, t[tokens]))
+        logits, targets = op.inputs
+        t[op.outputs[0]] = cross_entropy_forward(t[logits], t[targets])
 
     def backward(self, op: OpSpec, t: Tensors) -> None:
-        logits, tokens = op.inputs
-        t[op.outputs[0]] = cross_entropy_backward(t[logits], token_batch(op, t[tokens]))
+        logits, targets = op.inputs
+        t[op.outputs[0]] = cross_entropy_backward(t[logits], t[targets])
 
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
         logits, _ = op.inputs
         return build_cross_entropy(
-            op.name, ctx.ops_with_updates(op.name), ctx.ids, tokens=ctx.tokens,
+            op.name, ctx.ops_with_updates(op.name), ctx.ids, targets=ctx.batch.targets,
             lanes=ctx.lanes(logits), logits_tensor=logits,
             dlogits_tensor=ctx.dx(op.name), logits_result="logits", loss_result="loss")
 

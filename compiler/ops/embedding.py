@@ -28,8 +28,8 @@ LayerNorm's gradient leaves PE (C - 1, r); dwte^T accumulates x^T dlogits). Then
 r is multicast along PE row r (grid and position column): the PE holding tok_m's column
 adds row m into that column of the same gradient block (strided destination), the others
 discard it (runs of discarded rows are one MOV into a scratch word), so the tied gradient
-sums both uses; the position PE adds dh0[b T + t] into dwpe[t]. SGD updates wte (one copy)
-and wpe locally.
+sums both uses; the position PE adds dh0[b T + t] into dwpe[t]. The optimizer updates wte
+(one copy) and wpe locally (`compiler.ops.update`).
 
 Cost (cycles; M = B T rows, kb = |d-lane r|, n_ctx positions; `embedding_cycles` and
 `sram_words` below): embedding forward M kb + 3 plus up to 3 C for the first row's
@@ -47,18 +47,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compiler.graph import BYTES_PER_ELEMENT, GraphBuilder, OpSpec, grad_name, updated_name
-from compiler.lowering.kernel import Kernel, LocalPE, ResultSlot, StreamIds, Tokens
+from compiler.graph import BYTES_PER_ELEMENT, GraphBuilder, OpSpec
+from compiler.lowering.kernel import Kernel, LocalPE, StreamIds, Tokens
 from compiler.ops.base import OpFamily, Tensors, token_batch
 from compiler.ops.matmul import (
     Lane,
     WeightGrid,
     emit_backward,
     emit_forward,
-    emit_sgd,
     place_weights,
-    weight_slots,
+    update_weights,
 )
+from compiler.ops.update import UpdateRule, emit_update
 from wse_sim.errors import UserError
 from wse_sim.program import FabIn, FabOut, Instr, Mem, Op, repeat, vec
 
@@ -175,7 +175,7 @@ def _scatter(grid: WeightGrid, pe: LocalPE, owners: list[tuple[int, int]],
 
 def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.ndarray,
                     d_lanes: list[Lane], v_lanes: list[Lane], wte: np.ndarray,
-                    wpe: np.ndarray, lr: float, h0_tensor: str, x_tensor: str,
+                    wpe: np.ndarray, update: UpdateRule, h0_tensor: str, x_tensor: str,
                     logits_tensor: str, dlogits_tensor: str | None = None,
                     dx_tensor: str | None = None, dh0_tensor: str | None = None,
                     wte_name: str = "wte.weight", wpe_name: str = "wpe.weight") -> Kernel:
@@ -186,8 +186,8 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
     Forward: h0 = wte[tokens] + wpe[:T] (output `h0_tensor`), logits = x wte^T (input
     `x_tensor` [B T, d], output `logits_tensor` [B T, V]). With `dlogits_tensor` the
     backward: dX (`dx_tensor`, optional), the embedding gradient `dh0_tensor` (optional)
-    and the SGD update; result slots grad:/updated: of `wte_name` [V, d] and (with dh0)
-    `wpe_name` [n_ctx, d]."""
+    and the optimizer update; result slots grad:/updated: (and the moments) of `wte_name`
+    [V, d] and (with dh0) `wpe_name` [n_ctx, d]."""
     vocab, d = wte.shape
     batch, seq = tokens.shape
     n_ctx = wpe.shape[0]
@@ -255,19 +255,10 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
             last = Mem(dwpe + (seq - 1) * kb, 1, -kb)  # positions T-1 .. 0
             for _ in range(batch):
                 kernel.emit(pos, *repeat(seq, [vec(Op.ADD, kb, last, last, FabIn(dh0_ids[r]))]))
-            emit_sgd(kernel, pos, wpe_at[r], dwpe, n_ctx * kb, lr)
-            for tensor, offset in ((grad_name(wpe_name), dwpe), (updated_name(wpe_name),
-                                                                 wpe_at[r])):
-                kernel.results.append(ResultSlot(tensor, pos, offset, (0, n_ctx), (k0, k1),
-                                                 row_stride=kb))
-                kernel.shapes[tensor] = (n_ctx, d)
+            emit_update(kernel, pos, update, wpe_name, (n_ctx, d), weight=wpe_at[r], grad=dwpe,
+                        rows=(0, n_ctx), cols=(k0, k1), row_stride=kb)
 
-    for pe in grid.pes():
-        kb, nb = grid.block(pe)
-        emit_sgd(kernel, pe, grid.weight[pe], grid.grad[pe], kb * nb, lr)
-    weight_slots(grid, wte_name, transposed=True)
-    for tensor in (grad_name(wte_name), updated_name(wte_name)):
-        kernel.shapes[tensor] = (vocab, d)
+    update_weights(grid, update, wte_name, transposed=True)
     return kernel
 
 
@@ -324,11 +315,11 @@ class Embedding(OpFamily):
             raise UserError("model.tie_embeddings: the lowering implements tied embeddings "
                             "only (the LM head is the embedding kernel); set it to true")
         ops = [op.name, f"{op.name}.bwd", "lm_head", "lm_head.bwd", f"{wte}.grad_acc",
-               f"{wte}.sgd", f"{wpe}.sgd"]
+               f"{wte}.update", f"{wpe}.update"]
         return build_embedding(
             op.name, ops, ctx.ids, tokens=ctx.tokens, d_lanes=ctx.lanes(op.outputs[0]),
             v_lanes=ctx.lanes(lm_head.outputs[0]),
-            wte=ctx.param(wte), wpe=ctx.param(wpe), lr=ctx.lr, h0_tensor=op.outputs[0],
+            wte=ctx.param(wte), wpe=ctx.param(wpe), update=ctx.update, h0_tensor=op.outputs[0],
             x_tensor=final, logits_tensor=lm_head.outputs[0],
             dlogits_tensor=ctx.dy("lm_head"), dx_tensor=ctx.dx("lm_head"),
             dh0_tensor=ctx.dy(op.name), wte_name=wte, wpe_name=wpe)

@@ -22,7 +22,7 @@ backward: receive the dy block; dbeta += dy; t = dy * xhat; dgamma += t; row par
 sum(gamma dy) and sum(gamma t) -> one allreduce of both (2R words, one chain);
 t = xhat * P + Q with P = -rstd mean(g xhat), Q = -rstd mean(g); emit
 dx = (dy * gamma) * rstd + t.
-update: [gamma | beta] += -lr * [dgamma | dbeta] (one FMA; the four are stored contiguous).
+update: gamma and beta by the optimizer (`compiler.ops.update`; SGD one FMA of w each).
 
 Each PE reads one input stream at a time (x, then after its forward output dy), and the
 only coupling between PEs is the per-block allreduce, so consuming dy block by block keeps
@@ -47,8 +47,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compiler.graph import GraphBuilder, OpSpec, grad_name, updated_name
-from compiler.lowering.kernel import Kernel, ResultSlot, StreamIds
+from compiler.graph import GraphBuilder, OpSpec
+from compiler.lowering.kernel import Kernel, StreamIds
 from compiler.lowering.rowreduce import (
     DEFAULT_BLOCK_ROWS,
     GroupReducer,
@@ -65,6 +65,7 @@ from compiler.lowering.rowreduce import (
     strip_outputs,
 )
 from compiler.ops.base import OpFamily, Tensors
+from compiler.ops.update import UpdateRule, emit_update
 from wse_sim.program import FabIn, FabOut, Imm, Mem, Op, repeat, vec
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ def layernorm_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, mean: 
 
 def build_layernorm(name: str, ops: list[str], ids: StreamIds, *, rows: int,
                     lanes: list[tuple[int, int]], gamma: np.ndarray, beta: np.ndarray,
-                    eps: float, lr: float, x_tensor: str, y_tensor: str, dy_tensor: str,
+                    eps: float, update: UpdateRule, x_tensor: str, y_tensor: str, dy_tensor: str,
                     dx_tensor: str, gamma_name: str, beta_name: str,
                     block_rows: int = DEFAULT_BLOCK_ROWS) -> Kernel:
     """LayerNorm over the columns of x [rows, cols] (cols = the end of the last lane), the
@@ -124,8 +125,6 @@ def build_layernorm(name: str, ops: list[str], ids: StreamIds, *, rows: int,
     kernel, strip = strip_kernel(name, "layernorm", ops, lanes)
     pes = [lane.pe for lane in strip]
     kernel.shapes.update({t: (rows, cols) for t in (x_tensor, y_tensor, dy_tensor, dx_tensor)})
-    for param in (gamma_name, beta_name):
-        kernel.shapes.update({grad_name(param): (1, cols), updated_name(param): (1, cols)})
     x_in = strip_inputs(kernel, ids, x_tensor, strip, "ascending")
     y_out = strip_outputs(kernel, ids, y_tensor, strip, "ascending")
     dy_in = strip_inputs(kernel, ids, dy_tensor, strip, "descending")
@@ -215,12 +214,9 @@ def build_layernorm(name: str, ops: list[str], ids: StreamIds, *, rows: int,
 
     for lane in strip:
         w, pe, cs = lane.width, lane.pe, lane.cols
-        kernel.emit(pe, vec(Op.FMA, 2 * w, Mem(params), Mem(grads), Imm(-lr), Mem(params)))
         for param, offset in ((gamma_name, 0), (beta_name, w)):
-            kernel.results += [
-                ResultSlot(grad_name(param), pe, grads + offset, (0, 1), cs, w),
-                ResultSlot(updated_name(param), pe, params + offset, (0, 1), cs, w),
-            ]
+            emit_update(kernel, pe, update, param, (1, cols), weight=params + offset,
+                        grad=grads + offset, rows=(0, 1), cols=cs, row_stride=w)
     return kernel
 
 
@@ -268,7 +264,7 @@ class LayerNorm(OpFamily):
         return build_layernorm(
             op.name, ctx.ops_with_updates(op.name, gamma, beta), ctx.ids, rows=rows,
             lanes=ctx.lanes(x), gamma=ctx.param(gamma),
-            beta=ctx.param(beta), eps=op.attrs["eps"], lr=ctx.lr, x_tensor=x,
+            beta=ctx.param(beta), eps=op.attrs["eps"], update=ctx.update, x_tensor=x,
             y_tensor=op.outputs[0], dy_tensor=ctx.dy(op.name), dx_tensor=ctx.dx(op.name),
             gamma_name=gamma, beta_name=beta)
 

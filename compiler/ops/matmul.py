@@ -27,7 +27,8 @@ Backward, rows descending (DEADLOCK: see compiler.lowering.kernel; each PE reads
   PE to the west and sent east; the east PE's outputs are dX lane r. Then, while dX moves
   on, it accumulates dW[k_r, n_c] += x[m, k_r]^T dY[m, n_c] (kb FMAs of nb) and on the top
   row db[n_c] += dY[m, n_c]: the weight gradient costs no extra pass and keeps no dY rows.
-Update: W -= lr dW and b -= lr db, one FMA with Imm(-lr) each.
+Update: W and b by the optimizer's update (`compiler.ops.update.emit_update`: SGD one FMA
+each, AdamW with the moments beside them).
 
 Cost (one fp32 element per cycle per PE; `forward_cycles`, `backward_cycles`,
 `sram_words` below). Per forward row a PE spends kb cycles receiving its x row and kb nb
@@ -47,11 +48,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compiler.graph import GraphBuilder, OpSpec, ParamInit, grad_name, updated_name
+from compiler.graph import GraphBuilder, OpSpec, ParamInit, grad_name
 from compiler.lowering.dots import Walk, dot_cycles, dots
-from compiler.lowering.kernel import Kernel, LocalPE, ResultSlot, StreamIds
+from compiler.lowering.kernel import Kernel, LocalPE, StreamIds
 from compiler.ops.base import OpFamily, Tensors
-from wse_sim.program import FabIn, FabOut, Imm, Mem, Op, repeat, vec
+from compiler.ops.update import UpdateRule, emit_update
+from wse_sim.program import FabIn, FabOut, Mem, Op, repeat, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
@@ -193,36 +195,34 @@ def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str, dx_tensor
         kernel.emit(pe, *repeat(rows, body))
 
 
-def emit_sgd(kernel: Kernel, pe: LocalPE, param: int, grad: int, words: int, lr: float) -> None:
-    """param -= lr * grad, one vector FMA."""
-    kernel.emit(pe, vec(Op.FMA, words, Mem(param), Mem(grad), Imm(-lr), Mem(param)))
-
-
-def weight_slots(grid: WeightGrid, name: str, *, transposed: bool = False) -> None:
-    """Result slots grad:`name` and updated:`name` of the grid's matrix (stored as the
-    transpose of the parameter when `transposed`)."""
+def update_weights(grid: WeightGrid, update: UpdateRule, name: str, *,
+                   transposed: bool = False) -> None:
+    """The optimizer update of the grid's matrix, parameter `name` (stored as the transpose
+    of the parameter when `transposed`), with its result slots."""
+    k, n = grid.k_lanes[-1][1], grid.n_lanes[-1][1]
     for pe in grid.pes():
         k_lane, n_lane = grid.k_lanes[pe[1]], grid.n_lanes[pe[0]]
         nb = n_lane[1] - n_lane[0]
-        for tensor, offset in ((grad_name(name), grid.grad[pe]),
-                               (updated_name(name), grid.weight[pe])):
-            if transposed:
-                slot = ResultSlot(tensor, pe, offset, n_lane, k_lane, row_stride=1,
-                                  col_stride=nb)
-            else:
-                slot = ResultSlot(tensor, pe, offset, k_lane, n_lane, row_stride=nb)
-            grid.kernel.results.append(slot)
+        at = {"weight": grid.weight[pe], "grad": grid.grad[pe]}
+        if transposed:
+            emit_update(grid.kernel, pe, update, name, (n, k), **at, rows=n_lane, cols=k_lane,
+                        row_stride=1, col_stride=nb)
+        else:
+            emit_update(grid.kernel, pe, update, name, (k, n), **at, rows=k_lane, cols=n_lane,
+                        row_stride=nb)
 
 
 def build_linear(name: str, ops: list[str], ids: StreamIds, *, rows: int, k_lanes: list[Lane],
-                 n_lanes: list[Lane], weight: np.ndarray, bias: np.ndarray | None, lr: float,
+                 n_lanes: list[Lane], weight: np.ndarray, bias: np.ndarray | None,
+                 update: UpdateRule,
                  x_tensor: str, y_tensor: str, dy_tensor: str | None = None,
                  dx_tensor: str | None = None, weight_name: str,
                  bias_name: str | None = None) -> Kernel:
     """The kernel of Y = X W + b ([rows, K] x [K, N]) with x arriving in `k_lanes` and Y
     leaving in `n_lanes`; with `dy_tensor` also its backward (dX only if `dx_tensor`) and
-    the SGD update of W and b. Result slots (with a backward): grad:/updated: of
-    `weight_name` ([K, N]) and `bias_name` ([1, N])."""
+    the optimizer update of W and b. Result slots (with a backward): grad:/updated: (and
+    the moments, `compiler.ops.update`) of `weight_name` ([K, N]) and `bias_name`
+    ([1, N])."""
     k, n = k_lanes[-1][1], n_lanes[-1][1]
     if weight.shape != (k, n):
         raise ValueError(f"{name}: weight has shape {weight.shape}, lanes cover {(k, n)}")
@@ -251,20 +251,11 @@ def build_linear(name: str, ops: list[str], ids: StreamIds, *, rows: int, k_lane
         kernel.shapes[dx_tensor] = (rows, k)
     emit_backward(grid, ids, dy_tensor=dy_tensor, dx_tensor=dx_tensor,
                   bias_grad=bias_grad if bias is not None else None)
-    for pe in grid.pes():
-        kb, nb = grid.block(pe)
-        emit_sgd(kernel, pe, grid.weight[pe], grid.grad[pe], kb * nb, lr)
-    weight_slots(grid, weight_name)
+    update_weights(grid, update, weight_name)
     if bias is not None:
         for c, lane in enumerate(n_lanes):
-            emit_sgd(kernel, (c, 0), bias_at[c], bias_grad[c], lane[1] - lane[0], lr)
-            for tensor, offset in ((grad_name(bias_name), bias_grad[c]),
-                                   (updated_name(bias_name), bias_at[c])):
-                kernel.results.append(ResultSlot(tensor, (c, 0), offset, (0, 1), lane,
-                                                 row_stride=lane[1] - lane[0]))
-                kernel.shapes[tensor] = (1, n)
-    for tensor in (grad_name(weight_name), updated_name(weight_name)):
-        kernel.shapes[tensor] = (k, n)
+            emit_update(kernel, (c, 0), update, bias_name, (1, n), weight=bias_at[c],
+                        grad=bias_grad[c], rows=(0, 1), cols=lane, row_stride=lane[1] - lane[0])
     return kernel
 
 
@@ -337,7 +328,7 @@ class Matmul(OpFamily):
         return build_linear(
             op.name, ctx.ops_with_updates(op.name, weight, bias), ctx.ids, rows=rows,
             k_lanes=ctx.lanes(x), n_lanes=ctx.lanes(y), weight=ctx.param(weight),
-            bias=ctx.param(bias), lr=ctx.lr, x_tensor=x, y_tensor=y, dy_tensor=dy,
+            bias=ctx.param(bias), update=ctx.update, x_tensor=x, y_tensor=y, dy_tensor=dy,
             dx_tensor=ctx.dx(op.name), weight_name=weight, bias_name=bias)
 
 
