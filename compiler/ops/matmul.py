@@ -18,11 +18,12 @@ producer's row arrives element by element over its whole row time, and reading i
 computing is what lets the two kernels overlap).
 Forward, rows ascending, per row m (one REPEAT over the M rows, every PE):
   x lane r is multicast along PE row r; each PE stores its x row (the backward's dW needs
-  every row) and, once the row is in, computes nb dot products of kb terms (`compiler.lowering.dots`): output
-  n is x[m, k_r] . W[k_r, n], seeded by the partial sum of output n arriving from the PE
-  above (the top row seeds with the bias), sent to the PE below; the bottom PE's outputs
-  are Y lane c. The partial sums flow element by element, so the column works as a
-  pipeline: PE r + 1 starts output n as soon as PE r has sent it.
+  every row) and, once the row is in, computes nb dot products of kb terms
+  (`compiler.lowering.dots`): output n is x[m, k_r] . W[k_r, n], seeded by the partial
+  sum of output n arriving from the PE above (the top row seeds with the bias), sent to
+  the PE below; the bottom PE's outputs are Y lane c. The partial sums flow element by
+  element, so the column works as a pipeline: PE r + 1 starts output n as soon as PE r
+  has sent it.
 Backward, rows descending (DEADLOCK: see compiler.lowering.kernel; each PE reads its one
   dY lane and its west neighbour's partials in row order), per row m:
   dY lane c is multicast down PE column c into a two-row ring on each PE, which computes kb
