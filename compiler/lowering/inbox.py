@@ -35,6 +35,7 @@ from compiler.lowering.kernel import Kernel, LocalPE, StreamIds, Tokens
 from wse_sim.program import FabIn, Instr, Mem, Op, Operand, repeat, vec
 
 PerPE = dict[LocalPE, list[Instr]]
+Span = tuple[int, int]
 
 # Slots of an inbox ring: the receiving thread fills one while the compute thread works on
 # the other.
@@ -120,11 +121,13 @@ class Inbox:
         return self.store.ring or 1
 
 
-def inbox(kernel: Kernel, pe: LocalPE, ids: StreamIds, stream: int, store: RowStore, *,
-          queue_depth: int, backwards: bool = False) -> Inbox:
+def inbox(kernel: Kernel, pe: LocalPE, ids: StreamIds, stream: int | list[tuple[int, Span]],
+          store: RowStore, *, queue_depth: int, backwards: bool = False) -> Inbox:
     """Receive `store.count` rows of `stream` on a new thread of `pe`, row i into
-    `store.row(i)` (stored from the last row back if `backwards`). A ring store's credits
-    are signalled by the compute thread now, at the start of its program."""
+    `store.row(i)` (stored from the last row back if `backwards`); `stream` may be several
+    lanes, (stream, columns of the row) each, received one after the other per row. A ring
+    store's credits are signalled by the compute thread now, at the start of its program."""
+    parts = [(stream, (0, store.width))] if isinstance(stream, int) else stream
     ready = Tokens.create(kernel, pe, ids, queue_depth)
     free = None
     thread = receiving_thread(kernel, pe)
@@ -138,8 +141,9 @@ def inbox(kernel: Kernel, pe: LocalPE, ids: StreamIds, stream: int, store: RowSt
 
     def receive(i: int, loop: int) -> PerPE:
         wait = [free.wait()] if free is not None else []
-        return {pe: [*wait, vec(Op.MOV, store.width, store.row(i, loop, backwards=backwards),
-                                FabIn(stream)), ready.signal()]}
+        row = store.row(i, loop, backwards=backwards)
+        return {pe: [*wait, *(vec(Op.MOV, c1 - c0, Mem(row.offset + c0, 1, row.loop_stride),
+                                  FabIn(s)) for s, (c0, c1) in parts), ready.signal()]}
 
     # after the last row, the credits of the last `ring` rows (none is left stranded)
     drain = [free.wait()] * store.ring if free is not None and store.ring else []

@@ -144,19 +144,20 @@ def scalar_at(offset: int, step: int = 1) -> Operand:
 
 
 def row_reduce(op: RowOp, *, width: int, dst: Operand, a: Operand,
-               b: Operand | None = None) -> list[Instr]:
-    """dst = reduce over the `width` elements of `a` (three instructions, w + 2 cycles).
+               b: Operand | None = None, acc: Operand = ACC) -> list[Instr]:
+    """dst = reduce over the `width` elements of `a` (three instructions, w + 2 cycles),
+    accumulated in register `acc` (registers are the PE's, shared by its threads).
 
     "sum": sum of a; "max": max of a (-inf for a row of -inf); "dot": sum of a * b."""
     if op == "sum":
-        init, body = 0.0, vec(Op.ADD, width, ACC, a, ACC)
+        init, body = 0.0, vec(Op.ADD, width, acc, a, acc)
     elif op == "max":
-        init, body = float("-inf"), vec(Op.MAX, width, ACC, a, ACC)
+        init, body = float("-inf"), vec(Op.MAX, width, acc, a, acc)
     else:
         if b is None:
             raise ValueError("row_reduce: 'dot' needs a second operand")
-        init, body = 0.0, vec(Op.FMA, width, ACC, a, b, ACC)
-    return [vec(Op.MOV, 1, ACC, Imm(init)), body, vec(Op.MOV, 1, dst, ACC)]
+        init, body = 0.0, vec(Op.FMA, width, acc, a, b, acc)
+    return [vec(Op.MOV, 1, acc, Imm(init)), body, vec(Op.MOV, 1, dst, acc)]
 
 
 def row_partials(op: RowOp, *, rows: int, width: int, dst: int, a: Operand,
