@@ -259,11 +259,19 @@ class Tokens:
     def create(cls, kernel: Kernel, pe: LocalPE, ids: StreamIds, queue_depth: int) -> Tokens:
         return cls(kernel.local(pe, (pe,), ids), 2 * queue_depth)
 
+
     def signal(self) -> Instr:
         return vec(Op.MOV, 1, FabOut(self.stream), Imm(1.0))
 
     def wait(self) -> Instr:
         return vec(Op.MOV, 1, Reg(TOKEN_REG), FabIn(self.stream))
+
+
+def ring_slots(queue_depth: int) -> int:
+    """Slots of a ring that a thread fills, signalling each slot on a `Tokens` channel, and
+    another drains: when the filler blocks on its (capacity + 1)-th outstanding token it
+    has filled one slot more, and the drainer may still be reading the oldest."""
+    return 2 * queue_depth + 2
 
 
 def symbolic_streams(instr: Instr) -> list[int]:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec
-from compiler.lowering.kernel import Kernel, RowOrder, StreamIds, Tokens
+from compiler.lowering.kernel import Kernel, RowOrder, StreamIds, Tokens, ring_slots
 from compiler.lowering.rowreduce import row_blocks, strip_inputs, strip_kernel, strip_outputs
 from compiler.ops.base import OpFamily, Tensors
 from wse_sim.program import FabIn, FabOut, Instr, Mem, Op, repeat, vec
@@ -76,7 +76,7 @@ def build_add(name: str, ops: list[str], ids: StreamIds, *, rows: int,
     blocks = row_blocks(rows, block_rows)
     for lane in strip:
         tokens = Tokens.create(kernel, lane.pe, ids, queue_depth)
-        slots = min(len(blocks), tokens.capacity + 2)
+        slots = min(len(blocks), ring_slots(queue_depth))
         w = lane.width
         ring = kernel.alloc(lane.pe, slots * block_rows * w, f"{first} ring")
         absorb = [[vec(Op.MOV, (r1 - r0) * w, Mem(ring + (b % slots) * block_rows * w),
@@ -113,7 +113,7 @@ def sram_words(rows: int, lane_width: int, queue_depth: int,
                block_rows: int = BLOCK_ROWS) -> int:
     """Words per PE: the ring of blocks of the early input."""
     blocks = -(-rows // block_rows)
-    return min(blocks, 2 * queue_depth + 2) * block_rows * lane_width
+    return min(blocks, ring_slots(queue_depth)) * block_rows * lane_width
 
 
 class Add(OpFamily):

@@ -13,42 +13,56 @@ the masked entries are never computed, the probabilities never leave the PEs.
 Layout. The q, k, v lanes (of the fused [M, 3d] QKV output) and the o lanes may split a
 head over several lanes or hold several heads in one; the heads whose columns share lanes
 form a *group* (`head_groups`), one column of the kernel. A group's column has G PEs, and
-PE c owns the keys at positions t = c, c + G, c + 2G, ... of every sequence (round-robin,
-so the causal triangle's work spreads evenly). Every PE of the column receives every q,
-k and v row of its group (multicast lanes) and keeps the q rows (the backward needs them)
-and its own keys' k (scaled by 1/sqrt(dh) as it arrives) and v rows.
+PE c owns the block of keys at positions [c b, (c + 1) b) of every sequence, b = ceil(T /
+G). Every PE of the column receives every q, k and v row of its group (multicast lanes),
+each section on a receiving thread of its own (`compiler.lowering.inbox`), and keeps the q
+rows (the backward needs them) and its own keys' k (scaled by 1/sqrt(dh) as it arrives)
+and v rows.
 
-Forward, rows ascending, per row m at position t and per head: PE c takes its own keys
-j <= t (n of them): scores s_j = q_m . k_j (n dot products of dh), its local max mu_c,
-p_j = exp(s_j - mu_c), l_c = sum p_j and o_c = sum p_j v_j (dh dots of n terms): a
-partial softmax. The partials combine along the column c = 0 -> G-1 as flash attention's
-do: mu = max(mu_in, mu_c), l = l_in e^(mu_in - mu) + l_c e^(mu_c - mu), o likewise; a PE
-with no key <= t passes its input on. The last PE divides o by l and sends the o lanes,
-and multicasts (mu, 1 / l) of every row back up the column, where a second thread stores
-them for the backward (so no PE waits for them in the forward).
-Backward, rows descending (compiler.lowering.kernel), per row m: every PE receives dO_m,
-recomputes p_j = exp(q_m . k_j - mu) / l for its keys, dP_j = dO_m . v_j, and its share of
-D = sum_j p_j dP_j (= dO_m . o_m); the shares are summed down the column and the total
-multicast back (while the PE adds dv_j += p_j dO_m, which does not need D); then dS_j =
-p_j (dP_j - D), its share of dq_m = sum_j dS_j k'_j (k' the scaled keys: no multiply on
-the way out) is summed down the column, and dk_j += dS_j q_m. Walking the rows backwards
-completes key t's dk and dv when row t passes (every query i >= t has been seen): its
-owner sends them down the column, scaled by 1/sqrt(dh), and the last PE sends the dq, dk,
-dv lanes of row m.
+Regions. For a query at position t, PE c has either no key yet (t < c b), its diagonal
+block (the query's own position is in its block: the keys after t are masked with -inf,
+a sliding window over one [0] * b + [-inf] * (b - 1) vector, so they get probability 0
+and gradient 0 exactly), or its full block. Within a region every row runs the same
+instructions on the same keys, so each region of each sequence is one REPEAT over its
+rows: a PE has a few hundred instructions whatever T is. The cost of the blocks over a
+round-robin assignment is the masked half of the diagonal block; what sets the pace is the
+busiest row, b keys either way.
+
+Forward, rows ascending, per row m at position t and per head: PE c scores its keys (nk
+of them) s_j = q_m . k_j, takes its local max mu_c, p_j = exp(s_j - mu_c), l_c = sum p_j
+and o_c = sum p_j v_j: a partial softmax. The partials combine along the column c = 0 ->
+G-1 as flash attention's do: mu = max(mu_in, mu_c), l = l_in e^(mu_in - mu) + l_c e^(mu_c -
+mu), o likewise; a PE with no key yet passes its input on. The last PE divides o by l,
+keeps the row and sends the o lanes, and multicasts (mu, 1 / l) of every row back up the
+column, where a thread of their own stores them for the backward (so no PE waits for them
+in the forward).
+Backward, rows descending (compiler.lowering.kernel), per row m: the last PE's dO receiver
+computes D = sum_j p_j dP_j = dO_m . o_m per head as soon as dO_m arrives (the flash
+attention identity; it kept o_m) and multicasts it up the column; every PE recomputes p_j
+= exp(q_m . k_j - mu) / l for its keys, dP_j = dO_m . v_j, dv_j += p_j dO_m, dS_j = p_j (dP_j
+- D), its share of dq_m = sum_j dS_j k'_j (k' the scaled keys: no multiply on the way out),
+which is summed down the column, and dk_j += dS_j q_m. Walking the rows backwards completes
+key t's dk and dv when row t passes (every query i >= t has been seen): its owner sends
+them down the column, scaled by 1/sqrt(dh), and the last PE sends the dq, dk, dv lanes of
+row m. No row waits for a round trip over the column: every stream within it flows one
+way, so the PEs of a column pipeline rows like a systolic array.
 
 Deadlock (compiler.lowering.kernel): the kernel is row-causal; within a column every
-stream flows one way (down the chain, or from the last PE up to the others' second thread
-and, in the backward, for D, which every PE reads after sending its share of it), and each
-PE reads its streams in the same order per row.
+stream flows one way (down the chain, or from the last PE up to the others), each stream
+has one reading thread, which reads it in row order, and the last PE's dO receiver waits
+only for the ring slot that the compute thread frees after an earlier row (its first
+credits come after the forward, when every o row is stored).
 
-Cost per PE and row (`cycles`, `sram_words` below), per head with n own keys <= t:
-forward 3 W (receive q, k, v rows, W = the group's columns) + n dh (scores) + 4 n + 6
-(softmax partial) + n dh (o) + 2 dh + 10 (combine; dh + 2 to pass on); backward W
-(receive dO) + 2 n dh + 3 n (recompute p) + n dh (dP) + n (D) + n (dh + 1) (dv) + 2 n
-(dS) + n dh (dq) + n (dh + 1) (dk) + W (dq down the column) + 2 W (key t's dk, dv, on the
-PEs from its owner to the last). With G PEs per group n ~ (t + 1) / G.
-SRAM per PE: M W (q rows) + 4 (B ceil(T / G)) W (own k, v and their gradients) + 2 M
-(row statistics per head) + a few rows of scratch.
+Cost per PE and row (`row_cycles`, `cycles`, `sram_words` below), per head with nk own
+keys: forward nk dh (scores; + nk masked on the diagonal) + 4 nk + 4 (softmax partial) +
+nk (dh + 1) - 1 (o) + the combine (dh + 2 to send or pass on, 2 dh + 9 to merge, 2 dh + 4
+to finish on the last PE); backward nk dh (+ nk) + 3 nk (p) + nk dh (dP) + nk (dh + 1) (dv)
++ 2 nk (dS) + nk (dh + 1) - 1 (dq) + nk (dh + 1) (dk) + W (dq down the column) + 2 W (key
+t's dk, dv, on the PEs from its owner to the last). The receiving threads' arithmetic (k's
+scaling, the last PE's D) takes the same fp32 unit. Each row takes its slowest PE's time
+(the chains keep a column in step), so the pace is set by the full-block rows: b keys.
+SRAM per PE: M W (q rows) + 4 B b W (own k, v and their gradients) + 2 M heads (row
+statistics) + the dO ring and a few rows of scratch; the last PE also M W (o rows).
 """
 
 from __future__ import annotations
@@ -61,11 +75,21 @@ import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec, grad_name
 from compiler.lowering.dots import Walk, dots
+from compiler.lowering.inbox import (
+    RING,
+    Inbox,
+    PerPE,
+    RowStore,
+    inbox,
+    receiving_thread,
+    rounds,
+)
 from compiler.lowering.kernel import Kernel, LocalPE, StreamIds, Tokens
+from compiler.lowering.rowreduce import row_reduce
 from compiler.ops.base import OpFamily, Tensors
 from compiler.ops.softmax import partial_softmax
 from wse_sim.errors import UserError
-from wse_sim.program import FabIn, FabOut, Imm, Instr, Mem, Op, Reg, vec
+from wse_sim.program import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, Reg, repeat, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
@@ -168,7 +192,7 @@ class AttnShape:
     d_head: int
     qkv_lanes: list[Lane]  # lanes of the fused [M, 3d] q | k | v tensor
     o_lanes: list[Lane]  # lanes of the output [M, d]
-    key_pes: int  # G: PEs per head group, each owning every G-th key
+    key_pes: int  # G: PEs per head group, each owning a block of consecutive keys
 
     @property
     def rows(self) -> int:
@@ -178,13 +202,28 @@ class AttnShape:
     def d_model(self) -> int:
         return self.heads * self.d_head
 
-    def own_keys(self, c: int) -> int:
-        """Key positions of one sequence that PE c owns (t = c, c + G, ...)."""
-        return len(range(c, self.seq, self.key_pes))
+    @property
+    def block(self) -> int:
+        """Keys per PE (the last PE's block may be shorter)."""
+        return -(-self.seq // self.key_pes)
 
-    def keys_upto(self, c: int, t: int) -> int:
-        """PE c's keys at positions <= t."""
-        return len(range(c, t + 1, self.key_pes))
+    def keys(self, c: int) -> tuple[int, int]:
+        """Positions [k0, k1) of the keys PE c owns in every sequence."""
+        k0 = c * self.block
+        return k0, min(self.seq, k0 + self.block)
+
+    def regions(self, c: int) -> list[tuple[str, int, int]]:
+        """PE c's query positions by what it does for them, ascending: "none" (no key of its
+        own yet), "diagonal" (its block holds the query's own position: future keys are
+        masked) and "full" (all its keys count)."""
+        k0, k1 = self.keys(c)
+        return [(name, t0, t1) for name, t0, t1 in
+                (("none", 0, k0), ("diagonal", k0, k1), ("full", k1, self.seq)) if t1 > t0]
+
+
+def key_pe_counts(seq: int) -> list[int]:
+    """The G for which every PE of a group owns at least one key of a `seq`-long sequence."""
+    return [g for g in range(1, seq + 1) if (g - 1) * -(-seq // g) < seq]
 
 
 def head_groups(op: str, shape: AttnShape) -> list[tuple[int, int]]:
@@ -222,6 +261,9 @@ def _lanes_within(lanes: list[Lane], c0: int, c1: int) -> list[tuple[int, Lane]]
     return [(j, lane) for j, lane in enumerate(lanes) if c0 <= lane[0] and lane[1] <= c1]
 
 
+Section = list[tuple[int, Lane]]  # (stream, columns relative to the group) of each lane
+
+
 @dataclass
 class _Group:
     """One head group's column of PEs, its lanes and its local streams."""
@@ -229,16 +271,17 @@ class _Group:
     first_head: int
     n_heads: int
     col: int  # the kernel column
-    q: list[tuple[int, Lane]]  # (stream, columns relative to the group) of its q lanes
-    k: list[tuple[int, Lane]]
-    v: list[tuple[int, Lane]]
-    o: list[tuple[int, Lane]]  # o lanes (outputs), dO lanes (inputs) below
-    d_out: list[tuple[int, Lane]]
-    dq: list[tuple[int, Lane]]
-    dk: list[tuple[int, Lane]]
-    dv: list[tuple[int, Lane]]
+    q: Section
+    k: Section
+    v: Section
+    o: Section  # outputs; d_out (dO) an input
+    d_out: Section
+    dq: Section
+    dk: Section
+    dv: Section
     down: list[int]  # down[c]: PE c -> PE c + 1
-    up: int | None  # the last PE -> every other (None for one PE)
+    up: int | None  # the last PE -> every other: the softmax statistics (None for one PE)
+    d_up: int | None  # the last PE -> every other: D of each backward row
 
 
 @dataclass(frozen=True)
@@ -246,26 +289,31 @@ class _Buffers:
     """SRAM word offsets of one PE of a group (the same layout on every PE)."""
 
     q: int  # q rows: M x W
-    k: int  # own keys, scaled: slots x W
+    k: int  # own keys, scaled: B x block x W
     v: int
     dk: int
     dv: int
     stats: int  # per row and head: mu, 1 / l
     s: int  # per head: the row's scores / probabilities over own keys
     dp: int  # per head: dP, then dS
-    o: int  # the row's partial o (W), then o or dq partial
-    d_out: int  # the row's dO (W)
-    scal: int  # per head: mu_c, l_c, mu, a, b, 1 / l; then D share and D
+    o: int  # the row's partial o (W), then the dq partial
+    d_out: int  # the dO ring: RING x W
+    d: int  # D per head of the rows in the dO ring: RING x heads
+    scal: int  # per head: mu_c, l_c, mu_in, mu, a, b, D
+    mask: int  # [0] * block + [-inf] * (block - 1): row i of the causal mask at block - 1 - i
     discard: int
+    out: int | None  # the last PE: the output rows o, M x W (for D = dO . o)
 
 
 SCALARS = 8  # words per head in `scal`
+# Registers (a PE's threads share them): the compute thread accumulates dot products in 0
+# and softmax sums in 1, the last PE's dO receiver computes D in this one.
+RECEIVER_ACC = Reg(2)
 
 
 def _buffers(kernel: Kernel, pe: LocalPE, shape: AttnShape, width: int, heads: int,
-             c: int) -> _Buffers:
-    slots = shape.batch * shape.own_keys(c)
-    n_max = shape.own_keys(0)
+             last: bool) -> _Buffers:
+    slots, block = shape.batch * shape.block, shape.block
 
     def words(count: int, what: str) -> int:
         return kernel.alloc(pe, count, f"{kernel.name}: {what}")
@@ -275,9 +323,12 @@ def _buffers(kernel: Kernel, pe: LocalPE, shape: AttnShape, width: int, heads: i
         v=words(slots * width, "own v rows"), dk=words(slots * width, "dk of own keys"),
         dv=words(slots * width, "dv of own keys"),
         stats=words(2 * heads * shape.rows, "softmax statistics"),
-        s=words(heads * n_max, "scores, then probabilities"), dp=words(heads * n_max, "dP, dS"),
-        o=words(width, "partial o, then dq"), d_out=words(width, "dO row"),
-        scal=words(SCALARS * heads, "scalars"), discard=words(1, "discarded wavelets"))
+        s=words(heads * block, "scores, then probabilities"), dp=words(heads * block, "dP, dS"),
+        o=words(width, "partial o, then dq"), d_out=words(RING * width, "dO ring"),
+        d=words(RING * heads, "D of the dO ring's rows"),
+        scal=words(SCALARS * heads, "scalars"), mask=words(2 * block - 1, "causal mask"),
+        discard=words(1, "discarded wavelets"),
+        out=words(shape.rows * width, "output rows") if last else None)
 
 
 def build_attention(name: str, ops: list[str], ids: StreamIds, *, shape: AttnShape,
@@ -286,6 +337,9 @@ def build_attention(name: str, ops: list[str], ids: StreamIds, *, shape: AttnSha
     (forward, rows ascending) and the d(q, k, v) lanes of `d_qkv` from `d_out` (backward,
     rows descending); see the module docstring."""
     d, dh, G = shape.d_model, shape.d_head, shape.key_pes
+    if G not in key_pe_counts(shape.seq):
+        raise ValueError(f"{name}: with {G} PEs per group of a {shape.seq}-long sequence "
+                         f"some PE owns no key")
     groups = head_groups(name, shape)
     kernel = Kernel(name=name, op="attention", ops=list(ops), width=len(groups), height=G,
                     shapes={qkv: (shape.rows, 3 * d), out: (shape.rows, d),
@@ -309,120 +363,207 @@ def build_attention(name: str, ops: list[str], ids: StreamIds, *, shape: AttnSha
         g0, g1 = h0 * dh, (h0 + nh) * dh
 
         def section(tensor: str, lanes: list[Lane], base: int, g0: int = g0,
-                    g1: int = g1) -> list[tuple[int, Lane]]:
+                    g1: int = g1) -> Section:
             """The group's lanes of `tensor` in the section at `base`, columns relative
             to the group."""
             return [(streams[tensor][j], (c0 - base - g0, c1 - base - g0))
                     for j, (c0, c1) in _lanes_within(lanes, base + g0, base + g1)]
 
         down = [kernel.local((gi, c), ((gi, c + 1),), ids) for c in range(G - 1)]
-        up = kernel.local((gi, G - 1), tuple((gi, c) for c in range(G - 1)), ids) if G > 1 \
-            else None
+        up, d_up = (kernel.local((gi, G - 1), tuple((gi, c) for c in range(G - 1)), ids)
+                    if G > 1 else None for _ in range(2))
         group = _Group(h0, nh, gi, section(qkv, shape.qkv_lanes, 0),
                        section(qkv, shape.qkv_lanes, d), section(qkv, shape.qkv_lanes, 2 * d),
                        section(out, shape.o_lanes, 0), section(d_out, shape.o_lanes, 0),
                        section(d_qkv, shape.qkv_lanes, 0), section(d_qkv, shape.qkv_lanes, d),
-                       section(d_qkv, shape.qkv_lanes, 2 * d), down, up)
+                       section(d_qkv, shape.qkv_lanes, 2 * d), down, up, d_up)
         for c in range(G):
-            _emit_pe(kernel, ids, shape, group, c, queue_depth)
+            _PE(kernel, ids, shape, group, c, queue_depth).emit()
     return kernel
 
 
 class _PE:
-    """Instruction builders of PE c of one group."""
+    """The program of PE c of one group. Row operands are built for row m of a REPEAT
+    whose iterations step `loop` rows (negative: descending)."""
 
-    def __init__(self, kernel: Kernel, shape: AttnShape, group: _Group, c: int,
-                 buf: _Buffers) -> None:
-        self.kernel, self.shape, self.g, self.c, self.buf = kernel, shape, group, c, buf
+    def __init__(self, kernel: Kernel, ids: StreamIds, shape: AttnShape, group: _Group,
+                 c: int, queue_depth: int) -> None:
+        self.kernel, self.ids, self.shape, self.g, self.c = kernel, ids, shape, group, c
+        self.queue_depth = queue_depth
+        self.pe = (group.col, c)
         self.width = group.n_heads * shape.d_head
         self.last = c == shape.key_pes - 1
-        self.pe = (group.col, c)
-
-    def slot(self, b: int, t: int) -> int:
-        """The own-key slot of position t (owned by this PE) in sequence b."""
-        return b * self.shape.own_keys(self.c) + (t - self.c) // self.shape.key_pes
+        self.buf = _buffers(kernel, self.pe, shape, self.width, group.n_heads, self.last)
+        self.k0, self.k1 = shape.keys(c)
+        self.nk = self.k1 - self.k0
+        block = shape.block
+        kernel.load(self.pe, self.buf.mask,
+                    np.array([0.0] * block + [-np.inf] * (block - 1), np.float32))
 
     def scal(self, h: int, k: int) -> int:
         return self.buf.scal + SCALARS * h + k
 
-    def row_buffers(self, h: int) -> tuple[int, int]:
-        """Head h's scores / probabilities and dP / dS of the current row."""
-        n_max = self.shape.own_keys(0)
-        return self.buf.s + h * n_max, self.buf.dp + h * n_max
+    def row(self, base: int, m: int, step: int, loop: int) -> Operand:
+        """Element 0 of row m of a [rows, step] store at `base`, as a vector operand."""
+        return Mem(base + m * step, 1, loop * step)
 
-    def stat(self, m: int, h: int, k: int) -> int:
-        """mu (k = 0) or 1 / l (k = 1) of row m, head h."""
-        return self.buf.stats + 2 * (m * self.g.n_heads + h) + k
+    def own(self, base: int, b: int) -> int:
+        """Word 0 of the first own key slot of sequence b in the key store at `base`."""
+        return base + b * self.shape.block * self.width
+
+    def stat(self, m: int, h: int, k: int, loop: int) -> Operand:
+        """mu (k = 0) or 1 / l (k = 1) of row m, head h, as a scalar."""
+        step = 2 * self.g.n_heads
+        return Mem(self.buf.stats + m * step + 2 * h + k, 0, loop * step)
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    def receivers(self) -> tuple[Inbox, Tokens, Tokens, Inbox]:
+        """Threads that receive q (every row), k and v (own keys kept, k scaled, the rest
+        discarded; a token per kept row) and dO (a ring)."""
+        kernel, pe, ids, shape, w = self.kernel, self.pe, self.ids, self.shape, self.width
+        depth = self.queue_depth
+        q = inbox(kernel, pe, ids, self.g.q, RowStore(self.buf.q, w, shape.rows),
+                  queue_depth=depth)
+        scale = Imm(1.0 / math.sqrt(shape.d_head))
+        keys = []
+        for lanes, base, factor in ((self.g.k, self.buf.k, scale), (self.g.v, self.buf.v, None)):
+            ready = Tokens.create(kernel, pe, ids, depth)
+            discard = [vec(Op.MOV, c1 - c0, Mem(self.buf.discard, 0), FabIn(s))
+                       for s, (c0, c1) in lanes]
+            instrs = []
+            for b in range(shape.batch):
+                keep = [(vec(Op.MUL, c1 - c0, Mem(self.own(base, b) + c0, 1, w), FabIn(s), factor)
+                         if factor else
+                         vec(Op.MOV, c1 - c0, Mem(self.own(base, b) + c0, 1, w), FabIn(s)))
+                        for s, (c0, c1) in lanes]
+                for rows, body in ((self.k0, discard), (self.nk, [*keep, ready.signal()]),
+                                   (shape.seq - self.k1, discard)):
+                    instrs += repeat(rows, body) if rows else []
+            kernel.emit(pe, *instrs, thread=receiving_thread(kernel, pe))
+            keys.append(ready)
+        d_out = self.d_out_inbox() if self.last else inbox(
+            kernel, pe, ids, self.g.d_out, RowStore(self.buf.d_out, w, shape.rows, RING),
+            queue_depth=depth)
+        return q, keys[0], keys[1], d_out
+
+    def d_out_inbox(self) -> Inbox:
+        """The last PE's dO receiver: a ring with credits, and per row D = dO . o per head
+        (the flash-attention identity D = sum_j p_j dP_j = dO . o), kept beside the row
+        and sent up the column as soon as dO arrives, so no PE waits for a sum over the
+        column in the middle of a row. The ring's credits are first signalled after the
+        forward, when every output row is stored."""
+        kernel, pe, w, dh = self.kernel, self.pe, self.width, self.shape.d_head
+        assert self.buf.out is not None
+        ready = Tokens.create(kernel, pe, self.ids, self.queue_depth)
+        free = Tokens.create(kernel, pe, self.ids, self.queue_depth)  # signalled by `emit`
+        store = RowStore(self.buf.d_out, w, self.shape.rows, RING)
+        nh = self.g.n_heads
+
+        def receive(i: int, loop: int) -> PerPE:
+            slot, m = store.row(i, loop).offset, self.shape.rows - 1 - i
+            d = self.buf.d + (i % RING) * nh
+            instrs = [free.wait(), *(vec(Op.MOV, c1 - c0, Mem(slot + c0), FabIn(s))
+                                     for s, (c0, c1) in self.g.d_out)]
+            for h in range(nh):
+                instrs += row_reduce("dot", width=dh, dst=Mem(d + h), a=Mem(slot + h * dh),
+                                     b=self.row(self.buf.out + h * dh, m, w, -loop),
+                                     acc=RECEIVER_ACC)
+            if self.g.d_up is not None:
+                instrs.append(vec(Op.MOV, nh, FabOut(self.g.d_up), Mem(d)))
+            return {pe: [*instrs, ready.signal()]}
+
+        kernel.emit(pe, *rounds(range(self.shape.rows), RING, receive)[pe],
+                    *[free.wait()] * RING, thread=receiving_thread(kernel, pe))
+        return Inbox(store, ready, free)
+
+    def emit(self) -> None:
+        shape, kernel, pe = self.shape, self.kernel, self.pe
+        q, k_ready, v_ready, d_out = self.receivers()
+        for b in range(shape.batch):
+            for region, t0, t1 in shape.regions(self.c):
+                def forward(m: int, loop: int, region: str = region, b: int = b) -> PerPE:
+                    return {pe: self.forward_row(m, loop, region, b, q, k_ready, v_ready)}
+
+                kernel.emit(pe, *rounds(range(b * shape.seq + t0, b * shape.seq + t1), 1,
+                                        forward)[pe])
+        if self.last:
+            kernel.emit(pe, *[d_out.free.signal()] * RING)  # see d_out_inbox
+        if self.g.up is not None and not self.last:
+            # The last PE's statistics arrive while the forward runs; the backward waits for
+            # the token that says they all have.
+            tokens = Tokens.create(kernel, pe, self.ids, self.queue_depth)
+            kernel.emit(pe, vec(Op.MOV, 2 * self.g.n_heads * shape.rows, Mem(self.buf.stats),
+                                FabIn(self.g.up)), tokens.signal(),
+                        thread=receiving_thread(kernel, pe))
+            kernel.emit(pe, tokens.wait())
+        for b in reversed(range(shape.batch)):
+            for region, t0, t1 in reversed(shape.regions(self.c)):
+                first = shape.rows - 1 - (b * shape.seq + t1 - 1)  # backward row index
+
+                def backward(i: int, loop: int, region: str = region, b: int = b) -> PerPE:
+                    return {pe: self.backward_row(i, loop, region, b, d_out)}
+
+                kernel.emit(pe, *rounds(range(first, first + t1 - t0), RING, backward)[pe])
 
     # -- forward ------------------------------------------------------------------------------
 
-    def receive(self, m: int) -> list[Instr]:
-        """q_m kept, k_m and v_m kept (k scaled) if this PE owns key t, else discarded."""
-        b, t = divmod(m, self.shape.seq)
-        mine = t % self.shape.key_pes == self.c
-        scale = Imm(1.0 / math.sqrt(self.shape.d_head))
-        instrs = [vec(Op.MOV, c1 - c0, Mem(self.buf.q + m * self.width + c0), FabIn(s))
-                  for s, (c0, c1) in self.g.q]
-        for lanes, base, factor in ((self.g.k, self.buf.k, scale), (self.g.v, self.buf.v, None)):
-            for s, (c0, c1) in lanes:
-                if not mine:
-                    instrs.append(vec(Op.MOV, c1 - c0, Mem(self.buf.discard, 0), FabIn(s)))
-                    continue
-                dst = Mem(base + self.slot(b, t) * self.width + c0)
-                instrs.append(vec(Op.MUL, c1 - c0, dst, FabIn(s), factor) if factor
-                              else vec(Op.MOV, c1 - c0, dst, FabIn(s)))
-        return instrs
-
-    def scores(self, m: int, h: int, n: int, dst: int) -> list[Instr]:
-        """n scores q_m . k'_j of head h into `dst`."""
-        b, _ = divmod(m, self.shape.seq)
+    def scores(self, m: int, loop: int, h: int, b: int, diagonal: bool) -> list[Instr]:
+        """The nk scores q_m . k'_j of head h into s (the diagonal block masked)."""
         dh, w = self.shape.d_head, self.width
-        return dots(n, dh, Walk(self.buf.q + m * w + h * dh, 1),
-                    Walk(self.buf.k + self.slot(b, self.c) * w + h * dh, 1, w), acc=0,
-                    out=[Mem(dst + i) for i in range(n)])
+        s = self.buf.s + h * self.shape.block
+        seed = None
+        if diagonal:  # the mask of row i = t - k0 starts i words before the last 0
+            i = m % self.shape.seq - self.k0
+            seed = [Mem(self.buf.mask + self.shape.block - 1 - i + j, 0, -loop)
+                    for j in range(self.nk)]
+        return dots(self.nk, dh, Walk(self.buf.q + m * w + h * dh, 1, 0, loop * w),
+                    Walk(self.own(self.buf.k, b) + h * dh, 1, w), acc=0,
+                    out=[Mem(s + j) for j in range(self.nk)], seed=seed)
 
-    def weighted_rows(self, m: int, h: int, n: int, weights: int, rows: int,
-                      dst: int) -> list[Instr]:
-        """dst[:dh] = sum over the n own keys j of weights[j] * rows[j, head h]."""
-        b, _ = divmod(m, self.shape.seq)
+    def weighted_keys(self, h: int, b: int, weights: int, keys: int, dst: int) -> list[Instr]:
+        """dst[:dh] = sum over the own keys j of weights[j] * keys[j, head h] (one vector
+        op per key)."""
         dh, w = self.shape.d_head, self.width
-        return dots(dh, n, Walk(weights, 1), Walk(rows + self.slot(b, self.c) * w + h * dh,
-                                                  w, 1),
-                    acc=0, out=[Mem(dst + i) for i in range(dh)])
+        first = self.own(keys, b) + h * dh
+        return [vec(Op.MUL, dh, Mem(dst), Mem(first), Mem(weights, 0)),
+                *(vec(Op.FMA, dh, Mem(dst), Mem(first + j * w), Mem(weights + j, 0), Mem(dst))
+                  for j in range(1, self.nk))]
 
-    def forward_row(self, m: int) -> list[Instr]:
-        t = m % self.shape.seq
+    def forward_row(self, m: int, loop: int, region: str, b: int, q: Inbox,
+                    k_ready: Tokens, v_ready: Tokens) -> list[Instr]:
         dh = self.shape.d_head
-        instrs = self.receive(m)
+        instrs = q.take()
+        if region == "diagonal":
+            instrs += [k_ready.wait(), v_ready.wait()]
         for h in range(self.g.n_heads):
-            n = self.shape.keys_upto(self.c, t)
-            s, o = self.row_buffers(h)[0], self.buf.o + h * dh
-            mu, ell = self.scal(h, 0), self.scal(h, 1)
-            if n:
-                instrs += self.scores(m, h, n, s)
-                instrs += partial_softmax(n, s, mu=mu, total=ell, acc=1)
-                instrs += self.weighted_rows(m, h, n, s, self.buf.v, o)
-            instrs += self.combine(m, h, n)
+            if region != "none":
+                s = self.buf.s + h * self.shape.block
+                instrs += self.scores(m, loop, h, b, region == "diagonal")
+                instrs += partial_softmax(self.nk, s, mu=self.scal(h, 0), total=self.scal(h, 1),
+                                          acc=1)
+                instrs += self.weighted_keys(h, b, s, self.buf.v, self.buf.o + h * dh)
+            instrs += self.combine(m, loop, h, region)
         return instrs
 
-    def combine(self, m: int, h: int, n: int) -> list[Instr]:
+    def combine(self, m: int, loop: int, h: int, region: str) -> list[Instr]:
         """Merge (mu, l, o) of head h from the PE above with this PE's own and send it on
         (in that order); the last PE keeps the merge and finishes."""
         dh = self.shape.d_head
         o = Mem(self.buf.o + h * dh)
         mu, ell = Mem(self.scal(h, 0)), Mem(self.scal(h, 1))
         down = FabOut(self.g.down[self.c]) if not self.last else None
-        if self.c == 0:  # the first PE always owns key 0 of the row
+        if self.c == 0:  # the first PE owns key 0: it always has a partial
             if down is None:
-                return self.finish(m, h)
+                return self.finish(m, loop, h)
             return [vec(Op.MOV, 1, down, mu), vec(Op.MOV, 1, down, ell),
                     vec(Op.MOV, dh, down, o)]
         inflow = FabIn(self.g.down[self.c - 1])
-        if n == 0:  # no key of its own yet: pass on (or keep) the partial from above
+        if region == "none":  # no key of its own yet: pass on (or keep) the partial above
             if down is not None:
                 return [vec(Op.MOV, dh + 2, down, inflow)]
             return [vec(Op.MOV, 1, mu, inflow), vec(Op.MOV, 1, ell, inflow),
-                    vec(Op.MOV, dh, o, inflow), *self.finish(m, h)]
+                    vec(Op.MOV, dh, o, inflow), *self.finish(m, loop, h)]
         mu_in, new, a, bb = (Mem(self.scal(h, k)) for k in (2, 3, 4, 5))
         instrs = [
             vec(Op.MOV, 1, mu_in, inflow),
@@ -437,216 +578,197 @@ class _PE:
             return instrs + [vec(Op.MOV, 1, down, new), vec(Op.FMA, 1, down, inflow, a, ell),
                              vec(Op.FMA, dh, down, inflow, a_scalar, o)]
         return instrs + [vec(Op.MOV, 1, mu, new), vec(Op.FMA, 1, ell, inflow, a, ell),
-                         vec(Op.FMA, dh, o, inflow, a_scalar, o), *self.finish(m, h)]
+                         vec(Op.FMA, dh, o, inflow, a_scalar, o), *self.finish(m, loop, h)]
 
-    def finish(self, m: int, h: int) -> list[Instr]:
+    def finish(self, m: int, loop: int, h: int) -> list[Instr]:
         """The last PE: 1 / l, o / l to the o lanes, the statistics kept and sent up."""
         dh = self.shape.d_head
         o = self.buf.o + h * dh
-        mu, rl = self.stat(m, h, 0), self.stat(m, h, 1)
-        instrs = [vec(Op.MOV, 1, Mem(mu), Mem(self.scal(h, 0))),
-                  vec(Op.RECIP, 1, Mem(rl), Mem(self.scal(h, 1)))]
+        mu, rl = self.stat(m, h, 0, loop), self.stat(m, h, 1, loop)
+        assert self.buf.out is not None
+        out = self.row(self.buf.out, m, self.width, loop)  # kept for the backward's D
+        instrs = [vec(Op.MOV, 1, mu, Mem(self.scal(h, 0))),
+                  vec(Op.RECIP, 1, rl, Mem(self.scal(h, 1))),
+                  vec(Op.MUL, dh, Mem(out.offset + h * dh, 1, out.loop_stride), Mem(o), rl)]
         for s, (c0, c1) in self.g.o:  # the lanes (or parts of lanes) of head h
             lo, hi = max(c0, h * dh), min(c1, (h + 1) * dh)
             if lo < hi:
-                instrs.append(vec(Op.MUL, hi - lo, FabOut(s), Mem(o + lo - h * dh),
-                                  Mem(rl, 0)))
+                instrs.append(vec(Op.MOV, hi - lo, FabOut(s),
+                                  Mem(out.offset + lo, 1, out.loop_stride)))
         if self.g.up is not None:
-            instrs.append(vec(Op.MOV, 2, FabOut(self.g.up), Mem(mu)))
+            instrs.append(vec(Op.MOV, 2, FabOut(self.g.up), Mem(mu.offset, 1, mu.loop_stride)))
         return instrs
 
     # -- backward -----------------------------------------------------------------------------
 
-    def backward_row(self, m: int) -> list[Instr]:
-        b, t = divmod(m, self.shape.seq)
+    def backward_row(self, i: int, loop: int, region: str, b: int, d_out: Inbox) -> list[Instr]:
+        """Backward row index i (row m = rows - 1 - i), REPEAT iterations `loop` rows apart."""
+        m = self.shape.rows - 1 - i
+        step = -loop  # rows run backwards
         dh, w, nh = self.shape.d_head, self.width, self.g.n_heads
-        n = self.shape.keys_upto(self.c, t)
-        instrs = [vec(Op.MOV, c1 - c0, Mem(self.buf.d_out + c0), FabIn(s))
-                  for s, (c0, c1) in self.g.d_out]
-        for h in range(nh):
-            s, dp = self.row_buffers(h)
-            if not n:
-                instrs.append(vec(Op.MOV, 1, Mem(self.scal(h, 6)), Imm(0.0)))  # D's share
-                continue
-            instrs += self.scores(m, h, n, s)
-            instrs += [vec(Op.SUB, n, Mem(s), Mem(s), Mem(self.stat(m, h, 0), 0)),
-                       vec(Op.EXP, n, Mem(s), Mem(s)),
-                       vec(Op.MUL, n, Mem(s), Mem(s), Mem(self.stat(m, h, 1), 0))]  # p_j
-            instrs += dots(n, dh, Walk(self.buf.d_out + h * dh, 1),
-                           Walk(self.buf.v + self.slot(b, self.c) * w + h * dh, 1, w),
-                           acc=0, out=[Mem(dp + i) for i in range(n)])  # dP_j
-            instrs += [vec(Op.MOV, 1, Reg(1), Imm(0.0)),
-                       vec(Op.FMA, n, Reg(1), Mem(s), Mem(dp), Reg(1)),
-                       vec(Op.MOV, 1, Mem(self.scal(h, 6)), Reg(1))]  # D's share
-        instrs += self.sum_down(nh)
-        for h in range(nh):  # dv does not need D: it hides the sum's round trip
-            s, _ = self.row_buffers(h)
-            instrs += self.accumulate(b, h, n, self.buf.dv, self.buf.d_out + h * dh, s)
-        if self.g.up is not None:
-            target = Mem(self.scal(0, 6), SCALARS)
-            instrs.append(vec(Op.MOV, nh, target, FabIn(self.g.up)) if not self.last
-                          else vec(Op.MOV, nh, FabOut(self.g.up), target))
-        for h in range(nh):
-            s, dp = self.row_buffers(h)
-            dq = self.buf.o + h * dh
-            if not n:
-                instrs.append(vec(Op.MOV, dh, Mem(dq), Imm(0.0)))
-                continue
-            instrs += [vec(Op.SUB, n, Mem(dp), Mem(dp), Mem(self.scal(h, 6), 0)),
-                       vec(Op.MUL, n, Mem(dp), Mem(dp), Mem(s))]  # dS_j
-            instrs += self.weighted_rows(m, h, n, dp, self.buf.k, dq)
-            instrs += self.accumulate(b, h, n, self.buf.dk, self.buf.q + m * w + h * dh, dp)
-        instrs += self.dq_down()
-        instrs += self.key_gradients(b, t)
-        return instrs
+        do = d_out.store.row(i, loop).offset
+        mine = region != "none"
+        instrs = d_out.take()
+        if self.last:  # D of the row, from the receiving thread
+            d = [Mem(self.buf.d + (i % RING) * nh + h, 0) for h in range(nh)]
+        else:
+            instrs.append(vec(Op.MOV, nh, Mem(self.scal(0, 6), SCALARS), FabIn(self.g.d_up)))
+            d = [Mem(self.scal(h, 6), 0) for h in range(nh)]
+        for h in range(nh if mine else 0):
+            s, dp = self.buf.s + h * self.shape.block, self.buf.dp + h * self.shape.block
+            instrs += self.scores(m, step, h, b, region == "diagonal")
+            instrs += [vec(Op.SUB, self.nk, Mem(s), Mem(s), self.stat(m, h, 0, step)),
+                       vec(Op.EXP, self.nk, Mem(s), Mem(s)),
+                       vec(Op.MUL, self.nk, Mem(s), Mem(s), self.stat(m, h, 1, step))]  # p_j
+            instrs += dots(self.nk, dh, Walk(do + h * dh, 1),
+                           Walk(self.own(self.buf.v, b) + h * dh, 1, w), acc=0,
+                           out=[Mem(dp + j) for j in range(self.nk)])  # dP_j
+            instrs += self.accumulate(h, b, self.buf.dv, Mem(do + h * dh), s)  # dv_j += p_j dO
+            instrs += [vec(Op.SUB, self.nk, Mem(dp), Mem(dp), d[h]),
+                       vec(Op.MUL, self.nk, Mem(dp), Mem(dp), Mem(s))]  # dS_j
+            instrs += self.weighted_keys(h, b, dp, self.buf.k, self.buf.o + h * dh)  # dq
+            q_row = Mem(self.buf.q + m * w + h * dh, 1, step * w)
+            instrs += self.accumulate(h, b, self.buf.dk, q_row, dp)  # dk_j += dS_j q_m
+        instrs += self.dq_down(mine)
+        instrs += self.key_gradients(m, step, region, b)
+        return instrs + d_out.release()
 
-    def accumulate(self, b: int, h: int, n: int, grads: int, row: int,
+    def accumulate(self, h: int, b: int, grads: int, row: Operand,
                    weights: int) -> list[Instr]:
-        """grads[j, head h] += weights[j] * row[:dh] for the n own keys j."""
+        """grads[j, head h] += weights[j] * row[:dh] for the own keys j."""
         dh, w = self.shape.d_head, self.width
-        first = grads + self.slot(b, self.c) * w + h * dh
-        return [vec(Op.FMA, dh, Mem(first + i * w), Mem(row), Mem(weights + i, 0),
-                    Mem(first + i * w)) for i in range(n)]
+        first = self.own(grads, b) + h * dh
+        return [vec(Op.FMA, dh, Mem(first + j * w), row, Mem(weights + j, 0),
+                    Mem(first + j * w)) for j in range(self.nk)]
 
-    def sum_down(self, heads: int) -> list[Instr]:
-        """Every head's share of D summed down the column into the last PE's (in place)."""
-        if self.shape.key_pes == 1:
-            return []
-        shares = Mem(self.scal(0, 6), SCALARS)
-        if self.c == 0:
-            return [vec(Op.MOV, heads, FabOut(self.g.down[0]), shares)]
-        target = shares if self.last else FabOut(self.g.down[self.c])
-        return [vec(Op.ADD, heads, target, FabIn(self.g.down[self.c - 1]), shares)]
-
-    def dq_down(self) -> list[Instr]:
-        """dq's shares summed down the column; the last PE sends the dq lanes."""
+    def dq_down(self, mine: bool) -> list[Instr]:
+        """dq's shares summed down the column (a PE without keys passes them on); the last
+        PE sends the dq lanes."""
         w = self.width
         o = Mem(self.buf.o)
         if self.shape.key_pes > 1 and self.c == 0:
             return [vec(Op.MOV, w, FabOut(self.g.down[0]), o)]
-        instrs = []
         if self.c > 0:
             inflow = FabIn(self.g.down[self.c - 1])
             if not self.last:
-                return [vec(Op.ADD, w, FabOut(self.g.down[self.c]), inflow, o)]
-            instrs.append(vec(Op.ADD, w, o, inflow, o))
-        return instrs + [vec(Op.MOV, c1 - c0, FabOut(s), Mem(self.buf.o + c0))
-                         for s, (c0, c1) in self.g.dq]
+                return [vec(Op.ADD, w, FabOut(self.g.down[self.c]), inflow, o) if mine
+                        else vec(Op.MOV, w, FabOut(self.g.down[self.c]), inflow)]
+            if not mine:
+                return [vec(Op.MOV, c1 - c0, FabOut(s), inflow) for s, (c0, c1) in self.g.dq]
+            return [vec(Op.ADD, w, o, inflow, o),
+                    *(vec(Op.MOV, c1 - c0, FabOut(s), Mem(self.buf.o + c0))
+                      for s, (c0, c1) in self.g.dq)]
+        return [vec(Op.MOV, c1 - c0, FabOut(s), Mem(self.buf.o + c0)) for s, (c0, c1) in self.g.dq]
 
-    def key_gradients(self, b: int, t: int) -> list[Instr]:
-        """Key t's dk (scaled) and dv, complete now: its owner sends them down the column
-        and clears them; PEs below pass them on; the last PE sends the dk, dv lanes."""
-        owner = t % self.shape.key_pes
-        if self.c < owner:
+    def key_gradients(self, m: int, step: int, region: str, b: int) -> list[Instr]:
+        """Key t's dk (scaled) and dv are complete once query row t has passed: its owner
+        sends them down the column, PEs below it pass them on, the last PE sends the dk, dv
+        lanes."""
+        if region == "full":  # the key's owner is further down the column
             return []
         w = self.width
-        scale = Imm(1.0 / math.sqrt(self.shape.d_head))
-        if self.c > owner:
+        if region == "none":
             inflow = FabIn(self.g.down[self.c - 1])
             if not self.last:
                 return [vec(Op.MOV, 2 * w, FabOut(self.g.down[self.c]), inflow)]
             return [*(vec(Op.MOV, c1 - c0, FabOut(s), inflow) for s, (c0, c1) in self.g.dk),
                     *(vec(Op.MOV, c1 - c0, FabOut(s), inflow) for s, (c0, c1) in self.g.dv)]
-        slot = self.slot(b, t) * w
-        dk, dv = self.buf.dk + slot, self.buf.dv + slot
+        scale = Imm(1.0 / math.sqrt(self.shape.d_head))
+        j = m % self.shape.seq - self.k0
+        dk, dv = self.own(self.buf.dk, b) + j * w, self.own(self.buf.dv, b) + j * w
         if self.last:
-            sends = [*(vec(Op.MUL, c1 - c0, FabOut(s), Mem(dk + c0), scale)
-                       for s, (c0, c1) in self.g.dk),
-                     *(vec(Op.MOV, c1 - c0, FabOut(s), Mem(dv + c0)) for s, (c0, c1) in self.g.dv)]
-        else:
-            down = FabOut(self.g.down[self.c])
-            sends = [vec(Op.MUL, w, down, Mem(dk), scale), vec(Op.MOV, w, down, Mem(dv))]
-        # cleared for the next wave of rows through the same slots
-        return sends + [vec(Op.MOV, w, Mem(dk), Imm(0.0)), vec(Op.MOV, w, Mem(dv), Imm(0.0))]
-
-
-def _emit_pe(kernel: Kernel, ids: StreamIds, shape: AttnShape, group: _Group, c: int,
-             queue_depth: int) -> None:
-    width = group.n_heads * shape.d_head
-    pe = (group.col, c)
-    buf = _buffers(kernel, pe, shape, width, group.n_heads, c)
-    unit = _PE(kernel, shape, group, c, buf)
-    for m in range(shape.rows):
-        kernel.emit(pe, *unit.forward_row(m))
-    if group.up is not None and not unit.last:
-        # The last PE's statistics arrive while the forward runs; the backward waits for
-        # the token that says they all have.
-        tokens = Tokens.create(kernel, pe, ids, queue_depth)
-        kernel.emit(pe, vec(Op.MOV, 2 * group.n_heads * shape.rows, Mem(buf.stats),
-                            FabIn(group.up)), tokens.signal(), thread=1)
-        kernel.emit(pe, tokens.wait())
-    for m in reversed(range(shape.rows)):
-        kernel.emit(pe, *unit.backward_row(m))
+            return [*(vec(Op.MUL, c1 - c0, FabOut(s), Mem(dk + c0, 1, step * w), scale)
+                      for s, (c0, c1) in self.g.dk),
+                    *(vec(Op.MOV, c1 - c0, FabOut(s), Mem(dv + c0, 1, step * w))
+                      for s, (c0, c1) in self.g.dv)]
+        down = FabOut(self.g.down[self.c])
+        return [vec(Op.MUL, w, down, Mem(dk, 1, step * w), scale),
+                vec(Op.MOV, w, down, Mem(dv, 1, step * w))]
 
 
 # -- cost -------------------------------------------------------------------------------------
 
 
-def _finish_cycles(shape: AttnShape, up: bool) -> int:
-    """The last PE's per-head finish: 1 / l, o / l out, the statistics kept and sent up."""
-    return 2 + shape.d_head + (2 if up else 0)
+def row_cycles(shape: AttnShape, heads: int, c: int, region: str) -> tuple[int, int]:
+    """(forward, backward) busy cycles of PE c's compute thread for one row of `region`
+    in a group of `heads` heads (the docstring's per-row costs; stalls left out)."""
+    dh, G, w = shape.d_head, shape.key_pes, heads * shape.d_head
+    k0, k1 = shape.keys(c)
+    nk, last, up, mine = k1 - k0, c == G - 1, G > 1, region != "none"
+    diagonal = int(region == "diagonal")
+    finish = 2 + 2 * dh + (2 if up else 0)
+    # tokens of q (and k, v, whose scaling by 1 / sqrt(dh) on the receiving thread takes
+    # the PE's fp32 unit); dO's token and credit; D from the last PE, or on the last PE
+    # computed by the receiving thread
+    forward = 1 + 2 * diagonal + diagonal * w
+    backward = 2 + (heads * (dh + 2) if last else heads)
+    for _ in range(heads):
+        if mine:
+            forward += (nk * dh + diagonal * nk + 4 * nk + 4  # scores, softmax
+                        + nk * dh + nk - 1)  # o
+            backward += (nk * dh + diagonal * nk + 3 * nk + nk * dh  # p, dP
+                         + nk * (dh + 1) + 2 * nk + nk * dh + nk - 1 + nk * (dh + 1))
+        if c == 0:
+            forward += finish if last else dh + 2
+        elif not mine:
+            forward += dh + 2 + (finish if last else 0)
+        else:
+            forward += 7 + dh + 2 + dh + (finish if last else 0)
+    backward += w + (w if last and c > 0 and mine else 0)  # dq down / out
+    if region == "diagonal" or (region == "none" and c > 0):
+        backward += 2 * w  # key t's dk, dv
+    return forward, backward
 
 
 def pe_cycles(shape: AttnShape, heads: int, c: int) -> int:
-    """Busy cycles of PE c of a group of `heads` heads (the docstring's per-row costs,
-    summed over the rows; stalls and the fill are left out)."""
-    dh, G, w = shape.d_head, shape.key_pes, heads * shape.d_head
-    last, up = c == G - 1, G > 1
-    total = 0
-    for m in range(shape.rows):
-        t = m % shape.seq
-        n = shape.keys_upto(c, t)
-        forward = 3 * w
-        backward = w + (heads if up else 0)  # dO; D's share down the column (or its sum)
-        for _ in range(heads):
-            if n:
-                forward += n * dh + 4 * n + 4 + dh * n  # scores, partial softmax, o
-            if c == 0:
-                forward += _finish_cycles(shape, up) if last else dh + 2
-            elif n == 0:
-                forward += dh + 2 + (_finish_cycles(shape, up) if last else 0)
-            else:
-                forward += 7 + dh + 2 + dh + (_finish_cycles(shape, up) if last else 0)
-            if n:
-                backward += (n * dh + 3 * n + n * dh + 3 + n  # recompute p, dP, D's share
-                             + n * (dh + 1) + 2 * n + dh * n + n * (dh + 1))  # dv, dS, dq, dk
-            else:
-                backward += 1 + dh
-        backward += w if (c > 0 or G == 1) else w  # dq's share down the column / out
-        if up:
-            backward += heads  # D up the column
-        owner = t % G
-        if c == owner:
-            backward += 4 * w  # dk, dv sent and cleared
-        elif c > owner:
-            backward += 2 * w
-        total += forward + backward
-    return total
+    """Busy cycles of PE c of a group of `heads` heads over the whole step."""
+    per_sequence = sum((t1 - t0) * sum(row_cycles(shape, heads, c, region))
+                       for region, t0, t1 in shape.regions(c))
+    return shape.batch * per_sequence
+
+
+def _region_at(shape: AttnShape, c: int, t: int) -> str:
+    return next(name for name, t0, t1 in shape.regions(c) if t0 <= t < t1)
 
 
 def cycles(shape: AttnShape, op: str = "attention") -> int:
-    """Busy cycles of the busiest PE of the kernel."""
-    return max(pe_cycles(shape, heads, c) for _, heads in head_groups(op, shape)
-               for c in range(shape.key_pes))
+    """Cycles of a lone kernel fed at full rate: the chains down each column keep its PEs
+    in step row by row (a PE runs ahead of the next by a few FIFO slots), so each row
+    takes its slowest PE's time, forward and backward."""
+    total = 0
+    for t in range(shape.seq):
+        rows = [row_cycles(shape, heads, c, _region_at(shape, c, t))
+                for _, heads in head_groups(op, shape) for c in range(shape.key_pes)]
+        total += max(f for f, _ in rows) + max(b for _, b in rows)
+    return shape.batch * total
 
 
-def sram_words(shape: AttnShape, heads: int, c: int) -> int:
-    """Words of PE c of a group of `heads` heads (see `_buffers`)."""
-    w, slots = heads * shape.d_head, shape.batch * shape.own_keys(c)
-    return (shape.rows * w + 4 * slots * w + 2 * heads * shape.rows
-            + 2 * heads * shape.own_keys(0) + 2 * w + SCALARS * heads + 1)
+def slowest_row(shape: AttnShape, op: str = "attention") -> tuple[int, int]:
+    """(forward, backward): the most busy cycles any PE spends on one row, the pace the
+    kernel can keep up."""
+    rows = [row_cycles(shape, heads, c, region) for _, heads in head_groups(op, shape)
+            for c in range(shape.key_pes) for region, _, _ in shape.regions(c)]
+    return max(f for f, _ in rows), max(b for _, b in rows)
+
+
+def sram_words(shape: AttnShape, heads: int) -> int:
+    """Words of a PE of a group of `heads` heads (see `_buffers`)."""
+    w, slots, block = heads * shape.d_head, shape.batch * shape.block, shape.block
+    return (shape.rows * w + 4 * slots * w + 2 * heads * shape.rows + 2 * heads * block
+            + w + RING * w + SCALARS * heads + 2 * block - 1 + 1)
 
 
 def fit_key_pes(op: str, shape: AttnShape, sram_words_per_pe: int, at_least: int = 1) -> int:
-    """The fewest PEs per head group (>= `at_least`) with which every PE fits its SRAM; a
-    UserError naming `op` if even one key per PE does not fit."""
+    """The fewest PEs per head group (>= `at_least`, every PE owning a key) with which every
+    PE fits its SRAM; a UserError naming `op` if even one key per PE does not fit."""
     groups = head_groups(op, shape)
-    for g in range(max(1, at_least), shape.seq + 1):
+    for g in key_pe_counts(shape.seq):
         trial = AttnShape(**{**shape.__dict__, "key_pes": g})
-        if all(sram_words(trial, heads, 0) <= sram_words_per_pe for _, heads in groups):
+        if g >= at_least and all(sram_words(trial, heads) <= sram_words_per_pe
+                                 for _, heads in groups):
             return g
     trial = AttnShape(**{**shape.__dict__, "key_pes": shape.seq})
-    words = max(sram_words(trial, heads, 0) for _, heads in groups)
+    words = max(sram_words(trial, heads) for _, heads in groups)
     raise UserError(f"op {op}: PE (0, 0) needs {4 * words:,} bytes of SRAM even with one key "
                     f"per PE, has {4 * sram_words_per_pe:,}")
 

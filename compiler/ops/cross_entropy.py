@@ -14,8 +14,8 @@ a row's target column and the word it sits at are constants of the code.
 Layout and algorithm
 --------------------
 A 1-high strip, PE (j, 0) owns lane j of V (the last lane may be narrower); one reduction
-group (rowreduce). Per block of R rows, each PE:
-receive the logits block (kept: result slot `logits_result`); row max partials ->
+group (rowreduce). A thread of its own receives each PE's logits (kept: result slot
+`logits_result`) and signals each block of R rows; per block, each PE: row max partials ->
 allreduce(max); p = exp(z - max) into the probability store; row sum partials; the PE
 holding a row's target copies its logit into that row's slot of a target vector (zero
 elsewhere). The sums and the target vector are reduced to the last PE, the sums
@@ -49,7 +49,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec
-from compiler.lowering.kernel import Kernel, ResultSlot, StreamIds
+from compiler.lowering.inbox import receiving_thread
+from compiler.lowering.kernel import Kernel, ResultSlot, StreamIds, Tokens
 from compiler.lowering.rowreduce import (
     DEFAULT_BLOCK_ROWS,
     GroupReducer,
@@ -136,7 +137,8 @@ def log_plan(largest: float) -> tuple[int, int]:
 
 def build_cross_entropy(name: str, ops: list[str], ids: StreamIds, *, targets: np.ndarray,
                         lanes: list[tuple[int, int]], logits_tensor: str, dlogits_tensor: str,
-                        logits_result: str = "logits", loss_result: str = "loss",
+                        queue_depth: int, logits_result: str = "logits",
+                        loss_result: str = "loss",
                         block_rows: int = DEFAULT_BLOCK_ROWS) -> Kernel:
     """Mean cross-entropy of logits [M, vocab] (in `lanes`) against `targets` (M ids);
     dlogits leave in the same lanes, rows descending."""
@@ -169,11 +171,20 @@ def build_cross_entropy(name: str, ops: list[str], ids: StreamIds, *, targets: n
         return [(m, int(targets[m]) - lane.c0) for m in range(r0, r1)
                 if lane.c0 <= targets[m] < lane.c1]
 
+    # Each PE receives its logits on a thread of its own, a token per block, so the LM head
+    # never waits while a block is computed (compiler.lowering.inbox).
+    arrived = {}
+    for lane in strip:
+        arrived[lane.pe] = Tokens.create(kernel, lane.pe, ids, queue_depth)
+        kernel.emit(lane.pe, *(instr for r0, r1 in blocks for instr in (
+            vec(Op.MOV, (r1 - r0) * lane.width, Mem(logits + r0 * lane.width),
+                FabIn(z_in[lane.index])), arrived[lane.pe].signal())),
+                    thread=receiving_thread(kernel, lane.pe))
     for r0, r1 in blocks:
         r = r1 - r0
         for lane in strip:
             w, z = lane.width, logits + r0 * lane.width
-            kernel.emit(lane.pe, vec(Op.MOV, r * w, Mem(z), FabIn(z_in[lane.index])),
+            kernel.emit(lane.pe, arrived[lane.pe].wait(),
                         *row_partials("max", rows=r, width=w, dst=row_max + r0, a=rows_at(z, w)))
         reducer.allreduce(row_max + r0, r, Op.MAX)
         for lane in strip:
@@ -270,7 +281,8 @@ class CrossEntropy(OpFamily):
         return build_cross_entropy(
             op.name, ctx.ops_with_updates(op.name), ctx.ids, targets=ctx.batch.targets,
             lanes=ctx.lanes(logits), logits_tensor=logits,
-            dlogits_tensor=ctx.dx(op.name), logits_result="logits", loss_result="loss")
+            dlogits_tensor=ctx.dx(op.name), queue_depth=ctx.wafer.queue_depth,
+            logits_result="logits", loss_result="loss")
 
 
 FAMILY = CrossEntropy()
