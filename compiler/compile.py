@@ -19,7 +19,7 @@ from compiler.graph import TrainingGraph
 from compiler.inputs import Batch, init_params, make_batch
 from compiler.lower import lower
 from compiler.lowering.kernel import Kernel
-from compiler.orient import orient
+from compiler.orient import Flip, flip_kernel, orientations
 from compiler.placement import Box, hop_words, place
 from compiler.plan import Plan, plan_step
 from compiler.routing import Linked, link, program_elements
@@ -36,6 +36,7 @@ class Compiled:
     kernels: list[Kernel]
     placement: str
     boxes: list[Box]
+    flips: dict[str, Flip]  # how each kernel is mirrored (compiler.orient)
     traffic: list[tuple[str, str, int]]  # (producer kernel, consumer kernel, words)
     linked: Linked
     seconds: float  # wall time of the whole compilation
@@ -75,7 +76,9 @@ def compile_step(cfg: RunConfig, placement: str | None = None) -> Compiled:
     traffic = kernel_traffic(kernels)
     positions = place(boxes, traffic, (cfg.wafer.width, cfg.wafer.height), strategy,
                       seed=cfg.compile.seed)
-    kernels = orient(kernels, positions)  # mirror kernels so lane bundles cross less
+    # mirror kernels so lane bundles cross less
+    flips = dict(zip([k.name for k in kernels], orientations(kernels, positions), strict=True))
+    kernels = [flip_kernel(k, flips[k.name]) for k in kernels]
     linked = link(kernels, positions, cfg.wafer)
-    return Compiled(cfg, graph, params, batch, plan, kernels, strategy, boxes, traffic,
+    return Compiled(cfg, graph, params, batch, plan, kernels, strategy, boxes, flips, traffic,
                     linked, time.perf_counter() - started)

@@ -91,3 +91,12 @@ def reference_step(cfg: RunConfig, params: Arrays, batch: Batch,
         state=new_state,
         tensors=t,
     )
+
+
+def mean_loss(cfg: RunConfig, params: Arrays, windows: np.ndarray,
+              dtype: DTypeLike = np.float64) -> float:
+    """The mean cross-entropy of the model `params` over `windows` (N, T + 1): every
+    window's T predictions, all windows in one forward pass of batch N."""
+    training = cfg.training.model_copy(update={"batch_size": len(windows)})
+    return float(forward(cfg.model_copy(update={"training": training}), params,
+                         Batch.from_windows(windows), dtype)["loss.out"][0, 0])

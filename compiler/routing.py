@@ -448,7 +448,7 @@ def _bound_instrs(instrs: list[Instr], colors: dict[int, int], where: str) -> li
     return bind_colors(instrs, colors)
 
 
-def _bound_program(prog: PEProgram, colors: dict[int, int], where: str) -> PEProgram:
+def bound_program(prog: PEProgram, colors: dict[int, int], where: str) -> PEProgram:
     """A copy of `prog` with its symbolic stream ids replaced by real colors."""
     tasks = [Task(task.id, task.trigger, _bound_instrs(task.instrs, colors, where),
                   colors.get(task.color, task.color) if task.trigger is Trigger.COLOR
@@ -495,7 +495,7 @@ def link(kernels: list[Kernel], positions: dict[str, PE], wafer: WaferConfig) ->
             if pe in program.pes:
                 raise ValueError(f"kernel {kernel.name} overlaps another kernel at PE "
                                  f"({pe[0] + x0}, {pe[1] + y0})")
-            program.pes[pe] = _bound_program(prog, kernel_colors[kernel.name],
+            program.pes[pe] = bound_program(prog, kernel_colors[kernel.name],
                                              f"kernel {kernel.name} PE {(px, py)}")
         program.regions.append(Region(kernel.name, kernel.op, kx - x0, ky - y0, kernel.width,
                                       kernel.height))

@@ -31,7 +31,8 @@ engine's thread state stays flat.
 Besides code and routes a Program may carry, for whoever reads its results:
 
 * `tensors`: a symbol table, named 2-D tensors and the blocks of them each PE's SRAM holds
-  after the run (`TensorSlot`); `read_tensor` assembles one from a run's final SRAM;
+  after the run (`TensorSlot`); `read_tensor` assembles one from a run's final SRAM,
+  `write_tensor` writes one into SRAM words (e.g. the image of the next run);
 * `regions`: named rectangles of PEs with a label (a compiler's kernels and their op
   families), which reports break figures down by;
 * `meta`: free-form JSON-ready facts from whoever built it (the compiler's FLOP counts,
@@ -306,6 +307,27 @@ def read_tensor(layout: TensorLayout, sram: Callable[[int, int], np.ndarray],
         raise ValueError(f"the slots of {name!r} cover {covered.sum()} of {covered.size} "
                          f"elements")
     return out
+
+
+def write_tensor(layout: TensorLayout, value: np.ndarray,
+                 sram: Callable[[int, int], np.ndarray]) -> None:
+    """Write `value` (of `layout.shape`) into every slot of `layout`, the inverse of
+    `read_tensor`: `sram(x, y)` is the writable float32 word array of PE (x, y)."""
+    value = np.asarray(value, np.float32).reshape(layout.shape)
+    for slot in layout.slots:
+        words = sram(slot.x, slot.y)
+        r = np.arange(slot.rows[1] - slot.rows[0])[:, None]
+        c = np.arange(slot.cols[1] - slot.cols[0])[None, :]
+        words[slot.offset + r * slot.row_stride + c * slot.col_stride] = value[
+            slot.rows[0]:slot.rows[1], slot.cols[0]:slot.cols[1]]
+
+
+def initial_sram(pe: PEProgram) -> np.ndarray:
+    """The PE's SRAM at cycle 0: its image, zeros elsewhere (float32, `sram_words` long)."""
+    words = np.zeros(pe.sram_words, np.float32)
+    for offset, data in pe.image.items():
+        words[offset:offset + len(data)] = data
+    return words
 
 
 # --------------------------------------------------------------------------------------------
