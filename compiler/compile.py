@@ -63,13 +63,15 @@ def kernel_traffic(kernels: list[Kernel]) -> list[tuple[str, str, int]]:
     return [(src, dst, n) for (src, dst), n in words.items()]
 
 
-def compile_step(cfg: RunConfig, placement: str | None = None) -> Compiled:
-    """Compile one training step of `cfg` (placement strategy from the config unless given)."""
+def compile_step(cfg: RunConfig, placement: str | None = None,
+                 batch: Batch | None = None) -> Compiled:
+    """Compile one training step of `cfg` (placement strategy from the config unless given)
+    for `batch` (default: the synthetic batch of `make_batch`)."""
     started = time.perf_counter()
     strategy = placement or cfg.compile.placement
     graph = build_graph(cfg)
     params = init_params(cfg)
-    batch = make_batch(cfg)
+    batch = batch or make_batch(cfg)
     plan = plan_step(graph, cfg.compile.lane_width or cfg.model.d_head)
     kernels = lower(graph, params, batch, plan)
     boxes = [Box(k.name, k.width, k.height) for k in kernels]

@@ -330,9 +330,34 @@ CASES: list[tuple[str, Callable[..., list[str]], str]] = [
     ("T-transpose-not-square", traffic("--pattern", "transpose", "--mesh", "4x8"),
      "transpose needs a square mesh"),
     ("T-pattern-unknown", traffic("--pattern", "spiral"), "argument --pattern: invalid choice"),
+    # train: the data, the run folder and its options
+    ("E-train-data", lambda d: ["train", config(d), "--steps", "1", "--out", str(d / "o"),
+                                "--data", raw(d, "t.txt", b"some text \xff")],
+     "not UTF-8 text: byte 0xff"),
+    ("F-train-data-missing", lambda d: ["train", config(d), "--steps", "1", "--out",
+                                        str(d / "o"), "--data", str(d / "absent.txt")],
+     "cannot read data"),
+    ("F-train-data-short", lambda d: ["train", config(d), "--steps", "1", "--out", str(d / "o"),
+                                      "--data", raw(d, "t.txt", "a short text")],
+     "too short"),
+    ("F-train-resume-nothing", lambda d: ["train", config(d), "--steps", "1", "--resume",
+                                          "--out", str(d / "o")], "--resume: no checkpoint"),
+    ("F-train-resume-not-checkpoint", lambda d: ["train", config(d), "--steps", "1",
+                                                 "--resume", "--out", (raw(
+                                                     d, "checkpoint.npz", "no zip"), str(d))[1]],
+     "not a training checkpoint"),
+    ("N-train-steps-zero", lambda d: ["train", config(d), "--steps", "0"],
+     "argument --steps: must be >= 1 (got 0)"),
+    ("N-train-byte-vocab", lambda d: ["train", config(d, model__vocab_size=64), "--steps", "1",
+                                      "--out", str(d / "o")],
+     "model.vocab_size: byte-level tokens need at least 256"),
+    ("O-train-out-file", lambda d: ["train", config(d), "--steps", "1", "--out",
+                                    raw(d, "o", "a file")], "is not a folder"),
+    ("A-train-no-steps", lambda d: ["train", config(d)],
+     "the following arguments are required: --steps"),
     # A: the command line
     ("A-no-command", lambda d: [], "the following arguments are required: command"),
-    ("A-unknown-command", lambda d: ["train"], "invalid choice: 'train'"),
+    ("A-unknown-command", lambda d: ["fly"], "invalid choice: 'fly'"),
     ("A-run-no-config", lambda d: ["run"], "the following arguments are required: config"),
     ("A-compile-no-output", lambda d: ["compile", config(d)],
      "the following arguments are required: -o"),
@@ -401,4 +426,4 @@ def test_the_suite_covers_every_class_and_command(tmp_path, program_file):
         folder.mkdir()
         commands.update(_argv(setup, folder, program_file)[:1])
     assert commands == {"run", "compile", "simulate", "graph", "schema", "traffic", "plot",
-                        "train"}  # (train: an unknown command)
+                        "train", "fly"}  # (fly: an unknown command)
