@@ -48,11 +48,13 @@ PE = tuple[int, int]
 
 @dataclass(frozen=True)
 class _Rebuild:
-    """One kernel that reads the batch: the graph op its family lowers it from, and the
-    colors of its compiled streams in declaration order."""
+    """One kernel that reads the batch: the graph op its family lowers it from, the colors
+    of its streams in declaration order, and its PEs' code for the compiled batch as a
+    rebuild makes it (unbound stream ids: a rebuild's are the same for any batch)."""
 
     op: str
     colors: tuple[int, ...]
+    tasks: dict[tuple[int, int], list[Task]]
 
 
 class BatchCode:
@@ -68,30 +70,38 @@ class BatchCode:
         graph = compiled.graph
         for kernel in compiled.kernels:
             if any(t in BATCH_INPUTS for name in kernel.ops for t in graph.ops[name].inputs):
+                base = self._build(kernel.name, kernel.ops[0], compiled.batch)
                 self.rebuilds[kernel.name] = _Rebuild(
-                    kernel.ops[0], tuple(colors[kernel.name][s] for s in _streams(kernel)))
+                    kernel.ops[0], tuple(colors[kernel.name][s] for s in _streams(kernel)),
+                    {pe: prog.tasks for pe, prog in base.programs.items()})
+
+    def _build(self, name: str, op: str, batch: Batch) -> Kernel:
+        """Kernel `name` (started by graph op `op`) for `batch`, mirrored as compiled, its
+        shape checked against the compiled kernel's."""
+        compiled = self.compiled
+        ctx = LoweringContext(compiled.graph, compiled.params, batch, compiled.plan)
+        kernel = flip_kernel(family_of(compiled.graph.ops[op]).lower(ctx, compiled.graph.ops[op]),
+                             compiled.flips[name])
+        _check_same_shape(compiled.linked.kernels[name], kernel)
+        return kernel
 
     def pe_tasks(self, batch: Batch) -> BatchTasks:
         """The tasks of every PE whose code differs for `batch` (program coordinates)."""
-        compiled, linked = self.compiled, self.compiled.linked
-        _check_batch(batch, compiled)
-        ctx = LoweringContext(compiled.graph, compiled.params, batch, compiled.plan)
+        linked = self.compiled.linked
+        _check_batch(batch, self.compiled)
         changed: dict[PE, list[Task]] = {}
         instructions = 0
         for name, rebuild in self.rebuilds.items():
-            old = linked.kernels[name]
-            new = flip_kernel(family_of(compiled.graph.ops[rebuild.op]).lower(
-                ctx, compiled.graph.ops[rebuild.op]), compiled.flips[name])
-            _check_same_shape(old, new)
+            new = self._build(name, rebuild.op, batch)
             colors = dict(zip(_streams(new), rebuild.colors, strict=True))
             for pe, prog in new.programs.items():
+                base = rebuild.tasks[pe]
+                if prog.tasks == base:
+                    continue
                 at = linked.kernel_pe(name, pe)
-                tasks = bound_program(prog, colors, f"kernel {name} PE {pe}").tasks
-                old_tasks = linked.program.pes[at].tasks
-                if tasks != old_tasks:
-                    changed[at] = tasks
-                    instructions += sum(len(new.instrs) for i, new in enumerate(tasks)
-                                        if i >= len(old_tasks) or new != old_tasks[i])
+                changed[at] = bound_program(prog, colors, f"kernel {name} PE {pe}").tasks
+                instructions += sum(len(task.instrs) for i, task in enumerate(prog.tasks)
+                                    if i >= len(base) or task != base[i])
         return BatchTasks(changed, instructions)
 
 

@@ -335,6 +335,7 @@ def initial_sram(pe: PEProgram) -> np.ndarray:
 
 CONTROL_OPS = frozenset({Op.REPEAT, Op.ACTIVATE, Op.BLOCK, Op.UNBLOCK, Op.HALT})
 SOURCE_FIELDS = ("a", "b", "c")
+_OPS = frozenset(int(op) for op in Op)
 
 
 def validate(program: Program, wafer: WaferConfig) -> None:
@@ -429,12 +430,11 @@ def _validate_pe(x: int, y: int, pe: PEProgram, program: Program, wafer: WaferCo
         for i, instr in enumerate(task.instrs):
             if i > loop_end:
                 loop_count = 1
-            iw = f"{tw} instr {i}"
-            try:
-                op = Op(instr.op)
-            except ValueError:
-                raise ProgramError(f"{iw}: field op: unknown opcode {instr.op!r}") from None
+            op = instr.op
+            if op not in _OPS:
+                raise ProgramError(f"{tw} instr {i}: field op: unknown opcode {op!r}")
             if op == Op.REPEAT:
+                iw = f"{tw} instr {i}"
                 if i <= loop_end:
                     raise ProgramError(f"{iw}: field op: REPEAT inside a REPEAT body (no nesting)")
                 if instr.count < 0 or instr.body < 1:
@@ -445,65 +445,75 @@ def _validate_pe(x: int, y: int, pe: PEProgram, program: Program, wafer: WaferCo
                 loop_end, loop_count = i + instr.body, instr.count
             elif op in (Op.ACTIVATE, Op.BLOCK, Op.UNBLOCK):
                 if instr.task not in ids:
-                    raise ProgramError(f"{iw}: field task: {op.name} names task {instr.task}, "
-                                       f"not a task of this PE")
+                    raise ProgramError(f"{tw} instr {i}: field task: {Op(op).name} names task "
+                                       f"{instr.task}, not a task of this PE")
             elif op != Op.HALT:
-                _validate_vector(instr, op, max(loop_count, 1), x, y, words, program, wafer,
-                                 iw)
+                _validate_vector(instr, Op(op), max(loop_count, 1), x, y, words, program, wafer,
+                                 lambda tw=tw, i=i: f"{tw} instr {i}")
 
 
 def _validate_vector(instr: Instr, op: Op, loop_count: int, x: int, y: int, words: int,
-                     program: Program, wafer: WaferConfig, iw: str) -> None:
+                     program: Program, wafer: WaferConfig, where: Callable[[], str]) -> None:
+    """The checks of one vector instruction; `where()` names it in an error (built only
+    then: validation runs before every simulation, over every instruction)."""
     if instr.n <= 0:
-        raise ProgramError(f"{iw}: field n: a vector op needs n > 0 (got {instr.n})")
+        raise ProgramError(f"{where()}: field n: a vector op needs n > 0 (got {instr.n})")
     nsrc = SOURCES_OF[op]
     for k, name in enumerate(SOURCE_FIELDS):
         kind = getattr(instr, name).kind
         if (k < nsrc) != (kind != Kind.NONE):
-            raise ProgramError(f"{iw}: field {name}: {op.name} takes {nsrc} source(s)")
+            raise ProgramError(f"{where()}: field {name}: {op.name} takes {nsrc} source(s)")
         if kind == Kind.FABOUT:
-            raise ProgramError(f"{iw}: field {name}: FABOUT may only be a destination")
+            raise ProgramError(f"{where()}: field {name}: FABOUT may only be a destination")
     if instr.dst.kind in (Kind.NONE, Kind.IMM, Kind.FABIN):
-        raise ProgramError(f"{iw}: field dst: {instr.dst.kind.name} cannot be a destination")
+        raise ProgramError(f"{where()}: field dst: {instr.dst.kind.name} cannot be a "
+                           f"destination")
     strided_reads = 0
     fabin_colors: list[int] = []
     for name in ("dst", *SOURCE_FIELDS):
         opnd: Operand = getattr(instr, name)
-        fw = f"{iw}: field {name}"
-        if opnd.kind == Kind.MEM:
-            corners = [opnd.offset + de * opnd.stride + dk * opnd.loop_stride
-                       for de in (0, instr.n - 1) for dk in (0, loop_count - 1)]
-            if min(corners) < 0 or max(corners) >= words:
-                raise ProgramError(f"{fw}: memory operand (offset {opnd.offset}, stride "
-                                   f"{opnd.stride}, loop_stride {opnd.loop_stride}) reaches words "
-                                   f"{min(corners)}..{max(corners)} outside 0..{words - 1}")
+        kind = opnd.kind
+        if kind == Kind.MEM:
+            first = opnd.offset
+            last_e = (instr.n - 1) * opnd.stride
+            last_k = (loop_count - 1) * opnd.loop_stride
+            low = first + min(0, last_e) + min(0, last_k)
+            high = first + max(0, last_e) + max(0, last_k)
+            if low < 0 or high >= words:
+                raise ProgramError(f"{where()}: field {name}: memory operand (offset "
+                                   f"{opnd.offset}, stride {opnd.stride}, loop_stride "
+                                   f"{opnd.loop_stride}) reaches words {low}..{high} outside "
+                                   f"0..{words - 1}")
             if name != "dst" and opnd.stride != 0:
                 strided_reads += 1
-        elif opnd.kind == Kind.REG:
+        elif kind == Kind.REG:
             if not 0 <= opnd.reg < wafer.registers:
-                raise ProgramError(f"{fw}: register {opnd.reg} not in 0..{wafer.registers - 1}")
-        elif opnd.kind == Kind.FABIN:
-            _check_color(opnd.color, wafer, fw)
+                raise ProgramError(f"{where()}: field {name}: register {opnd.reg} not in "
+                                   f"0..{wafer.registers - 1}")
+        elif kind == Kind.FABIN:
+            _check_color(opnd.color, wafer, lambda name=name: f"{where()}: field {name}")
             if opnd.color in fabin_colors:
-                raise ProgramError(f"{fw}: two FABIN operands of color {opnd.color}")
+                raise ProgramError(f"{where()}: field {name}: two FABIN operands of color "
+                                   f"{opnd.color}")
             fabin_colors.append(opnd.color)
             if not _route_has(program, x, y, opnd.color, "tx"):
-                raise ProgramError(f"{fw}: FABIN color {opnd.color} but that color's route "
-                                   f"does not deliver to RAMP")
-        elif opnd.kind == Kind.FABOUT:
-            _check_color(opnd.color, wafer, fw)
+                raise ProgramError(f"{where()}: field {name}: FABIN color {opnd.color} but "
+                                   f"that color's route does not deliver to RAMP")
+        elif kind == Kind.FABOUT:
+            _check_color(opnd.color, wafer, lambda name=name: f"{where()}: field {name}")
             if not _route_has(program, x, y, opnd.color, "rx"):
-                raise ProgramError(f"{fw}: FABOUT color {opnd.color} but that color's route "
-                                   f"does not accept from RAMP")
+                raise ProgramError(f"{where()}: field {name}: FABOUT color {opnd.color} but "
+                                   f"that color's route does not accept from RAMP")
     # (An element writes at most one word, its memory dst: within any write budget >= 1.)
     if strided_reads > wafer.sram_reads_per_cycle:
-        raise ProgramError(f"{iw}: {strided_reads} strided memory sources per element but "
-                           f"the PE reads {wafer.sram_reads_per_cycle} words per cycle")
+        raise ProgramError(f"{where()}: {strided_reads} strided memory sources per element "
+                           f"but the PE reads {wafer.sram_reads_per_cycle} words per cycle")
 
 
-def _check_color(color: int, wafer: WaferConfig, where: str) -> None:
+def _check_color(color: int, wafer: WaferConfig, where: str | Callable[[], str]) -> None:
     if not 0 <= color < wafer.colors:
-        raise ProgramError(f"{where}: color {color} not in 0..{wafer.colors - 1}")
+        at = where if isinstance(where, str) else where()
+        raise ProgramError(f"{at}: color {color} not in 0..{wafer.colors - 1}")
 
 
 def _route_has(program: Program, x: int, y: int, color: int, side: str) -> bool:
