@@ -336,6 +336,10 @@ def initial_sram(pe: PEProgram) -> np.ndarray:
 CONTROL_OPS = frozenset({Op.REPEAT, Op.ACTIVATE, Op.BLOCK, Op.UNBLOCK, Op.HALT})
 SOURCE_FIELDS = ("a", "b", "c")
 _OPS = frozenset(int(op) for op in Op)
+_FIELDS = ("dst", *SOURCE_FIELDS)
+_NONE, _MEM, _FABIN, _FABOUT, _REG = (int(k) for k in (Kind.NONE, Kind.MEM, Kind.FABIN,
+                                                      Kind.FABOUT, Kind.REG))
+_NOT_DESTINATIONS = (Kind.NONE, Kind.IMM, Kind.FABIN)
 
 
 def validate(program: Program, wafer: WaferConfig) -> None:
@@ -459,61 +463,67 @@ def _validate_vector(instr: Instr, op: Op, loop_count: int, x: int, y: int, word
     if instr.n <= 0:
         raise ProgramError(f"{where()}: field n: a vector op needs n > 0 (got {instr.n})")
     nsrc = SOURCES_OF[op]
-    for k, name in enumerate(SOURCE_FIELDS):
-        kind = getattr(instr, name).kind
-        if (k < nsrc) != (kind != Kind.NONE):
-            raise ProgramError(f"{where()}: field {name}: {op.name} takes {nsrc} source(s)")
-        if kind == Kind.FABOUT:
-            raise ProgramError(f"{where()}: field {name}: FABOUT may only be a destination")
-    if instr.dst.kind in (Kind.NONE, Kind.IMM, Kind.FABIN):
+    operands = (instr.dst, instr.a, instr.b, instr.c)
+    for k in range(1, 4):
+        kind = operands[k].kind
+        if (k <= nsrc) != (kind != _NONE):
+            raise ProgramError(f"{where()}: field {_FIELDS[k]}: {op.name} takes {nsrc} "
+                               f"source(s)")
+        if kind == _FABOUT:
+            raise ProgramError(f"{where()}: field {_FIELDS[k]}: FABOUT may only be a "
+                               f"destination")
+    if instr.dst.kind in _NOT_DESTINATIONS:
         raise ProgramError(f"{where()}: field dst: {instr.dst.kind.name} cannot be a "
                            f"destination")
     strided_reads = 0
     fabin_colors: list[int] = []
-    for name in ("dst", *SOURCE_FIELDS):
-        opnd: Operand = getattr(instr, name)
+    for k, opnd in enumerate(operands):
         kind = opnd.kind
-        if kind == Kind.MEM:
-            first = opnd.offset
+        if kind == _MEM:
             last_e = (instr.n - 1) * opnd.stride
             last_k = (loop_count - 1) * opnd.loop_stride
-            low = first + min(0, last_e) + min(0, last_k)
-            high = first + max(0, last_e) + max(0, last_k)
+            low = opnd.offset + min(0, last_e) + min(0, last_k)
+            high = opnd.offset + max(0, last_e) + max(0, last_k)
             if low < 0 or high >= words:
-                raise ProgramError(f"{where()}: field {name}: memory operand (offset "
+                raise ProgramError(f"{where()}: field {_FIELDS[k]}: memory operand (offset "
                                    f"{opnd.offset}, stride {opnd.stride}, loop_stride "
                                    f"{opnd.loop_stride}) reaches words {low}..{high} outside "
                                    f"0..{words - 1}")
-            if name != "dst" and opnd.stride != 0:
+            if k and opnd.stride != 0:
                 strided_reads += 1
-        elif kind == Kind.REG:
+        elif kind == _REG:
             if not 0 <= opnd.reg < wafer.registers:
-                raise ProgramError(f"{where()}: field {name}: register {opnd.reg} not in "
-                                   f"0..{wafer.registers - 1}")
-        elif kind == Kind.FABIN:
-            _check_color(opnd.color, wafer, lambda name=name: f"{where()}: field {name}")
-            if opnd.color in fabin_colors:
-                raise ProgramError(f"{where()}: field {name}: two FABIN operands of color "
-                                   f"{opnd.color}")
-            fabin_colors.append(opnd.color)
-            if not _route_has(program, x, y, opnd.color, "tx"):
-                raise ProgramError(f"{where()}: field {name}: FABIN color {opnd.color} but "
-                                   f"that color's route does not deliver to RAMP")
-        elif kind == Kind.FABOUT:
-            _check_color(opnd.color, wafer, lambda name=name: f"{where()}: field {name}")
-            if not _route_has(program, x, y, opnd.color, "rx"):
-                raise ProgramError(f"{where()}: field {name}: FABOUT color {opnd.color} but "
-                                   f"that color's route does not accept from RAMP")
+                raise ProgramError(f"{where()}: field {_FIELDS[k]}: register {opnd.reg} not "
+                                   f"in 0..{wafer.registers - 1}")
+        elif kind == _FABIN or kind == _FABOUT:
+            _validate_fabric(opnd, kind == _FABIN, fabin_colors, x, y, program, wafer,
+                             lambda k=k: f"{where()}: field {_FIELDS[k]}")
     # (An element writes at most one word, its memory dst: within any write budget >= 1.)
     if strided_reads > wafer.sram_reads_per_cycle:
         raise ProgramError(f"{where()}: {strided_reads} strided memory sources per element "
                            f"but the PE reads {wafer.sram_reads_per_cycle} words per cycle")
 
 
-def _check_color(color: int, wafer: WaferConfig, where: str | Callable[[], str]) -> None:
+def _validate_fabric(opnd: Operand, fabin: bool, fabin_colors: list[int], x: int, y: int,
+                     program: Program, wafer: WaferConfig, where: Callable[[], str]) -> None:
+    color = opnd.color
     if not 0 <= color < wafer.colors:
-        at = where if isinstance(where, str) else where()
-        raise ProgramError(f"{at}: color {color} not in 0..{wafer.colors - 1}")
+        raise ProgramError(f"{where()}: color {color} not in 0..{wafer.colors - 1}")
+    if fabin:
+        if color in fabin_colors:
+            raise ProgramError(f"{where()}: two FABIN operands of color {color}")
+        fabin_colors.append(color)
+        if not _route_has(program, x, y, color, "tx"):
+            raise ProgramError(f"{where()}: FABIN color {color} but that color's route does "
+                               f"not deliver to RAMP")
+    elif not _route_has(program, x, y, color, "rx"):
+        raise ProgramError(f"{where()}: FABOUT color {color} but that color's route does not "
+                           f"accept from RAMP")
+
+
+def _check_color(color: int, wafer: WaferConfig, where: str) -> None:
+    if not 0 <= color < wafer.colors:
+        raise ProgramError(f"{where}: color {color} not in 0..{wafer.colors - 1}")
 
 
 def _route_has(program: Program, x: int, y: int, color: int, side: str) -> bool:
