@@ -10,9 +10,10 @@ offsets); here the host writes them before each step, like an input DMA's descri
 
 `BatchCode(compiled).pe_tasks(batch)` is that rewrite, and nothing more:
 
-* Only the kernels whose ops read the graph's `tokens` or `targets` are rebuilt (for GPT
-  the embedding + LM head kernel and the cross-entropy), by their families' own `lower`,
-  for the new batch. Everything else of the compiled program stays: placement,
+* Only the kernels whose ops read an input of the graph are rebuilt (for a training step
+  `tokens` and `targets`: the embedding + LM head kernel and the cross-entropy; for a
+  generation step also `positions`: the KV-cache attention), by their families' own
+  `lower`, for the new batch. Everything else of the compiled program stays: placement,
   orientation, routes and colors, every other kernel's code, and all of SRAM.
 * A rebuilt kernel must have the compiled kernel's shape: the same streams in the same
   order (tensor, lane, columns, row order, PEs), the same local streams and the same SRAM
@@ -42,7 +43,6 @@ from compiler.orient import flip_kernel
 from compiler.routing import bound_program
 from wse_sim.program import Task
 
-BATCH_INPUTS = ("tokens", "targets")
 PE = tuple[int, int]
 
 
@@ -69,7 +69,8 @@ class BatchCode:
         self.rebuilds: dict[str, _Rebuild] = {}
         graph = compiled.graph
         for kernel in compiled.kernels:
-            if any(t in BATCH_INPUTS for name in kernel.ops for t in graph.ops[name].inputs):
+            if any(graph.tensors[t].kind == "input" for name in kernel.ops if name in graph.ops
+                   for t in graph.ops[name].inputs):
                 base = self._build(kernel.name, kernel.ops[0], compiled.batch)
                 self.rebuilds[kernel.name] = _Rebuild(
                     kernel.ops[0], tuple(colors[kernel.name][s] for s in _streams(kernel)),
@@ -121,11 +122,11 @@ def _streams(kernel: Kernel) -> list[int]:
 
 
 def _check_batch(batch: Batch, compiled: Compiled) -> None:
-    train, vocab = compiled.cfg.training, compiled.cfg.model.vocab_size
+    vocab = compiled.cfg.model.vocab_size
     for name, ids in (("tokens", batch.tokens), ("targets", batch.targets)):
-        if ids.shape != (train.batch_size, train.seq_len):
-            raise ValueError(f"batch {name} of shape {ids.shape}, the step takes "
-                             f"{(train.batch_size, train.seq_len)}")
+        if ids.shape != compiled.batch.tokens.shape:
+            raise ValueError(f"batch {name} of shape {ids.shape}, the program takes "
+                             f"{compiled.batch.tokens.shape}")
         if ids.size and not (0 <= int(np.min(ids)) and int(np.max(ids)) < vocab):
             raise ValueError(f"batch {name} outside 0..{vocab - 1}")
 

@@ -67,11 +67,16 @@ def compile_step(cfg: RunConfig, placement: str | None = None,
                  batch: Batch | None = None) -> Compiled:
     """Compile one training step of `cfg` (placement strategy from the config unless given)
     for `batch` (default: the synthetic batch of `make_batch`)."""
+    return compile_graph(cfg, build_graph(cfg), init_params(cfg), batch or make_batch(cfg),
+                         placement)
+
+
+def compile_graph(cfg: RunConfig, graph: TrainingGraph, params: dict[str, np.ndarray],
+                  batch: Batch, placement: str | None = None) -> Compiled:
+    """Lower, place, orient and route `graph` (a training step's, or a forward-only graph
+    of `compiler.generate`) with the weights `params`, its code built for `batch`."""
     started = time.perf_counter()
     strategy = placement or cfg.compile.placement
-    graph = build_graph(cfg)
-    params = init_params(cfg)
-    batch = batch or make_batch(cfg)
     plan = plan_step(graph, cfg.compile.lane_width or cfg.model.d_head)
     kernels = lower(graph, params, batch, plan)
     boxes = [Box(k.name, k.width, k.height) for k in kernels]

@@ -17,10 +17,13 @@ Arrays = dict[str, np.ndarray]
 @dataclass(frozen=True)
 class Batch:
     """One step's batch: `tokens` (B, T) the model reads and `targets` (B, T) it predicts,
-    both int32; targets[b, t] is the token that follows tokens[b, t] in the text."""
+    both int32; targets[b, t] is the token that follows tokens[b, t] in the text. `start`
+    is the position of column 0 in its sequences (a training window starts at 0; a decode
+    step reads the token at its position)."""
 
     tokens: np.ndarray
     targets: np.ndarray
+    start: int = 0
 
     @classmethod
     def from_windows(cls, windows: np.ndarray) -> Batch:

@@ -39,7 +39,7 @@ class LoweringContext:
 
     graph: TrainingGraph
     params: dict[str, np.ndarray]  # initial weights by parameter name (float64)
-    batch: Batch  # the batch the code is built for (`compiler.batch` rebuilds it per step)
+    batch: Batch  # the batch the code is built for (`compiler.batch` rebuilds it per run)
     plan: Plan
     ids: StreamIds = field(default_factory=StreamIds)
 
@@ -57,14 +57,17 @@ class LoweringContext:
         """The optimizer update every parameter-holding kernel applies."""
         return UpdateRule.of(self.graph.cfg.training)
 
-    def dy(self, name: str) -> str:
+    def dy(self, name: str) -> str | None:
         """The gradient of op `name`'s (first) output, as its backward twin reads it (for an
-        output that feeds an add, the add's output gradient)."""
-        return self.graph.ops[f"{name}.bwd"].inputs[0]
+        output that feeds an add, the add's output gradient); None in a forward-only graph."""
+        backward = self.graph.ops.get(f"{name}.bwd")
+        return None if backward is None else backward.inputs[0]
 
-    def dx(self, name: str) -> str:
-        """The gradient of op `name`'s first input, as its backward twin writes it."""
-        return self.graph.ops[f"{name}.bwd"].outputs[0]
+    def dx(self, name: str) -> str | None:
+        """The gradient of op `name`'s first input, as its backward twin writes it; None in
+        a forward-only graph."""
+        backward = self.graph.ops.get(f"{name}.bwd")
+        return None if backward is None else backward.outputs[0]
 
     def param(self, name: str) -> np.ndarray:
         """The initial value of parameter `name` as the wafer holds it (float32)."""

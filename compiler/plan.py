@@ -61,10 +61,10 @@ def plan_step(graph: TrainingGraph, width: int) -> Plan:
     plan = Plan(width)
     attn = attention_width(width, model.d_head)
     for op in graph.ops.values():
-        if op.kind == "attn_scores":
+        if op.kind in ("attn_scores", "kv_attention"):  # kv_attention: compiler.ops.kv_attention
             block = op.name.rsplit(".", 1)[0]
             plan.widths[f"{block}.qkv.out"] = attn
             plan.sections[f"{block}.qkv.out"] = model.d_model
-        elif op.kind == "attn_values":
+        if op.kind in ("attn_values", "kv_attention"):
             plan.widths[op.outputs[0]] = attn
     return plan

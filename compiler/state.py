@@ -54,17 +54,23 @@ class WaferState:
                               v=moments[1])
 
 
-def initial_state(program: Program, parameters: list[str]) -> WaferState:
-    """The state in the compiled program's SRAM image: step 0."""
+def initial_state(program: Program, names: list[str]) -> WaferState:
+    """The state tensors `names` in the compiled program's SRAM image: step 0."""
     images = {pe: initial_sram(prog) for pe, prog in program.pes.items()}
-    return read_state(program, lambda x, y: images[(x, y)], parameters, 0)
+    return read_state(program, lambda x, y: images[(x, y)], names, 0)
 
 
-def read_state(program: Program, sram: Callable[[int, int], np.ndarray],
-               parameters: list[str], step: int) -> WaferState:
-    """The state in SRAM words `sram(x, y)` after `step` steps."""
+def read_state(program: Program, sram: Callable[[int, int], np.ndarray], names: list[str],
+               step: int) -> WaferState:
+    """The state tensors `names` in SRAM words `sram(x, y)` after `step` steps (a
+    training step's: `training_state`)."""
     return WaferState(step, {name: read_tensor(program.tensors[name], sram, name)
-                             for name in state_names(program.tensors, parameters)})
+                             for name in names})
+
+
+def training_state(program: Program, parameters: list[str]) -> list[str]:
+    """The names of a training step's state tensors in `program`."""
+    return state_names(program.tensors, parameters)
 
 
 def step_program(program: Program, state: WaferState, tasks: dict[PE, list[Task]]) -> Program:

@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 JOIN = ("wse_sim.cli", "wse_sim.__main__", "wse_sim.commands", "wse_sim.pipeline",
-        "wse_sim.sweep", "wse_sim.train")
+        "wse_sim.sweep", "wse_sim.train", "wse_sim.generate")
 COMPILER_MAY_USE = ("wse_sim.program", "wse_sim.hardware", "wse_sim.errors",
                     "wse_sim.userinput", "wse_sim.hostmem")
 

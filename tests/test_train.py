@@ -20,7 +20,7 @@ from compiler.checkpoint import load_checkpoint
 from compiler.compile import compile_step
 from compiler.config import RunConfig, load_config
 from compiler.inputs import Batch
-from compiler.state import initial_state, step_program
+from compiler.state import initial_state, step_program, training_state
 from wse_sim.engine import simulate
 from wse_sim.train import Training
 
@@ -52,7 +52,8 @@ def test_the_batch_code_is_the_code_compiled_for_that_batch(tmp_path):
     other = batch_of(cfg, 7)
     rewritten = code.pe_tasks(other)
     assert rewritten.tasks and rewritten.instructions > 0
-    state = initial_state(compiled.linked.program, compiled.graph.parameters)
+    program = compiled.linked.program
+    state = initial_state(program, training_state(program, compiled.graph.parameters))
     result = simulate(step_program(compiled.linked.program, state, rewritten.tasks), cfg.wafer)
     fresh = compile_step(cfg, batch=other)
     expected = simulate(fresh.linked.program, cfg.wafer)

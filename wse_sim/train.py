@@ -49,7 +49,7 @@ from compiler.data import Dataset, load_dataset, training_batch, validation_batc
 from compiler.inputs import Batch
 from compiler.optim import OptimizerState, init_state
 from compiler.reference import mean_loss, reference_step
-from compiler.state import WaferState, initial_state, read_state, step_program
+from compiler.state import WaferState, initial_state, read_state, step_program, training_state
 from wse_sim.engine import simulate
 from wse_sim.errors import UserError
 from wse_sim.pipeline import compile_parsed
@@ -123,7 +123,8 @@ class Training:
                                  for name in STEP_COLUMNS + VAL_COLUMNS})
         else:
             params = self.compiled.params
-            self.run = RunState(initial_state(self.compiled.linked.program, self.parameters),
+            program = self.compiled.linked.program
+            self.run = RunState(initial_state(program, training_state(program, self.parameters)),
                                 params, init_state(cfg.training.optimizer, params),
                                 {name: [] for name in STEP_COLUMNS + VAL_COLUMNS})
             self.validate()
@@ -179,7 +180,8 @@ class Training:
                             ("host_seconds", seconds), ("check_passed", check.passed),
                             ("check_worst", worst), ("rewritten", code.instructions)):
             history[name].append(float(value))
-        self.run = RunState(read_state(linked.program, result.sram, self.parameters,
+        self.run = RunState(read_state(linked.program, result.sram,
+                                       training_state(linked.program, self.parameters),
                                        self.step + 1),
                             float64.updated, float64.state, history)
         self.interrupted_at = None

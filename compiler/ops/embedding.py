@@ -96,10 +96,11 @@ def add_lm_head(b: GraphBuilder, x: str, weight: str) -> str:
 # -- numpy ------------------------------------------------------------------------------------
 
 
-def embedding_forward(tokens: np.ndarray, wte: np.ndarray, wpe: np.ndarray) -> np.ndarray:
-    """h0 [B T, d] of tokens [B, T]."""
+def embedding_forward(tokens: np.ndarray, wte: np.ndarray, wpe: np.ndarray,
+                      start: int = 0) -> np.ndarray:
+    """h0 [B T, d] of tokens [B, T] at positions start .. start + T - 1."""
     batch, seq = tokens.shape
-    return (wte[tokens] + wpe[:seq]).reshape(batch * seq, -1)
+    return (wte[tokens] + wpe[start:start + seq]).reshape(batch * seq, -1)
 
 
 def embedding_backward(dh0: np.ndarray, tokens: np.ndarray, vocab: int,
@@ -179,7 +180,7 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
                     logits_tensor: str, dlogits_tensor: str | None = None,
                     dx_tensor: str | None = None, dh0_tensor: str | None = None,
                     wte_name: str = "wte.weight", wpe_name: str = "wpe.weight",
-                    queue_depth: int) -> Kernel:
+                    queue_depth: int, start: int = 0) -> Kernel:
     """The tied embedding + LM head kernel for the batch `tokens` [B, T]; the model width
     d is cut into `d_lanes` (h0's lanes, and the lanes x arrives in), the vocabulary into
     `v_lanes` (the logits' lanes).
@@ -188,11 +189,12 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
     `x_tensor` [B T, d], output `logits_tensor` [B T, V]). With `dlogits_tensor` the
     backward: dX (`dx_tensor`, optional), the embedding gradient `dh0_tensor` (optional)
     and the optimizer update; result slots grad:/updated: (and the moments) of `wte_name`
-    [V, d] and (with dh0) `wpe_name` [n_ctx, d]."""
+    [V, d] and (with dh0) `wpe_name` [n_ctx, d]. The tokens are at positions `start` ..
+    `start + T - 1` (a forward-only decode step reads one token at its position)."""
     vocab, d = wte.shape
     batch, seq = tokens.shape
     n_ctx = wpe.shape[0]
-    if wpe.shape[1] != d or seq > n_ctx:
+    if wpe.shape[1] != d or start + seq > n_ctx or (start and dlogits_tensor is not None):
         raise ValueError(f"{name}: wpe {wpe.shape} does not fit wte {wte.shape} and T={seq}")
     if not (0 <= tokens.min() and tokens.max() < vocab):
         raise ValueError(f"{name}: tokens outside 0..{vocab - 1}")
@@ -218,7 +220,7 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
         kernel.load(pos, wpe_at[r], wpe[:, k0:k1])
         relay = [kernel.local((c, r), ((c + 1, r),), ids) for c in range(n_c)]
         kernel.emit(pos, *[vec(Op.ADD, seq * (k1 - k0), FabOut(h0_ids[r]), FabIn(relay[-1]),
-                               Mem(wpe_at[r])) for _ in range(batch)])
+                               Mem(wpe_at[r] + start * (k1 - k0))) for _ in range(batch)])
         relays.append(relay)
 
     emit_forward(grid, ids, x_tensor=x_tensor, y_tensor=logits_tensor, bias=None,
@@ -316,8 +318,9 @@ class Embedding(OpFamily):
         if head != wte:
             raise UserError("model.tie_embeddings: the lowering implements tied embeddings "
                             "only (the LM head is the embedding kernel); set it to true")
-        ops = [op.name, f"{op.name}.bwd", "lm_head", "lm_head.bwd", f"{wte}.grad_acc",
-               f"{wte}.update", f"{wpe}.update"]
+        ops = [name for name in (op.name, f"{op.name}.bwd", "lm_head", "lm_head.bwd",
+                                 f"{wte}.grad_acc", f"{wte}.update", f"{wpe}.update")
+               if name in ctx.graph.ops]  # a forward-only graph has the first and third
         return build_embedding(
             op.name, ops, ctx.ids, tokens=ctx.tokens, d_lanes=ctx.lanes(op.outputs[0]),
             v_lanes=ctx.lanes(lm_head.outputs[0]),
@@ -325,7 +328,7 @@ class Embedding(OpFamily):
             x_tensor=final, logits_tensor=lm_head.outputs[0],
             dlogits_tensor=ctx.dy("lm_head"), dx_tensor=ctx.dx("lm_head"),
             dh0_tensor=ctx.dy(op.name), wte_name=wte, wpe_name=wpe,
-            queue_depth=ctx.wafer.queue_depth)
+            queue_depth=ctx.wafer.queue_depth, start=ctx.batch.start)
 
 
 FAMILY = Embedding()

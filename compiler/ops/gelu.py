@@ -101,18 +101,23 @@ def gelu_derivative(x: np.ndarray, activation: Activation) -> np.ndarray:
 
 def build_gelu(name: str, ops: list[str], ids: StreamIds, *, rows: int,
                lanes: list[tuple[int, int]], activation: Activation, x_tensor: str,
-               y_tensor: str, dy_tensor: str, dx_tensor: str, queue_depth: int) -> Kernel:
-    """y = gelu(x) forward, dx = dy * gelu'(x) backward, all [rows, cols] in `lanes`."""
+               y_tensor: str, dy_tensor: str | None, dx_tensor: str | None,
+               queue_depth: int) -> Kernel:
+    """y = gelu(x) forward, dx = dy * gelu'(x) backward, all [rows, cols] in `lanes`;
+    without `dy_tensor` the forward only."""
+    backward = dy_tensor is not None
     if activation not in ("gelu", "gelu_tanh"):
         raise ValueError(f"{name}: unknown activation {activation!r}")
     cols = lanes[-1][1]
     kernel, strip = strip_kernel(name, "gelu", ops, lanes)
     pes = [lane.pe for lane in strip]
-    kernel.shapes.update({t: (rows, cols) for t in (x_tensor, y_tensor, dy_tensor, dx_tensor)})
+    kernel.shapes.update({t: (rows, cols) for t in (x_tensor, y_tensor, dy_tensor, dx_tensor)
+                          if t is not None})
     x_in = strip_inputs(kernel, ids, x_tensor, strip, "ascending")
     y_out = strip_outputs(kernel, ids, y_tensor, strip, "ascending")
-    dy_in = strip_inputs(kernel, ids, dy_tensor, strip, "descending")
-    dx_out = strip_outputs(kernel, ids, dx_tensor, strip, "descending")
+    if backward:
+        dy_in = strip_inputs(kernel, ids, dy_tensor, strip, "descending")
+        dx_out = strip_outputs(kernel, ids, dx_tensor, strip, "descending")
     lane_width = max(lane.width for lane in strip)
     xs = alloc_all(kernel, pes, rows * lane_width, f"{x_tensor} (x)")
     phi = alloc_all(kernel, pes, rows * lane_width, "Phi(x), then gelu'(x)")
@@ -124,8 +129,9 @@ def build_gelu(name: str, ops: list[str], ids: StreamIds, *, rows: int,
         p_rows = RowStore(phi, w, rows)
         kernel.emit(pe, *repeat(rows, [*x_rows.take(), *_forward_row(
             w, x_rows.store.row(0, 1), p_rows.row(0, 1), s, FabOut(y_out[j]), tanh)]))
-        kernel.emit(pe, *repeat(rows, [vec(Op.MUL, w, FabOut(dx_out[j]), FabIn(dy_in[j]),
-                                            p_rows.row(0, 1, backwards=True))]))
+        if backward:
+            kernel.emit(pe, *repeat(rows, [vec(Op.MUL, w, FabOut(dx_out[j]), FabIn(dy_in[j]),
+                                                p_rows.row(0, 1, backwards=True))]))
     return kernel
 
 

@@ -112,20 +112,24 @@ def layernorm_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, mean: 
 
 def build_layernorm(name: str, ops: list[str], ids: StreamIds, *, rows: int,
                     lanes: list[tuple[int, int]], gamma: np.ndarray, beta: np.ndarray,
-                    eps: float, update: UpdateRule, x_tensor: str, y_tensor: str, dy_tensor: str,
-                    dx_tensor: str, gamma_name: str, beta_name: str,
-                    queue_depth: int) -> Kernel:
+                    eps: float, update: UpdateRule, x_tensor: str, y_tensor: str,
+                    dy_tensor: str | None, dx_tensor: str | None, gamma_name: str,
+                    beta_name: str, queue_depth: int) -> Kernel:
     """LayerNorm over the columns of x [rows, cols] (cols = the end of the last lane), the
     tensors in `lanes`, with parameters gamma, beta [cols]; results grad:/updated: of
-    `gamma_name` and `beta_name`."""
+    `gamma_name` and `beta_name`. Without `dy_tensor` the forward only (no backward, no
+    update, no results)."""
+    backward = dy_tensor is not None
     cols = lanes[-1][1]
     kernel, strip = strip_kernel(name, "layernorm", ops, lanes)
     pes = [lane.pe for lane in strip]
-    kernel.shapes.update({t: (rows, cols) for t in (x_tensor, y_tensor, dy_tensor, dx_tensor)})
+    kernel.shapes.update({t: (rows, cols) for t in (x_tensor, y_tensor, dy_tensor, dx_tensor)
+                          if t is not None})
     x_in = strip_inputs(kernel, ids, x_tensor, strip, "ascending")
     y_out = strip_outputs(kernel, ids, y_tensor, strip, "ascending")
-    dy_in = strip_inputs(kernel, ids, dy_tensor, strip, "descending")
-    dx_out = strip_outputs(kernel, ids, dx_tensor, strip, "descending")
+    if backward:
+        dy_in = strip_inputs(kernel, ids, dy_tensor, strip, "descending")
+        dx_out = strip_outputs(kernel, ids, dx_tensor, strip, "descending")
     reducer = GroupReducer.create(kernel, ids, pes)
 
     lw = max(lane.width for lane in strip)
@@ -145,8 +149,9 @@ def build_layernorm(name: str, ops: list[str], ids: StreamIds, *, rows: int,
                     np.concatenate([gamma[lane.c0:lane.c1], beta[lane.c0:lane.c1]]))
         xs[lane.pe] = inbox(kernel, lane.pe, ids, x_in[lane.index], RowStore(xhat, w, rows),
                             queue_depth=queue_depth)
-        dys[lane.pe] = inbox(kernel, lane.pe, ids, dy_in[lane.index],
-                             RowStore(dy_ring, w, rows, ring=RING), queue_depth=queue_depth)
+        if backward:
+            dys[lane.pe] = inbox(kernel, lane.pe, ids, dy_in[lane.index],
+                                 RowStore(dy_ring, w, rows, ring=RING), queue_depth=queue_depth)
 
     def forward_row(i: int, loop: int) -> PerPE:
         body: PerPE = {}
@@ -206,10 +211,10 @@ def build_layernorm(name: str, ops: list[str], ids: StreamIds, *, rows: int,
         return body
 
     for program in (rounds(range(rows), 1, forward_row),
-                    rounds(range(rows), RING, backward_row)):
+                    rounds(range(rows), RING, backward_row) if backward else {}):
         for pe, instrs in program.items():
             kernel.emit(pe, *instrs)
-    for lane in strip:
+    for lane in strip if backward else ():
         w, pe, cs = lane.width, lane.pe, lane.cols
         for param, offset in ((gamma_name, 0), (beta_name, w)):
             emit_update(kernel, pe, update, param, (1, cols), weight=params + offset,

@@ -354,7 +354,8 @@ class Matmul(OpFamily):
         rows, _ = ctx.rows_cols(x)
         # The fused QKV product streams one [M, 3d] tensor `{op}.out` (see compiler.lower).
         y, dy = ((op.outputs[0], ctx.dy(op.name)) if len(op.outputs) == 1
-                 else (f"{op.name}.out", grad_name(f"{op.name}.out")))
+                 else (f"{op.name}.out", grad_name(f"{op.name}.out")
+                       if ctx.graph.backward_of(op.name) else None))
         return build_linear(
             op.name, ctx.ops_with_updates(op.name, weight, bias), ctx.ids, rows=rows,
             k_lanes=ctx.lanes(x), n_lanes=ctx.lanes(y), weight=ctx.param(weight),
