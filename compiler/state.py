@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from compiler.graph import updated_name
+from compiler.graph import TrainingGraph, updated_name
 from compiler.ops.update import STEP_TENSOR, moment_names, state_names
 from compiler.optim import OptimizerState
 from wse_sim.program import PEProgram, Program, Task, initial_sram, read_tensor, write_tensor
@@ -39,19 +39,24 @@ class WaferState:
     step: int
     tensors: Arrays
 
-    def params(self, parameters: list[str]) -> Arrays:
-        """The parameters in float64 (exactly the wafer's float32 values)."""
-        return {p: self.tensors[updated_name(p)].astype(np.float64) for p in parameters}
+    def params(self, graph: TrainingGraph) -> Arrays:
+        """The graph's parameters in float64 (exactly the wafer's float32 values), in the
+        graph's shapes."""
+        return {p: self._value(updated_name(p), graph.tensors[p].shape)
+                for p in graph.parameters}
 
-    def optimizer(self, parameters: list[str]) -> OptimizerState:
+    def optimizer(self, graph: TrainingGraph) -> OptimizerState:
         """The optimizer state in float64 (SGD keeps none but the step count)."""
         step_name = updated_name(STEP_TENSOR)
         if step_name not in self.tensors:
             return OptimizerState(step=self.step)
-        moments = [{p: self.tensors[updated_name(moment_names(p)[k])].astype(np.float64)
-                    for p in parameters} for k in (0, 1)]
+        moments = [{p: self._value(updated_name(moment_names(p)[k]), graph.tensors[p].shape)
+                    for p in graph.parameters} for k in (0, 1)]
         return OptimizerState(step=int(self.tensors[step_name][0, 0]), m=moments[0],
                               v=moments[1])
+
+    def _value(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        return self.tensors[name].astype(np.float64).reshape(shape)
 
 
 def initial_state(program: Program, names: list[str]) -> WaferState:

@@ -355,6 +355,23 @@ CASES: list[tuple[str, Callable[..., list[str]], str]] = [
                                     raw(d, "o", "a file")], "is not a folder"),
     ("A-train-no-steps", lambda d: ["train", config(d)],
      "the following arguments are required: --steps"),
+    # generate: the checkpoint and the options
+    ("F-generate-checkpoint-missing", lambda d: ["generate", config(d), "--checkpoint",
+                                                 str(d / "absent.npz"), "--prompt", "a"],
+     "not a training checkpoint"),
+    ("F-generate-checkpoint-not-zip", lambda d: ["generate", config(d), "--checkpoint",
+                                                 raw(d, "c.npz", "text"), "--prompt", "a"],
+     "not a training checkpoint"),
+    ("N-generate-temperature-nan", lambda d: ["generate", config(d), "--checkpoint",
+                                              str(d / "c.npz"), "--prompt", "a",
+                                              "--temperature", "nan"],
+     "argument --temperature: must be a finite number >= 0"),
+    ("N-generate-top-k-zero", lambda d: ["generate", config(d), "--checkpoint",
+                                         str(d / "c.npz"), "--prompt", "a", "--top-k", "0"],
+     "argument --top-k: must be >= 1 (got 0)"),
+    ("A-generate-no-prompt", lambda d: ["generate", config(d), "--checkpoint",
+                                        str(d / "c.npz")],
+     "the following arguments are required: --prompt"),
     # A: the command line
     ("A-no-command", lambda d: [], "the following arguments are required: command"),
     ("A-unknown-command", lambda d: ["fly"], "invalid choice: 'fly'"),
@@ -426,4 +443,4 @@ def test_the_suite_covers_every_class_and_command(tmp_path, program_file):
         folder.mkdir()
         commands.update(_argv(setup, folder, program_file)[:1])
     assert commands == {"run", "compile", "simulate", "graph", "schema", "traffic", "plot",
-                        "train", "fly"}  # (fly: an unknown command)
+                        "train", "generate", "fly"}  # (fly: an unknown command)

@@ -167,7 +167,8 @@ class Training:
         result = simulate(step_program(linked.program, run.wafer, code.tasks), cfg.wafer,
                           progress=reached)
         simulated = read_results(linked, result, self.parameters)
-        params, state = run.wafer.params(self.parameters), run.wafer.optimizer(self.parameters)
+        graph = self.compiled.graph
+        params, state = run.wafer.params(graph), run.wafer.optimizer(graph)
         check = compare(simulated, reference_step(cfg, params, batch, state=state), params,
                         cfg.training, state)
         float64 = reference_step(cfg, run.float64_params, batch, state=run.float64_state)
@@ -197,7 +198,8 @@ class Training:
     def validate(self) -> tuple[float, float]:
         """The validation loss of the wafer's weights and of the float64 run's, recorded
         under the current step."""
-        wafer = mean_loss(self.cfg, self.run.wafer.params(self.parameters), self.val_windows)
+        wafer = mean_loss(self.cfg, self.run.wafer.params(self.compiled.graph),
+                          self.val_windows)
         float64 = mean_loss(self.cfg, self.run.float64_params, self.val_windows)
         history = {name: list(values) for name, values in self.run.history.items()}
         for name, value in (("val_step", self.step), ("val_loss", wafer),
@@ -218,7 +220,7 @@ class Training:
         run, and which parameter it is (None before any step)."""
         if not self.step:
             return 0.0, None
-        wafer = self.run.wafer.params(self.parameters)
+        wafer = self.run.wafer.params(self.compiled.graph)
         errors = {p: relative_error(wafer[p], self.run.float64_params[p])
                   for p in self.parameters}
         worst = max(errors, key=errors.__getitem__)

@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Callable
 
 COMMANDS = ("run", "compile", "simulate", "graph", "schema", "traffic", "plot", "sweep",
-            "train")
+            "train", "generate")
 
 
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
