@@ -206,10 +206,10 @@ def build_layernorm(name: str, ops: list[str], ids: StreamIds, *, rows: int,
             ]
         return body
 
-    for program in (rounds(range(rows), 1, forward_row),
-                    rounds(range(rows), RING, backward_row)):
-        for pe, instrs in program.items():
-            kernel.emit(pe, *instrs)
+    for pe, instrs in rounds(range(rows), 1, forward_row).items():
+        kernel.emit(pe, *instrs)
+    for pe, instrs in rounds(range(rows), RING, backward_row).items():
+        kernel.emit(pe, *dys[pe].open(), *instrs)
     for lane in strip:
         w, pe, cs = lane.width, lane.pe, lane.cols
         kernel.emit(pe, vec(Op.FMA, 2 * w, Mem(params), Mem(grads), Imm(-lr), Mem(params)))

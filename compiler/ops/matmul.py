@@ -173,7 +173,7 @@ def emit_forward(grid: WeightGrid, ids: StreamIds, *, x_tensor: str, y_tensor: s
                                out=[out] * nb, seed=seed),
                          *x.release()]}
 
-        kernel.emit(pe, *rounds(range(rows), x.length, row)[pe])
+        kernel.emit(pe, *x.open(), *rounds(range(rows), x.length, row)[pe])
 
 
 def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str, dx_tensor: str | None,
@@ -217,7 +217,7 @@ def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str, dx_tensor
                 instrs.append(vec(Op.ADD, nb, Mem(bias_grad[c]), Mem(bias_grad[c]), Mem(d)))
             return {pe: instrs + dy.release()}
 
-        kernel.emit(pe, *rounds(range(rows), dy.length, row)[pe])
+        kernel.emit(pe, *dy.open(), *rounds(range(rows), dy.length, row)[pe])
 
 
 def emit_sgd(kernel: Kernel, pe: LocalPE, param: int, grad: int, words: int, lr: float) -> None:
