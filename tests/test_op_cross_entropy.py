@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_bench import run_kernel
 
-from compiler.lowering.kernel import StreamIds
+from compiler.lowering.kernel import StreamIds, lane_cols
 from compiler.ops.cross_entropy import (
     build_cross_entropy,
     cross_entropy_backward,
@@ -18,14 +18,16 @@ from compiler.ops.cross_entropy import (
     log_plan,
     sram_words,
 )
+from wse_sim.hardware import WaferConfig
 
 RTOL = 1e-5  # fp32: exp, sums over <= V terms, a Newton log
 
 
 def ce_kernel(tokens, vocab, lw, block_rows=8):
     return build_cross_entropy("ce", ["loss", "loss.bwd"], StreamIds(), tokens=tokens,
-                               vocab=vocab, lane_width=lw, logits_tensor="z",
-                               dlogits_tensor="dz", block_rows=block_rows)
+                               lanes=lane_cols(vocab, lw), logits_tensor="z",
+                               dlogits_tensor="dz", queue_depth=WaferConfig().queue_depth,
+                               block_rows=block_rows)
 
 
 def reference(z, tokens):
@@ -93,14 +95,18 @@ def test_cross_entropy_rejects_tokens_outside_vocab():
         ce_kernel(np.array([[1, 10]]), 10, 4)
 
 
-def test_cross_entropy_cycles_and_sram_match_formula():
-    batch, seq, vocab, lw = 2, 16, 64, 16
+@pytest.mark.parametrize("batch,seq", [(2, 16), (3, 20)])
+def test_cross_entropy_cycles_and_sram_match_formula(batch, seq):
+    """The formula is the compute thread's; the receiving thread may delay it by up to a
+    cycle per received element, and the target gathers add two cycles a predicted row."""
+    vocab, lw = 64, 16
     rows = batch * seq
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, vocab, (batch, seq))
     z = rng.standard_normal((rows, vocab)).astype(np.float32)
     kernel = ce_kernel(tokens, vocab, lw)
     run = run_kernel(kernel, {"z": z})
-    assert run.cycles == pytest.approx(cycles(rows, vocab, lw), rel=0.002)
+    expected = cycles(rows, vocab, lw)
+    assert expected <= run.cycles <= expected + rows * lw + 2 * rows
     assert max(kernel.sram_words(pe) for pe in kernel.programs) == sram_words(rows, lw,
                                                                               last=True)
