@@ -9,8 +9,13 @@ whatever their shapes, and the number of PEs they take is (matmul weights) / w^2
 
 The attention kernel groups heads by the lanes they share (`compiler.ops.attention`), so
 the lanes of its q, k, v input (the fused QKV output, cut per q, k, v section) and of its
-output are `attention_width(w, d_head)`: w when it divides d_head or d_head divides it,
-else the largest divisor of d_head below w, which keeps one group per head.
+output are `attention_width(w, d_head)`: whole heads, as many as fit in w (at least one).
+A head split over several lanes works, but its receiving thread then reads the lanes one
+after the other while their producers run side by side.
+
+The attention kernel's PEs per head group (G) are the fewest with which its slowest row
+takes no longer than a matmul's row with w x w blocks (`balanced_key_pes`): the matmuls
+set the pipeline's pace, and a slower attention would stall every kernel around it.
 """
 
 from __future__ import annotations
@@ -19,15 +24,15 @@ from dataclasses import dataclass, field
 
 from compiler.graph import TrainingGraph
 from compiler.lowering.kernel import lane_cols
+from compiler.ops.attention import AttnShape, balanced_key_pes
+from compiler.ops.matmul import backward_row_cycles, forward_row_cycles
 
 Lane = tuple[int, int]
 
 
 def attention_width(width: int, d_head: int) -> int:
     """The lane width of attention's tensors for activation width `width` (see above)."""
-    if d_head % width == 0 or width % d_head == 0:
-        return width
-    return max(w for w in range(1, width) if d_head % w == 0)
+    return d_head * max(1, width // d_head)
 
 
 def forward_tensor(tensor: str) -> str:
@@ -56,15 +61,26 @@ class Plan:
 
 
 def plan_step(graph: TrainingGraph, width: int) -> Plan:
-    """Lanes of width `width` everywhere but attention's tensors (see the docstring)."""
+    """Lanes of width `width` everywhere but attention's tensors, and each attention
+    kernel's PEs per head group (see the docstring)."""
     model = graph.cfg.model
     plan = Plan(width)
     attn = attention_width(width, model.d_head)
+    pace = (forward_row_cycles(width, width, top_row_bias=False),
+            backward_row_cycles(width, width, dx=True, top_row_bias=False))
     for op in graph.ops.values():
-        if op.kind in ("attn_scores", "kv_attention"):  # kv_attention: compiler.ops.kv_attention
-            block = op.name.rsplit(".", 1)[0]
-            plan.widths[f"{block}.qkv.out"] = attn
-            plan.sections[f"{block}.qkv.out"] = model.d_model
-        if op.kind in ("attn_values", "kv_attention"):
-            plan.widths[op.outputs[0]] = attn
+        if op.kind not in ("attn_scores", "kv_attention"):  # (compiler.ops.kv_attention)
+            continue
+        block = op.name.rsplit(".", 1)[0]
+        out = (op.outputs[0] if op.kind == "kv_attention"
+               else graph.ops[f"{block}.values"].outputs[0])
+        qkv = f"{block}.qkv.out"
+        plan.widths[qkv] = plan.widths[out] = attn
+        plan.sections[qkv] = model.d_model
+        if op.kind == "attn_scores":
+            a = op.attrs
+            shape = AttnShape(a["batch"], a["seq_len"], a["heads"], a["d_head"],
+                              plan.lanes(qkv, 3 * model.d_model), plan.lanes(out, model.d_model),
+                              1)
+            plan.key_pes[block] = balanced_key_pes(block, shape, pace)
     return plan

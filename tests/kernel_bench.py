@@ -5,7 +5,8 @@ the same `routing.link` + `wse_sim.engine.simulate` path as a whole model:
 
 * one *source* per input lane: its SRAM holds the lane's columns of every row, in the
   lane's row order (ascending or descending), and one `MOV FabOut <- Mem` instruction
-  streams it;
+  streams it (after `start[tensor]` cycles, spent on a MOV between scratch words, if
+  given);
 * one *sink* per output lane: one `MOV Mem <- FabIn` instruction stores it in arrival
   order, and a ResultSlot (with a negative row stride for a descending lane) says where,
   so the lane is read back like any other result.
@@ -68,9 +69,11 @@ def _sink_edge(kernel: Kernel, pe: tuple[int, int]) -> tuple[Edge, int]:
 
 
 def run_kernel(kernel: Kernel, inputs: dict[str, np.ndarray], wafer: WaferConfig | None = None,
-               *, max_cycles: int | None = None) -> KernelRun:
+               *, max_cycles: int | None = None,
+               start: dict[str, int] | None = None) -> KernelRun:
     """Simulate `kernel` fed with `inputs` (tensor -> [rows, cols] array) on `wafer`
-    (default WSE-2; only the used region is simulated)."""
+    (default WSE-2; only the used region is simulated); the sources of the tensors in
+    `start` begin sending that many cycles late."""
     wafer = wafer or WaferConfig()
     ids = StreamIds()
     helpers: list[tuple[Kernel, Edge, int]] = []
@@ -94,6 +97,10 @@ def run_kernel(kernel: Kernel, inputs: dict[str, np.ndarray], wafer: WaferConfig
         sid = ids.new()
         offset = source.alloc((0, 0), block.size, f"lane {lane} of {tensor}")
         source.load((0, 0), offset, block)
+        delay = (start or {}).get(tensor, 0)
+        if delay:
+            scratch = Mem(source.alloc((0, 0), 1, "delay"), 0)
+            source.emit((0, 0), vec(Op.MOV, delay, scratch, scratch))
         source.emit((0, 0), vec(Op.MOV, block.size, FabOut(sid), Mem(offset)))
         source.outputs.append(StreamEnd(tensor, lane, ends[0].cols, ((0, 0),), sid,
                                         ends[0].order))

@@ -59,7 +59,8 @@ def test_tiny_report_counters(tiny_run):
     assert sum(k["flops"] for k in report["kernels"]) == report["flops_counted"]
     assert sum(k["pes"] for k in report["kernels"]) == report["pes_used"]
     assert report["model_flops"] == build_graph(load_config(TINY)).summary()["flops"]["total"]
-    # the PEs skip the causally masked half of attention, so they execute fewer FLOPs
+    # the PEs skip most of the causally masked half of attention (all but the masked keys
+    # of each PE's diagonal block), so they execute fewer FLOPs
     assert report["flops_counted"] < report["model_flops"]
     # SRAM: a FLOP reads at least one word; writes are at most one word per element
     assert report["sram_bytes_read"] >= 4 * report["flops_counted"] // 2
@@ -72,9 +73,8 @@ def test_tiny_report_counters(tiny_run):
     assert report["link_load_estimate"]["total"] == report["fabric_wavelet_hops"]
     assert report["link_load_estimate"]["max"] == report["max_link_load"]
     kernels = report["kernels"]
-    assert {k["op"] for k in kernels} >= {"embedding", "layernorm", "matmul", "attn_scores",
-                                          "softmax", "attn_values", "gelu", "add",
-                                          "cross_entropy"}
+    assert {k["op"] for k in kernels} == {"embedding", "layernorm", "matmul", "attention",
+                                          "gelu", "add", "cross_entropy"}
     for k in kernels:
         assert 0 <= k["start_cycle"] <= k["end_cycle"] < report["cycles"], k["name"]
         assert 0 < k["utilization"] <= 1, k["name"]

@@ -18,6 +18,7 @@ from compiler.ops.cross_entropy import (
     log_plan,
     sram_words,
 )
+from wse_sim.hardware import WaferConfig
 
 RTOL = 1e-5  # fp32: exp, sums over <= V terms, a Newton log
 
@@ -25,7 +26,8 @@ RTOL = 1e-5  # fp32: exp, sums over <= V terms, a Newton log
 def ce_kernel(targets, vocab, lw, block_rows=8):
     return build_cross_entropy("ce", ["loss", "loss.bwd"], StreamIds(), targets=targets,
                                lanes=lane_cols(vocab, lw), logits_tensor="z",
-                               dlogits_tensor="dz", block_rows=block_rows)
+                               dlogits_tensor="dz", queue_depth=WaferConfig().queue_depth,
+                               block_rows=block_rows)
 
 
 def reference(z, targets):
@@ -90,13 +92,18 @@ def test_cross_entropy_rejects_targets_outside_vocab():
         ce_kernel(np.array([1, 10]), 10, 4)
 
 
-def test_cross_entropy_cycles_and_sram_match_formula():
-    rows, vocab, lw = 32, 64, 16
+@pytest.mark.parametrize("batch,seq", [(2, 16), (3, 20)])
+def test_cross_entropy_cycles_and_sram_match_formula(batch, seq):
+    """The formula is the compute thread's; the receiving thread may delay it by up to a
+    cycle per received element, and the target gathers add two cycles a row."""
+    vocab, lw = 64, 16
+    rows = batch * seq
     rng = np.random.default_rng(0)
     targets = rng.integers(0, vocab, rows)
     z = rng.standard_normal((rows, vocab)).astype(np.float32)
     kernel = ce_kernel(targets, vocab, lw)
     run = run_kernel(kernel, {"z": z})
-    assert run.cycles == pytest.approx(cycles(rows, vocab, lw), rel=0.002)
+    expected = cycles(rows, vocab, lw)
+    assert expected <= run.cycles <= expected + rows * lw + 2 * rows
     assert max(kernel.sram_words(pe) for pe in kernel.programs) == sram_words(rows, lw,
                                                                               last=True)

@@ -109,6 +109,11 @@ class Inbox:
     ready: Tokens
     free: Tokens | None
 
+    def open(self) -> list[Instr]:
+        """The compute thread's first credits of a ring, just before its loop over the
+        rows (not earlier, so a kernel's first work is its first row's)."""
+        return [self.free.signal()] * self.store.ring if self.free and self.store.ring else []
+
     def take(self) -> list[Instr]:
         return [self.ready.wait()]
 
@@ -125,8 +130,8 @@ def inbox(kernel: Kernel, pe: LocalPE, ids: StreamIds, stream: int | list[tuple[
           store: RowStore, *, queue_depth: int, backwards: bool = False) -> Inbox:
     """Receive `store.count` rows of `stream` on a new thread of `pe`, row i into
     `store.row(i)` (stored from the last row back if `backwards`); `stream` may be several
-    lanes, (stream, columns of the row) each, received one after the other per row. A ring
-    store's credits are signalled by the compute thread now, at the start of its program."""
+    lanes, (stream, columns of the row) each, received one after the other per row. The
+    compute thread signals a ring store's first credits (`Inbox.open`)."""
     parts = [(stream, (0, store.width))] if isinstance(stream, int) else stream
     ready = Tokens.create(kernel, pe, ids, queue_depth)
     free = None
@@ -136,7 +141,6 @@ def inbox(kernel: Kernel, pe: LocalPE, ids: StreamIds, stream: int | list[tuple[
         if store.ring > free.capacity:
             raise ValueError(f"kernel {kernel.name}: a ring of {store.ring} slots needs "
                              f"more than {free.capacity} credits")
-        kernel.emit(pe, *[free.signal()] * store.ring)
     box = Inbox(store, ready, free)
 
     def receive(i: int, loop: int) -> PerPE:

@@ -26,7 +26,7 @@ absorber is the only reader of `first`, the main thread the only reader of `seco
 The same kernel, with rows descending, sums the two shares of a gradient.
 
 Cost per PE (M rows, lane w; `cycles` below): M w to absorb, M w for the ADDs, both
-through the PE's one ramp (2 M w), and two token instructions per block.
+through the PE's one ramp (2 M w), and a token per block through the same ramp.
 SRAM: (capacity + 2) block_rows w words (or all M rows if fewer).
 """
 
@@ -102,11 +102,9 @@ def _rounds(per_block: list[list[Instr]], slots: int, whole: int) -> list[Instr]
 
 
 def cycles(rows: int, lane_width: int, block_rows: int = BLOCK_ROWS) -> int:
-    """Cycles of a lone add kernel fed at full rate: both lanes through the PE's one ramp
-    (2 M w) and a token per block (the absorber's signal and the main thread's wait
-    overlap the other thread's vector work, so they cost a cycle each only when the ramp
-    is idle: here it never is)."""
-    return 2 * rows * lane_width
+    """Cycles of a lone add kernel fed at full rate: both inputs through the PE's one ramp
+    (2 M w) and the main thread's token per block (its wavelet takes the ramp too)."""
+    return 2 * rows * lane_width + -(-rows // block_rows)
 
 
 def sram_words(rows: int, lane_width: int, queue_depth: int,

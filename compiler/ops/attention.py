@@ -451,12 +451,12 @@ class _PE:
         """The last PE's dO receiver: a ring with credits, and per row D = dO . o per head
         (the flash-attention identity D = sum_j p_j dP_j = dO . o), kept beside the row
         and sent up the column as soon as dO arrives, so no PE waits for a sum over the
-        column in the middle of a row. The ring's credits are first signalled after the
-        forward, when every output row is stored."""
+        column in the middle of a row. The ring's first credits (`Inbox.open`) come after
+        the forward, when every output row is stored."""
         kernel, pe, w, dh = self.kernel, self.pe, self.width, self.shape.d_head
         assert self.buf.out is not None
         ready = Tokens.create(kernel, pe, self.ids, self.queue_depth)
-        free = Tokens.create(kernel, pe, self.ids, self.queue_depth)  # signalled by `emit`
+        free = Tokens.create(kernel, pe, self.ids, self.queue_depth)
         store = RowStore(self.buf.d_out, w, self.shape.rows, RING)
         nh = self.g.n_heads
 
@@ -487,8 +487,6 @@ class _PE:
 
                 kernel.emit(pe, *rounds(range(b * shape.seq + t0, b * shape.seq + t1), 1,
                                         forward)[pe])
-        if self.last:
-            kernel.emit(pe, *[d_out.free.signal()] * RING)  # see d_out_inbox
         if self.g.up is not None and not self.last:
             # The last PE's statistics arrive while the forward runs; the backward waits for
             # the token that says they all have.
@@ -497,6 +495,7 @@ class _PE:
                                 FabIn(self.g.up)), tokens.signal(),
                         thread=receiving_thread(kernel, pe))
             kernel.emit(pe, tokens.wait())
+        kernel.emit(pe, *d_out.open())  # on the last PE, after every o row is stored
         for b in reversed(range(shape.batch)):
             for region, t0, t1 in reversed(shape.regions(self.c)):
                 first = shape.rows - 1 - (b * shape.seq + t1 - 1)  # backward row index
@@ -751,11 +750,23 @@ def slowest_row(shape: AttnShape, op: str = "attention") -> tuple[int, int]:
     return max(f for f, _ in rows), max(b for _, b in rows)
 
 
-def sram_words(shape: AttnShape, heads: int) -> int:
-    """Words of a PE of a group of `heads` heads (see `_buffers`)."""
+def sram_words(shape: AttnShape, heads: int, *, last: bool) -> int:
+    """Words of a PE of a group of `heads` heads, the last PE's or another's (see
+    `_buffers`)."""
     w, slots, block = heads * shape.d_head, shape.batch * shape.block, shape.block
     return (shape.rows * w + 4 * slots * w + 2 * heads * shape.rows + 2 * heads * block
-            + w + RING * w + SCALARS * heads + 2 * block - 1 + 1)
+            + w + RING * w + RING * heads + SCALARS * heads + 2 * block - 1 + 1
+            + (shape.rows * w if last else 0))
+
+
+def balanced_key_pes(op: str, shape: AttnShape, pace: tuple[int, int]) -> int:
+    """The fewest PEs per head group with which no row takes longer than `pace` (forward,
+    backward cycles per row, the pipeline's), or one key per PE if none does."""
+    for g in key_pe_counts(shape.seq):
+        forward, backward = slowest_row(AttnShape(**{**shape.__dict__, "key_pes": g}), op)
+        if forward <= pace[0] and backward <= pace[1]:
+            return g
+    return shape.seq
 
 
 def fit_key_pes(op: str, shape: AttnShape, sram_words_per_pe: int, at_least: int = 1) -> int:
@@ -764,13 +775,13 @@ def fit_key_pes(op: str, shape: AttnShape, sram_words_per_pe: int, at_least: int
     groups = head_groups(op, shape)
     for g in key_pe_counts(shape.seq):
         trial = AttnShape(**{**shape.__dict__, "key_pes": g})
-        if g >= at_least and all(sram_words(trial, heads) <= sram_words_per_pe
+        if g >= at_least and all(sram_words(trial, heads, last=True) <= sram_words_per_pe
                                  for _, heads in groups):
             return g
     trial = AttnShape(**{**shape.__dict__, "key_pes": shape.seq})
-    words = max(sram_words(trial, heads) for _, heads in groups)
-    raise UserError(f"op {op}: PE (0, 0) needs {4 * words:,} bytes of SRAM even with one key "
-                    f"per PE, has {4 * sram_words_per_pe:,}")
+    words = max(sram_words(trial, heads, last=True) for _, heads in groups)
+    raise UserError(f"op {op}: PE (0, {shape.seq - 1}) needs {4 * words:,} bytes of SRAM even "
+                    f"with one key per PE, has {4 * sram_words_per_pe:,}")
 
 
 def _block_of(name: str) -> str:

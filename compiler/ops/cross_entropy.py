@@ -31,12 +31,13 @@ convex). The start y0 = 2^k (s^(1/2^k) - 1) >= log s costs k square roots; k and
 of steps are chosen at build time for the worst case s = V (the start error grows with s),
 minimising k + 3 * steps passes. Then loss = sum_m (max_m - z_m - z[target]_m) / M.
 
-Cycle cost per PE (one cycle per vector element; M rows, lane w, G lanes, R = block;
-`cycles` below):
-7 M w + 9 M + 1 per row whose target is in its lane (gather, -1) + (M / R) * 3 chain latencies
-(receive, subtract, exp, divide, scale by 1 / M: 5 M w; two row partials M (w + 2) each;
+Cycle cost of the compute thread per PE (one cycle per vector element; M rows, lane w, G
+lanes, R = block; `cycles` below):
+6 M w + 9 M + 2 per row whose target is in its lane (gather, -1) + (M / R) * 3 chain
+latencies (subtract, exp, divide, scale by 1 / M: 4 M w; two row partials M (w + 2) each;
 allreduce(max) 2 M, reduce sums and targets 2 M, broadcast sums M), then the dlogits
-emission M w. Last PE after that: (k + 3 steps + 3) M + M for the loss. Chain and
+emission M w. The receiving thread's M w writes share the PE's write port with the four
+passes that write. Last PE after that: (k + 3 steps + 3) M + M for the loss. Chain and
 broadcast latencies: see rowreduce.
 SRAM per PE: 2 M w + 3 M (+ 2 M + 1 on the last PE).
 """
@@ -249,14 +250,15 @@ def build_cross_entropy(name: str, ops: list[str], ids: StreamIds, *, targets: n
 
 def cycles(rows: int, vocab: int, lane_width: int,
            block_rows: int = DEFAULT_BLOCK_ROWS) -> int:
-    """Cycles of a lone cross-entropy kernel: the docstring's 7 M w + 9 M, the dlogits
-    emission M w, the loss on the last PE, and per block of rows the latencies of its
-    three chain reductions and two broadcasts."""
+    """Cycles of the compute thread of a lone cross-entropy kernel: the docstring's 6 M w +
+    9 M, the dlogits emission M w, the loss on the last PE, and per block of rows its token,
+    four REPEATs and the latencies of its three chain reductions and two broadcasts (the
+    gathers of the target logits, two cycles per predicted row, are left out)."""
     k, steps = log_plan(float(vocab))
     w, group = lane_width, math.ceil(vocab / lane_width)
     latency = 3 * reduce_latency(group) + 2 * broadcast_latency(group)
-    return (8 * rows * w + 9 * rows + (k + 3 * steps + 3) * rows + rows
-            + math.ceil(rows / block_rows) * latency)
+    return (7 * rows * w + 9 * rows + (k + 3 * steps + 3) * rows + rows
+            + math.ceil(rows / block_rows) * (latency + 5))
 
 
 def sram_words(rows: int, lane_width: int, *, last: bool) -> int:

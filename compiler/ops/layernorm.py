@@ -210,11 +210,13 @@ def build_layernorm(name: str, ops: list[str], ids: StreamIds, *, rows: int,
             ]
         return body
 
-    for program in (rounds(range(rows), 1, forward_row),
-                    rounds(range(rows), RING, backward_row) if backward else {}):
-        for pe, instrs in program.items():
-            kernel.emit(pe, *instrs)
-    for lane in strip if backward else ():
+    for pe, instrs in rounds(range(rows), 1, forward_row).items():
+        kernel.emit(pe, *instrs)
+    if not backward:
+        return kernel
+    for pe, instrs in rounds(range(rows), RING, backward_row).items():
+        kernel.emit(pe, *dys[pe].open(), *instrs)
+    for lane in strip:
         w, pe, cs = lane.width, lane.pe, lane.cols
         for param, offset in ((gamma_name, 0), (beta_name, w)):
             emit_update(kernel, pe, update, param, (1, cols), weight=params + offset,

@@ -175,7 +175,7 @@ def emit_forward(grid: WeightGrid, ids: StreamIds, *, x_tensor: str, y_tensor: s
                                out=[out] * nb, seed=seed),
                          *x.release()]}
 
-        kernel.emit(pe, *rounds(range(rows), x.length, row)[pe])
+        kernel.emit(pe, *x.open(), *rounds(range(rows), x.length, row)[pe])
 
 
 def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str, dx_tensor: str | None,
@@ -219,7 +219,7 @@ def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str, dx_tensor
                 instrs.append(vec(Op.ADD, nb, Mem(bias_grad[c]), Mem(bias_grad[c]), Mem(d)))
             return {pe: instrs + dy.release()}
 
-        kernel.emit(pe, *rounds(range(rows), dy.length, row)[pe])
+        kernel.emit(pe, *dy.open(), *rounds(range(rows), dy.length, row)[pe])
 
 
 def update_weights(grid: WeightGrid, update: UpdateRule, name: str, *,
@@ -313,18 +313,20 @@ def backward_row_cycles(kb: int, nb: int, *, dx: bool, top_row_bias: bool) -> in
 def forward_cycles(rows: int, k_lanes: list[Lane], n_lanes: list[Lane], *,
                    bias: bool = True) -> int:
     """A lone forward pass: the slowest PE's rows (the grid runs in lock step) plus the
-    fill, the first row's way down the R-PE column (3 cycles a hop: ramp, link, receive
-    queue)."""
+    fill: the first x row received before any dot starts, and its way down the R-PE
+    column (3 cycles a hop: ramp, link, receive queue)."""
     per_row = max(forward_row_cycles(kb, nb, top_row_bias=bias and r == 0)
                   for _, r, kb, nb in _blocks(k_lanes, n_lanes))
-    return rows * per_row + 3 * (len(k_lanes) + 2)
+    first_row = max(k1 - k0 for k0, k1 in k_lanes)
+    return rows * per_row + first_row + 3 * (len(k_lanes) + 2)
 
 
 def backward_cycles(rows: int, k_lanes: list[Lane], n_lanes: list[Lane], *,
                     bias: bool = True, dx: bool = True) -> int:
-    """The backward pass and the update, after the forward, on the busiest PE."""
+    """The backward pass and the update, after the forward, on the busiest PE: its rows,
+    the first dY row received (its ring opens when the forward ends) and the update."""
     return max(rows * backward_row_cycles(kb, nb, dx=dx, top_row_bias=bias and r == 0)
-               + kb * nb + (nb if bias and r == 0 else 0)
+               + nb + kb * nb + (nb if bias and r == 0 else 0)
                for _, r, kb, nb in _blocks(k_lanes, n_lanes))
 
 
