@@ -9,8 +9,8 @@ loss against float64 from the same weights; then whether each meets the issue's 
 
     python benchmarks/train.py [--steps 300] [--out benchmarks/out/train]
 
-The runs' folders (checkpoint, summary.json, loss.png) stay in --out; the AdamW config is
-written there too.
+The runs' folders (checkpoint, summary.json, loss.png and the printout, train.log) stay in
+--out; the AdamW config is written there too.
 """
 
 from __future__ import annotations
@@ -33,11 +33,13 @@ LOSS_ERROR = 1e-4
 
 
 def run(config: Path, steps: int, out: Path) -> tuple[float, dict]:
-    """One `train` process; its host seconds and summary."""
+    """One `train` process (its printout kept in OUT/train.log); its host seconds and
+    summary."""
+    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "wse_sim", "train", str(config), "--steps",
-                    str(steps), "--out", str(out), "--quiet"], check=True,
-                   stdout=subprocess.DEVNULL)
+    with open(out / "train.log", "w") as log:
+        subprocess.run([sys.executable, "-m", "wse_sim", "train", str(config), "--steps",
+                        str(steps), "--out", str(out), "--quiet"], check=True, stdout=log)
     seconds = time.perf_counter() - started
     return seconds, json.loads((out / "summary.json").read_text())
 
