@@ -28,7 +28,8 @@ Per row i (position t = p0 + i), after its q, k and v have arrived, per head h o
 
 then the group's output lanes leave from o (W). The positions are constants of the code
 (like the batch, `compiler.batch`): a run's code is built for its p0 and R.
-Cost per PE and row: sum over the group's heads of n (2 dh + 6) + 2 dh + 5, plus W.
+Cost per PE and row (not yet tested against the simulator): sum over the group's heads of
+n (2 dh + 6) + 2 dh + 5, plus W.
 SRAM per PE: 2 n_ctx W (caches) + R W (q rows) + W (o) + n_ctx (scores) + 2.
 """
 
@@ -177,13 +178,6 @@ def _head(n: int, dh: int, width: int, *, q: int, keys: int, values: int, scores
                         Mem(o))]),
         vec(Op.MUL, dh, Mem(o), Mem(o), Mem(stat + 1, 0)),
     ]
-
-
-def row_cycles(position: int, heads: int, d_head: int) -> int:
-    """Compute-thread cycles of one row at `position` on a PE with `heads` heads of the group
-    (the module docstring's count, without the output's W)."""
-    n = position + 1
-    return heads * (n * (2 * d_head + 6) + 2 * d_head + 5)
 
 
 class KvAttention(OpFamily):
