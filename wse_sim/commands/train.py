@@ -103,7 +103,7 @@ def _write(training: Training, out: str, steps: int) -> dict[str, Any]:
 
     summary = training.summary(partial=training.step < steps)
     h = training.run.history
-    title = (f"{training.source}: {training.cfg.training.optimizer}, "
+    title = (f"{Path(training.source).name}: {training.cfg.training.optimizer}, "
              f"{training.step} steps on {training.data['source']}")
     folder = Path(out)
     write_files({
