@@ -52,7 +52,7 @@ def kernel_traffic(kernels: list[Kernel]) -> list[tuple[str, str, int]]:
     producers = {}
     for kernel in kernels:
         for end in kernel.outputs:
-            words = program_elements(kernel.programs[end.pes[0]], end.stream, Kind.FABOUT)
+            words = program_elements(kernel.programs[end.pes[0]], Kind.FABOUT)[end.stream]
             producers[(end.tensor, end.lane)] = (kernel.name, words)
     words: dict[tuple[str, str], int] = defaultdict(int)
     for kernel in kernels:

@@ -442,12 +442,12 @@ class _PE:
                     instrs += repeat(rows, body) if rows else []
             kernel.emit(pe, *instrs, thread=receiving_thread(kernel, pe))
             keys.append(ready)
-        d_out = self.d_out_inbox() if self.last else inbox(
+        d_out = self.d_out_inbox(q) if self.last else inbox(
             kernel, pe, ids, self.g.d_out, RowStore(self.buf.d_out, w, shape.rows, RING),
-            queue_depth=depth)
+            queue_depth=depth, after=q)
         return q, keys[0], keys[1], d_out
 
-    def d_out_inbox(self) -> Inbox:
+    def d_out_inbox(self, after: Inbox) -> Inbox:
         """The last PE's dO receiver: a ring with credits, and per row D = dO . o per head
         (the flash-attention identity D = sum_j p_j dP_j = dO . o), kept beside the row
         and sent up the column as soon as dO arrives, so no PE waits for a sum over the
@@ -455,7 +455,7 @@ class _PE:
         the forward, when every output row is stored."""
         kernel, pe, w, dh = self.kernel, self.pe, self.width, self.shape.d_head
         assert self.buf.out is not None
-        ready = Tokens.create(kernel, pe, self.ids, self.queue_depth)
+        ready = after.ready  # see `inbox`'s `after`
         free = Tokens.create(kernel, pe, self.ids, self.queue_depth)
         store = RowStore(self.buf.d_out, w, self.shape.rows, RING)
         nh = self.g.n_heads

@@ -147,7 +147,8 @@ def build_layernorm(name: str, ops: list[str], ids: StreamIds, *, rows: int,
         xs[lane.pe] = inbox(kernel, lane.pe, ids, x_in[lane.index], RowStore(xhat, w, rows),
                             queue_depth=queue_depth)
         dys[lane.pe] = inbox(kernel, lane.pe, ids, dy_in[lane.index],
-                             RowStore(dy_ring, w, rows, ring=RING), queue_depth=queue_depth)
+                             RowStore(dy_ring, w, rows, ring=RING), queue_depth=queue_depth,
+                             after=xs[lane.pe])
 
     def forward_row(i: int, loop: int) -> PerPE:
         body: PerPE = {}

@@ -111,6 +111,7 @@ class WeightGrid:
     weight: dict[LocalPE, int] = field(default_factory=dict)
     grad: dict[LocalPE, int] = field(default_factory=dict)
     x_rows: dict[LocalPE, int] = field(default_factory=dict)
+    x_inbox: dict[LocalPE, Inbox] = field(default_factory=dict)
 
     def block(self, pe: LocalPE) -> tuple[int, int]:
         """(kb, nb): the block shape of PE `pe`."""
@@ -154,8 +155,8 @@ def emit_forward(grid: WeightGrid, ids: StreamIds, *, x_tensor: str, y_tensor: s
         ring = None if keep_x else RING
         xs = kernel.alloc(pe, (rows if keep_x else RING) * kb, "x rows")
         grid.x_rows[pe] = xs
-        x = inbox(kernel, pe, ids, x_ids[r], RowStore(xs, kb, rows, ring),
-                  queue_depth=queue_depth)
+        x = grid.x_inbox[pe] = inbox(kernel, pe, ids, x_ids[r], RowStore(xs, kb, rows, ring),
+                                     queue_depth=queue_depth)
         out = FabOut(y_ids[c] if r == n_r - 1 else down[pe])
         if r > 0:
             seed = [FabIn(down[(c, r - 1)])] * nb
@@ -196,7 +197,7 @@ def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str, dx_tensor
         kb, nb = grid.block(pe)
         dy = inbox(kernel, pe, ids, dy_ids[c],
                    RowStore(kernel.alloc(pe, RING * nb, "dY rows"), nb, rows, RING),
-                   queue_depth=queue_depth)
+                   queue_depth=queue_depth, after=grid.x_inbox[pe])
         x_rows = RowStore(grid.x_rows[pe], kb, rows)
 
         def row(i: int, loop: int, pe: LocalPE = pe, c: int = c, r: int = r, kb: int = kb,
