@@ -64,7 +64,6 @@ from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
     OPPOSITE,
-    PORT_OFFSET,
     Instr,
     Kind,
     Op,
@@ -189,6 +188,10 @@ class _Tree:
         return {pe: Route(rx, self.tx.get(pe, 0)) for pe, rx in self.rx.items()}
 
 
+_EAST, _WEST = (_TO[Port.E], _FROM[Port.E]), (_TO[Port.W], _FROM[Port.W])
+_SOUTH, _NORTH = (_TO[Port.S], _FROM[Port.S]), (_TO[Port.N], _FROM[Port.N])
+
+
 def _via_tree(src: PE, via: PE, dsts: Iterable[PE], x_first: bool) -> _Tree | None:
     """The multicast tree that runs straight from `src` to `via` (on its row or column),
     then on XY (`x_first`) or YX paths to every PE of `dsts`; None when two of those paths
@@ -198,18 +201,21 @@ def _via_tree(src: PE, via: PE, dsts: Iterable[PE], x_first: bool) -> _Tree | No
     for dst in dsts:
         x, y = src
         corner = (dst[0], via[1]) if x_first else (via[0], dst[1])
-        for tx_, ty_ in (via, corner, dst):
-            while x != tx_ or y != ty_:
-                if x != tx_:
-                    port = Port.E if tx_ > x else Port.W
-                else:
-                    port = Port.S if ty_ > y else Port.N
-                dx, dy = PORT_OFFSET[port]
-                came = _FROM[port]
-                if rx.setdefault((x + dx, y + dy), came) != came:
-                    return None
-                tx[(x, y)] |= _TO[port]
-                x, y = x + dx, y + dy
+        for tx_, ty_ in (via, corner, dst):  # each leg: along the row, then the column
+            if x != tx_:
+                step, (out, came) = (1, _EAST) if tx_ > x else (-1, _WEST)
+                for nx in range(x + step, tx_ + step, step):
+                    if rx.setdefault((nx, y), came) != came:
+                        return None
+                    tx[(nx - step, y)] |= out
+                x = tx_
+            if y != ty_:
+                step, (out, came) = (1, _SOUTH) if ty_ > y else (-1, _NORTH)
+                for ny in range(y + step, ty_ + step, step):
+                    if rx.setdefault((x, ny), came) != came:
+                        return None
+                    tx[(x, ny - step)] |= out
+                y = ty_
         tx[dst] |= _TO[Port.RAMP]
     return _Tree(rx, tx)
 
@@ -333,7 +339,8 @@ class _Negotiation:
              for tree in trees] for trees in candidates]
         self.flat = [np.concatenate(trees) for trees in self.trees]
         self.starts = [np.cumsum([0] + [t.size for t in trees[:-1]]) for trees in self.trees]
-        self.occupancy = np.zeros((colors, width * (y1 - y0)), dtype=np.int64)
+        # per (PE, color): PE-major, so a stream's PEs are contiguous rows to gather
+        self.occupancy = np.zeros((width * (y1 - y0), colors), dtype=np.int64)
         self.history = np.zeros(self.occupancy.shape)
         # the streams on each (color, PE) pair
         self.users: list[defaultdict[int, set[int]]] = [defaultdict(set) for _ in range(colors)]
@@ -345,25 +352,25 @@ class _Negotiation:
     def place(self, i: int) -> None:
         """Give stream i its cheapest (tree, color) given everyone else's."""
         flat = self.flat[i]
-        cost = (1.0 + self.history[:, flat]) * (1.0 + self.pressure * self.occupancy[:, flat])
-        totals = np.add.reduceat(cost, self.starts[i], axis=1)  # (colors, trees)
+        cost = (1.0 + self.history[flat]) * (1.0 + self.pressure * self.occupancy[flat])
+        totals = np.add.reduceat(cost, self.starts[i], axis=0).T  # (colors, trees)
         color, tree = divmod(int(np.argmin(totals)), totals.shape[1])
         self.choice[i] = (tree, color)
         pes = self.trees[i][tree]
-        self.occupancy[color, pes] += 1
+        self.occupancy[pes, color] += 1
         for pe in pes.tolist():
             self.users[color][pe].add(i)
 
     def unplace(self, i: int) -> None:
         tree, color = self.choice[i]
         pes = self.trees[i][tree]
-        self.occupancy[color, pes] -= 1
+        self.occupancy[pes, color] -= 1
         for pe in pes.tolist():
             self.users[color][pe].discard(i)
 
     def shared(self) -> list[int]:
         """The streams on a (color, PE) pair that another stream uses too, in index order."""
-        colors, pes = np.nonzero(self.occupancy > 1)
+        pes, colors = np.nonzero(self.occupancy > 1)
         return sorted({i for c, pe in zip(colors.tolist(), pes.tolist(), strict=True)
                        for i in self.users[c][pe]})
 

@@ -31,8 +31,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from compiler.lowering.ir import FabIn, Instr, Mem, Op, Operand, repeat, vec
 from compiler.lowering.kernel import Kernel, LocalPE, StreamIds, Tokens
-from wse_sim.program import FabIn, Instr, Mem, Op, Operand, repeat, vec
 
 PerPE = dict[LocalPE, list[Instr]]
 Span = tuple[int, int]

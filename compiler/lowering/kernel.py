@@ -48,21 +48,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Kind, Op, Operand, Reg, vec
 from wse_sim.errors import UserError
-from wse_sim.program import (
-    FabIn,
-    FabOut,
-    Imm,
-    Instr,
-    Kind,
-    Op,
-    Operand,
-    PEProgram,
-    Reg,
-    Task,
-    Trigger,
-    vec,
-)
+from wse_sim.program import PEProgram, Task, Trigger
 
 SYMBOLIC_BASE = 1_000_000
 

@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec
+from compiler.lowering.ir import FabIn, FabOut, Instr, Mem, Op, repeat, vec
 from compiler.lowering.kernel import Kernel, RowOrder, StreamIds, Tokens, ring_slots
 from compiler.lowering.rowreduce import row_blocks, strip_inputs, strip_kernel, strip_outputs
 from compiler.ops.base import OpFamily, Tensors
-from wse_sim.program import FabIn, FabOut, Instr, Mem, Op, repeat, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext

@@ -84,12 +84,12 @@ from compiler.lowering.inbox import (
     receiving_thread,
     rounds,
 )
+from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, Reg, repeat, vec
 from compiler.lowering.kernel import Kernel, LocalPE, StreamIds, Tokens
 from compiler.lowering.rowreduce import row_reduce
 from compiler.ops.base import OpFamily, Tensors
 from compiler.ops.softmax import partial_softmax
 from wse_sim.errors import UserError
-from wse_sim.program import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, Reg, repeat, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext

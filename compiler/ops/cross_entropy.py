@@ -52,6 +52,7 @@ import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec
 from compiler.lowering.inbox import receiving_thread
+from compiler.lowering.ir import FabIn, FabOut, Imm, Mem, Op, repeat, vec
 from compiler.lowering.kernel import Kernel, ResultSlot, StreamIds, Tokens
 from compiler.lowering.rowreduce import (
     DEFAULT_BLOCK_ROWS,
@@ -70,7 +71,6 @@ from compiler.lowering.rowreduce import (
     strip_outputs,
 )
 from compiler.ops.base import OpFamily, Tensors, token_batch
-from wse_sim.program import FabIn, FabOut, Imm, Mem, Op, repeat, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from compiler.graph import BYTES_PER_ELEMENT, GraphBuilder, OpSpec, grad_name, updated_name
+from compiler.lowering.ir import FabIn, FabOut, Instr, Mem, Op, repeat, vec
 from compiler.lowering.kernel import Kernel, LocalPE, ResultSlot, StreamIds, Tokens
 from compiler.ops.base import OpFamily, Tensors, token_batch
 from compiler.ops.matmul import (
@@ -60,7 +61,6 @@ from compiler.ops.matmul import (
     weight_slots,
 )
 from wse_sim.errors import UserError
-from wse_sim.program import FabIn, FabOut, Instr, Mem, Op, repeat, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext

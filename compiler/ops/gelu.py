@@ -40,6 +40,7 @@ import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec
 from compiler.lowering.inbox import RowStore, inbox
+from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, repeat, vec
 from compiler.lowering.kernel import Kernel, StreamIds
 from compiler.lowering.rowreduce import (
     alloc_all,
@@ -48,7 +49,6 @@ from compiler.lowering.rowreduce import (
     strip_outputs,
 )
 from compiler.ops.base import OpFamily, Tensors
-from wse_sim.program import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, repeat, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext

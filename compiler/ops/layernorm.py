@@ -50,6 +50,7 @@ import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec, grad_name, updated_name
 from compiler.lowering.inbox import RING, PerPE, RowStore, inbox, join, rounds
+from compiler.lowering.ir import FabOut, Imm, Mem, Op, vec
 from compiler.lowering.kernel import Kernel, ResultSlot, StreamIds
 from compiler.lowering.rowreduce import (
     GroupReducer,
@@ -62,7 +63,6 @@ from compiler.lowering.rowreduce import (
     strip_outputs,
 )
 from compiler.ops.base import OpFamily, Tensors
-from wse_sim.program import FabOut, Imm, Mem, Op, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext

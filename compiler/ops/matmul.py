@@ -56,9 +56,9 @@ import numpy as np
 from compiler.graph import GraphBuilder, OpSpec, ParamInit, grad_name, updated_name
 from compiler.lowering.dots import Walk, dot_cycles, dots
 from compiler.lowering.inbox import RING, Inbox, PerPE, RowStore, inbox, rounds
+from compiler.lowering.ir import FabIn, FabOut, Imm, Mem, Op, Operand, vec
 from compiler.lowering.kernel import Kernel, LocalPE, ResultSlot, StreamIds
 from compiler.ops.base import OpFamily, Tensors
-from wse_sim.program import FabIn, FabOut, Imm, Mem, Op, Operand, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
