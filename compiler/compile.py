@@ -17,11 +17,11 @@ from compiler.config import RunConfig
 from compiler.gpt import build_graph
 from compiler.graph import TrainingGraph
 from compiler.inputs import init_params, make_batch
-from compiler.lower import lower
+from compiler.lower import choose_plan, lower
 from compiler.lowering.kernel import Kernel
 from compiler.orient import orient
 from compiler.placement import Box, hop_words, place
-from compiler.plan import Plan, plan_step
+from compiler.plan import Plan
 from compiler.routing import Linked, link, program_elements
 from wse_sim.program import Kind
 
@@ -69,7 +69,7 @@ def compile_step(cfg: RunConfig, placement: str | None = None) -> Compiled:
     graph = build_graph(cfg)
     params = init_params(cfg)
     tokens = make_batch(cfg)
-    plan = plan_step(graph, cfg.compile.lane_width or cfg.model.d_head)
+    plan = choose_plan(graph, tokens)
     kernels = lower(graph, params, tokens, plan)
     boxes = [Box(k.name, k.width, k.height) for k in kernels]
     traffic = kernel_traffic(kernels)

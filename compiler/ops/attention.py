@@ -806,16 +806,24 @@ class Scores(OpFamily):
         t[dq], t[dk] = attn_scores_backward(t[ds], t[q], t[k], a["batch"], a["heads"],
                                             a["scale"])
 
+    def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
+        shape = self._shape(ctx, op)
+        return len(head_groups(op.name, shape)) * shape.key_pes
+
+    def _shape(self, ctx: LoweringContext, op: OpSpec) -> AttnShape:
+        block = _block_of(op.name)
+        out = ctx.graph.ops[f"{block}.values"].outputs[0]
+        return ctx.attention_shape(op, f"{block}.qkv.out", out)
+
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
         block = _block_of(op.name)
         parts = [op.name, f"{block}.mask", f"{block}.softmax", f"{block}.values"]
         values = ctx.graph.ops[f"{block}.values"]
         qkv, d_qkv = f"{block}.qkv.out", grad_name(f"{block}.qkv.out")
-        out = values.outputs[0]
         return build_attention(
-            block, parts + [f"{p}.bwd" for p in parts], ctx.ids,
-            shape=ctx.attention_shape(op, qkv, out), qkv=qkv, out=out,
-            d_out=ctx.dy(values.name), d_qkv=d_qkv, queue_depth=ctx.wafer.queue_depth)
+            block, parts + [f"{p}.bwd" for p in parts], ctx.ids, shape=self._shape(ctx, op),
+            qkv=qkv, out=values.outputs[0], d_out=ctx.dy(values.name), d_qkv=d_qkv,
+            queue_depth=ctx.wafer.queue_depth)
 
 
 class CausalMask(OpFamily):

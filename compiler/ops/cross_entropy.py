@@ -298,6 +298,9 @@ class CrossEntropy(OpFamily):
         logits, tokens = op.inputs
         t[op.outputs[0]] = cross_entropy_backward(t[logits], token_batch(op, t[tokens]))
 
+    def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
+        return len(ctx.lanes(op.inputs[0]))
+
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
         logits, _ = op.inputs
         return build_cross_entropy(

@@ -314,6 +314,12 @@ class Embedding(OpFamily):
         t[dwte], t[dwpe] = embedding_backward(t[dh0], token_batch(op, t[tokens]), op.attrs["vocab"],
                                               op.attrs["n_ctx"])
 
+    def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
+        if op.kind == "lm_head":
+            return 0
+        vocab_lanes = ctx.lanes(ctx.graph.ops["lm_head"].outputs[0])
+        return (len(vocab_lanes) + 1) * len(ctx.lanes(op.outputs[0]))  # + the position column
+
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel | None:
         """One kernel for both ops, started by `embed`; it holds the only copy of wte, so
         the tied gradient's accumulation and both tables' updates happen there too."""

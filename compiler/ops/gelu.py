@@ -184,6 +184,9 @@ class Gelu(OpFamily):
         dy, x = op.inputs
         t[op.outputs[0]] = gelu_backward(t[dy], t[x], op.attrs["activation"])
 
+    def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
+        return len(ctx.lanes(op.inputs[0]))
+
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
         (x,) = op.inputs
         rows, _ = ctx.rows_cols(x)

@@ -258,6 +258,9 @@ class LayerNorm(OpFamily):
         t[dx], t[dweight], t[dbias] = layernorm_backward(t[dy], t[x], t[weight], t[mean],
                                                          t[rstd])
 
+    def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
+        return len(ctx.lanes(op.inputs[0]))
+
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
         x, gamma, beta = op.inputs
         rows, _ = ctx.rows_cols(x)

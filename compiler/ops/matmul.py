@@ -346,6 +346,12 @@ def sram_words(rows: int, kb: int, nb: int, *, top_row_bias: bool) -> int:
     return 2 * kb * nb + rows * kb + RING * nb + (2 * nb if top_row_bias else 0)
 
 
+def _output(op: OpSpec) -> str:
+    """The tensor a matmul streams: its output, or for the fused QKV product one [M, 3d]
+    tensor `{op}.out` (see compiler.lower)."""
+    return op.outputs[0] if len(op.outputs) == 1 else f"{op.name}.out"
+
+
 class Matmul(OpFamily):
     kinds = ("matmul",)
 
@@ -361,12 +367,14 @@ class Matmul(OpFamily):
         dy = np.concatenate([t[d] for d in dys], axis=1)
         t[dx], t[dweight], t[dbias] = linear_backward(dy, t[x], t[weight])
 
+    def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
+        return len(ctx.lanes(op.inputs[0])) * len(ctx.lanes(_output(op)))
+
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
         x, weight, bias = op.inputs
         rows, _ = ctx.rows_cols(x)
-        # The fused QKV product streams one [M, 3d] tensor `{op}.out` (see compiler.lower).
-        y, dy = ((op.outputs[0], ctx.dy(op.name)) if len(op.outputs) == 1
-                 else (f"{op.name}.out", grad_name(f"{op.name}.out")))
+        y = _output(op)
+        dy = ctx.dy(op.name) if len(op.outputs) == 1 else grad_name(y)
         return build_linear(
             op.name, ctx.ops_with_updates(op.name, weight, bias), ctx.ids, rows=rows,
             k_lanes=ctx.lanes(x), n_lanes=ctx.lanes(y), weight=ctx.param(weight),
