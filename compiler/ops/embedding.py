@@ -178,8 +178,7 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
                     wpe: np.ndarray, lr: float, h0_tensor: str, x_tensor: str,
                     logits_tensor: str, dlogits_tensor: str | None = None,
                     dx_tensor: str | None = None, dh0_tensor: str | None = None,
-                    wte_name: str = "wte.weight", wpe_name: str = "wpe.weight",
-                    queue_depth: int) -> Kernel:
+                    wte_name: str = "wte.weight", wpe_name: str = "wpe.weight") -> Kernel:
     """The tied embedding + LM head kernel for the batch `tokens` [B, T]; the model width
     d is cut into `d_lanes` (h0's lanes, and the lanes x arrives in), the vocabulary into
     `v_lanes` (the logits' lanes).
@@ -222,7 +221,7 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
         relays.append(relay)
 
     emit_forward(grid, ids, x_tensor=x_tensor, y_tensor=logits_tensor, bias=None,
-                 keep_x=backward, queue_depth=queue_depth)
+                 keep_x=backward)
     for r, relay in enumerate(relays):
         for c in range(n_c):
             _emit_relay(grid, (c, r), owners, relay[c - 1] if c > 0 else None, relay[c])
@@ -231,8 +230,7 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
     kernel.shapes[dlogits_tensor] = (rows, vocab)
     if dx_tensor is not None:
         kernel.shapes[dx_tensor] = (rows, d)
-    emit_backward(grid, ids, dy_tensor=dlogits_tensor, dx_tensor=dx_tensor, bias_grad=None,
-                  queue_depth=queue_depth)
+    emit_backward(grid, ids, dy_tensor=dlogits_tensor, dx_tensor=dx_tensor, bias_grad=None)
 
     if dh0_tensor is not None:
         kernel.shapes[dh0_tensor] = (rows, d)
@@ -339,8 +337,7 @@ class Embedding(OpFamily):
             wte=ctx.param(wte), wpe=ctx.param(wpe), lr=ctx.lr, h0_tensor=op.outputs[0],
             x_tensor=final, logits_tensor=lm_head.outputs[0],
             dlogits_tensor=ctx.dy("lm_head"), dx_tensor=ctx.dx("lm_head"),
-            dh0_tensor=ctx.dy(op.name), wte_name=wte, wpe_name=wpe,
-            queue_depth=ctx.wafer.queue_depth)
+            dh0_tensor=ctx.dy(op.name), wte_name=wte, wpe_name=wpe)
 
 
 FAMILY = Embedding()
