@@ -17,11 +17,11 @@ from compiler.config import RunConfig
 from compiler.gpt import build_graph
 from compiler.graph import TrainingGraph
 from compiler.inputs import Batch, init_params, make_batch
-from compiler.lower import lower
+from compiler.lower import choose_plan, lower
 from compiler.lowering.kernel import Kernel
 from compiler.orient import Flip, flip_kernel, orientations
 from compiler.placement import Box, hop_words, place
-from compiler.plan import Plan, plan_step
+from compiler.plan import Plan
 from compiler.routing import Linked, link, program_elements
 from wse_sim.program import Kind
 
@@ -53,7 +53,7 @@ def kernel_traffic(kernels: list[Kernel]) -> list[tuple[str, str, int]]:
     producers = {}
     for kernel in kernels:
         for end in kernel.outputs:
-            words = program_elements(kernel.programs[end.pes[0]], end.stream, Kind.FABOUT)
+            words = program_elements(kernel.programs[end.pes[0]], Kind.FABOUT)[end.stream]
             producers[(end.tensor, end.lane)] = (kernel.name, words)
     words: dict[tuple[str, str], int] = defaultdict(int)
     for kernel in kernels:
@@ -77,7 +77,7 @@ def compile_graph(cfg: RunConfig, graph: TrainingGraph, params: dict[str, np.nda
     of `compiler.generate`) with the weights `params`, its code built for `batch`."""
     started = time.perf_counter()
     strategy = placement or cfg.compile.placement
-    plan = plan_step(graph, cfg.compile.lane_width or cfg.model.d_head)
+    plan = choose_plan(graph, batch)
     kernels = lower(graph, params, batch, plan)
     boxes = [Box(k.name, k.width, k.height) for k in kernels]
     traffic = kernel_traffic(kernels)

@@ -17,6 +17,7 @@ each exact, are the families' own:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +28,8 @@ from compiler.lowering.kernel import Kernel, StreamIds, sram_budget
 from compiler.ops import family_of
 from compiler.ops.attention import AttnShape, fit_key_pes
 from compiler.ops.update import UpdateRule
-from compiler.plan import Plan
+from compiler.plan import Plan, plan_step
+from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
 
 
@@ -125,6 +127,59 @@ def lower(graph: TrainingGraph, params: dict[str, np.ndarray], batch: Batch,
     if missing or len(covered) != len(set(covered)):
         raise AssertionError(f"ops not lowered exactly once: missing {sorted(missing)}")
     return kernels
+
+
+def step_pes(graph: TrainingGraph, batch: Batch, plan: Plan) -> int:
+    """The PEs of the step's kernels under `plan`, counted without building them."""
+    ctx = LoweringContext(graph, {}, batch, plan)
+    return sum(family_of(op).pes(ctx, op) for op in graph.ops.values() if _starts_kernel(op))
+
+
+def size_step(graph: TrainingGraph, batch: Batch, budget: int) -> Plan:
+    """The plan with the narrowest lanes whose kernels fit in `budget` PEs: the narrower
+    the lanes, the more PEs share the work and the faster each row (a matmul's row takes
+    about w^2 cycles a pass), and `plan_step` keeps attention at the matmuls' pace.
+
+    Wider lanes need fewer PEs but more SRAM per PE, so the widths that fit SRAM (as far as
+    sizing sees it: attention's, the largest per PE; lowering checks every kernel) are 1 up
+    to some widest, and along them the PE count falls (one width's rounding aside): two
+    bisections find the widest, then the narrowest within the budget. A budget below the
+    widest's count is a UserError."""
+
+    def count(width: int) -> int | None:
+        """The step's PEs at lane width `width`, None if a kernel cannot fit its SRAM."""
+        try:
+            return step_pes(graph, batch, plan_step(graph, width))
+        except UserError:
+            return None
+
+    def first(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
+        """The smallest width in lo..hi for which `ok` holds (`ok(hi)` does)."""
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
+        return lo
+
+    d_model = graph.cfg.model.d_model
+    if count(1) is None:
+        raise UserError("compile.pes: the step does not fit the PEs' SRAM at any lane width")
+    widest = first(1, d_model + 1, lambda w: w > d_model or count(w + 1) is None)
+    least = count(widest)
+    assert least is not None
+    if least > budget:
+        raise UserError(f"compile.pes: the step needs at least {least:,} PEs (lane width "
+                        f"{widest}, the widest whose kernels fit SRAM), the budget is "
+                        f"{budget:,}")
+    return plan_step(graph, first(1, widest, lambda w: (count(w) or budget + 1) <= budget))
+
+
+def choose_plan(graph: TrainingGraph, batch: Batch) -> Plan:
+    """The plan the config asks for: sized to `compile.pes`, or with `compile.lane_width`
+    lanes (default d_head)."""
+    options = graph.cfg.compile
+    if options.pes is not None:
+        return size_step(graph, batch, options.pes)
+    return plan_step(graph, options.lane_width or graph.cfg.model.d_head)
 
 
 def _starts_kernel(op: OpSpec) -> bool:

@@ -79,6 +79,16 @@ def test_tiny_report_counters(tiny_run):
         assert 0 <= k["start_cycle"] <= k["end_cycle"] < report["cycles"], k["name"]
         assert 0 < k["utilization"] <= 1, k["name"]
         assert k["pes"] == k["w"] * k["h"]
+        # a kernel's PE-cycles by class add up to its PEs x the run; fill (before a PE's
+        # first work: stalled or idle) and drain (after its last: idle) are some of them
+        classes = k["pe_cycles"]
+        assert sum(classes.values()) == k["pes"] * report["cycles"], k["name"]
+        assert classes["compute"] == pytest.approx(k["utilization"] * k["pes"] * report["cycles"])
+        assert k["pes"] * k["start_cycle"] <= k["fill_pe_cycles"], k["name"]
+        assert k["drain_pe_cycles"] <= classes["idle"], k["name"]
+        assert k["fill_pe_cycles"] + k["drain_pe_cycles"] <= classes["stalled"] + classes["idle"]
+    assert {name: sum(k["pe_cycles"][name] for k in kernels)
+            for name in report["pe_cycles"]} == report["pe_cycles"]
     # the backward pass ends after the forward pass: the loss kernel before the embedding
     ends = {k["name"]: k["end_cycle"] for k in kernels}
     assert ends["loss"] < ends["embed"]

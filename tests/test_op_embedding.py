@@ -21,7 +21,6 @@ from compiler.ops.embedding import (
 )
 from compiler.ops.update import UpdateRule
 from compiler.optim import sgd_tensor
-from wse_sim.hardware import WaferConfig
 
 LR = 0.1
 SGD = UpdateRule("sgd", LR)
@@ -40,8 +39,7 @@ def embedding(batch, seq, vocab, d, n_ctx, lw, *, backward=True, seed=0):
         "embed", ["embed", "lm_head"], StreamIds(), tokens=tokens, d_lanes=lane_cols(d, lw),
         v_lanes=lane_cols(vocab, lw), wte=wte, wpe=wpe, update=SGD, h0_tensor="h0", x_tensor="x",
         logits_tensor="logits", dlogits_tensor="dlogits" if backward else None,
-        dx_tensor="dx" if backward else None, dh0_tensor="dh0" if backward else None,
-        queue_depth=WaferConfig().queue_depth)
+        dx_tensor="dx" if backward else None, dh0_tensor="dh0" if backward else None)
     return kernel, tokens, wte.astype(np.float64), wpe.astype(np.float64), arrays
 
 
@@ -106,8 +104,7 @@ def test_embedding_cycles_match_formula(batch, seq, vocab, d, lw):
 def test_bad_tokens_and_shapes_are_rejected():
     wte, wpe = np.zeros((8, 4), np.float32), np.zeros((3, 4), np.float32)
     common = dict(d_lanes=lane_cols(4, 4), v_lanes=lane_cols(8, 4), wte=wte, wpe=wpe, update=SGD,
-                  h0_tensor="h0", x_tensor="x", logits_tensor="logits",
-                  queue_depth=WaferConfig().queue_depth)
+                  h0_tensor="h0", x_tensor="x", logits_tensor="logits")
     with pytest.raises(ValueError, match="tokens outside"):
         build_embedding("e", [], StreamIds(), tokens=np.array([[8]]), **common)
     with pytest.raises(ValueError, match="does not fit"):

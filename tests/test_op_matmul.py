@@ -26,8 +26,6 @@ from wse_sim.hardware import WaferConfig
 
 SGD = UpdateRule("sgd", 0.1)
 
-QUEUE_DEPTH = WaferConfig().queue_depth
-
 
 def linear(rows, k, n, wk, wn, *, bias=True, backward=True, dx=True, seed=0):
     """A [rows, k] x [k, n] kernel, x in lanes of wk columns, Y in lanes of wn."""
@@ -40,7 +38,7 @@ def linear(rows, k, n, wk, wn, *, bias=True, backward=True, dx=True, seed=0):
         "lin", ["lin"], StreamIds(), rows=rows, k_lanes=lane_cols(k, wk),
         n_lanes=lane_cols(n, wn), weight=w, bias=b, update=SGD, x_tensor="x", y_tensor="y",
         dy_tensor="dy" if backward else None, dx_tensor="dx" if backward and dx else None,
-        weight_name="w", bias_name="b" if bias else None, queue_depth=QUEUE_DEPTH)
+        weight_name="w", bias_name="b" if bias else None)
     return kernel, x, w, b, dy
 
 
@@ -82,9 +80,16 @@ def test_forward_only_kernel_has_no_backward():
 
 
 # The formulas leave out the backward's fill, dX's first row crossing the C-wide row (about
-# C (nb + 1) cycles): the shapes below are large enough for that to stay under 0.2%. (A
-# forward-only kernel keeps x in a ring whose credits cost a few cycles a row more; the
-# compiler builds none.)
+# C (nb + 1) cycles): the shapes below are large enough for that to stay under 0.2%.
+@pytest.mark.parametrize("rows,k,n,wk,wn", [(32, 32, 32, 16, 16), (24, 48, 24, 16, 12),
+                                            (16, 64, 96, 32, 32)])
+def test_forward_cycles_match_closed_form(rows, k, n, wk, wn):
+    kernel, x, _, _, _ = linear(rows, k, n, wk, wn, backward=False)
+    run = run_kernel(kernel, {"x": x})
+    expected = forward_cycles(rows, lane_cols(k, wk), lane_cols(n, wn))
+    assert run.cycles == pytest.approx(expected, rel=0.002)
+
+
 @pytest.mark.parametrize("rows,k,n,wk,wn", [(32, 32, 32, 16, 16), (48, 40, 24, 16, 12),
                                             (16, 64, 96, 32, 32)])
 def test_step_cycles_and_sram_match_closed_form(rows, k, n, wk, wn):

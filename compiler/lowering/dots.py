@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wse_sim.program import Instr, Kind, Mem, Op, Operand, Reg, vec
+from compiler.lowering.ir import Instr, Kind, Mem, Op, Operand, Reg, vec
 
 
 @dataclass(frozen=True)

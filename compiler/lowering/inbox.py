@@ -31,8 +31,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from compiler.lowering.ir import FabIn, Instr, Mem, Op, Operand, repeat, vec
 from compiler.lowering.kernel import Kernel, LocalPE, StreamIds, Tokens
-from wse_sim.program import FabIn, Instr, Mem, Op, Operand, repeat, vec
 
 PerPE = dict[LocalPE, list[Instr]]
 Span = tuple[int, int]
@@ -127,13 +127,21 @@ class Inbox:
 
 
 def inbox(kernel: Kernel, pe: LocalPE, ids: StreamIds, stream: int | list[tuple[int, Span]],
-          store: RowStore, *, queue_depth: int, backwards: bool = False) -> Inbox:
+          store: RowStore, *, queue_depth: int, backwards: bool = False,
+          after: Inbox | None = None) -> Inbox:
     """Receive `store.count` rows of `stream` on a new thread of `pe`, row i into
     `store.row(i)` (stored from the last row back if `backwards`); `stream` may be several
     lanes, (stream, columns of the row) each, received one after the other per row. The
-    compute thread signals a ring store's first credits (`Inbox.open`)."""
+    compute thread signals a ring store's first credits (`Inbox.open`).
+
+    `after`: an inbox the compute thread has taken every row of when it opens this one
+    (the forward's, for a backward ring): both then signal on one channel, since this
+    one's first signal needs a credit given after the other's last token was taken. A
+    channel is a color at the PE, and fewer streams route faster."""
     parts = [(stream, (0, store.width))] if isinstance(stream, int) else stream
-    ready = Tokens.create(kernel, pe, ids, queue_depth)
+    if after is not None and store.ring is None:
+        raise ValueError(f"kernel {kernel.name}: only a ring inbox can follow another")
+    ready = after.ready if after is not None else Tokens.create(kernel, pe, ids, queue_depth)
     free = None
     thread = receiving_thread(kernel, pe)
     if store.ring is not None:

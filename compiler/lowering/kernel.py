@@ -48,21 +48,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Kind, Op, Operand, Reg, vec
 from wse_sim.errors import UserError
-from wse_sim.program import (
-    FabIn,
-    FabOut,
-    Imm,
-    Instr,
-    Kind,
-    Op,
-    Operand,
-    PEProgram,
-    Reg,
-    Task,
-    Trigger,
-    vec,
-)
+from wse_sim.program import PEProgram, Task, Trigger
 
 SYMBOLIC_BASE = 1_000_000
 
@@ -274,24 +262,30 @@ def ring_slots(queue_depth: int) -> int:
     return 2 * queue_depth + 2
 
 
-def symbolic_streams(instr: Instr) -> list[int]:
-    """The symbolic stream ids an instruction's fabric operands name."""
-    return [o.color for o in (instr.dst, instr.a, instr.b, instr.c)
-            if o.kind in (Kind.FABIN, Kind.FABOUT) and o.color >= SYMBOLIC_BASE]
+def bind_colors(instrs: list[Instr], colors: dict[int, int], where: str) -> list[Instr]:
+    """Rewrite symbolic stream ids in fabric operands to the colors routing chose (a
+    symbolic id missing from `colors` is a compiler bug named by `where`). Instructions
+    that name no stream are kept as they are: most of a model's are not on the fabric, and
+    rebuilding them dominated linking."""
+    bound: dict[tuple[Kind, int], Operand] = {}
 
+    def bind(operand: Operand) -> Operand:
+        kind = operand.kind
+        if (kind is not Kind.FABIN and kind is not Kind.FABOUT) or operand.color < SYMBOLIC_BASE:
+            return operand
+        key = (kind, operand.color)
+        new = bound.get(key)
+        if new is None:
+            if operand.color not in colors:
+                raise ValueError(f"{where}: stream id {operand.color} is not declared in the "
+                                 f"kernel's inputs, outputs or local streams")
+            new = bound[key] = replace(operand, color=colors[operand.color])
+        return new
 
-def _bind(operand: Operand, colors: dict[int, int]) -> Operand:
-    if operand.kind in (Kind.FABIN, Kind.FABOUT) and operand.color >= SYMBOLIC_BASE:
-        return replace(operand, color=colors[operand.color])
-    return operand
-
-
-def bind_colors(instrs: list[Instr], colors: dict[int, int]) -> list[Instr]:
-    """Rewrite symbolic stream ids in fabric operands to the colors routing chose; an
-    instruction that names no stream is kept as it is (most of a model's are not on the
-    fabric, and rebuilding them dominated linking)."""
-    return [
-        replace(i, dst=_bind(i.dst, colors), a=_bind(i.a, colors), b=_bind(i.b, colors),
-                c=_bind(i.c, colors)) if symbolic_streams(i) else i
-        for i in instrs
-    ]
+    out = []
+    for i in instrs:
+        dst, a, b, c = bind(i.dst), bind(i.a), bind(i.b), bind(i.c)
+        if dst is not i.dst or a is not i.a or b is not i.b or c is not i.c:
+            i = Instr(i.op, i.n, dst, a, b, c, i.count, i.body, i.task)
+        out.append(i)
+    return out

@@ -47,8 +47,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from compiler.lowering.inbox import PerPE
+from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, Reg, repeat, vec
 from compiler.lowering.kernel import Kernel, LocalPE, LocalStream, RowOrder, StreamIds
-from wse_sim.program import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, Reg, repeat, vec
 
 # Rows per block of the cross-entropy (the turn-around, which waits for every row anyway):
 # its reduction round trips are spread over 8 rows.

@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec
+from compiler.lowering.ir import FabIn, FabOut, Instr, Mem, Op, repeat, vec
 from compiler.lowering.kernel import Kernel, RowOrder, StreamIds, Tokens, ring_slots
 from compiler.lowering.rowreduce import row_blocks, strip_inputs, strip_kernel, strip_outputs
 from compiler.ops.base import OpFamily, Tensors
-from wse_sim.program import FabIn, FabOut, Instr, Mem, Op, repeat, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
@@ -114,15 +114,23 @@ def sram_words(rows: int, lane_width: int, queue_depth: int,
     return min(blocks, ring_slots(queue_depth)) * block_rows * lane_width
 
 
+def _in_place(ctx: LoweringContext, op: OpSpec) -> bool:
+    """A parameter's gradient sum happens in the kernel that holds the parameter."""
+    return op.kind == "grad_acc" and ctx.graph.tensors[op.attrs["tensor"]].kind == "parameter"
+
+
 class Add(OpFamily):
     kinds = ("add", "grad_acc")
 
     def forward(self, op: OpSpec, t: Tensors) -> None:
         t[op.outputs[0]] = add_forward(*(t[x] for x in op.inputs))
 
+    def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
+        return 0 if _in_place(ctx, op) else len(ctx.lanes(op.outputs[0]))
+
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel | None:
-        if op.kind == "grad_acc" and ctx.graph.tensors[op.attrs["tensor"]].kind == "parameter":
-            return None  # the kernel holding the parameter accumulates in place
+        if _in_place(ctx, op):
+            return None
         if len(op.inputs) != 2:
             raise NotImplementedError(f"{op.name}: add of {len(op.inputs)} tensors")
         first, second = ctx.earlier_first(*op.inputs)

@@ -84,12 +84,12 @@ from compiler.lowering.inbox import (
     receiving_thread,
     rounds,
 )
+from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, Reg, repeat, vec
 from compiler.lowering.kernel import Kernel, LocalPE, StreamIds, Tokens
 from compiler.lowering.rowreduce import row_reduce
 from compiler.ops.base import OpFamily, Tensors
 from compiler.ops.softmax import partial_softmax
 from wse_sim.errors import UserError
-from wse_sim.program import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, Reg, repeat, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
@@ -442,12 +442,12 @@ class _PE:
                     instrs += repeat(rows, body) if rows else []
             kernel.emit(pe, *instrs, thread=receiving_thread(kernel, pe))
             keys.append(ready)
-        d_out = self.d_out_inbox() if self.last else inbox(
+        d_out = self.d_out_inbox(q) if self.last else inbox(
             kernel, pe, ids, self.g.d_out, RowStore(self.buf.d_out, w, shape.rows, RING),
-            queue_depth=depth)
+            queue_depth=depth, after=q)
         return q, keys[0], keys[1], d_out
 
-    def d_out_inbox(self) -> Inbox:
+    def d_out_inbox(self, after: Inbox) -> Inbox:
         """The last PE's dO receiver: a ring with credits, and per row D = dO . o per head
         (the flash-attention identity D = sum_j p_j dP_j = dO . o), kept beside the row
         and sent up the column as soon as dO arrives, so no PE waits for a sum over the
@@ -455,7 +455,7 @@ class _PE:
         the forward, when every output row is stored."""
         kernel, pe, w, dh = self.kernel, self.pe, self.width, self.shape.d_head
         assert self.buf.out is not None
-        ready = Tokens.create(kernel, pe, self.ids, self.queue_depth)
+        ready = after.ready  # see `inbox`'s `after`
         free = Tokens.create(kernel, pe, self.ids, self.queue_depth)
         store = RowStore(self.buf.d_out, w, self.shape.rows, RING)
         nh = self.g.n_heads
@@ -806,16 +806,24 @@ class Scores(OpFamily):
         t[dq], t[dk] = attn_scores_backward(t[ds], t[q], t[k], a["batch"], a["heads"],
                                             a["scale"])
 
+    def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
+        shape = self._shape(ctx, op)
+        return len(head_groups(op.name, shape)) * shape.key_pes
+
+    def _shape(self, ctx: LoweringContext, op: OpSpec) -> AttnShape:
+        block = _block_of(op.name)
+        out = ctx.graph.ops[f"{block}.values"].outputs[0]
+        return ctx.attention_shape(op, f"{block}.qkv.out", out)
+
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
         block = _block_of(op.name)
         parts = [op.name, f"{block}.mask", f"{block}.softmax", f"{block}.values"]
         values = ctx.graph.ops[f"{block}.values"]
         qkv, d_qkv = f"{block}.qkv.out", grad_name(f"{block}.qkv.out")
-        out = values.outputs[0]
         return build_attention(
-            block, parts + [f"{p}.bwd" for p in parts], ctx.ids,
-            shape=ctx.attention_shape(op, qkv, out), qkv=qkv, out=out,
-            d_out=ctx.dy(values.name), d_qkv=d_qkv, queue_depth=ctx.wafer.queue_depth)
+            block, parts + [f"{p}.bwd" for p in parts], ctx.ids, shape=self._shape(ctx, op),
+            qkv=qkv, out=values.outputs[0], d_out=ctx.dy(values.name), d_qkv=d_qkv,
+            queue_depth=ctx.wafer.queue_depth)
 
 
 class CausalMask(OpFamily):

@@ -51,6 +51,7 @@ import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec
 from compiler.lowering.inbox import receiving_thread
+from compiler.lowering.ir import FabIn, FabOut, Imm, Mem, Op, repeat, vec
 from compiler.lowering.kernel import Kernel, ResultSlot, StreamIds, Tokens
 from compiler.lowering.rowreduce import (
     DEFAULT_BLOCK_ROWS,
@@ -69,7 +70,6 @@ from compiler.lowering.rowreduce import (
     strip_outputs,
 )
 from compiler.ops.base import OpFamily, Tensors
-from wse_sim.program import FabIn, FabOut, Imm, Mem, Op, repeat, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
@@ -277,6 +277,9 @@ class CrossEntropy(OpFamily):
     def backward(self, op: OpSpec, t: Tensors) -> None:
         logits, targets = op.inputs
         t[op.outputs[0]] = cross_entropy_backward(t[logits], t[targets])
+
+    def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
+        return len(ctx.lanes(op.inputs[0]))
 
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
         logits, _ = op.inputs

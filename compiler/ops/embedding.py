@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from compiler.graph import BYTES_PER_ELEMENT, GraphBuilder, OpSpec
+from compiler.lowering.ir import FabIn, FabOut, Instr, Mem, Op, repeat, vec
 from compiler.lowering.kernel import Kernel, LocalPE, StreamIds, Tokens
 from compiler.ops.base import OpFamily, Tensors, token_batch
 from compiler.ops.matmul import (
@@ -60,7 +61,6 @@ from compiler.ops.matmul import (
 )
 from compiler.ops.update import UpdateRule, emit_update
 from wse_sim.errors import UserError
-from wse_sim.program import FabIn, FabOut, Instr, Mem, Op, repeat, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
@@ -180,7 +180,7 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
                     logits_tensor: str, dlogits_tensor: str | None = None,
                     dx_tensor: str | None = None, dh0_tensor: str | None = None,
                     wte_name: str = "wte.weight", wpe_name: str = "wpe.weight",
-                    queue_depth: int, start: int = 0) -> Kernel:
+                    start: int = 0) -> Kernel:
     """The tied embedding + LM head kernel for the batch `tokens` [B, T]; the model width
     d is cut into `d_lanes` (h0's lanes, and the lanes x arrives in), the vocabulary into
     `v_lanes` (the logits' lanes).
@@ -224,7 +224,7 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
         relays.append(relay)
 
     emit_forward(grid, ids, x_tensor=x_tensor, y_tensor=logits_tensor, bias=None,
-                 keep_x=backward, queue_depth=queue_depth)
+                 keep_x=backward)
     for r, relay in enumerate(relays):
         for c in range(n_c):
             _emit_relay(grid, (c, r), owners, relay[c - 1] if c > 0 else None, relay[c])
@@ -233,8 +233,7 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
     kernel.shapes[dlogits_tensor] = (rows, vocab)
     if dx_tensor is not None:
         kernel.shapes[dx_tensor] = (rows, d)
-    emit_backward(grid, ids, dy_tensor=dlogits_tensor, dx_tensor=dx_tensor, bias_grad=None,
-                  queue_depth=queue_depth)
+    emit_backward(grid, ids, dy_tensor=dlogits_tensor, dx_tensor=dx_tensor, bias_grad=None)
 
     if dh0_tensor is not None:
         kernel.shapes[dh0_tensor] = (rows, d)
@@ -307,6 +306,12 @@ class Embedding(OpFamily):
         t[dwte], t[dwpe] = embedding_backward(t[dh0], token_batch(op, t[tokens]), op.attrs["vocab"],
                                               op.attrs["n_ctx"])
 
+    def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
+        if op.kind == "lm_head":
+            return 0
+        vocab_lanes = ctx.lanes(ctx.graph.ops["lm_head"].outputs[0])
+        return (len(vocab_lanes) + 1) * len(ctx.lanes(op.outputs[0]))  # + the position column
+
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel | None:
         """One kernel for both ops, started by `embed`; it holds the only copy of wte, so
         the tied gradient's accumulation and both tables' updates happen there too."""
@@ -327,8 +332,7 @@ class Embedding(OpFamily):
             wte=ctx.param(wte), wpe=ctx.param(wpe), update=ctx.update, h0_tensor=op.outputs[0],
             x_tensor=final, logits_tensor=lm_head.outputs[0],
             dlogits_tensor=ctx.dy("lm_head"), dx_tensor=ctx.dx("lm_head"),
-            dh0_tensor=ctx.dy(op.name), wte_name=wte, wpe_name=wpe,
-            queue_depth=ctx.wafer.queue_depth, start=ctx.batch.start)
+            dh0_tensor=ctx.dy(op.name), wte_name=wte, wpe_name=wpe, start=ctx.batch.start)
 
 
 FAMILY = Embedding()

@@ -20,27 +20,32 @@ Forward, per row: a thread of its own receives x into SRAM (compiler.lowering.in
 producer never waits while a row is emitted); the compute thread waits for the row's
 token, builds Phi in place with vector ops, emits y = Phi * x, then turns the row's (x,
 Phi) into gelu'(x) in place of Phi (x is then dead), off the critical path while the
-consumer works on the row. The backward streams one instruction per row, rows
-descending, `MUL FabOut = FabIn(dy) * Mem(gelu' row)`: dx leaves as fast as dy arrives.
-Keeping gelu'(x) instead of x costs the same SRAM and keeps the derivative's arithmetic out
-of the backward.
+consumer works on the row. The backward receives dy rows (a matmul's dX, element by
+element) on a thread of its own into a two-row ring and emits each dx row whole, `MUL
+FabOut = Mem(dy row) * Mem(gelu' row)`, as the matmul that reads it needs
+(compiler.ops.matmul). Keeping gelu'(x) instead of x costs the same SRAM and keeps the
+derivative's arithmetic out of the backward.
 Cost (cycles per element; M w elements): exact: forward 4 (scale, erf, fma, multiply-out),
 derivative 5, backward 1; tanh: forward 6, derivative 6, backward 1; plus the token wait, a
-cycle per row. Every forward pass writes SRAM, so the receiving thread's write of each x
-element (one write port) costs the compute thread a cycle: 1 more per element.
-SRAM 2 M w + one row of scratch.
+cycle per row; in the backward the token and the slot's credit, and the receiving thread's
+credit and token wavelets, which take the ramps that dx streams through: 4 per row. Every
+forward pass writes SRAM, so the receiving thread's write of each x element (one write
+port) costs the compute thread a cycle: 1 more per element.
+SRAM 2 M w + one row of scratch + two dy rows.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec
-from compiler.lowering.inbox import RowStore, inbox
-from compiler.lowering.kernel import Kernel, StreamIds
+from compiler.lowering.inbox import RING, Inbox, PerPE, RowStore, inbox, rounds
+from compiler.lowering.ir import FabOut, Imm, Instr, Mem, Op, Operand, repeat, vec
+from compiler.lowering.kernel import Kernel, LocalPE, StreamIds
 from compiler.lowering.rowreduce import (
     alloc_all,
     strip_inputs,
@@ -48,7 +53,6 @@ from compiler.lowering.rowreduce import (
     strip_outputs,
 )
 from compiler.ops.base import OpFamily, Tensors
-from wse_sim.program import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, repeat, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
@@ -122,6 +126,7 @@ def build_gelu(name: str, ops: list[str], ids: StreamIds, *, rows: int,
     xs = alloc_all(kernel, pes, rows * lane_width, f"{x_tensor} (x)")
     phi = alloc_all(kernel, pes, rows * lane_width, "Phi(x), then gelu'(x)")
     s = Mem(alloc_all(kernel, pes, lane_width, "scratch row"))
+    dy_ring = alloc_all(kernel, pes, RING * lane_width, "dy ring")
     tanh = activation == "gelu_tanh"
     for j, lane in enumerate(strip):
         pe, w = lane.pe, lane.width
@@ -130,9 +135,20 @@ def build_gelu(name: str, ops: list[str], ids: StreamIds, *, rows: int,
         kernel.emit(pe, *repeat(rows, [*x_rows.take(), *_forward_row(
             w, x_rows.store.row(0, 1), p_rows.row(0, 1), s, FabOut(y_out[j]), tanh)]))
         if backward:
-            kernel.emit(pe, *repeat(rows, [vec(Op.MUL, w, FabOut(dx_out[j]), FabIn(dy_in[j]),
-                                                p_rows.row(0, 1, backwards=True))]))
+            # dy arrives element by element (a matmul's dX): received apart, each dx row is
+            # emitted whole, as a matmul reading it in line needs (compiler.ops.matmul)
+            dy = inbox(kernel, pe, ids, dy_in[j], RowStore(dy_ring, w, rows, RING),
+                       queue_depth=queue_depth, after=x_rows)
+            backward_row = partial(_backward_row, pe, dy, p_rows, FabOut(dx_out[j]))
+            kernel.emit(pe, *dy.open(), *rounds(range(rows), RING, backward_row)[pe])
     return kernel
+
+
+def _backward_row(pe: LocalPE, dy: Inbox, gelu_prime: RowStore, out: Operand, i: int,
+                  loop: int) -> PerPE:
+    """Backward row i (row rows - 1 - i): dx = dy * gelu'(x), emitted whole."""
+    return {pe: [*dy.take(), vec(Op.MUL, dy.store.width, out, dy.store.row(i, loop),
+                                 gelu_prime.row(i, loop, backwards=True)), *dy.release()]}
 
 
 def _forward_row(w: int, x: Operand, p: Operand, s: Operand, out: Operand,
@@ -170,13 +186,14 @@ PASSES = {"gelu": 1 + 4 + 5 + 1, "gelu_tanh": 1 + 6 + 6 + 1}
 
 def cycles(rows: int, lane_width: int, activation: Activation) -> int:
     """Cycles of a lone GELU kernel fed at full rate (its lanes run in parallel): the
-    passes over every element and a token wait per row."""
-    return PASSES[activation] * rows * lane_width + rows
+    passes over every element, 1 cycle per forward row and 4 per backward row for the
+    tokens and credits."""
+    return PASSES[activation] * rows * lane_width + 5 * rows
 
 
 def sram_words(rows: int, lane_width: int) -> int:
-    """Words per PE: x, Phi (then gelu'), one scratch row."""
-    return 2 * rows * lane_width + lane_width
+    """Words per PE: x, Phi (then gelu'), one scratch row, the dy ring."""
+    return 2 * rows * lane_width + lane_width + RING * lane_width
 
 
 class Gelu(OpFamily):
@@ -189,6 +206,9 @@ class Gelu(OpFamily):
     def backward(self, op: OpSpec, t: Tensors) -> None:
         dy, x = op.inputs
         t[op.outputs[0]] = gelu_backward(t[dy], t[x], op.attrs["activation"])
+
+    def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
+        return len(ctx.lanes(op.inputs[0]))
 
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
         (x,) = op.inputs

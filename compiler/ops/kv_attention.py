@@ -42,11 +42,11 @@ import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec, updated_name
 from compiler.lowering.inbox import RowStore, inbox
+from compiler.lowering.ir import FabOut, Imm, Instr, Mem, Op, repeat, vec
 from compiler.lowering.kernel import Kernel, ResultSlot, StreamIds
 from compiler.lowering.rowreduce import row_reduce
 from compiler.ops.attention import AttnShape, head_groups, merge_heads, split_heads
 from compiler.ops.base import OpFamily, Tensors
-from wse_sim.program import FabOut, Imm, Instr, Mem, Op, repeat, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
@@ -189,6 +189,13 @@ class KvAttention(OpFamily):
         t[o], t[new_k], t[new_v] = kv_attention_forward(
             t[q], t[k], t[v], int(t[positions][0, 0]), t[k_cache], t[v_cache],
             op.attrs["heads"])
+
+    def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
+        block = op.name.rsplit(".", 1)[0]
+        a = op.attrs
+        shape = AttnShape(1, ctx.rows_cols(op.outputs[0])[0], a["heads"], a["d_head"],
+                          ctx.lanes(f"{block}.qkv.out"), ctx.lanes(op.outputs[0]), 1)
+        return len(head_groups(op.name, shape))
 
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
         block = op.name.rsplit(".", 1)[0]

@@ -50,6 +50,7 @@ import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec
 from compiler.lowering.inbox import RING, PerPE, RowStore, inbox, join, rounds
+from compiler.lowering.ir import FabOut, Imm, Mem, Op, vec
 from compiler.lowering.kernel import Kernel, StreamIds
 from compiler.lowering.rowreduce import (
     GroupReducer,
@@ -63,7 +64,6 @@ from compiler.lowering.rowreduce import (
 )
 from compiler.ops.base import OpFamily, Tensors
 from compiler.ops.update import UpdateRule, emit_update
-from wse_sim.program import FabOut, Imm, Mem, Op, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
@@ -151,7 +151,8 @@ def build_layernorm(name: str, ops: list[str], ids: StreamIds, *, rows: int,
                             queue_depth=queue_depth)
         if backward:
             dys[lane.pe] = inbox(kernel, lane.pe, ids, dy_in[lane.index],
-                                 RowStore(dy_ring, w, rows, ring=RING), queue_depth=queue_depth)
+                                 RowStore(dy_ring, w, rows, ring=RING), queue_depth=queue_depth,
+                                 after=xs[lane.pe])
 
     def forward_row(i: int, loop: int) -> PerPE:
         body: PerPE = {}
@@ -259,6 +260,9 @@ class LayerNorm(OpFamily):
         dx, dweight, dbias = op.outputs
         t[dx], t[dweight], t[dbias] = layernorm_backward(t[dy], t[x], t[weight], t[mean],
                                                          t[rstd])
+
+    def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
+        return len(ctx.lanes(op.inputs[0]))
 
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
         x, gamma, beta = op.inputs

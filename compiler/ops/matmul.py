@@ -13,12 +13,15 @@ wafer the weights live in SRAM next to the multipliers and never move: activatio
 stream through the grid like through a systolic array, and the SGD update is a local
 vector op where weight and gradient sit.
 
-Each PE receives its input lane on a thread of its own (`compiler.lowering.inbox`: a
-producer's row arrives element by element over its whole row time, and reading it while
-computing is what lets the two kernels overlap).
+Inputs are read in line, a row before its work: every kernel that feeds a matmul (the
+strip kernels, attention, the adds of their outputs, cross-entropy) emits each row whole,
+at one wavelet a cycle, so reading a row takes kb (or nb) cycles, and a PE with one thread
+lets the simulator run its memory-only vector ops in bulk. (A matmul's own output arrives
+element by element over its whole row time; its consumers receive it on threads of their
+own, `compiler.lowering.inbox`.)
 Forward, rows ascending, per row m (one REPEAT over the M rows, every PE):
   x lane r is multicast along PE row r; each PE stores its x row (the backward's dW needs
-  every row) and, once the row is in, computes nb dot products of kb terms
+  every row) and computes nb dot products of kb terms
   (`compiler.lowering.dots`): output n is x[m, k_r] . W[k_r, n], seeded by the partial
   sum of output n arriving from the PE above (the top row seeds with the bias), sent to
   the PE below; the bottom PE's outputs are Y lane c. The partial sums flow element by
@@ -26,8 +29,7 @@ Forward, rows ascending, per row m (one REPEAT over the M rows, every PE):
   has sent it.
 Backward, rows descending (DEADLOCK: see compiler.lowering.kernel; each PE reads its one
   dY lane and its west neighbour's partials in row order), per row m:
-  dY lane c is multicast down PE column c into a two-row ring on each PE, which computes kb
-  dot
+  dY lane c is multicast down PE column c; each PE stores the row, computes kb dot
   products of nb terms, dX[m, k] = dY[m, n_c] . W[k, n_c], seeded by the partial from the
   PE to the west and sent east; the east PE's outputs are dX lane r. Then, while dX moves
   on, it accumulates dW[k_r, n_c] += x[m, k_r]^T dY[m, n_c] (kb FMAs of nb) and on the top
@@ -36,15 +38,14 @@ Update: W and b by the optimizer's update (`compiler.ops.update.emit_update`: SG
 each, AdamW with the moments beside them).
 
 Cost (one fp32 element per cycle per PE; `forward_cycles`, `backward_cycles`,
-`sram_words` below). Per forward row a PE spends 1 cycle on the row's token and kb nb on
-its dot products, plus nb on the top row (the bias is a third SRAM read in each dot's
-first cycle); receiving the row overlaps (the dots write no SRAM). The multicast x rows
-and the column chains keep a column in lock step, so the slowest PE sets the pace: T_fwd =
-M max(1 + kb nb + [r = 0] nb) + fill. Per backward row: 2 (token, credit) + kb nb (dX) +
-kb (nb + 1) (dW: each FMA's first element also loads its x[m, k] scalar, a third read) +
-[r = 0] nb (db). With kb = nb = w, 97% of the forward and 98% of the backward cycles are
-FMAs at w = 32, 88% and 94% at w = 8.
-SRAM per PE: 2 kb nb (W, dW) + M kb (x rows) + 2 nb (the dY ring) (+ 2 nb for the bias).
+`sram_words` below). Per forward row a PE spends kb cycles receiving its x row and kb nb
+on its dot products, plus nb on the top row (the bias is a third SRAM read in each dot's
+first cycle). The multicast x rows and the column chains keep a column in lock step, so
+the slowest PE sets the pace: T_fwd = M max(kb + kb nb + [r = 0] nb) + fill. Per backward
+row: nb (receive dY) + kb nb (dX) + kb (nb + 1) (dW: each FMA's first element also loads
+its x[m, k] scalar, a third read) + [r = 0] nb (db). With kb = nb = w, 94% of the forward
+and 95% of the backward cycles are FMAs at w = 32, 80% and 86% at w = 8.
+SRAM per PE: 2 kb nb (W, dW) + M kb (x rows) + nb (the dY row) (+ 2 nb for the bias).
 """
 
 from __future__ import annotations
@@ -56,11 +57,10 @@ import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec, ParamInit, grad_name
 from compiler.lowering.dots import Walk, dot_cycles, dots
-from compiler.lowering.inbox import RING, Inbox, PerPE, RowStore, inbox, rounds
+from compiler.lowering.ir import FabIn, FabOut, Mem, Op, repeat, vec
 from compiler.lowering.kernel import Kernel, LocalPE, StreamIds
 from compiler.ops.base import OpFamily, Tensors
 from compiler.ops.update import UpdateRule, emit_update
-from wse_sim.program import FabIn, FabOut, Mem, Op, Operand, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
@@ -138,9 +138,9 @@ def place_weights(kernel: Kernel, rows: int, matrix: np.ndarray, k_lanes: list[L
 
 
 def emit_forward(grid: WeightGrid, ids: StreamIds, *, x_tensor: str, y_tensor: str,
-                 bias: dict[int, int] | None, keep_x: bool, queue_depth: int) -> None:
+                 bias: dict[int, int] | None, keep_x: bool) -> None:
     """Y = X W (+ bias lane c at word bias[c] of PE (c, 0)), rows ascending; stores every
-    x row if `keep_x` (else a ring of them)."""
+    x row if `keep_x` (else one)."""
     kernel, rows = grid.kernel, grid.rows
     n_r, n_c = len(grid.k_lanes), len(grid.n_lanes)
     x_ids = kernel.lane_inputs(ids, x_tensor, grid.k_lanes,
@@ -153,11 +153,8 @@ def emit_forward(grid: WeightGrid, ids: StreamIds, *, x_tensor: str, y_tensor: s
     for pe in grid.pes():
         c, r = pe
         kb, nb = grid.block(pe)
-        ring = None if keep_x else RING
-        xs = kernel.alloc(pe, (rows if keep_x else RING) * kb, "x rows")
-        grid.x_rows[pe] = xs
-        x = inbox(kernel, pe, ids, x_ids[r], RowStore(xs, kb, rows, ring),
-                  queue_depth=queue_depth)
+        xs = grid.x_rows[pe] = kernel.alloc(pe, rows * kb if keep_x else kb, "x rows")
+        step = kb if keep_x else 0
         out = FabOut(y_ids[c] if r == n_r - 1 else down[pe])
         if r > 0:
             seed = [FabIn(down[(c, r - 1)])] * nb
@@ -165,21 +162,14 @@ def emit_forward(grid: WeightGrid, ids: StreamIds, *, x_tensor: str, y_tensor: s
             seed = [Mem(bias[c] + n, 0) for n in range(nb)]  # a scalar: a third read
         else:
             seed = None
-
-        def row(i: int, loop: int, x: Inbox = x, pe: LocalPE = pe, kb: int = kb,
-                nb: int = nb, out: Operand = out, seed: list[Operand] | None = seed) -> PerPE:
-            start = x.store.row(i, loop)
-            return {pe: [*x.take(),
-                         *dots(nb, kb, Walk(grid.weight[pe], nb, 1),
-                               Walk(start.offset, 1, 0, start.loop_stride), acc=0,
-                               out=[out] * nb, seed=seed),
-                         *x.release()]}
-
-        kernel.emit(pe, *x.open(), *rounds(range(rows), x.length, row)[pe])
+        body = [vec(Op.MOV, kb, Mem(xs, 1, step), FabIn(x_ids[r]))]
+        body += dots(nb, kb, Walk(grid.weight[pe], nb, 1), Walk(xs, 1, 0, step), acc=0,
+                     out=[out] * nb, seed=seed)
+        kernel.emit(pe, *repeat(rows, body))
 
 
 def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str, dx_tensor: str | None,
-                  bias_grad: dict[int, int] | None, queue_depth: int) -> None:
+                  bias_grad: dict[int, int] | None) -> None:
     """Rows descending: read dY, send dX (if `dx_tensor`), accumulate dW into `grid.grad`
     and db into `bias_grad[c]` of PE (c, 0)."""
     kernel, rows = grid.kernel, grid.rows
@@ -196,30 +186,20 @@ def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str, dx_tensor
     for pe in grid.pes():
         c, r = pe
         kb, nb = grid.block(pe)
-        dy = inbox(kernel, pe, ids, dy_ids[c],
-                   RowStore(kernel.alloc(pe, RING * nb, "dY rows"), nb, rows, RING),
-                   queue_depth=queue_depth)
-        x_rows = RowStore(grid.x_rows[pe], kb, rows)
-
-        def row(i: int, loop: int, pe: LocalPE = pe, c: int = c, r: int = r, kb: int = kb,
-                nb: int = nb, dy: Inbox = dy, x_rows: RowStore = x_rows) -> PerPE:
-            d = dy.store.row(i, loop).offset
-            instrs = dy.take()
-            if dx_ids is not None:
-                out = FabOut(dx_ids[r] if c == n_c - 1 else east[pe])
-                seed = [FabIn(east[(c - 1, r)])] * kb if c > 0 else None
-                instrs += dots(kb, nb, Walk(grid.weight[pe], 1, nb), Walk(d, 1), acc=0,
-                               out=[out] * kb, seed=seed)
-            x = x_rows.row(i, loop, backwards=True)  # rows run backwards
-            dw = grid.grad[pe]
-            instrs += [vec(Op.FMA, nb, Mem(dw + k * nb), Mem(d),
-                           Mem(x.offset + k, 0, x.loop_stride), Mem(dw + k * nb))
-                       for k in range(kb)]
-            if r == 0 and bias_grad is not None:
-                instrs.append(vec(Op.ADD, nb, Mem(bias_grad[c]), Mem(bias_grad[c]), Mem(d)))
-            return {pe: instrs + dy.release()}
-
-        kernel.emit(pe, *dy.open(), *rounds(range(rows), dy.length, row)[pe])
+        dy = kernel.alloc(pe, nb, "dY row")
+        last_x = grid.x_rows[pe] + (rows - 1) * kb  # rows run backwards
+        body = [vec(Op.MOV, nb, Mem(dy), FabIn(dy_ids[c]))]
+        if dx_ids is not None:
+            out = FabOut(dx_ids[r] if c == n_c - 1 else east[pe])
+            seed = [FabIn(east[(c - 1, r)])] * kb if c > 0 else None
+            body += dots(kb, nb, Walk(grid.weight[pe], 1, nb), Walk(dy, 1), acc=0,
+                         out=[out] * kb, seed=seed)
+        dw = grid.grad[pe]
+        body += [vec(Op.FMA, nb, Mem(dw + k * nb), Mem(dy), Mem(last_x + k, 0, -kb),
+                     Mem(dw + k * nb)) for k in range(kb)]
+        if r == 0 and bias_grad is not None:
+            body.append(vec(Op.ADD, nb, Mem(bias_grad[c]), Mem(bias_grad[c]), Mem(dy)))
+        kernel.emit(pe, *repeat(rows, body))
 
 
 def update_weights(grid: WeightGrid, update: UpdateRule, name: str, *,
@@ -244,7 +224,7 @@ def build_linear(name: str, ops: list[str], ids: StreamIds, *, rows: int, k_lane
                  update: UpdateRule,
                  x_tensor: str, y_tensor: str, dy_tensor: str | None = None,
                  dx_tensor: str | None = None, weight_name: str,
-                 bias_name: str | None = None, queue_depth: int) -> Kernel:
+                 bias_name: str | None = None) -> Kernel:
     """The kernel of Y = X W + b ([rows, K] x [K, N]) with x arriving in `k_lanes` and Y
     leaving in `n_lanes`; with `dy_tensor` also its backward (dX only if `dx_tensor`) and
     the optimizer update of W and b. Result slots (with a backward): grad:/updated: (and
@@ -270,15 +250,14 @@ def build_linear(name: str, ops: list[str], ids: StreamIds, *, rows: int, k_lane
             if backward:
                 bias_grad[c] = kernel.alloc((c, 0), n1 - n0, "bias gradient")
     emit_forward(grid, ids, x_tensor=x_tensor, y_tensor=y_tensor,
-                 bias=bias_at if bias is not None else None, keep_x=backward,
-                 queue_depth=queue_depth)
+                 bias=bias_at if bias is not None else None, keep_x=backward)
     if not backward:
         return kernel
     kernel.shapes[dy_tensor] = (rows, n)
     if dx_tensor is not None:
         kernel.shapes[dx_tensor] = (rows, k)
     emit_backward(grid, ids, dy_tensor=dy_tensor, dx_tensor=dx_tensor,
-                  bias_grad=bias_grad if bias is not None else None, queue_depth=queue_depth)
+                  bias_grad=bias_grad if bias is not None else None)
     update_weights(grid, update, weight_name)
     if bias is not None:
         for c, lane in enumerate(n_lanes):
@@ -297,43 +276,47 @@ def _blocks(k_lanes: list[Lane], n_lanes: list[Lane]) -> list[tuple[int, int, in
 
 
 def forward_row_cycles(kb: int, nb: int, *, top_row_bias: bool) -> int:
-    """One forward row on a PE: the row's token, nb dots of kb terms (+ nb for a bias
-    seed)."""
-    return 1 + dot_cycles(nb, kb, memory_seed=top_row_bias)
+    """One forward row on a PE: receive kb, nb dots of kb terms (+ nb for a bias seed)."""
+    return kb + dot_cycles(nb, kb, memory_seed=top_row_bias)
 
 
 def backward_row_cycles(kb: int, nb: int, *, dx: bool, top_row_bias: bool) -> int:
-    """One backward row on a PE: the row's token and credit, kb dots of nb terms (dX), kb
-    FMAs of nb that each read a third word in their first cycle (dW), nb (db on the top
-    row)."""
-    return (2 + (dot_cycles(kb, nb) if dx else 0) + kb * (nb + 1)
+    """One backward row on a PE: receive nb, kb dots of nb terms (dX), kb FMAs of nb that
+    each read a third word in their first cycle (dW), nb (db on the top row)."""
+    return (nb + (dot_cycles(kb, nb) if dx else 0) + kb * (nb + 1)
             + (nb if top_row_bias else 0))
 
 
 def forward_cycles(rows: int, k_lanes: list[Lane], n_lanes: list[Lane], *,
                    bias: bool = True) -> int:
     """A lone forward pass: the slowest PE's rows (the grid runs in lock step) plus the
-    fill: the first x row received before any dot starts, and its way down the R-PE
-    column (3 cycles a hop: ramp, link, receive queue)."""
+    fill: each PE below the top starts its first dot when the one above has finished its
+    own (kb cycles and 3 a hop: ramp, link, receive queue), and 6 cycles to and from the
+    neighbouring kernels."""
     per_row = max(forward_row_cycles(kb, nb, top_row_bias=bias and r == 0)
                   for _, r, kb, nb in _blocks(k_lanes, n_lanes))
-    first_row = max(k1 - k0 for k0, k1 in k_lanes)
-    return rows * per_row + first_row + 3 * (len(k_lanes) + 2)
+    kb_max = max(k1 - k0 for k0, k1 in k_lanes)
+    return rows * per_row + (len(k_lanes) - 1) * (kb_max + 3) + 6
 
 
 def backward_cycles(rows: int, k_lanes: list[Lane], n_lanes: list[Lane], *,
                     bias: bool = True, dx: bool = True) -> int:
-    """The backward pass and the update, after the forward, on the busiest PE: its rows,
-    the first dY row received (its ring opens when the forward ends) and the update."""
+    """The backward pass and the update, after the forward, on the busiest PE."""
     return max(rows * backward_row_cycles(kb, nb, dx=dx, top_row_bias=bias and r == 0)
-               + nb + kb * nb + (nb if bias and r == 0 else 0)
+               + kb * nb + (nb if bias and r == 0 else 0)
                for _, r, kb, nb in _blocks(k_lanes, n_lanes))
 
 
 def sram_words(rows: int, kb: int, nb: int, *, top_row_bias: bool) -> int:
-    """Words of a PE with a kb x nb block: W and dW, its x rows, the dY ring, and on the
+    """Words of a PE with a kb x nb block: W and dW, its x rows, the dY row, and on the
     top row the bias lane and its gradient."""
-    return 2 * kb * nb + rows * kb + RING * nb + (2 * nb if top_row_bias else 0)
+    return 2 * kb * nb + rows * kb + nb + (2 * nb if top_row_bias else 0)
+
+
+def _output(op: OpSpec) -> str:
+    """The tensor a matmul streams: its output, or for the fused QKV product one [M, 3d]
+    tensor `{op}.out` (see compiler.lower)."""
+    return op.outputs[0] if len(op.outputs) == 1 else f"{op.name}.out"
 
 
 class Matmul(OpFamily):
@@ -351,19 +334,20 @@ class Matmul(OpFamily):
         dy = np.concatenate([t[d] for d in dys], axis=1)
         t[dx], t[dweight], t[dbias] = linear_backward(dy, t[x], t[weight])
 
+    def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
+        return len(ctx.lanes(op.inputs[0])) * len(ctx.lanes(_output(op)))
+
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
         x, weight, bias = op.inputs
         rows, _ = ctx.rows_cols(x)
-        # The fused QKV product streams one [M, 3d] tensor `{op}.out` (see compiler.lower).
-        y, dy = ((op.outputs[0], ctx.dy(op.name)) if len(op.outputs) == 1
-                 else (f"{op.name}.out", grad_name(f"{op.name}.out")
-                       if ctx.graph.backward_of(op.name) else None))
+        y = _output(op)
+        dy = (ctx.dy(op.name) if len(op.outputs) == 1
+              else grad_name(y) if ctx.graph.backward_of(op.name) else None)
         return build_linear(
             op.name, ctx.ops_with_updates(op.name, weight, bias), ctx.ids, rows=rows,
             k_lanes=ctx.lanes(x), n_lanes=ctx.lanes(y), weight=ctx.param(weight),
             bias=ctx.param(bias), update=ctx.update, x_tensor=x, y_tensor=y, dy_tensor=dy,
-            dx_tensor=ctx.dx(op.name), weight_name=weight, bias_name=bias,
-            queue_depth=ctx.wafer.queue_depth)
+            dx_tensor=ctx.dx(op.name), weight_name=weight, bias_name=bias)
 
 
 FAMILY = Matmul()

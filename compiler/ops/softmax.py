@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec
+from compiler.lowering.ir import Imm, Instr, Mem, Op, Reg, vec
 from compiler.ops.base import OpFamily, Tensors
-from wse_sim.program import Imm, Instr, Mem, Op, Reg, vec
 
 FORWARD_FLOPS = 5  # per element
 BACKWARD_FLOPS = 4

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec
+from compiler.lowering.ir import FabIn, Mem, Op, vec
 from compiler.lowering.kernel import Kernel, ResultSlot, StreamIds
 from compiler.lowering.rowreduce import strip_inputs, strip_kernel
 from compiler.ops.base import OpFamily, Tensors
-from wse_sim.program import FabIn, Mem, Op, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
@@ -52,6 +52,9 @@ class Store(OpFamily):
 
     def forward(self, op: OpSpec, t: Tensors) -> None:
         t[op.outputs[0]] = np.array(t[op.inputs[0]])
+
+    def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
+        return len(ctx.lanes(op.inputs[0]))
 
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
         (x,) = op.inputs

@@ -46,10 +46,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from compiler.graph import GraphBuilder, OpSpec, grad_name, updated_name
+from compiler.lowering.ir import Imm, Instr, Mem, Op, Reg, repeat, vec
 from compiler.lowering.kernel import TOKEN_REG, Kernel, LocalPE, ResultSlot
 from compiler.ops.base import OpFamily, Tensors
 from compiler.optim import adamw_tensor, decays, sgd_tensor
-from wse_sim.program import Imm, Instr, Mem, Op, Reg, repeat, vec
 
 if TYPE_CHECKING:
     from compiler.config import TrainingConfig
