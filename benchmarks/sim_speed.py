@@ -1,109 +1,159 @@
-"""Simulator speed: simulated PE-cycles per host second, numba compile time excluded.
+"""Simulator speed: simulated PE-cycles per host second, host seconds and peak memory.
 
-    python benchmarks/sim_speed.py [--quick]
+    python benchmarks/sim_speed.py [--quick] [--no-wafer] [--out DIR]
 
-Rows: synthetic uniform traffic at 0.05 packets/node/cycle on 16x16, 64x64 and 256x256
-meshes (the last two are past saturation: 4/k is 0.0625 and 0.0156, so their FIFOs fill
-and every router moves wavelets every cycle, the router's worst case), the 64x64 mesh at a
-light 0.01 for contrast, and an output-stationary matrix product on 32 x 32 PEs
-(tests/programs.py: every PE receives a column of A and a row of B per k step and runs
-an outer-product update with FMAs; compute-bound). "loop s" is the cycle loop alone,
-"total s" adds building the state (and for the program, validating and assembling it).
-Rates use the loop time. Wavelet moves per cycle show the work the routers do; a move
-costs about the same at any mesh size, so PE-cycles/s falls as the load rises. Peak host
-memory is the process maximum (resource.getrusage), so it covers every row before it.
+One table, one row per workload, each run in a fresh process (so its peak memory is its
+own) after a warm-up that compiles or loads the numba code, which is not timed:
+
+* synthetic uniform traffic (warmup 0, no drain) on 16x16, 32x32, 64x64 and 256x256
+  meshes, at 1 thread and at every core: 0.05 packets/node/cycle (0.1 on 32x32), past
+  saturation on the larger meshes (4/k bounds uniform traffic on a k x k mesh), so their
+  FIFOs fill and every router moves wavelets every cycle, the router's worst case;
+* one training step of gpt_tiny and gpt_small (`simulate`: validation, assembly, the cycle
+  loop and the counters; the compiler's time is excluded), PE-cycles counting every PE of
+  the simulated rectangle;
+* the full WSE-2 fabric (750 x 994) under uniform traffic at 0.01: 1000 warm-up cycles and
+  1000 measured ones, every core.
+
+Peak MiB is the process's maximum resident memory (its Python, numpy and numba included).
+The table is also written as CSV to DIR (default benchmarks/out/sim_speed.csv).
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import csv
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # run from a checkout without installing
-from programs import outer_product_matmul  # noqa: E402
-
-from wse_sim.assemble import assemble  # noqa: E402
-from wse_sim.engine import run_chunk, simulate  # noqa: E402
-from wse_sim.hardware import WaferConfig  # noqa: E402
-from wse_sim.program import validate  # noqa: E402
-from wse_sim.traffic import run_traffic  # noqa: E402
 
 
-@dataclass
-class Row:
-    label: str
-    pes: int
-    cycles: int
-    loop_s: float
-    total_s: float
-    moves: float  # wavelet moves (link + ramp crossings) per cycle
-
-    def rate(self) -> float:
-        return self.pes * self.cycles / self.loop_s / 1e6
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def traffic_row(k: int, rate: float, cycles: int) -> Row:
+def traffic_row(size: tuple[int, int], rate: float, cycles: int, warmup: int,
+                threads: int) -> dict:
+    from wse_sim.traffic import run_traffic
+
+    run_traffic(4, 4, "uniform", rate, 50, warmup=0, drain=0, threads=threads)  # compile
     started = time.perf_counter()
-    r = run_traffic(k, k, "uniform", rate, cycles, warmup=0, drain=0)
-    elapsed = time.perf_counter() - started
-    moves = (r.stats.link.sum() + r.stats.ramp_in.sum()) / r.total_cycles
-    # Building a packet fabric is a few numpy calls; count it in both columns.
-    return Row(f"traffic uniform {rate}, {k}x{k}", k * k, r.total_cycles, elapsed, elapsed,
-               moves)
+    r = run_traffic(*size, "uniform", rate, cycles, warmup=warmup, drain=0, threads=threads)
+    seconds = time.perf_counter() - started
+    return {"pe_cycles": r.nodes * r.total_cycles, "seconds": seconds}
 
 
-def matmul_row(grid: int, block: int, depth: int) -> Row:
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((grid * block, depth)).astype(np.float32)
-    b = rng.standard_normal((depth, grid * block)).astype(np.float32)
-    program = outer_product_matmul(a, b, grid)
-    wafer = WaferConfig(width=grid, height=grid)
+def program_row(path: str, threads: int | None) -> dict:
+    from wse_sim.engine import simulate
+    from wse_sim.program import read_program_file
+
+    program, wafer = read_program_file(path)
+    simulate(_tiny_program(), wafer, threads=threads)  # compile
     started = time.perf_counter()
-    r = simulate(program, wafer)
-    total = time.perf_counter() - started
-    validate(program, wafer)
-    asm = assemble(program, wafer)
-    started = time.perf_counter()
-    run_chunk(asm.fabric, asm.cores, 0, 1 << 40)
-    loop = time.perf_counter() - started
-    c = np.block([[r.sram(x, y)[:block * block].reshape(block, block) for x in range(grid)]
-                  for y in range(grid)])
-    err = float(np.abs(c - a.astype(np.float64) @ b).max())
-    label = (f"matmul {grid * block}x{depth}x{grid * block}, {grid}x{grid} PEs "
-             f"(util {r.stats.utilization().mean():.0%}, err {err:.0e})")
-    moves = (r.stats.link.sum() + r.stats.ramp_in.sum()) / r.cycles
-    return Row(label, grid * grid, r.cycles, loop, total, moves)
+    r = simulate(program, wafer, threads=threads)
+    seconds = time.perf_counter() - started
+    return {"pe_cycles": program.width * program.height * r.cycles, "seconds": seconds}
+
+
+def _tiny_program():
+    import numpy as np
+
+    from wse_sim.program import FabIn, FabOut, Mem, Op, Port, Program, Task, Trigger, vec
+
+    p = Program(2, 1)
+    src = p.pe(0, 0, 4)
+    src.load(0, np.arange(4, dtype=np.float32))
+    src.tasks.append(Task(0, Trigger.RESET, [vec(Op.MOV, 4, FabOut(1), Mem(0))]))
+    p.pe(1, 0, 4).tasks.append(Task(0, Trigger.RESET, [vec(Op.FMA, 4, Mem(0), FabIn(1),
+                                                           Mem(0), Mem(0))]))
+    p.add_route(0, 0, 1, 1 << Port.RAMP, 1 << Port.E)
+    p.add_route(1, 0, 1, 1 << Port.W, 1 << Port.RAMP)
+    return p
+
+
+def compile_program(config: Path, out: Path) -> Path:
+    """The step's Program, saved with its wafer for the program rows."""
+    from wse_sim.pipeline import compile_config
+    from wse_sim.program import save_program
+
+    compiled = compile_config(str(config))
+    path = out / f"{config.stem}.npz"
+    save_program(compiled.linked.program, path, compiled.cfg.wafer)
+    return path
+
+
+def run_row(spec: dict) -> dict:
+    """One row in a fresh process: its figures, and its peak memory from wait4."""
+    proc = subprocess.Popen([sys.executable, __file__, "--row", json.dumps(spec)],
+                            stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.stdout.close()
+    if status != 0:
+        raise SystemExit(f"row {spec['label']} failed")
+    row = json.loads(out.strip().splitlines()[-1])
+    row["peak_mib"] = usage.ru_maxrss / 1024
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer cycles per row")
-    quick = parser.parse_args().quick
-    # Warm up: compile (or load from cache) every numba function outside the timings.
-    run_traffic(4, 4, "uniform", 0.05, 50, warmup=0, drain=0)
-    matmul_row(2, 2, 2)
-    scale = 0.2 if quick else 1.0
-    rows = [
-        traffic_row(16, 0.05, int(40_000 * scale)),
-        traffic_row(64, 0.05, int(4_000 * scale)),
-        traffic_row(256, 0.05, int(400 * scale)),
-        traffic_row(64, 0.01, int(4_000 * scale)),
-        matmul_row(32, 16, int(64 * scale)),
-    ]
-    print(f"{'workload':<58} {'PEs':>6} {'cycles':>7} {'loop s':>7} {'total s':>7} "
-          f"{'moves/cyc':>9} {'M PE-cyc/s':>10}")
+    parser.add_argument("--no-wafer", action="store_true", help="skip the full-wafer row")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.row:
+        spec = json.loads(args.row)
+        if spec["kind"] == "traffic":
+            row = traffic_row(tuple(spec["size"]), spec["rate"], spec["cycles"],
+                              spec["warmup"], spec["threads"])
+        else:
+            row = program_row(spec["path"], spec["threads"])
+        print(json.dumps({**spec, **row}))
+        return
+    scale = 0.2 if args.quick else 1.0
+    cores = _cores()
+    specs = []
+    for k, rate, cycles in ((16, 0.05, 40_000), (32, 0.1, 10_000), (64, 0.05, 4_000),
+                            (256, 0.05, 400)):
+        for threads in sorted({1, cores}):
+            specs.append({"kind": "traffic", "size": [k, k], "rate": rate, "warmup": 0,
+                          "cycles": int(cycles * scale), "threads": threads,
+                          "label": f"traffic {k}x{k} uniform {rate}, {threads} thread(s)"})
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("gpt_tiny", "gpt_small"):
+            path = compile_program(ROOT / "models" / f"{name}.yaml", Path(tmp))
+            specs.append({"kind": "program", "path": str(path), "threads": None,
+                          "label": f"{name} simulate, {cores} thread(s)"})
+        if not args.no_wafer:
+            specs.append({"kind": "traffic", "size": [750, 994], "rate": 0.01,
+                          "warmup": int(1000 * scale), "cycles": int(1000 * scale),
+                          "threads": cores, "label": f"WSE-2 750x994 traffic uniform 0.01, "
+                          f"{int(2000 * scale)} cycles, {cores} thread(s)"})
+        rows = [run_row(spec) for spec in specs]
+    print(f"{'workload':<58} {'M PE-cycles/s':>13} {'host s':>8} {'peak MiB':>9}")
     for r in rows:
-        print(f"{r.label:<58} {r.pes:>6} {r.cycles:>7} {r.loop_s:>7.2f} {r.total_s:>7.2f} "
-              f"{r.moves:>9.0f} {r.rate():>10.1f}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak host memory: {peak:.0f} MiB")
+        r["mpe_cycles_per_s"] = r["pe_cycles"] / r["seconds"] / 1e6
+        print(f"{r['label']:<58} {r['mpe_cycles_per_s']:>13.1f} {r['seconds']:>8.2f} "
+              f"{r['peak_mib']:>9.0f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "sim_speed.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["workload", "threads", "pe_cycles", "host_seconds",
+                         "mpe_cycles_per_s", "peak_mib"])
+        for r in rows:
+            writer.writerow([r["label"], r["threads"] or cores, r["pe_cycles"],
+                             f"{r['seconds']:.3f}", f"{r['mpe_cycles_per_s']:.2f}",
+                             f"{r['peak_mib']:.0f}"])
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ from compiler.lowering.kernel import (
 from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
+    BYTES_PER_WORD,
     OPPOSITE,
     Instr,
     Kind,
@@ -444,9 +445,10 @@ def _check_sram(kernel: Kernel, origin: PE, wafer: WaferConfig) -> None:
             x, y = origin[0] + pe[0], origin[1] + pe[1]
             largest = max(kernel.allocations.get(pe, [("?", 0, 0)]), key=lambda a: a[2])
             raise UserError(
-                f"op {kernel.name} ({kernel.op}): PE ({x}, {y}) needs {4 * prog.sram_words} "
-                f"bytes of SRAM, has {wafer.sram_bytes_per_pe} (largest buffer: "
-                f"{largest[0]!r}, {4 * largest[2]} bytes)")
+                f"op {kernel.name} ({kernel.op}): PE ({x}, {y}) needs "
+                f"{BYTES_PER_WORD * prog.sram_words} bytes of SRAM, has {wafer.sram_bytes_per_pe} "
+                f"(largest buffer: "
+                f"{largest[0]!r}, {BYTES_PER_WORD * largest[2]} bytes)")
 
 
 def bound_program(prog: PEProgram, colors: dict[int, int], where: str) -> PEProgram:

@@ -1,4 +1,4 @@
-"""Hand-built Programs for the engine tests and the speed benchmark."""
+"""Hand-built Programs for the engine tests."""
 
 from __future__ import annotations
 

@@ -62,8 +62,8 @@ def test_compiler_uses_only_the_ir_hardware_and_errors(path):
     assert not [m for m in used if within(m, ("numba",))]
 
 
-def test_placement_benchmark_uses_the_installed_package_not_the_cli_or_tests():
-    path = ROOT / "benchmarks" / "placement.py"
+@pytest.mark.parametrize("path", files("benchmarks"), ids=lambda p: p.name)
+def test_benchmarks_use_the_installed_package_not_the_cli_or_tests(path):
     assert not [m for m in imports(path) if within(m, ("wse_sim.cli", "wse_sim.commands"))]
     helpers = {"tests"} | {p.stem for p in (ROOT / "tests").glob("*.py")}
     assert not {m.split(".")[0] for m in imports(path)} & helpers

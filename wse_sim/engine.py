@@ -54,10 +54,23 @@ task, and that thread is at a vector instruction without fabric operands, nothin
 the PE can influence it until the instruction ends (no wavelet is consumed or produced,
 no other task can start: RESET tasks started at cycle 0 or wait for this thread, LOCAL
 ones need an ACTIVATE from it). The engine then runs the instruction's remaining elements
-in one go, cycle by cycle with the same budgets and credit as above, and skips the PE until
-the cycle after its last element; when every active PE is in such an instruction and the
-routers are empty, whole cycles are skipped. A property test checks that results,
+in one go, cycle by cycle with the same budgets and credit as above, and the PE is not
+looked at again until the cycle after its last element (a timer lists it); when no router
+and no other PE is listed, whole cycles are skipped. A property test checks that results,
 cycles and every counter equal the per-cycle path's.
+
+Sleep (speed, not semantics). A PE all of whose running threads wait for the fabric (an
+empty receive queue, or a full RAMP FIFO its router did not pop this cycle), with no task
+to start, leaves the list of PEs to run: until a wavelet arrives in one of its receive
+queues or its router pops one of its RAMP FIFOs, nothing it does can change. It is listed
+again for the cycle after that event, and the cycles it slept count as stalled. Routers
+sleep the same way (`wse_sim.router`).
+
+Workers (speed, not semantics). With `threads` > 1 the fabric's rows are split into
+stripes, one per host thread, which run each cycle's router phase, then (after all have
+finished it) their PE phase; since no PE or router decision depends on the order in which
+others run (see `wse_sim.router`), results, cycles and counters are bit-identical for any
+number of threads.
 
 The run ends at the first cycle at which no thread runs, no task is ready and no wavelet
 is in any FIFO or receive queue; `cycles` is that cycle's index. Then every wavelet sent
@@ -78,107 +91,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wse_sim.assemble import (
-    C_DEADLOCK,
-    C_RAMP_OUT,
-    C_READS,
-    C_THREADS,
-    C_WRITES,
-    CS_BULK_END,
-    CS_LAST_PROGRESS,
-    CS_NACT,
-    CS_NEXT_FREE,
-    CS_NSLEEP,
-    CT_FIRST,
-    CT_FLOPS,
-    CT_LAST,
-    CT_OPS,
-    CT_RD,
-    CT_WR,
-    I_BODY,
-    I_BULK,
-    I_COUNT,
-    I_FLOPS,
-    I_N,
-    I_NRD,
-    I_NRD0,
-    I_OP,
-    I_TASK,
-    I_WR,
-    K_COMPUTE,
-    K_MOVE,
-    K_RECV,
-    K_SEND,
-    K_STALL,
-    O_ADDR,
-    O_BASE,
-    O_BUF,
-    O_KIND,
-    O_LSTRIDE,
-    O_REG,
-    O_STRIDE,
-    S_BUSY,
-    S_FP_T,
-    S_HALTED,
-    S_IN_ACT,
-    S_NCOLOR,
-    S_NRUN,
-    S_PE,
-    S_RD_DEBT,
-    S_SLEEP,
-    S_TH_RR,
-    S_TK_HI,
-    S_TK_LO,
-    S_TK_RR,
-    S_WAKE,
-    T_ACT,
-    T_BLK,
-    T_END,
-    T_FIRST,
-    T_RECV,
-    T_RUN,
-    T_TRIG,
-    TH_E,
-    TH_ITER,
-    TH_PC,
-    TH_RCOUNT,
-    TH_RFIRST,
-    TH_RLAST,
-    TH_TASK,
-    Assembled,
-    assemble,
-)
+from wse_sim.assemble import Assembled, assemble
 from wse_sim.errors import DeadlockError, UserError
 from wse_sim.hardware import WaferConfig
+from wse_sim.jit import barrier, cores, hot, hot_inline, run_workers, workers_for
 from wse_sim.program import Kind, Op, Port, Program, Trigger, validate
 from wse_sim.router import (
-    B_COUNT,
-    B_PORT,
-    B_ROUTE,
-    CT_RAMP_IN,
-    CT_RAMP_OUT,
-    P_DEPTH,
-    P_HOP,
-    P_WIDTH,
-    R_COLOR,
-    R_PE,
-    RECV,
-    SC_COPIES,
-    SC_INFLIGHT,
-    SC_NACT,
-    SC_NWOKEN,
+    WOKEN_DELIVERY,
+    U,
+    exchange,
     has_room,
     head_ready,
-    hot,
-    hot_inline,
-    inject,
+    list_pushed,
     pop_recv,
-    route_cycle,
+    route_phase,
+    send,
 )
+from wse_sim.state import NEVER, OPERANDS, RECV
 from wse_sim.stats import Stats
-
-# wse_sim.router's helpers (has_room, head_ready, inject, pop_recv, route_cycle) are
-# inlined here: see the note there on numba's cache.
 
 # Plain ints for numba.
 MEM, FABIN, FABOUT, REG, IMM = (int(k) for k in (Kind.MEM, Kind.FABIN, Kind.FABOUT, Kind.REG,
@@ -189,16 +119,17 @@ COLOR_TRIGGER = int(Trigger.COLOR)
 FIRST_CONTROL = REPEAT
 
 RUNNING, DONE, DEADLOCK, FROZEN = range(4)
-NEVER = 1 << 62
 # Thread step outcomes (bit flags, merged per PE per cycle).
 # F_BUSY_*: the thread waited only for its own PE's SRAM ports, fp32 credit or ramp slot.
-# F_NOSLEEP: a stall that can end without a delivery to the PE (FIFO full, wavelet in transit).
+# F_NOSLEEP: a fabric stall that ends without an event that wakes the PE (a wavelet in the
+# receive queue not ready yet, a RAMP FIFO its router popped this cycle).
+# F_FULL: a stall on a full RAMP FIFO (a PE asleep on one still counts as able to act).
 F_ARITH, F_SEND, F_RECV, F_MOVE, F_STALL, F_BUSY_ARITH, F_BUSY_MOVE = 1, 2, 4, 8, 16, 32, 64
-F_NOSLEEP = 128
+F_NOSLEEP, F_FULL = 128, 256
 F_WORK = F_ARITH | F_SEND | F_RECV | F_MOVE
 
 
-@hot_inline
+@hot
 def _apply(op, a, b, c):
     """dst = OP(a, b, c) in float32."""
     if op == MOV:
@@ -233,80 +164,82 @@ def _apply(op, a, b, c):
 
 
 @hot_inline
-def _end_instr(slot, task, th, s, thr, i):
-    """Thread thr of slot s finished instruction i: step to the next one (REPEAT loop-back
-    is free); free the thread after the task's last instruction."""
+def _end_instr(cs, sidx, thr, i):
+    """Thread thr of slot sidx finished instruction i: step to the next one (REPEAT
+    loop-back is free); free the thread after the task's last instruction."""
+    th = cs.th[U(thr)]
     pc = i + 1
-    if th[thr, TH_RCOUNT] > 0 and i == th[thr, TH_RLAST]:
-        th[thr, TH_ITER] += 1
-        if th[thr, TH_ITER] < th[thr, TH_RCOUNT]:
-            pc = th[thr, TH_RFIRST]
+    if th.rcount > 0 and i == th.rlast:
+        th.iter += 1
+        if th.iter < th.rcount:
+            pc = th.rfirst
         else:
-            th[thr, TH_RCOUNT] = 0
-            th[thr, TH_ITER] = 0
-    th[thr, TH_E] = 0
-    k = th[thr, TH_TASK]
-    if pc == task[k, T_END]:
-        th[thr, TH_TASK] = -1
-        task[k, T_RUN] = 0
-        slot[s, S_NRUN] -= 1
-        slot[s, S_WAKE] = 1  # the task may be ready again, or another may take the thread
+            th.rcount = 0
+            th.iter = 0
+    th.e = 0
+    task = cs.task[U(th.task)]
+    if pc == task.end:
+        th.task = -1
+        task.run = 0
+        sl = cs.slot[U(sidx)]
+        sl.nrun -= 1
+        sl.wake = 1  # the task may be ready again, or another may take the thread
     else:
-        th[thr, TH_PC] = pc
+        th.pc = pc
 
 
-@hot_inline
-def _control(slot, task, ins, th, s, thr, i):
+@hot
+def _control(cs, sidx, thr, i):
     """Execute control instruction i (one cycle)."""
-    op = ins[i, I_OP]
+    ins = cs.ins[U(i)]
+    th = cs.th[U(thr)]
+    op = ins.op
     if op == REPEAT:
-        count = ins[i, I_COUNT]
-        if count == 0:
-            th[thr, TH_RCOUNT] = 0
-            _end_instr(slot, task, th, s, thr, i + ins[i, I_BODY])  # skip the body
+        if ins.count == 0:
+            th.rcount = 0
+            _end_instr(cs, sidx, thr, i + ins.body)  # skip the body
             return
-        th[thr, TH_RCOUNT] = count
-        th[thr, TH_ITER] = 0
-        th[thr, TH_RFIRST] = i + 1
-        th[thr, TH_RLAST] = i + ins[i, I_BODY]
+        th.rcount = ins.count
+        th.iter = 0
+        th.rfirst = i + 1
+        th.rlast = i + ins.body
     elif op == ACTIVATE:
-        task[ins[i, I_TASK], T_ACT] = 1
-        slot[s, S_WAKE] = 1
+        cs.task[U(ins.task)].act = 1
+        cs.slot[U(sidx)].wake = 1
     elif op == BLOCK:
-        task[ins[i, I_TASK], T_BLK] = 1
+        cs.task[U(ins.task)].blk = 1
     elif op == UNBLOCK:
-        task[ins[i, I_TASK], T_BLK] = 0
-        slot[s, S_WAKE] = 1
+        cs.task[U(ins.task)].blk = 0
+        cs.slot[U(sidx)].wake = 1
     else:  # HALT
-        slot[s, S_HALTED] = 1
-    _end_instr(slot, task, th, s, thr, i)
+        cs.slot[U(sidx)].halted = 1
+    _end_instr(cs, sidx, thr, i)
 
 
 @hot_inline
-def _execute(t, pe, thr, i, e, buf, wl, wval, node, fsc, fctr, depth, ins, imm, sram, regs, th,
-             th_scal):
-    """Element e of instruction i on thread thr in cycle t: read every source (consuming
-    FABIN wavelets), then write the destination (they may alias)."""
-    it = th[thr, TH_ITER]
+def _execute(fb, cs, s, thr, i, e, t):
+    """Element e of instruction i on thread thr in cycle t (stripe s): read every source
+    (consuming FABIN wavelets), then write the destination (they may alias)."""
+    th = cs.th[U(thr)]
+    it = th.iter
     a = b = c = np.float32(0.0)
-    for k in range(1, 4):
-        col = O_BASE + 6 * k
-        kind = ins[i, col + O_KIND]
+    for k in range(1, OPERANDS):
+        o = cs.opnd[U(i * OPERANDS + k)]
+        kind = o.kind
         if kind == MEM:
-            addr = ins[i, col + O_ADDR] + it * ins[i, col + O_LSTRIDE]
-            stride = ins[i, col + O_STRIDE]
-            if stride == 0:
+            addr = o.addr + it * o.loop_stride
+            if o.stride == 0:
                 if e == 0:
-                    th_scal[thr, k] = sram[addr]
-                v = th_scal[thr, k]
+                    th.scal[k] = cs.sram[U(addr)]
+                v = th.scal[k]
             else:
-                v = sram[addr + e * stride]
+                v = cs.sram[U(addr + e * o.stride)]
         elif kind == FABIN:
-            v = pop_recv(buf, wval, fsc, ins[i, col + O_BUF], depth)
+            v = pop_recv(fb, s, o.fifo, t)
         elif kind == REG:
-            v = regs[ins[i, col + O_REG]]
+            v = cs.regs[U(o.reg)]
         elif kind == IMM:
-            v = imm[i, k]
+            v = o.imm
         else:
             continue
         if k == 1:
@@ -315,357 +248,536 @@ def _execute(t, pe, thr, i, e, buf, wl, wval, node, fsc, fctr, depth, ins, imm, 
             b = v
         else:
             c = v
-    res = _apply(ins[i, I_OP], a, b, c)
-    kind = ins[i, O_BASE + O_KIND]
-    if kind == MEM:
-        sram[ins[i, O_BASE + O_ADDR] + it * ins[i, O_BASE + O_LSTRIDE]
-             + e * ins[i, O_BASE + O_STRIDE]] = res
-    elif kind == REG:
-        regs[ins[i, O_BASE + O_REG]] = res
+    res = _apply(cs.ins[U(i)].op, a, b, c)
+    d = cs.opnd[U(i * OPERANDS)]
+    if d.kind == MEM:
+        cs.sram[U(d.addr + it * d.loop_stride + e * d.stride)] = res
+    elif d.kind == REG:
+        cs.regs[U(d.reg)] = res
     else:  # FABOUT
-        inject(buf, wl, wval, node, fsc, fctr, ins[i, O_BASE + O_BUF], pe, res, 0, t, depth)
+        send(fb, s, d.fifo, res, t)
 
 
 @hot_inline
-def _element(t, s, pe, thr, buf, wl, wval, node, fsc, fctr, depth, cparams, slot, fpc, task,
-             ins, imm, sram, regs, th, th_scal, ctr, budget):
-    """Try to advance thread thr by one element in cycle t. budget = [reads, writes, ramp
-    out] left this cycle. Returns F_* flags."""
-    i = th[thr, TH_PC]
-    if ins[i, I_OP] >= FIRST_CONTROL:
-        _control(slot, task, ins, th, s, thr, i)
+def _element(fb, cs, s, sidx, thr, t):
+    """Try to advance thread thr (of slot sidx) by one element in cycle t, within the
+    budgets left this cycle (s.rd_left, s.wr_left, s.ramp_left). Returns F_* flags."""
+    th = cs.th[U(thr)]
+    i = th.pc
+    ins = cs.ins[U(i)]
+    if ins.op >= FIRST_CONTROL:
+        _control(cs, sidx, thr, i)
         return F_MOVE
-    e = th[thr, TH_E]
-    flops = ins[i, I_FLOPS]
+    e = th.e
+    flops = ins.flops
     waiting = F_BUSY_ARITH if flops > 0 else F_BUSY_MOVE
-    reads = ins[i, I_NRD]
+    reads = ins.nrd
     if e == 0:
-        reads += ins[i, I_NRD0]
-    full = cparams[C_READS]
-    if reads > budget[0] and not (reads > full and budget[0] == full):
+        reads += ins.nrd0
+    full = cs.params[0].reads
+    if reads > s.rd_left and not (reads > full and s.rd_left == full):
         return waiting
-    writes = ins[i, I_WR]
-    if writes > budget[1]:
+    writes = ins.wr
+    if writes > s.wr_left:
         return waiting
-    if flops > 0 and fpc[s] < 1.0:
+    sl = cs.slot[U(sidx)]
+    if flops > 0 and sl.fpc < 1.0:
         return waiting
     flags = 0
-    for k in range(1, 4):
-        if ins[i, O_BASE + 6 * k + O_KIND] == FABIN:
-            b = ins[i, O_BASE + 6 * k + O_BUF]
-            if not head_ready(buf, wl, b, t, depth):
+    for k in range(1, OPERANDS):
+        o = cs.opnd[U(i * OPERANDS + k)]
+        if o.kind == FABIN:
+            if not head_ready(fb, o.fifo, t):
+                f = fb.fifo[U(o.fifo)]
                 # An empty queue can only fill through a delivery, which wakes the PE.
-                return F_STALL if buf[b, B_COUNT] == 0 else F_STALL | F_NOSLEEP
+                return F_STALL if f.pushed == f.popped else F_STALL | F_NOSLEEP
             flags |= F_RECV
-    if ins[i, O_BASE + O_KIND] == FABOUT:
-        if budget[2] == 0:
+    d = cs.opnd[U(i * OPERANDS)]
+    if d.kind == FABOUT:
+        if s.ramp_left == 0:
             return waiting
-        if not has_room(buf, ins[i, O_BASE + O_BUF], t, depth):
-            return F_STALL | F_NOSLEEP
+        if not has_room(fb, d.fifo, t, fb.params[0].depth):
+            # A full RAMP FIFO gets room through a pop, which wakes the PE (one this
+            # cycle gives room next cycle).
+            return F_STALL | (F_NOSLEEP if fb.fifo[U(d.fifo)].last_grant == t else F_FULL)
         flags |= F_SEND
-        budget[2] -= 1
-    _execute(t, pe, thr, i, e, buf, wl, wval, node, fsc, fctr, depth, ins, imm, sram, regs, th,
-             th_scal)
-    if reads > budget[0]:
-        slot[s, S_RD_DEBT] = reads - budget[0]
-        budget[0] = 0
+        s.ramp_left -= 1
+    _execute(fb, cs, s, thr, i, e, t)
+    if reads > s.rd_left:
+        sl.rd_debt = reads - s.rd_left
+        s.rd_left = 0
     else:
-        budget[0] -= reads
-    budget[1] -= writes
-    ctr[pe, CT_RD] += reads
-    ctr[pe, CT_WR] += writes
+        s.rd_left -= reads
+    s.wr_left -= writes
+    ctr = cs.ctr[U(sidx)]
+    ctr.sram_read += reads
+    ctr.sram_write += writes
     if flops > 0:
-        fpc[s] -= 1.0
-        ctr[pe, CT_OPS] += 1
-        ctr[pe, CT_FLOPS] += flops
+        sl.fpc -= 1.0
+        ctr.ops += 1
+        ctr.flops += flops
         flags |= F_ARITH
     elif flags == 0:
         flags = F_MOVE
     e += 1
-    if e == ins[i, I_N]:
-        _end_instr(slot, task, th, s, thr, i)
+    if e == ins.n:
+        _end_instr(cs, sidx, thr, i)
     else:
-        th[thr, TH_E] = e
+        th.e = e
     return flags
 
 
 @hot_inline
-def _bulk(t, s, pe, thr, buf, wl, wval, node, fsc, fctr, depth, cparams, fp_rate, slot, fpc,
-          task, ins, imm, sram, regs, th, th_scal, ctr):
+def _load_scalars(cs, th, i):
+    """Element 0 of instruction i loads its stride-0 memory sources (as `_execute`)."""
+    for k in range(1, OPERANDS):
+        o = cs.opnd[U(i * OPERANDS + k)]
+        if o.kind == MEM and o.stride == 0:
+            th.scal[k] = cs.sram[U(o.addr + th.iter * o.loop_stride)]
+
+
+@hot_inline
+def _source(cs, th, i, k):
+    """How element e of instruction i reads source k, decoded once for a run of elements
+    (stride-0 sources loaded): (mode, index, stride, value); mode 0: sram[index + e *
+    stride], 1: value (immediate or stride-0 operand), 2: regs[index]."""
+    o = cs.opnd[U(i * OPERANDS + k)]
+    if o.kind == MEM:
+        if o.stride == 0:
+            return 1, 0, 0, th.scal[k]
+        return 0, o.addr + th.iter * o.loop_stride, o.stride, np.float32(0.0)
+    if o.kind == REG:
+        return 2, o.reg, 0, np.float32(0.0)
+    return 1, 0, 0, o.imm  # IMM (NONE: 0.0)
+
+
+@hot_inline
+def _read(cs, mode, index, stride, value, e):
+    if mode == 0:
+        return cs.sram[U(index + e * stride)]
+    if mode == 2:
+        return cs.regs[U(index)]
+    return value
+
+
+@hot_inline
+def _run_elements(cs, thr, i, e0, n):
+    """Elements e0..n-1 of memory-only instruction i on thread thr, in order, each reading
+    its sources after the previous one wrote (operands may alias): `_execute` with the
+    operands decoded once."""
+    th = cs.th[U(thr)]
+    op = cs.ins[U(i)].op
+    ma, ia, sa, va = _source(cs, th, i, 1)
+    mb, ib, sb, vb = _source(cs, th, i, 2)
+    mc, ic, sc, vc = _source(cs, th, i, 3)
+    d = cs.opnd[U(i * OPERANDS)]
+    to_reg = d.kind == REG
+    di = d.reg if to_reg else d.addr + th.iter * d.loop_stride
+    ds = 0 if to_reg else d.stride
+    for e in range(e0, n):
+        a = _read(cs, ma, ia, sa, va, e)
+        b = _read(cs, mb, ib, sb, vb, e)
+        c = _read(cs, mc, ic, sc, vc, e)
+        res = _apply(op, a, b, c)
+        if to_reg:
+            cs.regs[U(di)] = res
+        else:
+            cs.sram[U(di + e * ds)] = res
+
+
+@hot
+def _bulk(cs, sidx, thr, t):
     """Run the rest of thread thr's memory-only vector instruction at once, from cycle t.
 
     Only called when the thread is the PE's only one and no COLOR task exists there: then
     nothing outside the PE can change what it does until the instruction ends, so looping
     the cycles of this one thread (the same budgets and credit as `_element` meets with
-    every cycle) is exact. Returns the cycle the thread resumes in (after the last
-    element). Every cycle spent counts as compute (arithmetic op) or move (MOV)."""
-    i = th[thr, TH_PC]
-    n = ins[i, I_N]
-    flops = ins[i, I_FLOPS]
-    writes = ins[i, I_WR]
-    full = cparams[C_READS]
-    debt = slot[s, S_RD_DEBT]
-    credit = fpc[s]
+    every cycle) is exact, and so is running its elements, in order, apart from the cycles
+    they take. Returns the cycle the thread resumes in (after the last element). Every
+    cycle spent counts as compute (arithmetic op) or move (MOV)."""
+    p = cs.params[0]
+    sl = cs.slot[U(sidx)]
+    th = cs.th[U(thr)]
+    i = th.pc
+    ins = cs.ins[U(i)]
+    n = ins.n
+    flops = ins.flops
+    writes = ins.wr
+    full = p.reads
+    debt = sl.rd_debt
+    credit = sl.fpc
     tc = t
     first = -1
     reads_total = 0
-    e = th[thr, TH_E]
+    e0 = th.e
+    e = e0
+    # Once no read debt is left and element 0's scalar loads are behind, an element takes
+    # exactly one cycle if a whole cycle's budgets cover it and the fp32 credit refills to
+    # its cap every cycle (rate >= 1): then the rest needs no per-cycle bookkeeping.
+    steady = p.fp_rate >= 1.0 and ins.nrd <= full and writes <= p.writes
     while e < n:
+        if steady and debt == 0 and (e > 0 or ins.nrd0 == 0):
+            m = n - e
+            if first < 0:
+                first = tc
+            reads_total += m * ins.nrd
+            credit = p.fp_cap - 1.0 if flops > 0 else p.fp_cap
+            sl.fp_t = tc + m - 1
+            tc += m
+            break
         avail = full - debt
         debt = 0
         if avail < 0:
             debt = -avail
             avail = 0
-        credit = min(credit + fp_rate[0] * (tc - slot[s, S_FP_T]), fp_rate[1])
-        slot[s, S_FP_T] = tc
-        reads = ins[i, I_NRD] + (ins[i, I_NRD0] if e == 0 else 0)
+        credit = min(credit + p.fp_rate * (tc - sl.fp_t), p.fp_cap)
+        sl.fp_t = tc
+        reads = ins.nrd + (ins.nrd0 if e == 0 else 0)
         if ((reads <= avail or (reads > full and avail == full))
-                and writes <= cparams[C_WRITES] and (flops == 0 or credit >= 1.0)):
+                and writes <= p.writes and (flops == 0 or credit >= 1.0)):
             if reads > avail:
                 debt = reads - avail
             if flops > 0:
                 credit -= 1.0
             reads_total += reads
-            _execute(tc, pe, thr, i, e, buf, wl, wval, node, fsc, fctr, depth, ins, imm, sram,
-                     regs, th, th_scal)
             if first < 0:
                 first = tc
             e += 1
         tc += 1
-    done = n - th[thr, TH_E]
-    slot[s, S_RD_DEBT] = debt
-    fpc[s] = credit
-    ctr[pe, K_COMPUTE if flops > 0 else K_MOVE] += tc - t
-    ctr[pe, CT_RD] += reads_total
-    ctr[pe, CT_WR] += writes * done
+    if e0 == 0:
+        _load_scalars(cs, th, i)
+    _run_elements(cs, thr, i, e0, n)
+    done = n - e0
+    sl.rd_debt = debt
+    sl.fpc = credit
+    ctr = cs.ctr[U(sidx)]
     if flops > 0:
-        ctr[pe, CT_OPS] += done
-        ctr[pe, CT_FLOPS] += flops * done
-    if ctr[pe, CT_FIRST] < 0:
-        ctr[pe, CT_FIRST] = first
-    ctr[pe, CT_LAST] = tc - 1
-    _end_instr(slot, task, th, s, thr, i)
+        ctr.compute += tc - t
+        ctr.ops += done
+        ctr.flops += flops * done
+    else:
+        ctr.move += tc - t
+    ctr.sram_read += reads_total
+    ctr.sram_write += writes * done
+    if ctr.first_cycle < 0:
+        ctr.first_cycle = first
+    ctr.last_cycle = tc - 1
+    _end_instr(cs, sidx, thr, i)
     return tc
 
 
 @hot
-def _scan_tasks(t, s, start, buf, wl, depth, threads, slot, task, th):
-    """Start ready tasks of slot s on free microthreads (if `start`). Returns (tasks
+def _scan_tasks(fb, cs, sidx, t, start):
+    """Start ready tasks of slot sidx on free microthreads (if `start`). Returns (tasks
     started, whether a ready task is left waiting or a COLOR task's wavelet is on its way)."""
-    if slot[s, S_HALTED]:
+    sl = cs.slot[U(sidx)]
+    if sl.halted:
         return 0, False
-    lo = slot[s, S_TK_LO]
-    ntask = slot[s, S_TK_HI] - lo
+    threads = cs.params[0].threads
+    lo = sl.tk_lo
+    ntask = sl.tk_hi - lo
     started = 0
     pending = False
-    rr = slot[s, S_TK_RR]
+    rr = sl.tk_rr
     for q in range(ntask):
         k = lo + (rr + q) % ntask
-        if task[k, T_RUN] or task[k, T_BLK]:
+        task = cs.task[U(k)]
+        if task.run or task.blk:
             continue
-        ready = task[k, T_ACT] != 0
-        if not ready and task[k, T_TRIG] == COLOR_TRIGGER:
-            b = task[k, T_RECV]
-            if head_ready(buf, wl, b, t, depth):
+        ready = task.act != 0
+        if not ready and task.trig == COLOR_TRIGGER:
+            if head_ready(fb, task.recv, t):
                 ready = True
-            elif buf[b, B_COUNT] > 0:
+            elif fb.fifo[U(task.recv)].pushed > fb.fifo[U(task.recv)].popped:
                 pending = True
         if not ready:
             continue
-        if not start or slot[s, S_NRUN] == threads:
+        if not start or sl.nrun == threads:
             pending = True
             continue
-        thr = s * threads
-        while th[thr, TH_TASK] >= 0:
+        thr = sidx * threads
+        while cs.th[U(thr)].task >= 0:
             thr += 1
-        th[thr, TH_TASK] = k
-        th[thr, TH_PC] = task[k, T_FIRST]
-        th[thr, TH_E] = 0
-        th[thr, TH_RCOUNT] = 0
-        th[thr, TH_ITER] = 0
-        task[k, T_RUN] = 1
-        task[k, T_ACT] = 0
-        slot[s, S_NRUN] += 1
-        slot[s, S_TK_RR] = (k - lo + 1) % ntask
+        th = cs.th[U(thr)]
+        th.task = k
+        th.pc = task.first
+        th.e = 0
+        th.rcount = 0
+        th.iter = 0
+        task.run = 1
+        task.act = 0
+        sl.nrun += 1
+        sl.tk_rr = (k - lo + 1) % ntask
         started += 1
     return started, pending
 
 
 @hot_inline
-def _pe_cycle(t, buf, wl, wval, node, fsc, fctr, woken, depth, cparams, fp_rate, csc, slot,
-              act, fpc, pe_slot, task, ins, imm, sram, regs, th, th_scal, ctr, budget):
-    """Cycle t of every active PE. Returns the progress made (elements, control ops and
-    tasks started)."""
-    threads = cparams[C_THREADS]
-    for j in range(fsc[SC_NWOKEN]):
-        s = pe_slot[woken[j]]
-        if s < 0:
-            continue
-        slot[s, S_WAKE] = 1
-        if slot[s, S_SLEEP] >= 0:
-            # It stalled in every cycle it slept through, and paid its read debt.
-            slept = t - slot[s, S_SLEEP] - 1
-            ctr[slot[s, S_PE], K_STALL] += slept
-            slot[s, S_RD_DEBT] = max(0, slot[s, S_RD_DEBT] - slept * cparams[C_READS])
-            slot[s, S_SLEEP] = -1
-            csc[CS_NSLEEP] -= 1
-        if slot[s, S_IN_ACT] == 0:
-            slot[s, S_IN_ACT] = 1
-            act[csc[CS_NACT]] = s
-            csc[CS_NACT] += 1
-    fsc[SC_NWOKEN] = 0
-    progress = 0
-    n_keep = 0
-    csc[CS_NEXT_FREE] = NEVER  # the first cycle a busy slot resumes, if all are busy
-    for j in range(csc[CS_NACT]):
-        s = act[j]
-        if slot[s, S_BUSY] > t:  # inside a bulk-run instruction
-            act[n_keep] = s
-            n_keep += 1
-            csc[CS_NEXT_FREE] = min(csc[CS_NEXT_FREE], slot[s, S_BUSY])
-            continue
-        pe = slot[s, S_PE]
-        if slot[s, S_WAKE]:
-            started, pending = _scan_tasks(t, s, True, buf, wl, depth, threads, slot, task, th)
-            progress += started
-            slot[s, S_WAKE] = 1 if pending else 0
-        nrun = slot[s, S_NRUN]
-        if nrun == 1 and slot[s, S_NCOLOR] == 0:
-            thr = s * threads
-            while th[thr, TH_TASK] < 0:
-                thr += 1
-            i = th[thr, TH_PC]
-            if ins[i, I_BULK] and ins[i, I_N] - th[thr, TH_E] > 1:
-                resume = _bulk(t, s, pe, thr, buf, wl, wval, node, fsc, fctr, depth, cparams,
-                               fp_rate, slot, fpc, task, ins, imm, sram, regs, th, th_scal, ctr)
-                slot[s, S_BUSY] = resume
-                csc[CS_BULK_END] = max(csc[CS_BULK_END], resume)
-                progress += 1
-                if slot[s, S_NRUN] == 0:  # the task ended: as at the end of cycle resume - 1
-                    pending = _scan_tasks(resume, s, False, buf, wl, depth, threads, slot, task,
-                                          th)[1]
-                    slot[s, S_WAKE] = 1 if pending else 0
-                if slot[s, S_NRUN] > 0 or slot[s, S_WAKE]:
-                    act[n_keep] = s
-                    n_keep += 1
-                    csc[CS_NEXT_FREE] = min(csc[CS_NEXT_FREE], resume)
-                else:
-                    slot[s, S_IN_ACT] = 0
-                continue
-        if nrun > 0:
-            budget[0] = cparams[C_READS] - slot[s, S_RD_DEBT]
-            slot[s, S_RD_DEBT] = 0
-            if budget[0] < 0:
-                slot[s, S_RD_DEBT] = -budget[0]
-                budget[0] = 0
-            budget[1] = cparams[C_WRITES]
-            budget[2] = cparams[C_RAMP_OUT]
-            fpc[s] = min(fpc[s] + fp_rate[0] * (t - slot[s, S_FP_T]), fp_rate[1])
-            slot[s, S_FP_T] = t
-            start = slot[s, S_TH_RR]
-            first = -1
-            flags = 0
-            for q in range(threads):
-                k = start + q
-                if k >= threads:
-                    k -= threads
-                thr = s * threads + k
-                if th[thr, TH_TASK] < 0:
-                    continue
-                f = _element(t, s, pe, thr, buf, wl, wval, node, fsc, fctr, depth, cparams,
-                             slot, fpc, task, ins, imm, sram, regs, th, th_scal, ctr, budget)
-                flags |= f
-                if f & F_WORK:
-                    progress += 1
-                    if first < 0:
-                        first = k
-            if first >= 0:
-                slot[s, S_TH_RR] = first + 1 if first + 1 < threads else 0
-            _count_cycle(ctr, pe, flags, t)
-            if flags == F_STALL and slot[s, S_WAKE] == 0:
-                # Every thread waits on an empty receive queue: sleep until a delivery.
-                slot[s, S_SLEEP] = t
-                slot[s, S_IN_ACT] = 0
-                csc[CS_NSLEEP] += 1
-                continue
-        if slot[s, S_NRUN] == 0 and slot[s, S_WAKE]:
-            # Keep the PE active only if some task can start next cycle.
-            pending = _scan_tasks(t + 1, s, False, buf, wl, depth, threads, slot, task, th)[1]
-            slot[s, S_WAKE] = 1 if pending else 0
-        if slot[s, S_NRUN] > 0 or slot[s, S_WAKE]:
-            act[n_keep] = s
-            n_keep += 1
-            csc[CS_NEXT_FREE] = t + 1
-        else:
-            slot[s, S_IN_ACT] = 0
-    csc[CS_NACT] = n_keep
-    return progress
+def _count_cycle(ctr, flags, t):
+    """Class of a PE's cycle t (first that applies) and its first/last working cycle."""
+    if flags & (F_ARITH | F_BUSY_ARITH):
+        ctr.compute += 1
+    elif flags & F_SEND:
+        ctr.send += 1
+    elif flags & F_RECV:
+        ctr.receive += 1
+    elif flags & (F_MOVE | F_BUSY_MOVE):
+        ctr.move += 1
+    elif flags & F_STALL:
+        ctr.stalled += 1
+    if flags & F_WORK:
+        if ctr.first_cycle < 0:
+            ctr.first_cycle = t
+        ctr.last_cycle = t
 
 
 @hot_inline
-def _count_cycle(ctr, pe, flags, t):
-    """Class of PE pe's cycle t (first that applies) and its first/last working cycle."""
-    if flags & (F_ARITH | F_BUSY_ARITH):
-        ctr[pe, K_COMPUTE] += 1
-    elif flags & F_SEND:
-        ctr[pe, K_SEND] += 1
-    elif flags & F_RECV:
-        ctr[pe, K_RECV] += 1
-    elif flags & (F_MOVE | F_BUSY_MOVE):
-        ctr[pe, K_MOVE] += 1
-    elif flags & F_STALL:
-        ctr[pe, K_STALL] += 1
-    if flags & F_WORK:
-        if ctr[pe, CT_FIRST] < 0:
-            ctr[pe, CT_FIRST] = t
-        ctr[pe, CT_LAST] = t
+def _list_pe(cs, s, sidx, t):
+    """List slot sidx (of stripe s) to run in cycle t + 1."""
+    sl = cs.slot[U(sidx)]
+    if sl.queued != t + 1:
+        sl.queued = t + 1
+        cs.active[U(1 - s.pcur), U(s.s_lo + s.p_nnext)] = sidx
+        s.p_nnext += 1
+
+
+@hot_inline
+def _timer_push(cs, s, when, sidx):
+    """A bulk-run PE resumes in cycle `when` (stripe s's min-heap)."""
+    lo = s.s_lo
+    j = s.timers
+    s.timers += 1
+    while j > 0:
+        parent = (j - 1) >> 1
+        if cs.timer_t[U(lo + parent)] <= when:
+            break
+        cs.timer_t[U(lo + j)] = cs.timer_t[U(lo + parent)]
+        cs.timer_s[U(lo + j)] = cs.timer_s[U(lo + parent)]
+        j = parent
+    cs.timer_t[U(lo + j)] = when
+    cs.timer_s[U(lo + j)] = sidx
+
+
+@hot_inline
+def _timer_pop(cs, s):
+    """Remove and return the slot that resumes first (stripe s's min-heap)."""
+    lo = s.s_lo
+    top = cs.timer_s[U(lo)]
+    s.timers -= 1
+    n = s.timers
+    when, sidx = cs.timer_t[U(lo + n)], cs.timer_s[U(lo + n)]
+    j = 0
+    while True:
+        child = 2 * j + 1
+        if child >= n:
+            break
+        if child + 1 < n and cs.timer_t[U(lo + child + 1)] < cs.timer_t[U(lo + child)]:
+            child += 1
+        if cs.timer_t[U(lo + child)] >= when:
+            break
+        cs.timer_t[U(lo + j)] = cs.timer_t[U(lo + child)]
+        cs.timer_s[U(lo + j)] = cs.timer_s[U(lo + child)]
+        j = child
+    cs.timer_t[U(lo + j)] = when
+    cs.timer_s[U(lo + j)] = sidx
+    return top
+
+
+@hot_inline
+def _pe_one(fb, cs, s, sidx, t):
+    """Cycle t of slot sidx (stripe s). Returns the progress made (elements, control ops
+    and tasks started)."""
+    p = cs.params[0]
+    sl = cs.slot[U(sidx)]
+    if sl.busy > t:  # inside a bulk-run instruction: its timer lists it
+        return 0
+    threads = p.threads
+    if sl.sleep >= 0:
+        # It stalled in every cycle it slept through, and paid its read debt.
+        slept = t - sl.sleep - 1
+        cs.ctr[U(sidx)].stalled += slept
+        sl.rd_debt = max(0, sl.rd_debt - slept * p.reads)
+        sl.sleep = -1
+        s.nsleep -= 1
+        s.nfull -= sl.full
+        sl.full = 0
+    progress = 0
+    if sl.wake:
+        started, pending = _scan_tasks(fb, cs, sidx, t, True)
+        progress += started
+        sl.wake = 1 if pending else 0
+    nrun = sl.nrun
+    if nrun == 1 and sl.ncolor == 0:
+        thr = sidx * threads
+        while cs.th[U(thr)].task < 0:
+            thr += 1
+        th = cs.th[U(thr)]
+        ins = cs.ins[U(th.pc)]
+        if ins.bulk and ins.n - th.e > 1:
+            resume = _bulk(cs, sidx, thr, t)
+            sl.busy = resume
+            s.bulk_end = max(s.bulk_end, resume)
+            progress += 1
+            if sl.nrun == 0:  # the task ended: as at the end of cycle resume - 1
+                sl.wake = 1 if _scan_tasks(fb, cs, sidx, resume, False)[1] else 0
+            if sl.nrun > 0 or sl.wake:
+                _timer_push(cs, s, resume, sidx)
+            return progress
+    if nrun > 0:
+        s.rd_left = p.reads - sl.rd_debt
+        sl.rd_debt = 0
+        if s.rd_left < 0:
+            sl.rd_debt = -s.rd_left
+            s.rd_left = 0
+        s.wr_left = p.writes
+        s.ramp_left = p.ramp_out
+        sl.fpc = min(sl.fpc + p.fp_rate * (t - sl.fp_t), p.fp_cap)
+        sl.fp_t = t
+        start = sl.th_rr
+        first = -1
+        flags = 0
+        for q in range(threads):
+            k = start + q
+            if k >= threads:
+                k -= threads
+            thr = sidx * threads + k
+            if cs.th[U(thr)].task < 0:
+                continue
+            f = _element(fb, cs, s, sidx, thr, t)
+            flags |= f
+            if f & F_WORK:
+                progress += 1
+                if first < 0:
+                    first = k
+        if first >= 0:
+            sl.th_rr = first + 1 if first + 1 < threads else 0
+        _count_cycle(cs.ctr[U(sidx)], flags, t)
+        if flags & ~F_FULL == F_STALL and sl.wake == 0:
+            # Every thread waits for a delivery or a pop: sleep until one happens.
+            sl.sleep = t
+            sl.full = 1 if flags & F_FULL else 0
+            s.nsleep += 1
+            s.nfull += sl.full
+            return progress
+    if sl.nrun == 0 and sl.wake:
+        # Keep the PE listed only if some task can start next cycle.
+        sl.wake = 1 if _scan_tasks(fb, cs, sidx, t + 1, False)[1] else 0
+    if sl.nrun > 0 or sl.wake:
+        _list_pe(cs, s, sidx, t)
+    return progress
 
 
 @hot
-def run_chunk(fb, cs, t, t_end):
-    """Run cycles t.. until done, a deadlock, or t_end. Returns (cycle, status)."""
-    fparams, fsc, route, dest, buf, rb_lo = fb.params, fb.sc, fb.route, fb.dest, fb.buf, fb.rb_lo
-    wl, wval, node, woken, cand = fb.wl, fb.wval, fb.node, fb.woken, fb.cand
-    lat_hist, fctr, color_hops = fb.lat_hist, fb.ctr, fb.color_hops
-    cparams, fp_rate, csc, slot, act, fpc = cs.params, cs.fp_rate, cs.sc, cs.slot, cs.act, cs.fpc
-    pe_slot, task, ins, imm, sram, regs = cs.pe_slot, cs.task, cs.ins, cs.imm, cs.sram, cs.regs
-    th, th_scal, ctr, budget = cs.th, cs.th_scal, cs.ctr, cs.budget
-    depth = fparams[P_DEPTH]
-    hop = fparams[P_HOP]
-    deadlock = cparams[C_DEADLOCK]
-    last_progress = csc[CS_LAST_PROGRESS]
+def pe_phase(fb, cs, stripes, w, t):
+    """Cycle t of worker w's listed PEs (after its routers): the PEs woken by the routers
+    are listed for t + 1, bulk-run PEs whose instruction ended run. Returns the progress."""
+    s = stripes[w]
+    s.pcur = 1 - s.pcur
+    s.p_ncur = s.p_nnext
+    s.p_nnext = 0
+    for j in range(s.w_lo, s.w_lo + s.nwoken):
+        entry = fb.woken[U(j)]
+        sidx = entry >> 1
+        sl = cs.slot[U(sidx)]
+        if entry & 1 == WOKEN_DELIVERY:
+            sl.wake = 1
+        elif sl.sleep < 0:
+            continue  # a pop only matters to a PE asleep on a full RAMP FIFO
+        if sl.busy <= t:  # else its timer lists it
+            _list_pe(cs, s, sidx, t)
+    s.nwoken = 0
+    s.visits += s.p_ncur
+    progress = 0
+    while s.timers > 0 and cs.timer_t[U(s.s_lo)] <= t:
+        progress += _pe_one(fb, cs, s, _timer_pop(cs, s), t)
+    for j in range(s.s_lo, s.s_lo + s.p_ncur):
+        progress += _pe_one(fb, cs, s, cs.active[U(s.pcur), U(j)], t)
+    return progress
+
+
+@hot
+def _publish(cs, s, t, work):
+    """What every worker needs to decide the next step identically."""
+    s.pub_inflight = s.inflight
+    s.pub_active = s.p_nnext + s.timers
+    s.pub_routers = s.r_nnext
+    s.pub_nsleep = s.nsleep
+    s.pub_full = s.nfull
+    s.pub_work = work
+    s.pub_bulk_end = s.bulk_end
+    if s.p_nnext > 0:
+        s.pub_next_free = t + 1
+    elif s.timers > 0:
+        s.pub_next_free = cs.timer_t[U(s.s_lo)]
+    else:
+        s.pub_next_free = NEVER
+
+
+@hot
+def run_worker(fb, cs, wk, t, t_end, workers, w):
+    """Cycles t.. of stripes w, w + workers, ... until done, a deadlock, or t_end; every
+    worker takes the same decisions from what all stripes published. Returns (cycle,
+    status)."""
+    stripes = wk.stripe
+    n = len(stripes)
+    deadlock = cs.params[0].deadlock
+    hop = fb.params[0].hop
+    last_progress = stripes[w].last_progress
     status = RUNNING
+    first = True
     while True:
-        if fsc[SC_INFLIGHT] == 0 and csc[CS_NACT] == 0:
-            if csc[CS_NSLEEP] > 0:  # threads wait for wavelets nobody can send
+        barrier(wk.barrier, workers)
+        inflight = active = routers = nsleep = full = work = 0
+        bulk_end = -1
+        next_free = NEVER
+        for k in range(n):
+            o = stripes[k]
+            inflight += o.pub_inflight
+            active += o.pub_active
+            routers += o.pub_routers
+            nsleep += o.pub_nsleep
+            full += o.pub_full
+            work += o.pub_work
+            bulk_end = max(bulk_end, o.pub_bulk_end)
+            next_free = min(next_free, o.pub_next_free)
+        if not first:  # the checks after cycle t - 1
+            if work > 0:
+                last_progress = t - 1
+            if routers == 0 and active > 0:
+                # Nothing in the routers can move, every listed PE is inside a bulk-run
+                # instruction: nothing happens until the first of them resumes.
+                t = max(t, min(next_free, t_end))
+            # A bulk-run instruction makes progress every cycle until it ends.
+            if t - max(last_progress, bulk_end - 1) > deadlock:
+                status = DEADLOCK
+                break
+            if active + full == 0 and inflight > 0 and t - last_progress > hop + 1:
                 status = FROZEN
                 break
-            # A PE that ended inside a bulk-run instruction finished at CS_BULK_END.
-            t = max(t, csc[CS_BULK_END])
+        first = False
+        if inflight == 0 and active == 0:
+            if nsleep > 0:  # threads wait for wavelets nobody can send
+                status = FROZEN
+                break
+            # A PE that ended inside a bulk-run instruction finished at bulk_end.
+            t = max(t, bulk_end)
             status = DONE
             break
         if t >= t_end:
             break
-        moved = route_cycle(t, fparams, fsc, route, dest, buf, rb_lo, wl, wval, node, woken,
-                            cand, lat_hist, fctr, color_hops)
-        progress = _pe_cycle(t, buf, wl, wval, node, fsc, fctr, woken, depth, cparams, fp_rate,
-                             csc, slot, act, fpc, pe_slot, task, ins, imm, sram, regs, th,
-                             th_scal, ctr, budget)
-        if moved + progress > 0:
-            last_progress = t
+        for k in range(w, n, workers):
+            if n > 1:
+                list_pushed(fb, stripes, k, t - 1)
+            stripes[k].moved = route_phase(fb, stripes, k, t)
+        barrier(wk.barrier, workers)
+        for k in range(w, n, workers):
+            if n > 1:
+                exchange(fb, stripes, k, t)
+            progress = pe_phase(fb, cs, stripes, k, t)
+            _publish(cs, stripes[k], t, stripes[k].moved + progress)
         t += 1
-        if fsc[SC_NACT] == 0 and fsc[SC_NWOKEN] == 0 and csc[CS_NACT] > 0:
-            # Nothing in the routers, every active PE inside a bulk-run instruction: nothing
-            # happens until the first of them resumes.
-            t = max(t, min(csc[CS_NEXT_FREE], t_end))
-        # A bulk-run instruction makes progress every cycle until it ends.
-        if t - max(last_progress, csc[CS_BULK_END] - 1) > deadlock:
-            status = DEADLOCK
-            break
-        if csc[CS_NACT] == 0 and fsc[SC_INFLIGHT] > 0 and t - last_progress > hop + 1:
-            status = FROZEN
-            break
-    csc[CS_LAST_PROGRESS] = last_progress
+    for k in range(w, n, workers):
+        stripes[k].last_progress = last_progress
     return t, status
 
 
@@ -697,7 +809,7 @@ class SimResult:
         w, h = self.stats.width, self.stats.height
         if not (0 <= x < w and 0 <= y < h):
             raise UserError(f"PE ({x}, {y}) is outside the {w} x {h} fabric")
-        return int(self._asm.cores.pe_slot[y * w + x])
+        return self._asm.slot_of(y * w + x)
 
 
 def simulate(
@@ -706,21 +818,29 @@ def simulate(
     *,
     max_cycles: int | None = None,
     progress: Callable[[int], None] | None = None,
+    threads: int | None = None,
 ) -> SimResult:
     """Validate and run `program` to completion; see the module docstring for the model.
 
+    The fabric's rows are split into `threads` stripes (default: one per core), run by as
+    many host threads as the work per cycle pays for (`wse_sim.jit.workers_for`); the
+    results do not depend on either.
     Raises ProgramError (invalid program), DeadlockError, or UserError if the run needs more
     than `max_cycles` cycles. `progress(cycle)` is called between chunks of cycles."""
     validate(program, wafer)
-    asm = assemble(program, wafer)
-    fb, cs = asm.fabric, asm.cores
+    asm = assemble(program, wafer, threads or cores())
+    fb, cs, wk = asm.fabric, asm.cores, asm.workers
     t = 0
     chunk = 1024
+    workers = workers_for(wk, 0.0)
     while True:
         end = t + chunk if max_cycles is None else min(t + chunk, max_cycles)
         started = time.perf_counter()
-        t, status = run_chunk(fb, cs, t, end)
+        visits = int(wk.stripe["visits"].sum())
+        t0 = t
+        t, status = run_workers(run_worker, workers, fb, cs, wk, t, end, workers)
         elapsed = time.perf_counter() - started
+        workers = workers_for(wk, (int(wk.stripe["visits"].sum()) - visits) / max(t - t0, 1))
         if progress is not None:
             progress(t)
         if status == DONE:
@@ -730,19 +850,17 @@ def simulate(
         if max_cycles is not None and t >= max_cycles:
             raise UserError(
                 f"simulation exceeded max_cycles={max_cycles}: "
-                f"{int(cs.slot[:, S_NRUN].sum())} tasks still running, "
-                f"{int(fb.sc[SC_INFLIGHT])} wavelets in flight"
+                f"{int(cs.slot['nrun'].sum())} tasks still running, "
+                f"{int(wk.stripe['inflight'].sum())} wavelets in flight"
             )
         # Aim for ~0.2 s between progress calls.
         chunk = int(min(max(chunk * min(0.2 / max(elapsed, 1e-4), 4.0), 256), 1 << 22))
     # The fabric is empty: every wavelet sent (and every multicast copy) reached a PE.
-    injected = int(fb.ctr[:, CT_RAMP_OUT].sum()) + int(fb.sc[SC_COPIES])
-    delivered = int(fb.ctr[:, CT_RAMP_IN].sum())
-    if injected != delivered:
-        raise AssertionError(f"fabric lost wavelets: {injected} sent (with multicast copies), "
-                             f"{delivered} delivered")
-    stats = Stats.from_state(program.width, program.height, t, fb, cs,
-                             injected=injected, delivered=delivered)
+    stats = Stats.from_state(program.width, program.height, t, fb, wk, cs)
+    consumed = int(fb.fifo["popped"][fb.info["port"] == RECV].sum())
+    if not stats.injected == stats.delivered == consumed:
+        raise AssertionError(f"fabric lost wavelets: {stats.injected} sent (with multicast "
+                             f"copies), {stats.delivered} delivered, {consumed} consumed")
     return SimResult(cycles=t, stats=stats, _asm=asm)
 
 
@@ -750,41 +868,43 @@ def _deadlock_message(asm: Assembled, t: int, status: int, limit: int = 8) -> st
     """One line: the waiting threads (PE, task, pc, op, what they wait for), the full FIFOs,
     and wavelets stranded at PEs that will not consume them."""
     fb, cs = asm.fabric, asm.cores
-    width = int(fb.params[P_WIDTH])
-    depth = int(fb.params[P_DEPTH])
-    threads = int(cs.params[C_THREADS])
-    count = fb.buf[:, B_COUNT]
+    width = int(fb.params["width"][0])
+    depth = int(fb.params["depth"][0])
+    threads = int(cs.params["threads"][0])
+    count = fb.fifo["pushed"] - fb.fifo["popped"]
 
     def color_of(b: int) -> int:
-        return int(fb.route[R_COLOR, fb.buf[b, B_ROUTE]])
+        return int(fb.route["color"][fb.info["route"][b]])
+
+    def where(router: int) -> str:
+        pe = int(fb.router_pe[router])
+        return f"({pe % width}, {pe // width})"
 
     waiting: list[str] = []
-    for thr in np.nonzero(cs.th[:, TH_TASK] >= 0)[0]:
-        s, k, i = thr // threads, int(cs.th[thr, TH_TASK]), int(cs.th[thr, TH_PC])
-        pe = int(cs.slot[s, S_PE])
+    for thr in np.nonzero(cs.th["task"] >= 0)[0]:
+        s = thr // threads
+        k, i = int(cs.th["task"][thr]), int(cs.th["pc"][thr])
         what = "budget"
-        for col in range(O_BASE, O_BASE + 24, 6):
-            kind, b = int(cs.ins[i, col + O_KIND]), int(cs.ins[i, col + O_BUF])
+        for o in cs.opnd[i * OPERANDS: (i + 1) * OPERANDS]:
+            kind, b = int(o["kind"]), int(o["fifo"])
             if kind == FABIN and count[b] == 0:
                 what = f"FABIN color {color_of(b)} empty"
             elif kind == FABOUT and count[b] >= depth:
                 what = f"FABOUT color {color_of(b)}: ramp buffer full"
-        waiting.append(f"PE ({pe % width}, {pe // width}) task {int(asm.task_ids[k])} "
-                       f"pc {i - int(cs.task[k, T_FIRST])} {Op(int(cs.ins[i, I_OP])).name} "
+        waiting.append(f"PE {where(int(cs.slot['router'][s]))} task {int(asm.task_ids[k])} "
+                       f"pc {i - int(cs.task['first'][k])} {Op(int(cs.ins['op'][i])).name} "
                        f"waits: {what}")
     full, stranded = [], []
     for b in np.nonzero(count > 0)[0]:
-        r = fb.buf[b, B_ROUTE]
-        pe, port = int(fb.route[R_PE, r]), int(fb.buf[b, B_PORT])
-        where = f"({pe % width}, {pe // width})"
+        router, port = int(fb.info["router"][b]), int(fb.info["port"][b])
         if port == RECV:
-            s = int(cs.pe_slot[pe])
-            halted = s >= 0 and bool(cs.slot[s, S_HALTED])
-            if halted or s < 0 or cs.slot[s, S_NRUN] == 0:
-                stranded.append(f"PE {where} color {color_of(b)}: {int(count[b])} wavelets "
-                                f"at a {'halted' if halted else 'idle'} PE")
+            s = int(fb.router["slot"][router])
+            halted = s >= 0 and bool(cs.slot["halted"][s])
+            if halted or s < 0 or cs.slot["nrun"][s] == 0:
+                stranded.append(f"PE {where(router)} color {color_of(b)}: {int(count[b])} "
+                                f"wavelets at a {'halted' if halted else 'idle'} PE")
         elif count[b] >= depth:
-            full.append(f"PE {where} {Port(port).name} color {color_of(b)}")
+            full.append(f"PE {where(router)} {Port(port).name} color {color_of(b)}")
     kind = "no progress" if status == DEADLOCK else "the fabric is stuck"
     parts = [f"deadlock at cycle {t} ({kind})"]
     for label, items in (("waiting", waiting), ("stranded", stranded), ("full buffers", full)):

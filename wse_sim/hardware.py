@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 from wse_sim.errors import UserError
 from wse_sim.userinput import FiniteFloat, read_user_yaml
 
+BYTES_PER_WORD = 4  # an SRAM word, a register and a wavelet's payload are 32 bits
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 PRESETS: tuple[str, ...] = tuple(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
 
@@ -55,7 +56,8 @@ class WaferConfig(BaseModel):
     width: int = Field(gt=0, description="PEs per row (x extent).")
     height: int = Field(gt=0, description="PEs per column (y extent).")
     clock_hz: FiniteFloat = Field(gt=0, description="Core clock; cycles -> seconds.")
-    sram_bytes_per_pe: int = Field(gt=0, multiple_of=4, description="SRAM per PE, bytes.")
+    sram_bytes_per_pe: int = Field(gt=0, multiple_of=BYTES_PER_WORD,
+                                   description="SRAM per PE, bytes.")
     sram_reads_per_cycle: int = Field(gt=0, description="32-bit SRAM reads per cycle.")
     sram_writes_per_cycle: int = Field(gt=0, description="32-bit SRAM writes per cycle.")
     fp32_ops_per_cycle: FiniteFloat = Field(
@@ -86,7 +88,7 @@ class WaferConfig(BaseModel):
 
     @property
     def sram_words_per_pe(self) -> int:
-        return self.sram_bytes_per_pe // 4
+        return self.sram_bytes_per_pe // BYTES_PER_WORD
 
     @property
     def num_pes(self) -> int:

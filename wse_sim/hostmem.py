@@ -21,20 +21,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from wse_sim.errors import UserError
-from wse_sim.program import Program
+from wse_sim.program import BYTES_PER_WORD, Program
+from wse_sim.state import FIFO, FIFO_INFO, ROUTE, ROUTER, SOURCE, WAVELET
 
 MEMINFO = "/proc/meminfo"
 # Per PE of a fabric, whatever runs on it: the 18 int64 counters of wse_sim.stats.Stats.
 STATS_BYTES_PER_PE = 18 * 8
-# Router state per node in packet mode (wse_sim.router.build_fabric): one route with an
-# input FIFO per port (5: N, E, S, W, ramp), each a 6-int64 row plus `depth` wavelet slots
-# of 2 int64 and a float32, and per node the 10 int64 of the route's port tables and the
-# 13 int64 of its node, wake-up and counter rows.
-_FIFOS_PER_NODE = 5
-_FIFO_ROW_BYTES = 6 * 8
-_SLOT_BYTES = 2 * 8 + 4
-_NODE_BYTES = (10 + 13) * 8
-
+# Router state per node in packet mode (wse_sim.router.build_fabric, wse_sim.traffic), from
+# the record layouts of wse_sim.state: one input FIFO per link and one for the ramp, each a
+# FIFO and a FIFO_INFO record and its wavelet slots (`depth` rounded up to a power of two);
+# per node a ROUTE, a ROUTER and a SOURCE record and four 8-byte words (its PE index, its
+# occupied-FIFO mask, its entries of the two router lists, its wake-up slot).
+_FIFO_BYTES = FIFO.dtype.itemsize + FIFO_INFO.dtype.itemsize
+_NODE_BYTES = ROUTE.dtype.itemsize + ROUTER.dtype.itemsize + SOURCE.dtype.itemsize + 4 * 8
 
 @dataclass(frozen=True)
 class Footprint:
@@ -85,18 +84,18 @@ def human_bytes(count: int) -> str:
 
 
 def program_bytes(program: Program) -> Footprint:
-    """What simulating `program` allocates: the SRAM pool (4 bytes per word each PE
+    """What simulating `program` allocates: the SRAM pool (BYTES_PER_WORD per word each PE
     allocates) and the counters of every PE of its fabric (`STATS_BYTES_PER_PE`). The
     engine's per-thread and per-route state is not counted."""
     words = sum(pe.sram_words for pe in program.pes.values())
     pes = program.width * program.height
 
     def blame() -> tuple[str, str]:
-        if 4 * words >= STATS_BYTES_PER_PE * pes:
+        if BYTES_PER_WORD * words >= STATS_BYTES_PER_PE * pes:
             return "sram_words", f"{words:,} SRAM words over {len(program.pes):,} PEs"
         return "fabric", f"{program.width:,} x {program.height:,} PEs"
 
-    return Footprint("the simulation", 4 * words + STATS_BYTES_PER_PE * pes, blame)
+    return Footprint("the simulation", BYTES_PER_WORD * words + STATS_BYTES_PER_PE * pes, blame)
 
 
 def mesh_bytes(width: int, height: int, depth: int) -> Footprint:
@@ -104,12 +103,12 @@ def mesh_bytes(width: int, height: int, depth: int) -> Footprint:
     wavelets, plus the counters of its PEs (see the constants above). Temporaries of the
     set-up are not counted."""
     nodes = width * height
-    fifos = _FIFOS_PER_NODE * (_FIFO_ROW_BYTES + depth * _SLOT_BYTES)
-    need = nodes * (fifos + _NODE_BYTES + STATS_BYTES_PER_PE)
+    fifos = 5 * nodes - 2 * width - 2 * height  # a ramp FIFO per node, two per link
+    slots = (1 << max(depth - 1, 0).bit_length()) * WAVELET.dtype.itemsize
+    need = fifos * (_FIFO_BYTES + slots) + nodes * (_NODE_BYTES + STATS_BYTES_PER_PE)
 
     def blame() -> tuple[str, str]:
-        slots = _FIFOS_PER_NODE * depth * _SLOT_BYTES
-        option = "queue_depth" if slots > need // nodes - slots else "mesh"
+        option = "queue_depth" if fifos * slots > need - fifos * slots else "mesh"
         return option, f"{width:,} x {height:,} nodes, FIFOs of {depth:,} wavelets"
 
     return Footprint("the mesh", need, blame)

@@ -72,11 +72,13 @@ def compile_parsed(cfg: RunConfig, source: str, placement: str | None = None) ->
 
 
 def simulate_program(program: Program, wafer: WaferConfig, *, max_cycles: int | None = None,
-                     progress: Callable[[int], None] | None = None
+                     progress: Callable[[int], None] | None = None, threads: int | None = None
                      ) -> tuple[SimResult, dict[str, Any]]:
-    """Run `program` and report its counters (`wse_sim.report.run_report`)."""
+    """Run `program` on `threads` host threads (default: every core; the counters do not
+    depend on it) and report its counters (`wse_sim.report.run_report`)."""
     started = time.perf_counter()
-    result = simulate(program, wafer, max_cycles=max_cycles, progress=progress)
+    result = simulate(program, wafer, max_cycles=max_cycles, progress=progress,
+                      threads=threads)
     return result, run_report(program, wafer, result.stats, time.perf_counter() - started)
 
 
@@ -111,21 +113,25 @@ def _finite(values: dict[str, float], why: str, reasons: dict[str, str]
 
 
 def run_step(config_path: str, placement: str | None = None, max_cycles: int | None = None,
-             progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Compile, simulate and check one step; the report as a JSON-ready dict."""
-    return run_parsed(load_config(config_path), config_path, placement, max_cycles, progress)
+             progress: Callable[[int], None] | None = None, threads: int | None = None
+             ) -> dict[str, Any]:
+    """Compile, simulate (on `threads` host threads) and check one step; the report as a
+    JSON-ready dict."""
+    return run_parsed(load_config(config_path), config_path, placement, max_cycles, progress,
+                      threads)
 
 
 def run_parsed(cfg: RunConfig, source: str, placement: str | None = None,
-               max_cycles: int | None = None, progress: Callable[[int], None] | None = None
-               ) -> dict[str, Any]:
+               max_cycles: int | None = None, progress: Callable[[int], None] | None = None,
+               threads: int | None = None) -> dict[str, Any]:
     """`run_step` for a parsed config that `source` names."""
     compiled = compile_parsed(cfg, source, placement)
     # After compiling, which names the op and PE of a model too large for the wafer, and
     # before the simulation, not after it: the reference needs the most memory.
     require(step_footprint(compiled.cfg, reference=True), source)
     result, report = simulate_program(compiled.linked.program, compiled.cfg.wafer,
-                                      max_cycles=max_cycles, progress=progress)
+                                      max_cycles=max_cycles, progress=progress,
+                                      threads=threads)
     reference = reference_step(compiled.cfg, compiled.params, compiled.batch, np.float64)
     check = check_step(compiled.linked, result, reference, compiled.params,
                        compiled.cfg.training)

@@ -53,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from wse_sim.errors import UserError
 from wse_sim.outputs import write_files
+from wse_sim.program import BYTES_PER_WORD
 from wse_sim.userinput import read_user_file
 
 PLOTS: tuple[str, ...] = ("utilization", "links", "placement", "sram", "timeline")
@@ -319,7 +320,8 @@ def _draw_sram(fig: Figure, data: _Data) -> None:
                      cmap="magma",
                      norm=Normalize(0.0, 1.0), title=f"SRAM occupancy — {data.subtitle()}")
     fig.colorbar(image, cax=_bar_beside(fig, ax),
-                 label=f"fraction of SRAM used ({capacity:,} words = {capacity * 4 / 1024:g} KiB)")
+                 label=f"fraction of SRAM used ({capacity:,} words = "
+                       f"{capacity * BYTES_PER_WORD / 1024:g} KiB)")
     _outline_kernels(ax, data)
 
 

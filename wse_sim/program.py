@@ -58,6 +58,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from wse_sim.errors import ProgramError, UserError
+from wse_sim.hardware import BYTES_PER_WORD as BYTES_PER_WORD  # the one word size, here too
 from wse_sim.hardware import WaferConfig
 from wse_sim.outputs import strict_json, write_file
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from wse_sim.hardware import WaferConfig
 from wse_sim.outputs import strict_json, write_file
-from wse_sim.program import Program, Region
+from wse_sim.program import BYTES_PER_WORD, Program, Region
 from wse_sim.stats import PORT_NAMES, Stats
 
 
@@ -76,8 +76,8 @@ def fabric_report(stats: Stats, clock_hz: float, used: np.ndarray) -> dict[str, 
         "pe_cycles": {name: int(getattr(stats, name)[used].sum()) for name in
                       ("compute", "send", "receive", "move", "stalled", "idle")},
         "flops_counted": int(stats.flops.sum()),
-        "sram_bytes_read": 4 * int(stats.sram_read.sum()),
-        "sram_bytes_written": 4 * int(stats.sram_write.sum()),
+        "sram_bytes_read": BYTES_PER_WORD * int(stats.sram_read.sum()),
+        "sram_bytes_written": BYTES_PER_WORD * int(stats.sram_write.sum()),
         "fabric_wavelet_hops": int(link.sum()),
         "wavelets_injected": stats.injected,
         "max_link_load": int(link.max()) if link.size else 0,

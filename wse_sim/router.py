@@ -15,7 +15,7 @@ One cycle `t` of one router:
   router -> PE receive queue).
 * Its output set is the route's `tx` mask (program mode) or the XY direction of its
   destination (packet mode; RAMP at the destination).
-* Candidates are served least-recently-served first (ties: lower buffer index), which is
+* Candidates are served least-recently-served first (ties: lower FIFO index), which is
   round-robin among inputs that keep competing; deterministic.
 * A candidate moves iff every output port of its set is still unused this cycle (mesh
   ports carry one wavelet per cycle, the ramp to the PE `ramp_in_per_cycle`) and every
@@ -30,157 +30,239 @@ when saturated: with the defaults (L = 1, D = 4) exactly one per cycle. Nothing 
 a wavelet only moves into a FIFO with room. Colors have separate FIFOs, so a blocked color
 never blocks another.
 
-Layout. State is grouped into a few 2D int64 arrays (columns named by the constants below,
-one row per buffer / wavelet slot / PE, so one item's fields share a cache line).
+Order does not matter. Within a cycle no router's decision depends on another's: heads
+pushed this cycle are not ready before t + 1, room is start-of-cycle occupancy, and every
+FIFO has one producer. So routers may run in any order, or in parallel stripes of rows
+(`wse_sim.state`): a move into a FIFO of another stripe judges room on that FIFO's
+occupancy published at the end of the previous cycle (`XFifo.occupied`, kept by the
+producer's stripe) and is pushed after all stripes finished routing (`exchange`).
+
+Who runs. Only listed routers run in a cycle (`Fabric.active`). A router stays listed
+while it moves wavelets or holds a head that is not ready yet; one whose heads are all
+ready but blocked (every destination full) leaves the list, and so does an empty one. It is
+listed again by a push into one of its FIFOs or by a pop of a FIFO it feeds (the only
+events that can unblock it), so blocked and idle routers cost nothing. Counters are not
+kept per move: link crossings, ramp deliveries and sends are each FIFO's `pushed` count at
+the end (`fabric_counters`).
+
+Layout and the meaning of every field: `wse_sim.state`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
 
-# numba caches each compiled function keyed on its own file only: the helpers below are
-# inlined into wse_sim.engine and wse_sim.traffic, so a change to them (or to the column
-# layout) must also change those files, or their cached machine code keeps the old one.
-#
-# Row indices of 2D arrays go through U() (uint64): for a signed index numba emits
-# negative-index wraparound code on every access (~13% of the router's instructions).
-#
-# The cycle loop's functions. `_nrt=False`: they allocate nothing, and numba's reference
-# counting of array arguments (an atomic call per array per function call, ~100 ns for a
-# helper taking six arrays) would otherwise cost more than the simulation itself.
-hot = njit(cache=True, _nrt=False, error_model="numpy")
-hot_inline = njit(cache=True, _nrt=False, error_model="numpy", inline="always")
+from wse_sim.jit import atomic_add, bits_float, float_bits, hot, hot_inline, trailing_zeros
+from wse_sim.program import OPPOSITE, PORT_OFFSET, Port
+from wse_sim.state import (
+    FABRIC_PARAMS,
+    FIFO,
+    FIFO_INFO,
+    NEVER,
+    NO_DEST,
+    RECV,
+    REMOTE,
+    ROUTE,
+    ROUTER,
+    SINK,
+    STRIPE,
+    WAVELET,
+    XFIFO,
+    XPUSH,
+    Fabric,
+    Workers,
+)
 
-RAMP = 4
-RECV = 5  # buf[:, B_PORT] of a PE receive queue (not a router input)
-SINK = -2  # dest of RAMP in packet mode: the packet leaves the network there
+N, E, S, W, RAMP = (int(p) for p in (Port.N, Port.E, Port.S, Port.W, Port.RAMP))
+MESH = int(sum(1 << p for p in PORT_OFFSET))  # bit mask of the mesh ports
 # Packet tag: creation cycle << 24 | destination y << 12 | destination x.
 TAG_DEST_BITS = 24
 TAG_COORD_BITS = 12
 TAG_COORD_MASK = (1 << TAG_COORD_BITS) - 1
-
-# params entries
-P_WIDTH, P_HEIGHT, P_DEPTH, P_HOP, P_RAMP_IN, P_PACKET, P_WIN0, P_WIN1 = range(8)
-# sc (int64 scalars)
-(
-    SC_NACT,  # routers in the active list
-    SC_NWOKEN,  # PEs woken this cycle (a receive queue went 0 -> 1)
-    SC_INFLIGHT,  # wavelets in all FIFOs and receive queues
-    SC_COPIES,  # extra copies made by multicast
-    SC_ACCEPTED,  # packet mode: packets ejected inside the measurement window
-    SC_MEASURED,  # packet mode: measured packets ejected
-    SC_LAT_SUM,  # packet mode: sum of their latencies
-    SC_LAT_MAX,
-) = range(8)
-N_SC = 8
-# route rows (route is [3, routes]: read once per move)
-R_PE, R_COLOR, R_TX = range(3)
-# buf columns
-B_ROUTE, B_PORT, B_HEAD, B_COUNT, B_LAST_POP, B_LAST_GRANT = range(6)
-# wl columns (per wavelet slot; the value is in wval)
-W_TAG, W_READY = range(2)
-# node columns (per PE)
-N_OCC, N_IN_ACT, N_ACT = range(3)  # N_ACT: the active list (first sc[SC_NACT] entries)
-# ctr columns (per PE counters): wavelets leaving through N, E, S, W; ramp in; ramp out
-CT_RAMP_IN, CT_RAMP_OUT = 4, 5
+# Fabric.woken entries: slot << 1 | what happened.
+WOKEN_POP, WOKEN_DELIVERY = 0, 1  # its RAMP FIFO was popped / a receive queue went 0 -> 1
 
 
-class Fabric(NamedTuple):
-    """Router state as grouped flat arrays (a numba-friendly named tuple)."""
+@dataclass(frozen=True)
+class FabricSpec:
+    """The fabric's size and router parameters."""
 
-    params: np.ndarray  # int64 [8]
-    sc: np.ndarray  # int64 [N_SC]
-    route: np.ndarray  # int64 [3, routes]
-    dest: np.ndarray  # int64 [routes, 5]: buffer reached through each output (-1 none)
-    buf: np.ndarray  # int64 [buffers, 6]
-    rb_lo: np.ndarray  # int64 [pes + 1]: router input FIFOs of PE p are rb_lo[p]:rb_lo[p+1]
-    wl: np.ndarray  # int64 [buffers * depth, 2]
-    wval: np.ndarray  # float32 [buffers * depth]
-    node: np.ndarray  # int64 [pes, 3]
-    woken: np.ndarray  # int64 [pes * ramp_in]: PEs whose receive queue became non-empty
-    cand: np.ndarray  # int64 scratch for arbitration
-    lat_hist: np.ndarray  # int64 [bins]: packet mode latency histogram (last bin: overflow)
-    ctr: np.ndarray  # int64 [pes, 6]: link N/E/S/W crossings leaving the PE, ramp in, out
-    color_hops: np.ndarray  # int64 [colors]: mesh link crossings per color
+    width: int
+    height: int
+    colors: int
+    depth: int
+    hop_latency: int
+    ramp_in: int
+    packet: bool = False  # destination-routed packets, ejected at RAMP
+    latency_bins: int = 1  # packet mode latency histogram
 
 
-def build_fabric(
-    width: int,
-    height: int,
-    route_pe: np.ndarray,
-    route_color: np.ndarray,
-    route_rx: np.ndarray,
-    route_tx: np.ndarray,
-    *,
-    colors: int,
-    depth: int,
-    hop_latency: int,
-    ramp_in: int,
-    packet: bool = False,
-    latency_bins: int = 1,
-) -> Fabric:
-    """Allocate buffers for the given routes (sorted by (pe, color), unique). Program mode
-    gives each route with RAMP in tx a receive queue; packet mode ejects at RAMP."""
-    npe = width * height
-    nroute = len(route_pe)
-    route_pe = np.asarray(route_pe, np.int64)
-    route_color = np.asarray(route_color, np.int64)
-    rx = np.asarray(route_rx, np.int64)
-    tx = np.asarray(route_tx, np.int64)
-    # Router input FIFOs, ordered (pe, color, port): each PE's FIFOs are contiguous.
-    has_in = (rx[:, None] >> np.arange(5)) & 1  # [routes, 5]
-    in_buf = np.full((nroute, 5), -1, np.int64)
+class RouteTable(NamedTuple):
+    """Route table entries, sorted by (pe, color), unique; masks are Port bit sets."""
+
+    pe: np.ndarray
+    color: np.ndarray
+    rx: np.ndarray
+    tx: np.ndarray
+
+
+def build_fabric(spec: FabricSpec, routes: RouteTable, program_pes: np.ndarray,
+                 stripes: int) -> tuple[Fabric, Workers]:
+    """Fabric state at cycle 0 for `routes`, and the workers of `stripes` bands of rows.
+    `program_pes` (sorted PE indices) are the PEs that run a program: each has a router
+    (maybe without FIFOs) and its slot is its rank there."""
+    width = spec.width
+    rpe = np.asarray(routes.pe, np.int64)
+    color = np.asarray(routes.color, np.int64)
+    rx = np.asarray(routes.rx, np.int64)
+    tx = np.asarray(routes.tx, np.int64)
+    nroute = len(rpe)
+    router_pe = np.union1d(rpe, np.asarray(program_pes, np.int64))
+    nrouter = len(router_pe)
+    route_router = np.searchsorted(router_pe, rpe)
+    # Router input FIFOs, ordered (router, color, port): each router's FIFOs are contiguous.
+    has_in = (rx[:, None] >> np.arange(len(Port))) & 1  # [routes, ports]
+    in_fifo = np.full((nroute, len(Port)), -1, np.int64)
     flat = has_in.ravel().astype(bool)
     n_in = int(flat.sum())
-    in_buf.ravel()[flat] = np.arange(n_in)
-    buf_route = np.repeat(np.arange(nroute), has_in.sum(axis=1))
-    buf_port = np.nonzero(has_in)[1]
-    rb_lo = np.searchsorted(route_pe[buf_route], np.arange(npe + 1)).astype(np.int64)
-    dest = np.full((nroute, 5), -1, np.int64)
-    if packet:
-        dest[:, RAMP] = SINK
-        recv_routes = np.zeros(0, np.int64)
-    else:
-        recv_routes = np.nonzero((tx >> RAMP) & 1)[0]
-        dest[recv_routes, RAMP] = n_in + np.arange(len(recv_routes))
+    in_fifo.ravel()[flat] = np.arange(n_in)
+    fifo_route = np.repeat(np.arange(nroute), has_in.sum(axis=1))
+    fifo_port = np.nonzero(has_in)[1]
+    recv_routes = (np.zeros(0, np.int64) if spec.packet
+                   else np.nonzero((tx >> RAMP) & 1)[0])
+    nfifo = n_in + len(recv_routes)
+    fifo = FIFO_INFO.new(nfifo)
+    fifo["route"] = np.concatenate([fifo_route, recv_routes])
+    fifo["router"] = route_router[fifo["route"]]
+    fifo["port"] = np.concatenate([fifo_port, np.full(len(recv_routes), RECV)])
+    fifo["producer"][n_in:] = fifo["router"][n_in:]  # a receive queue: its own router
+    route = ROUTE.new(nroute)
+    route["tx"], route["color"] = tx, color
+    single = (tx & (tx - 1)) == 0  # a unicast (or empty) tx: its port is its bit's index
+    route["out"] = np.where(single & (tx > 0), np.log2(np.maximum(tx, 1)).astype(np.int64), -1)
+    dest = np.full((nroute, len(Port)), NO_DEST, np.int64)
+    dest[:, RAMP] = SINK if spec.packet else NO_DEST
+    dest[recv_routes, RAMP] = n_in + np.arange(len(recv_routes))
     # Mesh outputs: the neighbour's route of the same color, its opposite input FIFO.
-    key = route_pe * colors + route_color
-    x, y = route_pe % width, route_pe // width
-    for port, (dx, dy), opp in ((0, (0, -1), 2), (1, (1, 0), 3), (2, (0, 1), 0), (3, (-1, 0), 1)):
+    key = rpe * spec.colors + color
+    x, y = rpe % width, rpe // width
+    for port, (dx, dy) in PORT_OFFSET.items():
         sel = np.nonzero((tx >> port) & 1)[0]
         nx, ny = x[sel] + dx, y[sel] + dy
-        inside = (nx >= 0) & (nx < width) & (ny >= 0) & (ny < height)
+        inside = (nx >= 0) & (nx < width) & (ny >= 0) & (ny < spec.height)
         sel, nx, ny = sel[inside], nx[inside], ny[inside]
-        nkey = (ny * width + nx) * colors + route_color[sel]
+        nkey = (ny * width + nx) * spec.colors + color[sel]
         pos = np.minimum(np.searchsorted(key, nkey), max(nroute - 1, 0))
         found = key[pos] == nkey
-        dest[sel[found], port] = in_buf[pos[found], opp]
-    nbuf = n_in + len(recv_routes)
-    buf = np.zeros((nbuf, 6), np.int64)
-    buf[:, B_ROUTE] = np.concatenate([buf_route, recv_routes])
-    buf[:, B_PORT] = np.concatenate([buf_port, np.full(len(recv_routes), RECV)])
-    buf[:, B_LAST_POP] = buf[:, B_LAST_GRANT] = -1
-    max_local = int(np.max(np.diff(rb_lo))) if npe else 0
-    return Fabric(
-        params=np.array([width, height, depth, hop_latency, ramp_in, int(packet), 0, 0],
-                        np.int64),
-        sc=np.zeros(N_SC, np.int64),
-        route=np.stack([route_pe, route_color, tx]).reshape(3, nroute),
-        dest=dest,
-        buf=buf,
-        rb_lo=rb_lo,
-        wl=np.zeros((nbuf * depth, 2), np.int64),
-        wval=np.zeros(nbuf * depth, np.float32),
-        node=np.zeros((npe, 3), np.int64),
-        woken=np.zeros(max(npe * ramp_in, 1), np.int64),
-        cand=np.zeros(max(max_local, 1), np.int64),
-        lat_hist=np.zeros(max(latency_bins, 1), np.int64),
-        ctr=np.zeros((npe, 6), np.int64),
-        color_hops=np.zeros(colors, np.int64),
+        sel, d = sel[found], in_fifo[pos[found], OPPOSITE[port]]
+        dest[sel, port] = d
+        fifo["producer"][d] = route_router[sel]
+    router = ROUTER.new(nrouter)
+    router["fifo_lo"] = np.searchsorted(route_router[fifo_route], np.arange(nrouter))
+    router["fifo_hi"] = np.searchsorted(route_router[fifo_route], np.arange(nrouter), "right")
+    router["x"], router["y"] = router_pe % width, router_pe // width
+    is_program = np.isin(router_pe, program_pes)
+    router["slot"][is_program] = np.arange(int(is_program.sum()))
+
+    # Stripes: bands of rows with about equal numbers of FIFOs (plus one per router).
+    weight = np.bincount(router["y"], minlength=spec.height).astype(np.float64)
+    weight += np.bincount(router["y"][fifo["router"]], minlength=spec.height)
+    stripes = max(1, min(stripes, spec.height))
+    cum = np.cumsum(weight)
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, stripes) / stripes, "right")
+    row_lo = np.unique(np.concatenate([[0], cuts, [spec.height]]))
+    stripes = len(row_lo) - 1
+    r_bounds = np.searchsorted(router["y"], row_lo)
+    stripe_of = np.searchsorted(r_bounds, np.arange(nrouter), "right") - 1
+    # Cross-stripe FIFOs: the producer's stripe pushes them after the routing phase.
+    d_route, d_port = np.nonzero(dest >= 0)
+    d_fifo = dest[d_route, d_port]
+    cross = stripe_of[route_router[d_route]] != stripe_of[fifo["router"][d_fifo]]
+    cross &= d_port != RAMP
+    order = np.lexsort((d_fifo[cross], stripe_of[route_router[d_route[cross]]]))
+    xf_route, xf_port, xf_fifo = (a[cross][order] for a in (d_route, d_port, d_fifo))
+    xfifo = XFIFO.new(len(xf_fifo))
+    xfifo["fifo"], xfifo["producer"] = xf_fifo, route_router[xf_route]
+    dest[xf_route, xf_port] = REMOTE - np.arange(len(xf_fifo))
+    fifo["producer"][xf_fifo] = -1  # woken by its producer's stripe (`exchange`)
+    route["dest"] = dest
+    xin = np.argsort(stripe_of[fifo["router"][xf_fifo]], kind="stable").astype(np.int32)
+
+    wakers = np.bincount(fifo["router"][fifo["port"] >= RAMP], minlength=nrouter)
+    w_lo = np.concatenate([[0], np.cumsum(wakers)])[r_bounds[:-1]]
+    slot_bounds = np.searchsorted(np.asarray(program_pes, np.int64), router_pe[r_bounds[:-1]])
+    stripe = STRIPE.new(stripes)
+    stripe["r_lo"], stripe["r_hi"] = r_bounds[:-1], r_bounds[1:]
+    stripe["s_lo"] = slot_bounds
+    stripe["s_hi"] = np.append(slot_bounds[1:], len(program_pes))
+    x_stripe = stripe_of[xfifo["producer"]]
+    stripe["x_lo"] = np.searchsorted(x_stripe, np.arange(stripes))
+    stripe["x_hi"] = np.searchsorted(x_stripe, np.arange(stripes), "right")
+    xi_stripe = stripe_of[fifo["router"][xf_fifo[xin]]]
+    stripe["xi_lo"] = np.searchsorted(xi_stripe, np.arange(stripes))
+    stripe["xi_hi"] = np.searchsorted(xi_stripe, np.arange(stripes), "right")
+    stripe["w_lo"] = w_lo
+
+    params = FABRIC_PARAMS.new(1)
+    shift = max(int(spec.depth - 1).bit_length(), 0)
+    for name, value in (("width", width), ("height", spec.height), ("colors", spec.colors),
+                        ("depth", spec.depth),
+                        ("shift", shift), ("hop", spec.hop_latency),
+                        ("ramp_in", spec.ramp_in), ("packet", int(spec.packet))):
+        params[name] = value
+    widest = int((router["fifo_hi"] - router["fifo_lo"]).max()) if nrouter else 0
+    fb = Fabric(
+        params=params,
+        fifo=FIFO.new(nfifo),
+        info=fifo,
+        wl=WAVELET.new(nfifo << shift, align=64),  # a FIFO's slots share cache lines
+        route=route,
+        router=router,
+        router_pe=router_pe,
+        occupied=np.zeros((max(nrouter, 1), max(-(-widest // 64), 1)), np.uint64),
+        active=np.zeros((2, max(nrouter, 1)), np.int32),
+        woken=np.zeros(max(int(wakers.sum()), 1), np.int64),
+        cand=np.zeros((stripes, max(widest, 1)), np.int64),
+        xfifo=xfifo,
+        xin=xin,
+        xpush=XPUSH.new(len(xf_fifo)),
+        lat_hist=np.zeros(max(spec.latency_bins, 1), np.int64),
     )
+    return fb, Workers(stripe=stripe, barrier=np.zeros(16, np.int64))
+
+
+def fabric_counters(fb: Fabric) -> dict[str, np.ndarray]:
+    """Per router: wavelets that left its PE through each mesh port ("link", [4, routers]),
+    were delivered to its PE or ejected ("ramp_in") and were sent by it ("ramp_out"); per
+    color: mesh link crossings ("color_hops"). Every push into an input FIFO is one crossing
+    of the link (or ramp) that feeds it, so these are FIFO push counts."""
+    width, colors = int(fb.params["width"][0]), int(fb.params["colors"][0])
+    info, nrouter = fb.info, len(fb.router)
+    port, pushed, owner = info["port"], fb.fifo["pushed"], info["router"]
+    mesh = (port < RAMP) & (pushed > 0)
+    offset = np.array([PORT_OFFSET[Port(o)] for o in range(RAMP)], np.int64)
+    opposite = np.array([OPPOSITE[Port(o)] for o in range(RAMP)], np.int64)
+    here = fb.router_pe[owner[mesh]]
+    dx, dy = offset[port[mesh]].T
+    feeder = np.searchsorted(fb.router_pe, here + dy * width + dx)
+    link = np.zeros((RAMP, nrouter), np.int64)
+    np.add.at(link, (opposite[port[mesh]], feeder), pushed[mesh])
+
+    def per_router(sel: np.ndarray) -> np.ndarray:
+        return np.bincount(owner[sel], pushed[sel], nrouter).astype(np.int64)
+
+    color = fb.route["color"][info["route"][mesh]]
+    return {"link": link, "ramp_in": per_router(port == RECV) + fb.router["ejected"],
+            "ramp_out": per_router(port == RAMP),
+            "color_hops": np.bincount(color, pushed[mesh], colors).astype(np.int64)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The cycle: numba code. `fb` a Fabric, `s` a STRIPE record (the calling worker's), `t` the
+# cycle. Activation and wake-ups always target cycle t + 1.
 
 
 @hot_inline
@@ -190,63 +272,90 @@ def U(i):
 
 
 @hot_inline
-def has_room(buf, b, t, depth):
+def activate(fb, s, r, t):
+    """List router r (of stripe s) to run in cycle t + 1."""
+    rt = fb.router[U(r)]
+    if rt.queued != t + 1:
+        rt.queued = t + 1
+        fb.active[U(1 - s.rcur), U(s.r_lo + s.r_nnext)] = r
+        s.r_nnext += 1
+
+
+@hot_inline
+def has_room(fb, b, t, depth):
     """Room in FIFO b for a wavelet arriving in cycle t (start-of-cycle occupancy)."""
-    freed = 1 if buf[U(b), B_LAST_POP] == t else 0
-    return buf[U(b), B_COUNT] + freed < depth
+    f = fb.fifo[U(b)]
+    return f.pushed - f.popped + (1 if f.last_grant == t else 0) < depth
 
 
 @hot_inline
-def head_ready(buf, wl, b, t, depth):
+def head_ready(fb, b, t):
     """FIFO or receive queue b holds a wavelet that may move (be consumed) in cycle t."""
-    return buf[U(b), B_COUNT] > 0 and wl[U(b * depth + buf[U(b), B_HEAD]), W_READY] <= t
+    return fb.fifo[U(b)].head_ready <= t
 
 
 @hot_inline
-def _push(buf, wl, wval, b, value, tag, ready, depth):
-    pos = buf[U(b), B_HEAD] + buf[U(b), B_COUNT]  # ring buffer; no division in the hot path
-    if pos >= depth:
-        pos -= depth
-    slot = b * depth + pos
-    wval[slot] = value
-    wl[U(slot), W_TAG] = tag
-    wl[U(slot), W_READY] = ready
-    buf[U(b), B_COUNT] += 1
+def _mark(fb, r, b, on):
+    """Set (or clear) router r's bit of its input FIFO b in `occupied`."""
+    j = b - fb.router[U(r)].fifo_lo
+    bit = np.uint64(1) << np.uint64(j & 63)
+    if on:
+        fb.occupied[U(r), U(j >> 6)] |= bit
+    else:
+        fb.occupied[U(r), U(j >> 6)] &= ~bit
 
 
 @hot_inline
-def _pop(buf, b, depth):
-    """Remove the head of b; returns its slot."""
-    head = buf[U(b), B_HEAD]
-    buf[U(b), B_HEAD] = head + 1 if head + 1 < depth else 0
-    buf[U(b), B_COUNT] -= 1
-    return b * depth + head
+def _push(fb, d, data, ready, shift):
+    f = fb.fifo[U(d)]
+    if f.pushed == f.popped:
+        f.head_ready = ready
+        f.head = data
+    w = fb.wl[U((d << shift) | (f.pushed & ((1 << shift) - 1)))]
+    w.ready = ready
+    w.data = data
+    f.pushed += 1
 
 
 @hot_inline
-def _enter_router(node, sc, pe):
-    node[U(pe), N_OCC] += 1
-    if node[U(pe), N_IN_ACT] == 0:
-        node[U(pe), N_IN_ACT] = 1
-        node[U(sc[SC_NACT]), N_ACT] = pe
-        sc[SC_NACT] += 1
+def _pop(fb, b, shift):
+    """Remove the head of b (its data is in f.head until now)."""
+    f = fb.fifo[U(b)]
+    f.popped += 1
+    if f.popped == f.pushed:
+        f.head_ready = NEVER
+    else:
+        w = fb.wl[U((b << shift) | (f.popped & ((1 << shift) - 1)))]
+        f.head_ready = w.ready
+        f.head = w.data
 
 
 @hot_inline
-def inject(buf, wl, wval, node, sc, ctr, b, pe, value, tag, t, depth):
-    """The PE (or a packet source) puts a wavelet into its router's RAMP FIFO b in cycle t;
-    the caller has checked `has_room`. It may leave the router from cycle t + 1."""
-    _push(buf, wl, wval, b, value, tag, t + 1, depth)
-    sc[SC_INFLIGHT] += 1
-    _enter_router(node, sc, pe)
-    ctr[U(pe), CT_RAMP_OUT] += 1
+def inject(fb, s, b, data, t):
+    """The PE (or a packet source) puts a wavelet into its RAMP FIFO b in cycle t; the
+    caller has checked `has_room`. It may leave the router from cycle t + 1."""
+    r = fb.info[U(b)].router
+    if fb.fifo[U(b)].pushed == fb.fifo[U(b)].popped:
+        _mark(fb, r, b, True)
+    _push(fb, b, data, t + 1, fb.params[0].shift)
+    s.inflight += 1
+    activate(fb, s, r, t)
 
 
 @hot_inline
-def pop_recv(buf, wval, sc, b, depth):
-    """The PE consumes the head of its receive queue b; returns the value."""
-    sc[SC_INFLIGHT] -= 1
-    return wval[_pop(buf, b, depth)]
+def send(fb, s, b, value, t):
+    """`inject` of a float32 value (program mode)."""
+    inject(fb, s, b, float_bits(value), t)
+
+
+@hot_inline
+def pop_recv(fb, s, b, t):
+    """The PE consumes the head of its receive queue b in cycle t; returns the value."""
+    value = bits_float(fb.fifo[U(b)].head)
+    _pop(fb, b, fb.params[0].shift)
+    s.inflight -= 1
+    activate(fb, s, fb.info[U(b)].producer, t)  # it may have been blocked on this queue
+    return value
 
 
 @hot_inline
@@ -254,156 +363,233 @@ def _xy_port(x, y, tag):
     """Dimension-order next hop from (x, y) to the destination in `tag`."""
     dx = (tag & TAG_COORD_MASK) - x
     if dx > 0:
-        return 1
+        return E
     if dx < 0:
-        return 3
+        return W
     dy = ((tag >> TAG_COORD_BITS) & TAG_COORD_MASK) - y
     if dy > 0:
-        return 2
+        return S
     if dy < 0:
-        return 0
+        return N
     return RAMP
 
 
 @hot_inline
-def route_cycle(t, params, sc, route, dest, buf, rb_lo, wl, wval, node, woken, cand,
-                lat_hist, ctr, color_hops):
-    """Advance every active router by cycle t. Returns the number of wavelets moved."""
-    width = params[P_WIDTH]
-    depth = params[P_DEPTH]
-    hop = params[P_HOP]
-    ramp_cap = params[P_RAMP_IN]
-    packet = params[P_PACKET] != 0
-    moved = 0
-    copies = 0  # extra wavelets made by multicast
-    delta = 0  # change of the wavelets in flight
-    i_first_new = sc[SC_NACT]
-    i = 0
-    while i < sc[SC_NACT]:  # routers activated during this cycle are appended
-        pe = node[U(i), N_ACT]
-        i += 1
-        if packet:
-            x = pe % width
-            y = pe // width
-        # Ready heads, least recently served first.
-        nc = 0
-        for b in range(rb_lo[pe], rb_lo[pe + 1]):
-            if not head_ready(buf, wl, b, t, depth):
+def _room(fb, d, t, depth):
+    """Destination d of a move (a FIFO, SINK, or a cross-stripe FIFO) has room."""
+    if d >= 0:
+        return has_room(fb, d, t, depth)
+    if d <= REMOTE:
+        return fb.xfifo[U(REMOTE - d)].occupied < depth
+    return True  # SINK
+
+
+@hot_inline
+def _eject(fb, s, rt, tag, t):
+    """Packet mode: a packet leaves the network at its destination in cycle t."""
+    p = fb.params[0]
+    rt.ejected += 1
+    s.inflight -= 1
+    if p.win0 <= t < p.win1:
+        s.accepted += 1
+    birth = tag >> TAG_DEST_BITS
+    if p.win0 <= birth < p.win1:
+        latency = t - birth
+        s.measured += 1
+        s.lat_sum += latency
+        s.lat_max = max(s.lat_max, latency)
+        # one histogram for every stripe: its workers count into it atomically
+        atomic_add(fb.lat_hist, min(latency, len(fb.lat_hist) - 1), 1)
+
+
+@hot_inline
+def _woken(fb, s, slot, what):
+    fb.woken[U(s.w_lo + s.nwoken)] = slot << 1 | what
+    s.nwoken += 1
+
+
+@hot_inline
+def _output(fb, s, rt, o, d, data, t):
+    """Copy a moved wavelet to output o of router rt, destination d."""
+    p = fb.params[0]
+    if o < RAMP:
+        if d >= 0:
+            r = fb.info[U(d)].router
+            if fb.fifo[U(d)].pushed == fb.fifo[U(d)].popped:
+                _mark(fb, r, d, True)
+            _push(fb, d, data, t + p.hop, p.shift)
+            activate(fb, s, r, t)
+        else:  # into another stripe, once every stripe has routed (`exchange`)
+            x = fb.xpush[U(s.x_lo + s.nxpush)]
+            x.ready, x.data, x.xfifo = t + p.hop, data, REMOTE - d
+            s.nxpush += 1
+        s.inflight += 1
+    elif d >= 0:
+        f = fb.fifo[U(d)]
+        if f.pushed == f.popped and rt.slot >= 0:
+            _woken(fb, s, rt.slot, WOKEN_DELIVERY)
+        _push(fb, d, data, t + 1, p.shift)
+        s.inflight += 1
+    else:
+        _eject(fb, s, rt, data, t)
+
+
+@hot_inline
+def _move(fb, s, rt_index, b, route, out, t):
+    """Move the head of FIFO b (of router rt_index, run in stripe s) to output port
+    `out`, or to every output of the route if out < 0 (room checked)."""
+    rt = fb.router[U(rt_index)]
+    f = fb.fifo[U(b)]
+    data = f.head
+    _pop(fb, b, fb.params[0].shift)
+    if f.popped == f.pushed:
+        _mark(fb, rt_index, b, False)
+    f.last_grant = t
+    s.inflight -= 1
+    info = fb.info[U(b)]
+    if info.producer >= 0:
+        activate(fb, s, info.producer, t)  # it may have been blocked on this FIFO
+    elif info.port == RAMP:
+        if rt.slot >= 0:
+            _woken(fb, s, rt.slot, WOKEN_POP)  # the PE may be asleep on a full RAMP FIFO
+    else:
+        s.xpops += 1  # fed from another stripe: `exchange` lists its producer
+    if out >= 0:
+        _output(fb, s, rt, out, route.dest[out], data, t)
+        return
+    s.copies -= 1
+    for o in range(RAMP + 1):
+        if (route.tx >> o) & 1:
+            _output(fb, s, rt, o, route.dest[o], data, t)
+            s.copies += 1
+
+
+@hot_inline
+def _route_one(fb, s, w, r, t):
+    """Cycle t of router r. Returns the wavelets it moved."""
+    p = fb.params[0]
+    depth = p.depth
+    packet = p.packet
+    ramp_cap = p.ramp_in
+    rt = fb.router[U(r)]
+    cand = fb.cand[U(w)]
+    # Ready heads, least recently served first (ties: lower index).
+    nc = 0
+    waiting = False  # a head that becomes ready later
+    for word in range(fb.occupied.shape[1]):
+        bits = fb.occupied[U(r), U(word)]
+        while bits:
+            b = rt.fifo_lo + 64 * word + trailing_zeros(bits)
+            bits &= bits - np.uint64(1)
+            f = fb.fifo[U(b)]
+            if f.head_ready > t:
+                waiting = True
                 continue
-            age = buf[U(b), B_LAST_GRANT]
+            age = f.last_grant
             j = nc
-            while j > 0 and buf[U(cand[j - 1]), B_LAST_GRANT] > age:
+            while j > 0 and fb.fifo[U(cand[j - 1])].last_grant > age:
                 cand[j] = cand[j - 1]
                 j -= 1
             cand[j] = b
             nc += 1
-        used = 0  # mesh output ports used this cycle (bit mask)
-        ramp_used = 0
-        for k in range(nc):
-            b = cand[k]
-            r = buf[U(b), B_ROUTE]
-            if packet:
-                tx = 1 << _xy_port(x, y, wl[U(b * depth + buf[U(b), B_HEAD]), W_TAG])
-            else:
-                tx = route[R_TX, r]
-            if tx & used & 15:
+    moved = 0
+    used = 0  # mesh output ports used this cycle (bit mask)
+    ramp_used = 0
+    for k in range(nc):
+        b = cand[k]
+        route = fb.route[U(fb.info[U(b)].route)]
+        if packet:
+            out = _xy_port(rt.x, rt.y, fb.fifo[U(b)].head)
+        else:
+            out = route.out
+        if out >= 0:  # unicast
+            if out < RAMP:
+                if (used >> out) & 1:
+                    continue
+            elif ramp_used >= ramp_cap:
                 continue
-            if (tx >> RAMP) & 1 and ramp_used >= ramp_cap:
+            if not _room(fb, route.dest[out], t, depth):
+                continue
+            tx = 1 << out
+        else:
+            tx = route.tx
+            if tx & used & MESH or ((tx >> RAMP) & 1 and ramp_used >= ramp_cap):
                 continue
             ok = True
-            for o in range(5):
-                if (tx >> o) & 1:
-                    d = dest[U(r), o]
-                    if d >= 0 and not has_room(buf, d, t, depth):
-                        ok = False
-                        break
+            for o in range(RAMP + 1):
+                if (tx >> o) & 1 and not _room(fb, route.dest[o], t, depth):
+                    ok = False
+                    break
             if not ok:
                 continue
-            # Move: pop once, copy to every output.
-            slot = _pop(buf, b, depth)
-            delta -= 1
-            buf[U(b), B_LAST_POP] = t
-            buf[U(b), B_LAST_GRANT] = t
-            node[U(pe), N_OCC] -= 1
-            value = wval[slot]
-            tag = wl[U(slot), W_TAG]
-            color = route[R_COLOR, r]
-            copies -= 1
-            for o in range(4):
-                if (tx >> o) & 1:
-                    d = dest[U(r), o]
-                    _push(buf, wl, wval, d, value, tag, t + hop, depth)
-                    delta += 1
-                    _enter_router(node, sc, route[R_PE, buf[U(d), B_ROUTE]])
-                    ctr[U(pe), o] += 1
-                    color_hops[color] += 1
-                    copies += 1
-            used |= tx & 15
-            if (tx >> RAMP) & 1:
-                ramp_used += 1
-                copies += 1
-                ctr[U(pe), CT_RAMP_IN] += 1
-                d = dest[U(r), RAMP]
-                if d >= 0:
-                    if buf[U(d), B_COUNT] == 0:
-                        woken[sc[SC_NWOKEN]] = pe
-                        sc[SC_NWOKEN] += 1
-                    _push(buf, wl, wval, d, value, tag, t + 1, depth)
-                    delta += 1
-                else:
-                    _eject(params, sc, lat_hist, tag, t)
-            moved += 1
-    sc[SC_COPIES] += copies
-    sc[SC_INFLIGHT] += delta
-    _compact_active(node, sc, i_first_new)
+        _move(fb, s, r, b, route, out, t)
+        used |= tx
+        ramp_used += (tx >> RAMP) & 1
+        moved += 1
+    if moved > 0 or waiting:
+        activate(fb, s, r, t)
     return moved
 
 
 @hot
-def _compact_active(node, sc, n_old):
-    """Drop idle routers from the active list. When it is dense and entries were appended
-    this cycle (from n_old on), rebuild it in PE order so the next cycle walks memory in
-    order."""
-    total = sc[SC_NACT]
-    npe = node.shape[0]
-    if total > n_old and 8 * total > npe:  # dense: rebuild from the flags, in order
-        n = 0
-        for pe in range(npe):
-            if node[pe, N_IN_ACT]:
-                if node[pe, N_OCC] > 0:
-                    node[n, N_ACT] = pe
-                    n += 1
-                else:
-                    node[pe, N_IN_ACT] = 0
-        sc[SC_NACT] = n
-        return
-    n = 0
-    for j in range(total):
-        pe = node[j, N_ACT]
-        if node[pe, N_OCC] > 0:
-            node[n, N_ACT] = pe
-            n += 1
-        else:
-            node[pe, N_IN_ACT] = 0
-    sc[SC_NACT] = n
-
-
-@hot_inline
-def _eject(params, sc, lat_hist, tag, t):
-    """Packet mode: a packet leaves the network at its destination in cycle t."""
-    if params[P_WIN0] <= t < params[P_WIN1]:
-        sc[SC_ACCEPTED] += 1
-    birth = tag >> TAG_DEST_BITS
-    if params[P_WIN0] <= birth < params[P_WIN1]:
-        latency = t - birth
-        sc[SC_MEASURED] += 1
-        sc[SC_LAT_SUM] += latency
-        sc[SC_LAT_MAX] = max(sc[SC_LAT_MAX], latency)
-        lat_hist[min(latency, lat_hist.shape[0] - 1)] += 1
+def route_phase(fb, stripes, w, t):
+    """Cycle t of the routers listed for it in worker w's stripe; lists those to run in
+    t + 1. Returns the wavelets moved."""
+    s = stripes[w]
+    s.rcur = 1 - s.rcur
+    s.r_ncur = s.r_nnext
+    s.r_nnext = 0
+    s.visits += s.r_ncur
+    s.xpops = 0
+    if 8 * s.r_ncur > s.r_hi - s.r_lo:
+        # Dense: walk the routers in index order (memory order) instead of listing order.
+        n = s.r_lo
+        for r in range(s.r_lo, s.r_hi):
+            if fb.router[U(r)].queued == t:
+                fb.active[U(s.rcur), U(n)] = r
+                n += 1
+    moved = 0
+    for j in range(s.r_lo, s.r_lo + s.r_ncur):
+        moved += _route_one(fb, s, w, fb.active[U(s.rcur), U(j)], t)
+    return moved
 
 
 @hot
-def router_step(fb, t):
-    """`route_cycle` on a Fabric tuple (unpacked once per call)."""
-    return route_cycle(t, fb.params, fb.sc, fb.route, fb.dest, fb.buf, fb.rb_lo, fb.wl, fb.wval,
-                       fb.node, fb.woken, fb.cand, fb.lat_hist, fb.ctr, fb.color_hops)
+def exchange(fb, stripes, w, t):
+    """After every stripe routed cycle t: push stripe w's moves into other stripes' FIFOs
+    and keep the occupancy of the FIFOs it feeds there; if a neighbour popped one of them,
+    list w's routers that feed a popped one (they may have been blocked on it)."""
+    s = stripes[w]
+    shift = fb.params[0].shift
+    for j in range(s.x_lo, s.x_lo + s.nxpush):
+        x = fb.xpush[U(j)]
+        k = fb.xfifo[U(x.xfifo)]
+        _push(fb, k.fifo, x.data, x.ready, shift)
+        k.pushed_at = t
+        k.occupied = fb.fifo[U(k.fifo)].pushed - fb.fifo[U(k.fifo)].popped
+    s.pub_xpush = s.nxpush
+    s.nxpush = 0
+    if (w > 0 and stripes[w - 1].xpops > 0) or (w + 1 < len(stripes)
+                                                 and stripes[w + 1].xpops > 0):
+        for j in range(s.x_lo, s.x_hi):
+            x = fb.xfifo[U(j)]
+            f = fb.fifo[U(x.fifo)]
+            if f.last_grant == t:
+                x.occupied = f.pushed - f.popped
+                activate(fb, s, x.producer, t)
+
+
+@hot
+def list_pushed(fb, stripes, w, t):
+    """Before cycle t + 1: list (and mark occupied) stripe w's FIFOs that a neighbour
+    pushed into in t."""
+    if not ((w > 0 and stripes[w - 1].pub_xpush > 0) or (w + 1 < len(stripes)
+                                                          and stripes[w + 1].pub_xpush > 0)):
+        return
+    s = stripes[w]
+    for j in range(s.xi_lo, s.xi_hi):
+        x = fb.xfifo[U(fb.xin[U(j)])]
+        if x.pushed_at == t:
+            r = fb.info[U(x.fifo)].router
+            _mark(fb, r, x.fifo, True)
+            activate(fb, s, r, t)

@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from wse_sim.assemble import CLASSES, CT_FIRST, CT_LAST, CT_RD
-from wse_sim.router import CT_RAMP_IN, CT_RAMP_OUT
+from wse_sim.program import PORT_OFFSET
+from wse_sim.router import fabric_counters
+from wse_sim.state import CYCLE_CLASSES, PE_COUNTERS
 
-PORT_NAMES = ("N", "E", "S", "W")  # the order of the first axis of Stats.link
+PORT_NAMES = tuple(port.name for port in PORT_OFFSET)  # the order of Stats.link's first axis
 
 
 @dataclass
@@ -43,26 +44,35 @@ class Stats:
     delivered: int  # wavelets delivered to (consumed by) PEs
 
     @classmethod
-    def from_state(cls, width: int, height: int, cycles: int, fb: Any, cs: Any | None, *,
-                   injected: int, delivered: int) -> Stats:
-        """Build from the engine's counter arrays: `fb.ctr` (per PE: wavelets out through
-        N/E/S/W, ramp in, ramp out), `cs.ctr` (per PE: 5 cycle classes, SRAM reads, writes,
-        ops, FLOPs, first, last); `cs` None for a run without PE programs."""
-        shape = (height, width)
+    def from_state(cls, width: int, height: int, cycles: int, fb: Any, wk: Any,
+                   cs: Any | None = None) -> Stats:
+        """Build from the engine's state: a Fabric (its FIFOs' push counts, see
+        `wse_sim.router.fabric_counters`), its Workers (multicast copies) and Cores (per-PE
+        counters; None for a run without PE programs)."""
+        npe = width * height
 
-        def grid(column: np.ndarray) -> np.ndarray:
-            return np.ascontiguousarray(column, np.int64).reshape(shape)
+        def grid(values: np.ndarray, at: np.ndarray, empty: int = 0) -> np.ndarray:
+            out = np.full(npe, empty, np.int64)
+            out[at] = values
+            return out.reshape(height, width)
 
-        pe_ctr = np.zeros((width * height, CT_LAST + 1), np.int64) if cs is None else cs.ctr
-        if cs is None:
-            pe_ctr[:, CT_FIRST:] = -1  # never worked
-        classes = [grid(pe_ctr[:, k]) for k in range(len(CLASSES))]
-        idle = cycles - sum(classes)
-        link = np.ascontiguousarray(fb.ctr[:, :4].T, np.int64).reshape(4, *shape)
-        return cls(width, height, cycles, *classes, idle,
-                   *(grid(pe_ctr[:, k]) for k in range(CT_RD, CT_LAST + 1)), link,
-                   grid(fb.ctr[:, CT_RAMP_IN]), grid(fb.ctr[:, CT_RAMP_OUT]),
-                   fb.color_hops.copy(), injected, delivered)
+        fabric = fabric_counters(fb)
+        at = fb.router_pe
+        per_pe = {}
+        if cs is not None:
+            slot_pe = at[cs.slot["router"]]
+            for name in PE_COUNTERS.dtype.names:
+                per_pe[name] = grid(cs.ctr[name], slot_pe, PE_COUNTERS.init.get(name, 0))
+        else:
+            for name in PE_COUNTERS.dtype.names:
+                per_pe[name] = grid(np.zeros(0, np.int64), at[:0], PE_COUNTERS.init.get(name, 0))
+        idle = cycles - sum(per_pe[name] for name in CYCLE_CLASSES)
+        link = np.stack([grid(row, at) for row in fabric["link"]])
+        ramp_in, ramp_out = grid(fabric["ramp_in"], at), grid(fabric["ramp_out"], at)
+        return cls(width, height, cycles, **per_pe, idle=idle, link=link, ramp_in=ramp_in,
+                   ramp_out=ramp_out, color_hops=fabric["color_hops"],
+                   injected=int(ramp_out.sum()) + int(wk.stripe["copies"].sum()),
+                   delivered=int(ramp_in.sum()))
 
     def utilization(self) -> np.ndarray:
         """Fraction of cycles each PE spent computing, (height, width)."""

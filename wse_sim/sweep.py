@@ -225,7 +225,8 @@ def run_point(cfg: RunConfig, label: str, max_cycles: int | None) -> dict[str, A
     one-line error) and host timings."""
     started = time.perf_counter()
     try:
-        report = run_parsed(cfg, label, max_cycles=max_cycles)
+        # one host thread: the sweep's points are what runs in parallel
+        report = run_parsed(cfg, label, max_cycles=max_cycles, threads=1)
     except UserError as err:  # caught here so that workers do not log an expected failure
         return {"error": str(err), "host_seconds": time.perf_counter() - started}
     return {

@@ -5,8 +5,10 @@ direction to the destination in the packet's tag, RAMP at the destination.
 
 Sources. Every node creates packets by a Bernoulli process of rate R per cycle into an
 unbounded source queue (FIFO); the head enters the node's RAMP FIFO whenever it has room
-(at most one per cycle). Destinations (drawn when a packet enters the network; they are
-i.i.d., so this equals drawing them at creation):
+(at most one per cycle). Each node draws from its own random stream (splitmix64 seeded by
+the seed and the node), so what a node draws does not depend on other nodes or on how the
+fabric is split among worker threads. Destinations (drawn when a packet enters the
+network; they are i.i.d., so this equals drawing them at creation):
 
 * uniform: any other node, uniformly;
 * transpose: (x, y) -> (y, x) (square meshes; diagonal nodes send nothing);
@@ -32,120 +34,141 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
 
 import numpy as np
 
 from wse_sim.errors import UserError
 from wse_sim.hostmem import mesh_bytes, require
+from wse_sim.jit import barrier, cores, hot, run_workers, workers_for
 from wse_sim.router import (
-    B_PORT,
-    CT_RAMP_IN,
-    CT_RAMP_OUT,
-    P_DEPTH,
-    P_WIN0,
-    P_WIN1,
     RAMP,
-    SC_ACCEPTED,
-    SC_LAT_MAX,
-    SC_LAT_SUM,
-    SC_MEASURED,
     TAG_COORD_BITS,
     TAG_DEST_BITS,
-    Fabric,
+    FabricSpec,
+    RouteTable,
+    U,
     build_fabric,
+    exchange,
     has_room,
-    hot,
     inject,
-    router_step,
+    list_pushed,
+    route_phase,
 )
+from wse_sim.state import NEVER, SOURCE, TRAFFIC_PARAMS, Fabric, Sources, Workers
 from wse_sim.stats import Stats
 
-# wse_sim.router's helpers (has_room, inject) are inlined here: see the note
-# there on numba's cache.
 PATTERNS = ("uniform", "transpose", "hotspot", "neighbor")
 UNIFORM, TRANSPOSE, HOTSPOT, NEIGHBOR = range(4)
-NEVER = np.iinfo(np.int64).max // 2
 LATENCY_BINS = 1 << 20  # latencies beyond fall into the last bin
-# Sources.sc indices
-S_MEASURED_IN, S_BEHIND = range(2)
-
-
-class Sources(NamedTuple):
-    next_arr: np.ndarray  # int64 [nodes]: creation cycle of the head of the source queue
-    ramp_buf: np.ndarray  # int64 [nodes]: the node's RAMP FIFO
-    rng: np.ndarray  # uint64 [1]: splitmix64 state
-    pattern: np.ndarray  # int64 [4]: pattern, width, height, center node
-    rate: np.ndarray  # float64 [3]: rate, log(1 - rate), hotspot fraction
-    sc: np.ndarray  # int64 [2]
+GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 
 
 @hot
-def _uniform01(rng):
-    """splitmix64: a float in [0, 1)."""
-    z = rng[0] + np.uint64(0x9E3779B97F4A7C15)
-    rng[0] = z
+def _mix(z):
+    """splitmix64's output function (a bijection of uint64)."""
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+    return z ^ (z >> np.uint64(31))
 
 
 @hot
-def _gap(rate, rng):
-    """Cycles to the next Bernoulli(rate) success: geometric on 1, 2, ..."""
-    if rate[0] >= 1.0:
+def _uniform01(node):
+    """splitmix64 step of a node's stream: a float in [0, 1)."""
+    node.rng += np.uint64(GOLDEN_GAMMA)
+    return (_mix(node.rng) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+@hot
+def _gap(p, node):
+    """Cycles to the node's next Bernoulli(rate) success: geometric on 1, 2, ..."""
+    if p.rate >= 1.0:
         return 1
-    return 1 + int(np.log(1.0 - _uniform01(rng)) / rate[1])
+    return 1 + int(np.log(1.0 - _uniform01(node)) / p.log_miss)
 
 
 @hot
-def _destination(pattern, rate, rng, n):
+def _destination(p, node, n):
     """Destination of node n's next packet, as tag bits (y << 12 | x)."""
-    kind, width, height, center = pattern[0], pattern[1], pattern[2], pattern[3]
+    width = p.width
     x, y = n % width, n // width
-    if kind == TRANSPOSE:
+    if p.pattern == TRANSPOSE:
         x, y = y, x
-    elif kind == NEIGHBOR:
+    elif p.pattern == NEIGHBOR:
         x = x + 1 if x + 1 < width else 0
-    elif kind == HOTSPOT and n != center and _uniform01(rng) < rate[2]:
-        x, y = center % width, center // width
+    elif p.pattern == HOTSPOT and n != p.center and _uniform01(node) < p.hotspot:
+        x, y = p.center % width, p.center // width
     else:
-        d = int(_uniform01(rng) * (width * height - 1))
+        d = int(_uniform01(node) * (width * p.height - 1))
         d = d + 1 if d >= n else d
         x, y = d % width, d // width
     return (y << TAG_COORD_BITS) | x
 
 
 @hot
-def _traffic_chunk(fb, src, t, t_end):
-    """Run cycles t..t_end-1, stopping early once every measured packet has arrived.
-    Returns (cycle, drained)."""
-    params, fsc, buf, wl, wval, node, ctr = (fb.params, fb.sc, fb.buf, fb.wl, fb.wval, fb.node,
-                                             fb.ctr)
-    next_arr, ramp_buf, rng, pattern, rate, ssc = (src.next_arr, src.ramp_buf, src.rng,
-                                                   src.pattern, src.rate, src.sc)
-    win0, win1, depth = params[P_WIN0], params[P_WIN1], params[P_DEPTH]
-    nodes = next_arr.shape[0]
-    while t < t_end:
-        if t >= win1 and ssc[S_BEHIND] == 0 and fsc[SC_MEASURED] == ssc[S_MEASURED_IN]:
-            return t, True
-        router_step(fb, t)
-        behind = 0
-        for n in range(nodes):
-            birth = next_arr[n]
-            if birth <= t and has_room(buf, ramp_buf[n], t, depth):
-                tag = (birth << TAG_DEST_BITS) | _destination(pattern, rate, rng, n)
-                inject(buf, wl, wval, node, fsc, ctr, ramp_buf[n], n, np.float32(0.0), tag, t,
-                       depth)
-                if win0 <= birth < win1:
-                    ssc[S_MEASURED_IN] += 1
-                next_arr[n] = birth + _gap(rate, rng)
-            if next_arr[n] < win1:
-                behind += 1
-        ssc[S_BEHIND] = behind
+def _sources(fb, src, s, t):
+    """Cycle t of the packet sources of stripe s (its nodes are its routers)."""
+    p = src.params[0]
+    win0, win1, depth = fb.params[0].win0, fb.params[0].win1, fb.params[0].depth
+    behind = 0
+    for n in range(s.r_lo, s.r_hi):
+        node = src.node[U(n)]
+        birth = node.next
+        if birth <= t and has_room(fb, node.ramp, t, depth):
+            tag = (birth << TAG_DEST_BITS) | _destination(p, node, n)
+            inject(fb, s, node.ramp, tag, t)
+            if win0 <= birth < win1:
+                s.measured_in += 1
+            node.next = birth + _gap(p, node)
+        if node.next < win1:
+            behind += 1
+    s.behind = behind
+
+
+@hot
+def _traffic_worker(fb, src, wk, t, t_end, workers, w):
+    """Run cycles t..t_end-1 of stripes w, w + workers, ..., stopping early once every
+    measured packet has arrived. Returns (cycle, drained)."""
+    stripes = wk.stripe
+    n = len(stripes)
+    win1 = fb.params[0].win1
+    drained = False
+    while True:
+        barrier(wk.barrier, workers)
+        behind = measured = measured_in = 0
+        for k in range(n):
+            behind += stripes[k].pub_behind
+            measured += stripes[k].pub_measured
+            measured_in += stripes[k].pub_measured_in
+        if t >= win1 and behind == 0 and measured == measured_in:
+            drained = True
+            break
+        if t >= t_end:
+            break
+        for k in range(w, n, workers):
+            if n > 1:
+                list_pushed(fb, stripes, k, t - 1)
+            route_phase(fb, stripes, k, t)
+        barrier(wk.barrier, workers)
+        for k in range(w, n, workers):
+            s = stripes[k]
+            if n > 1:
+                exchange(fb, stripes, k, t)
+            _sources(fb, src, s, t)
+            s.pub_behind, s.pub_measured, s.pub_measured_in = s.behind, s.measured, s.measured_in
         t += 1
-    return t, False
+    return t, drained
+
+
+@hot
+def _first_arrivals(src, silent):
+    """Seed every node's stream and draw its first arrival: failures before the first
+    success (cycle 0 with probability rate); silent nodes never send."""
+    p = src.params[0]
+    for n in range(len(src.node)):
+        node = src.node[U(n)]
+        # Streams start at unrelated points of splitmix64's cycle (node.rng holds the seed).
+        node.rng = _mix(_mix(np.uint64(n) + np.uint64(GOLDEN_GAMMA)) + node.rng)
+        node.next = NEVER if silent[n] else _gap(p, node) - 1
 
 
 @hot
@@ -153,12 +176,13 @@ def _queued_before(src, end):
     """Packets created before cycle `end` still in source queues (drawing the rest of each
     node's arrival process; called once the run is over)."""
     total = 0
-    next_arr, rate, rng = src.next_arr, src.rate, src.rng
-    for n in range(next_arr.shape[0]):
-        a = next_arr[n]
+    p = src.params[0]
+    for n in range(len(src.node)):
+        node = src.node[U(n)]
+        a = node.next
         while a < end:
             total += 1
-            a += _gap(rate, rng)
+            a += _gap(p, node)
     return total
 
 
@@ -230,10 +254,14 @@ def run_traffic(
     drain: int | None = None,
     hotspot_fraction: float = 0.2,
     progress: Callable[[int], None] | None = None,
+    threads: int | None = None,
 ) -> TrafficResult:
     """Run synthetic traffic; see the module docstring. `drain` (default 4 * cycles) bounds
-    the cycles run after the measurement window. Arguments out of range, and a mesh too
-    large for this machine's memory, are UserErrors naming the argument."""
+    the cycles run after the measurement window. The mesh's rows are split into `threads`
+    stripes (default: one per core), run by as many host threads as the work per cycle
+    pays for (`wse_sim.jit.workers_for`); the results do not depend on either. Arguments
+    out of range, and a mesh too large for this machine's memory, are UserErrors naming
+    the argument."""
     if pattern not in PATTERNS:
         raise UserError(f"pattern must be one of {', '.join(PATTERNS)} (got {pattern!r})")
     if not 0.0 < rate <= 1.0:  # also refuses NaN
@@ -262,67 +290,67 @@ def run_traffic(
         raise UserError(f"warmup + cycles + drain ({last:,}) and hop_latency ({hop_latency:,}) "
                         f"must be below 2**{63 - TAG_DEST_BITS} cycles")
     require(mesh_bytes(width, height, queue_depth))
-    fb, src = _build(width, height, pattern, rate, seed, queue_depth, hop_latency, ramp_in,
-                     hotspot_fraction)
+    nodes = width * height
+    spec = FabricSpec(width, height, colors=1, depth=queue_depth, hop_latency=hop_latency,
+                      ramp_in=ramp_in, packet=True, latency_bins=LATENCY_BINS)
+    fb, wk, src = _build(spec, pattern, rate, seed, hotspot_fraction, threads or cores())
     win0, win1 = warmup, warmup + cycles
-    fb.params[P_WIN0], fb.params[P_WIN1] = win0, win1
-    t, end, chunk = 0, win1 + drain, 256
+    fb.params["win0"], fb.params["win1"] = win0, win1
+    t, end, chunk, workers = 0, win1 + drain, 256, workers_for(wk, 0.0)
     while t < end:
         started = time.perf_counter()
-        t, drained = _traffic_chunk(fb, src, t, min(t + chunk, end))
+        visits, t0 = int(wk.stripe["visits"].sum()), t
+        t, drained = run_workers(_traffic_worker, workers, fb, src, wk, t,
+                                 min(t + chunk, end), workers)
         elapsed = time.perf_counter() - started
+        workers = workers_for(wk, (int(wk.stripe["visits"].sum()) - visits) / max(t - t0, 1))
         if progress is not None:
             progress(t)
         if drained:
             break
         chunk = int(min(max(chunk * min(0.2 / max(elapsed, 1e-4), 4.0), 64), 1 << 20))
     queued = _queued_before(src, win1)
-    measured = int(src.sc[S_MEASURED_IN]) + queued
-    done = int(fb.sc[SC_MEASURED])
-    nodes = width * height
+    measured = int(wk.stripe["measured_in"].sum()) + queued
+    done = int(wk.stripe["measured"].sum())
     hist = fb.lat_hist
     p99 = float(np.searchsorted(np.cumsum(hist), 0.99 * done)) if done else float("nan")
     hops = mean_hops(width, height, pattern, hotspot_fraction)
-    stats = Stats.from_state(width, height, t, fb, None,
-                             injected=int(fb.ctr[:, CT_RAMP_OUT].sum()),
-                             delivered=int(fb.ctr[:, CT_RAMP_IN].sum()))
+    stats = Stats.from_state(width, height, t, fb, wk)
     return TrafficResult(
         mesh=f"{width}x{height}", pattern=pattern, rate=rate, nodes=nodes, warmup=warmup,
         cycles=cycles, total_cycles=t, seed=seed, queue_depth=queue_depth,
         hop_latency=hop_latency, measured_packets=measured, unfinished_packets=measured - done,
-        latency_avg=float(fb.sc[SC_LAT_SUM] / done) if done else float("nan"),
-        latency_p99=p99, latency_max=int(fb.sc[SC_LAT_MAX]),
-        offered=measured / nodes / cycles, accepted=float(fb.sc[SC_ACCEPTED]) / nodes / cycles,
+        latency_avg=float(wk.stripe["lat_sum"].sum() / done) if done else float("nan"),
+        latency_p99=p99, latency_max=int(wk.stripe["lat_max"].max()),
+        offered=measured / nodes / cycles,
+        accepted=float(wk.stripe["accepted"].sum()) / nodes / cycles,
         mean_hops=hops, zero_load_latency=1.0 + hop_latency * hops, stats=stats,
     )
 
 
-def _build(width: int, height: int, pattern: str, rate: float, seed: int, depth: int,
-           hop_latency: int, ramp_in: int, hotspot_fraction: float) -> tuple[Fabric, Sources]:
+def _build(spec: FabricSpec, pattern: str, rate: float, seed: int, hotspot_fraction: float,
+           stripes: int) -> tuple[Fabric, Workers, Sources]:
+    """Every node has one route (color 0) accepting from and sending to every link it has."""
+    width, height = spec.width, spec.height
     nodes = width * height
     pe = np.arange(nodes, dtype=np.int64)
     x, y = pe % width, pe // width
     links = ((y > 0) << 0) | ((x < width - 1) << 1) | ((y < height - 1) << 2) | ((x > 0) << 3)
     mask = (links | (1 << RAMP)).astype(np.int64)
-    fb = build_fabric(width, height, pe, np.zeros(nodes, np.int64), mask, mask, colors=1,
-                      depth=depth, hop_latency=hop_latency, ramp_in=ramp_in, packet=True,
-                      latency_bins=LATENCY_BINS)
-    n_in = int(fb.rb_lo[-1])
-    ramp_buf = np.nonzero(fb.buf[:n_in, B_PORT] == RAMP)[0].astype(np.int64)
-    center = (height // 2) * width + width // 2
-    src = Sources(
-        next_arr=np.zeros(nodes, np.int64),
-        ramp_buf=ramp_buf,
-        rng=np.array([seed], np.uint64),
-        pattern=np.array([PATTERNS.index(pattern), width, height, center], np.int64),
-        rate=np.array([rate, np.log1p(-rate) if rate < 1 else -np.inf, hotspot_fraction]),
-        sc=np.zeros(2, np.int64),
-    )
-    silent = _silent_nodes(pattern, x, y, width)
-    # First arrival: failures before the first success (cycle 0 with probability rate).
-    src.next_arr[:] = [_gap(src.rate, src.rng) - 1 for _ in range(nodes)]
-    src.next_arr[silent] = NEVER
-    return fb, src
+    fb, wk = build_fabric(spec, RouteTable(pe, np.zeros(nodes, np.int64), mask, mask),
+                          np.zeros(0, np.int64), stripes)
+    params = TRAFFIC_PARAMS.new(1)
+    for name, value in (("pattern", PATTERNS.index(pattern)), ("width", width),
+                        ("height", height), ("center", (height // 2) * width + width // 2),
+                        ("rate", rate), ("log_miss", np.log1p(-rate) if rate < 1 else -np.inf),
+                        ("hotspot", hotspot_fraction)):
+        params[name] = value
+    node = SOURCE.new(nodes)
+    node["ramp"] = np.nonzero(fb.info["port"] == RAMP)[0]
+    node["rng"] = np.uint64(seed)
+    src = Sources(params=params, node=node)
+    _first_arrivals(src, _silent_nodes(pattern, x, y, width))
+    return fb, wk, src
 
 
 def _silent_nodes(pattern: str, x: np.ndarray, y: np.ndarray, width: int) -> np.ndarray:

@@ -50,7 +50,7 @@ from typing import Literal
 
 from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Kind, Op, Operand, Reg, vec
 from wse_sim.errors import UserError
-from wse_sim.program import PEProgram, Task, Trigger
+from wse_sim.program import BYTES_PER_WORD, PEProgram, Task, Trigger
 
 SYMBOLIC_BASE = 1_000_000
 
@@ -175,8 +175,9 @@ class Kernel:
         if limit is not None and prog.sram_words > limit:
             raise UserError(
                 f"op {self.name} ({self.op}): PE {pe} of its {self.width}x{self.height} "
-                f"rectangle needs at least {4 * prog.sram_words:,} bytes of SRAM, has "
-                f"{4 * limit:,} (buffer {purpose!r}: {4 * words:,} bytes)")
+                f"rectangle needs at least {BYTES_PER_WORD * prog.sram_words:,} bytes of SRAM, "
+                f"has {BYTES_PER_WORD * limit:,} (buffer {purpose!r}: "
+                f"{BYTES_PER_WORD * words:,} bytes)")
         return offset
 
     def emit(self, pe: LocalPE, *instrs: Instr, thread: int = 0) -> None:

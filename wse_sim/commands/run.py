@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_arguments(args, (args.config,))
     progress = Progress(not args.quiet)
-    report = run_step(args.config, args.placement, args.max_cycles, progress)
+    report = run_step(args.config, args.placement, args.max_cycles, progress, args.threads)
     progress.done()
     print(format_report(report))
     print()

@@ -19,7 +19,15 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="DIR", help="also write the five PNG plots")
     parser.add_argument("--max-cycles", type=int_in(1), metavar="N",
                         help="stop with an error if the run needs more cycles")
+    add_threads_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """--threads, shared with `traffic`."""
+    parser.add_argument("--threads", type=int_in(1), metavar="N",
+                        help="host threads sharing the fabric's rows (default: every core); "
+                             "results do not depend on it")
 
 
 def check_output_arguments(args: argparse.Namespace, inputs: tuple[str, ...],
@@ -77,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     require(program_bytes(program), args.program)
     progress = Progress(not args.quiet)
     result, report = simulate_program(program, wafer, max_cycles=args.max_cycles,
-                                      progress=progress)
+                                      progress=progress, threads=args.threads)
     progress.done()
     print(format_report(report))
     if args.tensors:

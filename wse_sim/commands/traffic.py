@@ -20,6 +20,7 @@ def _mesh(text: str) -> tuple[int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from wse_sim.commands.simulate import add_threads_argument
     from wse_sim.traffic import PATTERNS  # imported here to keep CLI start-up light
 
     parser.add_argument("--mesh", type=_mesh, default=(16, 16), help="WIDTHxHEIGHT (16x16)")
@@ -35,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hop-latency", type=int, default=1, help="cycles per link")
     parser.add_argument("--hotspot-fraction", type=float, default=0.2,
                         help="hotspot: share of packets sent to the center node")
+    add_threads_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_traffic(width, height, args.pattern, args.rate, args.cycles,
                          warmup=args.warmup, seed=args.seed, queue_depth=args.queue_depth,
                          hop_latency=args.hop_latency, drain=args.drain,
-                         hotspot_fraction=args.hotspot_fraction)
+                         hotspot_fraction=args.hotspot_fraction, threads=args.threads)
     if args.json:
         print(strict_json(result_json(result)))
         return 0
