@@ -1,22 +1,35 @@
-"""The check: the simulated step's numbers against the numpy reference in float64.
+"""The check: the simulated step's numbers against float64.
 
-Every tensor is compared by its relative error ||sim - ref|| / ||ref|| (Frobenius): the
-loss, the logits, every parameter gradient and every updated weight. A tensor passes when
-its error is at most `TOLERANCE`: the simulated PEs compute in float32 (unit roundoff
-6e-8), and a training step's dot products and reductions accumulate that over a few
-hundred terms, which stays orders of magnitude below 1e-4 while any real bug (a wrong
-lane, a missing term, a stale buffer) shows up far above it.
+Every tensor is compared by its relative error ||sim - ref|| / ||ref|| (Frobenius). A
+tensor passes when its error is at most `TOLERANCE`: the simulated PEs compute in float32
+(unit roundoff 6e-8), and a training step's dot products and reductions accumulate that
+over a few hundred terms, which stays orders of magnitude below 1e-4 while any real bug (a
+wrong lane, a missing term, a stale buffer) shows up far above it.
 
-An updated weight can pass that test without any update (an SGD step is often smaller than
-1e-4 of the weight), so each update is also checked on its own: `update:P` compares
-Δsim = updated_sim - P32 (P32 the float32 initial weight the wafer started from) with
-Δref = updated_ref - P. Its tolerance is derived, not chosen: the wafer forms the new
-weight with one float32 rounding of at most u |w_new| per element (u = 2^-24), and the
-update's other error is lr times the gradient's, at most TOLERANCE ||Δref||, so
+What each tensor is compared with:
 
-    ||Δsim - Δref|| <= TOLERANCE ||Δref|| + u ||w_new||,
+* the loss, the logits and every parameter gradient: the numpy reference's step from the
+  same weights (`compiler.reference`);
+* the optimizer's outputs, i.e. every updated weight and, for AdamW, every updated moment
+  and the step count (`compiler.ops.update.state_names`): the optimizer of
+  `compiler.optim` applied in float64 to the weights and optimizer state the wafer started
+  from and to the wafer's own gradient. The gradient is checked against the reference
+  above; this checks the update the wafer computed from it. (Against the reference's
+  gradient instead, AdamW's step would not be checkable: it divides each gradient element
+  by its own magnitude, so an element whose exact gradient is below float32's resolution
+  of the gradient, as the key bias's is, exactly zero, gets a step of either sign.)
 
-i.e. a relative tolerance of TOLERANCE + u ||w_new|| / ||Δref||. A skipped update has
+An updated weight can pass that test without any update (a step is often smaller than 1e-4
+of the weight), so each update is also checked on its own: `update:P` compares
+Δsim = updated_sim - P32 (P32 the float32 weight the wafer started from) with the float64
+optimizer's Δ. Its tolerance is derived, not chosen: the wafer forms the new weight with
+at most two float32 roundings of about u |w_new| per element (u = 2^-24; the final add,
+and AdamW's weight decay), and computes the step itself with a few roundings relative to
+the step (far below TOLERANCE of it), so
+
+    ||Δsim - Δ|| <= TOLERANCE ||Δ|| + r u ||w_new||   (r = the roundings of the weight),
+
+i.e. a relative tolerance of TOLERANCE + r u ||w_new|| / ||Δ||. A skipped update has
 relative error 1 and fails unless the update is below float32's resolution of the weight.
 """
 
@@ -27,7 +40,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from compiler.config import TrainingConfig
 from compiler.graph import grad_name, updated_name
+from compiler.ops.update import STEP_TENSOR, UpdateRule, moment_names, state_names
+from compiler.optim import OptimizerState, init_state, optimizer_step
 from compiler.reference import ReferenceResult
 from compiler.routing import FinalSram, Linked
 
@@ -63,28 +79,51 @@ class CheckResult:
 
 def read_results(linked: Linked, result: FinalSram, parameters: list[str]
                  ) -> dict[str, np.ndarray]:
-    """The loss, logits, gradients and updated weights, read out of the simulated SRAM."""
-    names = ["loss", "logits"] + [f(p) for p in parameters for f in (grad_name, updated_name)]
+    """The loss, logits, gradients, updated weights and updated optimizer state, read out of
+    the simulated SRAM."""
+    names = (["loss", "logits", *map(grad_name, parameters)]
+             + state_names(linked.program.tensors, parameters))
     return {name: linked.read_tensor(result, name) for name in names}
 
 
+def optimizer_expected(training: TrainingConfig, initial: dict[str, np.ndarray],
+                       grads: dict[str, np.ndarray], state: OptimizerState
+                       ) -> dict[str, np.ndarray]:
+    """The optimizer's outputs in float64, by their names after the step, from the weights
+    `initial`, the gradients `grads` and the state `state` before it."""
+    params, after = optimizer_step(training, initial, grads, state)
+    expected = {updated_name(p): value for p, value in params.items()}
+    if training.optimizer == "adamw":
+        expected[updated_name(STEP_TENSOR)] = np.array([[after.step]], np.float64)
+        for p in params:
+            for name, moments in zip(moment_names(p), (after.m, after.v), strict=True):
+                expected[updated_name(name)] = moments[p]
+    return expected
+
+
 def compare(simulated: dict[str, np.ndarray], reference: ReferenceResult,
-            initial: dict[str, np.ndarray]) -> CheckResult:
-    """Every simulated tensor and every update against the reference (see the docstring);
-    `initial` are the float64 weights both started from."""
-    expected = {"loss": np.array([[reference.loss]]), "logits": reference.logits}
-    for p in initial:
-        expected[grad_name(p)] = reference.grads[p]
-        expected[updated_name(p)] = reference.updated[p]
-    errors = {name: relative_error(simulated[name], expected[name]) for name in expected}
+            initial: dict[str, np.ndarray], training: TrainingConfig,
+            state: OptimizerState | None = None) -> CheckResult:
+    """Every simulated tensor and every update against float64 (see the docstring);
+    `initial` are the float64 weights and `state` the optimizer state (None: the first
+    step's) both started from."""
+    state = state or init_state(training.optimizer, initial)
+    grads = {p: np.asarray(simulated[grad_name(p)], np.float64).reshape(start.shape)
+             for p, start in initial.items()}
+    expected = {"loss": np.array([[reference.loss]]), "logits": reference.logits,
+                **{grad_name(p): reference.grads[p] for p in initial},
+                **optimizer_expected(training, initial, grads, state)}
+    errors = {name: relative_error(simulated[name], expected[name]) for name in simulated}
     tolerances = dict.fromkeys(errors, TOLERANCE)
+    rule = UpdateRule.of(training)
     for p, start in initial.items():
         new_sim = np.asarray(simulated[updated_name(p)], np.float64).reshape(start.shape)
         step_sim = new_sim - np.asarray(start, np.float32)
-        step_ref = reference.updated[p] - start
-        errors[update_name(p)] = relative_error(step_sim, step_ref)
-        scale = np.linalg.norm(step_ref)
-        rounding = UNIT_ROUNDOFF_FP32 * np.linalg.norm(new_sim)
+        step = expected[updated_name(p)] - start
+        errors[update_name(p)] = relative_error(step_sim, step)
+        scale = np.linalg.norm(step)
+        roundings = 2 if rule.decay_of(p) else 1
+        rounding = roundings * UNIT_ROUNDOFF_FP32 * np.linalg.norm(new_sim)
         tolerances[update_name(p)] = TOLERANCE + (rounding / scale if scale > 0 else np.inf)
     passed = all(errors[name] <= tolerances[name] for name in errors)
     return CheckResult(passed, float(simulated["loss"].ravel()[0]), reference.loss, errors,
@@ -92,9 +131,11 @@ def compare(simulated: dict[str, np.ndarray], reference: ReferenceResult,
 
 
 def check_step(linked: Linked, result: FinalSram, reference: ReferenceResult,
-               initial: dict[str, np.ndarray]) -> CheckResult:
-    """Read the results out of the simulated SRAM and compare them with the reference."""
-    return compare(read_results(linked, result, list(initial)), reference, initial)
+               initial: dict[str, np.ndarray], training: TrainingConfig,
+               state: OptimizerState | None = None) -> CheckResult:
+    """Read the results out of the simulated SRAM and compare them (see `compare`)."""
+    return compare(read_results(linked, result, list(initial)), reference, initial, training,
+                   state)
 
 
 def results_digest(tensors: dict[str, np.ndarray]) -> str:

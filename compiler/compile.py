@@ -16,11 +16,12 @@ import numpy as np
 from compiler.config import RunConfig
 from compiler.gpt import build_graph
 from compiler.graph import TrainingGraph
-from compiler.inputs import init_params, make_batch
-from compiler.lower import default_lane_width, lower
+from compiler.inputs import Batch, init_params, make_batch
+from compiler.lower import choose_plan, lower
 from compiler.lowering.kernel import Kernel
-from compiler.orient import orient
+from compiler.orient import Flip, flip_kernel, orientations
 from compiler.placement import Box, hop_words, place
+from compiler.plan import Plan
 from compiler.routing import Linked, link, program_elements
 from wse_sim.program import Kind
 
@@ -30,11 +31,12 @@ class Compiled:
     cfg: RunConfig
     graph: TrainingGraph
     params: dict[str, np.ndarray]  # initial weights (float64, the reference's)
-    tokens: np.ndarray  # (B, T) the batch baked into the program
-    lane_width: int
+    batch: Batch  # the batch the program's code is built for
+    plan: Plan
     kernels: list[Kernel]
     placement: str
     boxes: list[Box]
+    flips: dict[str, Flip]  # how each kernel is mirrored (compiler.orient)
     traffic: list[tuple[str, str, int]]  # (producer kernel, consumer kernel, words)
     linked: Linked
     seconds: float  # wall time of the whole compilation
@@ -51,7 +53,7 @@ def kernel_traffic(kernels: list[Kernel]) -> list[tuple[str, str, int]]:
     producers = {}
     for kernel in kernels:
         for end in kernel.outputs:
-            words = program_elements(kernel.programs[end.pes[0]], end.stream, Kind.FABOUT)
+            words = program_elements(kernel.programs[end.pes[0]], Kind.FABOUT)[end.stream]
             producers[(end.tensor, end.lane)] = (kernel.name, words)
     words: dict[tuple[str, str], int] = defaultdict(int)
     for kernel in kernels:
@@ -61,20 +63,29 @@ def kernel_traffic(kernels: list[Kernel]) -> list[tuple[str, str, int]]:
     return [(src, dst, n) for (src, dst), n in words.items()]
 
 
-def compile_step(cfg: RunConfig, placement: str | None = None) -> Compiled:
-    """Compile one training step of `cfg` (placement strategy from the config unless given)."""
+def compile_step(cfg: RunConfig, placement: str | None = None,
+                 batch: Batch | None = None) -> Compiled:
+    """Compile one training step of `cfg` (placement strategy from the config unless given)
+    for `batch` (default: the synthetic batch of `make_batch`)."""
+    return compile_graph(cfg, build_graph(cfg), init_params(cfg), batch or make_batch(cfg),
+                         placement)
+
+
+def compile_graph(cfg: RunConfig, graph: TrainingGraph, params: dict[str, np.ndarray],
+                  batch: Batch, placement: str | None = None) -> Compiled:
+    """Lower, place, orient and route `graph` (a training step's, or a forward-only graph
+    of `compiler.generate`) with the weights `params`, its code built for `batch`."""
     started = time.perf_counter()
     strategy = placement or cfg.compile.placement
-    graph = build_graph(cfg)
-    params = init_params(cfg)
-    tokens = make_batch(cfg)
-    lane_width = cfg.compile.lane_width or default_lane_width(graph)
-    kernels = lower(graph, params, tokens, lane_width)
+    plan = choose_plan(graph, batch)
+    kernels = lower(graph, params, batch, plan)
     boxes = [Box(k.name, k.width, k.height) for k in kernels]
     traffic = kernel_traffic(kernels)
     positions = place(boxes, traffic, (cfg.wafer.width, cfg.wafer.height), strategy,
                       seed=cfg.compile.seed)
-    kernels = orient(kernels, positions)  # mirror kernels so lane bundles cross less
+    # mirror kernels so lane bundles cross less
+    flips = dict(zip([k.name for k in kernels], orientations(kernels, positions), strict=True))
+    kernels = [flip_kernel(k, flips[k.name]) for k in kernels]
     linked = link(kernels, positions, cfg.wafer)
-    return Compiled(cfg, graph, params, tokens, lane_width, kernels, strategy, boxes, traffic,
+    return Compiled(cfg, graph, params, batch, plan, kernels, strategy, boxes, flips, traffic,
                     linked, time.perf_counter() - started)

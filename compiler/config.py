@@ -145,9 +145,22 @@ class CompileConfig(BaseModel):
     lane_width: int | None = Field(
         default=None,
         gt=0,
-        description="fp32 columns one fabric stream / PE column-chunk carries; null = automatic.",
+        description="fp32 columns one fabric stream / PE column-chunk carries; null = "
+        "d_head, or what `pes` allows.",
+    )
+    pes: int | None = Field(
+        default=None,
+        gt=0,
+        description="PE budget of the step: the lowering takes the narrowest lanes whose "
+        "kernels fit in this many PEs (more PEs, faster rows); null = lane_width's kernels.",
     )
     seed: int = Field(default=0, ge=0, description="Seed of randomised placement strategies.")
+
+    @model_validator(mode="after")
+    def _one_sizing(self) -> CompileConfig:
+        if self.lane_width is not None and self.pes is not None:
+            raise _cross_field_error("compile.pes", "give lane_width or pes, not both")
+        return self
 
 
 def _preset_name_allowed(schema: dict[str, Any]) -> None:

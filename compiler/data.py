@@ -195,6 +195,18 @@ def make_tokenizer(
     return tokenizer
 
 
+def saved_tokenizer(kind: str, vocab_size: int, directory: str | Path) -> Tokenizer:
+    """The tokenizer a training run in `directory` used: bytes, or the BPE tokenizer it
+    saved there (a UserError naming the file if it is missing or of another size)."""
+    if kind == "byte":
+        return make_tokenizer(kind, vocab_size, "", directory, "")
+    path = Path(directory) / TOKENIZER_FILE
+    if not path.exists():
+        raise UserError(f"{path}: missing: the BPE tokenizer of the run that wrote the "
+                        "checkpoint is saved beside it")
+    return make_tokenizer(kind, vocab_size, "", directory, str(path))
+
+
 def _load_bpe(path: Path) -> BpeTokenizer:
     try:
         return BpeTokenizer(HFTokenizer.from_file(str(path)))

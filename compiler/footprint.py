@@ -6,7 +6,7 @@ What is counted (the big items only: the estimate is a lower bound, so what it r
 could not have run):
 
 * the graph: `BYTES_PER_OP` per op, its OpSpec, tensor specs and networkx node (measured
-  with tracemalloc on gpt_tiny and gpt_small at 1 to 64 layers: 2.2 to 2.7 kB per op);
+  with tracemalloc on gpt_tiny and gpt_small at 1 to 64 layers: 2.1 to 2.8 kB per op);
 * the placement's owner grid over the whole wafer, 4 bytes per wafer PE
   (`compiler.placement.check_placement`, whatever the strategy);
 * compile: the initial weights in float64 (8 bytes per parameter), the kernels' SRAM
@@ -42,7 +42,7 @@ from compiler.gpt import build_graph
 from compiler.graph import TrainingGraph
 from wse_sim.hostmem import Footprint
 
-BYTES_PER_OP = 2200
+BYTES_PER_OP = 2100
 SIZE_FIELDS = ("model.vocab_size", "model.n_ctx", "model.d_model", "model.n_heads",
                "model.d_ffn", "training.batch_size", "training.seq_len")
 # Tensors of the first block: `h0.*`, and their gradients, shares and updates

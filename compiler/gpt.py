@@ -3,9 +3,10 @@
 GPT-2 / Cerebras-GPT semantics: learned positions, pre-LayerNorm blocks, fused QKV with
 bias, causal softmax attention scaled by 1/sqrt(d_head), MLP with GELU, final LayerNorm,
 LM head tied to the token embedding when configured (no bias); the loss is the mean
-cross-entropy of predicting tokens 1..T-1 from tokens 0..T-2 of every sequence. Each op
+cross-entropy of predicting `targets[b, t]` (the token that follows `tokens[b, t]`) at
+every position of every sequence: a window of T + 1 tokens gives T predictions. Each op
 comes from its family module (`compiler.ops`); `compiler.graph` derives the backward pass
-and the SGD updates.
+and `compiler.ops.update` adds the optimizer's updates.
 
 Shapes: activations are 2-D `(rows, cols)` with rows M = B*T tokens in batch-major order
 (row `b*T + t`); attention matrices are `(M, H*T)` (see `compiler.ops.attention`); weights
@@ -15,7 +16,7 @@ are `(in, out)` so that `y = x @ W + b`, except the embeddings `wte.weight (voca
 Op names: `embed`, `h{i}.ln1`, `h{i}.attn.qkv`, `h{i}.attn.scores`, `h{i}.attn.mask`,
 `h{i}.attn.softmax`, `h{i}.attn.values`, `h{i}.attn.proj`, `h{i}.attn.res`, `h{i}.ln2`,
 `h{i}.mlp.fc`, `h{i}.mlp.gelu`, `h{i}.mlp.proj`, `h{i}.mlp.res`, `ln_f`, `lm_head`, `loss`;
-the QKV op's outputs are `.q`, `.k`, `.v`; `tokens` is the only input.
+the QKV op's outputs are `.q`, `.k`, `.v`; `tokens` and `targets` are the inputs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from compiler.ops.gelu import add_gelu
 from compiler.ops.layernorm import add_layernorm
 from compiler.ops.matmul import add_linear
 from compiler.ops.softmax import add_softmax
+from compiler.ops.update import add_updates
 
 
 def _attention(b: GraphBuilder, p: str, x: str) -> str:
@@ -46,11 +48,13 @@ def _attention(b: GraphBuilder, p: str, x: str) -> str:
 
 
 def build_graph(cfg: RunConfig) -> TrainingGraph:
-    """The graph of one training step of `cfg`: forward, backward, one SGD update per
-    parameter."""
+    """The graph of one training step of `cfg`: forward, backward, one optimizer update
+    per parameter."""
     model, train = cfg.model, cfg.training
     b = GraphBuilder(cfg)
-    tokens = b.tensor("tokens", (train.batch_size * train.seq_len, 1), "input", dtype="int32")
+    rows = train.batch_size * train.seq_len
+    tokens = b.tensor("tokens", (rows, 1), "input", dtype="int32")
+    targets = b.tensor("targets", (rows, 1), "input", dtype="int32")
     x = add_embedding(b, tokens)
     for i in range(model.n_layers):
         p = f"h{i}"
@@ -66,7 +70,7 @@ def build_graph(cfg: RunConfig) -> TrainingGraph:
     final = add_layernorm(b, "ln_f", x)
     head = ("wte.weight" if model.tie_embeddings
             else b.param("lm_head.weight", (model.vocab_size, model.d_model), "normal"))
-    loss = add_cross_entropy(b, add_lm_head(b, final, head), tokens)
+    loss = add_cross_entropy(b, add_lm_head(b, final, head), targets)
     b.backward(loss)
-    b.updates()
+    add_updates(b)
     return b.graph()

@@ -1,5 +1,5 @@
 """The graph IR of one training step: tensors, ops, and the builder that derives the
-backward pass and the parameter updates from the forward ops.
+backward pass from the forward ops.
 
 A `TrainingGraph` is a networkx DiGraph whose nodes are ops and whose edges go producer op
 -> consumer op (edge attribute `tensors`: the names of the tensors passed), plus the tensor
@@ -12,7 +12,8 @@ Shapes: every tensor is fp32 except `tokens` (int32); 4 bytes per element.
 Names
 -----
 The backward twin of op X is `X.bwd` (kind `<kind>.bwd`); the update of parameter P is
-`P.sgd`; a gradient accumulation for tensor X is `X.grad_acc`. An op's activation output is
+`P.update` (`compiler.ops.update`; AdamW's moments of P and the step count are tensors of
+kind `state`); a gradient accumulation for tensor X is `X.grad_acc`. An op's activation output is
 `{op}.out` unless its family says otherwise; parameters are `{op}.weight`, `{op}.bias`.
 The gradient of tensor X is `grad:X`; when X feeds several ops, the op C's share is
 `grad:X@C` and `X.grad_acc` sums the shares into `grad:X` (residual fan-out, tied
@@ -43,7 +44,7 @@ import networkx as nx
 
 from compiler.config import RunConfig
 
-TensorKind = Literal["activation", "parameter", "gradient", "input"]
+TensorKind = Literal["activation", "parameter", "gradient", "input", "state"]
 Phase = Literal["forward", "backward", "update"]
 # How compiler.inputs.init_params fills a parameter: normal(0, init_std), the same scaled
 # by 1/sqrt(2 n_layers) for projections into the residual stream, zeros, ones.
@@ -189,8 +190,8 @@ class _Forward:
 
 
 class GraphBuilder:
-    """Builds a TrainingGraph: op families add forward ops (`forward`), then `backward` and
-    `updates` derive the rest."""
+    """Builds a TrainingGraph: op families add forward ops (`forward`), then `backward`
+    derives the backward pass and `compiler.ops.update.add_updates` the updates."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -286,7 +287,7 @@ class GraphBuilder:
                               bwd_flops=rates[1] * n, saved=saved, attrs=attrs)
         return out
 
-    # -- backward and update ----------------------------------------------------------------
+    # -- backward ----------------------------------------------------------------------------
 
     def backward(self, loss: str) -> None:
         """Add one backward op per forward op (none for `add`, whose gradient is the
@@ -340,22 +341,6 @@ class GraphBuilder:
 
         for p in self.parameters:
             assert grad_of[p] == grad_name(p), f"parameter {p} has no gradient tensor"
-
-    def updates(self) -> None:
-        """One SGD update op per parameter (`compiler.ops.sgd`)."""
-        lr = self.cfg.training.lr
-        for p in self.parameters:
-            spec = self.tensors[p]
-            new = self.tensor(updated_name(p), spec.shape, "parameter")
-            self.op(
-                f"{p}.sgd",
-                "sgd_update",
-                "update",
-                (p, grad_name(p)),
-                (new,),
-                2 * spec.numel,
-                attrs={"lr": lr, "parameter": p},
-            )
 
     def graph(self) -> TrainingGraph:
         g = nx.DiGraph()

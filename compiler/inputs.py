@@ -1,9 +1,10 @@
-"""The inputs of a step: initial parameters and a batch of tokens, deterministic in the
-training seed. The reference and the compiler both take them from here."""
+"""The inputs of a step: initial parameters and a batch, deterministic in the training
+seed. The reference and the compiler both take them from here."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -11,6 +12,24 @@ from compiler.config import RunConfig
 from compiler.gpt import build_graph
 
 Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One step's batch: `tokens` (B, T) the model reads and `targets` (B, T) it predicts,
+    both int32; targets[b, t] is the token that follows tokens[b, t] in the text. `start`
+    is the position of column 0 in its sequences (a training window starts at 0; a decode
+    step reads the token at its position)."""
+
+    tokens: np.ndarray
+    targets: np.ndarray
+    start: int = 0
+
+    @classmethod
+    def from_windows(cls, windows: np.ndarray) -> Batch:
+        """The batch of windows (B, T + 1) of consecutive tokens (`compiler.data`)."""
+        windows = np.asarray(windows, np.int32)
+        return cls(windows[:, :-1], windows[:, 1:])
 
 
 def init_params(cfg: RunConfig) -> Arrays:
@@ -37,9 +56,10 @@ def init_params(cfg: RunConfig) -> Arrays:
     return params
 
 
-def make_batch(cfg: RunConfig) -> np.ndarray:
-    """Tokens `(batch_size, seq_len)` int32, uniform in [0, vocab_size), drawn from
-    `numpy.random.default_rng([seed, 1])` (a stream separate from the weights')."""
+def make_batch(cfg: RunConfig) -> Batch:
+    """A synthetic batch: windows `(batch_size, seq_len + 1)` of token ids uniform in
+    [0, vocab_size), drawn from `numpy.random.default_rng([seed, 1])` (a stream separate
+    from the weights'). Training on text takes its windows from `compiler.data`."""
     rng = np.random.default_rng([cfg.training.seed, 1])
-    shape = (cfg.training.batch_size, cfg.training.seq_len)
-    return rng.integers(0, cfg.model.vocab_size, size=shape, dtype=np.int32)
+    shape = (cfg.training.batch_size, cfg.training.seq_len + 1)
+    return Batch.from_windows(rng.integers(0, cfg.model.vocab_size, size=shape, dtype=np.int32))

@@ -82,10 +82,13 @@ def init_state(optimizer: str, params: Arrays, dtype: DTypeLike = np.float64) ->
 
 def sgd_update(params: Arrays, grads: Arrays, lr: float, dtype: DTypeLike = np.float64) -> Arrays:
     """New parameters `p - lr * g`, in `dtype`."""
-    return {
-        name: np.asarray(p, dtype) - lr * np.asarray(grads[name], dtype)
-        for name, p in params.items()
-    }
+    return {name: sgd_tensor(p, grads[name], lr, dtype) for name, p in params.items()}
+
+
+def sgd_tensor(p: np.ndarray, g: np.ndarray, lr: float, dtype: DTypeLike = np.float64
+               ) -> np.ndarray:
+    """One parameter's SGD step `p - lr * g`, in `dtype`."""
+    return np.asarray(p, dtype) - lr * np.asarray(g, dtype)
 
 
 def adamw_update(
@@ -103,23 +106,44 @@ def adamw_update(
     """One AdamW step (torch.optim.AdamW, see the module docstring): the new parameters
     and the new state (moments and step counter), all in `dtype`."""
     t = state.step + 1
-    # Python floats, so numpy keeps the arrays' dtype (a numpy float64 scalar would not).
-    step_size = lr / (1 - beta1**t)
-    bias_correction2_sqrt = math.sqrt(1 - beta2**t)
     new_params: Arrays = {}
     new_m: Arrays = {}
     new_v: Arrays = {}
     for name, p in params.items():
-        p = np.asarray(p, dtype)
-        g = np.asarray(grads[name], dtype)
-        if decays(name):
-            p = p * (1 - lr * weight_decay)
-        m = beta1 * np.asarray(state.m[name], dtype) + (1 - beta1) * g
-        v = beta2 * np.asarray(state.v[name], dtype) + (1 - beta2) * g * g
-        denom = np.sqrt(v) / bias_correction2_sqrt + eps
-        new_params[name] = p - step_size * m / denom
-        new_m[name], new_v[name] = m, v
+        new_params[name], new_m[name], new_v[name] = adamw_tensor(
+            p, grads[name], state.m[name], state.v[name], step=t, lr=lr, beta1=beta1,
+            beta2=beta2, eps=eps, weight_decay=weight_decay if decays(name) else 0.0,
+            dtype=dtype)
     return new_params, OptimizerState(step=t, m=new_m, v=new_v)
+
+
+def adamw_tensor(
+    p: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    dtype: DTypeLike = np.float64,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One parameter's AdamW step number `step` (t, from 1): its new value and moments, in
+    `dtype`. `weight_decay` is the one this parameter gets (0 where `decays` says no)."""
+    # Python floats, so numpy keeps the arrays' dtype (a numpy float64 scalar would not).
+    step_size = lr / (1 - beta1**step)
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    p = np.asarray(p, dtype)
+    g = np.asarray(g, dtype)
+    if weight_decay:
+        p = p * (1 - lr * weight_decay)
+    m = beta1 * np.asarray(m, dtype) + (1 - beta1) * g
+    v = beta2 * np.asarray(v, dtype) + (1 - beta2) * g * g
+    denom = np.sqrt(v) / bias_correction2_sqrt + eps
+    return p - step_size * m / denom, m, v
 
 
 def optimizer_step(

@@ -112,6 +112,12 @@ class _Layout:
 
 def orient(kernels: list[Kernel], positions: dict[str, PE]) -> list[Kernel]:
     """The kernels mirrored so their bundles cross least (module docstring); same order."""
+    return [flip_kernel(kernel, flip)
+            for kernel, flip in zip(kernels, orientations(kernels, positions), strict=True)]
+
+
+def orientations(kernels: list[Kernel], positions: dict[str, PE]) -> list[Flip]:
+    """The mirroring `orient` gives each kernel, in the kernels' order."""
     layout = _Layout(kernels, positions)
     routes = [layout.route(i) for i in range(len(layout.lanes))]
     for _ in range(PASSES):
@@ -136,4 +142,4 @@ def orient(kernels: list[Kernel], positions: dict[str, PE]) -> list[Kernel]:
                     routes[i] = layout.route(i)
         if not changed:
             break
-    return [flip_kernel(kernel, flip) for kernel, flip in zip(kernels, layout.flips, strict=True)]
+    return layout.flips

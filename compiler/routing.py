@@ -18,22 +18,22 @@
    keep to the plain XY and YX trees. Every route stays inside the bounding box of the
    placed kernels.
 3. Colors: negotiated congestion (PathFinder, McMurchie and Ebeling 1995). The hardware
-   keeps one route per (PE, color), so the resources are (PE, color) pairs of capacity
-   one, and a stream takes one candidate tree and one color. Each stream in turn takes the
-   (tree, color) of least cost sum over its PEs of (1 + history) x (1 + pressure x
-   streams already there); after each round the pairs still shared get more history and
-   the pressure grows, and only the streams on a shared pair are rerouted, until none is
+   keeps one route per (PE, color), so the resources are (PE, color) pairs of capacity one,
+   and a stream takes one candidate tree and one color. Each stream in turn takes the
+   (tree, color) of least cost sum over its PEs of (1 + history) x (1 + pressure x streams
+   already there); after each round the pairs still shared get more history and the
+   pressure grows, and only the streams on a shared pair are rerouted, until none is
    shared. Plain graph coloring of fixed trees cannot do this: bundles of lanes that meet
    or cross form cliques larger than any one PE's stream count (gpt_small's plain trees
    needed 35-77 colors where no PE carried more than 23-52 streams), and picking each
    stream's tree *with* its color lets lanes step aside into a color that is free along
    another path. Cost: a reroute is one vectorised pass over the (colors x PEs of all
-   candidates) costs, ~50 us; gpt_small (2272 streams, ~40k candidates) needs 5-300 rounds
-   and 0.01-1.4 reroutes per stream, 0.3-6 s. A PE that more streams start or end at than
-   the wafer has colors, or pairs still shared after `MAX_ROUNDS` rounds or
-   `REROUTES_PER_STREAM` reroutes per stream, are a `UserError` naming a stream. Symbolic
-   stream ids are mapped per kernel (ids of separately built kernels may coincide) and
-   rewritten with `bind_colors`.
+   candidates) costs, ~50 us; gpt_small (about 4400 streams, most of them one-PE token
+   channels) needs 5-300 rounds and 0.01-1.4 reroutes per stream. A PE that more streams
+   start or end at than the wafer has colors, or pairs still shared after `MAX_ROUNDS`
+   rounds or `REROUTES_PER_STREAM` reroutes per stream, are a `UserError` naming a stream.
+   Symbolic stream ids are mapped per kernel (ids of separately built kernels may coincide)
+   and rewritten with `bind_colors`.
 4. Program. Only the bounding box of the placed kernels is simulated; `Linked.origin` is
    that box's top-left PE on the wafer. Each PE's SRAM is checked against
    `wafer.sram_words_per_pe` at compile time.
@@ -59,14 +59,12 @@ from compiler.lowering.kernel import (
     Kernel,
     LocalPE,
     bind_colors,
-    symbolic_streams,
 )
 from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
     BYTES_PER_WORD,
     OPPOSITE,
-    PORT_OFFSET,
     Instr,
     Kind,
     Op,
@@ -95,25 +93,29 @@ PRESSURE_MAX = 1000.0  # ... up to this
 HISTORY_STEP = 2.0  # cost added per round to a (PE, color) that is still shared
 
 
-def fabric_elements(instrs: list[Instr], stream: int, kind: Kind) -> int:
-    """Elements a straight-line task moves through `stream` as `kind` (FABIN: wavelets it
-    receives, FABOUT: wavelets it sends), REPEAT bodies counted `count` times."""
-    total = 0
-    multiplier = [1] * len(instrs)
+def fabric_elements(instrs: list[Instr], kind: Kind) -> dict[int, int]:
+    """Elements a straight-line task moves through each stream (color) as `kind` (FABIN:
+    wavelets it receives, FABOUT: wavelets it sends), REPEAT bodies counted `count` times."""
+    total: dict[int, int] = defaultdict(int)
+    repeat_end, count = 0, 1
     for i, instr in enumerate(instrs):
         if instr.op is Op.REPEAT:
-            for j in range(i + 1, min(len(instrs), i + 1 + instr.body)):
-                multiplier[j] = instr.count
+            repeat_end, count = i + 1 + instr.body, instr.count
             continue
+        times = instr.n * (count if i < repeat_end else 1)
         for operand in (instr.dst, instr.a, instr.b, instr.c):
-            if operand.kind is kind and operand.color == stream:
-                total += instr.n * multiplier[i]
+            if operand.kind is kind:
+                total[operand.color] += times
     return total
 
 
-def program_elements(program: PEProgram, stream: int, kind: Kind) -> int:
+def program_elements(program: PEProgram, kind: Kind) -> dict[int, int]:
     """`fabric_elements` summed over all tasks of a PE program."""
-    return sum(fabric_elements(task.instrs, stream, kind) for task in program.tasks)
+    total: dict[int, int] = defaultdict(int)
+    for task in program.tasks:
+        for stream, elements in fabric_elements(task.instrs, kind).items():
+            total[stream] += elements
+    return total
 
 
 class FinalSram(Protocol):
@@ -187,6 +189,10 @@ class _Tree:
         return {pe: Route(rx, self.tx.get(pe, 0)) for pe, rx in self.rx.items()}
 
 
+_EAST, _WEST = (_TO[Port.E], _FROM[Port.E]), (_TO[Port.W], _FROM[Port.W])
+_SOUTH, _NORTH = (_TO[Port.S], _FROM[Port.S]), (_TO[Port.N], _FROM[Port.N])
+
+
 def _via_tree(src: PE, via: PE, dsts: Iterable[PE], x_first: bool) -> _Tree | None:
     """The multicast tree that runs straight from `src` to `via` (on its row or column),
     then on XY (`x_first`) or YX paths to every PE of `dsts`; None when two of those paths
@@ -196,18 +202,21 @@ def _via_tree(src: PE, via: PE, dsts: Iterable[PE], x_first: bool) -> _Tree | No
     for dst in dsts:
         x, y = src
         corner = (dst[0], via[1]) if x_first else (via[0], dst[1])
-        for tx_, ty_ in (via, corner, dst):
-            while x != tx_ or y != ty_:
-                if x != tx_:
-                    port = Port.E if tx_ > x else Port.W
-                else:
-                    port = Port.S if ty_ > y else Port.N
-                dx, dy = PORT_OFFSET[port]
-                came = _FROM[port]
-                if rx.setdefault((x + dx, y + dy), came) != came:
-                    return None
-                tx[(x, y)] |= _TO[port]
-                x, y = x + dx, y + dy
+        for tx_, ty_ in (via, corner, dst):  # each leg: along the row, then the column
+            if x != tx_:
+                step, (out, came) = (1, _EAST) if tx_ > x else (-1, _WEST)
+                for nx in range(x + step, tx_ + step, step):
+                    if rx.setdefault((nx, y), came) != came:
+                        return None
+                    tx[(nx - step, y)] |= out
+                x = tx_
+            if y != ty_:
+                step, (out, came) = (1, _SOUTH) if ty_ > y else (-1, _NORTH)
+                for ny in range(y + step, ty_ + step, step):
+                    if rx.setdefault((x, ny), came) != came:
+                        return None
+                    tx[(x, ny - step)] |= out
+                y = ty_
         tx[dst] |= _TO[Port.RAMP]
     return _Tree(rx, tx)
 
@@ -253,10 +262,12 @@ class LaneEnds:
 
 def match_lanes(kernels: list[Kernel]) -> list[LaneEnds]:
     """Every lane's producer and consumers, sorted by (tensor, lane); a lane without a
-    producer or a consumer, or with two producers, is a compiler bug (ValueError)."""
+    producer or a consumer, with two producers, or whose ends disagree on its columns or
+    row order, is a compiler bug (ValueError)."""
     producers: dict[tuple[str, int], tuple[Kernel, int, LocalPE]] = {}
     consumers: dict[tuple[str, int], list[tuple[Kernel, int, tuple[LocalPE, ...]]]] = (
         defaultdict(list))
+    shapes: dict[tuple[str, int], tuple[tuple[int, int], str, str]] = {}
     for kernel in kernels:
         for end in kernel.outputs:
             key = (end.tensor, end.lane)
@@ -269,6 +280,12 @@ def match_lanes(kernels: list[Kernel]) -> list[LaneEnds]:
             producers[key] = (kernel, end.stream, end.pes[0])
         for end in kernel.inputs:
             consumers[(end.tensor, end.lane)].append((kernel, end.stream, end.pes))
+        for end in kernel.inputs + kernel.outputs:
+            shape = shapes.setdefault((end.tensor, end.lane), (end.cols, end.order, kernel.name))
+            if shape[:2] != (end.cols, end.order):
+                raise ValueError(f"lane {end.lane} of {end.tensor!r}: {kernel.name} has columns "
+                                 f"{end.cols} in {end.order} order, {shape[2]} has {shape[0]} "
+                                 f"in {shape[1]} order")
     lanes = []
     for key in sorted(set(producers) | set(consumers)):
         tensor, lane = key
@@ -289,6 +306,8 @@ def _collect_streams(kernels: list[Kernel], positions: dict[str, PE]) -> list[Ro
         kx, ky = positions[kernel.name]
         return kx + pe[0], ky + pe[1]
 
+    sent = {(kernel.name, pe): program_elements(program, Kind.FABOUT)
+            for kernel in kernels for pe, program in kernel.programs.items()}
     streams = []
     for lane in match_lanes(kernels):
         kernel, sid, pe = lane.producer
@@ -296,15 +315,14 @@ def _collect_streams(kernels: list[Kernel], positions: dict[str, PE]) -> list[Ro
         streams.append(RoutedStream(
             name=f"{lane.tensor}[lane {lane.lane}]", src=at(kernel, pe), dsts=tuple(dsts),
             ends=[(kernel.name, sid)] + [(k.name, s) for k, s, _ in lane.consumers],
-            wavelets=program_elements(kernel.programs[pe], sid, Kind.FABOUT)))
+            wavelets=sent[(kernel.name, pe)][sid]))
     for kernel in kernels:
         for i, local in enumerate(kernel.local_streams):
             streams.append(RoutedStream(
                 name=f"{kernel.name}/local {i}", src=at(kernel, local.src),
                 dsts=tuple(at(kernel, p) for p in local.dsts),
                 ends=[(kernel.name, local.stream)],
-                wavelets=program_elements(kernel.programs[local.src], local.stream,
-                                          Kind.FABOUT), local=True))
+                wavelets=sent[(kernel.name, local.src)][local.stream], local=True))
     return streams
 
 
@@ -322,7 +340,8 @@ class _Negotiation:
              for tree in trees] for trees in candidates]
         self.flat = [np.concatenate(trees) for trees in self.trees]
         self.starts = [np.cumsum([0] + [t.size for t in trees[:-1]]) for trees in self.trees]
-        self.occupancy = np.zeros((colors, width * (y1 - y0)), dtype=np.int64)
+        # per (PE, color): PE-major, so a stream's PEs are contiguous rows to gather
+        self.occupancy = np.zeros((width * (y1 - y0), colors), dtype=np.int64)
         self.history = np.zeros(self.occupancy.shape)
         # the streams on each (color, PE) pair
         self.users: list[defaultdict[int, set[int]]] = [defaultdict(set) for _ in range(colors)]
@@ -334,25 +353,25 @@ class _Negotiation:
     def place(self, i: int) -> None:
         """Give stream i its cheapest (tree, color) given everyone else's."""
         flat = self.flat[i]
-        cost = (1.0 + self.history[:, flat]) * (1.0 + self.pressure * self.occupancy[:, flat])
-        totals = np.add.reduceat(cost, self.starts[i], axis=1)  # (colors, trees)
+        cost = (1.0 + self.history[flat]) * (1.0 + self.pressure * self.occupancy[flat])
+        totals = np.add.reduceat(cost, self.starts[i], axis=0).T  # (colors, trees)
         color, tree = divmod(int(np.argmin(totals)), totals.shape[1])
         self.choice[i] = (tree, color)
         pes = self.trees[i][tree]
-        self.occupancy[color, pes] += 1
+        self.occupancy[pes, color] += 1
         for pe in pes.tolist():
             self.users[color][pe].add(i)
 
     def unplace(self, i: int) -> None:
         tree, color = self.choice[i]
         pes = self.trees[i][tree]
-        self.occupancy[color, pes] -= 1
+        self.occupancy[pes, color] -= 1
         for pe in pes.tolist():
             self.users[color][pe].discard(i)
 
     def shared(self) -> list[int]:
         """The streams on a (color, PE) pair that another stream uses too, in index order."""
-        colors, pes = np.nonzero(self.occupancy > 1)
+        pes, colors = np.nonzero(self.occupancy > 1)
         return sorted({i for c, pe in zip(colors.tolist(), pes.tolist(), strict=True)
                        for i in self.users[c][pe]})
 
@@ -432,19 +451,9 @@ def _check_sram(kernel: Kernel, origin: PE, wafer: WaferConfig) -> None:
                 f"{largest[0]!r}, {BYTES_PER_WORD * largest[2]} bytes)")
 
 
-def _bound_instrs(instrs: list[Instr], colors: dict[int, int], where: str) -> list[Instr]:
-    """`instrs` with symbolic stream ids replaced by real colors."""
-    for instr in instrs:
-        for stream in symbolic_streams(instr):
-            if stream not in colors:
-                raise ValueError(f"{where}: stream id {stream} is not declared in the "
-                                 f"kernel's inputs, outputs or local streams")
-    return bind_colors(instrs, colors)
-
-
-def _bound_program(prog: PEProgram, colors: dict[int, int], where: str) -> PEProgram:
+def bound_program(prog: PEProgram, colors: dict[int, int], where: str) -> PEProgram:
     """A copy of `prog` with its symbolic stream ids replaced by real colors."""
-    tasks = [Task(task.id, task.trigger, _bound_instrs(task.instrs, colors, where),
+    tasks = [Task(task.id, task.trigger, bind_colors(task.instrs, colors, where),
                   colors.get(task.color, task.color) if task.trigger is Trigger.COLOR
                   else task.color)
              for task in prog.tasks]
@@ -489,7 +498,7 @@ def link(kernels: list[Kernel], positions: dict[str, PE], wafer: WaferConfig) ->
             if pe in program.pes:
                 raise ValueError(f"kernel {kernel.name} overlaps another kernel at PE "
                                  f"({pe[0] + x0}, {pe[1] + y0})")
-            program.pes[pe] = _bound_program(prog, kernel_colors[kernel.name],
+            program.pes[pe] = bound_program(prog, kernel_colors[kernel.name],
                                              f"kernel {kernel.name} PE {(px, py)}")
         program.regions.append(Region(kernel.name, kernel.op, kx - x0, ky - y0, kernel.width,
                                       kernel.height))

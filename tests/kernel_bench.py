@@ -3,10 +3,13 @@
 `run_kernel(kernel, inputs)` surrounds the kernel with 1x1 helper kernels and goes through
 the same `routing.link` + `wse_sim.engine.simulate` path as a whole model:
 
-* one *source* per input lane: its SRAM holds the lane (rows x lane width, row-major) and
-  one `MOV FabOut <- Mem` instruction streams it;
-* one *sink* per output lane: one `MOV Mem <- FabIn` instruction stores it, and a
-  ResultSlot says where, so the lane is read back like any other result.
+* one *source* per input lane: its SRAM holds the lane's columns of every row, in the
+  lane's row order (ascending or descending), and one `MOV FabOut <- Mem` instruction
+  streams it (after `start[tensor]` cycles, spent on a MOV between scratch words, if
+  given);
+* one *sink* per output lane: one `MOV Mem <- FabIn` instruction stores it in arrival
+  order, and a ResultSlot (with a negative row stride for a descending lane) says where,
+  so the lane is read back like any other result.
 
 Placement keeps every route short and on its own row or column (so a wide kernel does not
 run out of colors on the harness's account): a lane read by PEs of one column is fed from
@@ -14,11 +17,6 @@ a source stacked north of that column, any other lane from a source stacked west
 row of its first reader (XY routes run along that row, then down the columns); an output
 lane leaves to a sink stacked east of its producer's row, or south of its column when the
 producer is nearer the bottom edge than the east edge.
-
-Lane widths: every consumer PE reads a whole lane and every producer sends one, so the
-width of a lane is the number of wavelets its PE program moves divided by the tensor's
-rows; the global lane width is the widest lane seen (checked against `lane_cols` for every
-lane) unless given.
 """
 
 from __future__ import annotations
@@ -28,11 +26,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compiler.lowering.kernel import Kernel, ResultSlot, StreamEnd, StreamIds, lane_cols
-from compiler.routing import Linked, link, program_elements
+from compiler.lowering.kernel import Kernel, ResultSlot, StreamEnd, StreamIds
+from compiler.routing import Linked, link
 from wse_sim.engine import SimResult, simulate
 from wse_sim.hardware import WaferConfig
-from wse_sim.program import FabIn, FabOut, Kind, Mem, Op, vec
+from wse_sim.program import FabIn, FabOut, Mem, Op, vec
 from wse_sim.stats import Stats
 
 Edge = str  # "north", "west", "east", "south"
@@ -49,28 +47,6 @@ class KernelRun:
     stats: Stats
     linked: Linked
     sim: SimResult
-
-
-def _lane_width(kernel: Kernel, given: int | None) -> int:
-    """The global lane width: `given`, or inferred from the wavelets each lane moves."""
-    widths: dict[tuple[str, int], int] = {}
-    for ends, kind in ((kernel.inputs, Kind.FABIN), (kernel.outputs, Kind.FABOUT)):
-        for end in ends:
-            rows = kernel.shapes[end.tensor][0]
-            count = program_elements(kernel.programs[end.pes[0]], end.stream, kind)
-            if count % rows:
-                raise ValueError(f"{kernel.name}: PE {end.pes[0]} moves {count} wavelets of "
-                                 f"lane {end.lane} of {end.tensor!r}, not a multiple of "
-                                 f"its {rows} rows")
-            widths[(end.tensor, end.lane)] = count // rows
-    lw = given if given is not None else max(widths.values(), default=1)
-    for (tensor, lane), width in widths.items():
-        lanes = lane_cols(kernel.shapes[tensor][1], lw)
-        if lane >= len(lanes) or lanes[lane][1] - lanes[lane][0] != width:
-            raise ValueError(f"{kernel.name}: lane {lane} of {tensor!r} moves {width} "
-                             f"columns per row, which lane width {lw} does not give; pass "
-                             f"lane_width=")
-    return lw
 
 
 def _source_edge(end_pes: list[tuple[int, int]]) -> tuple[Edge, int]:
@@ -93,45 +69,59 @@ def _sink_edge(kernel: Kernel, pe: tuple[int, int]) -> tuple[Edge, int]:
 
 
 def run_kernel(kernel: Kernel, inputs: dict[str, np.ndarray], wafer: WaferConfig | None = None,
-               *, lane_width: int | None = None, max_cycles: int | None = None) -> KernelRun:
+               *, max_cycles: int | None = None,
+               start: dict[str, int] | None = None) -> KernelRun:
     """Simulate `kernel` fed with `inputs` (tensor -> [rows, cols] array) on `wafer`
-    (default WSE-2; only the used region is simulated)."""
+    (default WSE-2; only the used region is simulated); the sources of the tensors in
+    `start` begin sending that many cycles late."""
     wafer = wafer or WaferConfig()
-    lw = _lane_width(kernel, lane_width)
     ids = StreamIds()
     helpers: list[tuple[Kernel, Edge, int]] = []
 
-    in_pes: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
+    readers: dict[tuple[str, int], list[StreamEnd]] = defaultdict(list)
     for end in kernel.inputs:
-        in_pes[(end.tensor, end.lane)].extend(end.pes)
-    for (tensor, lane), pes in sorted(in_pes.items()):
+        readers[(end.tensor, end.lane)].append(end)
+    for (tensor, lane), ends in sorted(readers.items()):
         if tensor not in inputs:
             raise ValueError(f"run_kernel: no input array for tensor {tensor!r}")
         data = np.asarray(inputs[tensor], dtype=np.float32)
         if data.shape != kernel.shapes[tensor]:
             raise ValueError(f"run_kernel: {tensor!r} has shape {data.shape}, kernel "
                              f"expects {kernel.shapes[tensor]}")
-        c0, c1 = lane_cols(data.shape[1], lw)[lane]
+        c0, c1 = ends[0].cols
         block = data[:, c0:c1]
+        if ends[0].order == "descending":
+            block = block[::-1]
         source = Kernel(name=f"source:{tensor}[{lane}]", op="source", ops=[], width=1,
                         height=1, shapes={tensor: data.shape})
         sid = ids.new()
         offset = source.alloc((0, 0), block.size, f"lane {lane} of {tensor}")
         source.load((0, 0), offset, block)
+        delay = (start or {}).get(tensor, 0)
+        if delay:
+            scratch = Mem(source.alloc((0, 0), 1, "delay"), 0)
+            source.emit((0, 0), vec(Op.MOV, delay, scratch, scratch))
         source.emit((0, 0), vec(Op.MOV, block.size, FabOut(sid), Mem(offset)))
-        source.outputs.append(StreamEnd(tensor, lane, ((0, 0),), sid))
-        helpers.append((source, *_source_edge(pes)))
+        source.outputs.append(StreamEnd(tensor, lane, ends[0].cols, ((0, 0),), sid,
+                                        ends[0].order))
+        helpers.append((source, *_source_edge([pe for end in ends for pe in end.pes])))
 
     for end in kernel.outputs:
         rows, cols = kernel.shapes[end.tensor]
-        c0, c1 = lane_cols(cols, lw)[end.lane]
+        width = end.width
         sink = Kernel(name=f"sink:{end.tensor}[{end.lane}]", op="sink", ops=[], width=1,
                       height=1, shapes={end.tensor: (rows, cols)})
         sid = ids.new()
-        offset = sink.alloc((0, 0), rows * (c1 - c0), f"lane {end.lane} of {end.tensor}")
-        sink.emit((0, 0), vec(Op.MOV, rows * (c1 - c0), Mem(offset), FabIn(sid)))
-        sink.inputs.append(StreamEnd(end.tensor, end.lane, ((0, 0),), sid))
-        sink.results.append(ResultSlot(end.tensor, (0, 0), offset, (0, rows), (c0, c1), c1 - c0))
+        offset = sink.alloc((0, 0), rows * width, f"lane {end.lane} of {end.tensor}")
+        sink.emit((0, 0), vec(Op.MOV, rows * width, Mem(offset), FabIn(sid)))
+        sink.inputs.append(StreamEnd(end.tensor, end.lane, end.cols, ((0, 0),), sid,
+                                     end.order))
+        if end.order == "descending":  # row rows-1 arrived first
+            slot = ResultSlot(end.tensor, (0, 0), offset + (rows - 1) * width, (0, rows),
+                              end.cols, -width)
+        else:
+            slot = ResultSlot(end.tensor, (0, 0), offset, (0, rows), end.cols, width)
+        sink.results.append(slot)
         helpers.append((sink, *_sink_edge(kernel, end.pes[0])))
 
     # Stack helpers outward from the kernel's edges; the kernel sits at (west, north).

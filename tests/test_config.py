@@ -67,6 +67,8 @@ def test_tiny_keeps_heads_wide_enough() -> None:
         ("wafer", {"width": 0}, "wafer.width: Input should be greater than 0"),
         ("compile", {"placement": "spiral"}, "compile.placement: Input should be"),
         ("compile", {"lane_width": 0}, "compile.lane_width: Input should be greater than 0"),
+        ("compile", {"pes": 0}, "compile.pes: Input should be greater than 0"),
+        ("compile", {"lane_width": 8, "pes": 100}, "compile.pes: give lane_width or pes, not both"),
         ("training", {"optimizer": "adam"}, "training.optimizer: Input should be 'sgd' or 'adamw'"),
         ("training", {"beta1": 1.0}, "training.beta1: Input should be less than 1"),
         ("training", {"beta2": -0.5}, "training.beta2: Input should be greater than or equal to 0"),

@@ -77,12 +77,12 @@ def test_one_gradient_and_one_update_per_parameter(graph: TrainingGraph) -> None
     for op in graph.ops.values():
         for t in op.outputs:
             writers.setdefault(t, []).append(op.name)
-    updates = [op for op in graph.ops.values() if op.kind == "sgd_update"]
+    updates = [op for op in graph.ops.values() if op.kind == "update"]
     assert sorted(op.attrs["parameter"] for op in updates) == sorted(graph.parameters)
     for p in graph.parameters:
         assert len(writers[grad_name(p)]) == 1
-        assert writers[updated_name(p)] == [f"{p}.sgd"]
-        assert graph.ops[f"{p}.sgd"].inputs == (p, grad_name(p))
+        assert writers[updated_name(p)] == [f"{p}.update"]
+        assert graph.ops[f"{p}.update"].inputs == (p, grad_name(p))
     assert all(len(ops) == 1 for ops in writers.values())
 
 

@@ -4,8 +4,9 @@
   the compiler;
 * the compiler uses only the simulator's Program IR, hardware description, error types,
   user-input readers and host-memory estimates, and knows nothing of numba;
-* the CLI (wse_sim.cli, wse_sim.commands), the run pipeline (wse_sim.pipeline) and the
-  sweeps built on it (wse_sim.sweep) are the one place that joins them;
+* the CLI (wse_sim.cli, wse_sim.commands), the run pipeline (wse_sim.pipeline) and what
+  is built on it (the sweeps, wse_sim.sweep; the training loop, wse_sim.train) are the one
+  place that joins them;
 * benchmarks go through the pipeline, never through the CLI's modules or test helpers.
 """
 
@@ -18,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 JOIN = ("wse_sim.cli", "wse_sim.__main__", "wse_sim.commands", "wse_sim.pipeline",
-        "wse_sim.sweep")
+        "wse_sim.sweep", "wse_sim.train", "wse_sim.generate")
 COMPILER_MAY_USE = ("wse_sim.program", "wse_sim.hardware", "wse_sim.errors",
                     "wse_sim.userinput", "wse_sim.hostmem")
 

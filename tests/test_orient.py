@@ -14,14 +14,18 @@ from compiler.compile import kernel_traffic
 from compiler.config import load_config
 from compiler.gpt import build_graph
 from compiler.inputs import init_params, make_batch
-from compiler.lower import default_lane_width, lower
-from compiler.lowering.kernel import Kernel, StreamEnd, StreamIds
+from compiler.lower import lower
+from compiler.lowering.kernel import Kernel, StreamEnd, StreamIds, lane_cols
 from compiler.ops.matmul import build_linear
+from compiler.ops.update import UpdateRule
 from compiler.orient import FLIPS, flip_kernel, orient
 from compiler.placement import Box, place
+from compiler.plan import plan_step
 from compiler.routing import link
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import FabIn, FabOut, Mem, Op, validate, vec
+
+SGD = UpdateRule("sgd", 0.1)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,9 +40,9 @@ def test_mirrored_linear_kernel_gives_identical_results(rows, k, n, lw):
     x, dy = (rng.standard_normal(s).astype(np.float32) for s in ((rows, k), (rows, n)))
     w, b = rng.standard_normal((k, n)).astype(np.float32), rng.standard_normal(n)
     kernel = build_linear(
-        "lin", ["lin"], StreamIds(), rows=rows, k=k, n=n, lane_width=lw, weight=w,
-        bias=b.astype(np.float32), lr=0.1, x_tensor="x", y_tensor="y", dy_tensor="dy",
-        dx_tensor="dx", weight_name="w", bias_name="b")
+        "lin", ["lin"], StreamIds(), rows=rows, k_lanes=lane_cols(k, lw),
+        n_lanes=lane_cols(n, lw), weight=w, bias=b.astype(np.float32), update=SGD, x_tensor="x",
+        y_tensor="y", dy_tensor="dy", dx_tensor="dx", weight_name="w", bias_name="b")
     base = run_kernel(kernel, {"x": x, "dy": dy})
     for flip in FLIPS[1:]:
         run = run_kernel(flip_kernel(kernel, flip), {"x": x, "dy": dy})
@@ -53,7 +57,7 @@ def test_flip_maps_every_pe_and_is_an_involution():
     kernel = Kernel(name="k", op="test", ops=[], width=3, height=2)
     sid = ids.new()
     kernel.emit((0, 1), vec(Op.MOV, 1, FabOut(sid), Mem(kernel.alloc((0, 1), 1, "x"))))
-    kernel.outputs.append(StreamEnd("t", 0, ((0, 1),), sid))
+    kernel.outputs.append(StreamEnd("t", 0, (0, 1), ((0, 1),), sid))
     flipped = flip_kernel(kernel, (True, True))
     assert set(flipped.programs) == {(2, 0)} and flipped.outputs[0].pes == ((2, 0),)
     assert set(flipped.allocations) == {(2, 0)}
@@ -70,10 +74,10 @@ def strip_and_rows(lanes: int) -> list[Kernel]:
     for j in range(lanes):
         out, inp = ids.new(), ids.new()
         strip.emit((j, 0), vec(Op.MOV, 4, FabOut(out), Mem(strip.alloc((j, 0), 4, "x"))))
-        strip.outputs.append(StreamEnd("t", j, ((j, 0),), out))
+        strip.outputs.append(StreamEnd("t", j, (4 * j, 4 * j + 4), ((j, 0),), out))
         for x in range(2):
             rows.emit((x, j), vec(Op.MOV, 4, Mem(rows.alloc((x, j), 4, "y")), FabIn(inp)))
-        rows.inputs.append(StreamEnd("t", j, ((0, j), (1, j)), inp))
+        rows.inputs.append(StreamEnd("t", j, (4 * j, 4 * j + 4), ((0, j), (1, j)), inp))
     return [strip, rows]
 
 
@@ -94,7 +98,7 @@ def test_orientation_uncrosses_a_bundle_turning_a_corner():
 def gpt_small() -> tuple[list[Kernel], list[tuple[str, str, int]], WaferConfig]:
     cfg = load_config(ROOT / "models" / "gpt_small.yaml")
     graph = build_graph(cfg)
-    kernels = lower(graph, init_params(cfg), make_batch(cfg), default_lane_width(graph))
+    kernels = lower(graph, init_params(cfg), make_batch(cfg), plan_step(graph, cfg.model.d_head))
     return kernels, kernel_traffic(kernels), cfg.wafer
 
 

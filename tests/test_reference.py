@@ -9,7 +9,7 @@ import pytest
 
 from compiler.config import RunConfig, load_config
 from compiler.gpt import build_graph
-from compiler.inputs import init_params, make_batch
+from compiler.inputs import Batch, init_params, make_batch
 from compiler.reference import ReferenceResult, forward, reference_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,11 +100,12 @@ def test_initial_loss_is_near_uniform(cfg: RunConfig, step64: ReferenceResult) -
 
 
 def test_attention_is_causal(cfg: RunConfig) -> None:
-    params, tokens = init_params(cfg), make_batch(cfg)
-    changed = tokens.copy()
-    changed[:, -1] = (changed[:, -1] + 1) % cfg.model.vocab_size
+    params, batch = init_params(cfg), make_batch(cfg)
+    tokens = batch.tokens.copy()
+    tokens[:, -1] = (tokens[:, -1] + 1) % cfg.model.vocab_size
+    changed = Batch(tokens, batch.targets)
     seq = cfg.training.seq_len
-    before = forward(cfg, params, tokens)["lm_head.out"].reshape(-1, seq, cfg.model.vocab_size)
+    before = forward(cfg, params, batch)["lm_head.out"].reshape(-1, seq, cfg.model.vocab_size)
     after = forward(cfg, params, changed)["lm_head.out"].reshape(-1, seq, cfg.model.vocab_size)
     np.testing.assert_allclose(before[:, :-1], after[:, :-1], rtol=1e-12, atol=1e-15)
     assert not np.allclose(before[:, -1], after[:, -1])
@@ -113,10 +114,14 @@ def test_attention_is_causal(cfg: RunConfig) -> None:
 def test_init_and_batch_are_deterministic(cfg: RunConfig) -> None:
     a, b = init_params(cfg), init_params(cfg)
     assert all(np.array_equal(a[n], b[n]) for n in a)
-    assert np.array_equal(make_batch(cfg), make_batch(cfg))
-    tokens = make_batch(cfg)
-    assert tokens.shape == (cfg.training.batch_size, cfg.training.seq_len)
-    assert tokens.min() >= 0 and tokens.max() < cfg.model.vocab_size
+    batch = make_batch(cfg)
+    assert np.array_equal(batch.tokens, make_batch(cfg).tokens)
+    assert np.array_equal(batch.targets, make_batch(cfg).targets)
+    for ids in (batch.tokens, batch.targets):
+        assert ids.shape == (cfg.training.batch_size, cfg.training.seq_len)
+        assert ids.min() >= 0 and ids.max() < cfg.model.vocab_size
+    # each target is the token that follows its input in one window of seq_len + 1
+    assert np.array_equal(batch.targets[:, :-1], batch.tokens[:, 1:])
     assert np.all(a["h0.ln1.weight"] == 1) and np.all(a["h0.attn.qkv.bias"] == 0)
     std = cfg.training.init_std
     assert np.std(a["h0.mlp.fc.weight"]) == pytest.approx(std, rel=0.1)

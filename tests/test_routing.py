@@ -39,7 +39,7 @@ def sender(name: str, tensor: str, lanes: int, rows: int, ids: StreamIds) -> Ker
         sid = ids.new()
         off = kernel.alloc((j, 0), rows, "data")
         kernel.emit((j, 0), vec(Op.MOV, rows, FabOut(sid), Mem(off)))
-        kernel.outputs.append(StreamEnd(tensor, j, ((j, 0),), sid))
+        kernel.outputs.append(StreamEnd(tensor, j, (j, j + 1), ((j, 0),), sid))
     return kernel
 
 
@@ -52,7 +52,7 @@ def receiver(name: str, tensor: str, pes_of_lane: dict[int, tuple[tuple[int, int
         for pe in pes:
             off = kernel.alloc(pe, rows, "data")
             kernel.emit(pe, vec(Op.MOV, rows, Mem(off), FabIn(sid)))
-        kernel.inputs.append(StreamEnd(tensor, lane, pes, sid))
+        kernel.inputs.append(StreamEnd(tensor, lane, (lane, lane + 1), pes, sid))
     return kernel
 
 
@@ -67,8 +67,8 @@ def passthrough(name: str, x: str, y: str, rows: int, cols: int, lw: int,
         sin, sout = ids.new(), ids.new()
         kernel.emit((j, 0), *repeat(rows, [vec(Op.MUL, c1 - c0, FabOut(sout), FabIn(sin),
                                               Imm(2.0))]))
-        kernel.inputs.append(StreamEnd(x, j, ((j, 0),), sin))
-        kernel.outputs.append(StreamEnd(y, j, ((j, 0),), sout))
+        kernel.inputs.append(StreamEnd(x, j, (c0, c1), ((j, 0),), sin))
+        kernel.outputs.append(StreamEnd(y, j, (c0, c1), ((j, 0),), sout))
     return kernel
 
 

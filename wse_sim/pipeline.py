@@ -36,7 +36,7 @@ def step_meta(source: str, compiled: Compiled) -> dict[str, Any]:
     return {
         "config": source,
         "placement": compiled.placement,
-        "lane_width": compiled.lane_width,
+        "lane_width": compiled.plan.width,
         "parameters": summary["parameters"],
         "kernels_count": len(compiled.kernels),
         "origin": list(compiled.linked.origin),
@@ -141,7 +141,8 @@ def run_parsed(cfg: RunConfig, source: str, placement: str | None = None,
     result, report = simulate_program(compiled.linked.program, compiled.cfg.wafer,
                                       max_cycles=max_cycles, progress=progress,
                                       threads=threads, interruptible=interruptible)
-    reference = reference_step(compiled.cfg, compiled.params, compiled.tokens, np.float64)
-    check = check_step(compiled.linked, result, reference, compiled.params)
+    reference = reference_step(compiled.cfg, compiled.params, compiled.batch, np.float64)
+    check = check_step(compiled.linked, result, reference, compiled.params,
+                       compiled.cfg.training)
     report["check"] = check_report(check)
     return report

@@ -31,7 +31,8 @@ engine's thread state stays flat.
 Besides code and routes a Program may carry, for whoever reads its results:
 
 * `tensors`: a symbol table, named 2-D tensors and the blocks of them each PE's SRAM holds
-  after the run (`TensorSlot`); `read_tensor` assembles one from a run's final SRAM;
+  after the run (`TensorSlot`); `read_tensor` assembles one from a run's final SRAM,
+  `write_tensor` writes one into SRAM words (e.g. the image of the next run);
 * `regions`: named rectangles of PEs with a label (a compiler's kernels and their op
   families), which reports break figures down by;
 * `meta`: free-form JSON-ready facts from whoever built it (the compiler's FLOP counts,
@@ -309,11 +310,37 @@ def read_tensor(layout: TensorLayout, sram: Callable[[int, int], np.ndarray],
     return out
 
 
+def write_tensor(layout: TensorLayout, value: np.ndarray,
+                 sram: Callable[[int, int], np.ndarray]) -> None:
+    """Write `value` (of `layout.shape`) into every slot of `layout`, the inverse of
+    `read_tensor`: `sram(x, y)` is the writable float32 word array of PE (x, y)."""
+    value = np.asarray(value, np.float32).reshape(layout.shape)
+    for slot in layout.slots:
+        words = sram(slot.x, slot.y)
+        r = np.arange(slot.rows[1] - slot.rows[0])[:, None]
+        c = np.arange(slot.cols[1] - slot.cols[0])[None, :]
+        words[slot.offset + r * slot.row_stride + c * slot.col_stride] = value[
+            slot.rows[0]:slot.rows[1], slot.cols[0]:slot.cols[1]]
+
+
+def initial_sram(pe: PEProgram) -> np.ndarray:
+    """The PE's SRAM at cycle 0: its image, zeros elsewhere (float32, `sram_words` long)."""
+    words = np.zeros(pe.sram_words, np.float32)
+    for offset, data in pe.image.items():
+        words[offset:offset + len(data)] = data
+    return words
+
+
 # --------------------------------------------------------------------------------------------
 # Validation: every check the engine relies on, before anything runs.
 
 CONTROL_OPS = frozenset({Op.REPEAT, Op.ACTIVATE, Op.BLOCK, Op.UNBLOCK, Op.HALT})
 SOURCE_FIELDS = ("a", "b", "c")
+_OPS = frozenset(int(op) for op in Op)
+_FIELDS = ("dst", *SOURCE_FIELDS)
+_NONE, _MEM, _FABIN, _FABOUT, _REG = (int(k) for k in (Kind.NONE, Kind.MEM, Kind.FABIN,
+                                                      Kind.FABOUT, Kind.REG))
+_NOT_DESTINATIONS = (Kind.NONE, Kind.IMM, Kind.FABIN)
 
 
 def validate(program: Program, wafer: WaferConfig) -> None:
@@ -408,12 +435,11 @@ def _validate_pe(x: int, y: int, pe: PEProgram, program: Program, wafer: WaferCo
         for i, instr in enumerate(task.instrs):
             if i > loop_end:
                 loop_count = 1
-            iw = f"{tw} instr {i}"
-            try:
-                op = Op(instr.op)
-            except ValueError:
-                raise ProgramError(f"{iw}: field op: unknown opcode {instr.op!r}") from None
+            op = instr.op
+            if op not in _OPS:
+                raise ProgramError(f"{tw} instr {i}: field op: unknown opcode {op!r}")
             if op == Op.REPEAT:
+                iw = f"{tw} instr {i}"
                 if i <= loop_end:
                     raise ProgramError(f"{iw}: field op: REPEAT inside a REPEAT body (no nesting)")
                 if instr.count < 0 or instr.body < 1:
@@ -424,60 +450,76 @@ def _validate_pe(x: int, y: int, pe: PEProgram, program: Program, wafer: WaferCo
                 loop_end, loop_count = i + instr.body, instr.count
             elif op in (Op.ACTIVATE, Op.BLOCK, Op.UNBLOCK):
                 if instr.task not in ids:
-                    raise ProgramError(f"{iw}: field task: {op.name} names task {instr.task}, "
-                                       f"not a task of this PE")
+                    raise ProgramError(f"{tw} instr {i}: field task: {Op(op).name} names task "
+                                       f"{instr.task}, not a task of this PE")
             elif op != Op.HALT:
-                _validate_vector(instr, op, max(loop_count, 1), x, y, words, program, wafer,
-                                 iw)
+                _validate_vector(instr, Op(op), max(loop_count, 1), x, y, words, program, wafer,
+                                 lambda tw=tw, i=i: f"{tw} instr {i}")
 
 
 def _validate_vector(instr: Instr, op: Op, loop_count: int, x: int, y: int, words: int,
-                     program: Program, wafer: WaferConfig, iw: str) -> None:
+                     program: Program, wafer: WaferConfig, where: Callable[[], str]) -> None:
+    """The checks of one vector instruction; `where()` names it in an error (built only
+    then: validation runs before every simulation, over every instruction)."""
     if instr.n <= 0:
-        raise ProgramError(f"{iw}: field n: a vector op needs n > 0 (got {instr.n})")
+        raise ProgramError(f"{where()}: field n: a vector op needs n > 0 (got {instr.n})")
     nsrc = SOURCES_OF[op]
-    for k, name in enumerate(SOURCE_FIELDS):
-        kind = getattr(instr, name).kind
-        if (k < nsrc) != (kind != Kind.NONE):
-            raise ProgramError(f"{iw}: field {name}: {op.name} takes {nsrc} source(s)")
-        if kind == Kind.FABOUT:
-            raise ProgramError(f"{iw}: field {name}: FABOUT may only be a destination")
-    if instr.dst.kind in (Kind.NONE, Kind.IMM, Kind.FABIN):
-        raise ProgramError(f"{iw}: field dst: {instr.dst.kind.name} cannot be a destination")
+    operands = (instr.dst, instr.a, instr.b, instr.c)
+    for k in range(1, 4):
+        kind = operands[k].kind
+        if (k <= nsrc) != (kind != _NONE):
+            raise ProgramError(f"{where()}: field {_FIELDS[k]}: {op.name} takes {nsrc} "
+                               f"source(s)")
+        if kind == _FABOUT:
+            raise ProgramError(f"{where()}: field {_FIELDS[k]}: FABOUT may only be a "
+                               f"destination")
+    if instr.dst.kind in _NOT_DESTINATIONS:
+        raise ProgramError(f"{where()}: field dst: {instr.dst.kind.name} cannot be a "
+                           f"destination")
     strided_reads = 0
     fabin_colors: list[int] = []
-    for name in ("dst", *SOURCE_FIELDS):
-        opnd: Operand = getattr(instr, name)
-        fw = f"{iw}: field {name}"
-        if opnd.kind == Kind.MEM:
-            corners = [opnd.offset + de * opnd.stride + dk * opnd.loop_stride
-                       for de in (0, instr.n - 1) for dk in (0, loop_count - 1)]
-            if min(corners) < 0 or max(corners) >= words:
-                raise ProgramError(f"{fw}: memory operand (offset {opnd.offset}, stride "
-                                   f"{opnd.stride}, loop_stride {opnd.loop_stride}) reaches words "
-                                   f"{min(corners)}..{max(corners)} outside 0..{words - 1}")
-            if name != "dst" and opnd.stride != 0:
+    for k, opnd in enumerate(operands):
+        kind = opnd.kind
+        if kind == _MEM:
+            last_e = (instr.n - 1) * opnd.stride
+            last_k = (loop_count - 1) * opnd.loop_stride
+            low = opnd.offset + min(0, last_e) + min(0, last_k)
+            high = opnd.offset + max(0, last_e) + max(0, last_k)
+            if low < 0 or high >= words:
+                raise ProgramError(f"{where()}: field {_FIELDS[k]}: memory operand (offset "
+                                   f"{opnd.offset}, stride {opnd.stride}, loop_stride "
+                                   f"{opnd.loop_stride}) reaches words {low}..{high} outside "
+                                   f"0..{words - 1}")
+            if k and opnd.stride != 0:
                 strided_reads += 1
-        elif opnd.kind == Kind.REG:
+        elif kind == _REG:
             if not 0 <= opnd.reg < wafer.registers:
-                raise ProgramError(f"{fw}: register {opnd.reg} not in 0..{wafer.registers - 1}")
-        elif opnd.kind == Kind.FABIN:
-            _check_color(opnd.color, wafer, fw)
-            if opnd.color in fabin_colors:
-                raise ProgramError(f"{fw}: two FABIN operands of color {opnd.color}")
-            fabin_colors.append(opnd.color)
-            if not _route_has(program, x, y, opnd.color, "tx"):
-                raise ProgramError(f"{fw}: FABIN color {opnd.color} but that color's route "
-                                   f"does not deliver to RAMP")
-        elif opnd.kind == Kind.FABOUT:
-            _check_color(opnd.color, wafer, fw)
-            if not _route_has(program, x, y, opnd.color, "rx"):
-                raise ProgramError(f"{fw}: FABOUT color {opnd.color} but that color's route "
-                                   f"does not accept from RAMP")
+                raise ProgramError(f"{where()}: field {_FIELDS[k]}: register {opnd.reg} not "
+                                   f"in 0..{wafer.registers - 1}")
+        elif kind == _FABIN or kind == _FABOUT:
+            _validate_fabric(opnd, kind == _FABIN, fabin_colors, x, y, program, wafer,
+                             lambda k=k: f"{where()}: field {_FIELDS[k]}")
     # (An element writes at most one word, its memory dst: within any write budget >= 1.)
     if strided_reads > wafer.sram_reads_per_cycle:
-        raise ProgramError(f"{iw}: {strided_reads} strided memory sources per element but "
-                           f"the PE reads {wafer.sram_reads_per_cycle} words per cycle")
+        raise ProgramError(f"{where()}: {strided_reads} strided memory sources per element "
+                           f"but the PE reads {wafer.sram_reads_per_cycle} words per cycle")
+
+
+def _validate_fabric(opnd: Operand, fabin: bool, fabin_colors: list[int], x: int, y: int,
+                     program: Program, wafer: WaferConfig, where: Callable[[], str]) -> None:
+    color = opnd.color
+    if not 0 <= color < wafer.colors:
+        raise ProgramError(f"{where()}: color {color} not in 0..{wafer.colors - 1}")
+    if fabin:
+        if color in fabin_colors:
+            raise ProgramError(f"{where()}: two FABIN operands of color {color}")
+        fabin_colors.append(color)
+        if not _route_has(program, x, y, color, "tx"):
+            raise ProgramError(f"{where()}: FABIN color {color} but that color's route does "
+                               f"not deliver to RAMP")
+    elif not _route_has(program, x, y, color, "rx"):
+        raise ProgramError(f"{where()}: FABOUT color {color} but that color's route does not "
+                           f"accept from RAMP")
 
 
 def _check_color(color: int, wafer: WaferConfig, where: str) -> None:

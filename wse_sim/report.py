@@ -24,8 +24,10 @@ from wse_sim.stats import PORT_NAMES, Stats
 
 
 def region_report(stats: Stats, region: Region) -> dict[str, Any]:
-    """Start/end cycle (first and last cycle any of its PEs worked) and utilization: compute
-    cycles over PE-cycles of the whole run, and over its own start-to-end span."""
+    """Start/end cycle (first and last cycle any of its PEs worked), utilization (compute
+    cycles over PE-cycles of the whole run, and over its own start-to-end span), its
+    PE-cycles by class, and of those the fill (before each PE's first work: stalled or
+    idle) and the drain (after its last: idle)."""
     window = np.s_[region.y:region.y + region.height, region.x:region.x + region.width]
     first, last = stats.first_cycle[window], stats.last_cycle[window]
     worked = first >= 0
@@ -41,6 +43,10 @@ def region_report(stats: Stats, region: Region) -> dict[str, Any]:
         "utilization": compute / (pes * max(stats.cycles, 1)),
         "active_utilization": compute / (pes * span) if span else 0.0,
         "flops": int(stats.flops[window].sum()),
+        "pe_cycles": {name: int(getattr(stats, name)[window].sum())
+                      for name in ("compute", "send", "receive", "move", "stalled", "idle")},
+        "fill_pe_cycles": int(np.where(worked, first, stats.cycles).sum()),
+        "drain_pe_cycles": int(np.where(worked, stats.cycles - 1 - last, 0).sum()),
     }
 
 
@@ -225,11 +231,16 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [
         f"host          {compile_part}simulate {report['host_simulation_seconds']:.1f} s",
         "",
-        f"{'kernel':<28} {'op':<14} {'PEs':>5} {'start':>9} {'end':>9} {'util':>6}"
-        + (f" {'running':>8}" if partial else ""),
+        f"{'kernel':<28} {'op':<14} {'PEs':>5} {'start':>9} {'end':>9} {'util':>6} "
+        f"{'stalled':>7} {'idle':>6}"
+        + (f" {'running':>8}" if partial else "") + "  (of which fill, drain)",
     ]
     for k in report["kernels"]:
+        whole = max(k["pes"] * report["cycles"], 1)
+        pc = k["pe_cycles"]
         lines.append(f"{k['name']:<28} {k['op']:<14} {k['pes']:>5} {k['start_cycle']:>9,} "
-                     f"{k['end_cycle']:>9,} {k['utilization']:>6.1%}"
-                     + (f" {k['running_pes']:>8}" if partial else ""))
+                     f"{k['end_cycle']:>9,} {k['utilization']:>6.1%} "
+                     f"{pc['stalled'] / whole:>7.1%} {pc['idle'] / whole:>6.1%}"
+                     + (f" {k['running_pes']:>8}" if partial else "")
+                     + f"  ({k['fill_pe_cycles'] / whole:.1%}, {k['drain_pe_cycles'] / whole:.1%})")
     return "\n".join(lines)

@@ -3,27 +3,41 @@
 Conventions every kernel family follows (so any producer can feed any consumer):
 
 Tensors between kernels are 2-D, `[rows, cols]` (activations: rows = B*T tokens in
-batch-major order). A tensor travels in **lanes**: lane `j` carries columns
-`lane_cols(cols, lane_width)[j]` of every row, rows in order 0..rows-1, one fp32 wavelet
-per element, row-major within the lane. Each lane is one fabric stream from the one PE
-that produces it to every PE that consumes it (a multicast tree).
+batch-major order). A tensor travels in **lanes**: lane `j` carries the columns
+`lane_cols(cols, width)[j]` of every row, one fp32 wavelet per element, row after row, and
+within a row in column order. The lane width is a property of the tensor (its producer
+chooses it; `StreamEnd.cols` says which columns a lane holds). Each lane is one fabric
+stream from the one PE that produces it to every PE that consumes it (a multicast tree).
+
+Row order. The forward pass streams rows in ascending order, the backward pass in
+descending order (`StreamEnd.order`): causal attention's key gradient dk_j sums over the
+queries i >= j, so walking the rows backwards completes it as row j passes, and every
+backward kernel can stream (see `compiler.ops.attention`). Producer and consumers of a lane
+agree on its order (the linker checks).
 
 A kernel names the lanes it consumes and produces as `StreamEnd`s. In its PE programs it
 refers to a stream by a *symbolic* color: an integer from `StreamIds.new()`, always
 >= SYMBOLIC_BASE so it can never be mistaken for a real color. Routing later assigns a
 real color per stream and rewrites the programs (`bind_colors`).
 
-Each PE of a kernel runs one main task started at reset: a straight-line list of
-instructions (forward part, then backward part, then the SGD update); `add_task` gives a PE
-further reset tasks that run concurrently on other microthreads. The forward op, its backward twin
-and the update of its parameters share one kernel, so stored activations and weights
-never leave the PE.
+Each PE runs one or more *threads*, reset tasks on their own microthreads (`emit(...,
+thread=k)`): a straight-line list of instructions, the forward part then the backward part
+then the update. A forward op, its backward twin and the update of its parameters share one
+kernel, so stored activations and weights never leave the PE.
 
-Deadlock-freedom rule for kernels with several input streams (the fabric buffers only a
-few wavelets per hop): streams from the same producer kernel are read interleaved in the
-order the producer emits them (row by row); streams from different producers are read
-completely into SRAM, in the order of the producers' position in the graph, before the
-kernel computes from them.
+Why it cannot deadlock (the argument every kernel module refers to). Every kernel is
+*row-causal*: it emits row m of an output after reading at most rows <= m of its inputs (in
+the stream's order; the backward's "<=" is in descending order), and each thread reads its
+input streams and writes its output streams in row order. Consider the earliest row m that
+some thread still waits for. Every input of row m that the thread waits for depends only
+on rows <= m, all of whose producers' inputs have arrived, so it is produced; a wavelet
+blocked on its way (a full FIFO, an atomic multicast whose other branch is full) is held
+only by a consumer that will read it once it has read its other row-m inputs. So row m
+completes, and by induction every row. What finite buffers limit is *throughput*: where
+two paths of different latency rejoin (a residual add, attention's q and v), the short
+path can run ahead only as far as buffers reach. Kernels that join such paths absorb the
+early input into SRAM on a thread of its own and signal the compute thread through a
+`Tokens` channel, so the early path may run `Tokens.capacity` blocks ahead.
 """
 
 from __future__ import annotations
@@ -32,11 +46,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
+from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Kind, Op, Operand, Reg, vec
 from wse_sim.errors import UserError
-from wse_sim.program import BYTES_PER_WORD, Instr, Kind, Operand, PEProgram, Task, Trigger
+from wse_sim.program import BYTES_PER_WORD, PEProgram, Task, Trigger
 
 SYMBOLIC_BASE = 1_000_000
+
+RowOrder = Literal["ascending", "descending"]
 
 # SRAM words per PE while lowering for a wafer: an allocation past it fails at once, before
 # a model too large for the wafer spends minutes building programs that cannot run.
@@ -51,6 +69,7 @@ def sram_budget(words_per_pe: int) -> Iterator[None]:
         yield
     finally:
         _SRAM_WORDS.reset(token)
+
 
 LocalPE = tuple[int, int]  # (x, y) inside the kernel's rectangle
 
@@ -74,20 +93,28 @@ class StreamIds:
 
 @dataclass(frozen=True)
 class StreamEnd:
-    """One kernel's end of one lane of a tensor.
+    """One kernel's end of one lane of a tensor: the lane carries columns `cols` of every
+    row, rows in `order`.
 
     As an output: `pes` is the single PE that sends the lane. As an input: every PE that
     receives the whole lane (multicast)."""
 
     tensor: str
     lane: int
+    cols: tuple[int, int]
     pes: tuple[LocalPE, ...]
     stream: int  # symbolic id used in this kernel's FabIn/FabOut operands
+    order: RowOrder = "ascending"
+
+    @property
+    def width(self) -> int:
+        return self.cols[1] - self.cols[0]
 
 
 @dataclass(frozen=True)
 class LocalStream:
-    """A stream inside one kernel, from one PE to one or more PEs of the same kernel."""
+    """A stream inside one kernel, from one PE to one or more PEs of the same kernel (the
+    PE itself for a `Tokens` channel)."""
 
     src: LocalPE
     dsts: tuple[LocalPE, ...]
@@ -135,9 +162,7 @@ class Kernel:
             raise ValueError(f"kernel {self.name}: PE {pe} outside {self.width}x{self.height}")
         prog = self.programs.get(pe)
         if prog is None:
-            prog = self.programs[pe] = PEProgram(
-                sram_words=0, tasks=[Task(id=0, trigger=Trigger.RESET, instrs=[])]
-            )
+            prog = self.programs[pe] = PEProgram(sram_words=0)
         return prog
 
     def alloc(self, pe: LocalPE, words: int, purpose: str) -> int:
@@ -155,15 +180,20 @@ class Kernel:
                 f"{BYTES_PER_WORD * words:,} bytes)")
         return offset
 
-    def emit(self, pe: LocalPE, *instrs: Instr) -> None:
-        """Append instructions to the reset task of `pe`."""
-        self._program(pe).tasks[0].instrs.extend(instrs)
-
-    def add_task(self, pe: LocalPE, *instrs: Instr) -> None:
-        """Another task started at reset on `pe`, run concurrently with the main one on its
-        own microthread (for reading several input streams at once)."""
+    def emit(self, pe: LocalPE, *instrs: Instr, thread: int = 0) -> None:
+        """Append instructions to thread `thread` of `pe` (a reset task on its own
+        microthread; threads are created in order 0, 1, ...)."""
         tasks = self._program(pe).tasks
-        tasks.append(Task(id=len(tasks), trigger=Trigger.RESET, instrs=list(instrs)))
+        if thread > len(tasks):
+            raise ValueError(f"kernel {self.name}: PE {pe} has {len(tasks)} threads, "
+                             f"cannot add thread {thread}")
+        if thread == len(tasks):
+            tasks.append(Task(id=thread, trigger=Trigger.RESET, instrs=[]))
+        tasks[thread].instrs.extend(instrs)
+
+    def new_thread(self, pe: LocalPE) -> int:
+        """The number of the next thread of `pe` (for `emit`)."""
+        return len(self._program(pe).tasks)
 
     def load(self, pe: LocalPE, offset: int, data) -> None:
         """Initial SRAM contents (weights, constants) at `offset` of `pe`."""
@@ -172,25 +202,91 @@ class Kernel:
     def sram_words(self, pe: LocalPE) -> int:
         return self._program(pe).sram_words
 
+    def local(self, src: LocalPE, dsts: tuple[LocalPE, ...], ids: StreamIds) -> int:
+        """A new stream from `src` to `dsts` inside the kernel; its id."""
+        stream = ids.new()
+        self.local_streams.append(LocalStream(src, dsts, stream))
+        return stream
 
-def symbolic_streams(instr: Instr) -> list[int]:
-    """The symbolic stream ids an instruction's fabric operands name."""
-    return [o.color for o in (instr.dst, instr.a, instr.b, instr.c)
-            if o.kind in (Kind.FABIN, Kind.FABOUT) and o.color >= SYMBOLIC_BASE]
+    def lane_inputs(self, ids: StreamIds, tensor: str, cols: list[tuple[int, int]],
+                    pes: list[tuple[LocalPE, ...]], order: RowOrder) -> list[int]:
+        """Declare that `pes[j]` receive lane j (columns `cols[j]`) of `tensor`; returns
+        each lane's stream id."""
+        return self._lane_ends(self.inputs, ids, tensor, cols, pes, order)
+
+    def lane_outputs(self, ids: StreamIds, tensor: str, cols: list[tuple[int, int]],
+                     pes: list[LocalPE], order: RowOrder) -> list[int]:
+        """Declare that `pes[j]` sends lane j (columns `cols[j]`) of `tensor`; returns each
+        lane's stream id."""
+        return self._lane_ends(self.outputs, ids, tensor, cols, [(pe,) for pe in pes], order)
+
+    def _lane_ends(self, ends: list[StreamEnd], ids: StreamIds, tensor: str,
+                   cols: list[tuple[int, int]], pes: list[tuple[LocalPE, ...]],
+                   order: RowOrder) -> list[int]:
+        streams = [ids.new() for _ in cols]
+        for lane, (span, where, stream) in enumerate(zip(cols, pes, streams, strict=True)):
+            ends.append(StreamEnd(tensor, lane, span, tuple(where), stream, order))
+        return streams
 
 
-def _bind(operand: Operand, colors: dict[int, int]) -> Operand:
-    if operand.kind in (Kind.FABIN, Kind.FABOUT) and operand.color >= SYMBOLIC_BASE:
-        return replace(operand, color=colors[operand.color])
-    return operand
+# The register a thread receives tokens into (a register, so waiting writes no SRAM);
+# kernels keep their other scalars in the registers below it.
+TOKEN_REG = 15
 
 
-def bind_colors(instrs: list[Instr], colors: dict[int, int]) -> list[Instr]:
-    """Rewrite symbolic stream ids in fabric operands to the colors routing chose; an
-    instruction that names no stream is kept as it is (most of a model's are not on the
-    fabric, and rebuilding them dominated linking)."""
-    return [
-        replace(i, dst=_bind(i.dst, colors), a=_bind(i.a, colors), b=_bind(i.b, colors),
-                c=_bind(i.c, colors)) if symbolic_streams(i) else i
-        for i in instrs
-    ]
+@dataclass(frozen=True)
+class Tokens:
+    """A one-PE channel between two threads: `signal` sends a one-wavelet token to the PE
+    itself, `wait` consumes one. The wavelets wait in the router's RAMP FIFO and the PE's
+    receive queue, so up to `capacity` = 2 x queue_depth signals may be outstanding before
+    the signalling thread blocks: that is how far ahead it may run."""
+
+    stream: int
+    capacity: int
+
+    @classmethod
+    def create(cls, kernel: Kernel, pe: LocalPE, ids: StreamIds, queue_depth: int) -> Tokens:
+        return cls(kernel.local(pe, (pe,), ids), 2 * queue_depth)
+
+
+    def signal(self) -> Instr:
+        return vec(Op.MOV, 1, FabOut(self.stream), Imm(1.0))
+
+    def wait(self) -> Instr:
+        return vec(Op.MOV, 1, Reg(TOKEN_REG), FabIn(self.stream))
+
+
+def ring_slots(queue_depth: int) -> int:
+    """Slots of a ring that a thread fills, signalling each slot on a `Tokens` channel, and
+    another drains: when the filler blocks on its (capacity + 1)-th outstanding token it
+    has filled one slot more, and the drainer may still be reading the oldest."""
+    return 2 * queue_depth + 2
+
+
+def bind_colors(instrs: list[Instr], colors: dict[int, int], where: str) -> list[Instr]:
+    """Rewrite symbolic stream ids in fabric operands to the colors routing chose (a
+    symbolic id missing from `colors` is a compiler bug named by `where`). Instructions
+    that name no stream are kept as they are: most of a model's are not on the fabric, and
+    rebuilding them dominated linking."""
+    bound: dict[tuple[Kind, int], Operand] = {}
+
+    def bind(operand: Operand) -> Operand:
+        kind = operand.kind
+        if (kind is not Kind.FABIN and kind is not Kind.FABOUT) or operand.color < SYMBOLIC_BASE:
+            return operand
+        key = (kind, operand.color)
+        new = bound.get(key)
+        if new is None:
+            if operand.color not in colors:
+                raise ValueError(f"{where}: stream id {operand.color} is not declared in the "
+                                 f"kernel's inputs, outputs or local streams")
+            new = bound[key] = replace(operand, color=colors[operand.color])
+        return new
+
+    out = []
+    for i in instrs:
+        dst, a, b, c = bind(i.dst), bind(i.a), bind(i.b), bind(i.c)
+        if dst is not i.dst or a is not i.a or b is not i.b or c is not i.c:
+            i = Instr(i.op, i.n, dst, a, b, c, i.count, i.body, i.task)
+        out.append(i)
+    return out

@@ -1,26 +1,22 @@
-"""Strip layout and row reductions over the fabric, shared by the elementwise, LayerNorm,
-softmax and cross-entropy kernels.
+"""Strip layout and row reductions over the fabric, shared by the elementwise, LayerNorm and
+cross-entropy kernels.
 
 The strip layout
 ----------------
-These kernels give every lane of a tensor its own PE: a *group* of PEs (a 1-high strip,
-or one PE row per attention head) where PE `g` receives lane `g` and keeps its columns of
-every row in SRAM row-major (row stride = that lane's width). Elementwise work then needs
-nothing from other PEs; a row statistic (sum, max, dot product over all columns) is a
-per-PE partial plus a reduction across the group over the fabric.
+These kernels give every lane of a tensor its own PE: a *group* of PEs (a 1-high strip)
+where PE `g` receives lane `g` and keeps its columns of every row in SRAM row-major (row
+stride = that lane's width). Elementwise work then needs nothing from other PEs; a row
+statistic (sum, max, dot product over all columns) is a per-PE partial plus a reduction
+across the group over the fabric.
 
-Rows are processed in blocks of `block_rows` (`row_blocks`): each PE receives a block,
-computes, reduces and emits it before the next. A downstream kernel therefore starts after
-one block, not after the whole tensor (the kernels pipeline), while the per-block cost of
-a reduction (a fabric round trip of about 2 G hops) is spread over `block_rows` rows.
+Every input stream is received on a thread of its own (`compiler.lowering.inbox`), so a
+strip kernel never makes its producer wait while it computes or emits.
 
 Link sharing: the kernels' cycle formulas assume each lane enters and leaves its PE at one
 wavelet per cycle. Lanes of one strip that travel the same direction along the strip's row
 share its links (one wavelet per cycle per link), so a G-lane strip whose consumer sits
-east of it can emit at most one wavelet per cycle in total (G M w cycles for its output).
-Placing consumers so that lanes leave on different links (e.g. below the strip) avoids it;
-measured in the kernel harness (sinks east of each row), the G = 2 softmax of gpt_small
-runs 1.47x its formula, while LayerNorm (7+ cycles of compute per element) stays within 2%.
+east of it can emit at most one wavelet per cycle in total. Placing consumers so that
+lanes leave on different links (e.g. below the strip) avoids it.
 
 The reduction
 -------------
@@ -39,9 +35,7 @@ An allreduce (both) thus costs each PE about 2 R cycles plus a latency of about
 
 Why a chain: every PE takes one incoming stream, which its ramp delivers at the full rate of
 one wavelet per cycle; a tree would make inner PEs merge two streams through one ramp (half
-rate) to save only latency, and a strip's G is small next to R. Why whole vectors of R
-partials: one instruction per PE per reduction, so the instruction overhead and the hop
-latency are paid once per block instead of once per row.
+rate) to save only latency, and a strip's G is small next to R.
 
 The group's streams (G - 1 chain links and one broadcast) are created once and carry every
 reduction of the kernel in program order, so a group needs only about three colors.
@@ -52,19 +46,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from compiler.lowering.kernel import (
-    Kernel,
-    LocalPE,
-    LocalStream,
-    StreamEnd,
-    StreamIds,
-    lane_cols,
-)
-from wse_sim.program import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, Reg, repeat, vec
+from compiler.lowering.inbox import PerPE
+from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, Reg, repeat, vec
+from compiler.lowering.kernel import Kernel, LocalPE, LocalStream, RowOrder, StreamIds
 
-# Rows per block: a reduction round trip (~2 G hops plus a few instructions) is small next
-# to the ~7 * R * w cycles of a LayerNorm block at R = 8 and w >= 8, while a consumer can
-# start after 8 rows instead of waiting for all of them.
+# Rows per block of the cross-entropy (the turn-around, which waits for every row anyway):
+# its reduction round trips are spread over 8 rows.
 DEFAULT_BLOCK_ROWS = 8
 
 # The register row_partials accumulates in; kernels keep other scalars in other registers.
@@ -105,13 +92,30 @@ class Lane:
     def width(self) -> int:
         return self.c1 - self.c0
 
+    @property
+    def cols(self) -> tuple[int, int]:
+        return self.c0, self.c1
 
-def strip_kernel(name: str, op: str, ops: list[str], cols: int,
-                 lane_width: int) -> tuple[Kernel, list[Lane]]:
-    """An empty 1-high kernel with PE (j, 0) per lane j of a `cols`-wide tensor."""
-    ranges = lane_cols(cols, lane_width)
-    kernel = Kernel(name=name, op=op, ops=list(ops), width=len(ranges), height=1)
-    return kernel, [Lane(j, (j, 0), c0, c1) for j, (c0, c1) in enumerate(ranges)]
+
+def strip_kernel(name: str, op: str, ops: list[str],
+                 lanes: list[tuple[int, int]]) -> tuple[Kernel, list[Lane]]:
+    """An empty 1-high kernel with PE (j, 0) per lane j (columns `lanes[j]`)."""
+    kernel = Kernel(name=name, op=op, ops=list(ops), width=len(lanes), height=1)
+    return kernel, [Lane(j, (j, 0), c0, c1) for j, (c0, c1) in enumerate(lanes)]
+
+
+def strip_inputs(kernel: Kernel, ids: StreamIds, tensor: str, lanes: list[Lane],
+                 order: RowOrder) -> list[int]:
+    """Declare that each lane's PE receives that lane of `tensor`; its stream ids."""
+    return kernel.lane_inputs(ids, tensor, [lane.cols for lane in lanes],
+                              [(lane.pe,) for lane in lanes], order)
+
+
+def strip_outputs(kernel: Kernel, ids: StreamIds, tensor: str, lanes: list[Lane],
+                  order: RowOrder) -> list[int]:
+    """Declare that each lane's PE sends that lane of `tensor`; its stream ids."""
+    return kernel.lane_outputs(ids, tensor, [lane.cols for lane in lanes],
+                               [lane.pe for lane in lanes], order)
 
 
 def alloc_all(kernel: Kernel, pes: list[LocalPE], words: int, purpose: str) -> int:
@@ -123,51 +127,45 @@ def alloc_all(kernel: Kernel, pes: list[LocalPE], words: int, purpose: str) -> i
     return offsets.pop()
 
 
-def lane_inputs(kernel: Kernel, ids: StreamIds, tensor: str, pes: list[LocalPE]) -> list[int]:
-    """Declare that `pes[j]` receives lane j of `tensor`; returns the stream id of each lane."""
-    return _lane_ends(kernel.inputs, ids, tensor, pes)
-
-
-def lane_outputs(kernel: Kernel, ids: StreamIds, tensor: str, pes: list[LocalPE]) -> list[int]:
-    """Declare that `pes[j]` sends lane j of `tensor`; returns the stream id of each lane."""
-    return _lane_ends(kernel.outputs, ids, tensor, pes)
-
-
-def _lane_ends(ends: list[StreamEnd], ids: StreamIds, tensor: str,
-               pes: list[LocalPE]) -> list[int]:
-    streams = [ids.new() for _ in pes]
-    for lane, (pe, stream) in enumerate(zip(pes, streams, strict=True)):
-        ends.append(StreamEnd(tensor, lane, (pe,), stream))
-    return streams
-
-
 def rows_at(offset: int, width: int) -> Operand:
     """A row-major block at `offset` as a row operand: one row per REPEAT iteration."""
     return Mem(offset, 1, loop_stride=width)
 
 
-def scalar_at(offset: int) -> Operand:
-    """Element k of the vector at `offset` as the scalar of REPEAT iteration k."""
-    return Mem(offset, 0, loop_stride=1)
+def rows_back(last: int, width: int) -> Operand:
+    """The rows of a row-major block from the one at `last` backwards: one row per REPEAT
+    iteration (how a descending stream meets rows stored in ascending order)."""
+    return Mem(last, 1, loop_stride=-width)
+
+
+def scalar_at(offset: int, step: int = 1) -> Operand:
+    """Element k * step of the vector at `offset` as the scalar of REPEAT iteration k."""
+    return Mem(offset, 0, loop_stride=step)
+
+
+def row_reduce(op: RowOp, *, width: int, dst: Operand, a: Operand,
+               b: Operand | None = None, acc: Operand = ACC) -> list[Instr]:
+    """dst = reduce over the `width` elements of `a` (three instructions, w + 2 cycles),
+    accumulated in register `acc` (registers are the PE's, shared by its threads).
+
+    "sum": sum of a; "max": max of a (-inf for a row of -inf); "dot": sum of a * b."""
+    if op == "sum":
+        init, body = 0.0, vec(Op.ADD, width, acc, a, acc)
+    elif op == "max":
+        init, body = float("-inf"), vec(Op.MAX, width, acc, a, acc)
+    else:
+        if b is None:
+            raise ValueError("row_reduce: 'dot' needs a second operand")
+        init, body = 0.0, vec(Op.FMA, width, acc, a, b, acc)
+    return [vec(Op.MOV, 1, acc, Imm(init)), body, vec(Op.MOV, 1, dst, acc)]
 
 
 def row_partials(op: RowOp, *, rows: int, width: int, dst: int, a: Operand,
                  b: Operand | None = None) -> list[Instr]:
-    """Instructions for dst[r] = reduce over the `width` elements of row r of `a`, r < rows.
-
-    `a` (and `b` for "dot") are memory operands at row 0 whose `loop_stride` steps to the
-    next row (0 for a vector shared by all rows, e.g. gamma). "sum": sum of a; "max": max
-    of a (-inf for a row of -inf); "dot": sum of a * b."""
-    if op == "sum":
-        init, body = 0.0, vec(Op.ADD, width, ACC, a, ACC)
-    elif op == "max":
-        init, body = float("-inf"), vec(Op.MAX, width, ACC, a, ACC)
-    else:
-        if b is None:
-            raise ValueError("row_partials: 'dot' needs a second operand")
-        init, body = 0.0, vec(Op.FMA, width, ACC, a, b, ACC)
-    return repeat(rows, [vec(Op.MOV, 1, ACC, Imm(init)), body,
-                         vec(Op.MOV, 1, scalar_at(dst), ACC)])
+    """Instructions for dst[r] = reduce over the `width` elements of row r of `a`, r < rows
+    (`row_reduce` in a REPEAT). `a` (and `b` for "dot") are memory operands at row 0 whose
+    `loop_stride` steps to the next row (0 for a vector shared by all rows, e.g. gamma)."""
+    return repeat(rows, row_reduce(op, width=width, dst=scalar_at(dst), a=a, b=b))
 
 
 @dataclass(frozen=True)
@@ -198,26 +196,46 @@ class GroupReducer:
     def last(self) -> LocalPE:
         return self.pes[-1]
 
-    def reduce(self, offset: int, n: int, op: Op) -> None:
-        """Words offset..offset+n of the last PE become OP over the group (ADD or MAX) of
-        everyone's words there; the other PEs' words are left as they were."""
+    def reduce_instrs(self, offset: int, n: int, op: Op) -> PerPE:
+        """Each PE's instructions by which words offset..offset+n of the last PE become OP
+        over the group (ADD or MAX) of everyone's words there; the other PEs' words are
+        left as they were."""
         if len(self.pes) == 1:
-            return
-        emit = self.kernel.emit
-        emit(self.pes[0], vec(Op.MOV, n, FabOut(self.chain[0]), Mem(offset)))
+            return {}
+        out = {self.pes[0]: [vec(Op.MOV, n, FabOut(self.chain[0]), Mem(offset))]}
         for i, pe in enumerate(self.pes[1:-1], start=1):
-            emit(pe, vec(op, n, FabOut(self.chain[i]), FabIn(self.chain[i - 1]), Mem(offset)))
-        emit(self.last, vec(op, n, Mem(offset), FabIn(self.chain[-1]), Mem(offset)))
+            out[pe] = [vec(op, n, FabOut(self.chain[i]), FabIn(self.chain[i - 1]), Mem(offset))]
+        out[self.last] = [vec(op, n, Mem(offset), FabIn(self.chain[-1]), Mem(offset))]
+        return out
+
+    def broadcast_instrs(self, offset: int, n: int) -> PerPE:
+        """Each PE's instructions that copy words offset..offset+n of the last PE to the
+        same words of all others."""
+        if self.bcast is None:
+            return {}
+        out = {pe: [vec(Op.MOV, n, Mem(offset), FabIn(self.bcast))] for pe in self.pes[:-1]}
+        out[self.last] = [vec(Op.MOV, n, FabOut(self.bcast), Mem(offset))]
+        return out
+
+    def allreduce_instrs(self, offset: int, n: int, op: Op) -> PerPE:
+        """Every PE's words offset..offset+n become OP over the group of them (in place)."""
+        out = self.reduce_instrs(offset, n, op)
+        for pe, instrs in self.broadcast_instrs(offset, n).items():
+            out[pe] = out.get(pe, []) + instrs
+        return out
+
+    def _emit(self, instrs: PerPE) -> None:
+        for pe, program in instrs.items():
+            self.kernel.emit(pe, *program)
+
+    def reduce(self, offset: int, n: int, op: Op) -> None:
+        """Emit `reduce_instrs`."""
+        self._emit(self.reduce_instrs(offset, n, op))
 
     def broadcast(self, offset: int, n: int) -> None:
-        """Copy words offset..offset+n of the last PE to the same words of all others."""
-        if self.bcast is None:
-            return
-        self.kernel.emit(self.last, vec(Op.MOV, n, FabOut(self.bcast), Mem(offset)))
-        for pe in self.pes[:-1]:
-            self.kernel.emit(pe, vec(Op.MOV, n, Mem(offset), FabIn(self.bcast)))
+        """Emit `broadcast_instrs`."""
+        self._emit(self.broadcast_instrs(offset, n))
 
     def allreduce(self, offset: int, n: int, op: Op) -> None:
-        """Every PE's words offset..offset+n become OP over the group of them (in place)."""
-        self.reduce(offset, n, op)
-        self.broadcast(offset, n)
+        """Emit `allreduce_instrs`."""
+        self._emit(self.allreduce_instrs(offset, n, op))

@@ -12,16 +12,19 @@ from compiler.ops import (
     cross_entropy,
     embedding,
     gelu,
+    kv_attention,
     layernorm,
     matmul,
-    sgd,
     softmax,
+    store,
+    update,
 )
 from compiler.ops.base import OpFamily
 
 _ALL: tuple[OpFamily, ...] = (
     embedding.FAMILY, layernorm.FAMILY, matmul.FAMILY, *attention.FAMILIES, softmax.FAMILY,
-    gelu.FAMILY, add.FAMILY, cross_entropy.FAMILY, sgd.FAMILY,
+    gelu.FAMILY, add.FAMILY, cross_entropy.FAMILY, update.FAMILY, kv_attention.FAMILY,
+    store.FAMILY,
 )
 FAMILIES: dict[str, OpFamily] = {kind: family for family in _ALL for kind in family.kinds}
 

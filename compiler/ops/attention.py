@@ -1,5 +1,5 @@
-"""Attention: causal scores `S = q k^T / sqrt(dh)` and values `o = P v`, with their
-backward passes, on a key-block x query-group grid of PEs per head.
+"""Attention: causal scores `S = q k^T / sqrt(dh)`, the causal mask, the softmax and the
+values `o = P v`, with their backward passes, in one streaming kernel.
 
 Graph: three op kinds over all heads at once (attributes heads, d_head, batch, seq_len):
 `attn_scores` (q, k -> S [M, H*T], scale 1/sqrt(dh); FLOPs 2 M H T dh for the product over
@@ -7,125 +7,94 @@ the full T x T plus M H T for the scaling, backward twice the product plus the s
 `causal_mask` (S -> S with -inf where key > query; no FLOPs) and `attn_values` (P, v -> o
 [M, d]; 2 M H T dh, backward twice). Head j owns columns [j dh, (j+1) dh) of q, k, v and o,
 and columns [j T, (j+1) T) of S and P (see `split_heads`). The softmax between them is
-`compiler.ops.softmax`.
+`compiler.ops.softmax`; one kernel implements all four ops (and their backward twins):
+the masked entries are never computed, the probabilities never leave the PEs.
 
-Layout. Both kernels use the same rectangle: `T/lw` columns (key blocks, `lw` keys each:
-exactly the columns of one scores lane) by `H * R` rows (head `h` owns rows
-`h*R .. h*R + R-1`; `R = row_groups`). PE `(c, h*R + r)` handles key block `c` of head
-`h` for the query rows `m` with `m % R == r` (round-robin, so the causal triangle's work is
-spread evenly over the groups). It stores the k (or v) rows of its key block for every
-batch element and only its own query rows of q, dS, P, dO. With `R = 1` this is the
-(T/lw) x H layout of one PE per (key block, head); a larger `R` divides the per-PE work
-(the arithmetic is `O(M T dh)` per head and would otherwise sit on T/lw PEs) for the price
-of relaying rows, which costs fabric bandwidth that is otherwise idle.
+Layout. The q, k, v lanes (of the fused [M, 3d] QKV output) and the o lanes may split a
+head over several lanes or hold several heads in one; the heads whose columns share lanes
+form a *group* (`head_groups`), one column of the kernel. A group's column has G PEs, and
+PE c owns the block of keys at positions [c b, (c + 1) b) of every sequence, b = ceil(T /
+G). Every PE of the column receives every q, k and v row of its group (multicast lanes),
+each section on a receiving thread of its own (`compiler.lowering.inbox`), and keeps the q
+rows (the backward needs them) and its own keys' k (scaled by 1/sqrt(dh) as it arrives)
+and v rows.
 
-Choosing R is the caller's (the builders default to 1): `fit_row_groups` gives the
-smallest R with which every PE fits its SRAM (R = 1 for gpt_small; a T = 2048 model needs
-tens), and the cost notes below say how far a larger R still pays.
+Regions. For a query at position t, PE c has either no key yet (t < c b), its diagonal
+block (the query's own position is in its block: the keys after t are masked with -inf,
+a sliding window over one [0] * b + [-inf] * (b - 1) vector, so they get probability 0
+and gradient 0 exactly), or its full block. Within a region every row runs the same
+instructions on the same keys, so each region of each sequence is one REPEAT over its
+rows: a PE has a few hundred instructions whatever T is. The cost of the blocks over a
+round-robin assignment is the masked half of the diagonal block; what sets the pace is the
+busiest row, b keys either way.
 
-Only `lw == dh` is supported: then q, k and v of head `h` are the single lanes `h`,
-`H + h`, `2H + h` of the qkv tensor and one lane carries a whole head (the default lane
-width is `d_head`).
+Forward, rows ascending, per row m at position t and per head: PE c scores its keys (nk
+of them) s_j = q_m . k_j, takes its local max mu_c, p_j = exp(s_j - mu_c), l_c = sum p_j
+and o_c = sum p_j v_j: a partial softmax. The partials combine along the column c = 0 ->
+G-1 as flash attention's do: mu = max(mu_in, mu_c), l = l_in e^(mu_in - mu) + l_c e^(mu_c -
+mu), o likewise; a PE with no key yet passes its input on. The last PE divides o by l,
+keeps the row and sends the o lanes, and multicasts (mu, 1 / l) of every row back up the
+column, where a thread of their own stores them for the backward (so no PE waits for them
+in the forward).
+Backward, rows descending (compiler.lowering.kernel), per row m: the last PE's dO receiver
+computes D = sum_j p_j dP_j = dO_m . o_m per head as soon as dO_m arrives (the flash
+attention identity; it kept o_m) and multicasts it up the column; every PE recomputes p_j
+= exp(q_m . k_j - mu) / l for its keys, dP_j = dO_m . v_j, dv_j += p_j dO_m, dS_j = p_j (dP_j
+- D), its share of dq_m = sum_j dS_j k'_j (k' the scaled keys: no multiply on the way out),
+which is summed down the column, and dk_j += dS_j q_m. Walking the rows backwards completes
+key t's dk and dv when row t passes (every query i >= t has been seen): its owner sends
+them down the column, scaled by 1/sqrt(dh), and the last PE sends the dq, dk, dv lanes of
+row m. No row waits for a round trip over the column: every stream within it flows one
+way, so the PEs of a column pipeline rows like a systolic array.
 
-Every arithmetic step is one primitive, `_dots`: a batch of dot products, each one output
-element accumulated in register 0 over `terms` products (a 1-element MUL or FMA seeding
-it — the FMA adds an incoming fabric wavelet, which is how partial sums are chained — an
-FMA over the middle terms, and a 1-element FMA writing the result), in a zero-overhead
-REPEAT over the outputs. Each term is one cycle and both factors are strided SRAM reads
-(the 2 reads/cycle budget, no scalar-load surcharge), so a batch of `n` dots of length `k`
-costs `n * k + 1` cycles.
+Deadlock (compiler.lowering.kernel): the kernel is row-causal; within a column every
+stream flows one way (down the chain, or from the last PE up to the others), each stream
+has one reading thread, which reads it in row order, and the last PE's dO receiver waits
+only for the ring slot that the compute thread frees after an earlier row (its first
+credits come after the forward, when every o row is stored).
 
-Phases (the same three shapes serve both kernels):
-
-* block products (scores forward, dP): for each own query row, the `nk` unmasked keys of
-  the block get `x_m . y_j` (nk dots of dh terms), the masked rest is a fill value
-  (`-inf` for scores: the causal mask is applied here; `0` for dP). With R = 1 the rows go
-  straight out; with R > 1 each PE computes its own rows into SRAM, then the column relays
-  the lane south in row order (each PE forwards lower groups' rows from the north and
-  injects its own) to the group-(R-1) PE, which emits it. Computing first is what lets
-  the groups work in parallel: a PE that interleaved its own rows with forwarding would
-  wait for every earlier row, serializing the column.
-* row reduction (forward o, dq): `out_m = sum_j w[m, j] y_j` over the block's unmasked
-  keys is `dh` dots of `nk` terms, the first term seeded by the partial sum from the
-  west PE; a PE whose block is fully masked for row m forwards the west partial. The east
-  column emits the lane (R = 1) or keeps its results and relays them south (R > 1).
-* column sums (dk, dv): `out_j = sum_m w[m, j] x_m` over the own rows with `t >= j` is `dh`
-  dots, seeded by the north PE's partial sum and passed south; the bottom group holds the
-  total and relays its block east, batch by batch, to the PE that emits the lane.
-
-Masked work is skipped exactly: a masked score is the constant `-inf` (its softmax weight
-P is exactly 0), so no term with `j > t` contributes to o, dq, dk or dv, and the gradient
-reaching a masked score is zero by definition. The dS entries above the diagonal are
-ignored (they are P * (...) = 0 anyway), and dP is emitted as 0 there: the true dL/dP of
-a masked entry (do . v, what a dense numpy reference reports) is never used because
-softmax's backward multiplies it by P = 0.
-The scale 1/sqrt(dh) is folded into k when it arrives (S = q . k', dq = dS k'), so the
-only extra multiply is on dk as it leaves (dk = scale * dS^T q): no cycle is spent on it.
-
-Deadlock (the kernel.py rule). The scores kernel reads all of q and k (one producer,
-interleaved row by row) into SRAM before it emits a score: the values kernel reads all of
-v, a sibling lane of the same QKV producer, before it reads P, and P depends on these
-scores, so streaming scores while q/k are still arriving could stall the QKV kernel
-forever. The values kernel reads v completely, then P: with R = 1 row by row, each P row
-just before the row it weights (P lane c has the one reader, PE c, which reads no further
-ahead than its west neighbour's partial sums, whose lane comes from the same softmax);
-with R > 1 completely first, because the R PEs of a column share one multicast P lane
-and a PE busy on its own row would stall the lane for the others. Backward inputs (dS,
-dO) are read completely first. Inside a kernel every stream flows east or south and each
-PE runs its phases in one order, so the chains cannot wait in a cycle.
-
-Cycle cost, one element per cycle (M = B*T rows, nk = min(lw, t + 1) the unmasked keys of
-block 0 for query position t; block 0 is the busiest PE column, and the kernel ends when
-the east PE has relayed block 0's column sums and injected its own):
-
-* R = 1, scores: `2 M dh` (q, k) + `M lw` (dS) + sum over rows of
-  `[nk > 1] + nk dh + (lw - nk)` (S row: REPEAT, dots, -inf fill) and `[dh > 1] + nk dh`
-  (dq row) + sum over keys j < lw, per batch element, of `1 + (T - j) dh` (dk) +
-  `(B + 1) lw dh` (dk relay). Dominant: `~3 B T lw dh` — each of S, dq, dk costs
-  `B (T - lw/2) lw dh`.
-* R = 1, values: the same with reads `2 M dh` (v, dO) and `lw` more per row (the P row
-  read as the row is reduced).
-* R > 1: the arithmetic terms divide by R (round-robin rows balance the triangle); the
-  reads stay `2 M dh + M lw` per PE (every PE takes whole multicast lanes), and each
-  relay adds up to `M lw` (S, dP) or `M dh` (dq, o) cycles at the emitting PE. So the cost
-  is about `(3 B T lw dh) / R + 6 M dh` for lw = dh, and R beyond ~lw/2 buys little.
-Measured (gpt_small attention, B 2, T 64, 4 heads, dh 32, run alone with run_kernel):
-scores 314,830 / 108,889 / 55,880 cycles and values 316,177 / 113,056 / 57,806 cycles at
-R = 1 / 4 / 16 (8, 32, 128 PEs).
+Cost per PE and row (`row_cycles`, `cycles`, `sram_words` below), per head with nk own
+keys: forward nk dh (scores; + nk masked on the diagonal) + 4 nk + 4 (softmax partial) +
+nk (dh + 1) - 1 (o) + the combine (dh + 2 to send or pass on, 2 dh + 9 to merge, 2 dh + 4
+to finish on the last PE); backward nk dh (+ nk) + 3 nk (p) + nk dh (dP) + nk (dh + 1) (dv)
++ 2 nk (dS) + nk (dh + 1) - 1 (dq) + nk (dh + 1) (dk) + W (dq down the column) + 2 W (key
+t's dk, dv, on the PEs from its owner to the last). The receiving threads' arithmetic (k's
+scaling, the last PE's D) takes the same fp32 unit. Each row takes its slowest PE's time
+(the chains keep a column in step), so the pace is set by the full-block rows: b keys.
+SRAM per PE: M W (q rows) + 4 B b W (own k, v and their gradients) + 2 M heads (row
+statistics) + the dO ring and a few rows of scratch; the last PE also M W (o rows).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec, grad_name
-from compiler.lowering.kernel import Kernel, LocalPE, LocalStream, StreamEnd, StreamIds
-from compiler.ops.base import OpFamily, Tensors
-from wse_sim.errors import UserError
-from wse_sim.program import (
-    BYTES_PER_WORD,
-    SOURCES_OF,
-    FabIn,
-    FabOut,
-    Imm,
-    Instr,
-    Kind,
-    Mem,
-    Op,
-    Operand,
-    Reg,
-    repeat,
-    vec,
+from compiler.lowering.dots import Walk, dots
+from compiler.lowering.inbox import (
+    RING,
+    Inbox,
+    PerPE,
+    RowStore,
+    inbox,
+    receiving_thread,
+    rounds,
 )
+from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, Reg, repeat, vec
+from compiler.lowering.kernel import Kernel, LocalPE, StreamIds, Tokens
+from compiler.lowering.rowreduce import row_reduce
+from compiler.ops.base import OpFamily, Tensors
+from compiler.ops.softmax import partial_softmax
+from wse_sim.errors import UserError
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
 
-NEG_INF = float("-inf")
+Lane = tuple[int, int]
 
 
 def add_scores(b: GraphBuilder, name: str, q: str, k: str, heads: dict[str, Any]) -> str:
@@ -210,479 +179,609 @@ def attn_values_backward(dout: np.ndarray, p: np.ndarray, v: np.ndarray, batch: 
     return merge_heads(do4 @ v4.transpose(0, 1, 3, 2)), merge_heads(p4.transpose(0, 1, 3, 2) @ do4)
 
 
-# -- kernels ----------------------------------------------------------------------------------
+# -- kernel -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class AttnLayout:
-    """Shapes of one attention op and the PE grid that runs it."""
+class AttnShape:
+    """One attention op's shapes, its tensors' lanes, and the PEs per head group."""
 
     batch: int
     seq: int
     heads: int
     d_head: int
-    lane_width: int
-    row_groups: int = 1
+    qkv_lanes: list[Lane]  # lanes of the fused [M, 3d] q | k | v tensor
+    o_lanes: list[Lane]  # lanes of the output [M, d]
+    key_pes: int  # G: PEs per head group, each owning a block of consecutive keys
 
     @property
     def rows(self) -> int:
         return self.batch * self.seq
 
     @property
-    def blocks(self) -> int:
-        return self.seq // self.lane_width
-
-    @property
     def d_model(self) -> int:
         return self.heads * self.d_head
 
-    def pe(self, c: int, h: int, r: int) -> LocalPE:
-        return (c, h * self.row_groups + r)
+    @property
+    def block(self) -> int:
+        """Keys per PE (the last PE's block may be shorter)."""
+        return -(-self.seq // self.key_pes)
 
-    def own_rows(self, r: int) -> int:
-        """Query rows of group r (m = r, r + R, ...)."""
-        return len(range(r, self.rows, self.row_groups))
+    def keys(self, c: int) -> tuple[int, int]:
+        """Positions [k0, k1) of the keys PE c owns in every sequence."""
+        k0 = c * self.block
+        return k0, min(self.seq, k0 + self.block)
 
-    def slot(self, m: int) -> int:
-        """Where own row m sits among its group's rows."""
-        return m // self.row_groups
-
-    def keys(self, c: int, t: int) -> int:
-        """Unmasked keys of block c for query position t."""
-        return max(0, min(self.lane_width, t - c * self.lane_width + 1))
-
-
-def attn_layout(op: str, *, batch: int, seq: int, heads: int, d_head: int, lane_width: int,
-                row_groups: int = 1) -> AttnLayout:
-    """Check the shapes an attention kernel supports (UserError names the op and field)."""
-    if lane_width != d_head:
-        raise UserError(f"op {op}: compile.lane_width {lane_width} must equal d_head {d_head} "
-                        f"for attention (one lane per head)")
-    if seq % lane_width:
-        raise UserError(f"op {op}: compile.lane_width {lane_width} must divide seq_len {seq}")
-    if min(batch, seq, heads, d_head, row_groups) < 1:
-        raise UserError(f"op {op}: batch, seq_len, heads, d_head and row_groups must be >= 1")
-    if row_groups > batch * seq:
-        raise UserError(f"op {op}: row_groups {row_groups} exceeds the {batch * seq} query rows")
-    return AttnLayout(batch, seq, heads, d_head, lane_width, row_groups)
+    def regions(self, c: int) -> list[tuple[str, int, int]]:
+        """PE c's query positions by what it does for them, ascending: "none" (no key of its
+        own yet), "diagonal" (its block holds the query's own position: future keys are
+        masked) and "full" (all its keys count)."""
+        k0, k1 = self.keys(c)
+        return [(name, t0, t1) for name, t0, t1 in
+                (("none", 0, k0), ("diagonal", k0, k1), ("full", k1, self.seq)) if t1 > t0]
 
 
-@dataclass(frozen=True)
-class _Vec:
-    """A strided SRAM vector walked by `_dots`: element k of output i is at
-    offset + k * stride + i * step."""
-
-    offset: int
-    stride: int
-    step: int
-
-    def term(self, k: int, stride: int = 1) -> Operand:
-        return Mem(self.offset + k * self.stride, stride, self.step)
+def key_pe_counts(seq: int) -> list[int]:
+    """The G for which every PE of a group owns at least one key of a `seq`-long sequence."""
+    return [g for g in range(1, seq + 1) if (g - 1) * -(-seq // g) < seq]
 
 
-def _dots(outputs: int, terms: int, a: _Vec, b: _Vec, init: Operand | None,
-          out: Operand) -> list[Instr]:
-    """`outputs` dot products out[i] = (init[i] +) sum_k a[k, i] * b[k, i].
+def head_groups(op: str, shape: AttnShape) -> list[tuple[int, int]]:
+    """(first head, heads) of each group: the fewest consecutive heads whose q, k, v and o
+    columns no lane shares with another group. A lane crossing the q/k/v boundaries is a
+    UserError naming the op."""
+    d, dh = shape.d_model, shape.d_head
+    owner = list(range(shape.heads))  # union of heads that share a lane
 
-    `out` is a FabOut, or a Mem whose loop_stride is the step between outputs; `init` is
-    None or a FabIn supplying one addend per output. Cost: outputs * terms (+1 for the
-    REPEAT) cycles."""
-    seeded = Op.FMA if init is not None else Op.MUL
-    seed = () if init is None else (init,)
-    if terms == 0:
-        out_vec = out if out.kind is Kind.FABOUT else Mem(out.offset, out.loop_stride)
-        return [vec(Op.MOV, outputs, out_vec, init if init is not None else Imm(0.0))]
-    if terms == 1:
-        out_vec = out if out.kind is Kind.FABOUT else Mem(out.offset, out.loop_stride)
-        return [vec(seeded, outputs, out_vec, Mem(a.offset, a.step), Mem(b.offset, b.step),
-                    *seed)]
-    acc = Reg(0)
-    body = [vec(seeded, 1, acc, a.term(0), b.term(0), *seed)]
-    if terms > 2:
-        body.append(vec(Op.FMA, terms - 2, acc, a.term(1, a.stride), b.term(1, b.stride), acc))
-    body.append(vec(Op.FMA, 1, out, a.term(terms - 1), b.term(terms - 1), acc))
-    return body if outputs == 1 else repeat(outputs, body)
+    def join(cols: Lane, base: int) -> None:
+        first, last = (cols[0] - base) // dh, (cols[1] - 1 - base) // dh
+        for h in range(first + 1, last + 1):
+            owner[h] = owner[first]
 
-
-def _merge(instrs: list[Instr]) -> list[Instr]:
-    """Fuse neighbouring vector instructions that continue each other (same op and fabric
-    or immediate operands, memory operands contiguous), e.g. the per-row reads of a lane
-    into one instruction. REPEAT blocks are left untouched."""
-    out: list[Instr] = []
-    loop_left = 0  # instructions of the current REPEAT body still to copy
-    free_last = False  # out[-1] is outside any REPEAT block
-    for instr in instrs:
-        if loop_left:
-            loop_left -= 1
-            out.append(instr)
-            continue
-        if instr.op is Op.REPEAT:
-            loop_left = instr.body
-            free_last = False
-        elif free_last and _continues(out[-1], instr):
-            prev = out.pop()
-            instr = Instr(prev.op, n=prev.n + instr.n, dst=prev.dst, a=prev.a, b=prev.b,
-                          c=prev.c)
+    for c0, c1 in shape.qkv_lanes:
+        if c0 // d != (c1 - 1) // d:
+            raise UserError(f"op {op}: a lane of the QKV output (columns {c0}..{c1 - 1}) "
+                            f"crosses the q, k, v boundary at a multiple of d_model {d}")
+        join((c0, c1), c0 // d * d)
+    for lane in shape.o_lanes:
+        join(lane, 0)
+    for h in range(shape.heads):  # owners point back: resolve to the first head
+        owner[h] = owner[owner[h]]
+    groups: list[tuple[int, int]] = []
+    for h in range(shape.heads):
+        if groups and owner[h] == groups[-1][0]:
+            groups[-1] = (groups[-1][0], groups[-1][1] + 1)
         else:
-            free_last = instr.op in SOURCES_OF
-        out.append(instr)
-    return out
+            groups.append((h, 1))
+    return groups
 
 
-def _continues(prev: Instr, nxt: Instr) -> bool:
-    if prev.op is not nxt.op:
-        return False
-    for p, q in ((prev.dst, nxt.dst), (prev.a, nxt.a), (prev.b, nxt.b), (prev.c, nxt.c)):
-        if p.kind is not q.kind or p.kind is Kind.REG:
-            return False
-        if p.kind is Kind.MEM:
-            if (q.stride != p.stride or p.loop_stride or q.loop_stride
-                    or q.offset != p.offset + prev.n * p.stride):
-                return False
-        elif p != q:
-            return False
-    return True
+def _lanes_within(lanes: list[Lane], c0: int, c1: int) -> list[tuple[int, Lane]]:
+    """(lane index, columns) of the lanes inside columns [c0, c1)."""
+    return [(j, lane) for j, lane in enumerate(lanes) if c0 <= lane[0] and lane[1] <= c1]
+
+
+Section = list[tuple[int, Lane]]  # (stream, columns relative to the group) of each lane
 
 
 @dataclass
-class _Grid:
-    """A kernel under construction plus the neighbour streams of its PE grid: `east` from
-    (c, h, r) to (c+1, h, r), `south` from (c, h, r) to (c, h, r+1)."""
+class _Group:
+    """One head group's column of PEs, its lanes and its local streams."""
 
-    kernel: Kernel
-    lay: AttnLayout
-    ids: StreamIds
-    east: dict[tuple[int, int, int], int] = field(default_factory=dict)
-    south: dict[tuple[int, int, int], int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        lay = self.lay
-        for h in range(lay.heads):
-            for r in range(lay.row_groups):
-                for c in range(lay.blocks):
-                    for links, nbr in ((self.east, (c + 1, h, r)), (self.south, (c, h, r + 1))):
-                        if nbr[0] < lay.blocks and nbr[2] < lay.row_groups:
-                            links[(c, h, r)] = sid = self.ids.new()
-                            self.kernel.local_streams.append(
-                                LocalStream(lay.pe(c, h, r), (lay.pe(*nbr),), sid))
-
-    def west_in(self, c: int, h: int, r: int) -> Operand | None:
-        return FabIn(self.east[(c - 1, h, r)]) if c > 0 else None
-
-    def north_in(self, c: int, h: int, r: int) -> Operand | None:
-        return FabIn(self.south[(c, h, r - 1)]) if r > 0 else None
-
-    def east_out(self, c: int, h: int, r: int, last: Operand) -> Operand:
-        return FabOut(self.east[(c, h, r)]) if c < self.lay.blocks - 1 else last
-
-    def south_out(self, c: int, h: int, r: int, last: int) -> Operand:
-        """Towards the lane `last` emitted by the bottom group of the column."""
-        return FabOut(self.south[(c, h, r)] if r < self.lay.row_groups - 1 else last)
-
-    def head_pes(self, h: int) -> tuple[LocalPE, ...]:
-        lay = self.lay
-        return tuple(lay.pe(c, h, r) for r in range(lay.row_groups) for c in range(lay.blocks))
-
-    def column_pes(self, c: int, h: int) -> tuple[LocalPE, ...]:
-        return tuple(self.lay.pe(c, h, r) for r in range(self.lay.row_groups))
-
-    def emit(self, pe: LocalPE, instrs: list[Instr]) -> None:
-        self.kernel.emit(pe, *_merge(instrs))
+    first_head: int
+    n_heads: int
+    col: int  # the kernel column
+    q: Section
+    k: Section
+    v: Section
+    o: Section  # outputs; d_out (dO) an input
+    d_out: Section
+    dq: Section
+    dk: Section
+    dv: Section
+    down: list[int]  # down[c]: PE c -> PE c + 1
+    up: int | None  # the last PE -> every other: the softmax statistics (None for one PE)
+    d_up: int | None  # the last PE -> every other: D of each backward row
 
 
 @dataclass(frozen=True)
+class _Buffers:
+    """SRAM word offsets of one PE of a group (the same layout on every PE)."""
+
+    q: int  # q rows: M x W
+    k: int  # own keys, scaled: B x block x W
+    v: int
+    dk: int
+    dv: int
+    stats: int  # per row and head: mu, 1 / l
+    s: int  # per head: the row's scores / probabilities over own keys
+    dp: int  # per head: dP, then dS
+    o: int  # the row's partial o (W), then the dq partial
+    d_out: int  # the dO ring: RING x W
+    d: int  # D per head of the rows in the dO ring: RING x heads
+    scal: int  # per head: mu_c, l_c, mu_in, mu, a, b, D
+    mask: int  # [0] * block + [-inf] * (block - 1): row i of the causal mask at block - 1 - i
+    discard: int
+    out: int | None  # the last PE: the output rows o, M x W (for D = dO . o)
+
+
+SCALARS = 8  # words per head in `scal`
+# Registers (a PE's threads share them): the compute thread accumulates dot products in 0
+# and softmax sums in 1, the last PE's dO receiver computes D in this one.
+RECEIVER_ACC = Reg(2)
+
+
+def _buffers(kernel: Kernel, pe: LocalPE, shape: AttnShape, width: int, heads: int,
+             last: bool) -> _Buffers:
+    slots, block = shape.batch * shape.block, shape.block
+
+    def words(count: int, what: str) -> int:
+        return kernel.alloc(pe, count, f"{kernel.name}: {what}")
+
+    return _Buffers(
+        q=words(shape.rows * width, "q rows"), k=words(slots * width, "own k rows (scaled)"),
+        v=words(slots * width, "own v rows"), dk=words(slots * width, "dk of own keys"),
+        dv=words(slots * width, "dv of own keys"),
+        stats=words(2 * heads * shape.rows, "softmax statistics"),
+        s=words(heads * block, "scores, then probabilities"), dp=words(heads * block, "dP, dS"),
+        o=words(width, "partial o, then dq"), d_out=words(RING * width, "dO ring"),
+        d=words(RING * heads, "D of the dO ring's rows"),
+        scal=words(SCALARS * heads, "scalars"), mask=words(2 * block - 1, "causal mask"),
+        discard=words(1, "discarded wavelets"),
+        out=words(shape.rows * width, "output rows") if last else None)
+
+
+def build_attention(name: str, ops: list[str], ids: StreamIds, *, shape: AttnShape,
+                    qkv: str, out: str, d_out: str, d_qkv: str, queue_depth: int) -> Kernel:
+    """Causal softmax attention of the q, k, v lanes of `qkv` [M, 3d] into `out` [M, d]
+    (forward, rows ascending) and the d(q, k, v) lanes of `d_qkv` from `d_out` (backward,
+    rows descending); see the module docstring."""
+    d, dh, G = shape.d_model, shape.d_head, shape.key_pes
+    if G not in key_pe_counts(shape.seq):
+        raise ValueError(f"{name}: with {G} PEs per group of a {shape.seq}-long sequence "
+                         f"some PE owns no key")
+    groups = head_groups(name, shape)
+    kernel = Kernel(name=name, op="attention", ops=list(ops), width=len(groups), height=G,
+                    shapes={qkv: (shape.rows, 3 * d), out: (shape.rows, d),
+                            d_out: (shape.rows, d), d_qkv: (shape.rows, 3 * d)})
+    column = [[(gi, c) for c in range(G)] for gi in range(len(groups))]
+    streams = {}
+    for tensor, lanes, order, sending in ((qkv, shape.qkv_lanes, "ascending", False),
+                                          (d_qkv, shape.qkv_lanes, "descending", True),
+                                          (out, shape.o_lanes, "ascending", True),
+                                          (d_out, shape.o_lanes, "descending", False)):
+        owners = [next(gi for gi, (h0, nh) in enumerate(groups)
+                       if h0 * dh <= lane[0] % d < (h0 + nh) * dh) for lane in lanes]
+        if sending:
+            ids_ = kernel.lane_outputs(ids, tensor, lanes, [(gi, G - 1) for gi in owners],
+                                       order)
+        else:
+            ids_ = kernel.lane_inputs(ids, tensor, lanes,
+                                      [tuple(column[gi]) for gi in owners], order)
+        streams[tensor] = ids_
+    for gi, (h0, nh) in enumerate(groups):
+        g0, g1 = h0 * dh, (h0 + nh) * dh
+
+        def section(tensor: str, lanes: list[Lane], base: int, g0: int = g0,
+                    g1: int = g1) -> Section:
+            """The group's lanes of `tensor` in the section at `base`, columns relative
+            to the group."""
+            return [(streams[tensor][j], (c0 - base - g0, c1 - base - g0))
+                    for j, (c0, c1) in _lanes_within(lanes, base + g0, base + g1)]
+
+        down = [kernel.local((gi, c), ((gi, c + 1),), ids) for c in range(G - 1)]
+        up, d_up = (kernel.local((gi, G - 1), tuple((gi, c) for c in range(G - 1)), ids)
+                    if G > 1 else None for _ in range(2))
+        group = _Group(h0, nh, gi, section(qkv, shape.qkv_lanes, 0),
+                       section(qkv, shape.qkv_lanes, d), section(qkv, shape.qkv_lanes, 2 * d),
+                       section(out, shape.o_lanes, 0), section(d_out, shape.o_lanes, 0),
+                       section(d_qkv, shape.qkv_lanes, 0), section(d_qkv, shape.qkv_lanes, d),
+                       section(d_qkv, shape.qkv_lanes, 2 * d), down, up, d_up)
+        for c in range(G):
+            _PE(kernel, ids, shape, group, c, queue_depth).emit()
+    return kernel
+
+
 class _PE:
-    """PE (c, h*R + r) of the grid."""
+    """The program of PE c of one group. Row operands are built for row m of a REPEAT
+    whose iterations step `loop` rows (negative: descending)."""
 
-    c: int
-    h: int
-    r: int
-    scratch: int  # a word that discarded wavelets are moved to
+    def __init__(self, kernel: Kernel, ids: StreamIds, shape: AttnShape, group: _Group,
+                 c: int, queue_depth: int) -> None:
+        self.kernel, self.ids, self.shape, self.g, self.c = kernel, ids, shape, group, c
+        self.queue_depth = queue_depth
+        self.pe = (group.col, c)
+        self.width = group.n_heads * shape.d_head
+        self.last = c == shape.key_pes - 1
+        self.buf = _buffers(kernel, self.pe, shape, self.width, group.n_heads, self.last)
+        self.k0, self.k1 = shape.keys(c)
+        self.nk = self.k1 - self.k0
+        block = shape.block
+        kernel.load(self.pe, self.buf.mask,
+                    np.array([0.0] * block + [-np.inf] * (block - 1), np.float32))
 
+    def scal(self, h: int, k: int) -> int:
+        return self.buf.scal + SCALARS * h + k
 
-def _read_own(g: _Grid, p: _PE, stream: int, width: int, base: int) -> list[Instr]:
-    """Read a whole lane; keep the own rows (row slot s at base + s * width)."""
-    lay = g.lay
-    return [vec(Op.MOV, width,
-                Mem(base + lay.slot(m) * width) if m % lay.row_groups == p.r
-                else Mem(p.scratch, 0), FabIn(stream))
-            for m in range(lay.rows)]
+    def row(self, base: int, m: int, step: int, loop: int) -> Operand:
+        """Element 0 of row m of a [rows, step] store at `base`, as a vector operand."""
+        return Mem(base + m * step, 1, loop * step)
 
+    def own(self, base: int, b: int) -> int:
+        """Word 0 of the first own key slot of sequence b in the key store at `base`."""
+        return base + b * self.shape.block * self.width
 
-def _read_block_row(g: _Grid, p: _PE, m: int, stream: int, block: int,
-                    scale: float | None) -> Instr:
-    """Receive row m of a k or v lane; keep it (times `scale`) if its key is in block c."""
-    lay = g.lay
-    b, t = divmod(m, lay.seq)
-    dh = lay.d_head
-    if t // lay.lane_width != p.c:
-        return vec(Op.MOV, dh, Mem(p.scratch, 0), FabIn(stream))
-    dst = Mem(block + (b * lay.lane_width + t % lay.lane_width) * dh)
-    if scale is None:
-        return vec(Op.MOV, dh, dst, FabIn(stream))
-    return vec(Op.MUL, dh, dst, FabIn(stream), Imm(scale))
+    def stat(self, m: int, h: int, k: int, loop: int) -> Operand:
+        """mu (k = 0) or 1 / l (k = 1) of row m, head h, as a scalar."""
+        step = 2 * self.g.n_heads
+        return Mem(self.buf.stats + m * step + 2 * h + k, 0, loop * step)
 
+    # -- receiving ------------------------------------------------------------------------------
 
-def _relay_south(g: _Grid, p: _PE, buf: int, width: int, lane: int) -> list[Instr]:
-    """Send a lane down the PE column in row order: rows of lower groups forwarded from
-    the north, own rows (slot s at buf + s * width) injected from SRAM."""
-    lay = g.lay
-    out = g.south_out(p.c, p.h, p.r, lane)
-    instrs: list[Instr] = []
-    for m in range(lay.rows):
-        group = m % lay.row_groups
-        if group < p.r:
-            instrs.append(vec(Op.MOV, width, out, g.north_in(p.c, p.h, p.r)))
-        elif group == p.r:
-            instrs.append(vec(Op.MOV, width, out, Mem(buf + lay.slot(m) * width)))
-    return instrs
+    def receivers(self) -> tuple[Inbox, Tokens, Tokens, Inbox]:
+        """Threads that receive q (every row), k and v (own keys kept, k scaled, the rest
+        discarded; a token per kept row) and dO (a ring)."""
+        kernel, pe, ids, shape, w = self.kernel, self.pe, self.ids, self.shape, self.width
+        depth = self.queue_depth
+        q = inbox(kernel, pe, ids, self.g.q, RowStore(self.buf.q, w, shape.rows),
+                  queue_depth=depth)
+        scale = Imm(1.0 / math.sqrt(shape.d_head))
+        keys = []
+        for lanes, base, factor in ((self.g.k, self.buf.k, scale), (self.g.v, self.buf.v, None)):
+            ready = Tokens.create(kernel, pe, ids, depth)
+            discard = [vec(Op.MOV, c1 - c0, Mem(self.buf.discard, 0), FabIn(s))
+                       for s, (c0, c1) in lanes]
+            instrs = []
+            for b in range(shape.batch):
+                keep = [(vec(Op.MUL, c1 - c0, Mem(self.own(base, b) + c0, 1, w), FabIn(s), factor)
+                         if factor else
+                         vec(Op.MOV, c1 - c0, Mem(self.own(base, b) + c0, 1, w), FabIn(s)))
+                        for s, (c0, c1) in lanes]
+                for rows, body in ((self.k0, discard), (self.nk, [*keep, ready.signal()]),
+                                   (shape.seq - self.k1, discard)):
+                    instrs += repeat(rows, body) if rows else []
+            kernel.emit(pe, *instrs, thread=receiving_thread(kernel, pe))
+            keys.append(ready)
+        d_out = self.d_out_inbox(q) if self.last else inbox(
+            kernel, pe, ids, self.g.d_out, RowStore(self.buf.d_out, w, shape.rows, RING),
+            queue_depth=depth, after=q)
+        return q, keys[0], keys[1], d_out
 
+    def d_out_inbox(self, after: Inbox) -> Inbox:
+        """The last PE's dO receiver: a ring with credits, and per row D = dO . o per head
+        (the flash-attention identity D = sum_j p_j dP_j = dO . o), kept beside the row
+        and sent up the column as soon as dO arrives, so no PE waits for a sum over the
+        column in the middle of a row. The ring's first credits (`Inbox.open`) come after
+        the forward, when every output row is stored."""
+        kernel, pe, w, dh = self.kernel, self.pe, self.width, self.shape.d_head
+        assert self.buf.out is not None
+        ready = after.ready  # see `inbox`'s `after`
+        free = Tokens.create(kernel, pe, self.ids, self.queue_depth)
+        store = RowStore(self.buf.d_out, w, self.shape.rows, RING)
+        nh = self.g.n_heads
 
-def _block_products(g: _Grid, p: _PE, x_rows: int, block: int, fill: float, lane: int,
-                    buf: int) -> list[Instr]:
-    """Lane (h, c) of x y^T over the block's unmasked keys, `fill` where masked. With one
-    group the rows go straight out; with several, own rows are computed into `buf` first
-    and then relayed, so the groups compute in parallel rather than in row order."""
-    lay = g.lay
-    lw, dh = lay.lane_width, lay.d_head
-    direct = lay.row_groups == 1
-    instrs: list[Instr] = []
-    for m in range(p.r, lay.rows, lay.row_groups):
-        b, t = divmod(m, lay.seq)
-        nk = lay.keys(p.c, t)
-        row = buf + lay.slot(m) * lw
-        if nk:
-            instrs += _dots(nk, dh, _Vec(x_rows + lay.slot(m) * dh, 1, 0),
-                            _Vec(block + b * lw * dh, 1, dh), None,
-                            FabOut(lane) if direct else Mem(row, 1, 1))
-        if nk < lw:
-            instrs.append(vec(Op.MOV, lw - nk, FabOut(lane) if direct else Mem(row + nk),
-                              Imm(fill)))
-    return instrs if direct else instrs + _relay_south(g, p, buf, lw, lane)
+        def receive(i: int, loop: int) -> PerPE:
+            slot, m = store.row(i, loop).offset, self.shape.rows - 1 - i
+            d = self.buf.d + (i % RING) * nh
+            instrs = [free.wait(), *(vec(Op.MOV, c1 - c0, Mem(slot + c0), FabIn(s))
+                                     for s, (c0, c1) in self.g.d_out)]
+            for h in range(nh):
+                instrs += row_reduce("dot", width=dh, dst=Mem(d + h), a=Mem(slot + h * dh),
+                                     b=self.row(self.buf.out + h * dh, m, w, -loop),
+                                     acc=RECEIVER_ACC)
+            if self.g.d_up is not None:
+                instrs.append(vec(Op.MOV, nh, FabOut(self.g.d_up), Mem(d)))
+            return {pe: [*instrs, ready.signal()]}
 
+        kernel.emit(pe, *rounds(range(self.shape.rows), RING, receive)[pe],
+                    *[free.wait()] * RING, thread=receiving_thread(kernel, pe))
+        return Inbox(store, ready, free)
 
-def _row_reduce(g: _Grid, p: _PE, w_rows: int, block: int, lane: int, read: int | None,
-                buf: int) -> list[Instr]:
-    """Lane h of w y (w: the own rows' block weights), summed west to east over the key
-    blocks. With `read`, the weights arrive on that stream: with one group each weight row
-    is read just before its row is reduced (the kernel streams); with several they are
-    read completely first (every PE of the column takes the whole multicast lane, so a PE
-    busy on its own row would hold back the others). With one group the east PE emits
-    the lane; with several it keeps its results in `buf`, then relays them south."""
-    lay = g.lay
-    lw, dh = lay.lane_width, lay.d_head
-    direct = lay.row_groups == 1
-    east = p.c == lay.blocks - 1
-    west = g.west_in(p.c, p.h, p.r)
-    instrs = [] if direct or read is None else _read_own(g, p, read, lw, w_rows)
-    for m in range(p.r, lay.rows, lay.row_groups):
-        b, t = divmod(m, lay.seq)
-        if direct and read is not None:
-            instrs.append(vec(Op.MOV, lw, Mem(w_rows + lay.slot(m) * lw), FabIn(read)))
-        out = g.east_out(p.c, p.h, p.r,
-                         FabOut(lane) if direct else Mem(buf + lay.slot(m) * dh, 1, 1))
-        instrs += _dots(dh, lay.keys(p.c, t), _Vec(w_rows + lay.slot(m) * lw, 1, 0),
-                        _Vec(block + b * lw * dh, dh, 1), west, out)
-    if east and not direct:
-        instrs += _relay_south(g, p, buf, dh, lane)
-    return instrs
+    def emit(self) -> None:
+        shape, kernel, pe = self.shape, self.kernel, self.pe
+        q, k_ready, v_ready, d_out = self.receivers()
+        for b in range(shape.batch):
+            for region, t0, t1 in shape.regions(self.c):
+                def forward(m: int, loop: int, region: str = region, b: int = b) -> PerPE:
+                    return {pe: self.forward_row(m, loop, region, b, q, k_ready, v_ready)}
 
+                kernel.emit(pe, *rounds(range(b * shape.seq + t0, b * shape.seq + t1), 1,
+                                        forward)[pe])
+        if self.g.up is not None and not self.last:
+            # The last PE's statistics arrive while the forward runs; the backward waits for
+            # the token that says they all have.
+            tokens = Tokens.create(kernel, pe, self.ids, self.queue_depth)
+            kernel.emit(pe, vec(Op.MOV, 2 * self.g.n_heads * shape.rows, Mem(self.buf.stats),
+                                FabIn(self.g.up)), tokens.signal(),
+                        thread=receiving_thread(kernel, pe))
+            kernel.emit(pe, tokens.wait())
+        kernel.emit(pe, *d_out.open())  # on the last PE, after every o row is stored
+        for b in reversed(range(shape.batch)):
+            for region, t0, t1 in reversed(shape.regions(self.c)):
+                first = shape.rows - 1 - (b * shape.seq + t1 - 1)  # backward row index
 
-def _column_sums(g: _Grid, p: _PE, w_rows: int, x_rows: int, block: int, lane: int,
-                 scale: float | None) -> list[Instr]:
-    """Lane of w^T x for the block's keys (key j sums the own rows with t >= j), summed
-    north to south over the groups into `block` of the bottom PE (replacing the k or v
-    rows, no longer needed), then relayed east batch by batch (times `scale`)."""
-    lay = g.lay
-    lw, dh, rg = lay.lane_width, lay.d_head, lay.row_groups
-    north = g.north_in(p.c, p.h, p.r)
-    instrs: list[Instr] = []
-    for b in range(lay.batch):
-        for jj in range(lw):
-            row0 = b * lay.seq + p.c * lw + jj  # first row that sees key j
-            first = row0 + (p.r - row0) % rg
-            count = len(range(first, (b + 1) * lay.seq, rg))
-            s = lay.slot(first)
-            out = (FabOut(g.south[(p.c, p.h, p.r)]) if p.r < rg - 1
-                   else Mem(block + (b * lw + jj) * dh, 1, 1))
-            instrs += _dots(dh, count, _Vec(w_rows + s * lw + jj, lw, 0),
-                            _Vec(x_rows + s * dh, dh, 1), north, out)
-        if p.r == rg - 1:
-            out = g.east_out(p.c, p.h, p.r, FabOut(lane))
-            if p.c:
-                instrs.append(vec(Op.MOV, p.c * lw * dh, out, g.west_in(p.c, p.h, p.r)))
-            mine = Mem(block + b * lw * dh)
-            instrs.append(vec(Op.MOV, lw * dh, out, mine) if scale is None
-                          else vec(Op.MUL, lw * dh, out, mine, Imm(scale)))
-    return instrs
+                def backward(i: int, loop: int, region: str = region, b: int = b) -> PerPE:
+                    return {pe: self.backward_row(i, loop, region, b, d_out)}
 
+                kernel.emit(pe, *rounds(range(first, first + t1 - t0), RING, backward)[pe])
 
-def _scores_buffers(lay: AttnLayout, c: int, r: int) -> dict[str, int]:
-    """SRAM words of scores PE (c, h, r), by purpose."""
-    own, lw, dh = lay.own_rows(r), lay.lane_width, lay.d_head
-    relays_dq = lay.row_groups > 1 and c == lay.blocks - 1
-    return {"q rows": own * dh, "k block (scaled), then dk": lay.batch * lw * dh,
-            "own S rows, then dS rows": own * lw, "own dq rows": own * dh if relays_dq else 0}
+    # -- forward ------------------------------------------------------------------------------
 
+    def scores(self, m: int, loop: int, h: int, b: int, diagonal: bool) -> list[Instr]:
+        """The nk scores q_m . k'_j of head h into s (the diagonal block masked)."""
+        dh, w = self.shape.d_head, self.width
+        s = self.buf.s + h * self.shape.block
+        seed = None
+        if diagonal:  # the mask of row i = t - k0 starts i words before the last 0
+            i = m % self.shape.seq - self.k0
+            seed = [Mem(self.buf.mask + self.shape.block - 1 - i + j, 0, -loop)
+                    for j in range(self.nk)]
+        return dots(self.nk, dh, Walk(self.buf.q + m * w + h * dh, 1, 0, loop * w),
+                    Walk(self.own(self.buf.k, b) + h * dh, 1, w), acc=0,
+                    out=[Mem(s + j) for j in range(self.nk)], seed=seed)
 
-def _values_buffers(lay: AttnLayout, r: int) -> dict[str, int]:
-    """SRAM words of values PE (c, h, r), by purpose."""
-    own, lw, dh = lay.own_rows(r), lay.lane_width, lay.d_head
-    return {"v block, then dv": lay.batch * lw * dh, "P rows": own * lw,
-            "own o rows, then dO rows": own * dh,
-            "own dP rows": own * lw if lay.row_groups > 1 else 0}
+    def weighted_keys(self, h: int, b: int, weights: int, keys: int, dst: int) -> list[Instr]:
+        """dst[:dh] = sum over the own keys j of weights[j] * keys[j, head h] (one vector
+        op per key)."""
+        dh, w = self.shape.d_head, self.width
+        first = self.own(keys, b) + h * dh
+        return [vec(Op.MUL, dh, Mem(dst), Mem(first), Mem(weights, 0)),
+                *(vec(Op.FMA, dh, Mem(dst), Mem(first + j * w), Mem(weights + j, 0), Mem(dst))
+                  for j in range(1, self.nk))]
 
+    def forward_row(self, m: int, loop: int, region: str, b: int, q: Inbox,
+                    k_ready: Tokens, v_ready: Tokens) -> list[Instr]:
+        dh = self.shape.d_head
+        instrs = q.take()
+        if region == "diagonal":
+            instrs += [k_ready.wait(), v_ready.wait()]
+        for h in range(self.g.n_heads):
+            if region != "none":
+                s = self.buf.s + h * self.shape.block
+                instrs += self.scores(m, loop, h, b, region == "diagonal")
+                instrs += partial_softmax(self.nk, s, mu=self.scal(h, 0), total=self.scal(h, 1),
+                                          acc=1)
+                instrs += self.weighted_keys(h, b, s, self.buf.v, self.buf.o + h * dh)
+            instrs += self.combine(m, loop, h, region)
+        return instrs
 
-def attn_sram_words(lay: AttnLayout) -> int:
-    """The most SRAM words any PE of either attention kernel needs (group 0 has the most
-    rows; +1 for the discard word)."""
-    return 1 + max(sum(_scores_buffers(lay, lay.blocks - 1, 0).values()),
-                   sum(_values_buffers(lay, 0).values()))
+    def combine(self, m: int, loop: int, h: int, region: str) -> list[Instr]:
+        """Merge (mu, l, o) of head h from the PE above with this PE's own and send it on
+        (in that order); the last PE keeps the merge and finishes."""
+        dh = self.shape.d_head
+        o = Mem(self.buf.o + h * dh)
+        mu, ell = Mem(self.scal(h, 0)), Mem(self.scal(h, 1))
+        down = FabOut(self.g.down[self.c]) if not self.last else None
+        if self.c == 0:  # the first PE owns key 0: it always has a partial
+            if down is None:
+                return self.finish(m, loop, h)
+            return [vec(Op.MOV, 1, down, mu), vec(Op.MOV, 1, down, ell),
+                    vec(Op.MOV, dh, down, o)]
+        inflow = FabIn(self.g.down[self.c - 1])
+        if region == "none":  # no key of its own yet: pass on (or keep) the partial above
+            if down is not None:
+                return [vec(Op.MOV, dh + 2, down, inflow)]
+            return [vec(Op.MOV, 1, mu, inflow), vec(Op.MOV, 1, ell, inflow),
+                    vec(Op.MOV, dh, o, inflow), *self.finish(m, loop, h)]
+        mu_in, new, a, bb = (Mem(self.scal(h, k)) for k in (2, 3, 4, 5))
+        instrs = [
+            vec(Op.MOV, 1, mu_in, inflow),
+            vec(Op.MAX, 1, new, mu_in, mu),
+            vec(Op.SUB, 1, a, mu_in, new), vec(Op.EXP, 1, a, a),  # e^(mu_in - mu')
+            vec(Op.SUB, 1, bb, mu, new), vec(Op.EXP, 1, bb, bb),  # e^(mu_c - mu')
+            vec(Op.MUL, 1, ell, ell, bb),
+            vec(Op.MUL, dh, o, o, Mem(self.scal(h, 5), 0)),
+        ]
+        a_scalar = Mem(self.scal(h, 4), 0)
+        if down is not None:
+            return instrs + [vec(Op.MOV, 1, down, new), vec(Op.FMA, 1, down, inflow, a, ell),
+                             vec(Op.FMA, dh, down, inflow, a_scalar, o)]
+        return instrs + [vec(Op.MOV, 1, mu, new), vec(Op.FMA, 1, ell, inflow, a, ell),
+                         vec(Op.FMA, dh, o, inflow, a_scalar, o), *self.finish(m, loop, h)]
 
+    def finish(self, m: int, loop: int, h: int) -> list[Instr]:
+        """The last PE: 1 / l, o / l to the o lanes, the statistics kept and sent up."""
+        dh = self.shape.d_head
+        o = self.buf.o + h * dh
+        mu, rl = self.stat(m, h, 0, loop), self.stat(m, h, 1, loop)
+        assert self.buf.out is not None
+        out = self.row(self.buf.out, m, self.width, loop)  # kept for the backward's D
+        instrs = [vec(Op.MOV, 1, mu, Mem(self.scal(h, 0))),
+                  vec(Op.RECIP, 1, rl, Mem(self.scal(h, 1))),
+                  vec(Op.MUL, dh, Mem(out.offset + h * dh, 1, out.loop_stride), Mem(o), rl)]
+        for s, (c0, c1) in self.g.o:  # the lanes (or parts of lanes) of head h
+            lo, hi = max(c0, h * dh), min(c1, (h + 1) * dh)
+            if lo < hi:
+                instrs.append(vec(Op.MOV, hi - lo, FabOut(s),
+                                  Mem(out.offset + lo, 1, out.loop_stride)))
+        if self.g.up is not None:
+            instrs.append(vec(Op.MOV, 2, FabOut(self.g.up), Mem(mu.offset, 1, mu.loop_stride)))
+        return instrs
 
-def fit_row_groups(op: str, lay: AttnLayout, sram_words: int, at_least: int = 1) -> int:
-    """The smallest row_groups >= `at_least` with which both attention kernels of `lay`
-    fit `sram_words` per PE; UserError naming `op` if none does (every PE keeps the k or v
-    block of each batch element, whatever R)."""
-    for groups in range(max(1, at_least), lay.rows + 1):
-        if attn_sram_words(replace(lay, row_groups=groups)) <= sram_words:
-            return groups
-    words = attn_sram_words(replace(lay, row_groups=lay.rows))
-    raise UserError(f"op {op}: PE (0, 0) needs {BYTES_PER_WORD * words} bytes of SRAM even with "
-                    f"one query row per group, has {BYTES_PER_WORD * sram_words}")
+    # -- backward -----------------------------------------------------------------------------
 
+    def backward_row(self, i: int, loop: int, region: str, b: int, d_out: Inbox) -> list[Instr]:
+        """Backward row index i (row m = rows - 1 - i), REPEAT iterations `loop` rows apart."""
+        m = self.shape.rows - 1 - i
+        step = -loop  # rows run backwards
+        dh, w, nh = self.shape.d_head, self.width, self.g.n_heads
+        do = d_out.store.row(i, loop).offset
+        mine = region != "none"
+        instrs = d_out.take()
+        if self.last:  # D of the row, from the receiving thread
+            d = [Mem(self.buf.d + (i % RING) * nh + h, 0) for h in range(nh)]
+        else:
+            instrs.append(vec(Op.MOV, nh, Mem(self.scal(0, 6), SCALARS), FabIn(self.g.d_up)))
+            d = [Mem(self.scal(h, 6), 0) for h in range(nh)]
+        for h in range(nh if mine else 0):
+            s, dp = self.buf.s + h * self.shape.block, self.buf.dp + h * self.shape.block
+            instrs += self.scores(m, step, h, b, region == "diagonal")
+            instrs += [vec(Op.SUB, self.nk, Mem(s), Mem(s), self.stat(m, h, 0, step)),
+                       vec(Op.EXP, self.nk, Mem(s), Mem(s)),
+                       vec(Op.MUL, self.nk, Mem(s), Mem(s), self.stat(m, h, 1, step))]  # p_j
+            instrs += dots(self.nk, dh, Walk(do + h * dh, 1),
+                           Walk(self.own(self.buf.v, b) + h * dh, 1, w), acc=0,
+                           out=[Mem(dp + j) for j in range(self.nk)])  # dP_j
+            instrs += self.accumulate(h, b, self.buf.dv, Mem(do + h * dh), s)  # dv_j += p_j dO
+            instrs += [vec(Op.SUB, self.nk, Mem(dp), Mem(dp), d[h]),
+                       vec(Op.MUL, self.nk, Mem(dp), Mem(dp), Mem(s))]  # dS_j
+            instrs += self.weighted_keys(h, b, dp, self.buf.k, self.buf.o + h * dh)  # dq
+            q_row = Mem(self.buf.q + m * w + h * dh, 1, step * w)
+            instrs += self.accumulate(h, b, self.buf.dk, q_row, dp)  # dk_j += dS_j q_m
+        instrs += self.dq_down(mine)
+        instrs += self.key_gradients(m, step, region, b)
+        return instrs + d_out.release()
 
-def _alloc(g: _Grid, c: int, h: int, r: int, sizes: dict[str, int]) -> tuple[_PE, list[int]]:
-    pe = g.lay.pe(c, h, r)
-    offsets = [g.kernel.alloc(pe, words, f"{g.kernel.name}: {what}")
-               for what, words in sizes.items()]
-    return _PE(c, h, r, g.kernel.alloc(pe, 1, f"{g.kernel.name}: discard")), offsets
+    def accumulate(self, h: int, b: int, grads: int, row: Operand,
+                   weights: int) -> list[Instr]:
+        """grads[j, head h] += weights[j] * row[:dh] for the own keys j."""
+        dh, w = self.shape.d_head, self.width
+        first = self.own(grads, b) + h * dh
+        return [vec(Op.FMA, dh, Mem(first + j * w), row, Mem(weights + j, 0),
+                    Mem(first + j * w)) for j in range(self.nk)]
 
+    def dq_down(self, mine: bool) -> list[Instr]:
+        """dq's shares summed down the column (a PE without keys passes them on); the last
+        PE sends the dq lanes."""
+        w = self.width
+        o = Mem(self.buf.o)
+        if self.shape.key_pes > 1 and self.c == 0:
+            return [vec(Op.MOV, w, FabOut(self.g.down[0]), o)]
+        if self.c > 0:
+            inflow = FabIn(self.g.down[self.c - 1])
+            if not self.last:
+                return [vec(Op.ADD, w, FabOut(self.g.down[self.c]), inflow, o) if mine
+                        else vec(Op.MOV, w, FabOut(self.g.down[self.c]), inflow)]
+            if not mine:
+                return [vec(Op.MOV, c1 - c0, FabOut(s), inflow) for s, (c0, c1) in self.g.dq]
+            return [vec(Op.ADD, w, o, inflow, o),
+                    *(vec(Op.MOV, c1 - c0, FabOut(s), Mem(self.buf.o + c0))
+                      for s, (c0, c1) in self.g.dq)]
+        return [vec(Op.MOV, c1 - c0, FabOut(s), Mem(self.buf.o + c0)) for s, (c0, c1) in self.g.dq]
 
-def build_attn_scores(name: str, ops: list[str], ids: StreamIds, *, batch: int, seq: int,
-                      heads: int, d_head: int, lane_width: int, qkv: str, scores: str,
-                      d_scores: str, d_qkv: str, row_groups: int = 1) -> Kernel:
-    """Causal attention scores S = q k^T / sqrt(dh) (masked entries exactly -inf) from the
-    q and k lanes of `qkv`, and the backward dq, dk lanes of `d_qkv` from `d_scores`."""
-    lay = attn_layout(name, batch=batch, seq=seq, heads=heads, d_head=d_head,
-                      lane_width=lane_width, row_groups=row_groups)
-    M, T, H, lw, dh = lay.rows, seq, heads, lane_width, d_head
-    kernel = Kernel(name=name, op="attn_scores", ops=list(ops), width=lay.blocks,
-                    height=H * row_groups,
-                    shapes={qkv: (M, 3 * lay.d_model), scores: (M, H * T),
-                            d_scores: (M, H * T), d_qkv: (M, 3 * lay.d_model)})
-    g = _Grid(kernel, lay, ids)
-    scale = 1.0 / math.sqrt(dh)
-    for h in range(H):
-        q_in, k_in, dq_out, dk_out = (ids.new() for _ in range(4))
-        kernel.inputs += [StreamEnd(qkv, h, g.head_pes(h), q_in),
-                          StreamEnd(qkv, H + h, g.head_pes(h), k_in)]
-        emitter = lay.pe(lay.blocks - 1, h, row_groups - 1)
-        kernel.outputs += [StreamEnd(d_qkv, h, (emitter,), dq_out),
-                           StreamEnd(d_qkv, H + h, (emitter,), dk_out)]
-        for c in range(lay.blocks):
-            lane = h * lay.blocks + c
-            s_out, ds_in = ids.new(), ids.new()
-            kernel.outputs.append(StreamEnd(scores, lane, (lay.pe(c, h, row_groups - 1),),
-                                            s_out))
-            kernel.inputs.append(StreamEnd(d_scores, lane, g.column_pes(c, h), ds_in))
-            for r in range(row_groups):
-                p, (q, k, ds, dq) = _alloc(g, c, h, r, _scores_buffers(lay, c, r))
-                reads: list[Instr] = []
-                for m in range(M):
-                    keep = Mem(q + lay.slot(m) * dh) if m % row_groups == r else Mem(
-                        p.scratch, 0)
-                    reads += [vec(Op.MOV, dh, keep, FabIn(q_in)),
-                              _read_block_row(g, p, m, k_in, k, scale)]
-                g.emit(lay.pe(c, h, r), [
-                    *reads,
-                    *_block_products(g, p, q, k, NEG_INF, s_out, ds),
-                    *_read_own(g, p, ds_in, lw, ds),
-                    *_row_reduce(g, p, ds, k, dq_out, None, dq),
-                    *_column_sums(g, p, ds, q, k, dk_out, scale),
-                ])
-    return kernel
-
-
-def build_attn_values(name: str, ops: list[str], ids: StreamIds, *, batch: int, seq: int,
-                      heads: int, d_head: int, lane_width: int, qkv: str, probs: str, out: str,
-                      d_out: str, d_probs: str, d_qkv: str, row_groups: int = 1) -> Kernel:
-    """Attention output o = P v from the v lanes of `qkv` and the `probs` lanes, and the
-    backward dP lanes of `d_probs` and dv lanes of `d_qkv` from `d_out`."""
-    lay = attn_layout(name, batch=batch, seq=seq, heads=heads, d_head=d_head,
-                      lane_width=lane_width, row_groups=row_groups)
-    M, T, H, dh = lay.rows, seq, heads, d_head
-    kernel = Kernel(name=name, op="attn_values", ops=list(ops), width=lay.blocks,
-                    height=H * row_groups,
-                    shapes={qkv: (M, 3 * lay.d_model), probs: (M, H * T), out: (M, lay.d_model),
-                            d_out: (M, lay.d_model), d_probs: (M, H * T),
-                            d_qkv: (M, 3 * lay.d_model)})
-    g = _Grid(kernel, lay, ids)
-    for h in range(H):
-        v_in, o_out, do_in, dv_out = (ids.new() for _ in range(4))
-        kernel.inputs += [StreamEnd(qkv, 2 * H + h, g.head_pes(h), v_in),
-                          StreamEnd(d_out, h, g.head_pes(h), do_in)]
-        emitter = lay.pe(lay.blocks - 1, h, row_groups - 1)
-        kernel.outputs += [StreamEnd(out, h, (emitter,), o_out),
-                           StreamEnd(d_qkv, 2 * H + h, (emitter,), dv_out)]
-        for c in range(lay.blocks):
-            lane = h * lay.blocks + c
-            p_in, dp_out = ids.new(), ids.new()
-            kernel.inputs.append(StreamEnd(probs, lane, g.column_pes(c, h), p_in))
-            kernel.outputs.append(StreamEnd(d_probs, lane, (lay.pe(c, h, row_groups - 1),),
-                                            dp_out))
-            for r in range(row_groups):
-                p, (v, pr, do, dp) = _alloc(g, c, h, r, _values_buffers(lay, r))
-                g.emit(lay.pe(c, h, r), [
-                    *(_read_block_row(g, p, m, v_in, v, None) for m in range(M)),
-                    *_row_reduce(g, p, pr, v, o_out, p_in, do),
-                    *_read_own(g, p, do_in, dh, do),
-                    *_block_products(g, p, do, v, 0.0, dp_out, dp),
-                    *_column_sums(g, p, pr, do, v, dv_out, None),
-                ])
-    return kernel
+    def key_gradients(self, m: int, step: int, region: str, b: int) -> list[Instr]:
+        """Key t's dk (scaled) and dv are complete once query row t has passed: its owner
+        sends them down the column, PEs below it pass them on, the last PE sends the dk, dv
+        lanes."""
+        if region == "full":  # the key's owner is further down the column
+            return []
+        w = self.width
+        if region == "none":
+            inflow = FabIn(self.g.down[self.c - 1])
+            if not self.last:
+                return [vec(Op.MOV, 2 * w, FabOut(self.g.down[self.c]), inflow)]
+            return [*(vec(Op.MOV, c1 - c0, FabOut(s), inflow) for s, (c0, c1) in self.g.dk),
+                    *(vec(Op.MOV, c1 - c0, FabOut(s), inflow) for s, (c0, c1) in self.g.dv)]
+        scale = Imm(1.0 / math.sqrt(self.shape.d_head))
+        j = m % self.shape.seq - self.k0
+        dk, dv = self.own(self.buf.dk, b) + j * w, self.own(self.buf.dv, b) + j * w
+        if self.last:
+            return [*(vec(Op.MUL, c1 - c0, FabOut(s), Mem(dk + c0, 1, step * w), scale)
+                      for s, (c0, c1) in self.g.dk),
+                    *(vec(Op.MOV, c1 - c0, FabOut(s), Mem(dv + c0, 1, step * w))
+                      for s, (c0, c1) in self.g.dv)]
+        down = FabOut(self.g.down[self.c])
+        return [vec(Op.MUL, w, down, Mem(dk, 1, step * w), scale),
+                vec(Op.MOV, w, down, Mem(dv, 1, step * w))]
 
 
 # -- cost -------------------------------------------------------------------------------------
 
 
-def cycles(kernel: str, batch: int, seq: int, d_head: int) -> int:
-    """Cycles of a lone scores or values kernel with row_groups = 1 and lw = dh. The busiest
-    PE is key block 0 (every query row has nk = min(lw, t + 1) unmasked keys there), and the
-    kernel ends when the east PE has injected its own block after relaying block 0's.
+def row_cycles(shape: AttnShape, heads: int, c: int, region: str) -> tuple[int, int]:
+    """(forward, backward) busy cycles of PE c's compute thread for one row of `region`
+    in a group of `heads` heads (the docstring's per-row costs; stalls left out)."""
+    dh, G, w = shape.d_head, shape.key_pes, heads * shape.d_head
+    k0, k1 = shape.keys(c)
+    nk, last, up, mine = k1 - k0, c == G - 1, G > 1, region != "none"
+    diagonal = int(region == "diagonal")
+    finish = 2 + 2 * dh + (2 if up else 0)
+    # tokens of q (and k, v, whose scaling by 1 / sqrt(dh) on the receiving thread takes
+    # the PE's fp32 unit); dO's token and credit; D from the last PE, or on the last PE
+    # computed by the receiving thread
+    forward = 1 + 2 * diagonal + diagonal * w
+    backward = 2 + (heads * (dh + 2) if last else heads)
+    for _ in range(heads):
+        if mine:
+            forward += (nk * dh + diagonal * nk + 4 * nk + 4  # scores, softmax
+                        + nk * dh + nk - 1)  # o
+            backward += (nk * dh + diagonal * nk + 3 * nk + nk * dh  # p, dP
+                         + nk * (dh + 1) + 2 * nk + nk * dh + nk - 1 + nk * (dh + 1))
+        if c == 0:
+            forward += finish if last else dh + 2
+        elif not mine:
+            forward += dh + 2 + (finish if last else 0)
+        else:
+            forward += 7 + dh + 2 + dh + (finish if last else 0)
+    backward += w + (w if last and c > 0 and mine else 0)  # dq down / out
+    if region == "diagonal" or (region == "none" and c > 0):
+        backward += 2 * w  # key t's dk, dv
+    return forward, backward
 
-    Per query row: products (S / dP) `[nk > 1] + nk dh + (lw - nk)` (a REPEAT over the nk
-    dots of dh terms, then the masked fill); reduction (dq / o) `[dh > 1] + nk dh`, plus
-    `lw` in the values kernel, which reads each P row just before it reduces it. Per key j
-    of block 0: `1 + (T - j) dh` (column sum), then `lw dh` per batch element to inject the
-    block, and one more block injected by the east PE. Bulk reads: q, k and dS rows
-    (scores), v and dO rows (values)."""
-    if kernel not in ("scores", "values"):
-        raise ValueError(f"attention.cycles: kernel must be 'scores' or 'values', not {kernel}")
-    lw, rows = d_head, batch * seq
-    streams_p = kernel == "values"
-    total = 2 * rows * d_head if streams_p else 3 * rows * d_head
-    for t in range(seq):
-        nk = min(lw, t + 1)
-        products = (nk > 1) + nk * d_head + (lw - nk)
-        reduction = (d_head > 1) + nk * d_head + (lw if streams_p else 0)
-        total += batch * (products + reduction)
-    total += batch * sum(1 + (seq - j) * d_head for j in range(lw))
-    return total + batch * lw * d_head + lw * d_head
+
+def pe_cycles(shape: AttnShape, heads: int, c: int) -> int:
+    """Busy cycles of PE c of a group of `heads` heads over the whole step."""
+    per_sequence = sum((t1 - t0) * sum(row_cycles(shape, heads, c, region))
+                       for region, t0, t1 in shape.regions(c))
+    return shape.batch * per_sequence
 
 
-def fit_shape(ctx: LoweringContext, op: OpSpec) -> dict[str, int]:
-    """Shape arguments of both attention kernels of `op`, with the fewest query-row groups
-    per head that fit SRAM. More groups divide the attention products over more PE rows:
-    on gpt_small 4 groups cut the step from 7.0 M to 6.2 M cycles, but added 192 PEs,
-    their relay streams (colors) and half again the host time, so fewest-that-fit is the
-    default."""
-    attrs = op.attrs
-    shape = {"batch": attrs["batch"], "seq": attrs["seq_len"], "heads": attrs["heads"],
-             "d_head": attrs["d_head"], "lane_width": ctx.lane_width}
-    layout = attn_layout(op.name, **shape)
-    groups = fit_row_groups(op.name, layout, ctx.wafer.sram_words_per_pe)
-    return {**shape, "row_groups": groups}
+def _region_at(shape: AttnShape, c: int, t: int) -> str:
+    return next(name for name, t0, t1 in shape.regions(c) if t0 <= t < t1)
+
+
+def cycles(shape: AttnShape, op: str = "attention") -> int:
+    """Cycles of a lone kernel fed at full rate: the chains down each column keep its PEs
+    in step row by row (a PE runs ahead of the next by a few FIFO slots), so each row
+    takes its slowest PE's time, forward and backward."""
+    total = 0
+    for t in range(shape.seq):
+        rows = [row_cycles(shape, heads, c, _region_at(shape, c, t))
+                for _, heads in head_groups(op, shape) for c in range(shape.key_pes)]
+        total += max(f for f, _ in rows) + max(b for _, b in rows)
+    return shape.batch * total
+
+
+def slowest_row(shape: AttnShape, op: str = "attention") -> tuple[int, int]:
+    """(forward, backward): the most busy cycles any PE spends on one row, the pace the
+    kernel can keep up."""
+    rows = [row_cycles(shape, heads, c, region) for _, heads in head_groups(op, shape)
+            for c in range(shape.key_pes) for region, _, _ in shape.regions(c)]
+    return max(f for f, _ in rows), max(b for _, b in rows)
+
+
+def sram_words(shape: AttnShape, heads: int, *, last: bool) -> int:
+    """Words of a PE of a group of `heads` heads, the last PE's or another's (see
+    `_buffers`)."""
+    w, slots, block = heads * shape.d_head, shape.batch * shape.block, shape.block
+    return (shape.rows * w + 4 * slots * w + 2 * heads * shape.rows + 2 * heads * block
+            + w + RING * w + RING * heads + SCALARS * heads + 2 * block - 1 + 1
+            + (shape.rows * w if last else 0))
+
+
+def balanced_key_pes(op: str, shape: AttnShape, pace: tuple[int, int]) -> int:
+    """The fewest PEs per head group with which no row takes longer than `pace` (forward,
+    backward cycles per row, the pipeline's), or one key per PE if none does."""
+    for g in key_pe_counts(shape.seq):
+        forward, backward = slowest_row(AttnShape(**{**shape.__dict__, "key_pes": g}), op)
+        if forward <= pace[0] and backward <= pace[1]:
+            return g
+    return shape.seq
+
+
+def fit_key_pes(op: str, shape: AttnShape, sram_words_per_pe: int, at_least: int = 1) -> int:
+    """The fewest PEs per head group (>= `at_least`, every PE owning a key) with which every
+    PE fits its SRAM; a UserError naming `op` if even one key per PE does not fit."""
+    groups = head_groups(op, shape)
+    for g in key_pe_counts(shape.seq):
+        trial = AttnShape(**{**shape.__dict__, "key_pes": g})
+        if g >= at_least and all(sram_words(trial, heads, last=True) <= sram_words_per_pe
+                                 for _, heads in groups):
+            return g
+    trial = AttnShape(**{**shape.__dict__, "key_pes": shape.seq})
+    words = max(sram_words(trial, heads, last=True) for _, heads in groups)
+    raise UserError(f"op {op}: PE (0, {shape.seq - 1}) needs {4 * words:,} bytes of SRAM even "
+                    f"with one key per PE, has {4 * sram_words_per_pe:,}")
 
 
 def _block_of(name: str) -> str:
@@ -691,6 +790,8 @@ def _block_of(name: str) -> str:
 
 
 class Scores(OpFamily):
+    """Starts the fused kernel of scores, mask, softmax and values."""
+
     kinds = ("attn_scores",)
 
     def forward(self, op: OpSpec, t: Tensors) -> None:
@@ -705,18 +806,28 @@ class Scores(OpFamily):
         t[dq], t[dk] = attn_scores_backward(t[ds], t[q], t[k], a["batch"], a["heads"],
                                             a["scale"])
 
+    def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
+        shape = self._shape(ctx, op)
+        return len(head_groups(op.name, shape)) * shape.key_pes
+
+    def _shape(self, ctx: LoweringContext, op: OpSpec) -> AttnShape:
+        block = _block_of(op.name)
+        out = ctx.graph.ops[f"{block}.values"].outputs[0]
+        return ctx.attention_shape(op, f"{block}.qkv.out", out)
+
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
         block = _block_of(op.name)
-        (mask,) = ctx.graph.consumers(op.outputs[0])  # the causal mask, fused here
-        return build_attn_scores(
-            op.name, [op.name, mask, f"{mask}.bwd", f"{op.name}.bwd"], ctx.ids,
-            **fit_shape(ctx, op), qkv=f"{block}.qkv.out",
-            scores=ctx.graph.ops[mask].outputs[0], d_scores=ctx.dy(mask),
-            d_qkv=grad_name(f"{block}.qkv.out"))
+        parts = [op.name, f"{block}.mask", f"{block}.softmax", f"{block}.values"]
+        values = ctx.graph.ops[f"{block}.values"]
+        qkv, d_qkv = f"{block}.qkv.out", grad_name(f"{block}.qkv.out")
+        return build_attention(
+            block, parts + [f"{p}.bwd" for p in parts], ctx.ids, shape=self._shape(ctx, op),
+            qkv=qkv, out=values.outputs[0], d_out=ctx.dy(values.name), d_qkv=d_qkv,
+            queue_depth=ctx.wafer.queue_depth)
 
 
 class CausalMask(OpFamily):
-    """Applied by the scores kernel, which writes exactly -inf above the diagonal."""
+    """Never computed: the attention kernel skips the masked keys."""
 
     kinds = ("causal_mask",)
 
@@ -730,6 +841,8 @@ class CausalMask(OpFamily):
 
 
 class Values(OpFamily):
+    """Lives in the attention kernel that the scores op starts."""
+
     kinds = ("attn_values",)
 
     def forward(self, op: OpSpec, t: Tensors) -> None:
@@ -741,14 +854,6 @@ class Values(OpFamily):
         dp, dv = op.outputs
         t[dp], t[dv] = attn_values_backward(t[dout], t[p], t[v], op.attrs["batch"],
                                             op.attrs["heads"])
-
-    def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
-        block = _block_of(op.name)
-        probs, _ = op.inputs
-        return build_attn_values(
-            op.name, ctx.ops_with_updates(op.name), ctx.ids, **fit_shape(ctx, op),
-            qkv=f"{block}.qkv.out", probs=probs, out=op.outputs[0], d_out=ctx.dy(op.name),
-            d_probs=ctx.dx(op.name), d_qkv=grad_name(f"{block}.qkv.out"))
 
 
 FAMILIES = (Scores(), CausalMask(), Values())

@@ -8,7 +8,8 @@ its op in one place, in four parts:
 2. the numpy math: `<op>_forward` and `<op>_backward`, pure functions over arrays with the
    same argument names, the oracle the reference and the tests use;
 3. the kernel builder: the dataflow program of the forward op, its backward twin and the
-   updates of its parameters on a rectangle of PEs;
+   updates of its parameters on a rectangle of PEs (and the rectangle's size without
+   building it, `pes`);
 4. the cost: executable `cycles(...)` and `sram_words(...)` of that kernel, which its
    docstring derives and its test checks against the simulator.
 
@@ -57,6 +58,11 @@ class OpFamily:
         """The kernel that forward op `op` starts (with its backward twin and updates), or
         None when another family's kernel implements it (a fusion)."""
         return None
+
+    def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
+        """The PEs of the kernel `lower` builds for `op` (0 for none), from the plan's lanes
+        alone, without building it: what a sizer weighs against a PE budget."""
+        return 0
 
 
 def token_batch(op: OpSpec, tokens: np.ndarray) -> np.ndarray:

@@ -28,8 +28,8 @@ LayerNorm's gradient leaves PE (C - 1, r); dwte^T accumulates x^T dlogits). Then
 r is multicast along PE row r (grid and position column): the PE holding tok_m's column
 adds row m into that column of the same gradient block (strided destination), the others
 discard it (runs of discarded rows are one MOV into a scratch word), so the tied gradient
-sums both uses; the position PE adds dh0[b T + t] into dwpe[t]. SGD updates wte (one copy)
-and wpe locally.
+sums both uses; the position PE adds dh0[b T + t] into dwpe[t]. The optimizer updates wte
+(one copy) and wpe locally (`compiler.ops.update`).
 
 Cost (cycles; M = B T rows, kb = |d-lane r|, n_ctx positions; `embedding_cycles` and
 `sram_words` below): embedding forward M kb + 3 plus up to 3 C for the first row's
@@ -47,30 +47,24 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compiler.graph import BYTES_PER_ELEMENT, GraphBuilder, OpSpec, grad_name, updated_name
-from compiler.lowering.kernel import (
-    Kernel,
-    LocalPE,
-    ResultSlot,
-    StreamEnd,
-    StreamIds,
-    lane_cols,
-)
+from compiler.graph import BYTES_PER_ELEMENT, GraphBuilder, OpSpec
+from compiler.lowering.ir import FabIn, FabOut, Instr, Mem, Op, repeat, vec
+from compiler.lowering.kernel import Kernel, LocalPE, StreamIds, Tokens
 from compiler.ops.base import OpFamily, Tensors, token_batch
 from compiler.ops.matmul import (
+    Lane,
     WeightGrid,
-    chain,
     emit_backward,
     emit_forward,
-    emit_sgd,
     place_weights,
-    weight_slots,
+    update_weights,
 )
+from compiler.ops.update import UpdateRule, emit_update
 from wse_sim.errors import UserError
-from wse_sim.program import FabIn, FabOut, Instr, Mem, Op, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
+
 
 
 def add_embedding(b: GraphBuilder, tokens: str) -> str:
@@ -102,10 +96,11 @@ def add_lm_head(b: GraphBuilder, x: str, weight: str) -> str:
 # -- numpy ------------------------------------------------------------------------------------
 
 
-def embedding_forward(tokens: np.ndarray, wte: np.ndarray, wpe: np.ndarray) -> np.ndarray:
-    """h0 [B T, d] of tokens [B, T]."""
+def embedding_forward(tokens: np.ndarray, wte: np.ndarray, wpe: np.ndarray,
+                      start: int = 0) -> np.ndarray:
+    """h0 [B T, d] of tokens [B, T] at positions start .. start + T - 1."""
     batch, seq = tokens.shape
-    return (wte[tokens] + wpe[:seq]).reshape(batch * seq, -1)
+    return (wte[tokens] + wpe[start:start + seq]).reshape(batch * seq, -1)
 
 
 def embedding_backward(dh0: np.ndarray, tokens: np.ndarray, vocab: int,
@@ -144,8 +139,9 @@ def _row_owners(grid: WeightGrid, tokens: np.ndarray) -> list[tuple[int, int]]:
 
 def _emit_relay(grid: WeightGrid, pe: LocalPE, owners: list[tuple[int, int]],
                 relay_in: int | None, relay_out: int) -> None:
-    """PE (c, r) of the embedding relay: in row order, inject own chunks, forward the rows
-    of PEs to the west (a run of them in one MOV)."""
+    """PE (c, r) of the embedding relay, on a thread of its own (the same PEs run the LM
+    head, whose first rows arrive while the relay still sends later ones): in row order,
+    inject own chunks, forward the rows of PEs to the west (a run of them in one MOV)."""
     c, _ = pe
     kb, nb = grid.block(pe)
     instrs: list[Instr] = []
@@ -156,44 +152,49 @@ def _emit_relay(grid: WeightGrid, pe: LocalPE, owners: list[tuple[int, int]],
             continue
         instrs += [vec(Op.MOV, kb, FabOut(relay_out), Mem(grid.weight[pe] + j, nb))
                    for owner, j in rows if owner == c]
-    grid.kernel.emit(pe, *instrs)
+    if instrs:
+        grid.kernel.emit(pe, *instrs, thread=grid.kernel.new_thread(pe))
 
 
-def _emit_scatter(grid: WeightGrid, pe: LocalPE, owners: list[tuple[int, int]],
-                  dh0: int) -> None:
-    """dh0 rows whose token column is on PE (c, r) add into that column of the gradient
-    block; the other rows go to a scratch word."""
+def _scatter(grid: WeightGrid, pe: LocalPE, owners: list[tuple[int, int]],
+             dh0: int, grad: int) -> list[Instr]:
+    """dh0 rows (descending) whose token column is on PE (c, r) add into that column of
+    the embedding's gradient block at `grad`; the other rows go to a scratch word."""
     c, _ = pe
     kb, nb = grid.block(pe)
     scratch = grid.kernel.alloc(pe, 1, "discarded dh0")
     instrs: list[Instr] = []
-    for mine, run in groupby(owners, key=lambda owner: owner[0] == c):
+    for mine, run in groupby(reversed(owners), key=lambda owner: owner[0] == c):
         rows = list(run)
         if not mine:
             instrs.append(vec(Op.MOV, kb * len(rows), Mem(scratch, 0), FabIn(dh0)))
             continue
-        instrs += [vec(Op.ADD, kb, Mem(grid.grad[pe] + j, nb), Mem(grid.grad[pe] + j, nb),
-                       FabIn(dh0)) for _, j in rows]
-    grid.kernel.emit(pe, *instrs)
+        instrs += [vec(Op.ADD, kb, Mem(grad + j, nb), Mem(grad + j, nb), FabIn(dh0))
+                   for _, j in rows]
+    return instrs
 
 
 def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.ndarray,
-                    lane_width: int, wte: np.ndarray, wpe: np.ndarray, lr: float,
-                    h0_tensor: str, x_tensor: str, logits_tensor: str,
-                    dlogits_tensor: str | None = None, dx_tensor: str | None = None,
-                    dh0_tensor: str | None = None, wte_name: str = "wte.weight",
-                    wpe_name: str = "wpe.weight") -> Kernel:
-    """The tied embedding + LM head kernel for the batch `tokens` [B, T].
+                    d_lanes: list[Lane], v_lanes: list[Lane], wte: np.ndarray,
+                    wpe: np.ndarray, update: UpdateRule, h0_tensor: str, x_tensor: str,
+                    logits_tensor: str, dlogits_tensor: str | None = None,
+                    dx_tensor: str | None = None, dh0_tensor: str | None = None,
+                    wte_name: str = "wte.weight", wpe_name: str = "wpe.weight",
+                    start: int = 0) -> Kernel:
+    """The tied embedding + LM head kernel for the batch `tokens` [B, T]; the model width
+    d is cut into `d_lanes` (h0's lanes, and the lanes x arrives in), the vocabulary into
+    `v_lanes` (the logits' lanes).
 
     Forward: h0 = wte[tokens] + wpe[:T] (output `h0_tensor`), logits = x wte^T (input
     `x_tensor` [B T, d], output `logits_tensor` [B T, V]). With `dlogits_tensor` the
     backward: dX (`dx_tensor`, optional), the embedding gradient `dh0_tensor` (optional)
-    and the SGD update; result slots grad:/updated: of `wte_name` [V, d] and (with dh0)
-    `wpe_name` [n_ctx, d]."""
+    and the optimizer update; result slots grad:/updated: (and the moments) of `wte_name`
+    [V, d] and (with dh0) `wpe_name` [n_ctx, d]. The tokens are at positions `start` ..
+    `start + T - 1` (a forward-only decode step reads one token at its position)."""
     vocab, d = wte.shape
     batch, seq = tokens.shape
     n_ctx = wpe.shape[0]
-    if wpe.shape[1] != d or seq > n_ctx:
+    if wpe.shape[1] != d or start + seq > n_ctx or (start and dlogits_tensor is not None):
         raise ValueError(f"{name}: wpe {wpe.shape} does not fit wte {wte.shape} and T={seq}")
     if not (0 <= tokens.min() and tokens.max() < vocab):
         raise ValueError(f"{name}: tokens outside 0..{vocab - 1}")
@@ -201,73 +202,77 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
         raise ValueError(f"{name}: a backward needs dlogits")
     backward = dlogits_tensor is not None
     rows = batch * seq
-    n_r, n_c = len(lane_cols(d, lane_width)), len(lane_cols(vocab, lane_width))
+    n_r, n_c = len(d_lanes), len(v_lanes)
     kernel = Kernel(name=name, op="embedding", ops=list(ops), width=n_c + 1, height=n_r,
                     shapes={h0_tensor: (rows, d), x_tensor: (rows, d),
                             logits_tensor: (rows, vocab)})
-    grid = place_weights(kernel, rows, wte.T, lane_width, backward=backward)
+    grid = place_weights(kernel, rows, wte.T, d_lanes, v_lanes, backward=backward)
     owners = _row_owners(grid, tokens)
 
     # forward embedding: relay wte chunks east along each row, the position column adds wpe
     wpe_at: dict[int, int] = {}
-    h0_ids = [ids.new() for _ in range(n_r)]
-    for r, (k0, k1) in enumerate(grid.k_lanes):
+    h0_ids = kernel.lane_outputs(ids, h0_tensor, d_lanes, [(n_c, r) for r in range(n_r)],
+                                 "ascending")
+    relays: list[list[int]] = []
+    for r, (k0, k1) in enumerate(d_lanes):
         pos = (n_c, r)
         wpe_at[r] = kernel.alloc(pos, n_ctx * (k1 - k0), "wpe lane")
         kernel.load(pos, wpe_at[r], wpe[:, k0:k1])
-        relay = chain(kernel, ids, [(c, r) for c in range(n_c + 1)])
-        for c in range(n_c):
-            _emit_relay(grid, (c, r), owners, relay[c - 1] if c > 0 else None, relay[c])
+        relay = [kernel.local((c, r), ((c + 1, r),), ids) for c in range(n_c)]
         kernel.emit(pos, *[vec(Op.ADD, seq * (k1 - k0), FabOut(h0_ids[r]), FabIn(relay[-1]),
-                               Mem(wpe_at[r])) for _ in range(batch)])
-        kernel.outputs.append(StreamEnd(h0_tensor, r, (pos,), h0_ids[r]))
+                               Mem(wpe_at[r] + start * (k1 - k0))) for _ in range(batch)])
+        relays.append(relay)
 
     emit_forward(grid, ids, x_tensor=x_tensor, y_tensor=logits_tensor, bias=None,
                  keep_x=backward)
+    for r, relay in enumerate(relays):
+        for c in range(n_c):
+            _emit_relay(grid, (c, r), owners, relay[c - 1] if c > 0 else None, relay[c])
     if not backward:
         return kernel
     kernel.shapes[dlogits_tensor] = (rows, vocab)
     if dx_tensor is not None:
         kernel.shapes[dx_tensor] = (rows, d)
-    emit_backward(grid, ids, dy_tensor=dlogits_tensor, dx_tensor=dx_tensor)
+    emit_backward(grid, ids, dy_tensor=dlogits_tensor, dx_tensor=dx_tensor, bias_grad=None)
 
     if dh0_tensor is not None:
         kernel.shapes[dh0_tensor] = (rows, d)
-        for r, (k0, k1) in enumerate(grid.k_lanes):
+        dh0_ids = kernel.lane_inputs(
+            ids, dh0_tensor, d_lanes, [tuple((c, r) for c in range(n_c + 1))
+                                       for r in range(n_r)], "descending")
+        for r, (k0, k1) in enumerate(d_lanes):
             pos, kb = (n_c, r), k1 - k0
-            dh0 = ids.new()
-            kernel.inputs.append(StreamEnd(dh0_tensor, r, tuple((c, r) for c in range(n_c + 1)),
-                                           dh0))
             for c in range(n_c):
-                _emit_scatter(grid, (c, r), owners, dh0)
+                # dh0 arrives while the LM head's backward still runs on the main thread:
+                # the scatter has a thread and a gradient block of its own, added in when
+                # its token says it is done.
+                pe = (c, r)
+                words = kb * grid.block(pe)[1]
+                scattered = kernel.alloc(pe, words, "embedding gradient")
+                done = Tokens.create(kernel, pe, ids, 1)
+                kernel.emit(pe, *_scatter(grid, pe, owners, dh0_ids[r], scattered),
+                            done.signal(), thread=kernel.new_thread(pe))
+                kernel.emit(pe, done.wait(), vec(Op.ADD, words, Mem(grid.grad[pe]),
+                                                 Mem(grid.grad[pe]), Mem(scattered)))
             dwpe = kernel.alloc(pos, n_ctx * kb, "wpe gradient")
-            kernel.emit(pos, *[vec(Op.ADD, seq * kb, Mem(dwpe), Mem(dwpe), FabIn(dh0))
-                               for _ in range(batch)])
-            emit_sgd(kernel, pos, wpe_at[r], dwpe, n_ctx * kb, lr)
-            for tensor, offset in ((grad_name(wpe_name), dwpe), (updated_name(wpe_name),
-                                                                 wpe_at[r])):
-                kernel.results.append(ResultSlot(tensor, pos, offset, (0, n_ctx), (k0, k1),
-                                                 row_stride=kb))
-                kernel.shapes[tensor] = (n_ctx, d)
+            last = Mem(dwpe + (seq - 1) * kb, 1, -kb)  # positions T-1 .. 0
+            for _ in range(batch):
+                kernel.emit(pos, *repeat(seq, [vec(Op.ADD, kb, last, last, FabIn(dh0_ids[r]))]))
+            emit_update(kernel, pos, update, wpe_name, (n_ctx, d), weight=wpe_at[r], grad=dwpe,
+                        rows=(0, n_ctx), cols=(k0, k1), row_stride=kb)
 
-    for pe in grid.pes():
-        kb, nb = grid.block(pe)
-        emit_sgd(kernel, pe, grid.weight[pe], grid.grad[pe], kb * nb, lr)
-    weight_slots(grid, wte_name, transposed=True)
-    for tensor in (grad_name(wte_name), updated_name(wte_name)):
-        kernel.shapes[tensor] = (vocab, d)
+    update_weights(grid, update, wte_name, transposed=True)
     return kernel
 
 
 # -- cost -------------------------------------------------------------------------------------
 
 
-def embedding_cycles(rows: int, d: int, lane_width: int) -> int:
+def embedding_cycles(rows: int, kb: int) -> int:
     """The forward embedding alone, until the position column has emitted h0: M kb
     wavelets at one per cycle, and the 3 cycles of the last hop. The first row's chunk
     travels from its owner's column (up to C hops of 3 cycles more); the rows behind it
     are already on the way, so only that first latency adds."""
-    kb = lane_cols(d, lane_width)[0][1]
     return rows * kb + 3
 
 
@@ -301,6 +306,12 @@ class Embedding(OpFamily):
         t[dwte], t[dwpe] = embedding_backward(t[dh0], token_batch(op, t[tokens]), op.attrs["vocab"],
                                               op.attrs["n_ctx"])
 
+    def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
+        if op.kind == "lm_head":
+            return 0
+        vocab_lanes = ctx.lanes(ctx.graph.ops["lm_head"].outputs[0])
+        return (len(vocab_lanes) + 1) * len(ctx.lanes(op.outputs[0]))  # + the position column
+
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel | None:
         """One kernel for both ops, started by `embed`; it holds the only copy of wte, so
         the tied gradient's accumulation and both tables' updates happen there too."""
@@ -312,14 +323,16 @@ class Embedding(OpFamily):
         if head != wte:
             raise UserError("model.tie_embeddings: the lowering implements tied embeddings "
                             "only (the LM head is the embedding kernel); set it to true")
-        ops = [op.name, f"{op.name}.bwd", "lm_head", "lm_head.bwd", f"{wte}.grad_acc",
-               f"{wte}.sgd", f"{wpe}.sgd"]
+        ops = [name for name in (op.name, f"{op.name}.bwd", "lm_head", "lm_head.bwd",
+                                 f"{wte}.grad_acc", f"{wte}.update", f"{wpe}.update")
+               if name in ctx.graph.ops]  # a forward-only graph has the first and third
         return build_embedding(
-            op.name, ops, ctx.ids, tokens=ctx.tokens, lane_width=ctx.lane_width,
-            wte=ctx.param(wte), wpe=ctx.param(wpe), lr=ctx.lr, h0_tensor=op.outputs[0],
+            op.name, ops, ctx.ids, tokens=ctx.tokens, d_lanes=ctx.lanes(op.outputs[0]),
+            v_lanes=ctx.lanes(lm_head.outputs[0]),
+            wte=ctx.param(wte), wpe=ctx.param(wpe), update=ctx.update, h0_tensor=op.outputs[0],
             x_tensor=final, logits_tensor=lm_head.outputs[0],
             dlogits_tensor=ctx.dy("lm_head"), dx_tensor=ctx.dx("lm_head"),
-            dh0_tensor=ctx.dy(op.name), wte_name=wte, wpe_name=wpe)
+            dh0_tensor=ctx.dy(op.name), wte_name=wte, wpe_name=wpe, start=ctx.batch.start)
 
 
 FAMILY = Embedding()

@@ -16,36 +16,43 @@ k = sqrt(2 / pi), a = 0.044715, and gelu'(x) = Phi_t + s (1 - tanh^2 u) / 2 with
 s = k x (1 + 3 a x^2); the code uses (1 - tanh^2 u) / 2 = 2 Phi_t (1 - Phi_t), so
 gelu' = Phi_t (1 + 2 s (1 - Phi_t)).
 
-Forward, per block of rows: receive x into SRAM, build Phi in place with vector ops, emit
-y = Phi * x. After the last block, while the rest of the forward pass runs downstream,
-each PE turns its stored (x, Phi) into gelu'(x) in place of Phi (x is then dead). The
-backward is a single streaming instruction `MUL FabOut = FabIn(dy) * Mem(gelu')`: dx leaves
-as fast as dy arrives. Keeping gelu'(x) instead of x costs the same SRAM and moves the
-derivative's arithmetic off the backward critical path.
-Cost (cycles per element; M w elements): exact: forward 5 (receive, scale, erf, fma,
-multiply-out), derivative 5, backward 1; tanh: forward 7, derivative 6, backward 1.
-SRAM 2 M w + 1 block (block_rows * w) of scratch.
+Forward, per row: a thread of its own receives x into SRAM (compiler.lowering.inbox: the
+producer never waits while a row is emitted); the compute thread waits for the row's
+token, builds Phi in place with vector ops, emits y = Phi * x, then turns the row's (x,
+Phi) into gelu'(x) in place of Phi (x is then dead), off the critical path while the
+consumer works on the row. The backward receives dy rows (a matmul's dX, element by
+element) on a thread of its own into a two-row ring and emits each dx row whole, `MUL
+FabOut = Mem(dy row) * Mem(gelu' row)`, as the matmul that reads it needs
+(compiler.ops.matmul). Keeping gelu'(x) instead of x costs the same SRAM and keeps the
+derivative's arithmetic out of the backward.
+Cost (cycles per element; M w elements): exact: forward 4 (scale, erf, fma, multiply-out),
+derivative 5, backward 1; tanh: forward 6, derivative 6, backward 1; plus the token wait, a
+cycle per row; in the backward the token and the slot's credit, and the receiving thread's
+credit and token wavelets, which take the ramps that dx streams through: 4 per row. Every
+forward pass writes SRAM, so the receiving thread's write of each x element (one write
+port) costs the compute thread a cycle: 1 more per element.
+SRAM 2 M w + one row of scratch + two dy rows.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec
-from compiler.lowering.kernel import Kernel, StreamIds
+from compiler.lowering.inbox import RING, Inbox, PerPE, RowStore, inbox, rounds
+from compiler.lowering.ir import FabOut, Imm, Instr, Mem, Op, Operand, repeat, vec
+from compiler.lowering.kernel import Kernel, LocalPE, StreamIds
 from compiler.lowering.rowreduce import (
-    DEFAULT_BLOCK_ROWS,
     alloc_all,
-    lane_inputs,
-    lane_outputs,
-    row_blocks,
+    strip_inputs,
     strip_kernel,
+    strip_outputs,
 )
 from compiler.ops.base import OpFamily, Tensors
-from wse_sim.program import FabIn, FabOut, Imm, Mem, Op, vec
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
@@ -96,85 +103,97 @@ def gelu_derivative(x: np.ndarray, activation: Activation) -> np.ndarray:
 # -- kernel -----------------------------------------------------------------------------------
 
 
-def build_gelu(name: str, ops: list[str], ids: StreamIds, *, rows: int, cols: int,
-               lane_width: int, activation: Activation, x_tensor: str, y_tensor: str,
-               dy_tensor: str, dx_tensor: str,
-               block_rows: int = DEFAULT_BLOCK_ROWS) -> Kernel:
-    """y = gelu(x) forward, dx = dy * gelu'(x) backward, all [rows, cols]."""
+def build_gelu(name: str, ops: list[str], ids: StreamIds, *, rows: int,
+               lanes: list[tuple[int, int]], activation: Activation, x_tensor: str,
+               y_tensor: str, dy_tensor: str | None, dx_tensor: str | None,
+               queue_depth: int) -> Kernel:
+    """y = gelu(x) forward, dx = dy * gelu'(x) backward, all [rows, cols] in `lanes`;
+    without `dy_tensor` the forward only."""
+    backward = dy_tensor is not None
     if activation not in ("gelu", "gelu_tanh"):
         raise ValueError(f"{name}: unknown activation {activation!r}")
-    kernel, lanes = strip_kernel(name, "gelu", ops, cols, lane_width)
-    pes = [lane.pe for lane in lanes]
-    kernel.shapes.update({t: (rows, cols) for t in (x_tensor, y_tensor, dy_tensor, dx_tensor)})
-    x_in = lane_inputs(kernel, ids, x_tensor, pes)
-    y_out = lane_outputs(kernel, ids, y_tensor, pes)
-    dy_in = lane_inputs(kernel, ids, dy_tensor, pes)
-    dx_out = lane_outputs(kernel, ids, dx_tensor, pes)
-    blocks = row_blocks(rows, block_rows)
-    words = rows * lane_width
-    xs = alloc_all(kernel, pes, words, f"{x_tensor} (x)")
-    phi = alloc_all(kernel, pes, words, "Phi(x), then gelu'(x)")
-    scratch = alloc_all(kernel, pes, min(rows, block_rows) * lane_width, "scratch block")
+    cols = lanes[-1][1]
+    kernel, strip = strip_kernel(name, "gelu", ops, lanes)
+    pes = [lane.pe for lane in strip]
+    kernel.shapes.update({t: (rows, cols) for t in (x_tensor, y_tensor, dy_tensor, dx_tensor)
+                          if t is not None})
+    x_in = strip_inputs(kernel, ids, x_tensor, strip, "ascending")
+    y_out = strip_outputs(kernel, ids, y_tensor, strip, "ascending")
+    if backward:
+        dy_in = strip_inputs(kernel, ids, dy_tensor, strip, "descending")
+        dx_out = strip_outputs(kernel, ids, dx_tensor, strip, "descending")
+    lane_width = max(lane.width for lane in strip)
+    xs = alloc_all(kernel, pes, rows * lane_width, f"{x_tensor} (x)")
+    phi = alloc_all(kernel, pes, rows * lane_width, "Phi(x), then gelu'(x)")
+    s = Mem(alloc_all(kernel, pes, lane_width, "scratch row"))
+    dy_ring = alloc_all(kernel, pes, RING * lane_width, "dy ring")
     tanh = activation == "gelu_tanh"
-    for j, lane in enumerate(lanes):
+    for j, lane in enumerate(strip):
         pe, w = lane.pe, lane.width
-        for r0, r1 in blocks:
-            n, x, p = (r1 - r0) * w, Mem(xs + r0 * w), Mem(phi + r0 * w)
-            kernel.emit(pe, vec(Op.MOV, n, x, FabIn(x_in[j])))
-            if tanh:
-                kernel.emit(
-                    pe,
-                    vec(Op.MUL, n, p, x, x),
-                    vec(Op.FMA, n, p, p, Imm(_TANH_K * _TANH_A), Imm(_TANH_K)),
-                    vec(Op.MUL, n, p, p, x),  # u
-                    vec(Op.TANH, n, p, p),
-                )
-            else:
-                kernel.emit(pe, vec(Op.MUL, n, p, x, Imm(_INV_SQRT2)), vec(Op.ERF, n, p, p))
-            kernel.emit(
-                pe,
-                vec(Op.FMA, n, p, p, Imm(0.5), Imm(0.5)),  # Phi
-                vec(Op.MUL, n, FabOut(y_out[j]), p, x),
-            )
-        for r0, r1 in blocks:
-            n, x, p, s = (r1 - r0) * w, Mem(xs + r0 * w), Mem(phi + r0 * w), Mem(scratch)
-            if tanh:
-                kernel.emit(
-                    pe,
-                    vec(Op.MUL, n, s, x, x),
-                    vec(Op.FMA, n, s, s, Imm(3.0 * _TANH_K * _TANH_A), Imm(_TANH_K)),
-                    vec(Op.MUL, n, s, s, x),  # s = k x (1 + 3 a x^2)
-                    vec(Op.FMA, n, x, p, Imm(-2.0), Imm(2.0)),  # 2 (1 - Phi_t), over x
-                    vec(Op.FMA, n, x, x, s, Imm(1.0)),
-                    vec(Op.MUL, n, p, p, x),
-                )
-            else:
-                kernel.emit(
-                    pe,
-                    vec(Op.MUL, n, s, x, Imm(-0.5)),
-                    vec(Op.FMA, n, s, s, x, Imm(-_LOG_SQRT_2PI)),
-                    vec(Op.EXP, n, s, s),  # phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
-                    vec(Op.MUL, n, s, s, x),
-                    vec(Op.ADD, n, p, p, s),
-                )
-        kernel.emit(pe, vec(Op.MUL, rows * w, FabOut(dx_out[j]), FabIn(dy_in[j]), Mem(phi)))
+        x_rows = inbox(kernel, pe, ids, x_in[j], RowStore(xs, w, rows), queue_depth=queue_depth)
+        p_rows = RowStore(phi, w, rows)
+        kernel.emit(pe, *repeat(rows, [*x_rows.take(), *_forward_row(
+            w, x_rows.store.row(0, 1), p_rows.row(0, 1), s, FabOut(y_out[j]), tanh)]))
+        if backward:
+            # dy arrives element by element (a matmul's dX): received apart, each dx row is
+            # emitted whole, as a matmul reading it in line needs (compiler.ops.matmul)
+            dy = inbox(kernel, pe, ids, dy_in[j], RowStore(dy_ring, w, rows, RING),
+                       queue_depth=queue_depth, after=x_rows)
+            backward_row = partial(_backward_row, pe, dy, p_rows, FabOut(dx_out[j]))
+            kernel.emit(pe, *dy.open(), *rounds(range(rows), RING, backward_row)[pe])
     return kernel
+
+
+def _backward_row(pe: LocalPE, dy: Inbox, gelu_prime: RowStore, out: Operand, i: int,
+                  loop: int) -> PerPE:
+    """Backward row i (row rows - 1 - i): dx = dy * gelu'(x), emitted whole."""
+    return {pe: [*dy.take(), vec(Op.MUL, dy.store.width, out, dy.store.row(i, loop),
+                                 gelu_prime.row(i, loop, backwards=True)), *dy.release()]}
+
+
+def _forward_row(w: int, x: Operand, p: Operand, s: Operand, out: Operand,
+                 tanh: bool) -> list[Instr]:
+    """One row: Phi into p, y = Phi x out, then gelu'(x) into p (x and s are scratch)."""
+    if tanh:
+        instrs = [vec(Op.MUL, w, p, x, x),
+                  vec(Op.FMA, w, p, p, Imm(_TANH_K * _TANH_A), Imm(_TANH_K)),
+                  vec(Op.MUL, w, p, p, x),  # u
+                  vec(Op.TANH, w, p, p)]
+    else:
+        instrs = [vec(Op.MUL, w, p, x, Imm(_INV_SQRT2)), vec(Op.ERF, w, p, p)]
+    instrs += [vec(Op.FMA, w, p, p, Imm(0.5), Imm(0.5)),  # Phi
+               vec(Op.MUL, w, out, p, x)]
+    if tanh:  # gelu' = Phi_t (1 + 2 s (1 - Phi_t)), s = k x (1 + 3 a x^2)
+        return instrs + [vec(Op.MUL, w, s, x, x),
+                         vec(Op.FMA, w, s, s, Imm(3.0 * _TANH_K * _TANH_A), Imm(_TANH_K)),
+                         vec(Op.MUL, w, s, s, x),
+                         vec(Op.FMA, w, x, p, Imm(-2.0), Imm(2.0)),  # 2 (1 - Phi_t), over x
+                         vec(Op.FMA, w, x, x, s, Imm(1.0)),
+                         vec(Op.MUL, w, p, p, x)]
+    # gelu' = Phi + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+    return instrs + [vec(Op.MUL, w, s, x, Imm(-0.5)),
+                     vec(Op.FMA, w, s, s, x, Imm(-_LOG_SQRT_2PI)),
+                     vec(Op.EXP, w, s, s),
+                     vec(Op.MUL, w, s, s, x),
+                     vec(Op.ADD, w, p, p, s)]
 
 
 # -- cost -------------------------------------------------------------------------------------
 
-# Vector passes per element (see the docstring): forward, derivative, backward.
-PASSES = {"gelu": 5 + 5 + 1, "gelu_tanh": 7 + 6 + 1}
+# Cycles per element (see the docstring): receive, forward, derivative, backward.
+PASSES = {"gelu": 1 + 4 + 5 + 1, "gelu_tanh": 1 + 6 + 6 + 1}
 
 
 def cycles(rows: int, lane_width: int, activation: Activation) -> int:
-    """Cycles of a lone GELU kernel (its lanes run in parallel)."""
-    return PASSES[activation] * rows * lane_width
+    """Cycles of a lone GELU kernel fed at full rate (its lanes run in parallel): the
+    passes over every element, 1 cycle per forward row and 4 per backward row for the
+    tokens and credits."""
+    return PASSES[activation] * rows * lane_width + 5 * rows
 
 
-def sram_words(rows: int, lane_width: int, block_rows: int = DEFAULT_BLOCK_ROWS) -> int:
-    """Words per PE: x, Phi (then gelu'), one scratch block."""
-    return 2 * rows * lane_width + min(rows, block_rows) * lane_width
+def sram_words(rows: int, lane_width: int) -> int:
+    """Words per PE: x, Phi (then gelu'), one scratch row, the dy ring."""
+    return 2 * rows * lane_width + lane_width + RING * lane_width
 
 
 class Gelu(OpFamily):
@@ -188,13 +207,17 @@ class Gelu(OpFamily):
         dy, x = op.inputs
         t[op.outputs[0]] = gelu_backward(t[dy], t[x], op.attrs["activation"])
 
+    def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
+        return len(ctx.lanes(op.inputs[0]))
+
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
         (x,) = op.inputs
-        rows, cols = ctx.rows_cols(x)
+        rows, _ = ctx.rows_cols(x)
         return build_gelu(
-            op.name, ctx.ops_with_updates(op.name), ctx.ids, rows=rows, cols=cols,
-            lane_width=ctx.lane_width, activation=op.attrs["activation"], x_tensor=x,
-            y_tensor=op.outputs[0], dy_tensor=ctx.dy(op.name), dx_tensor=ctx.dx(op.name))
+            op.name, ctx.ops_with_updates(op.name), ctx.ids, rows=rows, lanes=ctx.lanes(x),
+            activation=op.attrs["activation"], x_tensor=x,
+            y_tensor=op.outputs[0], dy_tensor=ctx.dy(op.name), dx_tensor=ctx.dx(op.name),
+            queue_depth=ctx.wafer.queue_depth)
 
 
 FAMILY = Gelu()

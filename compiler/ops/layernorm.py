@@ -12,32 +12,33 @@ dbeta = sum_rows dy; update p -= lr * dp.
 Layout and algorithm
 --------------------
 A 1-high strip, PE (j, 0) owns lane j (w columns): its slice of gamma, beta and their
-gradients, and the xhat rows and rstd it saves for the backward. Rows go in blocks of R
-(see rowreduce). Per block, each PE:
+gradients, and the xhat rows and rstd it saves for the backward. Rows stream one at a time
+(compiler.lowering.inbox): a thread of its own receives each x row into the xhat store,
+another each dy row into a ring, and the compute thread, per row:
 
-forward: receive the x block into the xhat store; row sums -> allreduce -> mean; subtract
-(two-pass variance: numerically the reference's formula, not E[x^2] - mean^2); row sums of
-squares -> allreduce -> rstd; scale to xhat in place; emit xhat * gamma + beta row by row.
-backward: receive the dy block; dbeta += dy; t = dy * xhat; dgamma += t; row partials of
-sum(gamma dy) and sum(gamma t) -> one allreduce of both (2R words, one chain);
-t = xhat * P + Q with P = -rstd mean(g xhat), Q = -rstd mean(g); emit
-dx = (dy * gamma) * rstd + t.
-update: [gamma | beta] += -lr * [dgamma | dbeta] (one FMA; the four are stored contiguous).
+forward: row sum -> allreduce -> mean; subtract (two-pass variance: numerically the
+reference's formula, not E[x^2] - mean^2); row sum of squares -> allreduce -> rstd; scale
+to xhat in place; emit xhat * gamma + beta.
+backward (rows descending): dbeta += dy; t = dy * xhat; dgamma += t; partials of sum(gamma
+dy) and sum(gamma t) -> one allreduce of both; t = xhat * P + Q with P = -rstd mean(g
+xhat), Q = -rstd mean(g); emit dx = (dy * gamma) * rstd + t.
+update: gamma and beta by the optimizer (`compiler.ops.update`; SGD one FMA of w each).
 
-Each PE reads one input stream at a time (x, then after its forward output dy), and the
-only coupling between PEs is the per-block allreduce, so consuming dy block by block keeps
-the deadlock rule's guarantee: no PE waits on one stream while another goes unread.
+Deadlock (compiler.lowering.kernel): the kernel is row-causal; each stream has one reader
+thread, which takes it in row order, and the only coupling between PEs is the per-row
+allreduce, which every PE joins in the same order.
 
-Cycle cost per PE (one cycle per vector element; M rows, lane w, G = lanes, R = block;
-`cycles` below):
-forward  7 M w + 11 M + (M / R) * 2 * allreduce latency
-         (receive Mw, two row partials M(w+2) each, subtract Mw, scale Mw, emit 2Mw,
-          two allreduces 2M each, mean/var/rstd 3M),
-backward 9 M w + 12 M + (M / R) * allreduce latency
-         (receive, dbeta, t, dgamma, t', g, emit: 7Mw; two row partials M(w+2) each;
-          one allreduce of 2M words twice: 4M; scalings 4M),
-update   2 w; an allreduce's latency is in rowreduce (about 4 (G - 1) + 2 cycles).
-SRAM per PE: M w (xhat) + M (rstd) + 2 R w (dy, t blocks) + 4 w + w + 2 R.
+Cycle cost of the compute thread per PE and row (one cycle per vector element; lane w,
+G = lanes; `cycles` below):
+forward  6 w + 9 (wait 1, two row partials w + 2 each, mean 1, subtract w, var + eps 1,
+         rsqrt 1, scale w, gamma w, emit w) + two allreduces of one word (2 cycles each,
+         plus the latency of rowreduce: about 4 (G - 1) + 2 cycles),
+backward 8 w + 11 (wait 1, dbeta, t, dgamma w each, two dot partials w + 2 each, three
+         scalings 1 + 1 + 2, t', g, emit w each, credit 1) + one allreduce of two words
+         (4 + latency),
+update   2 w. The receiving threads take w cycles a row each, alongside.
+SRAM per PE: M w (xhat) + M (rstd) + 4 w (gamma, beta and gradients) + 2 w (scaled row,
+t row) + 2 w (the dy ring) + 2.
 """
 
 from __future__ import annotations
@@ -47,24 +48,22 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compiler.graph import GraphBuilder, OpSpec, grad_name, updated_name
-from compiler.lowering.kernel import Kernel, ResultSlot, StreamIds
+from compiler.graph import GraphBuilder, OpSpec
+from compiler.lowering.inbox import RING, PerPE, RowStore, inbox, join, rounds
+from compiler.lowering.ir import FabOut, Imm, Mem, Op, vec
+from compiler.lowering.kernel import Kernel, StreamIds
 from compiler.lowering.rowreduce import (
-    DEFAULT_BLOCK_ROWS,
     GroupReducer,
     alloc_all,
     broadcast_latency,
-    lane_inputs,
-    lane_outputs,
     reduce_latency,
-    row_blocks,
-    row_partials,
-    rows_at,
-    scalar_at,
+    row_reduce,
+    strip_inputs,
     strip_kernel,
+    strip_outputs,
 )
 from compiler.ops.base import OpFamily, Tensors
-from wse_sim.program import FabIn, FabOut, Imm, Mem, Op, repeat, vec
+from compiler.ops.update import UpdateRule, emit_update
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
@@ -111,132 +110,140 @@ def layernorm_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, mean: 
 # -- kernel -----------------------------------------------------------------------------------
 
 
-def build_layernorm(name: str, ops: list[str], ids: StreamIds, *, rows: int, cols: int,
-                    lane_width: int, gamma: np.ndarray, beta: np.ndarray, eps: float, lr: float,
-                    x_tensor: str, y_tensor: str, dy_tensor: str, dx_tensor: str,
-                    gamma_name: str, beta_name: str,
-                    block_rows: int = DEFAULT_BLOCK_ROWS) -> Kernel:
-    """LayerNorm over the `cols` columns of x [rows, cols] with parameters gamma, beta
-    [cols]; results grad:/updated: of `gamma_name` and `beta_name`."""
-    kernel, lanes = strip_kernel(name, "layernorm", ops, cols, lane_width)
-    pes = [lane.pe for lane in lanes]
-    kernel.shapes.update({t: (rows, cols) for t in (x_tensor, y_tensor, dy_tensor, dx_tensor)})
-    for param in (gamma_name, beta_name):
-        kernel.shapes.update({grad_name(param): (1, cols), updated_name(param): (1, cols)})
-    x_in = lane_inputs(kernel, ids, x_tensor, pes)
-    y_out = lane_outputs(kernel, ids, y_tensor, pes)
-    dy_in = lane_inputs(kernel, ids, dy_tensor, pes)
-    dx_out = lane_outputs(kernel, ids, dx_tensor, pes)
+def build_layernorm(name: str, ops: list[str], ids: StreamIds, *, rows: int,
+                    lanes: list[tuple[int, int]], gamma: np.ndarray, beta: np.ndarray,
+                    eps: float, update: UpdateRule, x_tensor: str, y_tensor: str,
+                    dy_tensor: str | None, dx_tensor: str | None, gamma_name: str,
+                    beta_name: str, queue_depth: int) -> Kernel:
+    """LayerNorm over the columns of x [rows, cols] (cols = the end of the last lane), the
+    tensors in `lanes`, with parameters gamma, beta [cols]; results grad:/updated: of
+    `gamma_name` and `beta_name`. Without `dy_tensor` the forward only (no backward, no
+    update, no results)."""
+    backward = dy_tensor is not None
+    cols = lanes[-1][1]
+    kernel, strip = strip_kernel(name, "layernorm", ops, lanes)
+    pes = [lane.pe for lane in strip]
+    kernel.shapes.update({t: (rows, cols) for t in (x_tensor, y_tensor, dy_tensor, dx_tensor)
+                          if t is not None})
+    x_in = strip_inputs(kernel, ids, x_tensor, strip, "ascending")
+    y_out = strip_outputs(kernel, ids, y_tensor, strip, "ascending")
+    if backward:
+        dy_in = strip_inputs(kernel, ids, dy_tensor, strip, "descending")
+        dx_out = strip_outputs(kernel, ids, dx_tensor, strip, "descending")
     reducer = GroupReducer.create(kernel, ids, pes)
 
-    blocks = row_blocks(rows, block_rows)
-    rb = min(rows, block_rows)
-    lw = lane_width
+    lw = max(lane.width for lane in strip)
     xhat = alloc_all(kernel, pes, rows * lw, f"xhat of {x_tensor}")
-    rstd = alloc_all(kernel, pes, rows, "rstd")
+    rstd = RowStore(alloc_all(kernel, pes, rows, "rstd"), 1, rows)
     params = alloc_all(kernel, pes, 2 * lw, "gamma | beta")  # beta at params + w
     grads = alloc_all(kernel, pes, 2 * lw, "dgamma | dbeta")  # dbeta at grads + w
     scratch = alloc_all(kernel, pes, lw, "scaled row")
-    dy_blk = alloc_all(kernel, pes, rb * lw, "dy block")
-    t_blk = alloc_all(kernel, pes, rb * lw, "t block")
-    stat = alloc_all(kernel, pes, 2 * rb, "row statistics")
+    t_row = alloc_all(kernel, pes, lw, "t row")
+    dy_ring = alloc_all(kernel, pes, RING * lw, "dy ring")
+    stat = alloc_all(kernel, pes, 2, "row statistics")
     inv_d = 1.0 / cols
-    for lane in lanes:
+    xs, dys = {}, {}
+    for lane in strip:
+        w = lane.width
         kernel.load(lane.pe, params,
                     np.concatenate([gamma[lane.c0:lane.c1], beta[lane.c0:lane.c1]]))
+        xs[lane.pe] = inbox(kernel, lane.pe, ids, x_in[lane.index], RowStore(xhat, w, rows),
+                            queue_depth=queue_depth)
+        if backward:
+            dys[lane.pe] = inbox(kernel, lane.pe, ids, dy_in[lane.index],
+                                 RowStore(dy_ring, w, rows, ring=RING), queue_depth=queue_depth,
+                                 after=xs[lane.pe])
 
-    # The group's PEs run the same phases; each allreduce sits between two phases.
-    for r0, r1 in blocks:
-        r = r1 - r0
-        for lane in lanes:
-            w, xh = lane.width, xhat + r0 * lane.width
-            kernel.emit(lane.pe, vec(Op.MOV, r * w, Mem(xh), FabIn(x_in[lane.index])),
-                        *row_partials("sum", rows=r, width=w, dst=stat, a=rows_at(xh, w)))
-        reducer.allreduce(stat, r, Op.ADD)
-        for lane in lanes:
-            w, xh = lane.width, rows_at(xhat + r0 * lane.width, lane.width)
-            kernel.emit(
-                lane.pe,
-                vec(Op.MUL, r, Mem(stat), Mem(stat), Imm(inv_d)),  # mean
-                *repeat(r, [vec(Op.SUB, w, xh, xh, scalar_at(stat))]),
-                *row_partials("dot", rows=r, width=w, dst=stat, a=xh, b=xh),
-            )
-        reducer.allreduce(stat, r, Op.ADD)
-        for lane in lanes:
-            w, xh = lane.width, rows_at(xhat + r0 * lane.width, lane.width)
-            gamma_row, beta_row = Mem(params), Mem(params + w)
-            kernel.emit(
-                lane.pe,
-                vec(Op.FMA, r, Mem(stat), Mem(stat), Imm(inv_d), Imm(eps)),  # var + eps
-                vec(Op.RSQRT, r, Mem(rstd + r0), Mem(stat)),
-                *repeat(r, [vec(Op.MUL, w, xh, xh, scalar_at(rstd + r0))]),
-                *repeat(r, [
-                    vec(Op.MUL, w, Mem(scratch), xh, gamma_row),
-                    vec(Op.ADD, w, FabOut(y_out[lane.index]), Mem(scratch), beta_row),
-                ]),
-            )
-
-    for r0, r1 in blocks:
-        r = r1 - r0
-        for lane in lanes:
-            w, xh = lane.width, xhat + r0 * lane.width
-            dy, t, gamma_row = rows_at(dy_blk, w), rows_at(t_blk, w), Mem(params)
-            kernel.emit(
-                lane.pe,
-                vec(Op.MOV, r * w, Mem(dy_blk), FabIn(dy_in[lane.index])),
-                *repeat(r, [vec(Op.ADD, w, Mem(grads + w), Mem(grads + w), dy)]),  # dbeta
-                vec(Op.MUL, r * w, Mem(t_blk), Mem(dy_blk), Mem(xh)),
-                *repeat(r, [vec(Op.ADD, w, Mem(grads), Mem(grads), t)]),  # dgamma
-                # stat[0:r] = sum(g), stat[rb:rb+r] = sum(g xhat): one allreduce for both
-                *row_partials("dot", rows=r, width=w, dst=stat, a=dy, b=gamma_row),
-                *row_partials("dot", rows=r, width=w, dst=stat + rb, a=t, b=gamma_row),
-            )
-        reducer.allreduce(stat, 2 * rb, Op.ADD)
-        for lane in lanes:
-            w, xh = lane.width, rows_at(xhat + r0 * lane.width, lane.width)
-            dy, t, rs = rows_at(dy_blk, w), rows_at(t_blk, w), scalar_at(rstd + r0)
-            kernel.emit(
-                lane.pe,
-                vec(Op.MUL, r, Mem(stat), Mem(stat), Mem(rstd + r0)),
-                vec(Op.MUL, r, Mem(stat + rb), Mem(stat + rb), Mem(rstd + r0)),
-                vec(Op.MUL, 2 * rb, Mem(stat), Mem(stat), Imm(-inv_d)),  # Q | P
-                *repeat(r, [vec(Op.FMA, w, t, xh, scalar_at(stat + rb), scalar_at(stat))]),
-                *repeat(r, [vec(Op.MUL, w, dy, dy, Mem(params))]),  # g
-                *repeat(r, [vec(Op.FMA, w, FabOut(dx_out[lane.index]), dy, rs, t)]),
-            )
-
-    for lane in lanes:
-        w, pe, cs = lane.width, lane.pe, (lane.c0, lane.c1)
-        kernel.emit(pe, vec(Op.FMA, 2 * w, Mem(params), Mem(grads), Imm(-lr), Mem(params)))
-        for param, offset in ((gamma_name, 0), (beta_name, w)):
-            kernel.results += [
-                ResultSlot(grad_name(param), pe, grads + offset, (0, 1), cs, w),
-                ResultSlot(updated_name(param), pe, params + offset, (0, 1), cs, w),
+    def forward_row(i: int, loop: int) -> PerPE:
+        body: PerPE = {}
+        for lane in strip:
+            w, xh = lane.width, xs[lane.pe].store.row(i, loop)
+            body[lane.pe] = [*xs[lane.pe].take(),
+                             *row_reduce("sum", width=w, dst=Mem(stat), a=xh)]
+        join(body, reducer.allreduce_instrs(stat, 1, Op.ADD))
+        for lane in strip:
+            w, xh = lane.width, xs[lane.pe].store.row(i, loop)
+            body[lane.pe] += [vec(Op.MUL, 1, Mem(stat), Mem(stat), Imm(inv_d)),  # mean
+                              vec(Op.SUB, w, xh, xh, Mem(stat, 0)),
+                              *row_reduce("dot", width=w, dst=Mem(stat), a=xh, b=xh)]
+        join(body, reducer.allreduce_instrs(stat, 1, Op.ADD))
+        for lane in strip:
+            w, xh, rs = lane.width, xs[lane.pe].store.row(i, loop), rstd.scalar(i, loop)
+            body[lane.pe] += [
+                vec(Op.FMA, 1, Mem(stat), Mem(stat), Imm(inv_d), Imm(eps)),  # var + eps
+                vec(Op.RSQRT, 1, rstd.row(i, loop), Mem(stat)),
+                vec(Op.MUL, w, xh, xh, rs),
+                vec(Op.MUL, w, Mem(scratch), xh, Mem(params)),
+                vec(Op.ADD, w, FabOut(y_out[lane.index]), Mem(scratch), Mem(params + w)),
             ]
+        return body
+
+    def backward_row(i: int, loop: int) -> PerPE:
+        """Row rows - 1 - i: the stored xhat rows and rstd are read backwards."""
+        body: PerPE = {}
+        for lane in strip:
+            w, pe = lane.width, lane.pe
+            xh, dy, t = (xs[pe].store.row(i, loop, backwards=True), dys[pe].store.row(i, loop),
+                         Mem(t_row))
+            body[pe] = [
+                *dys[pe].take(),
+                vec(Op.ADD, w, Mem(grads + w), Mem(grads + w), dy),  # dbeta
+                vec(Op.MUL, w, t, dy, xh),
+                vec(Op.ADD, w, Mem(grads), Mem(grads), t),  # dgamma
+                # stat = [sum(g), sum(g xhat)]: one allreduce for both
+                *row_reduce("dot", width=w, dst=Mem(stat), a=dy, b=Mem(params)),
+                *row_reduce("dot", width=w, dst=Mem(stat + 1), a=t, b=Mem(params)),
+            ]
+        join(body, reducer.allreduce_instrs(stat, 2, Op.ADD))
+        for lane in strip:
+            w, pe = lane.width, lane.pe
+            xh, dy, t = (xs[pe].store.row(i, loop, backwards=True), dys[pe].store.row(i, loop),
+                         Mem(t_row))
+            rs = rstd.scalar(i, loop, backwards=True)
+            body[pe] += [
+                vec(Op.MUL, 1, Mem(stat), Mem(stat), rs),
+                vec(Op.MUL, 1, Mem(stat + 1), Mem(stat + 1), rs),
+                vec(Op.MUL, 2, Mem(stat), Mem(stat), Imm(-inv_d)),  # Q | P
+                vec(Op.FMA, w, t, xh, Mem(stat + 1, 0), Mem(stat, 0)),
+                vec(Op.MUL, w, dy, dy, Mem(params)),  # g
+                vec(Op.FMA, w, FabOut(dx_out[lane.index]), dy, rs, t),
+                *dys[pe].release(),
+            ]
+        return body
+
+    for pe, instrs in rounds(range(rows), 1, forward_row).items():
+        kernel.emit(pe, *instrs)
+    if not backward:
+        return kernel
+    for pe, instrs in rounds(range(rows), RING, backward_row).items():
+        kernel.emit(pe, *dys[pe].open(), *instrs)
+    for lane in strip:
+        w, pe, cs = lane.width, lane.pe, lane.cols
+        for param, offset in ((gamma_name, 0), (beta_name, w)):
+            emit_update(kernel, pe, update, param, (1, cols), weight=params + offset,
+                        grad=grads + offset, rows=(0, 1), cols=cs, row_stride=w)
     return kernel
 
 
 # -- cost -------------------------------------------------------------------------------------
 
 
-def cycles(rows: int, cols: int, lane_width: int,
-           block_rows: int = DEFAULT_BLOCK_ROWS) -> int:
-    """Cycles of a lone LayerNorm kernel: forward, backward and update of the docstring;
-    per block of rows the latencies of its three allreduces and its 12 REPEAT
-    instructions; and per row one cycle for the FMA whose first element reads a vector and
-    two scalars (three words against two reads a cycle)."""
+def cycles(rows: int, cols: int, lane_width: int) -> int:
+    """Cycles of a lone LayerNorm kernel fed at full rate: the compute thread's forward,
+    backward and update of the docstring, with each allreduce's latency per row."""
     m, w = rows, lane_width
     group = math.ceil(cols / lane_width)
-    per_block = 3 * (reduce_latency(group) + broadcast_latency(group)) + 12
-    return ((7 * m * w + 11 * m) + (9 * m * w + 12 * m) + 2 * w
-            + math.ceil(rows / block_rows) * per_block + m)
+    latency = reduce_latency(group) + broadcast_latency(group)
+    forward = 6 * w + 9 + 2 * (2 + latency)
+    backward = 8 * w + 11 + 4 + latency
+    return m * (forward + backward) + 2 * w
 
 
-def sram_words(rows: int, lane_width: int, block_rows: int = DEFAULT_BLOCK_ROWS) -> int:
-    """Words per PE: xhat, rstd, gamma | beta and their gradients, a scaled row, the dy and
-    t blocks and the row statistics."""
-    rb, w = min(rows, block_rows), lane_width
-    return rows * w + rows + 4 * w + w + 2 * rb * w + 2 * rb
+def sram_words(rows: int, lane_width: int) -> int:
+    """Words per PE: xhat, rstd, gamma | beta and their gradients, the scaled and t rows,
+    the dy ring and the row statistics."""
+    w = lane_width
+    return rows * w + rows + 4 * w + 2 * w + RING * w + 2
 
 
 class LayerNorm(OpFamily):
@@ -254,15 +261,18 @@ class LayerNorm(OpFamily):
         t[dx], t[dweight], t[dbias] = layernorm_backward(t[dy], t[x], t[weight], t[mean],
                                                          t[rstd])
 
+    def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
+        return len(ctx.lanes(op.inputs[0]))
+
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
         x, gamma, beta = op.inputs
-        rows, cols = ctx.rows_cols(x)
+        rows, _ = ctx.rows_cols(x)
         return build_layernorm(
             op.name, ctx.ops_with_updates(op.name, gamma, beta), ctx.ids, rows=rows,
-            cols=cols, lane_width=ctx.lane_width, gamma=ctx.param(gamma),
-            beta=ctx.param(beta), eps=op.attrs["eps"], lr=ctx.lr, x_tensor=x,
+            lanes=ctx.lanes(x), gamma=ctx.param(gamma),
+            beta=ctx.param(beta), eps=op.attrs["eps"], update=ctx.update, x_tensor=x,
             y_tensor=op.outputs[0], dy_tensor=ctx.dy(op.name), dx_tensor=ctx.dx(op.name),
-            gamma_name=gamma, beta_name=beta)
+            gamma_name=gamma, beta_name=beta, queue_depth=ctx.wafer.queue_depth)
 
 
 FAMILY = LayerNorm()

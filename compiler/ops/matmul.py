@@ -5,52 +5,47 @@ outputs split the columns into equal blocks (the fused QKV projection: `.q`, `.k
 It saves x and W. FLOPs: 2 M K N for the product plus M N for the bias; the backward
 twice the product (dX and dW) plus M N (db).
 
-Layout. W [K, N] is cut into lanes (`lane_cols`): K lanes k_0..k_{R-1}, N lanes
-n_0..n_{C-1}. The kernel is an R-high, C-wide rectangle; PE (c, r) holds the block
-W[k_r, n_c] row-major (kb x nb words, kb = |k_r|, nb = |n_c|), its gradient, and PE (c, 0)
-the bias lane b[n_c] and its gradient.
+Layout. The K columns of x arrive in lanes k_0..k_{R-1} (the producer's lanes), the N
+columns of Y leave in lanes n_0..n_{C-1} (this kernel's choice). The kernel is an R-high,
+C-wide rectangle; PE (c, r) holds the block W[k_r, n_c] row-major (kb x nb words, kb =
+|k_r|, nb = |n_c|) and its gradient, PE (c, 0) the bias lane b[n_c] and its gradient. On a
+wafer the weights live in SRAM next to the multipliers and never move: activation rows
+stream through the grid like through a systolic array, and the SGD update is a local
+vector op where weight and gradient sit.
 
-Why weight-stationary: on a wafer the weights live in SRAM next to the multipliers; they
-never move. Activation rows stream through the grid like through a systolic array, so the
-fabric carries only activations (M x K in, M x N out) and per-row partial sums between
-neighbours, and the SGD update is a local vector op where weight and gradient sit.
+Inputs are read in line, a row before its work: every kernel that feeds a matmul (the
+strip kernels, attention, the adds of their outputs, cross-entropy) emits each row whole,
+at one wavelet a cycle, so reading a row takes kb (or nb) cycles, and a PE with one thread
+lets the simulator run its memory-only vector ops in bulk. (A matmul's own output arrives
+element by element over its whole row time; its consumers receive it on threads of their
+own, `compiler.lowering.inbox`.)
+Forward, rows ascending, per row m (one REPEAT over the M rows, every PE):
+  x lane r is multicast along PE row r; each PE stores its x row (the backward's dW needs
+  every row) and computes nb dot products of kb terms
+  (`compiler.lowering.dots`): output n is x[m, k_r] . W[k_r, n], seeded by the partial
+  sum of output n arriving from the PE above (the top row seeds with the bias), sent to
+  the PE below; the bottom PE's outputs are Y lane c. The partial sums flow element by
+  element, so the column works as a pipeline: PE r + 1 starts output n as soon as PE r
+  has sent it.
+Backward, rows descending (DEADLOCK: see compiler.lowering.kernel; each PE reads its one
+  dY lane and its west neighbour's partials in row order), per row m:
+  dY lane c is multicast down PE column c; each PE stores the row, computes kb dot
+  products of nb terms, dX[m, k] = dY[m, n_c] . W[k, n_c], seeded by the partial from the
+  PE to the west and sent east; the east PE's outputs are dX lane r. Then, while dX moves
+  on, it accumulates dW[k_r, n_c] += x[m, k_r]^T dY[m, n_c] (kb FMAs of nb) and on the top
+  row db[n_c] += dY[m, n_c]: the weight gradient costs no extra pass and keeps no dY rows.
+Update: W and b by the optimizer's update (`compiler.ops.update.emit_update`: SGD one FMA
+each, AdamW with the moments beside them).
 
-Forward, per row m (one REPEAT over the M rows, the k loop unrolled in its body):
-  X lane r is multicast along PE row r; each PE stores its x row (all M rows when the
-  backward needs them, else one) and computes its partial row p = x[m, k_r] W[k_r, n_c] as
-  kb vector FMAs of nb elements (p += W[k, :] * x[k], x[k] a stride-0 scalar). The partial
-  sums reduce down each column through a chain of local streams: PE (c, r > 0) sends
-  p + (partial from the north), the top PE folds the bias into its first FMA and sends its
-  last FMA straight to the fabric; the bottom PE's sum is Y lane c.
-Backward (DEADLOCK RULE: the dY lane comes from another kernel, so each PE reads its
-  column's dY lane completely into SRAM first):
-  dX: per row, q = W[k_r, n_c] dy[m, n_c] as nb vector FMAs of kb elements over the strided
-  columns of W (stride nb), reduced west to east along each PE row (the same chain shape);
-  the east PE emits dX lane r. dX goes first: the previous layer's backward waits for it.
-  dW[k_r, n_c] = x^T dy as outer products (per row, kb FMAs of nb: dW[k, :] += x[k] dy);
-  db[n_c] = sum of the dy rows, on the top PE.
-Update: W -= lr dW and b -= lr db, one FMA with Imm(-lr) each.
-
-Cost (cycles; one fp32 element per cycle per PE; M rows; kb, nb as above, lw for full
-lanes; `forward_cycles`, `backward_cycles` and `sram_words` below). Every vector
-instruction costs one cycle per element, plus one for an FMA whose first element reads
-three SRAM words (two vectors and its stride-0 scalar) against a budget of two per cycle.
-Per forward row a PE spends kb (receive x) + kb nb (products) + kb - 1
-(FMAs after the first term, a MUL; kb on the top row, whose first FMA adds the bias) + nb
-(the chain ADD, all but the top row). The multicast x rows and the column chains keep
-the grid in lock step, so the slowest PE sets the pace:
-
-  T_fwd = M * max_PE (kb + kb nb + (kb if r = 0 else kb - 1 + nb)) + fill,
-
-fill ~ 3 cycles a hop (ramp, link, receive queue) from the source through the R chain PEs
-to the sink. With full lanes, M (lw^2 + 3 lw - 1): 92% of the cycles are FMAs at lw = 32
-(tests/test_matmul_kernel.py checks this form against the simulator: within 0.1%).
-Backward, per PE: M nb (receive dY) + M (kb nb + nb - 1 + [c > 0] kb) (dX) +
-M (kb nb + kb) (dW) + [r = 0] M nb (db); update kb nb (+ nb for the bias). E.g. a
-128-row 128x128 layer at lw = 32 (4 x 4 PEs): forward 143,250 cycles, forward + backward +
-update 426,802 by the formula, 426,796 simulated.
-SRAM per PE: 2 kb nb (W, dW) + M kb (x rows) + M nb (dY rows) + nb + kb (+ 2 nb for the
-bias on the top row); 10,368 words of 12,288 for gpt_small's layers at lw = 32.
+Cost (one fp32 element per cycle per PE; `forward_cycles`, `backward_cycles`,
+`sram_words` below). Per forward row a PE spends kb cycles receiving its x row and kb nb
+on its dot products, plus nb on the top row (the bias is a third SRAM read in each dot's
+first cycle). The multicast x rows and the column chains keep a column in lock step, so
+the slowest PE sets the pace: T_fwd = M max(kb + kb nb + [r = 0] nb) + fill. Per backward
+row: nb (receive dY) + kb nb (dX) + kb (nb + 1) (dW: each FMA's first element also loads
+its x[m, k] scalar, a third read) + [r = 0] nb (db). With kb = nb = w, 94% of the forward
+and 95% of the backward cycles are FMAs at w = 32, 80% and 86% at w = 8.
+SRAM per PE: 2 kb nb (W, dW) + M kb (x rows) + nb (the dY row) (+ 2 nb for the bias).
 """
 
 from __future__ import annotations
@@ -60,18 +55,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compiler.graph import GraphBuilder, OpSpec, ParamInit, grad_name, updated_name
-from compiler.lowering.kernel import (
-    Kernel,
-    LocalPE,
-    LocalStream,
-    ResultSlot,
-    StreamEnd,
-    StreamIds,
-    lane_cols,
-)
+from compiler.graph import GraphBuilder, OpSpec, ParamInit, grad_name
+from compiler.lowering.dots import Walk, dot_cycles, dots
+from compiler.lowering.ir import FabIn, FabOut, Mem, Op, repeat, vec
+from compiler.lowering.kernel import Kernel, LocalPE, StreamIds
 from compiler.ops.base import OpFamily, Tensors
-from wse_sim.program import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, repeat, vec
+from compiler.ops.update import UpdateRule, emit_update
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
@@ -113,9 +102,9 @@ def linear_backward(dy: np.ndarray, x: np.ndarray,
 
 @dataclass
 class WeightGrid:
-    """A [K, N] matrix held block-wise on an R x C rectangle of `kernel` (from column x0):
-    PE (x0 + c, r) holds W[k_lanes[r], n_lanes[c]] row-major at `weight[pe]` and, with a
-    backward, its gradient at `grad[pe]` (zero until accumulated)."""
+    """A [K, N] matrix held block-wise on an R x C rectangle of `kernel`: PE (c, r) holds
+    W[k_lanes[r], n_lanes[c]] row-major at `weight[pe]` and, with a backward, its gradient
+    at `grad[pe]` (zero until accumulated) and the stored x rows at `x_rows[pe]`."""
 
     kernel: Kernel
     rows: int  # M: activation rows streamed through
@@ -123,8 +112,7 @@ class WeightGrid:
     n_lanes: list[Lane]
     weight: dict[LocalPE, int] = field(default_factory=dict)
     grad: dict[LocalPE, int] = field(default_factory=dict)
-    x_rows: dict[LocalPE, int] = field(default_factory=dict)  # stored x rows (forward)
-    dy_rows: dict[LocalPE, int] = field(default_factory=dict)  # stored dY rows (backward)
+    x_rows: dict[LocalPE, int] = field(default_factory=dict)
 
     def block(self, pe: LocalPE) -> tuple[int, int]:
         """(kb, nb): the block shape of PE `pe`."""
@@ -135,14 +123,13 @@ class WeightGrid:
         return [(c, r) for r in range(len(self.k_lanes)) for c in range(len(self.n_lanes))]
 
 
-def place_weights(kernel: Kernel, rows: int, matrix: np.ndarray, lane_width: int, *,
-                  backward: bool) -> WeightGrid:
-    """Load `matrix` [K, N] block-wise onto the kernel's PEs (a gradient buffer too when
-    `backward`)."""
-    k, n = matrix.shape
-    grid = WeightGrid(kernel, rows, lane_cols(k, lane_width), lane_cols(n, lane_width))
+def place_weights(kernel: Kernel, rows: int, matrix: np.ndarray, k_lanes: list[Lane],
+                  n_lanes: list[Lane], *, backward: bool) -> WeightGrid:
+    """Load `matrix` [K, N] block-wise onto the kernel's PEs (with a gradient buffer and
+    room for the x rows when `backward`)."""
+    grid = WeightGrid(kernel, rows, k_lanes, n_lanes)
     for pe in grid.pes():
-        (k0, k1), (n0, n1) = grid.k_lanes[pe[1]], grid.n_lanes[pe[0]]
+        (k0, k1), (n0, n1) = k_lanes[pe[1]], n_lanes[pe[0]]
         grid.weight[pe] = kernel.alloc(pe, (k1 - k0) * (n1 - n0), "weight block")
         kernel.load(pe, grid.weight[pe], matrix[k0:k1, n0:n1])
         if backward:
@@ -150,151 +137,110 @@ def place_weights(kernel: Kernel, rows: int, matrix: np.ndarray, lane_width: int
     return grid
 
 
-def chain(kernel: Kernel, ids: StreamIds, pes: list[LocalPE]) -> list[int]:
-    """Local streams pes[i] -> pes[i + 1] (a reduction chain); their ids."""
-    streams = []
-    for src, dst in zip(pes, pes[1:], strict=False):
-        streams.append(ids.new())
-        kernel.local_streams.append(LocalStream(src, (dst,), streams[-1]))
-    return streams
-
-
-def emit_row_products(kernel: Kernel, pe: LocalPE, *, rows: int, prefix: list[Instr],
-                      terms: int, width: int, mat: int, term_step: int, elem_stride: int,
-                      scalars: int, scalar_loop: int, acc: int, first_addend: Operand | None,
-                      out: Operand, chain_in: int | None) -> None:
-    """Per row (a REPEAT of `rows`): run `prefix`, then acc = first_addend + sum over s <
-    `terms` of A_s * v[s], A_s the `width`-vector at `mat + s term_step` with element
-    stride `elem_stride`, v[s] the scalar at `scalars + s` (advancing `scalar_loop` per row);
-    send acc + (a wavelet per element from `chain_in`) to `out`, or without a chain input
-    the last term's result straight to `out`."""
-
-    def term(s: int, dst: Operand, addend: Operand | None) -> Instr:
-        a, b = Mem(mat + s * term_step, elem_stride), Mem(scalars + s, 0, scalar_loop)
-        if addend is None:
-            return vec(Op.MUL, width, dst, a, b)
-        return vec(Op.FMA, width, dst, a, b, addend)
-
-    body = list(prefix)
-    for s in range(terms):
-        last_direct = chain_in is None and s == terms - 1
-        body.append(term(s, out if last_direct else Mem(acc),
-                         first_addend if s == 0 else Mem(acc)))
-    if chain_in is not None:
-        body.append(vec(Op.ADD, width, out, Mem(acc), FabIn(chain_in)))
-    kernel.emit(pe, *repeat(rows, body))
-
-
 def emit_forward(grid: WeightGrid, ids: StreamIds, *, x_tensor: str, y_tensor: str,
                  bias: dict[int, int] | None, keep_x: bool) -> None:
-    """Y = X W (+ bias lane c at word bias[c] of PE (c, 0)); stores x rows if `keep_x`."""
+    """Y = X W (+ bias lane c at word bias[c] of PE (c, 0)), rows ascending; stores every
+    x row if `keep_x` (else one)."""
     kernel, rows = grid.kernel, grid.rows
     n_r, n_c = len(grid.k_lanes), len(grid.n_lanes)
-    x_ids = [ids.new() for _ in range(n_r)]
-    y_ids = [ids.new() for _ in range(n_c)]
-    chains = [chain(kernel, ids, [(c, r) for r in range(n_r)]) for c in range(n_c)]
-    for r in range(n_r):
-        kernel.inputs.append(StreamEnd(x_tensor, r, tuple((c, r) for c in range(n_c)),
-                                       x_ids[r]))
-    for c in range(n_c):
-        kernel.outputs.append(StreamEnd(y_tensor, c, ((c, n_r - 1),), y_ids[c]))
+    x_ids = kernel.lane_inputs(ids, x_tensor, grid.k_lanes,
+                               [tuple((c, r) for c in range(n_c)) for r in range(n_r)],
+                               "ascending")
+    y_ids = kernel.lane_outputs(ids, y_tensor, grid.n_lanes,
+                                [(c, n_r - 1) for c in range(n_c)], "ascending")
+    down = {(c, r): kernel.local((c, r), ((c, r + 1),), ids)
+            for c in range(n_c) for r in range(n_r - 1)}
     for pe in grid.pes():
         c, r = pe
         kb, nb = grid.block(pe)
         xs = grid.x_rows[pe] = kernel.alloc(pe, rows * kb if keep_x else kb, "x rows")
-        loop = kb if keep_x else 0
-        emit_row_products(
-            kernel, pe, rows=rows, prefix=[vec(Op.MOV, kb, Mem(xs, 1, loop), FabIn(x_ids[r]))],
-            terms=kb, width=nb, mat=grid.weight[pe], term_step=nb, elem_stride=1,
-            scalars=xs, scalar_loop=loop, acc=kernel.alloc(pe, nb, "partial row"),
-            first_addend=Mem(bias[c]) if bias is not None and r == 0 else None,
-            out=FabOut(y_ids[c] if r == n_r - 1 else chains[c][r]),
-            chain_in=chains[c][r - 1] if r > 0 else None)
+        step = kb if keep_x else 0
+        out = FabOut(y_ids[c] if r == n_r - 1 else down[pe])
+        if r > 0:
+            seed = [FabIn(down[(c, r - 1)])] * nb
+        elif bias is not None:
+            seed = [Mem(bias[c] + n, 0) for n in range(nb)]  # a scalar: a third read
+        else:
+            seed = None
+        body = [vec(Op.MOV, kb, Mem(xs, 1, step), FabIn(x_ids[r]))]
+        body += dots(nb, kb, Walk(grid.weight[pe], nb, 1), Walk(xs, 1, 0, step), acc=0,
+                     out=[out] * nb, seed=seed)
+        kernel.emit(pe, *repeat(rows, body))
 
 
-def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str,
-                  dx_tensor: str | None) -> None:
-    """Read dY, send dX (if `dx_tensor`), accumulate dW into `grid.grad`."""
+def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str, dx_tensor: str | None,
+                  bias_grad: dict[int, int] | None) -> None:
+    """Rows descending: read dY, send dX (if `dx_tensor`), accumulate dW into `grid.grad`
+    and db into `bias_grad[c]` of PE (c, 0)."""
     kernel, rows = grid.kernel, grid.rows
     n_r, n_c = len(grid.k_lanes), len(grid.n_lanes)
-    dy_ids = [ids.new() for _ in range(n_c)]
-    for c in range(n_c):
-        kernel.inputs.append(StreamEnd(dy_tensor, c, tuple((c, r) for r in range(n_r)),
-                                       dy_ids[c]))
-    for pe in grid.pes():
-        nb = grid.block(pe)[1]
-        dys = grid.dy_rows[pe] = kernel.alloc(pe, rows * nb, "dY rows")
-        kernel.emit(pe, vec(Op.MOV, rows * nb, Mem(dys), FabIn(dy_ids[pe[0]])))
+    dy_ids = kernel.lane_inputs(ids, dy_tensor, grid.n_lanes,
+                                [tuple((c, r) for r in range(n_r)) for c in range(n_c)],
+                                "descending")
+    dx_ids, east = None, {}
     if dx_tensor is not None:
-        dx_ids = [ids.new() for _ in range(n_r)]
-        chains = [chain(kernel, ids, [(c, r) for c in range(n_c)]) for r in range(n_r)]
-        for r in range(n_r):
-            kernel.outputs.append(StreamEnd(dx_tensor, r, ((n_c - 1, r),), dx_ids[r]))
-        for pe in grid.pes():
-            c, r = pe
-            kb, nb = grid.block(pe)
-            emit_row_products(
-                kernel, pe, rows=rows, prefix=[], terms=nb, width=kb, mat=grid.weight[pe],
-                term_step=1, elem_stride=nb, scalars=grid.dy_rows[pe], scalar_loop=nb,
-                acc=kernel.alloc(pe, kb, "partial dx row"), first_addend=None,
-                out=FabOut(dx_ids[r] if c == n_c - 1 else chains[r][c]),
-                chain_in=chains[r][c - 1] if c > 0 else None)
+        dx_ids = kernel.lane_outputs(ids, dx_tensor, grid.k_lanes,
+                                     [(n_c - 1, r) for r in range(n_r)], "descending")
+        east = {(c, r): kernel.local((c, r), ((c + 1, r),), ids)
+                for r in range(n_r) for c in range(n_c - 1)}
     for pe in grid.pes():
+        c, r = pe
         kb, nb = grid.block(pe)
-        dw, xs, dys = grid.grad[pe], grid.x_rows[pe], grid.dy_rows[pe]
-        kernel.emit(pe, *repeat(rows, [
-            vec(Op.FMA, nb, Mem(dw + k * nb), Mem(dys, 1, nb), Mem(xs + k, 0, kb),
-                Mem(dw + k * nb))
-            for k in range(kb)]))
+        dy = kernel.alloc(pe, nb, "dY row")
+        last_x = grid.x_rows[pe] + (rows - 1) * kb  # rows run backwards
+        body = [vec(Op.MOV, nb, Mem(dy), FabIn(dy_ids[c]))]
+        if dx_ids is not None:
+            out = FabOut(dx_ids[r] if c == n_c - 1 else east[pe])
+            seed = [FabIn(east[(c - 1, r)])] * kb if c > 0 else None
+            body += dots(kb, nb, Walk(grid.weight[pe], 1, nb), Walk(dy, 1), acc=0,
+                         out=[out] * kb, seed=seed)
+        dw = grid.grad[pe]
+        body += [vec(Op.FMA, nb, Mem(dw + k * nb), Mem(dy), Mem(last_x + k, 0, -kb),
+                     Mem(dw + k * nb)) for k in range(kb)]
+        if r == 0 and bias_grad is not None:
+            body.append(vec(Op.ADD, nb, Mem(bias_grad[c]), Mem(bias_grad[c]), Mem(dy)))
+        kernel.emit(pe, *repeat(rows, body))
 
 
-def emit_sum_rows(kernel: Kernel, pe: LocalPE, *, rows: int, width: int, src: int,
-                  dst: int) -> None:
-    """dst[:width] += sum of the `rows` rows of `src` (row-major, `width` words each)."""
-    kernel.emit(pe, *repeat(rows, [vec(Op.ADD, width, Mem(dst), Mem(src, 1, width),
-                                       Mem(dst))]))
-
-
-def emit_sgd(kernel: Kernel, pe: LocalPE, param: int, grad: int, words: int, lr: float) -> None:
-    """param -= lr * grad, one vector FMA."""
-    kernel.emit(pe, vec(Op.FMA, words, Mem(param), Mem(grad), Imm(-lr), Mem(param)))
-
-
-def weight_slots(grid: WeightGrid, name: str, *, transposed: bool = False) -> None:
-    """Result slots grad:`name` and updated:`name` of the grid's matrix (stored as the
-    transpose of the parameter when `transposed`)."""
+def update_weights(grid: WeightGrid, update: UpdateRule, name: str, *,
+                   transposed: bool = False) -> None:
+    """The optimizer update of the grid's matrix, parameter `name` (stored as the transpose
+    of the parameter when `transposed`), with its result slots."""
+    k, n = grid.k_lanes[-1][1], grid.n_lanes[-1][1]
     for pe in grid.pes():
         k_lane, n_lane = grid.k_lanes[pe[1]], grid.n_lanes[pe[0]]
         nb = n_lane[1] - n_lane[0]
-        for tensor, offset in ((grad_name(name), grid.grad[pe]),
-                               (updated_name(name), grid.weight[pe])):
-            if transposed:
-                slot = ResultSlot(tensor, pe, offset, n_lane, k_lane, row_stride=1,
-                                  col_stride=nb)
-            else:
-                slot = ResultSlot(tensor, pe, offset, k_lane, n_lane, row_stride=nb)
-            grid.kernel.results.append(slot)
+        at = {"weight": grid.weight[pe], "grad": grid.grad[pe]}
+        if transposed:
+            emit_update(grid.kernel, pe, update, name, (n, k), **at, rows=n_lane, cols=k_lane,
+                        row_stride=1, col_stride=nb)
+        else:
+            emit_update(grid.kernel, pe, update, name, (k, n), **at, rows=k_lane, cols=n_lane,
+                        row_stride=nb)
 
 
-def build_linear(name: str, ops: list[str], ids: StreamIds, *, rows: int, k: int, n: int,
-                 lane_width: int, weight: np.ndarray, bias: np.ndarray | None, lr: float,
+def build_linear(name: str, ops: list[str], ids: StreamIds, *, rows: int, k_lanes: list[Lane],
+                 n_lanes: list[Lane], weight: np.ndarray, bias: np.ndarray | None,
+                 update: UpdateRule,
                  x_tensor: str, y_tensor: str, dy_tensor: str | None = None,
                  dx_tensor: str | None = None, weight_name: str,
                  bias_name: str | None = None) -> Kernel:
-    """The kernel of Y = X W + b ([rows, k] x [k, n]); with `dy_tensor` also its backward
-    (dX only if `dx_tensor`) and the SGD update of W and b. Result slots (with a backward):
-    grad:/updated: of `weight_name` ([k, n]) and `bias_name` ([1, n])."""
+    """The kernel of Y = X W + b ([rows, K] x [K, N]) with x arriving in `k_lanes` and Y
+    leaving in `n_lanes`; with `dy_tensor` also its backward (dX only if `dx_tensor`) and
+    the optimizer update of W and b. Result slots (with a backward): grad:/updated: (and
+    the moments, `compiler.ops.update`) of `weight_name` ([K, N]) and `bias_name`
+    ([1, N])."""
+    k, n = k_lanes[-1][1], n_lanes[-1][1]
     if weight.shape != (k, n):
-        raise ValueError(f"{name}: weight has shape {weight.shape}, expected {(k, n)}")
+        raise ValueError(f"{name}: weight has shape {weight.shape}, lanes cover {(k, n)}")
     if bias is not None and (bias.shape != (n,) or bias_name is None):
         raise ValueError(f"{name}: bias must have shape {(n,)} and a bias_name")
     if dx_tensor is not None and dy_tensor is None:
         raise ValueError(f"{name}: dX needs dY")
     backward = dy_tensor is not None
-    k_lanes, n_lanes = lane_cols(k, lane_width), lane_cols(n, lane_width)
     kernel = Kernel(name=name, op="matmul", ops=list(ops), width=len(n_lanes),
                     height=len(k_lanes), shapes={x_tensor: (rows, k), y_tensor: (rows, n)})
-    grid = place_weights(kernel, rows, weight, lane_width, backward=backward)
+    grid = place_weights(kernel, rows, weight, k_lanes, n_lanes, backward=backward)
     bias_at: dict[int, int] = {}
     bias_grad: dict[int, int] = {}
     if bias is not None:
@@ -310,64 +256,67 @@ def build_linear(name: str, ops: list[str], ids: StreamIds, *, rows: int, k: int
     kernel.shapes[dy_tensor] = (rows, n)
     if dx_tensor is not None:
         kernel.shapes[dx_tensor] = (rows, k)
-    emit_backward(grid, ids, dy_tensor=dy_tensor, dx_tensor=dx_tensor)
-    for c, (n0, n1) in enumerate(n_lanes if bias is not None else []):
-        emit_sum_rows(kernel, (c, 0), rows=rows, width=n1 - n0, src=grid.dy_rows[(c, 0)],
-                      dst=bias_grad[c])
-    for pe in grid.pes():
-        kb, nb = grid.block(pe)
-        emit_sgd(kernel, pe, grid.weight[pe], grid.grad[pe], kb * nb, lr)
-    weight_slots(grid, weight_name)
+    emit_backward(grid, ids, dy_tensor=dy_tensor, dx_tensor=dx_tensor,
+                  bias_grad=bias_grad if bias is not None else None)
+    update_weights(grid, update, weight_name)
     if bias is not None:
         for c, lane in enumerate(n_lanes):
-            emit_sgd(kernel, (c, 0), bias_at[c], bias_grad[c], lane[1] - lane[0], lr)
-            for tensor, offset in ((grad_name(bias_name), bias_grad[c]),
-                                   (updated_name(bias_name), bias_at[c])):
-                kernel.results.append(ResultSlot(tensor, (c, 0), offset, (0, 1), lane,
-                                                 row_stride=lane[1] - lane[0]))
-                kernel.shapes[tensor] = (1, n)
-    for tensor in (grad_name(weight_name), updated_name(weight_name)):
-        kernel.shapes[tensor] = (k, n)
+            emit_update(kernel, (c, 0), update, bias_name, (1, n), weight=bias_at[c],
+                        grad=bias_grad[c], rows=(0, 1), cols=lane, row_stride=lane[1] - lane[0])
     return kernel
 
 
 # -- cost -------------------------------------------------------------------------------------
 
 
-def _blocks(k: int, n: int, lane_width: int) -> list[tuple[int, int, int, int]]:
+def _blocks(k_lanes: list[Lane], n_lanes: list[Lane]) -> list[tuple[int, int, int, int]]:
     """(c, r, kb, nb) of every PE of the grid."""
-    return [(c, r, k1 - k0, n1 - n0)
-            for r, (k0, k1) in enumerate(lane_cols(k, lane_width))
-            for c, (n0, n1) in enumerate(lane_cols(n, lane_width))]
+    return [(c, r, k1 - k0, n1 - n0) for r, (k0, k1) in enumerate(k_lanes)
+            for c, (n0, n1) in enumerate(n_lanes)]
 
 
-def forward_cycles(rows: int, k: int, n: int, lane_width: int) -> int:
-    """A lone forward pass with bias: per row a PE (c, r) receives its x row (kb cycles),
-    runs kb FMA/MUL instructions of nb elements (kb nb, plus one cycle for each instruction
-    whose first element reads three SRAM words against a budget of two: all kb FMAs on the
-    top row, whose first addend is the bias, kb - 1 elsewhere) and, below the top row, adds
-    the partial from the north (nb). The multicast x rows and the column chains keep the
-    grid in lock step, so the slowest PE sets the pace; the fill is 3 cycles a hop (ramp,
-    link, receive queue) from the source through the R chain PEs to the sink."""
-    per_row = max(kb + kb * nb + (kb if r == 0 else kb - 1 + nb)
-                  for _, r, kb, nb in _blocks(k, n, lane_width))
-    return rows * per_row + 3 * (len(lane_cols(k, lane_width)) + 2)
+def forward_row_cycles(kb: int, nb: int, *, top_row_bias: bool) -> int:
+    """One forward row on a PE: receive kb, nb dots of kb terms (+ nb for a bias seed)."""
+    return kb + dot_cycles(nb, kb, memory_seed=top_row_bias)
 
 
-def backward_cycles(rows: int, k: int, n: int, lane_width: int) -> int:
-    """The backward with dX and the updates, after the forward, on the busiest PE: dY rows
-    (M nb), dX partials (M (kb nb + nb - 1) plus M kb to add the west partial), dW
-    (M (kb nb + kb)), db on the top row (M nb) and the updates (kb nb, + nb on the top
-    row)."""
-    return max(rows * nb + rows * (kb * nb + nb - 1 + (kb if c > 0 else 0))
-               + rows * (kb * nb + kb) + (rows * nb + nb if r == 0 else 0) + kb * nb
-               for c, r, kb, nb in _blocks(k, n, lane_width))
+def backward_row_cycles(kb: int, nb: int, *, dx: bool, top_row_bias: bool) -> int:
+    """One backward row on a PE: receive nb, kb dots of nb terms (dX), kb FMAs of nb that
+    each read a third word in their first cycle (dW), nb (db on the top row)."""
+    return (nb + (dot_cycles(kb, nb) if dx else 0) + kb * (nb + 1)
+            + (nb if top_row_bias else 0))
 
 
-def sram_words(rows: int, kb: int, nb: int, *, top_row: bool) -> int:
-    """Words of a PE with a kb x nb block: W and dW, its x and dY rows, the partial rows,
-    and on the top row the bias lane and its gradient."""
-    return 2 * kb * nb + rows * kb + rows * nb + nb + kb + (2 * nb if top_row else 0)
+def forward_cycles(rows: int, k_lanes: list[Lane], n_lanes: list[Lane], *,
+                   bias: bool = True) -> int:
+    """A lone forward pass: the slowest PE's rows (the grid runs in lock step) plus the
+    fill: each PE below the top starts its first dot when the one above has finished its
+    own (kb cycles and 3 a hop: ramp, link, receive queue), and 6 cycles to and from the
+    neighbouring kernels."""
+    per_row = max(forward_row_cycles(kb, nb, top_row_bias=bias and r == 0)
+                  for _, r, kb, nb in _blocks(k_lanes, n_lanes))
+    kb_max = max(k1 - k0 for k0, k1 in k_lanes)
+    return rows * per_row + (len(k_lanes) - 1) * (kb_max + 3) + 6
+
+
+def backward_cycles(rows: int, k_lanes: list[Lane], n_lanes: list[Lane], *,
+                    bias: bool = True, dx: bool = True) -> int:
+    """The backward pass and the update, after the forward, on the busiest PE."""
+    return max(rows * backward_row_cycles(kb, nb, dx=dx, top_row_bias=bias and r == 0)
+               + kb * nb + (nb if bias and r == 0 else 0)
+               for _, r, kb, nb in _blocks(k_lanes, n_lanes))
+
+
+def sram_words(rows: int, kb: int, nb: int, *, top_row_bias: bool) -> int:
+    """Words of a PE with a kb x nb block: W and dW, its x rows, the dY row, and on the
+    top row the bias lane and its gradient."""
+    return 2 * kb * nb + rows * kb + nb + (2 * nb if top_row_bias else 0)
+
+
+def _output(op: OpSpec) -> str:
+    """The tensor a matmul streams: its output, or for the fused QKV product one [M, 3d]
+    tensor `{op}.out` (see compiler.lower)."""
+    return op.outputs[0] if len(op.outputs) == 1 else f"{op.name}.out"
 
 
 class Matmul(OpFamily):
@@ -385,16 +334,19 @@ class Matmul(OpFamily):
         dy = np.concatenate([t[d] for d in dys], axis=1)
         t[dx], t[dweight], t[dbias] = linear_backward(dy, t[x], t[weight])
 
+    def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
+        return len(ctx.lanes(op.inputs[0])) * len(ctx.lanes(_output(op)))
+
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
         x, weight, bias = op.inputs
-        rows, k = ctx.rows_cols(x)
-        # The fused QKV product streams one [M, 3d] tensor `{op}.out` (see compiler.lower).
-        y, dy = ((op.outputs[0], ctx.dy(op.name)) if len(op.outputs) == 1
-                 else (f"{op.name}.out", grad_name(f"{op.name}.out")))
+        rows, _ = ctx.rows_cols(x)
+        y = _output(op)
+        dy = (ctx.dy(op.name) if len(op.outputs) == 1
+              else grad_name(y) if ctx.graph.backward_of(op.name) else None)
         return build_linear(
-            op.name, ctx.ops_with_updates(op.name, weight, bias), ctx.ids, rows=rows, k=k,
-            n=op.attrs["n"], lane_width=ctx.lane_width, weight=ctx.param(weight),
-            bias=ctx.param(bias), lr=ctx.lr, x_tensor=x, y_tensor=y, dy_tensor=dy,
+            op.name, ctx.ops_with_updates(op.name, weight, bias), ctx.ids, rows=rows,
+            k_lanes=ctx.lanes(x), n_lanes=ctx.lanes(y), weight=ctx.param(weight),
+            bias=ctx.param(bias), update=ctx.update, x_tensor=x, y_tensor=y, dy_tensor=dy,
             dx_tensor=ctx.dx(op.name), weight_name=weight, bias_name=bias)
 
 

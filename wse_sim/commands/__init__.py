@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-COMMANDS = ("run", "compile", "simulate", "graph", "schema", "traffic", "plot", "sweep")
+COMMANDS = ("run", "compile", "simulate", "graph", "schema", "traffic", "plot", "sweep",
+            "train", "generate")
 
 
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
