@@ -11,7 +11,11 @@ KNOWN_BUGS go together.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from fuzz_programs import KNOWN_BUGS, Case, bulk_twin, cases, is_cycle_limit, run_case
@@ -150,3 +154,17 @@ def test_nothing_left_is_no_deadlock():
     p.add_route(0, 0, 0, 0, port_mask(Port.RAMP))
     simulate(p, _wafer(1, deadlock_cycles=1))
 
+
+
+def test_the_campaign_runs_batches_in_child_processes(tmp_path):
+    """tests/fuzz_campaign.py, the long run, on 5 programs: it counts them and their
+    endings, and keeps no program file of a batch that was ok."""
+    script = Path(__file__).with_name("fuzz_campaign.py")
+    run = subprocess.run([sys.executable, str(script), "--programs", "5", "--batch", "5",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["programs"] == 5 and summary["batches_not_ok"] == 0
+    assert sum(summary["endings"].values()) == 5
+    assert summary["batches"][0]["outcome"] == "ok"
+    assert not list(tmp_path.glob("*.npz"))
