@@ -64,8 +64,10 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_arguments(args, (args.config,))
     progress = Progress(not args.quiet)
-    report = run_step(args.config, args.placement, args.max_cycles, progress)
-    progress.done()
+    try:
+        report = run_step(args.config, args.placement, args.max_cycles, progress)
+    finally:
+        progress.done()
     print(format_report(report))
     print()
     print(format_check(report["check"]))

@@ -76,9 +76,11 @@ def run(args: argparse.Namespace) -> int:
         wafer = WaferConfig()
     require(program_bytes(program), args.program)
     progress = Progress(not args.quiet)
-    result, report = simulate_program(program, wafer, max_cycles=args.max_cycles,
-                                      progress=progress)
-    progress.done()
+    try:
+        result, report = simulate_program(program, wafer, max_cycles=args.max_cycles,
+                                          progress=progress)
+    finally:
+        progress.done()
     print(format_report(report))
     if args.tensors:
         tensors = {name: read_tensor(layout, result.sram, name)

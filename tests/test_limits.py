@@ -1,0 +1,286 @@
+"""Limits and interrupts through the command line: a deadlocked program and the max-cycles
+stop end `simulate` and `run` in exit code 2 and one line naming what stopped them; Ctrl-C
+(a real SIGINT) ends them in exit code 130 and one line. Whatever the ending, each output
+given (--json, --plot, --tensors), already holding an older run's files here, is either
+untouched or complete, never half-written, and no temporary file is left beside it.
+
+Today a stopped run writes nothing. The engine's partial report (issue 14, item 3) will
+write the --json of a run stopped by the limit or a Ctrl-C, with "partial": true, and
+print "stopped at cycle N: ...": the lines marked TODAY then change; `_outputs_after`
+already accepts a complete file in place of an untouched one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from programs import deadlock_pair, send_east
+
+from wse_sim import outputs, plots
+from wse_sim.cli import main
+from wse_sim.hardware import WaferConfig
+from wse_sim.plots import PLOT_FILES
+from wse_sim.program import Program, TensorLayout, TensorSlot, save_program
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "models" / "gpt_tiny.yaml"
+OLD_JSON = b'{"old": "a run before this one"}\n'
+OLD_TENSORS = b"old tensors"
+PNG_END = b"IEND\xaeB`\x82"  # the last chunk of every PNG file
+WAIT = 300  # seconds for a phase to begin or a process to end (a loaded 2-core machine)
+
+
+# -- outputs ----------------------------------------------------------------------------------
+
+
+def _old_outputs(folder: Path) -> dict[str, Path]:
+    """An older run's --json, --plot and --tensors in `folder` (only their bytes matter)."""
+    paths = {"json": folder / "out.json", "plot": folder / "plots",
+             "tensors": folder / "tensors.npz"}
+    paths["json"].write_bytes(OLD_JSON)
+    paths["plot"].mkdir()
+    for name in PLOT_FILES:
+        (paths["plot"] / name).write_bytes(b"old " + name.encode())
+    paths["tensors"].write_bytes(OLD_TENSORS)
+    return paths
+
+
+def _contents(paths: dict[str, Path]) -> dict[str, bytes]:
+    files = {"json": paths["json"], "tensors": paths["tensors"],
+             **{name: paths["plot"] / name for name in PLOT_FILES}}
+    return {key: path.read_bytes() for key, path in files.items()}
+
+
+def _outputs_after(paths: dict[str, Path], before: dict[str, bytes]) -> dict[str, str]:
+    """Each output "untouched" or "complete" (asserted: nothing else); the five plots are
+    one set, all untouched or all complete."""
+    after = _contents(paths)
+    state = {}
+    for key, data in after.items():
+        if data == before[key]:
+            state[key] = "untouched"
+        elif key == "json":
+            report = json.loads(data, parse_constant=pytest.fail)  # whole, strict JSON
+            assert isinstance(report, dict) and "cycles" in report
+            state[key] = "complete"
+        elif key == "tensors":
+            with np.load(paths["tensors"]) as z:
+                assert z.files
+            state[key] = "complete"
+        else:
+            assert data.startswith(b"\x89PNG") and data.endswith(PNG_END), key
+            state[key] = "complete"
+    assert len({state[name] for name in PLOT_FILES}) == 1, f"a mix of plots: {state}"
+    state["plot"] = state[PLOT_FILES[0]]
+    leftovers = [p.name for p in paths["json"].parent.rglob(".*")]  # .NAME.pid.k.tmp/.old
+    assert not leftovers, leftovers
+    return {key: state[key] for key in ("json", "plot", "tensors")}
+
+
+def _line(stderr: str) -> str:
+    """The one line on stderr (the progress line a terminal shows is not counted)."""
+    assert "Traceback" not in stderr, stderr
+    lines = [seg for line in stderr.replace("\r\n", "\n").split("\n")
+             for seg in line.split("\r") if seg.strip() and not seg.startswith("simulating:")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def _program(folder: Path, program: Program, wafer: WaferConfig) -> str:
+    """`program` saved with one named tensor (so --tensors may be given)."""
+    program.tensors["x"] = TensorLayout((1, 1), [TensorSlot(0, 0, 0, (0, 1), (0, 1), 1)])
+    path = folder / "program.npz"
+    save_program(program, path, wafer)
+    return str(path)
+
+
+def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "wse_sim", *argv], capture_output=True,
+                          text=True, cwd=cwd, timeout=WAIT)
+
+
+# -- deadlock and the cycle limit -------------------------------------------------------------
+
+
+def test_a_deadlock_is_one_line_naming_pe_and_color(tmp_path):
+    program = _program(tmp_path, deadlock_pair(), WaferConfig(width=16, height=16))
+    paths = _old_outputs(tmp_path)
+    before = _contents(paths)
+    run = _cli("simulate", program, "--json", str(paths["json"]), "--plot",
+               str(paths["plot"]), "--tensors", str(paths["tensors"]), cwd=tmp_path)
+    assert run.returncode == 2, run.stderr
+    line = _line(run.stderr)
+    assert line.startswith("error: deadlock at cycle 1 (the fabric is stuck) | waiting: ")
+    assert "PE (0, 0) task 0 pc 0 MOV waits: FABIN color 3 empty" in line
+    assert "PE (1, 0) task 0 pc 0 MOV waits: FABIN color 4 empty" in line
+    assert _outputs_after(paths, before) == dict.fromkeys(("json", "plot", "tensors"),
+                                                          "untouched")
+    assert run.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["simulate", "run"])
+def test_the_cycle_limit_is_one_line_and_exit_2(command, tmp_path):
+    if command == "simulate":
+        argv = [_program(tmp_path, send_east(100, 3), WaferConfig(width=16, height=16))]
+        limit = 10
+    else:
+        argv, limit = [str(TINY)], 2000
+    paths = _old_outputs(tmp_path)
+    before = _contents(paths)
+    extra = ["--tensors", str(paths["tensors"])] if command == "simulate" else []
+    run = _cli(command, *argv, "--max-cycles", str(limit), "--json", str(paths["json"]),
+               "--plot", str(paths["plot"]), *extra, cwd=tmp_path)
+    assert run.returncode == 2, run.stderr
+    line = _line(run.stderr)
+    assert f"max_cycles={limit}:" in line and "tasks still running" in line, line
+    state = _outputs_after(paths, before)
+    assert state["plot"] == "untouched"  # a stopped run has no plots
+    assert state["json"] == "untouched"  # TODAY: the partial report will be "complete"
+    assert state["tensors"] == "untouched"
+
+
+# -- Ctrl-C in a real process -----------------------------------------------------------------
+
+
+class _Run:
+    """`python -m wse_sim ARGV` with stderr on a terminal (so the simulation draws its
+    progress line) and stdout in a file."""
+
+    def __init__(self, argv: list[str], folder: Path) -> None:
+        primary, secondary = pty.openpty()
+        self.stdout = open(folder / "stdout.txt", "wb")  # noqa: SIM115 (closed in wait)
+        self.proc = subprocess.Popen([sys.executable, "-m", "wse_sim", *argv],
+                                     stdout=self.stdout, stderr=secondary, cwd=folder)
+        os.close(secondary)
+        self.stderr = b""
+        self._primary = primary
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self._primary, 4096)
+            except OSError:  # the process closed its terminal
+                return
+            if not chunk:
+                return
+            self.stderr += chunk
+
+    def wait_for(self, what: str, ready) -> None:
+        deadline = time.monotonic() + WAIT
+        while not ready():
+            assert self.proc.poll() is None, f"ended before {what}: {self.stderr!r}"
+            assert time.monotonic() < deadline, f"no {what} in {WAIT} s"
+            time.sleep(0.01)
+
+    def interrupt(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGINT)
+        code = self.proc.wait(timeout=WAIT)
+        self._reader.join(timeout=10)
+        os.close(self._primary)
+        self.stdout.close()
+        return code, self.stderr.decode()
+
+    def mapped(self, library: str) -> bool:
+        try:
+            return library in Path(f"/proc/{self.proc.pid}/maps").read_text()
+        except OSError:  # it has ended (wait_for says so)
+            return False
+
+
+@pytest.mark.parametrize("phase", ["compile", "simulation", "plotting"])
+def test_ctrl_c_during_run_leaves_outputs_untouched_or_complete(phase, tmp_path):
+    paths = _old_outputs(tmp_path)
+    before = _contents(paths)
+    json_inode = paths["json"].stat().st_ino
+    run = _Run(["run", str(TINY), "--json", str(paths["json"]), "--plot", str(paths["plot"])],
+               tmp_path)
+    if phase == "compile":
+        # numba (llvmlite) is loaded with the simulator, just before the compiler runs for
+        # seconds; stopped before the simulation drew its progress line (checked below)
+        run.wait_for("llvmlite", lambda: run.mapped("llvmlite"))
+        time.sleep(0.3)
+    elif phase == "simulation":
+        run.wait_for("the progress line", lambda: b"simulating:" in run.stderr)
+    else:  # the JSON is written (renamed into place) before the plots are drawn
+        run.wait_for("the new JSON", lambda: paths["json"].stat().st_ino != json_inode)
+    code, stderr = run.interrupt()
+    assert code == 130, stderr
+    line = _line(stderr)
+    state = _outputs_after(paths, before)
+    if phase == "compile":
+        assert "simulating:" not in stderr
+    if phase == "plotting":
+        assert state["json"] == "complete"
+        assert line.startswith(f"interrupted: wrote only {paths['json']}"), line
+    else:
+        assert line == "interrupted: no file written"  # TODAY (simulation: "stopped at")
+        assert state == {"json": "untouched", "plot": "untouched", "tensors": "untouched"}
+
+
+# -- Ctrl-C at exact points, in this process ---------------------------------------------------
+
+
+def _sigint_then(function):
+    """`function` preceded by a real SIGINT to this process (raised as KeyboardInterrupt at
+    Python's next check, or held back by wse_sim.outputs while it renames)."""
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return function(*args, **kwargs)
+    return interrupted
+
+
+def _first_plot_rename(real):
+    def replace(src, dst):
+        if str(dst).endswith(PLOT_FILES[0]) and str(src).endswith(".tmp"):
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(src, dst)
+    return replace
+
+
+POINTS = {
+    # point: (patch(monkeypatch), expected json, plot, tensors)
+    "simulating": (lambda mp: mp.setattr("wse_sim.progress.Progress.__call__",
+                                         _sigint_then(lambda self, cycle: None)),
+                   "untouched", "untouched", "untouched"),
+    "writing the tensors": (lambda mp: mp.setattr(outputs.os, "fsync",
+                                                  _sigint_then(os.fsync)),
+                            "untouched", "untouched", "untouched"),
+    "drawing the plots": (lambda mp: mp.setitem(plots._DRAW, "sram",
+                                                _sigint_then(plots._DRAW["sram"])),
+                          "complete", "untouched", "complete"),
+    "renaming the plots": (lambda mp: mp.setattr(outputs.os, "replace",
+                                                 _first_plot_rename(os.replace)),
+                           "complete", "complete", "complete"),
+}
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_ctrl_c_at_each_point_of_simulate(point, tmp_path, monkeypatch, capsys):
+    program = _program(tmp_path, send_east(3000, 3), WaferConfig(width=16, height=16))
+    paths = _old_outputs(tmp_path)
+    before = _contents(paths)
+    patch, *expected = POINTS[point]
+    patch(monkeypatch)
+    code = main(["simulate", program, "--json", str(paths["json"]), "--plot",
+                 str(paths["plot"]), "--tensors", str(paths["tensors"])])
+    monkeypatch.undo()
+    assert code == 130
+    line = _line(capsys.readouterr().err)
+    state = _outputs_after(paths, before)
+    assert [state[key] for key in ("json", "plot", "tensors")] == expected
+    written = [str(paths[key]) for key in ("tensors", "json") if state[key] == "complete"]
+    written += [str(paths["plot"] / name) for name in PLOT_FILES if state["plot"] == "complete"]
+    assert line == (f"interrupted: wrote only {', '.join(written)}" if written
+                    else "interrupted: no file written")
