@@ -87,7 +87,7 @@ def _no_overrides() -> list[Overrides]:
 class SweepSpec(BaseModel):
     """A sweep file: base configs and the axes whose Cartesian product is the grid."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # no 2.0 for 2
 
     configs: list[StrictStr] = Field(
         min_length=1, description="Run config files, relative to the sweep file.")
