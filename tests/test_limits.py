@@ -2,7 +2,9 @@
 stop end `simulate` and `run` in exit code 2 and one line naming what stopped them; Ctrl-C
 (a real SIGINT) ends them in exit code 130 and one line. Whatever the ending, each output
 given (--json, --plot, --tensors), already holding an older run's files here, is either
-untouched or complete, never half-written, and no temporary file is left beside it.
+untouched or complete, never half-written, and no temporary file is left beside it. A
+reader of stdout that goes away (`... | head -1`) is no error: the command writes its
+files and returns its exit code, with nothing on stderr.
 
 Today a stopped run writes nothing. The engine's partial report (issue 14, item 3) will
 write the --json of a run stopped by the limit or a Ctrl-C, with "partial": true, and
@@ -284,3 +286,37 @@ def test_ctrl_c_at_each_point_of_simulate(point, tmp_path, monkeypatch, capsys):
     written += [str(paths["plot"] / name) for name in PLOT_FILES if state["plot"] == "complete"]
     assert line == (f"interrupted: wrote only {', '.join(written)}" if written
                     else "interrupted: no file written")
+
+
+# -- a reader that goes away ------------------------------------------------------------------
+
+
+def _with_stdout_closed(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m wse_sim ARGV` writing to a pipe whose reader has already gone (as after
+    `| head -1`): every write to stdout fails with EPIPE."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        return subprocess.run([sys.executable, "-m", "wse_sim", *argv], stdout=writer,
+                              stderr=subprocess.PIPE, text=True, cwd=cwd, timeout=WAIT)
+    finally:
+        os.close(writer)
+
+
+@pytest.mark.parametrize("argv", [["schema"], ["graph", str(TINY)],
+                                  ["traffic", "--mesh", "4x4", "--rate", "0.1", "--cycles",
+                                   "200"]], ids=["schema", "graph", "traffic"])
+def test_a_closed_stdout_is_no_error(argv, tmp_path):
+    run = _with_stdout_closed(*argv, cwd=tmp_path)
+    assert (run.returncode, run.stderr) == (0, "")
+
+
+def test_a_closed_stdout_does_not_stop_the_outputs(tmp_path):
+    program = _program(tmp_path, send_east(100, 3), WaferConfig(width=16, height=16))
+    paths = _old_outputs(tmp_path)
+    before = _contents(paths)
+    run = _with_stdout_closed("simulate", program, "--json", str(paths["json"]), "--tensors",
+                              str(paths["tensors"]), cwd=tmp_path)
+    assert (run.returncode, run.stderr) == (0, "")
+    state = _outputs_after(paths, before)
+    assert state == {"json": "complete", "plot": "untouched", "tensors": "complete"}
