@@ -195,10 +195,7 @@ class _Run:
         return code, self.stderr.decode()
 
     def mapped(self, library: str) -> bool:
-        try:
-            return library in Path(f"/proc/{self.proc.pid}/maps").read_text()
-        except OSError:  # it has ended (wait_for says so)
-            return False
+        return _maps(self.proc.pid, library)
 
 
 @pytest.mark.parametrize("phase", ["compile", "simulation", "plotting"])
@@ -229,6 +226,47 @@ def test_ctrl_c_during_run_leaves_outputs_untouched_or_complete(phase, tmp_path)
     else:
         assert line == "interrupted: no file written"  # TODAY (simulation: "stopped at")
         assert state == {"json": "untouched", "plot": "untouched", "tensors": "untouched"}
+
+
+def _group(group: int) -> list[int]:
+    """The processes of a process group."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == group:
+                    members.append(int(entry.name))
+            except ProcessLookupError:
+                pass
+    return members
+
+
+def _maps(pid: int, library: str) -> bool:
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:  # it has ended
+        return False
+
+
+def test_ctrl_c_during_a_sweep_stops_it_and_its_workers_quietly(tmp_path):
+    """A terminal's Ctrl-C goes to the sweep and to every worker process it started: one
+    line and exit 130, no worker's traceback or log, no result file."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"configs: [{TINY}]\nplacements: [linear, snake]\n")
+    proc = subprocess.Popen([sys.executable, "-m", "wse_sim", "sweep", str(grid), "--out",
+                             str(tmp_path / "out"), "--workers", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own group, as a terminal's job
+    deadline = time.monotonic() + WAIT
+    # A worker has loaded numba (llvmlite): it runs a point, the cluster is up.
+    while not any(_maps(pid, "llvmlite") for pid in _group(proc.pid) if pid != proc.pid):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 130, stderr
+    assert _line(stderr) == "interrupted: no file written"
+    assert not (tmp_path / "out").exists()
 
 
 # -- Ctrl-C at exact points, in this process ---------------------------------------------------

@@ -28,7 +28,9 @@ import csv
 import hashlib
 import io
 import itertools
+import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -248,6 +250,20 @@ def run_point(cfg: RunConfig, label: str, max_cycles: int | None) -> dict[str, A
     }
 
 
+def _quiet_logs() -> None:
+    """Only errors from dask.distributed's loggers (in this process)."""
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @contextmanager
 def dask_client(scheduler: str | None, workers: int) -> Iterator[Any]:
     """A client of the cluster at `scheduler`, or of a LocalCluster of `workers`
@@ -255,11 +271,21 @@ def dask_client(scheduler: str | None, workers: int) -> Iterator[Any]:
     from distributed import Client, LocalCluster
 
     if scheduler is None:
-        # its HTTP server on any free local port: a default 8787 may be taken (a warning)
-        with (LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                           dashboard_address="127.0.0.1:0") as cluster,
-              Client(cluster) as client):
-            yield client
+        # Its worker processes ignore Ctrl-C, which a terminal sends to all of them: this
+        # process stops the sweep and the cluster (else each worker prints a traceback).
+        # Only SIG_IGN survives the exec of a spawned process, so a Ctrl-C while the
+        # workers start is lost. Its HTTP server is on any free local port: a default
+        # 8787 may be taken (a warning).
+        with _sigint_ignored():
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   dashboard_address="127.0.0.1:0")
+        with cluster, Client(cluster) as client:
+            try:
+                yield client
+            except KeyboardInterrupt:  # its shutdown warnings are no news after a Ctrl-C
+                _quiet_logs()
+                client.run(_quiet_logs)
+                raise
         return
     try:
         client = Client(scheduler, timeout=CONNECT_SECONDS)
