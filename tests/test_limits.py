@@ -241,6 +241,15 @@ def _group(group: int) -> list[int]:
     return members
 
 
+def _ignores_sigint(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # it has ended (the caller asserts it has not)
+        return True
+    ignored = int(status.split("SigIgn:")[1].split()[0], 16)  # bit n - 1: signal n
+    return bool(ignored >> (signal.SIGINT - 1) & 1)
+
+
 def _maps(pid: int, library: str) -> bool:
     try:
         return library in Path(f"/proc/{pid}/maps").read_text()
@@ -258,8 +267,10 @@ def test_ctrl_c_during_a_sweep_stops_it_and_its_workers_quietly(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own group, as a terminal's job
     deadline = time.monotonic() + WAIT
-    # A worker has loaded numba (llvmlite): it runs a point, the cluster is up.
-    while not any(_maps(pid, "llvmlite") for pid in _group(proc.pid) if pid != proc.pid):
+    # The cluster is up: a worker has loaded numba (llvmlite), and the sweep no longer
+    # ignores SIGINT as it does while the workers start.
+    while not (any(_maps(pid, "llvmlite") for pid in _group(proc.pid) if pid != proc.pid)
+               and not _ignores_sigint(proc.pid)):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)
