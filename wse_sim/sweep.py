@@ -251,8 +251,11 @@ def run_point(cfg: RunConfig, label: str, max_cycles: int | None) -> dict[str, A
 
 
 def _quiet_logs() -> None:
-    """Only errors from dask.distributed's loggers (in this process)."""
-    logging.getLogger("distributed").setLevel(logging.ERROR)
+    """Nothing from dask.distributed's loggers in this process but critical failures: what
+    the cluster logs while it shuts down mid-task (cancelled tasks, workers killed, lost
+    heartbeats, with their tracebacks) is not news after a Ctrl-C."""
+    for name in ("distributed", "tornado"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 @contextmanager
@@ -282,7 +285,7 @@ def dask_client(scheduler: str | None, workers: int) -> Iterator[Any]:
         with cluster, Client(cluster) as client:
             try:
                 yield client
-            except KeyboardInterrupt:  # its shutdown warnings are no news after a Ctrl-C
+            except KeyboardInterrupt:
                 _quiet_logs()
                 client.run(_quiet_logs)
                 raise
