@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "models" / "gpt_tiny.yaml"
 UNWRITABLE = "/sys/wse-sim-bad-input"  # creating files in /sys fails even for root
 BIG = 10**12
+DEADLINE = 120  # seconds a case may take
 
 Setup = Callable[[Path], list[str]]  # makes the case's files in a folder; returns argv
 
@@ -135,6 +137,25 @@ def header_with_nan(program: Path) -> bytes:
     return json.dumps(header).encode()  # Python's json writes NaN
 
 
+def sweep_file(folder: Path, data: dict | str | bytes | None = None,
+               name: str = "grid.yaml") -> str:
+    """A sweep file over gpt_tiny, or with `data` (a mapping, or the file's text)."""
+    if data is None:
+        data = {"configs": [str(TINY)]}
+    if isinstance(data, dict):
+        data = yaml.safe_dump(data)
+    return raw(folder, name, data)
+
+
+def sweep(*options: str, **data: object) -> Setup:
+    """`sweep` of a sweep file over gpt_tiny with `data` added, its results in the case's
+    folder unless an --out is given."""
+    def make(d: Path) -> list[str]:
+        out = [] if "--out" in options else ["--out", str(d / "out")]
+        return ["sweep", sweep_file(d, {"configs": [str(TINY)], **data}), *out, *options]
+    return make
+
+
 def folder_with(folder: Path, name: str, inside: str) -> str:
     """A folder holding a folder named `inside` where a file is to be written."""
     (folder / name / inside).mkdir(parents=True)
@@ -163,6 +184,8 @@ CASES: list[tuple[str, Callable[..., list[str]], str]] = [
      "wafer.preset: bad preset file"),
     ("E-run-file", lambda d: ["plot", run_file(d, b'{"config": "caf\xe9"}')],
      "not UTF-8 text: byte 0xe9"),
+    ("E-sweep", lambda d: ["sweep", sweep_file(d, b"configs: [caf\xe9.yaml]\n"), "--out",
+                           str(d / "out")], "grid.yaml: not UTF-8 text: byte 0xe9"),
     ("E-program-header", lambda d, p: ["simulate", program_copy(d, p, header=b"\xff{}")],
      "UnicodeDecodeError"),
     # F: input files
@@ -181,7 +204,7 @@ CASES: list[tuple[str, Callable[..., list[str]], str]] = [
     ("F-program-nan", lambda d, p: ["simulate", program_copy(d, p, header_with_nan(p))],
      "header holds NaN"),
     ("F-program-missing", lambda d: ["simulate", str(d / "absent.npz")],
-     "not a saved program"),
+     "absent.npz: cannot read program: No such file or directory"),
     ("F-program-no-tensors", lambda d, p: ["simulate", program_copy(d, p, drop_tensors=True),
                                            "--tensors", str(d / "t.npz")],
      "names no tensors to write"),
@@ -190,6 +213,38 @@ CASES: list[tuple[str, Callable[..., list[str]], str]] = [
      "nested too deeply"),
     ("F-run-not-object", lambda d: ["plot", run_file(d, "[1, 2]")], "expected a JSON object"),
     ("F-run-bad-field", lambda d: ["plot", run_file(d, '{"fabric": 3}')], "field fabric"),
+    # F: special files as inputs: refused before anything waits on them or reads them
+    ("F-config-fifo", lambda d: ["graph", fifo(d)],
+     "cannot read config: is a FIFO, not a regular file"),
+    ("F-config-dev-zero", lambda d: ["run", "/dev/zero", "--json", str(d / "out.json")],
+     "/dev/zero: cannot read config: is a device, not a regular file"),
+    ("F-config-socket", lambda d: ["compile", unix_socket(d), "-o", str(d / "s.npz")],
+     "cannot read config: No such device or address"),
+    ("F-preset-fifo", lambda d: ["graph", (fifo(d, "w.yaml"),
+                                           config(d, wafer__preset="w.yaml"))[1]],
+     "wafer.preset: bad preset file: "),
+    ("F-program-fifo", lambda d: ["simulate", fifo(d, "s.npz")],
+     "cannot read program: is a FIFO, not a regular file"),
+    ("F-program-dev-zero", lambda d: ["simulate", "/dev/zero"],
+     "/dev/zero: cannot read program: is a device"),
+    ("F-run-file-fifo", lambda d: ["plot", fifo(d, "run.json")],
+     "cannot read run file: is a FIFO"),
+    ("F-sweep-fifo", lambda d: ["sweep", fifo(d, "grid.yaml"), "--out", str(d / "out")],
+     "cannot read sweep: is a FIFO"),
+    ("F-sweep-dev-zero", lambda d: ["sweep", "/dev/zero", "--out", str(d / "out")],
+     "/dev/zero: cannot read sweep: is a device"),
+    # F: sweep files
+    ("F-sweep-malformed", lambda d: ["sweep", sweep_file(d, "configs: [a.yaml\n"), "--out",
+                                     str(d / "out")], "grid.yaml: invalid YAML at line"),
+    ("F-sweep-not-mapping", lambda d: ["sweep", sweep_file(d, "- a.yaml\n"), "--out",
+                                       str(d / "out")], "grid.yaml"),
+    ("F-sweep-unknown-key", sweep(colour=1), "grid.yaml: colour: Extra inputs are not permitted"),
+    ("F-sweep-unknown-field", sweep(wafer=[{}, {"colour": 3}]),
+     "grid.yaml: wafer[1].colour: not a field of the wafer section"),
+    ("F-sweep-missing-config", lambda d: ["sweep", sweep_file(d, {"configs": ["absent.yaml"]}),
+                                          "--out", str(d / "out")],
+     "absent.yaml: cannot read config: No such file or directory"),
+    ("F-sweep-unknown-placement", sweep(placements=["spiral"]), "grid.yaml: placements"),
     # N: numbers
     ("N-inf-lr", lambda d: ["graph", tiny_with("lr: 0.1 ", "lr: .inf")(d)],
      "training.lr: Input should be a finite number"),
@@ -254,6 +309,16 @@ CASES: list[tuple[str, Callable[..., list[str]], str]] = [
      "argument --threads: must be >= 1 (got -2)"),
     ("N-threads-float", lambda d: ["traffic", "--rate", "0.1", "--threads", "1.5"],
      "argument --threads: not an integer: '1.5'"),
+    ("N-sweep-point-value", sweep(wafer=[{"colors": 0}]),
+     "grid.yaml: point 0 (gpt_tiny wafer.colors=0): wafer.colors: Input should be greater"),
+    ("N-sweep-float-seed", sweep(compile=[{"seed": 1.5}]),
+     "compile.seed: Input should be a valid integer (got 1.5)"),
+    ("N-sweep-max-cycles-zero", sweep(max_cycles=0),
+     "grid.yaml: max_cycles: Input should be greater than 0"),
+    ("N-sweep-max-cycles-float", sweep(max_cycles=2.0),
+     "grid.yaml: max_cycles: Input should be a valid integer (got 2.0)"),
+    ("N-sweep-max-cycles-bool", sweep(max_cycles=True),
+     "grid.yaml: max_cycles: Input should be a valid integer (got True)"),
     ("N-indent-huge", lambda d: ["schema", "--indent", "1000000000"],
      "argument --indent: must be in 0..16"),
     ("N-indent-negative", lambda d: ["schema", "--indent", "-1"],
@@ -304,6 +369,14 @@ CASES: list[tuple[str, Callable[..., list[str]], str]] = [
     ("O-plot-out-png-loop", lambda d: ["plot", run_file(d), "--out",
                                        (symlink(d, "timeline.png", "timeline.png"), str(d))[1]],
      "timeline.png: Too many levels of symbolic links"),
+    ("O-sweep-out-file", lambda d: ["sweep", sweep_file(d), "--out", raw(d, "o", "x")],
+     "--out "),
+    ("O-sweep-out-unwritable", sweep("--out", UNWRITABLE), "cannot create files in /sys"),
+    ("O-sweep-out-csv-folder", lambda d: ["sweep", sweep_file(d), "--out",
+                                          folder_with(d, "out", "grid.csv")],
+     "grid.csv: is a folder"),
+    ("O-sweep-out-is-input", lambda d: ["sweep", sweep_file(d, name="grid.json"), "--out",
+                                        str(d)], "the same file as the input"),
     # T: traffic options
     ("T-seed-negative", traffic("--seed", "-1"), "seed must be in 0 .. 2**64 - 1 (got -1)"),
     ("T-seed-too-large", traffic("--seed", str(2**64)), "seed must be in 0 .. 2**64 - 1"),
@@ -387,11 +460,16 @@ CASES: list[tuple[str, Callable[..., list[str]], str]] = [
     ("A-traffic-no-rate", lambda d: ["traffic"], "the following arguments are required: --rate"),
     ("A-unknown-placement", lambda d: ["run", config(d), "--placement", "spiral"],
      "--placement: unknown strategy 'spiral'"),
+    ("A-sweep-workers-zero", sweep("--workers", "0"), "argument --workers: must be >= 1 (got 0)"),
+    ("A-sweep-workers-text", sweep("--workers", "two"), "argument --workers: not an integer"),
+    ("A-sweep-workers-and-scheduler", sweep("--workers", "2", "--scheduler", "tcp://x:1"),
+     "--workers sizes a LocalCluster"),
+    ("A-sweep-no-file", lambda d: ["sweep"], "the following arguments are required: sweep"),
     ("A-unknown-option", lambda d: ["graph", config(d), "--verbose"],
      "unrecognized arguments: --verbose"),
 ]
 SUBPROCESS = ("E-config-graph", "O-json-fifo", "T-seed-negative", "A-no-command",
-              "N-run-vocab")
+              "N-run-vocab", "F-program-fifo", "F-sweep-unknown-field")
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int, int, int]]:
@@ -416,17 +494,40 @@ def _check(code: int | None, stderr: str, expected: str) -> None:
     assert expected in lines[0], stderr
 
 
+@pytest.fixture
+def deadline():
+    """A case that hangs (opening a FIFO waits for a writer) fails after DEADLINE seconds."""
+    def expired(signum, frame):
+        raise TimeoutError(f"the command still runs after {DEADLINE} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(DEADLINE)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.mark.parametrize(("setup", "expected"), [case[1:] for case in CASES],
                          ids=[case[0] for case in CASES])
-def test_bad_input_is_one_line_and_exit_2(setup, expected, tmp_path, program_file, capsys):
+def test_bad_input_is_one_line_and_exit_2(setup, expected, tmp_path, program_file, capsys,
+                                          deadline):
     argv = _argv(setup, tmp_path, program_file)
     before = _snapshot(tmp_path)
+    devices = _snapshot_devices(argv)
     try:
         code = main(argv)
     except SystemExit as exit_:  # argparse
         code = exit_.code
     _check(code, capsys.readouterr().err, expected)
     assert _snapshot(tmp_path) == before
+    assert _snapshot_devices(argv) == devices
+
+
+def _snapshot_devices(argv: list[str]) -> dict[str, tuple[int, int, int]]:
+    """The device files a case names (/dev/zero): inode, mode and device number, which a
+    command that replaced one would change."""
+    return {arg: (os.stat(arg).st_ino, os.stat(arg).st_mode, os.stat(arg).st_rdev)
+            for arg in argv if arg.startswith("/dev/")}
 
 
 @pytest.mark.parametrize("name", SUBPROCESS)
@@ -449,4 +550,4 @@ def test_the_suite_covers_every_class_and_command(tmp_path, program_file):
         folder.mkdir()
         commands.update(_argv(setup, folder, program_file)[:1])
     assert commands == {"run", "compile", "simulate", "graph", "schema", "traffic", "plot",
-                        "train", "generate", "fly"}  # (fly: an unknown command)
+                        "sweep", "train", "generate", "fly"}  # (fly: an unknown command)

@@ -42,6 +42,9 @@ Content = bytes | Callable[[BinaryIO], object]
 _HELD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 _names = itertools.count()  # temporary names: unique within the process, pid across
 _TMPFILE = getattr(os, "O_TMPFILE", None)  # Linux only
+# Every file put in place by write_files, in order (the CLI clears it per command and
+# names them when a Ctrl-C ends the command).
+written: list[Path] = []
 
 
 def strict_json(data: Any, indent: int | None = None) -> str:
@@ -204,6 +207,7 @@ def _commit(staged: list[tuple[Path, Path]]) -> None:
         for _, backup in done:
             if backup is not None:
                 backup.unlink()
+        written.extend(target for target, _ in done)  # before a held Ctrl-C is raised
 
 
 @contextmanager

@@ -13,6 +13,7 @@ class Progress:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled and sys.stderr.isatty()
         self.started = time.perf_counter()
+        self.drawn = False  # the line is on the terminal, not yet ended
 
     def __call__(self, cycle: int) -> None:
         if self.enabled:
@@ -20,7 +21,11 @@ class Progress:
             rate = cycle / max(elapsed, 1e-9)
             print(f"\rsimulating: {cycle:>12,} cycles  {elapsed:6.1f} s  "
                   f"{rate / 1e3:8.1f} k cycles/s", end="", file=sys.stderr, flush=True)
+            self.drawn = True
 
     def done(self) -> None:
-        if self.enabled:
+        """End the line, so what is printed next (the report, an error, a Ctrl-C's line)
+        starts a line of its own; call it however the simulation ended."""
+        if self.drawn:
             print(file=sys.stderr)
+            self.drawn = False

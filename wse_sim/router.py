@@ -193,7 +193,9 @@ def build_fabric(spec: FabricSpec, routes: RouteTable, program_pes: np.ndarray,
 
     wakers = np.bincount(fifo["router"][fifo["port"] >= RAMP], minlength=nrouter)
     w_lo = np.concatenate([[0], np.cumsum(wakers)])[r_bounds[:-1]]
-    slot_bounds = np.searchsorted(np.asarray(program_pes, np.int64), router_pe[r_bounds[:-1]])
+    # A stripe's program PEs: from the first PE of its first row (a program without
+    # routes or PEs has no router to start a stripe at).
+    slot_bounds = np.searchsorted(np.asarray(program_pes, np.int64), row_lo[:-1] * width)
     stripe = STRIPE.new(stripes)
     stripe["r_lo"], stripe["r_hi"] = r_bounds[:-1], r_bounds[1:]
     stripe["s_lo"] = slot_bounds

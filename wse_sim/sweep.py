@@ -28,7 +28,9 @@ import csv
 import hashlib
 import io
 import itertools
+import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -87,7 +89,7 @@ def _no_overrides() -> list[Overrides]:
 class SweepSpec(BaseModel):
     """A sweep file: base configs and the axes whose Cartesian product is the grid."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # no 2.0 for 2
 
     configs: list[StrictStr] = Field(
         min_length=1, description="Run config files, relative to the sweep file.")
@@ -249,6 +251,23 @@ def run_point(cfg: RunConfig, label: str, max_cycles: int | None) -> dict[str, A
     }
 
 
+def _quiet_logs() -> None:
+    """Nothing from dask.distributed's loggers in this process but critical failures: what
+    the cluster logs while it shuts down mid-task (cancelled tasks, workers killed, lost
+    heartbeats, with their tracebacks) is not news after a Ctrl-C."""
+    for name in ("distributed", "tornado"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @contextmanager
 def dask_client(scheduler: str | None, workers: int) -> Iterator[Any]:
     """A client of the cluster at `scheduler`, or of a LocalCluster of `workers`
@@ -256,11 +275,21 @@ def dask_client(scheduler: str | None, workers: int) -> Iterator[Any]:
     from distributed import Client, LocalCluster
 
     if scheduler is None:
-        # its HTTP server on any free local port: a default 8787 may be taken (a warning)
-        with (LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                           dashboard_address="127.0.0.1:0") as cluster,
-              Client(cluster) as client):
-            yield client
+        # Its worker processes ignore Ctrl-C, which a terminal sends to all of them: this
+        # process stops the sweep and the cluster (else each worker prints a traceback).
+        # Only SIG_IGN survives the exec of a spawned process, so a Ctrl-C while the
+        # workers start is lost. Its HTTP server is on any free local port: a default
+        # 8787 may be taken (a warning).
+        with _sigint_ignored():
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   dashboard_address="127.0.0.1:0")
+        with cluster, Client(cluster) as client:
+            try:
+                yield client
+            except KeyboardInterrupt:
+                _quiet_logs()
+                client.run(_quiet_logs)
+                raise
         return
     try:
         client = Client(scheduler, timeout=CONNECT_SECONDS)

@@ -3,6 +3,8 @@ follows, so a bad file ends in one line naming it (`wse_sim.errors.UserError`).
 
 * Files are UTF-8, strictly: a bad byte is an error naming the file and its offset, never
   a UnicodeDecodeError and never silently replaced (`read_user_file`).
+* An input is a regular file: a FIFO or a device (/dev/zero) is refused in one line before
+  anything waits on it or reads it (`open_user_file`, `check_user_file`).
 * YAML numbers follow YAML 1.2 for floats: PyYAML implements YAML 1.1, where `1e-8` (no
   dot) and `1.0e8` (unsigned exponent) are strings, so a config field would see a string
   where the user wrote a number (`load_yaml`). A quoted "1e-8" stays a string.
@@ -15,7 +17,9 @@ follows, so a bad file ends in one line naming it (`wse_sim.errors.UserError`).
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -57,12 +61,36 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_implicit_resolver(_FLOAT_TAG, _EXPONENT_FLOAT, list("-+0123456789."))
 
 
+def open_user_file(path: str | Path, what: str) -> int:
+    """A file descriptor of the regular file `path`, open for reading; a UserError naming
+    it if it cannot be opened or is a folder, FIFO or device. Nothing blocks or reads
+    first: opening a FIFO would wait for a writer, and reading /dev/zero never ends."""
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:  # missing, no permission, a socket (ENXIO)
+        raise UserError(f"{path}: cannot read {what}: {err.strerror or err}") from None
+    mode = os.fstat(handle).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(handle)
+        kind = ("Is a directory" if stat.S_ISDIR(mode) else "is a FIFO, not a regular file"
+                if stat.S_ISFIFO(mode) else "is a device, not a regular file")
+        raise UserError(f"{path}: cannot read {what}: {kind}")
+    return handle
+
+
+def check_user_file(path: str | Path, what: str) -> None:
+    """`open_user_file` for a file that another library will read (a program's .npz)."""
+    os.close(open_user_file(path, what))
+
+
 def read_user_file(path: str | Path, what: str) -> str:
     """The text of a file the user named, decoded as UTF-8; a UserError naming the file
-    if it cannot be read, or naming the first bad byte and its offset if it is not UTF-8."""
+    if it cannot be read (`open_user_file`), or naming the first bad byte and its offset
+    if it is not UTF-8."""
     try:
-        raw = Path(path).read_bytes()
-    except OSError as err:
+        with os.fdopen(open_user_file(path, what), "rb") as fh:
+            raw = fh.read()
+    except OSError as err:  # an I/O error while reading
         raise UserError(f"{path}: cannot read {what}: {err.strerror or err}") from None
     try:
         return raw.decode("utf-8")

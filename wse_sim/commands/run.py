@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     except SimulationStopped as stop:
         progress.done()
         return report_stopped(args, stop)
-    progress.done()
+    finally:
+        progress.done()
     print(format_report(report))
     print()
     print(format_check(report["check"]))

@@ -91,8 +91,10 @@ def run(args: argparse.Namespace) -> int:
     from wse_sim.program import read_program_file, read_tensor
     from wse_sim.progress import Progress
     from wse_sim.report import format_report
+    from wse_sim.userinput import check_user_file
 
     check_output_arguments(args, (args.program,), **{"--tensors": args.tensors})
+    check_user_file(args.program, "program")  # not a FIFO (np.load would wait on it)
     program, wafer = read_program_file(args.program)
     if args.tensors and not program.tensors:
         raise UserError(f"{args.program}: the program names no tensors to write (--tensors)")
@@ -107,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     except SimulationStopped as stop:
         progress.done()
         return report_stopped(args, stop)
-    progress.done()
+    finally:
+        progress.done()
     print(format_report(report))
     if args.tensors:
         tensors = {name: read_tensor(layout, result.sram, name)

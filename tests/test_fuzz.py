@@ -1,0 +1,167 @@
+"""Fuzzing the engine: random valid Programs (tests/fuzz_programs.py) must each end in a
+result, a named deadlock or the max-cycles stop, never in another exception, and a run
+without bulk execution must end the same way. WSE_FUZZ_EXAMPLES sets how many programs
+the test draws (300 by default, about 30 s); tests/fuzz_campaign.py runs thousands in
+child processes, so that a segfault or a hang is seen too.
+
+Below it, one reproducer per engine bug the fuzzer found (fuzz_programs.KNOWN_BUGS), each
+xfail(strict=True): when the engine is fixed it XPASSes, and the marker and the entry in
+KNOWN_BUGS go together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fuzz_programs import KNOWN_BUGS, Case, bulk_twin, cases, is_cycle_limit, run_case
+from hypothesis import HealthCheck, event, given, settings
+
+from wse_sim.engine import simulate
+from wse_sim.errors import DeadlockError, ProgramError, UserError
+from wse_sim.hardware import WaferConfig
+from wse_sim.program import (
+    FabIn,
+    FabOut,
+    Mem,
+    Op,
+    Port,
+    Program,
+    Reg,
+    Task,
+    Trigger,
+    port_mask,
+    vec,
+)
+
+EXAMPLES = int(os.environ.get("WSE_FUZZ_EXAMPLES", "300"))
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(cases())
+def test_random_programs_end_in_a_result_a_deadlock_or_the_limit(case):
+    event(run_case(case, twin=True))
+
+
+def test_the_generator_draws_every_ending():
+    """The strategy is not so tame that the fuzz test only sees one kind of ending."""
+    seen = set()
+
+    @settings(max_examples=100, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(cases())
+    def collect(case):
+        seen.add(run_case(case))
+
+    collect()
+    assert {"done", "deadlock", "max_cycles"} <= seen
+
+
+def test_the_checks_catch_a_route_that_drops_wavelets():
+    """run_case is not blind to a dropped wavelet: the bug below, allowed, fails it."""
+    case = _route_without_outputs()
+    if "route_without_outputs" not in KNOWN_BUGS:
+        pytest.skip("the engine no longer drops it")
+    with pytest.raises(AssertionError, match="fewer wavelets than it took in"):
+        run_case(case)
+
+
+# -- reproducers of the engine bugs found (fuzz_programs.KNOWN_BUGS) --------------------------
+
+
+def _wafer(width: int, height: int = 1, **fields) -> WaferConfig:
+    return WaferConfig(width=width, height=height, **fields)
+
+
+def _route_without_outputs() -> Case:
+    """PE (0, 0) sends 3 wavelets on color 0, whose route accepts them from RAMP and has no
+    output at all."""
+    p = Program(1, 1)
+    p.pe(0, 0, 4).tasks.append(Task(0, Trigger.RESET, [vec(Op.MOV, 3, FabOut(0), Mem(0))]))
+    p.add_route(0, 0, 0, port_mask(Port.RAMP), 0)
+    return Case(p, _wafer(1), 1000)
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug: a route with rx but an empty tx set "
+                   "swallows every wavelet; validate() accepts it, route_cycle pops the "
+                   "wavelet and counts -1 copies, so injected == delivered still holds and "
+                   "the run ends as if nothing were wrong")
+def test_a_route_without_outputs_drops_nothing():
+    # Nothing is ever dropped (README, flow control): refuse the route, or keep the
+    # wavelets and report them stuck.
+    case = _route_without_outputs()
+    with pytest.raises((ProgramError, DeadlockError)):
+        simulate(case.program, case.wafer, max_cycles=case.max_cycles)
+
+
+def test_max_cycles_bounds_a_bulk_run():
+    p = Program(1, 1)
+    p.pe(0, 0, 0).tasks.append(Task(0, Trigger.RESET, [vec(Op.NEG, 1000, Reg(0), Reg(0))]))
+    with pytest.raises(UserError) as info:  # cycle by cycle it stops at 10
+        simulate(p, _wafer(1), max_cycles=10)
+    assert is_cycle_limit(info.value)
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug: a PE whose last task ends in a bulk-run "
+                   "instruction leaves the active list at once, so the frozen-fabric test "
+                   "(no active PE, a thread asleep) fires while it still computes: deadlock "
+                   "at cycle 1, where cycle by cycle it is cycle 50")
+def test_no_deadlock_while_a_bulk_run_computes():
+    # PE (0, 0) computes 50 elements; PE (1, 0) waits for a color nobody sends.
+    p = Program(2, 1)
+    p.pe(0, 0, 0).tasks.append(Task(0, Trigger.RESET, [vec(Op.NEG, 50, Reg(0), Reg(0))]))
+    p.pe(1, 0, 0).tasks.append(Task(0, Trigger.RESET, [vec(Op.MOV, 1, Reg(0), FabIn(0))]))
+    p.add_route(1, 0, 0, 0, port_mask(Port.RAMP))
+    case = Case(p, _wafer(2), 10_000)
+    messages = []
+    for each in (case, bulk_twin(case)):
+        with pytest.raises(DeadlockError) as info:
+            simulate(each.program, each.wafer, max_cycles=each.max_cycles)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]  # cycle by cycle: "deadlock at cycle 50 ..."
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug: cycle by cycle, a thread waiting only "
+                   "for its own fp32 credit is no progress, so at fp32 rate 0.25 and "
+                   "deadlock_cycles 3 a computing PE is declared deadlocked; the bulk path "
+                   "runs the same instruction to the end (bulk execution is not invisible)")
+def test_a_slow_element_is_not_a_deadlock():
+    p = Program(1, 1)
+    p.pe(0, 0, 0).tasks.append(Task(0, Trigger.RESET, [vec(Op.NEG, 2, Reg(0), Reg(0))]))
+    case = Case(p, _wafer(1, fp32_ops_per_cycle=0.25, deadlock_cycles=3), 1000)
+    bulk = simulate(case.program, case.wafer)
+    assert bulk.cycles == 5  # elements at cycles 0 and 4
+    twin = bulk_twin(case)
+    assert simulate(twin.program, twin.wafer).cycles == bulk.cycles
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug: run_chunk applies the deadlock_cycles "
+                   "rule before it notices that nothing runs, nothing is ready and the fabric "
+                   "is empty: 'deadlock at cycle 1 (no progress)' naming nothing")
+def test_nothing_left_is_no_deadlock():
+    # A COLOR task whose color nobody sends: the program has nothing to do.
+    p = Program(1, 1)
+    p.pe(0, 0, 0).tasks.append(Task(0, Trigger.COLOR, [vec(Op.MOV, 1, Reg(0), FabIn(0))],
+                                    color=0))
+    p.add_route(0, 0, 0, 0, port_mask(Port.RAMP))
+    simulate(p, _wafer(1, deadlock_cycles=1))
+
+
+
+def test_the_campaign_runs_batches_in_child_processes(tmp_path):
+    """tests/fuzz_campaign.py, the long run, on 5 programs: it counts them and their
+    endings, and keeps no program file of a batch that was ok."""
+    script = Path(__file__).with_name("fuzz_campaign.py")
+    run = subprocess.run([sys.executable, str(script), "--programs", "5", "--batch", "5",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["programs"] == 5 and summary["batches_not_ok"] == 0
+    assert sum(summary["endings"].values()) == 5
+    assert summary["batches"][0]["outcome"] == "ok"
+    assert not list(tmp_path.glob("*.npz"))
