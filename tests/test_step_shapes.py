@@ -1,0 +1,44 @@
+"""The whole training step passes the check whatever the placement, the batch or the lane
+width: the same kernels, placed anywhere on the wafer and sized for any row count, compute
+the float64 reference's step. (gpt_small at the scaling benchmark's budgets and batches
+is `benchmarks/scaling.py`; these are gpt_tiny-sized, seconds each.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compiler.config import PLACEMENTS, parse_config
+from wse_sim.pipeline import run_parsed
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = yaml.safe_load((ROOT / "models" / "gpt_tiny.yaml").read_text())
+
+
+def _run(**sections: dict) -> dict:
+    raw = {name: {**TINY[name], **sections.get(name, {})} if isinstance(TINY[name], dict)
+           else TINY[name] for name in TINY}
+    report = run_parsed(parse_config(raw, "gpt_tiny (varied)"), "gpt_tiny (varied)")
+    assert report["check"]["passed"], report["check"]
+    return report
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_every_placement_passes_the_check(placement):
+    report = _run(compile={"placement": placement})
+    assert report["placement"] == placement
+
+
+@pytest.mark.parametrize("batch", [2, 8, 32])
+def test_every_batch_passes_the_check(batch):
+    # seq_len 4 keeps batch 32 at 128 rows, gpt_small's row count
+    report = _run(training={"batch_size": batch, "seq_len": 4})
+    assert round(report["tokens_per_second"] * report["simulated_seconds"]) == batch * 4
+
+
+@pytest.mark.parametrize("lane_width", [8, 32])
+def test_lane_widths_other_than_d_head_pass_the_check(lane_width):
+    report = _run(compile={"lane_width": lane_width})  # d_head is 16
+    assert report["lane_width"] == lane_width
