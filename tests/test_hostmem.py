@@ -17,7 +17,7 @@ from wse_sim.errors import UserError
 from wse_sim.hostmem import available_bytes, mesh_bytes, program_bytes, require
 from wse_sim.pipeline import compile_config, run_step, simulate_program
 from wse_sim.program import save_program
-from wse_sim.traffic import LATENCY_BINS, run_traffic
+from wse_sim.traffic import LATENCY_BINS, RouterTiming, run_traffic
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "models" / "gpt_tiny.yaml"
@@ -63,7 +63,7 @@ def test_the_mesh_estimate_counts_the_router_state():
     run_traffic(4, 4, "uniform", 0.1, 10, warmup=0)  # compiled before measuring
     need = mesh_bytes(128, 128, 16).need
     peak = _peak(lambda: run_traffic(128, 128, "uniform", 0.01, 2, warmup=0, drain=0,
-                                     queue_depth=16))
+                                     router=RouterTiming(queue_depth=16)))
     histogram = 8 * LATENCY_BINS  # fixed size, not counted
     assert need <= peak - histogram <= 1.3 * need
 

@@ -1,4 +1,5 @@
-"""The import rules that keep the layers apart (wse_sim/__init__.py states them):
+"""No simulator function takes more than twelve parameters, and the import rules that keep
+the layers apart (wse_sim/__init__.py states them) hold:
 
 * the simulator core (every wse_sim module but the CLI and the run pipeline) never imports
   the compiler;
@@ -68,3 +69,18 @@ def test_benchmarks_use_the_installed_package_not_the_cli_or_tests(path):
     helpers = {"tests"} | {p.stem for p in (ROOT / "tests").glob("*.py")}
     assert not {m.split(".")[0] for m in imports(path)} & helpers
     assert "sys.path" not in path.read_text()
+
+
+MAX_PARAMETERS = 12  # beyond this, a function's state wants a record of its own
+
+
+@pytest.mark.parametrize("path", files("wse_sim"), ids=lambda p: module_name(p))
+def test_no_simulator_function_takes_more_than_twelve_parameters(path):
+    crowded = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            count = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs)
+            if count > MAX_PARAMETERS:
+                crowded.append(f"{node.name}: {count}")
+    assert not crowded

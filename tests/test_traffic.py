@@ -6,7 +6,7 @@ import json
 import pytest
 
 from wse_sim.cli import main
-from wse_sim.traffic import mean_hops, run_traffic
+from wse_sim.traffic import RouterTiming, mean_hops, run_traffic
 
 
 @pytest.mark.parametrize("hop_latency", [1, 2])
@@ -14,7 +14,8 @@ def test_contention_free_latency_is_exact(hop_latency):
     # 4 x 1 mesh, neighbor pattern: nodes 0..2 send 1 hop east, node 3 sends 3 hops west.
     # Every link and every ejection ramp has a single source, and a node creates at most
     # one packet per cycle, so even at rate 1 nothing waits: latency = 1 + L * hops.
-    r = run_traffic(4, 1, "neighbor", 1.0, 200, warmup=10, hop_latency=hop_latency)
+    r = run_traffic(4, 1, "neighbor", 1.0, 200, warmup=10,
+                    router=RouterTiming(hop_latency=hop_latency))
     assert r.mean_hops == pytest.approx(1.5)
     assert r.latency_avg == pytest.approx(1 + hop_latency * 1.5)
     assert r.latency_max == 1 + hop_latency * 3

@@ -186,6 +186,15 @@ def _queued_before(src, end):
     return total
 
 
+@dataclass(frozen=True)
+class RouterTiming:
+    """The routers of a traffic run: input queue depth (wavelets), cycles per link, cycles
+    from a PE onto its router (the wafer's `queue_depth`, `hop_latency`, `ramp_in`)."""
+    queue_depth: int = 4
+    hop_latency: int = 1
+    ramp_in: int = 1
+
+
 @dataclass
 class TrafficResult:
     mesh: str
@@ -248,9 +257,7 @@ def run_traffic(
     *,
     warmup: int = 1000,
     seed: int = 1,
-    queue_depth: int = 4,
-    hop_latency: int = 1,
-    ramp_in: int = 1,
+    router: RouterTiming = RouterTiming(),
     drain: int | None = None,
     hotspot_fraction: float = 0.2,
     progress: Callable[[int], None] | None = None,
@@ -277,6 +284,7 @@ def run_traffic(
         raise UserError(f"transpose needs a square mesh (got {width} x {height})")
     if not 0 <= seed < 1 << 64:  # the generator's state is one uint64
         raise UserError(f"seed must be in 0 .. 2**64 - 1 (got {seed})")
+    queue_depth, hop_latency, ramp_in = router.queue_depth, router.hop_latency, router.ramp_in
     drain = 4 * cycles if drain is None else drain
     for name, value, least in (("cycles", cycles, 1), ("warmup", warmup, 0),
                                ("drain", drain, 0), ("queue_depth", queue_depth, 1),

@@ -65,12 +65,12 @@ def result_json(result: TrafficResult) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from wse_sim.outputs import strict_json
-    from wse_sim.traffic import run_traffic
+    from wse_sim.traffic import RouterTiming, run_traffic
 
     width, height = args.mesh
     result = run_traffic(width, height, args.pattern, args.rate, args.cycles,
-                         warmup=args.warmup, seed=args.seed, queue_depth=args.queue_depth,
-                         hop_latency=args.hop_latency, drain=args.drain,
+                         warmup=args.warmup, seed=args.seed,
+                         router=RouterTiming(args.queue_depth, args.hop_latency), drain=args.drain,
                          hotspot_fraction=args.hotspot_fraction, threads=args.threads)
     if args.json:
         print(strict_json(result_json(result)))
