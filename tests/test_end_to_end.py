@@ -87,8 +87,13 @@ def test_tiny_report_counters(tiny_run):
         assert k["pes"] * k["start_cycle"] <= k["fill_pe_cycles"], k["name"]
         assert k["drain_pe_cycles"] <= classes["idle"], k["name"]
         assert k["fill_pe_cycles"] + k["drain_pe_cycles"] <= classes["stalled"] + classes["idle"]
-    assert {name: sum(k["pe_cycles"][name] for k in kernels)
-            for name in report["pe_cycles"]} == report["pe_cycles"]
+        # its stalls split exactly into waiting for output room and waiting for input
+        assert sum(k["stalled_pe_cycles"].values()) == classes["stalled"], k["name"]
+    for field in ("pe_cycles", "stalled_pe_cycles"):
+        assert {name: sum(k[field][name] for k in kernels)
+                for name in report[field]} == report[field]
+    assert set(report["stalled_pe_cycles"]) == {"wait_output", "wait_input"}
+    assert min(report["stalled_pe_cycles"].values()) > 0  # both happen in a step
     # the backward pass ends after the forward pass: the loss kernel before the embedding
     ends = {k["name"]: k["end_cycle"] for k in kernels}
     assert ends["loss"] < ends["embed"]

@@ -22,12 +22,23 @@ from wse_sim.outputs import strict_json, write_file
 from wse_sim.program import BYTES_PER_WORD, Program, Region
 from wse_sim.stats import PORT_NAMES, Stats
 
+CLASSES = ("compute", "send", "receive", "move", "stalled", "idle")  # PE-cycles by class
+STALLS = ("wait_output", "wait_input")  # the stalled PE-cycles by what they waited for
+
+
+def pe_cycles(stats: Stats, where: Any) -> dict[str, dict[str, int]]:
+    """The PE-cycles of the PEs `stats` grids select with `where`: by class (they add up
+    to those PEs x cycles), and the stalled ones split by what they waited for."""
+    return {"pe_cycles": {name: int(getattr(stats, name)[where].sum()) for name in CLASSES},
+            "stalled_pe_cycles": {name: int(getattr(stats, name)[where].sum())
+                                  for name in STALLS}}
+
 
 def region_report(stats: Stats, region: Region) -> dict[str, Any]:
     """Start/end cycle (first and last cycle any of its PEs worked), utilization (compute
     cycles over PE-cycles of the whole run, and over its own start-to-end span), its
-    PE-cycles by class, and of those the fill (before each PE's first work: stalled or
-    idle) and the drain (after its last: idle)."""
+    PE-cycles by class and its stalls by cause (`pe_cycles`), and of those the fill (before
+    each PE's first work: stalled or idle) and the drain (after its last: idle)."""
     window = np.s_[region.y:region.y + region.height, region.x:region.x + region.width]
     first, last = stats.first_cycle[window], stats.last_cycle[window]
     worked = first >= 0
@@ -43,8 +54,7 @@ def region_report(stats: Stats, region: Region) -> dict[str, Any]:
         "utilization": compute / (pes * max(stats.cycles, 1)),
         "active_utilization": compute / (pes * span) if span else 0.0,
         "flops": int(stats.flops[window].sum()),
-        "pe_cycles": {name: int(getattr(stats, name)[window].sum())
-                      for name in ("compute", "send", "receive", "move", "stalled", "idle")},
+        **pe_cycles(stats, window),
         "fill_pe_cycles": int(np.where(worked, first, stats.cycles).sum()),
         "drain_pe_cycles": int(np.where(worked, stats.cycles - 1 - last, 0).sum()),
     }
@@ -73,8 +83,7 @@ def fabric_report(stats: Stats, clock_hz: float, used: np.ndarray) -> dict[str, 
         "pes_simulated": stats.width * stats.height,
         "pes_used": used_pes,
         "pe_utilization": float(stats.compute[used].sum()) / max(used_pes * stats.cycles, 1),
-        "pe_cycles": {name: int(getattr(stats, name)[used].sum()) for name in
-                      ("compute", "send", "receive", "move", "stalled", "idle")},
+        **pe_cycles(stats, used),
         "flops_counted": int(stats.flops.sum()),
         "sram_bytes_read": BYTES_PER_WORD * int(stats.sram_read.sum()),
         "sram_bytes_written": BYTES_PER_WORD * int(stats.sram_write.sum()),
@@ -212,9 +221,13 @@ def format_report(report: dict[str, Any]) -> str:
                                 f"used PEs' peak, {report['percent_of_wafer_peak']:.4f}% of the "
                                 "wafer's"),
         ]
+    stalls = report["stalled_pe_cycles"]
+    shares = {k: f"{k} {v / total:.1%}" for k, v in pc.items()}
+    shares["stalled"] += (f" (output room {stalls['wait_output'] / total:.1%}, input "
+                          f"{stalls['wait_input'] / total:.1%})")
     lines += [
         f"utilization   {report['pe_utilization']:.1%} mean compute over the used PEs; "
-        "PE-cycles: " + ", ".join(f"{k} {v / total:.1%}" for k, v in pc.items()),
+        "PE-cycles: " + ", ".join(shares.values()),
         f"SRAM          {report['sram_bytes_read']:,} B read, "
         f"{report['sram_bytes_written']:,} B written",
         f"fabric        {report['fabric_wavelet_hops']:,} wavelet-hops"
@@ -232,15 +245,17 @@ def format_report(report: dict[str, Any]) -> str:
         f"host          {compile_part}simulate {report['host_simulation_seconds']:.1f} s",
         "",
         f"{'kernel':<28} {'op':<14} {'PEs':>5} {'start':>9} {'end':>9} {'util':>6} "
-        f"{'stalled':>7} {'idle':>6}"
+        f"{'wait-out':>8} {'wait-in':>7} {'idle':>6}"
         + (f" {'running':>8}" if partial else "") + "  (of which fill, drain)",
     ]
     for k in report["kernels"]:
         whole = max(k["pes"] * report["cycles"], 1)
-        pc = k["pe_cycles"]
+        stalls = k["stalled_pe_cycles"]
         lines.append(f"{k['name']:<28} {k['op']:<14} {k['pes']:>5} {k['start_cycle']:>9,} "
                      f"{k['end_cycle']:>9,} {k['utilization']:>6.1%} "
-                     f"{pc['stalled'] / whole:>7.1%} {pc['idle'] / whole:>6.1%}"
+                     f"{stalls['wait_output'] / whole:>8.1%} "
+                     f"{stalls['wait_input'] / whole:>7.1%} "
+                     f"{k['pe_cycles']['idle'] / whole:>6.1%}"
                      + (f" {k['running_pes']:>8}" if partial else "")
                      + f"  ({k['fill_pe_cycles'] / whole:.1%}, {k['drain_pe_cycles'] / whole:.1%})")
     return "\n".join(lines)

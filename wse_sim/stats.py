@@ -1,8 +1,10 @@
 """Counters of one run, all kept by the cycle loop (none estimated), as numpy arrays.
 
 Per-PE arrays have shape (height, width), indexed [y, x]. Cycle classes (one per PE per
-cycle, first that applies): compute, send, receive, move, stalled, idle; see
-`wse_sim.engine` for their exact meaning. `idle = cycles - the other five`.
+cycle, first that applies): compute, send, receive, move, wait_output (stalled waiting for
+room in a full RAMP FIFO), wait_input (stalled waiting for a wavelet), idle; see
+`wse_sim.engine` for their exact meaning. `idle = cycles - the other six`; `stalled` is
+the two waits together.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ class Stats:
     send: np.ndarray
     receive: np.ndarray
     move: np.ndarray
-    stalled: np.ndarray
+    wait_output: np.ndarray
+    wait_input: np.ndarray
     idle: np.ndarray
     sram_read: np.ndarray  # 32-bit SRAM words read per PE
     sram_write: np.ndarray  # ... and written
@@ -74,6 +77,11 @@ class Stats:
                    injected=int(ramp_out.sum()) + int(wk.stripe["copies"].sum()),
                    delivered=int(ramp_in.sum()))
 
+    @property
+    def stalled(self) -> np.ndarray:
+        """Cycles each PE waited for the fabric: for output room or for input."""
+        return self.wait_output + self.wait_input
+
     def utilization(self) -> np.ndarray:
         """Fraction of cycles each PE spent computing, (height, width)."""
         return self.compute / max(self.cycles, 1)
@@ -105,7 +113,8 @@ class Stats:
         """A few lines for a terminal."""
         t = self.totals()
         share = ", ".join(f"{name} {t[name] / max(t['pes'] * self.cycles, 1):.1%}"
-                          for name in ("compute", "send", "receive", "move", "stalled", "idle"))
+                          for name in ("compute", "send", "receive", "move", "wait_output",
+                                       "wait_input", "idle"))
         return (f"{self.cycles} cycles on {self.width} x {self.height} PEs "
                 f"({t['active_pes']} active)\n"
                 f"PE-cycles: {share}\n"
