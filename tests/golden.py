@@ -4,9 +4,10 @@ simulated figure exact.
 `golden_counters(report)` picks from a `run` report what the simulator and compiler decide:
 cycles, the PE-cycle classes and the stalls by cause, SRAM and fabric counters, colors, link
 loads (simulated and estimated), every kernel's rectangle, start and end cycle, utilization,
-FLOPs and stalls by cause, and the digest of every simulated result tensor (its float32
-bits). The test compares them exactly with `tests/golden/gpt_tiny.json`. When a change is
-meant to move them, regenerate and commit the file with the reason in the commit message:
+FLOPs and stalls by cause, the critical path, and the digest of every simulated result
+tensor (its float32 bits). The test compares them exactly with `tests/golden/gpt_tiny.json`.
+When a change is meant to move them, regenerate and commit the file with the reason in the
+commit message:
 
     python tests/golden.py --update
 """
@@ -37,6 +38,7 @@ def golden_counters(report: dict[str, Any]) -> dict[str, Any]:
         **{key: report[key] for key in FABRIC_KEYS},
         "link_load_estimate": {"max": estimate["max"], "total": estimate["total"]},
         "kernels": [{key: k[key] for key in KERNEL_KEYS} for k in report["kernels"]],
+        "critical_path": report["critical_path"],
         "loss_sim": report["check"]["loss_sim"],
         "results_sha256": report["check"]["results_sha256"],
     }

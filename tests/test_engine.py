@@ -191,6 +191,8 @@ def test_stalls_split_into_waiting_for_input_and_for_output_room(threads):
     assert (s.stalled == s.wait_output + s.wait_input).all()
     classes = s.compute + s.send + s.receive + s.move + s.wait_output + s.wait_input + s.idle
     assert (classes == r.cycles).all()
+    # The last wavelet left the sender's router in 116 and was consumed in 122.
+    assert sorted(s.last_ramp.tolist()) == [(0, 0, 1, True, 116), (1, 0, 1, False, 122)]
     # Stopped at cycle 50, the sender has waited for output room in 13..49 (asleep from 14).
     with pytest.raises(SimulationStopped) as info:
         simulate(slow_consumer(20, 100), wafer(), threads=threads, max_cycles=50)

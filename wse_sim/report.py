@@ -1,8 +1,9 @@
 """Reports of one run, built only from the simulator's counters (`Stats`).
 
 The simulator knows nothing of what the PEs compute: the program names rectangular
-`Region`s of the fabric (a compiler's kernels) and gets per-region start/end cycles and
-utilization, plus fabric-wide figures and per-PE grids for plots. Every figure is a count
+`Region`s of the fabric (a compiler's kernels) and gets per-region start/end cycles,
+utilization and cycle classes, the chain of regions that set the cycle count
+(`wse_sim.critical`), plus fabric-wide figures and per-PE grids for plots. Every figure is a count
 the cycle loop kept, never an estimate. What the program's builder declared in
 `Program.meta` is copied to the top level of the report untouched (its keys must not be
 the report's own), and two optional entries of it turn cycles into rates: `throughput`
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from wse_sim.critical import critical_path
 from wse_sim.hardware import WaferConfig
 from wse_sim.outputs import strict_json, write_file
 from wse_sim.program import BYTES_PER_WORD, Program, Region
@@ -146,6 +148,8 @@ def run_report(program: Program, wafer: WaferConfig, stats: Stats,
                                                    "had work)")
     report["host_simulation_seconds"] = host_seconds
     report["kernels"] = [region_report(stats, region) for region in program.regions]
+    report["critical_path"] = critical_path(program, stats,
+                                            [k["end_cycle"] for k in report["kernels"]])
     report["grids"] = grids(stats, sram_words, wafer.sram_words_per_pe)
     return report
 
@@ -156,14 +160,17 @@ def partial_report(program: Program, wafer: WaferConfig, stats: Stats, running: 
     marked `"partial": true`, with `stopped` (cycle, reason, message) and each kernel's
     progress: besides its span, utilization and FLOPs so far, `running_pes`, its PEs that
     were in the middle of a task (`running`, (height, width) bool). Rates per run (tokens/s,
-    FLOP/s, % of peak) are null: the run's work was not done."""
+    FLOP/s, % of peak) and the critical path are null: the run's work was not done."""
     report = run_report(program, wafer, stats, host_seconds)
     rates = [key for key in report
              if key.endswith("_per_second") or key.startswith("percent_of_")]
-    if rates:
-        report.update(dict.fromkeys(rates))
-        report["null_reasons"] = {**report.get("null_reasons", {}), **dict.fromkeys(
-            rates, "the run stopped before its end: a rate per run needs the whole run")}
+    report.update(dict.fromkeys([*rates, "critical_path"]))
+    report["null_reasons"] = {
+        **report.get("null_reasons", {}),
+        **dict.fromkeys(rates, "the run stopped before its end: a rate per run needs the "
+                        "whole run"),
+        "critical_path": "the run stopped before its end: the path that sets the cycle "
+                         "count needs the whole run"}
     for kernel, region in zip(report["kernels"], program.regions, strict=True):
         window = np.s_[region.y:region.y + region.height, region.x:region.x + region.width]
         kernel["running_pes"] = int(running[window].sum())
@@ -181,6 +188,19 @@ def _null(report: dict[str, Any], key: str) -> str:
 
 def _links(links: list[dict[str, Any]], count: int = 3) -> str:
     return ", ".join(f"({k['x']},{k['y']}){k['dir']} {k['wavelets']:,}" for k in links[:count])
+
+
+def _critical_path(report: dict[str, Any]) -> str:
+    path = report["critical_path"]
+    if path is None:
+        return _null(report, "critical_path")
+    if not path:
+        return "none: the program names no kernel that worked"
+    # from a kernel's last input (the first kernel's: cycle 0) to its last output
+    held = [(e["output_cycle"] - (e["input_cycle"] or 0), e["kernel"]) for e in path]
+    cycles, name = max(held)
+    return (f"{len(path)} kernels, longest from input to output: {name} ({cycles:,} "
+            "cycles): " + " -> ".join(e["kernel"] for e in path))
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -243,6 +263,7 @@ def format_report(report: dict[str, Any]) -> str:
                     if "compile_seconds" in report else "")
     lines += [
         f"host          {compile_part}simulate {report['host_simulation_seconds']:.1f} s",
+        "critical path " + _critical_path(report),
         "",
         f"{'kernel':<28} {'op':<14} {'PEs':>5} {'start':>9} {'end':>9} {'util':>6} "
         f"{'wait-out':>8} {'wait-in':>7} {'idle':>6}"

@@ -75,7 +75,8 @@ FIFO = Table(  # what the cycle loop changes
     ("popped", i8),  # wavelets ever popped: head position
     ("head_ready", i8),  # cycle from which the head may move (be consumed); NEVER: empty
     ("head", i8),  # the head's data (see WAVELET)
-    ("last_grant", i8),  # last cycle its head moved: arbitration age, credit return
+    ("last_grant", i8),  # last cycle its head moved (a receive queue's: was consumed):
+    # arbitration age, credit return; after the run, when the last wavelet left it
     init={"head_ready": NEVER, "last_grant": -1},
 )
 FIFO_INFO = Table(  # what it is
