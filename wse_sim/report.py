@@ -3,8 +3,8 @@
 The simulator knows nothing of what the PEs compute: the program names rectangular
 `Region`s of the fabric (a compiler's kernels) and gets per-region start/end cycles,
 utilization and cycle classes, the chain of regions that set the cycle count
-(`wse_sim.critical`), plus fabric-wide figures and per-PE grids for plots. Every figure is a count
-the cycle loop kept, never an estimate. What the program's builder declared in
+(`wse_sim.critical`), plus fabric-wide figures and per-PE grids for plots. Every figure is
+a count the cycle loop kept, never an estimate. What the program's builder declared in
 `Program.meta` is copied to the top level of the report untouched (its keys must not be
 the report's own), and two optional entries of it turn cycles into rates: `throughput`
 ({"unit": "tokens", "per_run": N}: N units of work per run -> "tokens_per_second") and
