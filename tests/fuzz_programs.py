@@ -497,7 +497,7 @@ def check_result(result: SimResult, case: Case) -> str:
                              f"{case.max_cycles}")
     s = result.stats
     program = case.program
-    for name in ("compute", "send", "receive", "move", "stalled", "idle"):
+    for name in ("compute", "send", "receive", "move", "wait_output", "wait_input", "idle"):
         assert (getattr(s, name) >= 0).all(), f"negative {name} cycles"
     assert ((s.first_cycle == -1) == (s.last_cycle == -1)).all()
     worked = s.first_cycle >= 0

@@ -44,6 +44,19 @@ def send_east(n: int, hops: int, color: int = 1, width: int | None = None) -> Pr
     return p
 
 
+def slow_consumer(n: int, work: int) -> Program:
+    """PE (0, 0) sends words 0..n-1 east to PE (1, 0), which takes the first, computes for
+    `work` cycles (an FMA of `work` elements), then takes the other n - 1."""
+    p = Program(2, 1)
+    p.pe(0, 0, n).tasks.append(Task(0, Trigger.RESET, [vec(Op.MOV, n, FabOut(1), Mem(0))]))
+    p.pe(1, 0, work).tasks.append(Task(0, Trigger.RESET, [
+        vec(Op.MOV, 1, Mem(0), FabIn(1)),
+        vec(Op.FMA, work, Mem(0), Mem(0), Imm(2.0), Reg(0)),
+        vec(Op.MOV, n - 1, Mem(0), FabIn(1))]))
+    route_east(p, 1, 0, 1, 0)
+    return p
+
+
 def systolic_dot(a: np.ndarray, b: np.ndarray, pes: int) -> Program:
     """Dot product of a and b (length pes * k) on a 1 x pes row. PE i holds a[i*k:(i+1)*k]
     at word 0 and the same slice of b at word k, accumulates its partial sum in Reg 0

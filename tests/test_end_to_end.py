@@ -3,6 +3,7 @@ errors of a model that does not fit."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from compiler.check import results_digest
+from compiler.compile import compile_step
 from compiler.config import load_config
 from compiler.gpt import build_graph
 from wse_sim.cli import main
@@ -87,11 +89,35 @@ def test_tiny_report_counters(tiny_run):
         assert k["pes"] * k["start_cycle"] <= k["fill_pe_cycles"], k["name"]
         assert k["drain_pe_cycles"] <= classes["idle"], k["name"]
         assert k["fill_pe_cycles"] + k["drain_pe_cycles"] <= classes["stalled"] + classes["idle"]
-    assert {name: sum(k["pe_cycles"][name] for k in kernels)
-            for name in report["pe_cycles"]} == report["pe_cycles"]
+        # its stalls split exactly into waiting for output room and waiting for input
+        assert sum(k["stalled_pe_cycles"].values()) == classes["stalled"], k["name"]
+    for field in ("pe_cycles", "stalled_pe_cycles"):
+        assert {name: sum(k[field][name] for k in kernels)
+                for name in report[field]} == report[field]
+    assert set(report["stalled_pe_cycles"]) == {"wait_output", "wait_input"}
+    assert min(report["stalled_pe_cycles"].values()) > 0  # both happen in a step
     # the backward pass ends after the forward pass: the loss kernel before the embedding
     ends = {k["name"]: k["end_cycle"] for k in kernels}
     assert ends["loss"] < ends["embed"]
+
+
+def test_tiny_critical_path_runs_from_the_embedding_to_the_end(tiny_run):
+    _, report = tiny_run
+    path = report["critical_path"]
+    names = [step["kernel"] for step in path]
+    # the embedding's forward, through the loss and the backward, to the embedding's
+    # gradient, the last work of the step
+    assert names[0] == names[-1] == "embed" and "loss" in names
+    assert path[0]["input_from"] is None and path[0]["input_cycle"] is None
+    assert path[-1]["output_cycle"] == report["cycles"] - 1
+    # each kernel feeds the next (the compiler's streams between kernels say so), and each
+    # takes the last wavelet after it left the previous one and before its own output
+    feeds = {(src, dst) for src, dst, _ in compile_step(load_config(TINY)).traffic}
+    for before, step in itertools.pairwise(path):
+        assert step["input_from"] == before["kernel"]
+        assert (before["kernel"], step["kernel"]) in feeds
+        assert before["output_cycle"] < step["input_cycle"] <= step["output_cycle"]
+    assert set(names) <= {k["name"] for k in report["kernels"]}
 
 
 def _write_config(tmp_path: Path, **wafer) -> Path:

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from programs import deadlock_pair, outer_product_matmul, send_east, systolic_dot
+from programs import (
+    deadlock_pair,
+    outer_product_matmul,
+    send_east,
+    slow_consumer,
+    systolic_dot,
+)
 
 from wse_sim.engine import simulate
 from wse_sim.errors import DeadlockError, ProgramError, SimulationStopped, UserError
@@ -161,6 +167,37 @@ def test_stats_classes_and_idle():
     assert s.ramp_out[0, 0] == 10 and s.ramp_in[0, 3] == 10
     assert s.totals()["link"] == 30
     assert 0 < s.utilization()[0, 3] < 1
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stalls_split_into_waiting_for_input_and_for_output_room(threads):
+    # The sender's wavelet 0, sent in cycle 0, is consumed in cycle 0 + 1 + 2 = 3: until
+    # then the receiver waits for input (cycles 0..2; asleep from 1). It computes in cycles
+    # 4..103 and takes the other 19 in 104..122. The 3 FIFOs on the way (the sender's RAMP
+    # FIFO, the receiver's router's W FIFO, its receive queue) hold 4 wavelets each, so with
+    # wavelet 0 consumed the sender fills them by sending wavelets 0..12 in cycles 0..12.
+    # It then waits for output room: the receiver's pop in cycle 104 frees a slot that
+    # reaches back one FIFO per cycle (receive queue refilled in 105, W FIFO in 106), so it
+    # sends wavelet 13 in cycle 107 and the rest up to 113: cycles 13..106 wait for output.
+    r = simulate(slow_consumer(20, 100), wafer(), threads=threads)
+    s = r.stats
+    assert r.cycles == 123
+    sender = {name: int(getattr(s, name)[0, 0]) for name in ("send", "wait_output",
+                                                              "wait_input", "idle")}
+    assert sender == {"send": 20, "wait_output": 94, "wait_input": 0, "idle": 123 - 114}
+    receiver = {name: int(getattr(s, name)[0, 1]) for name in ("receive", "compute",
+                                                                "wait_output", "wait_input")}
+    assert receiver == {"receive": 20, "compute": 100, "wait_output": 0, "wait_input": 3}
+    assert (s.stalled == s.wait_output + s.wait_input).all()
+    classes = s.compute + s.send + s.receive + s.move + s.wait_output + s.wait_input + s.idle
+    assert (classes == r.cycles).all()
+    # The last wavelet left the sender's router in 116 and was consumed in 122.
+    assert sorted(s.last_ramp.tolist()) == [(0, 0, 1, True, 116), (1, 0, 1, False, 122)]
+    # Stopped at cycle 50, the sender has waited for output room in 13..49 (asleep from 14).
+    with pytest.raises(SimulationStopped) as info:
+        simulate(slow_consumer(20, 100), wafer(), threads=threads, max_cycles=50)
+    s = info.value.result.stats
+    assert (s.wait_output[0, 0], s.wait_input[0, 1], s.compute[0, 1]) == (37, 3, 46)
 
 
 def test_planted_deadlock_is_named():

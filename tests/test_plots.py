@@ -109,6 +109,24 @@ def test_write_plots_takes_the_run_record_in_memory(tmp_path):
     check_pngs(paths, run)
 
 
+def black_pixels(path: Path) -> int:
+    with Image.open(path) as image:
+        return int((np.asarray(image.convert("RGB")) == 0).all(axis=-1).sum())
+
+
+def test_timeline_marks_the_critical_path(tmp_path):
+    run = synthetic_run(9, 5, [(0, 0, 3, 2), (4, 1, 5, 4), (3, 0, 1, 1)])
+    timeline = PLOTS.index("timeline")
+    plain = write_plots(run, tmp_path / "plain")[timeline]
+    run["critical_path"] = [
+        {"kernel": "h0.matmul", "input_from": None, "input_cycle": None, "output_cycle": 300},
+        {"kernel": "h2.attention.bwd", "input_from": "h0.matmul", "input_cycle": 310,
+         "output_cycle": 500}]
+    marked = write_plots(run, tmp_path / "marked")[timeline]
+    # the path (from cycle 0 to 300 on row 0, to 310 on row 2, to 500) and the outlines
+    assert black_pixels(marked) > black_pixels(plain) + 1000
+
+
 def test_block_reduction_keeps_a_lone_hot_link_visible():
     grid = np.zeros((994, 750))
     grid[700, 600] = 9000.0
@@ -159,6 +177,11 @@ def test_not_json(tmp_path, capsys):
         (lambda r: r["kernels"][0].update(x=7), "field kernels.0: kernel 'h0.matmul'"),
         (lambda r: r["grids"].update(sram_capacity_words=0), "grids.sram_capacity_words"),
         (lambda r: r["kernels"][1].update(end_cycle=3), "field kernels.1.end_cycle: kernel"),
+        (lambda r: r.update(critical_path=[{"kernel": "h9", "input_cycle": None,
+                                            "output_cycle": 5}]),
+         "field critical_path.0.kernel: no kernel is named 'h9'"),
+        (lambda r: r.update(critical_path=[{"kernel": "h0.matmul", "output_cycle": -2}]),
+         "field critical_path.0.input_cycle: Field required"),
     ],
 )
 def test_bad_field_is_named(tmp_path, capsys, change, field):

@@ -59,6 +59,7 @@ def assert_partial(report: dict, cycle: int, reason: str) -> None:
     assert report["stopped"]["message"].startswith(f"stopped at cycle {cycle:,}: ")
     assert sum(report["pe_cycles"].values()) == report["pes_used"] * cycle
     assert min(report["pe_cycles"].values()) >= 0
+    assert report["critical_path"] is None and "critical_path" in report["null_reasons"]
 
 
 def test_max_cycles_stops_with_a_partial_report(tmp_path, capsys):

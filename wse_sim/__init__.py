@@ -4,7 +4,8 @@ Layers (tests/test_layers.py enforces them):
 
 * the simulator core, every module here but the CLI and the run pipeline: the Program IR
   (`program`), the hardware description (`hardware`), the engine (`engine`, `router`,
-  `assemble`), its counters and reports (`stats`, `report`, `plots`, `losscurve`),
+  `assemble`), its counters and reports (`stats`, `report`, `critical`, `plots`,
+  `losscurve`),
   synthetic traffic
   (`traffic`), and the rules for what a user gives and gets: input files and config
   numbers (`userinput`), output files (`outputs`), host memory (`hostmem`). It runs any

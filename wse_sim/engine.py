@@ -46,8 +46,12 @@ Cycle classes, one per PE per cycle, first that applies: compute (an arithmetic 
 advanced, or a thread of an arithmetic op waited only for its PE's own fp32 credit, SRAM
 ports or ramp slot), send (an element produced a wavelet), receive (an element consumed a
 wavelet), move (a MOV element between memory/registers, a control op, or a MOV waiting
-only for the PE's own budgets), stalled (a thread waited for the fabric: FABIN empty or
-RAMP FIFO full), idle (the rest, including PEs without a program).
+only for the PE's own budgets), then the two stalls, a thread waited for the fabric:
+wait_output (a FABOUT destination's RAMP FIFO was full: waiting for output room), then
+wait_input (a FABIN operand's receive queue held no ready wavelet: waiting for input);
+idle (the rest, including PEs without a program). `stalled` is the sum of the two stalls.
+The PE's own budgets (SRAM ports, fp32 credit, ramp slot, read debt) never stall: such a
+wait counts as compute or move, the work it delays.
 
 Bulk execution (speed, not semantics). When a PE runs one thread only, has no COLOR
 task, and that thread is at a vector instruction without fabric operands, nothing outside
@@ -63,7 +67,8 @@ Sleep (speed, not semantics). A PE all of whose running threads wait for the fab
 empty receive queue, or a full RAMP FIFO its router did not pop this cycle), with no task
 to start, leaves the list of PEs to run: until a wavelet arrives in one of its receive
 queues or its router pops one of its RAMP FIFOs, nothing it does can change. It is listed
-again for the cycle after that event, and the cycles it slept count as stalled. Routers
+again for the cycle after that event, and the cycles it slept count as the stall of the
+cycle it fell asleep in (nothing it waits for changes while it sleeps). Routers
 sleep the same way (`wse_sim.router`).
 
 Workers (speed, not semantics). With `threads` > 1 the fabric's rows are split into
@@ -124,7 +129,8 @@ RUNNING, DONE, DEADLOCK, FROZEN = range(4)
 # F_BUSY_*: the thread waited only for its own PE's SRAM ports, fp32 credit or ramp slot.
 # F_NOSLEEP: a fabric stall that ends without an event that wakes the PE (a wavelet in the
 # receive queue not ready yet, a RAMP FIFO its router popped this cycle).
-# F_FULL: a stall on a full RAMP FIFO (a PE asleep on one still counts as able to act).
+# F_FULL: a stall on a full RAMP FIFO, i.e. waiting for output room (a PE asleep on one
+# still counts as able to act).
 F_ARITH, F_SEND, F_RECV, F_MOVE, F_STALL, F_BUSY_ARITH, F_BUSY_MOVE = 1, 2, 4, 8, 16, 32, 64
 F_NOSLEEP, F_FULL = 128, 256
 F_WORK = F_ARITH | F_SEND | F_RECV | F_MOVE
@@ -300,7 +306,7 @@ def _element(fb, cs, s, sidx, thr, t):
         if not has_room(fb, d.fifo, t, fb.params[0].depth):
             # A full RAMP FIFO gets room through a pop, which wakes the PE (one this
             # cycle gives room next cycle).
-            return F_STALL | (F_NOSLEEP if fb.fifo[U(d.fifo)].last_grant == t else F_FULL)
+            return F_STALL | F_FULL | (F_NOSLEEP if fb.fifo[U(d.fifo)].last_grant == t else 0)
         flags |= F_SEND
         s.ramp_left -= 1
     _execute(fb, cs, s, thr, i, e, t)
@@ -500,7 +506,7 @@ def _settle(cs, t):
         sl = cs.slot[U(sidx)]
         ctr = cs.ctr[U(sidx)]
         if sl.sleep >= 0:
-            ctr.stalled += t - sl.sleep - 1
+            _count_slept(ctr, sl, t - sl.sleep - 1)
         if sl.busy > t:
             b = cs.bulk[U(sidx)]
             ins = cs.ins[U(b.ins)]
@@ -570,12 +576,25 @@ def _count_cycle(ctr, flags, t):
         ctr.receive += 1
     elif flags & (F_MOVE | F_BUSY_MOVE):
         ctr.move += 1
+    elif flags & F_FULL:
+        ctr.wait_output += 1
     elif flags & F_STALL:
-        ctr.stalled += 1
+        ctr.wait_input += 1
     if flags & F_WORK:
         if ctr.first_cycle < 0:
             ctr.first_cycle = t
         ctr.last_cycle = t
+
+
+@hot_inline
+def _count_slept(ctr, sl, slept):
+    """A PE asleep stalled in each of `slept` cycles as in the cycle it fell asleep in:
+    waiting for output room if a thread waited on a full RAMP FIFO (`_count_cycle`'s
+    order), else for input."""
+    if sl.full:
+        ctr.wait_output += slept
+    else:
+        ctr.wait_input += slept
 
 
 @hot_inline
@@ -642,7 +661,7 @@ def _pe_one(fb, cs, s, sidx, t):
     if sl.sleep >= 0:
         # It stalled in every cycle it slept through, and paid its read debt.
         slept = t - sl.sleep - 1
-        cs.ctr[U(sidx)].stalled += slept
+        _count_slept(cs.ctr[U(sidx)], sl, slept)
         sl.rd_debt = max(0, sl.rd_debt - slept * p.reads)
         sl.sleep = -1
         s.nsleep -= 1

@@ -3,7 +3,8 @@
 `write_plots(run, out_dir)` draws five PNGs (`PLOTS`): PE utilization, link traffic (one
 panel per direction, their sum, and the totals per direction), the placement map (each
 kernel's rectangle coloured by op family), SRAM occupancy (fraction of capacity) and the
-kernel timeline (a Gantt chart of each kernel's first to last busy cycle).
+kernel timeline (a Gantt chart of each kernel's first to last busy cycle, with the run's
+critical path, `wse_sim.critical`, drawn over it).
 
 Why it looks the way it does:
 
@@ -47,6 +48,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -78,6 +80,7 @@ _NOTHING = "#e6e6e6"  # PEs outside every kernel, links that carried nothing
 # engine: the same place in every picture, and a layout engine doubled the drawing time
 _MAP = (0.08, 0.07, 0.78, 0.83)
 _TIMELINE_NAMES = 40  # name each timeline row up to this many kernels
+CRITICAL = "black"  # the critical path and the outline of its kernels
 
 
 class _Record(BaseModel):
@@ -108,6 +111,12 @@ class _Kernel(_Record):
         return self.op.split(".")[0]
 
 
+class _PathStep(_Record):
+    kernel: str
+    input_cycle: int | None = Field(ge=0)  # None: the first kernel, fed by no other
+    output_cycle: int = Field(ge=0)
+
+
 class _Grids(_Record):
     # rows of numbers, checked and converted by numpy in `_array` (pydantic per element
     # would take most of the time of a 750 x 994 run)
@@ -123,6 +132,7 @@ class _Run(_Record):
     fabric: _Fabric
     cycles: int = Field(ge=0)
     kernels: list[_Kernel]
+    critical_path: list[_PathStep] | None = None  # None: a stopped run, or an older file
     grids: _Grids
 
 
@@ -153,6 +163,11 @@ class _Data:
             if k.end_cycle < k.start_cycle:
                 raise UserError(f"{source}: field kernels.{i}.end_cycle: kernel {k.name!r} "
                                 f"ends at cycle {k.end_cycle}, before it starts")
+        names = {k.name for k in run.kernels}
+        for i, step in enumerate(run.critical_path or []):
+            if step.kernel not in names:
+                raise UserError(f"{source}: field critical_path.{i}.kernel: no kernel is "
+                                f"named {step.kernel!r}")
         families = sorted({k.family for k in run.kernels})
         palette = colormaps["tab10" if len(families) <= 10 else "tab20"]
         self.colours = {f: palette(i % palette.N) for i, f in enumerate(families)}
@@ -392,8 +407,9 @@ def _label(ax: Axes, name: str, centre: tuple[float, float], pixels: tuple[float
             return
 
 
-def _family_legend(ax: Axes, data: _Data) -> None:
+def _family_legend(ax: Axes, data: _Data, *extra: Line2D) -> None:
     handles = [Patch(color=colour, label=family) for family, colour in data.colours.items()]
+    handles += extra
     if handles:
         ax.legend(handles=handles, title="op family", loc="upper left",
                   bbox_to_anchor=(1.02, 1.0), fontsize=8, title_fontsize=9)
@@ -406,10 +422,20 @@ def _draw_timeline(fig: Figure, data: _Data) -> None:
     shortest = horizon / 800  # a bar is at least about one pixel long
     rows = np.arange(len(kernels))
     busy = [(row, k) for row, k in zip(rows, kernels, strict=True) if k.start_cycle >= 0]
+    path = data.run.critical_path or []
+    on_path = {step.kernel for step in path}
     ax.barh([row for row, _ in busy],
             [max(k.end_cycle - k.start_cycle, shortest) for _, k in busy],
             left=[k.start_cycle for _, k in busy], height=0.8,
-            color=[data.colours[k.family] for _, k in busy])
+            color=[data.colours[k.family] for _, k in busy],
+            edgecolor=[CRITICAL if k.name in on_path else "none" for _, k in busy],
+            linewidth=1.5)
+    # each kernel of the path from its last input (the first: from cycle 0) to its last
+    # output, on its row, joined to the next kernel's input
+    row_of = {k.name: row for row, k in zip(rows, kernels, strict=True)}
+    xs = [c for step in path for c in (step.input_cycle or 0, step.output_cycle)]
+    ax.plot(xs, [row_of[step.kernel] for step in path for _ in range(2)], color=CRITICAL,
+            linewidth=2.0)
     ax.axvline(data.run.cycles, color="black", linestyle="--", linewidth=0.8)
     ax.set_xlim(0, horizon * 1.02)
     ax.set_ylim(len(kernels) - 0.5, -0.5)
@@ -419,7 +445,8 @@ def _draw_timeline(fig: Figure, data: _Data) -> None:
     else:
         ax.set_ylabel("kernel (op order)")
     ax.set_title(f"Kernel timeline (first to last busy cycle) — {data.subtitle()}", fontsize=10)
-    _family_legend(ax, data)
+    _family_legend(ax, data, *([Line2D([], [], color=CRITICAL, linewidth=2.0,
+                                       label="critical path")] if path else []))
 
 
 _DRAW = {

@@ -1,9 +1,10 @@
 """Reports of one run, built only from the simulator's counters (`Stats`).
 
 The simulator knows nothing of what the PEs compute: the program names rectangular
-`Region`s of the fabric (a compiler's kernels) and gets per-region start/end cycles and
-utilization, plus fabric-wide figures and per-PE grids for plots. Every figure is a count
-the cycle loop kept, never an estimate. What the program's builder declared in
+`Region`s of the fabric (a compiler's kernels) and gets per-region start/end cycles,
+utilization and cycle classes, the chain of regions that set the cycle count
+(`wse_sim.critical`), plus fabric-wide figures and per-PE grids for plots. Every figure is
+a count the cycle loop kept, never an estimate. What the program's builder declared in
 `Program.meta` is copied to the top level of the report untouched (its keys must not be
 the report's own), and two optional entries of it turn cycles into rates: `throughput`
 ({"unit": "tokens", "per_run": N}: N units of work per run -> "tokens_per_second") and
@@ -17,17 +18,29 @@ from typing import Any
 
 import numpy as np
 
+from wse_sim.critical import critical_path
 from wse_sim.hardware import WaferConfig
 from wse_sim.outputs import strict_json, write_file
 from wse_sim.program import BYTES_PER_WORD, Program, Region
 from wse_sim.stats import PORT_NAMES, Stats
 
+CLASSES = ("compute", "send", "receive", "move", "stalled", "idle")  # PE-cycles by class
+STALLS = ("wait_output", "wait_input")  # the stalled PE-cycles by what they waited for
+
+
+def pe_cycles(stats: Stats, where: Any) -> dict[str, dict[str, int]]:
+    """The PE-cycles of the PEs `stats` grids select with `where`: by class (they add up
+    to those PEs x cycles), and the stalled ones split by what they waited for."""
+    return {"pe_cycles": {name: int(getattr(stats, name)[where].sum()) for name in CLASSES},
+            "stalled_pe_cycles": {name: int(getattr(stats, name)[where].sum())
+                                  for name in STALLS}}
+
 
 def region_report(stats: Stats, region: Region) -> dict[str, Any]:
     """Start/end cycle (first and last cycle any of its PEs worked), utilization (compute
     cycles over PE-cycles of the whole run, and over its own start-to-end span), its
-    PE-cycles by class, and of those the fill (before each PE's first work: stalled or
-    idle) and the drain (after its last: idle)."""
+    PE-cycles by class and its stalls by cause (`pe_cycles`), and of those the fill (before
+    each PE's first work: stalled or idle) and the drain (after its last: idle)."""
     window = np.s_[region.y:region.y + region.height, region.x:region.x + region.width]
     first, last = stats.first_cycle[window], stats.last_cycle[window]
     worked = first >= 0
@@ -43,8 +56,7 @@ def region_report(stats: Stats, region: Region) -> dict[str, Any]:
         "utilization": compute / (pes * max(stats.cycles, 1)),
         "active_utilization": compute / (pes * span) if span else 0.0,
         "flops": int(stats.flops[window].sum()),
-        "pe_cycles": {name: int(getattr(stats, name)[window].sum())
-                      for name in ("compute", "send", "receive", "move", "stalled", "idle")},
+        **pe_cycles(stats, window),
         "fill_pe_cycles": int(np.where(worked, first, stats.cycles).sum()),
         "drain_pe_cycles": int(np.where(worked, stats.cycles - 1 - last, 0).sum()),
     }
@@ -73,8 +85,7 @@ def fabric_report(stats: Stats, clock_hz: float, used: np.ndarray) -> dict[str, 
         "pes_simulated": stats.width * stats.height,
         "pes_used": used_pes,
         "pe_utilization": float(stats.compute[used].sum()) / max(used_pes * stats.cycles, 1),
-        "pe_cycles": {name: int(getattr(stats, name)[used].sum()) for name in
-                      ("compute", "send", "receive", "move", "stalled", "idle")},
+        **pe_cycles(stats, used),
         "flops_counted": int(stats.flops.sum()),
         "sram_bytes_read": BYTES_PER_WORD * int(stats.sram_read.sum()),
         "sram_bytes_written": BYTES_PER_WORD * int(stats.sram_write.sum()),
@@ -137,6 +148,8 @@ def run_report(program: Program, wafer: WaferConfig, stats: Stats,
                                                    "had work)")
     report["host_simulation_seconds"] = host_seconds
     report["kernels"] = [region_report(stats, region) for region in program.regions]
+    report["critical_path"] = critical_path(program, stats,
+                                            [k["end_cycle"] for k in report["kernels"]])
     report["grids"] = grids(stats, sram_words, wafer.sram_words_per_pe)
     return report
 
@@ -147,14 +160,17 @@ def partial_report(program: Program, wafer: WaferConfig, stats: Stats, running: 
     marked `"partial": true`, with `stopped` (cycle, reason, message) and each kernel's
     progress: besides its span, utilization and FLOPs so far, `running_pes`, its PEs that
     were in the middle of a task (`running`, (height, width) bool). Rates per run (tokens/s,
-    FLOP/s, % of peak) are null: the run's work was not done."""
+    FLOP/s, % of peak) and the critical path are null: the run's work was not done."""
     report = run_report(program, wafer, stats, host_seconds)
     rates = [key for key in report
              if key.endswith("_per_second") or key.startswith("percent_of_")]
-    if rates:
-        report.update(dict.fromkeys(rates))
-        report["null_reasons"] = {**report.get("null_reasons", {}), **dict.fromkeys(
-            rates, "the run stopped before its end: a rate per run needs the whole run")}
+    report.update(dict.fromkeys([*rates, "critical_path"]))
+    report["null_reasons"] = {
+        **report.get("null_reasons", {}),
+        **dict.fromkeys(rates, "the run stopped before its end: a rate per run needs the "
+                        "whole run"),
+        "critical_path": "the run stopped before its end: the path that sets the cycle "
+                         "count needs the whole run"}
     for kernel, region in zip(report["kernels"], program.regions, strict=True):
         window = np.s_[region.y:region.y + region.height, region.x:region.x + region.width]
         kernel["running_pes"] = int(running[window].sum())
@@ -172,6 +188,19 @@ def _null(report: dict[str, Any], key: str) -> str:
 
 def _links(links: list[dict[str, Any]], count: int = 3) -> str:
     return ", ".join(f"({k['x']},{k['y']}){k['dir']} {k['wavelets']:,}" for k in links[:count])
+
+
+def _critical_path(report: dict[str, Any]) -> str:
+    path = report["critical_path"]
+    if path is None:
+        return _null(report, "critical_path")
+    if not path:
+        return "none: the program names no kernel that worked"
+    # from a kernel's last input (the first kernel's: cycle 0) to its last output
+    held = [(e["output_cycle"] - (e["input_cycle"] or 0), e["kernel"]) for e in path]
+    cycles, name = max(held)
+    return (f"{len(path)} kernels, longest from input to output: {name} ({cycles:,} "
+            "cycles): " + " -> ".join(e["kernel"] for e in path))
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -212,9 +241,13 @@ def format_report(report: dict[str, Any]) -> str:
                                 f"used PEs' peak, {report['percent_of_wafer_peak']:.4f}% of the "
                                 "wafer's"),
         ]
+    stalls = report["stalled_pe_cycles"]
+    shares = {k: f"{k} {v / total:.1%}" for k, v in pc.items()}
+    shares["stalled"] += (f" (output room {stalls['wait_output'] / total:.1%}, input "
+                          f"{stalls['wait_input'] / total:.1%})")
     lines += [
         f"utilization   {report['pe_utilization']:.1%} mean compute over the used PEs; "
-        "PE-cycles: " + ", ".join(f"{k} {v / total:.1%}" for k, v in pc.items()),
+        "PE-cycles: " + ", ".join(shares.values()),
         f"SRAM          {report['sram_bytes_read']:,} B read, "
         f"{report['sram_bytes_written']:,} B written",
         f"fabric        {report['fabric_wavelet_hops']:,} wavelet-hops"
@@ -230,17 +263,20 @@ def format_report(report: dict[str, Any]) -> str:
                     if "compile_seconds" in report else "")
     lines += [
         f"host          {compile_part}simulate {report['host_simulation_seconds']:.1f} s",
+        "critical path " + _critical_path(report),
         "",
         f"{'kernel':<28} {'op':<14} {'PEs':>5} {'start':>9} {'end':>9} {'util':>6} "
-        f"{'stalled':>7} {'idle':>6}"
+        f"{'wait-out':>8} {'wait-in':>7} {'idle':>6}"
         + (f" {'running':>8}" if partial else "") + "  (of which fill, drain)",
     ]
     for k in report["kernels"]:
         whole = max(k["pes"] * report["cycles"], 1)
-        pc = k["pe_cycles"]
+        stalls = k["stalled_pe_cycles"]
         lines.append(f"{k['name']:<28} {k['op']:<14} {k['pes']:>5} {k['start_cycle']:>9,} "
                      f"{k['end_cycle']:>9,} {k['utilization']:>6.1%} "
-                     f"{pc['stalled'] / whole:>7.1%} {pc['idle'] / whole:>6.1%}"
+                     f"{stalls['wait_output'] / whole:>8.1%} "
+                     f"{stalls['wait_input'] / whole:>7.1%} "
+                     f"{k['pe_cycles']['idle'] / whole:>6.1%}"
                      + (f" {k['running_pes']:>8}" if partial else "")
                      + f"  ({k['fill_pe_cycles'] / whole:.1%}, {k['drain_pe_cycles'] / whole:.1%})")
     return "\n".join(lines)

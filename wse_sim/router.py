@@ -353,8 +353,12 @@ def send(fb, s, b, value, t):
 @hot_inline
 def pop_recv(fb, s, b, t):
     """The PE consumes the head of its receive queue b in cycle t; returns the value."""
-    value = bits_float(fb.fifo[U(b)].head)
+    f = fb.fifo[U(b)]
+    value = bits_float(f.head)
     _pop(fb, b, fb.params[0].shift)
+    # Only read after the run (Stats.last_ramp): routers judge a receive queue's room in
+    # cycle t + 1 at the earliest, on its occupancy alone.
+    f.last_grant = t
     s.inflight -= 1
     activate(fb, s, fb.info[U(b)].producer, t)  # it may have been blocked on this queue
     return value

@@ -75,7 +75,8 @@ FIFO = Table(  # what the cycle loop changes
     ("popped", i8),  # wavelets ever popped: head position
     ("head_ready", i8),  # cycle from which the head may move (be consumed); NEVER: empty
     ("head", i8),  # the head's data (see WAVELET)
-    ("last_grant", i8),  # last cycle its head moved: arbitration age, credit return
+    ("last_grant", i8),  # last cycle its head moved (a receive queue's: was consumed):
+    # arbitration age, credit return; after the run, when the last wavelet left it
     init={"head_ready": NEVER, "last_grant": -1},
 )
 FIFO_INFO = Table(  # what it is
@@ -162,13 +163,14 @@ SLOT = Table(
 )
 PE_COUNTERS = Table(
     # cycles by class, first that applies (wse_sim.engine): the Stats fields of that name
-    ("compute", i8), ("send", i8), ("receive", i8), ("move", i8), ("stalled", i8),
+    ("compute", i8), ("send", i8), ("receive", i8), ("move", i8),
+    ("wait_output", i8), ("wait_input", i8),  # the stalls: output room, input
     ("sram_read", i8), ("sram_write", i8),  # words
     ("ops", i8), ("flops", i8),
     ("first_cycle", i8), ("last_cycle", i8),  # cycles it did work, -1 never
     init={"first_cycle": -1, "last_cycle": -1},
 )
-CYCLE_CLASSES = PE_COUNTERS.dtype.names[:5]
+CYCLE_CLASSES = PE_COUNTERS.dtype.names[:6]
 BULK = Table(  # a PE's last bulk-run instruction: what it started from (`wse_sim.engine`
     # replays its timing up to a stop cycle to count only the cycles run before it)
     ("t0", i8),  # the cycle it started in

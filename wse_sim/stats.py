@@ -1,8 +1,10 @@
 """Counters of one run, all kept by the cycle loop (none estimated), as numpy arrays.
 
 Per-PE arrays have shape (height, width), indexed [y, x]. Cycle classes (one per PE per
-cycle, first that applies): compute, send, receive, move, stalled, idle; see
-`wse_sim.engine` for their exact meaning. `idle = cycles - the other five`.
+cycle, first that applies): compute, send, receive, move, wait_output (stalled waiting for
+room in a full RAMP FIFO), wait_input (stalled waiting for a wavelet), idle; see
+`wse_sim.engine` for their exact meaning. `idle = cycles - the other six`; `stalled` is
+the two waits together.
 """
 
 from __future__ import annotations
@@ -12,11 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from wse_sim.program import PORT_OFFSET
+from wse_sim.program import PORT_OFFSET, Port
 from wse_sim.router import fabric_counters
-from wse_sim.state import CYCLE_CLASSES, PE_COUNTERS
+from wse_sim.state import CYCLE_CLASSES, PE_COUNTERS, RECV
 
 PORT_NAMES = tuple(port.name for port in PORT_OFFSET)  # the order of Stats.link's first axis
+# Stats.last_ramp: one record per (PE, color, direction) whose ramp carried a wavelet
+LAST_RAMP = np.dtype([("x", np.int32), ("y", np.int32), ("color", np.int32),
+                      ("sent", np.bool_),  # True: the PE sent on the color, False: received
+                      ("cycle", np.int64)])  # the last cycle one left the PE's router / the
+# PE consumed one
 
 
 @dataclass
@@ -28,7 +35,8 @@ class Stats:
     send: np.ndarray
     receive: np.ndarray
     move: np.ndarray
-    stalled: np.ndarray
+    wait_output: np.ndarray
+    wait_input: np.ndarray
     idle: np.ndarray
     sram_read: np.ndarray  # 32-bit SRAM words read per PE
     sram_write: np.ndarray  # ... and written
@@ -40,6 +48,7 @@ class Stats:
     ramp_in: np.ndarray  # wavelets the router delivered to the PE
     ramp_out: np.ndarray  # wavelets the PE (or packet source) put on its router
     color_hops: np.ndarray  # (colors,): mesh link crossings per color
+    last_ramp: np.ndarray  # LAST_RAMP records, in no particular order
     injected: int  # wavelets sent, counting each extra multicast copy
     delivered: int  # wavelets delivered to (consumed by) PEs
 
@@ -47,8 +56,9 @@ class Stats:
     def from_state(cls, width: int, height: int, cycles: int, fb: Any, wk: Any,
                    cs: Any | None = None) -> Stats:
         """Build from the engine's state: a Fabric (its FIFOs' push counts, see
-        `wse_sim.router.fabric_counters`), its Workers (multicast copies) and Cores (per-PE
-        counters; None for a run without PE programs)."""
+        `wse_sim.router.fabric_counters`, and the last cycle each ramp FIFO and receive
+        queue let a wavelet go), its Workers (multicast copies) and Cores (per-PE counters;
+        None for a run without PE programs)."""
         npe = width * height
 
         def grid(values: np.ndarray, at: np.ndarray, empty: int = 0) -> np.ndarray:
@@ -69,10 +79,23 @@ class Stats:
         idle = cycles - sum(per_pe[name] for name in CYCLE_CLASSES)
         link = np.stack([grid(row, at) for row in fabric["link"]])
         ramp_in, ramp_out = grid(fabric["ramp_in"], at), grid(fabric["ramp_out"], at)
+        port, last = fb.info["port"], fb.fifo["last_grant"]
+        ramps = ((port == Port.RAMP) | (port == RECV)) & (last >= 0)
+        pe = fb.router_pe[fb.info["router"][ramps]]
+        last_ramp = np.zeros(len(pe), LAST_RAMP)
+        last_ramp["x"], last_ramp["y"] = pe % width, pe // width
+        last_ramp["color"] = fb.route["color"][fb.info["route"][ramps]]
+        last_ramp["sent"] = port[ramps] == Port.RAMP
+        last_ramp["cycle"] = last[ramps]
         return cls(width, height, cycles, **per_pe, idle=idle, link=link, ramp_in=ramp_in,
-                   ramp_out=ramp_out, color_hops=fabric["color_hops"],
+                   ramp_out=ramp_out, color_hops=fabric["color_hops"], last_ramp=last_ramp,
                    injected=int(ramp_out.sum()) + int(wk.stripe["copies"].sum()),
                    delivered=int(ramp_in.sum()))
+
+    @property
+    def stalled(self) -> np.ndarray:
+        """Cycles each PE waited for the fabric: for output room or for input."""
+        return self.wait_output + self.wait_input
 
     def utilization(self) -> np.ndarray:
         """Fraction of cycles each PE spent computing, (height, width)."""
@@ -92,7 +115,8 @@ class Stats:
                                        "active_pes": int(self.active_pes().sum())}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, np.ndarray) and f.name not in ("first_cycle", "last_cycle"):
+            if isinstance(value, np.ndarray) and f.name not in ("first_cycle", "last_cycle",
+                                                                "last_ramp"):
                 out[f.name] = int(value.sum())
         out["injected"] = self.injected
         out["delivered"] = self.delivered
@@ -105,7 +129,8 @@ class Stats:
         """A few lines for a terminal."""
         t = self.totals()
         share = ", ".join(f"{name} {t[name] / max(t['pes'] * self.cycles, 1):.1%}"
-                          for name in ("compute", "send", "receive", "move", "stalled", "idle"))
+                          for name in ("compute", "send", "receive", "move", "wait_output",
+                                       "wait_input", "idle"))
         return (f"{self.cycles} cycles on {self.width} x {self.height} PEs "
                 f"({t['active_pes']} active)\n"
                 f"PE-cycles: {share}\n"
