@@ -12,7 +12,8 @@ this order:
   an output port of the parent and the opposite input of the child, RAMP in tx where the
   stream is delivered, mostly leaves; trees of one color merge, which makes routes with
   several inputs and loops), plus a few route entries with random masks, repaired so
-  that every output port leads to a neighbour that accepts from it;
+  that every output port leads to a neighbour that accepts from it and every route that
+  accepts has an output (RAMP if it had none: validate refuses a dead end);
 * streams: some trees get a matched sender (a task producing n wavelets at the root) and
   receivers (a task consuming n, or a COLOR task consuming one per run) at every PE the
   tree delivers to, so that a fair share of programs run to the end;
@@ -70,9 +71,6 @@ from wse_sim.program import (
 
 # Engine bugs found by this fuzzer (see the module docstring and tests/test_fuzz.py).
 KNOWN_BUGS = frozenset({
-    # A route that accepts wavelets but has no output (tx = 0) swallows them: the run
-    # ends as if they were delivered (test_a_route_without_outputs_drops_nothing).
-    "route_without_outputs",
     # A PE whose last task ends in a bulk-run instruction leaves the active list when the
     # bulk run starts, so a deadlock is reported while that instruction still runs, earlier
     # than cycle by cycle (test_no_deadlock_while_a_bulk_run_computes). (The max-cycles
@@ -147,7 +145,7 @@ def wafers(width: int, height: int) -> st.SearchStrategy[WaferConfig]:
 
 
 @st.composite
-def cases(draw, allow_known_bugs: bool = False) -> Case:
+def cases(draw) -> Case:
     """A valid Program on a small wafer and a cycle limit (see the module docstring)."""
     width, height = draw(st.integers(1, MAX_SIDE)), draw(st.integers(1, MAX_SIDE))
     wafer = draw(wafers(width, height))
@@ -155,8 +153,7 @@ def cases(draw, allow_known_bugs: bool = False) -> Case:
     trees = [_tree(draw, program, wafer) for _ in range(draw(st.integers(0, 4)))]
     for _ in range(draw(st.integers(0, 3))):
         _random_route(draw, program, wafer)
-    if "route_without_outputs" in KNOWN_BUGS and not allow_known_bugs:
-        _deliver_dead_ends(program)
+    _deliver_dead_ends(program)
     ids: dict[tuple[int, int], list[int]] = {}
     for x in range(width):
         for y in range(height):

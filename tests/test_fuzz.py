@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fuzz_programs import KNOWN_BUGS, Case, bulk_twin, cases, is_cycle_limit, run_case
+from fuzz_programs import Case, bulk_twin, cases, is_cycle_limit, run_case
 from hypothesis import HealthCheck, event, given, settings
 
 from wse_sim.engine import simulate
@@ -62,15 +62,6 @@ def test_the_generator_draws_every_ending():
     assert {"done", "deadlock", "max_cycles"} <= seen
 
 
-def test_the_checks_catch_a_route_that_drops_wavelets():
-    """run_case is not blind to a dropped wavelet: the bug below, allowed, fails it."""
-    case = _route_without_outputs()
-    if "route_without_outputs" not in KNOWN_BUGS:
-        pytest.skip("the engine no longer drops it")
-    with pytest.raises(AssertionError, match="fewer wavelets than it took in"):
-        run_case(case)
-
-
 # -- reproducers of the engine bugs found (fuzz_programs.KNOWN_BUGS) --------------------------
 
 
@@ -87,15 +78,12 @@ def _route_without_outputs() -> Case:
     return Case(p, _wafer(1), 1000)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a route with rx but an empty tx set "
-                   "swallows every wavelet; validate() accepts it, route_cycle pops the "
-                   "wavelet and counts -1 copies, so injected == delivered still holds and "
-                   "the run ends as if nothing were wrong")
 def test_a_route_without_outputs_drops_nothing():
-    # Nothing is ever dropped (README, flow control): refuse the route, or keep the
-    # wavelets and report them stuck.
+    # Nothing is ever dropped (README, flow control): the engine used to pop such a
+    # route's wavelets with -1 copies, so the run ended as if they had been delivered.
     case = _route_without_outputs()
-    with pytest.raises((ProgramError, DeadlockError)):
+    with pytest.raises(ProgramError, match=r"^route at PE \(0, 0\) color 0: accepts wavelets "
+                       r"\(rx\) but has no outputs \(tx is empty\)$"):
         simulate(case.program, case.wafer, max_cycles=case.max_cycles)
 
 
