@@ -76,19 +76,11 @@ KNOWN_BUGS = frozenset({
     # than cycle by cycle (test_no_deadlock_while_a_bulk_run_computes). (The max-cycles
     # stop waits for it: test_max_cycles_bounds_a_bulk_run.)
     "bulk_end_ignored",
-    # Cycle by cycle, a thread that waits only for its own PE's fp32 credit or SRAM reads
-    # makes no progress, so with deadlock_cycles below that wait (4 cycles at fp32 rate
-    # 0.25) a computing PE is declared deadlocked; run in bulk, the same instruction is
-    # progress every cycle (test_a_slow_element_is_not_a_deadlock).
-    "slow_element_is_no_progress",
     # The no-progress rule is applied before the end of the run is noticed: with
     # deadlock_cycles 1, a program whose tasks never become ready (nothing waits, nothing
     # is in flight) ends in a DeadlockError naming nothing (test_nothing_left_is_no_deadlock).
     "deadlock_with_nothing_waiting",
 })
-# The longest a thread waits for its own PE's budgets between two elements: 4 cycles of
-# fp32 credit at rate 0.25, or 2 of read debt (3 words read, 1 per cycle).
-LONGEST_OWN_WAIT = 4
 
 MAX_SIDE = 4
 MAX_TASKS_PER_PE = 6
@@ -406,9 +398,6 @@ def run_case(case: Case, twin: bool = False) -> str:
     the same cycles, counters, memories and registers)."""
     validate(case.program, case.wafer)  # a ProgramError here is a bug of the generator
     ending, result = _simulate(case)
-    if ("slow_element_is_no_progress" in KNOWN_BUGS
-            and case.wafer.deadlock_cycles <= LONGEST_OWN_WAIT):
-        twin = False
     other = bulk_twin(case) if twin else None
     if other is None or ending.startswith("known:"):
         return ending

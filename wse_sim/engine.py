@@ -76,10 +76,10 @@ The run ends at the first cycle at which no thread runs, no task is ready and no
 is in any FIFO or receive queue; `cycles` is that cycle's index. Then every wavelet sent
 (plus every extra multicast copy) must have been delivered to a PE (checked). Deadlock:
 `deadlock_cycles` cycles without progress (a wavelet moved, an element or control op
-executed, a task started), or no PE able to act (all done, or waiting on empty receive queues)
-and nothing moved for hop_latency + 1 cycles (then nothing can ever change). Both raise
-DeadlockError naming the waiting threads, the wavelets stranded at idle or halted PEs and
-the full FIFOs.
+executed, a task started, a thread waited only for its own PE's budgets), or no PE able
+to act (all done, or waiting on empty receive queues) and nothing moved for hop_latency + 1
+cycles (then nothing can ever change). Both raise DeadlockError naming the waiting threads,
+the wavelets stranded at idle or halted PEs and the full FIFOs.
 """
 
 from __future__ import annotations
@@ -128,6 +128,9 @@ RUNNING, DONE, DEADLOCK, FROZEN = range(4)
 F_ARITH, F_SEND, F_RECV, F_MOVE, F_STALL, F_BUSY_ARITH, F_BUSY_MOVE = 1, 2, 4, 8, 16, 32, 64
 F_NOSLEEP, F_FULL = 128, 256
 F_WORK = F_ARITH | F_SEND | F_RECV | F_MOVE
+# Progress for the deadlock rule: a wait for the PE's own budgets ends within a few cycles
+# (and a bulk-run instruction counts those cycles as progress too).
+F_PROGRESS = F_WORK | F_BUSY_ARITH | F_BUSY_MOVE
 
 
 @hot
@@ -632,8 +635,8 @@ def _timer_pop(cs, s):
 
 @hot_inline
 def _pe_one(fb, cs, s, sidx, t):
-    """Cycle t of slot sidx (stripe s). Returns the progress made (elements, control ops
-    and tasks started)."""
+    """Cycle t of slot sidx (stripe s). Returns the progress made (elements, control ops,
+    tasks started and threads waiting only for the PE's own budgets)."""
     p = cs.params[0]
     sl = cs.slot[U(sidx)]
     if sl.busy > t:  # inside a bulk-run instruction: its timer lists it
@@ -692,10 +695,10 @@ def _pe_one(fb, cs, s, sidx, t):
                 continue
             f = _element(fb, cs, s, sidx, thr, t)
             flags |= f
-            if f & F_WORK:
+            if f & F_PROGRESS:
                 progress += 1
-                if first < 0:
-                    first = k
+            if f & F_WORK and first < 0:
+                first = k
         if first >= 0:
             sl.th_rr = first + 1 if first + 1 < threads else 0
         _count_cycle(cs.ctr[U(sidx)], flags, t)
