@@ -71,11 +71,6 @@ from wse_sim.program import (
 
 # Engine bugs found by this fuzzer (see the module docstring and tests/test_fuzz.py).
 KNOWN_BUGS = frozenset({
-    # A PE whose last task ends in a bulk-run instruction leaves the active list when the
-    # bulk run starts, so a deadlock is reported while that instruction still runs, earlier
-    # than cycle by cycle (test_no_deadlock_while_a_bulk_run_computes). (The max-cycles
-    # stop waits for it: test_max_cycles_bounds_a_bulk_run.)
-    "bulk_end_ignored",
     # The no-progress rule is applied before the end of the run is noticed: with
     # deadlock_cycles 1, a program whose tasks never become ready (nothing waits, nothing
     # is in flight) ends in a DeadlockError naming nothing (test_nothing_left_is_no_deadlock).
@@ -405,10 +400,6 @@ def run_case(case: Case, twin: bool = False) -> str:
     ending2, result2 = _simulate(other)
     if ending2.startswith("known:"):
         return ending2
-    if "bulk_end_ignored" in KNOWN_BUGS and ending != "done":
-        stopped = ("deadlock", "max_cycles")  # which of them first depends on the bug
-        assert ending in stopped and ending2 in stopped, f"bulk {ending}, not {ending2}"
-        return ending
     assert ending2 == ending, f"with bulk runs {ending}, without {ending2}"
     if result is not None and result2 is not None:
         assert result2.cycles == result.cycles, "cycles with and without bulk runs"

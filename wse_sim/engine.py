@@ -798,20 +798,20 @@ def run_worker(fb, cs, wk, t, t_end, workers, w):
                 # instruction: nothing happens until the first of them resumes.
                 t = max(t, min(next_free, t_end))
             # A bulk-run instruction makes progress every cycle until it ends.
-            if t - max(last_progress, bulk_end - 1) > deadlock:
+            progressed = max(last_progress, bulk_end - 1)
+            if t - progressed > deadlock:
                 status = DEADLOCK
                 break
-            if active + full == 0 and inflight > 0 and t - last_progress > hop + 1:
+            if active + full == 0 and inflight > 0 and t - progressed > hop + 1:
                 status = FROZEN
                 break
         first = False
         if inflight == 0 and active == 0:
-            if nsleep > 0:  # threads wait for wavelets nobody can send
-                status = FROZEN
-                break
-            # A PE that ended inside a bulk-run instruction finished at bulk_end.
+            # A PE whose task ended inside a bulk-run instruction (no longer listed) computes
+            # until bulk_end: then the run ends, or sleeping threads wait for wavelets nobody
+            # can send.
             t = max(t, bulk_end)
-            status = DONE
+            status = FROZEN if nsleep > 0 else DONE
             break
         if t >= t_end:
             break
@@ -914,11 +914,11 @@ def _run(program: Program, asm: Assembled, max_cycles: int | None,
         workers = workers_for(wk, (int(wk.stripe["visits"].sum()) - visits) / max(t - t0, 1))
         if progress is not None:
             progress(t)
+        if status != RUNNING and max_cycles is not None and t > max_cycles:
+            # The last work was bulk-run instructions ending after the limit.
+            raise _stopped(program, asm, max_cycles, "max_cycles",
+                           f"reached max_cycles={max_cycles}")
         if status == DONE:
-            if max_cycles is not None and t > max_cycles:
-                # The last work was bulk-run instructions ending after the limit.
-                raise _stopped(program, asm, max_cycles, "max_cycles",
-                               f"reached max_cycles={max_cycles}")
             break
         if status in (DEADLOCK, FROZEN):
             raise DeadlockError(_deadlock_message(asm, t, status))
