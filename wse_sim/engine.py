@@ -790,6 +790,14 @@ def run_worker(fb, cs, wk, t, t_end, workers, w):
             work += o.pub_work
             bulk_end = max(bulk_end, o.pub_bulk_end)
             next_free = min(next_free, o.pub_next_free)
+        if inflight == 0 and active == 0:
+            # Nothing runs, nothing is ready, the fabric is empty: the end, whatever the
+            # no-progress rule below would say. A PE whose task ended inside a bulk-run
+            # instruction (no longer listed) computes until bulk_end: then the run ends, or
+            # sleeping threads wait for wavelets nobody can send.
+            t = max(t, bulk_end)
+            status = FROZEN if nsleep > 0 else DONE
+            break
         if not first:  # the checks after cycle t - 1
             if work > 0:
                 last_progress = t - 1
@@ -806,13 +814,6 @@ def run_worker(fb, cs, wk, t, t_end, workers, w):
                 status = FROZEN
                 break
         first = False
-        if inflight == 0 and active == 0:
-            # A PE whose task ended inside a bulk-run instruction (no longer listed) computes
-            # until bulk_end: then the run ends, or sleeping threads wait for wavelets nobody
-            # can send.
-            t = max(t, bulk_end)
-            status = FROZEN if nsleep > 0 else DONE
-            break
         if t >= t_end:
             break
         for k in range(w, n, workers):
