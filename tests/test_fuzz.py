@@ -136,6 +136,21 @@ def test_nothing_left_is_no_deadlock():
     assert simulate(p, _wafer(1, deadlock_cycles=1)).cycles == 1  # after the scan at cycle 0
 
 
+def test_a_wavelet_crossing_a_link_is_progress():
+    # PE (0, 0) sends one wavelet over 2 hops of latency 3 to a COLOR task at PE (2, 0):
+    # found once run_case required a deadlock to name what waits. A wavelet on a link was
+    # no progress, so with deadlock_cycles 1 the run was "deadlock at cycle 3", naming
+    # nothing (queue_depth 2: the FIFO it crosses into is not full).
+    p = Program(3, 1)
+    p.pe(0, 0, 0).tasks.append(Task(0, Trigger.RESET, [vec(Op.MOV, 1, FabOut(0), Reg(0))]))
+    p.pe(2, 0, 0).tasks.append(Task(0, Trigger.COLOR, [vec(Op.MOV, 1, Reg(0), FabIn(0))],
+                                    color=0))
+    p.add_route(0, 0, 0, port_mask(Port.RAMP), port_mask(Port.E))
+    p.add_route(1, 0, 0, port_mask(Port.W), port_mask(Port.E))
+    p.add_route(2, 0, 0, port_mask(Port.W), port_mask(Port.RAMP))
+    wafer = _wafer(3, hop_latency=3, queue_depth=2, deadlock_cycles=1)
+    assert simulate(p, wafer).cycles == 9  # consumed at cycle 0 + 2 * 3 + 2
+
 
 def test_the_campaign_runs_batches_in_child_processes(tmp_path):
     """tests/fuzz_campaign.py, the long run, on 5 programs: it counts them and their

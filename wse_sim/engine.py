@@ -75,11 +75,11 @@ number of threads.
 The run ends at the first cycle at which no thread runs, no task is ready and no wavelet
 is in any FIFO or receive queue; `cycles` is that cycle's index. Then every wavelet sent
 (plus every extra multicast copy) must have been delivered to a PE (checked). Deadlock:
-`deadlock_cycles` cycles without progress (a wavelet moved, an element or control op
-executed, a task started, a thread waited only for its own PE's budgets), or no PE able
-to act (all done, or waiting on empty receive queues) and nothing moved for hop_latency + 1
-cycles (then nothing can ever change). Both raise DeadlockError naming the waiting threads,
-the wavelets stranded at idle or halted PEs and the full FIFOs.
+`deadlock_cycles` cycles without progress (a wavelet moved or crossing a link, an element
+or control op executed, a task started, a thread waited only for its own PE's budgets), or
+no PE able to act (all done, or waiting on empty receive queues) and nothing moved for
+hop_latency + 1 cycles (then nothing can ever change). Both raise DeadlockError naming the
+waiting threads, the wavelets stranded at idle or halted PEs and the full FIFOs.
 """
 
 from __future__ import annotations
