@@ -385,16 +385,17 @@ def run_case(case: Case, twin: bool = False) -> str:
     """Run `case`; return how it ended: "done", "deadlock" or "max_cycles". Asserts the
     invariants of each ending; any exception that is not a deadlock or the max-cycles stop
     propagates.
-    `twin`: also run `bulk_twin(case)`, which must end the same way (a finished run with
-    the same cycles, counters, memories and registers)."""
+    `twin`: also run `bulk_twin(case)`, which must end the same way (the same deadlock or
+    stop line, or a finished run with the same cycles, counters, memories and registers)."""
     validate(case.program, case.wafer)  # a ProgramError here is a bug of the generator
-    ending, result = _simulate(case)
+    ending, result, line = _simulate(case)
     other = bulk_twin(case) if twin else None
     if other is None:
         return ending
     validate(other.program, other.wafer)
-    ending2, result2 = _simulate(other)
-    assert ending2 == ending, f"with bulk runs {ending}, without {ending2}"
+    ending2, result2, line2 = _simulate(other)
+    assert (ending2, line2) == (ending, line), (f"with bulk runs {line or ending}, without "
+                                                f"{line2 or ending2}")
     if result is not None and result2 is not None:
         assert result2.cycles == result.cycles, "cycles with and without bulk runs"
         colors = case.wafer.colors
@@ -429,7 +430,8 @@ def bulk_twin(case: Case) -> Case | None:
     return Case(program, wafer, case.max_cycles)
 
 
-def _simulate(case: Case) -> tuple[str, SimResult | None]:
+def _simulate(case: Case) -> tuple[str, SimResult | None, str]:
+    """How `case` ended, its result if finished, and its deadlock or stop line."""
     first_chunk: list[float] = []  # when the first chunk ended: numba has compiled by then
 
     def watchdog(cycle: int) -> None:  # called between chunks of cycles
@@ -448,14 +450,14 @@ def _simulate(case: Case) -> tuple[str, SimResult | None]:
         # it names a waiting thread, a stranded wavelet or a full FIFO
         assert " | " in message, message
         assert int(message.split()[3]) <= case.max_cycles, message
-        return "deadlock", None
+        return "deadlock", None, message
     except UserError as err:
         if not is_cycle_limit(err):
             raise
         assert "\n" not in str(err) and f"max_cycles={case.max_cycles};" in str(err), str(err)
         assert err.cycle <= case.max_cycles, str(err)
-        return "max_cycles", None
-    return check_result(result, case), result
+        return "max_cycles", None, str(err)
+    return check_result(result, case), result, ""
 
 
 def check_result(result: SimResult, case: Case) -> str:
