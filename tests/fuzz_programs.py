@@ -26,10 +26,10 @@ this order:
 ("done", "deadlock" or "max_cycles"), asserting the invariants each ending promises; any
 other exception is a crash and propagates.
 
-Engine bugs the fuzzer found are listed in KNOWN_BUGS, each with an xfail(strict=True)
-reproducer in tests/test_fuzz.py. While a bug is listed, the strategy does not draw it
-(or `run_case` tolerates it and says so); when the engine is fixed, the reproducer
-XPASSes, and its entry here is to be deleted with the xfail marker.
+Engine bugs the fuzzer finds are listed in KNOWN_BUGS (none open), each with an
+xfail(strict=True) reproducer in tests/test_fuzz.py. While a bug is listed, the strategy
+does not draw it (or `run_case` tolerates it and says so); when the engine is fixed, the
+reproducer XPASSes, and its entry here is to be deleted with the xfail marker.
 """
 
 from __future__ import annotations

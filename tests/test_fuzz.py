@@ -4,9 +4,9 @@ without bulk execution must end the same way. WSE_FUZZ_EXAMPLES sets how many pr
 the test draws (300 by default, about 30 s); tests/fuzz_campaign.py runs thousands in
 child processes, so that a segfault or a hang is seen too.
 
-Below it, one reproducer per engine bug the fuzzer found (fuzz_programs.KNOWN_BUGS), each
-xfail(strict=True): when the engine is fixed it XPASSes, and the marker and the entry in
-KNOWN_BUGS go together.
+Below it, one reproducer per engine bug the fuzzer found, all fixed. A new one is
+xfail(strict=True) while its entry is in fuzz_programs.KNOWN_BUGS: when the engine is
+fixed it XPASSes, and the marker and the entry go together.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def test_the_generator_draws_every_ending():
     assert {"done", "deadlock", "max_cycles"} <= seen
 
 
-# -- reproducers of the engine bugs found (fuzz_programs.KNOWN_BUGS) --------------------------
+# -- reproducers of the engine bugs found (all fixed) -----------------------------------------
 
 
 def _wafer(width: int, height: int = 1, **fields) -> WaferConfig:
