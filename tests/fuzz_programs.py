@@ -12,7 +12,8 @@ this order:
   an output port of the parent and the opposite input of the child, RAMP in tx where the
   stream is delivered, mostly leaves; trees of one color merge, which makes routes with
   several inputs and loops), plus a few route entries with random masks, repaired so
-  that every output port leads to a neighbour that accepts from it;
+  that every output port leads to a neighbour that accepts from it and every route that
+  accepts has an output (RAMP if it had none: validate refuses a dead end);
 * streams: some trees get a matched sender (a task producing n wavelets at the root) and
   receivers (a task consuming n, or a COLOR task consuming one per run) at every PE the
   tree delivers to, so that a fair share of programs run to the end;
@@ -25,10 +26,10 @@ this order:
 ("done", "deadlock" or "max_cycles"), asserting the invariants each ending promises; any
 other exception is a crash and propagates.
 
-Engine bugs the fuzzer found are listed in KNOWN_BUGS, each with an xfail(strict=True)
-reproducer in tests/test_fuzz.py. While a bug is listed, the strategy does not draw it
-(or `run_case` tolerates it and says so); when the engine is fixed, the reproducer
-XPASSes, and its entry here is to be deleted with the xfail marker.
+Engine bugs the fuzzer finds are listed in KNOWN_BUGS (none open), each with an
+xfail(strict=True) reproducer in tests/test_fuzz.py. While a bug is listed, the strategy
+does not draw it (or `run_case` tolerates it and says so); when the engine is fixed, the
+reproducer XPASSes, and its entry here is to be deleted with the xfail marker.
 """
 
 from __future__ import annotations
@@ -68,29 +69,9 @@ from wse_sim.program import (
     vec,
 )
 
-# Engine bugs found by this fuzzer (see the module docstring and tests/test_fuzz.py).
-KNOWN_BUGS = frozenset({
-    # A route that accepts wavelets but has no output (tx = 0) swallows them: the run
-    # ends as if they were delivered (test_a_route_without_outputs_drops_nothing).
-    "route_without_outputs",
-    # A PE whose last task ends in a bulk-run instruction leaves the active list when the
-    # bulk run starts, so a deadlock is reported while that instruction still runs, earlier
-    # than cycle by cycle (test_no_deadlock_while_a_bulk_run_computes). (The max-cycles
-    # stop waits for it: test_max_cycles_bounds_a_bulk_run.)
-    "bulk_end_ignored",
-    # Cycle by cycle, a thread that waits only for its own PE's fp32 credit or SRAM reads
-    # makes no progress, so with deadlock_cycles below that wait (4 cycles at fp32 rate
-    # 0.25) a computing PE is declared deadlocked; run in bulk, the same instruction is
-    # progress every cycle (test_a_slow_element_is_not_a_deadlock).
-    "slow_element_is_no_progress",
-    # The no-progress rule is applied before the end of the run is noticed: with
-    # deadlock_cycles 1, a program whose tasks never become ready (nothing waits, nothing
-    # is in flight) ends in a DeadlockError naming nothing (test_nothing_left_is_no_deadlock).
-    "deadlock_with_nothing_waiting",
-})
-# The longest a thread waits for its own PE's budgets between two elements: 4 cycles of
-# fp32 credit at rate 0.25, or 2 of read debt (3 words read, 1 per cycle).
-LONGEST_OWN_WAIT = 4
+# Engine bugs found by this fuzzer (see the module docstring and tests/test_fuzz.py): none
+# open; the reproducers of those fixed are regular tests there.
+KNOWN_BUGS: frozenset[str] = frozenset()
 
 MAX_SIDE = 4
 MAX_TASKS_PER_PE = 6
@@ -147,7 +128,7 @@ def wafers(width: int, height: int) -> st.SearchStrategy[WaferConfig]:
 
 
 @st.composite
-def cases(draw, allow_known_bugs: bool = False) -> Case:
+def cases(draw) -> Case:
     """A valid Program on a small wafer and a cycle limit (see the module docstring)."""
     width, height = draw(st.integers(1, MAX_SIDE)), draw(st.integers(1, MAX_SIDE))
     wafer = draw(wafers(width, height))
@@ -155,8 +136,7 @@ def cases(draw, allow_known_bugs: bool = False) -> Case:
     trees = [_tree(draw, program, wafer) for _ in range(draw(st.integers(0, 4)))]
     for _ in range(draw(st.integers(0, 3))):
         _random_route(draw, program, wafer)
-    if "route_without_outputs" in KNOWN_BUGS and not allow_known_bugs:
-        _deliver_dead_ends(program)
+    _deliver_dead_ends(program)
     ids: dict[tuple[int, int], list[int]] = {}
     for x in range(width):
         for y in range(height):
@@ -402,28 +382,20 @@ def is_cycle_limit(err: UserError) -> bool:
 
 
 def run_case(case: Case, twin: bool = False) -> str:
-    """Run `case`; return how it ended: "done", "deadlock", "max_cycles" (or
-    "known:<bug>" for an ending KNOWN_BUGS explains). Asserts the invariants of each
-    ending; any exception that is not a deadlock or the max-cycles stop propagates.
-    `twin`: also run `bulk_twin(case)`, which must end the same way (a finished run with
-    the same cycles, counters, memories and registers)."""
+    """Run `case`; return how it ended: "done", "deadlock" or "max_cycles". Asserts the
+    invariants of each ending; any exception that is not a deadlock or the max-cycles stop
+    propagates.
+    `twin`: also run `bulk_twin(case)`, which must end the same way (the same deadlock or
+    stop line, or a finished run with the same cycles, counters, memories and registers)."""
     validate(case.program, case.wafer)  # a ProgramError here is a bug of the generator
-    ending, result = _simulate(case)
-    if ("slow_element_is_no_progress" in KNOWN_BUGS
-            and case.wafer.deadlock_cycles <= LONGEST_OWN_WAIT):
-        twin = False
+    ending, result, line = _simulate(case)
     other = bulk_twin(case) if twin else None
-    if other is None or ending.startswith("known:"):
+    if other is None:
         return ending
     validate(other.program, other.wafer)
-    ending2, result2 = _simulate(other)
-    if ending2.startswith("known:"):
-        return ending2
-    if "bulk_end_ignored" in KNOWN_BUGS and ending != "done":
-        stopped = ("deadlock", "max_cycles")  # which of them first depends on the bug
-        assert ending in stopped and ending2 in stopped, f"bulk {ending}, not {ending2}"
-        return ending
-    assert ending2 == ending, f"with bulk runs {ending}, without {ending2}"
+    ending2, result2, line2 = _simulate(other)
+    assert (ending2, line2) == (ending, line), (f"with bulk runs {line or ending}, without "
+                                                f"{line2 or ending2}")
     if result is not None and result2 is not None:
         assert result2.cycles == result.cycles, "cycles with and without bulk runs"
         colors = case.wafer.colors
@@ -458,7 +430,8 @@ def bulk_twin(case: Case) -> Case | None:
     return Case(program, wafer, case.max_cycles)
 
 
-def _simulate(case: Case) -> tuple[str, SimResult | None]:
+def _simulate(case: Case) -> tuple[str, SimResult | None, str]:
+    """How `case` ended, its result if finished, and its deadlock or stop line."""
     first_chunk: list[float] = []  # when the first chunk ended: numba has compiled by then
 
     def watchdog(cycle: int) -> None:  # called between chunks of cycles
@@ -474,18 +447,17 @@ def _simulate(case: Case) -> tuple[str, SimResult | None]:
         message = str(err)
         assert "\n" not in message, message
         assert DEADLOCK_LINE.match(message), message
-        if " | " not in message:  # it names no waiting thread, stranded wavelet, full FIFO
-            assert "deadlock_with_nothing_waiting" in KNOWN_BUGS, message
-            return "known:deadlock_with_nothing_waiting", None
+        # it names a waiting thread, a stranded wavelet or a full FIFO
+        assert " | " in message, message
         assert int(message.split()[3]) <= case.max_cycles, message
-        return "deadlock", None
+        return "deadlock", None, message
     except UserError as err:
         if not is_cycle_limit(err):
             raise
         assert "\n" not in str(err) and f"max_cycles={case.max_cycles};" in str(err), str(err)
         assert err.cycle <= case.max_cycles, str(err)
-        return "max_cycles", None
-    return check_result(result, case), result
+        return "max_cycles", None, str(err)
+    return check_result(result, case), result, ""
 
 
 def check_result(result: SimResult, case: Case) -> str:

@@ -4,9 +4,9 @@ without bulk execution must end the same way. WSE_FUZZ_EXAMPLES sets how many pr
 the test draws (300 by default, about 30 s); tests/fuzz_campaign.py runs thousands in
 child processes, so that a segfault or a hang is seen too.
 
-Below it, one reproducer per engine bug the fuzzer found (fuzz_programs.KNOWN_BUGS), each
-xfail(strict=True): when the engine is fixed it XPASSes, and the marker and the entry in
-KNOWN_BUGS go together.
+Below it, one reproducer per engine bug the fuzzer found, all fixed. A new one is
+xfail(strict=True) while its entry is in fuzz_programs.KNOWN_BUGS: when the engine is
+fixed it XPASSes, and the marker and the entry go together.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fuzz_programs import KNOWN_BUGS, Case, bulk_twin, cases, is_cycle_limit, run_case
+from fuzz_programs import Case, bulk_twin, cases, is_cycle_limit, run_case
 from hypothesis import HealthCheck, event, given, settings
 
 from wse_sim.engine import simulate
@@ -62,16 +62,7 @@ def test_the_generator_draws_every_ending():
     assert {"done", "deadlock", "max_cycles"} <= seen
 
 
-def test_the_checks_catch_a_route_that_drops_wavelets():
-    """run_case is not blind to a dropped wavelet: the bug below, allowed, fails it."""
-    case = _route_without_outputs()
-    if "route_without_outputs" not in KNOWN_BUGS:
-        pytest.skip("the engine no longer drops it")
-    with pytest.raises(AssertionError, match="fewer wavelets than it took in"):
-        run_case(case)
-
-
-# -- reproducers of the engine bugs found (fuzz_programs.KNOWN_BUGS) --------------------------
+# -- reproducers of the engine bugs found (all fixed) -----------------------------------------
 
 
 def _wafer(width: int, height: int = 1, **fields) -> WaferConfig:
@@ -87,15 +78,12 @@ def _route_without_outputs() -> Case:
     return Case(p, _wafer(1), 1000)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a route with rx but an empty tx set "
-                   "swallows every wavelet; validate() accepts it, route_cycle pops the "
-                   "wavelet and counts -1 copies, so injected == delivered still holds and "
-                   "the run ends as if nothing were wrong")
 def test_a_route_without_outputs_drops_nothing():
-    # Nothing is ever dropped (README, flow control): refuse the route, or keep the
-    # wavelets and report them stuck.
+    # Nothing is ever dropped (README, flow control): the engine used to pop such a
+    # route's wavelets with -1 copies, so the run ended as if they had been delivered.
     case = _route_without_outputs()
-    with pytest.raises((ProgramError, DeadlockError)):
+    with pytest.raises(ProgramError, match=r"^route at PE \(0, 0\) color 0: accepts wavelets "
+                       r"\(rx\) but has no outputs \(tx is empty\)$"):
         simulate(case.program, case.wafer, max_cycles=case.max_cycles)
 
 
@@ -107,30 +95,28 @@ def test_max_cycles_bounds_a_bulk_run():
     assert is_cycle_limit(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a PE whose last task ends in a bulk-run "
-                   "instruction leaves the active list at once, so the frozen-fabric test "
-                   "(no active PE, a thread asleep) fires while it still computes: deadlock "
-                   "at cycle 1, where cycle by cycle it is cycle 50")
 def test_no_deadlock_while_a_bulk_run_computes():
-    # PE (0, 0) computes 50 elements; PE (1, 0) waits for a color nobody sends.
+    # PE (0, 0) computes 50 elements; PE (1, 0) waits for a color nobody sends. The PE
+    # whose last task ends in a bulk run leaves the active list when the run starts: the
+    # frozen-fabric rule used to fire at cycle 1, not at cycle 50 as cycle by cycle.
     p = Program(2, 1)
     p.pe(0, 0, 0).tasks.append(Task(0, Trigger.RESET, [vec(Op.NEG, 50, Reg(0), Reg(0))]))
     p.pe(1, 0, 0).tasks.append(Task(0, Trigger.RESET, [vec(Op.MOV, 1, Reg(0), FabIn(0))]))
     p.add_route(1, 0, 0, 0, port_mask(Port.RAMP))
     case = Case(p, _wafer(2), 10_000)
-    messages = []
     for each in (case, bulk_twin(case)):
-        with pytest.raises(DeadlockError) as info:
+        with pytest.raises(DeadlockError, match=r"^deadlock at cycle 50 \(the fabric is stuck\)"
+                           r" \| waiting: PE \(1, 0\) task 0 pc 0 MOV waits: FABIN color 0 "
+                           r"empty$"):
             simulate(each.program, each.wafer, max_cycles=each.max_cycles)
-        messages.append(str(info.value))
-    assert messages[0] == messages[1]  # cycle by cycle: "deadlock at cycle 50 ..."
+        with pytest.raises(UserError) as info:  # the limit comes first
+            simulate(each.program, each.wafer, max_cycles=49)
+        assert is_cycle_limit(info.value) and info.value.cycle == 49
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: cycle by cycle, a thread waiting only "
-                   "for its own fp32 credit is no progress, so at fp32 rate 0.25 and "
-                   "deadlock_cycles 3 a computing PE is declared deadlocked; the bulk path "
-                   "runs the same instruction to the end (bulk execution is not invisible)")
 def test_a_slow_element_is_not_a_deadlock():
+    # Cycle by cycle, waiting for the PE's own fp32 credit was no progress, so at fp32 rate
+    # 0.25 and deadlock_cycles 3 a computing PE was declared deadlocked (not in bulk).
     p = Program(1, 1)
     p.pe(0, 0, 0).tasks.append(Task(0, Trigger.RESET, [vec(Op.NEG, 2, Reg(0), Reg(0))]))
     case = Case(p, _wafer(1, fp32_ops_per_cycle=0.25, deadlock_cycles=3), 1000)
@@ -140,17 +126,30 @@ def test_a_slow_element_is_not_a_deadlock():
     assert simulate(twin.program, twin.wafer).cycles == bulk.cycles
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: run_chunk applies the deadlock_cycles "
-                   "rule before it notices that nothing runs, nothing is ready and the fabric "
-                   "is empty: 'deadlock at cycle 1 (no progress)' naming nothing")
 def test_nothing_left_is_no_deadlock():
-    # A COLOR task whose color nobody sends: the program has nothing to do.
+    # A COLOR task whose color nobody sends: the program has nothing to do. The no-progress
+    # rule used to come before the end-of-run test: "deadlock at cycle 1", naming nothing.
     p = Program(1, 1)
     p.pe(0, 0, 0).tasks.append(Task(0, Trigger.COLOR, [vec(Op.MOV, 1, Reg(0), FabIn(0))],
                                     color=0))
     p.add_route(0, 0, 0, 0, port_mask(Port.RAMP))
-    simulate(p, _wafer(1, deadlock_cycles=1))
+    assert simulate(p, _wafer(1, deadlock_cycles=1)).cycles == 1  # after the scan at cycle 0
 
+
+def test_a_wavelet_crossing_a_link_is_progress():
+    # PE (0, 0) sends one wavelet over 2 hops of latency 3 to a COLOR task at PE (2, 0):
+    # found once run_case required a deadlock to name what waits. A wavelet on a link was
+    # no progress, so with deadlock_cycles 1 the run was "deadlock at cycle 3", naming
+    # nothing (queue_depth 2: the FIFO it crosses into is not full).
+    p = Program(3, 1)
+    p.pe(0, 0, 0).tasks.append(Task(0, Trigger.RESET, [vec(Op.MOV, 1, FabOut(0), Reg(0))]))
+    p.pe(2, 0, 0).tasks.append(Task(0, Trigger.COLOR, [vec(Op.MOV, 1, Reg(0), FabIn(0))],
+                                    color=0))
+    p.add_route(0, 0, 0, port_mask(Port.RAMP), port_mask(Port.E))
+    p.add_route(1, 0, 0, port_mask(Port.W), port_mask(Port.E))
+    p.add_route(2, 0, 0, port_mask(Port.W), port_mask(Port.RAMP))
+    wafer = _wafer(3, hop_latency=3, queue_depth=2, deadlock_cycles=1)
+    assert simulate(p, wafer).cycles == 9  # consumed at cycle 0 + 2 * 3 + 2
 
 
 def test_the_campaign_runs_batches_in_child_processes(tmp_path):

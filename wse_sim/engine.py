@@ -80,11 +80,11 @@ number of threads.
 The run ends at the first cycle at which no thread runs, no task is ready and no wavelet
 is in any FIFO or receive queue; `cycles` is that cycle's index. Then every wavelet sent
 (plus every extra multicast copy) must have been delivered to a PE (checked). Deadlock:
-`deadlock_cycles` cycles without progress (a wavelet moved, an element or control op
-executed, a task started), or no PE able to act (all done, or waiting on empty receive queues)
-and nothing moved for hop_latency + 1 cycles (then nothing can ever change). Both raise
-DeadlockError naming the waiting threads, the wavelets stranded at idle or halted PEs and
-the full FIFOs.
+`deadlock_cycles` cycles without progress (a wavelet moved or crossing a link, an element
+or control op executed, a task started, a thread waited only for its own PE's budgets), or
+no PE able to act (all done, or waiting on empty receive queues) and nothing moved for
+hop_latency + 1 cycles (then nothing can ever change). Both raise DeadlockError naming the
+waiting threads, the wavelets stranded at idle or halted PEs and the full FIFOs.
 """
 
 from __future__ import annotations
@@ -134,6 +134,9 @@ RUNNING, DONE, DEADLOCK, FROZEN = range(4)
 F_ARITH, F_SEND, F_RECV, F_MOVE, F_STALL, F_BUSY_ARITH, F_BUSY_MOVE = 1, 2, 4, 8, 16, 32, 64
 F_NOSLEEP, F_FULL = 128, 256
 F_WORK = F_ARITH | F_SEND | F_RECV | F_MOVE
+# Progress for the deadlock rule: a wait for the PE's own budgets ends within a few cycles
+# (and a bulk-run instruction counts those cycles as progress too).
+F_PROGRESS = F_WORK | F_BUSY_ARITH | F_BUSY_MOVE
 
 
 @hot
@@ -651,8 +654,8 @@ def _timer_pop(cs, s):
 
 @hot_inline
 def _pe_one(fb, cs, s, sidx, t):
-    """Cycle t of slot sidx (stripe s). Returns the progress made (elements, control ops
-    and tasks started)."""
+    """Cycle t of slot sidx (stripe s). Returns the progress made (elements, control ops,
+    tasks started and threads waiting only for the PE's own budgets)."""
     p = cs.params[0]
     sl = cs.slot[U(sidx)]
     if sl.busy > t:  # inside a bulk-run instruction: its timer lists it
@@ -711,10 +714,10 @@ def _pe_one(fb, cs, s, sidx, t):
                 continue
             f = _element(fb, cs, s, sidx, thr, t)
             flags |= f
-            if f & F_WORK:
+            if f & F_PROGRESS:
                 progress += 1
-                if first < 0:
-                    first = k
+            if f & F_WORK and first < 0:
+                first = k
         if first >= 0:
             sl.th_rr = first + 1 if first + 1 < threads else 0
         _count_cycle(cs.ctr[U(sidx)], flags, t)
@@ -806,6 +809,14 @@ def run_worker(fb, cs, wk, t, t_end, workers, w):
             work += o.pub_work
             bulk_end = max(bulk_end, o.pub_bulk_end)
             next_free = min(next_free, o.pub_next_free)
+        if inflight == 0 and active == 0:
+            # Nothing runs, nothing is ready, the fabric is empty: the end, whatever the
+            # no-progress rule below would say. A PE whose task ended inside a bulk-run
+            # instruction (no longer listed) computes until bulk_end: then the run ends, or
+            # sleeping threads wait for wavelets nobody can send.
+            t = max(t, bulk_end)
+            status = FROZEN if nsleep > 0 else DONE
+            break
         if not first:  # the checks after cycle t - 1
             if work > 0:
                 last_progress = t - 1
@@ -814,21 +825,14 @@ def run_worker(fb, cs, wk, t, t_end, workers, w):
                 # instruction: nothing happens until the first of them resumes.
                 t = max(t, min(next_free, t_end))
             # A bulk-run instruction makes progress every cycle until it ends.
-            if t - max(last_progress, bulk_end - 1) > deadlock:
+            progressed = max(last_progress, bulk_end - 1)
+            if t - progressed > deadlock:
                 status = DEADLOCK
                 break
-            if active + full == 0 and inflight > 0 and t - last_progress > hop + 1:
+            if active + full == 0 and inflight > 0 and t - progressed > hop + 1:
                 status = FROZEN
                 break
         first = False
-        if inflight == 0 and active == 0:
-            if nsleep > 0:  # threads wait for wavelets nobody can send
-                status = FROZEN
-                break
-            # A PE that ended inside a bulk-run instruction finished at bulk_end.
-            t = max(t, bulk_end)
-            status = DONE
-            break
         if t >= t_end:
             break
         for k in range(w, n, workers):
@@ -930,11 +934,11 @@ def _run(program: Program, asm: Assembled, max_cycles: int | None,
         workers = workers_for(wk, (int(wk.stripe["visits"].sum()) - visits) / max(t - t0, 1))
         if progress is not None:
             progress(t)
+        if status != RUNNING and max_cycles is not None and t > max_cycles:
+            # The last work was bulk-run instructions ending after the limit.
+            raise _stopped(program, asm, max_cycles, "max_cycles",
+                           f"reached max_cycles={max_cycles}")
         if status == DONE:
-            if max_cycles is not None and t > max_cycles:
-                # The last work was bulk-run instructions ending after the limit.
-                raise _stopped(program, asm, max_cycles, "max_cycles",
-                               f"reached max_cycles={max_cycles}")
             break
         if status in (DEADLOCK, FROZEN):
             raise DeadlockError(_deadlock_message(asm, t, status))

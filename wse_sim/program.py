@@ -360,6 +360,9 @@ def validate(program: Program, wafer: WaferConfig) -> None:
         for name, mask in (("rx", route.rx), ("tx", route.tx)):
             if not 0 <= mask < 32:
                 raise ProgramError(f"{where}: {name} mask {mask} is not a set of 5 ports")
+        if route.rx and not route.tx:  # its wavelets would have nowhere to go
+            raise ProgramError(f"{where}: accepts wavelets (rx) but has no outputs (tx is "
+                               f"empty)")
         for port, (dx, dy) in PORT_OFFSET.items():
             if not route.tx >> port & 1:
                 continue

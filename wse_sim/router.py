@@ -472,7 +472,8 @@ def _move(fb, s, rt_index, b, route, out, t):
 
 @hot_inline
 def _route_one(fb, s, w, r, t):
-    """Cycle t of router r. Returns the wavelets it moved."""
+    """Cycle t of router r. Returns its progress: the wavelets it moved, plus one if a
+    wavelet is still crossing a link into it (it arrives within hop_latency cycles)."""
     p = fb.params[0]
     depth = p.depth
     packet = p.packet
@@ -534,13 +535,13 @@ def _route_one(fb, s, w, r, t):
         moved += 1
     if moved > 0 or waiting:
         activate(fb, s, r, t)
-    return moved
+    return moved + waiting
 
 
 @hot
 def route_phase(fb, stripes, w, t):
     """Cycle t of the routers listed for it in worker w's stripe; lists those to run in
-    t + 1. Returns the wavelets moved."""
+    t + 1. Returns their progress (`_route_one`)."""
     s = stripes[w]
     s.rcur = 1 - s.rcur
     s.r_ncur = s.r_nnext
