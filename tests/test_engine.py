@@ -1,14 +1,21 @@
 """PE semantics and whole programs, with cycle counts derived by hand in each test."""
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from programs import deadlock_pair, outer_product_matmul, send_east, systolic_dot
+from programs import (
+    assert_same_run,
+    deadlock_pair,
+    outer_product_matmul,
+    send_east,
+    systolic_dot,
+)
 
-from wse_sim.engine import simulate
+from wse_sim.engine import Loaded, simulate
 from wse_sim.errors import DeadlockError, ProgramError, SimulationStopped, UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
@@ -19,6 +26,7 @@ from wse_sim.program import (
     Instr,
     Mem,
     Op,
+    PEProgram,
     Port,
     Program,
     Reg,
@@ -347,3 +355,50 @@ def test_a_stopped_bulk_run_counts_as_the_cycle_by_cycle_run(case, where):
     for name, value in vars(fast.stats).items():
         np.testing.assert_array_equal(value, getattr(slow.stats, name), err_msg=name)
     assert fast.stats.idle.min() >= 0
+
+
+def test_a_loaded_program_runs_again_with_some_pes_replaced():
+    # Each run starts from fresh state, as if the program with those PEs' programs replaced
+    # were simulated: new SRAM words on PE (0, 0), one task more on PE (1, 0) (so the tasks
+    # and instructions of every later PE move, PE (3, 0)'s ACTIVATE among them).
+    pes, k = 4, 8
+    rng = np.random.default_rng(2)
+    a, b = (rng.standard_normal(pes * k).astype(np.float32) for _ in range(2))
+    program = systolic_dot(a, b, pes)
+    last = program.pes[(3, 0)]
+    last.tasks[0].instrs.append(Instr(Op.ACTIVATE, task=7))  # doubles the sum
+    last.tasks.append(Task(7, Trigger.LOCAL, [vec(Op.MUL, 1, Mem(2 * k), Mem(2 * k), Imm(2))]))
+    first, second = program.pes[(0, 0)], program.pes[(1, 0)]
+    replaced = {
+        (0, 0): PEProgram(first.sram_words, first.tasks,
+                          {0: rng.standard_normal(2 * k).astype(np.float32)}),
+        (1, 0): PEProgram(second.sram_words, [
+            Task(0, Trigger.RESET, [*second.tasks[0].instrs, Instr(Op.ACTIVATE, task=5)]),
+            Task(5, Trigger.LOCAL, [vec(Op.MOV, 1, Mem(2 * k), Reg(0))])], second.image),
+    }
+    whole = simulate(program, wafer())
+    expected = simulate(replace(program, pes={**program.pes, **replaced}), wafer())
+    assert expected.sram(3, 0)[2 * k] != whole.sram(3, 0)[2 * k]
+    assert expected.sram(1, 0)[2 * k] != 0
+    loaded = Loaded(program, wafer())
+    for pes_replaced, want in ((replaced, expected), (None, whole), (replaced, expected)):
+        run = loaded.run(pes_replaced)
+        assert_same_run(run, want)
+        for x in range(pes):
+            np.testing.assert_array_equal(run.sram(x, 0), want.sram(x, 0))
+
+
+@pytest.mark.parametrize("pe, change, message", [
+    ((5, 0), {}, r"^PE \(5, 0\): has no program to replace"),
+    ((1, 0), {"sram_words": 3}, r"^PE \(1, 0\): sram_words 3, the program's 9$"),
+    ((1, 0), {"image": {8: np.zeros(2, np.float32)}}, r"^PE \(1, 0\): image at offset 8"),
+    ((1, 0), {"tasks": [Task(0, Trigger.RESET, [vec(Op.MOV, 1, Mem(0), Reg(99))])]},
+     r"^PE \(1, 0\) task 0 instr 0: field a: register 99"),
+])
+def test_a_replaced_pe_program_is_validated(pe, change, message):
+    program = systolic_dot(np.ones(8, np.float32), np.ones(8, np.float32), 2)
+    old = program.pes[(1, 0)]
+    new = PEProgram(**{"sram_words": old.sram_words, "tasks": old.tasks, "image": old.image,
+                       **change})
+    with pytest.raises(ProgramError, match=message):
+        Loaded(program, wafer()).run({pe: new})
