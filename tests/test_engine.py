@@ -359,8 +359,10 @@ def test_a_stopped_bulk_run_counts_as_the_cycle_by_cycle_run(case, where):
 
 def test_a_loaded_program_runs_again_with_some_pes_replaced():
     # Each run starts from fresh state, as if the program with those PEs' programs replaced
-    # were simulated: new SRAM words on PE (0, 0), one task more on PE (1, 0) (so the tasks
-    # and instructions of every later PE move, PE (3, 0)'s ACTIVATE among them).
+    # were simulated. `moved`: one task more on PE (1, 0), so the tasks and instructions of
+    # every later PE move, and on PE (3, 0) a task between its own two, so the ACTIVATE of
+    # its unchanged first task names another task index. `partial`: new SRAM words on PE
+    # (0, 0), and PE (3, 0) keeps its first task but not its second.
     pes, k = 4, 8
     rng = np.random.default_rng(2)
     a, b = (rng.standard_normal(pes * k).astype(np.float32) for _ in range(2))
@@ -369,23 +371,30 @@ def test_a_loaded_program_runs_again_with_some_pes_replaced():
     last.tasks[0].instrs.append(Instr(Op.ACTIVATE, task=7))  # doubles the sum
     last.tasks.append(Task(7, Trigger.LOCAL, [vec(Op.MUL, 1, Mem(2 * k), Mem(2 * k), Imm(2))]))
     first, second = program.pes[(0, 0)], program.pes[(1, 0)]
-    replaced = {
-        (0, 0): PEProgram(first.sram_words, first.tasks,
-                          {0: rng.standard_normal(2 * k).astype(np.float32)}),
+    moved = {
         (1, 0): PEProgram(second.sram_words, [
             Task(0, Trigger.RESET, [*second.tasks[0].instrs, Instr(Op.ACTIVATE, task=5)]),
             Task(5, Trigger.LOCAL, [vec(Op.MOV, 1, Mem(2 * k), Reg(0))])], second.image),
+        (3, 0): PEProgram(last.sram_words, [last.tasks[0], Task(9, Trigger.LOCAL, [
+            vec(Op.NEG, 1, Mem(2 * k), Mem(2 * k))]), last.tasks[1]], last.image),
+    }
+    partial = {
+        (0, 0): PEProgram(first.sram_words, first.tasks,
+                          {0: rng.standard_normal(2 * k).astype(np.float32)}),
+        (3, 0): PEProgram(last.sram_words, [last.tasks[0], Task(7, Trigger.LOCAL, [
+            vec(Op.MUL, 1, Mem(2 * k), Mem(2 * k), Imm(3))])], last.image),
     }
     whole = simulate(program, wafer())
-    expected = simulate(replace(program, pes={**program.pes, **replaced}), wafer())
-    assert expected.sram(3, 0)[2 * k] != whole.sram(3, 0)[2 * k]
-    assert expected.sram(1, 0)[2 * k] != 0
     loaded = Loaded(program, wafer())
-    for pes_replaced, want in ((replaced, expected), (None, whole), (replaced, expected)):
-        run = loaded.run(pes_replaced)
+    for replaced in (moved, None, partial, moved):
+        run = loaded.run(replaced)
+        want = simulate(replace(program, pes={**program.pes, **(replaced or {})}), wafer())
         assert_same_run(run, want)
         for x in range(pes):
             np.testing.assert_array_equal(run.sram(x, 0), want.sram(x, 0))
+        if replaced:  # ... and the replacement made a difference
+            assert any(not np.array_equal(want.sram(x, 0), whole.sram(x, 0))
+                       for x, _ in replaced)
 
 
 @pytest.mark.parametrize("pe, change, message", [

@@ -28,7 +28,9 @@ from wse_sim.program import (
     PEProgram,
     Port,
     Program,
+    Task,
     Trigger,
+    kept_tasks,
 )
 from wse_sim.router import FabricSpec, RouteTable, build_fabric
 from wse_sim.state import (
@@ -67,14 +69,15 @@ class Assembled:
 
 
 @dataclass(frozen=True)
-class _Code:
-    """One slot's tasks, instructions and operands; task and instruction indices count from
-    the slot's first (`_join` moves them to their place among all slots')."""
+class _TaskCode:
+    """One task flattened. Its instruction indices count from its first instruction, the
+    task indices of its instructions from its PE's first task (`_cores` moves both to their
+    place among all PEs')."""
 
-    task: np.ndarray  # TASK
+    task: tuple  # TASK fields
     ins: np.ndarray  # INSTR
     opnd: np.ndarray  # OPERAND
-    ids: np.ndarray  # int64: Task.id of each task
+    id: int  # Task.id
 
 
 class Assembler:
@@ -114,46 +117,49 @@ class Assembler:
         r = self.route_of[(y * self.spec.width + x, color)]
         return int(self.recv_fifo[r] if kind == Kind.FABIN else self.ramp_fifo[r])
 
-    def _code(self, s: int, key: tuple[int, int], prog: PEProgram) -> _Code:
-        """Slot s's code: PE `key`'s tasks flattened."""
+    def _code(self, s: int, key: tuple[int, int], prog: PEProgram,
+              kept: list[bool] | None = None) -> list[_TaskCode]:
+        """Slot s's code: the tasks of PE `key`, the program's own flattening of those
+        `kept` (`kept_tasks`)."""
+        index_of = {task.id: k for k, task in enumerate(prog.tasks)}
+        return [self.code[s][k] if kept and kept[k] else self._task(s, key, task, index_of)
+                for k, task in enumerate(prog.tasks)]
+
+    def _task(self, s: int, key: tuple[int, int], task: Task, index_of: dict[int, int]
+              ) -> _TaskCode:
+        """`task` of slot s (PE `key`, whose tasks are at `index_of` by id) flattened."""
         base = int(self.sram_base[s])
         nreg = self.wafer.registers
-        tasks: list[tuple] = []
         ins: list[tuple] = []
         opnd: list[tuple] = []
-        index_of = {task.id: k for k, task in enumerate(prog.tasks)}
-        for task in prog.tasks:
-            first = len(ins)
-            for instr in task.instrs:
-                op = Op(instr.op)
-                opnds = (instr.dst, instr.a, instr.b, instr.c)
-                sources = [o for o in opnds[1:] if o.kind == Kind.MEM]
-                # INSTR field order
-                ins.append((int(op), instr.n, instr.count, instr.body,
-                            index_of.get(instr.task, -1),
-                            sum(o.stride != 0 for o in sources),
-                            sum(o.stride == 0 for o in sources),
-                            int(instr.dst.kind == Kind.MEM),
-                            2 if op == Op.FMA else int(op in ARITHMETIC_OPS),
-                            int(op in SOURCES_OF
-                                and not any(o.kind in FABRIC_KINDS for o in opnds))))
-                for o in opnds:  # OPERAND field order
-                    fab = self._fifo(*key, o.kind, o.color) if o.kind in FABRIC_KINDS else -1
-                    opnd.append((base + o.offset, o.stride, o.loop_stride, int(o.kind), fab,
-                                 s * nreg + o.reg, o.value))
-            recv = (self._fifo(*key, Kind.FABIN, task.color)
-                    if task.trigger == Trigger.COLOR else -1)
-            # TASK field order
-            tasks.append((int(task.trigger), recv, first, len(ins),
-                          int(task.trigger == Trigger.RESET), 0, 0))
-        return _Code(np.array(tasks, TASK.dtype), np.array(ins, INSTR.dtype),
-                     np.array(opnd, OPERAND.dtype),
-                     np.array([task.id for task in prog.tasks], np.int64))
+        for instr in task.instrs:
+            op = Op(instr.op)
+            opnds = (instr.dst, instr.a, instr.b, instr.c)
+            sources = [o for o in opnds[1:] if o.kind == Kind.MEM]
+            # INSTR field order
+            ins.append((int(op), instr.n, instr.count, instr.body,
+                        index_of.get(instr.task, -1),
+                        sum(o.stride != 0 for o in sources),
+                        sum(o.stride == 0 for o in sources),
+                        int(instr.dst.kind == Kind.MEM),
+                        2 if op == Op.FMA else int(op in ARITHMETIC_OPS),
+                        int(op in SOURCES_OF
+                            and not any(o.kind in FABRIC_KINDS for o in opnds))))
+            for o in opnds:  # OPERAND field order
+                fab = self._fifo(*key, o.kind, o.color) if o.kind in FABRIC_KINDS else -1
+                opnd.append((base + o.offset, o.stride, o.loop_stride, int(o.kind), fab,
+                             s * nreg + o.reg, o.value))
+        recv = (self._fifo(*key, Kind.FABIN, task.color)
+                if task.trigger == Trigger.COLOR else -1)
+        # TASK field order
+        return _TaskCode((int(task.trigger), recv, 0, len(ins),
+                          int(task.trigger == Trigger.RESET), 0, 0),
+                         np.array(ins, INSTR.dtype), np.array(opnd, OPERAND.dtype), task.id)
 
     def state(self, pes: Mapping[tuple[int, int], PEProgram] | None = None) -> Assembled:
         """Engine state at cycle 0 with the PE programs `pes` (validated, of PEs of the
-        program, their SRAM sizes unchanged) in place of the program's; a PE's code is
-        flattened again only if its task list is not the program's own (the same list)."""
+        program, their SRAM sizes unchanged) in place of the program's; only the tasks they
+        do not keep (`kept_tasks`) are flattened again."""
         pes = pes or {}
         code = list(self.code)
         sram = np.zeros(int(self.sram_base[-1]), np.float32)
@@ -162,36 +168,36 @@ class Assembler:
             base = int(self.sram_base[s])
             for offset, data in prog.image.items():
                 sram[base + offset: base + offset + len(data)] = data
-            if prog.tasks is not self.program.pes[key].tasks:
-                code[s] = self._code(s, key, prog)
+            kept = kept_tasks(self.program.pes[key], prog)
+            if not all(kept):
+                code[s] = self._code(s, key, prog, kept)
         fb, wk = self._fabric()
         cores, task_ids = self._cores(code, sram, fb, wk)
         return Assembled(fabric=fb, cores=cores, workers=wk, task_ids=task_ids,
                          sram_base=self.sram_base, slot_pe=self.slot_pe,
                          registers=self.wafer.registers)
 
-    def _cores(self, code: list[_Code], sram: np.ndarray, fb: Fabric, wk: Workers
+    def _cores(self, code: list[list[_TaskCode]], sram: np.ndarray, fb: Fabric, wk: Workers
                ) -> tuple[Cores, np.ndarray]:
         """The PEs' state at cycle 0 running `code` (slot by slot) from `sram`, listed for
         cycle 0 in `wk`'s stripes; and the Task.id of every task."""
         wafer = self.wafer
         nslot, nreg, threads = len(code), wafer.registers, wafer.microthreads
-        ntask = np.array([len(c.task) for c in code], np.int64)
-        nins = np.array([len(c.ins) for c in code], np.int64)
-        task_lo = np.concatenate(([0], np.cumsum(ntask)))
-        ins_lo = np.concatenate(([0], np.cumsum(nins)))
-        task, ins, opnd, task_ids = (
-            np.concatenate([getattr(c, name) for c in code] or [np.zeros(0, dtype)])
-            for name, dtype in (("task", TASK.dtype), ("ins", INSTR.dtype),
-                                ("opnd", OPERAND.dtype), ("ids", np.int64)))
-        # Each slot's indices count from its first task and instruction.
-        for name in ("first", "end"):
-            task[name] += np.repeat(ins_lo[:-1], ntask)
-        ins["task"] = np.where(ins["task"] >= 0, ins["task"] + np.repeat(task_lo[:-1], nins),
+        tasks = [t for slot_code in code for t in slot_code]
+        task_lo = np.concatenate(([0], np.cumsum([len(c) for c in code], dtype=np.int64)))
+        nins = np.array([len(t.ins) for t in tasks], np.int64)
+        first = np.concatenate(([0], np.cumsum(nins)))[:-1]
+        task = np.array([t.task for t in tasks], TASK.dtype)
+        task["first"] += first
+        task["end"] += first
+        ins, opnd = (_join([getattr(t, name) for t in tasks], dtype)
+                     for name, dtype in (("ins", INSTR.dtype), ("opnd", OPERAND.dtype)))
+        pe_first_task = np.repeat(task_lo[:-1], np.diff(task_lo))
+        ins["task"] = np.where(ins["task"] >= 0, ins["task"] + np.repeat(pe_first_task, nins),
                                -1)
         slot = SLOT.new(nslot)
         slot["tk_lo"], slot["tk_hi"] = task_lo[:-1], task_lo[1:]
-        slot["ncolor"] = [int((c.task["trig"] == Trigger.COLOR).sum()) for c in code]
+        slot["ncolor"] = [sum(t.task[0] == Trigger.COLOR for t in c) for c in code]
         slot["router"] = np.searchsorted(fb.router_pe, self.slot_pe)
         rate = wafer.fp32_ops_per_cycle
         slot["fpc"] = max(rate, 1.0)  # full credit at cycle 0
@@ -226,4 +232,11 @@ class Assembler:
             listed = np.nonzero(has_tasks[lo:hi])[0] + lo
             cores.active[1, lo: lo + len(listed)] = listed
             wk.stripe["p_nnext"][k] = wk.stripe["pub_active"][k] = len(listed)
-        return cores, task_ids
+        return cores, np.array([t.id for t in tasks], np.int64)
+
+
+def _join(arrays: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    """The record arrays `arrays` (of `dtype`) end to end. Joined as bytes: numpy joins
+    record arrays field by field, which costs more than the data for many small ones."""
+    return np.concatenate([a.view(np.uint8) for a in arrays] or [np.zeros(0, np.uint8)]
+                          ).view(dtype)

@@ -422,10 +422,13 @@ def _validate_image(where: str, pe: PEProgram) -> None:
 
 
 def _validate_tasks(where: str, x: int, y: int, pe: PEProgram, program: Program,
-                    wafer: WaferConfig) -> None:
+                    wafer: WaferConfig, valid: list[bool] | None = None) -> None:
+    """The checks of a PE's tasks but those marked `valid` (`kept_tasks`)."""
     words = pe.sram_words
     ids = [task.id for task in pe.tasks]
-    for task in pe.tasks:
+    for k, task in enumerate(pe.tasks):
+        if valid is not None and valid[k]:
+            continue
         tw = f"{where} task {task.id}"
         if not 0 <= task.id < wafer.max_tasks:
             raise ProgramError(f"{tw}: id must be in 0..{wafer.max_tasks - 1}")
@@ -542,12 +545,21 @@ def _route_has(program: Program, x: int, y: int, color: int, side: str) -> bool:
     return route is not None and bool(getattr(route, side) >> Port.RAMP & 1)
 
 
+def kept_tasks(old: PEProgram, new: PEProgram) -> list[bool]:
+    """Which tasks of `new`, replacing the PE program `old`, are `old`'s own: the same Task
+    at the same place among the same task ids. Such a task is as valid as in `old` and
+    runs as there."""
+    if new.tasks is not old.tasks and [t.id for t in new.tasks] != [t.id for t in old.tasks]:
+        return [False] * len(new.tasks)
+    return [a is b for a, b in zip(new.tasks, old.tasks, strict=True)]
+
+
 def validate_replacement(program: Program, wafer: WaferConfig,
                          pes: Mapping[tuple[int, int], PEProgram]) -> None:
     """Raise ProgramError (one line, as `validate`) if the programs `pes` cannot replace
     those of their PEs in the valid `program`: each must be a PE of it and keep its SRAM
-    size, its image must fit, and its code must be valid unless it is the PE's own task
-    list (the same list: unchanged, so valid)."""
+    size, its image must fit, and its tasks must be valid but those it keeps
+    (`kept_tasks`)."""
     for (x, y), pe in pes.items():
         where = f"PE ({x}, {y})"
         old = program.pes.get((x, y))
@@ -557,8 +569,9 @@ def validate_replacement(program: Program, wafer: WaferConfig,
             raise ProgramError(f"{where}: sram_words {pe.sram_words}, the program's "
                                f"{old.sram_words}")
         _validate_image(where, pe)
-        if pe.tasks is not old.tasks:
-            _validate_tasks(where, x, y, pe, program, wafer)
+        kept = kept_tasks(old, pe)
+        if not all(kept):
+            _validate_tasks(where, x, y, pe, program, wafer, kept)
 
 
 # --------------------------------------------------------------------------------------------
