@@ -34,12 +34,14 @@ LOSS_ERROR = 1e-4
 
 def run(config: Path, steps: int, out: Path) -> tuple[float, dict]:
     """One `train` process (its printout kept in OUT/train.log); its host seconds and
-    summary."""
+    summary. It runs in the repository, so a config there is named as in the README."""
     out.mkdir(parents=True, exist_ok=True)
+    name = config.relative_to(ROOT) if config.is_relative_to(ROOT) else config
     started = time.perf_counter()
     with open(out / "train.log", "w") as log:
-        subprocess.run([sys.executable, "-m", "wse_sim", "train", str(config), "--steps",
-                        str(steps), "--out", str(out), "--quiet"], check=True, stdout=log)
+        subprocess.run([sys.executable, "-m", "wse_sim", "train", str(name), "--steps",
+                        str(steps), "--out", str(out), "--quiet"], check=True,
+                       stdout=log, cwd=ROOT)
     seconds = time.perf_counter() - started
     return seconds, json.loads((out / "summary.json").read_text())
 
@@ -49,6 +51,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "train")
     args = parser.parse_args()
+    args.out = args.out.resolve()  # the runs start in the repository
     args.out.mkdir(parents=True, exist_ok=True)
     adamw = yaml.safe_load(TINY.read_text())
     adamw["training"].update(ADAMW)

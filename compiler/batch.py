@@ -23,7 +23,10 @@ offsets); here the host writes them before each step, like an input DMA's descri
   routed colors.
 * The result (`BatchTasks`) is the new task list of every PE of those kernels whose code
   differs from the compiled program's (`Program` coordinates), and the number of
-  instructions in the tasks that differ: what the host writes per step.
+  instructions in the tasks that differ: what the host writes per step. A task the batch
+  leaves as compiled is the compiled program's own `Task` (checked once: the kernels
+  rebuilt for the compiled batch are the compiled code), so the engine need not validate
+  or flatten it again (`wse_sim.engine.Loaded`).
 
 The rewrite takes no simulated time: the simulated step starts with the new code in place.
 """
@@ -40,7 +43,7 @@ from compiler.lower import LoweringContext
 from compiler.lowering.kernel import Kernel
 from compiler.ops import family_of
 from compiler.orient import flip_kernel
-from compiler.routing import bound_program
+from compiler.routing import bound_program, bound_task
 from wse_sim.program import Task
 
 PE = tuple[int, int]
@@ -72,9 +75,18 @@ class BatchCode:
             if any(graph.tensors[t].kind == "input" for name in kernel.ops if name in graph.ops
                    for t in graph.ops[name].inputs):
                 base = self._build(kernel.name, kernel.ops[0], compiled.batch)
-                self.rebuilds[kernel.name] = _Rebuild(
+                rebuild = self.rebuilds[kernel.name] = _Rebuild(
                     kernel.ops[0], tuple(colors[kernel.name][s] for s in _streams(kernel)),
                     {pe: prog.tasks for pe, prog in base.programs.items()})
+                # pe_tasks keeps the compiled Task where a rebuild's task equals the base's
+                bindings = _bindings(base, rebuild)
+                for pe, prog in base.programs.items():
+                    at = compiled.linked.kernel_pe(kernel.name, pe)
+                    if (bound_program(prog, bindings, f"kernel {kernel.name} PE {pe}").tasks
+                            != compiled.linked.program.pes[at].tasks):
+                        raise AssertionError(f"kernel {kernel.name} PE {pe}: rebuilt for the "
+                                             f"compiled batch, its code differs from the "
+                                             f"compiled code")
 
     def _build(self, name: str, op: str, batch: Batch) -> Kernel:
         """Kernel `name` (started by graph op `op`) for `batch`, mirrored as compiled, its
@@ -94,15 +106,19 @@ class BatchCode:
         instructions = 0
         for name, rebuild in self.rebuilds.items():
             new = self._build(name, rebuild.op, batch)
-            colors = dict(zip(_streams(new), rebuild.colors, strict=True))
+            bindings = _bindings(new, rebuild)
             for pe, prog in new.programs.items():
                 base = rebuild.tasks[pe]
                 if prog.tasks == base:
                     continue
                 at = linked.kernel_pe(name, pe)
-                changed[at] = bound_program(prog, colors, f"kernel {name} PE {pe}").tasks
-                instructions += sum(len(task.instrs) for i, task in enumerate(prog.tasks)
-                                    if i >= len(base) or task != base[i])
+                compiled = linked.program.pes[at].tasks
+                changed[at] = [
+                    compiled[i] if i < len(base) and task == base[i]
+                    else bound_task(task, bindings, f"kernel {name} PE {pe}")
+                    for i, task in enumerate(prog.tasks)]
+                instructions += sum(len(task.instrs) for i, task in enumerate(changed[at])
+                                    if i >= len(compiled) or task is not compiled[i])
         return BatchTasks(changed, instructions)
 
 
@@ -113,6 +129,11 @@ class BatchTasks:
 
     tasks: dict[PE, list[Task]]
     instructions: int
+
+
+def _bindings(kernel: Kernel, rebuild: _Rebuild) -> dict[int, int]:
+    """The routed color of each symbolic stream id of `kernel`, a build of `rebuild`'s."""
+    return dict(zip(_streams(kernel), rebuild.colors, strict=True))
 
 
 def _streams(kernel: Kernel) -> list[int]:

@@ -451,13 +451,18 @@ def _check_sram(kernel: Kernel, origin: PE, wafer: WaferConfig) -> None:
                 f"{largest[0]!r}, {BYTES_PER_WORD * largest[2]} bytes)")
 
 
+def bound_task(task: Task, colors: dict[int, int], where: str) -> Task:
+    """A copy of `task` with its symbolic stream ids replaced by real colors."""
+    return Task(task.id, task.trigger, bind_colors(task.instrs, colors, where),
+                colors.get(task.color, task.color) if task.trigger is Trigger.COLOR
+                else task.color)
+
+
 def bound_program(prog: PEProgram, colors: dict[int, int], where: str) -> PEProgram:
     """A copy of `prog` with its symbolic stream ids replaced by real colors."""
-    tasks = [Task(task.id, task.trigger, bind_colors(task.instrs, colors, where),
-                  colors.get(task.color, task.color) if task.trigger is Trigger.COLOR
-                  else task.color)
-             for task in prog.tasks]
-    return PEProgram(sram_words=prog.sram_words, tasks=tasks, image=dict(prog.image))
+    return PEProgram(sram_words=prog.sram_words,
+                     tasks=[bound_task(task, colors, where) for task in prog.tasks],
+                     image=dict(prog.image))
 
 
 def link(kernels: list[Kernel], positions: dict[str, PE], wafer: WaferConfig) -> Linked:

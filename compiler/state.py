@@ -6,7 +6,7 @@ step (`updated:P`, ...). Updates are in place, so those words hold the same tens
 the next step: the state is read out of one step's final SRAM and written, unchanged and
 bit for bit, into the next step's initial SRAM.
 
-Next step (`step_program`). The compiled program with
+Next step (`step_pes`). The compiled program with
 * the state written into its SRAM image (weights and optimizer state stay in SRAM), and
 * the batch-dependent code replaced (`compiler.batch`);
 every other word starts as compiled: gradient accumulators and scratch at zero, the
@@ -18,7 +18,7 @@ every other PE's code are those of the one compiled program.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -78,9 +78,14 @@ def training_state(program: Program, parameters: list[str]) -> list[str]:
     return state_names(program.tensors, parameters)
 
 
-def step_program(program: Program, state: WaferState, tasks: dict[PE, list[Task]]) -> Program:
-    """`program` starting from `state`, with the tasks of the PEs in `tasks` replaced (see
-    the module docstring). `program` itself is not changed."""
+def step_pes(program: Program, state: WaferState, tasks: dict[PE, list[Task]]
+             ) -> dict[PE, PEProgram]:
+    """The programs of the PEs that differ from `program`'s in the step that starts from
+    `state` with the tasks `tasks` (by PE) in place of the compiled ones (module docstring):
+    the PEs that hold state (a new SRAM image) and those whose code changes. A PE whose code
+    does not change keeps its task list, the same list, so the engine validates and
+    assembles again only the code that changed (`wse_sim.engine.Loaded`). `program` itself
+    is not changed."""
     images: dict[PE, np.ndarray] = {}
 
     def words(x: int, y: int) -> np.ndarray:
@@ -90,9 +95,9 @@ def step_program(program: Program, state: WaferState, tasks: dict[PE, list[Task]
 
     for name, value in state.tensors.items():
         write_tensor(program.tensors[name], value, words)
-    pes = dict(program.pes)
+    pes = {}
     for pe in images.keys() | tasks.keys():
         old = program.pes[pe]
         pes[pe] = PEProgram(old.sram_words, tasks.get(pe, old.tasks),
                             {0: images[pe]} if pe in images else old.image)
-    return replace(program, pes=pes)
+    return pes

@@ -1,4 +1,4 @@
-"""Hand-built Programs for the engine tests."""
+"""Hand-built Programs for the engine tests, and how two runs are compared."""
 
 from __future__ import annotations
 
@@ -130,3 +130,10 @@ def deadlock_pair() -> Program:
     p.add_route(1, 0, 3, port_mask(RAMP), port_mask(W))
     p.add_route(0, 0, 3, port_mask(E), port_mask(RAMP))
     return p
+
+
+def assert_same_run(a, b):
+    """Two SimResults with the same cycles and every counter equal."""
+    assert a.cycles == b.cycles
+    for name, value in vars(a.stats).items():
+        np.testing.assert_array_equal(value, getattr(b.stats, name), err_msg=name)

@@ -1,12 +1,14 @@
 """PE semantics and whole programs, with cycle counts derived by hand in each test."""
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from programs import (
+    assert_same_run,
     deadlock_pair,
     outer_product_matmul,
     send_east,
@@ -14,7 +16,7 @@ from programs import (
     systolic_dot,
 )
 
-from wse_sim.engine import simulate
+from wse_sim.engine import Loaded, simulate
 from wse_sim.errors import DeadlockError, ProgramError, SimulationStopped, UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
@@ -25,6 +27,7 @@ from wse_sim.program import (
     Instr,
     Mem,
     Op,
+    PEProgram,
     Port,
     Program,
     Reg,
@@ -384,3 +387,59 @@ def test_a_stopped_bulk_run_counts_as_the_cycle_by_cycle_run(case, where):
     for name, value in vars(fast.stats).items():
         np.testing.assert_array_equal(value, getattr(slow.stats, name), err_msg=name)
     assert fast.stats.idle.min() >= 0
+
+
+def test_a_loaded_program_runs_again_with_some_pes_replaced():
+    # Each run starts from fresh state, as if the program with those PEs' programs replaced
+    # were simulated. `moved`: one task more on PE (1, 0), so the tasks and instructions of
+    # every later PE move, and on PE (3, 0) a task between its own two, so the ACTIVATE of
+    # its unchanged first task names another task index. `partial`: new SRAM words on PE
+    # (0, 0), and PE (3, 0) keeps its first task but not its second.
+    pes, k = 4, 8
+    rng = np.random.default_rng(2)
+    a, b = (rng.standard_normal(pes * k).astype(np.float32) for _ in range(2))
+    program = systolic_dot(a, b, pes)
+    last = program.pes[(3, 0)]
+    last.tasks[0].instrs.append(Instr(Op.ACTIVATE, task=7))  # doubles the sum
+    last.tasks.append(Task(7, Trigger.LOCAL, [vec(Op.MUL, 1, Mem(2 * k), Mem(2 * k), Imm(2))]))
+    first, second = program.pes[(0, 0)], program.pes[(1, 0)]
+    moved = {
+        (1, 0): PEProgram(second.sram_words, [
+            Task(0, Trigger.RESET, [*second.tasks[0].instrs, Instr(Op.ACTIVATE, task=5)]),
+            Task(5, Trigger.LOCAL, [vec(Op.MOV, 1, Mem(2 * k), Reg(0))])], second.image),
+        (3, 0): PEProgram(last.sram_words, [last.tasks[0], Task(9, Trigger.LOCAL, [
+            vec(Op.NEG, 1, Mem(2 * k), Mem(2 * k))]), last.tasks[1]], last.image),
+    }
+    partial = {
+        (0, 0): PEProgram(first.sram_words, first.tasks,
+                          {0: rng.standard_normal(2 * k).astype(np.float32)}),
+        (3, 0): PEProgram(last.sram_words, [last.tasks[0], Task(7, Trigger.LOCAL, [
+            vec(Op.MUL, 1, Mem(2 * k), Mem(2 * k), Imm(3))])], last.image),
+    }
+    whole = simulate(program, wafer())
+    loaded = Loaded(program, wafer())
+    for replaced in (moved, None, partial, moved):
+        run = loaded.run(replaced)
+        want = simulate(replace(program, pes={**program.pes, **(replaced or {})}), wafer())
+        assert_same_run(run, want)
+        for x in range(pes):
+            np.testing.assert_array_equal(run.sram(x, 0), want.sram(x, 0))
+        if replaced:  # ... and the replacement made a difference
+            assert any(not np.array_equal(want.sram(x, 0), whole.sram(x, 0))
+                       for x, _ in replaced)
+
+
+@pytest.mark.parametrize("pe, change, message", [
+    ((5, 0), {}, r"^PE \(5, 0\): has no program to replace"),
+    ((1, 0), {"sram_words": 3}, r"^PE \(1, 0\): sram_words 3, the program's 9$"),
+    ((1, 0), {"image": {8: np.zeros(2, np.float32)}}, r"^PE \(1, 0\): image at offset 8"),
+    ((1, 0), {"tasks": [Task(0, Trigger.RESET, [vec(Op.MOV, 1, Mem(0), Reg(99))])]},
+     r"^PE \(1, 0\) task 0 instr 0: field a: register 99"),
+])
+def test_a_replaced_pe_program_is_validated(pe, change, message):
+    program = systolic_dot(np.ones(8, np.float32), np.ones(8, np.float32), 2)
+    old = program.pes[(1, 0)]
+    new = PEProgram(**{"sram_words": old.sram_words, "tasks": old.tasks, "image": old.image,
+                       **change})
+    with pytest.raises(ProgramError, match=message):
+        Loaded(program, wafer()).run({pe: new})

@@ -20,8 +20,8 @@ from compiler.checkpoint import load_checkpoint
 from compiler.compile import compile_step
 from compiler.config import RunConfig, load_config
 from compiler.inputs import Batch
-from compiler.state import initial_state, step_program, training_state
-from wse_sim.engine import simulate
+from compiler.state import initial_state, step_pes, training_state
+from wse_sim.engine import Loaded, simulate
 from wse_sim.train import Training
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def test_the_batch_code_is_the_code_compiled_for_that_batch(tmp_path):
     assert rewritten.tasks and rewritten.instructions > 0
     program = compiled.linked.program
     state = initial_state(program, training_state(program, compiled.graph.parameters))
-    result = simulate(step_program(compiled.linked.program, state, rewritten.tasks), cfg.wafer)
+    result = Loaded(program, cfg.wafer).run(step_pes(program, state, rewritten.tasks))
     fresh = compile_step(cfg, batch=other)
     expected = simulate(fresh.linked.program, cfg.wafer)
     assert result.cycles == expected.cycles

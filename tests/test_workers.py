@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from programs import outer_product_matmul, route_east
+from programs import assert_same_run, outer_product_matmul, route_east
 
 from wse_sim import engine, traffic
 from wse_sim.engine import simulate
@@ -31,12 +31,6 @@ def all_workers(monkeypatch):
     """Every stripe its own thread, however little work a cycle holds."""
     for module in (engine, traffic):
         monkeypatch.setattr(module, "workers_for", lambda wk, visits: len(wk.stripe))
-
-
-def assert_same_run(a, b):
-    assert a.cycles == b.cycles
-    for name, value in vars(a.stats).items():
-        np.testing.assert_array_equal(value, getattr(b.stats, name), err_msg=name)
 
 
 def test_program_bit_identical_for_any_thread_count(all_workers):

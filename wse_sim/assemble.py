@@ -5,16 +5,33 @@ Memory operands carry absolute addresses into one float32 SRAM pool in which slo
 register operands carry absolute indices into the register pool (slot s owns
 `s * registers : (s + 1) * registers`). Fabric operands and COLOR tasks carry the FIFO
 they use: the route's receive queue (FABIN, trigger) or its RAMP input FIFO (FABOUT).
+
+`Assembler(program, wafer)` flattens a program once; each `state(pes)` is fresh engine state
+at cycle 0 of that program with the programs `pes` in place of some PEs' (the same SRAM
+sizes): only their code and SRAM words are flattened again, so a program run many times
+with new data and new code on a few PEs (a training step's batch) costs little to assemble.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from wse_sim.hardware import WaferConfig
-from wse_sim.program import ARITHMETIC_OPS, SOURCES_OF, Kind, Op, Port, Program, Trigger
+from wse_sim.program import (
+    ARITHMETIC_OPS,
+    SOURCES_OF,
+    Kind,
+    Op,
+    PEProgram,
+    Port,
+    Program,
+    Task,
+    Trigger,
+    kept_tasks,
+)
 from wse_sim.router import FabricSpec, RouteTable, build_fabric
 from wse_sim.state import (
     BULK,
@@ -51,110 +68,175 @@ class Assembled:
         return s if s < len(self.slot_pe) and self.slot_pe[s] == pe else -1
 
 
-def assemble(program: Program, wafer: WaferConfig, stripes: int = 1) -> Assembled:
-    """Engine state of a (validated) program at cycle 0, its rows split into `stripes`."""
-    width = program.width
-    rkeys = sorted(((y * width + x), c) for (x, y, c) in program.routes)
-    routes = [program.routes[(p % width, p // width, c)] for p, c in rkeys]
-    slots = sorted(((y * width + x), (x, y)) for (x, y) in program.pes)
-    slot_pe = np.array([pe for pe, _ in slots], np.int64)
-    spec = FabricSpec(width, program.height, colors=wafer.colors, depth=wafer.queue_depth,
-                      hop_latency=wafer.hop_latency, ramp_in=wafer.ramp_in_per_cycle)
-    table = RouteTable(*(np.array(col, np.int64).reshape(-1) for col in (
-        [k[0] for k in rkeys], [k[1] for k in rkeys], [r.rx for r in routes],
-        [r.tx for r in routes])))
-    fb, wk = build_fabric(spec, table, slot_pe, stripes)
-    route_of = {k: r for r, k in enumerate(rkeys)}
-    fifo = fb.info
-    ramp_fifo = np.full(len(rkeys), -1, np.int64)
-    recv_fifo = np.full(len(rkeys), -1, np.int64)
-    for port, out in ((Port.RAMP, ramp_fifo), (RECV, recv_fifo)):
-        sel = np.nonzero(fifo["port"] == port)[0]
-        out[fifo["route"][sel]] = sel
+@dataclass(frozen=True)
+class _TaskCode:
+    """One task flattened. Its instruction indices count from its first instruction, the
+    task indices of its instructions from its PE's first task (`_cores` moves both to their
+    place among all PEs')."""
 
-    def fabric_fifo(pe: int, kind: Kind, color: int) -> int:
-        r = route_of[(pe, color)]
-        return int(recv_fifo[r] if kind == Kind.FABIN else ramp_fifo[r])
+    task: tuple  # TASK fields
+    ins: np.ndarray  # INSTR
+    opnd: np.ndarray  # OPERAND
+    id: int  # Task.id
 
-    nslot = len(slots)
-    nreg = wafer.registers
-    threads = wafer.microthreads
-    sram_base = np.zeros(nslot + 1, np.int64)
-    for s, (_, key) in enumerate(slots):
-        sram_base[s + 1] = sram_base[s] + program.pes[key].sram_words
-    sram = np.zeros(int(sram_base[-1]), np.float32)
-    slot = SLOT.new(nslot)
-    tasks: list[tuple] = []
-    task_ids: list[int] = []
-    ins: list[tuple] = []
-    opnd: list[tuple] = []
-    for s, (pe, key) in enumerate(slots):
-        prog = program.pes[key]
-        base = int(sram_base[s])
-        for offset, data in prog.image.items():
-            sram[base + offset: base + offset + len(data)] = data
-        slot["tk_lo"][s] = len(tasks)
-        index_of = {task.id: len(tasks) + k for k, task in enumerate(prog.tasks)}
-        for task in prog.tasks:
-            first = len(ins)
-            for instr in task.instrs:
-                op = Op(instr.op)
-                opnds = (instr.dst, instr.a, instr.b, instr.c)
-                sources = [o for o in opnds[1:] if o.kind == Kind.MEM]
-                # INSTR field order
-                ins.append((int(op), instr.n, instr.count, instr.body,
-                            index_of.get(instr.task, -1),
-                            sum(o.stride != 0 for o in sources),
-                            sum(o.stride == 0 for o in sources),
-                            int(instr.dst.kind == Kind.MEM),
-                            2 if op == Op.FMA else int(op in ARITHMETIC_OPS),
-                            int(op in SOURCES_OF
-                                and not any(o.kind in FABRIC_KINDS for o in opnds))))
-                for o in opnds:  # OPERAND field order
-                    fab = fabric_fifo(pe, o.kind, o.color) if o.kind in FABRIC_KINDS else -1
-                    opnd.append((base + o.offset, o.stride, o.loop_stride, int(o.kind), fab,
-                                 s * nreg + o.reg, o.value))
-            recv = (fabric_fifo(pe, Kind.FABIN, task.color)
-                    if task.trigger == Trigger.COLOR else -1)
-            # TASK field order
-            tasks.append((int(task.trigger), recv, first, len(ins),
-                          int(task.trigger == Trigger.RESET), 0, 0))
-            task_ids.append(task.id)
-        slot["tk_hi"][s] = len(tasks)
-        slot["ncolor"][s] = sum(task.trigger == Trigger.COLOR for task in prog.tasks)
-    slot["router"] = np.searchsorted(fb.router_pe, slot_pe)
-    rate = wafer.fp32_ops_per_cycle
-    slot["fpc"] = max(rate, 1.0)  # full credit at cycle 0
-    params = CORE_PARAMS.new(1)
-    for name, value in (("threads", threads), ("reads", wafer.sram_reads_per_cycle),
-                        ("writes", wafer.sram_writes_per_cycle),
-                        ("ramp_out", wafer.ramp_out_per_cycle),
-                        ("deadlock", wafer.deadlock_cycles), ("fp_rate", rate),
-                        ("fp_cap", max(rate, 1.0))):
-        params[name] = value
-    cores = Cores(
-        params=params,
-        slot=slot,
-        ctr=PE_COUNTERS.new(nslot),
-        bulk=BULK.new(nslot),
-        task=np.array(tasks, TASK.dtype),
-        ins=np.array(ins, INSTR.dtype),
-        opnd=np.array(opnd, OPERAND.dtype),
-        th=THREAD.new(nslot * threads),
-        sram=sram,
-        regs=np.zeros(nslot * nreg, np.float32),
-        active=np.zeros((2, max(nslot, 1)), np.int32),
-        timer_t=np.zeros(max(nslot, 1), np.int64),
-        timer_s=np.zeros(max(nslot, 1), np.int32),
-    )
-    assert len(cores.opnd) == OPERANDS * len(cores.ins)
-    # Cycle 0 runs the PEs that have tasks (the first `pe_phase` swaps the lists).
-    has_tasks = slot["tk_hi"] > slot["tk_lo"]
-    slot["wake"] = has_tasks
-    slot["queued"][has_tasks] = 0
-    for k, (lo, hi) in enumerate(zip(wk.stripe["s_lo"], wk.stripe["s_hi"], strict=True)):
-        listed = np.nonzero(has_tasks[lo:hi])[0] + lo
-        cores.active[1, lo: lo + len(listed)] = listed
-        wk.stripe["p_nnext"][k] = wk.stripe["pub_active"][k] = len(listed)
-    return Assembled(fabric=fb, cores=cores, workers=wk, task_ids=np.array(task_ids, np.int64),
-                     sram_base=sram_base, slot_pe=slot_pe, registers=nreg)
+
+class Assembler:
+    """Engine state at cycle 0 of a validated `program`, its rows split into `stripes`,
+    with any PEs' programs replaced (module docstring)."""
+
+    def __init__(self, program: Program, wafer: WaferConfig, stripes: int = 1) -> None:
+        self.program, self.wafer, self.stripes = program, wafer, stripes
+        width = program.width
+        rkeys = sorted(((y * width + x), c) for (x, y, c) in program.routes)
+        routes = [program.routes[(p % width, p // width, c)] for p, c in rkeys]
+        self.slots = {key: s for s, (_, key) in enumerate(
+            sorted(((y * width + x), (x, y)) for (x, y) in program.pes))}
+        self.slot_pe = np.array([y * width + x for x, y in self.slots], np.int64)
+        self.spec = FabricSpec(width, program.height, colors=wafer.colors,
+                               depth=wafer.queue_depth, hop_latency=wafer.hop_latency,
+                               ramp_in=wafer.ramp_in_per_cycle)
+        self.table = RouteTable(*(np.array(col, np.int64).reshape(-1) for col in (
+            [k[0] for k in rkeys], [k[1] for k in rkeys], [r.rx for r in routes],
+            [r.tx for r in routes])))
+        self.route_of = {k: r for r, k in enumerate(rkeys)}
+        fifo = self._fabric()[0].info
+        self.ramp_fifo = np.full(len(rkeys), -1, np.int64)
+        self.recv_fifo = np.full(len(rkeys), -1, np.int64)
+        for port, out in ((Port.RAMP, self.ramp_fifo), (RECV, self.recv_fifo)):
+            sel = np.nonzero(fifo["port"] == port)[0]
+            out[fifo["route"][sel]] = sel
+        self.sram_base = np.zeros(len(self.slots) + 1, np.int64)
+        for s, key in enumerate(self.slots):
+            self.sram_base[s + 1] = self.sram_base[s] + program.pes[key].sram_words
+        self.code = [self._code(s, key, program.pes[key]) for s, key in enumerate(self.slots)]
+
+    def _fabric(self) -> tuple[Fabric, Workers]:
+        return build_fabric(self.spec, self.table, self.slot_pe, self.stripes)
+
+    def _fifo(self, x: int, y: int, kind: Kind, color: int) -> int:
+        r = self.route_of[(y * self.spec.width + x, color)]
+        return int(self.recv_fifo[r] if kind == Kind.FABIN else self.ramp_fifo[r])
+
+    def _code(self, s: int, key: tuple[int, int], prog: PEProgram,
+              kept: list[bool] | None = None) -> list[_TaskCode]:
+        """Slot s's code: the tasks of PE `key`, the program's own flattening of those
+        `kept` (`kept_tasks`)."""
+        index_of = {task.id: k for k, task in enumerate(prog.tasks)}
+        return [self.code[s][k] if kept and kept[k] else self._task(s, key, task, index_of)
+                for k, task in enumerate(prog.tasks)]
+
+    def _task(self, s: int, key: tuple[int, int], task: Task, index_of: dict[int, int]
+              ) -> _TaskCode:
+        """`task` of slot s (PE `key`, whose tasks are at `index_of` by id) flattened."""
+        base = int(self.sram_base[s])
+        nreg = self.wafer.registers
+        ins: list[tuple] = []
+        opnd: list[tuple] = []
+        for instr in task.instrs:
+            op = Op(instr.op)
+            opnds = (instr.dst, instr.a, instr.b, instr.c)
+            sources = [o for o in opnds[1:] if o.kind == Kind.MEM]
+            # INSTR field order
+            ins.append((int(op), instr.n, instr.count, instr.body,
+                        index_of.get(instr.task, -1),
+                        sum(o.stride != 0 for o in sources),
+                        sum(o.stride == 0 for o in sources),
+                        int(instr.dst.kind == Kind.MEM),
+                        2 if op == Op.FMA else int(op in ARITHMETIC_OPS),
+                        int(op in SOURCES_OF
+                            and not any(o.kind in FABRIC_KINDS for o in opnds))))
+            for o in opnds:  # OPERAND field order
+                fab = self._fifo(*key, o.kind, o.color) if o.kind in FABRIC_KINDS else -1
+                opnd.append((base + o.offset, o.stride, o.loop_stride, int(o.kind), fab,
+                             s * nreg + o.reg, o.value))
+        recv = (self._fifo(*key, Kind.FABIN, task.color)
+                if task.trigger == Trigger.COLOR else -1)
+        # TASK field order
+        return _TaskCode((int(task.trigger), recv, 0, len(ins),
+                          int(task.trigger == Trigger.RESET), 0, 0),
+                         np.array(ins, INSTR.dtype), np.array(opnd, OPERAND.dtype), task.id)
+
+    def state(self, pes: Mapping[tuple[int, int], PEProgram] | None = None) -> Assembled:
+        """Engine state at cycle 0 with the PE programs `pes` (validated, of PEs of the
+        program, their SRAM sizes unchanged) in place of the program's; only the tasks they
+        do not keep (`kept_tasks`) are flattened again."""
+        pes = pes or {}
+        code = list(self.code)
+        sram = np.zeros(int(self.sram_base[-1]), np.float32)
+        for s, key in enumerate(self.slots):
+            prog = pes.get(key, self.program.pes[key])
+            base = int(self.sram_base[s])
+            for offset, data in prog.image.items():
+                sram[base + offset: base + offset + len(data)] = data
+            kept = kept_tasks(self.program.pes[key], prog)
+            if not all(kept):
+                code[s] = self._code(s, key, prog, kept)
+        fb, wk = self._fabric()
+        cores, task_ids = self._cores(code, sram, fb, wk)
+        return Assembled(fabric=fb, cores=cores, workers=wk, task_ids=task_ids,
+                         sram_base=self.sram_base, slot_pe=self.slot_pe,
+                         registers=self.wafer.registers)
+
+    def _cores(self, code: list[list[_TaskCode]], sram: np.ndarray, fb: Fabric, wk: Workers
+               ) -> tuple[Cores, np.ndarray]:
+        """The PEs' state at cycle 0 running `code` (slot by slot) from `sram`, listed for
+        cycle 0 in `wk`'s stripes; and the Task.id of every task."""
+        wafer = self.wafer
+        nslot, nreg, threads = len(code), wafer.registers, wafer.microthreads
+        tasks = [t for slot_code in code for t in slot_code]
+        task_lo = np.concatenate(([0], np.cumsum([len(c) for c in code], dtype=np.int64)))
+        nins = np.array([len(t.ins) for t in tasks], np.int64)
+        first = np.concatenate(([0], np.cumsum(nins)))[:-1]
+        task = np.array([t.task for t in tasks], TASK.dtype)
+        task["first"] += first
+        task["end"] += first
+        ins, opnd = (_join([getattr(t, name) for t in tasks], dtype)
+                     for name, dtype in (("ins", INSTR.dtype), ("opnd", OPERAND.dtype)))
+        pe_first_task = np.repeat(task_lo[:-1], np.diff(task_lo))
+        ins["task"] = np.where(ins["task"] >= 0, ins["task"] + np.repeat(pe_first_task, nins),
+                               -1)
+        slot = SLOT.new(nslot)
+        slot["tk_lo"], slot["tk_hi"] = task_lo[:-1], task_lo[1:]
+        slot["ncolor"] = [sum(t.task[0] == Trigger.COLOR for t in c) for c in code]
+        slot["router"] = np.searchsorted(fb.router_pe, self.slot_pe)
+        rate = wafer.fp32_ops_per_cycle
+        slot["fpc"] = max(rate, 1.0)  # full credit at cycle 0
+        params = CORE_PARAMS.new(1)
+        for name, value in (("threads", threads), ("reads", wafer.sram_reads_per_cycle),
+                            ("writes", wafer.sram_writes_per_cycle),
+                            ("ramp_out", wafer.ramp_out_per_cycle),
+                            ("deadlock", wafer.deadlock_cycles), ("fp_rate", rate),
+                            ("fp_cap", max(rate, 1.0))):
+            params[name] = value
+        cores = Cores(
+            params=params,
+            slot=slot,
+            ctr=PE_COUNTERS.new(nslot),
+            bulk=BULK.new(nslot),
+            task=task,
+            ins=ins,
+            opnd=opnd,
+            th=THREAD.new(nslot * threads),
+            sram=sram,
+            regs=np.zeros(nslot * nreg, np.float32),
+            active=np.zeros((2, max(nslot, 1)), np.int32),
+            timer_t=np.zeros(max(nslot, 1), np.int64),
+            timer_s=np.zeros(max(nslot, 1), np.int32),
+        )
+        assert len(cores.opnd) == OPERANDS * len(cores.ins)
+        # Cycle 0 runs the PEs that have tasks (the first `pe_phase` swaps the lists).
+        has_tasks = slot["tk_hi"] > slot["tk_lo"]
+        slot["wake"] = has_tasks
+        slot["queued"][has_tasks] = 0
+        for k, (lo, hi) in enumerate(zip(wk.stripe["s_lo"], wk.stripe["s_hi"], strict=True)):
+            listed = np.nonzero(has_tasks[lo:hi])[0] + lo
+            cores.active[1, lo: lo + len(listed)] = listed
+            wk.stripe["p_nnext"][k] = wk.stripe["pub_active"][k] = len(listed)
+        return cores, np.array([t.id for t in tasks], np.int64)
+
+
+def _join(arrays: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    """The record arrays `arrays` (of `dtype`) end to end. Joined as bytes: numpy joins
+    record arrays field by field, which costs more than the data for many small ones."""
+    return np.concatenate([a.view(np.uint8) for a in arrays] or [np.zeros(0, np.uint8)]
+                          ).view(dtype)

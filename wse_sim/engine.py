@@ -1,4 +1,5 @@
-"""The cycle-level engine: `simulate(program, wafer)` runs a Program on the fabric model.
+"""The cycle-level engine: `simulate(program, wafer)` runs a Program on the fabric model;
+`Loaded(program, wafer).run(pes)` runs one again and again, some PEs' programs replaced.
 
 Timing model (every cycle below is counted by the loop, none estimated)
 -----------------------------------------------------------------------
@@ -91,17 +92,26 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from wse_sim.assemble import Assembled, assemble
+from wse_sim.assemble import Assembled, Assembler
 from wse_sim.errors import DeadlockError, SimulationStopped, UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.interrupt import sigint_flag
 from wse_sim.jit import barrier, cores, hot, hot_inline, run_workers, workers_for
-from wse_sim.program import Kind, Op, Port, Program, Trigger, validate
+from wse_sim.program import (
+    Kind,
+    Op,
+    PEProgram,
+    Port,
+    Program,
+    Trigger,
+    validate,
+    validate_replacement,
+)
 from wse_sim.router import (
     WOKEN_DELIVERY,
     U,
@@ -891,6 +901,35 @@ class SimResult:
         return self._asm.slot_of(y * w + x)
 
 
+class Loaded:
+    """`program` validated and assembled once, to run any number of times, each run from
+    cycle 0 with fresh state; a run may put other programs in place of some PEs' (new SRAM
+    contents, new code: `wse_sim.assemble.Assembler`), and only those are validated
+    (`wse_sim.program.validate_replacement`) and assembled again. `program` must not change
+    while loaded."""
+
+    def __init__(self, program: Program, wafer: WaferConfig, *,
+                 threads: int | None = None) -> None:
+        validate(program, wafer)
+        self.program, self.wafer = program, wafer
+        self._assembler = Assembler(program, wafer, threads or cores())
+
+    def run(self, pes: Mapping[tuple[int, int], PEProgram] | None = None, *,
+            max_cycles: int | None = None, progress: Callable[[int], None] | None = None,
+            interruptible: bool = False) -> SimResult:
+        """Run the program with the PE programs `pes` (keys (x, y)) in place of its own, as
+        `simulate` runs a program."""
+        program = self.program
+        if pes:
+            validate_replacement(program, self.wafer, pes)
+            program = replace(program, pes={**program.pes, **pes})
+        asm = self._assembler.state(pes)
+        if not interruptible:
+            return _run(program, asm, max_cycles, progress, lambda: False)
+        with sigint_flag() as interrupted:
+            return _run(program, asm, max_cycles, progress, interrupted)
+
+
 def simulate(
     program: Program,
     wafer: WaferConfig,
@@ -909,12 +948,8 @@ def simulate(
     holding the partial result) if the run needs more than `max_cycles` cycles or, with
     `interruptible`, Ctrl-C is pressed (`wse_sim.interrupt`; the run stops within a chunk
     of cycles). `progress(cycle)` is called between chunks of cycles."""
-    validate(program, wafer)
-    asm = assemble(program, wafer, threads or cores())
-    if not interruptible:
-        return _run(program, asm, max_cycles, progress, lambda: False)
-    with sigint_flag() as interrupted:
-        return _run(program, asm, max_cycles, progress, interrupted)
+    return Loaded(program, wafer, threads=threads).run(
+        max_cycles=max_cycles, progress=progress, interruptible=interruptible)
 
 
 def _run(program: Program, asm: Assembled, max_cycles: int | None,

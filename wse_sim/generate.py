@@ -19,8 +19,8 @@ from compiler.compile import Compiled
 from compiler.config import RunConfig
 from compiler.generate import LOGITS, compile_forward, run_batch
 from compiler.graph import updated_name
-from compiler.state import WaferState, initial_state, read_state, step_program
-from wse_sim.engine import simulate
+from compiler.state import WaferState, initial_state, read_state, step_pes
+from wse_sim.engine import Loaded
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,12 @@ class Generated:
 
 
 class _Runs:
-    """One compiled forward program and its per-run code."""
+    """One compiled forward program, loaded into the engine once, and its per-run code."""
 
     def __init__(self, compiled: Compiled) -> None:
         self.compiled = compiled
         self.code = BatchCode(compiled)
+        self.loaded = Loaded(compiled.linked.program, compiled.cfg.wafer)
         self.caches = [updated_name(name) for name, spec in compiled.graph.tensors.items()
                        if spec.kind == "state"]
 
@@ -49,7 +50,7 @@ class _Runs:
         """The logits of `tokens` at positions start .., the caches after, the cycles."""
         program = self.compiled.linked.program
         tasks = self.code.pe_tasks(run_batch(tokens, start)).tasks
-        result = simulate(step_program(program, caches, tasks), self.compiled.cfg.wafer)
+        result = self.loaded.run(step_pes(program, caches, tasks))
         logits = self.compiled.linked.read_tensor(result, LOGITS)
         return (logits, read_state(program, result.sram, self.caches, caches.step + 1),
                 result.cycles)

@@ -57,8 +57,11 @@ def drop_stale_cache() -> None:
     for cache in _cache_dirs():
         marker = cache / STAMP
         try:
-            if not cache.is_dir() or (marker.exists() and marker.read_text() == stamp):
+            if marker.exists() and marker.read_text() == stamp:
                 continue
+            # Absent when Python writes no bytecode (PYTHONDONTWRITEBYTECODE): numba makes it
+            # later, and without the stamp the next process would drop what it cached.
+            cache.mkdir(exist_ok=True)
             for name in ENGINE_SOURCES:
                 for path in cache.glob(f"{Path(name).stem}.*.nb[ic]"):
                     path.unlink(missing_ok=True)

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import json
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -413,12 +413,25 @@ def _validate_pe(x: int, y: int, pe: PEProgram, program: Program, wafer: WaferCo
     words = pe.sram_words
     if not 0 <= words <= wafer.sram_words_per_pe:
         raise ProgramError(f"{where}: sram_words {words} not in 0..{wafer.sram_words_per_pe}")
+    _validate_image(where, pe)
+    _validate_tasks(where, x, y, pe, program, wafer)
+
+
+def _validate_image(where: str, pe: PEProgram) -> None:
     for offset, data in pe.image.items():
-        if offset < 0 or offset + len(data) > words:
+        if offset < 0 or offset + len(data) > pe.sram_words:
             raise ProgramError(f"{where}: image at offset {offset} ({len(data)} words) outside "
-                               f"its {words} SRAM words")
+                               f"its {pe.sram_words} SRAM words")
+
+
+def _validate_tasks(where: str, x: int, y: int, pe: PEProgram, program: Program,
+                    wafer: WaferConfig, valid: list[bool] | None = None) -> None:
+    """The checks of a PE's tasks but those marked `valid` (`kept_tasks`)."""
+    words = pe.sram_words
     ids = [task.id for task in pe.tasks]
-    for task in pe.tasks:
+    for k, task in enumerate(pe.tasks):
+        if valid is not None and valid[k]:
+            continue
         tw = f"{where} task {task.id}"
         if not 0 <= task.id < wafer.max_tasks:
             raise ProgramError(f"{tw}: id must be in 0..{wafer.max_tasks - 1}")
@@ -533,6 +546,35 @@ def _check_color(color: int, wafer: WaferConfig, where: str) -> None:
 def _route_has(program: Program, x: int, y: int, color: int, side: str) -> bool:
     route = program.routes.get((x, y, color))
     return route is not None and bool(getattr(route, side) >> Port.RAMP & 1)
+
+
+def kept_tasks(old: PEProgram, new: PEProgram) -> list[bool]:
+    """Which tasks of `new`, replacing the PE program `old`, are `old`'s own: the same Task
+    at the same place among the same task ids. Such a task is as valid as in `old` and
+    runs as there."""
+    if new.tasks is not old.tasks and [t.id for t in new.tasks] != [t.id for t in old.tasks]:
+        return [False] * len(new.tasks)
+    return [a is b for a, b in zip(new.tasks, old.tasks, strict=True)]
+
+
+def validate_replacement(program: Program, wafer: WaferConfig,
+                         pes: Mapping[tuple[int, int], PEProgram]) -> None:
+    """Raise ProgramError (one line, as `validate`) if the programs `pes` cannot replace
+    those of their PEs in the valid `program`: each must be a PE of it and keep its SRAM
+    size, its image must fit, and its tasks must be valid but those it keeps
+    (`kept_tasks`)."""
+    for (x, y), pe in pes.items():
+        where = f"PE ({x}, {y})"
+        old = program.pes.get((x, y))
+        if old is None:
+            raise ProgramError(f"{where}: has no program to replace")
+        if pe.sram_words != old.sram_words:
+            raise ProgramError(f"{where}: sram_words {pe.sram_words}, the program's "
+                               f"{old.sram_words}")
+        _validate_image(where, pe)
+        kept = kept_tasks(old, pe)
+        if not all(kept):
+            _validate_tasks(where, x, y, pe, program, wafer, kept)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The training loop: many steps of one compiled program on the simulated wafer, each
 checked against float64.
 
-One program. The step is compiled, placed and routed once (`wse_sim.pipeline`). Every step
-then runs that program with
+One program. The step is compiled, placed and routed once (`wse_sim.pipeline`) and loaded
+into the engine once (validated and assembled: `wse_sim.engine.Loaded`). Every step then
+runs that program with
 * the weights and optimizer state the previous step left in SRAM (`compiler.state`), and
 * the code of the kernels that read the batch rebuilt for the step's batch
   (`compiler.batch`: the host's per-step rewrite of the input descriptors);
@@ -49,8 +50,8 @@ from compiler.data import Dataset, load_dataset, training_batch, validation_batc
 from compiler.inputs import Batch
 from compiler.optim import OptimizerState, init_state
 from compiler.reference import mean_loss, reference_step
-from compiler.state import WaferState, initial_state, read_state, step_program, training_state
-from wse_sim.engine import simulate
+from compiler.state import WaferState, initial_state, read_state, step_pes, training_state
+from wse_sim.engine import Loaded
 from wse_sim.errors import UserError
 from wse_sim.pipeline import compile_parsed
 
@@ -111,6 +112,7 @@ class Training:
         self.compiled = compile_parsed(cfg, source)
         self.parameters = self.compiled.graph.parameters
         self.code = BatchCode(self.compiled)
+        self.loaded = Loaded(self.compiled.linked.program, cfg.wafer)
         windows = np.concatenate(validation_batches(self.dataset.validation, 1,
                                                     cfg.training.seq_len))
         pick = np.linspace(0, len(windows) - 1, min(val_windows, len(windows)))
@@ -164,8 +166,8 @@ class Training:
             if progress is not None:
                 progress(cycle)
 
-        result = simulate(step_program(linked.program, run.wafer, code.tasks), cfg.wafer,
-                          progress=reached)
+        result = self.loaded.run(step_pes(linked.program, run.wafer, code.tasks),
+                                 progress=reached)
         simulated = read_results(linked, result, self.parameters)
         graph = self.compiled.graph
         params, state = run.wafer.params(graph), run.wafer.optimizer(graph)
