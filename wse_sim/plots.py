@@ -438,7 +438,7 @@ def _draw_timeline(fig: Figure, data: _Data) -> None:
             linewidth=2.0)
     ax.axvline(data.run.cycles, color="black", linestyle="--", linewidth=0.8)
     ax.set_xlim(0, horizon * 1.02)
-    ax.set_ylim(len(kernels) - 0.5, -0.5)
+    ax.set_ylim(max(len(kernels), 1) - 0.5, -0.5)  # a program without kernels: one empty row
     ax.set_xlabel("cycle")
     if len(kernels) <= _TIMELINE_NAMES:
         ax.set_yticks(rows, [k.name for k in kernels], fontsize=7)
