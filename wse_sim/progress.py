@@ -23,9 +23,12 @@ class Progress:
                   f"{rate / 1e3:8.1f} k cycles/s", end="", file=sys.stderr, flush=True)
             self.drawn = True
 
-    def done(self) -> None:
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         """End the line, so what is printed next (the report, an error, a Ctrl-C's line)
-        starts a line of its own; call it however the simulation ended."""
+        starts a line of its own, however the simulation ended."""
         if self.drawn:
             print(file=sys.stderr)
             self.drawn = False

@@ -65,15 +65,12 @@ def run(args: argparse.Namespace) -> int:
     from wse_sim.report import format_report
 
     check_output_arguments(args, (args.config,))
-    progress = Progress(not args.quiet)
     try:
-        report = run_step(args.config, args.placement, args.max_cycles, progress, args.threads,
-                          interruptible=True)
+        with Progress(not args.quiet) as progress:
+            report = run_step(args.config, args.placement, args.max_cycles, progress,
+                              args.threads, interruptible=True)
     except SimulationStopped as stop:
-        progress.done()
         return report_stopped(args, stop)
-    finally:
-        progress.done()
     print(format_report(report))
     print()
     print(format_check(report["check"]))

@@ -101,16 +101,13 @@ def run(args: argparse.Namespace) -> int:
     if wafer is None:
         wafer = WaferConfig()
     require(program_bytes(program), args.program)
-    progress = Progress(not args.quiet)
     try:
-        result, report = simulate_program(program, wafer, max_cycles=args.max_cycles,
-                                          progress=progress, threads=args.threads,
-                                          interruptible=True)
+        with Progress(not args.quiet) as progress:
+            result, report = simulate_program(program, wafer, max_cycles=args.max_cycles,
+                                              progress=progress, threads=args.threads,
+                                              interruptible=True)
     except SimulationStopped as stop:
-        progress.done()
         return report_stopped(args, stop)
-    finally:
-        progress.done()
     print(format_report(report))
     if args.tensors:
         tensors = {name: read_tensor(layout, result.sram, name)
