@@ -341,6 +341,14 @@ def bulk_programs(draw):
     return tasks, wafer_kw
 
 
+def cycle_by_cycle(tasks: list[Task]) -> Program:
+    """`tasks` on one PE with a COLOR task beside them (on a color nobody sends), which
+    keeps the engine from running any instruction in bulk."""
+    program = one_pe(*copy.deepcopy(tasks), Task(9, Trigger.COLOR, [Instr(Op.HALT)], color=0))
+    program.add_route(0, 0, 0, port_mask(Port.RAMP), port_mask(Port.RAMP))
+    return program
+
+
 @settings(max_examples=60, deadline=None)
 @given(bulk_programs())
 def test_bulk_execution_is_invisible(case):
@@ -351,8 +359,7 @@ def test_bulk_execution_is_invisible(case):
         fast = simulate(plain, w)
     except ProgramError:
         assume(False)
-    slow_prog = one_pe(*copy.deepcopy(tasks), Task(9, Trigger.COLOR, [Instr(Op.HALT)], color=0))
-    slow_prog.add_route(0, 0, 0, port_mask(Port.RAMP), port_mask(Port.RAMP))
+    slow_prog = cycle_by_cycle(tasks)
     slow = simulate(slow_prog, w)
     assert fast.cycles == slow.cycles
     for name, value in vars(fast.stats).items():
@@ -375,8 +382,7 @@ def test_a_stopped_bulk_run_counts_as_the_cycle_by_cycle_run(case, where):
         assume(False)
     assume(full.cycles >= 2)
     stop = 1 + int(where * (full.cycles - 2))  # 1 .. cycles - 1
-    slow_prog = one_pe(*copy.deepcopy(tasks), Task(9, Trigger.COLOR, [Instr(Op.HALT)], color=0))
-    slow_prog.add_route(0, 0, 0, port_mask(Port.RAMP), port_mask(Port.RAMP))
+    slow_prog = cycle_by_cycle(tasks)
     runs = []
     for program in (plain, slow_prog):
         with pytest.raises(SimulationStopped) as info:
