@@ -2,7 +2,8 @@
 
 Memory operands carry absolute addresses into one float32 SRAM pool in which slot s owns
 `sram_base[s] : sram_base[s + 1]` (the program's `sram_words`, not the wafer's capacity);
-register operands carry absolute indices into the register pool (slot s owns
+an fp16 (half) memory operand carries the absolute address of its half, 2 * word + (0
+low, 1 high); register operands carry absolute indices into the register pool (slot s owns
 `s * registers : (s + 1) * registers`). Fabric operands and COLOR tasks carry the FIFO
 they use: the route's receive queue (FABIN, trigger) or its RAMP input FIFO (FABOUT).
 
@@ -30,7 +31,9 @@ from wse_sim.program import (
     Program,
     Task,
     Trigger,
+    half_words,
     kept_tasks,
+    simd_width,
 )
 from wse_sim.router import FabricSpec, RouteTable, build_fabric
 from wse_sim.state import (
@@ -137,18 +140,30 @@ class Assembler:
             opnds = (instr.dst, instr.a, instr.b, instr.c)
             sources = [o for o in opnds[1:] if o.kind == Kind.MEM]
             # INSTR field order
+            simd = simd_width(instr, self.wafer) if op in SOURCES_OF else 0
+            if simd:  # fp16: words per element and per pair (`wse_sim.program.simd_width`)
+                nrd, nrdh = half_words(instr)
+                dst = instr.dst
+                wrh = int(dst.kind == Kind.MEM and dst.half and dst.stride == 1)
+                wr = int(dst.kind == Kind.MEM) - wrh
+            else:
+                nrd, nrdh, wr, wrh = (sum(o.stride != 0 for o in sources), 0,
+                                      int(instr.dst.kind == Kind.MEM), 0)
             ins.append((int(op), instr.n, instr.count, instr.body,
                         index_of.get(instr.task, -1),
-                        sum(o.stride != 0 for o in sources),
+                        nrd,
                         sum(o.stride == 0 for o in sources),
-                        int(instr.dst.kind == Kind.MEM),
+                        wr,
                         2 if op == Op.FMA else int(op in ARITHMETIC_OPS),
                         int(op in SOURCES_OF
-                            and not any(o.kind in FABRIC_KINDS for o in opnds))))
+                            and not any(o.kind in FABRIC_KINDS for o in opnds)),
+                        simd, nrdh, wrh))
             for o in opnds:  # OPERAND field order
                 fab = self._fifo(*key, o.kind, o.color) if o.kind in FABRIC_KINDS else -1
-                opnd.append((base + o.offset, o.stride, o.loop_stride, int(o.kind), fab,
-                             s * nreg + o.reg, o.value))
+                # a half memory operand addresses halves: half h of word w is 2 w + h
+                addr = 2 * base + o.offset if o.half else base + o.offset
+                opnd.append((addr, o.stride, o.loop_stride, int(o.kind), fab,
+                             s * nreg + o.reg, o.value, int(o.half)))
         recv = (self._fifo(*key, Kind.FABIN, task.color)
                 if task.trigger == Trigger.COLOR else -1)
         # TASK field order

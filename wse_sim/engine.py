@@ -101,7 +101,16 @@ from wse_sim.assemble import Assembled, Assembler
 from wse_sim.errors import DeadlockError, SimulationStopped, UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.interrupt import sigint_flag
-from wse_sim.jit import barrier, cores, hot, hot_inline, run_workers, workers_for
+from wse_sim.jit import (
+    barrier,
+    bits_float,
+    cores,
+    float_bits,
+    hot,
+    hot_inline,
+    run_workers,
+    workers_for,
+)
 from wse_sim.program import (
     Kind,
     Op,
@@ -288,6 +297,8 @@ def _element(fb, cs, s, sidx, thr, t):
     if ins.op >= FIRST_CONTROL:
         _control(cs, sidx, thr, i)
         return F_MOVE
+    if ins.simd > 0:
+        return _step_half(fb, cs, s, sidx, thr, t)
     e = th.e
     flops = ins.flops
     waiting = F_BUSY_ARITH if flops > 0 else F_BUSY_MOVE
@@ -345,6 +356,292 @@ def _element(fb, cs, s, sidx, thr, t):
     else:
         th.e = e
     return flags
+
+
+# -- fp16 ------------------------------------------------------------------------------------
+# An fp16 instruction (INSTR.simd > 0) advances a step of up to `simd` elements per cycle;
+# its elements run in order, each computed in float32 as `_apply` and rounded to fp16 where
+# it is written to a half destination (`_to_half`: round to nearest even, numpy's float16).
+
+
+@hot_inline
+def _to_half(x):
+    """The binary16 bits of float32 x, rounded to nearest even (numpy's astype(float16),
+    NaN payloads included)."""
+    b = float_bits(x)
+    sign = (b >> 16) & 0x8000
+    e = (b >> 23) & 0xFF
+    m = b & 0x7FFFFF
+    if e == 0xFF:  # inf, NaN
+        h = 0x7C00 + (m >> 13)
+        if m != 0 and h == 0x7C00:
+            h += 1
+        return sign | h
+    ex = e - 127
+    if ex > 15:
+        return sign | 0x7C00
+    if ex >= -14:  # a normal half (a carry out of the mantissa rounds up to inf exactly)
+        h = ((ex + 15) << 10) | (m >> 13)
+        rem = m & 0x1FFF
+        if rem > 0x1000 or (rem == 0x1000 and (h & 1) != 0):
+            h += 1
+        return sign | h
+    if ex < -25:
+        return sign
+    full = m | 0x800000  # a subnormal half: units of 2^-24
+    sh = -(ex + 1)
+    q = full >> sh
+    rem = full & ((1 << sh) - 1)
+    tie = 1 << (sh - 1)
+    if rem > tie or (rem == tie and (q & 1) != 0):
+        q += 1
+    return sign | q
+
+
+@hot_inline
+def _from_half(h):
+    """The float32 value (exact) of binary16 bits h."""
+    sign = (h & 0x8000) << 16
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    if e == 0:
+        v = np.float32(m) * np.float32(5.9604644775390625e-08)  # 2^-24
+        return -v if sign else v
+    if e == 0x1F:
+        return bits_float(sign | 0x7F800000 | (m << 13))
+    return bits_float(sign | ((e + 112) << 23) | (m << 13))
+
+
+@hot_inline
+def _load_half(cs, a):
+    """The value of half a of the SRAM pool (low half of word a >> 1 if a is even)."""
+    w = float_bits(cs.sram[U(a >> 1)])
+    return _from_half((w >> ((a & 1) << 4)) & 0xFFFF)
+
+
+@hot_inline
+def _store_half(cs, a, x):
+    """Write x, rounded to fp16, to half a of the SRAM pool (the other half unchanged)."""
+    sh = (a & 1) << 4
+    w = float_bits(cs.sram[U(a >> 1)])
+    cs.sram[U(a >> 1)] = bits_float((w & ~(0xFFFF << sh)) | (_to_half(np.float32(x)) << sh))
+
+
+@hot_inline
+def _half_mem_source(cs, th, i, k, e):
+    """Element e's source k (memory, register, immediate) of fp16 instruction i; element 0
+    loads a stride-0 memory source."""
+    o = cs.opnd[U(i * OPERANDS + k)]
+    kind = o.kind
+    if kind == MEM:
+        if o.stride == 0:
+            if e == 0:
+                addr = o.addr + th.iter * o.loop_stride
+                th.scal[k] = _load_half(cs, addr) if o.half else cs.sram[U(addr)]
+            return th.scal[k]
+        addr = o.addr + th.iter * o.loop_stride + e * o.stride
+        return _load_half(cs, addr) if o.half else cs.sram[U(addr)]
+    if kind == REG:
+        return cs.regs[U(o.reg)]
+    if kind == IMM:
+        return o.imm
+    return np.float32(0.0)
+
+
+@hot_inline
+def _half_mem_dest(cs, th, i, e, res):
+    """Write element e's result to a memory or register destination of instruction i."""
+    d = cs.opnd[U(i * OPERANDS)]
+    if d.kind == MEM:
+        addr = d.addr + th.iter * d.loop_stride + e * d.stride
+        if d.half:
+            _store_half(cs, addr, res)
+        else:
+            cs.sram[U(addr)] = res
+    else:  # REG
+        cs.regs[U(d.reg)] = res
+
+
+@hot_inline
+def _half_element(fb, cs, s, th, i, e, n, t):
+    """Element e of fp16 instruction i (n elements) in cycle t: a half FABIN source pops
+    its wavelet at even e (keeping the high half for e + 1), a half FABOUT destination
+    sends at odd e or at the last element (a lone last element in the low half)."""
+    a = b = c = np.float32(0.0)
+    for k in range(1, OPERANDS):
+        o = cs.opnd[U(i * OPERANDS + k)]
+        if o.kind == FABIN:
+            if not o.half:
+                v = pop_recv(fb, s, o.fifo, t)
+            elif e & 1:
+                v = th.scal[k]
+            else:
+                bits = float_bits(pop_recv(fb, s, o.fifo, t))
+                th.scal[k] = _from_half((bits >> 16) & 0xFFFF)
+                v = _from_half(bits & 0xFFFF)
+        else:
+            v = _half_mem_source(cs, th, i, k, e)
+        if k == 1:
+            a = v
+        elif k == 2:
+            b = v
+        else:
+            c = v
+    res = np.float32(_apply(cs.ins[U(i)].op, a, b, c))
+    d = cs.opnd[U(i * OPERANDS)]
+    if d.kind != FABOUT:
+        _half_mem_dest(cs, th, i, e, res)
+    elif not d.half:
+        send(fb, s, d.fifo, res, t)
+    elif e & 1:
+        send(fb, s, d.fifo, bits_float(_to_half(th.scal[0]) | (_to_half(res) << 16)), t)
+    elif e + 1 == n:
+        send(fb, s, d.fifo, bits_float(_to_half(res)), t)
+    else:
+        th.scal[0] = res
+
+
+@hot_inline
+def _step_words(per_elem, per_pair, m):
+    """SRAM words of a step of m elements (from an even element)."""
+    return per_elem * m + per_pair * ((m + 1) >> 1)
+
+
+@hot_inline
+def _words_over(per_elem, per_pair, g, done):
+    """SRAM words of `done` elements run in steps of g from a multiple of g."""
+    steps = done // g
+    rem = done - steps * g
+    return steps * _step_words(per_elem, per_pair, g) + _step_words(per_elem, per_pair, rem)
+
+
+@hot
+def _step_half(fb, cs, s, sidx, thr, t):
+    """`_element` for an fp16 instruction: try to advance thread thr by a step of up to
+    `simd` elements in cycle t, within the budgets left; a step reads and writes the
+    words of its elements (a unit-stride half vector: one per pair), takes one fp32
+    credit if arithmetic, pops at most one wavelet per FABIN and sends at most one per
+    FABOUT. Returns F_* flags."""
+    th = cs.th[U(thr)]
+    i = th.pc
+    ins = cs.ins[U(i)]
+    e = th.e
+    n = ins.n
+    m = min(ins.simd, n - e)
+    flops = ins.flops
+    waiting = F_BUSY_ARITH if flops > 0 else F_BUSY_MOVE
+    reads = _step_words(ins.nrd, ins.nrdh, m)
+    if e == 0:
+        reads += ins.nrd0
+    full = cs.params[0].reads
+    if reads > s.rd_left and not (reads > full and s.rd_left == full):
+        return waiting
+    writes = _step_words(ins.wr, ins.wrh, m)
+    if writes > s.wr_left:
+        return waiting
+    sl = cs.slot[U(sidx)]
+    if flops > 0 and sl.fpc < 1.0:
+        return waiting
+    flags = 0
+    for k in range(1, OPERANDS):
+        o = cs.opnd[U(i * OPERANDS + k)]
+        if o.kind == FABIN and (o.half == 0 or e & 1 == 0):
+            if not head_ready(fb, o.fifo, t):
+                f = fb.fifo[U(o.fifo)]
+                return F_STALL if f.pushed == f.popped else F_STALL | F_NOSLEEP
+            flags |= F_RECV
+    d = cs.opnd[U(i * OPERANDS)]
+    if d.kind == FABOUT and (d.half == 0 or ((e + m - 1) & 1) == 1 or e + m == n):
+        if s.ramp_left == 0:
+            return waiting
+        if not has_room(fb, d.fifo, t, fb.params[0].depth):
+            return F_STALL | F_FULL | (F_NOSLEEP if fb.fifo[U(d.fifo)].last_grant == t else 0)
+        flags |= F_SEND
+        s.ramp_left -= 1
+    for j in range(m):
+        _half_element(fb, cs, s, th, i, e + j, n, t)
+    if reads > s.rd_left:
+        sl.rd_debt = reads - s.rd_left
+        s.rd_left = 0
+    else:
+        s.rd_left -= reads
+    s.wr_left -= writes
+    ctr = cs.ctr[U(sidx)]
+    ctr.sram_read += reads
+    ctr.sram_write += writes
+    if flops > 0:
+        sl.fpc -= 1.0
+        ctr.ops += m
+        ctr.flops += flops * m
+        flags |= F_ARITH
+    elif flags == 0:
+        flags = F_MOVE
+    e += m
+    if e == n:
+        _end_instr(cs, sidx, thr, i)
+    else:
+        th.e = e
+    return flags
+
+
+@hot_inline
+def _run_half(cs, thr, i, e0, n):
+    """Elements e0..n-1 of memory-only fp16 instruction i on thread thr, in order."""
+    th = cs.th[U(thr)]
+    op = cs.ins[U(i)].op
+    for e in range(e0, n):
+        a = _half_mem_source(cs, th, i, 1, e)
+        b = _half_mem_source(cs, th, i, 2, e)
+        c = _half_mem_source(cs, th, i, 3, e)
+        _half_mem_dest(cs, th, i, e, _apply(op, a, b, c))
+
+
+@hot
+def _bulk_timing_half(p, ins, e, debt, credit, fp_t, tc, t_stop):
+    """`_bulk_timing` of an fp16 instruction: steps of up to `simd` elements."""
+    n = ins.n
+    g = ins.simd
+    flops = ins.flops
+    full = p.reads
+    first = last = -1
+    reads_total = 0
+    steady = (p.fp_rate >= 1.0 and _step_words(ins.nrd, ins.nrdh, g) <= full
+              and _step_words(ins.wr, ins.wrh, g) <= p.writes)
+    while e < n and tc < t_stop:
+        if steady and debt == 0 and (e > 0 or ins.nrd0 == 0):
+            steps = min((n - e + g - 1) // g, t_stop - tc)
+            done = min(n - e, steps * g)
+            if first < 0:
+                first = tc
+            reads_total += _words_over(ins.nrd, ins.nrdh, g, done)
+            credit = p.fp_cap - 1.0 if flops > 0 else p.fp_cap
+            fp_t = last = tc + steps - 1
+            tc += steps
+            e += done
+            break
+        avail = full - debt
+        debt = 0
+        if avail < 0:
+            debt = -avail
+            avail = 0
+        credit = min(credit + p.fp_rate * (tc - fp_t), p.fp_cap)
+        fp_t = tc
+        m = min(g, n - e)
+        reads = _step_words(ins.nrd, ins.nrdh, m) + (ins.nrd0 if e == 0 else 0)
+        if ((reads <= avail or (reads > full and avail == full))
+                and _step_words(ins.wr, ins.wrh, m) <= p.writes
+                and (flops == 0 or credit >= 1.0)):
+            if reads > avail:
+                debt = reads - avail
+            if flops > 0:
+                credit -= 1.0
+            reads_total += reads
+            if first < 0:
+                first = tc
+            last = tc
+            e += m
+        tc += 1
+    return e, tc, reads_total, first, last, debt, credit, fp_t
 
 
 @hot_inline
@@ -407,6 +704,14 @@ def _run_elements(cs, thr, i, e0, n):
 
 @hot_inline
 def _bulk_timing(p, ins, e, debt, credit, fp_t, tc, t_stop):
+    """`_bulk_timing32`, or `_bulk_timing_half` for an fp16 instruction."""
+    if ins.simd > 0:
+        return _bulk_timing_half(p, ins, e, debt, credit, fp_t, tc, t_stop)
+    return _bulk_timing32(p, ins, e, debt, credit, fp_t, tc, t_stop)
+
+
+@hot_inline
+def _bulk_timing32(p, ins, e, debt, credit, fp_t, tc, t_stop):
     """The cycles of a bulk-run instruction from element e, cycle tc, read debt, fp32 credit
     and its last update cycle fp_t, up to the end of the instruction or the start of cycle
     t_stop. Returns (elements done: next e, cycle after the last, SRAM words read, cycles of
@@ -468,7 +773,10 @@ def _count_bulk(ctr, ins, e0, e, t0, tc, reads, sign):
     else:
         ctr.move += sign * (tc - t0)
     ctr.sram_read += sign * reads
-    ctr.sram_write += sign * ins.wr * done
+    if ins.simd > 0:
+        ctr.sram_write += sign * _words_over(ins.wr, ins.wrh, ins.simd, done)
+    else:
+        ctr.sram_write += sign * ins.wr * done
 
 
 @hot
@@ -495,9 +803,12 @@ def _bulk(cs, sidx, thr, t):
     e, tc, reads_total, first, last, debt, credit, fp_t = _bulk_timing(
         p, ins, e0, sl.rd_debt, sl.fpc, sl.fp_t, t, NEVER)
     sl.fp_t = fp_t
-    if e0 == 0:
-        _load_scalars(cs, th, i)
-    _run_elements(cs, thr, i, e0, ins.n)
+    if ins.simd > 0:
+        _run_half(cs, thr, i, e0, ins.n)
+    else:
+        if e0 == 0:
+            _load_scalars(cs, th, i)
+        _run_elements(cs, thr, i, e0, ins.n)
     sl.rd_debt = debt
     sl.fpc = credit
     _count_bulk(ctr, ins, e0, e, t, tc, reads_total, 1)

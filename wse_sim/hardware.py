@@ -62,6 +62,15 @@ class WaferConfig(BaseModel):
     sram_writes_per_cycle: int = Field(gt=0, description="32-bit SRAM writes per cycle.")
     fp32_ops_per_cycle: FiniteFloat = Field(
         gt=0, description="fp32 arithmetic elements (an FMAC counts one) per cycle.")
+    fp16_simd_width: int = Field(
+        gt=0, description="fp16 elements per cycle of an all-fp16 vector op (fmach, faddh, "
+        "fmulh, fmovh), bounded by the SRAM ports and the fabric (wse_sim.engine).")
+    mixed_simd_width: int = Field(
+        gt=0, description="Elements per cycle of an fp16-source, fp32-destination op "
+        "(fmachs: fp16 multiply, fp32 accumulate; faddhs).")
+    fp16_convert_simd_width: int = Field(
+        gt=0, description="Elements per cycle of a conversion between fp32 and fp16 (fs2h, "
+        "fh2s).")
     colors: int = Field(gt=0, le=64, description="Routable colors (virtual channels).")
     queue_depth: int = Field(gt=0, description="Wavelets buffered per (router input port, "
                              "color).")
@@ -94,7 +103,10 @@ class WaferConfig(BaseModel):
     def num_pes(self) -> int:
         return self.width * self.height
 
-    def peak_flops(self, pes: int | None = None) -> float:
-        """fp32 FLOP/s of `pes` PEs (default: the whole fabric); an FMAC is 2 FLOPs."""
+    def peak_flops(self, pes: int | None = None, precision: str = "fp32") -> float:
+        """FLOP/s of `pes` PEs (default: the whole fabric) at `precision`: fp32 (one FMAC
+        element per cycle), or mixed (fp16 multiply, fp32 accumulate: `mixed_simd_width`
+        FMACs per cycle); an FMAC is 2 FLOPs."""
         count = self.num_pes if pes is None else pes
-        return 2.0 * self.fp32_ops_per_cycle * self.clock_hz * count
+        per_cycle = {"fp32": self.fp32_ops_per_cycle, "mixed": self.mixed_simd_width}[precision]
+        return 2.0 * per_cycle * self.clock_hz * count

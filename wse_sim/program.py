@@ -24,6 +24,19 @@ register, or an immediate. A register as `dst` of a vector instruction is a scal
 accumulator: `ADD dst=Reg(0), a=Mem(...), b=Reg(0)` is a sum-reduction to a scalar.
 A memory operand of stride 0 is a scalar loaded once, at the instruction's first element.
 
+fp16. A MEM, FABIN or FABOUT operand built with `half=True` holds IEEE binary16 values:
+a half memory operand's offset, stride and loop_stride count halves (16 bits; half h is
+the low (h even) or high (h odd) half of word h // 2), a half fabric operand carries two
+elements per wavelet (element e is the low half of wavelet e // 2 if e is even, the high
+half if odd). Registers and immediates are fp32. An instruction with a half operand is an
+fp16 instruction of one of three classes (`precision_of`): `fp16` (every typed operand
+half: the SDK's fmach, faddh, fmulh, fmovh ...), `mixed` (half sources, an fp32
+destination: fmachs, faddhs: fp16 multiply, fp32 accumulate) or `convert` (a MOV between
+fp32 and fp16: fs2h, fh2s). Values are computed in fp32 (a product of two halves is exact
+there) and rounded to fp16 (round to nearest even) where they are written to a half
+destination; an fp16 destination needs fp16 sources (convert first). Ops on halves: MOV,
+NEG, ADD, SUB, MUL, FMA.
+
 `REPEAT(count, body)` runs the next `body` instructions `count` times; in iteration `k` a
 memory operand's offset is `offset + k * loop_stride`. One level (no nesting) so the
 engine's thread state stays flat.
@@ -126,6 +139,18 @@ SOURCES_OF: dict[Op, int] = {
 }
 # Ops that cost an fp32 arithmetic slot (MOV is a move: SRAM/fabric bandwidth only).
 ARITHMETIC_OPS = frozenset(op for op in SOURCES_OF if op is not Op.MOV)
+# Ops that may have fp16 operands (those of the SDK's SIMD table: fmovh, fnegh, faddh,
+# fsubh, fmulh, fmach and their mixed forms).
+HALF_OPS = frozenset({Op.MOV, Op.NEG, Op.ADD, Op.SUB, Op.MUL, Op.FMA})
+
+
+class Precision(IntEnum):
+    """The class of a vector instruction, which sets its SIMD width (`simd_width`)."""
+
+    FP32 = 0  # no fp16 operand: one element per cycle (`fp32_ops_per_cycle`)
+    FP16 = 1  # every typed operand fp16: `fp16_simd_width`
+    MIXED = 2  # fp16 sources, fp32 destination: `mixed_simd_width`
+    CONVERT = 3  # a MOV between fp32 and fp16: `fp16_convert_simd_width`
 
 
 class Kind(IntEnum):
@@ -148,18 +173,21 @@ class Operand:
     color: int = -1  # FABIN / FABOUT
     reg: int = -1  # REG
     value: float = 0.0  # IMM
+    half: bool = False  # MEM / FABIN / FABOUT: fp16 values (module docstring)
 
 
-def Mem(offset: int, stride: int = 1, loop_stride: int = 0) -> Operand:  # noqa: N802
-    return Operand(Kind.MEM, offset=offset, stride=stride, loop_stride=loop_stride)
+def Mem(offset: int, stride: int = 1, loop_stride: int = 0, half: bool = False  # noqa: N802
+        ) -> Operand:
+    return Operand(Kind.MEM, offset=offset, stride=stride, loop_stride=loop_stride,
+                   half=half)
 
 
-def FabIn(color: int) -> Operand:  # noqa: N802
-    return Operand(Kind.FABIN, color=color)
+def FabIn(color: int, half: bool = False) -> Operand:  # noqa: N802
+    return Operand(Kind.FABIN, color=color, half=half)
 
 
-def FabOut(color: int) -> Operand:  # noqa: N802
-    return Operand(Kind.FABOUT, color=color)
+def FabOut(color: int, half: bool = False) -> Operand:  # noqa: N802
+    return Operand(Kind.FABOUT, color=color, half=half)
 
 
 def Reg(index: int) -> Operand:  # noqa: N802
@@ -196,6 +224,62 @@ def vec(op: Op, n: int, dst: Operand, a: Operand, b: Operand = NO_OPERAND,
 def repeat(count: int, body: list[Instr]) -> list[Instr]:
     """`body` run `count` times (memory operands advance by their loop_stride)."""
     return [Instr(Op.REPEAT, count=count, body=len(body)), *body]
+
+
+_TYPED = (Kind.MEM, Kind.FABIN, Kind.FABOUT, Kind.REG)  # operands with a float type
+
+
+def precision_of(instr: Instr) -> Precision:
+    """The precision class of vector instruction `instr` (module docstring)."""
+    typed = [o for o in (instr.dst, instr.a, instr.b, instr.c) if o.kind in _TYPED]
+    if not any(o.half for o in typed):
+        return Precision.FP32
+    if all(o.half for o in typed):
+        return Precision.FP16
+    return Precision.CONVERT if instr.op == Op.MOV else Precision.MIXED
+
+
+def simd_width(instr: Instr, wafer: WaferConfig) -> int:
+    """Elements an fp16 instruction may advance per cycle (a step): its class's SIMD width,
+    bounded by the fabric (a wavelet per cycle per fabric operand: two halves, one fp32),
+    by the SRAM ports (`sram_reads_per_cycle` / `sram_writes_per_cycle` 32-bit words; a
+    unit-stride half operand touches one word per two elements, any other strided one a
+    word per element) and made even (a step then starts at an even element, so a
+    unit-stride pair is one word); 0 for an fp32 instruction (one element per cycle)."""
+    precision = precision_of(instr)
+    if precision == Precision.FP32:
+        return 0
+    width = {Precision.FP16: wafer.fp16_simd_width, Precision.MIXED: wafer.mixed_simd_width,
+             Precision.CONVERT: wafer.fp16_convert_simd_width}[precision]
+    per_elem, per_pair = half_words(instr)
+    dst = instr.dst
+    for opnd in (dst, instr.a, instr.b, instr.c):
+        if opnd.kind in (Kind.FABIN, Kind.FABOUT):
+            width = min(width, 2 if opnd.half else 1)
+    g = max(width, 1)
+    while g > 1 and (per_elem * g + per_pair * ((g + 1) // 2) > wafer.sram_reads_per_cycle
+                     or _dst_words(dst, g) > wafer.sram_writes_per_cycle):
+        g -= 1
+    return g if g == 1 else g - g % 2
+
+
+def half_words(instr: Instr) -> tuple[int, int]:
+    """(sources costing a word per element, unit-stride half sources costing a word per
+    pair of elements) of an instruction's strided memory sources."""
+    per_elem = per_pair = 0
+    for opnd in (instr.a, instr.b, instr.c):
+        if opnd.kind == Kind.MEM and opnd.stride != 0:
+            if opnd.half and opnd.stride == 1:
+                per_pair += 1
+            else:
+                per_elem += 1
+    return per_elem, per_pair
+
+
+def _dst_words(dst: Operand, g: int) -> int:
+    if dst.kind != Kind.MEM:
+        return 0
+    return (g + 1) // 2 if dst.half and dst.stride == 1 else g
 
 
 class Trigger(IntEnum):
@@ -492,6 +576,8 @@ def _validate_vector(instr: Instr, op: Op, loop_count: int, x: int, y: int, word
     if instr.dst.kind in _NOT_DESTINATIONS:
         raise ProgramError(f"{where()}: field dst: {instr.dst.kind.name} cannot be a "
                            f"destination")
+    if any(o.half for o in operands):
+        _validate_half(instr, op, operands, where)
     strided_reads = 0
     fabin_colors: list[int] = []
     for k, opnd in enumerate(operands):
@@ -501,11 +587,12 @@ def _validate_vector(instr: Instr, op: Op, loop_count: int, x: int, y: int, word
             last_k = (loop_count - 1) * opnd.loop_stride
             low = opnd.offset + min(0, last_e) + min(0, last_k)
             high = opnd.offset + max(0, last_e) + max(0, last_k)
-            if low < 0 or high >= words:
+            unit, limit = ("halves", 2 * words) if opnd.half else ("words", words)
+            if low < 0 or high >= limit:
                 raise ProgramError(f"{where()}: field {_FIELDS[k]}: memory operand (offset "
                                    f"{opnd.offset}, stride {opnd.stride}, loop_stride "
-                                   f"{opnd.loop_stride}) reaches words {low}..{high} outside "
-                                   f"0..{words - 1}")
+                                   f"{opnd.loop_stride}) reaches {unit} {low}..{high} outside "
+                                   f"0..{limit - 1}")
             if k and opnd.stride != 0:
                 strided_reads += 1
         elif kind == _REG:
@@ -519,6 +606,28 @@ def _validate_vector(instr: Instr, op: Op, loop_count: int, x: int, y: int, word
     if strided_reads > wafer.sram_reads_per_cycle:
         raise ProgramError(f"{where()}: {strided_reads} strided memory sources per element "
                            f"but the PE reads {wafer.sram_reads_per_cycle} words per cycle")
+
+
+def _validate_half(instr: Instr, op: Op, operands: tuple[Operand, ...],
+                   where: Callable[[], str]) -> None:
+    """The checks of an instruction with fp16 operands (module docstring)."""
+    for k, opnd in enumerate(operands):
+        if opnd.half and opnd.kind not in (Kind.MEM, Kind.FABIN, Kind.FABOUT):
+            raise ProgramError(f"{where()}: field {_FIELDS[k]}: only memory and fabric "
+                               f"operands can be fp16 (half), not {opnd.kind.name}")
+        if (opnd.half and opnd.kind == Kind.MEM and opnd.stride == 1 and instr.n > 1
+                and (opnd.offset % 2 or opnd.loop_stride % 2)):
+            raise ProgramError(f"{where()}: field {_FIELDS[k]}: a unit-stride fp16 vector "
+                               f"must start at an even half (32-bit aligned; offset "
+                               f"{opnd.offset}, loop_stride {opnd.loop_stride})")
+    if op not in HALF_OPS:
+        raise ProgramError(f"{where()}: field op: {op.name} has no fp16 form (fp16 operands: "
+                           f"{', '.join(o.name for o in sorted(HALF_OPS))})")
+    dst = operands[0]
+    if dst.half and op != Op.MOV and any(
+            o.kind in _TYPED and not o.half for o in operands[1:]):
+        raise ProgramError(f"{where()}: field dst: an fp16 destination of {op.name} needs fp16 "
+                           f"sources (convert with a MOV first)")
 
 
 def _validate_fabric(opnd: Operand, fabin: bool, fabin_colors: list[int], x: int, y: int,
@@ -581,6 +690,7 @@ def validate_replacement(program: Program, wafer: WaferConfig,
 # Serialization: one .npz of flat integer/float arrays plus a JSON header; no pickle.
 
 FORMAT_VERSION = 2
+_HALF_BIT = 8  # an fp16 operand's kind column holds Kind | 8 (files without fp16 unchanged)
 _OPERAND_FIELDS = ("dst", "a", "b", "c")
 
 
@@ -605,8 +715,8 @@ def save_program(program: Program, path: str | Path, wafer: WaferConfig | None =
                 instr_rows.append((int(ins.op), ins.n, ins.count, ins.body, ins.task))
                 for name in _OPERAND_FIELDS:
                     o: Operand = getattr(ins, name)
-                    opnd_int.append((int(o.kind), o.offset, o.stride, o.loop_stride, o.color,
-                                     o.reg))
+                    opnd_int.append((int(o.kind) | _HALF_BIT * o.half, o.offset, o.stride,
+                                     o.loop_stride, o.color, o.reg))
                     opnd_val.append(o.value)
         for offset, data in pe.image.items():
             image_rows.append((p, offset, sum(len(d) for d in images), len(data)))
@@ -683,8 +793,8 @@ def _program_from(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Prog
         body = []
         for i in range(start, start + n):
             op, vn, count, rep_body, target = instrs[i]
-            opnds = [Operand(Kind(k), offset=off, stride=st, loop_stride=ls, color=c, reg=r,
-                             value=v)
+            opnds = [Operand(Kind(k & ~_HALF_BIT), offset=off, stride=st, loop_stride=ls,
+                             color=c, reg=r, value=v, half=bool(k & _HALF_BIT))
                      for (k, off, st, ls, c, r), v in zip(operands[i], values[i], strict=True)]
             body.append(Instr(Op(op), n=vn, dst=opnds[0], a=opnds[1], b=opnds[2], c=opnds[3],
                               count=count, body=rep_body, task=target))

@@ -194,6 +194,9 @@ INSTR = Table(
     ("wr", i4),  # SRAM words written per element
     ("flops", i4),  # per element: FMA 2, other arithmetic 1, MOV 0
     ("bulk", i4),  # may run in one go (vector op without fabric operands)
+    ("simd", i4),  # fp16 instruction: elements per step (cycle) at most; 0: fp32
+    ("nrdh", i4),  # fp16: unit-stride half sources, a word per pair of elements
+    ("wrh", i4),  # fp16: 1 if the destination is a unit-stride half vector (a word a pair)
 )
 OPERAND = Table(
     ("addr", i8),  # MEM: absolute word address in the SRAM pool at element 0, iteration 0
@@ -202,12 +205,14 @@ OPERAND = Table(
     ("fifo", i4),  # FABIN: the receive queue; FABOUT: the router's RAMP FIFO
     ("reg", i4),  # REG: absolute index in the register pool
     ("imm", f4),  # IMM
+    ("half", i4),  # fp16 (MEM: addr, stride, loop_stride count halves; fabric: 2 a wavelet)
 )
 THREAD = Table(  # a microthread
     ("task", i4),  # running task, -1 free
     ("pc", i4), ("e", i4),  # instruction, element
     ("iter", i4), ("rfirst", i4), ("rlast", i4), ("rcount", i4),  # REPEAT state
-    ("scal", f4, (OPERANDS,)),  # stride-0 memory operands, loaded at element 0
+    ("scal", f4, (OPERANDS,)),  # stride-0 memory operands, loaded at element 0; fp16:
+    # a half FABIN's high half (element e + 1), a half FABOUT's (index 0) low half
     init={"task": -1},
 )
 
