@@ -20,6 +20,7 @@ from wse_sim.engine import Loaded, simulate
 from wse_sim.errors import DeadlockError, ProgramError, SimulationStopped, UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
+    HALF_OPS,
     SOURCES_OF,
     FabIn,
     FabOut,
@@ -317,7 +318,41 @@ def operands(draw, dst: bool = False):
 
 
 @st.composite
+def half_operands(draw, dst: bool = False):
+    """A half memory operand (a unit-stride one 32-bit aligned), or a register or an
+    immediate source."""
+    kind = draw(st.sampled_from(["mem"] if dst else ["mem", "mem", "imm"]))
+    if kind == "imm":
+        return Imm(draw(st.floats(-2, 2, width=16)))
+    stride = draw(st.sampled_from([0, 1, 1, 2, 3]))
+    offset = draw(st.integers(0, 80))
+    return Mem(offset - offset % 2 if stride == 1 else offset, stride,
+               draw(st.sampled_from([0, 8])), half=True)
+
+
+@st.composite
+def half_instructions(draw):
+    """An fp16 instruction of each class: all fp16, mixed (an fp32 destination), or a
+    conversion (a MOV between the two)."""
+    op = draw(st.sampled_from(sorted(HALF_OPS)))
+    n = draw(st.integers(1, 9))
+    kind = draw(st.sampled_from(["fp16", "mixed", "convert"]))
+    srcs = [draw(half_operands()) for _ in range(SOURCES_OF[op])]
+    if kind == "fp16":
+        return vec(op, n, draw(half_operands(dst=True)), *srcs)
+    if kind == "convert":
+        if draw(st.booleans()):  # fp32 -> fp16
+            return vec(Op.MOV, n, draw(half_operands(dst=True)), draw(operands()))
+        return vec(Op.MOV, n, draw(operands(dst=True)), srcs[0])
+    if draw(st.booleans()):  # an fp32 accumulator as the last source
+        srcs[-1] = draw(operands())
+    return vec(op, n, draw(operands(dst=True)), *srcs)
+
+
+@st.composite
 def instructions(draw):
+    if draw(st.integers(0, 3)) == 0:
+        return draw(half_instructions())
     op = draw(st.sampled_from(VECTOR_OPS))
     srcs = [draw(operands()) for _ in range(SOURCES_OF[op])]
     return vec(op, draw(st.integers(1, 8)), draw(operands(dst=True)), *srcs)
@@ -337,7 +372,10 @@ def bulk_programs(draw):
     wafer_kw = {"fp32_ops_per_cycle": draw(st.sampled_from([0.25, 0.5, 1.0, 2.0])),
                 "sram_reads_per_cycle": draw(st.integers(1, 3)),
                 "sram_writes_per_cycle": draw(st.integers(1, 2)),
-                "microthreads": draw(st.integers(1, 2))}
+                "microthreads": draw(st.integers(1, 2)),
+                "fp16_simd_width": draw(st.sampled_from([1, 2, 4, 8])),
+                "mixed_simd_width": draw(st.sampled_from([1, 2, 4])),
+                "fp16_convert_simd_width": draw(st.sampled_from([1, 4]))}
     return tasks, wafer_kw
 
 

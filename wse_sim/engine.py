@@ -37,6 +37,20 @@ vector instruction, if the PE's per-cycle budgets allow it:
   is consumed); a FABOUT destination needs room in the router's RAMP FIFO of its color
   (start-of-cycle occupancy) and one of the PE's `ramp_out_per_cycle` slots.
 
+fp16 (`wse_sim.program`, "fp16"). An fp16 instruction advances a *step* of up to g
+elements per cycle instead of one: g is its class's SIMD width (`fp16_simd_width`,
+`mixed_simd_width`, `fp16_convert_simd_width`) lowered to what the budgets above allow
+for a whole step (`wse_sim.program.simd_width`: a unit-stride half vector reads or writes
+one 32-bit word per pair of elements, any other strided operand a word per element; a
+half fabric operand moves two elements per wavelet, an fp32 one one) and made even, so
+steps start at even elements and a pair is one word. A step is one element as above for
+every budget: it needs the SRAM words of its elements, one fp32 credit if arithmetic (the
+FPU issues one vector step a cycle, SIMD or not), at most one wavelet per FABIN (a half
+FABIN pops at even elements) and one per FABOUT (a half FABOUT sends at odd elements and
+at the last). Its elements run in order, each computed in float32 and rounded to fp16
+(round to nearest even) where written to a half destination. Programs without fp16 run
+exactly as before.
+
 Register sources are read when the element executes, so `ADD dst=Reg r, a=Mem, b=Reg r`
 accumulates. An instruction finishes with its n-th element; the thread's next instruction
 starts the next cycle. REPEAT, ACTIVATE, BLOCK, UNBLOCK and HALT take one cycle each
@@ -59,10 +73,10 @@ task, and that thread is at a vector instruction without fabric operands, nothin
 the PE can influence it until the instruction ends (no wavelet is consumed or produced,
 no other task can start: RESET tasks started at cycle 0 or wait for this thread, LOCAL
 ones need an ACTIVATE from it). The engine then runs the instruction's remaining elements
-in one go, cycle by cycle with the same budgets and credit as above, and the PE is not
-looked at again until the cycle after its last element (a timer lists it); when no router
-and no other PE is listed, whole cycles are skipped. A property test checks that results,
-cycles and every counter equal the per-cycle path's.
+in one go, cycle by cycle (step by step, fp16) with the same budgets and credit as above,
+and the PE is not looked at again until the cycle after its last element (a timer lists
+it); when no router and no other PE is listed, whole cycles are skipped. A property test
+checks that results, cycles and every counter equal the per-cycle path's.
 
 Sleep (speed, not semantics). A PE all of whose running threads wait for the fabric (an
 empty receive queue, or a full RAMP FIFO its router did not pop this cycle), with no task
