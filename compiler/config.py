@@ -155,6 +155,23 @@ class CompileConfig(BaseModel):
         "kernels fit in this many PEs (more PEs, faster rows); null = lane_width's kernels.",
     )
     seed: int = Field(default=0, ge=0, description="Seed of randomised placement strategies.")
+    precision: Literal["fp32", "mixed"] = Field(
+        default="fp32",
+        description="fp32: every op in fp32. mixed: the linear layers (matmul) multiply in "
+        "fp16 with fp32 accumulation (fp16 copies of the weights and of the x and dY rows; "
+        "fp32 master weights and update); every other op stays fp32.")
+    loss_scale: int = Field(
+        default=4096, gt=0,
+        description="mixed: the static gradient scale S (a power of two): a matmul's dY is "
+        "multiplied by S before its fp16 rounding (so small gradients stay normal fp16 "
+        "numbers) and its dX, dW and db divided by S (both exact).")
+
+    @field_validator("loss_scale")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"must be a power of two (scaling is then exact), got {value}")
+        return value
 
     @model_validator(mode="after")
     def _one_sizing(self) -> CompileConfig:

@@ -47,6 +47,7 @@ def step_meta(source: str, compiled: Compiled) -> dict[str, Any]:
                                "total": int(estimate.sum()),
                                "hottest_links": hottest_links(estimate)},
         "throughput": {"unit": "tokens", "per_run": train.batch_size * train.seq_len},
+        "precision": compiled.cfg.compile.precision,
         "model_flops": summary["flops"]["total"],
         "flops_by_phase": summary["flops"],
         "compile_seconds": compiled.seconds,
@@ -143,6 +144,6 @@ def run_parsed(cfg: RunConfig, source: str, placement: str | None = None,
                                       threads=threads, interruptible=interruptible)
     reference = reference_step(compiled.cfg, compiled.params, compiled.batch, np.float64)
     check = check_step(compiled.linked, result, reference, compiled.params,
-                       compiled.cfg.training)
+                       compiled.cfg.training, precision=compiled.cfg.compile.precision)
     report["check"] = check_report(check)
     return report

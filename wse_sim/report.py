@@ -8,7 +8,10 @@ a count the cycle loop kept, never an estimate. What the program's builder decla
 `Program.meta` is copied to the top level of the report untouched (its keys must not be
 the report's own), and two optional entries of it turn cycles into rates: `throughput`
 ({"unit": "tokens", "per_run": N}: N units of work per run -> "tokens_per_second") and
-`model_flops` (FLOPs of the workload's own count per run -> FLOP/s and % of peak).
+`model_flops` (FLOPs of the workload's own count per run -> FLOP/s and % of peak), the
+peak being that of `precision` (meta, default "fp32": one FMAC a cycle; "mixed": the
+wafer's `mixed_simd_width` fp16-multiply/fp32-accumulate FMACs a cycle,
+`WaferConfig.peak_flops`).
 """
 
 from __future__ import annotations
@@ -135,10 +138,12 @@ def run_report(program: Program, wafer: WaferConfig, stats: Stats,
         report.update((key, amount / seconds) for key, amount in per_run.items())
         if "model_flops" in meta:
             flops_per_second = report["achieved_flops_per_second"]
+            precision = meta.get("precision", "fp32")  # the peak of the precision used
             report.update(
-                percent_of_wafer_peak=100 * flops_per_second / wafer.peak_flops(),
+                percent_of_wafer_peak=100 * flops_per_second
+                / wafer.peak_flops(precision=precision),
                 percent_of_used_peak=100 * flops_per_second
-                / wafer.peak_flops(fabric["pes_used"]))
+                / wafer.peak_flops(fabric["pes_used"], precision))
     else:  # a program that did nothing has no rates: null, with the reason
         unknown = [*per_run, *(("percent_of_wafer_peak", "percent_of_used_peak")
                                if "model_flops" in meta else ())]
@@ -238,8 +243,8 @@ def format_report(report: dict[str, Any]) -> str:
             f"{report['flops_counted']:.4g})",
             "FLOP/s        " + (_null(report, "achieved_flops_per_second") if flops is None else
                                 f"{flops:.4g}  = {report['percent_of_used_peak']:.2f}% of the "
-                                f"used PEs' peak, {report['percent_of_wafer_peak']:.4f}% of the "
-                                "wafer's"),
+                                f"used PEs' {report.get('precision', 'fp32')} peak, "
+                                f"{report['percent_of_wafer_peak']:.4f}% of the wafer's"),
         ]
     stalls = report["stalled_pe_cycles"]
     shares = {k: f"{k} {v / total:.1%}" for k, v in pc.items()}

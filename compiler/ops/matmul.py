@@ -46,6 +46,24 @@ row: nb (receive dY) + kb nb (dX) + kb (nb + 1) (dW: each FMA's first element al
 its x[m, k] scalar, a third read) + [r = 0] nb (db). With kb = nb = w, 94% of the forward
 and 95% of the backward cycles are FMAs at w = 32, 80% and 86% at w = 8.
 SRAM per PE: 2 kb nb (W, dW) + M kb (x rows) + nb (the dY row) (+ 2 nb for the bias).
+
+Mixed precision (`compile.precision: mixed`, `precision="mixed"`). fp16: the stored x rows
+and the dY row (converted on arrival: the producers still stream fp32 wavelets), and two
+fp16 copies of W, W^T for the forward's dots and W for dX's, so that both walk unit-stride
+fp16 vectors (rows padded to an even count of halves, 32-bit aligned). fp32: the master W
+and b, dW and db, the partial sums that flow down and east, Y and dX, and the update,
+after which the fp16 copies are refreshed from the new master (`refresh_half_weights`).
+Every product is fp16 x fp16 (exact in fp32) accumulated in fp32 (the SDK's @fmachs), so
+the numpy twin rounds x, W and dY to fp16 and is otherwise the fp32 formula (db sums the
+fp16 dY the PE holds). Cycles: a dot of K terms takes 2 + ceil((K - 2) / s) instead of K,
+s = `half_dot_step` = min(mixed SIMD width, the two 32-bit read ports: a word a pair per
+factor) = 2 on WSE-2 (fmachs is SIMD-2 there) and on WSE-3 (fmachs SIMD-4, port-bound), so
+the multiply part takes ~1/2 of fp32's: per forward row kb + nb (2 + ceil((kb - 2) / s))
++ [r = 0] nb; per backward row nb + kb (2 + ceil((nb - 2) / s)) + kb (nb + 1) + [r = 0] nb
+(dW and db accumulate into fp32 SRAM: one 32-bit write an element, as in fp32); the update
+adds the refresh, 2 + 2 kb nb / c (`refresh_cycles`, c = the conversion width, 1 on
+WSE-2). At kb = nb = 16 a top-row forward row takes 176 cycles instead of 288.
+SRAM: 2 kb nb + (nb even(kb) + kb even(nb) + M even(kb) + nb) / 2 (+ 2 nb), `sram_words`.
 """
 
 from __future__ import annotations
@@ -57,10 +75,12 @@ import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec, ParamInit, grad_name
 from compiler.lowering.dots import Walk, dot_cycles, dots
-from compiler.lowering.ir import FabIn, FabOut, Mem, Op, repeat, vec
+from compiler.lowering.ir import FabIn, FabOut, Imm, Mem, Op, repeat, vec
 from compiler.lowering.kernel import Kernel, LocalPE, StreamIds
 from compiler.ops.base import OpFamily, Tensors
 from compiler.ops.update import UpdateRule, emit_update
+from wse_sim.hardware import WaferConfig
+from wse_sim.program import simd_width
 
 if TYPE_CHECKING:
     from compiler.lower import LoweringContext
@@ -78,22 +98,42 @@ def add_linear(b: GraphBuilder, name: str, x: str, n_out: int, *,
     bias = b.param(f"{name}.bias", (n_out,), "zeros")
     part = n_out // len(out_names)
     products = 2 * m * k * n_out
+    attrs: dict[str, object] = {"m": m, "k": k, "n": n_out}
+    if b.cfg.compile.precision == "mixed":
+        attrs.update(precision="mixed", loss_scale=b.cfg.compile.loss_scale)
     return b.forward(
         name, "matmul", (x, w, bias), {f"{name}.{o}": (m, part) for o in out_names},
         flops=products + m * n_out, matmul_flops=products, bwd_flops=2 * products + m * n_out,
-        saved=(x, w), attrs={"m": m, "k": k, "n": n_out})
+        saved=(x, w), attrs=attrs)
 
 
 # -- numpy ------------------------------------------------------------------------------------
 
 
-def linear_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+def to_half(a: np.ndarray) -> np.ndarray:
+    """`a` rounded to fp16 (to nearest even), in its own dtype: what the wafer stores when it
+    writes a value to a half destination."""
+    a = np.asarray(a)
+    with np.errstate(over="ignore"):
+        return a.astype(np.float16).astype(a.dtype)
+
+
+def linear_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray,
+                   half: bool = False) -> np.ndarray:
+    """x W + b; `half` (mixed precision): the factors rounded to fp16, the products summed
+    (and the bias added) in the arrays' precision."""
+    if half:
+        x, weight = to_half(x), to_half(weight)
     return x @ weight + bias
 
 
-def linear_backward(dy: np.ndarray, x: np.ndarray,
-                    weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(dx, dweight, dbias)."""
+def linear_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, half: bool = False,
+                    scale: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dx, dweight, dbias); `half`: every factor (and the dy that db sums) rounded to
+    fp16 first, dy scaled by `scale` (a power of two) before its rounding and unscaled
+    after (both exact)."""
+    if half:
+        dy, x, weight = to_half(dy * scale) / scale, to_half(x), to_half(weight)
     return dy @ weight.T, x.T @ dy, dy.sum(axis=0)
 
 
@@ -112,7 +152,10 @@ class WeightGrid:
     n_lanes: list[Lane]
     weight: dict[LocalPE, int] = field(default_factory=dict)
     grad: dict[LocalPE, int] = field(default_factory=dict)
-    x_rows: dict[LocalPE, int] = field(default_factory=dict)
+    x_rows: dict[LocalPE, int] = field(default_factory=dict)  # words; halves if `half`
+    half: bool = False  # mixed precision: fp16 copies of W, fp16 x and dY rows
+    weight16: dict[LocalPE, int] = field(default_factory=dict)  # W row-major, rows nbe halves
+    weight16t: dict[LocalPE, int] = field(default_factory=dict)  # W^T, rows kbe halves
 
     def block(self, pe: LocalPE) -> tuple[int, int]:
         """(kb, nb): the block shape of PE `pe`."""
@@ -123,17 +166,45 @@ class WeightGrid:
         return [(c, r) for r in range(len(self.k_lanes)) for c in range(len(self.n_lanes))]
 
 
+def even(count: int) -> int:
+    """`count` rounded up to even: a row of halves padded so the next row starts 32-bit
+    aligned."""
+    return count + count % 2
+
+
+def alloc_halves(kernel: Kernel, pe: LocalPE, halves: int, purpose: str) -> int:
+    """Room for `halves` fp16 values on `pe`; returns the offset in halves (even)."""
+    return 2 * kernel.alloc(pe, (halves + 1) // 2, purpose)
+
+
+def load_halves(kernel: Kernel, pe: LocalPE, offset: int, rows: np.ndarray) -> None:
+    """Load the [r, c] block `rows` rounded to fp16 at half `offset` (even) of `pe`, each row
+    padded to an even count of halves."""
+    rows = np.asarray(rows, np.float32)
+    padded = np.zeros((rows.shape[0], even(rows.shape[1])), np.float16)
+    padded[:, :rows.shape[1]] = rows
+    kernel.load(pe, offset // 2, padded.ravel().view(np.float32))
+
+
 def place_weights(kernel: Kernel, rows: int, matrix: np.ndarray, k_lanes: list[Lane],
-                  n_lanes: list[Lane], *, backward: bool) -> WeightGrid:
+                  n_lanes: list[Lane], *, backward: bool, half: bool = False) -> WeightGrid:
     """Load `matrix` [K, N] block-wise onto the kernel's PEs (with a gradient buffer and
-    room for the x rows when `backward`)."""
-    grid = WeightGrid(kernel, rows, k_lanes, n_lanes)
+    room for the x rows when `backward`; with `half`, also its fp16 copies, row-major and
+    transposed)."""
+    grid = WeightGrid(kernel, rows, k_lanes, n_lanes, half=half)
     for pe in grid.pes():
         (k0, k1), (n0, n1) = k_lanes[pe[1]], n_lanes[pe[0]]
         grid.weight[pe] = kernel.alloc(pe, (k1 - k0) * (n1 - n0), "weight block")
         kernel.load(pe, grid.weight[pe], matrix[k0:k1, n0:n1])
         if backward:
             grid.grad[pe] = kernel.alloc(pe, (k1 - k0) * (n1 - n0), "weight gradient")
+        if half:
+            kb, nb = k1 - k0, n1 - n0
+            grid.weight16t[pe] = alloc_halves(kernel, pe, nb * even(kb), "fp16 weight^T")
+            load_halves(kernel, pe, grid.weight16t[pe], matrix[k0:k1, n0:n1].T)
+            if backward:
+                grid.weight16[pe] = alloc_halves(kernel, pe, kb * even(nb), "fp16 weight")
+                load_halves(kernel, pe, grid.weight16[pe], matrix[k0:k1, n0:n1])
     return grid
 
 
@@ -153,8 +224,6 @@ def emit_forward(grid: WeightGrid, ids: StreamIds, *, x_tensor: str, y_tensor: s
     for pe in grid.pes():
         c, r = pe
         kb, nb = grid.block(pe)
-        xs = grid.x_rows[pe] = kernel.alloc(pe, rows * kb if keep_x else kb, "x rows")
-        step = kb if keep_x else 0
         out = FabOut(y_ids[c] if r == n_r - 1 else down[pe])
         if r > 0:
             seed = [FabIn(down[(c, r - 1)])] * nb
@@ -162,16 +231,27 @@ def emit_forward(grid: WeightGrid, ids: StreamIds, *, x_tensor: str, y_tensor: s
             seed = [Mem(bias[c] + n, 0) for n in range(nb)]  # a scalar: a third read
         else:
             seed = None
-        body = [vec(Op.MOV, kb, Mem(xs, 1, step), FabIn(x_ids[r]))]
-        body += dots(nb, kb, Walk(grid.weight[pe], nb, 1), Walk(xs, 1, 0, step), acc=0,
+        if grid.half:  # x rows stored in fp16 (rows of even(kb) halves), W^T's fp16 copy
+            row = even(kb)
+            xs = grid.x_rows[pe] = alloc_halves(kernel, pe, rows * row if keep_x else row,
+                                                "fp16 x rows")
+            step = row if keep_x else 0
+            w_walk = Walk(grid.weight16t[pe], 1, row, half=True)
+        else:
+            xs = grid.x_rows[pe] = kernel.alloc(pe, rows * kb if keep_x else kb, "x rows")
+            step = kb if keep_x else 0
+            w_walk = Walk(grid.weight[pe], nb, 1)
+        body = [vec(Op.MOV, kb, Mem(xs, 1, step, half=grid.half), FabIn(x_ids[r]))]
+        body += dots(nb, kb, w_walk, Walk(xs, 1, 0, step, half=grid.half), acc=0,
                      out=[out] * nb, seed=seed)
         kernel.emit(pe, *repeat(rows, body))
 
 
 def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str, dx_tensor: str | None,
-                  bias_grad: dict[int, int] | None) -> None:
+                  bias_grad: dict[int, int] | None, scale: int = 1) -> None:
     """Rows descending: read dY, send dX (if `dx_tensor`), accumulate dW into `grid.grad`
-    and db into `bias_grad[c]` of PE (c, 0)."""
+    and db into `bias_grad[c]` of PE (c, 0). With fp16 (`grid.half`), dY is scaled by
+    `scale` (a power of two) before its rounding and every product divided by it."""
     kernel, rows = grid.kernel, grid.rows
     n_r, n_c = len(grid.k_lanes), len(grid.n_lanes)
     dy_ids = kernel.lane_inputs(ids, dy_tensor, grid.n_lanes,
@@ -183,23 +263,61 @@ def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str, dx_tensor
                                      [(n_c - 1, r) for r in range(n_r)], "descending")
         east = {(c, r): kernel.local((c, r), ((c + 1, r),), ids)
                 for r in range(n_r) for c in range(n_c - 1)}
+    half = grid.half
     for pe in grid.pes():
         c, r = pe
         kb, nb = grid.block(pe)
-        dy = kernel.alloc(pe, nb, "dY row")
-        last_x = grid.x_rows[pe] + (rows - 1) * kb  # rows run backwards
-        body = [vec(Op.MOV, nb, Mem(dy), FabIn(dy_ids[c]))]
+        if half:  # the dY row in fp16, W's row-major fp16 copy; x rows of even(kb) halves
+            dy = alloc_halves(kernel, pe, nb, "fp16 dY row")
+            x_row = even(kb)
+            w_walk = Walk(grid.weight16[pe], 1, even(nb), half=True)
+        else:
+            dy = kernel.alloc(pe, nb, "dY row")
+            x_row = kb
+            w_walk = Walk(grid.weight[pe], 1, nb)
+        last_x = grid.x_rows[pe] + (rows - 1) * x_row  # rows run backwards
+        if half:  # S dY in fp32, then rounded to fp16
+            dy32 = kernel.alloc(pe, nb, "scaled dY row")
+            body = [vec(Op.MUL, nb, Mem(dy32), FabIn(dy_ids[c]), Imm(scale)),
+                    vec(Op.MOV, nb, Mem(dy, half=True), Mem(dy32))]
+        else:
+            body = [vec(Op.MOV, nb, Mem(dy), FabIn(dy_ids[c]))]
         if dx_ids is not None:
             out = FabOut(dx_ids[r] if c == n_c - 1 else east[pe])
             seed = [FabIn(east[(c - 1, r)])] * kb if c > 0 else None
-            body += dots(kb, nb, Walk(grid.weight[pe], 1, nb), Walk(dy, 1), acc=0,
-                         out=[out] * kb, seed=seed)
+            if half and c == n_c - 1:  # the sums of S dY W: divided by S as they leave
+                dx = kernel.alloc(pe, kb, "dX row")
+                body += dots(kb, nb, w_walk, Walk(dy, 1, half=True), acc=0,
+                             out=[Mem(dx + k) for k in range(kb)], seed=seed)
+                body.append(vec(Op.MUL, kb, out, Mem(dx), Imm(1 / scale)))
+            else:
+                body += dots(kb, nb, w_walk, Walk(dy, 1, half=half), acc=0, out=[out] * kb,
+                             seed=seed)
         dw = grid.grad[pe]
-        body += [vec(Op.FMA, nb, Mem(dw + k * nb), Mem(dy), Mem(last_x + k, 0, -kb),
-                     Mem(dw + k * nb)) for k in range(kb)]
+        body += [vec(Op.FMA, nb, Mem(dw + k * nb), Mem(dy, half=half),
+                     Mem(last_x + k, 0, -x_row, half=half), Mem(dw + k * nb))
+                 for k in range(kb)]
         if r == 0 and bias_grad is not None:
-            body.append(vec(Op.ADD, nb, Mem(bias_grad[c]), Mem(bias_grad[c]), Mem(dy)))
+            body.append(vec(Op.ADD, nb, Mem(bias_grad[c]), Mem(bias_grad[c]),
+                            Mem(dy, half=half)))
         kernel.emit(pe, *repeat(rows, body))
+        if half:  # S dW and S db, divided by S
+            kernel.emit(pe, vec(Op.MUL, kb * nb, Mem(dw), Mem(dw), Imm(1 / scale)))
+            if r == 0 and bias_grad is not None:
+                kernel.emit(pe, vec(Op.MUL, nb, Mem(bias_grad[c]), Mem(bias_grad[c]),
+                                    Imm(1 / scale)))
+
+
+def refresh_half_weights(grid: WeightGrid) -> None:
+    """After the update: the fp16 copies of W (row-major, transposed) from the updated
+    fp32 master, one conversion (fs2h) per element."""
+    for pe in grid.pes():
+        kb, nb = grid.block(pe)
+        w = grid.weight[pe]
+        grid.kernel.emit(pe, *repeat(kb, [vec(Op.MOV, nb, Mem(grid.weight16[pe], 1, even(nb),
+                                                              half=True), Mem(w, 1, nb))]),
+                         *repeat(nb, [vec(Op.MOV, kb, Mem(grid.weight16t[pe], 1, even(kb),
+                                                         half=True), Mem(w, nb, 1))]))
 
 
 def update_weights(grid: WeightGrid, update: UpdateRule, name: str, *,
@@ -224,12 +342,14 @@ def build_linear(name: str, ops: list[str], ids: StreamIds, *, rows: int, k_lane
                  update: UpdateRule,
                  x_tensor: str, y_tensor: str, dy_tensor: str | None = None,
                  dx_tensor: str | None = None, weight_name: str,
-                 bias_name: str | None = None) -> Kernel:
+                 bias_name: str | None = None, precision: str = "fp32",
+                 loss_scale: int = 1) -> Kernel:
     """The kernel of Y = X W + b ([rows, K] x [K, N]) with x arriving in `k_lanes` and Y
     leaving in `n_lanes`; with `dy_tensor` also its backward (dX only if `dx_tensor`) and
     the optimizer update of W and b. Result slots (with a backward): grad:/updated: (and
     the moments, `compiler.ops.update`) of `weight_name` ([K, N]) and `bias_name`
-    ([1, N])."""
+    ([1, N]). `precision` "mixed": fp16 multiplies, fp32 accumulation, dY scaled by
+    `loss_scale` before its fp16 rounding (module docstring)."""
     k, n = k_lanes[-1][1], n_lanes[-1][1]
     if weight.shape != (k, n):
         raise ValueError(f"{name}: weight has shape {weight.shape}, lanes cover {(k, n)}")
@@ -240,7 +360,8 @@ def build_linear(name: str, ops: list[str], ids: StreamIds, *, rows: int, k_lane
     backward = dy_tensor is not None
     kernel = Kernel(name=name, op="matmul", ops=list(ops), width=len(n_lanes),
                     height=len(k_lanes), shapes={x_tensor: (rows, k), y_tensor: (rows, n)})
-    grid = place_weights(kernel, rows, weight, k_lanes, n_lanes, backward=backward)
+    half = precision == "mixed"
+    grid = place_weights(kernel, rows, weight, k_lanes, n_lanes, backward=backward, half=half)
     bias_at: dict[int, int] = {}
     bias_grad: dict[int, int] = {}
     if bias is not None:
@@ -257,8 +378,10 @@ def build_linear(name: str, ops: list[str], ids: StreamIds, *, rows: int, k_lane
     if dx_tensor is not None:
         kernel.shapes[dx_tensor] = (rows, k)
     emit_backward(grid, ids, dy_tensor=dy_tensor, dx_tensor=dx_tensor,
-                  bias_grad=bias_grad if bias is not None else None)
+                  bias_grad=bias_grad if bias is not None else None, scale=loss_scale)
     update_weights(grid, update, weight_name)
+    if half:
+        refresh_half_weights(grid)
     if bias is not None:
         for c, lane in enumerate(n_lanes):
             emit_update(kernel, (c, 0), update, bias_name, (1, n), weight=bias_at[c],
@@ -275,42 +398,85 @@ def _blocks(k_lanes: list[Lane], n_lanes: list[Lane]) -> list[tuple[int, int, in
             for c, (n0, n1) in enumerate(n_lanes)]
 
 
-def forward_row_cycles(kb: int, nb: int, *, top_row_bias: bool) -> int:
-    """One forward row on a PE: receive kb, nb dots of kb terms (+ nb for a bias seed)."""
-    return kb + dot_cycles(nb, kb, memory_seed=top_row_bias)
+def forward_row_cycles(kb: int, nb: int, *, top_row_bias: bool, step: int = 1) -> int:
+    """One forward row on a PE: receive kb, nb dots of kb terms (+ nb for a bias seed);
+    `step` > 1: mixed precision, the dots' middle terms `step` a cycle (`half_dot_step`)."""
+    return kb + dot_cycles(nb, kb, memory_seed=top_row_bias, step=step)
 
 
-def backward_row_cycles(kb: int, nb: int, *, dx: bool, top_row_bias: bool) -> int:
+def backward_row_cycles(kb: int, nb: int, *, dx: bool, top_row_bias: bool, step: int = 1,
+                        convert_step: int = 0, last_column: bool = False) -> int:
     """One backward row on a PE: receive nb, kb dots of nb terms (dX), kb FMAs of nb that
-    each read a third word in their first cycle (dW), nb (db on the top row)."""
-    return (nb + (dot_cycles(kb, nb) if dx else 0) + kb * (nb + 1)
-            + (nb if top_row_bias else 0))
+    each read a third word in their first cycle (dW), nb (db on the top row). With
+    `convert_step` (mixed precision): also the scaled dY row's conversion to fp16 and, on
+    the last column, dX's kb divisions by the scale as it leaves."""
+    cycles = (nb + (dot_cycles(kb, nb, step=step) if dx else 0) + kb * (nb + 1)
+              + (nb if top_row_bias else 0))
+    if convert_step:
+        cycles += -(-nb // convert_step) + (kb if dx and last_column else 0)
+    return cycles
+
+
+def refresh_cycles(kb: int, nb: int, convert_step: int) -> int:
+    """The fp16 copies of a kb x nb block refreshed from the fp32 master after the update
+    (`refresh_half_weights`): two REPEATs and kb nb conversions each, `convert_step` a
+    cycle (`half_convert_step`)."""
+    return 2 + kb * -(-nb // convert_step) + nb * -(-kb // convert_step)
+
+
+def half_convert_step(wafer: WaferConfig) -> int:
+    """Elements a cycle of an fp32 -> fp16 vector conversion (fs2h) into unit-stride
+    halves."""
+    return simd_width(vec(Op.MOV, 2, Mem(0, half=True), Mem(0)), wafer)
 
 
 def forward_cycles(rows: int, k_lanes: list[Lane], n_lanes: list[Lane], *,
-                   bias: bool = True) -> int:
+                   bias: bool = True, step: int = 1) -> int:
     """A lone forward pass: the slowest PE's rows (the grid runs in lock step) plus the
     fill: each PE below the top starts its first dot when the one above has finished its
-    own (kb cycles and 3 a hop: ramp, link, receive queue), and 6 cycles to and from the
-    neighbouring kernels."""
-    per_row = max(forward_row_cycles(kb, nb, top_row_bias=bias and r == 0)
+    own (a dot of kb terms and 3 a hop: ramp, link, receive queue), and 6 cycles to and
+    from the neighbouring kernels. `step` > 1: mixed precision (`half_dot_step`)."""
+    per_row = max(forward_row_cycles(kb, nb, top_row_bias=bias and r == 0, step=step)
                   for _, r, kb, nb in _blocks(k_lanes, n_lanes))
     kb_max = max(k1 - k0 for k0, k1 in k_lanes)
-    return rows * per_row + (len(k_lanes) - 1) * (kb_max + 3) + 6
+    return rows * per_row + (len(k_lanes) - 1) * (dot_cycles(1, kb_max, step=step) + 3) + 6
 
 
 def backward_cycles(rows: int, k_lanes: list[Lane], n_lanes: list[Lane], *,
-                    bias: bool = True, dx: bool = True) -> int:
-    """The backward pass and the update, after the forward, on the busiest PE."""
-    return max(rows * backward_row_cycles(kb, nb, dx=dx, top_row_bias=bias and r == 0)
-               + kb * nb + (nb if bias and r == 0 else 0)
-               for _, r, kb, nb in _blocks(k_lanes, n_lanes))
+                    bias: bool = True, dx: bool = True, step: int = 1,
+                    convert_step: int = 0) -> int:
+    """The backward pass and the SGD update, after the forward, on the busiest PE; with
+    `convert_step` (mixed precision) also dW's and db's division by the scale and the
+    refresh of the fp16 weight copies."""
+    last = len(n_lanes) - 1
+    return max(rows * backward_row_cycles(kb, nb, dx=dx, top_row_bias=bias and r == 0,
+                                          step=step, convert_step=convert_step,
+                                          last_column=c == last)
+               + (kb * nb + (nb if bias and r == 0 else 0)) * (2 if convert_step else 1)
+               + (refresh_cycles(kb, nb, convert_step) if convert_step else 0)
+               for c, r, kb, nb in _blocks(k_lanes, n_lanes))
 
 
-def sram_words(rows: int, kb: int, nb: int, *, top_row_bias: bool) -> int:
+def sram_words(rows: int, kb: int, nb: int, *, top_row_bias: bool, half: bool = False,
+               last_column: bool = False) -> int:
     """Words of a PE with a kb x nb block: W and dW, its x rows, the dY row, and on the
-    top row the bias lane and its gradient."""
-    return 2 * kb * nb + rows * kb + nb + (2 * nb if top_row_bias else 0)
+    top row the bias lane and its gradient; `half` (mixed precision): the x rows and the dY
+    row in fp16 (rows padded to an even count of halves), two fp16 copies of W, the scaled
+    dY row in fp32 and on the last column the dX row."""
+    bias = 2 * nb if top_row_bias else 0
+    if not half:
+        return 2 * kb * nb + rows * kb + nb + bias
+
+    def words(halves: int) -> int:
+        return (halves + 1) // 2
+
+    return (2 * kb * nb + words(nb * even(kb)) + words(kb * even(nb)) + words(rows * even(kb))
+            + words(nb) + nb + bias + (kb if last_column else 0))
+
+
+def is_mixed(op: OpSpec) -> bool:
+    """Whether `op` (forward or backward) multiplies in fp16 (`compile.precision: mixed`)."""
+    return op.attrs.get("precision") == "mixed"
 
 
 def _output(op: OpSpec) -> str:
@@ -324,7 +490,7 @@ class Matmul(OpFamily):
 
     def forward(self, op: OpSpec, t: Tensors) -> None:
         x, weight, bias = op.inputs
-        y = linear_forward(t[x], t[weight], t[bias])
+        y = linear_forward(t[x], t[weight], t[bias], half=is_mixed(op))
         for name, part in zip(op.outputs, np.split(y, len(op.outputs), axis=1), strict=True):
             t[name] = part
 
@@ -332,7 +498,8 @@ class Matmul(OpFamily):
         *dys, x, weight = op.inputs
         dx, dweight, dbias = op.outputs
         dy = np.concatenate([t[d] for d in dys], axis=1)
-        t[dx], t[dweight], t[dbias] = linear_backward(dy, t[x], t[weight])
+        t[dx], t[dweight], t[dbias] = linear_backward(dy, t[x], t[weight], half=is_mixed(op),
+                                                      scale=op.attrs.get("loss_scale", 1))
 
     def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
         return len(ctx.lanes(op.inputs[0])) * len(ctx.lanes(_output(op)))
@@ -347,7 +514,9 @@ class Matmul(OpFamily):
             op.name, ctx.ops_with_updates(op.name, weight, bias), ctx.ids, rows=rows,
             k_lanes=ctx.lanes(x), n_lanes=ctx.lanes(y), weight=ctx.param(weight),
             bias=ctx.param(bias), update=ctx.update, x_tensor=x, y_tensor=y, dy_tensor=dy,
-            dx_tensor=ctx.dx(op.name), weight_name=weight, bias_name=bias)
+            dx_tensor=ctx.dx(op.name), weight_name=weight, bias_name=bias,
+            precision=op.attrs.get("precision", "fp32"),
+            loss_scale=op.attrs.get("loss_scale", 1))
 
 
 FAMILY = Matmul()
