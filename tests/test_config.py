@@ -89,6 +89,9 @@ def test_tiny_keeps_heads_wide_enough() -> None:
         ("model", {"tie_embeddings": 1}, "model.tie_embeddings: Input should be a valid boolean"),
         ("training", {"lr": "0.1"}, "training.lr: Input should be a valid number (got '0.1')"),
         ("compile", {"seed": 1.5}, "compile.seed: Input should be a valid integer (got 1.5)"),
+        ("compile", {"precision": "fp16"}, "compile.precision: Input should be 'fp32' or "
+         "'mixed'"),
+        ("compile", {"loss_scale": 1000}, "compile.loss_scale: must be a power of two"),
         ("wafer", {"width": 750.0}, "wafer.width: Input should be a valid integer (got 750.0)"),
         # every float is finite
         ("training", {"lr": float("inf")}, "training.lr: Input should be a finite number"),
@@ -201,6 +204,7 @@ def test_compile_section_defaults() -> None:
     del data["compile"]
     compile_cfg = parse_config(data).compile
     assert (compile_cfg.placement, compile_cfg.lane_width, compile_cfg.seed) == ("linear", None, 0)
+    assert (compile_cfg.precision, compile_cfg.loss_scale) == ("fp32", 4096)
     assert PLACEMENTS == ("linear", "snake", "random", "greedy", "anneal", "partition")
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from compiler.check import results_digest
+from compiler.check import results_digest, tolerance_for
 from compiler.compile import compile_step
 from compiler.config import load_config
 from compiler.gpt import build_graph
@@ -47,6 +47,30 @@ def test_tiny_step_passes_the_check(tiny_run):
     assert {f"updated:{p}" for p in params} <= set(check["tensors"])
     assert {f"update:{p}" for p in params} <= set(check["tensors"])
     assert {"loss", "logits", "grad:wte.weight", "grad:h1.mlp.fc.weight"} <= set(check["tensors"])
+
+
+def test_tiny_step_in_mixed_precision_passes_at_its_derived_tolerance(tmp_path):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["compile"]["precision"] = "mixed"
+    path = tmp_path / "mixed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out.json"
+    assert main(["run", str(path), "--json", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    check = report["check"]
+    assert check["passed"] and check["tolerance"] == tolerance_for("mixed")
+    assert tolerance_for("mixed") == pytest.approx(1e-4 + 2.0**-10)
+    assert all(check["tolerances"][name] == check["tolerance"] for name in check["tensors"]
+               if not name.startswith("update:"))
+    # % of peak is against the mixed peak: mixed_simd_width FMACs a cycle a PE
+    wafer = WaferConfig()
+    assert report["precision"] == "mixed"
+    assert report["percent_of_used_peak"] == pytest.approx(
+        100 * report["achieved_flops_per_second"]
+        / (2 * wafer.mixed_simd_width * wafer.clock_hz * report["pes_used"]))
+    # the linear layers' PEs ran fp16 steps: fewer compute cycles than FLOPs / 2
+    fc = next(k for k in report["kernels"] if k["name"] == "h0.mlp.fc")
+    assert fc["pe_cycles"]["compute"] < fc["flops"] / 2
 
 
 def test_tiny_report_counters(tiny_run):

@@ -10,13 +10,16 @@ from hypothesis import strategies as st
 from kernel_bench import run_kernel
 
 from compiler.lowering.kernel import StreamIds, lane_cols
+from compiler.lowering.dots import dot_cycles, half_dot_step
 from compiler.ops.matmul import (
     backward_cycles,
     build_linear,
     forward_cycles,
+    half_convert_step,
     linear_backward,
     linear_forward,
     sram_words,
+    to_half,
 )
 from compiler.ops.update import UpdateRule
 from compiler.optim import sgd_tensor
@@ -25,20 +28,23 @@ from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
 
 SGD = UpdateRule("sgd", 0.1)
+LOSS_SCALE = 4096
 
 
-def linear(rows, k, n, wk, wn, *, bias=True, backward=True, dx=True, seed=0):
+def linear(rows, k, n, wk, wn, *, bias=True, backward=True, dx=True, seed=0,
+           precision="fp32", dy_scale=1.0):
     """A [rows, k] x [k, n] kernel, x in lanes of wk columns, Y in lanes of wn."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((rows, k)).astype(np.float32)
     w = rng.standard_normal((k, n)).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32) if bias else None
-    dy = rng.standard_normal((rows, n)).astype(np.float32)
+    dy = (dy_scale * rng.standard_normal((rows, n))).astype(np.float32)
     kernel = build_linear(
         "lin", ["lin"], StreamIds(), rows=rows, k_lanes=lane_cols(k, wk),
         n_lanes=lane_cols(n, wn), weight=w, bias=b, update=SGD, x_tensor="x", y_tensor="y",
         dy_tensor="dy" if backward else None, dx_tensor="dx" if backward and dx else None,
-        weight_name="w", bias_name="b" if bias else None)
+        weight_name="w", bias_name="b" if bias else None, precision=precision,
+        loss_scale=LOSS_SCALE)
     return kernel, x, w, b, dy
 
 
@@ -108,3 +114,62 @@ def test_sram_overflow_is_a_user_error():
     with pytest.raises(UserError, match=r"op lin \(matmul\): PE \(0, 0\) needs \d+ bytes "
                                         r"of SRAM, has 49152"):
         link([kernel], {"lin": (0, 0)}, WaferConfig())
+
+
+# Mixed precision: fp16 factors, fp32 sums. The numpy twin rounds the same factors, so the
+# products are equal and only the fp32 sums' rounding (the bound above) is left.
+
+@settings(max_examples=8, deadline=None)
+@given(rows=st.integers(1, 9), k=st.integers(1, 19), n=st.integers(1, 19),
+       wk=st.integers(3, 8), wn=st.integers(3, 8), bias=st.booleans(), dx=st.booleans())
+def test_mixed_linear_matches_its_numpy_twin(rows, k, n, wk, wn, bias, dx):
+    # dY of 1e-6: below fp16's normal range unless scaled (LOSS_SCALE) before rounding
+    kernel, x, w, b, dy = linear(rows, k, n, wk, wn, bias=bias, dx=dx, precision="mixed",
+                                 dy_scale=1e-6)
+    run = run_kernel(kernel, {"x": x, "dy": dy})
+    x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
+    b64 = b.astype(np.float64) if bias else np.zeros(n)
+    y_abs = linear_forward(np.abs(x64), np.abs(w64), np.abs(b64), half=True)
+    dx_abs, dw_abs, db_abs = linear_backward(np.abs(dy64), np.abs(x64), np.abs(w64), half=True,
+                                             scale=LOSS_SCALE)
+    dx_ref, dw, db = linear_backward(dy64, x64, w64, half=True, scale=LOSS_SCALE)
+    assert_sums_close(run.outputs["y"], linear_forward(x64, w64, b64, half=True), y_abs, k + 1)
+    if dx:
+        assert_sums_close(run.outputs["dx"], dx_ref, dx_abs, n)
+    assert_sums_close(run.results["grad:w"], dw, dw_abs, rows)
+    assert_sums_close(run.results["updated:w"], sgd_tensor(w64, dw, 0.1),
+                      np.abs(w64) + 0.1 * dw_abs, rows + 2)
+    if bias:
+        assert_sums_close(run.results["grad:b"][0], db, db_abs, rows)
+    # without the scale, most of these dY would be fp16 subnormals: 10 bits lost and more
+    assert np.mean(np.abs(dy) < 2.0**-14) > 0.9
+    assert np.mean(np.abs(to_half(dy64 * LOSS_SCALE)) >= 2.0**-14) > 0.9
+
+
+@pytest.mark.parametrize("rows,k,n,wk,wn", [(32, 32, 32, 16, 16), (16, 64, 96, 32, 32)])
+def test_mixed_cycles_and_sram_match_closed_form(rows, k, n, wk, wn):
+    wafer = WaferConfig()
+    step, convert = half_dot_step(wafer), half_convert_step(wafer)
+    assert (step, convert) == (2, 1)  # WSE-2: fmachs SIMD 2 (and 2 words read a cycle)
+    k_lanes, n_lanes = lane_cols(k, wk), lane_cols(n, wn)
+    forward = {}
+    for precision, s in (("fp32", 1), ("mixed", step)):
+        kernel, x, *_ = linear(rows, k, n, wk, wn, backward=False, precision=precision)
+        forward[precision] = run_kernel(kernel, {"x": x}).cycles
+        assert forward[precision] == pytest.approx(
+            forward_cycles(rows, k_lanes, n_lanes, step=s), rel=0.002)
+    kernel, x, _, _, dy = linear(rows, k, n, wk, wn, precision="mixed")
+    run = run_kernel(kernel, {"x": x, "dy": dy})
+    expected = (forward_cycles(rows, k_lanes, n_lanes, step=step)
+                + backward_cycles(rows, k_lanes, n_lanes, step=step, convert_step=convert))
+    assert run.cycles == pytest.approx(expected, rel=0.002)
+    for c, r in kernel.programs:
+        kb, nb = k_lanes[r][1] - k_lanes[r][0], n_lanes[c][1] - n_lanes[c][0]
+        assert kernel.sram_words((c, r)) == sram_words(
+            rows, kb, nb, top_row_bias=r == 0, half=True, last_column=c == len(n_lanes) - 1)
+    # the multiply part (the dots) at the SIMD rate: 2 + (kb - 2) / 2 cycles for kb
+    kb = wk
+    assert dot_cycles(1, kb, step=step) == 2 + (kb - 2) // 2
+    receive = rows * kb  # the x rows arrive at one fp32 wavelet a cycle either way
+    ratio = (forward["mixed"] - receive) / (forward["fp32"] - receive)
+    assert ratio == pytest.approx((2 + (kb - 2) / 2 + 1) / (kb + 1), rel=0.02)
