@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_bench import run_kernel
 
-from compiler.lowering.kernel import StreamIds, lane_cols
 from compiler.lowering.dots import dot_cycles, half_dot_step
+from compiler.lowering.kernel import StreamIds, lane_cols
 from compiler.ops.matmul import (
     backward_cycles,
     build_linear,
