@@ -56,7 +56,10 @@ from compiler.ops.matmul import (
     WeightGrid,
     emit_backward,
     emit_forward,
+    is_mixed,
     place_weights,
+    refresh_half_weights,
+    to_half,
     update_weights,
 )
 from compiler.ops.update import UpdateRule, emit_update
@@ -87,9 +90,12 @@ def add_lm_head(b: GraphBuilder, x: str, weight: str) -> str:
     m, d = b.shape(x)
     vocab = b.shape(weight)[0]
     products = 2 * m * d * vocab
+    attrs: dict[str, object] = {"m": m, "k": d, "n": vocab}
+    if b.cfg.compile.precision == "mixed":  # as the linear layers (compiler.ops.matmul)
+        attrs.update(precision="mixed", loss_scale=b.cfg.compile.loss_scale)
     (logits,) = b.forward("lm_head", "lm_head", (x, weight), {"lm_head.out": (m, vocab)},
                           flops=products, matmul_flops=products, bwd_flops=2 * products,
-                          saved=(x, weight), attrs={"m": m, "k": d, "n": vocab})
+                          saved=(x, weight), attrs=attrs)
     return logits
 
 
@@ -115,13 +121,18 @@ def embedding_backward(dh0: np.ndarray, tokens: np.ndarray, vocab: int,
     return dwte, dwpe
 
 
-def lm_head_forward(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+def lm_head_forward(x: np.ndarray, weight: np.ndarray, half: bool = False) -> np.ndarray:
+    """x weight^T; `half`: mixed precision, as `compiler.ops.matmul.linear_forward`."""
+    if half:
+        x, weight = to_half(x), to_half(weight)
     return x @ weight.T
 
 
-def lm_head_backward(dlogits: np.ndarray, x: np.ndarray,
-                     weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(dx, dweight)."""
+def lm_head_backward(dlogits: np.ndarray, x: np.ndarray, weight: np.ndarray,
+                     half: bool = False, scale: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(dx, dweight); `half`: as `compiler.ops.matmul.linear_backward`."""
+    if half:
+        dlogits, x, weight = to_half(dlogits * scale) / scale, to_half(x), to_half(weight)
     return dlogits @ weight, dlogits.T @ x
 
 
@@ -180,7 +191,7 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
                     logits_tensor: str, dlogits_tensor: str | None = None,
                     dx_tensor: str | None = None, dh0_tensor: str | None = None,
                     wte_name: str = "wte.weight", wpe_name: str = "wpe.weight",
-                    start: int = 0) -> Kernel:
+                    start: int = 0, precision: str = "fp32", loss_scale: int = 1) -> Kernel:
     """The tied embedding + LM head kernel for the batch `tokens` [B, T]; the model width
     d is cut into `d_lanes` (h0's lanes, and the lanes x arrives in), the vocabulary into
     `v_lanes` (the logits' lanes).
@@ -190,7 +201,9 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
     backward: dX (`dx_tensor`, optional), the embedding gradient `dh0_tensor` (optional)
     and the optimizer update; result slots grad:/updated: (and the moments) of `wte_name`
     [V, d] and (with dh0) `wpe_name` [n_ctx, d]. The tokens are at positions `start` ..
-    `start + T - 1` (a forward-only decode step reads one token at its position)."""
+    `start + T - 1` (a forward-only decode step reads one token at its position).
+    `precision` "mixed": the LM head's products as the linear layers' (fp16 factors, fp32
+    sums, dlogits scaled by `loss_scale`; `compiler.ops.matmul`)."""
     vocab, d = wte.shape
     batch, seq = tokens.shape
     n_ctx = wpe.shape[0]
@@ -206,7 +219,8 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
     kernel = Kernel(name=name, op="embedding", ops=list(ops), width=n_c + 1, height=n_r,
                     shapes={h0_tensor: (rows, d), x_tensor: (rows, d),
                             logits_tensor: (rows, vocab)})
-    grid = place_weights(kernel, rows, wte.T, d_lanes, v_lanes, backward=backward)
+    half = precision == "mixed"
+    grid = place_weights(kernel, rows, wte.T, d_lanes, v_lanes, backward=backward, half=half)
     owners = _row_owners(grid, tokens)
 
     # forward embedding: relay wte chunks east along each row, the position column adds wpe
@@ -233,7 +247,8 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
     kernel.shapes[dlogits_tensor] = (rows, vocab)
     if dx_tensor is not None:
         kernel.shapes[dx_tensor] = (rows, d)
-    emit_backward(grid, ids, dy_tensor=dlogits_tensor, dx_tensor=dx_tensor, bias_grad=None)
+    emit_backward(grid, ids, dy_tensor=dlogits_tensor, dx_tensor=dx_tensor, bias_grad=None,
+                  scale=loss_scale)
 
     if dh0_tensor is not None:
         kernel.shapes[dh0_tensor] = (rows, d)
@@ -262,6 +277,8 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
                         rows=(0, n_ctx), cols=(k0, k1), row_stride=kb)
 
     update_weights(grid, update, wte_name, transposed=True)
+    if half:
+        refresh_half_weights(grid)
     return kernel
 
 
@@ -290,7 +307,7 @@ class Embedding(OpFamily):
     def forward(self, op: OpSpec, t: Tensors) -> None:
         if op.kind == "lm_head":
             x, weight = op.inputs
-            t[op.outputs[0]] = lm_head_forward(t[x], t[weight])
+            t[op.outputs[0]] = lm_head_forward(t[x], t[weight], half=is_mixed(op))
             return
         tokens, wte, wpe = op.inputs
         t[op.outputs[0]] = embedding_forward(token_batch(op, t[tokens]), t[wte], t[wpe])
@@ -299,7 +316,8 @@ class Embedding(OpFamily):
         if op.kind == "lm_head.bwd":
             dlogits, x, weight = op.inputs
             dx, dweight = op.outputs
-            t[dx], t[dweight] = lm_head_backward(t[dlogits], t[x], t[weight])
+            t[dx], t[dweight] = lm_head_backward(t[dlogits], t[x], t[weight], half=is_mixed(op),
+                                                 scale=op.attrs.get("loss_scale", 1))
             return
         dh0, tokens = op.inputs
         dwte, dwpe = op.outputs
@@ -332,7 +350,9 @@ class Embedding(OpFamily):
             wte=ctx.param(wte), wpe=ctx.param(wpe), update=ctx.update, h0_tensor=op.outputs[0],
             x_tensor=final, logits_tensor=lm_head.outputs[0],
             dlogits_tensor=ctx.dy("lm_head"), dx_tensor=ctx.dx("lm_head"),
-            dh0_tensor=ctx.dy(op.name), wte_name=wte, wpe_name=wpe, start=ctx.batch.start)
+            dh0_tensor=ctx.dy(op.name), wte_name=wte, wpe_name=wpe, start=ctx.batch.start,
+            precision=lm_head.attrs.get("precision", "fp32"),
+            loss_scale=lm_head.attrs.get("loss_scale", 1))
 
 
 FAMILY = Embedding()
