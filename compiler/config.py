@@ -157,9 +157,9 @@ class CompileConfig(BaseModel):
     seed: int = Field(default=0, ge=0, description="Seed of randomised placement strategies.")
     precision: Literal["fp32", "mixed"] = Field(
         default="fp32",
-        description="fp32: every op in fp32. mixed: the linear layers (matmul) multiply in "
-        "fp16 with fp32 accumulation (fp16 copies of the weights and of the x and dY rows; "
-        "fp32 master weights and update); every other op stays fp32.")
+        description="fp32: every op in fp32. mixed: the linear layers (matmul) and the tied "
+        "LM head multiply in fp16 with fp32 accumulation (fp16 copies of the weights and of "
+        "the x and dY rows; fp32 master weights and update); every other op stays fp32.")
     loss_scale: int = Field(
         default=4096, gt=0,
         description="mixed: the static gradient scale S (a power of two): a matmul's dY is "

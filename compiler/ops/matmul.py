@@ -47,23 +47,31 @@ its x[m, k] scalar, a third read) + [r = 0] nb (db). With kb = nb = w, 94% of th
 and 95% of the backward cycles are FMAs at w = 32, 80% and 86% at w = 8.
 SRAM per PE: 2 kb nb (W, dW) + M kb (x rows) + nb (the dY row) (+ 2 nb for the bias).
 
-Mixed precision (`compile.precision: mixed`, `precision="mixed"`). fp16: the stored x rows
-and the dY row (converted on arrival: the producers still stream fp32 wavelets), and two
-fp16 copies of W, W^T for the forward's dots and W for dX's, so that both walk unit-stride
-fp16 vectors (rows padded to an even count of halves, 32-bit aligned). fp32: the master W
-and b, dW and db, the partial sums that flow down and east, Y and dX, and the update,
-after which the fp16 copies are refreshed from the new master (`refresh_half_weights`).
-Every product is fp16 x fp16 (exact in fp32) accumulated in fp32 (the SDK's @fmachs), so
-the numpy twin rounds x, W and dY to fp16 and is otherwise the fp32 formula (db sums the
-fp16 dY the PE holds). Cycles: a dot of K terms takes 2 + ceil((K - 2) / s) instead of K,
-s = `half_dot_step` = min(mixed SIMD width, the two 32-bit read ports: a word a pair per
-factor) = 2 on WSE-2 (fmachs is SIMD-2 there) and on WSE-3 (fmachs SIMD-4, port-bound), so
-the multiply part takes ~1/2 of fp32's: per forward row kb + nb (2 + ceil((kb - 2) / s))
-+ [r = 0] nb; per backward row nb + kb (2 + ceil((nb - 2) / s)) + kb (nb + 1) + [r = 0] nb
-(dW and db accumulate into fp32 SRAM: one 32-bit write an element, as in fp32); the update
-adds the refresh, 2 + 2 kb nb / c (`refresh_cycles`, c = the conversion width, 1 on
-WSE-2). At kb = nb = 16 a top-row forward row takes 176 cycles instead of 288.
-SRAM: 2 kb nb + (nb even(kb) + kb even(nb) + M even(kb) + nb) / 2 (+ 2 nb), `sram_words`.
+Mixed precision (`compile.precision: mixed`, `precision="mixed"`; the tied LM head of
+`compiler.ops.embedding` uses the same grid code). fp16: the stored x rows and the dY row
+(converted on arrival: the producers still stream fp32 wavelets), and two fp16 copies of
+W, W^T for the forward's dots and W for dX's, so that both walk unit-stride fp16 vectors
+(rows padded to an even count of halves, 32-bit aligned). fp32: the master W and b, dW
+and db, the partial sums that flow down and east, Y and dX, and the update, after which
+the fp16 copies are refreshed from the new master (`refresh_half_weights`). Every product
+is fp16 x fp16 (exact in fp32) accumulated in fp32 (the SDK's @fmachs). Gradients of
+activations are often below fp16's normal range (2^-14; gpt_tiny's QKV dY is ~3e-6), so
+dY is multiplied by S = `loss_scale` (a power of two) before its rounding, and dX (on the
+last column, as it leaves), dW and db (after the rows) are divided by S: both exact, so
+the numpy twin rounds x, W and S dY to fp16, divides by S and is otherwise the fp32
+formula. Cycles: a dot of K terms takes 2 + ceil((K - 2) / s) instead of K, s =
+`half_dot_step` = min(mixed SIMD width, the two 32-bit read ports: a word a pair per
+factor) = 2 on WSE-2 (fmachs is SIMD-2 there) and on WSE-3 (fmachs SIMD-4, port-bound),
+so the multiply part takes ~1/2 of fp32's (not 1/4: the fp16-only @fmach is SIMD-4, but
+it accumulates in fp16). Per forward row kb + nb (2 + ceil((kb - 2) / s)) + [r = 0] nb;
+per backward row nb (S dY) + nb / c (to fp16; c = the conversion width, 1 on WSE-2) +
+kb (2 + ceil((nb - 2) / s)) + kb (nb + 1) + [r = 0] nb + [last column] kb (dX / S): dW and
+db accumulate into fp32 SRAM at one 32-bit write an element, as in fp32. After the rows:
+kb nb + [r = 0] nb (dW / S, db / S), and after the update the refresh, 2 + 2 kb nb / c
+(`refresh_cycles`). At kb = nb = 16 a top-row forward row takes 176 cycles instead of
+288; at 32, a forward and backward row 2,336 instead of 3,232.
+SRAM: 2 kb nb + (nb even(kb) + kb even(nb) + M even(kb) + nb) / 2 + nb (S dY in fp32)
+(+ 2 nb for the bias, + kb on the last column), `sram_words`.
 """
 
 from __future__ import annotations
