@@ -58,7 +58,6 @@ from compiler.ops.matmul import (
     emit_forward,
     is_mixed,
     place_weights,
-    refresh_half_weights,
     to_half,
     update_weights,
 )
@@ -277,8 +276,6 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
                         rows=(0, n_ctx), cols=(k0, k1), row_stride=kb)
 
     update_weights(grid, update, wte_name, transposed=True)
-    if half:
-        refresh_half_weights(grid)
     return kernel
 
 

@@ -52,8 +52,10 @@ Mixed precision (`compile.precision: mixed`, `precision="mixed"`; the tied LM he
 (converted on arrival: the producers still stream fp32 wavelets), and two fp16 copies of
 W, W^T for the forward's dots and W for dX's, so that both walk unit-stride fp16 vectors
 (rows padded to an even count of halves, 32-bit aligned). fp32: the master W and b, dW
-and db, the partial sums that flow down and east, Y and dX, and the update, after which
-the fp16 copies are refreshed from the new master (`refresh_half_weights`). Every product
+and db, the partial sums that flow down and east, Y and dX, and the update. The fp16
+copies are not state: each pass converts the master it starts from (`half_copy`: W^T
+before the forward, W before the backward), so a training loop that carries only the
+fp32 master from step to step (`compiler.state`) stays right. Every product
 is fp16 x fp16 (exact in fp32) accumulated in fp32 (the SDK's @fmachs). Gradients of
 activations are often below fp16's normal range (2^-14; gpt_tiny's QKV dY is ~3e-6), so
 dY is multiplied by S = `loss_scale` (a power of two) before its rounding, and dX (on the
@@ -67,8 +69,8 @@ it accumulates in fp16). Per forward row kb + nb (2 + ceil((kb - 2) / s)) + [r =
 per backward row nb (S dY) + nb / c (to fp16; c = the conversion width, 1 on WSE-2) +
 kb (2 + ceil((nb - 2) / s)) + kb (nb + 1) + [r = 0] nb + [last column] kb (dX / S): dW and
 db accumulate into fp32 SRAM at one 32-bit write an element, as in fp32. After the rows:
-kb nb + [r = 0] nb (dW / S, db / S), and after the update the refresh, 2 + 2 kb nb / c
-(`refresh_cycles`). At kb = nb = 16 a top-row forward row takes 176 cycles instead of
+kb nb + [r = 0] nb (dW / S, db / S); before each pass its copy, 1 + kb nb / c
+(`half_copy_cycles`). At kb = nb = 16 a top-row forward row takes 176 cycles instead of
 288; at 32, a forward and backward row 2,336 instead of 3,232.
 SRAM: 2 kb nb + (nb even(kb) + kb even(nb) + M even(kb) + nb) / 2 + nb (S dY in fp32)
 (+ 2 nb for the bias, + kb on the last column), `sram_words`.
@@ -83,7 +85,7 @@ import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec, ParamInit, grad_name
 from compiler.lowering.dots import Walk, dot_cycles, dots
-from compiler.lowering.ir import FabIn, FabOut, Imm, Mem, Op, repeat, vec
+from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Mem, Op, repeat, vec
 from compiler.lowering.kernel import Kernel, LocalPE, StreamIds
 from compiler.ops.base import OpFamily, Tensors
 from compiler.ops.update import UpdateRule, emit_update
@@ -185,20 +187,11 @@ def alloc_halves(kernel: Kernel, pe: LocalPE, halves: int, purpose: str) -> int:
     return 2 * kernel.alloc(pe, (halves + 1) // 2, purpose)
 
 
-def load_halves(kernel: Kernel, pe: LocalPE, offset: int, rows: np.ndarray) -> None:
-    """Load the [r, c] block `rows` rounded to fp16 at half `offset` (even) of `pe`, each row
-    padded to an even count of halves."""
-    rows = np.asarray(rows, np.float32)
-    padded = np.zeros((rows.shape[0], even(rows.shape[1])), np.float16)
-    padded[:, :rows.shape[1]] = rows
-    kernel.load(pe, offset // 2, padded.ravel().view(np.float32))
-
-
 def place_weights(kernel: Kernel, rows: int, matrix: np.ndarray, k_lanes: list[Lane],
                   n_lanes: list[Lane], *, backward: bool, half: bool = False) -> WeightGrid:
     """Load `matrix` [K, N] block-wise onto the kernel's PEs (with a gradient buffer and
-    room for the x rows when `backward`; with `half`, also its fp16 copies, row-major and
-    transposed)."""
+    room for the x rows when `backward`; with `half`, also room for its fp16 copies,
+    transposed and, with `backward`, row-major)."""
     grid = WeightGrid(kernel, rows, k_lanes, n_lanes, half=half)
     for pe in grid.pes():
         (k0, k1), (n0, n1) = k_lanes[pe[1]], n_lanes[pe[0]]
@@ -206,13 +199,11 @@ def place_weights(kernel: Kernel, rows: int, matrix: np.ndarray, k_lanes: list[L
         kernel.load(pe, grid.weight[pe], matrix[k0:k1, n0:n1])
         if backward:
             grid.grad[pe] = kernel.alloc(pe, (k1 - k0) * (n1 - n0), "weight gradient")
-        if half:
+        if half:  # made from the master by the pass that uses them (`half_copy`)
             kb, nb = k1 - k0, n1 - n0
             grid.weight16t[pe] = alloc_halves(kernel, pe, nb * even(kb), "fp16 weight^T")
-            load_halves(kernel, pe, grid.weight16t[pe], matrix[k0:k1, n0:n1].T)
             if backward:
                 grid.weight16[pe] = alloc_halves(kernel, pe, kb * even(nb), "fp16 weight")
-                load_halves(kernel, pe, grid.weight16[pe], matrix[k0:k1, n0:n1])
     return grid
 
 
@@ -252,6 +243,8 @@ def emit_forward(grid: WeightGrid, ids: StreamIds, *, x_tensor: str, y_tensor: s
         body = [vec(Op.MOV, kb, Mem(xs, 1, step, half=grid.half), FabIn(x_ids[r]))]
         body += dots(nb, kb, w_walk, Walk(xs, 1, 0, step, half=grid.half), acc=0,
                      out=[out] * nb, seed=seed)
+        if grid.half:
+            kernel.emit(pe, *half_copy(grid, pe, transposed=True))
         kernel.emit(pe, *repeat(rows, body))
 
 
@@ -301,6 +294,8 @@ def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str, dx_tensor
             else:
                 body += dots(kb, nb, w_walk, Walk(dy, 1, half=half), acc=0, out=[out] * kb,
                              seed=seed)
+        if half and dx_ids is not None:
+            kernel.emit(pe, *half_copy(grid, pe, transposed=False))
         dw = grid.grad[pe]
         body += [vec(Op.FMA, nb, Mem(dw + k * nb), Mem(dy, half=half),
                      Mem(last_x + k, 0, -x_row, half=half), Mem(dw + k * nb))
@@ -316,16 +311,17 @@ def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str, dx_tensor
                                     Imm(1 / scale)))
 
 
-def refresh_half_weights(grid: WeightGrid) -> None:
-    """After the update: the fp16 copies of W (row-major, transposed) from the updated
-    fp32 master, one conversion (fs2h) per element."""
-    for pe in grid.pes():
-        kb, nb = grid.block(pe)
-        w = grid.weight[pe]
-        grid.kernel.emit(pe, *repeat(kb, [vec(Op.MOV, nb, Mem(grid.weight16[pe], 1, even(nb),
-                                                              half=True), Mem(w, 1, nb))]),
-                         *repeat(nb, [vec(Op.MOV, kb, Mem(grid.weight16t[pe], 1, even(kb),
-                                                         half=True), Mem(w, nb, 1))]))
+def half_copy(grid: WeightGrid, pe: LocalPE, *, transposed: bool) -> list[Instr]:
+    """The fp16 copy of PE `pe`'s W block (row-major; W^T if `transposed`) converted from
+    the fp32 master (fs2h), emitted before the pass that multiplies with it: the copies are
+    never state (a training loop carries only the master from step to step)."""
+    kb, nb = grid.block(pe)
+    w = grid.weight[pe]
+    if transposed:
+        return repeat(nb, [vec(Op.MOV, kb, Mem(grid.weight16t[pe], 1, even(kb), half=True),
+                               Mem(w, nb, 1))])
+    return repeat(kb, [vec(Op.MOV, nb, Mem(grid.weight16[pe], 1, even(nb), half=True),
+                           Mem(w, 1, nb))])
 
 
 def update_weights(grid: WeightGrid, update: UpdateRule, name: str, *,
@@ -388,8 +384,6 @@ def build_linear(name: str, ops: list[str], ids: StreamIds, *, rows: int, k_lane
     emit_backward(grid, ids, dy_tensor=dy_tensor, dx_tensor=dx_tensor,
                   bias_grad=bias_grad if bias is not None else None, scale=loss_scale)
     update_weights(grid, update, weight_name)
-    if half:
-        refresh_half_weights(grid)
     if bias is not None:
         for c, lane in enumerate(n_lanes):
             emit_update(kernel, (c, 0), update, bias_name, (1, n), weight=bias_at[c],
@@ -425,11 +419,12 @@ def backward_row_cycles(kb: int, nb: int, *, dx: bool, top_row_bias: bool, step:
     return cycles
 
 
-def refresh_cycles(kb: int, nb: int, convert_step: int) -> int:
-    """The fp16 copies of a kb x nb block refreshed from the fp32 master after the update
-    (`refresh_half_weights`): two REPEATs and kb nb conversions each, `convert_step` a
-    cycle (`half_convert_step`)."""
-    return 2 + kb * -(-nb // convert_step) + nb * -(-kb // convert_step)
+def half_copy_cycles(kb: int, nb: int, convert_step: int, *, transposed: bool) -> int:
+    """`half_copy` of a kb x nb block: a REPEAT and kb nb conversions, `convert_step` a
+    cycle (`half_convert_step`), in rows of kb (W^T) or of nb."""
+    if transposed:
+        return 1 + nb * -(-kb // convert_step)
+    return 1 + kb * -(-nb // convert_step)
 
 
 def half_convert_step(wafer: WaferConfig) -> int:
@@ -439,29 +434,35 @@ def half_convert_step(wafer: WaferConfig) -> int:
 
 
 def forward_cycles(rows: int, k_lanes: list[Lane], n_lanes: list[Lane], *,
-                   bias: bool = True, step: int = 1) -> int:
+                   bias: bool = True, step: int = 1, convert_step: int = 0) -> int:
     """A lone forward pass: the slowest PE's rows (the grid runs in lock step) plus the
     fill: each PE below the top starts its first dot when the one above has finished its
     own (a dot of kb terms and 3 a hop: ramp, link, receive queue), and 6 cycles to and
-    from the neighbouring kernels. `step` > 1: mixed precision (`half_dot_step`)."""
+    from the neighbouring kernels. Mixed precision: `step` (`half_dot_step`) and
+    `convert_step` (`half_convert_step`: W^T's fp16 copy made first)."""
+    blocks = _blocks(k_lanes, n_lanes)
     per_row = max(forward_row_cycles(kb, nb, top_row_bias=bias and r == 0, step=step)
-                  for _, r, kb, nb in _blocks(k_lanes, n_lanes))
+                  for _, r, kb, nb in blocks)
     kb_max = max(k1 - k0 for k0, k1 in k_lanes)
-    return rows * per_row + (len(k_lanes) - 1) * (dot_cycles(1, kb_max, step=step) + 3) + 6
+    copy = (max(half_copy_cycles(kb, nb, convert_step, transposed=True)
+                for _, _, kb, nb in blocks) if convert_step else 0)
+    return (copy + rows * per_row + (len(k_lanes) - 1) * (dot_cycles(1, kb_max, step=step) + 3)
+            + 6)
 
 
 def backward_cycles(rows: int, k_lanes: list[Lane], n_lanes: list[Lane], *,
                     bias: bool = True, dx: bool = True, step: int = 1,
                     convert_step: int = 0) -> int:
     """The backward pass and the SGD update, after the forward, on the busiest PE; with
-    `convert_step` (mixed precision) also dW's and db's division by the scale and the
-    refresh of the fp16 weight copies."""
+    `convert_step` (mixed precision) also W's fp16 copy first (for dX) and dW's and db's
+    division by the scale."""
     last = len(n_lanes) - 1
     return max(rows * backward_row_cycles(kb, nb, dx=dx, top_row_bias=bias and r == 0,
                                           step=step, convert_step=convert_step,
                                           last_column=c == last)
                + (kb * nb + (nb if bias and r == 0 else 0)) * (2 if convert_step else 1)
-               + (refresh_cycles(kb, nb, convert_step) if convert_step else 0)
+               + (half_copy_cycles(kb, nb, convert_step, transposed=False)
+                  if convert_step and dx else 0)
                for c, r, kb, nb in _blocks(k_lanes, n_lanes))
 
 
