@@ -28,11 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "models" / "gpt_tiny.yaml"
 
 
-def one_layer(folder: Path, **training: object) -> Path:
-    """gpt_tiny with one block (half the simulation) and `training` changes, as a file."""
+def one_layer(folder: Path, compile_: dict | None = None, **training: object) -> Path:
+    """gpt_tiny with one block (half the simulation) and `training` (and `compile_`)
+    changes, as a file."""
     data = yaml.safe_load(TINY.read_text())
     data["model"]["n_layers"] = 1
     data["training"].update(training)
+    data["compile"].update(compile_ or {})
     path = folder / "cfg.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -71,6 +73,16 @@ def test_adamw_steps_carry_moments_and_step_count(tmp_path):
     state = training.run.wafer
     assert int(state.tensors["updated:optimizer.step"][0, 0]) == state.step == 3
     assert state.optimizer(training.compiled.graph).m["wte.weight"].any()
+    assert results[2].loss < results[0].loss
+
+
+def test_mixed_precision_steps_carry_only_the_fp32_master(tmp_path):
+    # The fp16 weight copies are made from the master each pass: every step passes its
+    # check at the mixed tolerance, with the master the previous step left.
+    cfg = load_config(one_layer(tmp_path, {"precision": "mixed"}))
+    training = Training(cfg, "cfg", tmp_path / "out", val_windows=4)
+    results = [training.train_step() for _ in range(3)]
+    assert [r.check_passed for r in results] == [True] * 3, [r.failures for r in results]
     assert results[2].loss < results[0].loss
 
 
