@@ -140,7 +140,8 @@ class Assembler:
             opnds = (instr.dst, instr.a, instr.b, instr.c)
             sources = [o for o in opnds[1:] if o.kind == Kind.MEM]
             # INSTR field order
-            simd = simd_width(instr, self.wafer) if op in SOURCES_OF else 0
+            half = instr.dst.half or instr.a.half or instr.b.half or instr.c.half
+            simd = simd_width(instr, self.wafer) if half and op in SOURCES_OF else 0
             if simd:  # fp16: words per element and per pair (`wse_sim.program.simd_width`)
                 nrd, nrdh = half_words(instr)
                 dst = instr.dst

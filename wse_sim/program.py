@@ -576,7 +576,7 @@ def _validate_vector(instr: Instr, op: Op, loop_count: int, x: int, y: int, word
     if instr.dst.kind in _NOT_DESTINATIONS:
         raise ProgramError(f"{where()}: field dst: {instr.dst.kind.name} cannot be a "
                            f"destination")
-    if any(o.half for o in operands):
+    if instr.dst.half or instr.a.half or instr.b.half or instr.c.half:
         _validate_half(instr, op, operands, where)
     strided_reads = 0
     fabin_colors: list[int] = []
