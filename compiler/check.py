@@ -46,11 +46,11 @@ their inputs). Flips are sparse: an element flips with probability p about its f
 error over its fp16 ulp (~1e-3 here), so a rounding point adds about sqrt(p) 2 u16 and R
 points about sqrt(R p) 2 u16, below 2 u16 while R p < 1. Every tensor's tolerance, and
 the TOLERANCE term of every update's, is therefore TOLERANCE + 2 u16 (about 1.08e-3,
-`tolerance_for`). Measured worst tensors: gpt_tiny (2 blocks) 3.2e-4, gpt_small (4
+`tolerance_for`). Measured worst tensors: gpt_tiny (2 blocks) 2.1e-4, gpt_small (4
 blocks) 6.0e-4: the difference grows with the rounding points on a tensor's path, as the
 estimate says, so a much deeper model needs R counted; the numpy reference run in float32
-instead of float64 shows the same 3e-4 against itself on gpt_tiny, so this is the fp16
-roundings' sensitivity, not the wafer's.
+instead of float64 differs from itself by as much (2.4e-4 on gpt_tiny), so this is the
+fp16 roundings' sensitivity, not the wafer's.
 """
 
 from __future__ import annotations
