@@ -176,10 +176,10 @@ def test_forced_crossing_fails_after_negotiation():
                sender("b", "tb", 1, 2, ids), receiver("rb", "tb", {0: ((0, 0),)}, 1, 1, 2, ids)]
     positions = {"a": (0, 1), "ra": (2, 1), "b": (1, 0), "rb": (1, 2)}
     with pytest.raises(UserError, match=r"^routing: stream t[ab]\[lane 0\] could not get a "
-                                        r"color: after \d+ rounds of negotiation it still "
-                                        r"shares color 0 at PE \(\d, \d\) with t[ab]\[lane 0\] "
-                                        r"\(\d streams pass that PE\) and the wafer has 1 "
-                                        r"colors$"):
+                                        r"color: after \d+ rounds of negotiation and 0 relays "
+                                        r"it still shares color 0 at PE \(\d, \d\) with "
+                                        r"t[ab]\[lane 0\] \(\d streams pass that PE\) and the "
+                                        r"wafer has 1 colors$"):
         link(kernels, positions, WaferConfig(colors=1))
 
 
