@@ -29,14 +29,32 @@
    stream's tree *with* its color lets lanes step aside into a color that is free along
    another path. Cost: a reroute is one vectorised pass over the (colors x PEs of all
    candidates) costs, ~50 us; gpt_small (about 4400 streams, most of them one-PE token
-   channels) needs 5-300 rounds and 0.01-1.4 reroutes per stream. A PE that more streams
-   start or end at than the wafer has colors, or pairs still shared after `MAX_ROUNDS`
-   rounds or `REROUTES_PER_STREAM` reroutes per stream, are a `UserError` naming a stream.
+   channels) needs 5-300 rounds and 0.01-1.4 reroutes per stream. A round gives up after
+   `MAX_ROUNDS` rounds, `REROUTES_PER_STREAM` reroutes per stream or `STALLED_ROUNDS`
+   rounds without fewer streams sharing a pair. A PE that more streams start or end at than
+   the wafer has colors is a `UserError` naming a stream at once.
+4. Relays: segments of a long route. A stream needs one color on every PE of its tree,
+   which a crowded fabric may not have free along any candidate even where no PE carries
+   more streams than there are colors. A relay task lifts that: a PE receives the stream on
+   one color and re-sends it on another (one MOV of all its wavelets, FabIn -> FabOut, at
+   the PE's usual cost of one wavelet per cycle and two cycles of latency through its
+   ramps). When negotiation gives up, every stream still sharing a pair (not kernel-local,
+   its farthest destination at least `MIN_RELAYED_HOPS` away) is split in two at a relay
+   PE: one outside every kernel and not yet a relay, near the middle of the way to its
+   farthest destination, little off it, where few colors are in use. The segments
+   negotiate as streams of their own, the others starting where they were, with the history
+   so far; up to `RELAY_PASSES` times, then the pairs still shared are a `UserError` naming
+   a stream. Placements that route without relays get none (their programs are unchanged).
+   gpt_small at lane width 24 (1,937 PEs): 25 streams still shared after 800 rounds;
+   split at 25 relays, it routes in 319 more rounds. The compact `random` placement does
+   not: relays take it from 248 streams sharing to about 20, but PEs in its crowded middle
+   use all 24 colors (README, "Placement").
    Symbolic stream ids are mapped per kernel (ids of separately built kernels may coincide)
    and rewritten with `bind_colors`.
-4. Program. Only the bounding box of the placed kernels is simulated; `Linked.origin` is
+5. Program. Only the bounding box of the placed kernels is simulated; `Linked.origin` is
    that box's top-left PE on the wafer. Each PE's SRAM is checked against
-   `wafer.sram_words_per_pe` at compile time.
+   `wafer.sram_words_per_pe` at compile time. Each relay is a region of its own, labelled
+   `relay`, so reports and the critical path show it.
 
 Wavelet counts (for the link-load estimate) are read from the producer's program: the
 number of FabOut elements it emits on the stream (rows x lane width for a tensor lane).
@@ -55,6 +73,7 @@ from typing import Protocol
 
 import numpy as np
 
+from compiler.lowering.ir import FabIn, FabOut, vec
 from compiler.lowering.kernel import (
     Kernel,
     LocalPE,
@@ -91,6 +110,9 @@ PRESSURE_START = 0.5  # cost factor per other stream on a (PE, color), first rou
 PRESSURE_GROWTH = 1.5  # ... grown this much per round ...
 PRESSURE_MAX = 1000.0  # ... up to this
 HISTORY_STEP = 2.0  # cost added per round to a (PE, color) that is still shared
+STALLED_ROUNDS = 100  # ... or rounds without fewer streams sharing a pair
+RELAY_PASSES = 4  # times the streams still sharing a pair are split at relays ...
+MIN_RELAYED_HOPS = 4  # ... if their farthest destination is at least this many hops away
 
 
 def fabric_elements(instrs: list[Instr], kind: Kind) -> dict[int, int]:
@@ -136,6 +158,9 @@ class RoutedStream:
     entries: dict[PE, Route] = field(default_factory=dict)  # wafer coordinates
     color: int = -1
     local: bool = False  # a kernel-local stream
+    # The segment feeding this one through a relay task at `src` (a segment of a split
+    # stream); None when `src` is a kernel's PE (then `ends[0]` is the producer's end).
+    upstream: RoutedStream | None = None
 
     def links(self) -> list[tuple[PE, Port]]:
         """The mesh links (PE, outgoing port) the stream uses."""
@@ -332,7 +357,9 @@ class _Negotiation:
     occupancy and history of every pair."""
 
     def __init__(self, candidates: list[list[_Tree]], box: tuple[int, int, int, int],
-                 colors: int) -> None:
+                 colors: int, earlier: _Negotiation | None = None) -> None:
+        """Fresh, or going on from the history and pressure of an `earlier` negotiation
+        over the same box."""
         x0, y0, x1, y1 = box
         width = x1 - x0
         self.trees: list[list[np.ndarray]] = [
@@ -342,21 +369,24 @@ class _Negotiation:
         self.starts = [np.cumsum([0] + [t.size for t in trees[:-1]]) for trees in self.trees]
         # per (PE, color): PE-major, so a stream's PEs are contiguous rows to gather
         self.occupancy = np.zeros((width * (y1 - y0), colors), dtype=np.int64)
-        self.history = np.zeros(self.occupancy.shape)
+        self.history = np.zeros(self.occupancy.shape) if earlier is None else earlier.history
         # the streams on each (color, PE) pair
         self.users: list[defaultdict[int, set[int]]] = [defaultdict(set) for _ in range(colors)]
-        self.pressure = PRESSURE_START
+        self.pressure = PRESSURE_START if earlier is None else earlier.pressure
         self.choice: list[tuple[int, int]] = [(0, 0)] * len(candidates)
         self.rounds = 0
         self.reroutes = 0
 
-    def place(self, i: int) -> None:
-        """Give stream i its cheapest (tree, color) given everyone else's."""
-        flat = self.flat[i]
-        cost = (1.0 + self.history[flat]) * (1.0 + self.pressure * self.occupancy[flat])
-        totals = np.add.reduceat(cost, self.starts[i], axis=0).T  # (colors, trees)
-        color, tree = divmod(int(np.argmin(totals)), totals.shape[1])
-        self.choice[i] = (tree, color)
+    def place(self, i: int, choice: tuple[int, int] | None = None) -> None:
+        """Give stream i `choice` (tree, color), by default its cheapest given everyone
+        else's."""
+        if choice is None:
+            flat = self.flat[i]
+            cost = (1.0 + self.history[flat]) * (1.0 + self.pressure * self.occupancy[flat])
+            totals = np.add.reduceat(cost, self.starts[i], axis=0).T  # (colors, trees)
+            color, tree = divmod(int(np.argmin(totals)), totals.shape[1])
+            choice = (tree, color)
+        self.choice[i] = tree, color = choice
         pes = self.trees[i][tree]
         self.occupancy[pes, color] += 1
         for pe in pes.tolist():
@@ -375,18 +405,26 @@ class _Negotiation:
         return sorted({i for c, pe in zip(colors.tolist(), pes.tolist(), strict=True)
                        for i in self.users[c][pe]})
 
-    def run(self) -> list[int]:
+    def run(self, start: dict[int, tuple[int, int]]) -> list[int]:
         """Negotiate until no pair is shared, or for at most `MAX_ROUNDS` rounds and
         `REROUTES_PER_STREAM` reroutes per stream (a feasible layout needs far fewer: at
         most 2 per stream for gpt_small's placements); returns the streams still sharing a
-        pair (empty on success). Each round reroutes the sharing streams in an order
-        shuffled from a fixed seed, so the result is deterministic."""
+        pair (empty on success). Streams in `start` begin at its (tree, color) (those of
+        an earlier negotiation), the others at their cheapest, largest tree first. Each
+        round reroutes the sharing streams in an order shuffled from a fixed seed, so the
+        result is deterministic."""
+        for i in start:
+            self.place(i, start[i])
         order = sorted(range(len(self.trees)), key=lambda i: -self.trees[i][0].size)
         for i in order:
-            self.place(i)
+            if i not in start:
+                self.place(i)
         rng = np.random.default_rng(0)
         budget = REROUTES_PER_STREAM * len(self.trees)
-        while (shared := self.shared()) and self.rounds < MAX_ROUNDS and self.reroutes < budget:
+        fewest, since = len(self.trees), 0  # fewest streams sharing yet, rounds since
+        while ((shared := self.shared()) and self.rounds < MAX_ROUNDS
+               and self.reroutes < budget and since < STALLED_ROUNDS):
+            fewest, since = (len(shared), 0) if len(shared) < fewest else (fewest, since + 1)
             self.rounds += 1
             self.history += HISTORY_STEP * (self.occupancy > 1)
             self.pressure = min(self.pressure * PRESSURE_GROWTH, PRESSURE_MAX)
@@ -411,32 +449,113 @@ def _check_ends(streams: list[RoutedStream], wafer: WaferConfig) -> None:
             f"{len(users)} streams and the wafer has {wafer.colors} colors")
 
 
-def _route(streams: list[RoutedStream], box: tuple[int, int, int, int],
-           wafer: WaferConfig) -> int:
-    """Choose every stream's tree and color (module docstring, step 3); returns the number
-    of colors used."""
+def _route(streams: list[RoutedStream], box: tuple[int, int, int, int], wafer: WaferConfig,
+           kernel_pes: set[PE]) -> tuple[list[RoutedStream], int]:
+    """Choose every stream's tree and color (module docstring, steps 3 and 4), splitting
+    streams at relays where negotiation alone fails; returns the streams (a split one
+    replaced by its segments) and the number of colors used."""
     _check_ends(streams, wafer)
-    candidates = [_candidates(s.src, s.dsts, box, None if s.local else ROUTE_MARGIN)
-                  for s in streams]
-    negotiation = _Negotiation(candidates, box, wafer.colors)
-    stuck = negotiation.run()
-    for stream, trees, (tree, color) in zip(streams, candidates, negotiation.choice,
-                                            strict=True):
-        stream.entries, stream.color = trees[tree].entries(), color
-    if stuck:
-        by_pair: dict[tuple[int, PE], list[RoutedStream]] = defaultdict(list)
-        for i in stuck:
-            for pe in streams[i].entries:
-                by_pair[(streams[i].color, pe)].append(streams[i])
-        (color, pe), users = max(by_pair.items(), key=lambda item: len(item[1]))
-        load = sum(pe in s.entries for s in streams)
-        raise UserError(
-            f"routing: stream {users[0].name} could not get a color: after "
-            f"{negotiation.rounds} rounds of negotiation it still shares color {color} at PE "
-            f"{pe} with "
-            f"{users[1].name} ({load} streams pass that PE) and the wafer has "
-            f"{wafer.colors} colors")
-    return max((s.color for s in streams), default=-1) + 1
+    relays: set[PE] = set()
+    earlier: dict[int, tuple[int, int]] = {}  # id(stream) -> its (tree, color) last pass
+    negotiation = None
+    for split_pass in range(RELAY_PASSES + 1):
+        candidates = [_candidates(s.src, s.dsts, box, None if s.local else ROUTE_MARGIN)
+                      for s in streams]
+        negotiation = _Negotiation(candidates, box, wafer.colors, negotiation)
+        stuck = negotiation.run({i: earlier[id(s)] for i, s in enumerate(streams)
+                                 if id(s) in earlier})
+        earlier = {id(s): choice for s, choice in zip(streams, negotiation.choice, strict=True)}
+        for stream, trees, (tree, color) in zip(streams, candidates, negotiation.choice,
+                                                strict=True):
+            stream.entries, stream.color = trees[tree].entries(), color
+        if not stuck:
+            return streams, max((s.color for s in streams), default=-1) + 1
+        if split_pass < RELAY_PASSES:
+            # colors in use per PE: a relay where few are adds least to the crowding
+            load = (negotiation.occupancy > 0).sum(axis=1).reshape(box[3] - box[1],
+                                                                   box[2] - box[0])
+            split = _split_at_relays(streams, set(stuck), box, kernel_pes | relays, load)
+            if len(split) > len(streams):
+                relays |= {s.src for s in split if s.upstream is not None}
+                streams = split
+                continue
+        break
+    by_pair: dict[tuple[int, PE], list[RoutedStream]] = defaultdict(list)
+    for i in stuck:
+        for pe in streams[i].entries:
+            by_pair[(streams[i].color, pe)].append(streams[i])
+    (color, pe), users = max(by_pair.items(), key=lambda item: len(item[1]))
+    load = sum(pe in s.entries for s in streams)
+    raise UserError(
+        f"routing: stream {users[0].name} could not get a color: after "
+        f"{negotiation.rounds} rounds of negotiation and {len(relays)} relays it still "
+        f"shares color {color} at PE {pe} with {users[1].name} ({load} streams pass that "
+        f"PE) and the wafer has {wafer.colors} colors")
+
+
+def _manhattan(xs: np.ndarray, ys: np.ndarray, pe: PE) -> np.ndarray:
+    return np.abs(xs - pe[0]) + np.abs(ys - pe[1])
+
+
+def _split_at_relays(streams: list[RoutedStream], stuck: set[int],
+                     box: tuple[int, int, int, int], taken: set[PE],
+                     load: np.ndarray) -> list[RoutedStream]:
+    """`streams` with each stuck stream that can be split replaced by two segments that
+    meet at a relay PE (module docstring, step 4): a PE of `box` outside every kernel and
+    not yet a relay (`taken`), near the midpoint of the way from the source to the
+    farthest destination and off it by as little as possible."""
+    x0, y0, x1, y1 = box
+    free = np.ones((y1 - y0, x1 - x0), dtype=bool)
+    for x, y in taken:
+        free[y - y0, x - x0] = False
+    out: list[RoutedStream] = []
+    replaced: dict[int, RoutedStream] = {}  # id(split stream) -> its segment from the relay
+    for i, stream in enumerate(streams):
+        relay = None
+        if i in stuck and not stream.local and stream.wavelets > 0:
+            relay = _relay_site(stream, free, box, load)
+        if relay is None:
+            out.append(stream)
+            continue
+        free[relay[1] - y0, relay[0] - x0] = False
+        produced = stream.upstream is None  # ends[0] is then the producer's end
+        to_relay = RoutedStream(
+            name=f"{stream.name} to relay {relay}", src=stream.src, dsts=(relay,),
+            ends=stream.ends[:1] if produced else [], wavelets=stream.wavelets,
+            upstream=stream.upstream)
+        from_relay = RoutedStream(
+            name=f"{stream.name} from relay {relay}", src=relay, dsts=stream.dsts,
+            ends=stream.ends[1:] if produced else stream.ends, wavelets=stream.wavelets,
+            upstream=to_relay)
+        out += [to_relay, from_relay]
+        replaced[id(stream)] = from_relay  # what now reaches the stream's destinations
+    for stream in out:  # a segment fed by a split one is fed by its second part
+        if stream.upstream is not None and id(stream.upstream) in replaced:
+            stream.upstream = replaced[id(stream.upstream)]
+    return out
+
+
+def _relay_site(stream: RoutedStream, free: np.ndarray,
+                box: tuple[int, int, int, int], load: np.ndarray) -> PE | None:
+    x0, y0, x1, y1 = box
+    src = stream.src
+    far = max(stream.dsts, key=lambda d: abs(d[0] - src[0]) + abs(d[1] - src[1]))
+    length = abs(far[0] - src[0]) + abs(far[1] - src[1])
+    if length < MIN_RELAYED_HOPS:
+        return None
+    lo_x, hi_x = max(x0, min(src[0], far[0]) - 1), min(x1, max(src[0], far[0]) + 2)
+    lo_y, hi_y = max(y0, min(src[1], far[1]) - 1), min(y1, max(src[1], far[1]) + 2)
+    ys, xs = np.nonzero(free[lo_y - y0:hi_y - y0, lo_x - x0:hi_x - x0])
+    if not len(xs):
+        return None
+    xs, ys = xs + lo_x, ys + lo_y
+    to_site, from_site = _manhattan(xs, ys, src), _manhattan(xs, ys, far)
+    # a detour costs twice (both segments' extra hops load the fabric); balance splits the
+    # stream into halves that each need a color along half the way
+    cost = (2 * (to_site + from_site - length) + np.abs(to_site - from_site)
+            + load[ys - y0, xs - x0])
+    best = int(np.argmin(cost))  # first of equals: row-major, so deterministic
+    return int(xs[best]), int(ys[best])
 
 
 def _check_sram(kernel: Kernel, origin: PE, wafer: WaferConfig) -> None:
@@ -465,6 +584,14 @@ def bound_program(prog: PEProgram, colors: dict[int, int], where: str) -> PEProg
                      image=dict(prog.image))
 
 
+def _add_relay(program: Program, stream: RoutedStream, pe: PE) -> None:
+    """The relay task at `pe` (program coordinates): every wavelet of the segment that
+    ends there re-sent on the color of `stream`, the segment that starts there."""
+    relay = vec(Op.MOV, stream.wavelets, FabOut(stream.color), FabIn(stream.upstream.color))
+    program.pes[pe] = PEProgram(sram_words=0, tasks=[Task(0, Trigger.RESET, [relay])])
+    program.regions.append(Region(f"relay {stream.src}", "relay", *pe, 1, 1))
+
+
 def link(kernels: list[Kernel], positions: dict[str, PE], wafer: WaferConfig) -> Linked:
     """Route and color the streams of placed kernels and build their Program.
 
@@ -483,8 +610,10 @@ def link(kernels: list[Kernel], positions: dict[str, PE], wafer: WaferConfig) ->
     x1 = max(positions[k.name][0] + k.width for k in kernels)
     y1 = max(positions[k.name][1] + k.height for k in kernels)
 
-    streams = _collect_streams(kernels, positions)
-    colors_used = _route(streams, (x0, y0, x1, y1), wafer)
+    kernel_pes = {(positions[k.name][0] + px, positions[k.name][1] + py)
+                  for k in kernels for px in range(k.width) for py in range(k.height)}
+    streams, colors_used = _route(_collect_streams(kernels, positions), (x0, y0, x1, y1),
+                                  wafer, kernel_pes)
 
     program = Program(width=x1 - x0, height=y1 - y0)
     kernel_colors: dict[str, dict[int, int]] = defaultdict(dict)
@@ -496,6 +625,8 @@ def link(kernels: list[Kernel], positions: dict[str, PE], wafer: WaferConfig) ->
             program.add_route(x - x0, y - y0, stream.color, route.rx, route.tx)
         for (x, y), port in stream.links():
             link_wavelets[int(port), y - y0, x - x0] += stream.wavelets
+        if stream.upstream is not None:
+            _add_relay(program, stream, (stream.src[0] - x0, stream.src[1] - y0))
     for kernel in kernels:
         kx, ky = positions[kernel.name]
         for (px, py), prog in kernel.programs.items():

@@ -176,10 +176,10 @@ def test_forced_crossing_fails_after_negotiation():
                sender("b", "tb", 1, 2, ids), receiver("rb", "tb", {0: ((0, 0),)}, 1, 1, 2, ids)]
     positions = {"a": (0, 1), "ra": (2, 1), "b": (1, 0), "rb": (1, 2)}
     with pytest.raises(UserError, match=r"^routing: stream t[ab]\[lane 0\] could not get a "
-                                        r"color: after \d+ rounds of negotiation it still "
-                                        r"shares color 0 at PE \(\d, \d\) with t[ab]\[lane 0\] "
-                                        r"\(\d streams pass that PE\) and the wafer has 1 "
-                                        r"colors$"):
+                                        r"color: after \d+ rounds of negotiation and 0 relays "
+                                        r"it still shares color 0 at PE \(\d, \d\) with "
+                                        r"t[ab]\[lane 0\] \(\d streams pass that PE\) and the "
+                                        r"wafer has 1 colors$"):
         link(kernels, positions, WaferConfig(colors=1))
 
 
@@ -259,3 +259,42 @@ def test_harness_passthrough(rows, cols, lw):
     run = run_kernel(kernel, {"x": x})
     np.testing.assert_array_equal(run.outputs["y"], 2 * x)
     assert run.cycles >= rows * min(lw, cols)
+
+
+def test_streams_negotiation_cannot_color_are_split_at_relays(monkeypatch):
+    """Five point-to-point streams on a two-color wafer: no choice of one tree and one color
+    per stream avoids sharing a (PE, color), but with two streams split at relay PEs (each
+    segment its own color) every one is routed, and each receiver gets its sender's rows
+    through the relay's MOV task."""
+    import compiler.routing as routing
+    from wse_sim.engine import simulate
+
+    wafer = WaferConfig(colors=2)
+    ends = [((2, 1), (4, 7)), ((2, 5), (6, 1)), ((6, 3), (0, 4)), ((1, 2), (4, 4)),
+            ((2, 2), (0, 5))]
+    ids = StreamIds()
+    kernels, positions = [], {}
+    for i, (src, dst) in enumerate(ends):
+        send = sender(f"s{i}", f"t{i}", 1, 3, ids)
+        send.load((0, 0), 0, np.arange(3, dtype=np.float32) + 10 * i)
+        kernels += [send, receiver(f"r{i}", f"t{i}", {0: ((0, 0),)}, 1, 1, 3, ids)]
+        positions |= {f"s{i}": src, f"r{i}": dst}
+
+    monkeypatch.setattr(routing, "RELAY_PASSES", 0)
+    with pytest.raises(UserError, match="could not get a color"):
+        link(kernels, positions, wafer)
+    monkeypatch.undo()
+
+    linked = link(kernels, positions, wafer)
+    relayed = [s for s in linked.streams if s.upstream is not None]
+    assert len(relayed) == 2
+    for stream in relayed:
+        (task,) = linked.program.pes[linked.local(stream.src)].tasks
+        assert task.instrs == [vec(Op.MOV, 3, FabOut(stream.color),
+                                   FabIn(stream.upstream.color))]
+        assert stream.upstream.dsts == (stream.src,)
+        assert stream.color != stream.upstream.color
+    result = simulate(linked.program, wafer)
+    for i in range(len(ends)):
+        got = result.sram(*linked.kernel_pe(f"r{i}", (0, 0)))[:3]
+        np.testing.assert_array_equal(got, np.arange(3) + 10 * i)
