@@ -519,12 +519,16 @@ def _split_at_relays(streams: list[RoutedStream], stuck: set[int],
             continue
         free[relay[1] - y0, relay[0] - x0] = False
         produced = stream.upstream is None  # ends[0] is then the producer's end
+        # names say where a segment starts and ends: "t[lane 0] from relay A to relay B"
+        lane = stream.name.split(" from relay ")[0].split(" to relay ")[0]
+        start = "" if produced else f" from relay {stream.src}"
+        end = stream.name[stream.name.find(" to relay "):] if " to relay " in stream.name else ""
         to_relay = RoutedStream(
-            name=f"{stream.name} to relay {relay}", src=stream.src, dsts=(relay,),
+            name=f"{lane}{start} to relay {relay}", src=stream.src, dsts=(relay,),
             ends=stream.ends[:1] if produced else [], wavelets=stream.wavelets,
             upstream=stream.upstream)
         from_relay = RoutedStream(
-            name=f"{stream.name} from relay {relay}", src=relay, dsts=stream.dsts,
+            name=f"{lane} from relay {relay}{end}", src=relay, dsts=stream.dsts,
             ends=stream.ends[1:] if produced else stream.ends, wavelets=stream.wavelets,
             upstream=to_relay)
         out += [to_relay, from_relay]

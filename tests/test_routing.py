@@ -293,6 +293,9 @@ def test_streams_negotiation_cannot_color_are_split_at_relays(monkeypatch):
         assert task.instrs == [vec(Op.MOV, 3, FabOut(stream.color),
                                    FabIn(stream.upstream.color))]
         assert stream.upstream.dsts == (stream.src,)
+        lane = stream.name.split(" from ")[0]
+        assert (stream.name, stream.upstream.name) == (f"{lane} from relay {stream.src}",
+                                                       f"{lane} to relay {stream.src}")
         assert stream.color != stream.upstream.color
     result = simulate(linked.program, wafer)
     for i in range(len(ends)):
