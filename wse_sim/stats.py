@@ -44,13 +44,17 @@ class Stats:
     flops: np.ndarray  # FLOPs per PE (FMA 2, other arithmetic 1, MOV 0)
     first_cycle: np.ndarray  # first cycle the PE did work, -1 if never
     last_cycle: np.ndarray  # last cycle the PE did work, -1 if never
+    control: np.ndarray  # control wavelets the PE sent (SWITCH_ADV)
+    relayed: np.ndarray  # wavelets the PE relayed (MOV elements from FABIN to FABOUT)
+    switch_changes: np.ndarray  # switch position changes of the PE's router, all colors
     link: np.ndarray  # (4, height, width): wavelets leaving PE (x, y) through N/E/S/W
     ramp_in: np.ndarray  # wavelets the router delivered to the PE
     ramp_out: np.ndarray  # wavelets the PE (or packet source) put on its router
     color_hops: np.ndarray  # (colors,): mesh link crossings per color
     last_ramp: np.ndarray  # LAST_RAMP records, in no particular order
-    injected: int  # wavelets sent, counting each extra multicast copy
+    injected: int  # wavelets sent (data and control), counting each extra multicast copy
     delivered: int  # wavelets delivered to (consumed by) PEs
+    control_sunk: int  # control wavelets (copies) consumed by routers at a RAMP output
 
     @classmethod
     def from_state(cls, width: int, height: int, cycles: int, fb: Any, wk: Any,
@@ -87,10 +91,14 @@ class Stats:
         last_ramp["color"] = fb.route["color"][fb.info["route"][ramps]]
         last_ramp["sent"] = port[ramps] == Port.RAMP
         last_ramp["cycle"] = last[ramps]
+        sw = fb.switch[fb.switch["f_hi"] > fb.switch["f_lo"]]  # (others never switch)
+        switches = np.zeros(len(fb.router), np.int64)
+        np.add.at(switches, fb.info["router"][sw["f_lo"]], sw["switches"])
         return cls(width, height, cycles, **per_pe, idle=idle, link=link, ramp_in=ramp_in,
                    ramp_out=ramp_out, color_hops=fabric["color_hops"], last_ramp=last_ramp,
+                   switch_changes=grid(switches, at),
                    injected=int(ramp_out.sum()) + int(wk.stripe["copies"].sum()),
-                   delivered=int(ramp_in.sum()))
+                   delivered=int(ramp_in.sum()), control_sunk=int(wk.stripe["sunk"].sum()))
 
     @property
     def stalled(self) -> np.ndarray:
