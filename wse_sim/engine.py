@@ -41,7 +41,11 @@ Register sources are read when the element executes, so `ADD dst=Reg r, a=Mem, b
 accumulates. An instruction finishes with its n-th element; the thread's next instruction
 starts the next cycle. REPEAT, ACTIVATE, BLOCK, UNBLOCK and HALT take one cycle each
 (REPEAT only when it is reached: jumping back to the body's start is free, a zero-overhead
-loop). HALT stops new tasks from starting on the PE; running tasks finish.
+loop). HALT stops new tasks from starting on the PE; running tasks finish. SWITCH_ADV
+sends one control wavelet on its color (`wse_sim.router`: it advances the switch position
+of each router it leaves): one cycle and one ramp slot, waiting for RAMP FIFO room like a
+FABOUT element (class send). A relay, a MOV from a FABIN source to a FABOUT destination,
+costs what any MOV element costs; each element counts one relayed wavelet.
 
 Cycle classes, one per PE per cycle, first that applies: compute (an arithmetic element
 advanced, or a thread of an arithmetic op waited only for its PE's own fp32 credit, SRAM
@@ -85,7 +89,10 @@ is in any FIFO or receive queue; `cycles` is that cycle's index. Then every wave
 or control op executed, a task started, a thread waited only for its own PE's budgets), or
 no PE able to act (all done, or waiting on empty receive queues) and nothing moved for
 hop_latency + 1 cycles (then nothing can ever change). Both raise DeadlockError naming the
-waiting threads, the wavelets stranded at idle or halted PEs and the full FIFOs.
+waiting threads, the wavelets stranded at idle or halted PEs, the full FIFOs and the FIFOs
+a switch position holds. A switch change that cuts off wavelets no later position accepts
+stops the run at the end of its cycle with SwitchOrderError (`wse_sim.router`). Control
+wavelets end at routers, not PEs: the check is sent = delivered + consumed by routers.
 """
 
 from __future__ import annotations

@@ -30,12 +30,46 @@ when saturated: with the defaults (L = 1, D = 4) exactly one per cycle. Nothing 
 a wavelet only moves into a FIFO with room. Colors have separate FIFOs, so a blocked color
 never blocks another.
 
+Switch positions (program mode; `wse_sim.program` has the model's sources). A route may
+have switch positions: each an (rx, tx) pair, the route's FIFOs those of every position's
+rx ports, its outputs those of every position's tx ports. The router uses the *current*
+position only: a head whose port the position does not accept is not a candidate (its FIFO
+is gated, `FifoInfo.gate`), outputs are the position's tx.
+
+* A control wavelet (data CONTROL, put on the ramp by a PE's SWITCH_ADV) is routed exactly
+  like a data wavelet under the current position: the same arbitration, output ports, room
+  and ramp slot, multicast included. In the cycle t it leaves a router, that router's
+  position for its color advances (`_switch`: the next position; past the last one the
+  base in ring mode, else it stays; a static route does not change).
+* Latency: from cycle t + 1 + `switch_latency` the color moves again at that router, under
+  the new position (until then its FIFOs are held, GATE_HELD). The time a hardware switch
+  takes is not published: the wafer field defaults to 0 (the cycle after).
+* At a RAMP output the router consumes a control wavelet: it never enters the PE's receive
+  queue and starts no task (a modelling choice; the hardware may also hand it to a control
+  task, which this model does not have). Counters: `sunk` per stripe, `switches` per route.
+
+Ordering. Wavelets of one color that enter a router through one port keep their order (one
+FIFO), so a control wavelet sent after a stream's last data wavelet on the same path
+switches each router only after the whole stream has left it: that is how a program ends
+one phase of a color and starts the next (a relay, a MOV from FABIN to FABOUT on a PE,
+moves a stream to another color instead). FIFO order cannot order wavelets of the color
+waiting at another input port of the router, or behind the control wavelet in its own
+FIFO: after the switch they wait, gated, until a position that accepts their port comes
+round (another control wavelet). If neither the new position nor any position after it
+(every position, in ring mode) accepts their port, they can never move: the switch is a
+fault, and the run stops with SwitchOrderError naming PE, color, port and positions. Only
+wavelets that entered the FIFO before cycle t are judged (those pushed in cycle t are
+ready at t + hop_latency at the earliest; counting them would depend on the order routers
+run in); wavelets that arrive later at a port no position will accept again are stranded
+and reported when the fabric stops (DeadlockError, "held by a switch position").
+
 Order does not matter. Within a cycle no router's decision depends on another's: heads
-pushed this cycle are not ready before t + 1, room is start-of-cycle occupancy, and every
-FIFO has one producer. So routers may run in any order, or in parallel stripes of rows
-(`wse_sim.state`): a move into a FIFO of another stripe judges room on that FIFO's
-occupancy published at the end of the previous cycle (`XFifo.occupied`, kept by the
-producer's stripe) and is pushed after all stripes finished routing (`exchange`).
+pushed this cycle are not ready before t + 1, room is start-of-cycle occupancy, every
+FIFO has one producer, and a route's switch position is changed only by its own router.
+So routers may run in any order, or in parallel stripes of rows (`wse_sim.state`): a move
+into a FIFO of another stripe judges room on that FIFO's occupancy published at the end of
+the previous cycle (`XFifo.occupied`, kept by the producer's stripe) and is pushed after
+all stripes finished routing (`exchange`).
 
 Who runs. Only listed routers run in a cycle (`Fabric.active`). A router stays listed
 while it moves wavelets or holds a head that is not ready yet; one whose heads are all
