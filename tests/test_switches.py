@@ -13,6 +13,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from programs import RAMP, E, N, S, W, assert_same_run, route_east
 
 from wse_sim.engine import simulate
@@ -97,6 +99,20 @@ def test_one_color_two_streams_in_two_phases(hop_latency, switch_latency):
             report["relayed_wavelets"]) == (1, 1, 0)
     assert "1 position changes by 1 control wavelets; 0 wavelets relayed" in format_report(
         report)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 12), m=st.integers(1, 12), hop_latency=st.integers(1, 3),
+       extra_depth=st.integers(0, 3), switch_latency=st.integers(0, 4))
+def test_two_phases_closed_form_for_any_shape(n, m, hop_latency, extra_depth, switch_latency):
+    # The closed form above holds whenever a link runs at one wavelet per cycle
+    # (queue_depth >= hop_latency + 1, `wse_sim.router`).
+    L = hop_latency
+    r = simulate(two_phases(n, m), wafer(hop_latency=L, queue_depth=L + 1 + extra_depth,
+                                         switch_latency=switch_latency))
+    assert r.cycles == n + m + 2 * L + 3 + switch_latency
+    expected = np.concatenate([np.arange(n), 100 + np.arange(m)]).astype(np.float32)
+    np.testing.assert_array_equal(r.sram(2, 0), expected)
 
 
 def test_ring_mode_returns_to_the_base_position():
