@@ -91,7 +91,7 @@ def test_one_color_two_streams_in_two_phases(hop_latency, switch_latency):
     assert r.cycles == n + m + 2 * L + 3 + switch_latency
     assert r.stats.control.sum() == r.stats.control[0, 0] == 1
     assert r.stats.switch_changes.sum() == r.stats.switch_changes[0, 1] == 1
-    assert r.stats.control_sunk == 1
+    assert r.stats.control_sunk.sum() == r.stats.control_sunk[0, 2] == 1
     assert r.stats.delivered == n + m  # the control wavelet reached no PE's queue
     assert r.stats.link[1, 0, 0] == n + 1 and r.stats.link[1, 0, 1] == n + m + 1
     report = run_report(two_phases(n, m), wafer(), r.stats, 0.0)
@@ -133,7 +133,7 @@ def test_ring_mode_returns_to_the_base_position():
     expected = np.concatenate([np.arange(n), 100 + np.arange(m), 200 + np.arange(q)])
     np.testing.assert_array_equal(r.sram(2, 0), expected.astype(np.float32))
     assert r.stats.switch_changes[0, 1] == 2 and r.stats.control.sum() == 2
-    assert r.stats.control_sunk == 2
+    assert r.stats.control_sunk.sum() == r.stats.control_sunk[0, 2] == 2
 
 
 def cut_off(ring: bool = False) -> Program:
@@ -313,6 +313,70 @@ def transposed(p: Program) -> Program:
         q.routes[(y, x, c)] = Route(mask(r.rx), mask(r.tx), tuple(
             (mask(rx), mask(tx)) for rx, tx in r.positions), r.start, r.ring)
     return q
+
+
+def baton(width: int, switchers: list[int], sizes: list[int]) -> Program:
+    """Color 0 along a row of `width` PEs carries one stream per sender, in turn, to PE
+    (width - 1, 0): PE (0, 0), then the PEs at x in `switchers` (ascending, inside the
+    row). Each sender sends its words (sender i: 1000 * i + 0, 1, ...) and then a control
+    wavelet. The j-th switcher's route (j = 1, 2, ...) is (rx W, tx E), j - 1 positions the
+    same, then (rx RAMP, tx E): the j control wavelets of the senders before it (each
+    passes it after its stream) bring it to its own turn."""
+    p = Program(width, 1)
+    senders = [0, *switchers]
+    for i, (x, n) in enumerate(zip(senders, sizes, strict=True)):
+        pe = p.pe(x, 0, n)
+        pe.load(0, 1000 * i + np.arange(n, dtype=np.float32))
+        pe.tasks.append(Task(0, Trigger.RESET, [vec(Op.MOV, n, FabOut(0), Mem(0)),
+                                                advance(0)]))
+    total = sum(sizes)
+    p.pe(width - 1, 0, total).tasks.append(Task(0, Trigger.RESET, [
+        vec(Op.MOV, total, Mem(0), FabIn(0))]))
+    p.add_route(0, 0, 0, port_mask(RAMP), port_mask(E))
+    for x in range(1, width - 1):
+        base = (port_mask(W), port_mask(E))
+        if x in switchers:
+            j = switchers.index(x) + 1
+            p.set_route(x, 0, 0, Route(*base, positions=(base,) * (j - 1)
+                                       + ((port_mask(RAMP), port_mask(E)),)))
+        else:
+            p.add_route(x, 0, 0, *base)
+    p.add_route(width - 1, 0, 0, port_mask(W), port_mask(RAMP))
+    return p
+
+
+@st.composite
+def batons(draw):
+    width = draw(st.integers(3, 6))
+    switchers = sorted(draw(st.sets(st.integers(1, width - 2), max_size=3)))
+    sizes = [draw(st.integers(1, 9)) for _ in range(1 + len(switchers))]
+    fields = dict(queue_depth=draw(st.integers(1, 4)), hop_latency=draw(st.integers(1, 3)),
+                  switch_latency=draw(st.integers(0, 3)),
+                  ramp_in_per_cycle=draw(st.integers(1, 2)),
+                  ramp_out_per_cycle=draw(st.integers(1, 2)))
+    return width, switchers, sizes, fields
+
+
+@settings(max_examples=30, deadline=None)
+@given(batons())
+def test_streams_take_turns_on_one_color(case):
+    # The streams arrive whole and in turn on any wafer, each switcher's position changes
+    # once per control wavelet before its own, every control wavelet ends at the receiver's
+    # router, and the run is bit-identical down a column split into 1 or 3 stripes.
+    width, switchers, sizes, fields = case
+    p = baton(width, switchers, sizes)
+    r = simulate(p, WaferConfig(width=width, height=1, **fields))
+    expected = np.concatenate([1000 * i + np.arange(n) for i, n in enumerate(sizes)])
+    np.testing.assert_array_equal(r.sram(width - 1, 0), expected.astype(np.float32))
+    for j, x in enumerate(switchers, 1):
+        assert r.stats.switch_changes[0, x] == j
+    assert r.stats.switch_changes.sum() == sum(range(1, len(switchers) + 1))
+    assert r.stats.control.sum() == r.stats.control_sunk[0, width - 1] == len(sizes)
+    column = WaferConfig(width=1, height=width, **fields)
+    one, three = (simulate(transposed(p), column, threads=k) for k in (1, 3))
+    assert_same_run(one, three)
+    assert one.cycles == r.cycles
+    np.testing.assert_array_equal(three.sram(0, width - 1), expected.astype(np.float32))
 
 
 def test_switches_bit_identical_for_any_thread_count(monkeypatch):

@@ -1022,7 +1022,7 @@ def _run(program: Program, asm: Assembled, max_cycles: int | None,
     # The fabric is empty: every wavelet sent (and every multicast copy) reached a PE.
     stats = Stats.from_state(program.width, program.height, t, fb, wk, cs)
     consumed = int(fb.fifo["popped"][fb.info["port"] == RECV].sum())
-    sunk = int(wk.stripe["sunk"].sum())  # control wavelets end at routers, not PEs
+    sunk = int(stats.control_sunk.sum())  # control wavelets end at routers, not PEs
     if not stats.injected - sunk == stats.delivered == consumed:
         raise AssertionError(f"fabric lost wavelets: {stats.injected} sent (with multicast "
                              f"copies), {sunk} control wavelets consumed by routers, "

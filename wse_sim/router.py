@@ -46,7 +46,7 @@ is gated, `FifoInfo.gate`), outputs are the position's tx.
   takes is not published: the wafer field defaults to 0 (the cycle after).
 * At a RAMP output the router consumes a control wavelet: it never enters the PE's receive
   queue and starts no task (a modelling choice; the hardware may also hand it to a control
-  task, which this model does not have). Counters: `sunk` per stripe, `switches` per route.
+  task, which this model does not have). Counters: `sunk` per router, `switches` per route.
 
 Ordering. Wavelets of one color that enter a router through one port keep their order (one
 FIFO), so a control wavelet sent after a stream's last data wavelet on the same path
@@ -533,7 +533,7 @@ def _output(fb, s, rt, o, d, data, t):
         s.inflight += 1
     elif d >= 0:
         if data == CONTROL:  # consumed by the router, never queued for the PE
-            s.sunk += 1
+            rt.sunk += 1
             return
         f = fb.fifo[U(d)]
         if f.pushed == f.popped and rt.slot >= 0:

@@ -117,6 +117,7 @@ SWPOS = Table(  # one switch position of a route
 ROUTER = Table(
     ("queued", i8),  # the cycle it is listed to run in (its stripe's next list)
     ("ejected", i8),  # packet mode: packets it delivered to its node
+    ("sunk", i8),  # control wavelets it consumed at its RAMP output
     ("fifo_lo", i4), ("fifo_hi", i4),  # its input FIFOs
     ("slot", i4),  # the PE's slot, -1 without a program
     ("x", i4), ("y", i4),
@@ -296,7 +297,6 @@ STRIPE = Table(
     # running totals, its own
     ("inflight", i8),  # wavelets put into FIFOs minus taken out, by this stripe
     ("copies", i8),  # extra wavelets made by multicast
-    ("sunk", i8),  # control wavelets its routers consumed at a RAMP output
     ("fault", i8),  # the lowest input FIFO a switch change cut off with wavelets in it, -1
     ("moved", i8), ("progress", i8),  # this cycle: wavelets moved; elements, ops, starts
     ("nsleep", i8),  # PEs asleep ...

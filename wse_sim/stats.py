@@ -47,6 +47,7 @@ class Stats:
     control: np.ndarray  # control wavelets the PE sent (SWITCH_ADV)
     relayed: np.ndarray  # wavelets the PE relayed (MOV elements from FABIN to FABOUT)
     switch_changes: np.ndarray  # switch position changes of the PE's router, all colors
+    control_sunk: np.ndarray  # control wavelets the PE's router consumed (at its RAMP output)
     link: np.ndarray  # (4, height, width): wavelets leaving PE (x, y) through N/E/S/W
     ramp_in: np.ndarray  # wavelets the router delivered to the PE
     ramp_out: np.ndarray  # wavelets the PE (or packet source) put on its router
@@ -54,7 +55,6 @@ class Stats:
     last_ramp: np.ndarray  # LAST_RAMP records, in no particular order
     injected: int  # wavelets sent (data and control), counting each extra multicast copy
     delivered: int  # wavelets delivered to (consumed by) PEs
-    control_sunk: int  # control wavelets (copies) consumed by routers at a RAMP output
 
     @classmethod
     def from_state(cls, width: int, height: int, cycles: int, fb: Any, wk: Any,
@@ -96,9 +96,9 @@ class Stats:
         np.add.at(switches, fb.info["router"][sw["f_lo"]], sw["switches"])
         return cls(width, height, cycles, **per_pe, idle=idle, link=link, ramp_in=ramp_in,
                    ramp_out=ramp_out, color_hops=fabric["color_hops"], last_ramp=last_ramp,
-                   switch_changes=grid(switches, at),
+                   switch_changes=grid(switches, at), control_sunk=grid(fb.router["sunk"], at),
                    injected=int(ramp_out.sum()) + int(wk.stripe["copies"].sum()),
-                   delivered=int(ramp_in.sum()), control_sunk=int(wk.stripe["sunk"].sum()))
+                   delivered=int(ramp_in.sum()))
 
     @property
     def stalled(self) -> np.ndarray:
