@@ -13,18 +13,21 @@ this order:
   stream is delivered, mostly leaves; trees of one color merge, which makes routes with
   several inputs and loops), plus a few route entries with random masks, repaired so
   that every output port leads to a neighbour that accepts from it and every route that
-  accepts has an output (RAMP if it had none: validate refuses a dead end);
+  accepts has an output (RAMP if it had none: validate refuses a dead end); then 0..3
+  routes get 1..3 switch positions (each replacing the base's rx by any ports, or its tx
+  by some of its outputs and RAMP), a start position and maybe ring mode;
 * streams: some trees get a matched sender (a task producing n wavelets at the root) and
   receivers (a task consuming n, or a COLOR task consuming one per run) at every PE the
   tree delivers to, so that a fair share of programs run to the end;
 * tasks: 0..4 more per PE (RESET, LOCAL, COLOR on a delivered color), each 1..5
   instructions: vector ops of every opcode with MEM (strides -2..2, loop strides,
   stride-0 scalars), FABIN, FABOUT, REG and IMM (NaN and infinities included) operands,
-  REPEAT (count 0..3) and ACTIVATE / BLOCK / UNBLOCK / HALT of any task of the PE.
+  REPEAT (count 0..3), ACTIVATE / BLOCK / UNBLOCK / HALT of any task of the PE, and
+  SWITCH_ADV (a control wavelet) on a color the PE may send on.
 
 `run_case` runs one case through `wse_sim.engine.simulate` and classifies how it ended
-("done", "deadlock" or "max_cycles"), asserting the invariants each ending promises; any
-other exception is a crash and propagates.
+("done", "deadlock", "switch_fault" or "max_cycles"), asserting the invariants each ending
+promises; any other exception is a crash and propagates.
 
 Engine bugs the fuzzer finds are listed in KNOWN_BUGS (none open), each with an
 xfail(strict=True) reproducer in tests/test_fuzz.py. While a bug is listed, the strategy
@@ -44,7 +47,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from wse_sim.engine import SimResult, simulate
-from wse_sim.errors import DeadlockError, SimulationStopped, UserError
+from wse_sim.errors import DeadlockError, SimulationStopped, SwitchOrderError, UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
     OPPOSITE,
@@ -61,8 +64,10 @@ from wse_sim.program import (
     Port,
     Program,
     Reg,
+    Route,
     Task,
     Trigger,
+    advance,
     port_mask,
     repeat,
     validate,
@@ -90,6 +95,7 @@ IMMEDIATES = st.one_of(st.floats(-3, 3, width=32),
                        st.sampled_from([0.0, math.inf, -math.inf, math.nan]))
 
 # What a simulation may end in, besides a result.
+SWITCH_LINE = re.compile(r"switch order error at cycle \d+: PE \(\d+, \d+\) color \d+: ")
 DEADLOCK_LINE = re.compile(r"deadlock at cycle \d+ \((no progress|the fabric is stuck)\)")
 
 
@@ -124,6 +130,7 @@ def wafers(width: int, height: int) -> st.SearchStrategy[WaferConfig]:
         registers=st.integers(1, 6),
         max_tasks=st.just(TASK_IDS),
         deadlock_cycles=st.sampled_from([1, 3, 20, 100, 400]),
+        switch_latency=st.integers(0, 2),
     )).map(lambda fields: WaferConfig(**{**WSE2, "width": width, "height": height, **fields}))
 
 
@@ -137,6 +144,8 @@ def cases(draw) -> Case:
     for _ in range(draw(st.integers(0, 3))):
         _random_route(draw, program, wafer)
     _deliver_dead_ends(program)
+    for _ in range(draw(st.integers(0, 3))):
+        _switches(draw, program, wafer)
     ids: dict[tuple[int, int], list[int]] = {}
     for x in range(width):
         for y in range(height):
@@ -219,6 +228,25 @@ def _deliver_dead_ends(program: Program) -> None:
             program.add_route(x, y, color, 0, port_mask(Port.RAMP))
 
 
+def _switches(draw, program: Program, wafer: WaferConfig) -> None:
+    """Give a route switch positions, each replacing one side of its base: rx by any ports
+    (if the base has outputs), or tx by some of the base's outputs and RAMP (outputs that
+    lead to a neighbour accepting them, or the PE), a start position and maybe ring mode."""
+    if not program.routes:
+        return
+    key = pick(draw, sorted(program.routes))
+    base = program.routes[key]
+    positions = []
+    for _ in range(draw(st.integers(1, wafer.switch_positions - 1))):
+        if draw(st.booleans()):
+            positions.append((draw(st.integers(0, 31)) if base.tx else 0, base.tx))
+        else:
+            tx = draw(st.integers(0, 31)) & (base.tx | port_mask(Port.RAMP))
+            positions.append((base.rx, tx or (port_mask(Port.RAMP) if base.rx else 0)))
+    program.routes[key] = Route(base.rx, base.tx, tuple(positions),
+                                draw(st.integers(0, len(positions))), draw(st.booleans()))
+
+
 SPECIAL_VALUES = np.array([0.0, -0.0, 1e30, -1e-30, np.inf, np.nan], np.float32)
 
 
@@ -237,7 +265,7 @@ def _images(words: int) -> st.SearchStrategy[np.ndarray]:
 def _colors(program: Program, x: int, y: int, side: str) -> list[int]:
     """Colors PE (x, y) may receive (side "tx": its route delivers) or send ("rx")."""
     return sorted(c for (rx, ry, c), route in program.routes.items()
-                  if (rx, ry) == (x, y) and getattr(route, side) >> Port.RAMP & 1)
+                  if (rx, ry) == (x, y) and getattr(route, f"{side}_any") >> Port.RAMP & 1)
 
 
 def _new_task(draw, ids: dict[tuple[int, int], list[int]], x: int, y: int) -> int:
@@ -298,6 +326,8 @@ def _instruction(draw, program: Program, wafer: WaferConfig, x: int, y: int, loo
                  fabin: list[int], fabout: list[int]) -> Instr:
     """A vector op (mostly) or a control op whose target task is filled in later."""
     if draw(st.integers(0, 5)) == 0:
+        if fabout and draw(st.integers(0, 2)) == 0:
+            return advance(pick(draw, fabout))
         return Instr(pick(draw, CONTROL_OPS))
     op = pick(draw, VECTOR_OPS)
     n = draw(VECTOR_LENGTHS)
@@ -443,6 +473,11 @@ def _simulate(case: Case) -> tuple[str, SimResult | None, str]:
     try:
         result = simulate(case.program, case.wafer, max_cycles=case.max_cycles,
                           progress=watchdog)
+    except SwitchOrderError as err:
+        message = str(err)
+        assert "\n" not in message and SWITCH_LINE.match(message), message
+        assert int(message.split()[5].rstrip(":")) < case.max_cycles, message
+        return "switch_fault", None, message
     except DeadlockError as err:
         message = str(err)
         assert "\n" not in message, message
@@ -476,13 +511,16 @@ def check_result(result: SimResult, case: Case) -> str:
     assert (s.first_cycle[worked] <= s.last_cycle[worked]).all()
     assert (s.last_cycle < result.cycles).all(), "work after the last cycle"
     assert s.link.sum() == s.color_hops.sum()
-    assert s.injected == s.delivered == s.ramp_in.sum()
+    # control wavelets end at routers (wse_sim.router), data at PEs
+    assert s.injected == s.delivered + s.control_sunk.sum()
+    assert s.delivered == s.ramp_in.sum()
+    assert s.control.sum() <= s.ramp_out.sum()
     into = s.ramp_out.copy()  # wavelets into each router: its PE's and its neighbours'
     into[1:, :] += s.link[Port.S][:-1, :]
     into[:-1, :] += s.link[Port.N][1:, :]
     into[:, 1:] += s.link[Port.E][:, :-1]
     into[:, :-1] += s.link[Port.W][:, 1:]
-    out_of = s.link.sum(axis=0) + s.ramp_in
+    out_of = s.link.sum(axis=0) + s.ramp_in + s.control_sunk
     assert (out_of >= into).all(), (f"a router let out fewer wavelets than it took in: "
                                      f"{np.argwhere(out_of < into).tolist()} (y, x)")
     for y in range(program.height):
@@ -499,7 +537,11 @@ def describe(case: Case) -> str:
     lines = [f"Case(max_cycles={case.max_cycles}, wafer={wafer})"]
     for (x, y, color), route in sorted(case.program.routes.items()):
         lines.append(f"  route ({x}, {y}) color {color}: rx {_ports(route.rx)} "
-                     f"tx {_ports(route.tx)}")
+                     f"tx {_ports(route.tx)}" + "".join(
+                         f"; position {k} rx {_ports(rx)} tx {_ports(tx)}"
+                         for k, (rx, tx) in enumerate(route.positions, 1))
+                     + (f"; start {route.start}, ring {route.ring}" if route.positions
+                        else ""))
     for (x, y), pe in sorted(case.program.pes.items()):
         image = {offset: data.tolist() for offset, data in pe.image.items()}
         lines.append(f"  PE ({x}, {y}) sram_words {pe.sram_words} image {image}")
@@ -520,6 +562,8 @@ def _instr(instr: Instr) -> str:
         return f"REPEAT count {instr.count} body {instr.body}"
     if op == Op.HALT:
         return "HALT"
+    if op == Op.SWITCH_ADV:
+        return f"SWITCH_ADV {_operand(instr.dst)}"
     if op in (Op.ACTIVATE, Op.BLOCK, Op.UNBLOCK):
         return f"{op.name} task {instr.task}"
     operands = [instr.dst, instr.a, instr.b, instr.c][:1 + SOURCES_OF[op]]

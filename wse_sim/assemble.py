@@ -35,7 +35,7 @@ from wse_sim.program import (
     kept_tasks,
     simd_width,
 )
-from wse_sim.router import FabricSpec, RouteTable, build_fabric
+from wse_sim.router import FabricSpec, RouteTable, SwitchTable, build_fabric
 from wse_sim.state import (
     BULK,
     CORE_PARAMS,
@@ -97,10 +97,17 @@ class Assembler:
         self.slot_pe = np.array([y * width + x for x, y in self.slots], np.int64)
         self.spec = FabricSpec(width, program.height, colors=wafer.colors,
                                depth=wafer.queue_depth, hop_latency=wafer.hop_latency,
-                               ramp_in=wafer.ramp_in_per_cycle)
+                               ramp_in=wafer.ramp_in_per_cycle,
+                               switch_latency=wafer.switch_latency)
         self.table = RouteTable(*(np.array(col, np.int64).reshape(-1) for col in (
-            [k[0] for k in rkeys], [k[1] for k in rkeys], [r.rx for r in routes],
-            [r.tx for r in routes])))
+            [k[0] for k in rkeys], [k[1] for k in rkeys], [r.rx_any for r in routes],
+            [r.tx_any for r in routes])))
+        switched = [(i, r) for i, r in enumerate(routes) if r.positions]
+        self.switches = SwitchTable(*(np.array(col, np.int64).reshape(-1) for col in (
+            [i for i, _ in switched], [r.start for _, r in switched],
+            [int(r.ring) for _, r in switched], [r.count for _, r in switched],
+            [r.position(k)[0] for _, r in switched for k in range(r.count)],
+            [r.position(k)[1] for _, r in switched for k in range(r.count)])))
         self.route_of = {k: r for r, k in enumerate(rkeys)}
         fifo = self._fabric()[0].info
         self.ramp_fifo = np.full(len(rkeys), -1, np.int64)
@@ -114,7 +121,7 @@ class Assembler:
         self.code = [self._code(s, key, program.pes[key]) for s, key in enumerate(self.slots)]
 
     def _fabric(self) -> tuple[Fabric, Workers]:
-        return build_fabric(self.spec, self.table, self.slot_pe, self.stripes)
+        return build_fabric(self.spec, self.table, self.slot_pe, self.stripes, self.switches)
 
     def _fifo(self, x: int, y: int, kind: Kind, color: int) -> int:
         r = self.route_of[(y * self.spec.width + x, color)]

@@ -55,7 +55,11 @@ Register sources are read when the element executes, so `ADD dst=Reg r, a=Mem, b
 accumulates. An instruction finishes with its n-th element; the thread's next instruction
 starts the next cycle. REPEAT, ACTIVATE, BLOCK, UNBLOCK and HALT take one cycle each
 (REPEAT only when it is reached: jumping back to the body's start is free, a zero-overhead
-loop). HALT stops new tasks from starting on the PE; running tasks finish.
+loop). HALT stops new tasks from starting on the PE; running tasks finish. SWITCH_ADV
+sends one control wavelet on its color (`wse_sim.router`: it advances the switch position
+of each router it leaves): one cycle and one ramp slot, waiting for RAMP FIFO room like a
+FABOUT element (class send). A relay, a MOV from a FABIN source to a FABOUT destination,
+costs what any MOV element costs; each element counts one relayed wavelet.
 
 Cycle classes, one per PE per cycle, first that applies: compute (an arithmetic element
 advanced, or a thread of an arithmetic op waited only for its PE's own fp32 credit, SRAM
@@ -99,7 +103,10 @@ is in any FIFO or receive queue; `cycles` is that cycle's index. Then every wave
 or control op executed, a task started, a thread waited only for its own PE's budgets), or
 no PE able to act (all done, or waiting on empty receive queues) and nothing moved for
 hop_latency + 1 cycles (then nothing can ever change). Both raise DeadlockError naming the
-waiting threads, the wavelets stranded at idle or halted PEs and the full FIFOs.
+waiting threads, the wavelets stranded at idle or halted PEs, the full FIFOs and the FIFOs
+a switch position holds. A switch change that cuts off wavelets no later position accepts
+stops the run at the end of its cycle with SwitchOrderError (`wse_sim.router`). Control
+wavelets end at routers, not PEs: the check is sent = delivered + consumed by routers.
 """
 
 from __future__ import annotations
@@ -112,7 +119,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from wse_sim.assemble import Assembled, Assembler
-from wse_sim.errors import DeadlockError, SimulationStopped, UserError
+from wse_sim.errors import DeadlockError, SimulationStopped, SwitchOrderError, UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.interrupt import sigint_flag
 from wse_sim.jit import (
@@ -141,23 +148,25 @@ from wse_sim.router import (
     exchange,
     has_room,
     head_ready,
+    inject,
     list_pushed,
     pop_recv,
     route_phase,
     send,
 )
-from wse_sim.state import NEVER, OPERANDS, RECV
+from wse_sim.state import CONTROL, GATE_OFF, NEVER, OPERANDS, RECV
 from wse_sim.stats import Stats
 
 # Plain ints for numba.
 MEM, FABIN, FABOUT, REG, IMM = (int(k) for k in (Kind.MEM, Kind.FABIN, Kind.FABOUT, Kind.REG,
                                                  Kind.IMM))
 (MOV, NEG, EXP, RSQRT, RECIP, TANH, ERF, SQRT, ADD, SUB, MUL, DIV, MAX, MIN, FMA, REPEAT,
- ACTIVATE, BLOCK, UNBLOCK, HALT) = (int(op) for op in Op)
+ ACTIVATE, BLOCK, UNBLOCK, HALT) = (int(op) for op in Op if op is not Op.SWITCH_ADV)
+SWITCH_ADV = int(Op.SWITCH_ADV)
 COLOR_TRIGGER = int(Trigger.COLOR)
 FIRST_CONTROL = REPEAT
 
-RUNNING, DONE, DEADLOCK, FROZEN = range(4)
+RUNNING, DONE, DEADLOCK, FROZEN, FAULT = range(5)
 # Thread step outcomes (bit flags, merged per PE per cycle).
 # F_BUSY_*: the thread waited only for its own PE's SRAM ports, fp32 credit or ramp slot.
 # F_NOSLEEP: a fabric stall that ends without an event that wakes the PE (a wavelet in the
@@ -309,6 +318,8 @@ def _element(fb, cs, s, sidx, thr, t):
     i = th.pc
     ins = cs.ins[U(i)]
     if ins.op >= FIRST_CONTROL:
+        if ins.op == SWITCH_ADV:
+            return _advance(fb, cs, s, sidx, thr, i, t)
         _control(cs, sidx, thr, i)
         return F_MOVE
     if ins.simd > 0:
@@ -364,6 +375,8 @@ def _element(fb, cs, s, sidx, thr, t):
         flags |= F_ARITH
     elif flags == 0:
         flags = F_MOVE
+    elif flags == F_SEND | F_RECV:  # a MOV from FABIN to FABOUT: a relay
+        ctr.relayed += 1
     e += 1
     if e == ins.n:
         _end_instr(cs, sidx, thr, i)
@@ -656,6 +669,22 @@ def _bulk_timing_half(p, ins, e, debt, credit, fp_t, tc, t_stop):
             e += m
         tc += 1
     return e, tc, reads_total, first, last, debt, credit, fp_t
+
+
+@hot
+def _advance(fb, cs, s, sidx, thr, i, t):
+    """SWITCH_ADV on thread thr in cycle t: put a control wavelet into the RAMP FIFO of the
+    instruction's color (a FABOUT element's room and ramp slot; one cycle, class send)."""
+    d = cs.opnd[U(i * OPERANDS)]
+    if s.ramp_left == 0:
+        return F_BUSY_MOVE
+    if not has_room(fb, d.fifo, t, fb.params[0].depth):
+        return F_STALL | F_FULL | (F_NOSLEEP if fb.fifo[U(d.fifo)].last_grant == t else 0)
+    s.ramp_left -= 1
+    inject(fb, s, d.fifo, CONTROL, t)
+    cs.ctr[U(sidx)].control += 1
+    _end_instr(cs, sidx, thr, i)
+    return F_SEND
 
 
 @hot_inline
@@ -1108,6 +1137,7 @@ def _publish(cs, s, t, work):
     s.pub_nsleep = s.nsleep
     s.pub_full = s.nfull
     s.pub_work = work
+    s.pub_fault = s.fault
     s.pub_bulk_end = s.bulk_end
     if s.p_nnext > 0:
         s.pub_next_free = t + 1
@@ -1131,7 +1161,7 @@ def run_worker(fb, cs, wk, t, t_end, workers, w):
     first = True
     while True:
         barrier(wk.barrier, workers)
-        inflight = active = routers = nsleep = full = work = 0
+        inflight = active = routers = nsleep = full = work = faults = 0
         bulk_end = -1
         next_free = NEVER
         for k in range(n):
@@ -1142,8 +1172,12 @@ def run_worker(fb, cs, wk, t, t_end, workers, w):
             nsleep += o.pub_nsleep
             full += o.pub_full
             work += o.pub_work
+            faults += o.pub_fault >= 0
             bulk_end = max(bulk_end, o.pub_bulk_end)
             next_free = min(next_free, o.pub_next_free)
+        if faults > 0:  # a switch change cut wavelets off (`wse_sim.router._switch`)
+            status = FAULT
+            break
         if inflight == 0 and active == 0:
             # Nothing runs, nothing is ready, the fabric is empty: the end, whatever the
             # no-progress rule below would say. A PE whose task ended inside a bulk-run
@@ -1302,6 +1336,8 @@ def _run(program: Program, asm: Assembled, max_cycles: int | None,
             break
         if status in (DEADLOCK, FROZEN):
             raise DeadlockError(_deadlock_message(asm, t, status))
+        if status == FAULT:
+            raise SwitchOrderError(_fault_message(program, asm, t))
         if max_cycles is not None and t >= max_cycles:
             raise _stopped(program, asm, t, "max_cycles", f"reached max_cycles={max_cycles}")
         if interrupted():
@@ -1311,9 +1347,11 @@ def _run(program: Program, asm: Assembled, max_cycles: int | None,
     # The fabric is empty: every wavelet sent (and every multicast copy) reached a PE.
     stats = Stats.from_state(program.width, program.height, t, fb, wk, cs)
     consumed = int(fb.fifo["popped"][fb.info["port"] == RECV].sum())
-    if not stats.injected == stats.delivered == consumed:
+    sunk = int(stats.control_sunk.sum())  # control wavelets end at routers, not PEs
+    if not stats.injected - sunk == stats.delivered == consumed:
         raise AssertionError(f"fabric lost wavelets: {stats.injected} sent (with multicast "
-                             f"copies), {stats.delivered} delivered, {consumed} consumed")
+                             f"copies), {sunk} control wavelets consumed by routers, "
+                             f"{stats.delivered} delivered, {consumed} consumed")
     return SimResult(cycles=t, stats=stats, _asm=asm)
 
 
@@ -1362,9 +1400,14 @@ def _deadlock_message(asm: Assembled, t: int, status: int, limit: int = 8) -> st
         waiting.append(f"PE {where(int(cs.slot['router'][s]))} task {int(asm.task_ids[k])} "
                        f"pc {i - int(cs.task['first'][k])} {Op(int(cs.ins['op'][i])).name} "
                        f"waits: {what}")
-    full, stranded = [], []
+    full, stranded, held = [], [], []
     for b in np.nonzero(count > 0)[0]:
         router, port = int(fb.info["router"][b]), int(fb.info["port"][b])
+        if fb.info["gate"][b] == GATE_OFF:
+            sw = fb.switch[fb.route_sw[fb.info["route"][b]]]
+            held.append(f"PE {where(router)} {Port(port).name} color {color_of(b)}: "
+                        f"{int(count[b])} wavelets, switch position {int(sw['pos'])} does not "
+                        f"accept {Port(port).name}")
         if port == RECV:
             s = int(fb.router["slot"][router])
             halted = s >= 0 and bool(cs.slot["halted"][s])
@@ -1375,8 +1418,37 @@ def _deadlock_message(asm: Assembled, t: int, status: int, limit: int = 8) -> st
             full.append(f"PE {where(router)} {Port(port).name} color {color_of(b)}")
     kind = "no progress" if status == DEADLOCK else "the fabric is stuck"
     parts = [f"deadlock at cycle {t} ({kind})"]
-    for label, items in (("waiting", waiting), ("stranded", stranded), ("full buffers", full)):
+    for label, items in (("waiting", waiting), ("stranded", stranded), ("full buffers", full),
+                         ("held by a switch position", held)):
         if items:
             more = f"; ... and {len(items) - limit} more" if len(items) > limit else ""
             parts.append(f"{label}: " + "; ".join(items[:limit]) + more)
     return " | ".join(parts)
+
+
+def _ports(mask: int) -> str:
+    return "+".join(p.name for p in Port if mask >> p & 1) or "none"
+
+
+def _fault_message(program: Program, asm: Assembled, t: int) -> str:
+    """One line: the switch change of cycle t - 1 that cut wavelets off (the lowest FIFO of
+    any stripe, `wse_sim.router._switch`): PE, color, input port, the route's positions."""
+    fb = asm.fabric
+    faults = asm.workers.stripe["fault"]
+    b = int(faults[faults >= 0].min())
+    width = int(fb.params["width"][0])
+    pe = int(fb.router_pe[fb.info["router"][b]])
+    x, y = pe % width, pe // width
+    ri = int(fb.info["route"][b])
+    color = int(fb.route["color"][ri])
+    port = Port(int(fb.info["port"][b])).name
+    pos = int(fb.switch["pos"][fb.route_sw[ri]])
+    route = program.routes[(x, y, color)]
+    positions = ", ".join(f"{k}: rx {_ports(rx)} tx {_ports(tx)}"
+                          for k, (rx, tx) in enumerate(route.position(k)
+                                                       for k in range(route.count)))
+    waiting = int(fb.fifo["pushed"][b] - fb.fifo["popped"][b])
+    return (f"switch order error at cycle {t - 1}: PE ({x}, {y}) color {color}: a control "
+            f"wavelet switched the route to position {pos} while {waiting} wavelets waited "
+            f"at input {port}, which neither it nor a later position accepts (positions "
+            f"{positions}; ring {'on' if route.ring else 'off'})")

@@ -27,3 +27,8 @@ class SimulationStopped(UserError):
         self.result = result
         self.report: dict | None = None
 
+
+
+class SwitchOrderError(UserError):
+    """A switch position changed while wavelets waited at an input port that neither the new
+    position nor any later one accepts: they could never move (`wse_sim.router`)."""

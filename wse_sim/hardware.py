@@ -75,6 +75,15 @@ class WaferConfig(BaseModel):
     queue_depth: int = Field(gt=0, description="Wavelets buffered per (router input port, "
                              "color).")
     hop_latency: int = Field(gt=0, description="Cycles for a wavelet to cross a link.")
+    switch_positions: int = Field(
+        gt=0, description="Switch positions per (router, color), the base route included "
+        "(control wavelets advance them).")
+    switch_both_sides: bool = Field(
+        description="A switch position may change both rx and tx of the base route (false: "
+        "exactly one side, as on WSE-2).")
+    switch_latency: int = Field(
+        ge=0, description="Extra cycles after a control wavelet leaves a router before that "
+        "color moves again under the new position (0: from the next cycle).")
     ramp_in_per_cycle: int = Field(gt=0, description="Wavelets router -> PE per cycle.")
     ramp_out_per_cycle: int = Field(gt=0, description="Wavelets PE -> router per cycle.")
     microthreads: int = Field(gt=0, description="Tasks that may run at once on a PE.")

@@ -7,10 +7,25 @@ numpy structure-of-arrays form, and runs it.
 Coordinates: `x` grows east (0 .. width-1), `y` grows south (0 .. height-1). PE index
 `y * width + x`. North is `y - 1`.
 
-Router model (per PE, per color): a static `Route` says which input ports accept wavelets
-of that color (`rx`) and which output ports a wavelet is copied to (`tx`, multicast). Port
-`RAMP` is the link to the PE itself: `RAMP in rx` means the PE may send on this color,
-`RAMP in tx` means wavelets of this color are delivered to the PE.
+Router model (per PE, per color): a `Route` says which input ports accept wavelets of that
+color (`rx`) and which output ports a wavelet is copied to (`tx`, multicast). Port `RAMP` is
+the link to the PE itself: `RAMP in rx` means the PE may send on this color, `RAMP in tx`
+means wavelets of this color are delivered to the PE.
+
+Switch positions (runtime route changes). A route may hold up to `wafer.switch_positions - 1`
+more *switch positions* besides its base (rx, tx) (`Route.positions`, position k >= 1 is
+`positions[k - 1]`, a full (rx, tx) pair), start at position `start` and, with `ring`, wrap
+from its last position back to the base. The router uses the current position's rx and tx;
+a *control wavelet* (`advance(color)`: the PE sends one through its RAMP) advances the
+position of every router it leaves (`wse_sim.router`). This is the hardware's fabric switch:
+the CSL language guide's `@set_local_color_config` (`.switches = .{ .pos1, .pos2, .pos3,
+.current_switch_pos, .ring_mode }`, positions `.invalid` by default) and the SDK tutorial
+"Switches" (sdk.cerebras.net/csl/code-examples/tutorial-topic-06-switches): a control wavelet
+(opcode SWITCH_ADV) moves the switch to the next valid position; past the last one it
+returns to position 0 in ring mode, else stays. On WSE-2 a position replaces exactly one
+side of the base route (`.rx = ...` or `.tx = ...`, never both): `validate` enforces that
+unless `wafer.switch_both_sides`. A PE re-sending what it receives on another color (a MOV
+with a FABIN source and a FABOUT destination) is a *relay*; it costs what any MOV costs.
 
 PE model: SRAM of `sram_words` 32-bit words (fp32), a small scalar register file, and
 tasks. A task is a list of instructions run on one microthread, in order, to completion.
@@ -130,6 +145,7 @@ class Op(IntEnum):
     BLOCK = 32  # task `task` may not start
     UNBLOCK = 33  # task `task` may start again
     HALT = 34  # stop this PE: no task starts again
+    SWITCH_ADV = 35  # send one control wavelet on dst's color (FabOut): advance its switches
 
 
 SOURCES_OF: dict[Op, int] = {
@@ -221,6 +237,13 @@ def vec(op: Op, n: int, dst: Operand, a: Operand, b: Operand = NO_OPERAND,
     return Instr(op, n=n, dst=dst, a=a, b=b, c=c)
 
 
+def advance(color: int) -> Instr:
+    """Send one control wavelet on `color` through the PE's RAMP: every router it leaves
+    advances that color's switch position. One cycle and one ramp slot; waits for room in
+    the RAMP FIFO like a FABOUT element."""
+    return Instr(Op.SWITCH_ADV, dst=FabOut(color))
+
+
 def repeat(count: int, body: list[Instr]) -> list[Instr]:
     """`body` run `count` times (memory operands advance by their loop_stride)."""
     return [Instr(Op.REPEAT, count=count, body=len(body)), *body]
@@ -298,8 +321,45 @@ class Task:
 
 @dataclass(frozen=True)
 class Route:
+    """The route of one color at one PE: its base position (rx, tx) and, optionally, more
+    switch positions (module docstring). `Route(rx, tx)` is a static route."""
+
     rx: int  # port_mask of accepted input ports
     tx: int  # port_mask of output ports (multicast)
+    positions: tuple[tuple[int, int], ...] = ()  # switch positions 1.., each (rx, tx)
+    start: int = 0  # the position at cycle 0 (0: the base)
+    ring: bool = False  # past the last position back to the base (else stay)
+
+    def position(self, k: int) -> tuple[int, int]:
+        """(rx, tx) of switch position k (0: the base)."""
+        return (self.rx, self.tx) if k == 0 else self.positions[k - 1]
+
+    @property
+    def count(self) -> int:
+        """Switch positions, the base included."""
+        return 1 + len(self.positions)
+
+    def next_position(self, k: int) -> int:
+        """The position after k when a control wavelet leaves the router."""
+        if k + 1 < self.count:
+            return k + 1
+        return 0 if self.ring else k
+
+    @property
+    def rx_any(self) -> int:
+        """The input ports some position accepts (they have FIFOs)."""
+        mask = self.rx
+        for rx, _ in self.positions:
+            mask |= rx
+        return mask
+
+    @property
+    def tx_any(self) -> int:
+        """The output ports some position sends to."""
+        mask = self.tx
+        for _, tx in self.positions:
+            mask |= tx
+        return mask
 
 
 @dataclass
@@ -370,9 +430,21 @@ class Program:
         return prog
 
     def add_route(self, x: int, y: int, color: int, rx: int, tx: int) -> None:
-        """Add ports to the route of `color` at (x, y) (routes of one color merge)."""
+        """Add ports to the static route of `color` at (x, y) (routes of one color merge)."""
         old = self.routes.get((x, y, color), Route(0, 0))
+        if old.positions:
+            raise ValueError(f"route at PE ({x}, {y}) color {color} has switch positions: "
+                             "set it whole with set_route")
         self.routes[(x, y, color)] = Route(old.rx | rx, old.tx | tx)
+
+    def set_route(self, x: int, y: int, color: int, route: Route) -> None:
+        """Give `color` at (x, y) the route `route` (e.g. one with switch positions); a route
+        already there must be the same one (switch positions do not merge)."""
+        old = self.routes.get((x, y, color))
+        if old is not None and old != route:
+            raise ValueError(f"route at PE ({x}, {y}) color {color} is already {old}, not "
+                             f"{route}")
+        self.routes[(x, y, color)] = route
 
 
 def read_tensor(layout: TensorLayout, sram: Callable[[int, int], np.ndarray],
@@ -418,7 +490,8 @@ def initial_sram(pe: PEProgram) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Validation: every check the engine relies on, before anything runs.
 
-CONTROL_OPS = frozenset({Op.REPEAT, Op.ACTIVATE, Op.BLOCK, Op.UNBLOCK, Op.HALT})
+CONTROL_OPS = frozenset({Op.REPEAT, Op.ACTIVATE, Op.BLOCK, Op.UNBLOCK, Op.HALT,
+                         Op.SWITCH_ADV})
 SOURCE_FIELDS = ("a", "b", "c")
 _OPS = frozenset(int(op) for op in Op)
 _FIELDS = ("dst", *SOURCE_FIELDS)
@@ -441,24 +514,31 @@ def validate(program: Program, wafer: WaferConfig) -> None:
             raise ProgramError(f"{where}: PE outside the {w} x {h} fabric")
         if not 0 <= color < wafer.colors:
             raise ProgramError(f"{where}: color must be in 0..{wafer.colors - 1}")
-        for name, mask in (("rx", route.rx), ("tx", route.tx)):
-            if not 0 <= mask < 32:
-                raise ProgramError(f"{where}: {name} mask {mask} is not a set of 5 ports")
-        if route.rx and not route.tx:  # its wavelets would have nowhere to go
-            raise ProgramError(f"{where}: accepts wavelets (rx) but has no outputs (tx is "
-                               f"empty)")
-        for port, (dx, dy) in PORT_OFFSET.items():
-            if not route.tx >> port & 1:
-                continue
-            nx, ny = x + dx, y + dy
-            if not (0 <= nx < w and 0 <= ny < h):
-                raise ProgramError(f"{where}: tx {port.name} leads off the mesh edge")
-            nbr = routes.get((nx, ny, color))
-            if nbr is None or not nbr.rx >> OPPOSITE[port] & 1:
-                raise ProgramError(
-                    f"{where}: tx {port.name} but the route of PE ({nx}, {ny}) color {color} "
-                    f"does not accept from {OPPOSITE[port].name}"
-                )
+        if route.positions:
+            _validate_switches(where, route, wafer)
+        for k in range(route.count):
+            rx, tx = route.position(k)
+            at = f"{where} position {k}" if k else where
+            for name, mask in (("rx", rx), ("tx", tx)):
+                if not 0 <= mask < 32:
+                    raise ProgramError(f"{at}: {name} mask {mask} is not a set of 5 ports")
+            if rx and not tx:  # its wavelets would have nowhere to go
+                raise ProgramError(f"{at}: accepts wavelets (rx) but has no outputs (tx is "
+                                   f"empty)")
+            for port, (dx, dy) in PORT_OFFSET.items():
+                if not tx >> port & 1:
+                    continue
+                nx, ny = x + dx, y + dy
+                if not (0 <= nx < w and 0 <= ny < h):
+                    raise ProgramError(f"{at}: tx {port.name} leads off the mesh edge")
+                nbr = routes.get((nx, ny, color))
+                if nbr is None or not nbr.rx_any >> OPPOSITE[port] & 1:
+                    raise ProgramError(
+                        f"{at}: tx {port.name} but the route of PE ({nx}, {ny}) color {color} "
+                        f"does not accept from {OPPOSITE[port].name}"
+                        + (" in any switch position" if nbr is not None and nbr.positions
+                           else "")
+                    )
     for (x, y), pe in program.pes.items():
         _validate_pe(x, y, pe, program, wafer)
     for name, layout in program.tensors.items():
@@ -469,6 +549,28 @@ def validate(program: Program, wafer: WaferConfig) -> None:
             raise ProgramError(f"region {region.name}: rectangle {region.width} x "
                                f"{region.height} at ({region.x}, {region.y}) is outside the "
                                f"{w} x {h} fabric")
+
+
+def _validate_switches(where: str, route: Route, wafer: WaferConfig) -> None:
+    """The switch fields of a route with positions: their number, the one-side rule, the
+    start position (each position's masks and outputs are checked as the base's)."""
+    if not isinstance(route.positions, tuple) or not all(
+            isinstance(p, tuple) and len(p) == 2 for p in route.positions):
+        raise ProgramError(f"{where}: field positions must be a tuple of (rx, tx) pairs")
+    if route.count > wafer.switch_positions:
+        raise ProgramError(f"{where}: field positions: {len(route.positions)} switch "
+                           f"positions besides the base, the wafer has "
+                           f"{wafer.switch_positions - 1} (switch_positions "
+                           f"{wafer.switch_positions})")
+    if not wafer.switch_both_sides:
+        for k, (rx, tx) in enumerate(route.positions, 1):
+            if rx != route.rx and tx != route.tx:
+                raise ProgramError(f"{where}: field positions: position {k} changes both rx "
+                                   f"and tx of the base route; a switch position replaces "
+                                   f"one side on this wafer (switch_both_sides false)")
+    if not 0 <= route.start < route.count:
+        raise ProgramError(f"{where}: field start: position {route.start} not in "
+                           f"0..{route.count - 1}")
 
 
 def _validate_tensor(name: str, layout: TensorLayout, program: Program) -> None:
@@ -552,6 +654,14 @@ def _validate_tasks(where: str, x: int, y: int, pe: PEProgram, program: Program,
                 if instr.task not in ids:
                     raise ProgramError(f"{tw} instr {i}: field task: {Op(op).name} names task "
                                        f"{instr.task}, not a task of this PE")
+            elif op == Op.SWITCH_ADV:
+                iw = f"{tw} instr {i}"
+                if instr.dst.kind != Kind.FABOUT or any(
+                        getattr(instr, k).kind != Kind.NONE for k in SOURCE_FIELDS):
+                    raise ProgramError(f"{iw}: field dst: SWITCH_ADV takes one FABOUT "
+                                       f"destination (the color) and no sources")
+                _validate_fabric(instr.dst, False, [], x, y, program, wafer,
+                                 lambda iw=iw: f"{iw}: field dst")
             elif op != Op.HALT:
                 _validate_vector(instr, Op(op), max(loop_count, 1), x, y, words, program, wafer,
                                  lambda tw=tw, i=i: f"{tw} instr {i}")
@@ -653,8 +763,9 @@ def _check_color(color: int, wafer: WaferConfig, where: str) -> None:
 
 
 def _route_has(program: Program, x: int, y: int, color: int, side: str) -> bool:
+    """The route of `color` at (x, y) has RAMP on `side` ("rx", "tx") in some position."""
     route = program.routes.get((x, y, color))
-    return route is not None and bool(getattr(route, side) >> Port.RAMP & 1)
+    return route is not None and bool(getattr(route, f"{side}_any") >> Port.RAMP & 1)
 
 
 def kept_tasks(old: PEProgram, new: PEProgram) -> list[bool]:
@@ -689,7 +800,7 @@ def validate_replacement(program: Program, wafer: WaferConfig,
 # --------------------------------------------------------------------------------------------
 # Serialization: one .npz of flat integer/float arrays plus a JSON header; no pickle.
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: switch positions of routes
 _HALF_BIT = 8  # an fp16 operand's kind column holds Kind | 8 (files without fp16 unchanged)
 _OPERAND_FIELDS = ("dst", "a", "b", "c")
 
@@ -721,7 +832,9 @@ def save_program(program: Program, path: str | Path, wafer: WaferConfig | None =
         for offset, data in pe.image.items():
             image_rows.append((p, offset, sum(len(d) for d in images), len(data)))
             images.append(np.asarray(data, np.float32).ravel())
-    route_rows = [(x, y, c, r.rx, r.tx) for (x, y, c), r in program.routes.items()]
+    route_rows = [(x, y, c, r.rx, r.tx, len(r.positions), r.start, int(r.ring))
+                  for (x, y, c), r in program.routes.items()]
+    position_rows = [pos for r in program.routes.values() for pos in r.positions]
     names = list(program.tensors)
     slot_rows = [(t, s.x, s.y, s.offset, *s.rows, *s.cols, s.row_stride, s.col_stride)
                  for t, name in enumerate(names) for s in program.tensors[name].slots]
@@ -745,7 +858,8 @@ def save_program(program: Program, path: str | Path, wafer: WaferConfig | None =
         "values": np.array(opnd_val, np.float64).reshape(-1, 4),
         "images": table(image_rows, 4),
         "image_data": np.concatenate(images) if images else np.zeros(0, np.float32),
-        "routes": table(route_rows, 5),
+        "routes": table(route_rows, 8),
+        "route_positions": table(position_rows, 2),  # the routes' positions, in route order
         "tensor_slots": table(slot_rows, 10),
     }
     write_file(path, lambda fh: np.savez_compressed(fh, **arrays))
@@ -802,8 +916,14 @@ def _program_from(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Prog
     data = arrays["image_data"]
     for p, offset, start, n in arrays["images"].tolist():
         program.pes[pe_keys[p]].image[offset] = data[start:start + n].copy()
-    for x, y, c, rx, tx in arrays["routes"].tolist():
-        program.routes[(x, y, c)] = Route(rx, tx)
+    positions = [tuple(p) for p in arrays["route_positions"].tolist()]
+    at = 0
+    for x, y, c, rx, tx, count, start, ring in arrays["routes"].tolist():
+        if count < 0 or at + count > len(positions):
+            raise ValueError(f"route at PE ({x}, {y}) color {c}: {count} positions")
+        program.routes[(x, y, c)] = Route(rx, tx, tuple(positions[at:at + count]), start,
+                                          bool(ring))
+        at += count
     names = [name for name, _ in header["tensors"]]
     for name, (rows, cols) in header["tensors"]:
         program.tensors[name] = TensorLayout((rows, cols))

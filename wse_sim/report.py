@@ -94,6 +94,9 @@ def fabric_report(stats: Stats, clock_hz: float, used: np.ndarray) -> dict[str, 
         "sram_bytes_written": BYTES_PER_WORD * int(stats.sram_write.sum()),
         "fabric_wavelet_hops": int(link.sum()),
         "wavelets_injected": stats.injected,
+        "control_wavelets": int(stats.control.sum()),
+        "switch_changes": int(stats.switch_changes.sum()),
+        "relayed_wavelets": int(stats.relayed.sum()),
         "max_link_load": int(link.max()) if link.size else 0,
         "mean_link_load": float(link[link > 0].mean()) if (link > 0).any() else 0.0,
         "hottest_links": hottest_links(link),
@@ -257,6 +260,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['sram_bytes_written']:,} B written",
         f"fabric        {report['fabric_wavelet_hops']:,} wavelet-hops"
         + (f"; hop-words {report['hop_words']:,}" if "hop_words" in report else ""),
+        f"switches      {report['switch_changes']:,} position changes by "
+        f"{report['control_wavelets']:,} control wavelets; {report['relayed_wavelets']:,} "
+        "wavelets relayed",
         f"links         simulated: max {report['max_link_load']:,}, mean "
         f"{report['mean_link_load']:,.0f}, hottest {_links(report['hottest_links'])}",
     ]

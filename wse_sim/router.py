@@ -30,12 +30,46 @@ when saturated: with the defaults (L = 1, D = 4) exactly one per cycle. Nothing 
 a wavelet only moves into a FIFO with room. Colors have separate FIFOs, so a blocked color
 never blocks another.
 
+Switch positions (program mode; `wse_sim.program` has the model's sources). A route may
+have switch positions: each an (rx, tx) pair, the route's FIFOs those of every position's
+rx ports, its outputs those of every position's tx ports. The router uses the *current*
+position only: a head whose port the position does not accept is not a candidate (its FIFO
+is gated, `FifoInfo.gate`), outputs are the position's tx.
+
+* A control wavelet (data CONTROL, put on the ramp by a PE's SWITCH_ADV) is routed exactly
+  like a data wavelet under the current position: the same arbitration, output ports, room
+  and ramp slot, multicast included. In the cycle t it leaves a router, that router's
+  position for its color advances (`_switch`: the next position; past the last one the
+  base in ring mode, else it stays; a static route does not change).
+* Latency: from cycle t + 1 + `switch_latency` the color moves again at that router, under
+  the new position (until then its FIFOs are held, GATE_HELD). The time a hardware switch
+  takes is not published: the wafer field defaults to 0 (the cycle after).
+* At a RAMP output the router consumes a control wavelet: it never enters the PE's receive
+  queue and starts no task (a modelling choice; the hardware may also hand it to a control
+  task, which this model does not have). Counters: `sunk` per router, `switches` per route.
+
+Ordering. Wavelets of one color that enter a router through one port keep their order (one
+FIFO), so a control wavelet sent after a stream's last data wavelet on the same path
+switches each router only after the whole stream has left it: that is how a program ends
+one phase of a color and starts the next (a relay, a MOV from FABIN to FABOUT on a PE,
+moves a stream to another color instead). FIFO order cannot order wavelets of the color
+waiting at another input port of the router, or behind the control wavelet in its own
+FIFO: after the switch they wait, gated, until a position that accepts their port comes
+round (another control wavelet). If neither the new position nor any position after it
+(every position, in ring mode) accepts their port, they can never move: the switch is a
+fault, and the run stops with SwitchOrderError naming PE, color, port and positions. Only
+wavelets that entered the FIFO before cycle t are judged (those pushed in cycle t are
+ready at t + hop_latency at the earliest; counting them would depend on the order routers
+run in); wavelets that arrive later at a port no position will accept again are stranded
+and reported when the fabric stops (DeadlockError, "held by a switch position").
+
 Order does not matter. Within a cycle no router's decision depends on another's: heads
-pushed this cycle are not ready before t + 1, room is start-of-cycle occupancy, and every
-FIFO has one producer. So routers may run in any order, or in parallel stripes of rows
-(`wse_sim.state`): a move into a FIFO of another stripe judges room on that FIFO's
-occupancy published at the end of the previous cycle (`XFifo.occupied`, kept by the
-producer's stripe) and is pushed after all stripes finished routing (`exchange`).
+pushed this cycle are not ready before t + 1, room is start-of-cycle occupancy, every
+FIFO has one producer, and a route's switch position is changed only by its own router.
+So routers may run in any order, or in parallel stripes of rows (`wse_sim.state`): a move
+into a FIFO of another stripe judges room on that FIFO's occupancy published at the end of
+the previous cycle (`XFifo.occupied`, kept by the producer's stripe) and is pushed after
+all stripes finished routing (`exchange`).
 
 Who runs. Only listed routers run in a cycle (`Fabric.active`). A router stays listed
 while it moves wavelets or holds a head that is not ready yet; one whose heads are all
@@ -58,9 +92,12 @@ import numpy as np
 from wse_sim.jit import atomic_add, bits_float, float_bits, hot, hot_inline, trailing_zeros
 from wse_sim.program import OPPOSITE, PORT_OFFSET, Port
 from wse_sim.state import (
+    CONTROL,
     FABRIC_PARAMS,
     FIFO,
     FIFO_INFO,
+    GATE_HELD,
+    GATE_OFF,
     NEVER,
     NO_DEST,
     RECV,
@@ -69,6 +106,8 @@ from wse_sim.state import (
     ROUTER,
     SINK,
     STRIPE,
+    SWITCH,
+    SWPOS,
     WAVELET,
     XFIFO,
     XPUSH,
@@ -97,11 +136,13 @@ class FabricSpec:
     hop_latency: int
     ramp_in: int
     packet: bool = False  # destination-routed packets, ejected at RAMP
+    switch_latency: int = 0  # extra cycles a switch change holds its color
     latency_bins: int = 1  # packet mode latency histogram
 
 
 class RouteTable(NamedTuple):
-    """Route table entries, sorted by (pe, color), unique; masks are Port bit sets."""
+    """Route table entries, sorted by (pe, color), unique; masks are Port bit sets (of a
+    route with switch positions: the ports of any position)."""
 
     pe: np.ndarray
     color: np.ndarray
@@ -109,11 +150,33 @@ class RouteTable(NamedTuple):
     tx: np.ndarray
 
 
+class SwitchTable(NamedTuple):
+    """The routes with switch positions: their RouteTable index (ascending), start position,
+    ring flag, and their positions (rx, tx; the base first), route after route."""
+
+    route: np.ndarray
+    start: np.ndarray
+    ring: np.ndarray
+    count: np.ndarray  # positions of each, the base included
+    rx: np.ndarray  # [sum(count)]
+    tx: np.ndarray
+
+
+NO_SWITCHES = SwitchTable(*(np.zeros(0, np.int64) for _ in range(6)))
+
+
+def _unicast_port(tx: np.ndarray) -> np.ndarray:
+    """The port of each unicast tx mask, -1 for a multicast (or empty) one."""
+    single = (tx & (tx - 1)) == 0
+    return np.where(single & (tx > 0), np.log2(np.maximum(tx, 1)).astype(np.int64), -1)
+
+
 def build_fabric(spec: FabricSpec, routes: RouteTable, program_pes: np.ndarray,
-                 stripes: int) -> tuple[Fabric, Workers]:
-    """Fabric state at cycle 0 for `routes`, and the workers of `stripes` bands of rows.
-    `program_pes` (sorted PE indices) are the PEs that run a program: each has a router
-    (maybe without FIFOs) and its slot is its rank there."""
+                 stripes: int, switches: SwitchTable = NO_SWITCHES) -> tuple[Fabric, Workers]:
+    """Fabric state at cycle 0 for `routes` (with the switch positions `switches`), and the
+    workers of `stripes` bands of rows. `program_pes` (sorted PE indices) are the PEs that
+    run a program: each has a router (maybe without FIFOs) and its slot is its rank
+    there."""
     width = spec.width
     rpe = np.asarray(routes.pe, np.int64)
     color = np.asarray(routes.color, np.int64)
@@ -141,8 +204,7 @@ def build_fabric(spec: FabricSpec, routes: RouteTable, program_pes: np.ndarray,
     fifo["producer"][n_in:] = fifo["router"][n_in:]  # a receive queue: its own router
     route = ROUTE.new(nroute)
     route["tx"], route["color"] = tx, color
-    single = (tx & (tx - 1)) == 0  # a unicast (or empty) tx: its port is its bit's index
-    route["out"] = np.where(single & (tx > 0), np.log2(np.maximum(tx, 1)).astype(np.int64), -1)
+    route["out"] = _unicast_port(tx)
     dest = np.full((nroute, len(Port)), NO_DEST, np.int64)
     dest[:, RAMP] = SINK if spec.packet else NO_DEST
     dest[recv_routes, RAMP] = n_in + np.arange(len(recv_routes))
@@ -216,6 +278,9 @@ def build_fabric(spec: FabricSpec, routes: RouteTable, program_pes: np.ndarray,
                         ("ramp_in", spec.ramp_in), ("packet", int(spec.packet))):
         params[name] = value
     widest = int((router["fifo_hi"] - router["fifo_lo"]).max()) if nrouter else 0
+    switch, swpos, route_sw = _switches(switches, route, fifo, in_fifo, has_in.sum(axis=1),
+                                        spec.packet)
+    params["switch_latency"] = spec.switch_latency
     fb = Fabric(
         params=params,
         fifo=FIFO.new(nfifo),
@@ -232,8 +297,44 @@ def build_fabric(spec: FabricSpec, routes: RouteTable, program_pes: np.ndarray,
         xin=xin,
         xpush=XPUSH.new(len(xf_fifo)),
         lat_hist=np.zeros(max(spec.latency_bins, 1), np.int64),
+        switch=switch,
+        swpos=swpos,
+        route_sw=route_sw,
     )
     return fb, Workers(stripe=stripe, barrier=np.zeros(16, np.int64))
+
+
+def _switches(sw: SwitchTable, route: np.ndarray, fifo: np.ndarray, in_fifo: np.ndarray,
+              n_in: np.ndarray, packet: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SWITCH, SWPOS and Route -> Switch records of the routes with switch positions; sets
+    their routes' tx and out and their FIFOs' gates to the start position's."""
+    nsw = len(sw.route)
+    assert not (packet and nsw), "packet mode has no switch positions"
+    switch = SWITCH.new(nsw)
+    swpos = SWPOS.new(int(np.sum(sw.count)))
+    route_sw = np.full(max(len(route), 1), -1, np.int32)
+    first = np.concatenate([[0], np.cumsum(sw.count)])[:-1].astype(np.int64)
+    swpos["rx"], swpos["tx"] = sw.rx, sw.tx
+    swpos["out"] = _unicast_port(np.asarray(sw.tx, np.int64))
+    for k in range(nsw):
+        r, count, lo = int(sw.route[k]), int(sw.count[k]), int(first[k])
+        ring = bool(sw.ring[k])
+        rxs = [int(m) for m in sw.rx[lo:lo + count]]
+        for j in range(count):  # the rx ports some position from j on accepts
+            later = range(count) if ring else range(j, count)
+            reach = 0
+            for i in later:
+                reach |= rxs[i]
+            swpos["reach"][lo + j] = reach
+        f_lo = int(in_fifo[r][in_fifo[r] >= 0].min()) if n_in[r] else 0
+        switch[k] = (0, 0, r, int(sw.start[k]), count, int(ring), lo, f_lo, f_lo + int(n_in[r]))
+        route_sw[r] = k
+        start = swpos[lo + int(sw.start[k])]
+        route["tx"][r], route["out"][r] = start["tx"], start["out"]
+        ports = fifo["port"][f_lo:f_lo + int(n_in[r])]
+        fifo["gate"][f_lo:f_lo + int(n_in[r])] = np.where((start["rx"] >> ports) & 1, 0,
+                                                           GATE_OFF)
+    return switch, swpos, route_sw
 
 
 def fabric_counters(fb: Fabric) -> dict[str, np.ndarray]:
@@ -431,6 +532,9 @@ def _output(fb, s, rt, o, d, data, t):
             s.nxpush += 1
         s.inflight += 1
     elif d >= 0:
+        if data == CONTROL:  # consumed by the router, never queued for the PE
+            rt.sunk += 1
+            return
         f = fb.fifo[U(d)]
         if f.pushed == f.popped and rt.slot >= 0:
             _woken(fb, s, rt.slot, WOKEN_DELIVERY)
@@ -462,12 +566,54 @@ def _move(fb, s, rt_index, b, route, out, t):
         s.xpops += 1  # fed from another stripe: `exchange` lists its producer
     if out >= 0:
         _output(fb, s, rt, out, route.dest[out], data, t)
+    else:
+        s.copies -= 1
+        for o in range(RAMP + 1):
+            if (route.tx >> o) & 1:
+                _output(fb, s, rt, o, route.dest[o], data, t)
+                s.copies += 1
+    if data == CONTROL:
+        _switch(fb, s, info.route, t)
+
+
+@hot
+def _switch(fb, s, ri, t):
+    """A control wavelet left route ri's router in cycle t: advance its switch position (a
+    static route, or one at its last position without ring mode, stays). Every FIFO of the
+    route is gated until t + 1 + switch_latency: those the new position accepts then move
+    again, the others wait (GATE_OFF) for a position that accepts them. A FIFO cut off with
+    wavelets that arrived before this cycle, which neither this nor any later position
+    accepts, is a fault (the lowest such FIFO of the stripe is kept)."""
+    k = fb.route_sw[U(ri)]
+    if k < 0:
         return
-    s.copies -= 1
-    for o in range(RAMP + 1):
-        if (route.tx >> o) & 1:
-            _output(fb, s, rt, o, route.dest[o], data, t)
-            s.copies += 1
+    sw = fb.switch[U(k)]
+    pos = sw.pos + 1
+    if pos == sw.npos:
+        pos = 0 if sw.ring else sw.pos
+    if pos == sw.pos:
+        return
+    sw.pos = pos
+    sw.switches += 1
+    sp = fb.swpos[U(sw.first + pos)]
+    route = fb.route[U(ri)]
+    route.tx = sp.tx
+    route.out = sp.out
+    p = fb.params[0]
+    sw.hold = t + 1 + p.switch_latency
+    for b in range(sw.f_lo, sw.f_hi):
+        info = fb.info[U(b)]
+        port = info.port
+        if (sp.rx >> port) & 1:
+            info.gate = GATE_HELD
+            continue
+        info.gate = GATE_OFF
+        f = fb.fifo[U(b)]
+        # Wavelets pushed in this cycle are ready at t + hop at the earliest: only those
+        # before it count, whatever order the routers of this cycle run in.
+        if f.pushed > f.popped and f.head_ready < t + p.hop and not (sp.reach >> port) & 1:
+            if s.fault < 0 or b < s.fault:
+                s.fault = b
 
 
 @hot_inline
@@ -504,7 +650,14 @@ def _route_one(fb, s, w, r, t):
     ramp_used = 0
     for k in range(nc):
         b = cand[k]
-        route = fb.route[U(fb.info[U(b)].route)]
+        info = fb.info[U(b)]
+        gate = info.gate
+        if gate:  # a route with switch positions: see `_switch`
+            if gate == GATE_OFF or fb.switch[U(fb.route_sw[U(info.route)])].hold > t:
+                waiting |= gate == GATE_HELD
+                continue
+            info.gate = 0
+        route = fb.route[U(info.route)]
         if packet:
             out = _xy_port(rt.x, rt.y, fb.fifo[U(b)].head)
         else:

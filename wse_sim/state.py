@@ -32,6 +32,9 @@ OPERANDS = 4  # dst, a, b, c
 NO_DEST = -1  # Route.dest: nothing behind this output
 SINK = -2  # Route.dest of RAMP in packet mode: the packet leaves the network
 REMOTE = -3  # Route.dest <= REMOTE: cross-stripe FIFO, XFifo index REMOTE - dest
+CONTROL = -1  # a control wavelet's data (a float32's bits and a packet's tag are >= 0)
+GATE_OFF = 1  # FifoInfo.gate: its route's switch position does not accept its port
+GATE_HELD = 2  # ... accepts it, from the Switch's `hold` cycle on (then gate 0)
 
 
 class Table:
@@ -68,6 +71,7 @@ FABRIC_PARAMS = Table(
     ("hop", i8),  # cycles per mesh link
     ("ramp_in", i8),  # wavelets a router may deliver to its PE per cycle
     ("packet", i8),  # 1: destination-routed packets (traffic), 0: static routes (program)
+    ("switch_latency", i8),  # extra cycles a switch change holds its color (wafer field)
     ("win0", i8), ("win1", i8),  # packet mode: the measurement window [win0, win1)
 )
 FIFO = Table(  # what the cycle loop changes
@@ -83,7 +87,8 @@ FIFO_INFO = Table(  # what it is
     ("route", i4),  # the Route whose wavelets it holds
     ("router", i4),  # the router that owns it (for a receive queue: the PE's router)
     ("producer", i4),  # the router feeding it and listed by its pops, -1: none / other stripe
-    ("port", i4),  # the Port it is an input of; RECV for a receive queue
+    ("port", np.int16),  # the Port it is an input of; RECV for a receive queue
+    ("gate", np.int16),  # 0: its head may move; GATE_OFF / GATE_HELD (switch positions)
     init={"producer": -1},
 )
 # One slot of a FIFO. data: packet mode the tag, program mode the float32 value's bits.
@@ -94,9 +99,25 @@ ROUTE = Table(
     ("color", i4),
     ("dest", i4, (len(Port),)),  # FIFO behind each output, or NO_DEST / SINK / REMOTE - x
 )
+SWITCH = Table(  # the switch of a route with switch positions (`wse_sim.router`)
+    ("hold", i8),  # its FIFOs' heads may not move before this cycle (after a change)
+    ("switches", i8),  # position changes so far
+    ("route", i4),
+    ("pos", i4),  # current position (0: the base)
+    ("npos", i4),  # positions, the base included
+    ("ring", i4),  # past the last position back to the base, else stay
+    ("first", i4),  # its positions' SWPOS records: first .. first + npos - 1
+    ("f_lo", i4), ("f_hi", i4),  # its route's input FIFOs
+)
+SWPOS = Table(  # one switch position of a route
+    ("rx", i4), ("tx", i4),  # Port bit masks
+    ("out", i4),  # the one port of a unicast tx, -1 multicast
+    ("reach", i4),  # the rx ports of this and every position reachable after it
+)
 ROUTER = Table(
     ("queued", i8),  # the cycle it is listed to run in (its stripe's next list)
     ("ejected", i8),  # packet mode: packets it delivered to its node
+    ("sunk", i8),  # control wavelets it consumed at its RAMP output
     ("fifo_lo", i4), ("fifo_hi", i4),  # its input FIFOs
     ("slot", i4),  # the PE's slot, -1 without a program
     ("x", i4), ("y", i4),
@@ -131,6 +152,9 @@ class Fabric(NamedTuple):
     xin: np.ndarray  # int32 [cross-stripe FIFOs]: XFIFO indices grouped by owner stripe
     xpush: np.ndarray  # XPUSH [cross-stripe FIFOs]: deferred pushes, producer-stripe segments
     lat_hist: np.ndarray  # int64 [bins]: packet latencies (last bin: overflow), all stripes
+    switch: np.ndarray  # SWITCH [routes with switch positions]
+    swpos: np.ndarray  # SWPOS [their positions]
+    route_sw: np.ndarray  # int32 [routes]: its SWITCH, -1 a static route
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +192,8 @@ PE_COUNTERS = Table(
     ("sram_read", i8), ("sram_write", i8),  # words
     ("ops", i8), ("flops", i8),
     ("first_cycle", i8), ("last_cycle", i8),  # cycles it did work, -1 never
+    ("control", i8),  # control wavelets sent (SWITCH_ADV)
+    ("relayed", i8),  # wavelets relayed: elements of MOVs from FABIN to FABOUT
     init={"first_cycle": -1, "last_cycle": -1},
 )
 CYCLE_CLASSES = PE_COUNTERS.dtype.names[:6]
@@ -276,6 +302,7 @@ STRIPE = Table(
     # running totals, its own
     ("inflight", i8),  # wavelets put into FIFOs minus taken out, by this stripe
     ("copies", i8),  # extra wavelets made by multicast
+    ("fault", i8),  # the lowest input FIFO a switch change cut off with wavelets in it, -1
     ("moved", i8), ("progress", i8),  # this cycle: wavelets moved; elements, ops, starts
     ("nsleep", i8),  # PEs asleep ...
     ("nfull", i8),  # ... of which some thread waits on a full RAMP FIFO
@@ -290,7 +317,9 @@ STRIPE = Table(
     ("pub_work", i8), ("pub_bulk_end", i8), ("pub_next_free", i8),
     ("pub_measured", i8), ("pub_measured_in", i8), ("pub_behind", i8),
     ("pub_xpush", i8),  # pushes it made into other stripes last cycle
-    init={"bulk_end": -1, "pub_bulk_end": -1, "pub_next_free": NEVER, "last_progress": -1},
+    ("pub_fault", i8),
+    init={"bulk_end": -1, "pub_bulk_end": -1, "pub_next_free": NEVER, "last_progress": -1,
+          "fault": -1, "pub_fault": -1},
     pad_to=64,
 )
 

@@ -44,12 +44,16 @@ class Stats:
     flops: np.ndarray  # FLOPs per PE (FMA 2, other arithmetic 1, MOV 0)
     first_cycle: np.ndarray  # first cycle the PE did work, -1 if never
     last_cycle: np.ndarray  # last cycle the PE did work, -1 if never
+    control: np.ndarray  # control wavelets the PE sent (SWITCH_ADV)
+    relayed: np.ndarray  # wavelets the PE relayed (MOV elements from FABIN to FABOUT)
+    switch_changes: np.ndarray  # switch position changes of the PE's router, all colors
+    control_sunk: np.ndarray  # control wavelets the PE's router consumed (at its RAMP output)
     link: np.ndarray  # (4, height, width): wavelets leaving PE (x, y) through N/E/S/W
     ramp_in: np.ndarray  # wavelets the router delivered to the PE
     ramp_out: np.ndarray  # wavelets the PE (or packet source) put on its router
     color_hops: np.ndarray  # (colors,): mesh link crossings per color
     last_ramp: np.ndarray  # LAST_RAMP records, in no particular order
-    injected: int  # wavelets sent, counting each extra multicast copy
+    injected: int  # wavelets sent (data and control), counting each extra multicast copy
     delivered: int  # wavelets delivered to (consumed by) PEs
 
     @classmethod
@@ -87,8 +91,12 @@ class Stats:
         last_ramp["color"] = fb.route["color"][fb.info["route"][ramps]]
         last_ramp["sent"] = port[ramps] == Port.RAMP
         last_ramp["cycle"] = last[ramps]
+        sw = fb.switch[fb.switch["f_hi"] > fb.switch["f_lo"]]  # (others never switch)
+        switches = np.zeros(len(fb.router), np.int64)
+        np.add.at(switches, fb.info["router"][sw["f_lo"]], sw["switches"])
         return cls(width, height, cycles, **per_pe, idle=idle, link=link, ramp_in=ramp_in,
                    ramp_out=ramp_out, color_hops=fabric["color_hops"], last_ramp=last_ramp,
+                   switch_changes=grid(switches, at), control_sunk=grid(fb.router["sunk"], at),
                    injected=int(ramp_out.sum()) + int(wk.stripe["copies"].sum()),
                    delivered=int(ramp_in.sum()))
 
