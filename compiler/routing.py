@@ -45,10 +45,9 @@
    negotiate as streams of their own, the others starting where they were, with the history
    so far; up to `RELAY_PASSES` times, then the pairs still shared are a `UserError` naming
    a stream. Placements that route without relays get none (their programs are unchanged).
-   gpt_small at lane width 24 (1,937 PEs): 25 streams still shared after 800 rounds;
-   split at 25 relays, it routes in 319 more rounds. The compact `random` placement does
-   not: relays take it from 248 streams sharing to about 20, but PEs in its crowded middle
-   use all 24 colors (README, "Placement").
+   gpt_small at lane width 24 (1,937 PEs) routes with 81 relays. The compact `random`
+   placement does not: negotiation leaves 248 streams sharing, 430 relays do not clear
+   them, and PEs in its crowded middle use all 24 colors (README, "Placement").
    Symbolic stream ids are mapped per kernel (ids of separately built kernels may coincide)
    and rewritten with `bind_colors`.
 5. Program. Only the bounding box of the placed kernels is simulated; `Linked.origin` is
