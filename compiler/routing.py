@@ -47,7 +47,7 @@
    a stream. Placements that route without relays get none (their programs are unchanged).
    gpt_small at lane width 24 (1,937 PEs) routes with 81 relays. The compact `random`
    placement does not: negotiation leaves 248 streams sharing, 430 relays do not clear
-   them, and PEs in its crowded middle use all 24 colors (README, "Placement").
+   them, and PEs in its crowded middle use all 24 colors (README, "Benchmarks").
    Symbolic stream ids are mapped per kernel (ids of separately built kernels may coincide)
    and rewritten with `bind_colors`.
 5. Program. Only the bounding box of the placed kernels is simulated; `Linked.origin` is
