@@ -623,70 +623,6 @@ def _run_half(cs, thr, i, e0, n):
         _half_mem_dest(cs, th, i, e, _apply(op, a, b, c))
 
 
-@hot
-def _bulk_timing_half(p, ins, e, debt, credit, fp_t, tc, t_stop):
-    """`_bulk_timing` of an fp16 instruction: steps of up to `simd` elements."""
-    n = ins.n
-    g = ins.simd
-    flops = ins.flops
-    full = p.reads
-    first = last = -1
-    reads_total = 0
-    steady = (p.fp_rate >= 1.0 and _step_words(ins.nrd, ins.nrdh, g) <= full
-              and _step_words(ins.wr, ins.wrh, g) <= p.writes)
-    while e < n and tc < t_stop:
-        if steady and debt == 0 and (e > 0 or ins.nrd0 == 0):
-            steps = min((n - e + g - 1) // g, t_stop - tc)
-            done = min(n - e, steps * g)
-            if first < 0:
-                first = tc
-            reads_total += _words_over(ins.nrd, ins.nrdh, g, done)
-            credit = p.fp_cap - 1.0 if flops > 0 else p.fp_cap
-            fp_t = last = tc + steps - 1
-            tc += steps
-            e += done
-            break
-        avail = full - debt
-        debt = 0
-        if avail < 0:
-            debt = -avail
-            avail = 0
-        credit = min(credit + p.fp_rate * (tc - fp_t), p.fp_cap)
-        fp_t = tc
-        m = min(g, n - e)
-        reads = _step_words(ins.nrd, ins.nrdh, m) + (ins.nrd0 if e == 0 else 0)
-        if ((reads <= avail or (reads > full and avail == full))
-                and _step_words(ins.wr, ins.wrh, m) <= p.writes
-                and (flops == 0 or credit >= 1.0)):
-            if reads > avail:
-                debt = reads - avail
-            if flops > 0:
-                credit -= 1.0
-            reads_total += reads
-            if first < 0:
-                first = tc
-            last = tc
-            e += m
-        tc += 1
-    return e, tc, reads_total, first, last, debt, credit, fp_t
-
-
-@hot
-def _advance(fb, cs, s, sidx, thr, i, t):
-    """SWITCH_ADV on thread thr in cycle t: put a control wavelet into the RAMP FIFO of the
-    instruction's color (a FABOUT element's room and ramp slot; one cycle, class send)."""
-    d = cs.opnd[U(i * OPERANDS)]
-    if s.ramp_left == 0:
-        return F_BUSY_MOVE
-    if not has_room(fb, d.fifo, t, fb.params[0].depth):
-        return F_STALL | F_FULL | (F_NOSLEEP if fb.fifo[U(d.fifo)].last_grant == t else 0)
-    s.ramp_left -= 1
-    inject(fb, s, d.fifo, CONTROL, t)
-    cs.ctr[U(sidx)].control += 1
-    _end_instr(cs, sidx, thr, i)
-    return F_SEND
-
-
 @hot_inline
 def _load_scalars(cs, th, i):
     """Element 0 of instruction i loads its stride-0 memory sources (as `_execute`)."""
@@ -745,40 +681,35 @@ def _run_elements(cs, thr, i, e0, n):
             cs.sram[U(di + e * ds)] = res
 
 
-@hot_inline
+@hot
 def _bulk_timing(p, ins, e, debt, credit, fp_t, tc, t_stop):
-    """`_bulk_timing32`, or `_bulk_timing_half` for an fp16 instruction."""
-    if ins.simd > 0:
-        return _bulk_timing_half(p, ins, e, debt, credit, fp_t, tc, t_stop)
-    return _bulk_timing32(p, ins, e, debt, credit, fp_t, tc, t_stop)
-
-
-@hot_inline
-def _bulk_timing32(p, ins, e, debt, credit, fp_t, tc, t_stop):
     """The cycles of a bulk-run instruction from element e, cycle tc, read debt, fp32 credit
     and its last update cycle fp_t, up to the end of the instruction or the start of cycle
     t_stop. Returns (elements done: next e, cycle after the last, SRAM words read, cycles of
-    the first and the last element run or -1, debt, credit, fp_t)."""
+    the first and the last element run or -1, debt, credit, fp_t). It runs in steps of one
+    element (fp32), or of up to `simd` elements (fp16; a step's words: `_step_words`)."""
     n = ins.n
+    g = max(ins.simd, 1)
     flops = ins.flops
-    writes = ins.wr
     full = p.reads
     first = last = -1
     reads_total = 0
-    # Once no read debt is left and element 0's scalar loads are behind, an element takes
+    # Once no read debt is left and element 0's scalar loads are behind, a step takes
     # exactly one cycle if a whole cycle's budgets cover it and the fp32 credit refills to
     # its cap every cycle (rate >= 1): then the rest needs no per-cycle bookkeeping.
-    steady = p.fp_rate >= 1.0 and ins.nrd <= full and writes <= p.writes
+    steady = (p.fp_rate >= 1.0 and _step_words(ins.nrd, ins.nrdh, g) <= full
+              and _step_words(ins.wr, ins.wrh, g) <= p.writes)
     while e < n and tc < t_stop:
         if steady and debt == 0 and (e > 0 or ins.nrd0 == 0):
-            m = min(n - e, t_stop - tc)
+            steps = min((n - e + g - 1) // g, t_stop - tc)
+            done = min(n - e, steps * g)
             if first < 0:
                 first = tc
-            reads_total += m * ins.nrd
+            reads_total += _words_over(ins.nrd, ins.nrdh, g, done)
             credit = p.fp_cap - 1.0 if flops > 0 else p.fp_cap
-            fp_t = last = tc + m - 1
-            tc += m
-            e += m
+            fp_t = last = tc + steps - 1
+            tc += steps
+            e += done
             break
         avail = full - debt
         debt = 0
@@ -787,9 +718,11 @@ def _bulk_timing32(p, ins, e, debt, credit, fp_t, tc, t_stop):
             avail = 0
         credit = min(credit + p.fp_rate * (tc - fp_t), p.fp_cap)
         fp_t = tc
-        reads = ins.nrd + (ins.nrd0 if e == 0 else 0)
+        m = min(g, n - e)
+        reads = _step_words(ins.nrd, ins.nrdh, m) + (ins.nrd0 if e == 0 else 0)
         if ((reads <= avail or (reads > full and avail == full))
-                and writes <= p.writes and (flops == 0 or credit >= 1.0)):
+                and _step_words(ins.wr, ins.wrh, m) <= p.writes
+                and (flops == 0 or credit >= 1.0)):
             if reads > avail:
                 debt = reads - avail
             if flops > 0:
@@ -798,9 +731,25 @@ def _bulk_timing32(p, ins, e, debt, credit, fp_t, tc, t_stop):
             if first < 0:
                 first = tc
             last = tc
-            e += 1
+            e += m
         tc += 1
     return e, tc, reads_total, first, last, debt, credit, fp_t
+
+
+@hot
+def _advance(fb, cs, s, sidx, thr, i, t):
+    """SWITCH_ADV on thread thr in cycle t: put a control wavelet into the RAMP FIFO of the
+    instruction's color (a FABOUT element's room and ramp slot; one cycle, class send)."""
+    d = cs.opnd[U(i * OPERANDS)]
+    if s.ramp_left == 0:
+        return F_BUSY_MOVE
+    if not has_room(fb, d.fifo, t, fb.params[0].depth):
+        return F_STALL | F_FULL | (F_NOSLEEP if fb.fifo[U(d.fifo)].last_grant == t else 0)
+    s.ramp_left -= 1
+    inject(fb, s, d.fifo, CONTROL, t)
+    cs.ctr[U(sidx)].control += 1
+    _end_instr(cs, sidx, thr, i)
+    return F_SEND
 
 
 @hot_inline
