@@ -359,6 +359,16 @@ def _element(fb, cs, s, sidx, thr, t):
         flags |= F_SEND
         s.ramp_left -= 1
     _execute(fb, cs, s, thr, i, e, t)
+    return _charge(cs, s, sidx, thr, i, 1, reads, writes, flops, flags)
+
+
+@hot_inline
+def _charge(cs, s, sidx, thr, i, m, reads, writes, flops, flags):
+    """Thread thr ran m elements of instruction i (reading `reads` and writing `writes`
+    SRAM words, `flops` each, fabric `flags`): debit the PE's budgets, count, move the
+    thread on. Returns the cycle's F_* flags."""
+    th = cs.th[U(thr)]
+    sl = cs.slot[U(sidx)]
     if reads > s.rd_left:
         sl.rd_debt = reads - s.rd_left
         s.rd_left = 0
@@ -370,15 +380,15 @@ def _element(fb, cs, s, sidx, thr, t):
     ctr.sram_write += writes
     if flops > 0:
         sl.fpc -= 1.0
-        ctr.ops += 1
-        ctr.flops += flops
+        ctr.ops += m
+        ctr.flops += flops * m
         flags |= F_ARITH
     elif flags == 0:
         flags = F_MOVE
-    elif flags == F_SEND | F_RECV:  # a MOV from FABIN to FABOUT: a relay
+    elif flags == F_SEND | F_RECV:  # a MOV from FABIN to FABOUT: a relay, one wavelet
         ctr.relayed += 1
-    e += 1
-    if e == ins.n:
+    e = th.e + m
+    if e == cs.ins[U(i)].n:
         _end_instr(cs, sidx, thr, i)
     else:
         th.e = e
@@ -587,28 +597,7 @@ def _step_half(fb, cs, s, sidx, thr, t):
         s.ramp_left -= 1
     for j in range(m):
         _half_element(fb, cs, s, th, i, e + j, n, t)
-    if reads > s.rd_left:
-        sl.rd_debt = reads - s.rd_left
-        s.rd_left = 0
-    else:
-        s.rd_left -= reads
-    s.wr_left -= writes
-    ctr = cs.ctr[U(sidx)]
-    ctr.sram_read += reads
-    ctr.sram_write += writes
-    if flops > 0:
-        sl.fpc -= 1.0
-        ctr.ops += m
-        ctr.flops += flops * m
-        flags |= F_ARITH
-    elif flags == 0:
-        flags = F_MOVE
-    e += m
-    if e == n:
-        _end_instr(cs, sidx, thr, i)
-    else:
-        th.e = e
-    return flags
+    return _charge(cs, s, sidx, thr, i, m, reads, writes, flops, flags)
 
 
 @hot_inline
