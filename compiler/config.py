@@ -152,7 +152,8 @@ class CompileConfig(BaseModel):
         default=None,
         gt=0,
         description="PE budget of the step: the lowering takes the narrowest lanes whose "
-        "kernels fit in this many PEs (more PEs, faster rows); null = lane_width's kernels.",
+        "kernels fit in this many PEs (more PEs, faster rows); relays the routing adds sit on "
+        "PEs no kernel uses and come on top; null = lane_width's kernels.",
     )
     seed: int = Field(default=0, ge=0, description="Seed of randomised placement strategies.")
     precision: Literal["fp32", "mixed"] = Field(
