@@ -215,6 +215,12 @@ def test_ctrl_c_during_run_leaves_outputs_untouched_or_complete(phase, tmp_path)
     else:  # the JSON is written (renamed into place) before the plots are drawn
         run.wait_for("the new JSON", lambda: paths["json"].stat().st_ino != json_inode)
     code, stderr = run.interrupt()
+    if phase == "plotting" and code == 0:
+        # the plots take ~2.5 s after the JSON; on a loaded machine the signal can come
+        # after the run ended: then every output is whole, and the path was not exercised
+        assert _outputs_after(paths, before) == dict.fromkeys(("json", "plot"), "complete") | {
+            "tensors": "untouched"}, stderr
+        pytest.skip("the run ended before Ctrl-C reached its plotting")
     assert code == 130, stderr
     line = _line(stderr)
     state = _outputs_after(paths, before)
