@@ -454,7 +454,6 @@ def _route(streams: list[RoutedStream], box: tuple[int, int, int, int], wafer: W
     streams at relays where negotiation alone fails; returns the streams (a split one
     replaced by its segments) and the number of colors used."""
     _check_ends(streams, wafer)
-    relays: set[PE] = set()
     earlier: dict[int, tuple[int, int]] = {}  # id(stream) -> its (tree, color) last pass
     negotiation = None
     for split_pass in range(RELAY_PASSES + 1):
@@ -473,9 +472,9 @@ def _route(streams: list[RoutedStream], box: tuple[int, int, int, int], wafer: W
             # colors in use per PE: a relay where few are adds least to the crowding
             load = (negotiation.occupancy > 0).sum(axis=1).reshape(box[3] - box[1],
                                                                    box[2] - box[0])
-            split = _split_at_relays(streams, set(stuck), box, kernel_pes | relays, load)
+            split = _split_at_relays(streams, set(stuck), box, kernel_pes | _relays(streams),
+                                     load)
             if len(split) > len(streams):
-                relays |= {s.src for s in split if s.upstream is not None}
                 streams = split
                 continue
         break
@@ -487,9 +486,14 @@ def _route(streams: list[RoutedStream], box: tuple[int, int, int, int], wafer: W
     load = sum(pe in s.entries for s in streams)
     raise UserError(
         f"routing: stream {users[0].name} could not get a color: after "
-        f"{negotiation.rounds} rounds of negotiation and {len(relays)} relays it still "
-        f"shares color {color} at PE {pe} with {users[1].name} ({load} streams pass that "
-        f"PE) and the wafer has {wafer.colors} colors")
+        f"{negotiation.rounds} rounds of negotiation and {len(_relays(streams))} relays it "
+        f"still shares color {color} at PE {pe} with {users[1].name} ({load} streams pass "
+        f"that PE) and the wafer has {wafer.colors} colors")
+
+
+def _relays(streams: list[RoutedStream]) -> set[PE]:
+    """The relay PEs: where a segment fed by another starts."""
+    return {s.src for s in streams if s.upstream is not None}
 
 
 def _manhattan(xs: np.ndarray, ys: np.ndarray, pe: PE) -> np.ndarray:
