@@ -79,6 +79,8 @@ import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
+from functools import reduce
+from operator import or_
 from pathlib import Path
 from typing import Any
 
@@ -348,18 +350,12 @@ class Route:
     @property
     def rx_any(self) -> int:
         """The input ports some position accepts (they have FIFOs)."""
-        mask = self.rx
-        for rx, _ in self.positions:
-            mask |= rx
-        return mask
+        return reduce(or_, (rx for rx, _ in self.positions), self.rx)
 
     @property
     def tx_any(self) -> int:
         """The output ports some position sends to."""
-        mask = self.tx
-        for _, tx in self.positions:
-            mask |= tx
-        return mask
+        return reduce(or_, (tx for _, tx in self.positions), self.tx)
 
 
 @dataclass
