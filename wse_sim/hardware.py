@@ -91,6 +91,26 @@ class WaferConfig(BaseModel):
     registers: int = Field(gt=0, description="fp32 scalar registers per PE.")
     deadlock_cycles: int = Field(
         gt=0, description="Cycles without progress before a deadlock is declared.")
+    # Energy per counted event (`wse_sim.energy`), picojoules; the presets give the sources.
+    energy_fma_pj: FiniteFloat = Field(
+        ge=0, description="Energy of one fp32 FMA element (fp16 elements are charged the "
+        "same), pJ.")
+    energy_fp_op_pj: FiniteFloat = Field(
+        ge=0, description="Energy of one other arithmetic element (add, sub, mul, max, exp, "
+        "1/sqrt, ...: every op but FMA and MOV), pJ.")
+    energy_sram_read_pj: FiniteFloat = Field(
+        ge=0, description="Energy of one 32-bit SRAM word read, pJ.")
+    energy_sram_write_pj: FiniteFloat = Field(
+        ge=0, description="Energy of one 32-bit SRAM word written, pJ.")
+    energy_hop_pj: FiniteFloat = Field(
+        ge=0, description="Energy of one wavelet (32 bits) crossing one PE-to-PE link, the "
+        "router it leaves included, pJ.")
+    energy_edge_byte_pj: FiniteFloat = Field(
+        ge=0, description="Energy of one byte through the wafer's edge I/O (SerDes, both "
+        "ends of the link), pJ.")
+    system_power_w: FiniteFloat = Field(
+        gt=0, description="Published power of the whole system the wafer sits in (CS-2, "
+        "CS-3); only the report's comparison uses it, no energy figure does.")
 
     @model_validator(mode="before")
     @classmethod
