@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from wse_sim.critical import critical_path
+from wse_sim.energy import Energy, run_energy
 from wse_sim.hardware import WaferConfig
 from wse_sim.outputs import strict_json, write_file
 from wse_sim.program import BYTES_PER_WORD, Program, Region
@@ -103,6 +104,24 @@ def fabric_report(stats: Stats, clock_hz: float, used: np.ndarray) -> dict[str, 
     }
 
 
+def energy_report(energy: Energy, wafer: WaferConfig, unit: str | None) -> dict[str, Any]:
+    """The energy figures of a run (`wse_sim.energy`): total joules, joules per token (when
+    the program's throughput `unit` is tokens), average power and its share of the
+    wafer's published system power, joules and counted events by class."""
+    power = energy.average_power_watts
+    out: dict[str, Any] = {"energy_joules": energy.joules}
+    if unit is not None:
+        out["energy_per_token_joules"] = energy.joules_per_token
+    out.update({
+        "average_power_watts": power,
+        "average_power_percent_of_system": (None if power is None
+                                            else 100 * power / wafer.system_power_w),
+        "energy_breakdown_joules": dict(energy.joules_by_class),
+        "energy_events": dict(energy.events),
+    })
+    return out
+
+
 def grids(stats: Stats, sram_words: np.ndarray, sram_capacity_words: int) -> dict[str, Any]:
     """Per-PE arrays for plots, [y][x] lists."""
     return {
@@ -154,6 +173,14 @@ def run_report(program: Program, wafer: WaferConfig, stats: Stats,
             report.update(dict.fromkeys(unknown))
             report["null_reasons"] = dict.fromkeys(unknown, "no cycle was simulated (no PE "
                                                    "had work)")
+    tokens = throughput["per_run"] if throughput and throughput["unit"] == "tokens" else None
+    # edge I/O bytes: 0 until Stats counts the memory-service ports (edge_in / edge_out)
+    energy = run_energy(stats, wafer, 0, seconds=seconds, tokens=tokens)
+    report.update(energy_report(energy, wafer, "tokens" if tokens is not None else None))
+    if energy.average_power_watts is None:
+        report.setdefault("null_reasons", {}).update(dict.fromkeys(
+            ("average_power_watts", "average_power_percent_of_system"),
+            "no cycle was simulated (no PE had work)"))
     report["host_simulation_seconds"] = host_seconds
     report["kernels"] = [region_report(stats, region) for region in program.regions]
     report["critical_path"] = critical_path(program, stats,
@@ -168,10 +195,12 @@ def partial_report(program: Program, wafer: WaferConfig, stats: Stats, running: 
     marked `"partial": true`, with `stopped` (cycle, reason, message) and each kernel's
     progress: besides its span, utilization and FLOPs so far, `running_pes`, its PEs that
     were in the middle of a task (`running`, (height, width) bool). Rates per run (tokens/s,
-    FLOP/s, % of peak) and the critical path are null: the run's work was not done."""
+    FLOP/s, % of peak, joules per token) and the critical path are null: the run's work was
+    not done; the energy and average power cover the cycles so far."""
     report = run_report(program, wafer, stats, host_seconds)
     rates = [key for key in report
-             if key.endswith("_per_second") or key.startswith("percent_of_")]
+             if key.endswith("_per_second") or key.startswith("percent_of_")
+             or key == "energy_per_token_joules"]
     report.update(dict.fromkeys([*rates, "critical_path"]))
     report["null_reasons"] = {
         **report.get("null_reasons", {}),
@@ -209,6 +238,40 @@ def _critical_path(report: dict[str, Any]) -> str:
     cycles, name = max(held)
     return (f"{len(path)} kernels, longest from input to output: {name} ({cycles:,} "
             "cycles): " + " -> ".join(e["kernel"] for e in path))
+
+
+def _si(value: float, unit: str) -> str:
+    """`value` with an SI prefix: 0.00123 J -> '1.23 mJ'."""
+    for factor, prefix in ((1e3, "k"), (1.0, ""), (1e-3, "m"), (1e-6, "u"), (1e-9, "n")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g} {prefix}{unit}"
+    return f"{value / 1e-12:.3g} p{unit}"
+
+
+ENERGY_LABELS = {"fma": "FMA", "fp_other": "other fp", "sram_read": "SRAM read",
+                 "sram_write": "SRAM write", "hop": "hops", "edge_io": "edge I/O"}
+
+
+def _energy_lines(report: dict[str, Any]) -> list[str]:
+    """The energy section: joules per run and per token, by class, and the average power
+    against the wafer's published system power, saying what the model leaves out."""
+    total = report["energy_joules"]
+    by_class = ", ".join(f"{ENERGY_LABELS[name]} {joules / total:.0%}" if total else
+                         f"{ENERGY_LABELS[name]} 0"
+                         for name, joules in report["energy_breakdown_joules"].items())
+    line = f"energy        {_si(total, 'J')} per run ({by_class})"
+    if "energy_per_token_joules" in report:
+        per_token = report["energy_per_token_joules"]
+        line += ("; per token " + (_null(report, "energy_per_token_joules")
+                                   if per_token is None else _si(per_token, "J")))
+    power = report["average_power_watts"]
+    system = _si(report["wafer"]["system_power_w"], "W")
+    return [line, "power         " + (
+        _null(report, "average_power_watts") if power is None else
+        f"{_si(power, 'W')} average = {report['average_power_percent_of_system']:.2g}% of "
+        f"the system's published {system}: the model counts the dynamic energy of "
+        "arithmetic, SRAM, the fabric and edge I/O only; it leaves out static/leakage power, "
+        "clocking, the idle PEs, power delivery and cooling, and the memory service")]
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -270,6 +333,7 @@ def format_report(report: dict[str, Any]) -> str:
     if estimate is not None:
         lines.append(f"              compiler estimate: max {estimate['max']:,}, mean "
                      f"{estimate['mean']:,.0f}, hottest {_links(estimate['hottest_links'])}")
+    lines += _energy_lines(report)
     compile_part = (f"compile {report['compile_seconds']:.1f} s, "
                     if "compile_seconds" in report else "")
     lines += [
