@@ -201,7 +201,8 @@ def test_compile_then_simulate_gives_the_run_counters(tiny_run, tmp_path):
 
 
 def test_a_program_that_does_nothing_has_null_rates(tmp_path):
-    """No cycle: tokens/s and FLOP/s cannot be computed; the JSON says null and why."""
+    """No cycle: tokens/s, FLOP/s and the average power cannot be computed; the JSON says
+    null and why."""
     program = Program(2, 1)
     program.pe(0, 0, 4)
     program.meta = {"throughput": {"unit": "tokens", "per_run": 32}, "model_flops": 100}
@@ -210,7 +211,8 @@ def test_a_program_that_does_nothing_has_null_rates(tmp_path):
     assert main(["simulate", str(tmp_path / "idle.npz"), "--json", str(out), "--quiet"]) == 0
     report = json.loads(out.read_text(), parse_constant=pytest.fail)
     rates = ("tokens_per_second", "achieved_flops_per_second", "percent_of_wafer_peak",
-             "percent_of_used_peak")
+             "percent_of_used_peak", "average_power_watts", "average_power_percent_of_system")
     assert report["cycles"] == 0 and all(report[key] is None for key in rates)
+    assert report["energy_joules"] == report["energy_per_token_joules"] == 0
     assert report["null_reasons"] == dict.fromkeys(rates, "no cycle was simulated (no PE had "
                                                    "work)")
