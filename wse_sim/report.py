@@ -181,6 +181,9 @@ def run_report(program: Program, wafer: WaferConfig, stats: Stats,
         report.setdefault("null_reasons", {}).update(dict.fromkeys(
             ("average_power_watts", "average_power_percent_of_system"),
             "no cycle was simulated (no PE had work)"))
+    if tokens is not None and energy.joules_per_token is None:
+        report.setdefault("null_reasons", {})["energy_per_token_joules"] = (
+            "the program declares no token per run")
     report["host_simulation_seconds"] = host_seconds
     report["kernels"] = [region_report(stats, region) for region in program.regions]
     report["critical_path"] = critical_path(program, stats,
