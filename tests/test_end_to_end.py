@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,23 @@ def test_tiny_report_counters(tiny_run):
     # the backward pass ends after the forward pass: the loss kernel before the embedding
     ends = {k["name"]: k["end_cycle"] for k in kernels}
     assert ends["loss"] < ends["embed"]
+
+
+def test_tiny_report_energy(tiny_run):
+    _, report = tiny_run
+    # the energy figures of `wse_sim.energy` (tests/test_energy.py): finite and positive
+    for key in ("energy_joules", "energy_per_token_joules", "average_power_watts",
+                "average_power_percent_of_system"):
+        assert math.isfinite(report[key]) and report[key] > 0, key
+    breakdown = report["energy_breakdown_joules"]
+    assert set(breakdown) == {"fma", "fp_other", "sram_read", "sram_write", "hop", "edge_io"}
+    assert sum(breakdown.values()) == pytest.approx(report["energy_joules"])
+    assert all(breakdown[name] > 0 for name in breakdown if name != "edge_io")
+    assert breakdown["edge_io"] == 0  # no edge I/O counted yet
+    assert report["energy_per_token_joules"] == pytest.approx(report["energy_joules"] / (2 * 16))
+    assert report["average_power_watts"] == pytest.approx(
+        report["energy_joules"] / report["simulated_seconds"])
+    assert report["energy_events"]["hop"] == report["fabric_wavelet_hops"]
 
 
 def test_tiny_critical_path_runs_from_the_embedding_to_the_end(tiny_run):
