@@ -90,6 +90,40 @@ again for the cycle after that event, and the cycles it slept count as the stall
 cycle it fell asleep in (nothing it waits for changes while it sleeps). Routers
 sleep the same way (`wse_sim.router`).
 
+Edge ports (`wse_sim.program.EdgePort`: weight streaming's memory service). Programs
+without ports run exactly as before. r = edge_bytes_per_s / clock_hz / 4 words per cycle
+is the memory service's bandwidth each way: all inbound ports share one credit, all
+outbound ports a second one, each growing by r a cycle up to max(r, 1) (full at cycle 0;
+the fp32 credit's rule) and spent one per word. The ports act at the start of each cycle
+t, before the routers, in one serial phase (`wse_sim.router.edge_phase`), so any number
+of workers decides the same:
+
+* Inbound, from cycle `edge_latency_cycles` on: the ports with words left are served least
+  recently served first (ties: lower index in `Program.ports`); a served port puts one word
+  (at most one a cycle: it is one link) into its route's input FIFO of its side if that
+  FIFO has room judged on start-of-cycle occupancy (the routers' rule) and the credit
+  holds a word. The word may move from t + hop_latency, as if a neighbour router had moved
+  it across a link in cycle t, and its router is listed for t + 1. A port without room or
+  credit waits (back-pressure stalls the memory service; nothing is dropped). So a word
+  entering at cycle s is consumed by a PE h hops on at s + (h + 1) * hop_latency + 1.
+* Outbound: a wavelet a router sends through the port's side goes into the port's own
+  FIFO of `queue_depth` (room checked like any output, so back-pressure works unchanged),
+  ready at t + hop_latency (it crossed the link off the wafer). The ports whose head is
+  ready are served the same way within the outbound credit, one word a port a cycle; a
+  word taken in cycle t frees its slot from t + 1 (its router is listed for t + 1) and
+  reaches the memory service at t + edge_latency_cycles (`SimResult.port_last_cycle`;
+  its words: `SimResult.port_words`). More words than the port's `expected` stops the run
+  with a ProgramError naming the port, fewer at the end likewise. A control wavelet sent
+  to an outbound port ends there (counted in `control_sunk`, as at a RAMP output).
+
+The run does not end while an inbound port has words left or an outbound port's FIFO holds
+one (they are wavelets in flight). For the deadlock rule a port that moved a word, or waited
+only for its credit or for the latency of its first words, made progress; a deadlock
+message names the ports with words left ("edge ports"). Whole cycles are skipped only up
+to the first cycle the ports may act. Counters: `edge_in` / `edge_out` per PE, the words
+its ports moved (they cross no mesh link: not in `link`); the check at the end is sent +
+edge in = delivered + consumed by routers + edge out.
+
 Workers (speed, not semantics). With `threads` > 1 the fabric's rows are split into
 stripes, one per host thread, which run each cycle's router phase, then (after all have
 finished it) their PE phase; since no PE or router decision depends on the order in which

@@ -63,6 +63,16 @@ ready at t + hop_latency at the earliest; counting them would depend on the orde
 run in); wavelets that arrive later at a port no position will accept again are stranded
 and reported when the fabric stops (DeadlockError, "held by a switch position").
 
+Edge ports (program mode; `wse_sim.engine` has the timing). An inbound port fills the input
+FIFO of its route for its off-wafer side (FifoInfo.producer EDGE_FED: no router feeds it);
+an outbound port has a FIFO of its own (port EDGE_OUT, after the receive queues) behind
+its route's output of that side. `edge_phase` serves them at the start of a cycle, on one
+worker, before the routers: it pushes and pops like a neighbouring router (ready after
+hop_latency, room on start-of-cycle occupancy) and leaves the routers it touched in its
+stripe's `edge_woken` list, which that stripe's `route_phase` lists for the next cycle.
+What it decided the workers read from slot `seq & 1` of the EDGE record's pub_ fields
+(double-buffered: a worker may still read the previous phase's while the next runs).
+
 Order does not matter. Within a cycle no router's decision depends on another's: heads
 pushed this cycle are not ready before t + 1, room is start-of-cycle occupancy, every
 FIFO has one producer, and a route's switch position is changed only by its own router.
