@@ -350,3 +350,24 @@ def test_edge_ports_bit_identical_for_any_thread_count(monkeypatch):
                                           np.arange(n, dtype=np.float32) + 100 * x)
             np.testing.assert_array_equal(runs[k].sram(x, 0), runs[1].sram(x, 0))
     assert runs[1].stats.edge_in.sum() == runs[1].stats.edge_out.sum() == 4 * n
+
+
+def test_report_counts_edge_words():
+    """The JSON report holds the words the ports moved (counted by the port phase), the text
+    report a line for them; a run without ports prints no such line."""
+    from wse_sim.report import format_report, run_report
+
+    n = 9
+    p, _ = inbound_chain(n, 2)
+    w = wafer()
+    report = run_report(p, w, simulate(p, w).stats, 0.0)
+    assert (report["edge_words_in"], report["edge_words_out"]) == (n, 0)
+    assert f"edge ports    {n} words in from the memory service, 0 out to it" in \
+        format_report(report)
+    report = run_report(outbound(n), w, simulate(outbound(n), w).stats, 0.0)
+    assert (report["edge_words_in"], report["edge_words_out"]) == (0, n)
+    p.ports = []
+    p.routes[(0, 0, 3)] = Route(port_mask(RAMP), port_mask(E))  # PE (0, 0) sends instead
+    p.pe(0, 0, n).tasks.append(Task(0, Trigger.RESET, [vec(Op.MOV, n, FabOut(3), Mem(0))]))
+    report = run_report(p, w, simulate(p, w).stats, 0.0)
+    assert report["edge_words_in"] == 0 and "edge ports" not in format_report(report)
