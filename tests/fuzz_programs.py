@@ -16,6 +16,11 @@ this order:
   accepts has an output (RAMP if it had none: validate refuses a dead end); then 0..3
   routes get 1..3 switch positions (each replacing the base's rx by any ports, or its tx
   by some of its outputs and RAMP), a start position and maybe ring mode;
+* edge ports (before the switch positions): 0..2 on routes of border PEs, an inbound one
+  (0..12 words) adding its off-wafer side to the route's rx, an outbound one (0..12
+  words expected) to its tx; the wafer's edge carries 1/4..44 words a cycle each way with
+  a latency of 0..40 cycles. A random program seldom sends an outbound port exactly what
+  it expects: such a run ends in "edge_count", the one-line error naming the port;
 * streams: some trees get a matched sender (a task producing n wavelets at the root) and
   receivers (a task consuming n, or a COLOR task consuming one per run) at every PE the
   tree delivers to, so that a fair share of programs run to the end;
@@ -26,8 +31,8 @@ this order:
   SWITCH_ADV (a control wavelet) on a color the PE may send on.
 
 `run_case` runs one case through `wse_sim.engine.simulate` and classifies how it ended
-("done", "deadlock", "switch_fault" or "max_cycles"), asserting the invariants each ending
-promises; any other exception is a crash and propagates.
+("done", "deadlock", "switch_fault", "edge_count" or "max_cycles"), asserting the
+invariants each ending promises; any other exception is a crash and propagates.
 
 Engine bugs the fuzzer finds are listed in KNOWN_BUGS (none open), each with an
 xfail(strict=True) reproducer in tests/test_fuzz.py. While a bug is listed, the strategy
@@ -47,12 +52,19 @@ import numpy as np
 from hypothesis import strategies as st
 
 from wse_sim.engine import SimResult, simulate
-from wse_sim.errors import DeadlockError, SimulationStopped, SwitchOrderError, UserError
+from wse_sim.errors import (
+    DeadlockError,
+    ProgramError,
+    SimulationStopped,
+    SwitchOrderError,
+    UserError,
+)
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
     OPPOSITE,
     PORT_OFFSET,
     SOURCES_OF,
+    EdgePort,
     FabIn,
     FabOut,
     Imm,
@@ -97,6 +109,8 @@ IMMEDIATES = st.one_of(st.floats(-3, 3, width=32),
 # What a simulation may end in, besides a result.
 SWITCH_LINE = re.compile(r"switch order error at cycle \d+: PE \(\d+, \d+\) color \d+: ")
 DEADLOCK_LINE = re.compile(r"deadlock at cycle \d+ \((no progress|the fabric is stuck)\)")
+EDGE_COUNT_LINE = re.compile(r"port '[^']*' at PE \(\d+, \d+\) side [NESW] color \d+ "
+                             r"\(outbound\): the memory service received ")
 
 
 @dataclass
@@ -131,6 +145,9 @@ def wafers(width: int, height: int) -> st.SearchStrategy[WaferConfig]:
         max_tasks=st.just(TASK_IDS),
         deadlock_cycles=st.sampled_from([1, 3, 20, 100, 400]),
         switch_latency=st.integers(0, 2),
+        edge_bytes_per_s=st.sampled_from([0.25, 1.0, 2.0, 44.0]).map(
+            lambda words: 4 * WSE2["clock_hz"] * words),
+        edge_latency_cycles=st.sampled_from([0, 1, 5, 40]),
     )).map(lambda fields: WaferConfig(**{**WSE2, "width": width, "height": height, **fields}))
 
 
@@ -144,6 +161,7 @@ def cases(draw) -> Case:
     for _ in range(draw(st.integers(0, 3))):
         _random_route(draw, program, wafer)
     _deliver_dead_ends(program)
+    _edge_ports(draw, program, wafer)
     for _ in range(draw(st.integers(0, 3))):
         _switches(draw, program, wafer)
     ids: dict[tuple[int, int], list[int]] = {}
@@ -226,6 +244,31 @@ def _deliver_dead_ends(program: Program) -> None:
     for (x, y, color), route in list(program.routes.items()):
         if route.rx and not route.tx:
             program.add_route(x, y, color, 0, port_mask(Port.RAMP))
+
+
+def _edge_ports(draw, program: Program, wafer: WaferConfig) -> None:
+    """0..2 edge ports on static routes of border PEs (module docstring)."""
+    for k in range(draw(st.integers(0, 2))):
+        if not program.routes:
+            return
+        x, y, color = key = pick(draw, sorted(program.routes))
+        sides = [p for p in MESH_PORTS if _neighbour(x, y, p, program) is None]
+        route = program.routes[key]
+        if not sides or route.positions:
+            continue
+        side = pick(draw, sides)
+        if any((p.x, p.y, p.side, p.color) == (x, y, side, color) for p in program.ports):
+            continue
+        words = draw(st.integers(0, 12))
+        if draw(st.booleans()):
+            data = (np.arange(words, dtype=np.float32) + 10 * k) * np.float32(0.5)
+            program.ports.append(EdgePort(f"in{k}", x, y, side, color, True, data))
+            tx = route.tx or port_mask(Port.RAMP)  # (validate refuses a dead end)
+            program.routes[key] = Route(route.rx | port_mask(side), tx)
+        else:
+            program.ports.append(EdgePort(f"out{k}", x, y, side, color, False,
+                                          np.zeros(0, np.float32), words))
+            program.routes[key] = Route(route.rx, route.tx | port_mask(side))
 
 
 def _switches(draw, program: Program, wafer: WaferConfig) -> None:
@@ -486,6 +529,10 @@ def _simulate(case: Case) -> tuple[str, SimResult | None, str]:
         assert " | " in message, message
         assert int(message.split()[3]) <= case.max_cycles, message
         return "deadlock", None, message
+    except ProgramError as err:  # an outbound port received more or fewer than expected
+        message = str(err)
+        assert "\n" not in message and EDGE_COUNT_LINE.match(message), message
+        return "edge_count", None, message
     except UserError as err:
         if not is_cycle_limit(err):
             raise
@@ -512,15 +559,17 @@ def check_result(result: SimResult, case: Case) -> str:
     assert (s.last_cycle < result.cycles).all(), "work after the last cycle"
     assert s.link.sum() == s.color_hops.sum()
     # control wavelets end at routers (wse_sim.router), data at PEs
-    assert s.injected == s.delivered + s.control_sunk.sum()
+    # (edge ports: words in and out at the wafer's edge)
+    assert (s.injected + s.edge_in.sum()
+            == s.delivered + s.control_sunk.sum() + s.edge_out.sum())
     assert s.delivered == s.ramp_in.sum()
     assert s.control.sum() <= s.ramp_out.sum()
-    into = s.ramp_out.copy()  # wavelets into each router: its PE's and its neighbours'
+    into = s.ramp_out + s.edge_in  # into each router: its PE's, edge ports', neighbours'
     into[1:, :] += s.link[Port.S][:-1, :]
     into[:-1, :] += s.link[Port.N][1:, :]
     into[:, 1:] += s.link[Port.E][:, :-1]
     into[:, :-1] += s.link[Port.W][:, 1:]
-    out_of = s.link.sum(axis=0) + s.ramp_in + s.control_sunk
+    out_of = s.link.sum(axis=0) + s.ramp_in + s.control_sunk + s.edge_out
     assert (out_of >= into).all(), (f"a router let out fewer wavelets than it took in: "
                                      f"{np.argwhere(out_of < into).tolist()} (y, x)")
     for y in range(program.height):
@@ -542,6 +591,10 @@ def describe(case: Case) -> str:
                          for k, (rx, tx) in enumerate(route.positions, 1))
                      + (f"; start {route.start}, ring {route.ring}" if route.positions
                         else ""))
+    for p in case.program.ports:
+        lines.append(f"  port {p.name} ({p.x}, {p.y}) {Port(p.side).name} color {p.color} "
+                     + (f"inbound {p.data.tolist()}" if p.inbound
+                        else f"outbound expected {p.expected}"))
     for (x, y), pe in sorted(case.program.pes.items()):
         image = {offset: data.tolist() for offset, data in pe.image.items()}
         lines.append(f"  PE ({x}, {y}) sram_words {pe.sram_words} image {image}")

@@ -16,7 +16,7 @@ with new data and new code on a few PEs (a training step's batch) costs little t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,7 +35,7 @@ from wse_sim.program import (
     kept_tasks,
     simd_width,
 )
-from wse_sim.router import FabricSpec, RouteTable, SwitchTable, build_fabric
+from wse_sim.router import FabricSpec, PortTable, RouteTable, SwitchTable, build_fabric
 from wse_sim.state import (
     BULK,
     CORE_PARAMS,
@@ -64,6 +64,7 @@ class Assembled:
     sram_base: np.ndarray  # [slots + 1]
     slot_pe: np.ndarray  # [slots]: PE index of each slot
     registers: int
+    port_names: list[str] = field(default_factory=list)  # the edge ports, program order
 
     def slot_of(self, pe: int) -> int:
         """The slot of PE index `pe`, -1 if it has no program."""
@@ -98,7 +99,9 @@ class Assembler:
         self.spec = FabricSpec(width, program.height, colors=wafer.colors,
                                depth=wafer.queue_depth, hop_latency=wafer.hop_latency,
                                ramp_in=wafer.ramp_in_per_cycle,
-                               switch_latency=wafer.switch_latency)
+                               switch_latency=wafer.switch_latency,
+                               edge_rate=wafer.edge_words_per_cycle,
+                               edge_latency=wafer.edge_latency_cycles)
         self.table = RouteTable(*(np.array(col, np.int64).reshape(-1) for col in (
             [k[0] for k in rkeys], [k[1] for k in rkeys], [r.rx_any for r in routes],
             [r.tx_any for r in routes])))
@@ -109,6 +112,14 @@ class Assembler:
             [r.position(k)[0] for _, r in switched for k in range(r.count)],
             [r.position(k)[1] for _, r in switched for k in range(r.count)])))
         self.route_of = {k: r for r, k in enumerate(rkeys)}
+        edge = program.ports
+        self.ports = PortTable(
+            *(np.array(col, np.int64).reshape(-1) for col in (
+                [self.route_of[(p.y * width + p.x, p.color)] for p in edge],
+                [int(p.side) for p in edge], [int(p.inbound) for p in edge],
+                [len(p.data) if p.inbound else p.expected for p in edge])),
+            np.concatenate([p.data for p in edge if p.inbound] or [np.zeros(0, np.float32)]
+                           ).astype(np.float32))
         fifo = self._fabric()[0].info
         self.ramp_fifo = np.full(len(rkeys), -1, np.int64)
         self.recv_fifo = np.full(len(rkeys), -1, np.int64)
@@ -121,7 +132,8 @@ class Assembler:
         self.code = [self._code(s, key, program.pes[key]) for s, key in enumerate(self.slots)]
 
     def _fabric(self) -> tuple[Fabric, Workers]:
-        return build_fabric(self.spec, self.table, self.slot_pe, self.stripes, self.switches)
+        return build_fabric(self.spec, self.table, self.slot_pe, self.stripes, self.switches,
+                            self.ports)
 
     def _fifo(self, x: int, y: int, kind: Kind, color: int) -> int:
         r = self.route_of[(y * self.spec.width + x, color)]
@@ -198,7 +210,8 @@ class Assembler:
         cores, task_ids = self._cores(code, sram, fb, wk)
         return Assembled(fabric=fb, cores=cores, workers=wk, task_ids=task_ids,
                          sram_base=self.sram_base, slot_pe=self.slot_pe,
-                         registers=self.wafer.registers)
+                         registers=self.wafer.registers,
+                         port_names=[p.name for p in self.program.ports])
 
     def _cores(self, code: list[list[_TaskCode]], sram: np.ndarray, fb: Fabric, wk: Workers
                ) -> tuple[Cores, np.ndarray]:

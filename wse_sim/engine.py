@@ -90,6 +90,40 @@ again for the cycle after that event, and the cycles it slept count as the stall
 cycle it fell asleep in (nothing it waits for changes while it sleeps). Routers
 sleep the same way (`wse_sim.router`).
 
+Edge ports (`wse_sim.program.EdgePort`: weight streaming's memory service). Programs
+without ports run exactly as before. r = edge_bytes_per_s / clock_hz / 4 words per cycle
+is the memory service's bandwidth each way: all inbound ports share one credit, all
+outbound ports a second one, each growing by r a cycle up to max(r, 1) (full at cycle 0;
+the fp32 credit's rule) and spent one per word. The ports act at the start of each cycle
+t, before the routers, in one serial phase (`wse_sim.router.edge_phase`), so any number
+of workers decides the same:
+
+* Inbound, from cycle `edge_latency_cycles` on: the ports with words left are served least
+  recently served first (ties: lower index in `Program.ports`); a served port puts one word
+  (at most one a cycle: it is one link) into its route's input FIFO of its side if that
+  FIFO has room judged on start-of-cycle occupancy (the routers' rule) and the credit
+  holds a word. The word may move from t + hop_latency, as if a neighbour router had moved
+  it across a link in cycle t, and its router is listed for t + 1. A port without room or
+  credit waits (back-pressure stalls the memory service; nothing is dropped). So a word
+  entering at cycle s is consumed by a PE h hops on at s + (h + 1) * hop_latency + 1.
+* Outbound: a wavelet a router sends through the port's side goes into the port's own
+  FIFO of `queue_depth` (room checked like any output, so back-pressure works unchanged),
+  ready at t + hop_latency (it crossed the link off the wafer). The ports whose head is
+  ready are served the same way within the outbound credit, one word a port a cycle; a
+  word taken in cycle t frees its slot from t + 1 (its router is listed for t + 1) and
+  reaches the memory service at t + edge_latency_cycles (`SimResult.port_last_cycle`;
+  its words: `SimResult.port_words`). More words than the port's `expected` stops the run
+  with a ProgramError naming the port, fewer at the end likewise. A control wavelet sent
+  to an outbound port ends there (counted in `control_sunk`, as at a RAMP output).
+
+The run does not end while an inbound port has words left or an outbound port's FIFO holds
+one (they are wavelets in flight). For the deadlock rule a port that moved a word, or waited
+only for its credit or for the latency of its first words, made progress; a deadlock
+message names the ports with words left ("edge ports"). Whole cycles are skipped only up
+to the first cycle the ports may act. Counters: `edge_in` / `edge_out` per PE, the words
+its ports moved (they cross no mesh link: not in `link`); the check at the end is sent +
+edge in = delivered + consumed by routers + edge out.
+
 Workers (speed, not semantics). With `threads` > 1 the fabric's rows are split into
 stripes, one per host thread, which run each cycle's router phase, then (after all have
 finished it) their PE phase; since no PE or router decision depends on the order in which
@@ -114,12 +148,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from wse_sim.assemble import Assembled, Assembler
-from wse_sim.errors import DeadlockError, SimulationStopped, SwitchOrderError, UserError
+from wse_sim.errors import (
+    DeadlockError,
+    ProgramError,
+    SimulationStopped,
+    SwitchOrderError,
+    UserError,
+)
 from wse_sim.hardware import WaferConfig
 from wse_sim.interrupt import sigint_flag
 from wse_sim.jit import (
@@ -145,6 +185,7 @@ from wse_sim.program import (
 from wse_sim.router import (
     WOKEN_DELIVERY,
     U,
+    edge_phase,
     exchange,
     has_room,
     head_ready,
@@ -154,7 +195,7 @@ from wse_sim.router import (
     route_phase,
     send,
 )
-from wse_sim.state import CONTROL, GATE_OFF, NEVER, OPERANDS, RECV
+from wse_sim.state import CONTROL, EDGE_OUT, GATE_OFF, NEVER, OPERANDS, RECV
 from wse_sim.stats import Stats
 
 # Plain ints for numba.
@@ -166,7 +207,7 @@ SWITCH_ADV = int(Op.SWITCH_ADV)
 COLOR_TRIGGER = int(Trigger.COLOR)
 FIRST_CONTROL = REPEAT
 
-RUNNING, DONE, DEADLOCK, FROZEN, FAULT = range(5)
+RUNNING, DONE, DEADLOCK, FROZEN, FAULT, EDGE_FAULT = range(6)
 # Thread step outcomes (bit flags, merged per PE per cycle).
 # F_BUSY_*: the thread waited only for its own PE's SRAM ports, fp32 credit or ramp slot.
 # F_NOSLEEP: a fabric stall that ends without an event that wakes the PE (a wavelet in the
@@ -1094,6 +1135,11 @@ def run_worker(fb, cs, wk, t, t_end, workers, w):
     n = len(stripes)
     deadlock = cs.params[0].deadlock
     hop = fb.params[0].hop
+    edge = fb.edge[0]
+    ports = edge.nports > 0
+    # Port phases run so far: read before the first barrier (no worker has run one in this
+    # call yet), then counted by every worker alike.
+    seq = edge.seq
     last_progress = stripes[w].last_progress
     status = RUNNING
     first = True
@@ -1113,10 +1159,17 @@ def run_worker(fb, cs, wk, t, t_end, workers, w):
             faults += o.pub_fault >= 0
             bulk_end = max(bulk_end, o.pub_bulk_end)
             next_free = min(next_free, o.pub_next_free)
+        # what the last port phase published (`wse_sim.router.edge_phase`)
+        q = (seq - 1) & 1
+        e_left, e_next = edge.pub_left[q], edge.pub_next[q]
+        e_work, e_fault = edge.pub_work[q], edge.pub_fault[q]
         if faults > 0:  # a switch change cut wavelets off (`wse_sim.router._switch`)
             status = FAULT
             break
-        if inflight == 0 and active == 0:
+        if e_fault >= 0:  # an outbound port received more than expected
+            status = EDGE_FAULT
+            break
+        if inflight == 0 and active == 0 and e_left == 0:
             # Nothing runs, nothing is ready, the fabric is empty: the end, whatever the
             # no-progress rule below would say. A PE whose task ended inside a bulk-run
             # instruction (no longer listed) computes until bulk_end: then the run ends, or
@@ -1125,12 +1178,15 @@ def run_worker(fb, cs, wk, t, t_end, workers, w):
             status = FROZEN if nsleep > 0 else DONE
             break
         if not first:  # the checks after cycle t - 1
-            if work > 0:
+            if work > 0 or e_work > 0:
                 last_progress = t - 1
-            if routers == 0 and active > 0:
+            if routers == 0 and (active > 0 or e_next < NEVER):
                 # Nothing in the routers can move, every listed PE is inside a bulk-run
-                # instruction: nothing happens until the first of them resumes.
-                t = max(t, min(next_free, t_end))
+                # instruction: nothing happens until the first of them resumes or the edge
+                # ports may act (`e_next`: NEVER without ports).
+                t = max(t, min(next_free, t_end, e_next))
+            if e_left > 0 and t <= edge.latency:
+                last_progress = t - 1  # the memory service's first words are on their way
             # A bulk-run instruction makes progress every cycle until it ends.
             progressed = max(last_progress, bulk_end - 1)
             if t - progressed > deadlock:
@@ -1142,6 +1198,11 @@ def run_worker(fb, cs, wk, t, t_end, workers, w):
         first = False
         if t >= t_end:
             break
+        if ports:  # the edge ports' cycle t, on one worker, before the routers'
+            if w == 0:
+                edge_phase(fb, stripes, t)
+            seq += 1
+            barrier(wk.barrier, workers)
         for k in range(w, n, workers):
             if n > 1:
                 list_pushed(fb, stripes, k, t - 1)
@@ -1160,11 +1221,17 @@ def run_worker(fb, cs, wk, t, t_end, workers, w):
 
 @dataclass
 class SimResult:
-    """The outcome of one run: cycle count, counters, final PE memories."""
+    """The outcome of one run: cycle count, counters, final PE memories, and what the edge
+    ports moved: `port_words` (outbound port name -> float32 words the memory service
+    received, in order) and `port_last_cycle` (port name -> the cycle its last word reached
+    the memory service, latency included (outbound), or entered the fabric (inbound); -1 if
+    none did)."""
 
     cycles: int
     stats: Stats
     _asm: Assembled
+    port_words: dict[str, np.ndarray] = field(default_factory=dict)
+    port_last_cycle: dict[str, int] = field(default_factory=dict)
 
     def sram(self, x: int, y: int) -> np.ndarray:
         """Final SRAM of PE (x, y) (float32 view; empty if it has no program)."""
@@ -1276,6 +1343,12 @@ def _run(program: Program, asm: Assembled, max_cycles: int | None,
             raise DeadlockError(_deadlock_message(asm, t, status))
         if status == FAULT:
             raise SwitchOrderError(_fault_message(program, asm, t))
+        if status == EDGE_FAULT:
+            k = int(fb.edge["fault"][0])
+            pt = fb.port[k]
+            raise ProgramError(f"{_port_name(program, k)}: the memory service received more "
+                               f"than the {int(pt['n'])} words expected (one more by cycle "
+                               f"{int(pt['cycle'])})")
         if max_cycles is not None and t >= max_cycles:
             raise _stopped(program, asm, t, "max_cycles", f"reached max_cycles={max_cycles}")
         if interrupted():
@@ -1286,11 +1359,37 @@ def _run(program: Program, asm: Assembled, max_cycles: int | None,
     stats = Stats.from_state(program.width, program.height, t, fb, wk, cs)
     consumed = int(fb.fifo["popped"][fb.info["port"] == RECV].sum())
     sunk = int(stats.control_sunk.sum())  # control wavelets end at routers, not PEs
-    if not stats.injected - sunk == stats.delivered == consumed:
+    edge_in, edge_out = int(stats.edge_in.sum()), int(stats.edge_out.sum())
+    if not (stats.injected + edge_in - sunk == stats.delivered + edge_out
+            and stats.delivered == consumed):
         raise AssertionError(f"fabric lost wavelets: {stats.injected} sent (with multicast "
-                             f"copies), {sunk} control wavelets consumed by routers, "
-                             f"{stats.delivered} delivered, {consumed} consumed")
-    return SimResult(cycles=t, stats=stats, _asm=asm)
+                             f"copies), {edge_in} in through edge ports, {sunk} control "
+                             f"wavelets consumed by routers, {stats.delivered} delivered, "
+                             f"{consumed} consumed, {edge_out} out through edge ports")
+    for k in np.nonzero(fb.port["done"] < fb.port["n"])[0]:  # (inbound: all sent, run ended)
+        pt = fb.port[k]
+        raise ProgramError(f"{_port_name(program, int(k))}: the memory service received "
+                           f"{int(pt['done'])} of the {int(pt['n'])} words expected by the end "
+                           f"of the run (cycle {t})")
+    return SimResult(cycles=t, stats=stats, _asm=asm, **_port_results(program, fb))
+
+
+def _port_name(program: Program, k: int) -> str:
+    """Edge port k as an error names it: name, PE, side, color, direction."""
+    p = program.ports[k]
+    return (f"port {p.name!r} at PE ({p.x}, {p.y}) side {Port(p.side).name} color {p.color} "
+            f"({'inbound' if p.inbound else 'outbound'})")
+
+
+def _port_results(program: Program, fb) -> dict[str, dict]:
+    """SimResult's port_words and port_last_cycle (what arrived so far)."""
+    port, data = fb.port, fb.edge_data
+    words = {p.name: data[port["data"][k]: port["data"][k] + min(port["done"][k], port["n"][k])
+                          ].copy()
+             for k, p in enumerate(program.ports) if not p.inbound}
+    return {"port_words": words,
+            "port_last_cycle": {p.name: int(port["cycle"][k])
+                                for k, p in enumerate(program.ports)}}
 
 
 def _stopped(program: Program, asm: Assembled, t: int, reason: str,
@@ -1302,7 +1401,7 @@ def _stopped(program: Program, asm: Assembled, t: int, reason: str,
     inflight = int(wk.stripe["inflight"].sum())
     _settle(cs, t)
     stats = Stats.from_state(program.width, program.height, t, asm.fabric, wk, cs)
-    result = SimResult(cycles=t, stats=stats, _asm=asm)
+    result = SimResult(cycles=t, stats=stats, _asm=asm, **_port_results(program, asm.fabric))
     return SimulationStopped(f"stopped at cycle {t:,}: {why}; {running} PEs still running a "
                              f"task, {inflight} wavelets in flight", cycle=t, reason=reason,
                              result=result)
@@ -1346,6 +1445,8 @@ def _deadlock_message(asm: Assembled, t: int, status: int, limit: int = 8) -> st
             held.append(f"PE {where(router)} {Port(port).name} color {color_of(b)}: "
                         f"{int(count[b])} wavelets, switch position {int(sw['pos'])} does not "
                         f"accept {Port(port).name}")
+        if port == EDGE_OUT:
+            continue  # (named with its port below)
         if port == RECV:
             s = int(fb.router["slot"][router])
             halted = s >= 0 and bool(cs.slot["halted"][s])
@@ -1354,10 +1455,19 @@ def _deadlock_message(asm: Assembled, t: int, status: int, limit: int = 8) -> st
                                 f"wavelets at a {'halted' if halted else 'idle'} PE")
         elif count[b] >= depth:
             full.append(f"PE {where(router)} {Port(port).name} color {color_of(b)}")
+    ports = []
+    for k, pt in enumerate(fb.port):
+        left = int(pt["n"] - pt["done"])
+        queued = int(count[pt["fifo"]])
+        if pt["inbound"] and left > 0:
+            ports.append(f"{asm.port_names[k]!r} inbound {left} words left"
+                         + (", its FIFO full" if queued >= depth else ""))
+        elif not pt["inbound"] and queued > 0:
+            ports.append(f"{asm.port_names[k]!r} outbound {queued} words queued")
     kind = "no progress" if status == DEADLOCK else "the fabric is stuck"
     parts = [f"deadlock at cycle {t} ({kind})"]
     for label, items in (("waiting", waiting), ("stranded", stranded), ("full buffers", full),
-                         ("held by a switch position", held)):
+                         ("held by a switch position", held), ("edge ports", ports)):
         if items:
             more = f"; ... and {len(items) - limit} more" if len(items) > limit else ""
             parts.append(f"{label}: " + "; ".join(items[:limit]) + more)

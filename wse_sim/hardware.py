@@ -86,6 +86,14 @@ class WaferConfig(BaseModel):
         "color moves again under the new position (0: from the next cycle).")
     ramp_in_per_cycle: int = Field(gt=0, description="Wavelets router -> PE per cycle.")
     ramp_out_per_cycle: int = Field(gt=0, description="Wavelets PE -> router per cycle.")
+    edge_bytes_per_s: FiniteFloat = Field(
+        gt=0, description="Memory-service bandwidth into the wafer through its edge ports, "
+        "bytes per second, shared by all inbound ports; the same again out of it (full "
+        "duplex), shared by the outbound ports (wse_sim.engine, \"Edge ports\").")
+    edge_latency_cycles: int = Field(
+        ge=0, description="Cycles from the memory service sending a word to it being able to "
+        "enter the edge router, and from a word leaving the fabric to its arrival at the "
+        "memory service.")
     microthreads: int = Field(gt=0, description="Tasks that may run at once on a PE.")
     max_tasks: int = Field(gt=0, description="Task ids per PE.")
     registers: int = Field(gt=0, description="fp32 scalar registers per PE.")
@@ -127,6 +135,11 @@ class WaferConfig(BaseModel):
     @property
     def sram_words_per_pe(self) -> int:
         return self.sram_bytes_per_pe // BYTES_PER_WORD
+
+    @property
+    def edge_words_per_cycle(self) -> float:
+        """32-bit words per cycle each direction of the edge carries (all ports together)."""
+        return self.edge_bytes_per_s / self.clock_hz / BYTES_PER_WORD
 
     @property
     def num_pes(self) -> int:

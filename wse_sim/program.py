@@ -27,6 +27,19 @@ side of the base route (`.rx = ...` or `.tx = ...`, never both): `validate` enfo
 unless `wafer.switch_both_sides`. A PE re-sending what it receives on another color (a MOV
 with a FABIN source and a FABOUT destination) is a *relay*; it costs what any MOV costs.
 
+Edge ports (weight streaming). `Program.ports` lists `EdgePort`s, links between an external
+memory service and the fabric at a border PE's port that faces off the wafer (`side` N, E,
+S or W, for one `color`). An *inbound* port sends its `data` (1-D float32) into the fabric:
+the route of `color` at (x, y) must accept from `side` (in some switch position) and moves
+the words on per its tx, like wavelets that crossed a link from a neighbour. An *outbound*
+port receives what the route of `color` at (x, y) sends to `side` (its tx holds `side`);
+the memory service must receive exactly `expected` words (more, or fewer at the end, is an
+error naming the port). A route may accept from or send to a side off the wafer only where
+a port is declared (sending off it without one is an error; accepting from it is harmless,
+nothing arrives). Names are unique, and one (PE, side, color) has at most one port. The
+bandwidth the ports share and their latency are wafer fields (`edge_bytes_per_s`,
+`edge_latency_cycles`); the timing is `wse_sim.engine`'s ("Edge ports").
+
 PE model: SRAM of `sram_words` 32-bit words (fp32), a small scalar register file, and
 tasks. A task is a list of instructions run on one microthread, in order, to completion.
 Each vector instruction processes `n` elements, element `i` computing
@@ -404,6 +417,21 @@ class Region:
     height: int
 
 
+@dataclass(frozen=True, eq=False)
+class EdgePort:
+    """One link between the memory service and the fabric, at a border PE's outward-facing
+    port (module docstring, "Edge ports")."""
+
+    name: str  # unique in the program; results are keyed by it
+    x: int
+    y: int
+    side: Port  # N, E, S or W; must face off the wafer at (x, y)
+    color: int
+    inbound: bool  # True: memory service -> fabric; False: fabric -> memory service
+    data: np.ndarray  # inbound: float32 words sent in this order; outbound: ignored
+    expected: int = 0  # outbound: words the memory service must receive; inbound: len(data)
+
+
 @dataclass
 class Program:
     """A whole fabric's program. PEs absent from `pes` run nothing (their routers may still
@@ -416,6 +444,7 @@ class Program:
     tensors: dict[str, TensorLayout] = field(default_factory=dict)
     regions: list[Region] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    ports: list[EdgePort] = field(default_factory=list)  # memory-service edge ports
 
     def pe(self, x: int, y: int, sram_words: int = 0) -> PEProgram:
         """The program of PE (x, y), created on first use; grows its SRAM to `sram_words`."""
@@ -504,6 +533,7 @@ def validate(program: Program, wafer: WaferConfig) -> None:
         raise ProgramError(f"program fabric {w} x {h} does not fit the wafer "
                            f"{wafer.width} x {wafer.height}")
     routes = program.routes
+    outward = _validate_ports(program, wafer)
     for (x, y, color), route in routes.items():
         where = f"route at PE ({x}, {y}) color {color}"
         if not (0 <= x < w and 0 <= y < h):
@@ -526,6 +556,8 @@ def validate(program: Program, wafer: WaferConfig) -> None:
                     continue
                 nx, ny = x + dx, y + dy
                 if not (0 <= nx < w and 0 <= ny < h):
+                    if (x, y, port, color) in outward:
+                        continue  # to an outbound edge port
                     raise ProgramError(f"{at}: tx {port.name} leads off the mesh edge")
                 nbr = routes.get((nx, ny, color))
                 if nbr is None or not nbr.rx_any >> OPPOSITE[port] & 1:
@@ -545,6 +577,77 @@ def validate(program: Program, wafer: WaferConfig) -> None:
             raise ProgramError(f"region {region.name}: rectangle {region.width} x "
                                f"{region.height} at ({region.x}, {region.y}) is outside the "
                                f"{w} x {h} fabric")
+
+
+MESH_PORTS = (Port.N, Port.E, Port.S, Port.W)
+
+
+def faces_off(x: int, y: int, side: Port, width: int, height: int) -> bool:
+    """Port `side` of PE (x, y) faces off the width x height fabric."""
+    dx, dy = PORT_OFFSET[side]
+    return not (0 <= x + dx < width and 0 <= y + dy < height)
+
+
+def _validate_ports(program: Program, wafer: WaferConfig) -> set[tuple[int, int, Port, int]]:
+    """The checks of the edge ports (module docstring, "Edge ports"); returns the (x, y,
+    side, color) of the outbound ones (routes may send off the edge there)."""
+    w, h = program.width, program.height
+    names: set[str] = set()
+    seen: set[tuple[int, int, int, int]] = set()
+    outward: set[tuple[int, int, Port, int]] = set()
+    for k, port in enumerate(program.ports):
+        if not isinstance(port, EdgePort):
+            raise ProgramError(f"port {k}: not an EdgePort ({type(port).__name__})")
+        name = port.name
+        where = f"port {name!r}"
+        if not isinstance(name, str) or not name:
+            raise ProgramError(f"port {k}: field name must be a non-empty string")
+        if name in names:
+            raise ProgramError(f"{where}: name used by two ports")
+        names.add(name)
+        if not (0 <= port.x < w and 0 <= port.y < h):
+            raise ProgramError(f"{where} at PE ({port.x}, {port.y}): PE outside the {w} x {h} "
+                               f"fabric")
+        if port.side not in MESH_PORTS:
+            raise ProgramError(f"{where} at PE ({port.x}, {port.y}): field side must be N, E, "
+                               f"S or W (got {port.side!r})")
+        side = Port(port.side)
+        where = (f"{where} at PE ({port.x}, {port.y}) side {side.name} color {port.color} "
+                 f"({'inbound' if port.inbound else 'outbound'})")
+        _check_color(port.color, wafer, where)
+        if not faces_off(port.x, port.y, side, w, h):
+            raise ProgramError(f"{where}: side {side.name} does not face off the {w} x {h} "
+                               f"fabric")
+        key = (port.x, port.y, int(side), port.color)
+        if key in seen:
+            raise ProgramError(f"{where}: a second port on the same PE, side and color")
+        seen.add(key)
+        route = program.routes.get((port.x, port.y, port.color))
+        if port.inbound:
+            data = port.data
+            if not (isinstance(data, np.ndarray) and data.ndim == 1
+                    and data.dtype == np.float32):
+                got = (f"{data.dtype} of shape {data.shape}" if isinstance(data, np.ndarray)
+                       else type(data).__name__)
+                raise ProgramError(f"{where}: field data must be a 1-D float32 array (got "
+                                   f"{got})")
+            if port.expected not in (0, len(data)):
+                raise ProgramError(f"{where}: field expected {port.expected}: an inbound port "
+                                   f"sends len(data) = {len(data)} words (give 0 or that)")
+            if route is None or not route.rx_any >> side & 1:
+                raise ProgramError(f"{where}: the route of color {port.color} at that PE "
+                                   f"{'is missing' if route is None else 'does not accept'}"
+                                   f"{'' if route is None else ' from ' + side.name}")
+        else:
+            if not isinstance(port.expected, int | np.integer) or port.expected < 0:
+                raise ProgramError(f"{where}: field expected must be an integer >= 0 (got "
+                                   f"{port.expected!r})")
+            if route is None or not route.tx_any >> side & 1:
+                raise ProgramError(f"{where}: the route of color {port.color} at that PE "
+                                   f"{'is missing' if route is None else 'does not send'}"
+                                   f"{'' if route is None else ' to ' + side.name}")
+            outward.add((port.x, port.y, side, port.color))
+    return outward
 
 
 def _validate_switches(where: str, route: Route, wafer: WaferConfig) -> None:
@@ -796,7 +899,8 @@ def validate_replacement(program: Program, wafer: WaferConfig,
 # --------------------------------------------------------------------------------------------
 # Serialization: one .npz of flat integer/float arrays plus a JSON header; no pickle.
 
-FORMAT_VERSION = 3  # 3: switch positions of routes
+FORMAT_VERSION = 4  # 3: switch positions of routes; 4: edge ports
+READABLE_VERSIONS = (3, 4)  # a version 3 file is a program without edge ports
 _HALF_BIT = 8  # an fp16 operand's kind column holds Kind | 8 (files without fp16 unchanged)
 _OPERAND_FIELDS = ("dst", "a", "b", "c")
 
@@ -840,7 +944,11 @@ def save_program(program: Program, path: str | Path, wafer: WaferConfig | None =
               "regions": [[r.name, r.label, r.x, r.y, r.width, r.height]
                           for r in program.regions],
               "meta": program.meta,
-              "wafer": None if wafer is None else wafer.model_dump()}
+              "wafer": None if wafer is None else wafer.model_dump(),
+              # name, x, y, side, color, inbound, expected, words in port_data
+              "ports": [[p.name, p.x, p.y, int(p.side), p.color, bool(p.inbound),
+                         int(p.expected), len(p.data) if p.inbound else 0]
+                        for p in program.ports]}
 
     def table(rows: list, cols: int) -> np.ndarray:
         return np.array(rows, np.int64).reshape(-1, cols)
@@ -857,6 +965,9 @@ def save_program(program: Program, path: str | Path, wafer: WaferConfig | None =
         "routes": table(route_rows, 8),
         "route_positions": table(position_rows, 2),  # the routes' positions, in route order
         "tensor_slots": table(slot_rows, 10),
+        "port_data": np.concatenate([np.asarray(p.data, np.float32).ravel()
+                                     for p in program.ports if p.inbound]
+                                    or [np.zeros(0, np.float32)]),
     }
     write_file(path, lambda fh: np.savez_compressed(fh, **arrays))
 
@@ -888,7 +999,8 @@ def _no_constant(name: str) -> None:
 
 
 def _program_from(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Program:
-    if header.get("format") != "wse_sim.Program" or header.get("version") != FORMAT_VERSION:
+    if (header.get("format") != "wse_sim.Program"
+            or header.get("version") not in READABLE_VERSIONS):
         raise ValueError(f"format {header.get('format')!r} version {header.get('version')!r}")
     if not isinstance(header["meta"], dict):
         raise TypeError("header field meta must be an object")
@@ -927,4 +1039,13 @@ def _program_from(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Prog
         program.tensors[names[t]].slots.append(TensorSlot(x, y, offset, (r0, r1), (c0, c1),
                                                           rs, cs))
     program.regions = [Region(*fields) for fields in header["regions"]]
+    port_data = arrays.get("port_data", np.zeros(0, np.float32))
+    at = 0
+    for name, x, y, side, color, inbound, expected, n in header.get("ports", []):
+        if n < 0 or at + n > len(port_data):
+            raise ValueError(f"port {name!r}: {n} words of data")
+        data = port_data[at:at + n].copy() if inbound else np.zeros(0, np.float32)
+        program.ports.append(EdgePort(name, x, y, Port(side), color, bool(inbound), data,
+                                      expected))
+        at += n
     return program

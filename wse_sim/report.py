@@ -98,6 +98,8 @@ def fabric_report(stats: Stats, clock_hz: float, used: np.ndarray) -> dict[str, 
         "control_wavelets": int(stats.control.sum()),
         "switch_changes": int(stats.switch_changes.sum()),
         "relayed_wavelets": int(stats.relayed.sum()),
+        "edge_words_in": int(stats.edge_in.sum()),  # through the memory-service edge ports
+        "edge_words_out": int(stats.edge_out.sum()),
         "max_link_load": int(link.max()) if link.size else 0,
         "mean_link_load": float(link[link > 0].mean()) if (link > 0).any() else 0.0,
         "hottest_links": hottest_links(link),
@@ -329,6 +331,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"switches      {report['switch_changes']:,} position changes by "
         f"{report['control_wavelets']:,} control wavelets; {report['relayed_wavelets']:,} "
         "wavelets relayed",
+    ]
+    if report.get("edge_words_in") or report.get("edge_words_out"):
+        lines.append(f"edge ports    {report['edge_words_in']:,} words in from the memory "
+                     f"service, {report['edge_words_out']:,} out to it")
+    lines += [
         f"links         simulated: max {report['max_link_load']:,}, mean "
         f"{report['mean_link_load']:,.0f}, hottest {_links(report['hottest_links'])}",
     ]

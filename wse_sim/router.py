@@ -63,6 +63,16 @@ ready at t + hop_latency at the earliest; counting them would depend on the orde
 run in); wavelets that arrive later at a port no position will accept again are stranded
 and reported when the fabric stops (DeadlockError, "held by a switch position").
 
+Edge ports (program mode; `wse_sim.engine` has the timing). An inbound port fills the input
+FIFO of its route for its off-wafer side (FifoInfo.producer EDGE_FED: no router feeds it);
+an outbound port has a FIFO of its own (port EDGE_OUT, after the receive queues) behind
+its route's output of that side. `edge_phase` serves them at the start of a cycle, on one
+worker, before the routers: it pushes and pops like a neighbouring router (ready after
+hop_latency, room on start-of-cycle occupancy) and leaves the routers it touched in its
+stripe's `edge_woken` list, which that stripe's `route_phase` lists for the next cycle.
+What it decided the workers read from slot `seq & 1` of the EDGE record's pub_ fields
+(double-buffered: a worker may still read the previous phase's while the next runs).
+
 Order does not matter. Within a cycle no router's decision depends on another's: heads
 pushed this cycle are not ready before t + 1, room is start-of-cycle occupancy, every
 FIFO has one producer, and a route's switch position is changed only by its own router.
@@ -93,6 +103,10 @@ from wse_sim.jit import atomic_add, bits_float, float_bits, hot, hot_inline, tra
 from wse_sim.program import OPPOSITE, PORT_OFFSET, Port
 from wse_sim.state import (
     CONTROL,
+    EDGE,
+    EDGE_FED,
+    EDGE_OUT,
+    EDGE_PORT,
     FABRIC_PARAMS,
     FIFO,
     FIFO_INFO,
@@ -138,6 +152,8 @@ class FabricSpec:
     packet: bool = False  # destination-routed packets, ejected at RAMP
     switch_latency: int = 0  # extra cycles a switch change holds its color
     latency_bins: int = 1  # packet mode latency histogram
+    edge_rate: float = 1.0  # edge ports: words per cycle each direction (all ports)
+    edge_latency: int = 0  # edge ports: cycles to and from the memory service
 
 
 class RouteTable(NamedTuple):
@@ -165,6 +181,21 @@ class SwitchTable(NamedTuple):
 NO_SWITCHES = SwitchTable(*(np.zeros(0, np.int64) for _ in range(6)))
 
 
+class PortTable(NamedTuple):
+    """The edge ports, in program order: RouteTable index of their (PE, color) route, side
+    (Port), inbound flag, words (inbound: to send; outbound: expected), and the inbound
+    ports' words end to end (float32)."""
+
+    route: np.ndarray
+    side: np.ndarray
+    inbound: np.ndarray
+    words: np.ndarray
+    data: np.ndarray
+
+
+NO_PORTS = PortTable(*(np.zeros(0, np.int64) for _ in range(4)), np.zeros(0, np.float32))
+
+
 def _unicast_port(tx: np.ndarray) -> np.ndarray:
     """The port of each unicast tx mask, -1 for a multicast (or empty) one."""
     single = (tx & (tx - 1)) == 0
@@ -172,11 +203,14 @@ def _unicast_port(tx: np.ndarray) -> np.ndarray:
 
 
 def build_fabric(spec: FabricSpec, routes: RouteTable, program_pes: np.ndarray,
-                 stripes: int, switches: SwitchTable = NO_SWITCHES) -> tuple[Fabric, Workers]:
-    """Fabric state at cycle 0 for `routes` (with the switch positions `switches`), and the
-    workers of `stripes` bands of rows. `program_pes` (sorted PE indices) are the PEs that
-    run a program: each has a router (maybe without FIFOs) and its slot is its rank
-    there."""
+                 stripes: int, switches: SwitchTable = NO_SWITCHES,
+                 ports: PortTable = NO_PORTS) -> tuple[Fabric, Workers]:
+    """Fabric state at cycle 0 for `routes` (with the switch positions `switches` and the
+    edge ports `ports`), and the workers of `stripes` bands of rows. `program_pes` (sorted
+    PE indices) are the PEs that run a program: each has a router (maybe without FIFOs)
+    and its slot is its rank there. An inbound port fills its route's input FIFO of its
+    side; an outbound port has a FIFO of its own (after the receive queues) behind its
+    route's output `side`."""
     width = spec.width
     rpe = np.asarray(routes.pe, np.int64)
     color = np.asarray(routes.color, np.int64)
@@ -196,12 +230,23 @@ def build_fabric(spec: FabricSpec, routes: RouteTable, program_pes: np.ndarray,
     fifo_port = np.nonzero(has_in)[1]
     recv_routes = (np.zeros(0, np.int64) if spec.packet
                    else np.nonzero((tx >> RAMP) & 1)[0])
-    nfifo = n_in + len(recv_routes)
+    p_route = np.asarray(ports.route, np.int64)
+    p_side = np.asarray(ports.side, np.int64)
+    p_in = np.asarray(ports.inbound, bool)
+    out_routes = p_route[~p_in]
+    n_recv = n_in + len(recv_routes)
+    nfifo = n_recv + len(out_routes)
     fifo = FIFO_INFO.new(nfifo)
-    fifo["route"] = np.concatenate([fifo_route, recv_routes])
+    fifo["route"] = np.concatenate([fifo_route, recv_routes, out_routes])
     fifo["router"] = route_router[fifo["route"]]
-    fifo["port"] = np.concatenate([fifo_port, np.full(len(recv_routes), RECV)])
-    fifo["producer"][n_in:] = fifo["router"][n_in:]  # a receive queue: its own router
+    fifo["port"] = np.concatenate([fifo_port, np.full(len(recv_routes), RECV),
+                                   np.full(len(out_routes), EDGE_OUT)])
+    # a receive queue or an outbound port's FIFO: fed by its own router
+    fifo["producer"][n_in:] = fifo["router"][n_in:]
+    port_fifo = np.zeros(len(p_route), np.int64)
+    port_fifo[p_in] = in_fifo[p_route[p_in], p_side[p_in]]
+    port_fifo[~p_in] = n_recv + np.arange(len(out_routes))
+    fifo["producer"][port_fifo[p_in]] = EDGE_FED
     route = ROUTE.new(nroute)
     route["tx"], route["color"] = tx, color
     route["out"] = _unicast_port(tx)
@@ -222,6 +267,7 @@ def build_fabric(spec: FabricSpec, routes: RouteTable, program_pes: np.ndarray,
         sel, d = sel[found], in_fifo[pos[found], OPPOSITE[port]]
         dest[sel, port] = d
         fifo["producer"][d] = route_router[sel]
+    dest[out_routes, p_side[~p_in]] = port_fifo[~p_in]
     router = ROUTER.new(nrouter)
     router["fifo_lo"] = np.searchsorted(route_router[fifo_route], np.arange(nrouter))
     router["fifo_hi"] = np.searchsorted(route_router[fifo_route], np.arange(nrouter), "right")
@@ -253,7 +299,8 @@ def build_fabric(spec: FabricSpec, routes: RouteTable, program_pes: np.ndarray,
     route["dest"] = dest
     xin = np.argsort(stripe_of[fifo["router"][xf_fifo]], kind="stable").astype(np.int32)
 
-    wakers = np.bincount(fifo["router"][fifo["port"] >= RAMP], minlength=nrouter)
+    wakers = np.bincount(fifo["router"][(fifo["port"] == RAMP) | (fifo["port"] == RECV)],
+                         minlength=nrouter)
     w_lo = np.concatenate([[0], np.cumsum(wakers)])[r_bounds[:-1]]
     # A stripe's program PEs: from the first PE of its first row (a program without
     # routes or PEs has no router to start a stripe at).
@@ -269,6 +316,8 @@ def build_fabric(spec: FabricSpec, routes: RouteTable, program_pes: np.ndarray,
     stripe["xi_lo"] = np.searchsorted(xi_stripe, np.arange(stripes))
     stripe["xi_hi"] = np.searchsorted(xi_stripe, np.arange(stripes), "right")
     stripe["w_lo"] = w_lo
+    port_stripe = stripe_of[route_router[p_route]] if len(p_route) else p_route
+    stripe["e_lo"] = np.searchsorted(np.sort(port_stripe), np.arange(stripes))
 
     params = FABRIC_PARAMS.new(1)
     shift = max(int(spec.depth - 1).bit_length(), 0)
@@ -300,8 +349,41 @@ def build_fabric(spec: FabricSpec, routes: RouteTable, program_pes: np.ndarray,
         switch=switch,
         swpos=swpos,
         route_sw=route_sw,
+        **_edge(spec, ports, port_fifo, route_router[p_route], port_stripe),
     )
     return fb, Workers(stripe=stripe, barrier=np.zeros(16, np.int64))
+
+
+def _edge(spec: FabricSpec, ports: PortTable, fifo: np.ndarray, router: np.ndarray,
+          stripe: np.ndarray) -> dict[str, np.ndarray]:
+    """The Fabric fields of the edge ports at cycle 0 (`edge_phase`)."""
+    nports = len(ports.route)
+    port = EDGE_PORT.new(nports)
+    inbound = np.asarray(ports.inbound, bool)
+    words = np.asarray(ports.words, np.int64)
+    port["n"], port["fifo"], port["router"], port["stripe"] = words, fifo, router, stripe
+    port["inbound"] = inbound
+    port["data"] = np.concatenate([[0], np.cumsum(words)])[:-1]
+    data = np.zeros(int(words.sum()), np.float32)
+    # the inbound words, port after port (outbound ports' slots stay zero until received)
+    at = np.concatenate([np.arange(p, p + n) for p, n in zip(port["data"][inbound],
+                                                             words[inbound], strict=True)]
+                        or [np.zeros(0, np.int64)]).astype(np.int64)
+    data[at] = ports.data
+    order = np.concatenate([np.nonzero(inbound & (words > 0))[0], np.nonzero(~inbound)[0]])
+    edge = EDGE.new(1)
+    cap = max(spec.edge_rate, 1.0)
+    edge["rate"], edge["cap"], edge["cin"], edge["cout"] = spec.edge_rate, cap, cap, cap
+    edge["latency"], edge["nports"] = spec.edge_latency, nports
+    edge["nin"] = int((inbound & (words > 0)).sum())
+    edge["out_lo"], edge["nout"] = edge["nin"], int((~inbound).sum())
+    edge["in_left"] = edge["pub_left"] = int(words[inbound].sum())
+    if nports:
+        edge["pub_next"] = 0
+    return {"edge": edge, "port": port, "edge_data": data,
+            "edge_order": np.append(order, 0).astype(np.int32),
+            "edge_served": np.zeros(nports + 1, np.int32),
+            "edge_woken": np.zeros(nports + 1, np.int32)}
 
 
 def _switches(sw: SwitchTable, route: np.ndarray, fifo: np.ndarray, in_fifo: np.ndarray,
@@ -345,7 +427,8 @@ def fabric_counters(fb: Fabric) -> dict[str, np.ndarray]:
     width, colors = int(fb.params["width"][0]), int(fb.params["colors"][0])
     info, nrouter = fb.info, len(fb.router)
     port, pushed, owner = info["port"], fb.fifo["pushed"], info["router"]
-    mesh = (port < RAMP) & (pushed > 0)
+    # (an inbound edge port's words crossed no mesh link: counted by the port, EDGE_PORT)
+    mesh = (port < RAMP) & (pushed > 0) & (info["producer"] != EDGE_FED)
     offset = np.array([PORT_OFFSET[Port(o)] for o in range(RAMP)], np.int64)
     opposite = np.array([OPPOSITE[Port(o)] for o in range(RAMP)], np.int64)
     here = fb.router_pe[owner[mesh]]
@@ -520,7 +603,12 @@ def _output(fb, s, rt, o, d, data, t):
     """Copy a moved wavelet to output o of router rt, destination d."""
     p = fb.params[0]
     if o < RAMP:
-        if d >= 0:
+        if d >= 0 and fb.info[U(d)].port == EDGE_OUT:  # to an outbound edge port
+            if data == CONTROL:  # ends there, as at a RAMP output
+                rt.sunk += 1
+                return
+            _push(fb, d, data, t + p.hop, p.shift)  # it crossed the link off the wafer
+        elif d >= 0:
             r = fb.info[U(d)].router
             if fb.fifo[U(d)].pushed == fb.fifo[U(d)].popped:
                 _mark(fb, r, d, True)
@@ -562,7 +650,7 @@ def _move(fb, s, rt_index, b, route, out, t):
     elif info.port == RAMP:
         if rt.slot >= 0:
             _woken(fb, s, rt.slot, WOKEN_POP)  # the PE may be asleep on a full RAMP FIFO
-    else:
+    elif info.producer != EDGE_FED:  # (an edge port looks at its FIFO every cycle)
         s.xpops += 1  # fed from another stripe: `exchange` lists its producer
     if out >= 0:
         _output(fb, s, rt, out, route.dest[out], data, t)
@@ -711,7 +799,136 @@ def route_phase(fb, stripes, w, t):
     moved = 0
     for j in range(s.r_lo, s.r_lo + s.r_ncur):
         moved += _route_one(fb, s, w, fb.active[U(s.rcur), U(j)], t)
+    # routers whose FIFO an edge port filled or emptied this cycle (`edge_phase`)
+    for j in range(s.e_lo, s.e_lo + s.nedge):
+        activate(fb, s, fb.edge_woken[U(j)], t)
+    s.nedge = 0
     return moved
+
+
+@hot_inline
+def _edge_woken(fb, stripes, pt):
+    """List port pt's router (in its stripe's route phase of this cycle, for the next)."""
+    s = stripes[pt.stripe]
+    fb.edge_woken[U(s.e_lo + s.nedge)] = pt.router
+    s.nedge += 1
+
+
+@hot_inline
+def _served_last(fb, order, lo, kept, nserved):
+    """Put the ports served this cycle (edge_served[:nserved], in serving order) after the
+    `kept` ports not served at order[lo:], by port index: least recently served first."""
+    served = fb.edge_served
+    for i in range(1, nserved):  # insertion sort: a few ports a cycle
+        k = served[i]
+        j = i
+        while j > 0 and served[j - 1] > k:
+            served[j] = served[j - 1]
+            j -= 1
+        served[j] = k
+    for i in range(nserved):
+        order[U(lo + kept + i)] = served[i]
+
+
+@hot
+def edge_phase(fb, stripes, t):
+    """Cycle t of the edge ports, before the routers, run by one worker (module docstring,
+    "Edge ports"). Inbound ports with words left, least recently served first (ties: lower
+    port index), each put at most one word into its FIFO if it has room (start-of-cycle
+    occupancy) and the inbound credit allows; outbound ports with a ready head likewise
+    take one word each within the outbound credit. Publishes (EDGE pub_*, slot seq & 1)
+    what the workers decide the next cycle by."""
+    e = fb.edge[0]
+    p = fb.params[0]
+    depth, shift, hop = p.depth, p.shift, p.hop
+    order = fb.edge_order
+    moved = 0
+    busy = 0
+    if e.in_left > 0:
+        if t < e.latency:
+            busy = 1  # the memory service's first words are on their way
+        else:
+            credit = min(e.cin + e.rate * (t - e.cin_t), e.cap)
+            e.cin_t = t
+            kept = 0
+            nserved = 0
+            for j in range(e.nin):
+                k = order[U(j)]
+                pt = fb.port[U(k)]
+                b = pt.fifo
+                if has_room(fb, b, t, depth):
+                    if credit >= 1.0:
+                        credit -= 1.0
+                        if fb.fifo[U(b)].pushed == fb.fifo[U(b)].popped:
+                            _mark(fb, pt.router, b, True)
+                        _push(fb, b, float_bits(fb.edge_data[U(pt.data + pt.done)]),
+                              t + hop, shift)
+                        pt.done += 1
+                        pt.last = t
+                        pt.cycle = t
+                        e.in_left -= 1
+                        stripes[pt.stripe].inflight += 1
+                        _edge_woken(fb, stripes, pt)
+                        moved += 1
+                        if pt.done < pt.n:
+                            fb.edge_served[U(nserved)] = k
+                            nserved += 1
+                        continue
+                    busy = 1  # waits only for the memory service's bandwidth
+                order[U(kept)] = k
+                kept += 1
+            _served_last(fb, order, 0, kept, nserved)
+            e.nin = kept + nserved
+            e.cin = credit
+    held = 0
+    if e.nout > 0:
+        credit = min(e.cout + e.rate * (t - e.cout_t), e.cap)
+        e.cout_t = t
+        lo = e.out_lo
+        kept = 0
+        nserved = 0
+        for j in range(e.nout):
+            k = order[U(lo + j)]
+            pt = fb.port[U(k)]
+            b = pt.fifo
+            f = fb.fifo[U(b)]
+            if f.head_ready <= t:
+                if credit >= 1.0:
+                    credit -= 1.0
+                    value = bits_float(f.head)
+                    _pop(fb, b, shift)
+                    f.last_grant = t
+                    if pt.done < pt.n:
+                        fb.edge_data[U(pt.data + pt.done)] = value
+                    elif e.fault < 0:
+                        e.fault = k  # more words than expected
+                    pt.done += 1
+                    pt.last = t
+                    pt.cycle = t + e.latency
+                    stripes[pt.stripe].inflight -= 1
+                    _edge_woken(fb, stripes, pt)  # its router may wait for room
+                    moved += 1
+                    fb.edge_served[U(nserved)] = k
+                    nserved += 1
+                    held += f.pushed > f.popped
+                    continue
+                busy = 1
+            held += f.pushed > f.popped
+            order[U(lo + kept)] = k
+            kept += 1
+        _served_last(fb, order, lo, kept, nserved)
+        e.cout = credit
+    q = e.seq & 1
+    e.seq += 1
+    e.pub_work[q] = moved + busy
+    e.pub_left[q] = e.in_left
+    e.pub_fault[q] = e.fault
+    if held > 0:
+        e.pub_next[q] = t + 1
+    elif e.in_left > 0:
+        e.pub_next[q] = max(t + 1, e.latency)
+    else:
+        e.pub_next[q] = NEVER
 
 
 @hot

@@ -35,6 +35,8 @@ REMOTE = -3  # Route.dest <= REMOTE: cross-stripe FIFO, XFifo index REMOTE - des
 CONTROL = -1  # a control wavelet's data (a float32's bits and a packet's tag are >= 0)
 GATE_OFF = 1  # FifoInfo.gate: its route's switch position does not accept its port
 GATE_HELD = 2  # ... accepts it, from the Switch's `hold` cycle on (then gate 0)
+EDGE_OUT = RECV + 1  # Fifo.port of an outbound edge port's FIFO (a router output)
+EDGE_FED = -2  # FifoInfo.producer of a router input FIFO an inbound edge port fills
 
 
 class Table:
@@ -131,6 +133,39 @@ XFIFO = Table(  # an input FIFO fed from another stripe (multi-worker runs only)
     init={"pushed_at": -1},
 )
 XPUSH = Table(("ready", i8), ("data", i8), ("xfifo", i4))  # a deferred push
+EDGE = Table(  # the memory service behind the edge ports (`wse_sim.router.edge_phase`)
+    ("rate", f8),  # words per cycle, each direction, all ports together ...
+    ("cap", f8),  # ... kept as a credit up to max(rate, 1), one per direction:
+    ("cin", f8), ("cout", f8),  # inbound, outbound credit
+    ("cin_t", i8), ("cout_t", i8),  # the cycle each was last brought up to date
+    ("latency", i8),  # wafer edge_latency_cycles
+    ("nports", i8),
+    ("nin", i8),  # inbound ports with words left: the first nin of Fabric.edge_order
+    ("out_lo", i8), ("nout", i8),  # outbound ports: edge_order[out_lo:out_lo + nout]
+    ("in_left", i8),  # inbound words not yet in the fabric
+    ("fault", i8),  # the outbound port that received more than expected, -1
+    ("seq", i8),  # port phases run so far
+    # What port phase q published for every worker's decision before the next cycle, in
+    # slot q & 1 (a worker may still read the other slot while phase q runs):
+    ("pub_left", i8, (2,)),  # in_left
+    ("pub_next", i8, (2,)),  # the first cycle the ports may act (NEVER: none)
+    ("pub_work", i8, (2,)),  # progress: words moved, or a port waited only for latency or
+    # credit
+    ("pub_fault", i8, (2,)),  # fault
+    init={"fault": -1, "pub_next": NEVER, "pub_fault": -1},
+)
+EDGE_PORT = Table(  # one edge port (`wse_sim.program.EdgePort`), in program order
+    ("done", i8),  # words sent into the fabric (inbound) / received from it (outbound)
+    ("n", i8),  # inbound: words to send; outbound: words expected
+    ("data", i8),  # its words in Fabric.edge_data (outbound: room for n)
+    ("last", i8),  # the last cycle it was served (arbitration age), -1 never
+    ("cycle", i8),  # inbound: cycle its last word entered the fabric; outbound: the cycle its
+    # last word reached the memory service (latency included); -1 never
+    ("fifo", i4),  # inbound: the route's input FIFO of its side; outbound: its own FIFO
+    ("router", i4), ("stripe", i4),  # its PE's router and that router's stripe
+    ("inbound", i4),
+    init={"last": -1, "cycle": -1},
+)
 
 
 class Fabric(NamedTuple):
@@ -155,6 +190,12 @@ class Fabric(NamedTuple):
     switch: np.ndarray  # SWITCH [routes with switch positions]
     swpos: np.ndarray  # SWPOS [their positions]
     route_sw: np.ndarray  # int32 [routes]: its SWITCH, -1 a static route
+    edge: np.ndarray  # EDGE [1]
+    port: np.ndarray  # EDGE_PORT [edge ports]
+    edge_data: np.ndarray  # float32: inbound ports' words, outbound ports' received words
+    edge_order: np.ndarray  # int32 [ports]: arbitration order, inbound then outbound
+    edge_served: np.ndarray  # int32 [ports]: scratch of the port phase
+    edge_woken: np.ndarray  # int32 [ports]: routers to list, per-stripe segments (e_lo)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +334,7 @@ STRIPE = Table(
     ("x_lo", i8), ("x_hi", i8),  # XFIFOs it feeds
     ("xi_lo", i8), ("xi_hi", i8),  # its entries of Fabric.xin (XFIFOs it owns)
     ("w_lo", i8),  # its segment of Fabric.woken
+    ("e_lo", i8), ("nedge", i8),  # its segment of Fabric.edge_woken, entries in it
     ("rcur", i8), ("r_ncur", i8), ("r_nnext", i8),  # router lists (Fabric.active[rcur])
     ("pcur", i8), ("p_ncur", i8), ("p_nnext", i8),  # PE lists (Cores.active[pcur])
     ("timers", i8),  # entries in its timer heap

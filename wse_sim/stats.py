@@ -47,7 +47,10 @@ class Stats:
     control: np.ndarray  # control wavelets the PE sent (SWITCH_ADV)
     relayed: np.ndarray  # wavelets the PE relayed (MOV elements from FABIN to FABOUT)
     switch_changes: np.ndarray  # switch position changes of the PE's router, all colors
-    control_sunk: np.ndarray  # control wavelets the PE's router consumed (at its RAMP output)
+    control_sunk: np.ndarray  # control wavelets the PE's router consumed (at its RAMP output
+    # or an outbound edge port)
+    edge_in: np.ndarray  # words inbound edge ports at the PE put into its router
+    edge_out: np.ndarray  # words outbound edge ports at the PE took from its router
     link: np.ndarray  # (4, height, width): wavelets leaving PE (x, y) through N/E/S/W
     ramp_in: np.ndarray  # wavelets the router delivered to the PE
     ramp_out: np.ndarray  # wavelets the PE (or packet source) put on its router
@@ -94,7 +97,13 @@ class Stats:
         sw = fb.switch[fb.switch["f_hi"] > fb.switch["f_lo"]]  # (others never switch)
         switches = np.zeros(len(fb.router), np.int64)
         np.add.at(switches, fb.info["router"][sw["f_lo"]], sw["switches"])
-        return cls(width, height, cycles, **per_pe, idle=idle, link=link, ramp_in=ramp_in,
+        ports = fb.port  # words each edge port moved, at its PE
+        edge = {name: grid(np.bincount(ports["router"][sel], ports["done"][sel], len(at)
+                                       ).astype(np.int64), at)
+                for name, sel in (("edge_in", ports["inbound"] != 0),
+                                  ("edge_out", ports["inbound"] == 0))}
+        return cls(width, height, cycles, **per_pe, **edge, idle=idle, link=link,
+                   ramp_in=ramp_in,
                    ramp_out=ramp_out, color_hops=fabric["color_hops"], last_ramp=last_ramp,
                    switch_changes=grid(switches, at), control_sunk=grid(fb.router["sunk"], at),
                    injected=int(ramp_out.sum()) + int(wk.stripe["copies"].sum()),
@@ -143,4 +152,6 @@ class Stats:
                 f"({t['active_pes']} active)\n"
                 f"PE-cycles: {share}\n"
                 f"{t['flops']} FLOPs, {t['sram_read']} SRAM words read, {t['sram_write']} "
-                f"written, {t['link']} link crossings, {t['injected']} wavelets sent")
+                f"written, {t['link']} link crossings, {t['injected']} wavelets sent"
+                + (f", {t['edge_in']} words in and {t['edge_out']} out through edge ports"
+                   if t["edge_in"] or t["edge_out"] else ""))
