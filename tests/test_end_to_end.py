@@ -136,7 +136,7 @@ def test_tiny_report_energy(tiny_run):
     assert set(breakdown) == {"fma", "fp_other", "sram_read", "sram_write", "hop", "edge_io"}
     assert sum(breakdown.values()) == pytest.approx(report["energy_joules"])
     assert all(breakdown[name] > 0 for name in breakdown if name != "edge_io")
-    assert breakdown["edge_io"] == 0  # no edge I/O counted yet
+    assert breakdown["edge_io"] == 0  # a layer-pipelined step uses no memory-service port
     assert report["energy_per_token_joules"] == pytest.approx(report["energy_joules"] / (2 * 16))
     assert report["average_power_watts"] == pytest.approx(
         report["energy_joules"] / report["simulated_seconds"])

@@ -63,7 +63,9 @@ def streams(program: Program) -> list[tuple[PE, int, list[PE]]]:
                 sinks.append((px, py))
             for bit, (dx, dy) in MESH:
                 nxt = (px + dx, py + dy)
-                if tx & bit and nxt not in seen:  # `validate` checked it has a route
+                on_fabric = 0 <= nxt[0] < program.width and 0 <= nxt[1] < program.height
+                # `validate` checked it has a route; off the fabric: an outbound edge port
+                if tx & bit and on_fabric and nxt not in seen:
                     seen.add(nxt)
                     todo.append(nxt)
         out.append(((x, y), color, sinks))

@@ -176,8 +176,8 @@ def run_report(program: Program, wafer: WaferConfig, stats: Stats,
             report["null_reasons"] = dict.fromkeys(unknown, "no cycle was simulated (no PE "
                                                    "had work)")
     tokens = throughput["per_run"] if throughput and throughput["unit"] == "tokens" else None
-    # edge I/O bytes: 0 until Stats counts the memory-service ports (edge_in / edge_out)
-    energy = run_energy(stats, wafer, 0, seconds=seconds, tokens=tokens)
+    edge_bytes = BYTES_PER_WORD * int(stats.edge_in.sum() + stats.edge_out.sum())
+    energy = run_energy(stats, wafer, edge_bytes, seconds=seconds, tokens=tokens)
     report.update(energy_report(energy, wafer, "tokens" if tokens is not None else None))
     if energy.average_power_watts is None:
         report.setdefault("null_reasons", {}).update(dict.fromkeys(
