@@ -1,0 +1,479 @@
+"""A stack of linear layers in weight-streaming mode: X_{l+1} = X_l W_l, forward then
+backward, every weight entering through the wafer's north edge and every weight gradient
+leaving through it (`wse_sim.program.EdgePort`), the activations staying in SRAM.
+
+Layout. The layers run one after another on one R x C rectangle whose top row is the
+wafer's north edge. PE row r holds the tokens `rows[r]` (T_r of them): data parallelism
+down a column. PE column c owns the features `split(F, C)[c]` of every activation with F
+features (its *slice*): tensor parallelism across a row, as in Megatron-LM. Every
+activation and activation gradient is stored sliced, transposed ([f_c, T_r], so one
+token's features are a stride-T_r vector): the forward's activations stay on the wafer
+for the backward at 1/C of a replicated copy's SRAM. A layer that needs a whole
+activation gathers it into a scratch buffer first (`_gather`).
+
+A layer is sliced one of two ways (`LinearLayer.parallel`):
+
+* `column` (Megatron's column-parallel, for K <= N): column c streams W[:, n] for its
+  output features n, one weight column (K words) after another. Forward: gather X, then
+  per weight column T_r dot products of K terms (`compiler.lowering.dots`): Y[t, n] lands
+  in the PE's own slice, no reduction. Backward: gather X again; per weight column add
+  dY[t, n] W[:, n] to a partial dX (one FMA of K per token), then overwrite the column's
+  ring slot with dW[:, n] = sum over the tokens of X[t, :] dY[t, n] and send it up the
+  column; after the columns, sum the partial dX over the row (`_allreduce`) and keep the
+  own slice.
+* `row` (row-parallel, for K > N): column c streams W[k, :] for its input features k, one
+  weight row (N words) after another. Forward: per weight row add X[k, t] W[k, :] to a
+  partial Y (one FMA of N per token), then sum it over the row and keep the own slice.
+  Backward: gather dY; per weight row T_r dots give dX[t, k] in the own slice, then the
+  slot becomes dW[k, :] = sum over the tokens of X[k, t] dY[t, :] and goes up the column.
+
+Weights in. The column's routers multicast each weight word from the north edge to every
+PE of the column (one color: rx N, tx S + RAMP). On each PE a receiving thread copies
+weight vectors into a ring of S slots and signals each (a token to the PE itself, as
+`compiler.lowering.kernel.Tokens`); the compute thread waits for a slot, uses it, and
+frees it. The ring is the prefetch: the receiver runs up to S vectors ahead, across a
+layer boundary into the next layer's weights while the compute thread gathers and
+reduces. S is as many slots as the SRAM left over allows, at most 2 x queue_depth
+(`Tokens.capacity`, so that no token is ever held up).
+
+Gradients out. The column sums each dW vector with an ADD chain northward (colors
+alternate by row parity); the top PE's sums leave through the column's outbound port in
+the order the weights came in, and the memory service applies the optimizer
+(`compiler.streaming.service`).
+
+Row collectives. Gather: an eastward chain, each PE relaying its west neighbour's words
+and appending its own slice (colors alternate by column parity), then the east PE
+multicasts the whole [F, T_r] block back west. All-reduce: an eastward ADD chain, then the
+same multicast of the total.
+
+Why it cannot deadlock. Every PE runs the same sequence of phases (per layer and pass:
+collectives, weight vectors with their column chains, collectives) on one compute thread.
+Consider the earliest phase some PE still waits in. A chain or multicast waits only on
+PEs of the same row or column in the same phase, which have finished every earlier phase,
+and each is a path towards one end (and back), so it completes. A weight vector waits for
+its words: the multicast down a column moves a word only when every PE of the column has
+room for it, and a PE's ring is full only when its compute thread is behind its receiver,
+i.e. in an earlier phase than this one, which contradicts the choice (every receiver of a
+column is at the same word: the multicast is atomic). Tokens never block their sender.
+
+Cost (one fp32 element per cycle, `phase_cycles`): per weight vector of length V a PE
+spends T_r V cycles on its products forward, 2 T_r V + V backward (dX, dW, the column
+chain); its receiving thread copies the vector beside them (one SRAM write an element,
+while the products read two words a cycle and write none). The edge supplies
+`edge_words_per_cycle` words a cycle shared by the C columns, at most one per column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from compiler.lowering.dots import Walk, dots
+from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, Reg, vec
+from compiler.lowering.kernel import TOKEN_REG, Kernel, sram_budget
+from compiler.ops.matmul import linear_backward, linear_forward
+from wse_sim.errors import UserError
+from wse_sim.hardware import WaferConfig
+from wse_sim.program import (
+    EdgePort,
+    Port,
+    Program,
+    Region,
+    Route,
+    TensorLayout,
+    TensorSlot,
+    port_mask,
+)
+
+Span = tuple[int, int]
+Parallel = Literal["column", "row"]
+
+# Colors: fixed roles, the same on every PE (the rectangle's routes are short and regular,
+# so no negotiation is needed).
+WEIGHTS = 0  # memory service -> down each column
+EAST = (1, 2)  # row chains, by the sender's column parity
+WEST = 3  # row multicast back from the east PE
+NORTH = (4, 5)  # column chains, by the sender's row parity; NORTH[0] leaves the wafer
+READY, FREE = 6, 7  # each PE's receiving thread <-> compute thread (tokens)
+COLORS = 8
+
+ACC = 0  # the compute thread's accumulator register
+
+
+def split(total: int, parts: int) -> list[Span]:
+    """`total` items in `parts` contiguous ranges whose sizes differ by at most one."""
+    return [(total * i // parts, total * (i + 1) // parts) for i in range(parts)]
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    name: str
+    k: int  # input features
+    n: int  # output features
+
+    @property
+    def parallel(self) -> Parallel:
+        """How the layer is sliced over a PE row (module docstring)."""
+        return "column" if self.k <= self.n else "row"
+
+    @property
+    def vector(self) -> int:
+        """Words per weight vector streamed: a column of W (column-parallel) or a row."""
+        return self.k if self.parallel == "column" else self.n
+
+    def owned(self, span_in: Span, span_out: Span) -> Span:
+        """The weight vectors a PE column streams: its output features (column-parallel)
+        or its input features (row-parallel)."""
+        return span_out if self.parallel == "column" else span_in
+
+
+@dataclass
+class Stack:
+    """The program of one step of a linear stack, and where its results are."""
+
+    program: Program
+    layers: list[LinearLayer]
+    rows: list[Span]  # tokens of each PE row
+    cols: list[list[Span]]  # slices of activation l (l = 0 .. L) per PE column
+    slots: int  # ring slots per PE (weight vectors prefetched)
+    ports_in: list[str] = field(default_factory=list)
+    ports_out: list[str] = field(default_factory=list)
+
+    def vectors(self, layer: int, c: int) -> Span:
+        """The weight vectors PE column c streams for layer `layer`."""
+        return self.layers[layer].owned(self.cols[layer][c], self.cols[layer + 1][c])
+
+    def gradients(self, port_words: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """dW of every layer from the words the memory service received (backward order:
+        the last layer first, each column its weight vectors in streaming order)."""
+        out = {layer.name: np.zeros((layer.k, layer.n), np.float32) for layer in self.layers}
+        for c, name in enumerate(self.ports_out):
+            words, at = port_words[name], 0
+            for i in reversed(range(len(self.layers))):
+                layer = self.layers[i]
+                v0, v1 = self.vectors(i, c)
+                block = words[at: at + (v1 - v0) * layer.vector].reshape(v1 - v0, layer.vector)
+                if layer.parallel == "column":
+                    out[layer.name][:, v0:v1] = block.T
+                else:
+                    out[layer.name][v0:v1, :] = block
+                at += block.size
+        return out
+
+
+def reference(layers: list[LinearLayer], x: np.ndarray, weights: dict[str, np.ndarray],
+              dy: np.ndarray) -> dict[str, np.ndarray]:
+    """The float64 twin: every layer's output `y:{name}`, the first layer's input gradient
+    `dx` and every weight gradient `dw:{name}`."""
+    out: dict[str, np.ndarray] = {}
+    acts = [np.asarray(x, np.float64)]
+    for layer in layers:
+        acts.append(linear_forward(acts[-1], np.asarray(weights[layer.name], np.float64),
+                                   np.zeros(layer.n)))
+        out[f"y:{layer.name}"] = acts[-1]
+    grad = np.asarray(dy, np.float64)
+    for layer, act in zip(reversed(layers), reversed(acts[:-1]), strict=True):
+        grad, out[f"dw:{layer.name}"], _ = linear_backward(
+            grad, act, np.asarray(weights[layer.name], np.float64))
+    out["dx"] = grad
+    return out
+
+
+def build_stack(layers: list[LinearLayer], x: np.ndarray, weights: dict[str, np.ndarray],
+                dy: np.ndarray, *, rows: int, cols: int, wafer: WaferConfig) -> Stack:
+    """The weight-streaming program of forward and backward through `layers` for the tokens
+    `x` [T, K_0] with output gradient `dy` [T, N_last], on a `rows` x `cols` rectangle at
+    the wafer's north-west corner."""
+    tokens = len(x)
+    features = [layers[0].k] + [layer.n for layer in layers]
+    _check(layers, features, tokens, rows, cols, wafer)
+    token_rows = split(tokens, rows)
+    slices = [split(f, cols) for f in features]
+    kernel = Kernel(name="stack", op="linear", ops=[], width=cols, height=rows)
+    budget = wafer.sram_bytes_per_pe // 4
+    widest = max(layer.vector for layer in layers)
+    with sram_budget(budget):
+        buffers = {(c, r): _allocate(kernel, (c, r), features, token_rows[r],
+                                     [s[c] for s in slices])
+                   for r in range(rows) for c in range(cols)}
+        used = max(kernel.sram_words(pe) for pe in buffers)
+        slots = min(2 * wafer.queue_depth, (budget - used) // widest)
+        if slots < 2:
+            raise UserError(
+                f"weight streaming: {rows} x {cols} PEs leave room for {max(slots, 0)} weight "
+                f"vectors of {widest} words per PE, need 2: use more PE rows")
+        for pe, buf in buffers.items():
+            buf.ring = kernel.alloc(pe, slots * widest, "weight ring")
+    program = Program(width=cols, height=rows)
+    stack = Stack(program, layers, token_rows, slices, slots)
+    for (c, r), buf in buffers.items():
+        t0, t1 = token_rows[r]
+        (i0, i1), (o0, o1) = slices[0][c], slices[-1][c]
+        kernel.load((c, r), buf.act[0], np.asarray(x, np.float32)[t0:t1, i0:i1].T)
+        kernel.load((c, r), buf.grad[-1], np.asarray(dy, np.float32)[t0:t1, o0:o1].T)
+        compute, receive = _PE(stack, buf, c, r, widest).code()
+        kernel.emit((c, r), *compute, thread=0)
+        kernel.emit((c, r), *receive, thread=1)
+        program.pes[(c, r)] = kernel.programs[(c, r)]
+        _routes(program, c, r, cols, rows)
+    program.regions.append(Region("linear stack", "linear", 0, 0, cols, rows))
+    _tensors(stack, buffers, features, tokens)
+    _ports(stack, weights)
+    return stack
+
+
+def _check(layers: list[LinearLayer], features: list[int], tokens: int, rows: int,
+           cols: int, wafer: WaferConfig) -> None:
+    for layer, nxt in zip(layers, layers[1:], strict=False):
+        if nxt.k != layer.n:
+            raise UserError(f"layer {nxt.name}: takes {nxt.k} features, layer {layer.name} "
+                            f"gives {layer.n}")
+    if not 1 <= rows <= min(tokens, wafer.height):
+        raise UserError(f"rows: {rows} PE rows for {tokens} tokens on a wafer {wafer.height} "
+                        f"high (need 1 <= rows <= both)")
+    if not 1 <= cols <= min(min(features), wafer.width):
+        raise UserError(f"cols: {cols} PE columns, but an activation has {min(features)} "
+                        f"features and the wafer is {wafer.width} wide (every column owns "
+                        f"a feature of every activation)")
+    if wafer.colors < COLORS:
+        raise UserError(f"wafer.colors: weight streaming uses {COLORS} colors, the wafer "
+                        f"has {wafer.colors}")
+
+
+@dataclass
+class _Buffers:
+    """One PE's SRAM map (word offsets); blocks are transposed, [features, T_r]."""
+
+    tokens: int  # T_r
+    act: list[int]  # own slice of activation l, l = 0 .. L (saved for the backward)
+    grad: list[int]  # own slice of its gradient (grad[L]: the given dY)
+    whole: int  # scratch: a gathered activation or a summed partial, [F, T_r]
+    partial: int  # scratch: a partial sum before the row all-reduce, [F, T_r]
+    ring: int = 0  # weight vectors, `slots` x widest
+
+
+def _allocate(kernel: Kernel, pe: tuple[int, int], features: list[int], rows: Span,
+              slices: list[Span]) -> _Buffers:
+    t = rows[1] - rows[0]
+    act = [kernel.alloc(pe, (s1 - s0) * t, f"activation {i}")
+           for i, (s0, s1) in enumerate(slices)]
+    grad = [kernel.alloc(pe, (s1 - s0) * t, f"gradient {i}")
+            for i, (s0, s1) in enumerate(slices)]
+    whole = kernel.alloc(pe, max(features) * t, "gathered activation")
+    partial = kernel.alloc(pe, max(features) * t, "partial sums")
+    return _Buffers(t, act, grad, whole, partial)
+
+
+@dataclass
+class _PE:
+    """The code of PE (c, r): a compute thread and a receiving thread."""
+
+    stack: Stack
+    buf: _Buffers
+    c: int
+    r: int
+    widest: int
+    compute: list[Instr] = field(default_factory=list)
+    taken: int = 0  # weight vectors the compute thread has taken
+    total: int = 0  # weight vectors it receives
+
+    def _fills(self) -> list[int]:
+        """The length of every weight vector this PE receives, in order."""
+        return [self.stack.layers[i].vector for i, _ in self._passes()
+                for _ in range(self._count(i))]
+
+    def _passes(self) -> list[tuple[int, bool]]:
+        n = len(self.stack.layers)
+        return [(i, False) for i in range(n)] + [(i, True) for i in reversed(range(n))]
+
+    def _count(self, i: int) -> int:
+        v0, v1 = self.stack.vectors(i, self.c)
+        return v1 - v0
+
+    def code(self) -> tuple[list[Instr], list[Instr]]:
+        fills, slots = self._fills(), self.stack.slots
+        self.total = len(fills)
+        receive: list[Instr] = []
+        for j, words in enumerate(fills):
+            if j >= slots:
+                receive.append(_wait(FREE))
+            receive += [vec(Op.MOV, words, Mem(self._slot(j)), FabIn(WEIGHTS)),
+                        _signal(READY)]
+        for i, backward in self._passes():
+            (self._backward if backward else self._forward)(i)
+        return self.compute, receive
+
+    def _slot(self, j: int) -> int:
+        return self.buf.ring + j % self.stack.slots * self.widest
+
+    def _take(self, body: list[Instr]) -> None:
+        """Wait for the next weight vector, run `body` on it, free its slot (unless no fill
+        will wait for it)."""
+        self.compute.append(_wait(READY))
+        self.compute.extend(body)
+        if self.taken + self.stack.slots < self.total:
+            self.compute.append(_signal(FREE))
+        self.taken += 1
+
+    def _spans(self, i: int) -> tuple[Span, Span]:
+        return self.stack.cols[i][self.c], self.stack.cols[i + 1][self.c]
+
+    def _forward(self, i: int) -> None:
+        layer, buf, t = self.stack.layers[i], self.buf, self.buf.tokens
+        (k0, k1), (n0, n1) = self._spans(i)
+        if layer.parallel == "column":
+            self._gather(buf.act[i], k0, k1, layer.k)
+            for n in range(n1 - n0):
+                slot = self._slot(self.taken)
+                self._take(dots(t, layer.k, Walk(buf.whole, t, step=1), Walk(slot, 1),
+                                acc=ACC, out=[Mem(buf.act[i + 1] + n * t + s)
+                                              for s in range(t)]))
+            return
+        for k in range(k1 - k0):
+            slot = self._slot(self.taken)
+            self._take([_axpy(k == 0, layer.n, Mem(buf.partial + s, t), Mem(slot),
+                              Mem(buf.act[i] + k * t + s, 0)) for s in range(t)])
+        self._allreduce(buf.partial, layer.n * t)
+        self.compute.append(vec(Op.MOV, (n1 - n0) * t, Mem(buf.act[i + 1]),
+                                Mem(buf.partial + n0 * t)))
+
+    def _backward(self, i: int) -> None:
+        layer, buf, t = self.stack.layers[i], self.buf, self.buf.tokens
+        (k0, k1), (n0, n1) = self._spans(i)
+        dy = buf.grad[i + 1]
+        if layer.parallel == "column":
+            self._gather(buf.act[i], k0, k1, layer.k)
+            for n in range(n1 - n0):
+                slot = self._slot(self.taken)
+                scalars = [Mem(dy + n * t + s, 0) for s in range(t)]
+                self._take(
+                    [_axpy(n == 0, layer.k, Mem(buf.partial + s, t), Mem(slot), scalars[s])
+                     for s in range(t)]
+                    + [_axpy(s == 0, layer.k, Mem(slot), Mem(buf.whole + s, t), scalars[s])
+                       for s in range(t)]
+                    + self._column_reduce(slot, layer.k))
+            self._allreduce(buf.partial, layer.k * t)
+            self.compute.append(vec(Op.MOV, (k1 - k0) * t, Mem(buf.grad[i]),
+                                    Mem(buf.partial + k0 * t)))
+            return
+        self._gather(dy, n0, n1, layer.n)
+        for k in range(k1 - k0):
+            slot = self._slot(self.taken)
+            self._take(
+                dots(t, layer.n, Walk(buf.whole, t, step=1), Walk(slot, 1), acc=ACC,
+                     out=[Mem(buf.grad[i] + k * t + s) for s in range(t)])
+                + [_axpy(s == 0, layer.n, Mem(slot), Mem(buf.whole + s, t),
+                         Mem(buf.act[i] + k * t + s, 0)) for s in range(t)]
+                + self._column_reduce(slot, layer.n))
+
+    def _gather(self, own: int, f0: int, f1: int, features: int) -> None:
+        """Every PE of the row gets the whole [features, T_r] activation into `whole`, from
+        the own slices [f0, f1) (module docstring)."""
+        t, whole, cols, c = self.buf.tokens, self.buf.whole, len(self.stack.cols[0]), self.c
+        before, words, total = f0 * t, (f1 - f0) * t, features * t
+        if cols == 1:
+            self.compute.append(vec(Op.MOV, words, Mem(whole), Mem(own)))
+            return
+        east, west = EAST[c % 2], EAST[(c - 1) % 2]
+        if c == cols - 1:
+            self.compute += [vec(Op.MOV, before, Mem(whole), FabIn(west)),
+                             vec(Op.MOV, words, Mem(whole + before), Mem(own)),
+                             vec(Op.MOV, total, FabOut(WEST), Mem(whole))]
+            return
+        if c > 0:
+            self.compute.append(vec(Op.MOV, before, FabOut(east), FabIn(west)))
+        self.compute += [vec(Op.MOV, words, FabOut(east), Mem(own)),
+                         vec(Op.MOV, total, Mem(whole), FabIn(WEST))]
+
+    def _allreduce(self, buffer: int, words: int) -> None:
+        """The row's sum of the `words` words at `buffer`, on every PE of the row."""
+        cols, c = len(self.stack.cols[0]), self.c
+        if cols == 1:
+            return
+        east, west = EAST[c % 2], EAST[(c - 1) % 2]
+        if c == cols - 1:
+            self.compute += [vec(Op.ADD, words, Mem(buffer), FabIn(west), Mem(buffer)),
+                             vec(Op.MOV, words, FabOut(WEST), Mem(buffer))]
+            return
+        first = (vec(Op.MOV, words, FabOut(east), Mem(buffer)) if c == 0
+                 else vec(Op.ADD, words, FabOut(east), FabIn(west), Mem(buffer)))
+        self.compute += [first, vec(Op.MOV, words, Mem(buffer), FabIn(WEST))]
+
+    def _column_reduce(self, buffer: int, words: int) -> list[Instr]:
+        """The column's sum of the `words` words at `buffer`, sent north by the top PE."""
+        r, rows = self.r, len(self.stack.rows)
+        up = FabOut(NORTH[r % 2])
+        if r == rows - 1:
+            return [vec(Op.MOV, words, up, Mem(buffer))]
+        return [vec(Op.ADD, words, up, FabIn(NORTH[(r + 1) % 2]), Mem(buffer))]
+
+
+def _axpy(first: bool, n: int, dst: Operand, a: Operand, scalar: Operand) -> Instr:
+    """dst = a * scalar (first) or dst += a * scalar, n elements."""
+    if first:
+        return vec(Op.MUL, n, dst, a, scalar)
+    return vec(Op.FMA, n, dst, a, scalar, dst)
+
+
+def _signal(color: int) -> Instr:
+    """One token to the PE itself (`compiler.lowering.kernel.Tokens`)."""
+    return vec(Op.MOV, 1, FabOut(color), Imm(1.0))
+
+
+def _wait(color: int) -> Instr:
+    return vec(Op.MOV, 1, Reg(TOKEN_REG), FabIn(color))
+
+
+def _routes(program: Program, c: int, r: int, cols: int, rows: int) -> None:
+    ramp, n, e, s, w = (port_mask(p) for p in (Port.RAMP, Port.N, Port.E, Port.S, Port.W))
+    program.set_route(c, r, WEIGHTS, Route(n, ramp | (s if r < rows - 1 else 0)))
+    for color in (READY, FREE):
+        program.set_route(c, r, color, Route(ramp, ramp))
+    if cols > 1:
+        if c < cols - 1:
+            program.set_route(c, r, EAST[c % 2], Route(ramp, e))
+        if c > 0:
+            program.set_route(c, r, EAST[(c - 1) % 2], Route(w, ramp))
+        program.set_route(c, r, WEST, Route(ramp, w) if c == cols - 1
+                          else Route(e, ramp | (w if c > 0 else 0)))
+    program.set_route(c, r, NORTH[r % 2], Route(ramp, n))
+    if r < rows - 1:
+        program.set_route(c, r, NORTH[(r + 1) % 2], Route(s, ramp))
+
+
+def _tensors(stack: Stack, buffers: dict[tuple[int, int], _Buffers], features: list[int],
+             tokens: int) -> None:
+    """Result slots: every layer's output and the first layer's input gradient, from the
+    PEs' own slices."""
+    names = [f"y:{layer.name}" for layer in stack.layers]
+    for name, index, field_name in [*((n, i + 1, "act") for i, n in enumerate(names)),
+                                    ("dx", 0, "grad")]:
+        layout = TensorLayout((tokens, features[index]))
+        for (c, r), buf in buffers.items():
+            offset = getattr(buf, field_name)[index]
+            layout.slots.append(TensorSlot(c, r, offset, stack.rows[r],
+                                           stack.cols[index][c], 1, buf.tokens))
+        stack.program.tensors[name] = layout
+
+
+def _ports(stack: Stack, weights: dict[str, np.ndarray]) -> None:
+    """Column c's inbound port sends its weight vectors of every layer, forward then
+    backward; its outbound port receives the dW vectors, backward order."""
+    layers = stack.layers
+    passes = list(range(len(layers))) + list(reversed(range(len(layers))))
+    for c in range(stack.program.width):
+        parts = []
+        for i in passes:
+            w = np.asarray(weights[layers[i].name], np.float32)
+            v0, v1 = stack.vectors(i, c)
+            parts.append((w[:, v0:v1].T if layers[i].parallel == "column" else w[v0:v1])
+                         .ravel())
+        expected = sum(len(p) for p in parts) // 2
+        stack.ports_in.append(f"weights {c}")
+        stack.ports_out.append(f"gradients {c}")
+        stack.program.ports += [
+            EdgePort(f"weights {c}", c, 0, Port.N, WEIGHTS, True, np.concatenate(parts)),
+            EdgePort(f"gradients {c}", c, 0, Port.N, NORTH[0], False,
+                     np.zeros(0, np.float32), expected)]
