@@ -65,6 +65,7 @@ while the products read two words a cycle and write none). The edge supplies
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -77,6 +78,7 @@ from compiler.ops.matmul import linear_backward, linear_forward
 from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
+    BYTES_PER_WORD,
     EdgePort,
     Port,
     Program,
@@ -477,3 +479,58 @@ def _ports(stack: Stack, weights: dict[str, np.ndarray]) -> None:
             EdgePort(f"weights {c}", c, 0, Port.N, WEIGHTS, True, np.concatenate(parts)),
             EdgePort(f"gradients {c}", c, 0, Port.N, NORTH[0], False,
                      np.zeros(0, np.float32), expected)]
+
+
+# -- cost -------------------------------------------------------------------------------------
+
+
+def edge_words_per_cycle(wafer: WaferConfig) -> float:
+    """32-bit words the memory service moves per cycle in each direction."""
+    return wafer.edge_bytes_per_s / wafer.clock_hz / BYTES_PER_WORD
+
+
+@dataclass(frozen=True)
+class PhaseCost:
+    """The cycles of one pass (forward or backward) of one layer, by what they wait for:
+    the edge delivering the layer's weights, the slowest PE's products (and, backward, its
+    column chain), and its row collectives (gathers, all-reduces, copies)."""
+
+    weight_io: int
+    compute: int
+    fabric: int
+
+    @property
+    def cycles(self) -> int:
+        """Collectives, then the weight vectors at the pace of the slower of the edge and
+        the PEs (the receiving thread overlaps the two)."""
+        return self.fabric + max(self.weight_io, self.compute)
+
+    @property
+    def bound(self) -> str:
+        """The largest of the three: `weight I/O`, `compute` or `fabric`."""
+        parts = {"weight I/O": self.weight_io, "compute": self.compute, "fabric": self.fabric}
+        return max(parts, key=parts.__getitem__)
+
+
+def phase_cost(layer: LinearLayer, tokens: int, rows: int, cols: int, wafer: WaferConfig,
+               *, backward: bool) -> PhaseCost:
+    """The model of one pass of `layer` over `tokens` tokens on `rows` x `cols` PEs (the
+    module docstring's cost; `tests/test_streaming.py` holds it against simulated runs)."""
+    t = -(-tokens // rows)  # T_r of the fullest row
+    owned = layer.n if layer.parallel == "column" else layer.k
+    vectors = -(-owned // cols)
+    per_column = min(1.0, edge_words_per_cycle(wafer) / cols)  # words a cycle
+    weight_io = math.ceil(vectors * layer.vector / per_column)
+    compute = vectors * layer.vector * ((2 * t + 1) if backward else t)
+
+    def gather(features: int) -> int:  # a chain east, then the multicast back (a copy alone)
+        return 2 * features * t if cols > 1 else features * t
+
+    def allreduce_own(features: int) -> int:  # the same two legs, then the own slice copied
+        return (2 * features * t if cols > 1 else 0) + t * -(-features // cols)
+
+    if layer.parallel == "column":
+        fabric = gather(layer.k) + (allreduce_own(layer.k) if backward else 0)
+    else:
+        fabric = gather(layer.n) if backward else allreduce_own(layer.n)
+    return PhaseCost(weight_io, compute, fabric)
