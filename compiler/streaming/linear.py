@@ -197,7 +197,7 @@ def build_stack(layers: list[LinearLayer], x: np.ndarray, weights: dict[str, np.
     budget = wafer.sram_bytes_per_pe // 4
     widest = max(layer.vector for layer in layers)
     with sram_budget(budget):
-        buffers = {(c, r): _allocate(kernel, (c, r), features, token_rows[r],
+        buffers = {(c, r): _allocate(kernel, (c, r), widest, token_rows[r],
                                      [s[c] for s in slices])
                    for r in range(rows) for c in range(cols)}
         used = max(kernel.sram_words(pe) for pe in buffers)
@@ -251,20 +251,22 @@ class _Buffers:
     tokens: int  # T_r
     act: list[int]  # own slice of activation l, l = 0 .. L (saved for the backward)
     grad: list[int]  # own slice of its gradient (grad[L]: the given dY)
-    whole: int  # scratch: a gathered activation or a summed partial, [F, T_r]
-    partial: int  # scratch: a partial sum before the row all-reduce, [F, T_r]
+    whole: int  # scratch: a gathered activation, [F, T_r]
+    partial: int  # scratch: a partial sum, all-reduced over the row in place, [F, T_r]
     ring: int = 0  # weight vectors, `slots` x widest
 
 
-def _allocate(kernel: Kernel, pe: tuple[int, int], features: list[int], rows: Span,
+def _allocate(kernel: Kernel, pe: tuple[int, int], widest: int, rows: Span,
               slices: list[Span]) -> _Buffers:
+    """The buffers of PE `pe`; the scratch blocks hold what a layer gathers or all-reduces,
+    min(K, N) features (`LinearLayer.vector`), at most `widest`."""
     t = rows[1] - rows[0]
     act = [kernel.alloc(pe, (s1 - s0) * t, f"activation {i}")
            for i, (s0, s1) in enumerate(slices)]
     grad = [kernel.alloc(pe, (s1 - s0) * t, f"gradient {i}")
             for i, (s0, s1) in enumerate(slices)]
-    whole = kernel.alloc(pe, max(features) * t, "gathered activation")
-    partial = kernel.alloc(pe, max(features) * t, "partial sums")
+    whole = kernel.alloc(pe, widest * t, "gathered activation")
+    partial = kernel.alloc(pe, widest * t, "partial sums")
     return _Buffers(t, act, grad, whole, partial)
 
 
@@ -515,19 +517,31 @@ class PhaseCost:
 def phase_cost(layer: LinearLayer, tokens: int, rows: int, cols: int, wafer: WaferConfig,
                *, backward: bool) -> PhaseCost:
     """The model of one pass of `layer` over `tokens` tokens on `rows` x `cols` PEs (the
-    module docstring's cost; `tests/test_streaming.py` holds it against simulated runs)."""
+    module docstring's cost; `tests/test_streaming.py` holds it against simulated runs).
+    Per weight vector of V words and T_r tokens, besides the products (T_r V, twice
+    backward) and the column chain (V): the receiving thread's V SRAM writes, which take the
+    write port from an FMA writing SRAM (not from a dot product, which writes a register);
+    a cycle per FMA whose scalar and accumulator make three reads in its first element; two
+    cycles for the tokens. Per chain along a row: a wavelet's latency per PE
+    (`hop_latency` + 2)."""
     t = -(-tokens // rows)  # T_r of the fullest row
     owned = layer.n if layer.parallel == "column" else layer.k
     vectors = -(-owned // cols)
     per_column = min(1.0, edge_words_per_cycle(wafer) / cols)  # words a cycle
     weight_io = math.ceil(vectors * layer.vector / per_column)
-    compute = vectors * layer.vector * ((2 * t + 1) if backward else t)
+    v = layer.vector
+    if not backward:
+        per_vector = t * v if layer.parallel == "column" else t * v + v + t
+    else:
+        per_vector = 2 * t * v + 2 * v + (2 * t if layer.parallel == "column" else t)
+    compute = vectors * (per_vector + 2)
+    leg = (cols - 1) * (wafer.hop_latency + 2)  # a chain's fill along the row
 
     def gather(features: int) -> int:  # a chain east, then the multicast back (a copy alone)
-        return 2 * features * t if cols > 1 else features * t
+        return 2 * (features * t + leg) if cols > 1 else features * t
 
     def allreduce_own(features: int) -> int:  # the same two legs, then the own slice copied
-        return (2 * features * t if cols > 1 else 0) + t * -(-features // cols)
+        return (2 * (features * t + leg) if cols > 1 else 0) + t * -(-features // cols)
 
     if layer.parallel == "column":
         fabric = gather(layer.k) + (allreduce_own(layer.k) if backward else 0)
