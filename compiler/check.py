@@ -143,19 +143,34 @@ def compare(simulated: dict[str, np.ndarray], reference: ReferenceResult,
                 **optimizer_expected(training, initial, grads, state)}
     errors = {name: relative_error(simulated[name], expected[name]) for name in simulated}
     tolerances = dict.fromkeys(errors, base)
-    rule = UpdateRule.of(training)
+    step_errors, step_tolerances = update_checks(
+        {p: simulated[updated_name(p)] for p in initial}, initial,
+        {p: expected[updated_name(p)] for p in initial}, UpdateRule.of(training), base)
+    errors |= step_errors
+    tolerances |= step_tolerances
+    passed = all(errors[name] <= tolerances[name] for name in errors)
+    return CheckResult(passed, float(simulated["loss"].ravel()[0]), reference.loss, errors,
+                       tolerances, results_digest(simulated), base)
+
+
+def update_checks(updated: dict[str, np.ndarray], initial: dict[str, np.ndarray],
+                  expected: dict[str, np.ndarray], rule: UpdateRule, base: float
+                  ) -> tuple[dict[str, float], dict[str, float]]:
+    """`update:P` of every parameter P (the docstring): the error of the simulated step
+    `updated[P] - P32` against the float64 optimizer's `expected[P] - P`, and its derived
+    tolerance."""
+    errors: dict[str, float] = {}
+    tolerances: dict[str, float] = {}
     for p, start in initial.items():
-        new_sim = np.asarray(simulated[updated_name(p)], np.float64).reshape(start.shape)
+        new_sim = np.asarray(updated[p], np.float64).reshape(start.shape)
         step_sim = new_sim - np.asarray(start, np.float32)
-        step = expected[updated_name(p)] - start
+        step = expected[p] - start
         errors[update_name(p)] = relative_error(step_sim, step)
         scale = np.linalg.norm(step)
         roundings = 2 if rule.decay_of(p) else 1
         rounding = roundings * UNIT_ROUNDOFF_FP32 * np.linalg.norm(new_sim)
         tolerances[update_name(p)] = base + (rounding / scale if scale > 0 else np.inf)
-    passed = all(errors[name] <= tolerances[name] for name in errors)
-    return CheckResult(passed, float(simulated["loss"].ravel()[0]), reference.loss, errors,
-                       tolerances, results_digest(simulated), base)
+    return errors, tolerances
 
 
 def check_step(linked: Linked, result: FinalSram, reference: ReferenceResult,

@@ -10,20 +10,26 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
-from compiler.check import CheckResult, check_step
+from compiler.check import TOLERANCE, CheckResult, check_step, relative_error, update_checks
 from compiler.compile import Compiled, compile_step
-from compiler.config import PLACEMENTS, RunConfig, load_config
+from compiler.config import PLACEMENTS, RunConfig, TrainingConfig, load_config
 from compiler.footprint import step_footprint
+from compiler.ops.update import UpdateRule
+from compiler.optim import init_state, optimizer_step
 from compiler.reference import reference_step
+from compiler.streaming.linear import LinearLayer, build_stack, phase_cost
+from compiler.streaming.linear import reference as linear_reference
+from compiler.streaming.service import apply_update, update_seconds
 from wse_sim.engine import SimResult, simulate
 from wse_sim.errors import SimulationStopped, UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.hostmem import require
-from wse_sim.program import Program
+from wse_sim.program import Program, read_tensor
 from wse_sim.report import hottest_links, partial_report, run_report
 
 
@@ -147,3 +153,57 @@ def run_parsed(cfg: RunConfig, source: str, placement: str | None = None,
                        compiled.cfg.training, precision=compiled.cfg.compile.precision)
     report["check"] = check_report(check)
     return report
+
+
+def run_linear_stack(layers: list[LinearLayer], x: np.ndarray, weights: dict[str, np.ndarray],
+                     dy: np.ndarray, *, rows: int, cols: int, wafer: WaferConfig,
+                     training: TrainingConfig, threads: int | None = None
+                     ) -> tuple[SimResult, dict[str, Any]]:
+    """One weight-streaming step of a stack of linear layers (`compiler.streaming.linear`):
+    build it on `rows` x `cols` PEs, simulate it with the memory service at the edge, apply
+    the optimizer in the service, check everything against float64 and report, besides the
+    counters, the time the service adds and each layer pass's modelled bound."""
+    stack = build_stack(layers, x, weights, dy, rows=rows, cols=cols, wafer=wafer)
+    tokens = len(x)
+    stack.program.meta = {"throughput": {"unit": "tokens", "per_run": tokens},
+                          "parameters": sum(layer.k * layer.n for layer in layers)}
+    result, report = simulate_program(stack.program, wafer, threads=threads)
+    grads = stack.gradients(result.port_words)
+    initial = {name: np.asarray(w, np.float32).astype(np.float64) for name, w in weights.items()}
+    updated, _ = apply_update(training, initial, grads,
+                              init_state(training.optimizer, initial, np.float32))
+    expected_update, _ = optimizer_step(training, initial, grads,
+                                        init_state(training.optimizer, initial))
+    simulated = {name: read_tensor(layout, result.sram, name)
+                 for name, layout in stack.program.tensors.items()}
+    simulated |= {f"dw:{name}": grad for name, grad in grads.items()}
+    expected = linear_reference(layers, x, weights, dy)
+    errors = {name: relative_error(simulated[name], expected[name]) for name in expected}
+    tolerances = dict.fromkeys(errors, TOLERANCE)
+    step_errors, step_tolerances = update_checks(updated, initial, expected_update,
+                                                 UpdateRule.of(training), TOLERANCE)
+    errors |= step_errors
+    tolerances |= step_tolerances
+    # The wafer's part ends when the last gradient word has reached the service (the edge's
+    # latency after the fabric drained); then the first layer's update is exposed.
+    wafer_seconds = max(result.cycles, *result.port_last_cycle.values()) / wafer.clock_hz
+    exposed = update_seconds(layers[0].k * layers[0].n, wafer)
+    phases = [{"layer": layer.name, "pass": "backward" if backward else "forward",
+               "parallel": layer.parallel, **asdict(cost), "cycles": cost.cycles,
+               "bound": cost.bound}
+              for backward, order in ((False, layers), (True, layers[::-1]))
+              for layer in order
+              for cost in [phase_cost(layer, tokens, rows, cols, wafer, backward=backward)]]
+    report["weight_streaming"] = {
+        "rows": rows, "cols": cols, "ring_slots": stack.slots,
+        "wafer_seconds": wafer_seconds,
+        "optimizer_seconds": update_seconds(sum(w.size for w in initial.values()), wafer),
+        "exposed_update_seconds": exposed,
+        "step_seconds": wafer_seconds + exposed,
+        "tokens_per_second": tokens / (wafer_seconds + exposed),
+        "modelled_cycles": sum(phase["cycles"] for phase in phases),
+        "phases": phases,
+    }
+    report["check"] = {"passed": all(errors[n] <= tolerances[n] for n in errors),
+                       "tensors": errors, "tolerances": tolerances}
+    return result, report
