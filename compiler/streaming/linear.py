@@ -193,21 +193,14 @@ def build_stack(layers: list[LinearLayer], x: np.ndarray, weights: dict[str, np.
     _check(layers, features, tokens, rows, cols, wafer)
     token_rows = split(tokens, rows)
     slices = [split(f, cols) for f in features]
-    kernel = Kernel(name="stack", op="linear", ops=[], width=cols, height=rows)
-    budget = wafer.sram_bytes_per_pe // 4
+    slots = ring_slots(layers, tokens, rows, cols, wafer)
     widest = max(layer.vector for layer in layers)
-    with sram_budget(budget):
-        buffers = {(c, r): _allocate(kernel, (c, r), widest, token_rows[r],
-                                     [s[c] for s in slices])
-                   for r in range(rows) for c in range(cols)}
-        used = max(kernel.sram_words(pe) for pe in buffers)
-        slots = min(2 * wafer.queue_depth, (budget - used) // widest)
-        if slots < 2:
-            raise UserError(
-                f"weight streaming: {rows} x {cols} PEs leave room for {max(slots, 0)} weight "
-                f"vectors of {widest} words per PE, need 2: use more PE rows")
-        for pe, buf in buffers.items():
-            buf.ring = kernel.alloc(pe, slots * widest, "weight ring")
+    kernel = Kernel(name="stack", op="linear", ops=[], width=cols, height=rows)
+    buffers = {(c, r): _allocate(kernel, (c, r), widest, token_rows[r],
+                                 [s[c] for s in slices])
+               for r in range(rows) for c in range(cols)}
+    for pe, buf in buffers.items():
+        buf.ring = kernel.alloc(pe, slots * widest, "weight ring")
     program = Program(width=cols, height=rows)
     stack = Stack(program, layers, token_rows, slices, slots)
     for (c, r), buf in buffers.items():
@@ -224,6 +217,27 @@ def build_stack(layers: list[LinearLayer], x: np.ndarray, weights: dict[str, np.
     _tensors(stack, buffers, features, tokens)
     _ports(stack, weights)
     return stack
+
+
+def ring_slots(layers: list[LinearLayer], tokens: int, rows: int, cols: int,
+               wafer: WaferConfig) -> int:
+    """The weight vectors a PE's ring holds (the prefetch depth) for this shape: what the
+    SRAM of the fullest PE leaves, at most 2 x queue_depth. A UserError names the SRAM
+    when that is fewer than two (or the buffers alone do not fit)."""
+    features = [layers[0].k] + [layer.n for layer in layers]
+    widest = max(layer.vector for layer in layers)
+    fullest = Kernel(name="stack", op="linear", ops=[], width=1, height=1)
+    budget = wafer.sram_bytes_per_pe // BYTES_PER_WORD
+    with sram_budget(budget):
+        _allocate(fullest, (0, 0), widest, (0, -(-tokens // rows)),
+                  [(0, -(-f // cols)) for f in features])
+    slots = min(2 * wafer.queue_depth, (budget - fullest.sram_words((0, 0))) // widest)
+    if slots < 2:
+        raise UserError(
+            f"weight streaming: {rows} x {cols} PEs leave room for {slots} weight vectors of "
+            f"{widest} words per PE ({wafer.sram_bytes_per_pe:,} bytes of SRAM), need 2: "
+            "use more PE rows")
+    return slots
 
 
 def _check(layers: list[LinearLayer], features: list[int], tokens: int, rows: int,
