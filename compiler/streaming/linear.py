@@ -562,3 +562,43 @@ def phase_cost(layer: LinearLayer, tokens: int, rows: int, cols: int, wafer: Waf
     else:
         fabric = gather(layer.n) if backward else allreduce_own(layer.n)
     return PhaseCost(weight_io, compute, fabric)
+
+
+def phase_events(layer: LinearLayer, tokens: int, rows: int, cols: int, *,
+                 backward: bool) -> dict[str, int]:
+    """The events of one pass of `layer` summed over the rectangle, for an energy estimate
+    at a shape too large to simulate (`wse_sim.energy`'s classes, edge I/O in words;
+    `tests/test_streaming.py` holds them against counted runs). Products: each an FMA
+    reading two words; a product writes its word when it accumulates in SRAM (an axpy: the
+    row-parallel forward, both backward products of a column-parallel layer, dW of a
+    row-parallel one), not when it accumulates in a register (a dot). Every PE of a column
+    copies the column's weight vectors into its ring (a write each). A gather writes the
+    whole activation on every PE and its chain carries half of it east on average, the
+    multicast all of it west; an all-reduce reads and writes the whole on every PE and its
+    chain and multicast carry it all. Weights cross the column's links on the way down,
+    dW on the way up (an ADD reading a word each)."""
+    t = -(-tokens // rows)
+    k, n = layer.k, layer.n
+    weights = k * n
+    products = tokens * weights * (2 if backward else 1)
+    # Elements whose product starts a sum (a MUL, not an FMA): a dot's first term; an
+    # axpy chain's first vector (each PE column's first, or each vector's first token).
+    first = {("column", False): tokens * n, ("row", False): tokens * n * cols,
+             ("column", True): tokens * k * cols + rows * weights,
+             ("row", True): tokens * k + rows * weights}[(layer.parallel, backward)]
+    in_sram = {("column", False): 0, ("row", False): products, ("column", True): products,
+               ("row", True): products // 2}[(layer.parallel, backward)]
+    whole = layer.vector * t  # one PE's gathered or all-reduced block
+    gathers = int(layer.parallel == "column" or backward)
+    allreduces = int((layer.parallel == "row") != backward)
+    pes = rows * cols
+    out = weights if backward else 0
+    return {
+        "fma": products - first,
+        "fp_other": first + allreduces * rows * (cols - 1) * whole + out * (rows - 1),
+        "sram_read": 2 * products + allreduces * pes * whole + out * rows,
+        "sram_write": in_sram + weights * rows + (gathers + allreduces) * pes * whole,
+        "hop": (weights + out) * (rows - 1)
+        + round(rows * whole * (cols - 1) * (1.5 * gathers + 2 * allreduces)),
+        "edge_words": weights + out,
+    }
