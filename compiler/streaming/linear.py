@@ -220,15 +220,18 @@ def build_stack(layers: list[LinearLayer], x: np.ndarray, weights: dict[str, np.
 
 
 def ring_slots(layers: list[LinearLayer], tokens: int, rows: int, cols: int,
-               wafer: WaferConfig) -> int:
+               wafer: WaferConfig, saved: int = 0) -> int:
     """The weight vectors a PE's ring holds (the prefetch depth) for this shape: what the
-    SRAM of the fullest PE leaves, at most 2 x queue_depth. A UserError names the SRAM
-    when that is fewer than two (or the buffers alone do not fit)."""
+    SRAM of the fullest PE leaves, at most 2 x queue_depth, with `saved` words per PE
+    taken by activations the rest of a step keeps. A UserError names the SRAM when that is
+    fewer than two (or the buffers alone do not fit)."""
     features = [layers[0].k] + [layer.n for layer in layers]
     widest = max(layer.vector for layer in layers)
     fullest = Kernel(name="stack", op="linear", ops=[], width=1, height=1)
     budget = wafer.sram_bytes_per_pe // BYTES_PER_WORD
     with sram_budget(budget):
+        if saved:
+            fullest.alloc((0, 0), saved, "activations the rest of the step saves")
         _allocate(fullest, (0, 0), widest, (0, -(-tokens // rows)),
                   [(0, -(-f // cols)) for f in features])
     slots = min(2 * wafer.queue_depth, (budget - fullest.sram_words((0, 0))) // widest)

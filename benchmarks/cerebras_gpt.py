@@ -1,0 +1,218 @@
+"""Cerebras-GPT in weight-streaming mode: the family's seven configs on WSE-2 and WSE-3.
+
+    python benchmarks/cerebras_gpt.py [--simulate cerebras_gpt_111m] [--rows 2] [--tokens-per-row 2]
+                                      [--out benchmarks/out]
+
+What a step is here: the linear layers of every block (the fused QKV projection, the
+attention output projection, the MLP's two layers) and the tied LM head, forward and
+backward, each on the whole fabric in weight-streaming mode (`compiler.streaming`): the
+weights stream in through the north edge at the wafer's `edge_bytes_per_s`, dW streams
+out, the memory service applies SGD. Attention's products and softmax, LayerNorm, GELU,
+the embedding and the cross-entropy are not lowered in this mode yet; the table gives
+the share of the step's FLOPs the linear layers carry (the rest is left out of the time).
+
+Two kinds of rows, labelled:
+
+* `simulated` (the configs in --simulate): each distinct layer (one block's four, the
+  head) run cycle by cycle at the model's real widths on all the wafer's columns and
+  --rows rows, --tokens-per-row tokens a row, checked against float64. Blocks are
+  identical, so one block is simulated and its cycles count n_layers times; each layer
+  pays the edge latency once in its own run.
+* `projected`: the config's own tokens per step (batch_size x seq_len) on every row of the
+  wafer, by the cost model (`phase_cost`; `tests/test_streaming.py` holds it within 12% of
+  simulated runs) and the event model (`phase_events`) for the energy. A config whose
+  buffers do not fit a PE's SRAM at that shape is a row naming the resource.
+
+Columns: parameters, training FLOPs per token (the graph's count: every op), the linear
+layers' share of them, tokens per step, cycles per step, tokens/s per system, the bound
+(the share of the step's cycles in layer passes bound by weight I/O, compute or the row
+collectives), energy per token (dynamic: FMAs, SRAM, hops, edge bytes; `wse_sim.energy`)
+and the average power it implies. Writes cerebras_gpt.csv into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from compiler.config import TrainingConfig, load_config
+from compiler.gpt import build_graph
+from compiler.streaming.linear import (
+    LinearLayer,
+    phase_cost,
+    phase_events,
+    ring_slots,
+)
+from compiler.streaming.service import update_seconds
+from wse_sim.energy import energy_per_event_pj
+from wse_sim.errors import UserError
+from wse_sim.hardware import BYTES_PER_WORD, WaferConfig
+from wse_sim.pipeline import run_linear_stack
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ("config", "wafer", "mode", "parameters", "flops_per_token", "linear_share",
+           "tokens", "cycles", "tokens_per_s", "bound", "joules_per_token", "power_w",
+           "note")
+PICO = 1e-12
+
+
+def layers_of(model) -> tuple[list[LinearLayer], LinearLayer]:
+    """One block's linear layers and the tied LM head."""
+    d, f = model.d_model, model.d_ffn
+    block = [LinearLayer("qkv", d, 3 * d), LinearLayer("proj", d, d), LinearLayer("fc", d, f),
+             LinearLayer("fc2", f, d)]
+    return block, LinearLayer("head", d, model.vocab_size)
+
+
+def step_of(per_layer: dict[str, float], blocks: int) -> float:
+    """A step's total of a per-layer figure: every block's four layers and the head."""
+    return blocks * sum(v for name, v in per_layer.items() if name != "head") + per_layer["head"]
+
+
+def bound_of(cycles_by_bound: Counter) -> str:
+    total = sum(cycles_by_bound.values())
+    return ", ".join(f"{name} {cycles / total:.0%}" for name, cycles in
+                     cycles_by_bound.most_common() if cycles / total >= 0.005)
+
+
+def seconds_of(cycles: float, head: LinearLayer, wafer: WaferConfig) -> float:
+    """The step's time: the wafer's cycles, then the exposed update of the tied embedding
+    (its gradient arrives last, `compiler.streaming.service`)."""
+    return cycles / wafer.clock_hz + update_seconds(head.k * head.n, wafer)
+
+
+def projected(name: str, cfg, wafer: WaferConfig, base: dict) -> dict:
+    model, train = cfg.model, cfg.training
+    tokens = train.batch_size * train.seq_len
+    rows, cols = min(wafer.height, tokens), wafer.width
+    block, head = layers_of(model)
+    row = {**base, "mode": "projected", "tokens": tokens}
+    # Every block's layers keep their input slices for the backward (`compiler.streaming`).
+    per_row = -(-tokens // rows)
+    saved = model.n_layers * sum(-(-layer.k // cols) * per_row for layer in block)
+    try:
+        for layer in (*block, head):
+            ring_slots([layer], tokens, rows, cols, wafer, saved)
+    except UserError as err:
+        return {**row, "note": f"does not fit: {err}"}
+    cycles: dict[str, float] = {}
+    bounds: Counter = Counter()
+    events: Counter = Counter()
+    for layer in (*block, head):
+        repeat = 1 if layer is head else model.n_layers
+        cycles[layer.name] = 0
+        for backward in (False, True):
+            cost = phase_cost(layer, tokens, rows, cols, wafer, backward=backward)
+            cycles[layer.name] += cost.cycles
+            bounds[cost.bound] += repeat * cost.cycles
+            events.update({k: repeat * v for k, v in
+                           phase_events(layer, tokens, rows, cols, backward=backward).items()})
+    total = step_of(cycles, model.n_layers) + wafer.edge_latency_cycles
+    seconds = seconds_of(total, head, wafer)
+    joules = energy_joules(events, wafer)
+    return {**row, "cycles": round(total), "tokens_per_s": round(tokens / seconds),
+            "bound": bound_of(bounds), "joules_per_token": joules / tokens,
+            "power_w": round(joules / seconds), "note": f"{rows} x {cols} PEs, cost model"}
+
+
+def energy_joules(events: Counter, wafer: WaferConfig) -> float:
+    per_event = energy_per_event_pj(wafer)
+    counted = {**events, "edge_io": events["edge_words"] * BYTES_PER_WORD}
+    return PICO * sum(counted.get(name, 0) * pj for name, pj in per_event.items())
+
+
+def simulated(name: str, cfg, wafer: WaferConfig, base: dict, rows: int,
+              tokens_per_row: int) -> dict:
+    model = cfg.model
+    tokens = rows * tokens_per_row
+    block, head = layers_of(model)
+    rng = np.random.default_rng(0)
+    training = TrainingConfig(batch_size=1, seq_len=2, lr=cfg.training.lr)
+    cycles: dict[str, float] = {}
+    joules: dict[str, float] = {}
+    bounds: Counter = Counter()
+    passed = True
+    for layer in (*block, head):
+        x = rng.standard_normal((tokens, layer.k)).astype(np.float32)
+        w = (0.02 * rng.standard_normal((layer.k, layer.n))).astype(np.float32)
+        dy = rng.standard_normal((tokens, layer.n)).astype(np.float32)
+        result, report = run_linear_stack([layer], x, {layer.name: w}, dy, rows=rows,
+                                          cols=wafer.width, wafer=wafer, training=training)
+        cycles[layer.name] = result.cycles
+        joules[layer.name] = report["energy_joules"]
+        passed &= report["check"]["passed"]
+        repeat = 1 if layer is head else model.n_layers
+        for phase in report["weight_streaming"]["phases"]:
+            bounds[phase["bound"]] += repeat * phase["cycles"]
+        print(f"  {name} {layer.name} ({layer.k} x {layer.n}): {result.cycles:,} cycles, "
+              f"{report['host_simulation_seconds']:.0f} s host, check "
+              f"{'passed' if report['check']['passed'] else 'FAILED'}", file=sys.stderr,
+              flush=True)
+    total = step_of(cycles, model.n_layers)
+    seconds = seconds_of(total, head, wafer)
+    step_joules = step_of(joules, model.n_layers)
+    return {**base, "mode": "simulated", "tokens": tokens, "cycles": round(total),
+            "tokens_per_s": round(tokens / seconds), "bound": bound_of(bounds),
+            "joules_per_token": step_joules / tokens, "power_w": round(step_joules / seconds),
+            "note": f"{rows} x {wafer.width} PEs, check {'passed' if passed else 'FAILED'}"}
+
+
+def print_table(rows: list[dict]) -> None:
+    def cell(row: dict, column: str) -> str:
+        value = row.get(column, "")
+        if isinstance(value, float):
+            return f"{value:.3g}"
+        if isinstance(value, int):
+            return f"{value:,}"
+        return str(value)
+    shown = [c for c in COLUMNS if c != "note"]
+    widths = {c: max(len(c), *(len(cell(r, c)) for r in rows)) for c in shown}
+    print("  ".join(c.ljust(widths[c]) for c in shown) + "  note")
+    for row in rows:
+        print("  ".join(cell(row, c).ljust(widths[c]) for c in shown) + "  " + row.get("note", ""))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--simulate", nargs="*", default=["cerebras_gpt_111m"],
+                        help="configs also simulated cycle by cycle (at a short shape)")
+    parser.add_argument("--rows", type=int, default=2, help="PE rows of a simulated run")
+    parser.add_argument("--tokens-per-row", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = []
+    for path in sorted((ROOT / "models").glob("cerebras_gpt_*.yaml"),
+                       key=lambda p: load_config(str(p)).model.d_model):
+        for preset in ("wse2", "wse3"):
+            cfg = load_config(str(path)).model_copy(update={"wafer": WaferConfig(preset=preset)})
+            summary = build_graph(cfg).summary()
+            tokens = cfg.training.batch_size * cfg.training.seq_len
+            block, head = layers_of(cfg.model)
+            linear = 6 * tokens * step_of({layer.name: layer.k * layer.n
+                                           for layer in (*block, head)}, cfg.model.n_layers)
+            base = {"config": path.stem, "wafer": preset, "parameters": summary["parameters"],
+                    "flops_per_token": round(summary["flops"]["total"] / tokens),
+                    "linear_share": round(linear / summary["flops"]["total"], 3)}
+            if path.stem in args.simulate:
+                table.append(simulated(path.stem, cfg, cfg.wafer, base, args.rows,
+                                       args.tokens_per_row))
+            table.append(projected(path.stem, cfg, cfg.wafer, base))
+            print(f"{path.stem} on {preset}: done", file=sys.stderr, flush=True)
+    print_table(table)
+    with open(out / "cerebras_gpt.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(table)
+    print(f"wrote {out / 'cerebras_gpt.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
