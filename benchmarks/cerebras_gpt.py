@@ -117,7 +117,7 @@ def projected(name: str, cfg, wafer: WaferConfig, base: dict) -> dict:
     joules = energy_joules(events, wafer)
     return {**row, "cycles": round(total), "tokens_per_s": round(tokens / seconds),
             "bound": bound_of(bounds), "joules_per_token": joules / tokens,
-            "power_w": round(joules / seconds), "note": f"{rows} x {cols} PEs, cost model"}
+            "power_w": joules / seconds, "note": f"{rows} x {cols} PEs, cost model"}
 
 
 def energy_joules(events: Counter, wafer: WaferConfig) -> float:
@@ -134,6 +134,7 @@ def simulated(name: str, cfg, wafer: WaferConfig, base: dict, rows: int,
     rng = np.random.default_rng(0)
     training = TrainingConfig(batch_size=1, seq_len=2, lr=cfg.training.lr)
     cycles: dict[str, float] = {}
+    modelled: dict[str, float] = {}
     joules: dict[str, float] = {}
     bounds: Counter = Counter()
     passed = True
@@ -144,6 +145,8 @@ def simulated(name: str, cfg, wafer: WaferConfig, base: dict, rows: int,
         result, report = run_linear_stack([layer], x, {layer.name: w}, dy, rows=rows,
                                           cols=wafer.width, wafer=wafer, training=training)
         cycles[layer.name] = result.cycles
+        modelled[layer.name] = (report["weight_streaming"]["modelled_cycles"]
+                                + wafer.edge_latency_cycles)
         joules[layer.name] = report["energy_joules"]
         passed &= report["check"]["passed"]
         repeat = 1 if layer is head else model.n_layers
@@ -158,8 +161,9 @@ def simulated(name: str, cfg, wafer: WaferConfig, base: dict, rows: int,
     step_joules = step_of(joules, model.n_layers)
     return {**base, "mode": "simulated", "tokens": tokens, "cycles": round(total),
             "tokens_per_s": round(tokens / seconds), "bound": bound_of(bounds),
-            "joules_per_token": step_joules / tokens, "power_w": round(step_joules / seconds),
-            "note": f"{rows} x {wafer.width} PEs, check {'passed' if passed else 'FAILED'}"}
+            "joules_per_token": step_joules / tokens, "power_w": step_joules / seconds,
+            "note": f"{rows} x {wafer.width} PEs, check {'passed' if passed else 'FAILED'}; "
+                    f"cost model {step_of(modelled, model.n_layers) / total - 1:+.1%}"}
 
 
 def print_table(rows: list[dict]) -> None:

@@ -227,7 +227,7 @@ def ring_slots(layers: list[LinearLayer], tokens: int, rows: int, cols: int,
     fewer than two (or the buffers alone do not fit)."""
     features = [layers[0].k] + [layer.n for layer in layers]
     widest = max(layer.vector for layer in layers)
-    fullest = Kernel(name="stack", op="linear", ops=[], width=1, height=1)
+    fullest = Kernel(name="stack", op="linear", ops=[], width=cols, height=rows)
     budget = wafer.sram_bytes_per_pe // BYTES_PER_WORD
     with sram_budget(budget):
         if saved:
