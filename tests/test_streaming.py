@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from compiler.config import TrainingConfig
-from compiler.streaming.linear import LinearLayer, build_stack, edge_words_per_cycle, phase_cost
+from compiler.streaming.linear import LinearLayer, build_stack, phase_cost
 from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.pipeline import run_linear_stack
@@ -96,7 +96,7 @@ def test_phase_cost_names_the_bound():
     products to take longer than its weights."""
     chip = WaferConfig()
     layer = LinearLayer("fc", 768, 3072)
-    assert edge_words_per_cycle(chip) == pytest.approx(150e9 / 850e6 / 4)
+    assert chip.edge_words_per_cycle == pytest.approx(150e9 / 850e6 / 4)
     assert phase_cost(layer, 8 * 994, 994, 750, chip, backward=False).bound == "weight I/O"
     assert phase_cost(layer, 32 * 994, 994, 750, chip, backward=False).bound == "compute"
 

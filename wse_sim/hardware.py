@@ -94,6 +94,9 @@ class WaferConfig(BaseModel):
         ge=0, description="Cycles from the memory service sending a word to it being able to "
         "enter the edge router, and from a word leaving the fabric to its arrival at the "
         "memory service.")
+    optimizer_params_per_s: FiniteFloat = Field(
+        gt=0, description="Parameters a second the memory service's optimizer updates "
+        "(weight streaming: the update runs there, off the wafer; compiler.streaming.service).")
     microthreads: int = Field(gt=0, description="Tasks that may run at once on a PE.")
     max_tasks: int = Field(gt=0, description="Task ids per PE.")
     registers: int = Field(gt=0, description="fp32 scalar registers per PE.")

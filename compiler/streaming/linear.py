@@ -60,7 +60,7 @@ Cost (one fp32 element per cycle, `phase_cycles`): per weight vector of length V
 spends T_r V cycles on its products forward, 2 T_r V + V backward (dX, dW, the column
 chain); its receiving thread copies the vector beside them (one SRAM write an element,
 while the products read two words a cycle and write none). The edge supplies
-`edge_words_per_cycle` words a cycle shared by the C columns, at most one per column.
+`wafer.edge_words_per_cycle` words a cycle shared by the C columns, at most one per column.
 """
 
 from __future__ import annotations
@@ -503,11 +503,6 @@ def _ports(stack: Stack, weights: dict[str, np.ndarray]) -> None:
 # -- cost -------------------------------------------------------------------------------------
 
 
-def edge_words_per_cycle(wafer: WaferConfig) -> float:
-    """32-bit words the memory service moves per cycle in each direction."""
-    return wafer.edge_bytes_per_s / wafer.clock_hz / BYTES_PER_WORD
-
-
 @dataclass(frozen=True)
 class PhaseCost:
     """The cycles of one pass (forward or backward) of one layer, by what they wait for:
@@ -544,7 +539,7 @@ def phase_cost(layer: LinearLayer, tokens: int, rows: int, cols: int, wafer: Waf
     t = -(-tokens // rows)  # T_r of the fullest row
     owned = layer.n if layer.parallel == "column" else layer.k
     vectors = -(-owned // cols)
-    per_column = min(1.0, edge_words_per_cycle(wafer) / cols)  # words a cycle
+    per_column = min(1.0, wafer.edge_words_per_cycle / cols)  # words a cycle
     weight_io = math.ceil(vectors * layer.vector / per_column)
     v = layer.vector
     if not backward:
