@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from compiler.config import TrainingConfig
-from compiler.streaming.linear import LinearLayer, build_stack, phase_cost
+from compiler.streaming.linear import LinearLayer, build_stack, phase_cost, phase_events
 from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.pipeline import run_linear_stack
@@ -116,3 +116,30 @@ def test_a_stack_too_wide_for_the_columns_or_the_sram_is_refused():
         build_stack([LinearLayer("big", 7000, 7000)], np.zeros((1, 7000)),
                     {"big": np.zeros((7000, 7000))}, np.zeros((1, 7000)), rows=1, cols=1,
                     wafer=WaferConfig())
+
+
+@pytest.mark.parametrize("layers, tokens, rows, cols", [
+    ([LinearLayer("col", 16, 48)], 8, 2, 4),
+    ([LinearLayer("row", 48, 16)], 8, 2, 4),
+    ([LinearLayer("a", 32, 64), LinearLayer("b", 64, 32)], 16, 4, 8),
+])
+def test_event_model_matches_the_counters(layers, tokens, rows, cols):
+    """`phase_events` (the energy estimate at shapes too large to simulate) against the
+    counted run: arithmetic, link crossings (a word to an outbound port crosses none) and
+    edge words exactly, SRAM words within 5%."""
+    result, _ = stack_run(layers, tokens, rows, cols, wafer(2.0))
+    modelled: dict[str, int] = {}
+    for backward in (False, True):
+        for layer in layers:
+            for name, count in phase_events(layer, tokens, rows, cols,
+                                            backward=backward).items():
+                modelled[name] = modelled.get(name, 0) + count
+    stats = result.stats
+    ops, flops = int(stats.ops.sum()), int(stats.flops.sum())
+    assert modelled["fma"] == flops - ops
+    assert modelled["fp_other"] == 2 * ops - flops
+    for name in ("sram_read", "sram_write"):
+        counted = int(getattr(stats, name).sum())
+        assert abs(modelled[name] / counted - 1) < 0.05, (name, modelled[name], counted)
+    assert modelled["hop"] == int(stats.link.sum())
+    assert modelled["edge_words"] == int(stats.edge_in.sum() + stats.edge_out.sum())
