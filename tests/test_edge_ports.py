@@ -18,6 +18,7 @@ back to exactly 1 every k cycles: the j-th word of a lone port enters at Lat + k
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -113,6 +114,21 @@ def test_inbound_stream_bandwidth_bound(k):
     assert r.port_last_cycle == {"w": lat + k * (n - 1)}
     half = simulate(p, wafer(1 / (2 * k), lat))
     assert half.cycles - (lat + (hops + 1) + 2) == 2 * (r.cycles - (lat + (hops + 1) + 2))
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_marks_record_when_their_words_moved(k):
+    """Inbound at r = 1/k: word j enters at Lat + k j. Outbound at r >= 1: word j reaches
+    the memory service at j + 1 + L + Lat (the closed forms above)."""
+    n, lat = 30, 10
+    p, _ = inbound_chain(n, 2)
+    p.ports[0] = replace(p.ports[0], marks=(0, 7, n - 1))
+    r = simulate(p, wafer(1 / k, lat))
+    assert r.port_marks["w"].tolist() == [lat + k * j for j in (0, 7, n - 1)]
+    q = outbound(n)
+    q.ports[0] = replace(q.ports[0], marks=(3, 4))
+    assert simulate(q, wafer(44, lat)).port_marks["g"].tolist() == [j + 1 + 1 + lat
+                                                                   for j in (3, 4)]
 
 
 def shared(ports: int, n: int, hops: int = 1) -> tuple[Program, list[np.ndarray]]:
@@ -218,13 +234,14 @@ def test_inbound_to_outbound_through_the_fabric_multicast():
 
 def test_ports_round_trip_through_a_saved_program(tmp_path):
     p, _ = shared(2, 5)
-    p.ports.append(EdgePort("o", 1, 0, E, 7, False, NONE, 3))
+    p.ports.append(EdgePort("o", 1, 0, E, 7, False, NONE, 3, marks=(0, 2)))
     p.add_route(1, 0, 7, port_mask(W), port_mask(E))
     p.add_route(0, 0, 7, port_mask(RAMP), port_mask(E))
     save_program(p, tmp_path / "p.npz")
     q = load_program(tmp_path / "p.npz")
-    assert [(a.name, a.x, a.y, a.side, a.color, a.inbound, a.expected) for a in q.ports] == \
-        [(a.name, a.x, a.y, a.side, a.color, a.inbound, a.expected) for a in p.ports]
+    assert [(a.name, a.x, a.y, a.side, a.color, a.inbound, a.expected, a.marks)
+            for a in q.ports] == [(a.name, a.x, a.y, a.side, a.color, a.inbound, a.expected,
+                                   a.marks) for a in p.ports]
     for a, b in zip(p.ports, q.ports, strict=True):
         if a.inbound:
             assert b.data.dtype == np.float32
@@ -267,6 +284,9 @@ BAD = [
                                    {(0, 0, 3): Route(port_mask(W), port_mask(E, N))}),
      r"port 'w' at PE \(0, 0\) side N color 3 \(outbound\): field expected must be an "
      r"integer >= 0 \(got -1\)"),
+    ("marks out of order", lambda: _with({"marks": (2, 1)}),
+     r"port 'w' at PE \(0, 0\) side W color 3 \(inbound\): field marks must be a tuple of "
+     r"increasing word indices in 0..3$"),
     ("route missing", lambda: _with({"color": 5}),
      r"port 'w' at PE \(0, 0\) side W color 5 \(inbound\): the route of color 5 at that PE "
      r"is missing"),

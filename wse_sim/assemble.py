@@ -117,9 +117,11 @@ class Assembler:
             *(np.array(col, np.int64).reshape(-1) for col in (
                 [self.route_of[(p.y * width + p.x, p.color)] for p in edge],
                 [int(p.side) for p in edge], [int(p.inbound) for p in edge],
-                [len(p.data) if p.inbound else p.expected for p in edge])),
+                [len(p.data) if p.inbound else p.expected for p in edge],
+                [len(p.marks) for p in edge])),
             np.concatenate([p.data for p in edge if p.inbound] or [np.zeros(0, np.float32)]
-                           ).astype(np.float32))
+                           ).astype(np.float32),
+            np.array([m for p in edge for m in p.marks], np.int64))
         fifo = self._fabric()[0].info
         self.ramp_fifo = np.full(len(rkeys), -1, np.int64)
         self.recv_fifo = np.full(len(rkeys), -1, np.int64)

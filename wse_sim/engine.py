@@ -1223,15 +1223,16 @@ def run_worker(fb, cs, wk, t, t_end, workers, w):
 class SimResult:
     """The outcome of one run: cycle count, counters, final PE memories, and what the edge
     ports moved: `port_words` (outbound port name -> float32 words the memory service
-    received, in order) and `port_last_cycle` (port name -> the cycle its last word reached
+    received, in order), `port_last_cycle` (port name -> the cycle its last word reached
     the memory service, latency included (outbound), or entered the fabric (inbound); -1 if
-    none did)."""
+    none did) and `port_marks` (port name -> the same cycle for each of its marks)."""
 
     cycles: int
     stats: Stats
     _asm: Assembled
     port_words: dict[str, np.ndarray] = field(default_factory=dict)
     port_last_cycle: dict[str, int] = field(default_factory=dict)
+    port_marks: dict[str, np.ndarray] = field(default_factory=dict)
 
     def sram(self, x: int, y: int) -> np.ndarray:
         """Final SRAM of PE (x, y) (float32 view; empty if it has no program)."""
@@ -1387,9 +1388,12 @@ def _port_results(program: Program, fb) -> dict[str, dict]:
     words = {p.name: data[port["data"][k]: port["data"][k] + min(port["done"][k], port["n"][k])
                           ].copy()
              for k, p in enumerate(program.ports) if not p.inbound}
+    starts = port["mark_hi"] - [len(p.marks) for p in program.ports]
     return {"port_words": words,
             "port_last_cycle": {p.name: int(port["cycle"][k])
-                                for k, p in enumerate(program.ports)}}
+                                for k, p in enumerate(program.ports)},
+            "port_marks": {p.name: fb.edge_mark_cycle[starts[k]: port["mark_hi"][k]].copy()
+                           for k, p in enumerate(program.ports)}}
 
 
 def _stopped(program: Program, asm: Assembled, t: int, reason: str,

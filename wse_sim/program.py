@@ -34,11 +34,13 @@ the route of `color` at (x, y) must accept from `side` (in some switch position)
 the words on per its tx, like wavelets that crossed a link from a neighbour. An *outbound*
 port receives what the route of `color` at (x, y) sends to `side` (its tx holds `side`);
 the memory service must receive exactly `expected` words (more, or fewer at the end, is an
-error naming the port). A route may accept from or send to a side off the wafer only where
-a port is declared (sending off it without one is an error; accepting from it is harmless,
-nothing arrives). Names are unique, and one (PE, side, color) has at most one port. The
-bandwidth the ports share and their latency are wafer fields (`edge_bytes_per_s`,
-`edge_latency_cycles`); the timing is `wse_sim.engine`'s ("Edge ports").
+error naming the port). The run records the cycle at which each of a port's `marks` (word
+indices) moved: a timeline of its stream. A route may accept from or send to a side off
+the wafer only where a port is declared (sending off it without one is an error; accepting
+from it is harmless, nothing arrives). Names are unique, and one (PE, side, color) has at
+most one port. The bandwidth the ports share and their latency are wafer fields
+(`edge_bytes_per_s`, `edge_latency_cycles`); the timing is `wse_sim.engine`'s ("Edge
+ports").
 
 PE model: SRAM of `sram_words` 32-bit words (fp32), a small scalar register file, and
 tasks. A task is a list of instructions run on one microthread, in order, to completion.
@@ -430,6 +432,9 @@ class EdgePort:
     inbound: bool  # True: memory service -> fabric; False: fabric -> memory service
     data: np.ndarray  # inbound: float32 words sent in this order; outbound: ignored
     expected: int = 0  # outbound: words the memory service must receive; inbound: len(data)
+    # word indices (increasing) whose cycle the run records (`SimResult.port_marks`): a
+    # stream's boundaries, e.g. where one layer's weights end and the next layer's begin
+    marks: tuple[int, ...] = ()
 
 
 @dataclass
@@ -647,6 +652,13 @@ def _validate_ports(program: Program, wafer: WaferConfig) -> set[tuple[int, int,
                                    f"{'is missing' if route is None else 'does not send'}"
                                    f"{'' if route is None else ' to ' + side.name}")
             outward.add((port.x, port.y, side, port.color))
+        words = len(port.data) if port.inbound else port.expected
+        marks = port.marks
+        if not isinstance(marks, tuple) or not all(
+                isinstance(m, int | np.integer) and 0 <= m < words for m in marks) or any(
+                a >= b for a, b in zip(marks, marks[1:], strict=False)):
+            raise ProgramError(f"{where}: field marks must be a tuple of increasing word "
+                               f"indices in 0..{words - 1}")
     return outward
 
 
@@ -899,8 +911,8 @@ def validate_replacement(program: Program, wafer: WaferConfig,
 # --------------------------------------------------------------------------------------------
 # Serialization: one .npz of flat integer/float arrays plus a JSON header; no pickle.
 
-FORMAT_VERSION = 4  # 3: switch positions of routes; 4: edge ports
-READABLE_VERSIONS = (3, 4)  # a version 3 file is a program without edge ports
+FORMAT_VERSION = 5  # 3: switch positions of routes; 4: edge ports; 5: their marks
+READABLE_VERSIONS = (3, 4, 5)  # 3: a program without edge ports; 4: ports without marks
 _HALF_BIT = 8  # an fp16 operand's kind column holds Kind | 8 (files without fp16 unchanged)
 _OPERAND_FIELDS = ("dst", "a", "b", "c")
 
@@ -945,9 +957,10 @@ def save_program(program: Program, path: str | Path, wafer: WaferConfig | None =
                           for r in program.regions],
               "meta": program.meta,
               "wafer": None if wafer is None else wafer.model_dump(),
-              # name, x, y, side, color, inbound, expected, words in port_data
+              # name, x, y, side, color, inbound, expected, words in port_data, marks
               "ports": [[p.name, p.x, p.y, int(p.side), p.color, bool(p.inbound),
-                         int(p.expected), len(p.data) if p.inbound else 0]
+                         int(p.expected), len(p.data) if p.inbound else 0,
+                         [int(m) for m in p.marks]]
                         for p in program.ports]}
 
     def table(rows: list, cols: int) -> np.ndarray:
@@ -1041,11 +1054,11 @@ def _program_from(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Prog
     program.regions = [Region(*fields) for fields in header["regions"]]
     port_data = arrays.get("port_data", np.zeros(0, np.float32))
     at = 0
-    for name, x, y, side, color, inbound, expected, n in header.get("ports", []):
+    for name, x, y, side, color, inbound, expected, n, *marks in header.get("ports", []):
         if n < 0 or at + n > len(port_data):
             raise ValueError(f"port {name!r}: {n} words of data")
         data = port_data[at:at + n].copy() if inbound else np.zeros(0, np.float32)
         program.ports.append(EdgePort(name, x, y, Port(side), color, bool(inbound), data,
-                                      expected))
+                                      expected, tuple(marks[0]) if marks else ()))
         at += n
     return program

@@ -183,17 +183,20 @@ NO_SWITCHES = SwitchTable(*(np.zeros(0, np.int64) for _ in range(6)))
 
 class PortTable(NamedTuple):
     """The edge ports, in program order: RouteTable index of their (PE, color) route, side
-    (Port), inbound flag, words (inbound: to send; outbound: expected), and the inbound
-    ports' words end to end (float32)."""
+    (Port), inbound flag, words (inbound: to send; outbound: expected), marks per port, the
+    inbound ports' words end to end (float32) and the marks end to end (word indices)."""
 
     route: np.ndarray
     side: np.ndarray
     inbound: np.ndarray
     words: np.ndarray
+    nmarks: np.ndarray
     data: np.ndarray
+    marks: np.ndarray
 
 
-NO_PORTS = PortTable(*(np.zeros(0, np.int64) for _ in range(4)), np.zeros(0, np.float32))
+NO_PORTS = PortTable(*(np.zeros(0, np.int64) for _ in range(5)), np.zeros(0, np.float32),
+                     np.zeros(0, np.int64))
 
 
 def _unicast_port(tx: np.ndarray) -> np.ndarray:
@@ -364,6 +367,8 @@ def _edge(spec: FabricSpec, ports: PortTable, fifo: np.ndarray, router: np.ndarr
     port["n"], port["fifo"], port["router"], port["stripe"] = words, fifo, router, stripe
     port["inbound"] = inbound
     port["data"] = np.concatenate([[0], np.cumsum(words)])[:-1]
+    port["mark"] = np.concatenate([[0], np.cumsum(ports.nmarks)])[:-1]
+    port["mark_hi"] = port["mark"] + ports.nmarks
     data = np.zeros(int(words.sum()), np.float32)
     # the inbound words, port after port (outbound ports' slots stay zero until received)
     at = np.concatenate([np.arange(p, p + n) for p, n in zip(port["data"][inbound],
@@ -381,6 +386,8 @@ def _edge(spec: FabricSpec, ports: PortTable, fifo: np.ndarray, router: np.ndarr
     if nports:
         edge["pub_next"] = 0
     return {"edge": edge, "port": port, "edge_data": data,
+            "edge_marks": np.append(np.asarray(ports.marks, np.int64), 0),
+            "edge_mark_cycle": np.full(len(ports.marks) + 1, -1, np.int64),
             "edge_order": np.append(order, 0).astype(np.int32),
             "edge_served": np.zeros(nports + 1, np.int32),
             "edge_woken": np.zeros(nports + 1, np.int32)}
@@ -830,6 +837,14 @@ def _served_last(fb, order, lo, kept, nserved):
         order[U(lo + kept + i)] = served[i]
 
 
+@hot_inline
+def _record_mark(fb, pt, cycle):
+    """Word `pt.done` of port `pt` moved at `cycle`: record it if it is the port's next mark."""
+    if pt.mark < pt.mark_hi and fb.edge_marks[U(pt.mark)] == pt.done:
+        fb.edge_mark_cycle[U(pt.mark)] = cycle
+        pt.mark += 1
+
+
 @hot
 def edge_phase(fb, stripes, t):
     """Cycle t of the edge ports, before the routers, run by one worker (module docstring,
@@ -863,6 +878,7 @@ def edge_phase(fb, stripes, t):
                             _mark(fb, pt.router, b, True)
                         _push(fb, b, float_bits(fb.edge_data[U(pt.data + pt.done)]),
                               t + hop, shift)
+                        _record_mark(fb, pt, t)
                         pt.done += 1
                         pt.last = t
                         pt.cycle = t
@@ -902,6 +918,7 @@ def edge_phase(fb, stripes, t):
                         fb.edge_data[U(pt.data + pt.done)] = value
                     elif e.fault < 0:
                         e.fault = k  # more words than expected
+                    _record_mark(fb, pt, t + e.latency)
                     pt.done += 1
                     pt.last = t
                     pt.cycle = t + e.latency

@@ -161,6 +161,7 @@ EDGE_PORT = Table(  # one edge port (`wse_sim.program.EdgePort`), in program ord
     ("last", i8),  # the last cycle it was served (arbitration age), -1 never
     ("cycle", i8),  # inbound: cycle its last word entered the fabric; outbound: the cycle its
     # last word reached the memory service (latency included); -1 never
+    ("mark", i8), ("mark_hi", i8),  # its next mark and its end in Fabric.edge_marks
     ("fifo", i4),  # inbound: the route's input FIFO of its side; outbound: its own FIFO
     ("router", i4), ("stripe", i4),  # its PE's router and that router's stripe
     ("inbound", i4),
@@ -193,6 +194,8 @@ class Fabric(NamedTuple):
     edge: np.ndarray  # EDGE [1]
     port: np.ndarray  # EDGE_PORT [edge ports]
     edge_data: np.ndarray  # float32: inbound ports' words, outbound ports' received words
+    edge_marks: np.ndarray  # int64: the ports' marks (word indices), port after port
+    edge_mark_cycle: np.ndarray  # int64: the cycle each mark's word moved (as `cycle`), -1
     edge_order: np.ndarray  # int32 [ports]: arbitration order, inbound then outbound
     edge_served: np.ndarray  # int32 [ports]: scratch of the port phase
     edge_woken: np.ndarray  # int32 [ports]: routers to list, per-stripe segments (e_lo)
