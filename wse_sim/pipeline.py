@@ -203,6 +203,7 @@ def run_linear_stack(layers: list[LinearLayer], x: np.ndarray, weights: dict[str
         "tokens_per_second": tokens / (wafer_seconds + exposed),
         "modelled_cycles": sum(phase["cycles"] for phase in phases),
         "phases": phases,
+        "timeline": stack.timeline(result.port_marks),
     }
     report["check"] = {"passed": all(errors[n] <= tolerances[n] for n in errors),
                        "tensors": errors, "tolerances": tolerances}

@@ -143,6 +143,28 @@ class Stack:
     ports_in: list[str] = field(default_factory=list)
     ports_out: list[str] = field(default_factory=list)
 
+    def passes(self) -> list[tuple[int, bool]]:
+        """(layer, backward) in the order they run: forward up, backward down."""
+        n = len(self.layers)
+        return [(i, False) for i in range(n)] + [(i, True) for i in reversed(range(n))]
+
+    def timeline(self, port_marks: dict[str, np.ndarray]) -> list[dict[str, object]]:
+        """From a run's port marks, per pass: when its weights entered the fabric (the first
+        column's first word to the last column's last) and, backward, when its dW reached
+        the memory service."""
+        out = []
+        for p, (i, backward) in enumerate(self.passes()):
+            what = [("weights in", self.ports_in, p)]
+            if backward:
+                what.append(("gradients out", self.ports_out, p - len(self.layers)))
+            for kind, ports, block in what:
+                cycles = np.array([port_marks[name][2 * block: 2 * block + 2]
+                                   for name in ports])
+                out.append({"layer": self.layers[i].name,
+                            "pass": "backward" if backward else "forward", "stream": kind,
+                            "start": int(cycles[:, 0].min()), "end": int(cycles[:, 1].max())})
+        return out
+
     def vectors(self, layer: int, c: int) -> Span:
         """The weight vectors PE column c streams for layer `layer`."""
         return self.layers[layer].owned(self.cols[layer][c], self.cols[layer + 1][c])
@@ -302,12 +324,8 @@ class _PE:
 
     def _fills(self) -> list[int]:
         """The length of every weight vector this PE receives, in order."""
-        return [self.stack.layers[i].vector for i, _ in self._passes()
+        return [self.stack.layers[i].vector for i, _ in self.stack.passes()
                 for _ in range(self._count(i))]
-
-    def _passes(self) -> list[tuple[int, bool]]:
-        n = len(self.stack.layers)
-        return [(i, False) for i in range(n)] + [(i, True) for i in reversed(range(n))]
 
     def _count(self, i: int) -> int:
         v0, v1 = self.stack.vectors(i, self.c)
@@ -322,7 +340,7 @@ class _PE:
                 receive.append(_wait(FREE))
             receive += [vec(Op.MOV, words, Mem(self._slot(j)), FabIn(WEIGHTS)),
                         _signal(READY)]
-        for i, backward in self._passes():
+        for i, backward in self.stack.passes():
             (self._backward if backward else self._forward)(i)
         return self.compute, receive
 
@@ -481,23 +499,31 @@ def _tensors(stack: Stack, buffers: dict[tuple[int, int], _Buffers], features: l
 
 def _ports(stack: Stack, weights: dict[str, np.ndarray]) -> None:
     """Column c's inbound port sends its weight vectors of every layer, forward then
-    backward; its outbound port receives the dW vectors, backward order."""
+    backward; its outbound port receives the dW vectors, backward order. Each port marks
+    the first and the last word of every pass (`Stack.timeline`)."""
     layers = stack.layers
-    passes = list(range(len(layers))) + list(reversed(range(len(layers))))
     for c in range(stack.program.width):
         parts = []
-        for i in passes:
+        for i, _ in stack.passes():
             w = np.asarray(weights[layers[i].name], np.float32)
             v0, v1 = stack.vectors(i, c)
             parts.append((w[:, v0:v1].T if layers[i].parallel == "column" else w[v0:v1])
                          .ravel())
-        expected = sum(len(p) for p in parts) // 2
+        gradients = parts[len(layers):]
         stack.ports_in.append(f"weights {c}")
         stack.ports_out.append(f"gradients {c}")
         stack.program.ports += [
-            EdgePort(f"weights {c}", c, 0, Port.N, WEIGHTS, True, np.concatenate(parts)),
+            EdgePort(f"weights {c}", c, 0, Port.N, WEIGHTS, True, np.concatenate(parts),
+                     marks=_ends([len(p) for p in parts])),
             EdgePort(f"gradients {c}", c, 0, Port.N, NORTH[0], False,
-                     np.zeros(0, np.float32), expected)]
+                     np.zeros(0, np.float32), sum(len(g) for g in gradients),
+                     marks=_ends([len(g) for g in gradients]))]
+
+
+def _ends(sizes: list[int]) -> tuple[int, ...]:
+    """The first and last word index of each of consecutive blocks of `sizes` words."""
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    return tuple(int(m) for a, b in zip(starts, starts[1:], strict=False) for m in (a, b - 1))
 
 
 # -- cost -------------------------------------------------------------------------------------
