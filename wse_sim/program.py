@@ -639,19 +639,17 @@ def _validate_ports(program: Program, wafer: WaferConfig) -> set[tuple[int, int,
             if port.expected not in (0, len(data)):
                 raise ProgramError(f"{where}: field expected {port.expected}: an inbound port "
                                    f"sends len(data) = {len(data)} words (give 0 or that)")
-            if route is None or not route.rx_any >> side & 1:
-                raise ProgramError(f"{where}: the route of color {port.color} at that PE "
-                                   f"{'is missing' if route is None else 'does not accept'}"
-                                   f"{'' if route is None else ' from ' + side.name}")
         else:
             if not isinstance(port.expected, int | np.integer) or port.expected < 0:
                 raise ProgramError(f"{where}: field expected must be an integer >= 0 (got "
                                    f"{port.expected!r})")
-            if route is None or not route.tx_any >> side & 1:
-                raise ProgramError(f"{where}: the route of color {port.color} at that PE "
-                                   f"{'is missing' if route is None else 'does not send'}"
-                                   f"{'' if route is None else ' to ' + side.name}")
             outward.add((port.x, port.y, side, port.color))
+        uses = 0 if route is None else route.rx_any if port.inbound else route.tx_any
+        if route is None or not uses >> side & 1:
+            how = "accept from" if port.inbound else "send to"
+            raise ProgramError(f"{where}: the route of color {port.color} at that PE "
+                               + ("is missing" if route is None
+                                  else f"does not {how} {side.name}"))
         words = len(port.data) if port.inbound else port.expected
         marks = port.marks
         if not isinstance(marks, tuple) or not all(
