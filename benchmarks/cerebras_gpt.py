@@ -55,7 +55,8 @@ from wse_sim.hardware import BYTES_PER_WORD, WaferConfig
 from wse_sim.pipeline import run_linear_stack
 
 ROOT = Path(__file__).resolve().parents[1]
-COLUMNS = ("config", "wafer", "mode", "parameters", "flops_per_token", "linear_share",
+COLUMNS = ("config", "wafer", "precision", "mode", "parameters", "flops_per_token",
+           "linear_share",
            "tokens", "cycles", "tokens_per_s", "bound", "joules_per_token", "power_w",
            "note")
 PICO = 1e-12
@@ -86,7 +87,7 @@ def seconds_of(cycles: float, head: LinearLayer, wafer: WaferConfig) -> float:
     return cycles / wafer.clock_hz + update_seconds(head.k * head.n, wafer)
 
 
-def projected(name: str, cfg, wafer: WaferConfig, base: dict) -> dict:
+def projected(name: str, cfg, wafer: WaferConfig, base: dict, precision: str) -> dict:
     model, train = cfg.model, cfg.training
     tokens = train.batch_size * train.seq_len
     rows, cols = min(wafer.height, tokens), wafer.width
@@ -97,7 +98,7 @@ def projected(name: str, cfg, wafer: WaferConfig, base: dict) -> dict:
     saved = model.n_layers * sum(-(-layer.k // cols) * per_row for layer in block)
     try:
         for layer in (*block, head):
-            ring_slots([layer], tokens, rows, cols, wafer, saved)
+            ring_slots([layer], tokens, rows, cols, wafer, saved, precision)
     except UserError as err:
         return {**row, "note": f"does not fit: {err}"}
     cycles: dict[str, float] = {}
@@ -107,11 +108,13 @@ def projected(name: str, cfg, wafer: WaferConfig, base: dict) -> dict:
         repeat = 1 if layer is head else model.n_layers
         cycles[layer.name] = 0
         for backward in (False, True):
-            cost = phase_cost(layer, tokens, rows, cols, wafer, backward=backward)
+            cost = phase_cost(layer, tokens, rows, cols, wafer, backward=backward,
+                              precision=precision)
             cycles[layer.name] += cost.cycles
             bounds[cost.bound] += repeat * cost.cycles
             events.update({k: repeat * v for k, v in
-                           phase_events(layer, tokens, rows, cols, backward=backward).items()})
+                           phase_events(layer, tokens, rows, cols, backward=backward,
+                                        precision=precision).items()})
     total = step_of(cycles, model.n_layers) + wafer.edge_latency_cycles
     seconds = seconds_of(total, head, wafer)
     joules = energy_joules(events, wafer)
@@ -127,7 +130,7 @@ def energy_joules(events: Counter, wafer: WaferConfig) -> float:
 
 
 def simulated(name: str, cfg, wafer: WaferConfig, base: dict, rows: int,
-              tokens_per_row: int) -> dict:
+              tokens_per_row: int, precision: str) -> dict:
     model = cfg.model
     tokens = rows * tokens_per_row
     block, head = layers_of(model)
@@ -143,7 +146,8 @@ def simulated(name: str, cfg, wafer: WaferConfig, base: dict, rows: int,
         w = (0.02 * rng.standard_normal((layer.k, layer.n))).astype(np.float32)
         dy = rng.standard_normal((tokens, layer.n)).astype(np.float32)
         result, report = run_linear_stack([layer], x, {layer.name: w}, dy, rows=rows,
-                                          cols=wafer.width, wafer=wafer, training=training)
+                                          cols=wafer.width, wafer=wafer, training=training,
+                                          precision=precision)
         cycles[layer.name] = result.cycles
         modelled[layer.name] = (report["weight_streaming"]["modelled_cycles"]
                                 + wafer.edge_latency_cycles)
@@ -152,7 +156,8 @@ def simulated(name: str, cfg, wafer: WaferConfig, base: dict, rows: int,
         repeat = 1 if layer is head else model.n_layers
         for phase in report["weight_streaming"]["phases"]:
             bounds[phase["bound"]] += repeat * phase["cycles"]
-        print(f"  {name} {layer.name} ({layer.k} x {layer.n}): {result.cycles:,} cycles, "
+        print(f"  {name} {precision} {layer.name} ({layer.k} x {layer.n}): "
+              f"{result.cycles:,} cycles, "
               f"{report['host_simulation_seconds']:.0f} s host, check "
               f"{'passed' if report['check']['passed'] else 'FAILED'}", file=sys.stderr,
               flush=True)
@@ -187,6 +192,9 @@ def main() -> int:
                         help="configs also simulated cycle by cycle (at a short shape)")
     parser.add_argument("--rows", type=int, default=2, help="PE rows of a simulated run")
     parser.add_argument("--tokens-per-row", type=int, default=2)
+    parser.add_argument("--precisions", nargs="*", choices=["fp32", "mixed"],
+                        default=["fp32", "mixed"],
+                        help="mixed: the weights stream in fp16 (dW leaves in fp32)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args = parser.parse_args()
     out = Path(args.out)
@@ -201,13 +209,16 @@ def main() -> int:
             block, head = layers_of(cfg.model)
             linear = 6 * tokens * step_of({layer.name: layer.k * layer.n
                                            for layer in (*block, head)}, cfg.model.n_layers)
-            base = {"config": path.stem, "wafer": preset, "parameters": summary["parameters"],
-                    "flops_per_token": round(summary["flops"]["total"] / tokens),
-                    "linear_share": round(linear / summary["flops"]["total"], 3)}
-            if path.stem in args.simulate:
-                table.append(simulated(path.stem, cfg, cfg.wafer, base, args.rows,
-                                       args.tokens_per_row))
-            table.append(projected(path.stem, cfg, cfg.wafer, base))
+            common = {"config": path.stem, "wafer": preset,
+                      "parameters": summary["parameters"],
+                      "flops_per_token": round(summary["flops"]["total"] / tokens),
+                      "linear_share": round(linear / summary["flops"]["total"], 3)}
+            for precision in args.precisions:
+                base = {**common, "precision": precision}
+                if path.stem in args.simulate:
+                    table.append(simulated(path.stem, cfg, cfg.wafer, base, args.rows,
+                                           args.tokens_per_row, precision))
+                table.append(projected(path.stem, cfg, cfg.wafer, base, precision))
             print(f"{path.stem} on {preset}: done", file=sys.stderr, flush=True)
     print_table(table)
     with open(out / "cerebras_gpt.csv", "w", newline="") as f:

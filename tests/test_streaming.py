@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from compiler.config import TrainingConfig
-from compiler.streaming.linear import LinearLayer, build_stack, phase_cost, phase_events
+from compiler.streaming.linear import (
+    LinearLayer,
+    build_stack,
+    phase_cost,
+    phase_events,
+    streamed_words,
+)
 from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.pipeline import run_linear_stack
@@ -22,14 +28,14 @@ def wafer(words_per_cycle: float, **fields) -> WaferConfig:
     return WaferConfig(edge_bytes_per_s=words_per_cycle * 4 * base.clock_hz, **fields)
 
 
-def stack_run(layers, tokens, rows, cols, chip, training=SGD, seed=0):
+def stack_run(layers, tokens, rows, cols, chip, training=SGD, seed=0, precision="fp32"):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((tokens, layers[0].k)).astype(np.float32)
     weights = {layer.name: rng.standard_normal((layer.k, layer.n)).astype(np.float32)
                for layer in layers}
     dy = rng.standard_normal((tokens, layers[-1].n)).astype(np.float32)
     return run_linear_stack(layers, x, weights, dy, rows=rows, cols=cols, wafer=chip,
-                            training=training)
+                            training=training, precision=precision)
 
 
 # Column- and row-parallel layers (K <= N, K > N) in one stack.
@@ -37,24 +43,34 @@ LAYERS = [LinearLayer("up", 6, 11), LinearLayer("down", 11, 5), LinearLayer("mid
           LinearLayer("out", 5, 9)]
 
 
-@pytest.mark.parametrize("rows, cols, training", [(2, 3, SGD), (3, 5, ADAMW), (1, 1, SGD)])
-def test_stack_matches_float64_through_a_narrow_edge(rows, cols, training):
+@pytest.mark.parametrize("rows, cols, training, precision", [
+    (2, 3, SGD, "fp32"), (3, 5, ADAMW, "fp32"), (1, 1, SGD, "fp32"), (2, 3, SGD, "mixed"),
+    (3, 5, ADAMW, "mixed")])
+def test_stack_matches_float64_through_a_narrow_edge(rows, cols, training, precision):
     """Every layer's output, dX, every dW (as the memory service received it) and the
-    service's update pass the check, with the edge at a quarter word a cycle."""
-    result, report = stack_run(LAYERS, 7, rows, cols, wafer(0.25), training)
+    service's update pass the check, with the edge at a quarter word a cycle; `mixed`
+    against the reference with the same fp16 weights (and an odd vector length, 5 and 11
+    halves: each vector starts a new wavelet)."""
+    result, report = stack_run(LAYERS, 7, rows, cols, wafer(0.25), training,
+                               precision=precision)
     check = report["check"]
     assert check["passed"], {n: e for n, e in check["tensors"].items()
                              if e > check["tolerances"][n]}
     assert {f"dw:{layer.name}" for layer in LAYERS} <= set(check["tensors"])
     assert {f"update:{layer.name}" for layer in LAYERS} <= set(check["tensors"])
     weights = sum(layer.k * layer.n for layer in LAYERS)
+    # forward and again backward; mixed: two halves a word, each vector from a new word
+    streamed = sum(2 * (layer.n if layer.parallel == "column" else layer.k)
+                   * streamed_words(layer, precision) for layer in LAYERS)
+    assert streamed == 2 * weights if precision == "fp32" else weights < streamed < 2 * weights
     totals = result.stats.totals()
-    assert totals["edge_in"] == 2 * weights  # forward and again backward
-    assert totals["edge_out"] == weights  # every gradient, once
+    assert totals["edge_in"] == streamed
+    assert totals["edge_out"] == weights  # every gradient, once, fp32
 
 
-def layer_cycles(layer, tokens, rows, cols, words_per_cycle):
-    result, report = stack_run([layer], tokens, rows, cols, wafer(words_per_cycle))
+def layer_cycles(layer, tokens, rows, cols, words_per_cycle, precision="fp32"):
+    result, report = stack_run([layer], tokens, rows, cols, wafer(words_per_cycle),
+                               precision=precision)
     assert report["check"]["passed"]
     return result.cycles, report
 
@@ -75,16 +91,28 @@ def test_halving_the_edge_bandwidth_doubles_an_io_bound_layer_only():
     assert compute_half / compute_full < 1.1
 
 
+def test_fp16_weights_halve_an_io_bound_forward_only():
+    """Mixed precision streams two fp16 weights a wavelet: the I/O-bound layer above
+    takes half the forward's cycles, but its backward is bound as before by dW leaving in
+    fp32 (a word a weight, the outbound side's rate): about 3/4 of fp32's cycles."""
+    layer = LinearLayer("fc", 32, 96)
+    fp32, _ = layer_cycles(layer, 2, 2, 8, 0.5)
+    mixed, report = layer_cycles(layer, 2, 2, 8, 0.5, precision="mixed")
+    assert {p["bound"] for p in report["weight_streaming"]["phases"]} == {"weight I/O"}
+    assert 0.72 < mixed / fp32 < 0.78
+
+
+@pytest.mark.parametrize("precision", ["fp32", "mixed"])
 @pytest.mark.parametrize("layer, tokens, rows, cols, words", [
     (LinearLayer("col", 24, 48), 16, 2, 6, 2.0),  # compute-bound, column-parallel
     (LinearLayer("row", 48, 24), 16, 2, 6, 2.0),  # compute-bound, row-parallel
     (LinearLayer("col", 24, 48), 4, 4, 6, 0.5),  # weight-I/O-bound
     (LinearLayer("row", 48, 24), 4, 4, 6, 0.5),
 ])
-def test_cost_model_tracks_the_simulation(layer, tokens, rows, cols, words):
+def test_cost_model_tracks_the_simulation(layer, tokens, rows, cols, words, precision):
     """`phase_cost`, summed over both passes, within 12% of the simulated cycles (the edge
     latency, paid once per run, added): the model the projections use."""
-    cycles, report = layer_cycles(layer, tokens, rows, cols, words)
+    cycles, report = layer_cycles(layer, tokens, rows, cols, words, precision)
     chip = wafer(words)
     modelled = report["weight_streaming"]["modelled_cycles"] + chip.edge_latency_cycles
     assert abs(modelled / cycles - 1) < 0.12, (modelled, cycles)
@@ -118,21 +146,22 @@ def test_a_stack_too_wide_for_the_columns_or_the_sram_is_refused():
                     wafer=WaferConfig())
 
 
+@pytest.mark.parametrize("precision", ["fp32", "mixed"])
 @pytest.mark.parametrize("layers, tokens, rows, cols", [
     ([LinearLayer("col", 16, 48)], 8, 2, 4),
     ([LinearLayer("row", 48, 16)], 8, 2, 4),
     ([LinearLayer("a", 32, 64), LinearLayer("b", 64, 32)], 16, 4, 8),
 ])
-def test_event_model_matches_the_counters(layers, tokens, rows, cols):
+def test_event_model_matches_the_counters(layers, tokens, rows, cols, precision):
     """`phase_events` (the energy estimate at shapes too large to simulate) against the
     counted run: arithmetic, link crossings (a word to an outbound port crosses none) and
     edge words exactly, SRAM words within 5%."""
-    result, _ = stack_run(layers, tokens, rows, cols, wafer(2.0))
+    result, _ = stack_run(layers, tokens, rows, cols, wafer(2.0), precision=precision)
     modelled: dict[str, int] = {}
     for backward in (False, True):
         for layer in layers:
-            for name, count in phase_events(layer, tokens, rows, cols,
-                                            backward=backward).items():
+            for name, count in phase_events(layer, tokens, rows, cols, backward=backward,
+                                            precision=precision).items():
                 modelled[name] = modelled.get(name, 0) + count
     stats = result.stats
     ops, flops = int(stats.ops.sum()), int(stats.flops.sum())

@@ -22,7 +22,7 @@ from compiler.footprint import step_footprint
 from compiler.ops.update import UpdateRule
 from compiler.optim import init_state, optimizer_step
 from compiler.reference import reference_step
-from compiler.streaming.linear import LinearLayer, build_stack, phase_cost
+from compiler.streaming.linear import LinearLayer, Precision, build_stack, phase_cost
 from compiler.streaming.linear import reference as linear_reference
 from compiler.streaming.service import apply_update, update_seconds
 from wse_sim.engine import SimResult, simulate
@@ -157,13 +157,15 @@ def run_parsed(cfg: RunConfig, source: str, placement: str | None = None,
 
 def run_linear_stack(layers: list[LinearLayer], x: np.ndarray, weights: dict[str, np.ndarray],
                      dy: np.ndarray, *, rows: int, cols: int, wafer: WaferConfig,
-                     training: TrainingConfig, threads: int | None = None
-                     ) -> tuple[SimResult, dict[str, Any]]:
+                     training: TrainingConfig, precision: Precision = "fp32",
+                     threads: int | None = None) -> tuple[SimResult, dict[str, Any]]:
     """One weight-streaming step of a stack of linear layers (`compiler.streaming.linear`):
     build it on `rows` x `cols` PEs, simulate it with the memory service at the edge, apply
     the optimizer in the service, check everything against float64 and report, besides the
-    counters, the time the service adds and each layer pass's modelled bound."""
-    stack = build_stack(layers, x, weights, dy, rows=rows, cols=cols, wafer=wafer)
+    counters, the time the service adds and each layer pass's modelled bound. `mixed`: the
+    weights stream in fp16 (the service rounds its fp32 master copy)."""
+    stack = build_stack(layers, x, weights, dy, rows=rows, cols=cols, wafer=wafer,
+                        precision=precision)
     tokens = len(x)
     stack.program.meta = {"throughput": {"unit": "tokens", "per_run": tokens},
                           "parameters": sum(layer.k * layer.n for layer in layers)}
@@ -177,7 +179,7 @@ def run_linear_stack(layers: list[LinearLayer], x: np.ndarray, weights: dict[str
     simulated = {name: read_tensor(layout, result.sram, name)
                  for name, layout in stack.program.tensors.items()}
     simulated |= {f"dw:{name}": grad for name, grad in grads.items()}
-    expected = linear_reference(layers, x, weights, dy)
+    expected = linear_reference(layers, x, weights, dy, precision)
     errors = {name: relative_error(simulated[name], expected[name]) for name in expected}
     tolerances = dict.fromkeys(errors, TOLERANCE)
     step_errors, step_tolerances = update_checks(updated, initial, expected_update,
@@ -193,9 +195,10 @@ def run_linear_stack(layers: list[LinearLayer], x: np.ndarray, weights: dict[str
                "bound": cost.bound}
               for backward, order in ((False, layers), (True, layers[::-1]))
               for layer in order
-              for cost in [phase_cost(layer, tokens, rows, cols, wafer, backward=backward)]]
+              for cost in [phase_cost(layer, tokens, rows, cols, wafer, backward=backward,
+                                      precision=precision)]]
     report["weight_streaming"] = {
-        "rows": rows, "cols": cols, "ring_slots": stack.slots,
+        "rows": rows, "cols": cols, "precision": precision, "ring_slots": stack.slots,
         "wafer_seconds": wafer_seconds,
         "optimizer_seconds": update_seconds(sum(w.size for w in initial.values()), wafer),
         "exposed_update_seconds": exposed,

@@ -74,7 +74,7 @@ import numpy as np
 from compiler.lowering.dots import Walk, dots
 from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, Reg, vec
 from compiler.lowering.kernel import TOKEN_REG, Kernel, sram_budget
-from compiler.ops.matmul import linear_backward, linear_forward
+from compiler.ops.matmul import linear_backward, linear_forward, to_half
 from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
@@ -91,6 +91,7 @@ from wse_sim.program import (
 
 Span = tuple[int, int]
 Parallel = Literal["column", "row"]
+Precision = Literal["fp32", "mixed"]
 
 # Colors: fixed roles, the same on every PE (the rectangle's routes are short and regular,
 # so no negotiation is needed).
@@ -140,6 +141,7 @@ class Stack:
     rows: list[Span]  # tokens of each PE row
     cols: list[list[Span]]  # slices of activation l (l = 0 .. L) per PE column
     slots: int  # ring slots per PE (weight vectors prefetched)
+    precision: Precision = "fp32"  # mixed: the weights stream in fp16
     ports_in: list[str] = field(default_factory=list)
     ports_out: list[str] = field(default_factory=list)
 
@@ -188,49 +190,64 @@ class Stack:
 
 
 def reference(layers: list[LinearLayer], x: np.ndarray, weights: dict[str, np.ndarray],
-              dy: np.ndarray) -> dict[str, np.ndarray]:
+              dy: np.ndarray, precision: Precision = "fp32") -> dict[str, np.ndarray]:
     """The float64 twin: every layer's output `y:{name}`, the first layer's input gradient
-    `dx` and every weight gradient `dw:{name}`."""
+    `dx` and every weight gradient `dw:{name}`; `mixed`: with the weights the memory
+    service sends, rounded to fp16 (`streamed_weight`)."""
     out: dict[str, np.ndarray] = {}
     acts = [np.asarray(x, np.float64)]
+    used = {layer.name: streamed_weight(weights[layer.name], precision).astype(np.float64)
+            for layer in layers}
     for layer in layers:
-        acts.append(linear_forward(acts[-1], np.asarray(weights[layer.name], np.float64),
-                                   np.zeros(layer.n)))
+        acts.append(linear_forward(acts[-1], used[layer.name], np.zeros(layer.n)))
         out[f"y:{layer.name}"] = acts[-1]
     grad = np.asarray(dy, np.float64)
     for layer, act in zip(reversed(layers), reversed(acts[:-1]), strict=True):
-        grad, out[f"dw:{layer.name}"], _ = linear_backward(
-            grad, act, np.asarray(weights[layer.name], np.float64))
+        grad, out[f"dw:{layer.name}"], _ = linear_backward(grad, act, used[layer.name])
     out["dx"] = grad
     return out
 
 
+def streamed_weight(weight: np.ndarray, precision: Precision) -> np.ndarray:
+    """The weight as the memory service streams it: fp32, or (`mixed`) rounded to fp16."""
+    weight = np.asarray(weight, np.float32)
+    return to_half(weight) if precision == "mixed" else weight
+
+
+def slot_words(layers: list[LinearLayer], precision: Precision) -> int:
+    """SRAM words of a ring slot: the longest weight vector, fp32 or (`mixed`) fp16 halves
+    two to a word."""
+    widest = max(layer.vector for layer in layers)
+    return (widest + 1) // 2 if precision == "mixed" else widest
+
+
 def build_stack(layers: list[LinearLayer], x: np.ndarray, weights: dict[str, np.ndarray],
-                dy: np.ndarray, *, rows: int, cols: int, wafer: WaferConfig) -> Stack:
+                dy: np.ndarray, *, rows: int, cols: int, wafer: WaferConfig,
+                precision: Precision = "fp32") -> Stack:
     """The weight-streaming program of forward and backward through `layers` for the tokens
     `x` [T, K_0] with output gradient `dy` [T, N_last], on a `rows` x `cols` rectangle at
-    the wafer's north-west corner."""
+    the wafer's north-west corner; `precision` "mixed" streams the weights in fp16."""
     tokens = len(x)
     features = [layers[0].k] + [layer.n for layer in layers]
     _check(layers, features, tokens, rows, cols, wafer)
     token_rows = split(tokens, rows)
     slices = [split(f, cols) for f in features]
-    slots = ring_slots(layers, tokens, rows, cols, wafer)
+    slots = ring_slots(layers, tokens, rows, cols, wafer, precision=precision)
     widest = max(layer.vector for layer in layers)
     kernel = Kernel(name="stack", op="linear", ops=[], width=cols, height=rows)
     buffers = {(c, r): _allocate(kernel, (c, r), widest, token_rows[r],
-                                 [s[c] for s in slices])
+                                 [s[c] for s in slices], precision)
                for r in range(rows) for c in range(cols)}
     for pe, buf in buffers.items():
-        buf.ring = kernel.alloc(pe, slots * widest, "weight ring")
+        buf.ring = kernel.alloc(pe, slots * slot_words(layers, precision), "weight ring")
     program = Program(width=cols, height=rows)
-    stack = Stack(program, layers, token_rows, slices, slots)
+    stack = Stack(program, layers, token_rows, slices, slots, precision)
     for (c, r), buf in buffers.items():
         t0, t1 = token_rows[r]
         (i0, i1), (o0, o1) = slices[0][c], slices[-1][c]
         kernel.load((c, r), buf.act[0], np.asarray(x, np.float32)[t0:t1, i0:i1].T)
         kernel.load((c, r), buf.grad[-1], np.asarray(dy, np.float32)[t0:t1, o0:o1].T)
-        compute, receive = _PE(stack, buf, c, r, widest).code()
+        compute, receive = _PE(stack, buf, c, r, slot_words(layers, precision)).code()
         kernel.emit((c, r), *compute, thread=0)
         kernel.emit((c, r), *receive, thread=1)
         program.pes[(c, r)] = kernel.programs[(c, r)]
@@ -242,7 +259,7 @@ def build_stack(layers: list[LinearLayer], x: np.ndarray, weights: dict[str, np.
 
 
 def ring_slots(layers: list[LinearLayer], tokens: int, rows: int, cols: int,
-               wafer: WaferConfig, saved: int = 0) -> int:
+               wafer: WaferConfig, saved: int = 0, precision: Precision = "fp32") -> int:
     """The weight vectors a PE's ring holds (the prefetch depth) for this shape: what the
     SRAM of the fullest PE leaves, at most 2 x queue_depth, with `saved` words per PE
     taken by activations the rest of a step keeps. A UserError names the SRAM when that is
@@ -255,12 +272,13 @@ def ring_slots(layers: list[LinearLayer], tokens: int, rows: int, cols: int,
         if saved:
             fullest.alloc((0, 0), saved, "activations the rest of the step saves")
         _allocate(fullest, (0, 0), widest, (0, -(-tokens // rows)),
-                  [(0, -(-f // cols)) for f in features])
-    slots = min(2 * wafer.queue_depth, (budget - fullest.sram_words((0, 0))) // widest)
+                  [(0, -(-f // cols)) for f in features], precision)
+    words = slot_words(layers, precision)
+    slots = min(2 * wafer.queue_depth, (budget - fullest.sram_words((0, 0))) // words)
     if slots < 2:
         raise UserError(
             f"weight streaming: {rows} x {cols} PEs leave room for {slots} weight vectors of "
-            f"{widest} words per PE ({wafer.sram_bytes_per_pe:,} bytes of SRAM), need 2: "
+            f"{words} words per PE ({wafer.sram_bytes_per_pe:,} bytes of SRAM), need 2: "
             "use more PE rows")
     return slots
 
@@ -292,11 +310,12 @@ class _Buffers:
     grad: list[int]  # own slice of its gradient (grad[L]: the given dY)
     whole: int  # scratch: a gathered activation, [F, T_r]
     partial: int  # scratch: a partial sum, all-reduced over the row in place, [F, T_r]
-    ring: int = 0  # weight vectors, `slots` x widest
+    dw: int | None  # mixed: an fp32 dW vector (fp32: dW overwrites its weights' ring slot)
+    ring: int = 0  # weight vectors, `slots` x `slot_words`
 
 
 def _allocate(kernel: Kernel, pe: tuple[int, int], widest: int, rows: Span,
-              slices: list[Span]) -> _Buffers:
+              slices: list[Span], precision: Precision) -> _Buffers:
     """The buffers of PE `pe`; the scratch blocks hold what a layer gathers or all-reduces,
     min(K, N) features (`LinearLayer.vector`), at most `widest`."""
     t = rows[1] - rows[0]
@@ -306,7 +325,8 @@ def _allocate(kernel: Kernel, pe: tuple[int, int], widest: int, rows: Span,
             for i, (s0, s1) in enumerate(slices)]
     whole = kernel.alloc(pe, widest * t, "gathered activation")
     partial = kernel.alloc(pe, widest * t, "partial sums")
-    return _Buffers(t, act, grad, whole, partial)
+    dw = kernel.alloc(pe, widest, "weight gradient") if precision == "mixed" else None
+    return _Buffers(t, act, grad, whole, partial, dw)
 
 
 @dataclass
@@ -317,7 +337,7 @@ class _PE:
     buf: _Buffers
     c: int
     r: int
-    widest: int
+    slot_words: int
     compute: list[Instr] = field(default_factory=list)
     taken: int = 0  # weight vectors the compute thread has taken
     total: int = 0  # weight vectors it receives
@@ -338,14 +358,30 @@ class _PE:
         for j, words in enumerate(fills):
             if j >= slots:
                 receive.append(_wait(FREE))
-            receive += [vec(Op.MOV, words, Mem(self._slot(j)), FabIn(WEIGHTS)),
+            receive += [vec(Op.MOV, words, self._weights(j), FabIn(WEIGHTS, half=self.half)),
                         _signal(READY)]
         for i, backward in self.stack.passes():
             (self._backward if backward else self._forward)(i)
         return self.compute, receive
 
+    @property
+    def half(self) -> bool:
+        return self.stack.precision == "mixed"
+
     def _slot(self, j: int) -> int:
-        return self.buf.ring + j % self.stack.slots * self.widest
+        """The word offset of weight vector j's ring slot."""
+        return self.buf.ring + j % self.stack.slots * self.slot_words
+
+    def _weights(self, j: int) -> Operand:
+        """Weight vector j as a vector operand (fp16 halves when mixed)."""
+        return Mem(2 * self._slot(j), half=True) if self.half else Mem(self._slot(j))
+
+    def _weight_walk(self, j: int) -> Walk:
+        return Walk(2 * self._slot(j), 1, half=True) if self.half else Walk(self._slot(j), 1)
+
+    def _dw(self, j: int) -> int:
+        """Where dW of weight vector j is formed: its slot once used (fp32), else a buffer."""
+        return self._slot(j) if self.buf.dw is None else self.buf.dw
 
     def _take(self, body: list[Instr]) -> None:
         """Wait for the next weight vector, run `body` on it, free its slot (unless no fill
@@ -365,14 +401,13 @@ class _PE:
         if layer.parallel == "column":
             self._gather(buf.act[i], k0, k1, layer.k)
             for n in range(n1 - n0):
-                slot = self._slot(self.taken)
-                self._take(dots(t, layer.k, Walk(buf.whole, t, step=1), Walk(slot, 1),
-                                acc=ACC, out=[Mem(buf.act[i + 1] + n * t + s)
-                                              for s in range(t)]))
+                self._take(dots(t, layer.k, Walk(buf.whole, t, step=1),
+                                self._weight_walk(self.taken), acc=ACC,
+                                out=[Mem(buf.act[i + 1] + n * t + s) for s in range(t)]))
             return
         for k in range(k1 - k0):
-            slot = self._slot(self.taken)
-            self._take([_axpy(k == 0, layer.n, Mem(buf.partial + s, t), Mem(slot),
+            w = self._weights(self.taken)
+            self._take([_axpy(k == 0, layer.n, Mem(buf.partial + s, t), w,
                               Mem(buf.act[i] + k * t + s, 0)) for s in range(t)])
         self._allreduce(buf.partial, layer.n * t)
         self.compute.append(vec(Op.MOV, (n1 - n0) * t, Mem(buf.act[i + 1]),
@@ -385,27 +420,27 @@ class _PE:
         if layer.parallel == "column":
             self._gather(buf.act[i], k0, k1, layer.k)
             for n in range(n1 - n0):
-                slot = self._slot(self.taken)
+                w, dw = self._weights(self.taken), self._dw(self.taken)
                 scalars = [Mem(dy + n * t + s, 0) for s in range(t)]
                 self._take(
-                    [_axpy(n == 0, layer.k, Mem(buf.partial + s, t), Mem(slot), scalars[s])
+                    [_axpy(n == 0, layer.k, Mem(buf.partial + s, t), w, scalars[s])
                      for s in range(t)]
-                    + [_axpy(s == 0, layer.k, Mem(slot), Mem(buf.whole + s, t), scalars[s])
+                    + [_axpy(s == 0, layer.k, Mem(dw), Mem(buf.whole + s, t), scalars[s])
                        for s in range(t)]
-                    + self._column_reduce(slot, layer.k))
+                    + self._column_reduce(dw, layer.k))
             self._allreduce(buf.partial, layer.k * t)
             self.compute.append(vec(Op.MOV, (k1 - k0) * t, Mem(buf.grad[i]),
                                     Mem(buf.partial + k0 * t)))
             return
         self._gather(dy, n0, n1, layer.n)
         for k in range(k1 - k0):
-            slot = self._slot(self.taken)
+            dw = self._dw(self.taken)
             self._take(
-                dots(t, layer.n, Walk(buf.whole, t, step=1), Walk(slot, 1), acc=ACC,
-                     out=[Mem(buf.grad[i] + k * t + s) for s in range(t)])
-                + [_axpy(s == 0, layer.n, Mem(slot), Mem(buf.whole + s, t),
+                dots(t, layer.n, Walk(buf.whole, t, step=1), self._weight_walk(self.taken),
+                     acc=ACC, out=[Mem(buf.grad[i] + k * t + s) for s in range(t)])
+                + [_axpy(s == 0, layer.n, Mem(dw), Mem(buf.whole + s, t),
                          Mem(buf.act[i] + k * t + s, 0)) for s in range(t)]
-                + self._column_reduce(slot, layer.n))
+                + self._column_reduce(dw, layer.n))
 
     def _gather(self, own: int, f0: int, f1: int, features: int) -> None:
         """Every PE of the row gets the whole [features, T_r] activation into `whole`, from
@@ -503,13 +538,14 @@ def _ports(stack: Stack, weights: dict[str, np.ndarray]) -> None:
     the first and the last word of every pass (`Stack.timeline`)."""
     layers = stack.layers
     for c in range(stack.program.width):
-        parts = []
-        for i, _ in stack.passes():
-            w = np.asarray(weights[layers[i].name], np.float32)
+        parts, gradients = [], []
+        for p, (i, _) in enumerate(stack.passes()):
+            w = streamed_weight(weights[layers[i].name], stack.precision)
             v0, v1 = stack.vectors(i, c)
-            parts.append((w[:, v0:v1].T if layers[i].parallel == "column" else w[v0:v1])
-                         .ravel())
-        gradients = parts[len(layers):]
+            vectors = w[:, v0:v1].T if layers[i].parallel == "column" else w[v0:v1]
+            parts.append(_wavelets(vectors, stack.precision))
+            if p >= len(layers):
+                gradients.append(vectors.ravel())
         stack.ports_in.append(f"weights {c}")
         stack.ports_out.append(f"gradients {c}")
         stack.program.ports += [
@@ -518,6 +554,16 @@ def _ports(stack: Stack, weights: dict[str, np.ndarray]) -> None:
             EdgePort(f"gradients {c}", c, 0, Port.N, NORTH[0], False,
                      np.zeros(0, np.float32), sum(len(g) for g in gradients),
                      marks=_ends([len(g) for g in gradients]))]
+
+
+def _wavelets(vectors: np.ndarray, precision: Precision) -> np.ndarray:
+    """The words that carry weight vectors (rows of `vectors`): fp32, or (`mixed`) fp16
+    halves two to a wavelet, each vector from a new wavelet (`wse_sim.program`, "fp16")."""
+    if precision != "mixed":
+        return vectors.ravel()
+    halves = np.zeros((len(vectors), vectors.shape[1] + vectors.shape[1] % 2), np.float16)
+    halves[:, :vectors.shape[1]] = vectors
+    return halves.ravel().view(np.float32)
 
 
 def _ends(sizes: list[int]) -> tuple[int, ...]:
@@ -532,8 +578,9 @@ def _ends(sizes: list[int]) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class PhaseCost:
     """The cycles of one pass (forward or backward) of one layer, by what they wait for:
-    the edge delivering the layer's weights, the slowest PE's products (and, backward, its
-    column chain), and its row collectives (gathers, all-reduces, copies)."""
+    the edge delivering the layer's weights (backward, or taking its dW, whichever is
+    longer), the slowest PE's products (and, backward, its column chain), and its row
+    collectives (gathers, all-reduces, copies)."""
 
     weight_io: int
     compute: int
@@ -552,13 +599,20 @@ class PhaseCost:
         return max(parts, key=parts.__getitem__)
 
 
+def streamed_words(layer: LinearLayer, precision: Precision) -> int:
+    """Words (wavelets) that carry one of the layer's weight vectors."""
+    return (layer.vector + 1) // 2 if precision == "mixed" else layer.vector
+
+
 def phase_cost(layer: LinearLayer, tokens: int, rows: int, cols: int, wafer: WaferConfig,
-               *, backward: bool) -> PhaseCost:
+               *, backward: bool, precision: Precision = "fp32") -> PhaseCost:
     """The model of one pass of `layer` over `tokens` tokens on `rows` x `cols` PEs (the
     module docstring's cost; `tests/test_streaming.py` holds it against simulated runs).
-    Per weight vector of V words and T_r tokens, besides the products (T_r V, twice
-    backward) and the column chain (V): the receiving thread's V SRAM writes, which take the
-    write port from an FMA writing SRAM (not from a dot product, which writes a register);
+    Per weight vector of V elements (W words: V, or V / 2 in fp16) and T_r tokens, besides
+    the products (T_r V, twice backward; an fp16 weight times an fp32 activation is one
+    element a cycle too) and the column chain (V): the receiving thread's W SRAM writes,
+    which take the write port from an FMA writing SRAM (not from a dot product, which
+    writes a register);
     a cycle per FMA whose scalar and accumulator make three reads in its first element; two
     cycles for the tokens. Per chain along a row: a wavelet's latency per PE
     (`hop_latency` + 2)."""
@@ -566,12 +620,16 @@ def phase_cost(layer: LinearLayer, tokens: int, rows: int, cols: int, wafer: Waf
     owned = layer.n if layer.parallel == "column" else layer.k
     vectors = -(-owned // cols)
     per_column = min(1.0, wafer.edge_words_per_cycle / cols)  # words a cycle
-    weight_io = math.ceil(vectors * layer.vector / per_column)
+    words = streamed_words(layer, precision)
+    # Backward, dW leaves (fp32, a word an element) over the outbound side at the same rate
+    # as the weights come in: the longer stream bounds the pass.
+    weight_io = math.ceil(vectors * (max(words, layer.vector) if backward else words)
+                          / per_column)
     v = layer.vector
     if not backward:
-        per_vector = t * v if layer.parallel == "column" else t * v + v + t
+        per_vector = t * v if layer.parallel == "column" else t * v + words + t
     else:
-        per_vector = 2 * t * v + 2 * v + (2 * t if layer.parallel == "column" else t)
+        per_vector = 2 * t * v + v + words + (2 * t if layer.parallel == "column" else t)
     compute = vectors * (per_vector + 2)
     leg = (cols - 1) * (wafer.hop_latency + 2)  # a chain's fill along the row
 
@@ -589,14 +647,14 @@ def phase_cost(layer: LinearLayer, tokens: int, rows: int, cols: int, wafer: Waf
 
 
 def phase_events(layer: LinearLayer, tokens: int, rows: int, cols: int, *,
-                 backward: bool) -> dict[str, int]:
+                 backward: bool, precision: Precision = "fp32") -> dict[str, int]:
     """The events of one pass of `layer` summed over the rectangle, for an energy estimate
     at a shape too large to simulate (`wse_sim.energy`'s classes, edge I/O in words;
     `tests/test_streaming.py` holds them against counted runs). Products: each an FMA
     reading two words; a product writes its word when it accumulates in SRAM (an axpy: the
     row-parallel forward, both backward products of a column-parallel layer, dW of a
     row-parallel one), not when it accumulates in a register (a dot). Every PE of a column
-    copies the column's weight vectors into its ring (a write each). A gather writes the
+    copies the column's weight words into its ring (a write each). A gather writes the
     whole activation on every PE and its chain carries half of it east on average, the
     multicast all of it west; an all-reduce reads and writes the whole on every PE and its
     chain and multicast carry it all. Weights cross the column's links on the way down,
@@ -617,12 +675,13 @@ def phase_events(layer: LinearLayer, tokens: int, rows: int, cols: int, *,
     allreduces = int((layer.parallel == "row") != backward)
     pes = rows * cols
     out = weights if backward else 0
+    streamed = (n if layer.parallel == "column" else k) * streamed_words(layer, precision)
     return {
         "fma": products - first,
         "fp_other": first + allreduces * rows * (cols - 1) * whole + out * (rows - 1),
         "sram_read": 2 * products + allreduces * pes * whole + out * rows,
-        "sram_write": in_sram + weights * rows + (gathers + allreduces) * pes * whole,
-        "hop": (weights + out) * (rows - 1)
+        "sram_write": in_sram + streamed * rows + (gathers + allreduces) * pes * whole,
+        "hop": (streamed + out) * (rows - 1)
         + round(rows * whole * (cols - 1) * (1.5 * gathers + 2 * allreduces)),
-        "edge_words": weights + out,
+        "edge_words": streamed + out,
     }
