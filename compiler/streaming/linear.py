@@ -36,6 +36,14 @@ layer boundary into the next layer's weights while the compute thread gathers an
 reduces. S is as many slots as the SRAM left over allows, at most 2 x queue_depth
 (`Tokens.capacity`, so that no token is ever held up).
 
+Mixed precision (`precision="mixed"`). The memory service rounds its fp32 master weights
+to fp16 and streams them two to a wavelet (each vector from a new wavelet); the ring holds
+halves, and every product is an fp16 weight times an fp32 activation, computed in fp32
+(the engine's mixed class, one element a cycle: the fp32 operand is strided). dW is formed
+in an fp32 buffer of its own and leaves in fp32, a word a weight, so a backward moves twice
+the words out that it takes in. The reference uses the same fp16 weights and is otherwise
+fp32 arithmetic: the check's tolerance does not change.
+
 Gradients out. The column sums each dW vector with an ADD chain northward (colors
 alternate by row parity); the top PE's sums leave through the column's outbound port in
 the order the weights came in, and the memory service applies the optimizer
