@@ -66,6 +66,19 @@ def test_stack_matches_float64_through_a_narrow_edge(rows, cols, training, preci
     totals = result.stats.totals()
     assert totals["edge_in"] == streamed
     assert totals["edge_out"] == weights  # every gradient, once, fp32
+    # The measured timeline: each pass's weights arrive after the edge latency, in pass
+    # order; each layer's dW reaches the service after its weights came in.
+    timeline = report["weight_streaming"]["timeline"]
+    weights_in = [e for e in timeline if e["stream"] == "weights in"]
+    grads_out = {e["layer"]: e for e in timeline if e["stream"] == "gradients out"}
+    assert len(weights_in) == 2 * len(LAYERS) and set(grads_out) == {la.name for la in LAYERS}
+    assert weights_in[0]["start"] == wafer(0.25).edge_latency_cycles
+    assert all(a["start"] < b["start"] and a["end"] < b["end"]
+               for a, b in zip(weights_in, weights_in[1:], strict=False))
+    for entry in weights_in[len(LAYERS):]:
+        assert entry["start"] < grads_out[entry["layer"]]["start"]
+        assert entry["end"] < grads_out[entry["layer"]]["end"] <= max(
+            result.port_last_cycle.values())
 
 
 def layer_cycles(layer, tokens, rows, cols, words_per_cycle, precision="fp32"):
