@@ -193,8 +193,7 @@ def run_linear_stack(layers: list[LinearLayer], x: np.ndarray, weights: dict[str
     phases = [{"layer": layer.name, "pass": "backward" if backward else "forward",
                "parallel": layer.parallel, **asdict(cost), "cycles": cost.cycles,
                "bound": cost.bound}
-              for backward, order in ((False, layers), (True, layers[::-1]))
-              for layer in order
+              for i, backward in stack.passes() for layer in [layers[i]]
               for cost in [phase_cost(layer, tokens, rows, cols, wafer, backward=backward,
                                       precision=precision)]]
     report["weight_streaming"] = {

@@ -185,7 +185,7 @@ class Stack:
         out = {layer.name: np.zeros((layer.k, layer.n), np.float32) for layer in self.layers}
         for c, name in enumerate(self.ports_out):
             words, at = port_words[name], 0
-            for i in reversed(range(len(self.layers))):
+            for i in (i for i, backward in self.passes() if backward):
                 layer = self.layers[i]
                 v0, v1 = self.vectors(i, c)
                 block = words[at: at + (v1 - v0) * layer.vector].reshape(v1 - v0, layer.vector)
