@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import sys
 from collections import Counter
 from pathlib import Path
@@ -49,12 +50,15 @@ from compiler.streaming.linear import (
     ring_slots,
 )
 from compiler.streaming.service import update_seconds
+from wse_sim.commands import int_in
 from wse_sim.energy import energy_per_event_pj
 from wse_sim.errors import UserError
 from wse_sim.hardware import BYTES_PER_WORD, WaferConfig
+from wse_sim.outputs import check_outputs, write_file
 from wse_sim.pipeline import run_linear_stack
 
 ROOT = Path(__file__).resolve().parents[1]
+CSV = "cerebras_gpt.csv"
 COLUMNS = ("config", "wafer", "precision", "mode", "parameters", "flops_per_token",
            "linear_share",
            "tokens", "cycles", "tokens_per_s", "bound", "joules_per_token", "power_w",
@@ -190,18 +194,43 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--simulate", nargs="*", default=["cerebras_gpt_111m"],
                         help="configs also simulated cycle by cycle (at a short shape)")
-    parser.add_argument("--rows", type=int, default=2, help="PE rows of a simulated run")
-    parser.add_argument("--tokens-per-row", type=int, default=2)
+    parser.add_argument("--rows", type=int_in(1), default=2, help="PE rows of a simulated run")
+    parser.add_argument("--tokens-per-row", type=int_in(1), default=2)
     parser.add_argument("--precisions", nargs="*", choices=["fp32", "mixed"],
                         default=["fp32", "mixed"],
                         help="mixed: the weights stream in fp16 (dW leaves in fp32)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    unknown = sorted(set(args.simulate) - {path.stem for path in configs()})
+    if unknown:
+        parser.error(f"--simulate: no config {', '.join(unknown)} (one of "
+                     f"{', '.join(path.stem for path in configs())})")
+    try:
+        check_outputs(folders={"--out": (args.out, [CSV])})
+        table = family_table(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_table(table)
+    lines = io.StringIO()
+    writer = csv.DictWriter(lines, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(table)
+    path = write_file(Path(args.out) / CSV, lines.getvalue().encode())
+    print(f"wrote {path}")
+    return 0
+
+
+def configs() -> list[Path]:
+    """The family's config files, smallest model first."""
+    return sorted((ROOT / "models").glob("cerebras_gpt_*.yaml"),
+                  key=lambda p: load_config(str(p)).model.d_model)
+
+
+def family_table(args: argparse.Namespace) -> list[dict]:
+    """Every config on both wafers at every precision asked for: the rows of the table."""
     table = []
-    for path in sorted((ROOT / "models").glob("cerebras_gpt_*.yaml"),
-                       key=lambda p: load_config(str(p)).model.d_model):
+    for path in configs():
         for preset in ("wse2", "wse3"):
             cfg = load_config(str(path)).model_copy(update={"wafer": WaferConfig(preset=preset)})
             summary = build_graph(cfg).summary()
@@ -220,13 +249,7 @@ def main() -> int:
                                            args.tokens_per_row, precision))
                 table.append(projected(path.stem, cfg, cfg.wafer, base, precision))
             print(f"{path.stem} on {preset}: done", file=sys.stderr, flush=True)
-    print_table(table)
-    with open(out / "cerebras_gpt.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(table)
-    print(f"wrote {out / 'cerebras_gpt.csv'}")
-    return 0
+    return table
 
 
 if __name__ == "__main__":

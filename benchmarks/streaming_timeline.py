@@ -15,6 +15,7 @@ pass; writes streaming_timeline.png into --out.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -24,14 +25,19 @@ from matplotlib.figure import Figure
 
 from compiler.config import TrainingConfig
 from compiler.streaming.linear import LinearLayer
+from wse_sim.commands import int_in
+from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
+from wse_sim.outputs import check_outputs, write_file
 from wse_sim.pipeline import run_linear_stack
 
 ROOT = Path(__file__).resolve().parents[1]
+PNG = "streaming_timeline.png"
 COLOURS = {"weights in": "tab:blue", "gradients out": "tab:orange"}
 
 
-def draw(timeline: list[dict], phases: list[dict], cycles: int, title: str, path: Path) -> None:
+def draw(timeline: list[dict], phases: list[dict], cycles: int, title: str) -> bytes:
+    """The timeline as PNG bytes."""
     fig = Figure(figsize=(11, 3.6))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -50,18 +56,28 @@ def draw(timeline: list[dict], phases: list[dict], cycles: int, title: str, path
     ax.legend(handles=[ax.barh(0, 0, color=c, label=k) for k, c in COLOURS.items()],
               loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    return png.getvalue()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=2)
-    parser.add_argument("--tokens-per-row", type=int, default=2)
-    parser.add_argument("--preset", default="wse2")
+    parser.add_argument("--rows", type=int_in(1), default=2)
+    parser.add_argument("--tokens-per-row", type=int_in(1), default=2)
+    parser.add_argument("--preset", choices=["wse2", "wse3"], default="wse2")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        check_outputs(folders={"--out": (args.out, [PNG])})
+        return timeline(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def timeline(args: argparse.Namespace) -> int:
+    """Run the MLP, print and draw its timeline; 0 if the check passed."""
     wafer = WaferConfig(preset=args.preset)
     layers = [LinearLayer("fc", 768, 3072), LinearLayer("fc2", 3072, 768)]
     tokens = args.rows * args.tokens_per_row
@@ -84,10 +100,10 @@ def main() -> int:
         print(f"  {phase['layer']:4} {phase['pass']:9} modelled {phase['cycles']:>9,} cycles: "
               f"weight I/O {phase['weight_io']:,}, compute {phase['compute']:,}, fabric "
               f"{phase['fabric']:,} -> {phase['bound']}")
-    path = out / "streaming_timeline.png"
-    draw(streaming["timeline"], streaming["phases"], result.cycles,
-         f"Weight streaming, Cerebras-GPT-111M's MLP on {args.preset} ({args.rows} x "
-         f"{wafer.width} PEs, {tokens} tokens): measured at the edge ports", path)
+    path = write_file(Path(args.out) / PNG, draw(
+        streaming["timeline"], streaming["phases"], result.cycles,
+        f"Weight streaming, Cerebras-GPT-111M's MLP on {args.preset} ({args.rows} x "
+        f"{wafer.width} PEs, {tokens} tokens): measured at the edge ports"))
     print(f"wrote {path}")
     return 0 if report["check"]["passed"] else 1
 

@@ -545,6 +545,33 @@ def test_bad_input_in_a_real_process(name, tmp_path, program_file):
     assert _snapshot(tmp_path) == before
 
 
+BENCHMARKS = ROOT / "benchmarks"
+BENCHMARK_CASES = [  # the benchmark scripts' options: (script, options, first line)
+    ("cerebras_gpt.py", ["--out", "{file}"], "error: --out {file}: is not a folder"),
+    ("cerebras_gpt.py", ["--simulate", "cerebras_gpt_7b"],
+     "--simulate: no config cerebras_gpt_7b"),
+    ("cerebras_gpt.py", ["--rows", "0"], "argument --rows: must be >= 1 (got 0)"),
+    ("streaming_timeline.py", ["--tokens-per-row", "-1"],
+     "argument --tokens-per-row: must be >= 1 (got -1)"),
+    ("streaming_timeline.py", ["--rows", "995"], "rows: 995 PE rows for 1990 tokens on a "
+     "wafer 994 high"),
+]
+
+
+@pytest.mark.parametrize(("script", "options", "expected"), BENCHMARK_CASES,
+                         ids=[f"{c[0]} {' '.join(c[1])}" for c in BENCHMARK_CASES])
+def test_benchmark_bad_input_is_one_line_and_exit_2(script, options, expected, tmp_path):
+    file = tmp_path / "a file"
+    file.write_text("")
+    before = _snapshot(tmp_path)
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script),
+                             *(o.format(file=file) for o in options)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if not line.startswith((" ", "usage"))]
+    _check(result.returncode, "\n".join(lines), expected.format(file=file))
+    assert _snapshot(tmp_path) == before
+
+
 def test_the_suite_covers_every_class_and_command(tmp_path, program_file):
     assert {case[0].split("-")[0] for case in CASES} == {"E", "F", "N", "O", "T", "A"}
     assert len(CASES) >= 60
