@@ -50,7 +50,6 @@ from compiler.streaming.linear import (
     ring_slots,
 )
 from compiler.streaming.service import update_seconds
-from wse_sim.commands import int_in
 from wse_sim.energy import energy_per_event_pj
 from wse_sim.errors import UserError
 from wse_sim.hardware import BYTES_PER_WORD, WaferConfig
@@ -194,13 +193,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--simulate", nargs="*", default=["cerebras_gpt_111m"],
                         help="configs also simulated cycle by cycle (at a short shape)")
-    parser.add_argument("--rows", type=int_in(1), default=2, help="PE rows of a simulated run")
-    parser.add_argument("--tokens-per-row", type=int_in(1), default=2)
+    parser.add_argument("--rows", type=int, default=2, help="PE rows of a simulated run")
+    parser.add_argument("--tokens-per-row", type=int, default=2)
     parser.add_argument("--precisions", nargs="*", choices=["fp32", "mixed"],
                         default=["fp32", "mixed"],
                         help="mixed: the weights stream in fp16 (dW leaves in fp32)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args = parser.parse_args()
+    for option in ("rows", "tokens_per_row"):  # (the CLI's int_in is not the package's API)
+        if getattr(args, option) < 1:
+            parser.error(f"argument --{option.replace('_', '-')}: must be >= 1 (got "
+                         f"{getattr(args, option)})")
     unknown = sorted(set(args.simulate) - {path.stem for path in configs()})
     if unknown:
         parser.error(f"--simulate: no config {', '.join(unknown)} (one of "

@@ -25,7 +25,6 @@ from matplotlib.figure import Figure
 
 from compiler.config import TrainingConfig
 from compiler.streaming.linear import LinearLayer
-from wse_sim.commands import int_in
 from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.outputs import check_outputs, write_file
@@ -63,11 +62,15 @@ def draw(timeline: list[dict], phases: list[dict], cycles: int, title: str) -> b
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int_in(1), default=2)
-    parser.add_argument("--tokens-per-row", type=int_in(1), default=2)
+    parser.add_argument("--rows", type=int, default=2)
+    parser.add_argument("--tokens-per-row", type=int, default=2)
     parser.add_argument("--preset", choices=["wse2", "wse3"], default="wse2")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args = parser.parse_args()
+    for option in ("rows", "tokens_per_row"):  # (the CLI's int_in is not the package's API)
+        if getattr(args, option) < 1:
+            parser.error(f"argument --{option.replace('_', '-')}: must be >= 1 (got "
+                         f"{getattr(args, option)})")
     try:
         check_outputs(folders={"--out": (args.out, [PNG])})
         return timeline(args)
