@@ -79,10 +79,21 @@ from typing import Literal
 
 import numpy as np
 
-from compiler.lowering.dots import Walk, dots
-from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, Reg, vec
-from compiler.lowering.kernel import TOKEN_REG, Kernel, sram_budget
+from compiler.lowering.kernel import Kernel, sram_budget
 from compiler.ops.matmul import linear_backward, linear_forward, to_half
+from compiler.streaming.pe import (
+    COLORS,
+    NORTH,
+    WEIGHTS,
+    Precision,
+    Span,
+    StreamPE,
+    block_ends,
+    set_routes,
+    split,
+    wavelets,
+    weight_into,
+)
 from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
@@ -91,31 +102,11 @@ from wse_sim.program import (
     Port,
     Program,
     Region,
-    Route,
     TensorLayout,
     TensorSlot,
-    port_mask,
 )
 
-Span = tuple[int, int]
 Parallel = Literal["column", "row"]
-Precision = Literal["fp32", "mixed"]
-
-# Colors: fixed roles, the same on every PE (the rectangle's routes are short and regular,
-# so no negotiation is needed).
-WEIGHTS = 0  # memory service -> down each column
-EAST = (1, 2)  # row chains, by the sender's column parity
-WEST = 3  # row multicast back from the east PE
-NORTH = (4, 5)  # column chains, by the sender's row parity; NORTH[0] leaves the wafer
-READY, FREE = 6, 7  # each PE's receiving thread <-> compute thread (tokens)
-COLORS = 8
-
-ACC = 0  # the compute thread's accumulator register
-
-
-def split(total: int, parts: int) -> list[Span]:
-    """`total` items in `parts` contiguous ranges whose sizes differ by at most one."""
-    return [(total * i // parts, total * (i + 1) // parts) for i in range(parts)]
 
 
 @dataclass(frozen=True)
@@ -250,19 +241,22 @@ def build_stack(layers: list[LinearLayer], x: np.ndarray, weights: dict[str, np.
         buf.ring = kernel.alloc(pe, slots * slot_words(layers, precision), "weight ring")
     program = Program(width=cols, height=rows)
     stack = Stack(program, layers, token_rows, slices, slots, precision)
+    top = []
     for (c, r), buf in buffers.items():
         t0, t1 = token_rows[r]
         (i0, i1), (o0, o1) = slices[0][c], slices[-1][c]
         kernel.load((c, r), buf.act[0], np.asarray(x, np.float32)[t0:t1, i0:i1].T)
         kernel.load((c, r), buf.grad[-1], np.asarray(dy, np.float32)[t0:t1, o0:o1].T)
-        compute, receive = _PE(stack, buf, c, r, slot_words(layers, precision)).code()
-        kernel.emit((c, r), *compute, thread=0)
-        kernel.emit((c, r), *receive, thread=1)
+        pe = _stack_pe(stack, buf, weights, c, r)
+        kernel.emit((c, r), *pe.finish(), thread=0)
+        kernel.emit((c, r), *pe.receiving_thread(), thread=1)
         program.pes[(c, r)] = kernel.programs[(c, r)]
-        _routes(program, c, r, cols, rows)
+        set_routes(program, c, r, cols, rows)
+        if r == 0:
+            top.append(pe)
     program.regions.append(Region("linear stack", "linear", 0, 0, cols, rows))
     _tensors(stack, buffers, features, tokens)
-    _ports(stack, weights)
+    _ports(stack, top)
     return stack
 
 
@@ -337,192 +331,23 @@ def _allocate(kernel: Kernel, pe: tuple[int, int], widest: int, rows: Span,
     return _Buffers(t, act, grad, whole, partial, dw)
 
 
-@dataclass
-class _PE:
-    """The code of PE (c, r): a compute thread and a receiving thread."""
-
-    stack: Stack
-    buf: _Buffers
-    c: int
-    r: int
-    slot_words: int
-    compute: list[Instr] = field(default_factory=list)
-    taken: int = 0  # weight vectors the compute thread has taken
-    total: int = 0  # weight vectors it receives
-
-    def _fills(self) -> list[int]:
-        """The length of every weight vector this PE receives, in order."""
-        return [self.stack.layers[i].vector for i, _ in self.stack.passes()
-                for _ in range(self._count(i))]
-
-    def _count(self, i: int) -> int:
-        v0, v1 = self.stack.vectors(i, self.c)
-        return v1 - v0
-
-    def code(self) -> tuple[list[Instr], list[Instr]]:
-        fills, slots = self._fills(), self.stack.slots
-        self.total = len(fills)
-        receive: list[Instr] = []
-        for j, words in enumerate(fills):
-            if j >= slots:
-                receive.append(_wait(FREE))
-            receive += [vec(Op.MOV, words, self._weights(j), FabIn(WEIGHTS, half=self.half)),
-                        _signal(READY)]
-        for i, backward in self.stack.passes():
-            (self._backward if backward else self._forward)(i)
-        return self.compute, receive
-
-    @property
-    def half(self) -> bool:
-        return self.stack.precision == "mixed"
-
-    def _slot(self, j: int) -> int:
-        """The word offset of weight vector j's ring slot."""
-        return self.buf.ring + j % self.stack.slots * self.slot_words
-
-    def _weights(self, j: int) -> Operand:
-        """Weight vector j as a vector operand (fp16 halves when mixed)."""
-        return Mem(2 * self._slot(j), half=True) if self.half else Mem(self._slot(j))
-
-    def _weight_walk(self, j: int) -> Walk:
-        return Walk(2 * self._slot(j), 1, half=True) if self.half else Walk(self._slot(j), 1)
-
-    def _dw(self, j: int) -> int:
-        """Where dW of weight vector j is formed: its slot once used (fp32), else a buffer."""
-        return self._slot(j) if self.buf.dw is None else self.buf.dw
-
-    def _take(self, body: list[Instr]) -> None:
-        """Wait for the next weight vector, run `body` on it, free its slot (unless no fill
-        will wait for it)."""
-        self.compute.append(_wait(READY))
-        self.compute.extend(body)
-        if self.taken + self.stack.slots < self.total:
-            self.compute.append(_signal(FREE))
-        self.taken += 1
-
-    def _spans(self, i: int) -> tuple[Span, Span]:
-        return self.stack.cols[i][self.c], self.stack.cols[i + 1][self.c]
-
-    def _forward(self, i: int) -> None:
-        layer, buf, t = self.stack.layers[i], self.buf, self.buf.tokens
-        (k0, k1), (n0, n1) = self._spans(i)
-        if layer.parallel == "column":
-            self._gather(buf.act[i], k0, k1, layer.k)
-            for n in range(n1 - n0):
-                self._take(dots(t, layer.k, Walk(buf.whole, t, step=1),
-                                self._weight_walk(self.taken), acc=ACC,
-                                out=[Mem(buf.act[i + 1] + n * t + s) for s in range(t)]))
-            return
-        for k in range(k1 - k0):
-            w = self._weights(self.taken)
-            self._take([_axpy(k == 0, layer.n, Mem(buf.partial + s, t), w,
-                              Mem(buf.act[i] + k * t + s, 0)) for s in range(t)])
-        self._allreduce(buf.partial, layer.n * t)
-        self.compute.append(vec(Op.MOV, (n1 - n0) * t, Mem(buf.act[i + 1]),
-                                Mem(buf.partial + n0 * t)))
-
-    def _backward(self, i: int) -> None:
-        layer, buf, t = self.stack.layers[i], self.buf, self.buf.tokens
-        (k0, k1), (n0, n1) = self._spans(i)
-        dy = buf.grad[i + 1]
-        if layer.parallel == "column":
-            self._gather(buf.act[i], k0, k1, layer.k)
-            for n in range(n1 - n0):
-                w, dw = self._weights(self.taken), self._dw(self.taken)
-                scalars = [Mem(dy + n * t + s, 0) for s in range(t)]
-                self._take(
-                    [_axpy(n == 0, layer.k, Mem(buf.partial + s, t), w, scalars[s])
-                     for s in range(t)]
-                    + [_axpy(s == 0, layer.k, Mem(dw), Mem(buf.whole + s, t), scalars[s])
-                       for s in range(t)]
-                    + self._column_reduce(dw, layer.k))
-            self._allreduce(buf.partial, layer.k * t)
-            self.compute.append(vec(Op.MOV, (k1 - k0) * t, Mem(buf.grad[i]),
-                                    Mem(buf.partial + k0 * t)))
-            return
-        self._gather(dy, n0, n1, layer.n)
-        for k in range(k1 - k0):
-            dw = self._dw(self.taken)
-            self._take(
-                dots(t, layer.n, Walk(buf.whole, t, step=1), self._weight_walk(self.taken),
-                     acc=ACC, out=[Mem(buf.grad[i] + k * t + s) for s in range(t)])
-                + [_axpy(s == 0, layer.n, Mem(dw), Mem(buf.whole + s, t),
-                         Mem(buf.act[i] + k * t + s, 0)) for s in range(t)]
-                + self._column_reduce(dw, layer.n))
-
-    def _gather(self, own: int, f0: int, f1: int, features: int) -> None:
-        """Every PE of the row gets the whole [features, T_r] activation into `whole`, from
-        the own slices [f0, f1) (module docstring)."""
-        t, whole, cols, c = self.buf.tokens, self.buf.whole, len(self.stack.cols[0]), self.c
-        before, words, total = f0 * t, (f1 - f0) * t, features * t
-        if cols == 1:
-            self.compute.append(vec(Op.MOV, words, Mem(whole), Mem(own)))
-            return
-        east, west = EAST[c % 2], EAST[(c - 1) % 2]
-        if c == cols - 1:
-            self.compute += [vec(Op.MOV, before, Mem(whole), FabIn(west)),
-                             vec(Op.MOV, words, Mem(whole + before), Mem(own)),
-                             vec(Op.MOV, total, FabOut(WEST), Mem(whole))]
-            return
-        if c > 0:
-            self.compute.append(vec(Op.MOV, before, FabOut(east), FabIn(west)))
-        self.compute += [vec(Op.MOV, words, FabOut(east), Mem(own)),
-                         vec(Op.MOV, total, Mem(whole), FabIn(WEST))]
-
-    def _allreduce(self, buffer: int, words: int) -> None:
-        """The row's sum of the `words` words at `buffer`, on every PE of the row."""
-        cols, c = len(self.stack.cols[0]), self.c
-        if cols == 1:
-            return
-        east, west = EAST[c % 2], EAST[(c - 1) % 2]
-        if c == cols - 1:
-            self.compute += [vec(Op.ADD, words, Mem(buffer), FabIn(west), Mem(buffer)),
-                             vec(Op.MOV, words, FabOut(WEST), Mem(buffer))]
-            return
-        first = (vec(Op.MOV, words, FabOut(east), Mem(buffer)) if c == 0
-                 else vec(Op.ADD, words, FabOut(east), FabIn(west), Mem(buffer)))
-        self.compute += [first, vec(Op.MOV, words, Mem(buffer), FabIn(WEST))]
-
-    def _column_reduce(self, buffer: int, words: int) -> list[Instr]:
-        """The column's sum of the `words` words at `buffer`, sent north by the top PE."""
-        r, rows = self.r, len(self.stack.rows)
-        up = FabOut(NORTH[r % 2])
-        if r == rows - 1:
-            return [vec(Op.MOV, words, up, Mem(buffer))]
-        return [vec(Op.ADD, words, up, FabIn(NORTH[(r + 1) % 2]), Mem(buffer))]
-
-
-def _axpy(first: bool, n: int, dst: Operand, a: Operand, scalar: Operand) -> Instr:
-    """dst = a * scalar (first) or dst += a * scalar, n elements."""
-    if first:
-        return vec(Op.MUL, n, dst, a, scalar)
-    return vec(Op.FMA, n, dst, a, scalar, dst)
-
-
-def _signal(color: int) -> Instr:
-    """One token to the PE itself (`compiler.lowering.kernel.Tokens`)."""
-    return vec(Op.MOV, 1, FabOut(color), Imm(1.0))
-
-
-def _wait(color: int) -> Instr:
-    return vec(Op.MOV, 1, Reg(TOKEN_REG), FabIn(color))
-
-
-def _routes(program: Program, c: int, r: int, cols: int, rows: int) -> None:
-    ramp, n, e, s, w = (port_mask(p) for p in (Port.RAMP, Port.N, Port.E, Port.S, Port.W))
-    program.set_route(c, r, WEIGHTS, Route(n, ramp | (s if r < rows - 1 else 0)))
-    for color in (READY, FREE):
-        program.set_route(c, r, color, Route(ramp, ramp))
-    if cols > 1:
-        if c < cols - 1:
-            program.set_route(c, r, EAST[c % 2], Route(ramp, e))
-        if c > 0:
-            program.set_route(c, r, EAST[(c - 1) % 2], Route(w, ramp))
-        program.set_route(c, r, WEST, Route(ramp, w) if c == cols - 1
-                          else Route(e, ramp | (w if c > 0 else 0)))
-    program.set_route(c, r, NORTH[r % 2], Route(ramp, n))
-    if r < rows - 1:
-        program.set_route(c, r, NORTH[(r + 1) % 2], Route(s, ramp))
+def _stack_pe(stack: Stack, buf: _Buffers, weights: dict[str, np.ndarray], c: int,
+              r: int) -> StreamPE:
+    """The code of PE (c, r): every pass of the stack in order (`Stack.passes`)."""
+    pe = StreamPE(c, r, len(stack.cols[0]), len(stack.rows), buf.tokens, stack.slots,
+                  slot_words(stack.layers, stack.precision), stack.precision == "mixed",
+                  buf.ring, buf.whole, buf.partial, buf.dw)
+    for i, backward in stack.passes():
+        layer = stack.layers[i]
+        weight = streamed_weight(weights[layer.name], stack.precision)
+        spans = stack.cols[i][c], stack.cols[i + 1][c]
+        pe.begin_pass()
+        if backward:
+            pe.linear_backward(layer, weight, buf.act[i], buf.grad[i + 1], buf.grad[i],
+                               *spans, weight_into(layer, layer.name))
+        else:
+            pe.linear_forward(layer, weight, buf.act[i], buf.act[i + 1], *spans)
+    return pe
 
 
 def _tensors(stack: Stack, buffers: dict[tuple[int, int], _Buffers], features: list[int],
@@ -540,44 +365,21 @@ def _tensors(stack: Stack, buffers: dict[tuple[int, int], _Buffers], features: l
         stack.program.tensors[name] = layout
 
 
-def _ports(stack: Stack, weights: dict[str, np.ndarray]) -> None:
-    """Column c's inbound port sends its weight vectors of every layer, forward then
+def _ports(stack: Stack, top: list[StreamPE]) -> None:
+    """Column c's inbound port sends the weight vectors its PEs take, forward then
     backward; its outbound port receives the dW vectors, backward order. Each port marks
     the first and the last word of every pass (`Stack.timeline`)."""
-    layers = stack.layers
-    for c in range(stack.program.width):
-        parts, gradients = [], []
-        for p, (i, _) in enumerate(stack.passes()):
-            w = streamed_weight(weights[layers[i].name], stack.precision)
-            v0, v1 = stack.vectors(i, c)
-            vectors = w[:, v0:v1].T if layers[i].parallel == "column" else w[v0:v1]
-            parts.append(_wavelets(vectors, stack.precision))
-            if p >= len(layers):
-                gradients.append(vectors.ravel())
+    half = stack.precision == "mixed"
+    for c, pe in enumerate(top):
+        parts = [wavelets(fills, half) for fills, _ in pe.passes()]
+        gradients = [sum(sent) for _, sent in pe.passes() if sent]
         stack.ports_in.append(f"weights {c}")
         stack.ports_out.append(f"gradients {c}")
         stack.program.ports += [
             EdgePort(f"weights {c}", c, 0, Port.N, WEIGHTS, True, np.concatenate(parts),
-                     marks=_ends([len(p) for p in parts])),
+                     marks=block_ends([len(p) for p in parts])),
             EdgePort(f"gradients {c}", c, 0, Port.N, NORTH[0], False,
-                     np.zeros(0, np.float32), sum(len(g) for g in gradients),
-                     marks=_ends([len(g) for g in gradients]))]
-
-
-def _wavelets(vectors: np.ndarray, precision: Precision) -> np.ndarray:
-    """The words that carry weight vectors (rows of `vectors`): fp32, or (`mixed`) fp16
-    halves two to a wavelet, each vector from a new wavelet (`wse_sim.program`, "fp16")."""
-    if precision != "mixed":
-        return vectors.ravel()
-    halves = np.zeros((len(vectors), vectors.shape[1] + vectors.shape[1] % 2), np.float16)
-    halves[:, :vectors.shape[1]] = vectors
-    return halves.ravel().view(np.float32)
-
-
-def _ends(sizes: list[int]) -> tuple[int, ...]:
-    """The first and last word index of each of consecutive blocks of `sizes` words."""
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    return tuple(int(m) for a, b in zip(starts, starts[1:], strict=False) for m in (a, b - 1))
+                     np.zeros(0, np.float32), sum(pe.sent), marks=block_ends(gradients))]
 
 
 # -- cost -------------------------------------------------------------------------------------

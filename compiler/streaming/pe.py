@@ -1,0 +1,311 @@
+"""The code of one PE of a weight-streaming rectangle: its weight ring, its row and column
+collectives and the linear layers' passes, which every weight-streaming program
+(`compiler.streaming.linear`'s stacks, `compiler.streaming.gpt`'s training step) is built
+from. The layout, the algorithms, their cost and why they cannot deadlock are in
+`compiler.streaming.linear`'s docstring; this module is their code.
+
+A `StreamPE` is written in program order by its compute thread: every weight vector it
+takes (`take`) is recorded with the data its column's memory service sends (`fills`), and
+every vector its column sends back to the service (`send_up`) with where the service puts
+it (`sinks`); `receiving_thread` then writes the thread that fills the ring, and `finish`
+drops the ring's last FREE signals, which no fill waits for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from compiler.lowering.dots import Walk, dots
+from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, Reg, vec
+from compiler.lowering.kernel import TOKEN_REG
+from wse_sim.program import Port, Program, Route, port_mask
+
+if TYPE_CHECKING:
+    from compiler.streaming.linear import LinearLayer
+
+Span = tuple[int, int]
+Precision = Literal["fp32", "mixed"]
+
+# Colors: fixed roles, the same on every PE (the rectangle's routes are short and regular,
+# so no negotiation is needed).
+WEIGHTS = 0  # memory service -> down each column
+EAST = (1, 2)  # row chains, by the sender's column parity
+WEST = 3  # row multicast back from the east PE
+NORTH = (4, 5)  # column chains, by the sender's row parity; NORTH[0] leaves the wafer
+READY, FREE = 6, 7  # each PE's receiving thread <-> compute thread (tokens)
+COLORS = 8
+
+ACC = 0  # the compute thread's accumulator register
+
+
+def split(total: int, parts: int) -> list[Span]:
+    """`total` items in `parts` contiguous ranges whose sizes differ by at most one."""
+    return [(total * i // parts, total * (i + 1) // parts) for i in range(parts)]
+
+
+@dataclass(frozen=True)
+class Into:
+    """Where the memory service adds a vector it receives: `param[index] += words`
+    reshaped to `shape` (np.add.at, so repeated indices, e.g. a token seen twice, add)."""
+
+    param: str
+    index: tuple
+    shape: tuple[int, ...]
+
+
+def weight_into(layer: LinearLayer, param: str, offset: int = 0, transposed: bool = False
+                ) -> Callable[[int], Into]:
+    """Where the gradient of `layer`'s weight vector v goes: column v (column-parallel) or
+    row v (row-parallel) of its [K, N] weight, stored in `param` from column (row) `offset`
+    on, or (`transposed`) in `param` as [N, K], as the tied LM head's is."""
+    column = layer.parallel == "column"
+
+    def into(v: int) -> Into:
+        index = (slice(None), offset + v) if column != transposed else (offset + v, slice(None))
+        return Into(param, index, (layer.vector,))
+    return into
+
+
+@dataclass
+class StreamPE:
+    """The code of PE (c, r) of a `cols` x `rows` rectangle whose PE row holds `tokens`
+    tokens; `ring`, `whole`, `partial` and `dw` are its buffers' word offsets (`dw`: None
+    in fp32, where dW overwrites its weights' ring slot)."""
+
+    c: int
+    r: int
+    cols: int
+    rows: int
+    tokens: int
+    slots: int
+    slot_words: int
+    half: bool
+    ring: int
+    whole: int
+    partial: int
+    dw: int | None
+    compute: list[Instr] = field(default_factory=list)
+    fills: list[np.ndarray] = field(default_factory=list)  # weight vectors taken, in order
+    sinks: list[Into | None] = field(default_factory=list)  # vectors sent up (None: not here)
+    sent: list[int] = field(default_factory=list)  # their lengths
+    pass_starts: list[tuple[int, int]] = field(default_factory=list)  # (fills, sinks) a pass
+    _frees: list[int] = field(default_factory=list)  # compute positions of FREE signals
+
+    # -- the ring ------------------------------------------------------------------------
+
+    def begin_pass(self) -> None:
+        """Mark where a pass's weights and gradients start (the ports' marks)."""
+        self.pass_starts.append((len(self.fills), len(self.sent)))
+
+    def passes(self) -> list[tuple[list[np.ndarray], list[int]]]:
+        """Per pass: the weight vectors taken and the lengths of the vectors sent up."""
+        ends = [*self.pass_starts, (len(self.fills), len(self.sent))]
+        return [(self.fills[a[0]:b[0]], self.sent[a[1]:b[1]])
+                for a, b in zip(ends, ends[1:], strict=False)]
+
+    def slot(self, j: int) -> int:
+        """The word offset of weight vector j's ring slot."""
+        return self.ring + j % self.slots * self.slot_words
+
+    def weights(self, j: int) -> Operand:
+        """Weight vector j as a vector operand (fp16 halves when mixed)."""
+        return Mem(2 * self.slot(j), half=True) if self.half else Mem(self.slot(j))
+
+    def weight_walk(self, j: int) -> Walk:
+        return Walk(2 * self.slot(j), 1, half=True) if self.half else Walk(self.slot(j), 1)
+
+    def dw_at(self, j: int) -> int:
+        """Where dW of weight vector j is formed: its slot once used (fp32), else a buffer."""
+        return self.slot(j) if self.dw is None else self.dw
+
+    def take(self, vector: np.ndarray, body: Callable[[int], list[Instr]]) -> None:
+        """Wait for the next weight vector (`vector`, as the service streams it), run
+        `body(j)` on it (j: its index), free its slot."""
+        j = len(self.fills)
+        self.fills.append(vector)
+        self.compute.append(_wait(READY))
+        self.compute.extend(body(j))
+        self._frees.append(len(self.compute))
+        self.compute.append(_signal(FREE))
+
+    def finish(self) -> list[Instr]:
+        """The compute thread, without the FREE signals of the last `slots` vectors (no
+        fill waits for them)."""
+        dropped = set(self._frees[max(0, len(self._frees) - self.slots):])
+        return [instr for i, instr in enumerate(self.compute) if i not in dropped]
+
+    def receiving_thread(self) -> list[Instr]:
+        """Copy every weight vector into its ring slot and signal it, waiting for a free
+        slot once the ring is full."""
+        receive: list[Instr] = []
+        for j, vector in enumerate(self.fills):
+            if j >= self.slots:
+                receive.append(_wait(FREE))
+            receive += [vec(Op.MOV, len(vector), self.weights(j),
+                            FabIn(WEIGHTS, half=self.half)), _signal(READY)]
+        return receive
+
+    # -- collectives ---------------------------------------------------------------------
+
+    def gather(self, own: int, f0: int, f1: int, features: int) -> None:
+        """Every PE of the row gets the whole [features, T_r] activation into `whole`, from
+        the own slices [f0, f1) (`compiler.streaming.linear`, "Row collectives")."""
+        t, whole, cols, c = self.tokens, self.whole, self.cols, self.c
+        before, words, total = f0 * t, (f1 - f0) * t, features * t
+        if cols == 1:
+            self.compute.append(vec(Op.MOV, words, Mem(whole), Mem(own)))
+            return
+        east, west = EAST[c % 2], EAST[(c - 1) % 2]
+        if c == cols - 1:
+            self.compute += [vec(Op.MOV, before, Mem(whole), FabIn(west)),
+                             vec(Op.MOV, words, Mem(whole + before), Mem(own)),
+                             vec(Op.MOV, total, FabOut(WEST), Mem(whole))]
+            return
+        if c > 0:
+            self.compute.append(vec(Op.MOV, before, FabOut(east), FabIn(west)))
+        self.compute += [vec(Op.MOV, words, FabOut(east), Mem(own)),
+                         vec(Op.MOV, total, Mem(whole), FabIn(WEST))]
+
+    def allreduce(self, buffer: int, words: int, op: Op = Op.ADD) -> None:
+        """The row's `op` (ADD: sum, MAX: maximum) of the `words` words at `buffer`, on every
+        PE of the row."""
+        c = self.c
+        if self.cols == 1:
+            return
+        east, west = EAST[c % 2], EAST[(c - 1) % 2]
+        if c == self.cols - 1:
+            self.compute += [vec(op, words, Mem(buffer), FabIn(west), Mem(buffer)),
+                             vec(Op.MOV, words, FabOut(WEST), Mem(buffer))]
+            return
+        first = (vec(Op.MOV, words, FabOut(east), Mem(buffer)) if c == 0
+                 else vec(op, words, FabOut(east), FabIn(west), Mem(buffer)))
+        self.compute += [first, vec(Op.MOV, words, Mem(buffer), FabIn(WEST))]
+
+    def column_reduce(self, buffer: int, words: int, into: Into) -> list[Instr]:
+        """The column's sum of the `words` words at `buffer`, sent north by the top PE to
+        the memory service, which adds it `into` a gradient."""
+        self.sinks.append(into)
+        self.sent.append(words)
+        up = FabOut(NORTH[self.r % 2])
+        if self.r == self.rows - 1:
+            return [vec(Op.MOV, words, up, Mem(buffer))]
+        return [vec(Op.ADD, words, up, FabIn(NORTH[(self.r + 1) % 2]), Mem(buffer))]
+
+    # -- linear layers -------------------------------------------------------------------
+
+    def linear_forward(self, layer: LinearLayer, weight: np.ndarray, x: int, y: int,
+                       span_in: Span, span_out: Span, gathered: bool = False) -> None:
+        """Y = X W of `layer` (weights as streamed, [K, N]) from the own slice of X at `x`
+        into the own slice of Y at `y`; `gathered`: X is already whole in `whole`."""
+        t = self.tokens
+        (k0, k1), (n0, n1) = span_in, span_out
+        if layer.parallel == "column":
+            if not gathered:
+                self.gather(x, k0, k1, layer.k)
+            for n in range(n1 - n0):
+                self.take(weight[:, n0 + n], lambda j, n=n: dots(
+                    t, layer.k, Walk(self.whole, t, step=1), self.weight_walk(j), acc=ACC,
+                    out=[Mem(y + n * t + s) for s in range(t)]))
+            return
+        for k in range(k1 - k0):
+            self.take(weight[k0 + k], lambda j, k=k: [
+                _axpy(k == 0, layer.n, Mem(self.partial + s, t), self.weights(j),
+                      Mem(x + k * t + s, 0)) for s in range(t)])
+        self.allreduce(self.partial, layer.n * t)
+        self.compute.append(vec(Op.MOV, (n1 - n0) * t, Mem(y), Mem(self.partial + n0 * t)))
+
+    def linear_backward(self, layer: LinearLayer, weight: np.ndarray, x: int, dy: int,
+                        dx: int, span_in: Span, span_out: Span,
+                        into: Callable[[int], Into], *, gathered: bool = False,
+                        first: bool = True, last: bool = True) -> None:
+        """dX = dY W^T into the own slice at `dx` and dW = X^T dY to the service (`into(v)`
+        places weight vector v's gradient), from the own slices of X at `x` and dY at
+        `dy`. Column-parallel layers that share X (the attention's q, k and v) run one
+        after another with `gathered` after the first, summing one partial dX: `first`
+        starts it, `last` all-reduces it."""
+        t = self.tokens
+        (k0, k1), (n0, n1) = span_in, span_out
+        if layer.parallel == "column":
+            if not gathered:
+                self.gather(x, k0, k1, layer.k)
+            for n in range(n1 - n0):
+                scalars = [Mem(dy + n * t + s, 0) for s in range(t)]
+                self.take(weight[:, n0 + n], lambda j, n=n, scalars=scalars: (
+                    [_axpy(first and n == 0, layer.k, Mem(self.partial + s, t),
+                           self.weights(j), scalars[s]) for s in range(t)]
+                    + [_axpy(s == 0, layer.k, Mem(self.dw_at(j)), Mem(self.whole + s, t),
+                             scalars[s]) for s in range(t)]
+                    + self.column_reduce(self.dw_at(j), layer.k, into(n0 + n))))
+            if last:
+                self.allreduce(self.partial, layer.k * t)
+                self.compute.append(vec(Op.MOV, (k1 - k0) * t, Mem(dx),
+                                        Mem(self.partial + k0 * t)))
+            return
+        self.gather(dy, n0, n1, layer.n)
+        for k in range(k1 - k0):
+            self.take(weight[k0 + k], lambda j, k=k: (
+                dots(t, layer.n, Walk(self.whole, t, step=1), self.weight_walk(j), acc=ACC,
+                     out=[Mem(dx + k * t + s) for s in range(t)])
+                + [_axpy(s == 0, layer.n, Mem(self.dw_at(j)), Mem(self.whole + s, t),
+                         Mem(x + k * t + s, 0)) for s in range(t)]
+                + self.column_reduce(self.dw_at(j), layer.n, into(k0 + k))))
+
+
+def _axpy(first: bool, n: int, dst: Operand, a: Operand, scalar: Operand) -> Instr:
+    """dst = a * scalar (first) or dst += a * scalar, n elements."""
+    if first:
+        return vec(Op.MUL, n, dst, a, scalar)
+    return vec(Op.FMA, n, dst, a, scalar, dst)
+
+
+def _signal(color: int) -> Instr:
+    """One token to the PE itself (`compiler.lowering.kernel.Tokens`)."""
+    return vec(Op.MOV, 1, FabOut(color), Imm(1.0))
+
+
+def _wait(color: int) -> Instr:
+    return vec(Op.MOV, 1, Reg(TOKEN_REG), FabIn(color))
+
+
+def set_routes(program: Program, c: int, r: int, cols: int, rows: int) -> None:
+    """The routes of PE (c, r): weights down the column, the row chains and multicast, the
+    column chains up (the top PE's into the edge port), the ring's tokens."""
+    ramp, n, e, s, w = (port_mask(p) for p in (Port.RAMP, Port.N, Port.E, Port.S, Port.W))
+    program.set_route(c, r, WEIGHTS, Route(n, ramp | (s if r < rows - 1 else 0)))
+    for color in (READY, FREE):
+        program.set_route(c, r, color, Route(ramp, ramp))
+    if cols > 1:
+        if c < cols - 1:
+            program.set_route(c, r, EAST[c % 2], Route(ramp, e))
+        if c > 0:
+            program.set_route(c, r, EAST[(c - 1) % 2], Route(w, ramp))
+        program.set_route(c, r, WEST, Route(ramp, w) if c == cols - 1
+                          else Route(e, ramp | (w if c > 0 else 0)))
+    program.set_route(c, r, NORTH[r % 2], Route(ramp, n))
+    if r < rows - 1:
+        program.set_route(c, r, NORTH[(r + 1) % 2], Route(s, ramp))
+
+
+def wavelets(vectors: list[np.ndarray], half: bool) -> np.ndarray:
+    """The words that carry weight vectors: fp32, or (`half`) fp16 halves two to a wavelet,
+    each vector from a new wavelet (`wse_sim.program`, "fp16")."""
+    if not vectors:
+        return np.zeros(0, np.float32)
+    if not half:
+        return np.concatenate([np.asarray(v, np.float32).ravel() for v in vectors])
+    parts = []
+    for v in vectors:
+        halves = np.zeros(len(v) + len(v) % 2, np.float16)
+        halves[:len(v)] = v
+        parts.append(halves.view(np.float32))
+    return np.concatenate(parts)
+
+
+def block_ends(sizes: list[int]) -> tuple[int, ...]:
+    """The first and last word index of each of consecutive blocks of `sizes` words."""
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    return tuple(int(m) for a, b in zip(starts, starts[1:], strict=False) for m in (a, b - 1))
