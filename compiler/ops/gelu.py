@@ -132,7 +132,7 @@ def build_gelu(name: str, ops: list[str], ids: StreamIds, *, rows: int,
         pe, w = lane.pe, lane.width
         x_rows = inbox(kernel, pe, ids, x_in[j], RowStore(xs, w, rows), queue_depth=queue_depth)
         p_rows = RowStore(phi, w, rows)
-        kernel.emit(pe, *repeat(rows, [*x_rows.take(), *_forward_row(
+        kernel.emit(pe, *repeat(rows, [*x_rows.take(), *forward_and_derivative(
             w, x_rows.store.row(0, 1), p_rows.row(0, 1), s, FabOut(y_out[j]), tanh)]))
         if backward:
             # dy arrives element by element (a matmul's dX): received apart, each dx row is
@@ -151,7 +151,7 @@ def _backward_row(pe: LocalPE, dy: Inbox, gelu_prime: RowStore, out: Operand, i:
                                  gelu_prime.row(i, loop, backwards=True)), *dy.release()]}
 
 
-def _forward_row(w: int, x: Operand, p: Operand, s: Operand, out: Operand,
+def forward_and_derivative(w: int, x: Operand, p: Operand, s: Operand, out: Operand,
                  tanh: bool) -> list[Instr]:
     """One row: Phi into p, y = Phi x out, then gelu'(x) into p (x and s are scratch)."""
     if tanh:
