@@ -18,7 +18,7 @@ Two kinds of rows, labelled:
   --rows rows, --tokens-per-row tokens a row, checked against float64. Blocks are
   identical, so one block is simulated and its cycles count n_layers times; each layer
   pays the edge latency once in its own run.
-* `projected`: the config's own tokens per step (batch_size x seq_len) on every row of the
+* `projected`: one sequence of the model's context (n_ctx tokens) a step on every row of the
   wafer, by the cost model (`phase_cost`; `tests/test_streaming.py` holds it within 12% of
   simulated runs) and the event model (`phase_events`) for the energy. A config whose
   buffers do not fit a PE's SRAM at that shape is a row naming the resource.
@@ -43,16 +43,16 @@ import numpy as np
 
 from compiler.config import TrainingConfig, load_config
 from compiler.gpt import build_graph
-from compiler.streaming.linear import (
-    LinearLayer,
-    phase_cost,
-    phase_events,
-    ring_slots,
+from compiler.streaming.projection import (
+    bound_shares,
+    model_layers,
+    project,
+    step_seconds,
+    step_total,
 )
-from compiler.streaming.service import update_seconds
-from wse_sim.energy import energy_per_event_pj
+from wse_sim.energy import events_joules
 from wse_sim.errors import UserError
-from wse_sim.hardware import BYTES_PER_WORD, WaferConfig
+from wse_sim.hardware import WaferConfig
 from wse_sim.outputs import check_outputs, write_file
 from wse_sim.pipeline import run_linear_stack
 
@@ -62,81 +62,27 @@ COLUMNS = ("config", "wafer", "precision", "mode", "parameters", "flops_per_toke
            "linear_share",
            "tokens", "cycles", "tokens_per_s", "bound", "joules_per_token", "power_w",
            "note")
-PICO = 1e-12
 
 
-def layers_of(model) -> tuple[list[LinearLayer], LinearLayer]:
-    """One block's linear layers and the tied LM head."""
-    d, f = model.d_model, model.d_ffn
-    block = [LinearLayer("qkv", d, 3 * d), LinearLayer("proj", d, d), LinearLayer("fc", d, f),
-             LinearLayer("fc2", f, d)]
-    return block, LinearLayer("head", d, model.vocab_size)
-
-
-def step_of(per_layer: dict[str, float], blocks: int) -> float:
-    """A step's total of a per-layer figure: every block's four layers and the head."""
-    return blocks * sum(v for name, v in per_layer.items() if name != "head") + per_layer["head"]
-
-
-def bound_of(cycles_by_bound: Counter) -> str:
-    total = sum(cycles_by_bound.values())
-    return ", ".join(f"{name} {cycles / total:.0%}" for name, cycles in
-                     cycles_by_bound.most_common() if cycles / total >= 0.005)
-
-
-def seconds_of(cycles: float, head: LinearLayer, wafer: WaferConfig) -> float:
-    """The step's time: the wafer's cycles, then the exposed update of the tied embedding
-    (its gradient arrives last, `compiler.streaming.service`)."""
-    return cycles / wafer.clock_hz + update_seconds(head.k * head.n, wafer)
-
-
-def projected(name: str, cfg, wafer: WaferConfig, base: dict, precision: str) -> dict:
+def projected(cfg, wafer: WaferConfig, base: dict, precision: str) -> dict:
     model, train = cfg.model, cfg.training
     tokens = train.batch_size * train.seq_len
-    rows, cols = min(wafer.height, tokens), wafer.width
-    block, head = layers_of(model)
     row = {**base, "mode": "projected", "tokens": tokens}
-    # Every block's layers keep their input slices for the backward (`compiler.streaming`).
-    per_row = -(-tokens // rows)
-    saved = model.n_layers * sum(-(-layer.k // cols) * per_row for layer in block)
     try:
-        for layer in (*block, head):
-            ring_slots([layer], tokens, rows, cols, wafer, saved, precision)
+        p = project(model, tokens, wafer, precision)
     except UserError as err:
         return {**row, "note": f"does not fit: {err}"}
-    cycles: dict[str, float] = {}
-    bounds: Counter = Counter()
-    events: Counter = Counter()
-    for layer in (*block, head):
-        repeat = 1 if layer is head else model.n_layers
-        cycles[layer.name] = 0
-        for backward in (False, True):
-            cost = phase_cost(layer, tokens, rows, cols, wafer, backward=backward,
-                              precision=precision)
-            cycles[layer.name] += cost.cycles
-            bounds[cost.bound] += repeat * cost.cycles
-            events.update({k: repeat * v for k, v in
-                           phase_events(layer, tokens, rows, cols, backward=backward,
-                                        precision=precision).items()})
-    total = step_of(cycles, model.n_layers) + wafer.edge_latency_cycles
-    seconds = seconds_of(total, head, wafer)
-    joules = energy_joules(events, wafer)
-    return {**row, "cycles": round(total), "tokens_per_s": round(tokens / seconds),
-            "bound": bound_of(bounds), "joules_per_token": joules / tokens,
-            "power_w": joules / seconds, "note": f"{rows} x {cols} PEs, cost model"}
-
-
-def energy_joules(events: Counter, wafer: WaferConfig) -> float:
-    per_event = energy_per_event_pj(wafer)
-    counted = {**events, "edge_io": events["edge_words"] * BYTES_PER_WORD}
-    return PICO * sum(counted.get(name, 0) * pj for name, pj in per_event.items())
+    joules = events_joules(p.events, wafer)
+    return {**row, "cycles": p.cycles, "tokens_per_s": round(p.tokens_per_second),
+            "bound": p.bound(), "joules_per_token": joules / tokens,
+            "power_w": joules / p.seconds, "note": f"{p.rows} x {p.cols} PEs, cost model"}
 
 
 def simulated(name: str, cfg, wafer: WaferConfig, base: dict, rows: int,
               tokens_per_row: int, precision: str) -> dict:
     model = cfg.model
     tokens = rows * tokens_per_row
-    block, head = layers_of(model)
+    block, head = model_layers(model)
     rng = np.random.default_rng(0)
     training = TrainingConfig(batch_size=1, seq_len=2, lr=cfg.training.lr)
     cycles: dict[str, float] = {}
@@ -164,14 +110,15 @@ def simulated(name: str, cfg, wafer: WaferConfig, base: dict, rows: int,
               f"{report['host_simulation_seconds']:.0f} s host, check "
               f"{'passed' if report['check']['passed'] else 'FAILED'}", file=sys.stderr,
               flush=True)
-    total = step_of(cycles, model.n_layers)
-    seconds = seconds_of(total, head, wafer)
-    step_joules = step_of(joules, model.n_layers)
+    total = step_total(cycles, model.n_layers)
+    seconds = step_seconds(total, head, wafer)
+    step_joules = step_total(joules, model.n_layers)
     return {**base, "mode": "simulated", "tokens": tokens, "cycles": round(total),
-            "tokens_per_s": round(tokens / seconds), "bound": bound_of(bounds),
+            "tokens_per_s": round(tokens / seconds),
+            "bound": bound_shares(bounds),
             "joules_per_token": step_joules / tokens, "power_w": step_joules / seconds,
             "note": f"{rows} x {wafer.width} PEs, check {'passed' if passed else 'FAILED'}; "
-                    f"cost model {step_of(modelled, model.n_layers) / total - 1:+.1%}"}
+                    f"cost model {step_total(modelled, model.n_layers) / total - 1:+.1%}"}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -235,11 +182,15 @@ def family_table(args: argparse.Namespace) -> list[dict]:
     table = []
     for path in configs():
         for preset in ("wse2", "wse3"):
-            cfg = load_config(str(path)).model_copy(update={"wafer": WaferConfig(preset=preset)})
+            cfg = load_config(str(path))
+            # One sequence of the model's whole context a step (111M's config shortens its
+            # own for the simulated run of `python -m wse_sim run`).
+            full = cfg.training.model_copy(update={"batch_size": 1, "seq_len": cfg.model.n_ctx})
+            cfg = cfg.model_copy(update={"wafer": WaferConfig(preset=preset), "training": full})
             summary = build_graph(cfg).summary()
             tokens = cfg.training.batch_size * cfg.training.seq_len
-            block, head = layers_of(cfg.model)
-            linear = 6 * tokens * step_of({layer.name: layer.k * layer.n
+            block, head = model_layers(cfg.model)
+            linear = 6 * tokens * step_total({layer.name: layer.k * layer.n
                                            for layer in (*block, head)}, cfg.model.n_layers)
             common = {"config": path.stem, "wafer": preset,
                       "parameters": summary["parameters"],
@@ -250,7 +201,7 @@ def family_table(args: argparse.Namespace) -> list[dict]:
                 if path.stem in args.simulate:
                     table.append(simulated(path.stem, cfg, cfg.wafer, base, args.rows,
                                            args.tokens_per_row, precision))
-                table.append(projected(path.stem, cfg, cfg.wafer, base, precision))
+                table.append(projected(cfg, cfg.wafer, base, precision))
             print(f"{path.stem} on {preset}: done", file=sys.stderr, flush=True)
     return table
 

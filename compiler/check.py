@@ -9,7 +9,8 @@ wrong lane, a missing term, a stale buffer) shows up far above it.
 What each tensor is compared with:
 
 * the loss, the logits and every parameter gradient: the numpy reference's step from the
-  same weights (`compiler.reference`);
+  same weights (`compiler.reference`); any other simulated tensor (a weight-streaming
+  step's block outputs) likewise, the reference's tensor of its graph name;
 * the optimizer's outputs, i.e. every updated weight and, for AdamW, every updated moment
   and the step count (`compiler.ops.update.state_names`): the optimizer of
   `compiler.optim` applied in float64 to the weights and optimizer state the wafer started
@@ -141,7 +142,8 @@ def compare(simulated: dict[str, np.ndarray], reference: ReferenceResult,
     expected = {"loss": np.array([[reference.loss]]), "logits": reference.logits,
                 **{grad_name(p): reference.grads[p] for p in initial},
                 **optimizer_expected(training, initial, grads, state)}
-    errors = {name: relative_error(simulated[name], expected[name]) for name in simulated}
+    errors = {name: relative_error(simulated[name], expected[name] if name in expected
+                                   else reference.tensors[name]) for name in simulated}
     tolerances = dict.fromkeys(errors, base)
     step_errors, step_tolerances = update_checks(
         {p: simulated[updated_name(p)] for p in initial}, initial,

@@ -135,9 +135,16 @@ class DataConfig(BaseModel):
 
 
 class CompileConfig(BaseModel):
-    """Choices of the compiler (placement, stream width)."""
+    """Choices of the compiler (execution mode, placement, stream width)."""
 
     model_config = _STRICT
+
+    mode: Literal["layer_pipelined", "weight_streaming"] = Field(
+        default="layer_pipelined",
+        description="layer_pipelined: every op a kernel of its own, all weights resident in "
+        "SRAM. weight_streaming: the whole step on one rectangle, a sequence per PE row, the "
+        "weights streaming in through the wafer's edge and the gradients out to the memory "
+        "service, which runs the optimizer (README, \"Execution modes\").")
 
     placement: Placement = Field(
         default="linear", description=f"Placement strategy, one of {', '.join(PLACEMENTS)}."
@@ -178,6 +185,16 @@ class CompileConfig(BaseModel):
     def _one_sizing(self) -> CompileConfig:
         if self.lane_width is not None and self.pes is not None:
             raise _cross_field_error("compile.pes", "give lane_width or pes, not both")
+        if self.mode == "weight_streaming":
+            for name in ("placement", "lane_width", "pes"):
+                if name in self.model_fields_set and getattr(self, name) is not None:
+                    raise _cross_field_error(
+                        f"compile.{name}", "weight streaming lays the step out itself (a "
+                        "sequence per PE row, a feature slice per column); leave it out")
+            if self.precision != "fp32":
+                raise _cross_field_error(
+                    "compile.precision", "weight streaming lowers the GPT step in fp32 "
+                    "only (mixed precision is built for linear stacks)")
         return self
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wse_sim.hardware import WaferConfig
+from wse_sim.hardware import BYTES_PER_WORD, WaferConfig
 from wse_sim.stats import Stats
 
 CLASSES = ("fma", "fp_other", "sram_read", "sram_write", "hop", "edge_io")
@@ -76,6 +76,14 @@ def run_energy(stats: Stats, wafer: WaferConfig, edge_bytes: int, *,
     per_event = energy_per_event_pj(wafer)
     joules = {name: events[name] * per_event[name] * PICO for name in CLASSES}
     return Energy(events, joules, _positive(seconds), _positive(tokens))
+
+
+def events_joules(events: dict[str, int], wafer: WaferConfig) -> float:
+    """Joules of modelled events (`compiler.streaming.linear.phase_events`: the classes
+    above, edge I/O in 32-bit words as `edge_words`)."""
+    counted = {**events, "edge_io": events.get("edge_words", 0) * BYTES_PER_WORD}
+    return PICO * sum(counted.get(name, 0) * pj
+                       for name, pj in energy_per_event_pj(wafer).items())
 
 
 def _positive(value: float | None) -> float | None:

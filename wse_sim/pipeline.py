@@ -15,16 +15,29 @@ from typing import Any
 
 import numpy as np
 
-from compiler.check import TOLERANCE, CheckResult, check_step, relative_error, update_checks
+from compiler.check import (
+    TOLERANCE,
+    CheckResult,
+    check_step,
+    compare,
+    relative_error,
+    update_checks,
+)
 from compiler.compile import Compiled, compile_step
 from compiler.config import PLACEMENTS, RunConfig, TrainingConfig, load_config
 from compiler.footprint import step_footprint
-from compiler.ops.update import UpdateRule
+from compiler.gpt import build_graph
+from compiler.graph import grad_name, updated_name
+from compiler.inputs import init_params, make_batch
+from compiler.ops.update import STEP_TENSOR, UpdateRule, moment_names
 from compiler.optim import init_state, optimizer_step
 from compiler.reference import reference_step
+from compiler.streaming.gpt import Step, build_step
 from compiler.streaming.linear import LinearLayer, Precision, build_stack, phase_cost
 from compiler.streaming.linear import reference as linear_reference
-from compiler.streaming.service import apply_update, update_seconds
+from compiler.streaming.projection import project
+from compiler.streaming.service import apply_update, update_queue, update_seconds
+from wse_sim.energy import events_joules
 from wse_sim.engine import SimResult, simulate
 from wse_sim.errors import SimulationStopped, UserError
 from wse_sim.hardware import WaferConfig
@@ -72,6 +85,9 @@ def compile_parsed(cfg: RunConfig, source: str, placement: str | None = None) ->
     if placement is not None and placement not in PLACEMENTS:
         raise UserError(f"--placement: unknown strategy {placement!r}; one of "
                         f"{', '.join(PLACEMENTS)}")
+    if cfg.compile.mode == "weight_streaming":
+        raise UserError(f"{source}: compile.mode: weight_streaming steps are built and run by "
+                        "`run` (compile, simulate and train take layer-pipelined steps)")
     require(step_footprint(cfg, reference=False), source)
     compiled = compile_step(cfg, placement)
     compiled.linked.program.meta = step_meta(source, compiled)
@@ -141,6 +157,11 @@ def run_parsed(cfg: RunConfig, source: str, placement: str | None = None,
                max_cycles: int | None = None, progress: Callable[[int], None] | None = None,
                threads: int | None = None, interruptible: bool = False) -> dict[str, Any]:
     """`run_step` for a parsed config that `source` names."""
+    if cfg.compile.mode == "weight_streaming":
+        if placement is not None:
+            raise UserError("--placement: weight streaming lays the step out itself (a "
+                            "sequence per PE row, a feature slice per column)")
+        return run_weight_streaming(cfg, source, max_cycles, progress, threads, interruptible)
     compiled = compile_parsed(cfg, source, placement)
     # After compiling, which names the op and PE of a model too large for the wafer, and
     # before the simulation, not after it: the reference needs the most memory.
@@ -153,6 +174,104 @@ def run_parsed(cfg: RunConfig, source: str, placement: str | None = None,
                        compiled.cfg.training, precision=compiled.cfg.compile.precision)
     report["check"] = check_report(check)
     return report
+
+
+def run_weight_streaming(cfg: RunConfig, source: str, max_cycles: int | None = None,
+                         progress: Callable[[int], None] | None = None,
+                         threads: int | None = None, interruptible: bool = False
+                         ) -> dict[str, Any]:
+    """One training step of `cfg` in weight-streaming mode (`compiler.streaming.gpt`):
+    build it, simulate it with the memory service at the edge, apply the optimizer in the
+    service, check every result against float64 and report, besides the counters, the
+    service's time, each layer pass's modelled bound, the measured timeline and a
+    projection at the model's whole context."""
+    require(step_footprint(cfg, reference=True), source)
+    params, batch = init_params(cfg), make_batch(cfg)
+    started = time.perf_counter()
+    step = build_step(cfg, params, batch.tokens, batch.targets)
+    summary = build_graph(cfg).summary()
+    tokens = step.shape.tokens
+    step.program.meta = {"config": source, "mode": "weight_streaming",
+                         "parameters": summary["parameters"],
+                         "throughput": {"unit": "tokens", "per_run": tokens},
+                         "precision": "fp32", "model_flops": summary["flops"]["total"],
+                         "flops_by_phase": summary["flops"],
+                         "compile_seconds": time.perf_counter() - started}
+    wafer = cfg.wafer
+    result, report = simulate_program(step.program, wafer, max_cycles=max_cycles,
+                                      progress=progress, threads=threads,
+                                      interruptible=interruptible)
+    grads, token_losses = step.gradients(result.port_words, params)
+    held = {name: np.asarray(p, np.float32) for name, p in params.items()}
+    state = init_state(cfg.training.optimizer, held, np.float32)
+    updated, after = apply_update(cfg.training, held, grads, state)
+    simulated = {"loss": np.array([[token_losses.mean()]]),
+                 **{name: read_tensor(layout, result.sram, name)
+                    for name, layout in step.program.tensors.items()},
+                 **{grad_name(p): grads[p] for p in params},
+                 **{updated_name(p): updated[p] for p in params}}
+    simulated["logits"] = simulated.pop("lm_head.out")
+    if cfg.training.optimizer == "adamw":
+        simulated[updated_name(STEP_TENSOR)] = np.array([[after.step]], np.float64)
+        for p in params:
+            for name, moments in zip(moment_names(p), (after.m, after.v), strict=True):
+                simulated[updated_name(name)] = moments[p]
+    reference = reference_step(cfg, params, batch, np.float64)
+    report["check"] = check_report(compare(simulated, reference, params, cfg.training))
+    report["weight_streaming"] = _streaming_report(step, result, wafer, cfg,
+                                                   {p: v.size for p, v in params.items()})
+    report["tokens_per_second"] = report["weight_streaming"]["tokens_per_second"]
+    return report
+
+
+def _streaming_report(step: Step, result: SimResult, wafer: WaferConfig, cfg: RunConfig,
+                      sizes: dict[str, int]) -> dict[str, Any]:
+    """The weight-streaming section of a step's report (`run_weight_streaming`); `sizes`
+    are the parameters' element counts."""
+    shape = step.shape
+    tokens = shape.tokens
+    timeline = step.timeline(result.port_marks)
+    wafer_end = max(result.cycles, *result.port_last_cycle.values())
+    arrived = {entry["layer"]: entry["end"] for entry in timeline
+               if entry["stream"] == "gradients out"}
+    updates = update_queue([(part.rsplit(" ", 1)[0], arrived[part.rsplit(" ", 1)[0]]
+                             / wafer.clock_hz, sum(sizes[p] for p in names))
+                            for part, names in step.completed().items()], wafer)
+    step_seconds = max(wafer_end / wafer.clock_hz, updates[-1]["end_seconds"])
+    phases = [{"layer": layer.name, "pass": "backward" if backward else "forward",
+               "parallel": layer.parallel, **asdict(cost), "cycles": cost.cycles,
+               "bound": cost.bound}
+              for layer in step.linear_layers() for backward in (False, True)
+              for cost in [phase_cost(layer, tokens, shape.batch, shape.cols, wafer,
+                                      backward=backward)]]
+    try:
+        p = project(cfg.model, cfg.model.n_ctx, wafer)
+        joules = events_joules(p.events, wafer)
+        projection = {"tokens": p.tokens, "rows": p.rows, "cols": p.cols, "cycles": p.cycles,
+                      "step_seconds": p.seconds, "tokens_per_second": p.tokens_per_second,
+                      "bound": p.bound(), "energy_per_token_joules": joules / p.tokens,
+                      "average_power_watts": joules / p.seconds}
+    except UserError as err:
+        projection = {"error": str(err)}
+    projection["what"] = (f"projected, not simulated: one sequence of the model's context "
+                          f"(n_ctx = {cfg.model.n_ctx} tokens) on every row of the wafer, the "
+                          "linear layers only, by the cost model (compiler.streaming.projection)")
+    return {
+        "rows": shape.batch, "cols": shape.cols, "tokens": tokens, "ring_slots": step.slots,
+        "simulated": ("every block, the embedding and the LM head with its cross-entropy, "
+                      "forward and backward, cycle by cycle: no block's cycles are reused"),
+        "wafer_seconds": wafer_end / wafer.clock_hz,
+        "optimizer_seconds": update_seconds(sum(sizes.values()), wafer),
+        "exposed_update_seconds": step_seconds - wafer_end / wafer.clock_hz,
+        "step_seconds": step_seconds,
+        "tokens_per_second": tokens / step_seconds,
+        "wafer_tokens_per_second": tokens / (wafer_end / wafer.clock_hz),
+        "service_updates": updates,
+        "modelled_cycles": sum(phase["cycles"] for phase in phases),
+        "phases": phases,
+        "timeline": timeline,
+        "projection": projection,
+    }
 
 
 def run_linear_stack(layers: list[LinearLayer], x: np.ndarray, weights: dict[str, np.ndarray],

@@ -279,6 +279,31 @@ def _energy_lines(report: dict[str, Any]) -> list[str]:
         "clocking, the idle PEs, power delivery and cooling, and the memory service")]
 
 
+def _streaming_lines(report: dict[str, Any]) -> list[str]:
+    """A weight-streaming step: its layout, the step's time with the memory service's
+    exposed update, what bounds its layer passes, and the projection."""
+    ws = report["weight_streaming"]
+    bounds: dict[str, int] = {}
+    for phase in ws["phases"]:
+        bounds[phase["bound"]] = bounds.get(phase["bound"], 0) + phase["cycles"]
+    total = max(sum(bounds.values()), 1)
+    shares = ", ".join(f"{name} {cycles / total:.0%}" for name, cycles in
+                       sorted(bounds.items(), key=lambda item: -item[1]))
+    lines = [f"{report.get('config', 'program')}: {report['parameters']:,} parameters, weight "
+             f"streaming: {ws['tokens']} tokens on {ws['cols']} x {ws['rows']} PEs (a sequence "
+             f"per PE row), {ws['ring_slots']} weight vectors prefetched",
+             f"step          {ws['step_seconds'] * 1e3:.3f} ms: the wafer "
+             f"{ws['wafer_seconds'] * 1e3:.3f} ms, then the memory service's update "
+             f"{ws['exposed_update_seconds'] * 1e3:.3f} ms more; "
+             f"{ws['tokens_per_second']:,.0f} tokens/s",
+             f"bound         linear layer passes (cost model): {shares}"]
+    p = ws["projection"]
+    lines.append("projection    " + (f"{p['tokens_per_second']:,.0f} tokens/s at {p['tokens']:,} "
+                                     f"tokens a step, bound {p['bound']} ({p['what']})"
+                                     if "error" not in p else f"{p['error']} ({p['what']})"))
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report for a terminal: the builder's facts it knows of, then the counters and
     one line per region."""
@@ -291,10 +316,12 @@ def format_report(report: dict[str, Any]) -> str:
         stopped = report["stopped"]
         lines.append(f"PARTIAL REPORT ({stopped['message']}): the counters cover cycles 0.."
                      f"{stopped['cycle'] - 1:,} only")
-    if "parameters" in report:
+    if "kernels_count" in report:
         lines.append(f"{report.get('config', 'program')}: {report['parameters']:,} parameters, "
                      f"{report['kernels_count']} kernels, placement {report['placement']}, "
                      f"lane width {report['lane_width']}")
+    if "weight_streaming" in report:
+        lines += _streaming_lines(report)
     colors = f", {report['colors_used']} colors" if "colors_used" in report else ""
     lines += [
         f"fabric        {fabric['width']} x {fabric['height']} PEs simulated at "

@@ -179,9 +179,9 @@ class Step:
         spans: dict[tuple[int, str], list[tuple[int, int]]] = {}
         for c, pe in enumerate(self.top):
             blocks = {"weights in": 0, "gradients out": 0}
-            for p, (fills, sent) in enumerate(pe.passes()):
-                for kind, port, present in (("weights in", f"weights {c}", fills),
-                                            ("gradients out", f"gradients {c}", sent)):
+            for p, done in enumerate(pe.passes()):
+                for kind, port, present in (("weights in", f"weights {c}", done.fills),
+                                            ("gradients out", f"gradients {c}", done.sent)):
                     if present:
                         b = blocks[kind]
                         marks = port_marks[port]
@@ -194,6 +194,24 @@ class Step:
             out.append({"layer": part, "pass": direction, "stream": kind,
                         "start": min(s for s, _ in ends), "end": max(e for _, e in ends)})
         return out
+
+
+    def linear_layers(self) -> list[LinearLayer]:
+        """Every block's linear layers, then the LM head."""
+        return [*(layer for i in range(self.shape.layers)
+                  for layer in block_layers(self.shape, i).values()), head_layer(self.shape)]
+
+    def completed(self) -> dict[str, list[str]]:
+        """Per pass (by name, in order): the parameters whose gradient is complete after
+        it, i.e. whose last part some column sends up in it."""
+        last: dict[str, int] = {}
+        for pe in self.top:
+            for p, done in enumerate(pe.passes()):
+                for into in done.sinks:
+                    if into.param != LOSS:
+                        last[into.param] = max(last.get(into.param, -1), p)
+        return {name: [param for param, p in last.items() if p == i]
+                for i, name in enumerate(self.passes) if i in last.values()}
 
 
 def build_step(cfg: RunConfig, params: dict[str, np.ndarray], tokens: np.ndarray,
@@ -763,8 +781,8 @@ def _ports(step: Step) -> None:
     what the column sends up. Each marks the first and the last word of every pass with
     words in that direction (`Step.timeline`)."""
     for c, pe in enumerate(step.top):
-        parts = [wavelets(fills, False) for fills, _ in pe.passes() if fills]
-        sent = [sum(lengths) for _, lengths in pe.passes() if lengths]
+        parts = [wavelets(p.fills, False) for p in pe.passes() if p.fills]
+        sent = [sum(p.sent) for p in pe.passes() if p.sent]
         step.program.ports += [
             EdgePort(f"weights {c}", c, 0, Port.N, WEIGHTS, True, np.concatenate(parts),
                      marks=block_ends([len(p) for p in parts])),

@@ -371,8 +371,8 @@ def _ports(stack: Stack, top: list[StreamPE]) -> None:
     the first and the last word of every pass (`Stack.timeline`)."""
     half = stack.precision == "mixed"
     for c, pe in enumerate(top):
-        parts = [wavelets(fills, half) for fills, _ in pe.passes()]
-        gradients = [sum(sent) for _, sent in pe.passes() if sent]
+        parts = [wavelets(p.fills, half) for p in pe.passes()]
+        gradients = [sum(p.sent) for p in pe.passes() if p.sent]
         stack.ports_in.append(f"weights {c}")
         stack.ports_out.append(f"gradients {c}")
         stack.program.ports += [

@@ -57,6 +57,16 @@ class Into:
     shape: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Pass:
+    """One pass of a PE: the weight vectors it took, and the lengths and destinations of
+    the vectors it sent up."""
+
+    fills: list[np.ndarray]
+    sent: list[int]
+    sinks: list[Into]
+
+
 def weight_into(layer: LinearLayer, param: str, offset: int = 0, transposed: bool = False
                 ) -> Callable[[int], Into]:
     """Where the gradient of `layer`'s weight vector v goes: column v (column-parallel) or
@@ -90,7 +100,7 @@ class StreamPE:
     dw: int | None
     compute: list[Instr] = field(default_factory=list)
     fills: list[np.ndarray] = field(default_factory=list)  # weight vectors taken, in order
-    sinks: list[Into | None] = field(default_factory=list)  # vectors sent up (None: not here)
+    sinks: list[Into] = field(default_factory=list)  # where the vectors sent up go
     sent: list[int] = field(default_factory=list)  # their lengths
     pass_starts: list[tuple[int, int]] = field(default_factory=list)  # (fills, sinks) a pass
     _frees: list[int] = field(default_factory=list)  # compute positions of FREE signals
@@ -101,10 +111,10 @@ class StreamPE:
         """Mark where a pass's weights and gradients start (the ports' marks)."""
         self.pass_starts.append((len(self.fills), len(self.sent)))
 
-    def passes(self) -> list[tuple[list[np.ndarray], list[int]]]:
-        """Per pass: the weight vectors taken and the lengths of the vectors sent up."""
+    def passes(self) -> list[Pass]:
+        """What each pass takes in and sends up, in order."""
         ends = [*self.pass_starts, (len(self.fills), len(self.sent))]
-        return [(self.fills[a[0]:b[0]], self.sent[a[1]:b[1]])
+        return [Pass(self.fills[a[0]:b[0]], self.sent[a[1]:b[1]], self.sinks[a[1]:b[1]])
                 for a, b in zip(ends, ends[1:], strict=False)]
 
     def slot(self, j: int) -> int:
