@@ -32,7 +32,7 @@ from compiler.inputs import init_params, make_batch
 from compiler.ops.update import STEP_TENSOR, UpdateRule, moment_names
 from compiler.optim import init_state, optimizer_step
 from compiler.reference import reference_step
-from compiler.streaming.gpt import Step, build_step
+from compiler.streaming.gpt import Step, build_step, plan
 from compiler.streaming.linear import LinearLayer, Precision, build_stack, phase_cost
 from compiler.streaming.linear import reference as linear_reference
 from compiler.streaming.projection import project
@@ -185,6 +185,7 @@ def run_weight_streaming(cfg: RunConfig, source: str, max_cycles: int | None = N
     service, check every result against float64 and report, besides the counters, the
     service's time, each layer pass's modelled bound, the measured timeline and a
     projection at the model's whole context."""
+    plan(cfg)  # the wafer's limits first: they name the config's field
     require(step_footprint(cfg, reference=True), source)
     params, batch = init_params(cfg), make_batch(cfg)
     started = time.perf_counter()

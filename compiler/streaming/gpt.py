@@ -214,32 +214,54 @@ class Step:
                 for i, name in enumerate(self.passes) if i in last.values()}
 
 
+@dataclass(frozen=True)
+class Plan:
+    """The step's shape and its weight ring: `slots` vectors of `slot_words` words a PE."""
+
+    shape: Shape
+    rows: int
+    slots: int
+    slot_words: int
+
+
+def plan(cfg: RunConfig) -> Plan:
+    """The step's layout, or a UserError naming the SRAM (and training.seq_len, which sets
+    what a PE keeps) when a PE's buffers and a ring of two weight vectors do not fit."""
+    cols, rows = region(cfg)
+    shape = Shape.of(cfg, cols)
+    budget = cfg.wafer.sram_bytes_per_pe // BYTES_PER_WORD
+    kernel = Kernel(name="gpt step", op="weight streaming", ops=[], width=cols, height=1)
+    try:
+        with sram_budget(budget):
+            for c in range(cols):  # every row of a column holds the same buffers
+                _Sram.allocate(kernel, (c, 0), shape)
+    except UserError as err:
+        raise UserError(f"training.seq_len: {err} (a PE keeps {shape.seq} tokens of every "
+                        "saved activation: shorten the sequences)") from None
+    # The longest vector: a weight vector (d words: every layer's input or output is the
+    # residual stream) or the embedding rows of the step's tokens.
+    slot_words = max(shape.d, shape.batch * -(-shape.d // cols) * shape.seq)
+    free = min(budget - kernel.sram_words((c, 0)) for c in range(cols))
+    slots = min(2 * cfg.wafer.queue_depth, free // slot_words)
+    if slots < 2:
+        raise UserError(
+            f"training.seq_len: the busiest PE's activations leave room for {max(slots, 0)} "
+            f"weight vectors of {slot_words} words ({cfg.wafer.sram_bytes_per_pe:,} bytes of "
+            f"SRAM a PE), need 2: shorten the sequences")
+    return Plan(shape, rows, slots, slot_words)
+
+
 def build_step(cfg: RunConfig, params: dict[str, np.ndarray], tokens: np.ndarray,
                targets: np.ndarray) -> Step:
     """The weight-streaming program of one training step of `cfg` on the batch `tokens`,
     `targets` [B, T] from the weights `params` (float32 as the service holds them)."""
-    if cfg.compile.precision != "fp32":
-        raise UserError("compile.precision: weight streaming lowers the whole GPT step in "
-                        "fp32 only (mixed precision is built for linear stacks, "
-                        "compiler.streaming.linear)")
-    cols, rows = region(cfg)
-    shape = Shape.of(cfg, cols)
+    layout = plan(cfg)
+    shape, rows, slots, slot_words = layout.shape, layout.rows, layout.slots, layout.slot_words
+    cols = shape.cols
     params32 = {name: np.asarray(p, np.float32) for name, p in params.items()}
     kernel = Kernel(name="gpt step", op="weight streaming", ops=[], width=cols, height=rows)
-    budget = cfg.wafer.sram_bytes_per_pe // BYTES_PER_WORD
-    with sram_budget(budget):
-        maps = {(c, r): _Sram.allocate(kernel, (c, r), shape) for r in range(rows)
-                for c in range(cols)}
-    # The longest vector: a weight vector (d words: every layer's input or output is the
-    # residual stream) or the embedding rows of the step's tokens.
-    slot_words = max(shape.d, shape.batch * -(-shape.d // cols) * shape.seq)
-    free = min(budget - kernel.sram_words(pe) for pe in maps)
-    slots = min(2 * cfg.wafer.queue_depth, free // slot_words)
-    if slots < 2:
-        raise UserError(
-            f"weight streaming: the busiest PE's activations leave room for {max(slots, 0)} "
-            f"weight vectors of {slot_words} words ({cfg.wafer.sram_bytes_per_pe:,} bytes of "
-            f"SRAM a PE), need 2: shorten training.seq_len")
+    maps = {(c, r): _Sram.allocate(kernel, (c, r), shape) for r in range(rows)
+            for c in range(cols)}
     program = Program(width=cols, height=rows)
     step = Step(program, shape, slots, [])
     for (c, r), sram in maps.items():
