@@ -1,15 +1,20 @@
-"""The measured timeline of one weight-streaming run: Cerebras-GPT-111M's MLP (768 -> 3072,
-3072 -> 768) forward and backward on all of WSE-2's 750 columns.
+"""The measured timeline of a weight-streaming training step: per pass (the embedding, every
+block, the LM head with its cross-entropy; forward, then backward), when its weights
+entered the fabric and when its gradients reached the memory service.
 
-    python benchmarks/streaming_timeline.py [--rows 2] [--tokens-per-row 2] [--preset wse2]
+    python benchmarks/streaming_timeline.py [--report RUN.json | --config CONFIG]
                                             [--out benchmarks/out]
 
-Every bar is measured: the ports mark the first and the last word of each pass's weights
-(entering the fabric, the first column's first word to the last column's last) and of each
-layer's dW (reaching the memory service), `SimResult.port_marks`. Between a pass's weights
-and the next pass's lie its products and its row collectives; the ring prefetches the next
-pass's first weight vectors meanwhile. Prints the timeline and the modelled bound of each
-pass; writes streaming_timeline.png into --out.
+--report draws the report `python -m wse_sim run CONFIG --json RUN.json` wrote for a config
+in weight-streaming mode; --config (default models/cerebras_gpt_111m.yaml, about 15
+minutes) runs the step first. Every bar is measured: the edge ports mark the first and the
+last word of each pass's weights (entering the fabric, the first column's first word to the
+last column's last) and of its gradients (reaching the memory service),
+`SimResult.port_marks`. Between a pass's weights and the next pass's lie its products, its
+row collectives and its local ops; the ring prefetches the next pass's first weight
+vectors meanwhile. Each pass is labelled with what bounds its linear layers by the cost
+model (their cycles' largest share). Prints the timeline; writes streaming_timeline.png
+into --out.
 """
 
 from __future__ import annotations
@@ -17,39 +22,51 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from compiler.config import TrainingConfig
-from compiler.streaming.linear import LinearLayer
+from compiler.config import load_config
 from wse_sim.errors import UserError
-from wse_sim.hardware import WaferConfig
 from wse_sim.outputs import check_outputs, write_file
-from wse_sim.pipeline import run_linear_stack
+from wse_sim.pipeline import run_step
+from wse_sim.plots import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = "streaming_timeline.png"
 COLOURS = {"weights in": "tab:blue", "gradients out": "tab:orange"}
 
 
-def draw(timeline: list[dict], phases: list[dict], cycles: int, title: str) -> bytes:
-    """The timeline as PNG bytes."""
-    fig = Figure(figsize=(11, 3.6))
+def pass_bounds(phases: list[dict]) -> dict[str, str]:
+    """Per pass ("h0 forward", "head backward"...): the bound of most of its linear layers'
+    modelled cycles."""
+    by_pass: dict[str, Counter] = {}
+    for phase in phases:
+        part = "head" if phase["layer"] == "lm_head" else phase["layer"].split(".")[0]
+        by_pass.setdefault(f"{part} {phase['pass']}", Counter())[phase["bound"]] += \
+            phase["cycles"]
+    return {name: bounds.most_common(1)[0][0] for name, bounds in by_pass.items()}
+
+
+def draw(timeline: list[dict], bounds: dict[str, str], cycles: int, title: str) -> bytes:
+    """The timeline as PNG bytes, a row per pass in order."""
+    passes = list(dict.fromkeys(f"{e['layer']} {e['pass']}" for e in timeline))
+    fig = Figure(figsize=(11, 1.2 + 0.28 * len(passes)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    labels = [f"{phase['layer']} {phase['pass']} ({phase['bound']})" for phase in phases]
     for entry in timeline:
-        row = labels.index(next(label for label in labels
-                                if label.startswith(f"{entry['layer']} {entry['pass']} ")))
+        row = passes.index(f"{entry['layer']} {entry['pass']}")
         offset = 0.2 if entry["stream"] == "gradients out" else -0.2
         ax.barh(row + offset, entry["end"] - entry["start"] + 1, left=entry["start"],
                 height=0.35, color=COLOURS[entry["stream"]])
-    ax.set_yticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(passes)), [f"{name} ({bounds[name]})" if name in bounds else name
+                                       for name in passes], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlim(0, cycles)
+    # (the last gradient words reach the service after the fabric drained)
+    ax.set_xlim(0, max(cycles, *(e["end"] + 1 for e in timeline)))
     ax.set_xlabel("cycle")
     ax.set_title(title, fontsize=10)
     ax.legend(handles=[ax.barh(0, 0, color=c, label=k) for k, c in COLOURS.items()],
@@ -62,53 +79,43 @@ def draw(timeline: list[dict], phases: list[dict], cycles: int, title: str) -> b
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=2)
-    parser.add_argument("--tokens-per-row", type=int, default=2)
-    parser.add_argument("--preset", choices=["wse2", "wse3"], default="wse2")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--report", help="a weight-streaming run's JSON report")
+    source.add_argument("--config", default=str(ROOT / "models" / "cerebras_gpt_111m.yaml"),
+                        help="a config in weight-streaming mode, run first")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args = parser.parse_args()
-    for option in ("rows", "tokens_per_row"):  # (the CLI's int_in is not the package's API)
-        if getattr(args, option) < 1:
-            parser.error(f"argument --{option.replace('_', '-')}: must be >= 1 (got "
-                         f"{getattr(args, option)})")
     try:
         check_outputs(folders={"--out": (args.out, [PNG])})
-        return timeline(args)
+        if not args.report and load_config(args.config).compile.mode != "weight_streaming":
+            raise UserError(f"--config {args.config}: compile.mode is not weight_streaming")
+        report = load_run(args.report) if args.report else run_step(args.config)
+        return timeline(report, args.report or args.config, args.out)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
 
-def timeline(args: argparse.Namespace) -> int:
-    """Run the MLP, print and draw its timeline; 0 if the check passed."""
-    wafer = WaferConfig(preset=args.preset)
-    layers = [LinearLayer("fc", 768, 3072), LinearLayer("fc2", 3072, 768)]
-    tokens = args.rows * args.tokens_per_row
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((tokens, 768)).astype(np.float32)
-    weights = {layer.name: (0.02 * rng.standard_normal((layer.k, layer.n))).astype(np.float32)
-               for layer in layers}
-    dy = rng.standard_normal((tokens, 768)).astype(np.float32)
-    result, report = run_linear_stack(layers, x, weights, dy, rows=args.rows, cols=wafer.width,
-                                      wafer=wafer, training=TrainingConfig(
-                                          batch_size=1, seq_len=2, lr=1e-3))
-    streaming = report["weight_streaming"]
-    print(f"{result.cycles:,} cycles, {tokens} tokens on {args.rows} x {wafer.width} PEs, "
-          f"check {'passed' if report['check']['passed'] else 'FAILED'}, host "
-          f"{report['host_simulation_seconds']:.0f} s")
+def timeline(report: dict[str, Any], source: str, out: str) -> int:
+    """Print and draw the report's timeline; 0 if its check passed."""
+    streaming = report.get("weight_streaming")
+    if not isinstance(streaming, dict) or "timeline" not in streaming:
+        raise UserError(f"{source}: not a weight-streaming run (no weight_streaming.timeline; "
+                        "compile.mode: weight_streaming)")
+    passed = report["check"]["passed"]
+    print(f"{report['cycles']:,} cycles, {streaming['tokens']} tokens on {streaming['cols']} x "
+          f"{streaming['rows']} PEs, check {'passed' if passed else 'FAILED'}")
     for entry in streaming["timeline"]:
-        print(f"  {entry['layer']:4} {entry['pass']:9} {entry['stream']:14} "
-              f"{entry['start']:>9,} .. {entry['end']:>9,}")
-    for phase in streaming["phases"]:
-        print(f"  {phase['layer']:4} {phase['pass']:9} modelled {phase['cycles']:>9,} cycles: "
-              f"weight I/O {phase['weight_io']:,}, compute {phase['compute']:,}, fabric "
-              f"{phase['fabric']:,} -> {phase['bound']}")
-    path = write_file(Path(args.out) / PNG, draw(
-        streaming["timeline"], streaming["phases"], result.cycles,
-        f"Weight streaming, Cerebras-GPT-111M's MLP on {args.preset} ({args.rows} x "
-        f"{wafer.width} PEs, {tokens} tokens): measured at the edge ports"))
+        print(f"  {entry['layer']:9} {entry['pass']:9} {entry['stream']:14} "
+              f"{entry['start']:>11,} .. {entry['end']:>11,}")
+    config = Path(str(report.get("config", source))).stem
+    path = write_file(Path(out) / PNG, draw(
+        streaming["timeline"], pass_bounds(streaming["phases"]), report["cycles"],
+        f"Weight streaming, {config} on {report['wafer'].get('preset') or 'its wafer'} "
+        f"({streaming['cols']} x {streaming['rows']} PEs, {streaming['tokens']} tokens): "
+        "measured at the edge ports"))
     print(f"wrote {path}")
-    return 0 if report["check"]["passed"] else 1
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

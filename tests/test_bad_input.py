@@ -551,10 +551,11 @@ BENCHMARK_CASES = [  # the benchmark scripts' options: (script, options, first l
     ("cerebras_gpt.py", ["--simulate", "cerebras_gpt_7b"],
      "--simulate: no config cerebras_gpt_7b"),
     ("cerebras_gpt.py", ["--rows", "0"], "argument --rows: must be >= 1 (got 0)"),
-    ("streaming_timeline.py", ["--tokens-per-row", "-1"],
-     "argument --tokens-per-row: must be >= 1 (got -1)"),
-    ("streaming_timeline.py", ["--rows", "995"], "rows: 995 PE rows for 1990 tokens on a "
-     "wafer 994 high"),
+    ("streaming_timeline.py", ["--report", "{file}"], "error: {file}: not JSON"),
+    ("streaming_timeline.py", ["--config", str(ROOT / "models" / "gpt_tiny.yaml"),
+                               "--report", "{file}"], "not allowed with argument"),
+    ("streaming_timeline.py", ["--config", str(ROOT / "models" / "gpt_tiny.yaml")],
+     "gpt_tiny.yaml: compile.mode is not weight_streaming"),
 ]
 
 
