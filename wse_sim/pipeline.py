@@ -254,9 +254,11 @@ def _streaming_report(step: Step, result: SimResult, wafer: WaferConfig, cfg: Ru
                       "average_power_watts": joules / p.seconds}
     except UserError as err:
         projection = {"error": str(err)}
-    projection["what"] = (f"projected, not simulated: one sequence of the model's context "
-                          f"(n_ctx = {cfg.model.n_ctx} tokens) on every row of the wafer, the "
-                          "linear layers only, by the cost model (compiler.streaming.projection)")
+    projection["what"] = (
+        f"projected, not simulated: one sequence of the model's context (n_ctx = "
+        f"{cfg.model.n_ctx} tokens) spread over every row of the wafer, the linear layers only "
+        "(attention across PE rows is not built: the simulated step keeps a sequence per "
+        "row), by the cost model (compiler.streaming.projection)")
     return {
         "rows": shape.batch, "cols": shape.cols, "tokens": tokens, "ring_slots": step.slots,
         "simulated": ("every block, the embedding and the LM head with its cross-entropy, "
