@@ -65,22 +65,17 @@ from compiler.streaming.linear import LinearLayer
 from compiler.streaming.pe import (
     ACC,
     COLORS,
-    NORTH,
-    WEIGHTS,
     Into,
     Span,
     StreamPE,
-    block_ends,
+    edge_ports,
     set_routes,
     split,
-    wavelets,
     weight_into,
 )
 from wse_sim.errors import UserError
 from wse_sim.program import (
     BYTES_PER_WORD,
-    EdgePort,
-    Port,
     Program,
     Region,
     TensorLayout,
@@ -799,14 +794,6 @@ def _tensors(step: Step, maps: dict[tuple[int, int], _Sram]) -> None:
 
 
 def _ports(step: Step) -> None:
-    """Column c's inbound port sends the vectors its PEs take; its outbound port receives
-    what the column sends up. Each marks the first and the last word of every pass with
-    words in that direction (`Step.timeline`)."""
+    """Column c's ports: the vectors its PEs take in, what it sends up out (`edge_ports`)."""
     for c, pe in enumerate(step.top):
-        parts = [wavelets(p.fills, False) for p in pe.passes() if p.fills]
-        sent = [sum(p.sent) for p in pe.passes() if p.sent]
-        step.program.ports += [
-            EdgePort(f"weights {c}", c, 0, Port.N, WEIGHTS, True, np.concatenate(parts),
-                     marks=block_ends([len(p) for p in parts])),
-            EdgePort(f"gradients {c}", c, 0, Port.N, NORTH[0], False,
-                     np.zeros(0, np.float32), sum(pe.sent), marks=block_ends(sent))]
+        step.program.ports += edge_ports(c, pe, False)

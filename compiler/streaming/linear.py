@@ -83,23 +83,18 @@ from compiler.lowering.kernel import Kernel, sram_budget
 from compiler.ops.matmul import linear_backward, linear_forward, to_half
 from compiler.streaming.pe import (
     COLORS,
-    NORTH,
-    WEIGHTS,
     Precision,
     Span,
     StreamPE,
-    block_ends,
+    edge_ports,
     set_routes,
     split,
-    wavelets,
     weight_into,
 )
 from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
     BYTES_PER_WORD,
-    EdgePort,
-    Port,
     Program,
     Region,
     TensorLayout,
@@ -367,19 +362,11 @@ def _tensors(stack: Stack, buffers: dict[tuple[int, int], _Buffers], features: l
 
 def _ports(stack: Stack, top: list[StreamPE]) -> None:
     """Column c's inbound port sends the weight vectors its PEs take, forward then
-    backward; its outbound port receives the dW vectors, backward order. Each port marks
-    the first and the last word of every pass (`Stack.timeline`)."""
-    half = stack.precision == "mixed"
+    backward; its outbound port receives the dW vectors, backward order (`edge_ports`)."""
     for c, pe in enumerate(top):
-        parts = [wavelets(p.fills, half) for p in pe.passes()]
-        gradients = [sum(p.sent) for p in pe.passes() if p.sent]
         stack.ports_in.append(f"weights {c}")
         stack.ports_out.append(f"gradients {c}")
-        stack.program.ports += [
-            EdgePort(f"weights {c}", c, 0, Port.N, WEIGHTS, True, np.concatenate(parts),
-                     marks=block_ends([len(p) for p in parts])),
-            EdgePort(f"gradients {c}", c, 0, Port.N, NORTH[0], False,
-                     np.zeros(0, np.float32), sum(pe.sent), marks=block_ends(gradients))]
+        stack.program.ports += edge_ports(c, pe, stack.precision == "mixed")
 
 
 # -- cost -------------------------------------------------------------------------------------

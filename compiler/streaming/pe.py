@@ -22,7 +22,7 @@ import numpy as np
 from compiler.lowering.dots import Walk, dots
 from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, Reg, vec
 from compiler.lowering.kernel import TOKEN_REG
-from wse_sim.program import Port, Program, Route, port_mask
+from wse_sim.program import EdgePort, Port, Program, Route, port_mask
 
 if TYPE_CHECKING:
     from compiler.streaming.linear import LinearLayer
@@ -298,6 +298,19 @@ def set_routes(program: Program, c: int, r: int, cols: int, rows: int) -> None:
     program.set_route(c, r, NORTH[r % 2], Route(ramp, n))
     if r < rows - 1:
         program.set_route(c, r, NORTH[(r + 1) % 2], Route(s, ramp))
+
+
+def edge_ports(column: int, pe: StreamPE, half: bool) -> list[EdgePort]:
+    """The memory service's two ports of a column, beside its top PE `pe`: the inbound one
+    sends the weight vectors the column's PEs take (fp16 halves two a wavelet when `half`),
+    the outbound one receives what the column sends up. Each marks the first and the last
+    word of every pass that has words in its direction (the runs' timelines)."""
+    parts = [wavelets(p.fills, half) for p in pe.passes() if p.fills]
+    sent = [sum(p.sent) for p in pe.passes() if p.sent]
+    return [EdgePort(f"weights {column}", column, 0, Port.N, WEIGHTS, True,
+                     np.concatenate(parts), marks=block_ends([len(p) for p in parts])),
+            EdgePort(f"gradients {column}", column, 0, Port.N, NORTH[0], False,
+                     np.zeros(0, np.float32), sum(pe.sent), marks=block_ends(sent))]
 
 
 def wavelets(vectors: list[np.ndarray], half: bool) -> np.ndarray:
