@@ -415,26 +415,24 @@ class _StepPE:
                 kernel.load(pe, offset, self._param_slice(name))
         kernel.load(pe, sram.ones, np.ones(self.shape.seq, np.float32))
 
-    def _param_slice(self, name: str) -> np.ndarray:
-        """This PE's slice of a small parameter (q, k, v biases: thirds of the fused one)."""
+    def _owned(self, name: str) -> tuple[str, slice]:
+        """The graph parameter a small parameter's own slice lives in, and where: q, k and
+        v's biases are thirds of the fused QKV bias."""
         d = self.shape.d
         for i, part in enumerate(("q", "k", "v")):
             if name.endswith(f".attn.{part}.bias"):
-                fused = self.params[name.replace(f".attn.{part}.", ".attn.qkv.")]
-                return fused[i * d + self.sd[0]: i * d + self.sd[1]]
-        span = self.sf if name.endswith("mlp.fc.bias") else self.sd
-        return self.params[name][span[0]:span[1]]
+                return (name.replace(f".attn.{part}.", ".attn.qkv."),
+                        slice(i * d + self.sd[0], i * d + self.sd[1]))
+        return name, slice(*(self.sf if name.endswith("mlp.fc.bias") else self.sd))
+
+    def _param_slice(self, name: str) -> np.ndarray:
+        param, where = self._owned(name)
+        return self.params[param][where]
 
     def _into(self, name: str) -> Into:
         """Where the gradient of a small parameter's own slice goes."""
-        d = self.shape.d
-        for i, part in enumerate(("q", "k", "v")):
-            if name.endswith(f".attn.{part}.bias"):
-                fused = name.replace(f".attn.{part}.", ".attn.qkv.")
-                return Into(fused, (slice(i * d + self.sd[0], i * d + self.sd[1]),),
-                            (self.nd,))
-        span = self.sf if name.endswith("mlp.fc.bias") else self.sd
-        return Into(name, (slice(*span),), (_width(span),))
+        param, where = self._owned(name)
+        return Into(param, (where,), (where.stop - where.start,))
 
     def _weight(self, layer: str, i: int) -> tuple[np.ndarray, Callable[[int], Into]]:
         """Block i's weight of `layer` as streamed ([K, N]) and where its gradient goes."""
