@@ -184,7 +184,9 @@ class Step:
                                                                 int(marks[2 * b + 1])))
                         blocks[kind] += 1
         out = []
-        for (p, kind), ends in sorted(spans.items()):
+        # (per pass: weights in, then gradients out)
+        for (p, kind), ends in sorted(spans.items(), key=lambda item: (item[0][0],
+                                                                       item[0][1] != "weights in")):
             part, direction = self.passes[p].rsplit(" ", 1)
             out.append({"layer": part, "pass": direction, "stream": kind,
                         "start": min(s for s, _ in ends), "end": max(e for _, e in ends)})
