@@ -13,8 +13,8 @@ last column's last) and of its gradients (reaching the memory service),
 `SimResult.port_marks`. Between a pass's weights and the next pass's lie its products, its
 row collectives and its local ops; the ring prefetches the next pass's first weight
 vectors meanwhile. Each pass is labelled with what bounds its linear layers by the cost
-model (their cycles' largest share). Prints the timeline; writes streaming_timeline.png
-into --out.
+model (their cycles' largest share). Prints the timeline; writes
+weight_streaming_timeline.png into --out (the README's picture: --out docs).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from wse_sim.pipeline import run_step
 from wse_sim.plots import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
-PNG = "streaming_timeline.png"
+PNG = "weight_streaming_timeline.png"
 COLOURS = {"weights in": "tab:blue", "gradients out": "tab:orange"}
 
 
