@@ -268,8 +268,7 @@ def build_step(cfg: RunConfig, params: dict[str, np.ndarray], tokens: np.ndarray
         writer = _StepPE(pe, sram, shape, params32, np.asarray(tokens), np.asarray(targets))
         writer.load(kernel)
         step.passes = writer.write()
-        kernel.emit((c, r), *pe.finish(), thread=0)
-        kernel.emit((c, r), *pe.receiving_thread(), thread=1)
+        pe.emit(kernel)
         program.pes[(c, r)] = kernel.programs[(c, r)]
         set_routes(program, c, r, cols, rows)
         if r == 0:
@@ -325,7 +324,7 @@ class _Sram:
     grad_k: int
     grad_v: int
     grad_hidden: int
-    sums: int  # a parameter gradient's own partial
+    param_grads: dict[str, int]  # the small parameters' gradients (own slices)
     embed: int  # the embedding gradient vector [B, own d, T]
     ones: int  # T ones
     loss: int
@@ -342,17 +341,23 @@ class _Sram:
         def a(words: int, what: str) -> int:
             return kernel.alloc(pe, words, what)
 
+        sizes: dict[str, int] = {}  # the small parameters' own slices
+
+        def small(name: str, words: int) -> int:
+            sizes[name] = words
+            return a(words, name)
+
         def ln_params(name: str) -> dict[str, int]:
-            return {f"{name}.weight": a(nd, f"{name} gain"), f"{name}.bias": a(nd, f"{name} bias")}
+            return {f"{name}.{part}": small(f"{name}.{part}", nd) for part in ("weight", "bias")}
 
         blocks = []
         for i in range(shape.layers):
             p = f"h{i}"
             params = ln_params(f"{p}.ln1") | ln_params(f"{p}.ln2")
             for part in ("q", "k", "v", "proj"):
-                params[f"{p}.attn.{part}.bias"] = a(nd, f"{p} {part} bias")
-            params[f"{p}.mlp.fc.bias"] = a(nf, f"{p} fc bias")
-            params[f"{p}.mlp.proj.bias"] = a(nd, f"{p} mlp proj bias")
+                params[f"{p}.attn.{part}.bias"] = small(f"{p}.attn.{part}.bias", nd)
+            params[f"{p}.mlp.fc.bias"] = small(f"{p}.mlp.fc.bias", nf)
+            params[f"{p}.mlp.proj.bias"] = small(f"{p}.mlp.proj.bias", nd)
             blocks.append(_Block(
                 x=a(nd * t, f"{p} input"), ln1=a(nd * t, f"{p} ln1"),
                 xhat1=a(nd * t, f"{p} ln1 xhat"), rstd1=a(t, f"{p} ln1 rstd"),
@@ -365,14 +370,15 @@ class _Sram:
         return cls(
             blocks=blocks, x_final=a(nd * t, "final residual"), ln_f=a(nd * t, "ln_f"),
             xhat_f=a(nd * t, "ln_f xhat"), rstd_f=a(t, "ln_f rstd"),
-            ln_f_params=ln_params("ln_f"), logits=a(nv * t, "logits"),
+            ln_f_params=ln_params("ln_f"),
+            param_grads={name: a(words, f"{name} gradient") for name, words in sizes.items()},
+            logits=a(nv * t, "logits"),
             probs=a(nv * t, "dlogits"), whole=a(shape.d * t, "gathered activation"),
             partial=a(max(shape.d * t, shape.heads * t * t), "partial sums"),
             stats=a(2 * t, "row statistics"), stats2=a(2 * t, "row statistics"),
             scratch=a(max(nd, nf) * t, "scratch"), grad_x=a(nd * t, "residual gradient"),
             grad_a=a(nd * t, "gradient"), grad_q=a(nd * t, "dq"), grad_k=a(nd * t, "dk"),
             grad_v=a(nd * t, "dv"), grad_hidden=a(nf * t, "hidden gradient"),
-            sums=a(max(nd, nf), "parameter gradient"),
             embed=a(shape.batch * nd * t, "embedding gradient"), ones=a(t, "ones"),
             loss=a(shape.tokens, "token losses"))
 
@@ -586,10 +592,13 @@ class _StepPE:
                     out=[Mem(dst + f) for f in range(features)])
 
     def _send(self, name: str, features: int) -> None:
-        self.code += self.pe.column_reduce(self.sram.sums, features, self._into(name))
+        """A small parameter's gradient to the service (its buffer is its own: the sending
+        thread sends it while the compute thread goes on)."""
+        self.code += self.pe.column_reduce(self.sram.param_grads[name], features,
+                                           self._into(name))
 
     def _bias_gradient(self, dy: int, features: int, name: str) -> None:
-        self.code += self._row_sums(self.sram.sums, dy, features)
+        self.code += self._row_sums(self.sram.param_grads[name], dy, features)
         self._send(name, features)
 
     def _feature_sums(self, dst: int, a: int, b: int | None = None) -> None:
@@ -628,7 +637,7 @@ class _StepPE:
         """dx (+)= rstd (g dy - mean(g dy) - xhat mean(g dy xhat)); the gain's and the
         bias's gradients go to the service. Uses `scratch` for g dy."""
         t, nd, st, g = self.shape.seq, self.nd, self.sram.stats, self.sram.scratch
-        self.code += self._row_sums(self.sram.sums, dy, nd, xhat)
+        self.code += self._row_sums(self.sram.param_grads[f"{name}.weight"], dy, nd, xhat)
         self._send(f"{name}.weight", nd)
         self._bias_gradient(dy, nd, f"{name}.bias")
         gain = params[f"{name}.weight"]

@@ -243,8 +243,7 @@ def build_stack(layers: list[LinearLayer], x: np.ndarray, weights: dict[str, np.
         kernel.load((c, r), buf.act[0], np.asarray(x, np.float32)[t0:t1, i0:i1].T)
         kernel.load((c, r), buf.grad[-1], np.asarray(dy, np.float32)[t0:t1, o0:o1].T)
         pe = _stack_pe(stack, buf, weights, c, r)
-        kernel.emit((c, r), *pe.finish(), thread=0)
-        kernel.emit((c, r), *pe.receiving_thread(), thread=1)
+        pe.emit(kernel)
         program.pes[(c, r)] = kernel.programs[(c, r)]
         set_routes(program, c, r, cols, rows)
         if r == 0:

@@ -6,9 +6,23 @@ from. The layout, the algorithms, their cost and why they cannot deadlock are in
 
 A `StreamPE` is written in program order by its compute thread: every weight vector it
 takes (`take`) is recorded with the data its column's memory service sends (`fills`), and
-every vector its column sends back to the service (`send_up`) with where the service puts
-it (`sinks`); `receiving_thread` then writes the thread that fills the ring, and `finish`
-drops the ring's last FREE signals, which no fill waits for.
+every vector its column sends back to the service (`column_reduce`) with where the
+service puts it (`sinks`); `emit` then writes its three threads: compute, receiving
+(fills the ring) and sending (the column chains to the service, in program order), without
+the ring's last FREE signals, which no fill waits for.
+
+The sending thread lets a backward pass move weights in and dW out at once: the compute
+thread hands it each dW, formed in its weight's ring slot, with a SEND token and goes on
+to the next vector; the sending thread sends it up the column (at the column's share of
+the edge, the pass's pace) and then frees the slot (FREE). Every other vector sent has a
+buffer that is not written again (the small parameters' gradients, the embedding's rows,
+the losses), except mixed precision's dW, formed in one buffer: for it the compute thread
+waits (SENT) before the next vector.
+FREE tokens still come in the order the vectors were taken: every forward vector is
+freed by the compute thread, every backward one (each sends its dW) by the sending thread,
+and a step takes all its forward vectors before its backward ones. No cycle of waits: the
+compute thread waits for a vector the receiving thread fetched once the sending thread
+freed an older slot, whose SEND the compute thread gave before it took anything newer.
 """
 
 from __future__ import annotations
@@ -21,7 +35,7 @@ import numpy as np
 
 from compiler.lowering.dots import Walk, dots
 from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, Reg, vec
-from compiler.lowering.kernel import TOKEN_REG
+from compiler.lowering.kernel import TOKEN_REG, Kernel
 from wse_sim.program import EdgePort, Port, Program, Route, port_mask
 
 if TYPE_CHECKING:
@@ -36,8 +50,9 @@ WEIGHTS = 0  # memory service -> down each column
 EAST = (1, 2)  # row chains, by the sender's column parity
 WEST = 3  # row multicast back from the east PE
 NORTH = (4, 5)  # column chains, by the sender's row parity; NORTH[0] leaves the wafer
-READY, FREE = 6, 7  # each PE's receiving thread <-> compute thread (tokens)
-COLORS = 8
+READY, FREE = 6, 7  # each PE's receiving thread <-> compute / sending thread (tokens)
+SEND, SENT = 8, 9  # each PE's compute thread <-> sending thread (tokens)
+COLORS = 10
 
 ACC = 0  # the compute thread's accumulator register
 
@@ -102,8 +117,10 @@ class StreamPE:
     fills: list[np.ndarray] = field(default_factory=list)  # weight vectors taken, in order
     sinks: list[Into] = field(default_factory=list)  # where the vectors sent up go
     sent: list[int] = field(default_factory=list)  # their lengths
+    sending: list[Instr] = field(default_factory=list)  # the sending thread
     pass_starts: list[tuple[int, int]] = field(default_factory=list)  # (fills, sinks) a pass
-    _frees: list[int] = field(default_factory=list)  # compute positions of FREE signals
+    # Where each taken vector's FREE signal is (the thread's code and the position in it).
+    _frees: list[tuple[list[Instr], int]] = field(default_factory=list)
 
     # -- the ring ------------------------------------------------------------------------
 
@@ -132,21 +149,34 @@ class StreamPE:
         """Where dW of weight vector j is formed: its slot once used (fp32), else a buffer."""
         return self.slot(j) if self.dw is None else self.dw
 
-    def take(self, vector: np.ndarray, body: Callable[[int], list[Instr]]) -> None:
+    def take(self, vector: np.ndarray, body: Callable[[int], list[Instr]],
+             sends_slot: bool = False) -> None:
         """Wait for the next weight vector (`vector`, as the service streams it), run
-        `body(j)` on it (j: its index), free its slot."""
+        `body(j)` on it (j: its index), free its slot; `sends_slot`: the body hands the
+        slot to the sending thread (`column_reduce`), which frees it."""
         j = len(self.fills)
         self.fills.append(vector)
         self.compute.append(_wait(READY))
         self.compute.extend(body(j))
-        self._frees.append(len(self.compute))
-        self.compute.append(_signal(FREE))
+        if not sends_slot:
+            self._free(self.compute)
 
-    def finish(self) -> list[Instr]:
-        """The compute thread, without the FREE signals of the last `slots` vectors (no
-        fill waits for them)."""
-        dropped = set(self._frees[max(0, len(self._frees) - self.slots):])
-        return [instr for i, instr in enumerate(self.compute) if i not in dropped]
+    def _free(self, thread: list[Instr]) -> None:
+        self._frees.append((thread, len(thread)))
+        thread.append(_signal(FREE))
+
+    def emit(self, kernel: Kernel) -> None:
+        """The PE's threads into `kernel`: compute, receiving and (if it sends) sending,
+        without the FREE signals of the last `slots` vectors (no fill waits for them)."""
+        dropped = {(id(thread), i) for thread, i in self._frees[-self.slots:]}
+
+        def kept(thread: list[Instr]) -> list[Instr]:
+            return [instr for i, instr in enumerate(thread) if (id(thread), i) not in dropped]
+        pe = (self.c, self.r)
+        kernel.emit(pe, *kept(self.compute), thread=0)
+        kernel.emit(pe, *self.receiving_thread(), thread=1)
+        if self.sending:
+            kernel.emit(pe, *kept(self.sending), thread=2)
 
     def receiving_thread(self) -> list[Instr]:
         """Copy every weight vector into its ring slot and signal it, waiting for a free
@@ -195,15 +225,25 @@ class StreamPE:
                  else vec(op, words, FabOut(east), FabIn(west), Mem(buffer)))
         self.compute += [first, vec(Op.MOV, words, Mem(buffer), FabIn(WEST))]
 
-    def column_reduce(self, buffer: int, words: int, into: Into) -> list[Instr]:
-        """The column's sum of the `words` words at `buffer`, sent north by the top PE to
-        the memory service, which adds it `into` a gradient."""
+    def column_reduce(self, buffer: int, words: int, into: Into, *,
+                      frees_slot: bool = False, reused: bool = False) -> list[Instr]:
+        """The compute thread's code to have the column's sum of the `words` words at
+        `buffer` sent north by the top PE to the memory service, which adds it `into` a
+        gradient. The sending thread does it, in order; the compute thread goes on, and must
+        not write `buffer` again unless `reused` (then it waits until the words are sent);
+        `frees_slot`: `buffer` is a ring slot, which the sending thread frees."""
         self.sinks.append(into)
         self.sent.append(words)
         up = FabOut(NORTH[self.r % 2])
-        if self.r == self.rows - 1:
-            return [vec(Op.MOV, words, up, Mem(buffer))]
-        return [vec(Op.ADD, words, up, FabIn(NORTH[(self.r + 1) % 2]), Mem(buffer))]
+        chain = (vec(Op.MOV, words, up, Mem(buffer)) if self.r == self.rows - 1 else
+                 vec(Op.ADD, words, up, FabIn(NORTH[(self.r + 1) % 2]), Mem(buffer)))
+        self.sending += [_wait(SEND), chain]
+        if frees_slot:
+            self._free(self.sending)
+        if reused:
+            self.sending.append(_signal(SENT))
+            return [_signal(SEND), _wait(SENT)]
+        return [_signal(SEND)]
 
     # -- linear layers -------------------------------------------------------------------
 
@@ -228,6 +268,13 @@ class StreamPE:
         self.allreduce(self.partial, layer.n * t)
         self.compute.append(vec(Op.MOV, (n1 - n0) * t, Mem(y), Mem(self.partial + n0 * t)))
 
+    def _send_dw(self, j: int, words: int, into: Into) -> list[Instr]:
+        """Weight vector j's dW to the service: from its ring slot, which the sending thread
+        then frees (fp32), or from the one dW buffer, reused by the next vector (mixed)."""
+        in_slot = self.dw is None
+        return self.column_reduce(self.dw_at(j), words, into, frees_slot=in_slot,
+                                  reused=not in_slot)
+
     def linear_backward(self, layer: LinearLayer, weight: np.ndarray, x: int, dy: int,
                         dx: int, span_in: Span, span_out: Span,
                         into: Callable[[int], Into], *, gathered: bool = False,
@@ -249,7 +296,8 @@ class StreamPE:
                            self.weights(j), scalars[s]) for s in range(t)]
                     + [_axpy(s == 0, layer.k, Mem(self.dw_at(j)), Mem(self.whole + s, t),
                              scalars[s]) for s in range(t)]
-                    + self.column_reduce(self.dw_at(j), layer.k, into(n0 + n))))
+                    + self._send_dw(j, layer.k, into(n0 + n))),
+                    sends_slot=self.dw is None)
             if last:
                 self.allreduce(self.partial, layer.k * t)
                 self.compute.append(vec(Op.MOV, (k1 - k0) * t, Mem(dx),
@@ -262,7 +310,8 @@ class StreamPE:
                      out=[Mem(dx + k * t + s) for s in range(t)])
                 + [_axpy(s == 0, layer.n, Mem(self.dw_at(j)), Mem(self.whole + s, t),
                          Mem(x + k * t + s, 0)) for s in range(t)]
-                + self.column_reduce(self.dw_at(j), layer.n, into(k0 + k))))
+                + self._send_dw(j, layer.n, into(k0 + k))),
+                sends_slot=self.dw is None)
 
 
 def _axpy(first: bool, n: int, dst: Operand, a: Operand, scalar: Operand) -> Instr:
@@ -286,7 +335,7 @@ def set_routes(program: Program, c: int, r: int, cols: int, rows: int) -> None:
     column chains up (the top PE's into the edge port), the ring's tokens."""
     ramp, n, e, s, w = (port_mask(p) for p in (Port.RAMP, Port.N, Port.E, Port.S, Port.W))
     program.set_route(c, r, WEIGHTS, Route(n, ramp | (s if r < rows - 1 else 0)))
-    for color in (READY, FREE):
+    for color in (READY, FREE, SEND, SENT):
         program.set_route(c, r, color, Route(ramp, ramp))
     if cols > 1:
         if c < cols - 1:
