@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
     ARITHMETIC_OPS,
@@ -53,6 +54,7 @@ from wse_sim.state import (
 )
 
 FABRIC_KINDS = (Kind.FABIN, Kind.FABOUT)
+MAX_THREADS = 63  # SLOT.running
 
 
 @dataclass
@@ -221,6 +223,9 @@ class Assembler:
         cycle 0 in `wk`'s stripes; and the Task.id of every task."""
         wafer = self.wafer
         nslot, nreg, threads = len(code), wafer.registers, wafer.microthreads
+        if threads > MAX_THREADS:
+            raise UserError(f"microthreads must be at most {MAX_THREADS} (got {threads}): the "
+                            "engine keeps a PE's running threads as bits of one int64")
         tasks = [t for slot_code in code for t in slot_code]
         task_lo = np.concatenate(([0], np.cumsum([len(c) for c in code], dtype=np.int64)))
         nins = np.array([len(t.ins) for t in tasks], np.int64)
