@@ -149,6 +149,15 @@ def test_microthreads_run_tasks_concurrently(threads, cycles):
     assert r.cycles == cycles
 
 
+def test_microthreads_up_to_63():
+    # A PE's running threads are bits of one int64 (`SLOT.running`): the 63rd runs, a 64th
+    # is refused by name.
+    tasks = [Task(k, Trigger.RESET, [vec(Op.MOV, 1, Reg(k % 16), Imm(1.0))]) for k in range(63)]
+    assert simulate(one_pe(*tasks), wafer(microthreads=63, max_tasks=64)).cycles == 1
+    with pytest.raises(UserError, match="microthreads must be at most 63"):
+        simulate(one_pe(*tasks), wafer(microthreads=64, max_tasks=64))
+
+
 def test_color_task_runs_once_per_wavelet():
     # PE (0, 0) sends 3 wavelets in cycles 0..2; they are ready at PE (1, 0) in cycles
     # 3..5. The color task adds one to Reg 0 per run: runs at 3, 4, 5; done at 6.

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
     ARITHMETIC_OPS,
@@ -53,6 +54,9 @@ from wse_sim.state import (
 )
 
 FABRIC_KINDS = (Kind.FABIN, Kind.FABOUT)
+MAX_THREADS = 63  # SLOT.running
+_VECTOR_OPS = frozenset(int(op) for op in SOURCES_OF)
+_FLOPS = {int(op): 2 if op == Op.FMA else int(op in ARITHMETIC_OPS) for op in Op}  # per element
 
 
 @dataclass
@@ -151,41 +155,48 @@ class Assembler:
 
     def _task(self, s: int, key: tuple[int, int], task: Task, index_of: dict[int, int]
               ) -> _TaskCode:
-        """`task` of slot s (PE `key`, whose tasks are at `index_of` by id) flattened."""
+        """`task` of slot s (PE `key`, whose tasks are at `index_of` by id) flattened.
+        (Plain loops and int opcodes: gpt_small has 333k instructions.)"""
         base = int(self.sram_base[s])
-        nreg = self.wafer.registers
+        reg0 = s * self.wafer.registers
         ins: list[tuple] = []
         opnd: list[tuple] = []
         for instr in task.instrs:
-            op = Op(instr.op)
+            op = int(instr.op)
             opnds = (instr.dst, instr.a, instr.b, instr.c)
-            sources = [o for o in opnds[1:] if o.kind == Kind.MEM]
-            # INSTR field order
-            half = instr.dst.half or instr.a.half or instr.b.half or instr.c.half
-            simd = simd_width(instr, self.wafer) if half and op in SOURCES_OF else 0
+            strided = scalar = 0  # memory sources
+            half = fabric = False
+            for k, o in enumerate(opnds):
+                kind = o.kind
+                if kind == Kind.MEM:
+                    if k:
+                        if o.stride:
+                            strided += 1
+                        else:
+                            scalar += 1
+                elif kind in FABRIC_KINDS:
+                    fabric = True
+                half = half or o.half
+            vector = op in _VECTOR_OPS
+            simd = simd_width(instr, self.wafer) if half and vector else 0
+            dst_mem = int(instr.dst.kind == Kind.MEM)
             if simd:  # fp16: words per element and per pair (`wse_sim.program.simd_width`)
                 nrd, nrdh = half_words(instr)
-                dst = instr.dst
-                wrh = int(dst.kind == Kind.MEM and dst.half and dst.stride == 1)
-                wr = int(dst.kind == Kind.MEM) - wrh
+                wrh = int(dst_mem and instr.dst.half and instr.dst.stride == 1)
+                wr = dst_mem - wrh
             else:
-                nrd, nrdh, wr, wrh = (sum(o.stride != 0 for o in sources), 0,
-                                      int(instr.dst.kind == Kind.MEM), 0)
-            ins.append((int(op), instr.n, instr.count, instr.body,
-                        index_of.get(instr.task, -1),
-                        nrd,
-                        sum(o.stride == 0 for o in sources),
-                        wr,
-                        2 if op == Op.FMA else int(op in ARITHMETIC_OPS),
-                        int(op in SOURCES_OF
-                            and not any(o.kind in FABRIC_KINDS for o in opnds)),
-                        simd, nrdh, wrh))
+                nrd, nrdh, wr, wrh = strided, 0, dst_mem, 0
+            # INSTR field order
+            ins.append((op, instr.n, instr.count, instr.body, index_of.get(instr.task, -1),
+                        nrd, scalar, wr, _FLOPS[op], int(vector and not fabric), simd, nrdh,
+                        wrh))
             for o in opnds:  # OPERAND field order
-                fab = self._fifo(*key, o.kind, o.color) if o.kind in FABRIC_KINDS else -1
+                kind = o.kind
+                fab = self._fifo(*key, kind, o.color) if kind in FABRIC_KINDS else -1
                 # a half memory operand addresses halves: half h of word w is 2 w + h
                 addr = 2 * base + o.offset if o.half else base + o.offset
-                opnd.append((addr, o.stride, o.loop_stride, int(o.kind), fab,
-                             s * nreg + o.reg, o.value, int(o.half)))
+                opnd.append((addr, o.stride, o.loop_stride, int(kind), fab, reg0 + o.reg,
+                             o.value, int(o.half)))
         recv = (self._fifo(*key, Kind.FABIN, task.color)
                 if task.trigger == Trigger.COLOR else -1)
         # TASK field order
@@ -221,6 +232,9 @@ class Assembler:
         cycle 0 in `wk`'s stripes; and the Task.id of every task."""
         wafer = self.wafer
         nslot, nreg, threads = len(code), wafer.registers, wafer.microthreads
+        if threads > MAX_THREADS:
+            raise UserError(f"microthreads must be at most {MAX_THREADS} (got {threads}): the "
+                            "engine keeps a PE's running threads as bits of one int64")
         tasks = [t for slot_code in code for t in slot_code]
         task_lo = np.concatenate(([0], np.cumsum([len(c) for c in code], dtype=np.int64)))
         nins = np.array([len(t.ins) for t in tasks], np.int64)

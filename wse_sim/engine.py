@@ -170,6 +170,7 @@ from wse_sim.jit import (
     hot,
     hot_inline,
     run_workers,
+    trailing_zeros,
     workers_for,
 )
 from wse_sim.program import (
@@ -275,7 +276,7 @@ def _end_instr(cs, sidx, thr, i):
         th.task = -1
         task.run = 0
         sl = cs.slot[U(sidx)]
-        sl.nrun -= 1
+        sl.running &= ~(1 << (thr - sidx * cs.params[0].threads))
         sl.wake = 1  # the task may be ready again, or another may take the thread
     else:
         th.pc = pc
@@ -891,12 +892,11 @@ def _scan_tasks(fb, cs, sidx, t, start):
                 pending = True
         if not ready:
             continue
-        if not start or sl.nrun == threads:
+        if not start or sl.running == (1 << threads) - 1:
             pending = True
             continue
-        thr = sidx * threads
-        while cs.th[U(thr)].task >= 0:
-            thr += 1
+        free = trailing_zeros(np.uint64(~sl.running & ((1 << threads) - 1)))
+        thr = sidx * threads + free
         th = cs.th[U(thr)]
         th.task = k
         th.pc = task.first
@@ -905,7 +905,7 @@ def _scan_tasks(fb, cs, sidx, t, start):
         th.iter = 0
         task.run = 1
         task.act = 0
-        sl.nrun += 1
+        sl.running |= 1 << free
         sl.tk_rr = (k - lo + 1) % ntask
         started += 1
     return started, pending
@@ -1018,11 +1018,9 @@ def _pe_one(fb, cs, s, sidx, t):
         started, pending = _scan_tasks(fb, cs, sidx, t, True)
         progress += started
         sl.wake = 1 if pending else 0
-    nrun = sl.nrun
-    if nrun == 1 and sl.ncolor == 0:
-        thr = sidx * threads
-        while cs.th[U(thr)].task < 0:
-            thr += 1
+    running = sl.running
+    if running & (running - 1) == 0 and running != 0 and sl.ncolor == 0:  # one thread
+        thr = sidx * threads + trailing_zeros(np.uint64(running))
         th = cs.th[U(thr)]
         ins = cs.ins[U(th.pc)]
         if ins.bulk and ins.n - th.e > 1:
@@ -1030,12 +1028,12 @@ def _pe_one(fb, cs, s, sidx, t):
             sl.busy = resume
             s.bulk_end = max(s.bulk_end, resume)
             progress += 1
-            if sl.nrun == 0:  # the task ended: as at the end of cycle resume - 1
+            if sl.running == 0:  # the task ended: as at the end of cycle resume - 1
                 sl.wake = 1 if _scan_tasks(fb, cs, sidx, resume, False)[1] else 0
-            if sl.nrun > 0 or sl.wake:
+            if sl.running != 0 or sl.wake:
                 _timer_push(cs, s, resume, sidx)
             return progress
-    if nrun > 0:
+    if running != 0:
         s.rd_left = p.reads - sl.rd_debt
         sl.rd_debt = 0
         if s.rd_left < 0:
@@ -1048,13 +1046,15 @@ def _pe_one(fb, cs, s, sidx, t):
         start = sl.th_rr
         first = -1
         flags = 0
-        for q in range(threads):
-            k = start + q
+        # The running threads from th_rr on, round the ring (an element ends at most its
+        # own thread's task and starts none: the mask read now holds for the whole loop).
+        order = ((running >> start) | (running << (threads - start))) & ((1 << threads) - 1)
+        while order:
+            k = start + trailing_zeros(np.uint64(order))
+            order &= order - 1
             if k >= threads:
                 k -= threads
             thr = sidx * threads + k
-            if cs.th[U(thr)].task < 0:
-                continue
             f = _element(fb, cs, s, sidx, thr, t)
             flags |= f
             if f & F_PROGRESS:
@@ -1071,10 +1071,10 @@ def _pe_one(fb, cs, s, sidx, t):
             s.nsleep += 1
             s.nfull += sl.full
             return progress
-    if sl.nrun == 0 and sl.wake:
+    if sl.running == 0 and sl.wake:
         # Keep the PE listed only if some task can start next cycle.
         sl.wake = 1 if _scan_tasks(fb, cs, sidx, t + 1, False)[1] else 0
-    if sl.nrun > 0 or sl.wake:
+    if sl.running != 0 or sl.wake:
         _list_pe(cs, s, sidx, t)
     return progress
 
@@ -1256,7 +1256,7 @@ class SimResult:
         w, h = self.stats.width, self.stats.height
         out = np.zeros(w * h, bool)
         slot = self._asm.cores.slot
-        out[self._asm.slot_pe] = (slot["nrun"] > 0) | (slot["busy"] > self.cycles)
+        out[self._asm.slot_pe] = (slot["running"] != 0) | (slot["busy"] > self.cycles)
         return out.reshape(h, w)
 
     def _slot(self, x: int, y: int) -> int:
@@ -1401,7 +1401,7 @@ def _stopped(program: Program, asm: Assembled, t: int, reason: str,
     """The run stops after cycle t - 1: its counters settled to cycles 0..t-1 (`_settle`)
     in a partial result, and the one-line message."""
     cs, wk = asm.cores, asm.workers
-    running = int(((cs.slot["nrun"] > 0) | (cs.slot["busy"] > t)).sum())
+    running = int(((cs.slot["running"] != 0) | (cs.slot["busy"] > t)).sum())
     inflight = int(wk.stripe["inflight"].sum())
     _settle(cs, t)
     stats = Stats.from_state(program.width, program.height, t, asm.fabric, wk, cs)
@@ -1454,7 +1454,7 @@ def _deadlock_message(asm: Assembled, t: int, status: int, limit: int = 8) -> st
         if port == RECV:
             s = int(fb.router["slot"][router])
             halted = s >= 0 and bool(cs.slot["halted"][s])
-            if halted or s < 0 or cs.slot["nrun"][s] == 0:
+            if halted or s < 0 or cs.slot["running"][s] == 0:
                 stranded.append(f"PE {where(router)} color {color_of(b)}: {int(count[b])} "
                                 f"wavelets at a {'halted' if halted else 'idle'} PE")
         elif count[b] >= depth:

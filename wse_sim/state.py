@@ -219,13 +219,13 @@ SLOT = Table(
     ("queued", i8),  # the cycle it is listed to run in
     ("busy", i8),  # inside a bulk-run instruction until this cycle
     ("sleep", i8),  # asleep since this cycle (all threads wait for the fabric), -1 awake
+    ("running", i8),  # bit k set: microthread k runs a task (a cycle visits only those)
     ("router", i4),
     ("tk_lo", i4), ("tk_hi", i4),  # its tasks
     ("ncolor", i4),  # its COLOR-triggered tasks
     ("halted", i4),
     ("wake", i4),  # a task may be ready: scan them
     ("th_rr", i4), ("tk_rr", i4),  # round-robin starts: threads, tasks
-    ("nrun", i4),  # running threads
     ("full", i4),  # asleep with a thread waiting on a full RAMP FIFO
     init={"queued": -1, "sleep": -1},
 )
