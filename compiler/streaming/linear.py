@@ -47,7 +47,10 @@ fp32 arithmetic: the check's tolerance does not change.
 Gradients out. The column sums each dW vector with an ADD chain northward (colors
 alternate by row parity); the top PE's sums leave through the column's outbound port in
 the order the weights came in, and the memory service applies the optimizer
-(`compiler.streaming.service`).
+(`compiler.streaming.service`). A third thread on each PE sends them
+(`compiler.streaming.pe`): the compute thread hands over each dW, formed in its weight's
+ring slot, and goes on to the next vector, so a backward pass moves weights in and dW out
+at once; the sending thread frees the slot once the dW has left.
 
 Row collectives. Gather: an eastward chain, each PE relaying its west neighbour's words
 and appending its own slice (colors alternate by column parity), then the east PE
@@ -55,7 +58,9 @@ multicasts the whole [F, T_r] block back west. All-reduce: an eastward ADD chain
 same multicast of the total.
 
 Why it cannot deadlock. Every PE runs the same sequence of phases (per layer and pass:
-collectives, weight vectors with their column chains, collectives) on one compute thread.
+collectives, weight vectors with their column chains, collectives) on one compute thread;
+its sending thread runs the column chains in the same order on every PE of a column (the
+token argument between the threads is in `compiler.streaming.pe`).
 Consider the earliest phase some PE still waits in. A chain or multicast waits only on
 PEs of the same row or column in the same phase, which have finished every earlier phase,
 and each is a path towards one end (and back), so it completes. A weight vector waits for
