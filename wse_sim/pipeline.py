@@ -233,11 +233,11 @@ def _streaming_report(step: Step, result: SimResult, wafer: WaferConfig, cfg: Ru
     tokens = shape.tokens
     timeline = step.timeline(result.port_marks)
     wafer_end = max(result.cycles, *result.port_last_cycle.values())
-    arrived = {entry["layer"]: entry["end"] for entry in timeline
-               if entry["stream"] == "gradients out"}
-    updates = update_queue([(part.rsplit(" ", 1)[0], arrived[part.rsplit(" ", 1)[0]]
-                             / wafer.clock_hz, sum(sizes[p] for p in names))
-                            for part, names in step.completed().items()], wafer)
+    arrived = {f"{entry['layer']} {entry['pass']}": entry["end"] for entry in timeline
+               if entry["stream"] == "gradients out"}  # by pass
+    updates = update_queue([(name.rsplit(" ", 1)[0], arrived[name] / wafer.clock_hz,
+                             sum(sizes[p] for p in params))
+                            for name, params in step.completed().items()], wafer)
     step_seconds = max(wafer_end / wafer.clock_hz, updates[-1]["end_seconds"])
     phases = [{"layer": layer.name, "pass": "backward" if backward else "forward",
                "parallel": layer.parallel, **asdict(cost), "cycles": cost.cycles,
