@@ -419,13 +419,17 @@ def phase_cost(layer: LinearLayer, tokens: int, rows: int, cols: int, wafer: Waf
     (`hop_latency` + 2)."""
     t = -(-tokens // rows)  # T_r of the fullest row
     owned = layer.n if layer.parallel == "column" else layer.k
-    vectors = -(-owned // cols)
-    per_column = min(1.0, wafer.edge_words_per_cycle / cols)  # words a cycle
+    vectors = -(-owned // cols)  # of the busiest column
     words = streamed_words(layer, precision)
     # Backward, dW leaves (fp32, a word an element) over the outbound side at the same rate
-    # as the weights come in: the longer stream bounds the pass.
-    weight_io = math.ceil(vectors * (max(words, layer.vector) if backward else words)
-                          / per_column)
+    # as the weights come in: the longer stream bounds the pass. The edge's words a cycle
+    # are shared by the columns still streaming, each taking at most one a cycle (a link):
+    # the pass takes all its words at the edge's rate, or the busiest column's at one a
+    # cycle, whichever is longer (a column with fewer vectors finishes early and leaves
+    # its share to the others).
+    vector_words = max(words, layer.vector) if backward else words
+    weight_io = math.ceil(max(owned * vector_words / wafer.edge_words_per_cycle,
+                              vectors * vector_words))
     v = layer.vector
     if not backward:
         per_vector = t * v if layer.parallel == "column" else t * v + words + t
