@@ -69,6 +69,8 @@ from compiler.streaming.pe import (
     Span,
     StreamPE,
     edge_ports,
+    port_timeline,
+    received,
     set_routes,
     split,
     weight_into,
@@ -159,39 +161,12 @@ class Step:
         column sent (`Into`), and the token losses [B T]."""
         grads = {name: np.zeros(p.shape, np.float64) for name, p in params.items()}
         loss = np.zeros(self.shape.tokens)
-        for c, pe in enumerate(self.top):
-            words, at = port_words[f"gradients {c}"], 0
-            for into, n in zip(pe.sinks, pe.sent, strict=True):
-                target = loss if into.param == LOSS else grads[into.param]
-                np.add.at(target, into.index, words[at:at + n].reshape(into.shape))
-                at += n
+        received(self.top, port_words, {**grads, LOSS: loss})
         return grads, loss
 
     def timeline(self, port_marks: dict[str, np.ndarray]) -> list[dict[str, object]]:
-        """Per pass, from the ports' marks: when its weights entered the fabric (the first
-        column's first word to the last column's last) and when its gradients reached the
-        service."""
-        spans: dict[tuple[int, str], list[tuple[int, int]]] = {}
-        for c, pe in enumerate(self.top):
-            blocks = {"weights in": 0, "gradients out": 0}
-            for p, done in enumerate(pe.passes()):
-                for kind, port, present in (("weights in", f"weights {c}", done.fills),
-                                            ("gradients out", f"gradients {c}", done.sent)):
-                    if present:
-                        b = blocks[kind]
-                        marks = port_marks[port]
-                        spans.setdefault((p, kind), []).append((int(marks[2 * b]),
-                                                                int(marks[2 * b + 1])))
-                        blocks[kind] += 1
-        out = []
-        # (per pass: weights in, then gradients out)
-        for (p, kind), ends in sorted(spans.items(), key=lambda item: (item[0][0],
-                                                                       item[0][1] != "weights in")):
-            part, direction = self.passes[p].rsplit(" ", 1)
-            out.append({"layer": part, "pass": direction, "stream": kind,
-                        "start": min(s for s, _ in ends), "end": max(e for _, e in ends)})
-        return out
-
+        """Per pass: its weights in and its gradients out, measured (`port_timeline`)."""
+        return port_timeline(self.top, self.passes, port_marks)
 
     def linear_layers(self) -> list[LinearLayer]:
         """Every block's linear layers, then the LM head."""

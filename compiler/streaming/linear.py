@@ -92,6 +92,8 @@ from compiler.streaming.pe import (
     Span,
     StreamPE,
     edge_ports,
+    port_timeline,
+    received,
     set_routes,
     split,
     weight_into,
@@ -125,11 +127,6 @@ class LinearLayer:
         """Words per weight vector streamed: a column of W (column-parallel) or a row."""
         return self.k if self.parallel == "column" else self.n
 
-    def owned(self, span_in: Span, span_out: Span) -> Span:
-        """The weight vectors a PE column streams: its output features (column-parallel)
-        or its input features (row-parallel)."""
-        return span_out if self.parallel == "column" else span_in
-
 
 @dataclass
 class Stack:
@@ -141,8 +138,7 @@ class Stack:
     cols: list[list[Span]]  # slices of activation l (l = 0 .. L) per PE column
     slots: int  # ring slots per PE (weight vectors prefetched)
     precision: Precision = "fp32"  # mixed: the weights stream in fp16
-    ports_in: list[str] = field(default_factory=list)
-    ports_out: list[str] = field(default_factory=list)
+    top: list[StreamPE] = field(default_factory=list)  # row 0's PE of every column
 
     def passes(self) -> list[tuple[int, bool]]:
         """(layer, backward) in the order they run: forward up, backward down."""
@@ -150,41 +146,15 @@ class Stack:
         return [(i, False) for i in range(n)] + [(i, True) for i in reversed(range(n))]
 
     def timeline(self, port_marks: dict[str, np.ndarray]) -> list[dict[str, object]]:
-        """From a run's port marks, per pass: when its weights entered the fabric (the first
-        column's first word to the last column's last) and, backward, when its dW reached
-        the memory service."""
-        out = []
-        for p, (i, backward) in enumerate(self.passes()):
-            what = [("weights in", self.ports_in, p)]
-            if backward:
-                what.append(("gradients out", self.ports_out, p - len(self.layers)))
-            for kind, ports, block in what:
-                cycles = np.array([port_marks[name][2 * block: 2 * block + 2]
-                                   for name in ports])
-                out.append({"layer": self.layers[i].name,
-                            "pass": "backward" if backward else "forward", "stream": kind,
-                            "start": int(cycles[:, 0].min()), "end": int(cycles[:, 1].max())})
-        return out
-
-    def vectors(self, layer: int, c: int) -> Span:
-        """The weight vectors PE column c streams for layer `layer`."""
-        return self.layers[layer].owned(self.cols[layer][c], self.cols[layer + 1][c])
+        """Per pass: its weights in and, backward, its dW out, measured (`port_timeline`)."""
+        names = [f"{self.layers[i].name} {'backward' if backward else 'forward'}"
+                 for i, backward in self.passes()]
+        return port_timeline(self.top, names, port_marks)
 
     def gradients(self, port_words: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """dW of every layer from the words the memory service received (backward order:
-        the last layer first, each column its weight vectors in streaming order)."""
+        """dW of every layer from the words the memory service received (`received`)."""
         out = {layer.name: np.zeros((layer.k, layer.n), np.float32) for layer in self.layers}
-        for c, name in enumerate(self.ports_out):
-            words, at = port_words[name], 0
-            for i in (i for i, backward in self.passes() if backward):
-                layer = self.layers[i]
-                v0, v1 = self.vectors(i, c)
-                block = words[at: at + (v1 - v0) * layer.vector].reshape(v1 - v0, layer.vector)
-                if layer.parallel == "column":
-                    out[layer.name][:, v0:v1] = block.T
-                else:
-                    out[layer.name][v0:v1, :] = block
-                at += block.size
+        received(self.top, port_words, out)
         return out
 
 
@@ -241,7 +211,6 @@ def build_stack(layers: list[LinearLayer], x: np.ndarray, weights: dict[str, np.
         buf.ring = kernel.alloc(pe, slots * slot_words(layers, precision), "weight ring")
     program = Program(width=cols, height=rows)
     stack = Stack(program, layers, token_rows, slices, slots, precision)
-    top = []
     for (c, r), buf in buffers.items():
         t0, t1 = token_rows[r]
         (i0, i1), (o0, o1) = slices[0][c], slices[-1][c]
@@ -252,10 +221,10 @@ def build_stack(layers: list[LinearLayer], x: np.ndarray, weights: dict[str, np.
         program.pes[(c, r)] = kernel.programs[(c, r)]
         set_routes(program, c, r, cols, rows)
         if r == 0:
-            top.append(pe)
+            stack.top.append(pe)
     program.regions.append(Region("linear stack", "linear", 0, 0, cols, rows))
     _tensors(stack, buffers, features, tokens)
-    _ports(stack, top)
+    _ports(stack)
     return stack
 
 
@@ -364,12 +333,10 @@ def _tensors(stack: Stack, buffers: dict[tuple[int, int], _Buffers], features: l
         stack.program.tensors[name] = layout
 
 
-def _ports(stack: Stack, top: list[StreamPE]) -> None:
+def _ports(stack: Stack) -> None:
     """Column c's inbound port sends the weight vectors its PEs take, forward then
     backward; its outbound port receives the dW vectors, backward order (`edge_ports`)."""
-    for c, pe in enumerate(top):
-        stack.ports_in.append(f"weights {c}")
-        stack.ports_out.append(f"gradients {c}")
+    for c, pe in enumerate(stack.top):
         stack.program.ports += edge_ports(c, pe, stack.precision == "mixed")
 
 

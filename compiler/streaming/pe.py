@@ -362,6 +362,43 @@ def edge_ports(column: int, pe: StreamPE, half: bool) -> list[EdgePort]:
                      np.zeros(0, np.float32), sum(pe.sent), marks=block_ends(sent))]
 
 
+def received(top: list[StreamPE], port_words: dict[str, np.ndarray],
+             into: dict[str, np.ndarray]) -> None:
+    """The memory service's side of `column_reduce`: add the words each column's outbound
+    port received into the arrays `into` (by parameter name), where each vector's `Into`
+    says; `top` are the columns' top PEs, which recorded what they send."""
+    for c, pe in enumerate(top):
+        words, at = port_words[f"gradients {c}"], 0
+        for sink, n in zip(pe.sinks, pe.sent, strict=True):
+            np.add.at(into[sink.param], sink.index, words[at:at + n].reshape(sink.shape))
+            at += n
+
+
+def port_timeline(top: list[StreamPE], passes: list[str],
+                  port_marks: dict[str, np.ndarray]) -> list[dict[str, object]]:
+    """Per pass (named "<part> forward|backward", in order), from the ports' marks
+    (`edge_ports`): when its weights entered the fabric (the first column's first word to
+    the last column's last) and when what it sent up reached the memory service."""
+    spans: dict[tuple[int, str], list[tuple[int, int]]] = {}
+    for c, pe in enumerate(top):
+        blocks = {"weights in": 0, "gradients out": 0}
+        for p, done in enumerate(pe.passes()):
+            for kind, port, present in (("weights in", f"weights {c}", done.fills),
+                                        ("gradients out", f"gradients {c}", done.sent)):
+                if present:
+                    marks, b = port_marks[port], blocks[kind]
+                    spans.setdefault((p, kind), []).append((int(marks[2 * b]),
+                                                            int(marks[2 * b + 1])))
+                    blocks[kind] += 1
+    out = []
+    for (p, kind), ends in sorted(spans.items(),  # a pass's weights, then its gradients
+                                  key=lambda item: (item[0][0], item[0][1] != "weights in")):
+        part, direction = passes[p].rsplit(" ", 1)
+        out.append({"layer": part, "pass": direction, "stream": kind,
+                    "start": min(s for s, _ in ends), "end": max(e for _, e in ends)})
+    return out
+
+
 def wavelets(vectors: list[np.ndarray], half: bool) -> np.ndarray:
     """The words that carry weight vectors: fp32, or (`half`) fp16 halves two to a wavelet,
     each vector from a new wavelet (`wse_sim.program`, "fp16")."""
