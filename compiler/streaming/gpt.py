@@ -71,6 +71,7 @@ from compiler.streaming.pe import (
     edge_ports,
     port_timeline,
     received,
+    ring_depth,
     set_routes,
     split,
     weight_into,
@@ -214,12 +215,8 @@ def plan(cfg: RunConfig) -> Plan:
     # residual stream) or the embedding rows of the step's tokens.
     slot_words = max(shape.d, shape.batch * -(-shape.d // cols) * shape.seq)
     free = min(budget - kernel.sram_words((c, 0)) for c in range(cols))
-    slots = min(2 * cfg.wafer.queue_depth, free // slot_words)
-    if slots < 2:
-        raise UserError(
-            f"training.seq_len: the busiest PE's activations leave room for {max(slots, 0)} "
-            f"weight vectors of {slot_words} words ({cfg.wafer.sram_bytes_per_pe:,} bytes of "
-            f"SRAM a PE), need 2: shorten the sequences")
+    slots = ring_depth(free, slot_words, cfg.wafer,
+                       "training.seq_len: the busiest PE's activations", "shorten the sequences")
     return Plan(shape, rows, slots, slot_words)
 
 

@@ -94,6 +94,7 @@ from compiler.streaming.pe import (
     edge_ports,
     port_timeline,
     received,
+    ring_depth,
     set_routes,
     split,
     weight_into,
@@ -231,9 +232,9 @@ def build_stack(layers: list[LinearLayer], x: np.ndarray, weights: dict[str, np.
 def ring_slots(layers: list[LinearLayer], tokens: int, rows: int, cols: int,
                wafer: WaferConfig, saved: int = 0, precision: Precision = "fp32") -> int:
     """The weight vectors a PE's ring holds (the prefetch depth) for this shape: what the
-    SRAM of the fullest PE leaves, at most 2 x queue_depth, with `saved` words per PE
-    taken by activations the rest of a step keeps. A UserError names the SRAM when that is
-    fewer than two (or the buffers alone do not fit)."""
+    SRAM of the fullest PE leaves (`ring_depth`), with `saved` words per PE taken by
+    activations the rest of a step keeps. A UserError names the SRAM when that is fewer
+    than two (or the buffers alone do not fit)."""
     features = [layers[0].k] + [layer.n for layer in layers]
     widest = max(layer.vector for layer in layers)
     fullest = Kernel(name="stack", op="linear", ops=[], width=cols, height=rows)
@@ -243,14 +244,8 @@ def ring_slots(layers: list[LinearLayer], tokens: int, rows: int, cols: int,
             fullest.alloc((0, 0), saved, "activations the rest of the step saves")
         _allocate(fullest, (0, 0), widest, (0, -(-tokens // rows)),
                   [(0, -(-f // cols)) for f in features], precision)
-    words = slot_words(layers, precision)
-    slots = min(2 * wafer.queue_depth, (budget - fullest.sram_words((0, 0))) // words)
-    if slots < 2:
-        raise UserError(
-            f"weight streaming: {rows} x {cols} PEs leave room for {slots} weight vectors of "
-            f"{words} words per PE ({wafer.sram_bytes_per_pe:,} bytes of SRAM), need 2: "
-            "use more PE rows")
-    return slots
+    return ring_depth(budget - fullest.sram_words((0, 0)), slot_words(layers, precision),
+                      wafer, f"weight streaming: {rows} x {cols} PEs", "use more PE rows")
 
 
 def _check(layers: list[LinearLayer], features: list[int], tokens: int, rows: int,

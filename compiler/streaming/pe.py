@@ -36,6 +36,8 @@ import numpy as np
 from compiler.lowering.dots import Walk, dots
 from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, Reg, vec
 from compiler.lowering.kernel import TOKEN_REG, Kernel
+from wse_sim.errors import UserError
+from wse_sim.hardware import WaferConfig
 from wse_sim.program import EdgePort, Port, Program, Route, port_mask
 
 if TYPE_CHECKING:
@@ -80,6 +82,18 @@ class Pass:
     fills: list[np.ndarray]
     sent: list[int]
     sinks: list[Into]
+
+
+def ring_depth(free: int, slot_words: int, wafer: WaferConfig, where: str, remedy: str) -> int:
+    """The weight vectors a PE's ring holds (the prefetch depth) in `free` words of SRAM:
+    at most 2 x queue_depth (`Tokens.capacity`, so that no token is ever held up); a
+    UserError starting `where` and ending `remedy` when that is fewer than two."""
+    slots = min(2 * wafer.queue_depth, free // slot_words)
+    if slots < 2:
+        raise UserError(f"{where} leave room for {max(slots, 0)} weight vectors of "
+                        f"{slot_words} words per PE ({wafer.sram_bytes_per_pe:,} bytes of "
+                        f"SRAM), need 2: {remedy}")
+    return slots
 
 
 def weight_into(layer: LinearLayer, param: str, offset: int = 0, transposed: bool = False
