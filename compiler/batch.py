@@ -8,7 +8,8 @@ probability (`compiler.ops.cross_entropy`) are operands of instructions. On the 
 these would be DSD offsets computed at run time from the token ids (CSL's runtime DSD
 offsets); here the host writes them before each step, like an input DMA's descriptors.
 
-`BatchCode(compiled).pe_tasks(batch)` is that rewrite, and nothing more:
+`BatchCode(compiled).pe_tasks(batch)` is that rewrite, and nothing more (`batch` one
+micro-batch of a step that has several, `training.micro_batch_size`):
 
 * Only the kernels whose ops read an input of the graph are rebuilt (for a training step
   `tokens` and `targets`: the embedding + LM head kernel and the cross-entropy; for a
@@ -27,6 +28,13 @@ offsets); here the host writes them before each step, like an input DMA's descri
   leaves as compiled is the compiled program's own `Task` (checked once: the kernels
   rebuilt for the compiled batch are the compiled code), so the engine need not validate
   or flatten it again (`wse_sim.engine.Loaded`).
+
+Micro-batches. A step of several runs the program once per micro-batch (`wse_sim.
+pipeline`); the code of every micro-batch but the last leaves the optimizer's update out
+(`pe_tasks(batch, defer_update=True)`: the kernels that hold parameters rebuilt with
+`UpdateRule.deferred`, same streams and SRAM), so the gradients only accumulate. On the
+hardware a loop counter would skip the update; here the host rewrites the code, and the
+rewrite counts the instructions of those kernels too.
 
 The rewrite takes no simulated time: the simulated step starts with the new code in place.
 """
@@ -71,10 +79,18 @@ class BatchCode:
                 colors.setdefault(kernel_name, {})[sid] = stream.color
         self.rebuilds: dict[str, _Rebuild] = {}
         graph = compiled.graph
+        self.reading = {kernel.name for kernel in compiled.kernels
+                        if any(graph.tensors[t].kind == "input" for name in kernel.ops
+                               if name in graph.ops for t in graph.ops[name].inputs)}
+        # kernels whose update a micro-batch before the step's last leaves out
+        self.updating = {kernel.name for kernel in compiled.kernels
+                         if compiled.cfg.training.micro_batches > 1
+                         and any(graph.ops[name].kind == "update" for name in kernel.ops)}
+        # the code without the update of each kernel in updating - reading (`_changed`)
+        self._deferred: dict[str, tuple[dict[PE, list[Task]], int]] = {}
         for kernel in compiled.kernels:
-            if any(graph.tensors[t].kind == "input" for name in kernel.ops if name in graph.ops
-                   for t in graph.ops[name].inputs):
-                base = self._build(kernel.name, kernel.ops[0], compiled.batch)
+            if kernel.name in self.reading | self.updating:
+                base = self._build(kernel.name, kernel.ops[0], compiled.code_batch)
                 rebuild = self.rebuilds[kernel.name] = _Rebuild(
                     kernel.ops[0], tuple(colors[kernel.name][s] for s in _streams(kernel)),
                     {pe: prog.tasks for pe, prog in base.programs.items()})
@@ -88,38 +104,60 @@ class BatchCode:
                                              f"compiled batch, its code differs from the "
                                              f"compiled code")
 
-    def _build(self, name: str, op: str, batch: Batch) -> Kernel:
+    def _build(self, name: str, op: str, batch: Batch, defer_update: bool = False) -> Kernel:
         """Kernel `name` (started by graph op `op`) for `batch`, mirrored as compiled, its
         shape checked against the compiled kernel's."""
         compiled = self.compiled
-        ctx = LoweringContext(compiled.graph, compiled.params, batch, compiled.plan)
+        ctx = LoweringContext(compiled.graph, compiled.params, batch, compiled.plan,
+                              defer_update=defer_update)
         kernel = flip_kernel(family_of(compiled.graph.ops[op]).lower(ctx, compiled.graph.ops[op]),
                              compiled.flips[name])
         _check_same_shape(compiled.linked.kernels[name], kernel)
         return kernel
 
-    def pe_tasks(self, batch: Batch) -> BatchTasks:
-        """The tasks of every PE whose code differs for `batch` (program coordinates)."""
-        linked = self.compiled.linked
+    def pe_tasks(self, batch: Batch, *, defer_update: bool = False) -> BatchTasks:
+        """The tasks of every PE whose code differs for `batch` (program coordinates);
+        `defer_update`: the code of a micro-batch before the step's last (module
+        docstring)."""
         _check_batch(batch, self.compiled)
         changed: dict[PE, list[Task]] = {}
         instructions = 0
-        for name, rebuild in self.rebuilds.items():
-            new = self._build(name, rebuild.op, batch)
-            bindings = _bindings(new, rebuild)
-            for pe, prog in new.programs.items():
-                base = rebuild.tasks[pe]
-                if prog.tasks == base:
-                    continue
-                at = linked.kernel_pe(name, pe)
-                compiled = linked.program.pes[at].tasks
-                changed[at] = [
-                    compiled[i] if i < len(base) and task == base[i]
-                    else bound_task(task, bindings, f"kernel {name} PE {pe}")
-                    for i, task in enumerate(prog.tasks)]
-                instructions += sum(len(task.instrs) for i, task in enumerate(changed[at])
-                                    if i >= len(compiled) or task is not compiled[i])
+        for name in self.rebuilds:
+            if name in self.reading:
+                tasks, count = self._changed(name, batch, defer_update and name in self.updating)
+            elif defer_update:  # the same for every batch: built once
+                if name not in self._deferred:
+                    self._deferred[name] = self._changed(name, self.compiled.code_batch, True)
+                tasks, count = self._deferred[name]
+            else:
+                continue
+            changed.update(tasks)
+            instructions += count
         return BatchTasks(changed, instructions)
+
+    def _changed(self, name: str, batch: Batch, defer_update: bool
+                 ) -> tuple[dict[PE, list[Task]], int]:
+        """Kernel `name`'s tasks for `batch` on the PEs where they differ from the compiled
+        code, and the instructions of the tasks that differ."""
+        linked = self.compiled.linked
+        rebuild = self.rebuilds[name]
+        new = self._build(name, rebuild.op, batch, defer_update)
+        bindings = _bindings(new, rebuild)
+        changed: dict[PE, list[Task]] = {}
+        instructions = 0
+        for pe, prog in new.programs.items():
+            base = rebuild.tasks[pe]
+            if prog.tasks == base:
+                continue
+            at = linked.kernel_pe(name, pe)
+            compiled = linked.program.pes[at].tasks
+            changed[at] = [
+                compiled[i] if i < len(base) and task == base[i]
+                else bound_task(task, bindings, f"kernel {name} PE {pe}")
+                for i, task in enumerate(prog.tasks)]
+            instructions += sum(len(task.instrs) for i, task in enumerate(changed[at])
+                                if i >= len(compiled) or task is not compiled[i])
+        return changed, instructions
 
 
 @dataclass(frozen=True)
@@ -144,10 +182,10 @@ def _streams(kernel: Kernel) -> list[int]:
 
 def _check_batch(batch: Batch, compiled: Compiled) -> None:
     vocab = compiled.cfg.model.vocab_size
+    shape = compiled.code_batch.tokens.shape
     for name, ids in (("tokens", batch.tokens), ("targets", batch.targets)):
-        if ids.shape != compiled.batch.tokens.shape:
-            raise ValueError(f"batch {name} of shape {ids.shape}, the program takes "
-                             f"{compiled.batch.tokens.shape}")
+        if ids.shape != shape:
+            raise ValueError(f"batch {name} of shape {ids.shape}, the program takes {shape}")
         if ids.size and not (0 <= int(np.min(ids)) and int(np.max(ids)) < vocab):
             raise ValueError(f"batch {name} outside 0..{vocab - 1}")
 

@@ -175,14 +175,6 @@ def update_checks(updated: dict[str, np.ndarray], initial: dict[str, np.ndarray]
     return errors, tolerances
 
 
-def check_step(linked: Linked, result: FinalSram, reference: ReferenceResult,
-               initial: dict[str, np.ndarray], training: TrainingConfig,
-               state: OptimizerState | None = None, precision: str = "fp32") -> CheckResult:
-    """Read the results out of the simulated SRAM and compare them (see `compare`)."""
-    return compare(read_results(linked, result, list(initial)), reference, initial, training,
-                   state, precision)
-
-
 def results_digest(tensors: dict[str, np.ndarray]) -> str:
     """A fingerprint of simulated results: sha256 over the names and float32 bits, in name
     order. Two runs with equal digests computed bit-identical numbers."""

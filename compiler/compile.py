@@ -31,7 +31,7 @@ class Compiled:
     cfg: RunConfig
     graph: TrainingGraph
     params: dict[str, np.ndarray]  # initial weights (float64, the reference's)
-    batch: Batch  # the batch the program's code is built for
+    batch: Batch  # the step's batch; the program's code is built for its first micro-batch
     plan: Plan
     kernels: list[Kernel]
     placement: str
@@ -40,6 +40,11 @@ class Compiled:
     traffic: list[tuple[str, str, int]]  # (producer kernel, consumer kernel, words)
     linked: Linked
     seconds: float  # wall time of the whole compilation
+
+    @property
+    def code_batch(self) -> Batch:
+        """The (micro-)batch the program's code is built for: the batch's first."""
+        return self.batch.micro_batches(self.cfg.training.micro_batch)[0]
 
     @property
     def hop_words(self) -> int:
@@ -66,19 +71,22 @@ def kernel_traffic(kernels: list[Kernel]) -> list[tuple[str, str, int]]:
 def compile_step(cfg: RunConfig, placement: str | None = None,
                  batch: Batch | None = None) -> Compiled:
     """Compile one training step of `cfg` (placement strategy from the config unless given)
-    for `batch` (default: the synthetic batch of `make_batch`)."""
-    return compile_graph(cfg, build_graph(cfg), init_params(cfg), batch or make_batch(cfg),
-                         placement)
+    for `batch` (default: the synthetic batch of `make_batch`): the graph and the code of one
+    micro-batch (`training.micro_batch_size`; the whole batch unless set)."""
+    return compile_graph(cfg, build_graph(cfg, cfg.training.micro_batch), init_params(cfg),
+                         batch or make_batch(cfg), placement)
 
 
 def compile_graph(cfg: RunConfig, graph: TrainingGraph, params: dict[str, np.ndarray],
                   batch: Batch, placement: str | None = None) -> Compiled:
     """Lower, place, orient and route `graph` (a training step's, or a forward-only graph
-    of `compiler.generate`) with the weights `params`, its code built for `batch`."""
+    of `compiler.generate`) with the weights `params`, its code built for the first
+    micro-batch of `batch`."""
     started = time.perf_counter()
     strategy = placement or cfg.compile.placement
-    plan = choose_plan(graph, batch)
-    kernels = lower(graph, params, batch, plan)
+    first = batch.micro_batches(cfg.training.micro_batch)[0]
+    plan = choose_plan(graph, first)
+    kernels = lower(graph, params, first, plan)
     boxes = [Box(k.name, k.width, k.height) for k in kernels]
     traffic = kernel_traffic(kernels)
     positions = place(boxes, traffic, (cfg.wafer.width, cfg.wafer.height), strategy,

@@ -83,6 +83,12 @@ class TrainingConfig(BaseModel):
     model_config = _STRICT
 
     batch_size: int = Field(gt=0, description="Sequences per step (B).")
+    micro_batch_size: int | None = Field(
+        default=None, gt=0,
+        description="Layer-pipelined: sequences per micro-batch, a divisor of batch_size. The "
+        "step runs its micro-batches one after another through the same program, the weight "
+        "gradients accumulating in SRAM, and updates once after the last; SRAM holds one "
+        "micro-batch's activations. null = the whole batch at once.")
     # A step predicts tokens 1..T-1 from 0..T-2, so it needs at least two tokens.
     seq_len: int = Field(ge=2, description="Tokens per sequence (T); at most model.n_ctx.")
     lr: Fp32 = Field(gt=0, description="Learning rate (of SGD or AdamW).")
@@ -108,6 +114,24 @@ class TrainingConfig(BaseModel):
         description="AdamW only: decoupled weight decay (p *= 1 - lr * weight_decay) of the "
         "parameters `compiler.optim.decays` names (not biases, not LayerNorm).",
     )
+
+    @model_validator(mode="after")
+    def _micro_batch_divides(self) -> TrainingConfig:
+        if self.batch_size % self.micro_batch:
+            raise _cross_field_error(
+                "training.micro_batch_size", f"must divide batch_size ({self.batch_size}), "
+                f"got {self.micro_batch}")
+        return self
+
+    @property
+    def micro_batch(self) -> int:
+        """Sequences per micro-batch (the whole batch unless `micro_batch_size` is set)."""
+        return self.micro_batch_size or self.batch_size
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per step."""
+        return self.batch_size // self.micro_batch
 
 
 class DataConfig(BaseModel):
@@ -219,6 +243,19 @@ class RunConfig(BaseModel):
     )
     compile: CompileConfig = Field(default_factory=CompileConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+
+    @model_validator(mode="after")
+    def _micro_batches_lowered(self) -> RunConfig:
+        if self.training.micro_batches > 1:
+            if self.compile.mode == "weight_streaming":
+                raise _cross_field_error(
+                    "training.micro_batch_size", "weight streaming runs the whole batch at "
+                    "once (a sequence per PE row); leave it out")
+            if self.compile.precision == "mixed":
+                raise _cross_field_error(
+                    "training.micro_batch_size", "micro-batches are built for fp32 only (a "
+                    "mixed-precision matmul unscales its gradient after each micro-batch)")
+        return self
 
     @model_validator(mode="after")
     def _sequence_fits_context(self) -> RunConfig:

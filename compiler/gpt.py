@@ -9,9 +9,10 @@ comes from its family module (`compiler.ops`); `compiler.graph` derives the back
 and `compiler.ops.update` adds the optimizer's updates.
 
 Shapes: activations are 2-D `(rows, cols)` with rows M = B*T tokens in batch-major order
-(row `b*T + t`); attention matrices are `(M, H*T)` (see `compiler.ops.attention`); weights
-are `(in, out)` so that `y = x @ W + b`, except the embeddings `wte.weight (vocab, d)`,
-`wpe.weight (n_ctx, d)` and an untied `lm_head.weight (vocab, d)`.
+(row `b*T + t`; B the sequences of a micro-batch when the step has several); attention
+matrices are `(M, H*T)` (see `compiler.ops.attention`); weights are `(in, out)` so that
+`y = x @ W + b`, except the embeddings `wte.weight (vocab, d)`, `wpe.weight (n_ctx, d)`
+and an untied `lm_head.weight (vocab, d)`.
 
 Op names: `embed`, `h{i}.ln1`, `h{i}.attn.qkv`, `h{i}.attn.scores`, `h{i}.attn.mask`,
 `h{i}.attn.softmax`, `h{i}.attn.values`, `h{i}.attn.proj`, `h{i}.attn.res`, `h{i}.ln2`,
@@ -37,7 +38,7 @@ from compiler.ops.update import add_updates
 def _attention(b: GraphBuilder, p: str, x: str) -> str:
     """Causal multi-head self-attention on LayerNorm output `x`; returns the projection."""
     model, train = b.cfg.model, b.cfg.training
-    heads = {"heads": model.n_heads, "d_head": model.d_head, "batch": train.batch_size,
+    heads = {"heads": model.n_heads, "d_head": model.d_head, "batch": b.sequences,
              "seq_len": train.seq_len}
     q, k, v = add_linear(b, f"{p}.qkv", x, 3 * model.d_model, out_names=("q", "k", "v"))
     scores = add_scores(b, f"{p}.scores", q, k, heads)
@@ -47,12 +48,14 @@ def _attention(b: GraphBuilder, p: str, x: str) -> str:
     return proj
 
 
-def build_graph(cfg: RunConfig) -> TrainingGraph:
+def build_graph(cfg: RunConfig, sequences: int | None = None) -> TrainingGraph:
     """The graph of one training step of `cfg`: forward, backward, one optimizer update
-    per parameter."""
+    per parameter; with `sequences`, the graph of one micro-batch of that many sequences
+    (its loss and gradients are its share of the whole batch's: `compiler.ops.
+    cross_entropy` takes the mean over every prediction of the step)."""
     model, train = cfg.model, cfg.training
-    b = GraphBuilder(cfg)
-    rows = train.batch_size * train.seq_len
+    b = GraphBuilder(cfg, sequences)
+    rows = b.sequences * train.seq_len
     tokens = b.tensor("tokens", (rows, 1), "input", dtype="int32")
     targets = b.tensor("targets", (rows, 1), "input", dtype="int32")
     x = add_embedding(b, tokens)

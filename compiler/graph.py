@@ -193,8 +193,10 @@ class GraphBuilder:
     """Builds a TrainingGraph: op families add forward ops (`forward`), then `backward`
     derives the backward pass and `compiler.ops.update.add_updates` the updates."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, sequences: int | None = None) -> None:
         self.cfg = cfg
+        # sequences one pass of the graph streams: the batch, or a micro-batch's
+        self.sequences = sequences or cfg.training.batch_size
         self.tensors: dict[str, TensorSpec] = {}
         self.ops: dict[str, OpSpec] = {}
         self.parameters: list[str] = []

@@ -31,6 +31,11 @@ class Batch:
         windows = np.asarray(windows, np.int32)
         return cls(windows[:, :-1], windows[:, 1:])
 
+    def micro_batches(self, size: int) -> list[Batch]:
+        """The batch cut into micro-batches of `size` sequences, in order."""
+        return [Batch(self.tokens[b:b + size], self.targets[b:b + size], self.start)
+                for b in range(0, len(self.tokens), size)]
+
 
 def init_params(cfg: RunConfig) -> Arrays:
     """Initial float64 weights, by graph parameter name, deterministic in training.seed.

@@ -18,7 +18,7 @@ each exact, are the families' own:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -44,6 +44,7 @@ class LoweringContext:
     batch: Batch  # the batch the code is built for (`compiler.batch` rebuilds it per run)
     plan: Plan
     ids: StreamIds = field(default_factory=StreamIds)
+    defer_update: bool = False  # a micro-batch before the step's last (`UpdateRule.deferred`)
 
     @property
     def wafer(self) -> WaferConfig:
@@ -57,7 +58,7 @@ class LoweringContext:
     @property
     def update(self) -> UpdateRule:
         """The optimizer update every parameter-holding kernel applies."""
-        return UpdateRule.of(self.graph.cfg.training)
+        return replace(UpdateRule.of(self.graph.cfg.training), deferred=self.defer_update)
 
     def dy(self, name: str) -> str | None:
         """The gradient of op `name`'s (first) output, as its backward twin reads it (for an

@@ -264,6 +264,15 @@ CASES: list[tuple[str, Callable[..., list[str]], str]] = [
      "compile.precision: Input should be 'fp32' or 'mixed' (got 'half')"),
     ("N-switch-latency", lambda d: ["run", config(d, wafer__switch_latency=-1)],
      "wafer.switch_latency: Input should be greater than or equal to 0 (got -1)"),
+    ("N-micro-batch", lambda d: ["run", config(d, training__micro_batch_size=3)],
+     "training.micro_batch_size: must divide batch_size (2), got 3"),
+    ("N-micro-batch-streaming", lambda d: ["run", raw(d, "cfg.yaml", TINY.read_text().replace(
+        "batch_size: 2", "batch_size: 2\n  micro_batch_size: 1").replace(
+        "placement: linear\n  lane_width: null", "mode: weight_streaming"))],
+     "training.micro_batch_size: weight streaming runs the whole batch at once"),
+    ("N-micro-batch-mixed", lambda d: ["run", config(d, training__micro_batch_size=1,
+                                                     compile__precision="mixed")],
+     "training.micro_batch_size: micro-batches are built for fp32 only"),
     ("N-bool-for-int", lambda d: ["graph", tiny_with("batch_size: 2", "batch_size: true")(d)],
      "training.batch_size: Input should be a valid integer (got True)"),
     ("N-int-for-bool", lambda d: ["graph", tiny_with("tie_embeddings: true",

@@ -496,3 +496,23 @@ def test_a_replaced_pe_program_is_validated(pe, change, message):
                        **change})
     with pytest.raises(ProgramError, match=message):
         Loaded(program, wafer()).run({pe: new})
+
+
+def test_stats_of_two_runs_one_after_another_add_up():
+    """`Stats.then`: counts add, the later run's cycles shift by the earlier's."""
+    first = simulate(send_east(16, 3), wafer()).stats
+    second = simulate(send_east(5, 3), wafer()).stats
+    both = first.then(second)
+    assert both.cycles == first.cycles + second.cycles
+    for name in ("compute", "send", "wait_input", "idle", "sram_read", "link", "flops"):
+        assert np.array_equal(getattr(both, name),
+                              getattr(first, name) + getattr(second, name)), name
+    assert both.injected == first.injected + second.injected
+    later = second.last_cycle >= 0
+    assert np.array_equal(both.last_cycle[later], second.last_cycle[later] + first.cycles)
+    earlier = first.first_cycle >= 0
+    assert np.array_equal(both.first_cycle[earlier], first.first_cycle[earlier])
+    # one record per (PE, color, direction), the later run's where both have one
+    keys = {(r["x"], r["y"], r["color"], r["sent"]) for r in both.last_ramp}
+    assert len(keys) == len(both.last_ramp)
+    assert max(both.last_ramp["cycle"]) == max(second.last_ramp["cycle"]) + first.cycles

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from compiler.config import PLACEMENTS, parse_config
+from wse_sim.errors import UserError
 from wse_sim.pipeline import run_parsed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,3 +43,27 @@ def test_every_batch_passes_the_check(batch):
 def test_lane_widths_other_than_d_head_pass_the_check(lane_width):
     report = _run(compile={"lane_width": lane_width})  # d_head is 16
     assert report["lane_width"] == lane_width
+
+
+def test_micro_batches_run_a_batch_too_large_for_sram_at_once():
+    """gpt_tiny's attention cannot hold 24 sequences; three micro-batches of 8, run one
+    after another with the gradients accumulating in SRAM, give the whole batch's step."""
+    with pytest.raises(UserError, match="needs .* bytes of SRAM"):
+        _run(training={"batch_size": 24})
+    report = _run(training={"batch_size": 24, "micro_batch_size": 8})
+    assert report["micro_batches"] == {"count": 3, "sequences": 8}
+    assert round(report["tokens_per_second"] * report["simulated_seconds"]) == 24 * 16
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_micro_batches_equal_the_whole_batch_step(optimizer):
+    """Two micro-batches of 2 against the reference of the batch of 4 (the check compares
+    loss, logits, gradients and the one update); the step does the whole batch's work."""
+    training = {"batch_size": 4, "optimizer": optimizer, "lr": 0.1 if optimizer == "sgd" else 1e-3}
+    split = _run(training={**training, "micro_batch_size": 2})
+    whole = _run(training=training)
+    assert split["check"]["loss_ref"] == whole["check"]["loss_ref"]
+    assert split["model_flops"] == whole["model_flops"]
+    assert "micro_batches" not in whole
+    # the second micro-batch starts when the first has finished on every PE
+    assert split["cycles"] > whole["cycles"]

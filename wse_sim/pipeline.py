@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from compiler.batch import BatchCode
 from compiler.check import (
     TOLERANCE,
     CheckResult,
-    check_step,
     compare,
     relative_error,
     update_checks,
@@ -32,26 +32,31 @@ from compiler.inputs import init_params, make_batch
 from compiler.ops.update import STEP_TENSOR, UpdateRule, moment_names
 from compiler.optim import init_state, optimizer_step
 from compiler.reference import reference_step
+from compiler.state import WaferState
 from compiler.streaming.gpt import Step, build_step, plan
 from compiler.streaming.linear import LinearLayer, Precision, build_stack, phase_cost
 from compiler.streaming.linear import reference as linear_reference
 from compiler.streaming.projection import project
 from compiler.streaming.service import apply_update, update_queue, update_seconds
 from wse_sim.energy import events_joules
-from wse_sim.engine import SimResult, simulate
+from wse_sim.engine import Loaded, SimResult, simulate
 from wse_sim.errors import SimulationStopped, UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.hostmem import require
 from wse_sim.program import Program, read_tensor
 from wse_sim.report import hottest_links, partial_report, run_report
+from wse_sim.stats import Stats
+from wse_sim.step import StepRun, StepStopped, run_micro_batches
 
 
 def step_meta(source: str, compiled: Compiled) -> dict[str, Any]:
     """What a compiled step's report shows besides the counters (`Program.meta`); `source`
     names the config (its file, or a sweep point's label)."""
-    summary = compiled.graph.summary()
+    summary = build_graph(compiled.cfg).summary()  # the whole step's (of every micro-batch)
     train = compiled.cfg.training
     estimate = compiled.linked.link_wavelets
+    micro = ({"micro_batches": {"count": train.micro_batches, "sequences": train.micro_batch}}
+             if train.micro_batches > 1 else {})
     return {
         "config": source,
         "placement": compiled.placement,
@@ -70,6 +75,7 @@ def step_meta(source: str, compiled: Compiled) -> dict[str, Any]:
         "model_flops": summary["flops"]["total"],
         "flops_by_phase": summary["flops"],
         "compile_seconds": compiled.seconds,
+        **micro,
     }
 
 
@@ -106,12 +112,35 @@ def simulate_program(program: Program, wafer: WaferConfig, *, max_cycles: int | 
         result = simulate(program, wafer, max_cycles=max_cycles, progress=progress,
                           threads=threads, interruptible=interruptible)
     except SimulationStopped as stop:
-        stop.report = partial_report(
-            program, wafer, stop.result.stats, stop.result.running(),
-            time.perf_counter() - started,
-            {"cycle": stop.cycle, "reason": stop.reason, "message": str(stop)})
+        _attach_partial_report(stop, program, wafer, stop.result.stats, started)
         raise
     return result, run_report(program, wafer, result.stats, time.perf_counter() - started)
+
+
+def _attach_partial_report(stop: SimulationStopped, program: Program, wafer: WaferConfig,
+                           stats: Stats, started: float) -> None:
+    """Give `stop` the partial report of the run (counted by `stats`) begun at `started`."""
+    stop.report = partial_report(
+        program, wafer, stats, stop.result.running(), time.perf_counter() - started,
+        {"cycle": stop.cycle, "reason": stop.reason, "message": str(stop)})
+
+
+def simulate_step(compiled: Compiled, *, max_cycles: int | None = None,
+                  progress: Callable[[int], None] | None = None, threads: int | None = None,
+                  interruptible: bool = False) -> tuple[StepRun, dict[str, Any]]:
+    """Run the compiled step on its batch, micro-batch after micro-batch (`wse_sim.step`),
+    and report its counters, as `simulate_program` a program's."""
+    program, wafer = compiled.linked.program, compiled.cfg.wafer
+    started = time.perf_counter()
+    try:
+        step = run_micro_batches(compiled, Loaded(program, wafer, threads=threads),
+                                 BatchCode(compiled), WaferState(0, {}), compiled.batch,
+                                 max_cycles=max_cycles, progress=progress,
+                                 interruptible=interruptible)
+    except StepStopped as stop:
+        _attach_partial_report(stop, program, wafer, stop.stats, started)
+        raise
+    return step, run_report(program, wafer, step.stats, time.perf_counter() - started)
 
 
 def check_report(check: CheckResult) -> dict[str, Any]:
@@ -166,12 +195,11 @@ def run_parsed(cfg: RunConfig, source: str, placement: str | None = None,
     # After compiling, which names the op and PE of a model too large for the wafer, and
     # before the simulation, not after it: the reference needs the most memory.
     require(step_footprint(compiled.cfg, reference=True), source)
-    result, report = simulate_program(compiled.linked.program, compiled.cfg.wafer,
-                                      max_cycles=max_cycles, progress=progress,
-                                      threads=threads, interruptible=interruptible)
+    step, report = simulate_step(compiled, max_cycles=max_cycles, progress=progress,
+                                 threads=threads, interruptible=interruptible)
     reference = reference_step(compiled.cfg, compiled.params, compiled.batch, np.float64)
-    check = check_step(compiled.linked, result, reference, compiled.params,
-                       compiled.cfg.training, precision=compiled.cfg.compile.precision)
+    check = compare(step.results, reference, compiled.params, compiled.cfg.training,
+                    precision=compiled.cfg.compile.precision)
     report["check"] = check_report(check)
     return report
 

@@ -329,6 +329,10 @@ def format_report(report: dict[str, Any]) -> str:
         f"cycles        {report['cycles']:,}  ({report['simulated_seconds'] * 1e3:.3f} ms "
         f"at {report['wafer']['clock_hz'] / 1e6:.0f} MHz)",
     ]
+    if "micro_batches" in report:
+        micro = report["micro_batches"]
+        lines.append(f"micro-batches {micro['count']} of {micro['sequences']} sequences, one "
+                     f"after another (gradients accumulate in SRAM, one update after the last)")
     if "throughput" in report:
         unit = report["throughput"]["unit"]
         rate = report[f"{unit}_per_second"]

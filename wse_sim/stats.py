@@ -109,6 +109,31 @@ class Stats:
                    injected=int(ramp_out.sum()) + int(wk.stripe["copies"].sum()),
                    delivered=int(ramp_in.sum()))
 
+    def then(self, later: Stats) -> Stats:
+        """The counters of this run followed by `later`, a run on the same fabric that
+        started when this one ended: counts add, `later`'s cycles are shifted by this run's
+        (a first cycle is this run's if it has one, a last cycle `later`'s)."""
+        shift = self.cycles
+        out = {}
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(later, f.name)
+            if f.name == "first_cycle":
+                out[f.name] = np.where(mine >= 0, mine, np.where(theirs >= 0, theirs + shift, -1))
+            elif f.name == "last_cycle":
+                out[f.name] = np.where(theirs >= 0, theirs + shift, mine)
+            elif f.name == "last_ramp":
+                shifted = theirs.copy()
+                shifted["cycle"] += shift
+                both = np.concatenate([shifted, mine])  # later's first: np.unique keeps it
+                keys = np.stack([both[k].astype(np.int64) for k in ("x", "y", "color", "sent")],
+                                axis=1)
+                out[f.name] = both[np.sort(np.unique(keys, axis=0, return_index=True)[1])]
+            elif f.name in ("width", "height"):
+                out[f.name] = mine
+            else:
+                out[f.name] = mine + theirs
+        return Stats(**out)
+
     @property
     def stalled(self) -> np.ndarray:
         """Cycles each PE waited for the fabric: for output room or for input."""

@@ -7,7 +7,8 @@ runs that program with
 * the weights and optimizer state the previous step left in SRAM (`compiler.state`), and
 * the code of the kernels that read the batch rebuilt for the step's batch
   (`compiler.batch`: the host's per-step rewrite of the input descriptors);
-nothing else changes between steps. Each step is simulated from cycle 0 to its end.
+nothing else changes between steps. Each step is simulated from cycle 0 to its end, a
+step of several micro-batches one micro-batch after another (`wse_sim.step`).
 
 Batches: step s trains on the windows `compiler.data.training_batch(..., s)`, a function
 of the seed and s only, so a resumed run trains on the batches the uninterrupted run would.
@@ -43,17 +44,18 @@ from typing import Any
 import numpy as np
 
 from compiler.batch import BatchCode
-from compiler.check import compare, read_results, relative_error
+from compiler.check import compare, relative_error
 from compiler.checkpoint import Checkpoint, load_checkpoint
 from compiler.config import RunConfig
 from compiler.data import Dataset, load_dataset, training_batch, validation_batches
 from compiler.inputs import Batch
 from compiler.optim import OptimizerState, init_state
 from compiler.reference import mean_loss, reference_step
-from compiler.state import WaferState, initial_state, read_state, step_pes, training_state
+from compiler.state import WaferState, initial_state, read_state, training_state
 from wse_sim.engine import Loaded
 from wse_sim.errors import UserError
 from wse_sim.pipeline import compile_parsed
+from wse_sim.step import run_micro_batches
 
 VAL_EVERY = 25  # default: steps between validation losses
 VAL_WINDOWS = 128  # default: validation windows evaluated
@@ -158,7 +160,6 @@ class Training:
         started = time.perf_counter()
         run, cfg, linked = self.run, self.cfg, self.compiled.linked
         batch = self.batch(self.step)
-        code = self.code.pe_tasks(batch)
         self.interrupted_at = 0
 
         def reached(cycle: int) -> None:
@@ -166,12 +167,11 @@ class Training:
             if progress is not None:
                 progress(cycle)
 
-        result = self.loaded.run(step_pes(linked.program, run.wafer, code.tasks),
+        step = run_micro_batches(self.compiled, self.loaded, self.code, run.wafer, batch,
                                  progress=reached)
-        simulated = read_results(linked, result, self.parameters)
         graph = self.compiled.graph
         params, state = run.wafer.params(graph), run.wafer.optimizer(graph)
-        check = compare(simulated, reference_step(cfg, params, batch, state=state), params,
+        check = compare(step.results, reference_step(cfg, params, batch, state=state), params,
                         cfg.training, state, cfg.compile.precision)
         float64 = reference_step(cfg, run.float64_params, batch, state=run.float64_state)
         seconds = time.perf_counter() - started
@@ -179,17 +179,17 @@ class Training:
                     for name, err in check.errors.items())
         history = {name: list(values) for name, values in run.history.items()}
         for name, value in (("loss", check.loss_sim), ("loss_reference", check.loss_ref),
-                            ("loss_float64", float64.loss), ("cycles", result.cycles),
+                            ("loss_float64", float64.loss), ("cycles", step.cycles),
                             ("host_seconds", seconds), ("check_passed", check.passed),
-                            ("check_worst", worst), ("rewritten", code.instructions)):
+                            ("check_worst", worst), ("rewritten", step.rewritten)):
             history[name].append(float(value))
-        self.run = RunState(read_state(linked.program, result.sram,
+        self.run = RunState(read_state(linked.program, step.last.sram,
                                        training_state(linked.program, self.parameters),
                                        self.step + 1),
                             float64.updated, float64.state, history)
         self.interrupted_at = None
         return StepResult(self.step - 1, check.loss_sim, check.loss_ref, float64.loss,
-                          result.cycles, seconds, check.passed, check.failures())
+                          step.cycles, seconds, check.passed, check.failures())
 
     def validation_due(self, steps: int) -> bool:
         """Whether the validation loss is due now, in a run of `steps` steps."""

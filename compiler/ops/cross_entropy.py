@@ -6,6 +6,10 @@ backward 6.
 
 Row m predicts targets[m] (the token after the row's input token). loss = mean over the
 M = B T rows of max + log(sum exp(z - max)) - z[target]; dlogits = (softmax - onehot) / M.
+A step of several micro-batches (`training.micro_batch_size`) lowers the graph of one
+micro-batch, whose M rows are a share of the step's N = `mean_over` predictions: it
+divides by N instead, so its loss and gradients are its share of the step's, and the
+micro-batches' sum is the step's mean.
 
 The targets are known when the code is built (the batch is part of the code, like an input
 DMA's descriptors: `compiler.batch` rebuilds them for every training step): which PE holds
@@ -81,35 +85,42 @@ BACKWARD_FLOPS = 6
 def add_cross_entropy(b: GraphBuilder, logits: str, targets: str) -> str:
     """The loss op `loss` of `logits` [M, V] against `targets` [M, 1]."""
     rows, vocab = b.shape(logits)
+    train = b.cfg.training
     (loss,) = b.forward(
         "loss", "cross_entropy", (logits, targets), {"loss.out": (1, 1)},
         flops=FORWARD_FLOPS * rows * vocab, bwd_flops=BACKWARD_FLOPS * rows * vocab,
-        saved=(logits, targets), attrs={"predictions": rows})
+        saved=(logits, targets),
+        attrs={"predictions": rows, "mean_over": train.batch_size * train.seq_len})
     return loss
 
 
 # -- numpy ------------------------------------------------------------------------------------
 
 
-def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """The mean loss [1, 1] of logits [M, V] predicting targets (M ids, any shape)."""
-    return _loss_and_gradient(logits, targets)[0]
+def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray,
+                          mean_over: int | None = None) -> np.ndarray:
+    """The loss [1, 1] of logits [M, V] predicting targets (M ids, any shape): the sum of
+    the M rows' losses over `mean_over` (default M: their mean)."""
+    return _loss_and_gradient(logits, targets, mean_over)[0]
 
 
-def cross_entropy_backward(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def cross_entropy_backward(logits: np.ndarray, targets: np.ndarray,
+                           mean_over: int | None = None) -> np.ndarray:
     """d loss / d logits."""
-    return _loss_and_gradient(logits, targets)[1]
+    return _loss_and_gradient(logits, targets, mean_over)[1]
 
 
-def _loss_and_gradient(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _loss_and_gradient(logits: np.ndarray, targets: np.ndarray, mean_over: int | None
+                       ) -> tuple[np.ndarray, np.ndarray]:
     rows = np.arange(len(logits))
     targets = np.asarray(targets).ravel()
+    n = mean_over or len(logits)
     z = logits - logits.max(axis=1, keepdims=True)
     lse = np.log(np.exp(z).sum(axis=1, keepdims=True))
-    loss = (lse[:, 0] - z[rows, targets]).sum() / len(logits)
+    loss = (lse[:, 0] - z[rows, targets]).sum() / n
     dlogits = np.exp(z - lse)
     dlogits[rows, targets] -= 1
-    return np.asarray(loss, logits.dtype).reshape(1, 1), dlogits / len(logits)
+    return np.asarray(loss, logits.dtype).reshape(1, 1), dlogits / n
 
 
 # -- kernel -----------------------------------------------------------------------------------
@@ -139,13 +150,15 @@ def log_plan(largest: float) -> tuple[int, int]:
 def build_cross_entropy(name: str, ops: list[str], ids: StreamIds, *, targets: np.ndarray,
                         lanes: list[tuple[int, int]], logits_tensor: str, dlogits_tensor: str,
                         queue_depth: int, logits_result: str = "logits",
-                        loss_result: str = "loss",
+                        loss_result: str = "loss", mean_over: int | None = None,
                         block_rows: int = DEFAULT_BLOCK_ROWS) -> Kernel:
-    """Mean cross-entropy of logits [M, vocab] (in `lanes`) against `targets` (M ids);
-    dlogits leave in the same lanes, rows descending."""
+    """Cross-entropy of logits [M, vocab] (in `lanes`) against `targets` (M ids), summed
+    over the rows and divided by `mean_over` (default M: the mean); dlogits leave in the
+    same lanes, rows descending."""
     targets = np.asarray(targets).ravel()
     vocab = lanes[-1][1]
     rows = len(targets)
+    weight = 1.0 / (mean_over or rows)
     if targets.min() < 0 or targets.max() >= vocab:
         raise ValueError(f"{name}: targets outside 0..{vocab - 1}")
     kernel, strip = strip_kernel(name, "cross_entropy", ops, lanes)
@@ -208,7 +221,7 @@ def build_cross_entropy(name: str, ops: list[str], ids: StreamIds, *, targets: n
                 *repeat(r, [vec(Op.DIV, w, rows_at(p, w), rows_at(p, w), scalar_at(sums + r0))]),
                 *(vec(Op.ADD, 1, Mem(probs + m * w + col), Mem(probs + m * w + col), Imm(-1.0))
                   for m, col in targets_in(lane, r0, r1)),
-                vec(Op.MUL, r * w, Mem(p), Mem(p), Imm(1.0 / rows)),
+                vec(Op.MUL, r * w, Mem(p), Mem(p), Imm(weight)),
             )
     # The LM head's backward takes dlogits rows descending (compiler.lowering.kernel).
     for lane in strip:
@@ -239,7 +252,7 @@ def build_cross_entropy(name: str, ops: list[str], ids: StreamIds, *, targets: n
         last,
         vec(Op.SUB, rows, t, Mem(row_max), nz),  # max + log(sum) = log sum exp
         vec(Op.SUB, rows, t, t, Mem(picked)),
-        *row_partials("dot", rows=1, width=rows, dst=loss, a=t, b=Imm(1.0 / rows)),
+        *row_partials("dot", rows=1, width=rows, dst=loss, a=t, b=Imm(weight)),
     )
     kernel.results.append(ResultSlot(loss_result, last, loss, (0, 1), (0, 1), 1))
     return kernel
@@ -272,11 +285,11 @@ class CrossEntropy(OpFamily):
 
     def forward(self, op: OpSpec, t: Tensors) -> None:
         logits, targets = op.inputs
-        t[op.outputs[0]] = cross_entropy_forward(t[logits], t[targets])
+        t[op.outputs[0]] = cross_entropy_forward(t[logits], t[targets], op.attrs["mean_over"])
 
     def backward(self, op: OpSpec, t: Tensors) -> None:
         logits, targets = op.inputs
-        t[op.outputs[0]] = cross_entropy_backward(t[logits], t[targets])
+        t[op.outputs[0]] = cross_entropy_backward(t[logits], t[targets], op.attrs["mean_over"])
 
     def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
         return len(ctx.lanes(op.inputs[0]))
@@ -287,7 +300,7 @@ class CrossEntropy(OpFamily):
             op.name, ctx.ops_with_updates(op.name), ctx.ids, targets=ctx.batch.targets,
             lanes=ctx.lanes(logits), logits_tensor=logits,
             dlogits_tensor=ctx.dx(op.name), queue_depth=ctx.wafer.queue_depth,
-            logits_result="logits", loss_result="loss")
+            logits_result="logits", loss_result="loss", mean_over=op.attrs["mean_over"])
 
 
 FAMILY = CrossEntropy()

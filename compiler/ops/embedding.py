@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 def add_embedding(b: GraphBuilder, tokens: str) -> str:
     """h0 = wte[tokens] + wpe[:T] (op `embed`); creates both tables."""
     model, train = b.cfg.model, b.cfg.training
-    batch, seq, d = train.batch_size, train.seq_len, model.d_model
+    batch, seq, d = b.sequences, train.seq_len, model.d_model
     m = batch * seq
     wte = b.param("wte.weight", (model.vocab_size, d), "normal")
     wpe = b.param("wpe.weight", (model.n_ctx, d), "normal")

@@ -17,7 +17,9 @@ holds a parameter calls, after its backward, on the thread that accumulated the 
 (thread 0), for each block of a parameter it holds (a contiguous run of words of the
 parameter, and of its gradient at another offset, with the same layout); it also declares
 the block's result slots: grad:P, updated:P and, for AdamW, the updated moments, which it
-allocates next to the weights (2 words per parameter word).
+allocates next to the weights (2 words per parameter word). The code of a micro-batch
+before a step's last (`UpdateRule.deferred`, `compiler.batch`) allocates and declares the
+same words but emits no update: its gradients only accumulate.
 
 SGD: one vector FMA, p = g * (-lr) + p: n cycles for n words.
 
@@ -86,6 +88,9 @@ class UpdateRule:
     beta2: float = 0.0
     eps: float = 0.0
     weight_decay: float = 0.0
+    # The code of a micro-batch before a step's last: its gradient only accumulates, the
+    # update waits for the last (same words allocated and declared, no instructions).
+    deferred: bool = False
 
     @classmethod
     def of(cls, training: TrainingConfig) -> UpdateRule:
@@ -131,15 +136,17 @@ def emit_update(kernel: Kernel, pe: LocalPE, rule: UpdateRule, parameter: str,
                          f"contiguous ({words} elements reach word {last})")
     slots = {grad_name(parameter): grad, updated_name(parameter): weight}
     if rule.optimizer == "sgd":
-        kernel.emit(pe, vec(Op.FMA, words, Mem(weight), Mem(grad), Imm(-rule.lr), Mem(weight)))
+        update = [vec(Op.FMA, words, Mem(weight), Mem(grad), Imm(-rule.lr), Mem(weight))]
     else:
         m = kernel.alloc(pe, words, f"AdamW first moment of {parameter}")
         v = kernel.alloc(pe, words, f"AdamW second moment of {parameter}")
         s1, s2 = _step_scalars(kernel, pe, rule)
-        kernel.emit(pe, *repeat(words, _adamw_element(rule, rule.decay_of(parameter), weight,
-                                                      grad, m, v, s1, s2)))
+        update = repeat(words, _adamw_element(rule, rule.decay_of(parameter), weight, grad, m,
+                                              v, s1, s2))
         for name, offset in zip(moment_names(parameter), (m, v), strict=True):
             slots[updated_name(name)] = offset
+    if not rule.deferred:
+        kernel.emit(pe, *update)
     for tensor, offset in slots.items():
         kernel.results.append(ResultSlot(tensor, pe, offset, rows, cols, row_stride,
                                          col_stride))
@@ -155,11 +162,12 @@ def _step_scalars(kernel: Kernel, pe: LocalPE, rule: UpdateRule) -> tuple[int, i
             return slot.offset + 1, slot.offset + 2
     step = kernel.alloc(pe, 3, "AdamW step count, -lr / (1 - beta1^t), 1 / sqrt(1 - beta2^t)")
     s1, s2 = step + 1, step + 2
-    kernel.emit(pe, vec(Op.ADD, 1, Mem(step), Mem(step), Imm(1.0)),
-                *_bias_correction(step, s1, rule.beta1),
-                vec(Op.DIV, 1, Mem(s1), Imm(-rule.lr), Mem(s1)),
-                *_bias_correction(step, s2, rule.beta2),
-                vec(Op.RSQRT, 1, Mem(s2), Mem(s2)))
+    if not rule.deferred:
+        kernel.emit(pe, vec(Op.ADD, 1, Mem(step), Mem(step), Imm(1.0)),
+                    *_bias_correction(step, s1, rule.beta1),
+                    vec(Op.DIV, 1, Mem(s1), Imm(-rule.lr), Mem(s1)),
+                    *_bias_correction(step, s2, rule.beta2),
+                    vec(Op.RSQRT, 1, Mem(s2), Mem(s2)))
     kernel.results.append(ResultSlot(step_slot, pe, step, (0, 1), (0, 1), 1))
     kernel.shapes[step_slot] = (1, 1)
     return s1, s2
