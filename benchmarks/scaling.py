@@ -2,11 +2,14 @@
 (strong scaling, batch 2) and at growing batches (the default budget).
 
     python benchmarks/scaling.py [--model gpt_small] [--budgets 1100 2000 4000 8000 16000]
-                                 [--batches 2 8 32] [--out benchmarks/out]
+                                 [--batches 2 8 32] [--micro-batch 2] [--out benchmarks/out]
 
 Each point compiles the model with `compile.pes` (or `training.batch_size`) overridden,
-simulates it and checks it against the float64 reference. Prints one row per point: the
-budget, the lane width the sizer chose and the PEs used, cycles, tokens/s, the mean compute
+simulates it and checks it against the float64 reference. A batch larger than
+--micro-batch sequences runs as micro-batches of that many (`training.micro_batch_size`:
+one after another, gradients accumulating; gpt_small's SRAM holds 2 sequences' rows at the
+default budget). Prints one row per point: the budget, the batch and its micro-batches,
+the lane width the sizer chose and the PEs used, cycles, tokens/s, the mean compute
 utilization of the used PEs, host seconds (compile + simulation) and the check; a point
 that cannot be compiled (a model too large for a PE's SRAM) is a row with its one-line
 error. Writes scaling.csv and scaling.png (cycles against PEs; tokens/s against batch)
@@ -27,18 +30,23 @@ from wse_sim.pipeline import run_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
-COLUMNS = ("series", "budget", "batch", "lane_width", "pes_used", "cycles", "tokens_per_s",
-           "utilization", "host_s", "check")
+COLUMNS = ("series", "budget", "batch", "micro_batches", "lane_width", "pes_used", "cycles",
+           "tokens_per_s", "utilization", "host_s", "check")
 
 
-def measure(model: str, out: Path, series: str, *, budget: int | None, batch: int) -> dict:
-    """Compile, simulate and check `model` with the budget and batch overridden."""
+def measure(model: str, out: Path, series: str, *, budget: int | None, batch: int,
+            micro_batch: int) -> dict:
+    """Compile, simulate and check `model` with the budget and batch overridden, the batch
+    in micro-batches of at most `micro_batch` sequences."""
     config = yaml.safe_load((ROOT / "models" / f"{model}.yaml").read_text())
     config["training"]["batch_size"] = batch
+    if batch > micro_batch:
+        config["training"]["micro_batch_size"] = micro_batch
     config["compile"] = {**config.get("compile", {}), "lane_width": None, "pes": budget}
     path = out / f"{model}_{series}_{budget or 'default'}_b{batch}.yaml"
     path.write_text(yaml.safe_dump(config))
-    row: dict = {"series": series, "budget": budget or "", "batch": batch}
+    row: dict = {"series": series, "budget": budget or "", "batch": batch,
+                 "micro_batches": max(batch // micro_batch, 1)}
     try:
         report = run_step(str(path))
     except UserError as err:
@@ -92,15 +100,20 @@ def main() -> int:
     parser.add_argument("--model", default="gpt_small")
     parser.add_argument("--budgets", nargs="*", type=int, default=[1100, 2000, 4000, 8000, 16000])
     parser.add_argument("--batches", nargs="*", type=int, default=[2, 8, 32])
+    parser.add_argument("--micro-batch", type=int, default=2,
+                        help="sequences per micro-batch of a larger batch (default 2)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args = parser.parse_args()
+    if args.micro_batch < 1:
+        parser.error(f"argument --micro-batch: must be >= 1 (got {args.micro_batch})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     points = ([("budget", budget, 2) for budget in args.budgets]
               + [("batch", None, batch) for batch in args.batches])
     rows = []
     for series, budget, batch in points:
-        rows.append(measure(args.model, out, series, budget=budget, batch=batch))
+        rows.append(measure(args.model, out, series, budget=budget, batch=batch,
+                            micro_batch=args.micro_batch))
         print(f"{series} {budget or 'default'} batch {batch}: {rows[-1].get('cycles', '-')} "
               f"cycles, {rows[-1]['check']}", file=sys.stderr, flush=True)
     print_table(rows)

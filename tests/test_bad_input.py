@@ -560,6 +560,7 @@ BENCHMARK_CASES = [  # the benchmark scripts' options: (script, options, first l
     ("cerebras_gpt.py", ["--simulate", "cerebras_gpt_7b"],
      "--simulate: no config cerebras_gpt_7b"),
     ("cerebras_gpt.py", ["--rows", "0"], "argument --rows: must be >= 1 (got 0)"),
+    ("scaling.py", ["--micro-batch", "0"], "argument --micro-batch: must be >= 1 (got 0)"),
     ("streaming_timeline.py", ["--report", "{file}"], "error: {file}: not JSON"),
     ("streaming_timeline.py", ["--config", str(ROOT / "models" / "gpt_tiny.yaml"),
                                "--report", "{file}"], "not allowed with argument"),

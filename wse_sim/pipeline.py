@@ -54,7 +54,8 @@ def step_meta(source: str, compiled: Compiled) -> dict[str, Any]:
     names the config (its file, or a sweep point's label)."""
     summary = build_graph(compiled.cfg).summary()  # the whole step's (of every micro-batch)
     train = compiled.cfg.training
-    estimate = compiled.linked.link_wavelets
+    # the program runs once per micro-batch: the step's traffic is that many times its own
+    estimate = train.micro_batches * compiled.linked.link_wavelets
     micro = ({"micro_batches": {"count": train.micro_batches, "sequences": train.micro_batch}}
              if train.micro_batches > 1 else {})
     return {
@@ -65,7 +66,7 @@ def step_meta(source: str, compiled: Compiled) -> dict[str, Any]:
         "kernels_count": len(compiled.kernels),
         "origin": list(compiled.linked.origin),
         "colors_used": compiled.linked.colors_used,
-        "hop_words": compiled.hop_words,
+        "hop_words": train.micro_batches * compiled.hop_words,
         "link_load_estimate": {"max": int(estimate.max()),
                                "mean": float(estimate[estimate > 0].mean()),
                                "total": int(estimate.sum()),
