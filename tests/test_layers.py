@@ -5,9 +5,9 @@ the layers apart (wse_sim/__init__.py states them) hold:
   the compiler;
 * the compiler uses only the simulator's Program IR, hardware description, error types,
   user-input readers and host-memory estimates, and knows nothing of numba;
-* the CLI (wse_sim.cli, wse_sim.commands), the run pipeline (wse_sim.pipeline) and what
-  is built on it (the sweeps, wse_sim.sweep; the training loop, wse_sim.train) are the one
-  place that joins them;
+* the CLI (wse_sim.cli, wse_sim.commands), the run pipeline (wse_sim.pipeline and its
+  step runner, wse_sim.step) and what is built on it (the sweeps, wse_sim.sweep; the
+  training loop, wse_sim.train) are the one place that joins them;
 * benchmarks go through the pipeline, never through the CLI's modules or test helpers.
 """
 
@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 JOIN = ("wse_sim.cli", "wse_sim.__main__", "wse_sim.commands", "wse_sim.pipeline",
-        "wse_sim.sweep", "wse_sim.train", "wse_sim.generate")
+        "wse_sim.step", "wse_sim.sweep", "wse_sim.train", "wse_sim.generate")
 COMPILER_MAY_USE = ("wse_sim.program", "wse_sim.hardware", "wse_sim.errors",
                     "wse_sim.userinput", "wse_sim.hostmem")
 

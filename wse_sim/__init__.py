@@ -13,8 +13,9 @@ Layers (tests/test_layers.py enforces them):
 * `compiler` (beside this package) lowers a GPT training step to a Program using only the
   core's Program IR, hardware description, error types, user-input readers and
   host-memory estimates.
-* the CLI (`cli`, `commands`), the run pipeline (`pipeline`), sweeps of runs on
-  dask.distributed (`sweep`) and the training loop (`train`) join the two.
+* the CLI (`cli`, `commands`), the run pipeline (`pipeline`) and the training step it
+  runs micro-batch after micro-batch (`step`), sweeps of runs on dask.distributed
+  (`sweep`) and the training loop (`train`) join the two.
 """
 
 __version__ = "0.1.0"
