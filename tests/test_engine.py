@@ -471,7 +471,8 @@ def test_a_loaded_program_runs_again_with_some_pes_replaced():
     }
     whole = simulate(program, wafer())
     loaded = Loaded(program, wafer())
-    for replaced in (moved, None, partial, moved):
+    # twice in a row: the second run reuses the code the first validated and assembled
+    for replaced in (moved, moved, None, partial, partial, moved):
         run = loaded.run(replaced)
         want = simulate(replace(program, pes={**program.pes, **(replaced or {})}), wafer())
         assert_same_run(run, want)

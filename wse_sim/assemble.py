@@ -136,6 +136,8 @@ class Assembler:
         for s, key in enumerate(self.slots):
             self.sram_base[s + 1] = self.sram_base[s] + program.pes[key].sram_words
         self.code = [self._code(s, key, program.pes[key]) for s, key in enumerate(self.slots)]
+        # slot -> the task list the last `state` replaced its code with, and that code
+        self._replaced: dict[int, tuple[list[Task], list[_TaskCode]]] = {}
 
     def _fabric(self) -> tuple[Fabric, Workers]:
         return build_fabric(self.spec, self.table, self.slot_pe, self.stripes, self.switches,
@@ -211,6 +213,7 @@ class Assembler:
         pes = pes or {}
         code = list(self.code)
         sram = np.zeros(int(self.sram_base[-1]), np.float32)
+        replaced = {}
         for s, key in enumerate(self.slots):
             prog = pes.get(key, self.program.pes[key])
             base = int(self.sram_base[s])
@@ -218,7 +221,11 @@ class Assembler:
                 sram[base + offset: base + offset + len(data)] = data
             kept = kept_tasks(self.program.pes[key], prog)
             if not all(kept):
-                code[s] = self._code(s, key, prog, kept)
+                last = self._replaced.get(s)
+                code[s] = (last[1] if last is not None and last[0] is prog.tasks
+                           else self._code(s, key, prog, kept))
+                replaced[s] = (prog.tasks, code[s])
+        self._replaced = replaced
         fb, wk = self._fabric()
         cores, task_ids = self._cores(code, sram, fb, wk)
         return Assembled(fabric=fb, cores=cores, workers=wk, task_ids=task_ids,

@@ -179,6 +179,7 @@ from wse_sim.program import (
     PEProgram,
     Port,
     Program,
+    Task,
     Trigger,
     validate,
     validate_replacement,
@@ -1270,14 +1271,16 @@ class Loaded:
     """`program` validated and assembled once, to run any number of times, each run from
     cycle 0 with fresh state; a run may put other programs in place of some PEs' (new SRAM
     contents, new code: `wse_sim.assemble.Assembler`), and only those are validated
-    (`wse_sim.program.validate_replacement`) and assembled again. `program` must not change
-    while loaded."""
+    (`wse_sim.program.validate_replacement`) and assembled again, unless a PE's task list
+    is the one the run before gave it (the same list: a step's micro-batches reuse their
+    code). `program`, and a task list while it is given, must not change while loaded."""
 
     def __init__(self, program: Program, wafer: WaferConfig, *,
                  threads: int | None = None) -> None:
         validate(program, wafer)
         self.program, self.wafer = program, wafer
         self._assembler = Assembler(program, wafer, threads or cores())
+        self._validated: dict[tuple[int, int], list[Task]] = {}  # the last run's replacements
 
     def run(self, pes: Mapping[tuple[int, int], PEProgram] | None = None, *,
             max_cycles: int | None = None, progress: Callable[[int], None] | None = None,
@@ -1286,7 +1289,8 @@ class Loaded:
         `simulate` runs a program."""
         program = self.program
         if pes:
-            validate_replacement(program, self.wafer, pes)
+            validate_replacement(program, self.wafer, pes, self._validated)
+            self._validated = {pe: prog.tasks for pe, prog in pes.items()}
             program = replace(program, pes={**program.pes, **pes})
         asm = self._assembler.state(pes)
         if not interruptible:

@@ -887,11 +887,13 @@ def kept_tasks(old: PEProgram, new: PEProgram) -> list[bool]:
 
 
 def validate_replacement(program: Program, wafer: WaferConfig,
-                         pes: Mapping[tuple[int, int], PEProgram]) -> None:
+                         pes: Mapping[tuple[int, int], PEProgram],
+                         known: Mapping[tuple[int, int], list[Task]] | None = None) -> None:
     """Raise ProgramError (one line, as `validate`) if the programs `pes` cannot replace
     those of their PEs in the valid `program`: each must be a PE of it and keep its SRAM
     size, its image must fit, and its tasks must be valid but those it keeps
-    (`kept_tasks`)."""
+    (`kept_tasks`) and a task list validated before for its PE (the same list in `known`)."""
+    known = known or {}
     for (x, y), pe in pes.items():
         where = f"PE ({x}, {y})"
         old = program.pes.get((x, y))
@@ -902,7 +904,7 @@ def validate_replacement(program: Program, wafer: WaferConfig,
                                f"{old.sram_words}")
         _validate_image(where, pe)
         kept = kept_tasks(old, pe)
-        if not all(kept):
+        if not all(kept) and known.get((x, y)) is not pe.tasks:
             _validate_tasks(where, x, y, pe, program, wafer, kept)
 
 
