@@ -29,8 +29,8 @@ micro-batch of a step that has several, `training.micro_batch_size`):
   rebuilt for the compiled batch are the compiled code), so the engine need not validate
   or flatten it again (`wse_sim.engine.Loaded`).
 
-Micro-batches. A step of several runs the program once per micro-batch (`wse_sim.
-pipeline`); the code of every micro-batch but the last leaves the optimizer's update out
+Micro-batches. A step of several runs the program once per micro-batch (`wse_sim.step`);
+the code of every micro-batch but the last leaves the optimizer's update out
 (`pe_tasks(batch, defer_update=True)`: the kernels that hold parameters rebuilt with
 `UpdateRule.deferred`, same streams and SRAM), so the gradients only accumulate. On the
 hardware a loop counter would skip the update; here the host rewrites the code, and the
