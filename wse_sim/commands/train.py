@@ -119,10 +119,12 @@ def _header(training: Training, steps: int) -> str:
     cfg, compiled = training.cfg, training.compiled
     train, data = cfg.training, training.data
     start = f"steps {training.step}..{steps - 1}" if training.step else f"{steps} steps"
+    micro = (f" in {train.micro_batches} micro-batches of {train.micro_batch}"
+             if train.micro_batches > 1 else "")
     return (f"{training.source}: {compiled.graph.parameter_count():,} parameters on "
             f"{sum(len(k.programs) for k in compiled.kernels)} PEs ({len(compiled.kernels)} "
             f"kernels, compiled once in {compiled.seconds:.1f} s), {train.optimizer} lr "
-            f"{train.lr:g}, batch {train.batch_size} x {train.seq_len} tokens; data "
+            f"{train.lr:g}, batch {train.batch_size} x {train.seq_len} tokens{micro}; data "
             f"{data['source']} ({data['tokenizer']} tokens: {data['train_tokens']:,} train, "
             f"{data['validation_tokens']:,} validation); {start}")
 
