@@ -79,6 +79,15 @@ def test_stack_matches_float64_through_a_narrow_edge(rows, cols, training, preci
         assert entry["start"] < grads_out[entry["layer"]]["start"]
         assert entry["end"] < grads_out[entry["layer"]]["end"] <= max(
             result.port_last_cycle.values())
+    # The service updates a layer once its dW is complete, one layer after another; the
+    # step ends when the wafer and the service are both done.
+    ws = report["weight_streaming"]
+    updates = ws["service_updates"]
+    assert [u["what"] for u in updates] == [layer.name for layer in reversed(LAYERS)]
+    for u in updates:
+        assert u["start_seconds"] >= grads_out[u["what"]]["end"] / wafer(0.25).clock_hz
+    assert ws["step_seconds"] == pytest.approx(max(ws["wafer_seconds"],
+                                                   updates[-1]["end_seconds"]))
 
 
 def layer_cycles(layer, tokens, rows, cols, words_per_cycle, precision="fp32"):

@@ -338,9 +338,14 @@ def run_linear_stack(layers: list[LinearLayer], x: np.ndarray, weights: dict[str
     errors |= step_errors
     tolerances |= step_tolerances
     # The wafer's part ends when the last gradient word has reached the service (the edge's
-    # latency after the fabric drained); then the first layer's update is exposed.
+    # latency after the fabric drained); the service updates each layer once its gradient
+    # is complete, one layer after another, and what is left at the wafer's end is exposed.
     wafer_seconds = max(result.cycles, *result.port_last_cycle.values()) / wafer.clock_hz
-    exposed = update_seconds(layers[0].k * layers[0].n, wafer)
+    timeline = stack.timeline(result.port_marks)
+    sizes = {layer.name: layer.k * layer.n for layer in layers}
+    updates = update_queue([(entry["layer"], entry["end"] / wafer.clock_hz, sizes[entry["layer"]])
+                            for entry in timeline if entry["stream"] == "gradients out"], wafer)
+    exposed = max(updates[-1]["end_seconds"] - wafer_seconds, 0.0)
     phases = [{"layer": layer.name, "pass": "backward" if backward else "forward",
                "parallel": layer.parallel, **asdict(cost), "cycles": cost.cycles,
                "bound": cost.bound}
@@ -356,7 +361,8 @@ def run_linear_stack(layers: list[LinearLayer], x: np.ndarray, weights: dict[str
         "tokens_per_second": tokens / (wafer_seconds + exposed),
         "modelled_cycles": sum(phase["cycles"] for phase in phases),
         "phases": phases,
-        "timeline": stack.timeline(result.port_marks),
+        "timeline": timeline,
+        "service_updates": updates,
     }
     report["check"] = {"passed": all(errors[n] <= tolerances[n] for n in errors),
                        "tensors": errors, "tolerances": tolerances}
