@@ -266,6 +266,9 @@ CASES: list[tuple[str, Callable[..., list[str]], str]] = [
      "wafer.switch_latency: Input should be greater than or equal to 0 (got -1)"),
     ("N-micro-batch", lambda d: ["run", config(d, training__micro_batch_size=3)],
      "training.micro_batch_size: must divide batch_size (2), got 3"),
+    ("N-micro-batch-compile", lambda d: ["compile", config(d, training__micro_batch_size=1),
+                                         "-o", str(d / "s.npz")],
+     "training.micro_batch_size: the step runs its program once per micro-batch (2 times)"),
     ("N-micro-batch-streaming", lambda d: ["run", raw(d, "cfg.yaml", TINY.read_text().replace(
         "batch_size: 2", "batch_size: 2\n  micro_batch_size: 1").replace(
         "placement: linear\n  lane_width: null", "mode: weight_streaming"))],

@@ -81,8 +81,15 @@ def step_meta(source: str, compiled: Compiled) -> dict[str, Any]:
 
 
 def compile_config(config_path: str, placement: str | None = None) -> Compiled:
-    """Compile the step of a config file; its Program carries `step_meta`."""
-    return compile_parsed(load_config(config_path), config_path, placement)
+    """Compile the step of a config file into a Program (carrying `step_meta`) that runs the
+    whole step: a step of several micro-batches, which runs its Program once per
+    micro-batch, is refused."""
+    cfg = load_config(config_path)
+    if cfg.training.micro_batches > 1:
+        raise UserError(f"{config_path}: training.micro_batch_size: the step runs its program "
+                        f"once per micro-batch ({cfg.training.micro_batches} times), which a "
+                        "program file does not hold; `run` and `train` run it")
+    return compile_parsed(cfg, config_path, placement)
 
 
 def compile_parsed(cfg: RunConfig, source: str, placement: str | None = None) -> Compiled:
