@@ -223,23 +223,35 @@ def _via_tree(src: PE, via: PE, dsts: Iterable[PE], x_first: bool) -> _Tree | No
     enter a PE from different sides (the union is then no tree)."""
     rx: dict[PE, int] = {src: _TO[Port.RAMP]}
     tx: dict[PE, int] = defaultdict(int)
+    # The paths to the destinations share their first legs. A straight run that repeats
+    # (part of) one already taken from the same PE the same way changes nothing, so each
+    # run starts where the farthest one so far from there ended: (start, axis, step) ->
+    # that end's coordinate. This keeps a tree's cost to its size, not its destinations x
+    # path lengths (most of gpt_small's routing time was re-walking shared legs).
+    reach: dict[tuple[int, int, bool, int], int] = {}
     for dst in dsts:
         x, y = src
         corner = (dst[0], via[1]) if x_first else (via[0], dst[1])
         for tx_, ty_ in (via, corner, dst):  # each leg: along the row, then the column
             if x != tx_:
                 step, (out, came) = (1, _EAST) if tx_ > x else (-1, _WEST)
-                for nx in range(x + step, tx_ + step, step):
-                    if rx.setdefault((nx, y), came) != came:
-                        return None
-                    tx[(nx - step, y)] |= out
+                done = reach.get((x, y, True, step), x)
+                if (tx_ - done) * step > 0:
+                    for nx in range(done + step, tx_ + step, step):
+                        if rx.setdefault((nx, y), came) != came:
+                            return None
+                        tx[(nx - step, y)] |= out
+                    reach[(x, y, True, step)] = tx_
                 x = tx_
             if y != ty_:
                 step, (out, came) = (1, _SOUTH) if ty_ > y else (-1, _NORTH)
-                for ny in range(y + step, ty_ + step, step):
-                    if rx.setdefault((x, ny), came) != came:
-                        return None
-                    tx[(x, ny - step)] |= out
+                done = reach.get((x, y, False, step), y)
+                if (ty_ - done) * step > 0:
+                    for ny in range(done + step, ty_ + step, step):
+                        if rx.setdefault((x, ny), came) != came:
+                            return None
+                        tx[(x, ny - step)] |= out
+                    reach[(x, y, False, step)] = ty_
                 y = ty_
         tx[dst] |= _TO[Port.RAMP]
     return _Tree(rx, tx)
