@@ -365,7 +365,7 @@ def _collect_streams(kernels: list[Kernel], positions: dict[str, PE]) -> list[Ro
 class _Negotiation:
     """PathFinder state over the (color, PE) pairs of the routing box (module docstring):
     per stream its candidate trees as flat PE indices, the chosen (tree, color), and the
-    occupancy and history of every pair."""
+    occupancy, history and cost of every pair."""
 
     def __init__(self, candidates: list[list[_Tree]], box: tuple[int, int, int, int],
                  colors: int, earlier: _Negotiation | None = None) -> None:
@@ -384,22 +384,33 @@ class _Negotiation:
         # the streams on each (color, PE) pair
         self.users: list[defaultdict[int, set[int]]] = [defaultdict(set) for _ in range(colors)]
         self.pressure = PRESSURE_START if earlier is None else earlier.pressure
+        self._price()
         self.choice: list[tuple[int, int]] = [(0, 0)] * len(candidates)
         self.rounds = 0
         self.reroutes = 0
+
+    def _price(self) -> None:
+        """Every pair's cost to a stream that takes it, (1 + history) x (1 + pressure x
+        streams there), kept in a table: a stream's choice gathers its candidates' costs
+        from it, and `place` and `unplace` reprice only the pairs they change."""
+        self.cost = (1.0 + self.history) * (1.0 + self.pressure * self.occupancy)
+
+    def _reprice(self, pes: np.ndarray, color: int) -> None:
+        self.cost[pes, color] = ((1.0 + self.history[pes, color])
+                                 * (1.0 + self.pressure * self.occupancy[pes, color]))
 
     def place(self, i: int, choice: tuple[int, int] | None = None) -> None:
         """Give stream i `choice` (tree, color), by default its cheapest given everyone
         else's."""
         if choice is None:
-            flat = self.flat[i]
-            cost = (1.0 + self.history[flat]) * (1.0 + self.pressure * self.occupancy[flat])
-            totals = np.add.reduceat(cost, self.starts[i], axis=0).T  # (colors, trees)
+            # [color, tree]: the sum of the tree's pair costs in that color
+            totals = np.add.reduceat(self.cost[self.flat[i]], self.starts[i], axis=0).T
             color, tree = divmod(int(np.argmin(totals)), totals.shape[1])
             choice = (tree, color)
         self.choice[i] = tree, color = choice
         pes = self.trees[i][tree]
         self.occupancy[pes, color] += 1
+        self._reprice(pes, color)
         for pe in pes.tolist():
             self.users[color][pe].add(i)
 
@@ -407,6 +418,7 @@ class _Negotiation:
         tree, color = self.choice[i]
         pes = self.trees[i][tree]
         self.occupancy[pes, color] -= 1
+        self._reprice(pes, color)
         for pe in pes.tolist():
             self.users[color][pe].discard(i)
 
@@ -439,6 +451,7 @@ class _Negotiation:
             self.rounds += 1
             self.history += HISTORY_STEP * (self.occupancy > 1)
             self.pressure = min(self.pressure * PRESSURE_GROWTH, PRESSURE_MAX)
+            self._price()
             rng.shuffle(shared)
             for i in shared:
                 self.unplace(i)
