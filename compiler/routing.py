@@ -66,7 +66,7 @@ the rounds, and does not converge for the greedy placement.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -204,57 +204,72 @@ _FROM = {port: port_mask(OPPOSITE[port]) for port in MESH_PORTS}  # rx bit after
 
 @dataclass
 class _Tree:
-    """A candidate multicast tree: per PE the rx and tx port masks of its route."""
+    """A candidate multicast tree: per PE the rx port mask of its route (the side it is
+    entered from; RAMP at the source), and the destinations, which fix the tx masks."""
 
     rx: dict[PE, int]
-    tx: dict[PE, int]
+    dsts: Sequence[PE]
 
     def entries(self) -> dict[PE, Route]:
-        return {pe: Route(rx, self.tx.get(pe, 0)) for pe, rx in self.rx.items()}
+        # each PE's upstream neighbour sends to it; destinations also send to RAMP
+        tx: dict[PE, int] = defaultdict(int)
+        for (x, y), came in self.rx.items():
+            if came in _UPSTREAM:
+                dx, dy, out = _UPSTREAM[came]
+                tx[(x - dx, y - dy)] |= out
+        for dst in self.dsts:
+            tx[dst] |= _TO[Port.RAMP]
+        return {pe: Route(rx, tx.get(pe, 0)) for pe, rx in self.rx.items()}
 
 
-_EAST, _WEST = (_TO[Port.E], _FROM[Port.E]), (_TO[Port.W], _FROM[Port.W])
-_SOUTH, _NORTH = (_TO[Port.S], _FROM[Port.S]), (_TO[Port.N], _FROM[Port.N])
+_STEP = {Port.N: (0, -1), Port.E: (1, 0), Port.S: (0, 1), Port.W: (-1, 0)}
+# rx mask of a PE entered by a step in a direction -> (that step, the tx bit sending it)
+_UPSTREAM = {_FROM[port]: (*_STEP[port], _TO[port]) for port in MESH_PORTS}
 
 
-def _via_tree(src: PE, via: PE, dsts: Iterable[PE], x_first: bool) -> _Tree | None:
+def _via_tree(src: PE, via: PE, dsts: Sequence[PE], x_first: bool) -> _Tree | None:
     """The multicast tree that runs straight from `src` to `via` (on its row or column),
     then on XY (`x_first`) or YX paths to every PE of `dsts`; None when two of those paths
     enter a PE from different sides (the union is then no tree)."""
     rx: dict[PE, int] = {src: _TO[Port.RAMP]}
-    tx: dict[PE, int] = defaultdict(int)
     # The paths to the destinations share their first legs. A straight run that repeats
     # (part of) one already taken from the same PE the same way changes nothing, so each
-    # run starts where the farthest one so far from there ended: (start, axis, step) ->
-    # that end's coordinate. This keeps a tree's cost to its size, not its destinations x
-    # path lengths (most of gpt_small's routing time was re-walking shared legs).
+    # run starts where the farthest one so far from there ended: (start, along the row,
+    # step) -> that end's coordinate. This keeps a tree's cost to its size, not its
+    # destinations x path lengths.
     reach: dict[tuple[int, int, bool, int], int] = {}
     for dst in dsts:
         x, y = src
         corner = (dst[0], via[1]) if x_first else (via[0], dst[1])
-        for tx_, ty_ in (via, corner, dst):  # each leg: along the row, then the column
-            if x != tx_:
-                step, (out, came) = (1, _EAST) if tx_ > x else (-1, _WEST)
+        for to_x, to_y in (via, corner, dst):  # each leg: along the row, then the column
+            if x != to_x:
+                step = 1 if to_x > x else -1
                 done = reach.get((x, y, True, step), x)
-                if (tx_ - done) * step > 0:
-                    for nx in range(done + step, tx_ + step, step):
-                        if rx.setdefault((nx, y), came) != came:
-                            return None
-                        tx[(nx - step, y)] |= out
-                    reach[(x, y, True, step)] = tx_
-                x = tx_
-            if y != ty_:
-                step, (out, came) = (1, _SOUTH) if ty_ > y else (-1, _NORTH)
+                if (to_x - done) * step > 0:
+                    run = [(nx, y) for nx in range(done + step, to_x + step, step)]
+                    if not _extend(rx, run, _FROM[Port.E if step > 0 else Port.W]):
+                        return None
+                    reach[(x, y, True, step)] = to_x
+                x = to_x
+            if y != to_y:
+                step = 1 if to_y > y else -1
                 done = reach.get((x, y, False, step), y)
-                if (ty_ - done) * step > 0:
-                    for ny in range(done + step, ty_ + step, step):
-                        if rx.setdefault((x, ny), came) != came:
-                            return None
-                        tx[(x, ny - step)] |= out
-                    reach[(x, y, False, step)] = ty_
-                y = ty_
-        tx[dst] |= _TO[Port.RAMP]
-    return _Tree(rx, tx)
+                if (to_y - done) * step > 0:
+                    run = [(x, ny) for ny in range(done + step, to_y + step, step)]
+                    if not _extend(rx, run, _FROM[Port.S if step > 0 else Port.N]):
+                        return None
+                    reach[(x, y, False, step)] = to_y
+                y = to_y
+    return _Tree(rx, dsts)
+
+
+def _extend(rx: dict[PE, int], run: list[PE], came: int) -> bool:
+    """Add the PEs of a straight `run`, each entered from side `came`, to `rx`; False when
+    one is already entered from another side."""
+    if rx.keys().isdisjoint(run):  # the usual case: a run onto new PEs, added at once
+        rx.update(dict.fromkeys(run, came))
+        return True
+    return all(rx.setdefault(pe, came) == came for pe in run)
 
 
 def _candidates(src: PE, dsts: Sequence[PE], box: tuple[int, int, int, int],
