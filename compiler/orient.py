@@ -82,9 +82,23 @@ class _Layout:
         for i, (src, dsts) in enumerate(self.lanes):
             for k in sorted({src[0], *(k for k, _ in dsts)}):
                 self.lanes_of[k].append(i)
-        self.related = [sorted({j for k in self._kernels_of(i) for j in self.lanes_of[k]} - {i})
-                        for i in range(len(self.lanes))]
-        self._memo: dict[tuple[PE, tuple[PE, ...]], frozenset[PE]] = {}
+        related = [sorted({j for k in self._kernels_of(i) for j in self.lanes_of[k]} - {i})
+                   for i in range(len(self.lanes))]
+        # per kernel, the pairs of related lanes at least one of which is its own, each once:
+        # what its mirroring can change
+        self.pairs: list[list[tuple[int, int]]] = []
+        for lanes in self.lanes_of:
+            inside = set(lanes)
+            self.pairs.append([(i, j) for i in lanes for j in related[i]
+                               if not (j in inside and j < i)])
+        # a route is a bit mask over the kernels' bounding box (bit (y - y0) * width + x -
+        # x0), so two routes share a PE when their masks do: one big-int AND, not a set
+        # intersection that hashes PEs
+        self.x0 = min(x for x, _ in self.origin)
+        self.y0 = min(y for _, y in self.origin)
+        self.width = max(x + kernel.width for kernel, (x, _) in zip(kernels, self.origin,
+                                                                     strict=True)) - self.x0
+        self._memo: dict[tuple[PE, tuple[PE, ...]], int] = {}
 
     def _kernels_of(self, lane: int) -> set[int]:
         src, dsts = self.lanes[lane]
@@ -96,18 +110,19 @@ class _Layout:
         return (kx + (kernel.width - 1 - x if flip[0] else x),
                 ky + (kernel.height - 1 - y if flip[1] else y))
 
-    def route(self, lane: int) -> frozenset[PE]:
+    def route(self, lane: int) -> int:
+        """The PEs of the lane's plain route, as a bit mask."""
         src, dsts = self.lanes[lane]
         key = (self._at(src), tuple(sorted({self._at(d) for d in dsts})))
         if key not in self._memo:
-            self._memo[key] = plain_tree(*key)
+            self._memo[key] = sum(1 << ((y - self.y0) * self.width + x - self.x0)
+                                  for x, y in plain_tree(*key))
         return self._memo[key]
 
-    def crossings(self, lanes: list[int], routes: list[frozenset[PE]]) -> int:
-        """Pairs of related lanes, at least one in `lanes`, whose routes share a PE."""
-        inside = set(lanes)
-        return sum(1 for i in lanes for j in self.related[i]
-                   if not (j in inside and j < i) and not routes[i].isdisjoint(routes[j]))
+    def crossings(self, kernel: int, routes: list[int]) -> int:
+        """Pairs of related lanes, at least one of them the kernel's, whose routes share a
+        PE."""
+        return sum(1 for i, j in self.pairs[kernel] if routes[i] & routes[j])
 
 
 def orient(kernels: list[Kernel], positions: dict[str, PE]) -> list[Kernel]:
@@ -126,7 +141,7 @@ def orientations(kernels: list[Kernel], positions: dict[str, PE]) -> list[Flip]:
             if not lanes:
                 continue
             current = layout.flips[k]
-            best = (layout.crossings(lanes, routes), current)
+            best = (layout.crossings(k, routes), current)
             for flip in FLIPS:
                 if flip == current:
                     continue
@@ -134,7 +149,7 @@ def orientations(kernels: list[Kernel], positions: dict[str, PE]) -> list[Flip]:
                 trial = list(routes)
                 for i in lanes:
                     trial[i] = layout.route(i)
-                best = min(best, (layout.crossings(lanes, trial), flip), key=lambda b: b[0])
+                best = min(best, (layout.crossings(k, trial), flip), key=lambda b: b[0])
             layout.flips[k] = best[1]
             if best[1] != current:
                 changed = True
