@@ -38,10 +38,12 @@ class Walk:
     loop: int = 0
     half: bool = False  # fp16 elements: offset, stride, step and loop count halves
 
-    def at(self, k: int, i: int, n: int = 1) -> Operand:
-        """The operand of `n` elements starting at term k of output i."""
-        return Mem(self.offset + k * self.stride + i * self.step, self.stride if n > 1 else 1,
-                   self.loop, half=self.half)
+    def column(self, k: int, outputs: int, n: int = 1) -> list[Operand]:
+        """The operands of `n` elements starting at term k of outputs 0, 1, ... (in the
+        REPEAT's first iteration)."""
+        start, stride = self.offset + k * self.stride, self.stride if n > 1 else 1
+        return [Mem(start + i * self.step, stride, self.loop, half=self.half)
+                for i in range(outputs)]
 
 
 def dots(outputs: int, terms: int, a: Walk, b: Walk, *, acc: int,
@@ -55,19 +57,26 @@ def dots(outputs: int, terms: int, a: Walk, b: Walk, *, acc: int,
     # at term 0, so that its unit-stride half vectors start 32-bit aligned.
     half = a.half or b.half
     head, body, tail = (terms - 1, 0, terms - 2) if half else (0, 1, terms - 1)
+    k0 = 0 if terms == 1 else head
+    reg = Reg(acc)
+    # each walk's operands for all outputs at once: this loop builds most of a model's
+    # instructions, and a call per operand was most of its time
+    a0, b0 = a.column(k0, outputs), b.column(k0, outputs)
+    if seed is None:
+        firsts = [vec(Op.MUL, 1, reg, a0[i], b0[i]) for i in range(outputs)]
+    else:
+        firsts = [vec(Op.FMA, 1, reg, a0[i], b0[i], seed[i]) for i in range(outputs)]
+    if terms == 1:
+        return [_retarget(first, out[i]) for i, first in enumerate(firsts)]
+    if terms > 2:
+        a_mid, b_mid = a.column(body, outputs, terms - 2), b.column(body, outputs, terms - 2)
+    a_tail, b_tail = a.column(tail, outputs), b.column(tail, outputs)
     instrs: list[Instr] = []
     for i in range(outputs):
-        k0 = 0 if terms == 1 else head
-        first = (vec(Op.MUL, 1, Reg(acc), a.at(k0, i), b.at(k0, i)) if seed is None
-                 else vec(Op.FMA, 1, Reg(acc), a.at(k0, i), b.at(k0, i), seed[i]))
-        if terms == 1:
-            instrs.append(_retarget(first, out[i]))
-            continue
-        instrs.append(first)
+        instrs.append(firsts[i])
         if terms > 2:
-            instrs.append(vec(Op.FMA, terms - 2, Reg(acc), a.at(body, i, terms - 2),
-                              b.at(body, i, terms - 2), Reg(acc)))
-        instrs.append(vec(Op.FMA, 1, out[i], a.at(tail, i), b.at(tail, i), Reg(acc)))
+            instrs.append(vec(Op.FMA, terms - 2, reg, a_mid[i], b_mid[i], reg))
+        instrs.append(vec(Op.FMA, 1, out[i], a_tail[i], b_tail[i], reg))
     return instrs
 
 
