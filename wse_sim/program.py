@@ -91,13 +91,13 @@ from __future__ import annotations
 
 import json
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import reduce
 from operator import or_
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import ValidationError
@@ -917,33 +917,54 @@ _HALF_BIT = 8  # an fp16 operand's kind column holds Kind | 8 (files without fp1
 _OPERAND_FIELDS = ("dst", "a", "b", "c")
 
 
+T = TypeVar("T")
+
+
+def _distinct(objects: Iterable[T]) -> tuple[list[T], list[int]]:
+    """The distinct objects of `objects` (by identity) in first-seen order, and each one's
+    index among them. (Each id belongs to one object throughout: every object seen is kept,
+    in the list or as one already in it.)"""
+    first: dict[int, int] = {}
+    distinct: list[T] = []
+    index: list[int] = []
+    for obj in objects:
+        k = first.get(id(obj))
+        if k is None:
+            k = first[id(obj)] = len(distinct)
+            distinct.append(obj)
+        index.append(k)
+    return distinct, index
+
+
 def save_program(program: Program, path: str | Path, wafer: WaferConfig | None = None) -> None:
     """Write `program` (and the wafer it was built for) to `path` (.npz), atomically
     (`wse_sim.outputs`); `load_program` reads it back equal."""
     pe_keys = list(program.pes)
     pe_rows: list[tuple] = []
     task_rows: list[tuple] = []
-    instr_rows: list[tuple] = []
-    opnd_int: list[tuple] = []
-    opnd_val: list[float] = []
     image_rows: list[tuple] = []
     images: list[np.ndarray] = []
+    instr_count = image_words = 0
     for p, (x, y) in enumerate(pe_keys):
         pe = program.pes[(x, y)]
         pe_rows.append((x, y, pe.sram_words))
         for task in pe.tasks:
-            task_rows.append((p, task.id, int(task.trigger), task.color, len(instr_rows),
+            task_rows.append((p, task.id, int(task.trigger), task.color, instr_count,
                               len(task.instrs)))
-            for ins in task.instrs:
-                instr_rows.append((int(ins.op), ins.n, ins.count, ins.body, ins.task))
-                for name in _OPERAND_FIELDS:
-                    o: Operand = getattr(ins, name)
-                    opnd_int.append((int(o.kind) | _HALF_BIT * o.half, o.offset, o.stride,
-                                     o.loop_stride, o.color, o.reg))
-                    opnd_val.append(o.value)
+            instr_count += len(task.instrs)
         for offset, data in pe.image.items():
-            image_rows.append((p, offset, sum(len(d) for d in images), len(data)))
+            image_rows.append((p, offset, image_words, len(data)))
             images.append(np.asarray(data, np.float32).ravel())
+            image_words += len(data)
+    # Programs repeat instruction and operand objects (the compiler's are cached): each
+    # distinct one is made a row once, and the tables gather its row for every use.
+    instrs, instr_index = _distinct(ins for pe in program.pes.values() for task in pe.tasks
+                                    for ins in task.instrs)
+    operands, operand_index = _distinct(getattr(ins, name) for ins in instrs
+                                        for name in _OPERAND_FIELDS)
+    order = np.array(instr_index, np.int64)
+    # [instruction, operand field] -> row in `operands`
+    operand_rows = np.array(operand_index, np.int64).reshape(-1, 4)[order]
     route_rows = [(x, y, c, r.rx, r.tx, len(r.positions), r.start, int(r.ring))
                   for (x, y, c), r in program.routes.items()]
     position_rows = [pos for r in program.routes.values() for pos in r.positions]
@@ -970,9 +991,12 @@ def save_program(program: Program, path: str | Path, wafer: WaferConfig | None =
         "header": np.frombuffer(strict_json(header).encode(), np.uint8),
         "pes": table(pe_rows, 3),
         "tasks": table(task_rows, 6),
-        "instrs": table(instr_rows, 5),
-        "operands": table(opnd_int, 6).reshape(-1, 4, 6),
-        "values": np.array(opnd_val, np.float64).reshape(-1, 4),
+        "instrs": table([(int(ins.op), ins.n, ins.count, ins.body, ins.task)
+                         for ins in instrs], 5)[order],
+        "operands": table([(int(o.kind) | _HALF_BIT * o.half, o.offset, o.stride,
+                            o.loop_stride, o.color, o.reg) for o in operands],
+                          6)[operand_rows],
+        "values": np.array([o.value for o in operands], np.float64)[operand_rows],
         "images": table(image_rows, 4),
         "image_data": np.concatenate(images) if images else np.zeros(0, np.float32),
         "routes": table(route_rows, 8),
