@@ -2,13 +2,15 @@
 (strong scaling, batch 2) and at growing batches (the default budget).
 
     python benchmarks/scaling.py [--model gpt_small] [--budgets 1100 2000 4000 8000 16000]
-                                 [--batches 2 8 32] [--micro-batch 2] [--out benchmarks/out]
+                                 [--batches 2 8 32] [--micro-batch 2] [--placement NAME]
+                                 [--out benchmarks/out]
 
 Each point compiles the model with `compile.pes` (or `training.batch_size`) overridden,
 simulates it and checks it against the float64 reference. A batch larger than
 --micro-batch sequences runs as micro-batches of that many (`training.micro_batch_size`:
 one after another, gradients accumulating; gpt_small's SRAM holds 2 sequences' rows at the
-default budget). Prints one row per point: the budget, the batch and its micro-batches,
+default budget). --placement overrides the config's strategy at every point. Prints one
+row per point: the budget, the batch and its micro-batches,
 the lane width the sizer chose and the PEs used, cycles, tokens/s, the mean compute
 utilization of the used PEs, host seconds (compile + simulation) and the check; a point
 that cannot be compiled (a model too large for a PE's SRAM) is a row with its one-line
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from compiler.config import PLACEMENTS
 from wse_sim.errors import UserError
 from wse_sim.pipeline import run_step
 
@@ -35,9 +38,9 @@ COLUMNS = ("series", "budget", "batch", "micro_batches", "lane_width", "pes_used
 
 
 def measure(model: str, out: Path, series: str, *, budget: int | None, batch: int,
-            micro_batch: int) -> dict:
-    """Compile, simulate and check `model` with the budget and batch overridden, the batch
-    in micro-batches of at most `micro_batch` sequences."""
+            micro_batch: int, placement: str | None) -> dict:
+    """Compile, simulate and check `model` with the budget, batch and (unless None)
+    placement overridden, the batch in micro-batches of at most `micro_batch` sequences."""
     config = yaml.safe_load((ROOT / "models" / f"{model}.yaml").read_text())
     config["training"]["batch_size"] = batch
     if batch > micro_batch:
@@ -48,7 +51,7 @@ def measure(model: str, out: Path, series: str, *, budget: int | None, batch: in
     row: dict = {"series": series, "budget": budget or "", "batch": batch,
                  "micro_batches": max(batch // micro_batch, 1)}
     try:
-        report = run_step(str(path))
+        report = run_step(str(path), placement)
     except UserError as err:
         row["check"] = f"error: {err}"
         return row
@@ -102,6 +105,8 @@ def main() -> int:
     parser.add_argument("--batches", nargs="*", type=int, default=[2, 8, 32])
     parser.add_argument("--micro-batch", type=int, default=2,
                         help="sequences per micro-batch of a larger batch (default 2)")
+    parser.add_argument("--placement", choices=PLACEMENTS,
+                        help="placement strategy (default: the config's)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args = parser.parse_args()
     if args.micro_batch < 1:
@@ -113,7 +118,7 @@ def main() -> int:
     rows = []
     for series, budget, batch in points:
         rows.append(measure(args.model, out, series, budget=budget, batch=batch,
-                            micro_batch=args.micro_batch))
+                            micro_batch=args.micro_batch, placement=args.placement))
         print(f"{series} {budget or 'default'} batch {batch}: {rows[-1].get('cycles', '-')} "
               f"cycles, {rows[-1]['check']}", file=sys.stderr, flush=True)
     print_table(rows)
