@@ -96,6 +96,23 @@ def test_run_stops_at_max_cycles_without_a_check(tmp_path, capsys):
     assert not (tmp_path / "plots").exists()  # plots need a finished run
 
 
+def test_a_step_of_micro_batches_stops_at_max_cycles_in_its_second(tmp_path, capsys):
+    """The limit counts the step's cycles: gpt_tiny's first micro-batch of 2 takes about
+    39,000, so 50,000 stops the second, and the partial report covers both."""
+    config = tmp_path / "cfg.yaml"
+    config.write_text((ROOT / "models" / "gpt_tiny.yaml").read_text().replace(
+        "batch_size: 2", "batch_size: 4\n  micro_batch_size: 2"))
+    out = tmp_path / "r.json"
+    assert main(["run", str(config), "--max-cycles", "50000", "--quiet", "--json",
+                 str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "stopped at cycle 50,000: reached max_cycles=50000 in micro-batch 2 of 2 (its cycle "), err
+    report = json.loads(out.read_text())
+    assert_partial(report, 50000, "max_cycles")
+    assert report["micro_batches"] == {"count": 2, "sequences": 2}
+
+
 def test_a_deadlock_through_the_cli_is_one_line(tmp_path, capsys):
     program = tmp_path / "deadlock.npz"
     save_program(deadlock_pair(), program, WaferConfig(width=16, height=16))

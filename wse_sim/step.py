@@ -93,7 +93,7 @@ def run_micro_batches(compiled: Compiled, loaded: Loaded, code: BatchCode, state
                 max_cycles=None if max_cycles is None else max(max_cycles - offset, 0),
                 progress=reached, interruptible=interruptible)
         except SimulationStopped as stop:
-            raise _stopped(stop, stats, k, len(micro)) from None
+            raise _stopped(stop, stats, k, len(micro), max_cycles) from None
         stats = result.stats if stats is None else stats.then(result.stats)
         simulated = read_results(compiled.linked, result, parameters)
         losses.append(float(simulated["loss"].ravel()[0]))
@@ -108,14 +108,17 @@ def run_micro_batches(compiled: Compiled, loaded: Loaded, code: BatchCode, state
     return StepRun(simulated, stats, result, rewritten)
 
 
-def _stopped(stop: SimulationStopped, before: Stats | None, k: int, count: int
-             ) -> StepStopped:
-    """`stop` of micro-batch k (of `count`) as the step's."""
+def _stopped(stop: SimulationStopped, before: Stats | None, k: int, count: int,
+             max_cycles: int | None) -> StepStopped:
+    """`stop` of micro-batch k (of `count`) as the step's: its message in the step's
+    cycles and the step's limit, the engine's account of what still ran kept."""
     stats = stop.result.stats if before is None else before.then(stop.result.stats)
     message = str(stop)
     if count > 1:
-        why = message.split(": ", 1)[1]
-        message = (f"stopped at cycle {stats.cycles:,} (cycle {stop.cycle:,} of micro-batch "
-                   f"{k + 1} of {count}): {why}")
+        why = (f"reached max_cycles={max_cycles}" if stop.reason == "max_cycles"
+               else "interrupted (Ctrl-C)")
+        still = message.split("; ", 1)[1]
+        message = (f"stopped at cycle {stats.cycles:,}: {why} in micro-batch {k + 1} of "
+                   f"{count} (its cycle {stop.cycle:,}); {still}")
     return StepStopped(message, cycle=stats.cycles, reason=stop.reason, result=stop.result,
                        stats=stats)
