@@ -242,25 +242,33 @@ def _via_tree(src: PE, via: PE, dsts: Sequence[PE], x_first: bool) -> _Tree | No
         x, y = src
         corner = (dst[0], via[1]) if x_first else (via[0], dst[1])
         for to_x, to_y in (via, corner, dst):  # each leg: along the row, then the column
-            if x != to_x:
-                step = 1 if to_x > x else -1
-                done = reach.get((x, y, True, step), x)
-                if (to_x - done) * step > 0:
-                    run = [(nx, y) for nx in range(done + step, to_x + step, step)]
-                    if not _extend(rx, run, _FROM[Port.E if step > 0 else Port.W]):
-                        return None
-                    reach[(x, y, True, step)] = to_x
-                x = to_x
-            if y != to_y:
-                step = 1 if to_y > y else -1
-                done = reach.get((x, y, False, step), y)
-                if (to_y - done) * step > 0:
-                    run = [(x, ny) for ny in range(done + step, to_y + step, step)]
-                    if not _extend(rx, run, _FROM[Port.S if step > 0 else Port.N]):
-                        return None
-                    reach[(x, y, False, step)] = to_y
-                y = to_y
+            if not (_straight(rx, reach, x, y, to_x, True)
+                    and _straight(rx, reach, to_x, y, to_y, False)):
+                return None
+            x, y = to_x, to_y
     return _Tree(rx, dsts)
+
+
+def _straight(rx: dict[PE, int], reach: dict[tuple[int, int, bool, int], int], x: int, y: int,
+              to: int, along_row: bool) -> bool:
+    """Extend `rx` straight from (x, y) to coordinate `to` along the row (x) or the column
+    (y), from where the farthest run from (x, y) that way ended (`reach`, `_via_tree`);
+    False when a PE of the run is already entered from another side."""
+    here = x if along_row else y
+    if here == to:
+        return True
+    step = 1 if to > here else -1
+    key = (x, y, along_row, step)
+    done = reach.get(key, here)
+    if (to - done) * step > 0:
+        ahead = range(done + step, to + step, step)
+        run = [(n, y) for n in ahead] if along_row else [(x, n) for n in ahead]
+        came = _FROM[(Port.E if step > 0 else Port.W) if along_row
+                     else (Port.S if step > 0 else Port.N)]
+        if not _extend(rx, run, came):
+            return False
+        reach[key] = to
+    return True
 
 
 def _extend(rx: dict[PE, int], run: list[PE], came: int) -> bool:
