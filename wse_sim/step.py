@@ -33,7 +33,7 @@ from compiler.check import read_results
 from compiler.compile import Compiled
 from compiler.graph import grad_name
 from compiler.inputs import Batch
-from compiler.state import WaferState, read_state, step_pes
+from compiler.state import WaferState, step_pes
 from wse_sim.engine import Loaded, SimResult
 from wse_sim.errors import SimulationStopped
 from wse_sim.stats import Stats
@@ -65,10 +65,10 @@ class StepRun:
         return self.stats.cycles
 
 
-def run_micro_batches(compiled: Compiled, loaded: Loaded, code: BatchCode, state: WaferState,
-             batch: Batch, *, max_cycles: int | None = None,
-             progress: Callable[[int], None] | None = None,
-             interruptible: bool = False) -> StepRun:
+def run_micro_batches(compiled: Compiled, loaded: Loaded, code: BatchCode,
+                      state: WaferState, batch: Batch, *, max_cycles: int | None = None,
+                      progress: Callable[[int], None] | None = None,
+                      interruptible: bool = False) -> StepRun:
     """Simulate the step of `compiled` (loaded as `loaded`) on `batch` from `state`
     (module docstring). `max_cycles` bounds the whole step's cycles and `progress` gets
     the step's cycle; a stopped run raises StepStopped."""
@@ -99,9 +99,8 @@ def run_micro_batches(compiled: Compiled, loaded: Loaded, code: BatchCode, state
         losses.append(float(simulated["loss"].ravel()[0]))
         logits.append(simulated["logits"])
         if not last:  # the next micro-batch adds to these gradients
-            grads = read_state(program, result.sram, [grad_name(p) for p in parameters],
-                               state.step)
-            state = WaferState(state.step, {**state.tensors, **grads.tensors})
+            grads = {name: simulated[name] for name in map(grad_name, parameters)}
+            state = WaferState(state.step, {**state.tensors, **grads})
     assert stats is not None
     simulated["loss"] = np.array([[sum(losses)]])
     simulated["logits"] = np.concatenate(logits)
