@@ -564,6 +564,7 @@ BENCHMARK_CASES = [  # the benchmark scripts' options: (script, options, first l
      "--simulate: no config cerebras_gpt_7b"),
     ("cerebras_gpt.py", ["--rows", "0"], "argument --rows: must be >= 1 (got 0)"),
     ("scaling.py", ["--micro-batch", "0"], "argument --micro-batch: must be >= 1 (got 0)"),
+    ("scaling.py", ["--placement", "spiral"], "argument --placement: invalid choice: 'spiral'"),
     ("streaming_timeline.py", ["--report", "{file}"], "error: {file}: not JSON"),
     ("streaming_timeline.py", ["--config", str(ROOT / "models" / "gpt_tiny.yaml"),
                                "--report", "{file}"], "not allowed with argument"),
