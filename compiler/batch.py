@@ -98,7 +98,8 @@ class BatchCode:
                 bindings = _bindings(base, rebuild)
                 for pe, prog in base.programs.items():
                     at = compiled.linked.kernel_pe(kernel.name, pe)
-                    if (bound_program(prog, bindings, f"kernel {kernel.name} PE {pe}").tasks
+                    if (bound_program(prog, bindings, f"kernel {kernel.name} PE {pe}",
+                                      self._switched(base)).tasks
                             != compiled.linked.program.pes[at].tasks):
                         raise AssertionError(f"kernel {kernel.name} PE {pe}: rebuilt for the "
                                              f"compiled batch, its code differs from the "
@@ -114,6 +115,14 @@ class BatchCode:
                              compiled.flips[name])
         _check_same_shape(compiled.linked.kernels[name], kernel)
         return kernel
+
+    def _switched(self, kernel: Kernel) -> frozenset[int]:
+        """The symbolic ids of `kernel`, a rebuild, whose streams end with a control wavelet
+        (`Linked.switched`: the compiled kernel's, matched in declaration order)."""
+        compiled = self.compiled.linked.kernels[kernel.name]
+        switched = self.compiled.linked.switched.get(kernel.name, frozenset())
+        return frozenset(new for old, new in zip(_streams(compiled), _streams(kernel), strict=True)
+                         if old in switched)
 
     def pe_tasks(self, batch: Batch, *, defer_update: bool = False) -> BatchTasks:
         """The tasks of every PE whose code differs for `batch` (program coordinates);
@@ -142,7 +151,7 @@ class BatchCode:
         linked = self.compiled.linked
         rebuild = self.rebuilds[name]
         new = self._build(name, rebuild.op, batch, defer_update)
-        bindings = _bindings(new, rebuild)
+        bindings, switched = _bindings(new, rebuild), self._switched(new)
         changed: dict[PE, list[Task]] = {}
         instructions = 0
         for pe, prog in new.programs.items():
@@ -153,7 +162,7 @@ class BatchCode:
             compiled = linked.program.pes[at].tasks
             changed[at] = [
                 compiled[i] if i < len(base) and task == base[i]
-                else bound_task(task, bindings, f"kernel {name} PE {pe}")
+                else bound_task(task, bindings, f"kernel {name} PE {pe}", switched)
                 for i, task in enumerate(prog.tasks)]
             instructions += sum(len(task.instrs) for i, task in enumerate(changed[at])
                                 if i >= len(compiled) or task is not compiled[i])

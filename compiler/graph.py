@@ -60,6 +60,11 @@ def grad_name(tensor: str) -> str:
     return f"grad:{tensor}"
 
 
+def is_gradient(tensor: str) -> bool:
+    """Whether `tensor` is a gradient (a total or a share): the backward pass makes it."""
+    return tensor.startswith("grad:")
+
+
 def grad_share_name(tensor: str, consumer: str) -> str:
     """Name of the share of `tensor`'s gradient that flows back from op `consumer`."""
     return f"grad:{tensor}@{consumer}"

@@ -72,6 +72,7 @@ from typing import Protocol
 
 import numpy as np
 
+from compiler.graph import is_gradient
 from compiler.lowering.ir import FabIn, FabOut, vec
 from compiler.lowering.kernel import (
     Kernel,
@@ -95,12 +96,16 @@ from wse_sim.program import (
     TensorLayout,
     TensorSlot,
     Trigger,
+    advance,
     port_mask,
     read_tensor,
 )
 
 PE = tuple[int, int]  # (x, y) on the wafer
 MESH_PORTS = (Port.N, Port.E, Port.S, Port.W)
+# The phases of a training step a stream carries wavelets in (module docstring, step 4)
+FORWARD, BACKWARD = 1, 2
+WHOLE = FORWARD | BACKWARD
 
 ROUTE_MARGIN = 8  # a lane's turns may lie this many PEs beyond its endpoints' bounding box
 MAX_ROUNDS = 800  # negotiation rounds before routing gives up ...
@@ -160,6 +165,7 @@ class RoutedStream:
     # The segment feeding this one through a relay task at `src` (a segment of a split
     # stream); None when `src` is a kernel's PE (then `ends[0]` is the producer's end).
     upstream: RoutedStream | None = None
+    phase: int = WHOLE  # FORWARD, BACKWARD or WHOLE (module docstring, step 4)
 
     def links(self) -> list[tuple[PE, Port]]:
         """The mesh links (PE, outgoing port) the stream uses."""
@@ -179,6 +185,9 @@ class Linked:
     # wavelets leaving each PE per direction, [port N/E/S/W, y, x] in program coordinates
     link_wavelets: np.ndarray
     colors_used: int
+    # per kernel, the symbolic ids of its output streams whose last wavelet a control
+    # wavelet follows: forward streams that hand a (PE, color) on to a backward one
+    switched: dict[str, frozenset[int]] = field(default_factory=dict)
 
     def local(self, pe: PE) -> PE:
         """Program coordinates of wafer PE `pe`."""
@@ -371,10 +380,16 @@ def _collect_streams(kernels: list[Kernel], positions: dict[str, PE]) -> list[Ro
     for lane in match_lanes(kernels):
         kernel, sid, pe = lane.producer
         dsts = sorted({at(k, p) for k, _, pes in lane.consumers for p in pes})
+        # a forward stream can hand its colors on only if one task sends it: the control
+        # wavelet goes after that task's last send
+        senders = sum(sid in fabric_elements(task.instrs, Kind.FABOUT)
+                      for task in kernel.programs[pe].tasks)
+        phase = (BACKWARD if is_gradient(lane.tensor) else
+                 FORWARD if senders == 1 else WHOLE)
         streams.append(RoutedStream(
             name=f"{lane.tensor}[lane {lane.lane}]", src=at(kernel, pe), dsts=tuple(dsts),
             ends=[(kernel.name, sid)] + [(k.name, s) for k, s, _ in lane.consumers],
-            wavelets=sent[(kernel.name, pe)][sid]))
+            wavelets=sent[(kernel.name, pe)][sid], phase=phase))
     for kernel in kernels:
         for i, local in enumerate(kernel.local_streams):
             streams.append(RoutedStream(
@@ -385,30 +400,63 @@ def _collect_streams(kernels: list[Kernel], positions: dict[str, PE]) -> list[Ro
     return streams
 
 
-class _Negotiation:
-    """PathFinder state over the (color, PE) pairs of the routing box (module docstring):
-    per stream its candidate trees as flat PE indices, the chosen (tree, color), and the
-    occupancy, history and cost of every pair."""
+# Negotiation layers (module docstring, step 4): without phases one, the PEs; with phases
+# the forward's PEs, the backward's, and per side a stream may enter a PE from (N, E, S, W,
+# RAMP) the PEs entered from that side.
+_FORWARD_LAYER, _BACKWARD_LAYER, _SIDE_LAYER = 0, 1, 2
+_PHASED_LAYERS = _SIDE_LAYER + len(Port)
+_PHASE_LAYERS = {FORWARD: (_FORWARD_LAYER,), BACKWARD: (_BACKWARD_LAYER,),
+                 WHOLE: (_FORWARD_LAYER, _BACKWARD_LAYER)}
 
-    def __init__(self, candidates: list[list[_Tree]], box: tuple[int, int, int, int],
-                 colors: int, earlier: _Negotiation | None = None) -> None:
+
+def _resources(tree: _Tree, stream: RoutedStream, pes: int, flat: dict[PE, int],
+               phased: bool) -> np.ndarray:
+    """The negotiation resources (layer x `pes` + flat PE) a stream holds with `tree`.
+    Without phases, its PEs. With phases, its PEs in the layers of its phase; for a stream
+    of one phase also each PE in the layer of the side it enters that PE from, so two
+    streams that share a (PE, color) in turn enter it from different sides (the later
+    one's wavelets then wait at a port the first one's position does not accept: the
+    switch orders them, `_switched_route`); and its ends in both phase layers, so a PE
+    sends or takes in at most one stream per color and the run's counters per (PE, color)
+    each belong to one stream (the critical path reads them)."""
+    index = np.array([flat[pe] for pe in tree.rx], dtype=np.int64)
+    if not phased:
+        return index
+    held = [layer * pes + index for layer in _PHASE_LAYERS[stream.phase]]
+    if stream.phase != WHOLE:
+        sides = np.array([_SIDE_LAYER + _side(rx) for rx in tree.rx.values()])
+        ends = np.array([flat[pe] for pe in {stream.src, *stream.dsts}], dtype=np.int64)
+        other = _PHASE_LAYERS[WHOLE ^ stream.phase][0]
+        held += [sides * pes + index, other * pes + ends]
+    return np.concatenate(held)
+
+
+def _side(rx: int) -> int:
+    """The port whose bit is the single bit of `rx` (a tree's PE is entered from one side)."""
+    return rx.bit_length() - 1
+
+
+class _Negotiation:
+    """PathFinder state over the (resource, color) pairs (module docstring): per stream
+    its candidate trees as the resources each holds (`_resources`), the chosen (tree,
+    color), and the occupancy, history and cost of every pair."""
+
+    def __init__(self, trees: list[list[np.ndarray]], resources: int, colors: int,
+                 earlier: _Negotiation | None = None) -> None:
         """Fresh, or going on from the history and pressure of an `earlier` negotiation
-        over the same box."""
-        x0, y0, x1, y1 = box
-        width = x1 - x0
-        self.trees: list[list[np.ndarray]] = [
-            [np.array([(y - y0) * width + x - x0 for x, y in tree.rx], dtype=np.int64)
-             for tree in trees] for trees in candidates]
-        self.flat = [np.concatenate(trees) for trees in self.trees]
-        self.starts = [np.cumsum([0] + [t.size for t in trees[:-1]]) for trees in self.trees]
-        # per (PE, color): PE-major, so a stream's PEs are contiguous rows to gather
-        self.occupancy = np.zeros((width * (y1 - y0), colors), dtype=np.int64)
-        self.history = np.zeros(self.occupancy.shape) if earlier is None else earlier.history
-        # the streams on each (color, PE) pair
+        over the same box (with phases, its PEs' history copied to every layer)."""
+        self.trees = trees
+        self.flat = [np.concatenate(candidates) for candidates in trees]
+        self.starts = [np.cumsum([0] + [t.size for t in candidates[:-1]]) for candidates in trees]
+        # per (resource, color): resource-major, so a stream's are contiguous rows to gather
+        self.occupancy = np.zeros((resources, colors), dtype=np.int64)
+        self.history = (np.zeros(self.occupancy.shape) if earlier is None else
+                        np.tile(earlier.history, (resources // len(earlier.history), 1)))
+        # the streams on each (color, resource) pair
         self.users: list[defaultdict[int, set[int]]] = [defaultdict(set) for _ in range(colors)]
         self.pressure = PRESSURE_START if earlier is None else earlier.pressure
         self._price()
-        self.choice: list[tuple[int, int]] = [(0, 0)] * len(candidates)
+        self.choice: list[tuple[int, int]] = [(0, 0)] * len(trees)
         self.rounds = 0
         self.reroutes = 0
 
@@ -418,9 +466,9 @@ class _Negotiation:
         from it, and `place` and `unplace` reprice only the pairs they change."""
         self.cost = (1.0 + self.history) * (1.0 + self.pressure * self.occupancy)
 
-    def _reprice(self, pes: np.ndarray, color: int) -> None:
-        self.cost[pes, color] = ((1.0 + self.history[pes, color])
-                                 * (1.0 + self.pressure * self.occupancy[pes, color]))
+    def _reprice(self, held: np.ndarray, color: int) -> None:
+        self.cost[held, color] = ((1.0 + self.history[held, color])
+                                  * (1.0 + self.pressure * self.occupancy[held, color]))
 
     def place(self, i: int, choice: tuple[int, int] | None = None) -> None:
         """Give stream i `choice` (tree, color), by default its cheapest given everyone
@@ -431,25 +479,26 @@ class _Negotiation:
             color, tree = divmod(int(np.argmin(totals)), totals.shape[1])
             choice = (tree, color)
         self.choice[i] = tree, color = choice
-        pes = self.trees[i][tree]
-        self.occupancy[pes, color] += 1
-        self._reprice(pes, color)
-        for pe in pes.tolist():
-            self.users[color][pe].add(i)
+        held = self.trees[i][tree]
+        self.occupancy[held, color] += 1
+        self._reprice(held, color)
+        for r in held.tolist():
+            self.users[color][r].add(i)
 
     def unplace(self, i: int) -> None:
         tree, color = self.choice[i]
-        pes = self.trees[i][tree]
-        self.occupancy[pes, color] -= 1
-        self._reprice(pes, color)
-        for pe in pes.tolist():
-            self.users[color][pe].discard(i)
+        held = self.trees[i][tree]
+        self.occupancy[held, color] -= 1
+        self._reprice(held, color)
+        for r in held.tolist():
+            self.users[color][r].discard(i)
 
     def shared(self) -> list[int]:
-        """The streams on a (color, PE) pair that another stream uses too, in index order."""
-        pes, colors = np.nonzero(self.occupancy > 1)
-        return sorted({i for c, pe in zip(colors.tolist(), pes.tolist(), strict=True)
-                       for i in self.users[c][pe]})
+        """The streams on a (resource, color) pair that another stream uses too, in index
+        order."""
+        held, colors = np.nonzero(self.occupancy > 1)
+        return sorted({i for c, r in zip(colors.tolist(), held.tolist(), strict=True)
+                       for i in self.users[c][r]})
 
     def run(self, start: dict[int, tuple[int, int]]) -> list[int]:
         """Negotiate until no pair is shared, or for at most `MAX_ROUNDS` rounds and
@@ -482,6 +531,11 @@ class _Negotiation:
             self.reroutes += len(shared)
         return shared
 
+    def colors_in_use(self, pes: int) -> np.ndarray:
+        """Per PE (flat index of `pes`), the colors some stream holds there."""
+        return (self.occupancy > 0).reshape(-1, pes, self.occupancy.shape[1]).any(
+            axis=0).sum(axis=1)
+
 
 def _check_ends(streams: list[RoutedStream], wafer: WaferConfig) -> None:
     """A PE where more streams start or end than the wafer has colors cannot be routed."""
@@ -498,16 +552,24 @@ def _check_ends(streams: list[RoutedStream], wafer: WaferConfig) -> None:
 
 def _route(streams: list[RoutedStream], box: tuple[int, int, int, int], wafer: WaferConfig,
            kernel_pes: set[PE]) -> tuple[list[RoutedStream], int]:
-    """Choose every stream's tree and color (module docstring, steps 3 and 4), splitting
-    streams at relays where negotiation alone fails; returns the streams (a split one
-    replaced by its segments) and the number of colors used."""
+    """Choose every stream's tree and color (module docstring, steps 3 to 5): negotiation,
+    then colors shared in two phases, then relays, each only where the one before fails;
+    returns the streams (a split one replaced by its segments) and the number of colors
+    used."""
     _check_ends(streams, wafer)
+    x0, y0, x1, y1 = box
+    width, pes = x1 - x0, (x1 - x0) * (y1 - y0)
+    flat = {(x, y): (y - y0) * width + x - x0 for y in range(y0, y1) for x in range(x0, x1)}
     earlier: dict[int, tuple[int, int]] = {}  # id(stream) -> its (tree, color) last pass
     negotiation = None
-    for split_pass in range(RELAY_PASSES + 1):
+    phased, splits = False, 0
+    while True:
         candidates = [_candidates(s.src, s.dsts, box, None if s.local else ROUTE_MARGIN)
                       for s in streams]
-        negotiation = _Negotiation(candidates, box, wafer.colors, negotiation)
+        negotiation = _Negotiation(
+            [[_resources(tree, s, pes, flat, phased) for tree in trees]
+             for s, trees in zip(streams, candidates, strict=True)],
+            pes * (_PHASED_LAYERS if phased else 1), wafer.colors, negotiation)
         stuck = negotiation.run({i: earlier[id(s)] for i, s in enumerate(streams)
                                  if id(s) in earlier})
         earlier = {id(s): choice for s, choice in zip(streams, negotiation.choice, strict=True)}
@@ -516,27 +578,77 @@ def _route(streams: list[RoutedStream], box: tuple[int, int, int, int], wafer: W
             stream.entries, stream.color = trees[tree].entries(), color
         if not stuck:
             return streams, max((s.color for s in streams), default=-1) + 1
-        if split_pass < RELAY_PASSES:
+        if not phased and _can_phase(streams, wafer):
+            phased = True
+            continue
+        if splits < RELAY_PASSES:
+            splits += 1
             # colors in use per PE: a relay where few are adds least to the crowding
-            load = (negotiation.occupancy > 0).sum(axis=1).reshape(box[3] - box[1],
-                                                                   box[2] - box[0])
+            load = negotiation.colors_in_use(pes).reshape(y1 - y0, width)
             split = _split_at_relays(streams, set(stuck), box, kernel_pes | _relays(streams),
                                      load)
             if len(split) > len(streams):
                 streams = split
                 continue
         break
-    by_pair: dict[tuple[int, PE], list[RoutedStream]] = defaultdict(list)
+    by_pair: dict[tuple[int, int], list[RoutedStream]] = defaultdict(list)
     for i in stuck:
-        for pe in streams[i].entries:
-            by_pair[(streams[i].color, pe)].append(streams[i])
-    (color, pe), users = max(by_pair.items(), key=lambda item: len(item[1]))
+        tree, color = negotiation.choice[i]
+        for r in negotiation.trees[i][tree].tolist():
+            by_pair[(color, r)].append(streams[i])
+    (color, r), users = max(by_pair.items(), key=lambda item: len(item[1]))
+    pe = (x0 + r % pes % width, y0 + r % pes // width)
     load = sum(pe in s.entries for s in streams)
+    phases = " with colors shared in two phases" if phased else ""
     raise UserError(
         f"routing: stream {users[0].name} could not get a color: after "
-        f"{negotiation.rounds} rounds of negotiation and {len(_relays(streams))} relays it "
-        f"still shares color {color} at PE {pe} with {users[1].name} ({load} streams pass "
-        f"that PE) and the wafer has {wafer.colors} colors")
+        f"{negotiation.rounds} rounds of negotiation{phases} and {len(_relays(streams))} "
+        f"relays it still shares color {color} at PE {pe} with {users[1].name} ({load} "
+        f"streams pass that PE) and the wafer has {wafer.colors} colors")
+
+
+def _can_phase(streams: list[RoutedStream], wafer: WaferConfig) -> bool:
+    """Whether colors can be shared in time: streams of both phases, and a switch with the
+    positions a shared pair needs (`_switched_route`)."""
+    phases = {s.phase for s in streams}
+    return FORWARD in phases and BACKWARD in phases and wafer.switch_positions >= 3
+
+
+def _switched_route(first: Route, then: Route) -> Route:
+    """The route of a (PE, color) that carries one stream (`first`), then another (`then`):
+    it starts at position 1 = `first`, and the control wavelet that follows the first
+    stream's last wavelet advances it to position 2 = `then`, where it stays. The base is
+    (first's rx, then's tx), which no wavelet ever uses: each position then differs from it
+    in one side only, as a WSE-2 switch position must (`wafer.switch_both_sides`), however
+    the two streams cross the PE."""
+    return Route(first.rx, then.tx, positions=((first.rx, first.tx), (then.rx, then.tx)),
+                 start=1)
+
+
+def _after_last_send(instrs: list[Instr], color: int) -> int | None:
+    """The index just after the instruction that sends a task's last wavelet on `color`
+    (after the REPEAT block holding it), None if the task sends none."""
+    after, repeat_end = None, 0
+    for i, instr in enumerate(instrs):
+        if instr.op is Op.REPEAT:
+            repeat_end = i + 1 + instr.body
+        elif any(o.kind is Kind.FABOUT and o.color == color
+                 for o in (instr.dst, instr.a, instr.b, instr.c)):
+            after = max(i + 1, repeat_end)
+    return after
+
+
+def with_advances(task: Task, switched: frozenset[int]) -> Task:
+    """`task` with a control wavelet after its last wavelet on each stream of `switched`
+    (symbolic ids, or colors once bound) it sends on (module docstring, step 4)."""
+    instrs = task.instrs
+    for color in sorted(switched):
+        at = _after_last_send(instrs, color)
+        if at is not None:
+            instrs = [*instrs[:at], advance(color), *instrs[at:]]
+    if instrs is task.instrs:
+        return task
+    return Task(task.id, task.trigger, instrs, task.color)
 
 
 def _relays(streams: list[RoutedStream]) -> set[PE]:
@@ -577,11 +689,11 @@ def _split_at_relays(streams: list[RoutedStream], stuck: set[int],
         to_relay = RoutedStream(
             name=f"{lane}{start} to relay {relay}", src=stream.src, dsts=(relay,),
             ends=stream.ends[:1] if produced else [], wavelets=stream.wavelets,
-            upstream=stream.upstream)
+            upstream=stream.upstream, phase=stream.phase)
         from_relay = RoutedStream(
             name=f"{lane} from relay {relay}{end}", src=relay, dsts=stream.dsts,
             ends=stream.ends[1:] if produced else stream.ends, wavelets=stream.wavelets,
-            upstream=to_relay)
+            upstream=to_relay, phase=stream.phase)
         out += [to_relay, from_relay]
         replaced[id(stream)] = from_relay  # what now reaches the stream's destinations
     for stream in out:  # a segment fed by a split one is fed by its second part
@@ -625,25 +737,32 @@ def _check_sram(kernel: Kernel, origin: PE, wafer: WaferConfig) -> None:
                 f"{largest[0]!r}, {BYTES_PER_WORD * largest[2]} bytes)")
 
 
-def bound_task(task: Task, colors: dict[int, int], where: str) -> Task:
-    """A copy of `task` with its symbolic stream ids replaced by real colors."""
+def bound_task(task: Task, colors: dict[int, int], where: str,
+               switched: frozenset[int] = frozenset()) -> Task:
+    """A copy of `task` with a control wavelet after its last send on each symbolic stream
+    id of `switched` (`Linked.switched`), and its symbolic ids replaced by real colors."""
+    task = with_advances(task, switched)
     return Task(task.id, task.trigger, bind_colors(task.instrs, colors, where),
                 colors.get(task.color, task.color) if task.trigger is Trigger.COLOR
                 else task.color)
 
 
-def bound_program(prog: PEProgram, colors: dict[int, int], where: str) -> PEProgram:
-    """A copy of `prog` with its symbolic stream ids replaced by real colors."""
+def bound_program(prog: PEProgram, colors: dict[int, int], where: str,
+                  switched: frozenset[int] = frozenset()) -> PEProgram:
+    """A copy of `prog` bound as `bound_task` binds each task."""
     return PEProgram(sram_words=prog.sram_words,
-                     tasks=[bound_task(task, colors, where) for task in prog.tasks],
+                     tasks=[bound_task(task, colors, where, switched) for task in prog.tasks],
                      image=dict(prog.image))
 
 
-def _add_relay(program: Program, stream: RoutedStream, pe: PE) -> None:
+def _add_relay(program: Program, stream: RoutedStream, pe: PE,
+               switched: frozenset[int]) -> None:
     """The relay task at `pe` (program coordinates): every wavelet of the segment that
-    ends there re-sent on the color of `stream`, the segment that starts there."""
+    ends there re-sent on the color of `stream`, the segment that starts there (then a
+    control wavelet if its color is in `switched`)."""
     relay = vec(Op.MOV, stream.wavelets, FabOut(stream.color), FabIn(stream.upstream.color))
-    program.pes[pe] = PEProgram(sram_words=0, tasks=[Task(0, Trigger.RESET, [relay])])
+    program.pes[pe] = PEProgram(sram_words=0, tasks=[
+        with_advances(Task(0, Trigger.RESET, [relay]), switched)])
     program.regions.append(Region(f"relay {stream.src}", "relay", *pe, 1, 1))
 
 
@@ -673,15 +792,32 @@ def link(kernels: list[Kernel], positions: dict[str, PE], wafer: WaferConfig) ->
     program = Program(width=x1 - x0, height=y1 - y0)
     kernel_colors: dict[str, dict[int, int]] = defaultdict(dict)
     link_wavelets = np.zeros((4, y1 - y0, x1 - x0), dtype=np.int64)
+    pairs: dict[tuple[int, int, int], list[tuple[RoutedStream, Route]]] = defaultdict(list)
     for stream in streams:
         for kernel_name, sid in stream.ends:
             kernel_colors[kernel_name][sid] = stream.color
         for (x, y), route in stream.entries.items():
-            program.add_route(x - x0, y - y0, stream.color, route.rx, route.tx)
+            pairs[(x - x0, y - y0, stream.color)].append((stream, route))
         for (x, y), port in stream.links():
             link_wavelets[int(port), y - y0, x - x0] += stream.wavelets
+    handing_on: set[int] = set()  # id() of the forward streams that hand a pair on
+    for (x, y, color), users in pairs.items():
+        if len(users) == 1:
+            program.add_route(x, y, color, users[0][1].rx, users[0][1].tx)
+            continue
+        # negotiation left two streams here only in different phases, forward first
+        (first, route), (_, then) = sorted(users, key=lambda user: user[0].phase)
+        program.set_route(x, y, color, _switched_route(route, then))
+        handing_on.add(id(first))
+    switched: dict[str, set[int]] = defaultdict(set)
+    for stream in streams:
         if stream.upstream is not None:
-            _add_relay(program, stream, (stream.src[0] - x0, stream.src[1] - y0))
+            _add_relay(program, stream, (stream.src[0] - x0, stream.src[1] - y0),
+                       frozenset({stream.color}) if id(stream) in handing_on else frozenset())
+        elif id(stream) in handing_on:
+            kernel_name, sid = stream.ends[0]
+            switched[kernel_name].add(sid)
+    switched_sids = {name: frozenset(sids) for name, sids in switched.items()}
     for kernel in kernels:
         kx, ky = positions[kernel.name]
         for (px, py), prog in kernel.programs.items():
@@ -690,7 +826,8 @@ def link(kernels: list[Kernel], positions: dict[str, PE], wafer: WaferConfig) ->
                 raise ValueError(f"kernel {kernel.name} overlaps another kernel at PE "
                                  f"({pe[0] + x0}, {pe[1] + y0})")
             program.pes[pe] = bound_program(prog, kernel_colors[kernel.name],
-                                             f"kernel {kernel.name} PE {(px, py)}")
+                                             f"kernel {kernel.name} PE {(px, py)}",
+                                             switched_sids.get(kernel.name, frozenset()))
         program.regions.append(Region(kernel.name, kernel.op, kx - x0, ky - y0, kernel.width,
                                       kernel.height))
         for slot in kernel.results:
@@ -704,4 +841,4 @@ def link(kernels: list[Kernel], positions: dict[str, PE], wafer: WaferConfig) ->
                                  f"{kernel.shapes[slot.tensor]} here, {layout.shape} elsewhere")
     return Linked(program=program, origin=(x0, y0), kernels={k.name: k for k in kernels},
                   positions=dict(positions), streams=streams, link_wavelets=link_wavelets,
-                  colors_used=colors_used)
+                  colors_used=colors_used, switched=switched_sids)

@@ -301,3 +301,50 @@ def test_streams_negotiation_cannot_color_are_split_at_relays(monkeypatch):
     for i in range(len(ends)):
         got = result.sram(*linked.kernel_pe(f"r{i}", (0, 0)))[:3]
         np.testing.assert_array_equal(got, np.arange(3) + 10 * i)
+
+
+def test_crossing_streams_of_the_two_phases_share_one_color_in_turn():
+    """The forced crossing again, now a forward stream (ta, a -> ra, eastward through PE
+    (1, 1)) and a gradient (grad:tb, b -> rb, southward through it): on one color they
+    cannot meet at once, but the backward's may follow the forward's. The route at (1, 1)
+    starts at position 1 (W -> E) and the control wavelet a sends after its last word
+    switches it to position 2 (N -> S); b's words wait for it, gated at the N port.
+
+    Closed form (`tests/test_switches.py`'s timing, L = 1, switch latency 0): a sends its
+    n words in cycles 0..n-1 and the control wavelet in cycle n, which leaves router
+    (1, 1) at n + 2; from n + 3 that router passes b's words, one per cycle, each consumed
+    by rb two cycles after it left: the last at n + m + 4, the run ends the cycle after."""
+    from wse_sim.critical import streams as traced_streams
+    from wse_sim.engine import simulate
+    from wse_sim.report import run_report
+
+    n, m = 3, 2
+    wafer = WaferConfig(colors=1)
+    ids = StreamIds()
+    a, b = sender("a", "ta", 1, n, ids), sender("b", "grad:tb", 1, m, ids)
+    a.load((0, 0), 0, np.arange(n, dtype=np.float32))
+    b.load((0, 0), 0, 100 + np.arange(m, dtype=np.float32))
+    kernels = [a, receiver("ra", "ta", {0: ((0, 0),)}, 1, 1, n, ids),
+               b, receiver("rb", "grad:tb", {0: ((0, 0),)}, 1, 1, m, ids)]
+    positions = {"a": (0, 1), "ra": (2, 1), "b": (1, 0), "rb": (1, 2)}
+    linked = link(kernels, positions, wafer)
+
+    assert linked.colors_used == 1
+    w, e, s, north = (port_mask(p) for p in (Port.W, Port.E, Port.S, Port.N))
+    crossing = linked.program.routes[(*linked.local((1, 1)), 0)]
+    assert (crossing.start, crossing.live) == (1, [(w, e), (north, s)])
+    assert linked.switched == {"a": frozenset({a.outputs[0].stream})}
+    (task,) = linked.program.pes[linked.local((0, 1))].tasks
+    assert task.instrs[-1].op is Op.SWITCH_ADV
+    validate(linked.program, wafer)
+    assert {(src, tuple(sinks)) for src, _, sinks in traced_streams(linked.program)} == {
+        (linked.local((0, 1)), (linked.local((2, 1)),)),
+        (linked.local((1, 0)), (linked.local((1, 2)),))}
+
+    result = simulate(linked.program, wafer)
+    np.testing.assert_array_equal(result.sram(*linked.kernel_pe("ra", (0, 0)))[:n], np.arange(n))
+    np.testing.assert_array_equal(result.sram(*linked.kernel_pe("rb", (0, 0)))[:m],
+                                  100 + np.arange(m))
+    report = run_report(linked.program, wafer, result.stats, 0.0)
+    assert (report["switch_changes"], report["control_wavelets"]) == (1, 1)
+    assert result.cycles == n + m + 5

@@ -20,7 +20,7 @@ TINY = yaml.safe_load((ROOT / "models" / "gpt_tiny.yaml").read_text())
 
 def _run(**sections: dict) -> dict:
     raw = {name: {**TINY[name], **sections.get(name, {})} if isinstance(TINY[name], dict)
-           else TINY[name] for name in TINY}
+           else sections.get(name, TINY[name]) for name in TINY}
     report = run_parsed(parse_config(raw, "gpt_tiny (varied)"), "gpt_tiny (varied)")
     assert report["check"]["passed"], report["check"]
     return report
@@ -30,6 +30,20 @@ def _run(**sections: dict) -> dict:
 def test_every_placement_passes_the_check(placement):
     report = _run(compile={"placement": placement})
     assert report["placement"] == placement
+
+
+def test_colors_shared_in_two_phases_compute_the_same_step():
+    """On a wafer of 15 colors gpt_tiny's linear placement routes only with some (PE,
+    color)s carrying a forward stream and then a backward one (`compiler/routing.py`, step
+    4): each such forward stream's source sends a control wavelet after its last wavelet,
+    which switches the routers it shares. The kernels are those of the 24-color wafer, so
+    the step computes the same values: every checked tensor's error is the same."""
+    wide = _run()
+    narrow = _run(wafer={"preset": "wse2", "colors": 15})
+    assert (wide["switch_changes"], wide["control_wavelets"]) == (0, 0)
+    assert narrow["switch_changes"] >= narrow["control_wavelets"] > 0
+    assert narrow["colors_used"] == 15
+    assert narrow["check"] == wide["check"]
 
 
 @pytest.mark.parametrize("batch", [2, 8, 32])

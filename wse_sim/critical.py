@@ -41,28 +41,35 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from wse_sim.program import PORT_OFFSET, Port, Program, port_mask
+from wse_sim.program import OPPOSITE, PORT_OFFSET, Port, Program, port_mask
 from wse_sim.stats import Stats
 
 PE = tuple[int, int]
 RAMP = port_mask(Port.RAMP)
-MESH = [(port_mask(port), offset) for port, offset in PORT_OFFSET.items()]
+# per mesh port: its tx bit, the step to the neighbour, the neighbour's rx bit it enters by
+MESH = [(port_mask(port), offset, port_mask(OPPOSITE[port]))
+        for port, offset in PORT_OFFSET.items()]
 
 
 def streams(program: Program) -> list[tuple[PE, int, list[PE]]]:
-    """Every sending PE and color, with the PEs its wavelets reach: (source, color, sinks)."""
+    """Every sending PE and color, with the PEs its wavelets reach: (source, color, sinks).
+    A route with switch positions passes a wavelet entering from a side on to the outputs
+    of every position it can be in that accepts that side."""
     out = []
     for (x, y, color), route in program.routes.items():
-        if not route.rx & RAMP or (x, y) not in program.pes:
+        if not any(rx & RAMP for rx, _ in route.live) or (x, y) not in program.pes:
             continue
-        sinks, seen, todo = [], {(x, y)}, [(x, y)]
+        sinks, seen, todo = [], {(x, y, RAMP)}, [(x, y, RAMP)]
         while todo:
-            px, py = todo.pop()
-            tx = program.routes[(px, py, color)].tx
-            if tx & RAMP:
+            px, py, side = todo.pop()
+            tx = 0
+            for rx, out_ports in program.routes[(px, py, color)].live:
+                if rx & side:
+                    tx |= out_ports
+            if tx & RAMP and (px, py) not in sinks:
                 sinks.append((px, py))
-            for bit, (dx, dy) in MESH:
-                nxt = (px + dx, py + dy)
+            for bit, (dx, dy), entered in MESH:
+                nxt = (px + dx, py + dy, entered)
                 on_fabric = 0 <= nxt[0] < program.width and 0 <= nxt[1] < program.height
                 # `validate` checked it has a route; off the fabric: an outbound edge port
                 if tx & bit and on_fabric and nxt not in seen:

@@ -363,6 +363,13 @@ class Route:
         return 0 if self.ring else k
 
     @property
+    def live(self) -> list[tuple[int, int]]:
+        """(rx, tx) of every position the route can be in: from `start` on, and those
+        before it too in ring mode (a base that only anchors the positions is not one)."""
+        ks = range(self.count) if self.ring else range(self.start, self.count)
+        return [self.position(k) for k in ks]
+
+    @property
     def rx_any(self) -> int:
         """The input ports some position accepts (they have FIFOs)."""
         return reduce(or_, (rx for rx, _ in self.positions), self.rx)
