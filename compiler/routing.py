@@ -33,24 +33,43 @@
    `MAX_ROUNDS` rounds, `REROUTES_PER_STREAM` reroutes per stream or `STALLED_ROUNDS`
    rounds without fewer streams sharing a pair. A PE that more streams start or end at than
    the wafer has colors is a `UserError` naming a stream at once.
-4. Relays: segments of a long route. A stream needs one color on every PE of its tree,
+4. Colors shared in time. A route held for the whole step makes 24 colors the scarce
+   resource of the whole step, but a training step has two phases: a stream of the forward
+   (a tensor that is not a gradient) carries its last wavelet before the loss sends its
+   first gradient, and the backward's streams (gradients) carry theirs after. When
+   negotiation gives up, it starts again (with the history so far) with phases: the
+   resources are then (layer, PE) pairs, a forward stream holding its PEs in the forward
+   layer and a gradient in the backward layer, so the two may share a (PE, color). Three
+   rules make a shared router correct whatever the timing, each also a layer: the two
+   enter the PE from different sides (a layer per side: the gradient's wavelets then wait
+   at a port the forward route does not accept, gated, until the switch); neither starts or
+   ends there (a stream holds its ends in both phase layers: a PE sends or takes in one
+   stream per color, so no kernel orders two streams on one color, and the run's counters
+   per (PE, color) belong to one stream); and a kernel-local stream, or a forward stream
+   that more than one task of its PE sends, holds both layers everywhere (it has no one
+   last wavelet to follow). A shared router starts at switch position 1, the forward
+   route, and the control wavelet the forward stream's source sends right after its last
+   wavelet (`with_advances`; one cycle and one ramp slot) switches it to position 2, the
+   gradient's route (`_switched_route`). Placements that route without phases get none
+   (their programs are unchanged); gpt_tiny's linear placement on a wafer of 15 colors
+   needs them for 15 routers, gpt_small's `random` placement for 1,444 (with 41 relays).
+   Source of the mechanism: `wse_sim.program` (the CSL switch positions and SWITCH_ADV).
+5. Relays: segments of a long route. A stream needs one color on every PE of its tree,
    which a crowded fabric may not have free along any candidate even where no PE carries
    more streams than there are colors. A relay task lifts that: a PE receives the stream on
    one color and re-sends it on another (one MOV of all its wavelets, FabIn -> FabOut, at
    the PE's usual cost of one wavelet per cycle and two cycles of latency through its
-   ramps). When negotiation gives up, every stream still sharing a pair (not kernel-local,
-   its farthest destination at least `MIN_RELAYED_HOPS` away) is split in two at a relay
-   PE: one outside every kernel and not yet a relay, near the middle of the way to its
-   farthest destination, little off it, where few colors are in use. The segments
-   negotiate as streams of their own, the others starting where they were, with the history
-   so far; up to `RELAY_PASSES` times, then the pairs still shared are a `UserError` naming
-   a stream. Placements that route without relays get none (their programs are unchanged).
-   gpt_small at lane width 24 (1,937 PEs) routes with 81 relays. The compact `random`
-   placement does not: negotiation leaves 248 streams sharing, 430 relays do not clear
-   them, and PEs in its crowded middle use all 24 colors (README, "Benchmarks").
+   ramps; then a control wavelet if its segment hands a pair on). When negotiation gives
+   up even with phases, every stream still sharing a pair (not kernel-local, its farthest
+   destination at least `MIN_RELAYED_HOPS` away) is split in two at a relay PE: one
+   outside every kernel and not yet a relay, near the middle of the way to its farthest
+   destination, little off it, where few colors are in use. The segments negotiate as
+   streams of their own (of their stream's phase), the others starting where they were,
+   with the history so far; up to `RELAY_PASSES` times, then the pairs still shared are a
+   `UserError` naming a stream. Placements that route without relays get none.
    Symbolic stream ids are mapped per kernel (ids of separately built kernels may coincide)
    and rewritten with `bind_colors`.
-5. Program. Only the bounding box of the placed kernels is simulated; `Linked.origin` is
+6. Program. Only the bounding box of the placed kernels is simulated; `Linked.origin` is
    that box's top-left PE on the wafer. Each PE's SRAM is checked against
    `wafer.sram_words_per_pe` at compile time. Each relay is a region of its own, labelled
    `relay`, so reports and the critical path show it.
@@ -436,6 +455,16 @@ def _side(rx: int) -> int:
     return rx.bit_length() - 1
 
 
+def _carried(history: np.ndarray, resources: int) -> np.ndarray:
+    """`history` of an earlier negotiation for one of `resources` rows (`_Negotiation`)."""
+    if len(history) == resources:
+        return history
+    carried = np.zeros((resources, history.shape[1]))
+    for layer in (_FORWARD_LAYER, _BACKWARD_LAYER):
+        carried[layer * len(history):(layer + 1) * len(history)] = history
+    return carried
+
+
 class _Negotiation:
     """PathFinder state over the (resource, color) pairs (module docstring): per stream
     its candidate trees as the resources each holds (`_resources`), the chosen (tree,
@@ -444,14 +473,17 @@ class _Negotiation:
     def __init__(self, trees: list[list[np.ndarray]], resources: int, colors: int,
                  earlier: _Negotiation | None = None) -> None:
         """Fresh, or going on from the history and pressure of an `earlier` negotiation
-        over the same box (with phases, its PEs' history copied to every layer)."""
+        over the same box. Going on to phases, the PEs' history is copied to both phase
+        layers and the side layers start without: history says where PEs were crowded,
+        the sides are a new rule (starting them with it too, gpt_small at lane width 24
+        took 25 relays and still failed; without, 12 relays and it routes)."""
         self.trees = trees
         self.flat = [np.concatenate(candidates) for candidates in trees]
         self.starts = [np.cumsum([0] + [t.size for t in candidates[:-1]]) for candidates in trees]
         # per (resource, color): resource-major, so a stream's are contiguous rows to gather
         self.occupancy = np.zeros((resources, colors), dtype=np.int64)
         self.history = (np.zeros(self.occupancy.shape) if earlier is None else
-                        np.tile(earlier.history, (resources // len(earlier.history), 1)))
+                        _carried(earlier.history, resources))
         # the streams on each (color, resource) pair
         self.users: list[defaultdict[int, set[int]]] = [defaultdict(set) for _ in range(colors)]
         self.pressure = PRESSURE_START if earlier is None else earlier.pressure
@@ -664,7 +696,7 @@ def _split_at_relays(streams: list[RoutedStream], stuck: set[int],
                      box: tuple[int, int, int, int], taken: set[PE],
                      load: np.ndarray) -> list[RoutedStream]:
     """`streams` with each stuck stream that can be split replaced by two segments that
-    meet at a relay PE (module docstring, step 4): a PE of `box` outside every kernel and
+    meet at a relay PE (module docstring, step 5): a PE of `box` outside every kernel and
     not yet a relay (`taken`), near the midpoint of the way from the source to the
     farthest destination and off it by as little as possible."""
     x0, y0, x1, y1 = box
