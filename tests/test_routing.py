@@ -19,6 +19,7 @@ from wse_sim.program import (
     FabIn,
     FabOut,
     Imm,
+    Kind,
     Mem,
     Op,
     Port,
@@ -348,3 +349,16 @@ def test_crossing_streams_of_the_two_phases_share_one_color_in_turn():
     report = run_report(linked.program, wafer, result.stats, 0.0)
     assert (report["switch_changes"], report["control_wavelets"]) == (1, 1)
     assert result.cycles == n + m + 5
+
+
+def test_binding_keeps_each_operands_precision():
+    """One stream read as fp32 in one instruction and as fp16 halves in another: each
+    operand is bound to the routed color with its own precision."""
+    from compiler.lowering.kernel import SYMBOLIC_BASE, bind_colors
+
+    sid = SYMBOLIC_BASE + 7
+    instrs = [vec(Op.MOV, 2, Mem(0), FabIn(sid)), vec(Op.MOV, 2, Mem(2), FabIn(sid, half=True)),
+              vec(Op.MOV, 2, FabOut(sid, half=True), Mem(0))]
+    bound = bind_colors(instrs, {sid: 5}, "test")
+    assert [(i.a if i.a.kind is not Kind.MEM else i.dst) for i in bound] == [
+        FabIn(5), FabIn(5, half=True), FabOut(5, half=True)]

@@ -268,19 +268,18 @@ def bind_colors(instrs: list[Instr], colors: dict[int, int], where: str) -> list
     symbolic id missing from `colors` is a compiler bug named by `where`). Instructions
     that name no stream are kept as they are: most of a model's are not on the fabric, and
     rebuilding them dominated linking."""
-    bound: dict[tuple[Kind, int], Operand] = {}
+    bound: dict[Operand, Operand] = {}  # each distinct operand (kind, id, fp16 or not)
 
     def bind(operand: Operand) -> Operand:
         kind = operand.kind
         if (kind is not Kind.FABIN and kind is not Kind.FABOUT) or operand.color < SYMBOLIC_BASE:
             return operand
-        key = (kind, operand.color)
-        new = bound.get(key)
+        new = bound.get(operand)
         if new is None:
             if operand.color not in colors:
                 raise ValueError(f"{where}: stream id {operand.color} is not declared in the "
                                  f"kernel's inputs, outputs or local streams")
-            new = bound[key] = replace(operand, color=colors[operand.color])
+            new = bound[operand] = replace(operand, color=colors[operand.color])
         return new
 
     out = []
