@@ -65,7 +65,8 @@ def kernel_traffic(kernels: list[Kernel]) -> list[tuple[str, str, int]]:
             producers[(end.tensor, end.lane)] = (kernel.name, words)
     words: dict[tuple[str, str], int] = defaultdict(int)
     for kernel in kernels:
-        for key in {(end.tensor, end.lane) for end in kernel.inputs}:
+        # each lane once, in declaration order (a set's order would vary by process)
+        for key in dict.fromkeys((end.tensor, end.lane) for end in kernel.inputs):
             src, count = producers[key]
             words[(src, kernel.name)] += count
     return [(src, dst, n) for (src, dst), n in words.items()]
