@@ -830,8 +830,6 @@ def link(kernels: list[Kernel], positions: dict[str, PE], wafer: WaferConfig) ->
             kernel_colors[kernel_name][sid] = stream.color
         for (x, y), route in stream.entries.items():
             pairs[(x - x0, y - y0, stream.color)].append((stream, route))
-        for (x, y), port in stream.links():
-            link_wavelets[int(port), y - y0, x - x0] += stream.wavelets
     handing_on: set[int] = set()  # id() of the forward streams that hand a pair on
     for (x, y, color), users in pairs.items():
         if len(users) == 1:
@@ -843,6 +841,10 @@ def link(kernels: list[Kernel], positions: dict[str, PE], wafer: WaferConfig) ->
         handing_on.add(id(first))
     switched: dict[str, set[int]] = defaultdict(set)
     for stream in streams:
+        # the control wavelet crosses every link the stream's data does
+        sent = stream.wavelets + (id(stream) in handing_on)
+        for (x, y), port in stream.links():
+            link_wavelets[int(port), y - y0, x - x0] += sent
         if stream.upstream is not None:
             _add_relay(program, stream, (stream.src[0] - x0, stream.src[1] - y0),
                        frozenset({stream.color}) if id(stream) in handing_on else frozenset())

@@ -44,6 +44,8 @@ def test_colors_shared_in_two_phases_compute_the_same_step():
     assert narrow["switch_changes"] >= narrow["control_wavelets"] > 0
     assert narrow["colors_used"] == 15
     assert narrow["check"] == wide["check"]
+    # the compiler's link loads count the control wavelets too: every crossing accounted
+    assert narrow["link_load_estimate"]["total"] == narrow["fabric_wavelet_hops"]
 
 
 @pytest.mark.parametrize("batch", [2, 8, 32])
