@@ -52,7 +52,7 @@
    wavelet (`with_advances`; one cycle and one ramp slot) switches it to position 2, the
    gradient's route (`_switched_route`). Placements that route without phases get none
    (their programs are unchanged); gpt_tiny's linear placement on a wafer of 15 colors
-   needs them for 15 routers, gpt_small's `random` placement for 1,444 (with 41 relays).
+   needs them for 14 routers, gpt_small's `random` placement for 1,444 (with 41 relays).
    Source of the mechanism: `wse_sim.program` (the CSL switch positions and SWITCH_ADV).
 5. Relays: segments of a long route. A stream needs one color on every PE of its tree,
    which a crowded fabric may not have free along any candidate even where no PE carries

@@ -26,8 +26,12 @@ def run(args: argparse.Namespace) -> int:
     compiled = compile_config(args.config, args.placement)
     program = compiled.linked.program
     save_program(program, args.output, compiled.cfg.wafer)
+    switched = sum(1 for route in program.routes.values() if route.positions)
+    relays = sum(1 for region in program.regions if region.label == "relay")
+    sharing = (f", {switched} (PE, color)s taken in turn by a forward and a backward stream"
+               if switched else "") + (f", {relays} relays" if relays else "")
     print(f"{args.config}: {len(compiled.kernels)} kernels on {program.width} x "
           f"{program.height} PEs ({len(program.pes)} used, {compiled.linked.colors_used} "
-          f"colors), {len(program.tensors)} tensors, compiled in {compiled.seconds:.1f} s "
-          f"-> {args.output}")
+          f"colors{sharing}), {len(program.tensors)} tensors, compiled in "
+          f"{compiled.seconds:.1f} s -> {args.output}")
     return 0
