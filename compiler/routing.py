@@ -39,20 +39,25 @@
    first gradient, and the backward's streams (gradients) carry theirs after. When
    negotiation gives up, it starts again (with the history so far) with phases: the
    resources are then (layer, PE) pairs, a forward stream holding its PEs in the forward
-   layer and a gradient in the backward layer, so the two may share a (PE, color). Three
-   rules make a shared router correct whatever the timing, each also a layer: the two
-   enter the PE from different sides (a layer per side: the gradient's wavelets then wait
-   at a port the forward route does not accept, gated, until the switch); neither starts or
-   ends there (a stream holds its ends in both phase layers: a PE sends or takes in one
-   stream per color, so no kernel orders two streams on one color, and the run's counters
-   per (PE, color) belong to one stream); and a kernel-local stream, or a forward stream
-   that more than one task of its PE sends, holds both layers everywhere (it has no one
-   last wavelet to follow). A shared router starts at switch position 1, the forward
-   route, and the control wavelet the forward stream's source sends right after its last
-   wavelet (`with_advances`; one cycle and one ramp slot) switches it to position 2, the
-   gradient's route (`_switched_route`). Placements that route without phases get none
-   (their programs are unchanged); gpt_tiny's linear placement on a wafer of 15 colors
-   needs them for 14 routers, gpt_small's `random` placement for 1,444 (with 41 relays).
+   layer and a gradient in the backward layer, so the two may share a (PE, color). A
+   shared router starts at switch position 1, the forward route, and the control wavelet
+   the forward stream's source sends right after its last wavelet (`with_advances`; one
+   cycle and one ramp slot) switches it to position 2, the gradient's route
+   (`_switched_route`). Two rules keep that correct whatever the timing. A stream holds
+   its ends in both layers: a PE sends or takes in one stream per color, so no kernel has
+   to order two streams on one color (and the run's counters per (PE, color) belong to one
+   stream). And a kernel-local stream, or a forward stream that more than one task of its
+   PE sends, holds both layers everywhere (it has no one last wavelet to follow). Then the
+   switch orders the two streams at every shared router: follow the gradient upstream
+   from one while it enters from the same side as the forward stream; the PE it comes
+   from carries both too, and not as an end, so the walk reaches a shared router that the
+   two enter from different sides (their sources differ). There the gradient's wavelets
+   wait at a port the forward position does not accept, gated, until the forward stream's
+   control wavelet has left; from there on they follow it through the same FIFOs, which
+   keep order, so every router downstream has switched before they come. In a training
+   step the forward never waits for the backward, so the wait cannot deadlock. Placements
+   that route without phases get none (their programs are unchanged); gpt_tiny's linear
+   placement on a wafer of 15 colors needs them, gpt_small's `random` placement too.
    Source of the mechanism: `wse_sim.program` (the CSL switch positions and SWITCH_ADV).
 5. Relays: segments of a long route. A stream needs one color on every PE of its tree,
    which a crowded fabric may not have free along any candidate even where no PE carries
@@ -420,10 +425,8 @@ def _collect_streams(kernels: list[Kernel], positions: dict[str, PE]) -> list[Ro
 
 
 # Negotiation layers (module docstring, step 4): without phases one, the PEs; with phases
-# the forward's PEs, the backward's, and per side a stream may enter a PE from (N, E, S, W,
-# RAMP) the PEs entered from that side.
-_FORWARD_LAYER, _BACKWARD_LAYER, _SIDE_LAYER = 0, 1, 2
-_PHASED_LAYERS = _SIDE_LAYER + len(Port)
+# the forward's PEs and the backward's.
+_FORWARD_LAYER, _BACKWARD_LAYER = 0, 1
 _PHASE_LAYERS = {FORWARD: (_FORWARD_LAYER,), BACKWARD: (_BACKWARD_LAYER,),
                  WHOLE: (_FORWARD_LAYER, _BACKWARD_LAYER)}
 
@@ -431,38 +434,17 @@ _PHASE_LAYERS = {FORWARD: (_FORWARD_LAYER,), BACKWARD: (_BACKWARD_LAYER,),
 def _resources(tree: _Tree, stream: RoutedStream, pes: int, flat: dict[PE, int],
                phased: bool) -> np.ndarray:
     """The negotiation resources (layer x `pes` + flat PE) a stream holds with `tree`.
-    Without phases, its PEs. With phases, its PEs in the layers of its phase; for a stream
-    of one phase also each PE in the layer of the side it enters that PE from, so two
-    streams that share a (PE, color) in turn enter it from different sides (the later
-    one's wavelets then wait at a port the first one's position does not accept: the
-    switch orders them, `_switched_route`); and its ends in both phase layers, so a PE
-    sends or takes in at most one stream per color and the run's counters per (PE, color)
-    each belong to one stream (the critical path reads them)."""
+    Without phases, its PEs. With phases, its PEs in the layers of its phase, and for a
+    stream of one phase its ends in the other layer too, so a PE sends or takes in at most
+    one stream per color (module docstring, step 4)."""
     index = np.array([flat[pe] for pe in tree.rx], dtype=np.int64)
     if not phased:
         return index
     held = [layer * pes + index for layer in _PHASE_LAYERS[stream.phase]]
     if stream.phase != WHOLE:
-        sides = np.array([_SIDE_LAYER + _side(rx) for rx in tree.rx.values()])
         ends = np.array([flat[pe] for pe in {stream.src, *stream.dsts}], dtype=np.int64)
-        other = _PHASE_LAYERS[WHOLE ^ stream.phase][0]
-        held += [sides * pes + index, other * pes + ends]
+        held.append(_PHASE_LAYERS[WHOLE ^ stream.phase][0] * pes + ends)
     return np.concatenate(held)
-
-
-def _side(rx: int) -> int:
-    """The port whose bit is the single bit of `rx` (a tree's PE is entered from one side)."""
-    return rx.bit_length() - 1
-
-
-def _carried(history: np.ndarray, resources: int) -> np.ndarray:
-    """`history` of an earlier negotiation for one of `resources` rows (`_Negotiation`)."""
-    if len(history) == resources:
-        return history
-    carried = np.zeros((resources, history.shape[1]))
-    for layer in (_FORWARD_LAYER, _BACKWARD_LAYER):
-        carried[layer * len(history):(layer + 1) * len(history)] = history
-    return carried
 
 
 class _Negotiation:
@@ -473,17 +455,14 @@ class _Negotiation:
     def __init__(self, trees: list[list[np.ndarray]], resources: int, colors: int,
                  earlier: _Negotiation | None = None) -> None:
         """Fresh, or going on from the history and pressure of an `earlier` negotiation
-        over the same box. Going on to phases, the PEs' history is copied to both phase
-        layers and the side layers start without: history says where PEs were crowded,
-        the sides are a new rule (starting them with it too, gpt_small at lane width 24
-        took 25 relays and still failed; without, 12 relays and it routes)."""
+        over the same box (going on to phases, its PEs' history copied to both layers)."""
         self.trees = trees
         self.flat = [np.concatenate(candidates) for candidates in trees]
         self.starts = [np.cumsum([0] + [t.size for t in candidates[:-1]]) for candidates in trees]
         # per (resource, color): resource-major, so a stream's are contiguous rows to gather
         self.occupancy = np.zeros((resources, colors), dtype=np.int64)
         self.history = (np.zeros(self.occupancy.shape) if earlier is None else
-                        _carried(earlier.history, resources))
+                        np.tile(earlier.history, (resources // len(earlier.history), 1)))
         # the streams on each (color, resource) pair
         self.users: list[defaultdict[int, set[int]]] = [defaultdict(set) for _ in range(colors)]
         self.pressure = PRESSURE_START if earlier is None else earlier.pressure
@@ -601,7 +580,7 @@ def _route(streams: list[RoutedStream], box: tuple[int, int, int, int], wafer: W
         negotiation = _Negotiation(
             [[_resources(tree, s, pes, flat, phased) for tree in trees]
              for s, trees in zip(streams, candidates, strict=True)],
-            pes * (_PHASED_LAYERS if phased else 1), wafer.colors, negotiation)
+            pes * (len(_PHASE_LAYERS[WHOLE]) if phased else 1), wafer.colors, negotiation)
         stuck = negotiation.run({i: earlier[id(s)] for i, s in enumerate(streams)
                                  if id(s) in earlier})
         earlier = {id(s): choice for s, choice in zip(streams, negotiation.choice, strict=True)}

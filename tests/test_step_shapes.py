@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from compiler.compile import compile_step
 from compiler.config import PLACEMENTS, parse_config
 from wse_sim.errors import UserError
 from wse_sim.pipeline import run_parsed
@@ -32,17 +33,25 @@ def test_every_placement_passes_the_check(placement):
     assert report["placement"] == placement
 
 
-def test_colors_shared_in_two_phases_compute_the_same_step():
-    """On a wafer of 15 colors gpt_tiny's linear placement routes only with some (PE,
-    color)s carrying a forward stream and then a backward one (`compiler/routing.py`, step
-    4): each such forward stream's source sends a control wavelet after its last wavelet,
-    which switches the routers it shares. The kernels are those of the 24-color wafer, so
-    the step computes the same values: every checked tensor's error is the same."""
-    wide = _run()
-    narrow = _run(wafer={"preset": "wse2", "colors": 15})
+@pytest.mark.parametrize("placement, colors", [("linear", 15), ("random", 16)])
+def test_colors_shared_in_two_phases_compute_the_same_step(placement, colors):
+    """On a wafer of 15 colors gpt_tiny's linear placement, and on one of 16 its random
+    placement, route only with some (PE, color)s carrying a forward stream and then a
+    backward one (`compiler/routing.py`, step 4): each such forward stream's source sends
+    a control wavelet after its last wavelet, which switches the routers it shares; under
+    random placement some of them the gradient enters from the same side as the forward
+    stream, and FIFO order alone keeps it behind the control wavelet. The kernels are those
+    of the 24-color wafer, so the step computes the same values: every checked tensor's
+    error is the same."""
+    wafer = {"preset": "wse2", "colors": colors}
+    routes = compile_step(parse_config({**TINY, "wafer": wafer}), placement).linked.program.routes
+    same_side = [r for r in routes.values() if r.positions and r.live[0][0] == r.live[1][0]]
+    assert (placement == "random") == bool(same_side)
+    wide = _run(compile={"placement": placement})
+    narrow = _run(compile={"placement": placement}, wafer=wafer)
     assert (wide["switch_changes"], wide["control_wavelets"]) == (0, 0)
     assert narrow["switch_changes"] >= narrow["control_wavelets"] > 0
-    assert narrow["colors_used"] == 15
+    assert narrow["colors_used"] == colors
     assert narrow["check"] == wide["check"]
     # the compiler's link loads count the control wavelets too: every crossing accounted
     assert narrow["link_load_estimate"]["total"] == narrow["fabric_wavelet_hops"]

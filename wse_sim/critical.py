@@ -33,7 +33,12 @@ slow (see its compute share and its stalls) or because its own input came late, 
 kernel that slowed every row without being last is not on it. Back-pressure (a producer
 waiting for output room) and a consumer busy with other work are not edges. Time inside a
 kernel is not split among its PEs or its internal streams. Where routes merge several
-senders onto one color, each of them counts as a producer of the stream.
+senders onto one color, each of them counts as a producer of the stream. A router with
+switch positions passes a wavelet on per every position that accepts the side it came
+from: where one passes two streams in turn from the same side, the walk from either
+sender reaches the other's sinks too, and a sink that took its last wavelet no later than
+the sender's last left it is dropped as not that sender's (the other pairing has the
+later sender, which the walk prefers, so a wrong one is never chosen over it).
 """
 
 from __future__ import annotations
@@ -100,7 +105,10 @@ def critical_path(program: Program, stats: Stats, ends: list[int]) -> list[dict[
         taken: dict[int, int] = {}
         for sink in sinks:
             consumer, cycle = kernel_of.get(sink), last[False].get((*sink, color))
-            if consumer is not None and consumer != producer and cycle is not None:
+            # a sink that took its last wavelet before this sender's last left it is not
+            # this stream's (a router passing two streams in turn from one side)
+            if consumer is not None and consumer != producer and cycle is not None \
+                    and cycle > left:
                 taken[consumer] = max(taken.get(consumer, -1), cycle)
         for consumer, cycle in taken.items():
             inputs[consumer].append((left, cycle, producer))
