@@ -253,8 +253,9 @@ def run_point(cfg: RunConfig, label: str, max_cycles: int | None) -> dict[str, A
 
 def _quiet_logs() -> None:
     """Nothing from dask.distributed's loggers in this process but critical failures: what
-    the cluster logs while it shuts down mid-task (cancelled tasks, workers killed, lost
-    heartbeats, with their tracebacks) is not news after a Ctrl-C."""
+    the cluster logs while it shuts down (after a Ctrl-C cancelled tasks and killed
+    workers; or at the end, a worker's heartbeat racing the scheduler's close) is not news,
+    and comes with tracebacks."""
     for name in ("distributed", "tornado"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
@@ -290,6 +291,7 @@ def dask_client(scheduler: str | None, workers: int) -> Iterator[Any]:
                 _quiet_logs()
                 client.run(_quiet_logs)
                 raise
+            client.run(_quiet_logs)  # the workers, before the cluster closes
         return
     try:
         client = Client(scheduler, timeout=CONNECT_SECONDS)
