@@ -86,9 +86,11 @@ def update_name(parameter: str) -> str:
 
 def relative_error(sim: np.ndarray, ref: np.ndarray) -> float:
     ref64 = np.asarray(ref, np.float64)
-    diff = np.linalg.norm(np.asarray(sim, np.float64).reshape(ref64.shape) - ref64)
-    scale = np.linalg.norm(ref64)
-    return float(diff / scale) if scale > 0 else float(diff)
+    # values that overflowed give inf - inf and inf / inf: NaN, which the report names
+    with np.errstate(invalid="ignore"):
+        diff = np.linalg.norm(np.asarray(sim, np.float64).reshape(ref64.shape) - ref64)
+        scale = np.linalg.norm(ref64)
+        return float(diff / scale) if scale > 0 else float(diff)
 
 
 @dataclass
