@@ -60,12 +60,14 @@ PE = tuple[int, int]
 @dataclass(frozen=True)
 class _Rebuild:
     """One kernel that reads the batch: the graph op its family lowers it from, the colors
-    of its streams in declaration order, and its PEs' code for the compiled batch as a
-    rebuild makes it (unbound stream ids: a rebuild's are the same for any batch)."""
+    of its streams in declaration order, its PEs' code for the compiled batch as a rebuild
+    makes it (unbound stream ids: a rebuild's are the same for any batch), and the ids of
+    its streams that end with a control wavelet (`Linked.switched`, in a rebuild's ids)."""
 
     op: str
     colors: tuple[int, ...]
     tasks: dict[tuple[int, int], list[Task]]
+    switched: frozenset[int]
 
 
 class BatchCode:
@@ -91,15 +93,18 @@ class BatchCode:
         for kernel in compiled.kernels:
             if kernel.name in self.reading | self.updating:
                 base = self._build(kernel.name, kernel.ops[0], compiled.code_batch)
+                switched = compiled.linked.switched.get(kernel.name, frozenset())
                 rebuild = self.rebuilds[kernel.name] = _Rebuild(
                     kernel.ops[0], tuple(colors[kernel.name][s] for s in _streams(kernel)),
-                    {pe: prog.tasks for pe, prog in base.programs.items()})
+                    {pe: prog.tasks for pe, prog in base.programs.items()},
+                    frozenset(new for old, new in zip(_streams(kernel), _streams(base),
+                                                      strict=True) if old in switched))
                 # pe_tasks keeps the compiled Task where a rebuild's task equals the base's
                 bindings = _bindings(base, rebuild)
                 for pe, prog in base.programs.items():
                     at = compiled.linked.kernel_pe(kernel.name, pe)
                     if (bound_program(prog, bindings, f"kernel {kernel.name} PE {pe}",
-                                      self._switched(base)).tasks
+                                      rebuild.switched).tasks
                             != compiled.linked.program.pes[at].tasks):
                         raise AssertionError(f"kernel {kernel.name} PE {pe}: rebuilt for the "
                                              f"compiled batch, its code differs from the "
@@ -115,14 +120,6 @@ class BatchCode:
                              compiled.flips[name])
         _check_same_shape(compiled.linked.kernels[name], kernel)
         return kernel
-
-    def _switched(self, kernel: Kernel) -> frozenset[int]:
-        """The symbolic ids of `kernel`, a rebuild, whose streams end with a control wavelet
-        (`Linked.switched`: the compiled kernel's, matched in declaration order)."""
-        compiled = self.compiled.linked.kernels[kernel.name]
-        switched = self.compiled.linked.switched.get(kernel.name, frozenset())
-        return frozenset(new for old, new in zip(_streams(compiled), _streams(kernel), strict=True)
-                         if old in switched)
 
     def pe_tasks(self, batch: Batch, *, defer_update: bool = False) -> BatchTasks:
         """The tasks of every PE whose code differs for `batch` (program coordinates);
@@ -151,7 +148,7 @@ class BatchCode:
         linked = self.compiled.linked
         rebuild = self.rebuilds[name]
         new = self._build(name, rebuild.op, batch, defer_update)
-        bindings, switched = _bindings(new, rebuild), self._switched(new)
+        bindings = _bindings(new, rebuild)
         changed: dict[PE, list[Task]] = {}
         instructions = 0
         for pe, prog in new.programs.items():
@@ -162,7 +159,7 @@ class BatchCode:
             compiled = linked.program.pes[at].tasks
             changed[at] = [
                 compiled[i] if i < len(base) and task == base[i]
-                else bound_task(task, bindings, f"kernel {name} PE {pe}", switched)
+                else bound_task(task, bindings, f"kernel {name} PE {pe}", rebuild.switched)
                 for i, task in enumerate(prog.tasks)]
             instructions += sum(len(task.instrs) for i, task in enumerate(changed[at])
                                 if i >= len(compiled) or task is not compiled[i])

@@ -406,10 +406,9 @@ def _collect_streams(kernels: list[Kernel], positions: dict[str, PE]) -> list[Ro
         dsts = sorted({at(k, p) for k, _, pes in lane.consumers for p in pes})
         # a forward stream can hand its colors on only if one task sends it: the control
         # wavelet goes after that task's last send
-        senders = sum(sid in fabric_elements(task.instrs, Kind.FABOUT)
-                      for task in kernel.programs[pe].tasks)
         phase = (BACKWARD if is_gradient(lane.tensor) else
-                 FORWARD if senders == 1 else WHOLE)
+                 FORWARD if sum(sid in fabric_elements(task.instrs, Kind.FABOUT)
+                                for task in kernel.programs[pe].tasks) == 1 else WHOLE)
         streams.append(RoutedStream(
             name=f"{lane.tensor}[lane {lane.lane}]", src=at(kernel, pe), dsts=tuple(dsts),
             ends=[(kernel.name, sid)] + [(k.name, s) for k, s, _ in lane.consumers],
