@@ -16,6 +16,12 @@ after the other while their producers run side by side.
 The attention kernel's PEs per head group (G) are the fewest with which its slowest row
 takes no longer than a matmul's row with w x w blocks (`balanced_key_pes`): the matmuls
 set the pipeline's pace, and a slower attention would stall every kernel around it.
+
+For the same reason a matmul whose lanes are wider than w on one side (the QKV and output
+projections, against whole heads when w < d_head) holds its weights in blocks of fewer
+rows than its input lanes (`k_blocks`, `compiler.ops.matmul.balanced_k_block`): the widest
+that keep the w x w pace, so that its PEs grow with its work instead of its rows slowing
+the step.
 """
 
 from __future__ import annotations
@@ -25,7 +31,13 @@ from dataclasses import dataclass, field
 from compiler.graph import TrainingGraph
 from compiler.lowering.kernel import lane_cols
 from compiler.ops.attention import AttnShape, balanced_key_pes
-from compiler.ops.matmul import backward_row_cycles, forward_row_cycles
+from compiler.ops.matmul import (
+    backward_row_cycles,
+    balanced_k_block,
+    forward_row_cycles,
+    is_mixed,
+    output_tensor,
+)
 
 Lane = tuple[int, int]
 
@@ -49,6 +61,7 @@ class Plan:
     widths: dict[str, int] = field(default_factory=dict)
     sections: dict[str, int] = field(default_factory=dict)  # fused tensor -> section cols
     key_pes: dict[str, int] = field(default_factory=dict)  # attention block -> G
+    k_blocks: dict[str, int] = field(default_factory=dict)  # matmul -> K block (narrow)
 
     def lanes(self, tensor: str, cols: int) -> list[Lane]:
         """The lanes of `tensor` ([rows, cols]); a fused tensor's lanes never cross its
@@ -61,8 +74,8 @@ class Plan:
 
 
 def plan_step(graph: TrainingGraph, width: int) -> Plan:
-    """Lanes of width `width` everywhere but attention's tensors, and each attention
-    kernel's PEs per head group (see the docstring)."""
+    """Lanes of width `width` everywhere but attention's tensors, each attention kernel's
+    PEs per head group and each matmul's K blocks (see the docstring)."""
     model = graph.cfg.model
     plan = Plan(width)
     attn = attention_width(width, model.d_head)
@@ -83,4 +96,14 @@ def plan_step(graph: TrainingGraph, width: int) -> Plan:
                               plan.lanes(qkv, 3 * model.d_model), plan.lanes(out, model.d_model),
                               1)
             plan.key_pes[block] = balanced_key_pes(block, shape, pace)
+    for op in graph.ops.values():
+        if op.kind != "matmul":
+            continue
+        x, y = op.inputs[0], output_tensor(op)
+        k_cols = graph.tensors[x].shape[1]
+        n_cols = sum(graph.tensors[o].shape[1] for o in op.outputs)
+        k_block = balanced_k_block(max(b - a for a, b in plan.lanes(x, k_cols)),
+                                   max(b - a for a, b in plan.lanes(y, n_cols)), pace)
+        if k_block is not None:  # fp16 x rows: blocks start at even columns
+            plan.k_blocks[op.name] = max(2, k_block - k_block % 2) if is_mixed(op) else k_block
     return plan

@@ -13,8 +13,12 @@ from compiler.lowering.dots import dot_cycles, half_dot_step
 from compiler.lowering.kernel import StreamIds, lane_cols
 from compiler.ops.matmul import (
     backward_cycles,
+    backward_row_cycles,
+    balanced_k_block,
     build_linear,
     forward_cycles,
+    forward_row_cycles,
+    grid_pes,
     half_convert_step,
     half_copy_cycles,
     linear_backward,
@@ -33,8 +37,9 @@ LOSS_SCALE = 4096
 
 
 def linear(rows, k, n, wk, wn, *, bias=True, backward=True, dx=True, seed=0,
-           precision="fp32", dy_scale=1.0):
-    """A [rows, k] x [k, n] kernel, x in lanes of wk columns, Y in lanes of wn."""
+           precision="fp32", dy_scale=1.0, k_block=None):
+    """A [rows, k] x [k, n] kernel, x in lanes of wk columns, Y in lanes of wn, W in blocks
+    of `k_block` rows."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((rows, k)).astype(np.float32)
     w = rng.standard_normal((k, n)).astype(np.float32)
@@ -45,7 +50,7 @@ def linear(rows, k, n, wk, wn, *, bias=True, backward=True, dx=True, seed=0,
         n_lanes=lane_cols(n, wn), weight=w, bias=b, update=SGD, x_tensor="x", y_tensor="y",
         dy_tensor="dy" if backward else None, dx_tensor="dx" if backward and dx else None,
         weight_name="w", bias_name="b" if bias else None, precision=precision,
-        loss_scale=LOSS_SCALE)
+        loss_scale=LOSS_SCALE, k_block=k_block, queue_depth=WaferConfig().queue_depth)
     return kernel, x, w, b, dy
 
 
@@ -75,6 +80,73 @@ def test_linear_matches_numpy(rows, k, n, wk, wn, bias, dx):
                           np.abs(b64) + 0.1 * db_abs, rows + 2)
     else:
         assert "grad:b" not in run.results
+
+
+@settings(max_examples=8, deadline=None)
+@given(rows=st.integers(1, 9), k=st.integers(2, 19), n=st.integers(1, 19),
+       wk=st.integers(3, 8), wn=st.integers(3, 8), data=st.data(), bias=st.booleans(),
+       dx=st.booleans(), mixed=st.booleans())
+def test_k_blocks_match_numpy(rows, k, n, wk, wn, data, bias, dx, mixed):
+    """Lanes cut into blocks of fewer rows (several PE rows a lane, the dX columns passed
+    down the east column) compute the same step, in fp32 and in mixed precision."""
+    k_block = data.draw(st.sampled_from([2, 4, 6] if mixed else list(range(1, wk))))
+    precision = "mixed" if mixed else "fp32"
+    kernel, x, w, b, dy = linear(rows, k, n, wk, wn, bias=bias, dx=dx, precision=precision,
+                                 dy_scale=1e-6 if mixed else 1.0, k_block=k_block)
+    assert kernel.height == sum(-(-(k1 - k0) // k_block) for k0, k1 in lane_cols(k, wk))
+    run = run_kernel(kernel, {"x": x, "dy": dy})
+    x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
+    b64 = b.astype(np.float64) if bias else np.zeros(n)
+    scale = LOSS_SCALE if mixed else 1
+    y_abs = linear_forward(np.abs(x64), np.abs(w64), np.abs(b64), half=mixed)
+    dx_abs, dw_abs, _ = linear_backward(np.abs(dy64), np.abs(x64), np.abs(w64), half=mixed,
+                                        scale=scale)
+    dx_ref, dw, _ = linear_backward(dy64, x64, w64, half=mixed, scale=scale)
+    assert_sums_close(run.outputs["y"], linear_forward(x64, w64, b64, half=mixed), y_abs, k + 1)
+    if dx:
+        assert_sums_close(run.outputs["dx"], dx_ref, dx_abs, n)
+    assert_sums_close(run.results["grad:w"], dw, dw_abs, rows)
+    assert_sums_close(run.results["updated:w"], sgd_tensor(w64, dw, 0.1),
+                      np.abs(w64) + 0.1 * dw_abs, rows + 2)
+
+
+# The shapes of attention's projections at lane width 11: QKV's lanes of 11 against whole
+# heads of 32 columns, and the output projection's heads against lanes of 11. The top east
+# PE of a lane waits for the first dX word from the PE below; the formula counts a hop, but
+# the lag between a lane's rows depends on which end of the column dY enters, and the fill
+# counts a whole dot a PE row where a lane's rows start together: within 1%.
+@pytest.mark.parametrize("rows,k,n,wk,wn,k_block", [(64, 22, 64, 11, 32, 3),
+                                                    (64, 64, 22, 32, 11, 9),
+                                                    (64, 64, 22, 32, 11, 5)])
+def test_k_block_cycles_and_sram_match_closed_form(rows, k, n, wk, wn, k_block):
+    k_lanes, n_lanes = lane_cols(k, wk), lane_cols(n, wn)
+    kernel, x, *_ = linear(rows, k, n, wk, wn, backward=False, k_block=k_block)
+    assert run_kernel(kernel, {"x": x}).cycles == pytest.approx(
+        forward_cycles(rows, k_lanes, n_lanes, k_block=k_block), rel=0.01)
+    kernel, x, _, _, dy = linear(rows, k, n, wk, wn, k_block=k_block)
+    run = run_kernel(kernel, {"x": x, "dy": dy})
+    expected = (forward_cycles(rows, k_lanes, n_lanes, k_block=k_block)
+                + backward_cycles(rows, k_lanes, n_lanes, k_block=k_block))
+    assert run.cycles == pytest.approx(expected, rel=0.01)
+    for p in grid_pes(k_lanes, n_lanes, k_block):
+        assert kernel.sram_words((p.c, p.r)) == sram_words(
+            rows, p.kb, p.nb, lane=p.lane, top_row_bias=p.r == 0,
+            last_column=p.c == len(n_lanes) - 1, buffered=p.offset > 0)
+
+
+def test_balanced_k_block_keeps_the_pace():
+    """At lane width 11 a 11 x 32 block (QKV's, against whole heads) takes 2.8x the row of
+    an 11 x 11 one; the widest block that keeps the 11 x 11 pace, and no wider."""
+    pace = (forward_row_cycles(11, 11, top_row_bias=False),
+            backward_row_cycles(11, 11, dx=True, top_row_bias=False))
+    assert balanced_k_block(11, 11, pace) is None
+    for lane, nb in ((11, 32), (32, 11)):
+        kb = balanced_k_block(lane, nb, pace)
+        rows = [forward_row_cycles(b, nb, top_row_bias=False, lane=lane) for b in (kb, kb + 1)]
+        assert rows[0] <= pace[0] < rows[1] or backward_row_cycles(
+            kb + 1, nb, dx=True, top_row_bias=False, last_column=True,
+            below=lane - kb - 1) > pace[1]
+    assert balanced_k_block(200, 11, pace) == 1  # receiving 200 columns alone is too slow
 
 
 def test_forward_only_kernel_has_no_backward():

@@ -45,12 +45,14 @@ RING = 2
 @dataclass(frozen=True)
 class RowStore:
     """`count` rows of `width` words at `offset`, row-major: every row of a tensor, or a
-    ring of `ring` row slots that row i reuses as slot i % ring."""
+    ring of `ring` row slots that row i reuses as slot i % ring. `half`: fp16 elements
+    (offset and width count halves), converted from the fp32 wavelets as they arrive."""
 
     offset: int
     width: int
     count: int
     ring: int | None = None
+    half: bool = False
 
     def row(self, i: int, loop: int, *, backwards: bool = False) -> Operand:
         """Row i (row count - 1 - i if `backwards`) as a vector operand that advances by
@@ -63,11 +65,11 @@ class RowStore:
 
     def _at(self, i: int, loop: int, backwards: bool, stride: int) -> Operand:
         if self.ring is not None:
-            return Mem(self.offset + (i % self.ring) * self.width, stride)
+            return Mem(self.offset + (i % self.ring) * self.width, stride, half=self.half)
         if backwards:
             return Mem(self.offset + (self.count - 1 - i) * self.width, stride,
-                       -loop * self.width)
-        return Mem(self.offset + i * self.width, stride, loop * self.width)
+                       -loop * self.width, half=self.half)
+        return Mem(self.offset + i * self.width, stride, loop * self.width, half=self.half)
 
 
 def join(body: PerPE, more: PerPE) -> None:
@@ -154,7 +156,8 @@ def inbox(kernel: Kernel, pe: LocalPE, ids: StreamIds, stream: int | list[tuple[
     def receive(i: int, loop: int) -> PerPE:
         wait = [free.wait()] if free is not None else []
         row = store.row(i, loop, backwards=backwards)
-        return {pe: [*wait, *(vec(Op.MOV, c1 - c0, Mem(row.offset + c0, 1, row.loop_stride),
+        return {pe: [*wait, *(vec(Op.MOV, c1 - c0,
+                                  Mem(row.offset + c0, 1, row.loop_stride, half=store.half),
                                   FabIn(s)) for s, (c0, c1) in parts), ready.signal()]}
 
     # after the last row, the credits of the last `ring` rows (none is left stranded)

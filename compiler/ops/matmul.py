@@ -47,6 +47,21 @@ its x[m, k] scalar, a third read) + [r = 0] nb (db). With kb = nb = w, 94% of th
 and 95% of the backward cycles are FMAs at w = 32, 80% and 86% at w = 8.
 SRAM per PE: 2 kb nb (W, dW) + M kb (x rows) + nb (the dY row) (+ 2 nb for the bias).
 
+Blocks narrower than a lane (`k_block`, chosen by `compiler.plan`). A lane wider than the
+pace allows (attention's whole heads against lanes of w < d_head: a 11 x 32 block does
+2.9x the multiply-adds of a 11 x 11 one) is cut into blocks of k_block rows of W, one PE
+row each; the partial sums run down all of them as before. Every PE of the lane's rows
+gets the whole x row (one multicast) and stores it. Those rows run a hop apart in the
+chain, so a reading compute thread would hold the multicast, and with it the lane's top
+row, to the lag of its bottom one: each receives on a thread of its own into the x store
+(`compiler.lowering.inbox`; all rows, forward-only too), and a forward row costs the
+token and the dots, max(lane, 1 + nb kb) (+ nb on the top row). Backward: dX of the lane
+leaves from its top row's east PE, which sends its own kb columns and then passes on
+those of the blocks below it, each lower east PE sending its own from memory and then
+passing on the rest: `below` columns and a hop more a row on the east column
+(`backward_row_cycles`). SRAM: the x rows are the lane's, M x lane (+ kb for the dX row of
+a lower east PE).
+
 Mixed precision (`compile.precision: mixed`, `precision="mixed"`; the tied LM head of
 `compiler.ops.embedding` uses the same grid code). fp16: the stored x rows and the dY row
 (converted on arrival: the producers still stream fp32 wavelets), and two fp16 copies of
@@ -85,8 +100,9 @@ import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec, ParamInit, grad_name
 from compiler.lowering.dots import Walk, dot_cycles, dots
+from compiler.lowering.inbox import RowStore, inbox
 from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Mem, Op, repeat, vec
-from compiler.lowering.kernel import Kernel, LocalPE, StreamIds
+from compiler.lowering.kernel import Kernel, LocalPE, StreamIds, lane_cols
 from compiler.ops.base import OpFamily, Tensors
 from compiler.ops.update import UpdateRule, emit_update
 from wse_sim.hardware import WaferConfig
@@ -150,16 +166,25 @@ def linear_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, half: boo
 # -- kernel -----------------------------------------------------------------------------------
 
 
+def block_rows(k_lanes: list[Lane], k_block: int | None) -> list[tuple[int, Lane]]:
+    """The grid's PE rows, top to bottom: (input lane, the K columns of its blocks), each
+    lane cut into blocks of `k_block` columns (the last narrower; None: whole lanes)."""
+    return [(r, (k0 + a, k0 + b)) for r, (k0, k1) in enumerate(k_lanes)
+            for a, b in lane_cols(k1 - k0, k_block or k1 - k0)]
+
+
 @dataclass
 class WeightGrid:
     """A [K, N] matrix held block-wise on an R x C rectangle of `kernel`: PE (c, r) holds
-    W[k_lanes[r], n_lanes[c]] row-major at `weight[pe]` and, with a backward, its gradient
-    at `grad[pe]` (zero until accumulated) and the stored x rows at `x_rows[pe]`."""
+    W[K block of row r, n_lanes[c]] row-major at `weight[pe]` and, with a backward, its
+    gradient at `grad[pe]` (zero until accumulated) and the stored x rows at `x_rows[pe]`.
+    PE row r takes K block `k_rows[r]` of an input lane; a lane has one row or several."""
 
     kernel: Kernel
     rows: int  # M: activation rows streamed through
     k_lanes: list[Lane]
     n_lanes: list[Lane]
+    k_rows: list[tuple[int, Lane]]  # `block_rows`: (input lane, K block) per PE row
     weight: dict[LocalPE, int] = field(default_factory=dict)
     grad: dict[LocalPE, int] = field(default_factory=dict)
     x_rows: dict[LocalPE, int] = field(default_factory=dict)  # words; halves if `half`
@@ -169,11 +194,21 @@ class WeightGrid:
 
     def block(self, pe: LocalPE) -> tuple[int, int]:
         """(kb, nb): the block shape of PE `pe`."""
-        (k0, k1), (n0, n1) = self.k_lanes[pe[1]], self.n_lanes[pe[0]]
+        (k0, k1), (n0, n1) = self.k_rows[pe[1]][1], self.n_lanes[pe[0]]
         return k1 - k0, n1 - n0
 
+    def lane_part(self, pe: LocalPE) -> tuple[int, int, int]:
+        """(input lane, its width, the block's first column within it) of PE `pe`."""
+        lane, (k0, _) = self.k_rows[pe[1]]
+        l0, l1 = self.k_lanes[lane]
+        return lane, l1 - l0, k0 - l0
+
+    def rows_of(self, lane: int) -> list[int]:
+        """The PE rows of input lane `lane`, top to bottom."""
+        return [r for r, (owner, _) in enumerate(self.k_rows) if owner == lane]
+
     def pes(self) -> list[LocalPE]:
-        return [(c, r) for r in range(len(self.k_lanes)) for c in range(len(self.n_lanes))]
+        return [(c, r) for r in range(len(self.k_rows)) for c in range(len(self.n_lanes))]
 
 
 def even(count: int) -> int:
@@ -188,13 +223,17 @@ def alloc_halves(kernel: Kernel, pe: LocalPE, halves: int, purpose: str) -> int:
 
 
 def place_weights(kernel: Kernel, rows: int, matrix: np.ndarray, k_lanes: list[Lane],
-                  n_lanes: list[Lane], *, backward: bool, half: bool = False) -> WeightGrid:
-    """Load `matrix` [K, N] block-wise onto the kernel's PEs (with a gradient buffer and
-    room for the x rows when `backward`; with `half`, also room for its fp16 copies,
-    transposed and, with `backward`, row-major)."""
-    grid = WeightGrid(kernel, rows, k_lanes, n_lanes, half=half)
+                  n_lanes: list[Lane], *, backward: bool, half: bool = False,
+                  k_block: int | None = None) -> WeightGrid:
+    """Load `matrix` [K, N] block-wise onto the kernel's PEs, K lanes cut into blocks of
+    `k_block` rows (with a gradient buffer and room for the x rows when `backward`; with
+    `half`, also room for its fp16 copies, transposed and, with `backward`, row-major). With
+    `half` a block must start at an even column of its lane: `k_block` even."""
+    if half and k_block is not None and k_block % 2:
+        raise ValueError(f"{kernel.name}: fp16 x rows need an even k_block, got {k_block}")
+    grid = WeightGrid(kernel, rows, k_lanes, n_lanes, block_rows(k_lanes, k_block), half=half)
     for pe in grid.pes():
-        (k0, k1), (n0, n1) = k_lanes[pe[1]], n_lanes[pe[0]]
+        (k0, k1), (n0, n1) = grid.k_rows[pe[1]][1], n_lanes[pe[0]]
         grid.weight[pe] = kernel.alloc(pe, (k1 - k0) * (n1 - n0), "weight block")
         kernel.load(pe, grid.weight[pe], matrix[k0:k1, n0:n1])
         if backward:
@@ -208,13 +247,17 @@ def place_weights(kernel: Kernel, rows: int, matrix: np.ndarray, k_lanes: list[L
 
 
 def emit_forward(grid: WeightGrid, ids: StreamIds, *, x_tensor: str, y_tensor: str,
-                 bias: dict[int, int] | None, keep_x: bool) -> None:
+                 bias: dict[int, int] | None, keep_x: bool,
+                 queue_depth: int | None = None) -> None:
     """Y = X W (+ bias lane c at word bias[c] of PE (c, 0)), rows ascending; stores every
-    x row if `keep_x` (else one)."""
+    x row if `keep_x` (else one). Every PE of a lane's rows stores the whole lane's x rows
+    (every row, on a receiving thread: module docstring) and multiplies its block's
+    columns of them."""
     kernel, rows = grid.kernel, grid.rows
-    n_r, n_c = len(grid.k_lanes), len(grid.n_lanes)
+    n_r, n_c = len(grid.k_rows), len(grid.n_lanes)
     x_ids = kernel.lane_inputs(ids, x_tensor, grid.k_lanes,
-                               [tuple((c, r) for c in range(n_c)) for r in range(n_r)],
+                               [tuple((c, r) for r in grid.rows_of(lane) for c in range(n_c))
+                                for lane in range(len(grid.k_lanes))],
                                "ascending")
     y_ids = kernel.lane_outputs(ids, y_tensor, grid.n_lanes,
                                 [(c, n_r - 1) for c in range(n_c)], "ascending")
@@ -223,6 +266,9 @@ def emit_forward(grid: WeightGrid, ids: StreamIds, *, x_tensor: str, y_tensor: s
     for pe in grid.pes():
         c, r = pe
         kb, nb = grid.block(pe)
+        lane, kl, off = grid.lane_part(pe)
+        split = kb < kl
+        keep = keep_x or split
         out = FabOut(y_ids[c] if r == n_r - 1 else down[pe])
         if r > 0:
             seed = [FabIn(down[(c, r - 1)])] * nb
@@ -230,18 +276,25 @@ def emit_forward(grid: WeightGrid, ids: StreamIds, *, x_tensor: str, y_tensor: s
             seed = [Mem(bias[c] + n, 0) for n in range(nb)]  # a scalar: a third read
         else:
             seed = None
-        if grid.half:  # x rows stored in fp16 (rows of even(kb) halves), W^T's fp16 copy
-            row = even(kb)
-            xs = grid.x_rows[pe] = alloc_halves(kernel, pe, rows * row if keep_x else row,
+        if grid.half:  # x rows stored in fp16 (rows of even(kl) halves), W^T's fp16 copy
+            row = even(kl)
+            xs = grid.x_rows[pe] = alloc_halves(kernel, pe, rows * row if keep else row,
                                                 "fp16 x rows")
-            step = row if keep_x else 0
-            w_walk = Walk(grid.weight16t[pe], 1, row, half=True)
+            w_walk = Walk(grid.weight16t[pe], 1, even(kb), half=True)
         else:
-            xs = grid.x_rows[pe] = kernel.alloc(pe, rows * kb if keep_x else kb, "x rows")
-            step = kb if keep_x else 0
+            row = kl
+            xs = grid.x_rows[pe] = kernel.alloc(pe, rows * kl if keep else kl, "x rows")
             w_walk = Walk(grid.weight[pe], nb, 1)
-        body = [vec(Op.MOV, kb, Mem(xs, 1, step, half=grid.half), FabIn(x_ids[r]))]
-        body += dots(nb, kb, w_walk, Walk(xs, 1, 0, step, half=grid.half), acc=0,
+        step = row if keep else 0
+        if split:
+            if queue_depth is None:
+                raise ValueError(f"{kernel.name}: blocks of a lane's rows need the queue depth")
+            box = inbox(kernel, pe, ids, [(x_ids[lane], (0, kl))],
+                        RowStore(xs, row, rows, half=grid.half), queue_depth=queue_depth)
+            body = box.take()
+        else:
+            body = [vec(Op.MOV, kl, Mem(xs, 1, step, half=grid.half), FabIn(x_ids[lane]))]
+        body += dots(nb, kb, w_walk, Walk(xs + off, 1, 0, step, half=grid.half), acc=0,
                      out=[out] * nb, seed=seed)
         if grid.half:
             kernel.emit(pe, *half_copy(grid, pe, transposed=True))
@@ -252,31 +305,39 @@ def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str, dx_tensor
                   bias_grad: dict[int, int] | None, scale: int = 1) -> None:
     """Rows descending: read dY, send dX (if `dx_tensor`), accumulate dW into `grid.grad`
     and db into `bias_grad[c]` of PE (c, 0). With fp16 (`grid.half`), dY is scaled by
-    `scale` (a power of two) before its rounding and every product divided by it."""
+    `scale` (a power of two) before its rounding and every product divided by it. A lane
+    of several PE rows leaves from its top row's east PE: each east PE of the lane sends
+    its own dX columns and then passes on those of the blocks below it (from the east PE
+    below), up. (Passed down instead, each PE's dots would wait for those above it, and
+    the multicast dY would hold the whole column to that chain's pace.)"""
     kernel, rows = grid.kernel, grid.rows
-    n_r, n_c = len(grid.k_lanes), len(grid.n_lanes)
+    n_r, n_c = len(grid.k_rows), len(grid.n_lanes)
     dy_ids = kernel.lane_inputs(ids, dy_tensor, grid.n_lanes,
                                 [tuple((c, r) for r in range(n_r)) for c in range(n_c)],
                                 "descending")
-    dx_ids, east = None, {}
+    dx_ids, east, up = None, {}, {}
     if dx_tensor is not None:
         dx_ids = kernel.lane_outputs(ids, dx_tensor, grid.k_lanes,
-                                     [(n_c - 1, r) for r in range(n_r)], "descending")
+                                     [(n_c - 1, grid.rows_of(lane)[0])
+                                      for lane in range(len(grid.k_lanes))], "descending")
         east = {(c, r): kernel.local((c, r), ((c + 1, r),), ids)
                 for r in range(n_r) for c in range(n_c - 1)}
+        up = {r: kernel.local((n_c - 1, r + 1), ((n_c - 1, r),), ids)  # row r + 1 -> r
+              for r in range(n_r - 1) if grid.k_rows[r + 1][0] == grid.k_rows[r][0]}
     half = grid.half
     for pe in grid.pes():
         c, r = pe
         kb, nb = grid.block(pe)
-        if half:  # the dY row in fp16, W's row-major fp16 copy; x rows of even(kb) halves
+        lane, kl, off = grid.lane_part(pe)
+        if half:  # the dY row in fp16, W's row-major fp16 copy; x rows of even(kl) halves
             dy = alloc_halves(kernel, pe, nb, "fp16 dY row")
-            x_row = even(kb)
+            x_row = even(kl)
             w_walk = Walk(grid.weight16[pe], 1, even(nb), half=True)
         else:
             dy = kernel.alloc(pe, nb, "dY row")
-            x_row = kb
+            x_row = kl
             w_walk = Walk(grid.weight[pe], 1, nb)
-        last_x = grid.x_rows[pe] + (rows - 1) * x_row  # rows run backwards
+        last_x = grid.x_rows[pe] + (rows - 1) * x_row + off  # rows run backwards
         if half:  # S dY in fp32, then rounded to fp16
             dy32 = kernel.alloc(pe, nb, "scaled dY row")
             body = [vec(Op.MUL, nb, Mem(dy32), FabIn(dy_ids[c]), Imm(scale)),
@@ -284,16 +345,26 @@ def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str, dx_tensor
         else:
             body = [vec(Op.MOV, nb, Mem(dy), FabIn(dy_ids[c]))]
         if dx_ids is not None:
-            out = FabOut(dx_ids[r] if c == n_c - 1 else east[pe])
+            if c < n_c - 1:
+                out = FabOut(east[pe])
+            else:
+                out = FabOut(up[r - 1] if off else dx_ids[lane])
             seed = [FabIn(east[(c - 1, r)])] * kb if c > 0 else None
-            if half and c == n_c - 1:  # the sums of S dY W: divided by S as they leave
+            if c == n_c - 1 and (half or off):
+                # into memory first: the sums of S dY W are divided by S as they leave, and
+                # a lower block's dX leaves in one burst, so that its dots need not wait
+                # for the PE above to pass them on (the queue between them holds a few)
                 dx = kernel.alloc(pe, kb, "dX row")
-                body += dots(kb, nb, w_walk, Walk(dy, 1, half=True), acc=0,
+                body += dots(kb, nb, w_walk, Walk(dy, 1, half=half), acc=0,
                              out=[Mem(dx + k) for k in range(kb)], seed=seed)
-                body.append(vec(Op.MUL, kb, out, Mem(dx), Imm(1 / scale)))
+                body.append(vec(Op.MUL, kb, out, Mem(dx), Imm(1 / scale)) if half
+                            else vec(Op.MOV, kb, out, Mem(dx)))
             else:
                 body += dots(kb, nb, w_walk, Walk(dy, 1, half=half), acc=0, out=[out] * kb,
                              seed=seed)
+            below = kl - off - kb
+            if c == n_c - 1 and below:  # the lane's columns after this block, in order
+                body.append(vec(Op.MOV, below, out, FabIn(up[r])))
         if half and dx_ids is not None:
             kernel.emit(pe, *half_copy(grid, pe, transposed=False))
         dw = grid.grad[pe]
@@ -330,7 +401,7 @@ def update_weights(grid: WeightGrid, update: UpdateRule, name: str, *,
     of the parameter when `transposed`), with its result slots."""
     k, n = grid.k_lanes[-1][1], grid.n_lanes[-1][1]
     for pe in grid.pes():
-        k_lane, n_lane = grid.k_lanes[pe[1]], grid.n_lanes[pe[0]]
+        k_lane, n_lane = grid.k_rows[pe[1]][1], grid.n_lanes[pe[0]]
         nb = n_lane[1] - n_lane[0]
         at = {"weight": grid.weight[pe], "grad": grid.grad[pe]}
         if transposed:
@@ -347,13 +418,16 @@ def build_linear(name: str, ops: list[str], ids: StreamIds, *, rows: int, k_lane
                  x_tensor: str, y_tensor: str, dy_tensor: str | None = None,
                  dx_tensor: str | None = None, weight_name: str,
                  bias_name: str | None = None, precision: str = "fp32",
-                 loss_scale: int = 1) -> Kernel:
+                 loss_scale: int = 1, k_block: int | None = None,
+                 queue_depth: int | None = None) -> Kernel:
     """The kernel of Y = X W + b ([rows, K] x [K, N]) with x arriving in `k_lanes` and Y
     leaving in `n_lanes`; with `dy_tensor` also its backward (dX only if `dx_tensor`) and
     the optimizer update of W and b. Result slots (with a backward): grad:/updated: (and
     the moments, `compiler.ops.update`) of `weight_name` ([K, N]) and `bias_name`
     ([1, N]). `precision` "mixed": fp16 multiplies, fp32 accumulation, dY scaled by
-    `loss_scale` before its fp16 rounding (module docstring)."""
+    `loss_scale` before its fp16 rounding (module docstring). `k_block`: blocks of that
+    many K columns, several PE rows a lane (module docstring, "Blocks narrower than a
+    lane"), whose receiving threads' token channels hold 2 `queue_depth` tokens."""
     k, n = k_lanes[-1][1], n_lanes[-1][1]
     if weight.shape != (k, n):
         raise ValueError(f"{name}: weight has shape {weight.shape}, lanes cover {(k, n)}")
@@ -363,9 +437,11 @@ def build_linear(name: str, ops: list[str], ids: StreamIds, *, rows: int, k_lane
         raise ValueError(f"{name}: dX needs dY")
     backward = dy_tensor is not None
     kernel = Kernel(name=name, op="matmul", ops=list(ops), width=len(n_lanes),
-                    height=len(k_lanes), shapes={x_tensor: (rows, k), y_tensor: (rows, n)})
+                    height=len(block_rows(k_lanes, k_block)),
+                    shapes={x_tensor: (rows, k), y_tensor: (rows, n)})
     half = precision == "mixed"
-    grid = place_weights(kernel, rows, weight, k_lanes, n_lanes, backward=backward, half=half)
+    grid = place_weights(kernel, rows, weight, k_lanes, n_lanes, backward=backward, half=half,
+                         k_block=k_block)
     bias_at: dict[int, int] = {}
     bias_grad: dict[int, int] = {}
     if bias is not None:
@@ -375,7 +451,8 @@ def build_linear(name: str, ops: list[str], ids: StreamIds, *, rows: int, k_lane
             if backward:
                 bias_grad[c] = kernel.alloc((c, 0), n1 - n0, "bias gradient")
     emit_forward(grid, ids, x_tensor=x_tensor, y_tensor=y_tensor,
-                 bias=bias_at if bias is not None else None, keep_x=backward)
+                 bias=bias_at if bias is not None else None, keep_x=backward,
+                 queue_depth=queue_depth)
     if not backward:
         return kernel
     kernel.shapes[dy_tensor] = (rows, n)
@@ -394,28 +471,59 @@ def build_linear(name: str, ops: list[str], ids: StreamIds, *, rows: int, k_lane
 # -- cost -------------------------------------------------------------------------------------
 
 
-def _blocks(k_lanes: list[Lane], n_lanes: list[Lane]) -> list[tuple[int, int, int, int]]:
-    """(c, r, kb, nb) of every PE of the grid."""
-    return [(c, r, k1 - k0, n1 - n0) for r, (k0, k1) in enumerate(k_lanes)
-            for c, (n0, n1) in enumerate(n_lanes)]
+@dataclass(frozen=True)
+class GridPE:
+    """A PE of the grid for the cost model: its place, block shape and input lane."""
+
+    c: int
+    r: int
+    kb: int
+    nb: int
+    lane: int  # the width of the input lane it receives
+    offset: int  # the lane's columns in the blocks above it
+
+    @property
+    def below(self) -> int:
+        """The lane's columns in the blocks below it (dX it passes on, east column)."""
+        return self.lane - self.offset - self.kb
 
 
-def forward_row_cycles(kb: int, nb: int, *, top_row_bias: bool, step: int = 1) -> int:
+def grid_pes(k_lanes: list[Lane], n_lanes: list[Lane],
+             k_block: int | None = None) -> list[GridPE]:
+    """Every PE of the grid, blocks as `block_rows` cuts them."""
+    return [GridPE(c, r, k1 - k0, n1 - n0, lk1 - lk0, k0 - lk0)
+            for r, (lane, (k0, k1)) in enumerate(block_rows(k_lanes, k_block))
+            for lk0, lk1 in [k_lanes[lane]] for c, (n0, n1) in enumerate(n_lanes)]
+
+
+def forward_row_cycles(kb: int, nb: int, *, top_row_bias: bool, step: int = 1,
+                       lane: int | None = None) -> int:
     """One forward row on a PE: receive kb, nb dots of kb terms (+ nb for a bias seed);
-    `step` > 1: mixed precision, the dots' middle terms `step` a cycle (`half_dot_step`)."""
-    return kb + dot_cycles(nb, kb, memory_seed=top_row_bias, step=step)
+    `step` > 1: mixed precision, the dots' middle terms `step` a cycle (`half_dot_step`).
+    A block of a wider lane (`lane` > kb columns) receives on a thread of its own: the row
+    costs its token and the dots, and no less than receiving the lane."""
+    products = dot_cycles(nb, kb, memory_seed=top_row_bias, step=step)
+    if lane is not None and lane > kb:
+        return max(lane, 1 + products)
+    return kb + products
 
 
 def backward_row_cycles(kb: int, nb: int, *, dx: bool, top_row_bias: bool, step: int = 1,
-                        convert_step: int = 0, last_column: bool = False) -> int:
+                        convert_step: int = 0, last_column: bool = False,
+                        below: int = 0, buffered: bool = False) -> int:
     """One backward row on a PE: receive nb, kb dots of nb terms (dX), kb FMAs of nb that
-    each read a third word in their first cycle (dW), nb (db on the top row). With
-    `convert_step` (mixed precision): also the scaled dY row's conversion to fp16 and, on
-    the last column, dX's kb divisions by the scale as it leaves."""
-    cycles = (nb + (dot_cycles(kb, nb, step=step) if dx else 0) + kb * (nb + 1)
+    each read a third word in their first cycle (dW), nb (db on the top row); on the last
+    column of a lane's upper rows also the `below` dX columns it passes on, and of its
+    lower rows (`buffered`) the kb it sends from memory. With `convert_step` (mixed
+    precision): also the scaled dY row's conversion to fp16 and, on the last column, dX's
+    kb divisions by the scale as it leaves."""
+    passed_on = below + 3 if last_column and below else 0  # + a hop for the first word
+    cycles = (nb + (dot_cycles(kb, nb, step=step) + passed_on if dx else 0) + kb * (nb + 1)
               + (nb if top_row_bias else 0))
     if convert_step:
-        cycles += -(-nb // convert_step) + (kb if dx and last_column else 0)
+        cycles += -(-nb // convert_step)
+    if dx and last_column and (convert_step or buffered):
+        cycles += kb
     return cycles
 
 
@@ -434,53 +542,75 @@ def half_convert_step(wafer: WaferConfig) -> int:
 
 
 def forward_cycles(rows: int, k_lanes: list[Lane], n_lanes: list[Lane], *,
-                   bias: bool = True, step: int = 1, convert_step: int = 0) -> int:
+                   bias: bool = True, step: int = 1, convert_step: int = 0,
+                   k_block: int | None = None) -> int:
     """A lone forward pass: the slowest PE's rows (the grid runs in lock step) plus the
     fill: each PE below the top starts its first dot when the one above has finished its
     own (a dot of kb terms and 3 a hop: ramp, link, receive queue), and 6 cycles to and
-    from the neighbouring kernels. Mixed precision: `step` (`half_dot_step`) and
+    from the neighbouring kernels, and with blocks of a wider lane the first row's
+    receiving before its token. Mixed precision: `step` (`half_dot_step`) and
     `convert_step` (`half_convert_step`: W^T's fp16 copy made first)."""
-    blocks = _blocks(k_lanes, n_lanes)
-    per_row = max(forward_row_cycles(kb, nb, top_row_bias=bias and r == 0, step=step)
-                  for _, r, kb, nb in blocks)
-    kb_max = max(k1 - k0 for k0, k1 in k_lanes)
-    copy = (max(half_copy_cycles(kb, nb, convert_step, transposed=True)
-                for _, _, kb, nb in blocks) if convert_step else 0)
-    return (copy + rows * per_row + (len(k_lanes) - 1) * (dot_cycles(1, kb_max, step=step) + 3)
+    pes = grid_pes(k_lanes, n_lanes, k_block)
+    per_row = max(forward_row_cycles(p.kb, p.nb, top_row_bias=bias and p.r == 0, step=step,
+                                     lane=p.lane) for p in pes)
+    kb_max = max(p.kb for p in pes)
+    copy = (max(half_copy_cycles(p.kb, p.nb, convert_step, transposed=True) for p in pes)
+            if convert_step else 0)
+    first = max((p.lane for p in pes if p.kb < p.lane), default=0)  # received before its token
+    return (copy + first + rows * per_row + pes[-1].r * (dot_cycles(1, kb_max, step=step) + 3)
             + 6)
 
 
 def backward_cycles(rows: int, k_lanes: list[Lane], n_lanes: list[Lane], *,
                     bias: bool = True, dx: bool = True, step: int = 1,
-                    convert_step: int = 0) -> int:
+                    convert_step: int = 0, k_block: int | None = None) -> int:
     """The backward pass and the SGD update, after the forward, on the busiest PE; with
     `convert_step` (mixed precision) also W's fp16 copy first (for dX) and dW's and db's
     division by the scale."""
     last = len(n_lanes) - 1
-    return max(rows * backward_row_cycles(kb, nb, dx=dx, top_row_bias=bias and r == 0,
+    return max(rows * backward_row_cycles(p.kb, p.nb, dx=dx, top_row_bias=bias and p.r == 0,
                                           step=step, convert_step=convert_step,
-                                          last_column=c == last)
-               + (kb * nb + (nb if bias and r == 0 else 0)) * (2 if convert_step else 1)
-               + (half_copy_cycles(kb, nb, convert_step, transposed=False)
+                                          last_column=p.c == last, below=p.below,
+                                          buffered=p.offset > 0)
+               + (p.kb * p.nb + (p.nb if bias and p.r == 0 else 0)) * (2 if convert_step else 1)
+               + (half_copy_cycles(p.kb, p.nb, convert_step, transposed=False)
                   if convert_step and dx else 0)
-               for c, r, kb, nb in _blocks(k_lanes, n_lanes))
+               for p in grid_pes(k_lanes, n_lanes, k_block))
 
 
 def sram_words(rows: int, kb: int, nb: int, *, top_row_bias: bool, half: bool = False,
-               last_column: bool = False) -> int:
-    """Words of a PE with a kb x nb block: W and dW, its x rows, the dY row, and on the
-    top row the bias lane and its gradient; `half` (mixed precision): the x rows and the dY
-    row in fp16 (rows padded to an even count of halves), two fp16 copies of W, the scaled
-    dY row in fp32 and on the last column the dX row."""
+               last_column: bool = False, lane: int | None = None,
+               buffered: bool = False) -> int:
+    """Words of a PE with a kb x nb block: W and dW, its x rows (of the whole input lane,
+    `lane` columns, default kb), the dY row, on the top row the bias lane and its gradient,
+    and on the last column of a lane's lower rows (`buffered`) the dX row; `half` (mixed
+    precision): the x rows and the dY row in fp16 (rows padded to an even count of
+    halves), two fp16 copies of W, the scaled dY row in fp32 and on the last column the dX
+    row."""
     bias = 2 * nb if top_row_bias else 0
+    lane = lane or kb
     if not half:
-        return 2 * kb * nb + rows * kb + nb + bias
+        return 2 * kb * nb + rows * lane + nb + bias + (kb if last_column and buffered else 0)
 
     def words(halves: int) -> int:
         return (halves + 1) // 2
 
-    return (2 * kb * nb + words(nb * even(kb)) + words(kb * even(nb)) + words(rows * even(kb))
-            + words(nb) + nb + bias + (kb if last_column else 0))
+    return (2 * kb * nb + words(nb * even(kb)) + words(kb * even(nb))
+            + words(rows * even(lane)) + words(nb) + nb + bias + (kb if last_column else 0))
+
+
+def balanced_k_block(lane: int, nb: int, pace: tuple[int, int]) -> int | None:
+    """The widest K block (at most `lane`) with which a grid whose input lanes are `lane`
+    and output lanes `nb` columns wide takes at most `pace` (forward, backward) cycles a
+    row; None if whole lanes do, 1 if no block does (the receiving alone is too slow)."""
+    def keeps_pace(kb: int) -> bool:
+        return (forward_row_cycles(kb, nb, top_row_bias=False, lane=lane) <= pace[0]
+                and backward_row_cycles(kb, nb, dx=True, top_row_bias=False,
+                                        last_column=True, below=lane - kb) <= pace[1])
+
+    if keeps_pace(lane):
+        return None
+    return next((kb for kb in range(lane - 1, 0, -1) if keeps_pace(kb)), 1)
 
 
 def is_mixed(op: OpSpec) -> bool:
@@ -488,7 +618,7 @@ def is_mixed(op: OpSpec) -> bool:
     return op.attrs.get("precision") == "mixed"
 
 
-def _output(op: OpSpec) -> str:
+def output_tensor(op: OpSpec) -> str:
     """The tensor a matmul streams: its output, or for the fused QKV product one [M, 3d]
     tensor `{op}.out` (see compiler.lower)."""
     return op.outputs[0] if len(op.outputs) == 1 else f"{op.name}.out"
@@ -511,12 +641,14 @@ class Matmul(OpFamily):
                                                       scale=op.attrs.get("loss_scale", 1))
 
     def pes(self, ctx: LoweringContext, op: OpSpec) -> int:
-        return len(ctx.lanes(op.inputs[0])) * len(ctx.lanes(_output(op)))
+        k_lanes = ctx.lanes(op.inputs[0])
+        return (len(block_rows(k_lanes, ctx.plan.k_blocks.get(op.name)))
+                * len(ctx.lanes(output_tensor(op))))
 
     def lower(self, ctx: LoweringContext, op: OpSpec) -> Kernel:
         x, weight, bias = op.inputs
         rows, _ = ctx.rows_cols(x)
-        y = _output(op)
+        y = output_tensor(op)
         dy = (ctx.dy(op.name) if len(op.outputs) == 1
               else grad_name(y) if ctx.graph.backward_of(op.name) else None)
         return build_linear(
@@ -525,7 +657,8 @@ class Matmul(OpFamily):
             bias=ctx.param(bias), update=ctx.update, x_tensor=x, y_tensor=y, dy_tensor=dy,
             dx_tensor=ctx.dx(op.name), weight_name=weight, bias_name=bias,
             precision=op.attrs.get("precision", "fp32"),
-            loss_scale=op.attrs.get("loss_scale", 1))
+            loss_scale=op.attrs.get("loss_scale", 1), k_block=ctx.plan.k_blocks.get(op.name),
+            queue_depth=ctx.wafer.queue_depth)
 
 
 FAMILY = Matmul()
