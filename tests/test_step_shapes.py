@@ -68,6 +68,9 @@ def test_every_batch_passes_the_check(batch):
 def test_lane_widths_other_than_d_head_pass_the_check(lane_width):
     report = _run(compile={"lane_width": lane_width})  # d_head is 16
     assert report["lane_width"] == lane_width
+    # below d_head the projections facing whole heads hold their weights in K blocks
+    assert (set(report["k_blocks"]) == {f"h{i}.attn.{op}" for i in (0, 1)
+                                        for op in ("qkv", "proj")}) == (lane_width < 16)
 
 
 def test_micro_batches_run_a_batch_too_large_for_sram_at_once():

@@ -62,6 +62,7 @@ def step_meta(source: str, compiled: Compiled) -> dict[str, Any]:
         "config": source,
         "placement": compiled.placement,
         "lane_width": compiled.plan.width,
+        "k_blocks": compiled.plan.k_blocks,
         "parameters": summary["parameters"],
         "kernels_count": len(compiled.kernels),
         "origin": list(compiled.linked.origin),

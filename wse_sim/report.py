@@ -279,6 +279,16 @@ def _energy_lines(report: dict[str, Any]) -> list[str]:
         "clocking, the idle PEs, power delivery and cooling, and the memory service")]
 
 
+def _k_blocks(report: dict[str, Any]) -> str:
+    """", N matmuls in K blocks of r rows" when some matmuls hold their weights in blocks
+    narrower than their input lanes (`k_blocks`), else nothing."""
+    blocks = report.get("k_blocks") or {}
+    if not blocks:
+        return ""
+    rows = " or ".join(str(b) for b in sorted(set(blocks.values())))
+    return f", {len(blocks)} matmuls in K blocks of {rows} rows (narrower than their lanes)"
+
+
 def _streaming_lines(report: dict[str, Any]) -> list[str]:
     """A weight-streaming step: its layout, the step's time with the memory service's
     exposed update, what bounds its layer passes, and the projection."""
@@ -319,7 +329,7 @@ def format_report(report: dict[str, Any]) -> str:
     if "kernels_count" in report:
         lines.append(f"{report.get('config', 'program')}: {report['parameters']:,} parameters, "
                      f"{report['kernels_count']} kernels, placement {report['placement']}, "
-                     f"lane width {report['lane_width']}")
+                     f"lane width {report['lane_width']}{_k_blocks(report)}")
     if "weight_streaming" in report:
         lines += _streaming_lines(report)
     colors = f", {report['colors_used']} colors" if "colors_used" in report else ""
