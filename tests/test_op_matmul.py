@@ -54,19 +54,19 @@ def linear(rows, k, n, wk, wn, *, bias=True, backward=True, dx=True, seed=0,
     return kernel, x, w, b, dy
 
 
-@settings(max_examples=8, deadline=None)
-@given(rows=st.integers(1, 9), k=st.integers(1, 19), n=st.integers(1, 19),
-       wk=st.integers(3, 8), wn=st.integers(3, 8), bias=st.booleans(), dx=st.booleans())
-def test_linear_matches_numpy(rows, k, n, wk, wn, bias, dx):
-    kernel, x, w, b, dy = linear(rows, k, n, wk, wn, bias=bias, dx=dx)
-    run = run_kernel(kernel, {"x": x, "dy": dy})
+def assert_linear_step(run, x, w, b, dy, *, dx, half=False, scale=1):
+    """The kernel's Y, dX, gradients and SGD updates against the numpy oracle (its fp16
+    twin if `half`), each within the fp32 sums' bound."""
+    rows, k = x.shape
+    n = w.shape[1]
     x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
-    b64 = b.astype(np.float64) if bias else np.zeros(n)
+    b64 = b.astype(np.float64) if b is not None else np.zeros(n)
     # The oracle on absolute values gives the sums of absolute terms (the error scale).
-    y_abs = linear_forward(np.abs(x64), np.abs(w64), np.abs(b64))
-    dx_abs, dw_abs, db_abs = linear_backward(np.abs(dy64), np.abs(x64), np.abs(w64))
-    dx_ref, dw, db = linear_backward(dy64, x64, w64)
-    assert_sums_close(run.outputs["y"], linear_forward(x64, w64, b64), y_abs, k + 1)
+    y_abs = linear_forward(np.abs(x64), np.abs(w64), np.abs(b64), half=half)
+    dx_abs, dw_abs, db_abs = linear_backward(np.abs(dy64), np.abs(x64), np.abs(w64),
+                                             half=half, scale=scale)
+    dx_ref, dw, db = linear_backward(dy64, x64, w64, half=half, scale=scale)
+    assert_sums_close(run.outputs["y"], linear_forward(x64, w64, b64, half=half), y_abs, k + 1)
     if dx:
         assert_sums_close(run.outputs["dx"], dx_ref, dx_abs, n)
     else:
@@ -74,7 +74,7 @@ def test_linear_matches_numpy(rows, k, n, wk, wn, bias, dx):
     assert_sums_close(run.results["grad:w"], dw, dw_abs, rows)
     assert_sums_close(run.results["updated:w"], sgd_tensor(w64, dw, 0.1),
                       np.abs(w64) + 0.1 * dw_abs, rows + 2)
-    if bias:
+    if b is not None:
         assert_sums_close(run.results["grad:b"][0], db, db_abs, rows)
         assert_sums_close(run.results["updated:b"][0], sgd_tensor(b64, db, 0.1),
                           np.abs(b64) + 0.1 * db_abs, rows + 2)
@@ -83,31 +83,27 @@ def test_linear_matches_numpy(rows, k, n, wk, wn, bias, dx):
 
 
 @settings(max_examples=8, deadline=None)
+@given(rows=st.integers(1, 9), k=st.integers(1, 19), n=st.integers(1, 19),
+       wk=st.integers(3, 8), wn=st.integers(3, 8), bias=st.booleans(), dx=st.booleans())
+def test_linear_matches_numpy(rows, k, n, wk, wn, bias, dx):
+    kernel, x, w, b, dy = linear(rows, k, n, wk, wn, bias=bias, dx=dx)
+    assert_linear_step(run_kernel(kernel, {"x": x, "dy": dy}), x, w, b, dy, dx=dx)
+
+
+@settings(max_examples=8, deadline=None)
 @given(rows=st.integers(1, 9), k=st.integers(2, 19), n=st.integers(1, 19),
        wk=st.integers(3, 8), wn=st.integers(3, 8), data=st.data(), bias=st.booleans(),
        dx=st.booleans(), mixed=st.booleans())
 def test_k_blocks_match_numpy(rows, k, n, wk, wn, data, bias, dx, mixed):
     """Lanes cut into blocks of fewer rows (several PE rows a lane, the dX columns passed
-    down the east column) compute the same step, in fp32 and in mixed precision."""
+    up the east column) compute the same step, in fp32 and in mixed precision."""
     k_block = data.draw(st.sampled_from([2, 4, 6] if mixed else list(range(1, wk))))
     precision = "mixed" if mixed else "fp32"
     kernel, x, w, b, dy = linear(rows, k, n, wk, wn, bias=bias, dx=dx, precision=precision,
                                  dy_scale=1e-6 if mixed else 1.0, k_block=k_block)
     assert kernel.height == sum(-(-(k1 - k0) // k_block) for k0, k1 in lane_cols(k, wk))
-    run = run_kernel(kernel, {"x": x, "dy": dy})
-    x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
-    b64 = b.astype(np.float64) if bias else np.zeros(n)
-    scale = LOSS_SCALE if mixed else 1
-    y_abs = linear_forward(np.abs(x64), np.abs(w64), np.abs(b64), half=mixed)
-    dx_abs, dw_abs, _ = linear_backward(np.abs(dy64), np.abs(x64), np.abs(w64), half=mixed,
-                                        scale=scale)
-    dx_ref, dw, _ = linear_backward(dy64, x64, w64, half=mixed, scale=scale)
-    assert_sums_close(run.outputs["y"], linear_forward(x64, w64, b64, half=mixed), y_abs, k + 1)
-    if dx:
-        assert_sums_close(run.outputs["dx"], dx_ref, dx_abs, n)
-    assert_sums_close(run.results["grad:w"], dw, dw_abs, rows)
-    assert_sums_close(run.results["updated:w"], sgd_tensor(w64, dw, 0.1),
-                      np.abs(w64) + 0.1 * dw_abs, rows + 2)
+    assert_linear_step(run_kernel(kernel, {"x": x, "dy": dy}), x, w, b, dy, dx=dx, half=mixed,
+                       scale=LOSS_SCALE if mixed else 1)
 
 
 # The shapes of attention's projections at lane width 11: QKV's lanes of 11 against whole
@@ -199,23 +195,10 @@ def test_mixed_linear_matches_its_numpy_twin(rows, k, n, wk, wn, bias, dx):
     # dY of 1e-6: below fp16's normal range unless scaled (LOSS_SCALE) before rounding
     kernel, x, w, b, dy = linear(rows, k, n, wk, wn, bias=bias, dx=dx, precision="mixed",
                                  dy_scale=1e-6)
-    run = run_kernel(kernel, {"x": x, "dy": dy})
-    x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
-    b64 = b.astype(np.float64) if bias else np.zeros(n)
-    y_abs = linear_forward(np.abs(x64), np.abs(w64), np.abs(b64), half=True)
-    dx_abs, dw_abs, db_abs = linear_backward(np.abs(dy64), np.abs(x64), np.abs(w64), half=True,
-                                             scale=LOSS_SCALE)
-    dx_ref, dw, db = linear_backward(dy64, x64, w64, half=True, scale=LOSS_SCALE)
-    assert_sums_close(run.outputs["y"], linear_forward(x64, w64, b64, half=True), y_abs, k + 1)
-    if dx:
-        assert_sums_close(run.outputs["dx"], dx_ref, dx_abs, n)
-    assert_sums_close(run.results["grad:w"], dw, dw_abs, rows)
-    assert_sums_close(run.results["updated:w"], sgd_tensor(w64, dw, 0.1),
-                      np.abs(w64) + 0.1 * dw_abs, rows + 2)
-    if bias:
-        assert_sums_close(run.results["grad:b"][0], db, db_abs, rows)
+    assert_linear_step(run_kernel(kernel, {"x": x, "dy": dy}), x, w, b, dy, dx=dx, half=True,
+                       scale=LOSS_SCALE)
     # without the scale, most of these dY would be fp16 subnormals: 10 bits lost and more
-    assert np.median(np.abs(dy)) < 2.0**-14 <= np.median(np.abs(to_half(dy64 * LOSS_SCALE)))
+    assert np.median(np.abs(dy)) < 2.0**-14 <= np.median(np.abs(to_half(dy * LOSS_SCALE)))
 
 
 @pytest.mark.parametrize("rows,k,n,wk,wn", [(32, 32, 32, 16, 16), (16, 64, 96, 32, 32)])
