@@ -64,9 +64,9 @@ def test_every_batch_passes_the_check(batch):
     assert round(report["tokens_per_second"] * report["simulated_seconds"]) == batch * 4
 
 
-@pytest.mark.parametrize("lane_width", [8, 32])
-def test_lane_widths_other_than_d_head_pass_the_check(lane_width):
-    report = _run(compile={"lane_width": lane_width})  # d_head is 16
+@pytest.mark.parametrize("lane_width, precision", [(8, "fp32"), (8, "mixed"), (32, "fp32")])
+def test_lane_widths_other_than_d_head_pass_the_check(lane_width, precision):
+    report = _run(compile={"lane_width": lane_width, "precision": precision})  # d_head 16
     assert report["lane_width"] == lane_width
     # below d_head the projections facing whole heads hold their weights in K blocks
     assert (set(report["k_blocks"]) == {f"h{i}.attn.{op}" for i in (0, 1)
