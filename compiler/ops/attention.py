@@ -30,7 +30,8 @@ busiest row, b keys either way.
 
 Forward, rows ascending, per row m at position t and per head: PE c scores its keys (nk
 of them) s_j = q_m . k_j, takes its local max mu_c, p_j = exp(s_j - mu_c), l_c = sum p_j
-and o_c = sum p_j v_j: a partial softmax. The partials combine along the column c = 0 ->
+and o_c = sum p_j v_j: a partial softmax (with one key p = exp(0) = 1 exactly, and o_c is
+its v row as stored: no products). The partials combine along the column c = 0 ->
 G-1 as flash attention's do: mu = max(mu_in, mu_c), l = l_in e^(mu_in - mu) + l_c e^(mu_c -
 mu), o likewise; a PE with no key yet passes its input on. The last PE divides o by l,
 keeps the row and sends the o lanes, and multicasts (mu, 1 / l) of every row back up the
@@ -55,12 +56,16 @@ credits come after the forward, when every o row is stored).
 
 Cost per PE and row (`row_cycles`, `cycles`, `sram_words` below), per head with nk own
 keys: forward nk dh (scores; + nk masked on the diagonal) + 4 nk + 4 (softmax partial) +
-nk (dh + 1) - 1 (o) + the combine (dh + 2 to send or pass on, 2 dh + 9 to merge, 2 dh + 4
-to finish on the last PE); backward nk dh (+ nk) + 3 nk (p) + nk dh (dP) + nk (dh + 1) (dv)
-+ 2 nk (dS) + nk (dh + 1) - 1 (dq) + nk (dh + 1) (dk) + W (dq down the column) + 2 W (key
-t's dk, dv, on the PEs from its owner to the last). The receiving threads' arithmetic (k's
-scaling, the last PE's D) takes the same fp32 unit. Each row takes its slowest PE's time
-(the chains keep a column in step), so the pace is set by the full-block rows: b keys.
+nk (dh + 1) - 1 (o; none for one key) + the combine (dh + 2 to send or pass on, 2 dh + 9
+to merge, 2 dh + 4 to finish on the last PE); backward nk dh (+ nk) + 3 nk (p) + nk dh
+(dP) + nk (dh + 1) (dv) + 2 nk (dS) + nk (dh + 1) - 1 (dq) + nk (dh + 1) (dk) + W (dq down
+the column) + 2 W (key t's dk, dv, on the PEs from its owner to the last). The receiving
+threads' arithmetic (k's scaling, the last PE's D) takes the same fp32 unit. Each row
+takes its slowest PE's time (the chains keep a column in step), so the pace is set by the
+full-block rows: b keys. These count the compute thread only: the receiving threads share
+the PE's one SRAM write port, storing every q row and discarding the k and v rows of keys
+not its own, so with few keys per PE the forward is bound by writes (README, "Known gaps":
+gpt_small's attention at one key per PE runs its forward in 1.9x the formula).
 SRAM per PE: M W (q rows) + 4 B b W (own k, v and their gradients) + 2 M heads (row
 statistics) + the dO ring and a few rows of scratch; the last PE also M W (o rows).
 """
@@ -541,11 +546,18 @@ class _PE:
                 instrs += self.scores(m, loop, h, b, region == "diagonal")
                 instrs += partial_softmax(self.nk, s, mu=self.scal(h, 0), total=self.scal(h, 1),
                                           acc=1)
-                instrs += self.weighted_keys(h, b, s, self.buf.v, self.buf.o + h * dh)
-            instrs += self.combine(m, loop, h, region)
+                if self.nk > 1:
+                    instrs += self.weighted_keys(h, b, s, self.buf.v, self.buf.o + h * dh)
+            instrs += self.combine(m, loop, h, b, region)
         return instrs
 
-    def combine(self, m: int, loop: int, h: int, region: str) -> list[Instr]:
+    def own_o(self, h: int, b: int) -> int:
+        """Where this PE's partial o of head h is: with one key, p = exp(s - s) = 1 exactly
+        and o is that key's v row (no products, no writes); else the o buffer."""
+        dh = self.shape.d_head
+        return self.own(self.buf.v, b) + h * dh if self.nk == 1 else self.buf.o + h * dh
+
+    def combine(self, m: int, loop: int, h: int, b: int, region: str) -> list[Instr]:
         """Merge (mu, l, o) of head h from the PE above with this PE's own and send it on
         (in that order); the last PE keeps the merge and finishes."""
         dh = self.shape.d_head
@@ -554,15 +566,15 @@ class _PE:
         down = FabOut(self.g.down[self.c]) if not self.last else None
         if self.c == 0:  # the first PE owns key 0: it always has a partial
             if down is None:
-                return self.finish(m, loop, h)
+                return self.finish(m, loop, h, self.own_o(h, b))
             return [vec(Op.MOV, 1, down, mu), vec(Op.MOV, 1, down, ell),
-                    vec(Op.MOV, dh, down, o)]
+                    vec(Op.MOV, dh, down, Mem(self.own_o(h, b)))]
         inflow = FabIn(self.g.down[self.c - 1])
         if region == "none":  # no key of its own yet: pass on (or keep) the partial above
             if down is not None:
                 return [vec(Op.MOV, dh + 2, down, inflow)]
             return [vec(Op.MOV, 1, mu, inflow), vec(Op.MOV, 1, ell, inflow),
-                    vec(Op.MOV, dh, o, inflow), *self.finish(m, loop, h)]
+                    vec(Op.MOV, dh, o, inflow), *self.finish(m, loop, h, o.offset)]
         mu_in, new, a, bb = (Mem(self.scal(h, k)) for k in (2, 3, 4, 5))
         instrs = [
             vec(Op.MOV, 1, mu_in, inflow),
@@ -570,19 +582,20 @@ class _PE:
             vec(Op.SUB, 1, a, mu_in, new), vec(Op.EXP, 1, a, a),  # e^(mu_in - mu')
             vec(Op.SUB, 1, bb, mu, new), vec(Op.EXP, 1, bb, bb),  # e^(mu_c - mu')
             vec(Op.MUL, 1, ell, ell, bb),
-            vec(Op.MUL, dh, o, o, Mem(self.scal(h, 5), 0)),
+            vec(Op.MUL, dh, o, Mem(self.own_o(h, b)), Mem(self.scal(h, 5), 0)),
         ]
         a_scalar = Mem(self.scal(h, 4), 0)
         if down is not None:
             return instrs + [vec(Op.MOV, 1, down, new), vec(Op.FMA, 1, down, inflow, a, ell),
                              vec(Op.FMA, dh, down, inflow, a_scalar, o)]
         return instrs + [vec(Op.MOV, 1, mu, new), vec(Op.FMA, 1, ell, inflow, a, ell),
-                         vec(Op.FMA, dh, o, inflow, a_scalar, o), *self.finish(m, loop, h)]
+                         vec(Op.FMA, dh, o, inflow, a_scalar, o),
+                         *self.finish(m, loop, h, o.offset)]
 
-    def finish(self, m: int, loop: int, h: int) -> list[Instr]:
-        """The last PE: 1 / l, o / l to the o lanes, the statistics kept and sent up."""
+    def finish(self, m: int, loop: int, h: int, o: int) -> list[Instr]:
+        """The last PE: 1 / l, o / l (the partial o of head h at word `o`) to the o lanes,
+        the statistics kept and sent up."""
         dh = self.shape.d_head
-        o = self.buf.o + h * dh
         mu, rl = self.stat(m, h, 0, loop), self.stat(m, h, 1, loop)
         assert self.buf.out is not None
         out = self.row(self.buf.out, m, self.width, loop)  # kept for the backward's D
@@ -704,7 +717,7 @@ def row_cycles(shape: AttnShape, heads: int, c: int, region: str) -> tuple[int, 
     for _ in range(heads):
         if mine:
             forward += (nk * dh + diagonal * nk + 4 * nk + 4  # scores, softmax
-                        + nk * dh + nk - 1)  # o
+                        + (nk * dh + nk - 1 if nk > 1 else 0))  # o (one key's: its v row)
             backward += (nk * dh + diagonal * nk + 3 * nk + nk * dh  # p, dP
                          + nk * (dh + 1) + 2 * nk + nk * dh + nk - 1 + nk * (dh + 1))
         if c == 0:
