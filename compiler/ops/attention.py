@@ -312,8 +312,10 @@ class _Buffers:
 
 SCALARS = 8  # words per head in `scal`
 # Registers (a PE's threads share them): the compute thread accumulates dot products in 0
-# and softmax sums in 1, the last PE's dO receiver computes D in this one.
+# and softmax sums in 1, the last PE's dO receiver computes D in this one, and the compute
+# thread scales its partial o element by element in MERGE_ACC as it merges.
 RECEIVER_ACC = Reg(2)
+MERGE_ACC = Reg(3)
 
 
 def _buffers(kernel: Kernel, pe: LocalPE, shape: AttnShape, width: int, heads: int,
@@ -582,12 +584,20 @@ class _PE:
             vec(Op.SUB, 1, a, mu_in, new), vec(Op.EXP, 1, a, a),  # e^(mu_in - mu')
             vec(Op.SUB, 1, bb, mu, new), vec(Op.EXP, 1, bb, bb),  # e^(mu_c - mu')
             vec(Op.MUL, 1, ell, ell, bb),
-            vec(Op.MUL, dh, o, Mem(self.own_o(h, b)), Mem(self.scal(h, 5), 0)),
         ]
-        a_scalar = Mem(self.scal(h, 4), 0)
+        a_scalar, b_scalar = Mem(self.scal(h, 4), 0), Mem(self.scal(h, 5), 0)
+        own = self.own_o(h, b)
         if down is not None:
+            # element by element, o_c[i] e^(mu_c - mu) into a register, then out as it
+            # merges: the merged partial starts down the column a few cycles after the one
+            # from above arrives, not after a whole vector op (a hop of the chain would
+            # otherwise add dh cycles to the row's latency)
+            scaled = [ins for i in range(dh)
+                      for ins in (vec(Op.MUL, 1, MERGE_ACC, Mem(own + i, 0), b_scalar),
+                                  vec(Op.FMA, 1, down, inflow, a_scalar, MERGE_ACC))]
             return instrs + [vec(Op.MOV, 1, down, new), vec(Op.FMA, 1, down, inflow, a, ell),
-                             vec(Op.FMA, dh, down, inflow, a_scalar, o)]
+                             *scaled]
+        instrs.append(vec(Op.MUL, dh, o, Mem(own), b_scalar))
         return instrs + [vec(Op.MOV, 1, mu, new), vec(Op.FMA, 1, ell, inflow, a, ell),
                          vec(Op.FMA, dh, o, inflow, a_scalar, o),
                          *self.finish(m, loop, h, o.offset)]
