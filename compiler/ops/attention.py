@@ -65,7 +65,7 @@ takes its slowest PE's time (the chains keep a column in step), so the pace is s
 full-block rows: b keys. These count the compute thread only: the receiving threads share
 the PE's one SRAM write port, storing every q row and discarding the k and v rows of keys
 not its own, so with few keys per PE the forward is bound by writes (README, "Known gaps":
-gpt_small's attention at one key per PE runs its forward in 1.9x the formula).
+gpt_small's attention at one key per PE runs its forward in 1.26x the formula).
 SRAM per PE: M W (q rows) + 4 B b W (own k, v and their gradients) + 2 M heads (row
 statistics) + the dO ring and a few rows of scratch; the last PE also M W (o rows).
 """
