@@ -18,9 +18,11 @@ from compiler.ops.embedding import (
     embedding_forward,
     lm_head_backward,
     lm_head_forward,
+    sram_words,
 )
 from compiler.ops.update import UpdateRule
 from compiler.optim import sgd_tensor
+from wse_sim.hardware import WaferConfig
 
 LR = 0.1
 SGD = UpdateRule("sgd", LR)
@@ -39,7 +41,8 @@ def embedding(batch, seq, vocab, d, n_ctx, lw, *, backward=True, seed=0):
         "embed", ["embed", "lm_head"], StreamIds(), tokens=tokens, d_lanes=lane_cols(d, lw),
         v_lanes=lane_cols(vocab, lw), wte=wte, wpe=wpe, update=SGD, h0_tensor="h0", x_tensor="x",
         logits_tensor="logits", dlogits_tensor="dlogits" if backward else None,
-        dx_tensor="dx" if backward else None, dh0_tensor="dh0" if backward else None)
+        dx_tensor="dx" if backward else None, dh0_tensor="dh0" if backward else None,
+        queue_depth=WaferConfig().queue_depth)
     return kernel, tokens, wte.astype(np.float64), wpe.astype(np.float64), arrays
 
 
@@ -71,6 +74,13 @@ def test_embedding_and_lm_head_match_numpy(batch, seq, vocab, d, extra_ctx, lw):
     assert_sums_close(run.results["grad:wpe.weight"], dwpe, dwpe_abs, batch)
     assert_sums_close(run.results["updated:wpe.weight"], sgd_tensor(wpe, dwpe, LR),
                       np.abs(wpe) + LR * dwpe_abs, batch + 2)
+
+    d_lanes, v_lanes = lane_cols(d, lw), lane_cols(vocab, lw)
+    for c, r in kernel.programs:
+        position = c == len(v_lanes)
+        kb, nb = d_lanes[r][1] - d_lanes[r][0], 0 if position else v_lanes[c][1] - v_lanes[c][0]
+        assert kernel.sram_words((c, r)) == sram_words(rows, kb, nb, wpe.shape[0],
+                                                       position_column=position)
 
 
 def test_forward_only_embeds_and_projects():
@@ -104,7 +114,8 @@ def test_embedding_cycles_match_formula(batch, seq, vocab, d, lw):
 def test_bad_tokens_and_shapes_are_rejected():
     wte, wpe = np.zeros((8, 4), np.float32), np.zeros((3, 4), np.float32)
     common = dict(d_lanes=lane_cols(4, 4), v_lanes=lane_cols(8, 4), wte=wte, wpe=wpe, update=SGD,
-                  h0_tensor="h0", x_tensor="x", logits_tensor="logits")
+                  h0_tensor="h0", x_tensor="x", logits_tensor="logits",
+                  queue_depth=WaferConfig().queue_depth)
     with pytest.raises(ValueError, match="tokens outside"):
         build_embedding("e", [], StreamIds(), tokens=np.array([[8]]), **common)
     with pytest.raises(ValueError, match="does not fit"):

@@ -34,6 +34,7 @@ from wse_sim.hardware import WaferConfig
 
 SGD = UpdateRule("sgd", 0.1)
 LOSS_SCALE = 4096
+QUEUE_DEPTH = WaferConfig().queue_depth
 
 
 def linear(rows, k, n, wk, wn, *, bias=True, backward=True, dx=True, seed=0,
@@ -50,7 +51,7 @@ def linear(rows, k, n, wk, wn, *, bias=True, backward=True, dx=True, seed=0,
         n_lanes=lane_cols(n, wn), weight=w, bias=b, update=SGD, x_tensor="x", y_tensor="y",
         dy_tensor="dy" if backward else None, dx_tensor="dx" if backward and dx else None,
         weight_name="w", bias_name="b" if bias else None, precision=precision,
-        loss_scale=LOSS_SCALE, k_block=k_block, queue_depth=WaferConfig().queue_depth)
+        loss_scale=LOSS_SCALE, k_block=k_block, queue_depth=QUEUE_DEPTH)
     return kernel, x, w, b, dy
 
 

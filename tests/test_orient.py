@@ -42,7 +42,8 @@ def test_mirrored_linear_kernel_gives_identical_results(rows, k, n, lw):
     kernel = build_linear(
         "lin", ["lin"], StreamIds(), rows=rows, k_lanes=lane_cols(k, lw),
         n_lanes=lane_cols(n, lw), weight=w, bias=b.astype(np.float32), update=SGD, x_tensor="x",
-        y_tensor="y", dy_tensor="dy", dx_tensor="dx", weight_name="w", bias_name="b")
+        y_tensor="y", dy_tensor="dy", dx_tensor="dx", weight_name="w", bias_name="b",
+        queue_depth=WaferConfig().queue_depth)
     base = run_kernel(kernel, {"x": x, "dy": dy})
     for flip in FLIPS[1:]:
         run = run_kernel(flip_kernel(kernel, flip), {"x": x, "dy": dy})

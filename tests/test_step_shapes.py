@@ -46,7 +46,7 @@ def test_colors_shared_in_two_phases_compute_the_same_step(placement, colors):
     wafer = {"preset": "wse2", "colors": colors}
     routes = compile_step(parse_config({**TINY, "wafer": wafer}), placement).linked.program.routes
     same_side = [r for r in routes.values() if r.positions and r.live[0][0] == r.live[1][0]]
-    assert (placement == "random") == bool(same_side)
+    assert same_side or placement != "random"  # the case FIFO order alone keeps right
     wide = _run(compile={"placement": placement})
     narrow = _run(compile={"placement": placement}, wafer=wafer)
     assert (wide["switch_changes"], wide["control_wavelets"]) == (0, 0)

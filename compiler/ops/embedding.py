@@ -23,7 +23,7 @@ are one MOV), so each relay link carries the rows owned west of it; the position
 wpe[t] and emits h0 lane r.
 LM head forward: the matmul forward (x lane r multicast along grid row r, partial sums
 down the columns, logits lane c leaves the bottom PE); no bias.
-Backward: the matmul backward on dlogits (read completely first; dX lane r = the final
+Backward: the matmul backward on dlogits (dX lane r = the final
 LayerNorm's gradient leaves PE (C - 1, r); dwte^T accumulates x^T dlogits). Then dh0 lane
 r is multicast along PE row r (grid and position column): the PE holding tok_m's column
 adds row m into that column of the same gradient block (strided destination), the others
@@ -190,7 +190,8 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
                     logits_tensor: str, dlogits_tensor: str | None = None,
                     dx_tensor: str | None = None, dh0_tensor: str | None = None,
                     wte_name: str = "wte.weight", wpe_name: str = "wpe.weight",
-                    start: int = 0, precision: str = "fp32", loss_scale: int = 1) -> Kernel:
+                    queue_depth: int, start: int = 0, precision: str = "fp32",
+                    loss_scale: int = 1) -> Kernel:
     """The tied embedding + LM head kernel for the batch `tokens` [B, T]; the model width
     d is cut into `d_lanes` (h0's lanes, and the lanes x arrives in), the vocabulary into
     `v_lanes` (the logits' lanes).
@@ -247,7 +248,7 @@ def build_embedding(name: str, ops: list[str], ids: StreamIds, *, tokens: np.nda
     if dx_tensor is not None:
         kernel.shapes[dx_tensor] = (rows, d)
     emit_backward(grid, ids, dy_tensor=dlogits_tensor, dx_tensor=dx_tensor, bias_grad=None,
-                  scale=loss_scale)
+                  queue_depth=queue_depth, scale=loss_scale)
 
     if dh0_tensor is not None:
         kernel.shapes[dh0_tensor] = (rows, d)
@@ -291,11 +292,13 @@ def embedding_cycles(rows: int, kb: int) -> int:
 
 
 def sram_words(rows: int, kb: int, nb: int, n_ctx: int, *, position_column: bool) -> int:
-    """Words of a grid PE (the LM head's matmul PE without bias) or of the position column
-    PE (its wpe lane and gradient)."""
+    """Words of a training step's fp32 grid PE (the LM head's matmul PE without bias: W,
+    dW, the x rows and the dY rows, then the scatter's gradient block and the word that
+    discarded dh0 elements go to) or of the position column PE (its wpe lane and
+    gradient)."""
     if position_column:
         return 2 * n_ctx * kb
-    return 2 * kb * nb + rows * kb + rows * nb + nb + kb + 1  # + the discarded dh0 word
+    return 3 * kb * nb + rows * (kb + nb) + 1
 
 
 class Embedding(OpFamily):
@@ -347,7 +350,8 @@ class Embedding(OpFamily):
             wte=ctx.param(wte), wpe=ctx.param(wpe), update=ctx.update, h0_tensor=op.outputs[0],
             x_tensor=final, logits_tensor=lm_head.outputs[0],
             dlogits_tensor=ctx.dy("lm_head"), dx_tensor=ctx.dx("lm_head"),
-            dh0_tensor=ctx.dy(op.name), wte_name=wte, wpe_name=wpe, start=ctx.batch.start,
+            dh0_tensor=ctx.dy(op.name), wte_name=wte, wpe_name=wpe,
+            queue_depth=ctx.wafer.queue_depth, start=ctx.batch.start,
             precision=lm_head.attrs.get("precision", "fp32"),
             loss_scale=lm_head.attrs.get("loss_scale", 1))
 

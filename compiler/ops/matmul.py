@@ -13,12 +13,15 @@ wafer the weights live in SRAM next to the multipliers and never move: activatio
 stream through the grid like through a systolic array, and the SGD update is a local
 vector op where weight and gradient sit.
 
-Inputs are read in line, a row before its work: every kernel that feeds a matmul (the
+The forward reads x in line, a row before its work: every kernel that feeds a matmul (the
 strip kernels, attention, the adds of their outputs, cross-entropy) emits each row whole,
-at one wavelet a cycle, so reading a row takes kb (or nb) cycles, and a PE with one thread
-lets the simulator run its memory-only vector ops in bulk. (A matmul's own output arrives
+at one wavelet a cycle, so reading a row takes kb cycles, and a PE with one thread lets
+the simulator run its memory-only vector ops in bulk. (A matmul's own output arrives
 element by element over its whole row time; its consumers receive it on threads of their
-own, `compiler.lowering.inbox`.)
+own, `compiler.lowering.inbox`.) The backward receives dY on a thread of its own: the dX
+it feeds is the step's critical path, and the nb cycles of reading a row in line were 4%
+of a row at w = 12 and 10% for a QKV block of 4 x 32, which set the backward's pace; the
+price is the simulator's bulk execution on those PEs (module `wse_sim.engine`).
 Forward, rows ascending, per row m (one REPEAT over the M rows, every PE):
   x lane r is multicast along PE row r; each PE stores its x row (the backward's dW needs
   every row) and computes nb dot products of kb terms
@@ -29,11 +32,17 @@ Forward, rows ascending, per row m (one REPEAT over the M rows, every PE):
   has sent it.
 Backward, rows descending (DEADLOCK: see compiler.lowering.kernel; each PE reads its one
   dY lane and its west neighbour's partials in row order), per row m:
-  dY lane c is multicast down PE column c; each PE stores the row, computes kb dot
-  products of nb terms, dX[m, k] = dY[m, n_c] . W[k, n_c], seeded by the partial from the
-  PE to the west and sent east; the east PE's outputs are dX lane r. Then, while dX moves
-  on, it accumulates dW[k_r, n_c] += x[m, k_r]^T dY[m, n_c] (kb FMAs of nb) and on the top
-  row db[n_c] += dY[m, n_c]: the weight gradient costs no extra pass and keeps no dY rows.
+  dY lane c is multicast down PE column c; each PE receives the row on a thread of its
+  own and keeps every row (`compiler.lowering.inbox`: the next rows arrive while this one
+  is worked on, and the receiving thread waits for nothing but the stream; a ring of a
+  few rows would need a credit channel, one more color on every matmul PE, or a REPEAT
+  body of as many rows as the ring has slots), computes kb dot products of nb terms,
+  dX[m, k] = dY[m, n_c] . W[k, n_c], seeded by the partial from the PE to the west and
+  sent east; the east PE's outputs are dX lane r. Then, while dX moves on, it accumulates
+  dW[k_r, n_c] += x[m, k_r]^T dY[m, n_c] (kb FMAs of nb) and on the top row db[n_c] +=
+  dY[m, n_c]: the weight gradient costs no extra pass. In mixed precision the compute
+  thread receives each dY row itself (it scales the row as it arrives, which costs the
+  same from a store) into one fp16 row.
 Update: W and b by the optimizer's update (`compiler.ops.update.emit_update`: SGD one FMA
 each, AdamW with the moments beside them).
 
@@ -42,10 +51,11 @@ Cost (one fp32 element per cycle per PE; `forward_cycles`, `backward_cycles`,
 on its dot products, plus nb on the top row (the bias is a third SRAM read in each dot's
 first cycle). The multicast x rows and the column chains keep a column in lock step, so
 the slowest PE sets the pace: T_fwd = M max(kb + kb nb + [r = 0] nb) + fill. Per backward
-row: nb (receive dY) + kb nb (dX) + kb (nb + 1) (dW: each FMA's first element also loads
-its x[m, k] scalar, a third read) + [r = 0] nb (db). With kb = nb = w, 94% of the forward
-and 95% of the backward cycles are FMAs at w = 32, 80% and 86% at w = 8.
-SRAM per PE: 2 kb nb (W, dW) + M kb (x rows) + nb (the dY row) (+ 2 nb for the bias).
+row: 1 (the dY row's token) + kb nb (dX) + kb (nb + 1) (dW: each
+FMA's first element also loads its x[m, k] scalar, a third read) + [r = 0] nb (db). With
+kb = nb = w, 97% of the forward and 98% of the backward cycles are FMAs at w = 32, 89%
+and 93% at w = 8.
+SRAM per PE: 2 kb nb (W, dW) + M kb (x rows) + M nb (dY rows) (+ 2 nb for the bias).
 
 Blocks narrower than a lane (`k_block`, chosen by `compiler.plan`). A lane wider than the
 pace allows (attention's whole heads against lanes of w < d_head: a 11 x 32 block does
@@ -58,9 +68,10 @@ row, to the lag of its bottom one: each receives on a thread of its own into the
 token and the dots, max(lane, 1 + nb kb) (+ nb on the top row). Backward: dX of the lane
 leaves from its top row's east PE, which sends its own kb columns and then passes on
 those of the blocks below it, each lower east PE sending its own from memory and then
-passing on the rest: `below` columns and a hop more a row on the east column
-(`backward_row_cycles`). SRAM: the x rows are the lane's, M x lane (+ kb for the dX row of
-a lower east PE).
+passing on the rest: `below` columns a row more on the east column (the stored dY rows
+let the lower blocks run ahead, so their dX is there when it is passed on; in mixed
+precision, where dY is not queued, a hop more; `backward_row_cycles`). SRAM: the x rows
+are the lane's, M x lane (+ kb for the dX row of a lower east PE).
 
 Mixed precision (`compile.precision: mixed`, `precision="mixed"`; the tied LM head of
 `compiler.ops.embedding` uses the same grid code). fp16: the stored x rows and the dY row
@@ -86,7 +97,7 @@ kb (2 + ceil((nb - 2) / s)) + kb (nb + 1) + [r = 0] nb + [last column] kb (dX / 
 db accumulate into fp32 SRAM at one 32-bit write an element, as in fp32. After the rows:
 kb nb + [r = 0] nb (dW / S, db / S); before each pass its copy, 1 + kb nb / c
 (`half_copy_cycles`). At kb = nb = 16 a top-row forward row takes 176 cycles instead of
-288; at 32, a forward and backward row 2,336 instead of 3,232.
+288; at 32, a forward and backward row 2,336 instead of 3,202.
 SRAM: 2 kb nb + (nb even(kb) + kb even(nb) + M even(kb) + nb) / 2 + nb (S dY in fp32)
 (+ 2 nb for the bias, + kb on the last column), `sram_words`.
 """
@@ -100,8 +111,8 @@ import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec, ParamInit, grad_name
 from compiler.lowering.dots import Walk, dot_cycles, dots
-from compiler.lowering.inbox import RowStore, inbox
-from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Mem, Op, repeat, vec
+from compiler.lowering.inbox import Inbox, PerPE, RowStore, inbox, rounds
+from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, repeat, vec
 from compiler.lowering.kernel import Kernel, LocalPE, StreamIds, lane_cols
 from compiler.ops.base import OpFamily, Tensors
 from compiler.ops.update import UpdateRule, emit_update
@@ -301,15 +312,78 @@ def emit_forward(grid: WeightGrid, ids: StreamIds, *, x_tensor: str, y_tensor: s
         kernel.emit(pe, *repeat(rows, body))
 
 
+@dataclass
+class _BackwardRow:
+    """One PE's program for backward row i (`emit_backward`), `loop` rows a REPEAT
+    iteration (`compiler.lowering.inbox.rounds`). dY comes from the rows of `dy_in`, or
+    without one (mixed precision) straight from stream `dy_stream`, scaled into `dy32`
+    and rounded into the fp16 row `dy16`."""
+
+    grid: WeightGrid
+    pe: LocalPE
+    dy_in: Inbox | None
+    dy_stream: int
+    scale: int
+    bias_grad: int | None  # db's word on the top row
+    dy16: int = 0
+    dy32: int = 0
+    out: FabOut | None = None  # where dX goes (none without a dX)
+    seed: list[Operand] | None = None  # the partial dX from the west
+    dx_buffer: int | None = None  # dX into memory first (module docstring)
+    passed_on: tuple[int, int] | None = None  # (columns, stream) of the blocks below
+
+    def __call__(self, i: int, loop: int) -> PerPE:
+        grid, pe, half, scale = self.grid, self.pe, self.grid.half, self.scale
+        kb, nb = grid.block(pe)
+        _, kl, off = grid.lane_part(pe)
+        if self.dy_in is None:  # S dY in fp32, then rounded to fp16
+            body = [vec(Op.MUL, nb, Mem(self.dy32), FabIn(self.dy_stream), Imm(scale)),
+                    vec(Op.MOV, nb, Mem(self.dy16, half=True), Mem(self.dy32))]
+            dy, dy_loop = self.dy16, 0
+        else:
+            body = self.dy_in.take()
+            row = self.dy_in.store.row(i, loop)
+            dy, dy_loop = row.offset, row.loop_stride
+        out, buffer = self.out, self.dx_buffer
+        if out is not None:
+            w_walk = (Walk(grid.weight16[pe], 1, even(nb), half=True) if half
+                      else Walk(grid.weight[pe], 1, nb))
+            dy_walk = Walk(dy, 1, loop=dy_loop, half=half)
+            if buffer is not None:
+                body += dots(kb, nb, w_walk, dy_walk, acc=0,
+                             out=[Mem(buffer + k) for k in range(kb)], seed=self.seed)
+                body.append(vec(Op.MUL, kb, out, Mem(buffer), Imm(1 / scale)) if half
+                            else vec(Op.MOV, kb, out, Mem(buffer)))
+            else:
+                body += dots(kb, nb, w_walk, dy_walk, acc=0, out=[out] * kb, seed=self.seed)
+            if self.passed_on is not None:  # the lane's columns after this block, in order
+                columns, stream = self.passed_on
+                body.append(vec(Op.MOV, columns, out, FabIn(stream)))
+        # x rows are read backwards (of even(kl) halves in mixed precision)
+        x_row = even(kl) if half else kl
+        x_at = grid.x_rows[pe] + (grid.rows - 1 - i) * x_row + off
+        dw = grid.grad[pe]
+        dy_row = Mem(dy, 1, dy_loop, half=half)
+        body += [vec(Op.FMA, nb, Mem(dw + k * nb), dy_row,
+                     Mem(x_at + k, 0, -loop * x_row, half=half), Mem(dw + k * nb))
+                 for k in range(kb)]
+        if self.bias_grad is not None:
+            body.append(vec(Op.ADD, nb, Mem(self.bias_grad), Mem(self.bias_grad),
+                            dy_row))
+        return {pe: body}
+
+
 def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str, dx_tensor: str | None,
-                  bias_grad: dict[int, int] | None, scale: int = 1) -> None:
+                  bias_grad: dict[int, int] | None, queue_depth: int, scale: int = 1) -> None:
     """Rows descending: read dY, send dX (if `dx_tensor`), accumulate dW into `grid.grad`
     and db into `bias_grad[c]` of PE (c, 0). With fp16 (`grid.half`), dY is scaled by
-    `scale` (a power of two) before its rounding and every product divided by it. A lane
-    of several PE rows leaves from its top row's east PE: each east PE of the lane sends
-    its own dX columns and then passes on those of the blocks below it (from the east PE
-    below), up. (Passed down instead, each PE's dots would wait for those above it, and
-    the multicast dY would hold the whole column to that chain's pace.)"""
+    `scale` (a power of two) before its rounding and every product divided by it. dY
+    arrives on a receiving thread that stores every row (`compiler.lowering.inbox`), so
+    the next rows come in while this one's dots run. A lane of several PE rows leaves from
+    its top row's east PE: each east PE of the lane sends its own dX columns and then
+    passes on those of the blocks below it (from the east PE below), up. (Passed down
+    instead, each PE's dots would wait for those above it, and the multicast dY would hold
+    the whole column to that chain's pace.)"""
     kernel, rows = grid.kernel, grid.rows
     n_r, n_c = len(grid.k_rows), len(grid.n_lanes)
     dy_ids = kernel.lane_inputs(ids, dy_tensor, grid.n_lanes,
@@ -329,54 +403,35 @@ def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str, dx_tensor
         c, r = pe
         kb, nb = grid.block(pe)
         lane, kl, off = grid.lane_part(pe)
-        if half:  # the dY row in fp16, W's row-major fp16 copy; x rows of even(kl) halves
-            dy = alloc_halves(kernel, pe, nb, "fp16 dY row")
-            x_row = even(kl)
-            w_walk = Walk(grid.weight16[pe], 1, even(nb), half=True)
-        else:
-            dy = kernel.alloc(pe, nb, "dY row")
-            x_row = kl
-            w_walk = Walk(grid.weight[pe], 1, nb)
-        last_x = grid.x_rows[pe] + (rows - 1) * x_row + off  # rows run backwards
-        if half:  # S dY in fp32, then rounded to fp16
-            dy32 = kernel.alloc(pe, nb, "scaled dY row")
-            body = [vec(Op.MUL, nb, Mem(dy32), FabIn(dy_ids[c]), Imm(scale)),
-                    vec(Op.MOV, nb, Mem(dy, half=True), Mem(dy32))]
-        else:
-            body = [vec(Op.MOV, nb, Mem(dy), FabIn(dy_ids[c]))]
+        dy_in = None
+        if not half:  # (mixed: the compute thread scales dY as it arrives, no cheaper later)
+            dy_in = inbox(kernel, pe, ids, dy_ids[c],
+                          RowStore(kernel.alloc(pe, rows * nb, "dY rows"), nb, rows),
+                          queue_depth=queue_depth)
+        row = _BackwardRow(grid, pe, dy_in, dy_ids[c], scale,
+                           bias_grad[c] if r == 0 and bias_grad is not None else None)
+        if half:  # the dY row in fp16, W's row-major fp16 copy
+            row.dy16 = alloc_halves(kernel, pe, nb, "fp16 dY row")
+            row.dy32 = kernel.alloc(pe, nb, "scaled dY row")
         if dx_ids is not None:
             if c < n_c - 1:
-                out = FabOut(east[pe])
+                row.out = FabOut(east[pe])
             else:
-                out = FabOut(up[r - 1] if off else dx_ids[lane])
-            seed = [FabIn(east[(c - 1, r)])] * kb if c > 0 else None
+                row.out = FabOut(up[r - 1] if off else dx_ids[lane])
+            row.seed = [FabIn(east[(c - 1, r)])] * kb if c > 0 else None
             if c == n_c - 1 and (half or off):
                 # into memory first: the sums of S dY W are divided by S as they leave, and
                 # a lower block's dX leaves in one burst, so that its dots need not wait
                 # for the PE above to pass them on (the queue between them holds a few)
-                dx = kernel.alloc(pe, kb, "dX row")
-                body += dots(kb, nb, w_walk, Walk(dy, 1, half=half), acc=0,
-                             out=[Mem(dx + k) for k in range(kb)], seed=seed)
-                body.append(vec(Op.MUL, kb, out, Mem(dx), Imm(1 / scale)) if half
-                            else vec(Op.MOV, kb, out, Mem(dx)))
-            else:
-                body += dots(kb, nb, w_walk, Walk(dy, 1, half=half), acc=0, out=[out] * kb,
-                             seed=seed)
-            below = kl - off - kb
-            if c == n_c - 1 and below:  # the lane's columns after this block, in order
-                body.append(vec(Op.MOV, below, out, FabIn(up[r])))
+                row.dx_buffer = kernel.alloc(pe, kb, "dX row")
+            if c == n_c - 1 and kl - off - kb:  # the lane's columns after this block
+                row.passed_on = (kl - off - kb, up[r])
         if half and dx_ids is not None:
             kernel.emit(pe, *half_copy(grid, pe, transposed=False))
-        dw = grid.grad[pe]
-        body += [vec(Op.FMA, nb, Mem(dw + k * nb), Mem(dy, half=half),
-                     Mem(last_x + k, 0, -x_row, half=half), Mem(dw + k * nb))
-                 for k in range(kb)]
-        if r == 0 and bias_grad is not None:
-            body.append(vec(Op.ADD, nb, Mem(bias_grad[c]), Mem(bias_grad[c]),
-                            Mem(dy, half=half)))
-        kernel.emit(pe, *repeat(rows, body))
+        kernel.emit(pe, *rounds(range(rows), 1, row)[pe])
         if half:  # S dW and S db, divided by S
-            kernel.emit(pe, vec(Op.MUL, kb * nb, Mem(dw), Mem(dw), Imm(1 / scale)))
+            kernel.emit(pe, vec(Op.MUL, kb * nb, Mem(grid.grad[pe]), Mem(grid.grad[pe]),
+                                Imm(1 / scale)))
             if r == 0 and bias_grad is not None:
                 kernel.emit(pe, vec(Op.MUL, nb, Mem(bias_grad[c]), Mem(bias_grad[c]),
                                     Imm(1 / scale)))
@@ -458,8 +513,11 @@ def build_linear(name: str, ops: list[str], ids: StreamIds, *, rows: int, k_lane
     kernel.shapes[dy_tensor] = (rows, n)
     if dx_tensor is not None:
         kernel.shapes[dx_tensor] = (rows, k)
+    if queue_depth is None:
+        raise ValueError(f"{name}: a backward receives dY on a thread: it needs the queue depth")
     emit_backward(grid, ids, dy_tensor=dy_tensor, dx_tensor=dx_tensor,
-                  bias_grad=bias_grad if bias is not None else None, scale=loss_scale)
+                  bias_grad=bias_grad if bias is not None else None, queue_depth=queue_depth,
+                  scale=loss_scale)
     update_weights(grid, update, weight_name)
     if bias is not None:
         for c, lane in enumerate(n_lanes):
@@ -511,15 +569,19 @@ def forward_row_cycles(kb: int, nb: int, *, top_row_bias: bool, step: int = 1,
 def backward_row_cycles(kb: int, nb: int, *, dx: bool, top_row_bias: bool, step: int = 1,
                         convert_step: int = 0, last_column: bool = False,
                         below: int = 0, buffered: bool = False) -> int:
-    """One backward row on a PE: receive nb, kb dots of nb terms (dX), kb FMAs of nb that
-    each read a third word in their first cycle (dW), nb (db on the top row); on the last
-    column of a lane's upper rows also the `below` dX columns it passes on, and of its
-    lower rows (`buffered`) the kb it sends from memory. With `convert_step` (mixed
-    precision): also the scaled dY row's conversion to fp16 and, on the last column, dX's
-    kb divisions by the scale as it leaves."""
-    passed_on = below + 3 if last_column and below else 0  # + a hop for the first word
-    cycles = (nb + (dot_cycles(kb, nb, step=step) + passed_on if dx else 0) + kb * (nb + 1)
-              + (nb if top_row_bias else 0))
+    """One backward row on a PE: the dY row's token (it arrives on a receiving thread), kb
+    dots of nb terms (dX), kb FMAs of nb that each read a third word in their first cycle
+    (dW), nb (db on the top row); on the last column of a lane's upper rows also the
+    `below` dX columns it passes on, and of its lower rows (`buffered`) the kb it sends
+    from memory. With `convert_step` (mixed precision) the compute thread
+    receives the dY row itself, nb cycles that scale it, then converts it to fp16; on the
+    last column dX's kb divisions by the scale as it leaves."""
+    # passing on waits a hop for the first word, unless dY rows queue in an inbox: then
+    # the blocks below run ahead of this one, and their dX is already waiting
+    passed_on = below + (3 if convert_step else 0) if last_column and below else 0
+    receive = nb if convert_step else 1
+    cycles = (receive + (dot_cycles(kb, nb, step=step) + passed_on if dx else 0)
+              + kb * (nb + 1) + (nb if top_row_bias else 0))
     if convert_step:
         cycles += -(-nb // convert_step)
     if dx and last_column and (convert_step or buffered):
@@ -582,15 +644,16 @@ def sram_words(rows: int, kb: int, nb: int, *, top_row_bias: bool, half: bool = 
                last_column: bool = False, lane: int | None = None,
                buffered: bool = False) -> int:
     """Words of a PE with a kb x nb block: W and dW, its x rows (of the whole input lane,
-    `lane` columns, default kb), the dY row, on the top row the bias lane and its gradient,
-    and on the last column of a lane's lower rows (`buffered`) the dX row; `half` (mixed
-    precision): the x rows and the dY row in fp16 (rows padded to an even count of
-    halves), two fp16 copies of W, the scaled dY row in fp32 and on the last column the dX
-    row."""
+    `lane` columns, default kb), the dY rows (nb a row), on the top row the bias lane and
+    its gradient, and on the last column of a lane's lower rows
+    (`buffered`) the dX row; `half` (mixed precision): the x rows and the dY row in fp16
+    (rows padded to an even count of halves; one dY row), two fp16 copies of W, the scaled dY
+    row in fp32 and on the last column the dX row."""
     bias = 2 * nb if top_row_bias else 0
     lane = lane or kb
     if not half:
-        return 2 * kb * nb + rows * lane + nb + bias + (kb if last_column and buffered else 0)
+        return (2 * kb * nb + rows * (lane + nb) + bias
+                + (kb if last_column and buffered else 0))
 
     def words(halves: int) -> int:
         return (halves + 1) // 2
