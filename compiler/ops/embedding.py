@@ -23,9 +23,9 @@ are one MOV), so each relay link carries the rows owned west of it; the position
 wpe[t] and emits h0 lane r.
 LM head forward: the matmul forward (x lane r multicast along grid row r, partial sums
 down the columns, logits lane c leaves the bottom PE); no bias.
-Backward: the matmul backward on dlogits (dX lane r = the final
-LayerNorm's gradient leaves PE (C - 1, r); dwte^T accumulates x^T dlogits). Then dh0 lane
-r is multicast along PE row r (grid and position column): the PE holding tok_m's column
+Backward: the matmul backward on dlogits (dX lane r = the final LayerNorm's gradient
+leaves PE (C - 1, r); dwte^T accumulates x^T dlogits). Then dh0 lane r is multicast
+along PE row r (grid and position column): the PE holding tok_m's column
 adds row m into that column of the same gradient block (strided destination), the others
 discard it (runs of discarded rows are one MOV into a scratch word), so the tied gradient
 sums both uses; the position PE adds dh0[b T + t] into dwpe[t]. The optimizer updates wte
