@@ -111,8 +111,8 @@ import numpy as np
 
 from compiler.graph import GraphBuilder, OpSpec, ParamInit, grad_name
 from compiler.lowering.dots import Walk, dot_cycles, dots
-from compiler.lowering.inbox import Inbox, PerPE, RowStore, inbox, rounds
-from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Mem, Op, Operand, repeat, vec
+from compiler.lowering.inbox import RowStore, inbox
+from compiler.lowering.ir import FabIn, FabOut, Imm, Instr, Mem, Op, repeat, vec
 from compiler.lowering.kernel import Kernel, LocalPE, StreamIds, lane_cols
 from compiler.ops.base import OpFamily, Tensors
 from compiler.ops.update import UpdateRule, emit_update
@@ -312,67 +312,6 @@ def emit_forward(grid: WeightGrid, ids: StreamIds, *, x_tensor: str, y_tensor: s
         kernel.emit(pe, *repeat(rows, body))
 
 
-@dataclass
-class _BackwardRow:
-    """One PE's program for backward row i (`emit_backward`), `loop` rows a REPEAT
-    iteration (`compiler.lowering.inbox.rounds`). dY comes from the rows of `dy_in`, or
-    without one (mixed precision) straight from stream `dy_stream`, scaled into `dy32`
-    and rounded into the fp16 row `dy16`."""
-
-    grid: WeightGrid
-    pe: LocalPE
-    dy_in: Inbox | None
-    dy_stream: int
-    scale: int
-    bias_grad: int | None  # db's word on the top row
-    dy16: int = 0
-    dy32: int = 0
-    out: FabOut | None = None  # where dX goes (none without a dX)
-    seed: list[Operand] | None = None  # the partial dX from the west
-    dx_buffer: int | None = None  # dX into memory first (module docstring)
-    passed_on: tuple[int, int] | None = None  # (columns, stream) of the blocks below
-
-    def __call__(self, i: int, loop: int) -> PerPE:
-        grid, pe, half, scale = self.grid, self.pe, self.grid.half, self.scale
-        kb, nb = grid.block(pe)
-        _, kl, off = grid.lane_part(pe)
-        if self.dy_in is None:  # S dY in fp32, then rounded to fp16
-            body = [vec(Op.MUL, nb, Mem(self.dy32), FabIn(self.dy_stream), Imm(scale)),
-                    vec(Op.MOV, nb, Mem(self.dy16, half=True), Mem(self.dy32))]
-            dy, dy_loop = self.dy16, 0
-        else:
-            body = self.dy_in.take()
-            row = self.dy_in.store.row(i, loop)
-            dy, dy_loop = row.offset, row.loop_stride
-        out, buffer = self.out, self.dx_buffer
-        if out is not None:
-            w_walk = (Walk(grid.weight16[pe], 1, even(nb), half=True) if half
-                      else Walk(grid.weight[pe], 1, nb))
-            dy_walk = Walk(dy, 1, loop=dy_loop, half=half)
-            if buffer is not None:
-                body += dots(kb, nb, w_walk, dy_walk, acc=0,
-                             out=[Mem(buffer + k) for k in range(kb)], seed=self.seed)
-                body.append(vec(Op.MUL, kb, out, Mem(buffer), Imm(1 / scale)) if half
-                            else vec(Op.MOV, kb, out, Mem(buffer)))
-            else:
-                body += dots(kb, nb, w_walk, dy_walk, acc=0, out=[out] * kb, seed=self.seed)
-            if self.passed_on is not None:  # the lane's columns after this block, in order
-                columns, stream = self.passed_on
-                body.append(vec(Op.MOV, columns, out, FabIn(stream)))
-        # x rows are read backwards (of even(kl) halves in mixed precision)
-        x_row = even(kl) if half else kl
-        x_at = grid.x_rows[pe] + (grid.rows - 1 - i) * x_row + off
-        dw = grid.grad[pe]
-        dy_row = Mem(dy, 1, dy_loop, half=half)
-        body += [vec(Op.FMA, nb, Mem(dw + k * nb), dy_row,
-                     Mem(x_at + k, 0, -loop * x_row, half=half), Mem(dw + k * nb))
-                 for k in range(kb)]
-        if self.bias_grad is not None:
-            body.append(vec(Op.ADD, nb, Mem(self.bias_grad), Mem(self.bias_grad),
-                            dy_row))
-        return {pe: body}
-
-
 def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str, dx_tensor: str | None,
                   bias_grad: dict[int, int] | None, queue_depth: int, scale: int = 1) -> None:
     """Rows descending: read dY, send dX (if `dx_tensor`), accumulate dW into `grid.grad`
@@ -403,35 +342,55 @@ def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str, dx_tensor
         c, r = pe
         kb, nb = grid.block(pe)
         lane, kl, off = grid.lane_part(pe)
-        dy_in = None
-        if not half:  # (mixed: the compute thread scales dY as it arrives, no cheaper later)
+        if half:  # S dY in fp32, then rounded to fp16; W's row-major fp16 copy
+            dy = alloc_halves(kernel, pe, nb, "fp16 dY row")
+            dy32 = kernel.alloc(pe, nb, "scaled dY row")
+            body = [vec(Op.MUL, nb, Mem(dy32), FabIn(dy_ids[c]), Imm(scale)),
+                    vec(Op.MOV, nb, Mem(dy, half=True), Mem(dy32))]
+            dy_row = Mem(dy, half=True)
+            x_row = even(kl)
+            w_walk = Walk(grid.weight16[pe], 1, even(nb), half=True)
+        else:  # (mixed: the compute thread scales dY as it arrives, no cheaper from a store)
             dy_in = inbox(kernel, pe, ids, dy_ids[c],
                           RowStore(kernel.alloc(pe, rows * nb, "dY rows"), nb, rows),
                           queue_depth=queue_depth)
-        row = _BackwardRow(grid, pe, dy_in, dy_ids[c], scale,
-                           bias_grad[c] if r == 0 and bias_grad is not None else None)
-        if half:  # the dY row in fp16, W's row-major fp16 copy
-            row.dy16 = alloc_halves(kernel, pe, nb, "fp16 dY row")
-            row.dy32 = kernel.alloc(pe, nb, "scaled dY row")
+            body = dy_in.take()
+            dy_row = dy_in.store.row(0, 1)  # a row further each REPEAT iteration
+            x_row = kl
+            w_walk = Walk(grid.weight[pe], 1, nb)
+        dy_walk = Walk(dy_row.offset, 1, loop=dy_row.loop_stride, half=half)
+        last_x = grid.x_rows[pe] + (rows - 1) * x_row + off  # rows run backwards
         if dx_ids is not None:
             if c < n_c - 1:
-                row.out = FabOut(east[pe])
+                out = FabOut(east[pe])
             else:
-                row.out = FabOut(up[r - 1] if off else dx_ids[lane])
-            row.seed = [FabIn(east[(c - 1, r)])] * kb if c > 0 else None
+                out = FabOut(up[r - 1] if off else dx_ids[lane])
+            seed = [FabIn(east[(c - 1, r)])] * kb if c > 0 else None
             if c == n_c - 1 and (half or off):
                 # into memory first: the sums of S dY W are divided by S as they leave, and
                 # a lower block's dX leaves in one burst, so that its dots need not wait
                 # for the PE above to pass them on (the queue between them holds a few)
-                row.dx_buffer = kernel.alloc(pe, kb, "dX row")
-            if c == n_c - 1 and kl - off - kb:  # the lane's columns after this block
-                row.passed_on = (kl - off - kb, up[r])
+                dx = kernel.alloc(pe, kb, "dX row")
+                body += dots(kb, nb, w_walk, dy_walk, acc=0,
+                             out=[Mem(dx + k) for k in range(kb)], seed=seed)
+                body.append(vec(Op.MUL, kb, out, Mem(dx), Imm(1 / scale)) if half
+                            else vec(Op.MOV, kb, out, Mem(dx)))
+            else:
+                body += dots(kb, nb, w_walk, dy_walk, acc=0, out=[out] * kb, seed=seed)
+            below = kl - off - kb
+            if c == n_c - 1 and below:  # the lane's columns after this block, in order
+                body.append(vec(Op.MOV, below, out, FabIn(up[r])))
         if half and dx_ids is not None:
             kernel.emit(pe, *half_copy(grid, pe, transposed=False))
-        kernel.emit(pe, *rounds(range(rows), 1, row)[pe])
+        dw = grid.grad[pe]
+        body += [vec(Op.FMA, nb, Mem(dw + k * nb), dy_row,
+                     Mem(last_x + k, 0, -x_row, half=half), Mem(dw + k * nb))
+                 for k in range(kb)]
+        if r == 0 and bias_grad is not None:
+            body.append(vec(Op.ADD, nb, Mem(bias_grad[c]), Mem(bias_grad[c]), dy_row))
+        kernel.emit(pe, *repeat(rows, body))
         if half:  # S dW and S db, divided by S
-            kernel.emit(pe, vec(Op.MUL, kb * nb, Mem(grid.grad[pe]), Mem(grid.grad[pe]),
-                                Imm(1 / scale)))
+            kernel.emit(pe, vec(Op.MUL, kb * nb, Mem(dw), Mem(dw), Imm(1 / scale)))
             if r == 0 and bias_grad is not None:
                 kernel.emit(pe, vec(Op.MUL, nb, Mem(bias_grad[c]), Mem(bias_grad[c]),
                                     Imm(1 / scale)))
