@@ -388,14 +388,6 @@ def bulk_programs(draw):
     return tasks, wafer_kw
 
 
-def cycle_by_cycle(tasks: list[Task]) -> Program:
-    """`tasks` on one PE with a COLOR task beside them (on a color nobody sends), which
-    keeps the engine from running any instruction in bulk."""
-    program = one_pe(*copy.deepcopy(tasks), Task(9, Trigger.COLOR, [Instr(Op.HALT)], color=0))
-    program.add_route(0, 0, 0, port_mask(Port.RAMP), port_mask(Port.RAMP))
-    return program
-
-
 @settings(max_examples=60, deadline=None)
 @given(bulk_programs())
 def test_bulk_execution_is_invisible(case):
@@ -406,8 +398,7 @@ def test_bulk_execution_is_invisible(case):
         fast = simulate(plain, w)
     except ProgramError:
         assume(False)
-    slow_prog = cycle_by_cycle(tasks)
-    slow = simulate(slow_prog, w)
+    slow = simulate(plain, w, bulk_runs=False)
     assert fast.cycles == slow.cycles
     for name, value in vars(fast.stats).items():
         np.testing.assert_array_equal(value, getattr(slow.stats, name), err_msg=name)
@@ -419,7 +410,7 @@ def test_bulk_execution_is_invisible(case):
 @given(bulk_programs(), st.floats(0.0, 1.0))
 def test_a_stopped_bulk_run_counts_as_the_cycle_by_cycle_run(case, where):
     # Stopped inside or between bulk-run instructions, the counters are those the
-    # cycle-by-cycle path (the same program with a COLOR task) kept up to the stop.
+    # cycle-by-cycle path kept up to the stop.
     tasks, wafer_kw = case
     plain = one_pe(*copy.deepcopy(tasks))
     w = wafer(**wafer_kw)
@@ -429,17 +420,54 @@ def test_a_stopped_bulk_run_counts_as_the_cycle_by_cycle_run(case, where):
         assume(False)
     assume(full.cycles >= 2)
     stop = 1 + int(where * (full.cycles - 2))  # 1 .. cycles - 1
-    slow_prog = cycle_by_cycle(tasks)
     runs = []
-    for program in (plain, slow_prog):
+    for bulk_runs in (True, False):
         with pytest.raises(SimulationStopped) as info:
-            simulate(program, w, max_cycles=stop)
+            simulate(plain, w, max_cycles=stop, bulk_runs=bulk_runs)
         runs.append(info.value.result)
     fast, slow = runs
     assert fast.cycles == slow.cycles == stop
     for name, value in vars(fast.stats).items():
         np.testing.assert_array_equal(value, getattr(slow.stats, name), err_msg=name)
     assert fast.stats.idle.min() >= 0
+
+
+def _receiver_beside_a_computing_thread(gap: int) -> Program:
+    """PE (0, 0) sends 12 words east, one every `gap` + 2 cycles; PE (1, 0) receives them
+    on a COLOR task (one 12-element MOV, waiting between words) into the words that its
+    RESET task keeps adding up in 12-element ADDs, so that the sums depend on the cycle of
+    every element of both threads."""
+    p = Program(2, 1)
+    sender = p.pe(0, 0, 12)
+    sender.load(0, np.arange(1, 13, dtype=np.float32))
+    sender.tasks.append(Task(0, Trigger.RESET, repeat(12, [
+        vec(Op.MOV, 1, FabOut(0), Mem(0, 0, 1)), vec(Op.NEG, gap, Reg(0), Reg(0))])))
+    receiver = p.pe(1, 0, 24)
+    receiver.tasks += [
+        Task(0, Trigger.COLOR, [vec(Op.MOV, 12, Mem(0), FabIn(0))], color=0),
+        Task(1, Trigger.RESET, repeat(30, [vec(Op.ADD, 12, Mem(12), Mem(0), Mem(12))]))]
+    p.add_route(0, 0, 0, port_mask(Port.RAMP), port_mask(Port.E))
+    p.add_route(1, 0, 0, port_mask(Port.W), port_mask(Port.RAMP))
+    return p
+
+
+@pytest.mark.parametrize("gap", [3, 11, 40])
+def test_bulk_runs_beside_a_waiting_thread_are_invisible(gap):
+    # PE (1, 0)'s ADDs run in bulk while its receiving thread waits for a word, and each
+    # delivery cuts the run short: the same cycles, counters and memory as cycle by cycle,
+    # finished or stopped at any cycle.
+    program, w = _receiver_beside_a_computing_thread(gap), wafer(microthreads=2)
+    fast, slow = (simulate(program, w, bulk_runs=b) for b in (True, False))
+    assert_same_run(fast, slow)
+    np.testing.assert_array_equal(fast.sram(1, 0), slow.sram(1, 0))
+    for stop in range(1, fast.cycles, 7):
+        runs = []
+        for bulk_runs in (True, False):
+            with pytest.raises(SimulationStopped) as info:
+                simulate(program, w, max_cycles=stop, bulk_runs=bulk_runs)
+            runs.append(info.value.result)
+        assert_same_run(*runs)
+        np.testing.assert_array_equal(runs[0].sram(1, 0), runs[1].sram(1, 0))
 
 
 def test_a_loaded_program_runs_again_with_some_pes_replaced():

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fuzz_programs import Case, bulk_twin, cases, is_cycle_limit, run_case
+from fuzz_programs import Case, cases, is_cycle_limit, run_case
 from hypothesis import HealthCheck, event, given, settings
 
 from wse_sim.engine import simulate
@@ -103,14 +103,13 @@ def test_no_deadlock_while_a_bulk_run_computes():
     p.pe(0, 0, 0).tasks.append(Task(0, Trigger.RESET, [vec(Op.NEG, 50, Reg(0), Reg(0))]))
     p.pe(1, 0, 0).tasks.append(Task(0, Trigger.RESET, [vec(Op.MOV, 1, Reg(0), FabIn(0))]))
     p.add_route(1, 0, 0, 0, port_mask(Port.RAMP))
-    case = Case(p, _wafer(2), 10_000)
-    for each in (case, bulk_twin(case)):
+    for bulk_runs in (True, False):
         with pytest.raises(DeadlockError, match=r"^deadlock at cycle 50 \(the fabric is stuck\)"
                            r" \| waiting: PE \(1, 0\) task 0 pc 0 MOV waits: FABIN color 0 "
                            r"empty$"):
-            simulate(each.program, each.wafer, max_cycles=each.max_cycles)
+            simulate(p, _wafer(2), max_cycles=10_000, bulk_runs=bulk_runs)
         with pytest.raises(UserError) as info:  # the limit comes first
-            simulate(each.program, each.wafer, max_cycles=49)
+            simulate(p, _wafer(2), max_cycles=49, bulk_runs=bulk_runs)
         assert is_cycle_limit(info.value) and info.value.cycle == 49
 
 
@@ -119,11 +118,10 @@ def test_a_slow_element_is_not_a_deadlock():
     # 0.25 and deadlock_cycles 3 a computing PE was declared deadlocked (not in bulk).
     p = Program(1, 1)
     p.pe(0, 0, 0).tasks.append(Task(0, Trigger.RESET, [vec(Op.NEG, 2, Reg(0), Reg(0))]))
-    case = Case(p, _wafer(1, fp32_ops_per_cycle=0.25, deadlock_cycles=3), 1000)
-    bulk = simulate(case.program, case.wafer)
+    w = _wafer(1, fp32_ops_per_cycle=0.25, deadlock_cycles=3)
+    bulk = simulate(p, w)
     assert bulk.cycles == 5  # elements at cycles 0 and 4
-    twin = bulk_twin(case)
-    assert simulate(twin.program, twin.wafer).cycles == bulk.cycles
+    assert simulate(p, w, bulk_runs=False).cycles == bulk.cycles
 
 
 def test_nothing_left_is_no_deadlock():

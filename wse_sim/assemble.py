@@ -90,10 +90,13 @@ class _TaskCode:
 
 class Assembler:
     """Engine state at cycle 0 of a validated `program`, its rows split into `stripes`,
-    with any PEs' programs replaced (module docstring)."""
+    with any PEs' programs replaced (module docstring); `bulk_runs` False makes the engine
+    run every cycle of every PE one by one (`wse_sim.engine`, "Bulk execution")."""
 
-    def __init__(self, program: Program, wafer: WaferConfig, stripes: int = 1) -> None:
+    def __init__(self, program: Program, wafer: WaferConfig, stripes: int = 1,
+                 bulk_runs: bool = True) -> None:
         self.program, self.wafer, self.stripes = program, wafer, stripes
+        self.bulk_runs = bulk_runs
         width = program.width
         rkeys = sorted(((y * width + x), c) for (x, y, c) in program.routes)
         routes = [program.routes[(p % width, p // width, c)] for p, c in rkeys]
@@ -265,7 +268,7 @@ class Assembler:
                             ("writes", wafer.sram_writes_per_cycle),
                             ("ramp_out", wafer.ramp_out_per_cycle),
                             ("deadlock", wafer.deadlock_cycles), ("fp_rate", rate),
-                            ("fp_cap", max(rate, 1.0))):
+                            ("fp_cap", max(rate, 1.0)), ("bulk", int(self.bulk_runs))):
             params[name] = value
         cores = Cores(
             params=params,
@@ -281,6 +284,7 @@ class Assembler:
             active=np.zeros((2, max(nslot, 1)), np.int32),
             timer_t=np.zeros(max(nslot, 1), np.int64),
             timer_s=np.zeros(max(nslot, 1), np.int32),
+            timer_at=np.full(max(nslot, 1), -1, np.int32),
         )
         assert len(cores.opnd) == OPERANDS * len(cores.ins)
         # Cycle 0 runs the PEs that have tasks (the first `pe_phase` swaps the lists).

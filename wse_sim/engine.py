@@ -72,15 +72,22 @@ idle (the rest, including PEs without a program). `stalled` is the sum of the tw
 The PE's own budgets (SRAM ports, fp32 credit, ramp slot, read debt) never stall: such a
 wait counts as compute or move, the work it delays.
 
-Bulk execution (speed, not semantics). When a PE runs one thread only, has no COLOR
-task, and that thread is at a vector instruction without fabric operands, nothing outside
-the PE can influence it until the instruction ends (no wavelet is consumed or produced,
-no other task can start: RESET tasks started at cycle 0 or wait for this thread, LOCAL
-ones need an ACTIVATE from it). The engine then runs the instruction's remaining elements
-in one go, cycle by cycle (step by step, fp16) with the same budgets and credit as above,
-and the PE is not looked at again until the cycle after its last element (a timer lists
-it); when no router and no other PE is listed, whole cycles are skipped. A property test
-checks that results, cycles and every counter equal the per-cycle path's.
+Bulk execution (speed, not semantics). When one running thread of a PE is at a vector
+instruction without fabric operands and every other running thread waits for a wavelet
+in an empty receive queue (such a wait uses none of the PE's budgets), and no task can
+start (none is ready, or no microthread is free), only a delivery to the PE can change
+what it does until that instruction ends: no other thread moves, no wavelet is consumed
+or produced, no task starts (a LOCAL one needs an ACTIVATE, which only the working thread
+could execute). The engine then finds the cycles of the instruction's remaining elements
+at once, with the same budgets and credit as above (step by step, fp16), and does not look
+at the PE again until the cycle after its last element (a timer lists it); when no router
+and no other PE is listed, whole cycles are skipped. A delivery in cycle t cuts the run
+short: the elements of cycles up to t are run, the rest go on cycle by cycle from t + 1,
+when the wavelet may be consumed. The elements themselves run when the run is closed (at
+its end, at the cut, or when the PE or the run next needs them): nothing else writes or
+reads the PE's memory and registers meanwhile, so they compute what they would have. A
+property test and the fuzzer check that results, cycles and every counter equal those of
+the same run with `bulk_runs=False` (every cycle of every PE one by one).
 
 Sleep (speed, not semantics). A PE all of whose running threads wait for the fabric (an
 empty receive queue, or a full RAMP FIFO its router did not pop this cycle), with no task
@@ -785,86 +792,144 @@ def _advance(fb, cs, s, sidx, thr, i, t):
 
 
 @hot_inline
-def _count_bulk(ctr, ins, e0, e, t0, tc, reads, sign):
-    """Add (sign 1) or take back (sign -1) the counters of elements e0..e-1 of a bulk-run
-    instruction run in cycles t0..tc-1: every cycle counts as compute (arithmetic) or move
-    (MOV)."""
+def _count_bulk(ctr, ins, e0, e, t0, tc, reads):
+    """Count elements e0..e-1 of a bulk-run instruction run in cycles t0..tc-1: every
+    cycle counts as compute (arithmetic) or move (MOV)."""
     done = e - e0
     if ins.flops > 0:
-        ctr.compute += sign * (tc - t0)
-        ctr.ops += sign * done
-        ctr.flops += sign * ins.flops * done
+        ctr.compute += tc - t0
+        ctr.ops += done
+        ctr.flops += ins.flops * done
     else:
-        ctr.move += sign * (tc - t0)
-    ctr.sram_read += sign * reads
+        ctr.move += tc - t0
+    ctr.sram_read += reads
     if ins.simd > 0:
-        ctr.sram_write += sign * _words_over(ins.wr, ins.wrh, ins.simd, done)
+        ctr.sram_write += _words_over(ins.wr, ins.wrh, ins.simd, done)
     else:
-        ctr.sram_write += sign * ins.wr * done
+        ctr.sram_write += ins.wr * done
+
+
+@hot_inline
+def _waits_for_delivery(fb, cs, i):
+    """Instruction i (a thread's next element) waits for a wavelet that only a delivery,
+    which wakes the PE, can bring: a FABIN operand's receive queue is empty (fp32; such an
+    element uses no budget until then)."""
+    ins = cs.ins[U(i)]
+    if ins.op >= FIRST_CONTROL or ins.simd > 0:
+        return False
+    for k in range(1, OPERANDS):
+        o = cs.opnd[U(i * OPERANDS + k)]
+        if o.kind == FABIN and fb.fifo[U(o.fifo)].pushed == fb.fifo[U(o.fifo)].popped:
+            return True
+    return False
 
 
 @hot
-def _bulk(cs, sidx, thr, t):
-    """Run the rest of thread thr's memory-only vector instruction at once, from cycle t.
+def _bulk_thread(fb, cs, sidx, running):
+    """The running thread of slot sidx that may run the rest of its instruction in bulk,
+    or -1: the only one at a memory-only vector instruction with more than one element
+    left, every other running thread waiting for a delivery."""
+    threads = cs.params[0].threads
+    found = -1
+    r = running
+    while r:
+        thr = sidx * threads + trailing_zeros(np.uint64(r))
+        r &= r - 1
+        th = cs.th[U(thr)]
+        ins = cs.ins[U(th.pc)]
+        if ins.bulk and ins.n - th.e > 1:
+            if found >= 0:
+                return -1
+            found = thr
+        elif not _waits_for_delivery(fb, cs, th.pc):
+            return -1
+    return found
 
-    Only called when the thread is the PE's only one and no COLOR task exists there: then
-    nothing outside the PE can change what it does until the instruction ends, so looping
-    the cycles of this one thread (the same budgets and credit as `_element` meets with
-    every cycle) is exact, and so is running its elements, in order, apart from the cycles
-    they take. Returns the cycle the thread resumes in (after the last element). Every
-    cycle spent counts as compute (arithmetic op) or move (MOV). What it started from is
-    kept in `cs.bulk` (`_settle` replays it when a run stops in the middle)."""
+
+@hot
+def _bulk_start(cs, sidx, thr, t):
+    """Start running the rest of thread thr's memory-only vector instruction in bulk in
+    cycle t (`_bulk_thread` chose it; the module docstring says why that is exact). Only
+    its timing is found now: its elements run and its cycles are counted when it is closed
+    (`_bulk_close`). Returns the cycle after its last element."""
     p = cs.params[0]
     sl = cs.slot[U(sidx)]
     th = cs.th[U(thr)]
-    i = th.pc
-    ins = cs.ins[U(i)]
-    ctr = cs.ctr[U(sidx)]
-    e0 = th.e
     b = cs.bulk[U(sidx)]
     b.t0, b.fp_t, b.debt, b.credit = t, sl.fp_t, sl.rd_debt, sl.fpc
-    b.first, b.last, b.ins, b.e0 = ctr.first_cycle, ctr.last_cycle, i, e0
-    e, tc, reads_total, first, last, debt, credit, fp_t = _bulk_timing(
-        p, ins, e0, sl.rd_debt, sl.fpc, sl.fp_t, t, NEVER)
-    sl.fp_t = fp_t
+    b.ins, b.e0, b.thr, b.open = th.pc, th.e, thr, 1
+    return _bulk_timing(p, cs.ins[U(th.pc)], th.e, sl.rd_debt, sl.fpc, sl.fp_t, t, NEVER)[1]
+
+
+@hot
+def _bulk_close(cs, sidx, t_stop):
+    """Slot sidx's open bulk-run instruction as the cycle-by-cycle path runs it up to the
+    start of cycle t_stop, or to its end if that comes first: its elements run, its cycles
+    count as compute (arithmetic op) or move (MOV), the PE's budgets and the thread move
+    on. Nothing else touched the PE's memory or registers since the instruction started
+    (`_bulk_thread`), so running its elements now computes what running them then did."""
+    p = cs.params[0]
+    b = cs.bulk[U(sidx)]
+    b.open = 0
+    sl = cs.slot[U(sidx)]
+    thr, i = b.thr, b.ins
+    ins = cs.ins[U(i)]
+    th = cs.th[U(thr)]
+    e, tc, reads, first, last, debt, credit, fp_t = _bulk_timing(
+        p, ins, b.e0, b.debt, b.credit, b.fp_t, b.t0, t_stop)
     if ins.simd > 0:
-        _run_half(cs, thr, i, e0, ins.n)
+        _run_half(cs, thr, i, b.e0, e)
     else:
-        if e0 == 0:
+        if b.e0 == 0 and e > 0:
             _load_scalars(cs, th, i)
-        _run_elements(cs, thr, i, e0, ins.n)
-    sl.rd_debt = debt
-    sl.fpc = credit
-    _count_bulk(ctr, ins, e0, e, t, tc, reads_total, 1)
-    if ctr.first_cycle < 0:
-        ctr.first_cycle = first
-    ctr.last_cycle = last
-    _end_instr(cs, sidx, thr, i)
-    return tc
+        _run_elements(cs, thr, i, b.e0, e)
+    sl.rd_debt, sl.fpc, sl.fp_t = debt, credit, fp_t
+    sl.busy = tc
+    ctr = cs.ctr[U(sidx)]
+    _count_bulk(ctr, ins, b.e0, e, b.t0, tc, reads)
+    if last >= 0:
+        if ctr.first_cycle < 0:
+            ctr.first_cycle = first
+        ctr.last_cycle = last
+        k = thr - sidx * p.threads + 1  # the round-robin starts after the thread that worked
+        sl.th_rr = k if k < p.threads else 0
+    if e == ins.n:
+        _end_instr(cs, sidx, thr, i)
+    else:
+        th.e = e
+
+
+@hot
+def _bulk_resumes(fb, cs, sidx, thr, resume):
+    """Whether the PE must run in cycle `resume`, after thread thr's bulk-run instruction:
+    as the cycle-by-cycle path lists it after the instruction's last element, if the
+    thread goes on, another thread runs, or a task may start then."""
+    sl = cs.slot[U(sidx)]
+    th = cs.th[U(thr)]
+    task = cs.task[U(th.task)]
+    i = th.pc
+    loops = th.rcount > 0 and i == th.rlast and th.iter + 1 < th.rcount
+    if loops or i + 1 != task.end:
+        return True
+    if sl.running & ~(1 << (thr - sidx * cs.params[0].threads)):
+        return True
+    task.run = 0  # as if ended
+    pending = _scan_tasks(fb, cs, sidx, resume, False)[1]
+    task.run = 1
+    return pending
 
 
 @hot
 def _settle(cs, t):
-    """Make the PE counters those of cycles 0..t-1 when a run stops before its end: a PE
-    asleep since cycle s stalled in cycles s+1..t-1; a PE inside a bulk-run instruction
-    (counted whole when it started) gets back the counts of the cycles from t on, found by
-    replaying the instruction's timing from where it started."""
-    p = cs.params[0]
+    """Bring the PE state to the end of cycle t - 1 when a run ends or stops: open bulk-run
+    instructions closed at t (`_bulk_close`), a PE asleep since cycle s counted as stalled
+    in cycles s+1..t-1."""
     for sidx in range(len(cs.slot)):
         sl = cs.slot[U(sidx)]
-        ctr = cs.ctr[U(sidx)]
         if sl.sleep >= 0:
-            _count_slept(ctr, sl, t - sl.sleep - 1)
-        if sl.busy > t:
-            b = cs.bulk[U(sidx)]
-            ins = cs.ins[U(b.ins)]
-            whole = _bulk_timing(p, ins, b.e0, b.debt, b.credit, b.fp_t, b.t0, NEVER)
-            _count_bulk(ctr, ins, b.e0, whole[0], b.t0, whole[1], whole[2], -1)
-            e, tc, reads, first, last, _, _, _ = _bulk_timing(p, ins, b.e0, b.debt, b.credit,
-                                                              b.fp_t, b.t0, t)
-            _count_bulk(ctr, ins, b.e0, e, b.t0, tc, reads, 1)
-            ctr.first_cycle = b.first if b.first >= 0 else first
-            ctr.last_cycle = last if last >= 0 else b.last
+            _count_slept(cs.ctr[U(sidx)], sl, t - sl.sleep - 1)
+        if cs.bulk[U(sidx)].open:
+            _bulk_close(cs, sidx, t)
 
 
 @hot
@@ -955,31 +1020,25 @@ def _list_pe(cs, s, sidx, t):
 
 
 @hot_inline
-def _timer_push(cs, s, when, sidx):
-    """A bulk-run PE resumes in cycle `when` (stripe s's min-heap)."""
+def _timer_put(cs, lo, j, when, sidx):
+    cs.timer_t[U(lo + j)] = when
+    cs.timer_s[U(lo + j)] = sidx
+    cs.timer_at[U(sidx)] = j
+
+
+@hot
+def _timer_sift(cs, s, j, when, sidx):
+    """Put (when, sidx) into the free position j of stripe s's min-heap of bulk-run PEs'
+    resume cycles (each slot at most once; `timer_at` finds it): up past later parents,
+    then down past earlier children."""
     lo = s.s_lo
-    j = s.timers
-    s.timers += 1
     while j > 0:
         parent = (j - 1) >> 1
         if cs.timer_t[U(lo + parent)] <= when:
             break
-        cs.timer_t[U(lo + j)] = cs.timer_t[U(lo + parent)]
-        cs.timer_s[U(lo + j)] = cs.timer_s[U(lo + parent)]
+        _timer_put(cs, lo, j, cs.timer_t[U(lo + parent)], cs.timer_s[U(lo + parent)])
         j = parent
-    cs.timer_t[U(lo + j)] = when
-    cs.timer_s[U(lo + j)] = sidx
-
-
-@hot_inline
-def _timer_pop(cs, s):
-    """Remove and return the slot that resumes first (stripe s's min-heap)."""
-    lo = s.s_lo
-    top = cs.timer_s[U(lo)]
-    s.timers -= 1
     n = s.timers
-    when, sidx = cs.timer_t[U(lo + n)], cs.timer_s[U(lo + n)]
-    j = 0
     while True:
         child = 2 * j + 1
         if child >= n:
@@ -988,11 +1047,35 @@ def _timer_pop(cs, s):
             child += 1
         if cs.timer_t[U(lo + child)] >= when:
             break
-        cs.timer_t[U(lo + j)] = cs.timer_t[U(lo + child)]
-        cs.timer_s[U(lo + j)] = cs.timer_s[U(lo + child)]
+        _timer_put(cs, lo, j, cs.timer_t[U(lo + child)], cs.timer_s[U(lo + child)])
         j = child
-    cs.timer_t[U(lo + j)] = when
-    cs.timer_s[U(lo + j)] = sidx
+    _timer_put(cs, lo, j, when, sidx)
+
+
+@hot_inline
+def _timer_push(cs, s, when, sidx):
+    """A bulk-run PE resumes in cycle `when`."""
+    s.timers += 1
+    _timer_sift(cs, s, s.timers - 1, when, sidx)
+
+
+@hot_inline
+def _timer_remove(cs, s, sidx):
+    """Take slot sidx's entry out of stripe s's heap."""
+    j = cs.timer_at[U(sidx)]
+    cs.timer_at[U(sidx)] = -1
+    s.timers -= 1
+    n = s.timers
+    if j < n:
+        lo = s.s_lo
+        _timer_sift(cs, s, j, cs.timer_t[U(lo + n)], cs.timer_s[U(lo + n)])
+
+
+@hot_inline
+def _timer_pop(cs, s):
+    """Remove and return the slot that resumes first."""
+    top = cs.timer_s[U(s.s_lo)]
+    _timer_remove(cs, s, top)
     return top
 
 
@@ -1004,6 +1087,8 @@ def _pe_one(fb, cs, s, sidx, t):
     sl = cs.slot[U(sidx)]
     if sl.busy > t:  # inside a bulk-run instruction: its timer lists it
         return 0
+    if cs.bulk[U(sidx)].open:  # one that ended before t, woken since
+        _bulk_close(cs, sidx, t)
     threads = p.threads
     if sl.sleep >= 0:
         # It stalled in every cycle it slept through, and paid its read debt.
@@ -1020,20 +1105,16 @@ def _pe_one(fb, cs, s, sidx, t):
         progress += started
         sl.wake = 1 if pending else 0
     running = sl.running
-    if running & (running - 1) == 0 and running != 0 and sl.ncolor == 0:  # one thread
-        thr = sidx * threads + trailing_zeros(np.uint64(running))
-        th = cs.th[U(thr)]
-        ins = cs.ins[U(th.pc)]
-        if ins.bulk and ins.n - th.e > 1:
-            resume = _bulk(cs, sidx, thr, t)
+    # No task may start before a thread ends: none is ready, or no microthread is free.
+    if running != 0 and p.bulk and (sl.wake == 0 or running == (1 << threads) - 1):
+        thr = _bulk_thread(fb, cs, sidx, running)
+        if thr >= 0:
+            resume = _bulk_start(cs, sidx, thr, t)
             sl.busy = resume
             s.bulk_end = max(s.bulk_end, resume)
-            progress += 1
-            if sl.running == 0:  # the task ended: as at the end of cycle resume - 1
-                sl.wake = 1 if _scan_tasks(fb, cs, sidx, resume, False)[1] else 0
-            if sl.running != 0 or sl.wake:
+            if _bulk_resumes(fb, cs, sidx, thr, resume):
                 _timer_push(cs, s, resume, sidx)
-            return progress
+            return progress + 1
     if running != 0:
         s.rd_left = p.reads - sl.rd_debt
         sl.rd_debt = 0
@@ -1094,9 +1175,16 @@ def pe_phase(fb, cs, stripes, w, t):
         sl = cs.slot[U(sidx)]
         if entry & 1 == WOKEN_DELIVERY:
             sl.wake = 1
+            if sl.busy > t + 1:
+                # The wavelet may be consumed from t + 1, by a waiting thread or a task it
+                # starts: the bulk run ends after cycle t and the PE runs cycle by cycle.
+                _bulk_close(cs, sidx, t + 1)
+                if cs.timer_at[U(sidx)] >= 0:
+                    _timer_remove(cs, s, sidx)
         elif sl.sleep < 0:
             continue  # a pop only matters to a PE asleep on a full RAMP FIFO
-        if sl.busy <= t:  # else its timer lists it
+        # (a PE whose timer is set runs when it fires)
+        if sl.busy <= t or (sl.busy == t + 1 and cs.timer_at[U(sidx)] < 0):
             _list_pe(cs, s, sidx, t)
     s.nwoken = 0
     s.visits += s.p_ncur
@@ -1257,7 +1345,7 @@ class SimResult:
         w, h = self.stats.width, self.stats.height
         out = np.zeros(w * h, bool)
         slot = self._asm.cores.slot
-        out[self._asm.slot_pe] = (slot["running"] != 0) | (slot["busy"] > self.cycles)
+        out[self._asm.slot_pe] = slot["running"] != 0
         return out.reshape(h, w)
 
     def _slot(self, x: int, y: int) -> int:
@@ -1276,10 +1364,10 @@ class Loaded:
     code). `program`, and a task list while it is given, must not change while loaded."""
 
     def __init__(self, program: Program, wafer: WaferConfig, *,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, bulk_runs: bool = True) -> None:
         validate(program, wafer)
         self.program, self.wafer = program, wafer
-        self._assembler = Assembler(program, wafer, threads or cores())
+        self._assembler = Assembler(program, wafer, threads or cores(), bulk_runs)
         self._validated: dict[tuple[int, int], list[Task]] = {}  # the last run's replacements
 
     def run(self, pes: Mapping[tuple[int, int], PEProgram] | None = None, *,
@@ -1307,6 +1395,7 @@ def simulate(
     progress: Callable[[int], None] | None = None,
     threads: int | None = None,
     interruptible: bool = False,
+    bulk_runs: bool = True,
 ) -> SimResult:
     """Validate and run `program` to completion; see the module docstring for the model.
 
@@ -1316,8 +1405,10 @@ def simulate(
     Raises ProgramError (invalid program), DeadlockError, or SimulationStopped (a UserError
     holding the partial result) if the run needs more than `max_cycles` cycles or, with
     `interruptible`, Ctrl-C is pressed (`wse_sim.interrupt`; the run stops within a chunk
-    of cycles). `progress(cycle)` is called between chunks of cycles."""
-    return Loaded(program, wafer, threads=threads).run(
+    of cycles). `progress(cycle)` is called between chunks of cycles. `bulk_runs` False
+    runs every cycle of every PE one by one: slower, and the same in every figure (module
+    docstring, "Bulk execution"; the tests compare the two)."""
+    return Loaded(program, wafer, threads=threads, bulk_runs=bulk_runs).run(
         max_cycles=max_cycles, progress=progress, interruptible=interruptible)
 
 
@@ -1345,6 +1436,7 @@ def _run(program: Program, asm: Assembled, max_cycles: int | None,
         if status == DONE:
             break
         if status in (DEADLOCK, FROZEN):
+            _settle(cs, t)
             raise DeadlockError(_deadlock_message(asm, t, status))
         if status == FAULT:
             raise SwitchOrderError(_fault_message(program, asm, t))
@@ -1360,6 +1452,7 @@ def _run(program: Program, asm: Assembled, max_cycles: int | None,
             raise _stopped(program, asm, t, "interrupted", "interrupted (Ctrl-C)")
         # Aim for ~0.2 s between progress calls.
         chunk = int(min(max(chunk * min(0.2 / max(elapsed, 1e-4), 4.0), 256), 1 << 22))
+    _settle(cs, t)
     # The fabric is empty: every wavelet sent (and every multicast copy) reached a PE.
     stats = Stats.from_state(program.width, program.height, t, fb, wk, cs)
     consumed = int(fb.fifo["popped"][fb.info["port"] == RECV].sum())
@@ -1405,9 +1498,9 @@ def _stopped(program: Program, asm: Assembled, t: int, reason: str,
     """The run stops after cycle t - 1: its counters settled to cycles 0..t-1 (`_settle`)
     in a partial result, and the one-line message."""
     cs, wk = asm.cores, asm.workers
-    running = int(((cs.slot["running"] != 0) | (cs.slot["busy"] > t)).sum())
-    inflight = int(wk.stripe["inflight"].sum())
     _settle(cs, t)
+    running = int((cs.slot["running"] != 0).sum())
+    inflight = int(wk.stripe["inflight"].sum())
     stats = Stats.from_state(program.width, program.height, t, asm.fabric, wk, cs)
     result = SimResult(cycles=t, stats=stats, _asm=asm, **_port_results(program, asm.fabric))
     return SimulationStopped(f"stopped at cycle {t:,}: {why}; {running} PEs still running a "

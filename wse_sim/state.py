@@ -211,6 +211,7 @@ CORE_PARAMS = Table(
     ("deadlock", i8),  # cycles without progress that make a deadlock
     ("fp_rate", f8),  # fp32 elements per cycle ...
     ("fp_cap", f8),  # ... kept as a credit up to max(rate, 1)
+    ("bulk", i8),  # 1: run instructions in bulk where that is exact; 0: every cycle one by one
 )
 SLOT = Table(
     ("rd_debt", i8),  # SRAM reads owed to the next cycle(s)
@@ -242,11 +243,12 @@ PE_COUNTERS = Table(
 )
 CYCLE_CLASSES = PE_COUNTERS.dtype.names[:6]
 BULK = Table(  # a PE's last bulk-run instruction: what it started from (`wse_sim.engine`
-    # replays its timing up to a stop cycle to count only the cycles run before it)
+    # replays its timing up to the cycle it is closed at: its end, or earlier if cut short)
     ("t0", i8),  # the cycle it started in
     ("fp_t", i8), ("debt", i8), ("credit", f8),  # SLOT's fp_t, rd_debt and fpc then
-    ("first", i8), ("last", i8),  # PE_COUNTERS.first_cycle and last_cycle before it
     ("ins", i4), ("e0", i4),  # the instruction and its first element
+    ("thr", i4),  # the thread running it
+    ("open", i4),  # started and not yet closed: its elements and counts are still to do
 )
 TASK = Table(
     ("trig", i4),  # Trigger
@@ -303,6 +305,7 @@ class Cores(NamedTuple):
     active: np.ndarray  # int32 [2, slots]: this and next cycle's PEs, per-stripe segments
     timer_t: np.ndarray  # int64 [slots]: min-heaps of bulk-run PEs' resume cycles ...
     timer_s: np.ndarray  # int32 [slots]: ... and their slots, per-stripe segments
+    timer_at: np.ndarray  # int32 [slots]: a slot's position in its stripe's heap, -1 none
 
 
 # ---------------------------------------------------------------------------------------------
