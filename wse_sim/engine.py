@@ -1241,7 +1241,9 @@ def run_worker(fb, cs, wk, t, t_end, workers, w):
             o = stripes[k]
             inflight += o.pub_inflight
             active += o.pub_active
-            routers += o.pub_routers
+            # (a push into another stripe lists its router only at the start of the next
+            # cycle: `wse_sim.router.list_pushed`)
+            routers += o.pub_routers + o.pub_xpush
             nsleep += o.pub_nsleep
             full += o.pub_full
             work += o.pub_work

@@ -529,10 +529,12 @@ def inject(fb, s, b, data, t):
     caller has checked `has_room`. It may leave the router from cycle t + 1."""
     r = fb.info[U(b)].router
     if fb.fifo[U(b)].pushed == fb.fifo[U(b)].popped:
+        # (behind an older head it can move only after that one, whose router is listed
+        # or waits for room)
         _mark(fb, r, b, True)
+        activate(fb, s, r, t)
     _push(fb, b, data, t + 1, fb.params[0].shift)
     s.inflight += 1
-    activate(fb, s, r, t)
 
 
 @hot_inline
@@ -546,12 +548,14 @@ def pop_recv(fb, s, b, t):
     """The PE consumes the head of its receive queue b in cycle t; returns the value."""
     f = fb.fifo[U(b)]
     value = bits_float(f.head)
-    _pop(fb, b, fb.params[0].shift)
+    p = fb.params[0]
+    _pop(fb, b, p.shift)
     # Only read after the run (Stats.last_ramp): routers judge a receive queue's room in
     # cycle t + 1 at the earliest, on its occupancy alone.
     f.last_grant = t
     s.inflight -= 1
-    activate(fb, s, fb.info[U(b)].producer, t)  # it may have been blocked on this queue
+    if f.pushed - f.popped == p.depth - 1:  # it was full: its router may wait for room
+        activate(fb, s, fb.info[U(b)].producer, t)
     return value
 
 
@@ -619,8 +623,8 @@ def _output(fb, s, rt, o, d, data, t):
             r = fb.info[U(d)].router
             if fb.fifo[U(d)].pushed == fb.fifo[U(d)].popped:
                 _mark(fb, r, d, True)
+                activate(fb, s, r, t)  # (behind an older head: as `inject`)
             _push(fb, d, data, t + p.hop, p.shift)
-            activate(fb, s, r, t)
         else:  # into another stripe, once every stripe has routed (`exchange`)
             x = fb.xpush[U(s.x_lo + s.nxpush)]
             x.ready, x.data, x.xfifo = t + p.hop, data, REMOTE - d
@@ -653,7 +657,8 @@ def _move(fb, s, rt_index, b, route, out, t):
     s.inflight -= 1
     info = fb.info[U(b)]
     if info.producer >= 0:
-        activate(fb, s, info.producer, t)  # it may have been blocked on this FIFO
+        if f.pushed - f.popped == fb.params[0].depth - 1:
+            activate(fb, s, info.producer, t)  # it was full: its producer may wait for room
     elif info.port == RAMP:
         if rt.slot >= 0:
             _woken(fb, s, rt.slot, WOKEN_POP)  # the PE may be asleep on a full RAMP FIFO
@@ -709,6 +714,15 @@ def _switch(fb, s, ri, t):
         if f.pushed > f.popped and f.head_ready < t + p.hop and not (sp.reach >> port) & 1:
             if s.fault < 0 or b < s.fault:
                 s.fault = b
+
+
+@hot_inline
+def _holds(fb, r):
+    """Router r has a wavelet in an input FIFO (a push into an empty one lists it)."""
+    for word in range(fb.occupied.shape[1]):
+        if fb.occupied[U(r), U(word)]:
+            return True
+    return False
 
 
 @hot_inline
@@ -781,7 +795,7 @@ def _route_one(fb, s, w, r, t):
         used |= tx
         ramp_used += (tx >> RAMP) & 1
         moved += 1
-    if moved > 0 or waiting:
+    if waiting or (moved > 0 and _holds(fb, r)):
         activate(fb, s, r, t)
     return moved + waiting
 
