@@ -259,7 +259,6 @@ class Assembler:
                                -1)
         slot = SLOT.new(nslot)
         slot["tk_lo"], slot["tk_hi"] = task_lo[:-1], task_lo[1:]
-        slot["ncolor"] = [sum(t.task[0] == Trigger.COLOR for t in c) for c in code]
         slot["router"] = np.searchsorted(fb.router_pe, self.slot_pe)
         rate = wafer.fp32_ops_per_cycle
         slot["fpc"] = max(rate, 1.0)  # full credit at cycle 0

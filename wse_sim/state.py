@@ -223,7 +223,6 @@ SLOT = Table(
     ("running", i8),  # bit k set: microthread k runs a task (a cycle visits only those)
     ("router", i4),
     ("tk_lo", i4), ("tk_hi", i4),  # its tasks
-    ("ncolor", i4),  # its COLOR-triggered tasks
     ("halted", i4),
     ("wake", i4),  # a task may be ready: scan them
     ("th_rr", i4), ("tk_rr", i4),  # round-robin starts: threads, tasks
