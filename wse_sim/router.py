@@ -82,12 +82,14 @@ the previous cycle (`XFifo.occupied`, kept by the producer's stripe) and is push
 all stripes finished routing (`exchange`).
 
 Who runs. Only listed routers run in a cycle (`Fabric.active`). A router stays listed
-while it moves wavelets or holds a head that is not ready yet; one whose heads are all
-ready but blocked (every destination full) leaves the list, and so does an empty one. It is
-listed again by a push into one of its FIFOs or by a pop of a FIFO it feeds (the only
-events that can unblock it), so blocked and idle routers cost nothing. Counters are not
-kept per move: link crossings, ramp deliveries and sends are each FIFO's `pushed` count at
-the end (`fabric_counters`).
+while it moves wavelets and still holds one, or holds a head that is not ready yet; one
+whose heads are all ready but blocked (every destination full) leaves the list, and so
+does an empty one. It is listed again by a push into an empty FIFO of its own (a wavelet
+behind an older head cannot move first) or by a pop of a full FIFO it feeds (only then can
+it have waited for room there): the only events that can let it move, so blocked and idle
+routers cost nothing. A push into another stripe lists its router at the start of the next
+cycle (`list_pushed`). Counters are not kept per move: link crossings, ramp deliveries and
+sends are each FIFO's `pushed` count at the end (`fabric_counters`).
 
 Layout and the meaning of every field: `wse_sim.state`.
 """
