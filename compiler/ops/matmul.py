@@ -15,13 +15,11 @@ vector op where weight and gradient sit.
 
 The forward reads x in line, a row before its work: every kernel that feeds a matmul (the
 strip kernels, attention, the adds of their outputs, cross-entropy) emits each row whole,
-at one wavelet a cycle, so reading a row takes kb cycles, and a PE with one thread lets
-the simulator run its memory-only vector ops in bulk. (A matmul's own output arrives
+at one wavelet a cycle, so reading a row takes kb cycles. (A matmul's own output arrives
 element by element over its whole row time; its consumers receive it on threads of their
 own, `compiler.lowering.inbox`.) The backward receives dY on a thread of its own: the dX
 it feeds is the step's critical path, and the nb cycles of reading a row in line were 4%
-of a row at w = 12 and 10% for a QKV block of 4 x 32, which set the backward's pace; the
-price is the simulator's bulk execution on those PEs (module `wse_sim.engine`).
+of a row at w = 12 and 10% for a QKV block of 4 x 32, which set the backward's pace.
 Forward, rows ascending, per row m (one REPEAT over the M rows, every PE):
   x lane r is multicast along PE row r; each PE stores its x row (the backward's dW needs
   every row) and computes nb dot products of kb terms
@@ -51,8 +49,8 @@ Cost (one fp32 element per cycle per PE; `forward_cycles`, `backward_cycles`,
 on its dot products, plus nb on the top row (the bias is a third SRAM read in each dot's
 first cycle). The multicast x rows and the column chains keep a column in lock step, so
 the slowest PE sets the pace: T_fwd = M max(kb + kb nb + [r = 0] nb) + fill. Per backward
-row: 1 (the dY row's token) + kb nb (dX) + kb (nb + 1) (dW: each
-FMA's first element also loads its x[m, k] scalar, a third read) + [r = 0] nb (db). With
+row: 1 (the dY row's token) + kb nb (dX) + kb (nb + 1) (dW: each FMA's first element
+also loads its x[m, k] scalar, a third read) + [r = 0] nb (db). With
 kb = nb = w, 97% of the forward and 98% of the backward cycles are FMAs at w = 32, 89%
 and 93% at w = 8.
 SRAM per PE: 2 kb nb (W, dW) + M kb (x rows) + M nb (dY rows) (+ 2 nb for the bias).
@@ -342,7 +340,8 @@ def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str, dx_tensor
         c, r = pe
         kb, nb = grid.block(pe)
         lane, kl, off = grid.lane_part(pe)
-        if half:  # S dY in fp32, then rounded to fp16; W's row-major fp16 copy
+        if half:  # S dY in fp32, then rounded to fp16; W's row-major fp16 copy (the
+            # compute thread scales dY as it arrives: no cheaper from a store)
             dy = alloc_halves(kernel, pe, nb, "fp16 dY row")
             dy32 = kernel.alloc(pe, nb, "scaled dY row")
             body = [vec(Op.MUL, nb, Mem(dy32), FabIn(dy_ids[c]), Imm(scale)),
@@ -350,7 +349,7 @@ def emit_backward(grid: WeightGrid, ids: StreamIds, *, dy_tensor: str, dx_tensor
             dy_row = Mem(dy, half=True)
             x_row = even(kl)
             w_walk = Walk(grid.weight16[pe], 1, even(nb), half=True)
-        else:  # (mixed: the compute thread scales dY as it arrives, no cheaper from a store)
+        else:
             dy_in = inbox(kernel, pe, ids, dy_ids[c],
                           RowStore(kernel.alloc(pe, rows * nb, "dY rows"), nb, rows),
                           queue_depth=queue_depth)
@@ -532,9 +531,9 @@ def backward_row_cycles(kb: int, nb: int, *, dx: bool, top_row_bias: bool, step:
     dots of nb terms (dX), kb FMAs of nb that each read a third word in their first cycle
     (dW), nb (db on the top row); on the last column of a lane's upper rows also the
     `below` dX columns it passes on, and of its lower rows (`buffered`) the kb it sends
-    from memory. With `convert_step` (mixed precision) the compute thread
-    receives the dY row itself, nb cycles that scale it, then converts it to fp16; on the
-    last column dX's kb divisions by the scale as it leaves."""
+    from memory. With `convert_step` (mixed precision) the compute thread receives the dY
+    row itself, nb cycles that scale it, then converts it to fp16; on the last column dX's
+    kb divisions by the scale as it leaves."""
     # passing on waits a hop for the first word, unless dY rows queue in an inbox: then
     # the blocks below run ahead of this one, and their dX is already waiting
     passed_on = below + (3 if convert_step else 0) if last_column and below else 0
@@ -604,10 +603,10 @@ def sram_words(rows: int, kb: int, nb: int, *, top_row_bias: bool, half: bool = 
                buffered: bool = False) -> int:
     """Words of a PE with a kb x nb block: W and dW, its x rows (of the whole input lane,
     `lane` columns, default kb), the dY rows (nb a row), on the top row the bias lane and
-    its gradient, and on the last column of a lane's lower rows
-    (`buffered`) the dX row; `half` (mixed precision): the x rows and the dY row in fp16
-    (rows padded to an even count of halves; one dY row), two fp16 copies of W, the scaled dY
-    row in fp32 and on the last column the dX row."""
+    its gradient, and on the last column of a lane's lower rows (`buffered`) the dX row;
+    `half` (mixed precision): the x rows and one dY row in fp16 (rows padded to an even
+    count of halves), two fp16 copies of W, the scaled dY row in fp32 and on the last
+    column the dX row."""
     bias = 2 * nb if top_row_bias else 0
     lane = lane or kb
     if not half:
