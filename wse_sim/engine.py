@@ -672,26 +672,28 @@ def _load_scalars(cs, th, i):
 
 
 @hot_inline
-def _source(cs, th, i, k):
+def _source(cs, th, i, k, dest_reg):
     """How element e of instruction i reads source k, decoded once for a run of elements
     (stride-0 sources loaded): (mode, index, stride, value); mode 0: sram[index + e *
-    stride], 1: value (immediate or stride-0 operand), 2: regs[index]."""
+    stride], 1: value (an immediate, a stride-0 operand or a register the run does not
+    write), 2: the previous element's result (the run's destination register `dest_reg`,
+    whose value before the run is `value`)."""
     o = cs.opnd[U(i * OPERANDS + k)]
     if o.kind == MEM:
         if o.stride == 0:
             return 1, 0, 0, th.scal[k]
         return 0, o.addr + th.iter * o.loop_stride, o.stride, np.float32(0.0)
     if o.kind == REG:
-        return 2, o.reg, 0, np.float32(0.0)
+        return 2 if o.reg == dest_reg else 1, 0, 0, cs.regs[U(o.reg)]
     return 1, 0, 0, o.imm  # IMM (NONE: 0.0)
 
 
 @hot_inline
-def _read(cs, mode, index, stride, value, e):
+def _read(cs, mode, index, stride, value, e, last):
     if mode == 0:
         return cs.sram[U(index + e * stride)]
     if mode == 2:
-        return cs.regs[U(index)]
+        return last
     return value
 
 
@@ -699,25 +701,29 @@ def _read(cs, mode, index, stride, value, e):
 def _run_elements(cs, thr, i, e0, n):
     """Elements e0..n-1 of memory-only instruction i on thread thr, in order, each reading
     its sources after the previous one wrote (operands may alias): `_execute` with the
-    operands decoded once."""
+    operands decoded once. A destination register is written once, after the last element
+    (a register it reads meanwhile holds the previous element's result: kept in a local,
+    not a store and a load per element)."""
     th = cs.th[U(thr)]
     op = cs.ins[U(i)].op
-    ma, ia, sa, va = _source(cs, th, i, 1)
-    mb, ib, sb, vb = _source(cs, th, i, 2)
-    mc, ic, sc, vc = _source(cs, th, i, 3)
     d = cs.opnd[U(i * OPERANDS)]
     to_reg = d.kind == REG
-    di = d.reg if to_reg else d.addr + th.iter * d.loop_stride
-    ds = 0 if to_reg else d.stride
+    dest_reg = d.reg if to_reg else -1
+    ma, ia, sa, va = _source(cs, th, i, 1, dest_reg)
+    mb, ib, sb, vb = _source(cs, th, i, 2, dest_reg)
+    mc, ic, sc, vc = _source(cs, th, i, 3, dest_reg)
+    di = d.addr + th.iter * d.loop_stride
+    ds = d.stride
+    last = cs.regs[U(dest_reg)] if to_reg else np.float32(0.0)
     for e in range(e0, n):
-        a = _read(cs, ma, ia, sa, va, e)
-        b = _read(cs, mb, ib, sb, vb, e)
-        c = _read(cs, mc, ic, sc, vc, e)
-        res = _apply(op, a, b, c)
-        if to_reg:
-            cs.regs[U(di)] = res
-        else:
-            cs.sram[U(di + e * ds)] = res
+        a = _read(cs, ma, ia, sa, va, e, last)
+        b = _read(cs, mb, ib, sb, vb, e, last)
+        c = _read(cs, mc, ic, sc, vc, e, last)
+        last = np.float32(_apply(op, a, b, c))
+        if not to_reg:
+            cs.sram[U(di + e * ds)] = last
+    if to_reg and n > e0:
+        cs.regs[U(dest_reg)] = last
 
 
 @hot
