@@ -1053,17 +1053,28 @@ def _program_from(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Prog
     for x, y, words in arrays["pes"].tolist():
         program.pes[(x, y)] = PEProgram(sram_words=words)
         pe_keys.append((x, y))
-    operands, values = arrays["operands"].tolist(), arrays["values"].tolist()
-    instrs = arrays["instrs"].tolist()
-    for p, tid, trig, color, start, n in arrays["tasks"].tolist():
-        body = []
-        for i in range(start, start + n):
-            op, vn, count, rep_body, target = instrs[i]
-            opnds = [Operand(Kind(k & ~_HALF_BIT), offset=off, stride=st, loop_stride=ls,
-                             color=c, reg=r, value=v, half=bool(k & _HALF_BIT))
-                     for (k, off, st, ls, c, r), v in zip(operands[i], values[i], strict=True)]
-            body.append(Instr(Op(op), n=vn, dst=opnds[0], a=opnds[1], b=opnds[2], c=opnds[3],
+    # One Instr object per distinct row, used wherever the row is (a compiled program
+    # shares its instructions: gpt_small's 352k are 10k distinct rows)
+    rows = np.concatenate([arrays[name].reshape(len(arrays["instrs"]), width).view(np.int64)
+                           for name, width in (("instrs", 5), ("operands", 24), ("values", 4))],
+                          axis=1)
+    _, first, use = np.unique(np.ascontiguousarray(rows).view(
+        np.dtype((np.void, 8 * rows.shape[1]))).ravel(), return_index=True, return_inverse=True)
+    operands, values = arrays["operands"][first].tolist(), arrays["values"][first].tolist()
+    distinct = []
+    for (op, vn, count, rep_body, target), opnd_rows, opnd_values in zip(
+            arrays["instrs"][first].tolist(), operands, values, strict=True):
+        opnds = [Operand(Kind(k & ~_HALF_BIT), offset=off, stride=st, loop_stride=ls,
+                         color=c, reg=r, value=v, half=bool(k & _HALF_BIT))
+                 for (k, off, st, ls, c, r), v in zip(opnd_rows, opnd_values, strict=True)]
+        distinct.append(Instr(Op(op), n=vn, dst=opnds[0], a=opnds[1], b=opnds[2], c=opnds[3],
                               count=count, body=rep_body, task=target))
+    use = use.ravel().tolist()
+    for p, tid, trig, color, start, n in arrays["tasks"].tolist():
+        if not 0 <= start <= start + n <= len(use):
+            raise IndexError(f"task {tid} of PE {pe_keys[p]}: instructions {start}.."
+                             f"{start + n - 1} of {len(use)}")
+        body = [distinct[k] for k in use[start:start + n]]
         program.pes[pe_keys[p]].tasks.append(Task(tid, Trigger(trig), body, color=color))
     data = arrays["image_data"]
     for p, offset, start, n in arrays["images"].tolist():
