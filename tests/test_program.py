@@ -1,10 +1,16 @@
 """Program validation (one-line ProgramErrors naming PE, task, instruction, field) and the
 save/load round trip."""
 
+import dataclasses
+
 import numpy as np
 import pytest
+from fuzz_programs import cases
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from programs import outer_product_matmul, send_east, systolic_dot
 
+import wse_sim.program as program_module
 from wse_sim.errors import ProgramError, UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
@@ -12,6 +18,7 @@ from wse_sim.program import (
     FabOut,
     Imm,
     Instr,
+    Kind,
     Mem,
     Op,
     Port,
@@ -153,3 +160,57 @@ def test_load_rejects_other_files(tmp_path):
     np.savez(path, a=np.zeros(3))
     with pytest.raises(UserError, match="not a saved program"):
         load_program(path)
+
+
+# -- the array screen of validation --------------------------------------------------------
+# `validate` checks instructions on arrays and looks one by one only at those that may be
+# invalid: it must reject exactly what checking every instruction one by one rejects.
+
+_EDGES = st.sampled_from([-(1 << 40), -2, -1, 0, 1, 2, 3, 7, 31, 32, 47, 48, 1 << 31, 1 << 40])
+_OPERAND_EDITS = {"kind": st.sampled_from(list(Kind)), "offset": _EDGES, "stride": _EDGES,
+                  "loop_stride": _EDGES, "color": _EDGES, "reg": _EDGES,
+                  "half": st.booleans()}
+_INSTR_EDITS = {"op": st.sampled_from(list(Op)), "n": _EDGES, "count": _EDGES,
+                "body": _EDGES, "task": _EDGES}
+
+
+@st.composite
+def _edited(draw) -> tuple[Program, WaferConfig]:
+    """A random valid program with one field of one instruction changed."""
+    case = draw(cases())
+    program = case.program
+    tasks = [task for pe in program.pes.values() for task in pe.tasks]
+    assume(tasks)
+    task = draw(st.sampled_from(tasks))
+    i = draw(st.integers(0, len(task.instrs) - 1))
+    instr = task.instrs[i]
+    if draw(st.booleans()):
+        name = draw(st.sampled_from(sorted(_INSTR_EDITS)))
+        instr = dataclasses.replace(instr, **{name: draw(_INSTR_EDITS[name])})
+    else:
+        which = draw(st.sampled_from(["dst", "a", "b", "c"]))
+        name = draw(st.sampled_from(sorted(_OPERAND_EDITS)))
+        operand = dataclasses.replace(getattr(instr, which),
+                                      **{name: draw(_OPERAND_EDITS[name])})
+        instr = dataclasses.replace(instr, **{which: operand})
+    task.instrs = [*task.instrs[:i], instr, *task.instrs[i + 1:]]
+    return program, case.wafer
+
+
+def _verdict(program: Program, wafer: WaferConfig) -> str:
+    try:
+        validate(program, wafer)
+    except ProgramError as err:
+        return str(err)
+    return "valid"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_edited())
+def test_validation_on_arrays_rejects_what_one_by_one_checks_reject(monkeypatch, edited):
+    program, wafer = edited
+    on_arrays = _verdict(program, wafer)
+    with monkeypatch.context() as m:
+        m.setattr(program_module, "_read_code_or_none", lambda task_lists: None)
+        one_by_one = _verdict(program, wafer)
+    assert on_arrays == one_by_one

@@ -25,6 +25,7 @@ from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
     ARITHMETIC_OPS,
     SOURCES_OF,
+    Code,
     Kind,
     Op,
     PEProgram,
@@ -34,6 +35,7 @@ from wse_sim.program import (
     Trigger,
     half_words,
     kept_tasks,
+    read_code,
     simd_width,
 )
 from wse_sim.router import FabricSpec, PortTable, RouteTable, SwitchTable, build_fabric
@@ -53,10 +55,11 @@ from wse_sim.state import (
     Workers,
 )
 
-FABRIC_KINDS = (Kind.FABIN, Kind.FABOUT)
 MAX_THREADS = 63  # SLOT.running
-_VECTOR_OPS = frozenset(int(op) for op in SOURCES_OF)
-_FLOPS = {int(op): 2 if op == Op.FMA else int(op in ARITHMETIC_OPS) for op in Op}  # per element
+_VECTOR_OP_LIST = [int(op) for op in SOURCES_OF]
+_FLOPS = np.zeros(max(Op) + 1, np.int64)  # per element, by Op
+for _op in ARITHMETIC_OPS:
+    _FLOPS[_op] = 2 if _op == Op.FMA else 1
 
 
 @dataclass
@@ -94,7 +97,9 @@ class Assembler:
     run every cycle of every PE one by one (`wse_sim.engine`, "Bulk execution")."""
 
     def __init__(self, program: Program, wafer: WaferConfig, stripes: int = 1,
-                 bulk_runs: bool = True) -> None:
+                 bulk_runs: bool = True, code: Mapping[tuple[int, int], Code] | None = None
+                 ) -> None:
+        """`code`: the PEs' `Code` if read already (`validate` returns it)."""
         self.program, self.wafer, self.stripes = program, wafer, stripes
         self.bulk_runs = bulk_runs
         width = program.width
@@ -119,6 +124,7 @@ class Assembler:
             [r.position(k)[0] for _, r in switched for k in range(r.count)],
             [r.position(k)[1] for _, r in switched for k in range(r.count)])))
         self.route_of = {k: r for r, k in enumerate(rkeys)}
+        self.route_key = np.array([p * wafer.colors + c for p, c in rkeys], np.int64)
         edge = program.ports
         self.ports = PortTable(
             *(np.array(col, np.int64).reshape(-1) for col in (
@@ -138,7 +144,9 @@ class Assembler:
         self.sram_base = np.zeros(len(self.slots) + 1, np.int64)
         for s, key in enumerate(self.slots):
             self.sram_base[s + 1] = self.sram_base[s] + program.pes[key].sram_words
-        self.code = [self._code(s, key, program.pes[key]) for s, key in enumerate(self.slots)]
+        code = code or read_code({key: program.pes[key].tasks for key in self.slots})
+        self.code = [self._code(s, key, program.pes[key], code[key])
+                     for s, key in enumerate(self.slots)]
         # slot -> the task list the last `state` replaced its code with, and that code
         self._replaced: dict[int, tuple[list[Task], list[_TaskCode]]] = {}
 
@@ -146,68 +154,80 @@ class Assembler:
         return build_fabric(self.spec, self.table, self.slot_pe, self.stripes, self.switches,
                             self.ports)
 
-    def _fifo(self, x: int, y: int, kind: Kind, color: int) -> int:
-        r = self.route_of[(y * self.spec.width + x, color)]
-        return int(self.recv_fifo[r] if kind == Kind.FABIN else self.ramp_fifo[r])
-
-    def _code(self, s: int, key: tuple[int, int], prog: PEProgram,
+    def _code(self, s: int, key: tuple[int, int], prog: PEProgram, code: Code,
               kept: list[bool] | None = None) -> list[_TaskCode]:
-        """Slot s's code: the tasks of PE `key`, the program's own flattening of those
-        `kept` (`kept_tasks`)."""
-        index_of = {task.id: k for k, task in enumerate(prog.tasks)}
-        return [self.code[s][k] if kept and kept[k] else self._task(s, key, task, index_of)
-                for k, task in enumerate(prog.tasks)]
+        """Slot s's code: the tasks of PE `key` (`code` their arrays), the program's own
+        flattening of those `kept` (`kept_tasks`)."""
+        ins = self._instructions(prog, code)
+        opnd = self._operands(s, key, code)
+        recv = self._fifos(key, np.full(len(prog.tasks), int(Kind.FABIN)),
+                           np.array([task.color for task in prog.tasks], np.int64))
+        out = []
+        for k, task in enumerate(prog.tasks):
+            if kept and kept[k]:
+                out.append(self.code[s][k])
+                continue
+            lo, hi = code.start[k], code.start[k + 1]
+            trigger = task.trigger
+            # TASK field order
+            out.append(_TaskCode((int(trigger), recv[k] if trigger == Trigger.COLOR else -1, 0,
+                                  hi - lo, int(trigger == Trigger.RESET), 0, 0),
+                                 ins[lo:hi], opnd[OPERANDS * lo:OPERANDS * hi], task.id))
+        return out
 
-    def _task(self, s: int, key: tuple[int, int], task: Task, index_of: dict[int, int]
-              ) -> _TaskCode:
-        """`task` of slot s (PE `key`, whose tasks are at `index_of` by id) flattened.
-        (Plain loops and int opcodes: gpt_small has 333k instructions.)"""
+    def _instructions(self, prog: PEProgram, code: Code) -> np.ndarray:
+        """INSTR records of the instructions of `prog`, whose arrays are `code`."""
+        op, kind, stride = code.ins["op"], code.opnd["kind"], code.opnd["stride"]
+        memory = kind[:, 1:] == Kind.MEM  # memory sources
+        vector = np.isin(op, _VECTOR_OP_LIST)
+        ins = np.zeros(len(op), INSTR.dtype)
+        for name in ("op", "n", "count", "body"):
+            ins[name] = code.ins[name]
+        ids, at = np.unique(code.ins["task"], return_inverse=True)
+        index_of = {task.id: k for k, task in enumerate(prog.tasks)}
+        ins["task"] = np.array([index_of.get(int(i), -1) for i in ids], np.int64)[at]
+        ins["nrd"] = (memory & (stride[:, 1:] != 0)).sum(axis=1)
+        ins["nrd0"] = (memory & (stride[:, 1:] == 0)).sum(axis=1)
+        ins["wr"] = kind[:, 0] == Kind.MEM
+        ins["flops"] = _FLOPS[op]
+        ins["bulk"] = vector & ~((kind == Kind.FABIN) | (kind == Kind.FABOUT)).any(axis=1)
+        fp16 = np.nonzero(vector & code.opnd["half"].any(axis=1))[0].tolist()
+        if fp16:  # elements per step, words per element and per pair (`simd_width`)
+            instrs = [instr for task in prog.tasks for instr in task.instrs]
+            for j in fp16:
+                simd = ins["simd"][j] = simd_width(instrs[j], self.wafer)
+                if simd:
+                    ins["nrd"][j], ins["nrdh"][j] = half_words(instrs[j])
+                    dst = instrs[j].dst
+                    ins["wrh"][j] = ins["wr"][j] and dst.half and dst.stride == 1
+                    ins["wr"][j] -= ins["wrh"][j]
+        return ins
+
+    def _operands(self, s: int, key: tuple[int, int], code: Code) -> np.ndarray:
+        """OPERAND records of slot s (PE `key`) for the operands in `code`."""
+        opnd, half = code.opnd, code.opnd["half"]
+        out = np.zeros(opnd.shape, OPERAND.dtype)
         base = int(self.sram_base[s])
-        reg0 = s * self.wafer.registers
-        ins: list[tuple] = []
-        opnd: list[tuple] = []
-        for instr in task.instrs:
-            op = int(instr.op)
-            opnds = (instr.dst, instr.a, instr.b, instr.c)
-            strided = scalar = 0  # memory sources
-            half = fabric = False
-            for k, o in enumerate(opnds):
-                kind = o.kind
-                if kind == Kind.MEM:
-                    if k:
-                        if o.stride:
-                            strided += 1
-                        else:
-                            scalar += 1
-                elif kind in FABRIC_KINDS:
-                    fabric = True
-                half = half or o.half
-            vector = op in _VECTOR_OPS
-            simd = simd_width(instr, self.wafer) if half and vector else 0
-            dst_mem = int(instr.dst.kind == Kind.MEM)
-            if simd:  # fp16: words per element and per pair (`wse_sim.program.simd_width`)
-                nrd, nrdh = half_words(instr)
-                wrh = int(dst_mem and instr.dst.half and instr.dst.stride == 1)
-                wr = dst_mem - wrh
-            else:
-                nrd, nrdh, wr, wrh = strided, 0, dst_mem, 0
-            # INSTR field order
-            ins.append((op, instr.n, instr.count, instr.body, index_of.get(instr.task, -1),
-                        nrd, scalar, wr, _FLOPS[op], int(vector and not fabric), simd, nrdh,
-                        wrh))
-            for o in opnds:  # OPERAND field order
-                kind = o.kind
-                fab = self._fifo(*key, kind, o.color) if kind in FABRIC_KINDS else -1
-                # a half memory operand addresses halves: half h of word w is 2 w + h
-                addr = 2 * base + o.offset if o.half else base + o.offset
-                opnd.append((addr, o.stride, o.loop_stride, int(kind), fab, reg0 + o.reg,
-                             o.value, int(o.half)))
-        recv = (self._fifo(*key, Kind.FABIN, task.color)
-                if task.trigger == Trigger.COLOR else -1)
-        # TASK field order
-        return _TaskCode((int(task.trigger), recv, 0, len(ins),
-                          int(task.trigger == Trigger.RESET), 0, 0),
-                         np.array(ins, INSTR.dtype), np.array(opnd, OPERAND.dtype), task.id)
+        # a half memory operand addresses halves: half h of word w is 2 w + h
+        out["addr"] = np.where(half, 2 * base, base) + opnd["offset"]
+        out["stride"], out["loop_stride"] = opnd["stride"], opnd["loop_stride"]
+        out["kind"], out["half"] = opnd["kind"], half
+        out["fifo"] = self._fifos(key, opnd["kind"], opnd["color"])
+        out["reg"] = s * self.wafer.registers + opnd["reg"]
+        out["imm"] = opnd["value"]
+        return out.reshape(-1)
+
+    def _fifos(self, key: tuple[int, int], kind: np.ndarray, color: np.ndarray) -> np.ndarray:
+        """The FIFO of each fabric operand of PE `key` (`kind`, `color`): its route's receive
+        queue (FABIN) or RAMP input FIFO (FABOUT); -1 for other kinds."""
+        x, y = key
+        fabin, fabout = kind == Kind.FABIN, kind == Kind.FABOUT
+        if not len(self.route_key):
+            return np.full(kind.shape, -1, np.int64)
+        at = np.searchsorted(self.route_key, (y * self.spec.width + x) * self.wafer.colors
+                             + np.where(fabin | fabout, color, 0))
+        at = np.minimum(at, len(self.route_key) - 1)
+        return np.where(fabin, self.recv_fifo[at], np.where(fabout, self.ramp_fifo[at], -1))
 
     def state(self, pes: Mapping[tuple[int, int], PEProgram] | None = None) -> Assembled:
         """Engine state at cycle 0 with the PE programs `pes` (validated, of PEs of the
@@ -226,7 +246,8 @@ class Assembler:
             if not all(kept):
                 last = self._replaced.get(s)
                 code[s] = (last[1] if last is not None and last[0] is prog.tasks
-                           else self._code(s, key, prog, kept))
+                           else self._code(s, key, prog, read_code({key: prog.tasks})[key],
+                                           kept))
                 replaced[s] = (prog.tasks, code[s])
         self._replaced = replaced
         fb, wk = self._fabric()

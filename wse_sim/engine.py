@@ -1373,9 +1373,9 @@ class Loaded:
 
     def __init__(self, program: Program, wafer: WaferConfig, *,
                  threads: int | None = None, bulk_runs: bool = True) -> None:
-        validate(program, wafer)
+        code = validate(program, wafer)
         self.program, self.wafer = program, wafer
-        self._assembler = Assembler(program, wafer, threads or cores(), bulk_runs)
+        self._assembler = Assembler(program, wafer, threads or cores(), bulk_runs, code)
         self._validated: dict[tuple[int, int], list[Task]] = {}  # the last run's replacements
 
     def run(self, pes: Mapping[tuple[int, int], PEProgram] | None = None, *,

@@ -95,7 +95,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import reduce
-from operator import or_
+from operator import attrgetter, or_
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -537,9 +537,77 @@ _NONE, _MEM, _FABIN, _FABOUT, _REG = (int(k) for k in (Kind.NONE, Kind.MEM, Kind
 _NOT_DESTINATIONS = (Kind.NONE, Kind.IMM, Kind.FABIN)
 
 
-def validate(program: Program, wafer: WaferConfig) -> None:
+# -- a PE's code as arrays ---------------------------------------------------------------------
+# Validation and the engine's flattening (`wse_sim.assemble`) read the instructions as
+# arrays: gpt_small has 352k of them, too many to check and flatten one object at a time.
+
+K = TypeVar("K")
+CODE_INSTR = np.dtype([(name, np.int64) for name in ("op", "n", "count", "body", "task")])
+CODE_OPERAND = np.dtype([*((name, np.int64) for name in ("kind", "offset", "stride",
+                                                           "loop_stride", "color", "reg")),
+                         ("value", np.float64), ("half", np.bool_)])
+_instr_fields = attrgetter(*CODE_INSTR.names, "dst", "a", "b", "c")
+_operand_fields = attrgetter(*CODE_OPERAND.names)
+
+
+@dataclass(frozen=True)
+class Code:
+    """A PE's instructions as arrays, task after task (`read_code`): `ins[j]` one
+    instruction's own fields, `opnd[j]` its dst, a, b and c; task k's rows are
+    `start[k]:start[k + 1]`."""
+
+    ins: np.ndarray  # [rows] CODE_INSTR
+    opnd: np.ndarray  # [rows, 4] CODE_OPERAND
+    start: np.ndarray  # [tasks + 1]
+
+
+def read_code(task_lists: Mapping[K, list[Task]]) -> dict[K, Code]:
+    """The `Code` of each task list. Each distinct Instr and Operand object is read once (a
+    compiled program shares them: gpt_small's 352k instructions are 135k objects with 11k
+    operands); they stay referenced meanwhile, so their ids are not reused. Fields that are
+    not numbers of the table's types raise TypeError, ValueError or OverflowError."""
+    instr_at: dict[int, int] = {}
+    operand_at: dict[int, int] = {}
+    instrs: list[tuple] = []  # (op, n, count, body, task, dst, a, b, c rows of `operands`)
+    operands: list[tuple] = []
+    seen: list[object] = []  # every object read, alive until the end
+
+    def operand(o: Operand) -> int:
+        k = operand_at.get(id(o))
+        if k is None:
+            k = operand_at[id(o)] = len(operands)
+            operands.append(_operand_fields(o))
+            seen.append(o)
+        return k
+
+    def instr(i: Instr) -> int:
+        k = instr_at.get(id(i))
+        if k is None:
+            *own, dst, a, b, c = _instr_fields(i)
+            k = instr_at[id(i)] = len(instrs)
+            instrs.append((*own, operand(dst), operand(a), operand(b), operand(c)))
+            seen.append(i)
+        return k
+
+    rows = {key: [instr(i) for task in tasks for i in task.instrs]
+            for key, tasks in task_lists.items()}
+    table = np.array(instrs, np.int64).reshape(-1, 9)
+    own = np.empty(len(table), CODE_INSTR)
+    for j, name in enumerate(CODE_INSTR.names):
+        own[name] = table[:, j]
+    operand_table = np.array(operands, CODE_OPERAND)
+    code = {}
+    for key, tasks in task_lists.items():
+        index = np.array(rows[key], np.int64)
+        code[key] = Code(own[index], operand_table[table[index, 5:]],
+                         np.cumsum([0] + [len(t.instrs) for t in tasks], dtype=np.int64))
+    return code
+
+
+def validate(program: Program, wafer: WaferConfig) -> dict[tuple[int, int], Code] | None:
     """Raise ProgramError (one line naming PE, task id, instruction index and field) if
-    `program` cannot run on `wafer`; return None if it can."""
+    `program` cannot run on `wafer`. If it can, return its PEs' `Code` as read to check it
+    (for `wse_sim.assemble`; None if a field was not a number of the table's type)."""
     w, h = program.width, program.height
     if not (0 < w <= wafer.width and 0 < h <= wafer.height):
         raise ProgramError(f"program fabric {w} x {h} does not fit the wafer "
@@ -579,8 +647,10 @@ def validate(program: Program, wafer: WaferConfig) -> None:
                         + (" in any switch position" if nbr is not None and nbr.positions
                            else "")
                     )
+    code = _read_code_or_none({key: pe.tasks for key, pe in program.pes.items()})
+    ramp = _ramp_bits(program, wafer.colors)
     for (x, y), pe in program.pes.items():
-        _validate_pe(x, y, pe, program, wafer)
+        _validate_pe(x, y, pe, program, wafer, code and code[(x, y)], ramp)
     for name, layout in program.tensors.items():
         _validate_tensor(name, layout, program)
     for region in program.regions:
@@ -589,6 +659,7 @@ def validate(program: Program, wafer: WaferConfig) -> None:
             raise ProgramError(f"region {region.name}: rectangle {region.width} x "
                                f"{region.height} at ({region.x}, {region.y}) is outside the "
                                f"{w} x {h} fabric")
+    return code
 
 
 MESH_PORTS = (Port.N, Port.E, Port.S, Port.W)
@@ -708,7 +779,89 @@ def _validate_tensor(name: str, layout: TensorLayout, program: Program) -> None:
                                f"{pe.sram_words} SRAM words")
 
 
-def _validate_pe(x: int, y: int, pe: PEProgram, program: Program, wafer: WaferConfig) -> None:
+_SOURCES = np.full(max(_OPS) + 1, -1, np.int64)  # sources of each vector op; -1: not one
+for _op, _k in SOURCES_OF.items():
+    _SOURCES[_op] = _k
+_VECTOR_OP_LIST = [int(op) for op in SOURCES_OF]
+_BIG = 1 << 31  # fields beyond are left to the exact checks (no int64 overflow here)
+_RAMP_RX, _RAMP_TX = 1, 2  # `_ramp_bits`
+
+
+def _ramp_bits(program: Program, colors: int) -> dict[tuple[int, int], np.ndarray]:
+    """(x, y) -> per color: _RAMP_RX if its route accepts from RAMP in some position, plus
+    _RAMP_TX if it delivers to RAMP in some position (only PEs with routes)."""
+    bits: dict[tuple[int, int], np.ndarray] = {}
+    for (x, y, color), route in program.routes.items():
+        if 0 <= color < colors:
+            at = bits.setdefault((x, y), np.zeros(colors, np.int64))
+            at[color] = (route.rx_any >> Port.RAMP & 1) * _RAMP_RX + (
+                route.tx_any >> Port.RAMP & 1) * _RAMP_TX
+    return bits
+
+
+def _suspects(code: Code, words: int, ramp: np.ndarray, wafer: WaferConfig) -> np.ndarray:
+    """The vector instructions of `code` (a PE's, `words` of SRAM, `ramp` its `_ramp_bits`)
+    that `_validate_vector` must check one by one: those that may break one of its rules
+    (the same rules, on arrays) and those with fp16 operands. The rest pass it."""
+    ins, opnd = code.ins, code.opnd
+    op, n = ins["op"], ins["n"]
+    kind, stride, color = opnd["kind"], opnd["stride"], opnd["color"]
+    sources = _SOURCES[np.clip(op, 0, len(_SOURCES) - 1)]
+    bad = (n <= 0) | opnd["half"].any(axis=1)
+    bad |= ((kind[:, 1:] != _NONE) != (np.arange(1, 4) <= sources[:, None])).any(axis=1)
+    bad |= (kind[:, 1:] == _FABOUT).any(axis=1)
+    bad |= np.isin(kind[:, 0], [int(k) for k in _NOT_DESTINATIONS])
+    # memory operands within the SRAM over every element and REPEAT iteration
+    loops = _loop_counts(code)
+    offset, loop_stride = opnd["offset"], opnd["loop_stride"]
+    bad |= ((np.abs(n) >= _BIG) | (np.abs(loops) >= _BIG))
+    bad |= ((np.abs(offset) >= _BIG) | (np.abs(stride) >= _BIG)
+            | (np.abs(loop_stride) >= _BIG)).any(axis=1)
+    last_e = (n[:, None] - 1) * stride
+    last_k = (loops[:, None] - 1) * loop_stride
+    low = offset + np.minimum(0, last_e) + np.minimum(0, last_k)
+    high = offset + np.maximum(0, last_e) + np.maximum(0, last_k)
+    bad |= ((kind == _MEM) & ((low < 0) | (high >= words))).any(axis=1)
+    reg = opnd["reg"]
+    bad |= ((kind == _REG) & ((reg < 0) | (reg >= wafer.registers))).any(axis=1)
+    # fabric operands: a color of the wafer whose route has RAMP on the right side, and no
+    # two FABIN sources of one color
+    fabin, fabout = kind == _FABIN, kind == _FABOUT
+    bad |= ((fabin | fabout) & ((color < 0) | (color >= wafer.colors))).any(axis=1)
+    bits = ramp[np.clip(color, 0, wafer.colors - 1)]
+    bad |= (fabin & (bits & _RAMP_TX == 0)).any(axis=1)
+    bad |= (fabout & (bits & _RAMP_RX == 0)).any(axis=1)
+    for j, k in ((1, 2), (1, 3), (2, 3)):
+        bad |= fabin[:, j] & fabin[:, k] & (color[:, j] == color[:, k])
+    strided = ((kind[:, 1:] == _MEM) & (stride[:, 1:] != 0)).sum(axis=1)
+    bad |= strided > wafer.sram_reads_per_cycle
+    return bad & (sources >= 0)
+
+
+def _loop_counts(code: Code) -> np.ndarray:
+    """max(1, count) of the REPEAT whose body holds each instruction, 1 outside bodies (as
+    `_validate_tasks` counts; bodies that nest or overrun fail there at their REPEAT)."""
+    ins = code.ins
+    rows = np.arange(len(ins))
+    task_first = np.repeat(code.start[:-1], np.diff(code.start))
+    repeat = np.maximum.accumulate(np.where(ins["op"] == Op.REPEAT, rows, -1))
+    before = np.concatenate(([-1], repeat))[:-1]  # the last REPEAT above each row
+    at = np.maximum(before, 0)
+    inside = (before >= task_first) & (rows <= before + ins["body"][at])
+    return np.where(inside, np.maximum(ins["count"][at], 1), 1)
+
+
+def _read_code_or_none(task_lists: Mapping[K, list[Task]]) -> dict[K, Code] | None:
+    """`read_code`, or None if a field is not a number of its type (the checks one by one
+    then name it)."""
+    try:
+        return read_code(task_lists)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _validate_pe(x: int, y: int, pe: PEProgram, program: Program, wafer: WaferConfig,
+                 code: Code | None, ramp: dict[tuple[int, int], np.ndarray]) -> None:
     where = f"PE ({x}, {y})"
     if not (0 <= x < program.width and 0 <= y < program.height):
         raise ProgramError(f"{where}: outside the {program.width} x {program.height} fabric")
@@ -716,7 +869,7 @@ def _validate_pe(x: int, y: int, pe: PEProgram, program: Program, wafer: WaferCo
     if not 0 <= words <= wafer.sram_words_per_pe:
         raise ProgramError(f"{where}: sram_words {words} not in 0..{wafer.sram_words_per_pe}")
     _validate_image(where, pe)
-    _validate_tasks(where, x, y, pe, program, wafer)
+    _validate_tasks(where, x, y, pe, program, wafer, code, ramp)
 
 
 def _validate_image(where: str, pe: PEProgram) -> None:
@@ -727,10 +880,20 @@ def _validate_image(where: str, pe: PEProgram) -> None:
 
 
 def _validate_tasks(where: str, x: int, y: int, pe: PEProgram, program: Program,
-                    wafer: WaferConfig, valid: list[bool] | None = None) -> None:
-    """The checks of a PE's tasks but those marked `valid` (`kept_tasks`)."""
+                    wafer: WaferConfig, code: Code | None,
+                    ramp: dict[tuple[int, int], np.ndarray],
+                    valid: list[bool] | None = None) -> None:
+    """The checks of a PE's tasks but those marked `valid` (`kept_tasks`); `code` the
+    tasks' `Code` (None: every instruction is checked one by one), `ramp` `_ramp_bits`.
+    With `code`, the instructions looked at one by one are the control ops (REPEAT bodies
+    are tracked through them) and the vector ops `_suspects` names."""
     words = pe.sram_words
     ids = [task.id for task in pe.tasks]
+    if code is not None:
+        visit = np.nonzero(_suspects(code, words, ramp.get(
+            (x, y), np.zeros(wafer.colors, np.int64)), wafer) | ~np.isin(
+            code.ins["op"], _VECTOR_OP_LIST))[0]
+        bounds = np.searchsorted(visit, code.start)
     for k, task in enumerate(pe.tasks):
         if valid is not None and valid[k]:
             continue
@@ -750,7 +913,10 @@ def _validate_tasks(where: str, x: int, y: int, pe: PEProgram, program: Program,
                                    f"does not deliver to RAMP")
         loop_end = -1  # last instruction of the REPEAT body we are in
         loop_count = 1
-        for i, instr in enumerate(task.instrs):
+        rows = (range(len(task.instrs)) if code is None
+                else (visit[bounds[k]:bounds[k + 1]] - code.start[k]).tolist())
+        for i in rows:
+            instr = task.instrs[i]
             if i > loop_end:
                 loop_count = 1
             op = instr.op
@@ -912,7 +1078,9 @@ def validate_replacement(program: Program, wafer: WaferConfig,
         _validate_image(where, pe)
         kept = kept_tasks(old, pe)
         if not all(kept) and known.get((x, y)) is not pe.tasks:
-            _validate_tasks(where, x, y, pe, program, wafer, kept)
+            code = _read_code_or_none({(x, y): pe.tasks})
+            _validate_tasks(where, x, y, pe, program, wafer, code and code[(x, y)],
+                            _ramp_bits(program, wafer.colors), kept)
 
 
 # --------------------------------------------------------------------------------------------
