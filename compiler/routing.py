@@ -571,15 +571,27 @@ def _route(streams: list[RoutedStream], box: tuple[int, int, int, int], wafer: W
     width, pes = x1 - x0, (x1 - x0) * (y1 - y0)
     flat = {(x, y): (y - y0) * width + x - x0 for y in range(y0, y1) for x in range(x0, x1)}
     earlier: dict[int, tuple[int, int]] = {}  # id(stream) -> its (tree, color) last pass
+    # A stream's candidate trees and the resources each holds, by its ends (and phase): a
+    # pass after a split at relays has new streams for the split ones only.
+    trees_of: dict[tuple, list[_Tree]] = {}
+    held_of: dict[tuple, list[np.ndarray]] = {}
     negotiation = None
     phased, splits = False, 0
     while True:
-        candidates = [_candidates(s.src, s.dsts, box, None if s.local else ROUTE_MARGIN)
-                      for s in streams]
-        negotiation = _Negotiation(
-            [[_resources(tree, s, pes, flat, phased) for tree in trees]
-             for s, trees in zip(streams, candidates, strict=True)],
-            pes * (len(_PHASE_LAYERS[WHOLE]) if phased else 1), wafer.colors, negotiation)
+        candidates, held = [], []
+        for s in streams:
+            ends = (s.src, tuple(s.dsts), s.local)
+            if ends not in trees_of:
+                trees_of[ends] = _candidates(s.src, s.dsts, box,
+                                             None if s.local else ROUTE_MARGIN)
+            key = (*ends, s.phase, phased)
+            if key not in held_of:
+                held_of[key] = [_resources(tree, s, pes, flat, phased)
+                                for tree in trees_of[ends]]
+            candidates.append(trees_of[ends])
+            held.append(held_of[key])
+        negotiation = _Negotiation(held, pes * (len(_PHASE_LAYERS[WHOLE]) if phased else 1),
+                                   wafer.colors, negotiation)
         stuck = negotiation.run({i: earlier[id(s)] for i, s in enumerate(streams)
                                  if id(s) in earlier})
         earlier = {id(s): choice for s, choice in zip(streams, negotiation.choice, strict=True)}
