@@ -11,6 +11,8 @@ they use: the route's receive queue (FABIN, trigger) or its RAMP input FIFO (FAB
 at cycle 0 of that program with the programs `pes` in place of some PEs' (the same SRAM
 sizes): only their code and SRAM words are flattened again, so a program run many times
 with new data and new code on a few PEs (a training step's batch) costs little to assemble.
+It reads the instructions as arrays (`wse_sim.program.read_code`; `validate` returns what it
+read) and flattens them with numpy, a PE at a time.
 """
 
 from __future__ import annotations
