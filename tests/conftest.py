@@ -1,9 +1,17 @@
 """Test-wide settings. Under CI (the CI environment variable) hypothesis is derandomized,
-so a CI run tries the same examples every time; locally each run explores new ones."""
+so a CI run tries the same examples every time; locally each run explores new ones.
+
+The Ctrl-C tests need SIGINT to do what it does in a terminal: a shell that starts the
+tests in the background (`... &` without job control) makes them ignore it, and that
+disposition passes to every process they start. Python's own handler is put back, so
+this process raises KeyboardInterrupt and its children get the default again."""
 
 import os
+import signal
 
 from hypothesis import settings
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
