@@ -648,9 +648,8 @@ def validate(program: Program, wafer: WaferConfig) -> dict[tuple[int, int], Code
                            else "")
                     )
     code = _read_code_or_none({key: pe.tasks for key, pe in program.pes.items()})
-    ramp = _ramp_bits(program, wafer.colors)
     for (x, y), pe in program.pes.items():
-        _validate_pe(x, y, pe, program, wafer, code and code[(x, y)], ramp)
+        _validate_pe(x, y, pe, program, wafer, code and code[(x, y)])
     for name, layout in program.tensors.items():
         _validate_tensor(name, layout, program)
     for region in program.regions:
@@ -787,22 +786,24 @@ _BIG = 1 << 31  # fields beyond are left to the exact checks (no int64 overflow 
 _RAMP_RX, _RAMP_TX = 1, 2  # `_ramp_bits`
 
 
-def _ramp_bits(program: Program, colors: int) -> dict[tuple[int, int], np.ndarray]:
-    """(x, y) -> per color: _RAMP_RX if its route accepts from RAMP in some position, plus
-    _RAMP_TX if it delivers to RAMP in some position (only PEs with routes)."""
-    bits: dict[tuple[int, int], np.ndarray] = {}
-    for (x, y, color), route in program.routes.items():
-        if 0 <= color < colors:
-            at = bits.setdefault((x, y), np.zeros(colors, np.int64))
-            at[color] = (route.rx_any >> Port.RAMP & 1) * _RAMP_RX + (
+def _ramp_bits(program: Program, x: int, y: int, colors: int) -> np.ndarray:
+    """Per color of PE (x, y): _RAMP_RX if its route accepts from RAMP in some position,
+    plus _RAMP_TX if it delivers to RAMP in some position."""
+    bits = np.zeros(colors, np.int64)
+    for color in range(colors):
+        route = program.routes.get((x, y, color))
+        if route is not None:
+            bits[color] = (route.rx_any >> Port.RAMP & 1) * _RAMP_RX + (
                 route.tx_any >> Port.RAMP & 1) * _RAMP_TX
     return bits
 
 
-def _suspects(code: Code, words: int, ramp: np.ndarray, wafer: WaferConfig) -> np.ndarray:
-    """The vector instructions of `code` (a PE's, `words` of SRAM, `ramp` its `_ramp_bits`)
-    that `_validate_vector` must check one by one: those that may break one of its rules
-    (the same rules, on arrays) and those with fp16 operands. The rest pass it."""
+def _suspects(code: Code, x: int, y: int, words: int, program: Program, wafer: WaferConfig
+              ) -> np.ndarray:
+    """The vector instructions of `code` (PE (x, y)'s, `words` of SRAM) that
+    `_validate_vector` must check one by one: those that may break one of its rules (the
+    same rules, on arrays) and those with fp16 operands. The rest pass it."""
+    ramp = _ramp_bits(program, x, y, wafer.colors)
     ins, opnd = code.ins, code.opnd
     op, n = ins["op"], ins["n"]
     kind, stride, color = opnd["kind"], opnd["stride"], opnd["color"]
@@ -861,7 +862,7 @@ def _read_code_or_none(task_lists: Mapping[K, list[Task]]) -> dict[K, Code] | No
 
 
 def _validate_pe(x: int, y: int, pe: PEProgram, program: Program, wafer: WaferConfig,
-                 code: Code | None, ramp: dict[tuple[int, int], np.ndarray]) -> None:
+                 code: Code | None) -> None:
     where = f"PE ({x}, {y})"
     if not (0 <= x < program.width and 0 <= y < program.height):
         raise ProgramError(f"{where}: outside the {program.width} x {program.height} fabric")
@@ -869,7 +870,7 @@ def _validate_pe(x: int, y: int, pe: PEProgram, program: Program, wafer: WaferCo
     if not 0 <= words <= wafer.sram_words_per_pe:
         raise ProgramError(f"{where}: sram_words {words} not in 0..{wafer.sram_words_per_pe}")
     _validate_image(where, pe)
-    _validate_tasks(where, x, y, pe, program, wafer, code, ramp)
+    _validate_tasks(where, x, y, pe, program, wafer, code)
 
 
 def _validate_image(where: str, pe: PEProgram) -> None:
@@ -881,18 +882,16 @@ def _validate_image(where: str, pe: PEProgram) -> None:
 
 def _validate_tasks(where: str, x: int, y: int, pe: PEProgram, program: Program,
                     wafer: WaferConfig, code: Code | None,
-                    ramp: dict[tuple[int, int], np.ndarray],
                     valid: list[bool] | None = None) -> None:
     """The checks of a PE's tasks but those marked `valid` (`kept_tasks`); `code` the
-    tasks' `Code` (None: every instruction is checked one by one), `ramp` `_ramp_bits`.
-    With `code`, the instructions looked at one by one are the control ops (REPEAT bodies
-    are tracked through them) and the vector ops `_suspects` names."""
+    tasks' `Code` (None: every instruction is checked one by one). With `code`, the
+    instructions looked at one by one are the control ops (REPEAT bodies are tracked
+    through them) and the vector ops `_suspects` names."""
     words = pe.sram_words
     ids = [task.id for task in pe.tasks]
     if code is not None:
-        visit = np.nonzero(_suspects(code, words, ramp.get(
-            (x, y), np.zeros(wafer.colors, np.int64)), wafer) | ~np.isin(
-            code.ins["op"], _VECTOR_OP_LIST))[0]
+        visit = np.nonzero(_suspects(code, x, y, words, program, wafer)
+                           | ~np.isin(code.ins["op"], _VECTOR_OP_LIST))[0]
         bounds = np.searchsorted(visit, code.start)
     for k, task in enumerate(pe.tasks):
         if valid is not None and valid[k]:
@@ -1079,8 +1078,7 @@ def validate_replacement(program: Program, wafer: WaferConfig,
         kept = kept_tasks(old, pe)
         if not all(kept) and known.get((x, y)) is not pe.tasks:
             code = _read_code_or_none({(x, y): pe.tasks})
-            _validate_tasks(where, x, y, pe, program, wafer, code and code[(x, y)],
-                            _ramp_bits(program, wafer.colors), kept)
+            _validate_tasks(where, x, y, pe, program, wafer, code and code[(x, y)], kept)
 
 
 # --------------------------------------------------------------------------------------------
