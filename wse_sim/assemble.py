@@ -36,6 +36,7 @@ from wse_sim.program import (
     Task,
     Trigger,
     half_words,
+    instructions,
     kept_tasks,
     read_code,
     simd_width,
@@ -146,7 +147,8 @@ class Assembler:
         self.sram_base = np.zeros(len(self.slots) + 1, np.int64)
         for s, key in enumerate(self.slots):
             self.sram_base[s + 1] = self.sram_base[s] + program.pes[key].sram_words
-        code = code or read_code({key: program.pes[key].tasks for key in self.slots})
+        code = code or read_code({key: instructions(program.pes[key].tasks)
+                                  for key in self.slots})
         self.code = [self._code(s, key, program.pes[key], code[key])
                      for s, key in enumerate(self.slots)]
         # slot -> the task list the last `state` replaced its code with, and that code
@@ -158,9 +160,9 @@ class Assembler:
 
     def _code(self, s: int, key: tuple[int, int], prog: PEProgram, code: Code,
               kept: list[bool] | None = None) -> list[_TaskCode]:
-        """Slot s's code: the tasks of PE `key` (`code` their arrays), the program's own
-        flattening of those `kept` (`kept_tasks`)."""
-        ins = self._instructions(prog, code)
+        """Slot s's code: the tasks of PE `key`, the program's own flattening of those
+        `kept` (`kept_tasks`), the others from `code` (of `instructions(prog.tasks, kept)`)."""
+        ins = self._instructions(prog, code, kept)
         opnd = self._operands(s, key, code)
         recv = self._fifos(key, np.full(len(prog.tasks), int(Kind.FABIN)),
                            np.array([task.color for task in prog.tasks], np.int64))
@@ -177,8 +179,10 @@ class Assembler:
                                  ins[lo:hi], opnd[OPERANDS * lo:OPERANDS * hi], task.id))
         return out
 
-    def _instructions(self, prog: PEProgram, code: Code) -> np.ndarray:
-        """INSTR records of the instructions of `prog`, whose arrays are `code`."""
+    def _instructions(self, prog: PEProgram, code: Code, kept: list[bool] | None
+                      ) -> np.ndarray:
+        """INSTR records of the instructions of `prog`'s tasks not `kept`, whose arrays are
+        `code`."""
         op, kind, stride = code.ins["op"], code.opnd["kind"], code.opnd["stride"]
         memory = kind[:, 1:] == Kind.MEM  # memory sources
         vector = np.isin(op, _VECTOR_OP_LIST)
@@ -195,7 +199,7 @@ class Assembler:
         ins["bulk"] = vector & ~((kind == Kind.FABIN) | (kind == Kind.FABOUT)).any(axis=1)
         fp16 = np.nonzero(vector & code.opnd["half"].any(axis=1))[0].tolist()
         if fp16:  # elements per step, words per element and per pair (`simd_width`)
-            instrs = [instr for task in prog.tasks for instr in task.instrs]
+            instrs = [instr for task in instructions(prog.tasks, kept) for instr in task]
             for j in fp16:
                 simd = ins["simd"][j] = simd_width(instrs[j], self.wafer)
                 if simd:
@@ -231,11 +235,13 @@ class Assembler:
         at = np.minimum(at, len(self.route_key) - 1)
         return np.where(fabin, self.recv_fifo[at], np.where(fabout, self.ramp_fifo[at], -1))
 
-    def state(self, pes: Mapping[tuple[int, int], PEProgram] | None = None) -> Assembled:
+    def state(self, pes: Mapping[tuple[int, int], PEProgram] | None = None,
+              arrays: Mapping[tuple[int, int], Code] | None = None) -> Assembled:
         """Engine state at cycle 0 with the PE programs `pes` (validated, of PEs of the
         program, their SRAM sizes unchanged) in place of the program's; only the tasks they
-        do not keep (`kept_tasks`) are flattened again."""
-        pes = pes or {}
+        do not keep (`kept_tasks`) are flattened again, from `arrays` where it has their PE
+        (`validate_replacement` returns it)."""
+        pes, arrays = pes or {}, arrays or {}
         code = list(self.code)
         sram = np.zeros(int(self.sram_base[-1]), np.float32)
         replaced = {}
@@ -247,9 +253,12 @@ class Assembler:
             kept = kept_tasks(self.program.pes[key], prog)
             if not all(kept):
                 last = self._replaced.get(s)
-                code[s] = (last[1] if last is not None and last[0] is prog.tasks
-                           else self._code(s, key, prog, read_code({key: prog.tasks})[key],
-                                           kept))
+                if last is not None and last[0] is prog.tasks:
+                    code[s] = last[1]
+                else:
+                    read = arrays.get(key) or read_code(
+                        {key: instructions(prog.tasks, kept)})[key]
+                    code[s] = self._code(s, key, prog, read, kept)
                 replaced[s] = (prog.tasks, code[s])
         self._replaced = replaced
         fb, wk = self._fabric()

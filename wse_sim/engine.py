@@ -1383,12 +1383,12 @@ class Loaded:
             interruptible: bool = False) -> SimResult:
         """Run the program with the PE programs `pes` (keys (x, y)) in place of its own, as
         `simulate` runs a program."""
-        program = self.program
+        program, arrays = self.program, None
         if pes:
-            validate_replacement(program, self.wafer, pes, self._validated)
+            arrays = validate_replacement(program, self.wafer, pes, self._validated)
             self._validated = {pe: prog.tasks for pe, prog in pes.items()}
             program = replace(program, pes={**program.pes, **pes})
-        asm = self._assembler.state(pes)
+        asm = self._assembler.state(pes, arrays)
         if not interruptible:
             return _run(program, asm, max_cycles, progress, lambda: False)
         with sigint_flag() as interrupted:

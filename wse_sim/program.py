@@ -91,7 +91,7 @@ from __future__ import annotations
 
 import json
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import reduce
@@ -561,11 +561,12 @@ class Code:
     start: np.ndarray  # [tasks + 1]
 
 
-def read_code(task_lists: Mapping[K, list[Task]]) -> dict[K, Code]:
-    """The `Code` of each task list. Each distinct Instr and Operand object is read once (a
-    compiled program shares them: gpt_small's 352k instructions are 135k objects with 11k
-    operands); they stay referenced meanwhile, so their ids are not reused. Fields that are
-    not numbers of the table's types raise TypeError, ValueError or OverflowError."""
+def read_code(code_of: Mapping[K, Sequence[Sequence[Instr]]]) -> dict[K, Code]:
+    """The `Code` of each PE's tasks, given as their instruction lists (`instructions`).
+    Each distinct Instr and Operand object is read once (a compiled program shares them:
+    gpt_small's 352k instructions are 135k objects with 11k operands); they stay
+    referenced meanwhile, so their ids are not reused. Fields that are not numbers of the
+    table's types raise TypeError, ValueError or OverflowError."""
     instr_at: dict[int, int] = {}
     operand_at: dict[int, int] = {}
     instrs: list[tuple] = []  # (op, n, count, body, task, dst, a, b, c rows of `operands`)
@@ -589,19 +590,24 @@ def read_code(task_lists: Mapping[K, list[Task]]) -> dict[K, Code]:
             seen.append(i)
         return k
 
-    rows = {key: [instr(i) for task in tasks for i in task.instrs]
-            for key, tasks in task_lists.items()}
+    rows = {key: [instr(i) for task in tasks for i in task] for key, tasks in code_of.items()}
     table = np.array(instrs, np.int64).reshape(-1, 9)
     own = np.empty(len(table), CODE_INSTR)
     for j, name in enumerate(CODE_INSTR.names):
         own[name] = table[:, j]
     operand_table = np.array(operands, CODE_OPERAND)
     code = {}
-    for key, tasks in task_lists.items():
+    for key, tasks in code_of.items():
         index = np.array(rows[key], np.int64)
         code[key] = Code(own[index], operand_table[table[index, 5:]],
-                         np.cumsum([0] + [len(t.instrs) for t in tasks], dtype=np.int64))
+                         np.cumsum([0] + [len(t) for t in tasks], dtype=np.int64))
     return code
+
+
+def instructions(tasks: list[Task], kept: list[bool] | None = None) -> list[list[Instr]]:
+    """The instruction lists of `tasks` for `read_code`, empty for those `kept` (a PE
+    program's tasks it keeps from the one it replaces: `kept_tasks`)."""
+    return [[] if kept and kept[k] else task.instrs for k, task in enumerate(tasks)]
 
 
 def validate(program: Program, wafer: WaferConfig) -> dict[tuple[int, int], Code] | None:
@@ -647,7 +653,7 @@ def validate(program: Program, wafer: WaferConfig) -> dict[tuple[int, int], Code
                         + (" in any switch position" if nbr is not None and nbr.positions
                            else "")
                     )
-    code = _read_code_or_none({key: pe.tasks for key, pe in program.pes.items()})
+    code = _read_code_or_none({key: instructions(pe.tasks) for key, pe in program.pes.items()})
     for (x, y), pe in program.pes.items():
         _validate_pe(x, y, pe, program, wafer, code and code[(x, y)])
     for name, layout in program.tensors.items():
@@ -852,11 +858,12 @@ def _loop_counts(code: Code) -> np.ndarray:
     return np.where(inside, np.maximum(ins["count"][at], 1), 1)
 
 
-def _read_code_or_none(task_lists: Mapping[K, list[Task]]) -> dict[K, Code] | None:
+def _read_code_or_none(code_of: Mapping[K, Sequence[Sequence[Instr]]]
+                        ) -> dict[K, Code] | None:
     """`read_code`, or None if a field is not a number of its type (the checks one by one
     then name it)."""
     try:
-        return read_code(task_lists)
+        return read_code(code_of)
     except (TypeError, ValueError, OverflowError):
         return None
 
@@ -884,7 +891,8 @@ def _validate_tasks(where: str, x: int, y: int, pe: PEProgram, program: Program,
                     wafer: WaferConfig, code: Code | None,
                     valid: list[bool] | None = None) -> None:
     """The checks of a PE's tasks but those marked `valid` (`kept_tasks`); `code` the
-    tasks' `Code` (None: every instruction is checked one by one). With `code`, the
+    `Code` of `instructions(pe.tasks, valid)` (None: every instruction is checked one by
+    one). With `code`, the
     instructions looked at one by one are the control ops (REPEAT bodies are tracked
     through them) and the vector ops `_suspects` names."""
     words = pe.sram_words
@@ -1060,12 +1068,15 @@ def kept_tasks(old: PEProgram, new: PEProgram) -> list[bool]:
 
 def validate_replacement(program: Program, wafer: WaferConfig,
                          pes: Mapping[tuple[int, int], PEProgram],
-                         known: Mapping[tuple[int, int], list[Task]] | None = None) -> None:
+                         known: Mapping[tuple[int, int], list[Task]] | None = None
+                         ) -> dict[tuple[int, int], Code]:
     """Raise ProgramError (one line, as `validate`) if the programs `pes` cannot replace
     those of their PEs in the valid `program`: each must be a PE of it and keep its SRAM
     size, its image must fit, and its tasks must be valid but those it keeps
-    (`kept_tasks`) and a task list validated before for its PE (the same list in `known`)."""
+    (`kept_tasks`) and a task list validated before for its PE (the same list in `known`).
+    Returns the `Code` of the tasks it checked (`instructions(tasks, kept)`), by PE."""
     known = known or {}
+    checked: dict[tuple[int, int], list[bool]] = {}
     for (x, y), pe in pes.items():
         where = f"PE ({x}, {y})"
         old = program.pes.get((x, y))
@@ -1077,8 +1088,13 @@ def validate_replacement(program: Program, wafer: WaferConfig,
         _validate_image(where, pe)
         kept = kept_tasks(old, pe)
         if not all(kept) and known.get((x, y)) is not pe.tasks:
-            code = _read_code_or_none({(x, y): pe.tasks})
-            _validate_tasks(where, x, y, pe, program, wafer, code and code[(x, y)], kept)
+            checked[(x, y)] = kept
+    code = _read_code_or_none({key: instructions(pes[key].tasks, kept)
+                               for key, kept in checked.items()})
+    for (x, y), kept in checked.items():
+        _validate_tasks(f"PE ({x}, {y})", x, y, pes[(x, y)], program, wafer,
+                        code and code[(x, y)], kept)
+    return code or {}
 
 
 # --------------------------------------------------------------------------------------------
