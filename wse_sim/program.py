@@ -82,9 +82,13 @@ Besides code and routes a Program may carry, for whoever reads its results:
   tokens per step, placement), passed through to reports untouched.
 
 `validate(program, wafer)` checks everything the engine relies on and raises a one-line
-ProgramError naming PE, task, instruction and field. `save_program` / `load_program` write
-and read a program (and the wafer it was built for) as one .npz of flat arrays plus a JSON
-header (no pickle): the file is the seam between a compiler and the simulator.
+ProgramError naming PE, task, instruction and field. It reads the instructions as arrays
+(`read_code`, which the engine's assembler flattens too), checks the rules of vector
+instructions on them and looks one by one only at those that may break one (and at
+control and fp16 instructions), so a message is the same as checking all one by one.
+`save_program` / `load_program` write and read a program (and the wafer it was built for)
+as one .npz of flat arrays plus a JSON header (no pickle): the file is the seam between a
+compiler and the simulator.
 """
 
 from __future__ import annotations
