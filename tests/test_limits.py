@@ -206,10 +206,11 @@ def test_ctrl_c_during_run_leaves_outputs_untouched_or_complete(phase, tmp_path)
     run = _Run(["run", str(TINY), "--json", str(paths["json"]), "--plot", str(paths["plot"])],
                tmp_path)
     if phase == "compile":
-        # numba (llvmlite) is loaded with the simulator, just before the compiler runs for
-        # seconds; stopped before the simulation drew its progress line (checked below)
+        # numba (llvmlite) is loaded with the simulator, just before the compiler runs
+        # (gpt_tiny: about 0.35 s); stopped before the simulation drew its progress line
+        # (checked below)
         run.wait_for("llvmlite", lambda: run.mapped("llvmlite"))
-        time.sleep(0.3)
+        time.sleep(0.1)
     elif phase == "simulation":
         run.wait_for("the progress line", lambda: b"simulating:" in run.stderr)
     else:  # the JSON is written (renamed into place) before the plots are drawn
