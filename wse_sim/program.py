@@ -85,7 +85,7 @@ Besides code and routes a Program may carry, for whoever reads its results:
 ProgramError naming PE, task, instruction and field. It reads the instructions as arrays
 (`read_code`, which the engine's assembler flattens too), checks the rules of vector
 instructions on them and looks one by one only at those that may break one (and at
-control and fp16 instructions), so a message is the same as checking all one by one.
+control instructions), so a message is the same as checking all one by one.
 `save_program` / `load_program` write and read a program (and the wafer it was built for)
 as one .npz of flat arrays plus a JSON header (no pickle): the file is the seam between a
 compiler and the simulator.
@@ -812,13 +812,13 @@ def _suspects(code: Code, x: int, y: int, words: int, program: Program, wafer: W
               ) -> np.ndarray:
     """The vector instructions of `code` (PE (x, y)'s, `words` of SRAM) that
     `_validate_vector` must check one by one: those that may break one of its rules (the
-    same rules, on arrays) and those with fp16 operands. The rest pass it."""
+    same rules, on arrays). The rest pass it."""
     ramp = _ramp_bits(program, x, y, wafer.colors)
     ins, opnd = code.ins, code.opnd
     op, n = ins["op"], ins["n"]
     kind, stride, color = opnd["kind"], opnd["stride"], opnd["color"]
     sources = _SOURCES[np.clip(op, 0, len(_SOURCES) - 1)]
-    bad = (n <= 0) | opnd["half"].any(axis=1)
+    bad = n <= 0
     bad |= ((kind[:, 1:] != _NONE) != (np.arange(1, 4) <= sources[:, None])).any(axis=1)
     bad |= (kind[:, 1:] == _FABOUT).any(axis=1)
     bad |= np.isin(kind[:, 0], [int(k) for k in _NOT_DESTINATIONS])
@@ -832,7 +832,17 @@ def _suspects(code: Code, x: int, y: int, words: int, program: Program, wafer: W
     last_k = (loops[:, None] - 1) * loop_stride
     low = offset + np.minimum(0, last_e) + np.minimum(0, last_k)
     high = offset + np.maximum(0, last_e) + np.maximum(0, last_k)
-    bad |= ((kind == _MEM) & ((low < 0) | (high >= words))).any(axis=1)
+    half = opnd["half"]
+    bad |= ((kind == _MEM) & ((low < 0) | (high >= np.where(half, 2 * words, words)))).any(
+        axis=1)
+    # fp16 (`_validate_half`): on memory and fabric operands only, a unit-stride vector at
+    # an even half, an op with an fp16 form, an fp16 destination with fp16 sources but MOV's
+    typed = np.isin(kind, [int(k) for k in _TYPED])
+    bad |= (half & ~np.isin(kind, [_MEM, _FABIN, _FABOUT])).any(axis=1)
+    bad |= (half & (kind == _MEM) & (stride == 1) & (n[:, None] > 1)
+            & ((offset % 2 != 0) | (loop_stride % 2 != 0))).any(axis=1)
+    bad |= half.any(axis=1) & ~np.isin(op, [int(o) for o in HALF_OPS])
+    bad |= half[:, 0] & (op != Op.MOV) & (typed[:, 1:] & ~half[:, 1:]).any(axis=1)
     reg = opnd["reg"]
     bad |= ((kind == _REG) & ((reg < 0) | (reg >= wafer.registers))).any(axis=1)
     # fabric operands: a color of the wafer whose route has RAMP on the right side, and no
