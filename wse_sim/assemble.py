@@ -28,6 +28,7 @@ from wse_sim.program import (
     ARITHMETIC_OPS,
     SOURCES_OF,
     Code,
+    Instr,
     Kind,
     Op,
     PEProgram,
@@ -197,17 +198,33 @@ class Assembler:
         ins["wr"] = kind[:, 0] == Kind.MEM
         ins["flops"] = _FLOPS[op]
         ins["bulk"] = vector & ~((kind == Kind.FABIN) | (kind == Kind.FABOUT)).any(axis=1)
-        fp16 = np.nonzero(vector & code.opnd["half"].any(axis=1))[0].tolist()
-        if fp16:  # elements per step, words per element and per pair (`simd_width`)
+        fp16 = np.nonzero(vector & code.opnd["half"].any(axis=1))[0]
+        if len(fp16):
+            # Elements per step and words per element and per pair (`simd_width`) depend on
+            # the op and each operand's kind, half flag and stride (0, 1 or other): found
+            # for one instruction of each such shape.
+            shape = np.concatenate([op[fp16, None], kind[fp16], code.opnd["half"][fp16],
+                                    np.where(stride[fp16] == 1, 1, 2 * (stride[fp16] != 0))],
+                                   axis=1)
+            _, first, at = np.unique(shape, axis=0, return_index=True, return_inverse=True)
             instrs = [instr for task in instructions(prog.tasks, kept) for instr in task]
-            for j in fp16:
-                simd = ins["simd"][j] = simd_width(instrs[j], self.wafer)
-                if simd:
-                    ins["nrd"][j], ins["nrdh"][j] = half_words(instrs[j])
-                    dst = instrs[j].dst
-                    ins["wrh"][j] = ins["wr"][j] and dst.half and dst.stride == 1
-                    ins["wr"][j] -= ins["wrh"][j]
+            steps = np.array([self._fp16_step(instrs[j]) for j in fp16[first].tolist()],
+                             np.int64).reshape(-1, 4)[at.ravel()]
+            simd = steps[:, 0]
+            ins["simd"][fp16] = simd
+            for k, name in enumerate(("nrd", "nrdh", "wrh"), 1):
+                ins[name][fp16] = np.where(simd > 0, steps[:, k], ins[name][fp16])
+            ins["wr"][fp16] -= ins["wrh"][fp16]
         return ins
+
+    def _fp16_step(self, instr: Instr) -> tuple[int, int, int, int]:
+        """An fp16 instruction's elements per step (0: it runs as fp32), strided sources
+        costing a word per element and per pair, and 1 if its destination is a unit-stride
+        half vector (a word per pair)."""
+        per_elem, per_pair = half_words(instr)
+        dst = instr.dst
+        return (simd_width(instr, self.wafer), per_elem, per_pair,
+                int(dst.kind == Kind.MEM and dst.half and dst.stride == 1))
 
     def _operands(self, s: int, key: tuple[int, int], code: Code) -> np.ndarray:
         """OPERAND records of slot s (PE `key`) for the operands in `code`."""
