@@ -373,10 +373,10 @@ def _edge(spec: FabricSpec, ports: PortTable, fifo: np.ndarray, router: np.ndarr
     port["mark_hi"] = port["mark"] + ports.nmarks
     data = np.zeros(int(words.sum()), np.float32)
     # the inbound words, port after port (outbound ports' slots stay zero until received)
-    at = np.concatenate([np.arange(p, p + n) for p, n in zip(port["data"][inbound],
-                                                             words[inbound], strict=True)]
-                        or [np.zeros(0, np.int64)]).astype(np.int64)
-    data[at] = ports.data
+    sent = 0
+    for at, n in zip(port["data"][inbound].tolist(), words[inbound].tolist(), strict=True):
+        data[at:at + n] = ports.data[sent:sent + n]
+        sent += n
     order = np.concatenate([np.nonzero(inbound & (words > 0))[0], np.nonzero(~inbound)[0]])
     edge = EDGE.new(1)
     cap = max(spec.edge_rate, 1.0)
