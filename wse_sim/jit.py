@@ -171,8 +171,8 @@ def cores() -> int:
 
 # A cycle's routers and PEs are shared among more threads only when each thread gets this
 # many to run (a router or PE visit costs 50 to 200 ns; the two barriers of a cycle about a
-# microsecond). gpt_small's step, about 230 visits a cycle, simulates in 13 s on two threads
-# with 32 and in 20 s with 256, which kept it on one.
+# microsecond). gpt_small's step, about 230 visits a cycle, simulated in 13 s on two
+# threads with 32 and in 20 s with 256, which kept it on one (measured when this was set).
 VISITS_PER_WORKER = 32
 
 
