@@ -60,7 +60,6 @@ from wse_sim.state import (
 )
 
 MAX_THREADS = 63  # SLOT.running
-_VECTOR_OP_LIST = [int(op) for op in SOURCES_OF]
 _FLOPS = np.zeros(max(Op) + 1, np.int64)  # per element, by Op
 for _op in ARITHMETIC_OPS:
     _FLOPS[_op] = 2 if _op == Op.FMA else 1
@@ -139,7 +138,9 @@ class Assembler:
             np.concatenate([p.data for p in edge if p.inbound] or [np.zeros(0, np.float32)]
                            ).astype(np.float32),
             np.array([m for p in edge for m in p.marks], np.int64))
-        fifo = self._fabric()[0].info
+        # Where each route's RAMP FIFO and receive queue are: the fabric's FIFO layout, built
+        # without the edge ports (their FIFOs come after these; their words need no copy).
+        fifo = build_fabric(self.spec, self.table, self.slot_pe, 1, self.switches)[0].info
         self.ramp_fifo = np.full(len(rkeys), -1, np.int64)
         self.recv_fifo = np.full(len(rkeys), -1, np.int64)
         for port, out in ((Port.RAMP, self.ramp_fifo), (RECV, self.recv_fifo)):
@@ -186,7 +187,7 @@ class Assembler:
         `code`."""
         op, kind, stride = code.ins["op"], code.opnd["kind"], code.opnd["stride"]
         memory = kind[:, 1:] == Kind.MEM  # memory sources
-        vector = np.isin(op, _VECTOR_OP_LIST)
+        vector = np.isin(op, list(SOURCES_OF))
         ins = np.zeros(len(op), INSTR.dtype)
         for name in ("op", "n", "count", "body"):
             ins[name] = code.ins[name]
