@@ -1208,6 +1208,7 @@ def _publish(cs, s, t, work):
     s.pub_inflight = s.inflight
     s.pub_active = s.p_nnext + s.timers
     s.pub_routers = s.r_nnext
+    s.pub_out_pushed = s.out_pushed
     s.pub_nsleep = s.nsleep
     s.pub_full = s.nfull
     s.pub_work = work
@@ -1248,8 +1249,9 @@ def run_worker(fb, cs, wk, t, t_end, workers, w):
             inflight += o.pub_inflight
             active += o.pub_active
             # (a push into another stripe lists its router only at the start of the next
-            # cycle: `wse_sim.router.list_pushed`)
-            routers += o.pub_routers + o.pub_xpush
+            # cycle: `wse_sim.router.list_pushed`; a word put into an outbound port's FIFO
+            # is taken by the port phase, which publishes it only once it has seen it)
+            routers += o.pub_routers + o.pub_xpush + o.pub_out_pushed
             nsleep += o.pub_nsleep
             full += o.pub_full
             work += o.pub_work

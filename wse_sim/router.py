@@ -621,6 +621,7 @@ def _output(fb, s, rt, o, d, data, t):
                 rt.sunk += 1
                 return
             _push(fb, d, data, t + p.hop, p.shift)  # it crossed the link off the wafer
+            s.out_pushed += 1
         elif d >= 0:
             r = fb.info[U(d)].router
             if fb.fifo[U(d)].pushed == fb.fifo[U(d)].popped:
@@ -812,6 +813,7 @@ def route_phase(fb, stripes, w, t):
     s.r_nnext = 0
     s.visits += s.r_ncur
     s.xpops = 0
+    s.out_pushed = 0
     if 8 * s.r_ncur > s.r_hi - s.r_lo:
         # Dense: walk the routers in index order (memory order) instead of listing order.
         n = s.r_lo

@@ -345,6 +345,7 @@ STRIPE = Table(
     ("timers", i8),  # entries in its timer heap
     ("nwoken", i8), ("nxpush", i8),
     ("xpops", i8),  # pops this cycle of its FIFOs fed from another stripe
+    ("out_pushed", i8),  # words its routers put into outbound edge ports' FIFOs this cycle
     ("visits", i8),  # routers and PEs it ran, ever (how much work a cycle holds)
     # running totals, its own
     ("inflight", i8),  # wavelets put into FIFOs minus taken out, by this stripe
@@ -364,6 +365,7 @@ STRIPE = Table(
     ("pub_work", i8), ("pub_bulk_end", i8), ("pub_next_free", i8),
     ("pub_measured", i8), ("pub_measured_in", i8), ("pub_behind", i8),
     ("pub_xpush", i8),  # pushes it made into other stripes last cycle
+    ("pub_out_pushed", i8),  # out_pushed of last cycle
     ("pub_fault", i8),
     init={"bulk_end": -1, "pub_bulk_end": -1, "pub_next_free": NEVER, "last_progress": -1,
           "fault": -1, "pub_fault": -1},
