@@ -140,7 +140,7 @@ class Assembler:
             np.array([m for p in edge for m in p.marks], np.int64))
         # Where each route's RAMP FIFO and receive queue are: the fabric's FIFO layout, built
         # without the edge ports (their FIFOs come after these; their words need no copy).
-        fifo = build_fabric(self.spec, self.table, self.slot_pe, 1, self.switches)[0].info
+        fifo = build_fabric(self.spec, self.table, self.slot_pe, 1, self.switches)[0].fifo
         self.ramp_fifo = np.full(len(rkeys), -1, np.int64)
         self.recv_fifo = np.full(len(rkeys), -1, np.int64)
         for port, out in ((Port.RAMP, self.ramp_fifo), (RECV, self.recv_fifo)):

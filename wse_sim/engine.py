@@ -1465,7 +1465,7 @@ def _run(program: Program, asm: Assembled, max_cycles: int | None,
     _settle(cs, t)
     # The fabric is empty: every wavelet sent (and every multicast copy) reached a PE.
     stats = Stats.from_state(program.width, program.height, t, fb, wk, cs)
-    consumed = int(fb.fifo["popped"][fb.info["port"] == RECV].sum())
+    consumed = int(fb.fifo["popped"][fb.fifo["port"] == RECV].sum())
     sunk = int(stats.control_sunk.sum())  # control wavelets end at routers, not PEs
     edge_in, edge_out = int(stats.edge_in.sum()), int(stats.edge_out.sum())
     if not (stats.injected + edge_in - sunk == stats.delivered + edge_out
@@ -1528,7 +1528,7 @@ def _deadlock_message(asm: Assembled, t: int, status: int, limit: int = 8) -> st
     count = fb.fifo["pushed"] - fb.fifo["popped"]
 
     def color_of(b: int) -> int:
-        return int(fb.route["color"][fb.info["route"][b]])
+        return int(fb.route["color"][fb.fifo["route"][b]])
 
     def where(router: int) -> str:
         pe = int(fb.router_pe[router])
@@ -1550,9 +1550,9 @@ def _deadlock_message(asm: Assembled, t: int, status: int, limit: int = 8) -> st
                        f"waits: {what}")
     full, stranded, held = [], [], []
     for b in np.nonzero(count > 0)[0]:
-        router, port = int(fb.info["router"][b]), int(fb.info["port"][b])
-        if fb.info["gate"][b] == GATE_OFF:
-            sw = fb.switch[fb.route_sw[fb.info["route"][b]]]
+        router, port = int(fb.fifo["router"][b]), int(fb.fifo["port"][b])
+        if fb.fifo["gate"][b] == GATE_OFF:
+            sw = fb.switch[fb.route_sw[fb.fifo["route"][b]]]
             held.append(f"PE {where(router)} {Port(port).name} color {color_of(b)}: "
                         f"{int(count[b])} wavelets, switch position {int(sw['pos'])} does not "
                         f"accept {Port(port).name}")
@@ -1596,11 +1596,11 @@ def _fault_message(program: Program, asm: Assembled, t: int) -> str:
     faults = asm.workers.stripe["fault"]
     b = int(faults[faults >= 0].min())
     width = int(fb.params["width"][0])
-    pe = int(fb.router_pe[fb.info["router"][b]])
+    pe = int(fb.router_pe[fb.fifo["router"][b]])
     x, y = pe % width, pe // width
-    ri = int(fb.info["route"][b])
+    ri = int(fb.fifo["route"][b])
     color = int(fb.route["color"][ri])
-    port = Port(int(fb.info["port"][b])).name
+    port = Port(int(fb.fifo["port"][b])).name
     pos = int(fb.switch["pos"][fb.route_sw[ri]])
     route = program.routes[(x, y, color)]
     positions = ", ".join(f"{k}: rx {_ports(rx)} tx {_ports(tx)}"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from wse_sim.errors import UserError
 from wse_sim.program import BYTES_PER_WORD, Program
-from wse_sim.state import FIFO, FIFO_INFO, ROUTE, ROUTER, SOURCE, WAVELET
+from wse_sim.state import FIFO, ROUTE, ROUTER, SOURCE, WAVELET
 
 MEMINFO = "/proc/meminfo"
 # Per PE of a fabric, whatever runs on it: the 18 int64 counters of wse_sim.stats.Stats.
@@ -32,7 +32,7 @@ STATS_BYTES_PER_PE = 18 * 8
 # FIFO and a FIFO_INFO record and its wavelet slots (`depth` rounded up to a power of two);
 # per node a ROUTE, a ROUTER and a SOURCE record and four 8-byte words (its PE index, its
 # occupied-FIFO mask, its entries of the two router lists, its wake-up slot).
-_FIFO_BYTES = FIFO.dtype.itemsize + FIFO_INFO.dtype.itemsize
+_FIFO_BYTES = FIFO.dtype.itemsize
 _NODE_BYTES = ROUTE.dtype.itemsize + ROUTER.dtype.itemsize + SOURCE.dtype.itemsize + 4 * 8
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ Switch positions (program mode; `wse_sim.program` has the model's sources). A ro
 have switch positions: each an (rx, tx) pair, the route's FIFOs those of every position's
 rx ports, its outputs those of every position's tx ports. The router uses the *current*
 position only: a head whose port the position does not accept is not a candidate (its FIFO
-is gated, `FifoInfo.gate`), outputs are the position's tx.
+is gated, `Fifo.gate`), outputs are the position's tx.
 
 * A control wavelet (data CONTROL, put on the ramp by a PE's SWITCH_ADV) is routed exactly
   like a data wavelet under the current position: the same arbitration, output ports, room
@@ -64,7 +64,7 @@ run in); wavelets that arrive later at a port no position will accept again are 
 and reported when the fabric stops (DeadlockError, "held by a switch position").
 
 Edge ports (program mode; `wse_sim.engine` has the timing). An inbound port fills the input
-FIFO of its route for its off-wafer side (FifoInfo.producer EDGE_FED: no router feeds it);
+FIFO of its route for its off-wafer side (Fifo.producer EDGE_FED: no router feeds it);
 an outbound port has a FIFO of its own (port EDGE_OUT, after the receive queues) behind
 its route's output of that side. `edge_phase` serves them at the start of a cycle, on one
 worker, before the routers: it pushes and pops like a neighbouring router (ready after
@@ -111,7 +111,6 @@ from wse_sim.state import (
     EDGE_PORT,
     FABRIC_PARAMS,
     FIFO,
-    FIFO_INFO,
     GATE_HELD,
     GATE_OFF,
     NEVER,
@@ -241,7 +240,7 @@ def build_fabric(spec: FabricSpec, routes: RouteTable, program_pes: np.ndarray,
     out_routes = p_route[~p_in]
     n_recv = n_in + len(recv_routes)
     nfifo = n_recv + len(out_routes)
-    fifo = FIFO_INFO.new(nfifo)
+    fifo = FIFO.new(nfifo, align=64)
     fifo["route"] = np.concatenate([fifo_route, recv_routes, out_routes])
     fifo["router"] = route_router[fifo["route"]]
     fifo["port"] = np.concatenate([fifo_port, np.full(len(recv_routes), RECV),
@@ -279,6 +278,7 @@ def build_fabric(spec: FabricSpec, routes: RouteTable, program_pes: np.ndarray,
     router["x"], router["y"] = router_pe % width, router_pe // width
     is_program = np.isin(router_pe, program_pes)
     router["slot"][is_program] = np.arange(int(is_program.sum()))
+    fifo["bit"] = np.arange(nfifo) - router["fifo_lo"][fifo["router"]]
 
     # Stripes: bands of rows with about equal numbers of FIFOs (plus one per router).
     weight = np.bincount(router["y"], minlength=spec.height).astype(np.float64)
@@ -337,8 +337,7 @@ def build_fabric(spec: FabricSpec, routes: RouteTable, program_pes: np.ndarray,
     params["switch_latency"] = spec.switch_latency
     fb = Fabric(
         params=params,
-        fifo=FIFO.new(nfifo),
-        info=fifo,
+        fifo=fifo,
         wl=WAVELET.new(nfifo << shift, align=64),  # a FIFO's slots share cache lines
         route=route,
         router=router,
@@ -434,10 +433,10 @@ def fabric_counters(fb: Fabric) -> dict[str, np.ndarray]:
     color: mesh link crossings ("color_hops"). Every push into an input FIFO is one crossing
     of the link (or ramp) that feeds it, so these are FIFO push counts."""
     width, colors = int(fb.params["width"][0]), int(fb.params["colors"][0])
-    info, nrouter = fb.info, len(fb.router)
-    port, pushed, owner = info["port"], fb.fifo["pushed"], info["router"]
+    fifo, nrouter = fb.fifo, len(fb.router)
+    port, pushed, owner = fifo["port"], fifo["pushed"], fifo["router"]
     # (an inbound edge port's words crossed no mesh link: counted by the port, EDGE_PORT)
-    mesh = (port < RAMP) & (pushed > 0) & (info["producer"] != EDGE_FED)
+    mesh = (port < RAMP) & (pushed > 0) & (fifo["producer"] != EDGE_FED)
     offset = np.array([PORT_OFFSET[Port(o)] for o in range(RAMP)], np.int64)
     opposite = np.array([OPPOSITE[Port(o)] for o in range(RAMP)], np.int64)
     here = fb.router_pe[owner[mesh]]
@@ -449,7 +448,7 @@ def fabric_counters(fb: Fabric) -> dict[str, np.ndarray]:
     def per_router(sel: np.ndarray) -> np.ndarray:
         return np.bincount(owner[sel], pushed[sel], nrouter).astype(np.int64)
 
-    color = fb.route["color"][info["route"][mesh]]
+    color = fb.route["color"][fifo["route"][mesh]]
     return {"link": link, "ramp_in": per_router(port == RECV) + fb.router["ejected"],
             "ramp_out": per_router(port == RAMP),
             "color_hops": np.bincount(color, pushed[mesh], colors).astype(np.int64)}
@@ -492,7 +491,7 @@ def head_ready(fb, b, t):
 @hot_inline
 def _mark(fb, r, b, on):
     """Set (or clear) router r's bit of its input FIFO b in `occupied`."""
-    j = b - fb.router[U(r)].fifo_lo
+    j = fb.fifo[U(b)].bit
     bit = np.uint64(1) << np.uint64(j & 63)
     if on:
         fb.occupied[U(r), U(j >> 6)] |= bit
@@ -529,7 +528,7 @@ def _pop(fb, b, shift):
 def inject(fb, s, b, data, t):
     """The PE (or a packet source) puts a wavelet into its RAMP FIFO b in cycle t; the
     caller has checked `has_room`. It may leave the router from cycle t + 1."""
-    r = fb.info[U(b)].router
+    r = fb.fifo[U(b)].router
     if fb.fifo[U(b)].pushed == fb.fifo[U(b)].popped:
         # (behind an older head it can move only after that one, whose router is listed
         # or waits for room)
@@ -557,7 +556,7 @@ def pop_recv(fb, s, b, t):
     f.last_grant = t
     s.inflight -= 1
     if f.pushed - f.popped == p.depth - 1:  # it was full: its router may wait for room
-        activate(fb, s, fb.info[U(b)].producer, t)
+        activate(fb, s, fb.fifo[U(b)].producer, t)
     return value
 
 
@@ -616,14 +615,14 @@ def _output(fb, s, rt, o, d, data, t):
     """Copy a moved wavelet to output o of router rt, destination d."""
     p = fb.params[0]
     if o < RAMP:
-        if d >= 0 and fb.info[U(d)].port == EDGE_OUT:  # to an outbound edge port
+        if d >= 0 and fb.fifo[U(d)].port == EDGE_OUT:  # to an outbound edge port
             if data == CONTROL:  # ends there, as at a RAMP output
                 rt.sunk += 1
                 return
             _push(fb, d, data, t + p.hop, p.shift)  # it crossed the link off the wafer
             s.out_pushed += 1
         elif d >= 0:
-            r = fb.info[U(d)].router
+            r = fb.fifo[U(d)].router
             if fb.fifo[U(d)].pushed == fb.fifo[U(d)].popped:
                 _mark(fb, r, d, True)
                 activate(fb, s, r, t)  # (behind an older head: as `inject`)
@@ -658,14 +657,13 @@ def _move(fb, s, rt_index, b, route, out, t):
         _mark(fb, rt_index, b, False)
     f.last_grant = t
     s.inflight -= 1
-    info = fb.info[U(b)]
-    if info.producer >= 0:
+    if f.producer >= 0:
         if f.pushed - f.popped == fb.params[0].depth - 1:
-            activate(fb, s, info.producer, t)  # it was full: its producer may wait for room
-    elif info.port == RAMP:
+            activate(fb, s, f.producer, t)  # it was full: its producer may wait for room
+    elif f.port == RAMP:
         if rt.slot >= 0:
             _woken(fb, s, rt.slot, WOKEN_POP)  # the PE may be asleep on a full RAMP FIFO
-    elif info.producer != EDGE_FED:  # (an edge port looks at its FIFO every cycle)
+    elif f.producer != EDGE_FED:  # (an edge port looks at its FIFO every cycle)
         s.xpops += 1  # fed from another stripe: `exchange` lists its producer
     if out >= 0:
         _output(fb, s, rt, out, route.dest[out], data, t)
@@ -676,7 +674,7 @@ def _move(fb, s, rt_index, b, route, out, t):
                 _output(fb, s, rt, o, route.dest[o], data, t)
                 s.copies += 1
     if data == CONTROL:
-        _switch(fb, s, info.route, t)
+        _switch(fb, s, f.route, t)
 
 
 @hot
@@ -705,13 +703,12 @@ def _switch(fb, s, ri, t):
     p = fb.params[0]
     sw.hold = t + 1 + p.switch_latency
     for b in range(sw.f_lo, sw.f_hi):
-        info = fb.info[U(b)]
-        port = info.port
-        if (sp.rx >> port) & 1:
-            info.gate = GATE_HELD
-            continue
-        info.gate = GATE_OFF
         f = fb.fifo[U(b)]
+        port = f.port
+        if (sp.rx >> port) & 1:
+            f.gate = GATE_HELD
+            continue
+        f.gate = GATE_OFF
         # Wavelets pushed in this cycle are ready at t + hop at the earliest: only those
         # before it count, whatever order the routers of this cycle run in.
         if f.pushed > f.popped and f.head_ready < t + p.hop and not (sp.reach >> port) & 1:
@@ -762,16 +759,16 @@ def _route_one(fb, s, w, r, t):
     ramp_used = 0
     for k in range(nc):
         b = cand[k]
-        info = fb.info[U(b)]
-        gate = info.gate
+        f = fb.fifo[U(b)]
+        gate = f.gate
         if gate:  # a route with switch positions: see `_switch`
-            if gate == GATE_OFF or fb.switch[U(fb.route_sw[U(info.route)])].hold > t:
+            if gate == GATE_OFF or fb.switch[U(fb.route_sw[U(f.route)])].hold > t:
                 waiting |= gate == GATE_HELD
                 continue
-            info.gate = 0
-        route = fb.route[U(info.route)]
+            f.gate = 0
+        route = fb.route[U(f.route)]
         if packet:
-            out = _xy_port(rt.x, rt.y, fb.fifo[U(b)].head)
+            out = _xy_port(rt.x, rt.y, f.head)
         else:
             out = route.out
         if out >= 0:  # unicast
@@ -1002,6 +999,6 @@ def list_pushed(fb, stripes, w, t):
     for j in range(s.xi_lo, s.xi_hi):
         x = fb.xfifo[U(fb.xin[U(j)])]
         if x.pushed_at == t:
-            r = fb.info[U(x.fifo)].router
+            r = fb.fifo[U(x.fifo)].router
             _mark(fb, r, x.fifo, True)
             activate(fb, s, r, t)

@@ -33,10 +33,10 @@ NO_DEST = -1  # Route.dest: nothing behind this output
 SINK = -2  # Route.dest of RAMP in packet mode: the packet leaves the network
 REMOTE = -3  # Route.dest <= REMOTE: cross-stripe FIFO, XFifo index REMOTE - dest
 CONTROL = -1  # a control wavelet's data (a float32's bits and a packet's tag are >= 0)
-GATE_OFF = 1  # FifoInfo.gate: its route's switch position does not accept its port
+GATE_OFF = 1  # Fifo.gate: its route's switch position does not accept its port
 GATE_HELD = 2  # ... accepts it, from the Switch's `hold` cycle on (then gate 0)
 EDGE_OUT = RECV + 1  # Fifo.port of an outbound edge port's FIFO (a router output)
-EDGE_FED = -2  # FifoInfo.producer of a router input FIFO an inbound edge port fills
+EDGE_FED = -2  # Fifo.producer of a router input FIFO an inbound edge port fills
 
 
 class Table:
@@ -76,22 +76,23 @@ FABRIC_PARAMS = Table(
     ("switch_latency", i8),  # extra cycles a switch change holds its color (wafer field)
     ("win0", i8), ("win1", i8),  # packet mode: the measurement window [win0, win1)
 )
-FIFO = Table(  # what the cycle loop changes
+FIFO = Table(  # one input FIFO or receive queue: a 64-byte record, so a move touches one
+    # cache line of each FIFO it pops and pushes. What the cycle loop changes:
     ("pushed", i8),  # wavelets ever pushed: tail position; link/ramp counters at the end
     ("popped", i8),  # wavelets ever popped: head position
     ("head_ready", i8),  # cycle from which the head may move (be consumed); NEVER: empty
     ("head", i8),  # the head's data (see WAVELET)
     ("last_grant", i8),  # last cycle its head moved (a receive queue's: was consumed):
     # arbitration age, credit return; after the run, when the last wavelet left it
-    init={"head_ready": NEVER, "last_grant": -1},
-)
-FIFO_INFO = Table(  # what it is
+    ("gate", np.int16),  # 0: its head may move; GATE_OFF / GATE_HELD (switch positions)
+    # What it is:
+    ("port", np.int16),  # the Port it is an input of; RECV for a receive queue
     ("route", i4),  # the Route whose wavelets it holds
     ("router", i4),  # the router that owns it (for a receive queue: the PE's router)
     ("producer", i4),  # the router feeding it and listed by its pops, -1: none / other stripe
-    ("port", np.int16),  # the Port it is an input of; RECV for a receive queue
-    ("gate", np.int16),  # 0: its head may move; GATE_OFF / GATE_HELD (switch positions)
-    init={"producer": -1},
+    ("bit", i4),  # its bit in its router's `occupied` words (index from Router.fifo_lo)
+    init={"head_ready": NEVER, "last_grant": -1, "producer": -1},
+    pad_to=64,
 )
 # One slot of a FIFO. data: packet mode the tag, program mode the float32 value's bits.
 WAVELET = Table(("ready", i8), ("data", i8))
@@ -174,7 +175,6 @@ class Fabric(NamedTuple):
 
     params: np.ndarray  # FABRIC_PARAMS [1]
     fifo: np.ndarray  # FIFO [fifos]
-    info: np.ndarray  # FIFO_INFO [fifos]
     wl: np.ndarray  # WAVELET [fifos << shift], 64-byte aligned
     route: np.ndarray  # ROUTE [routes]
     router: np.ndarray  # ROUTER [routers]

@@ -86,17 +86,17 @@ class Stats:
         idle = cycles - sum(per_pe[name] for name in CYCLE_CLASSES)
         link = np.stack([grid(row, at) for row in fabric["link"]])
         ramp_in, ramp_out = grid(fabric["ramp_in"], at), grid(fabric["ramp_out"], at)
-        port, last = fb.info["port"], fb.fifo["last_grant"]
+        port, last = fb.fifo["port"], fb.fifo["last_grant"]
         ramps = ((port == Port.RAMP) | (port == RECV)) & (last >= 0)
-        pe = fb.router_pe[fb.info["router"][ramps]]
+        pe = fb.router_pe[fb.fifo["router"][ramps]]
         last_ramp = np.zeros(len(pe), LAST_RAMP)
         last_ramp["x"], last_ramp["y"] = pe % width, pe // width
-        last_ramp["color"] = fb.route["color"][fb.info["route"][ramps]]
+        last_ramp["color"] = fb.route["color"][fb.fifo["route"][ramps]]
         last_ramp["sent"] = port[ramps] == Port.RAMP
         last_ramp["cycle"] = last[ramps]
         sw = fb.switch[fb.switch["f_hi"] > fb.switch["f_lo"]]  # (others never switch)
         switches = np.zeros(len(fb.router), np.int64)
-        np.add.at(switches, fb.info["router"][sw["f_lo"]], sw["switches"])
+        np.add.at(switches, fb.fifo["router"][sw["f_lo"]], sw["switches"])
         ports = fb.port  # words each edge port moved, at its PE
         edge = {name: grid(np.bincount(ports["router"][sel], ports["done"][sel], len(at)
                                        ).astype(np.int64), at)

@@ -354,7 +354,7 @@ def _build(spec: FabricSpec, pattern: str, rate: float, seed: int, hotspot_fract
                         ("hotspot", hotspot_fraction)):
         params[name] = value
     node = SOURCE.new(nodes)
-    node["ramp"] = np.nonzero(fb.info["port"] == RAMP)[0]
+    node["ramp"] = np.nonzero(fb.fifo["port"] == RAMP)[0]
     node["rng"] = np.uint64(seed)
     src = Sources(params=params, node=node)
     _first_arrivals(src, _silent_nodes(pattern, x, y, width))
