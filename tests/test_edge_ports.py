@@ -34,7 +34,6 @@ from wse_sim.program import (
     Mem,
     Op,
     Program,
-    Reg,
     Route,
     Task,
     Trigger,
@@ -203,32 +202,6 @@ def test_a_narrow_outbound_budget_back_pressures_the_sender(k):
     assert r.stats.last_cycle[0, 1] == last_send
     assert r.stats.send[0, 1] == n
     assert r.stats.wait_output[0, 1] == last_send + 1 - n > 0
-
-
-def test_a_word_for_an_outbound_port_is_taken_while_every_pe_runs_in_bulk():
-    """PE (0, 0) sends one word east over (1, 0) to the outbound port at (2, 0)'s east side
-    while PE (1, 0) runs a long register MOV in bulk. The router at (2, 0) puts the word
-    (sent at cycle 0, three hops) into the port's FIFO at 3, when nothing is listed to run
-    and the port phase has not seen it yet: the port still takes it at 3 + L (the cycle
-    loop may not skip ahead to the MOV's end), and it reaches the memory service Lat later,
-    with bulk runs as without."""
-    lat, long, color, value = 10, 300, 2, 7.5
-    p = Program(3, 1)
-    sender = p.pe(0, 0, 1)
-    sender.load(0, np.array([value], np.float32))
-    sender.tasks.append(Task(0, Trigger.RESET, [vec(Op.MOV, 1, FabOut(color), Mem(0))]))
-    p.add_route(0, 0, color, port_mask(RAMP), port_mask(E))
-    p.add_route(1, 0, color, port_mask(W), port_mask(E))
-    p.add_route(2, 0, color, port_mask(W), port_mask(E))
-    p.ports.append(EdgePort("g", 2, 0, E, color, False, NONE, 1))
-    # (an instruction after the long one: the PE resumes, so the loop keeps it on a timer)
-    p.pe(1, 0, 0).tasks.append(Task(0, Trigger.RESET, [vec(Op.MOV, long, Reg(0), Reg(0)),
-                                                      vec(Op.MOV, 1, Reg(0), Reg(0))]))
-    r = simulate(p, wafer(44, lat))
-    assert r.port_last_cycle == {"g": 3 + 1 + lat}
-    np.testing.assert_array_equal(r.port_words["g"], [value])
-    assert r.cycles == long + 1
-    assert_same_run(r, simulate(p, wafer(44, lat), bulk_runs=False))
 
 
 def test_outbound_word_count_is_checked():

@@ -17,14 +17,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fuzz_programs import Case, cases, is_cycle_limit, run_case
 from hypothesis import HealthCheck, event, given, settings
+from programs import assert_same_run
 
 from wse_sim.engine import simulate
 from wse_sim.errors import DeadlockError, ProgramError, UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
+    EdgePort,
     FabIn,
     FabOut,
     Mem,
@@ -148,6 +151,32 @@ def test_a_wavelet_crossing_a_link_is_progress():
     p.add_route(2, 0, 0, port_mask(Port.W), port_mask(Port.RAMP))
     wafer = _wafer(3, hop_latency=3, queue_depth=2, deadlock_cycles=1)
     assert simulate(p, wafer).cycles == 9  # consumed at cycle 0 + 2 * 3 + 2
+
+
+def test_a_word_for_an_outbound_port_is_taken_while_every_pe_runs_in_bulk():
+    # PE (0, 0) sends one word over 3 hops to the outbound port at (2, 0)'s east side while
+    # PE (1, 0) runs a long MOV in bulk (with an instruction after it, so it stays on the
+    # loop's timer). The router at (2, 0) puts the word into the port's FIFO at cycle 3,
+    # when nothing is listed to run and the port phase has not seen it yet: the loop used
+    # to skip to the MOV's end, and the port took the word at 300, not at 4 (found as an
+    # edge-count error one by one and a max-cycles stop in bulk).
+    lat, value = 10, 7.5
+    p = Program(3, 1)
+    sender = p.pe(0, 0, 1)
+    sender.load(0, np.array([value], np.float32))
+    sender.tasks.append(Task(0, Trigger.RESET, [vec(Op.MOV, 1, FabOut(0), Mem(0))]))
+    p.add_route(0, 0, 0, port_mask(Port.RAMP), port_mask(Port.E))
+    p.add_route(1, 0, 0, port_mask(Port.W), port_mask(Port.E))
+    p.add_route(2, 0, 0, port_mask(Port.W), port_mask(Port.E))
+    p.ports.append(EdgePort("g", 2, 0, Port.E, 0, False, np.zeros(0, np.float32), 1))
+    p.pe(1, 0, 0).tasks.append(Task(0, Trigger.RESET, [vec(Op.MOV, 300, Reg(0), Reg(0)),
+                                                      vec(Op.MOV, 1, Reg(0), Reg(0))]))
+    wafer = _wafer(3, edge_latency_cycles=lat)
+    bulk = simulate(p, wafer)
+    assert bulk.port_last_cycle == {"g": 4 + lat}  # taken at 3 + hop_latency
+    np.testing.assert_array_equal(bulk.port_words["g"], [value])
+    assert bulk.cycles == 301
+    assert_same_run(bulk, simulate(p, wafer, bulk_runs=False))
 
 
 def test_the_campaign_runs_batches_in_child_processes(tmp_path):
