@@ -88,6 +88,9 @@ from wse_sim.program import (
 # Engine bugs found by this fuzzer (see the module docstring and tests/test_fuzz.py): none
 # open; the reproducers of those fixed are regular tests there.
 KNOWN_BUGS: frozenset[str] = frozenset()
+# Stripes of rows of a case's first run (its twin runs on one): the cross-stripe pushes
+# and pops (`wse_sim.router.exchange`) must change nothing.
+STRIPES = 3
 
 MAX_SIDE = 4
 MAX_TASKS_PER_PE = 6
@@ -457,14 +460,15 @@ def run_case(case: Case, twin: bool = False) -> str:
     """Run `case`; return how it ended: "done", "deadlock" or "max_cycles". Asserts the
     invariants of each ending; any exception that is not a deadlock or the max-cycles stop
     propagates.
-    `twin`: also run it without bulk execution (`simulate(bulk_runs=False)`), which must end
-    the same way (the same deadlock or stop line, or a finished run with the same cycles,
-    counters, memories and registers)."""
+    `twin`: also run it without bulk execution (`simulate(bulk_runs=False)`) and on one
+    stripe of rows where the first run has up to three (`STRIPES`), which must end the same
+    way (the same deadlock or stop line, or a finished run with the same cycles, counters,
+    memories and registers)."""
     validate(case.program, case.wafer)  # a ProgramError here is a bug of the generator
-    ending, result, line = _simulate(case)
+    ending, result, line = _simulate(case, threads=STRIPES)
     if not twin:
         return ending
-    ending2, result2, line2 = _simulate(case, bulk_runs=False)
+    ending2, result2, line2 = _simulate(case, bulk_runs=False, threads=1)
     assert (ending2, line2) == (ending, line), (f"with bulk runs {line or ending}, without "
                                                 f"{line2 or ending2}")
     if result is not None and result2 is not None:
@@ -477,8 +481,10 @@ def run_case(case: Case, twin: bool = False) -> str:
     return ending
 
 
-def _simulate(case: Case, bulk_runs: bool = True) -> tuple[str, SimResult | None, str]:
-    """How `case` ended, its result if finished, and its deadlock or stop line."""
+def _simulate(case: Case, bulk_runs: bool = True, threads: int = 1
+              ) -> tuple[str, SimResult | None, str]:
+    """How `case` ended, its result if finished, and its deadlock or stop line; `threads`:
+    the stripes of rows (a case this small runs them all on one worker)."""
     first_chunk: list[float] = []  # when the first chunk ended: numba has compiled by then
 
     def watchdog(cycle: int) -> None:  # called between chunks of cycles
@@ -489,7 +495,7 @@ def _simulate(case: Case, bulk_runs: bool = True) -> tuple[str, SimResult | None
 
     try:
         result = simulate(case.program, case.wafer, max_cycles=case.max_cycles,
-                          progress=watchdog, bulk_runs=bulk_runs)
+                          progress=watchdog, bulk_runs=bulk_runs, threads=threads)
     except SwitchOrderError as err:
         message = str(err)
         assert "\n" not in message and SWITCH_LINE.match(message), message
