@@ -127,7 +127,8 @@ The run does not end while an inbound port has words left or an outbound port's 
 one (they are wavelets in flight). For the deadlock rule a port that moved a word, or waited
 only for its credit or for the latency of its first words, made progress; a deadlock
 message names the ports with words left ("edge ports"). Whole cycles are skipped only up
-to the first cycle the ports may act. Counters: `edge_in` / `edge_out` per PE, the words
+to the first cycle the ports may act, and never right after a router put a word into an
+outbound port's FIFO (the port phase has not seen it yet). Counters: `edge_in` / `edge_out` per PE, the words
 its ports moved (they cross no mesh link: not in `link`); the check at the end is sent +
 edge in = delivered + consumed by routers + edge out.
 
