@@ -128,9 +128,9 @@ one (they are wavelets in flight). For the deadlock rule a port that moved a wor
 only for its credit or for the latency of its first words, made progress; a deadlock
 message names the ports with words left ("edge ports"). Whole cycles are skipped only up
 to the first cycle the ports may act, and never right after a router put a word into an
-outbound port's FIFO (the port phase has not seen it yet). Counters: `edge_in` / `edge_out` per PE, the words
-its ports moved (they cross no mesh link: not in `link`); the check at the end is sent +
-edge in = delivered + consumed by routers + edge out.
+outbound port's FIFO (the port phase has not seen it yet). Counters: `edge_in` /
+`edge_out` per PE, the words its ports moved (they cross no mesh link: not in `link`); the
+check at the end is sent + edge in = delivered + consumed by routers + edge out.
 
 Workers (speed, not semantics). With `threads` > 1 the fabric's rows are split into
 stripes, one per host thread, which run each cycle's router phase, then (after all have
