@@ -135,8 +135,7 @@ class Assembler:
                 [int(p.side) for p in edge], [int(p.inbound) for p in edge],
                 [len(p.data) if p.inbound else p.expected for p in edge],
                 [len(p.marks) for p in edge])),
-            np.concatenate([p.data for p in edge if p.inbound] or [np.zeros(0, np.float32)]
-                           ).astype(np.float32),
+            tuple(np.asarray(p.data, np.float32) for p in edge if p.inbound),
             np.array([m for p in edge for m in p.marks], np.int64))
         # Where each route's RAMP FIFO and receive queue are: the fabric's FIFO layout, built
         # without the edge ports (their FIFOs come after these; their words need no copy).

@@ -185,19 +185,19 @@ NO_SWITCHES = SwitchTable(*(np.zeros(0, np.int64) for _ in range(6)))
 class PortTable(NamedTuple):
     """The edge ports, in program order: RouteTable index of their (PE, color) route, side
     (Port), inbound flag, words (inbound: to send; outbound: expected), marks per port, the
-    inbound ports' words end to end (float32) and the marks end to end (word indices)."""
+    inbound ports' words (float32, an array a port: the program's own, not a copy) and the
+    marks end to end (word indices)."""
 
     route: np.ndarray
     side: np.ndarray
     inbound: np.ndarray
     words: np.ndarray
     nmarks: np.ndarray
-    data: np.ndarray
+    data: tuple[np.ndarray, ...]
     marks: np.ndarray
 
 
-NO_PORTS = PortTable(*(np.zeros(0, np.int64) for _ in range(5)), np.zeros(0, np.float32),
-                     np.zeros(0, np.int64))
+NO_PORTS = PortTable(*(np.zeros(0, np.int64) for _ in range(5)), (), np.zeros(0, np.int64))
 
 
 def _unicast_port(tx: np.ndarray) -> np.ndarray:
@@ -372,10 +372,8 @@ def _edge(spec: FabricSpec, ports: PortTable, fifo: np.ndarray, router: np.ndarr
     port["mark_hi"] = port["mark"] + ports.nmarks
     data = np.zeros(int(words.sum()), np.float32)
     # the inbound words, port after port (outbound ports' slots stay zero until received)
-    sent = 0
-    for at, n in zip(port["data"][inbound].tolist(), words[inbound].tolist(), strict=True):
-        data[at:at + n] = ports.data[sent:sent + n]
-        sent += n
+    for at, words_in in zip(port["data"][inbound].tolist(), ports.data, strict=True):
+        data[at:at + len(words_in)] = words_in
     order = np.concatenate([np.nonzero(inbound & (words > 0))[0], np.nonzero(~inbound)[0]])
     edge = EDGE.new(1)
     cap = max(spec.edge_rate, 1.0)
