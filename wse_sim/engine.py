@@ -307,12 +307,12 @@ def _control(cs, sidx, thr, i):
         th.rfirst = i + 1
         th.rlast = i + ins.body
     elif op == ACTIVATE:
-        cs.task[U(ins.task)].act = 1
+        cs.task[U(cs.slot[U(sidx)].tk_lo + ins.task)].act = 1
         cs.slot[U(sidx)].wake = 1
     elif op == BLOCK:
-        cs.task[U(ins.task)].blk = 1
+        cs.task[U(cs.slot[U(sidx)].tk_lo + ins.task)].blk = 1
     elif op == UNBLOCK:
-        cs.task[U(ins.task)].blk = 0
+        cs.task[U(cs.slot[U(sidx)].tk_lo + ins.task)].blk = 0
         cs.slot[U(sidx)].wake = 1
     else:  # HALT
         cs.slot[U(sidx)].halted = 1

@@ -259,7 +259,7 @@ TASK = Table(
 INSTR = Table(
     ("op", i4), ("n", i4),  # Op, elements
     ("count", i4), ("body", i4),  # REPEAT
-    ("task", i4),  # ACTIVATE / BLOCK / UNBLOCK: global task index
+    ("task", i4),  # ACTIVATE / BLOCK / UNBLOCK: its PE's task index (from Slot.tk_lo)
     ("nrd", i4),  # SRAM words read per element (strided memory sources) ...
     ("nrd0", i4),  # ... plus at element 0 (stride-0 memory sources)
     ("wr", i4),  # SRAM words written per element
