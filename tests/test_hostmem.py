@@ -6,6 +6,7 @@ from __future__ import annotations
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -13,10 +14,24 @@ from compiler.config import load_config, parse_config
 from compiler.footprint import graph_footprint, step_footprint
 from compiler.gpt import build_graph
 from wse_sim import hostmem
+from wse_sim.engine import simulate
 from wse_sim.errors import UserError
+from wse_sim.hardware import WaferConfig
 from wse_sim.hostmem import available_bytes, mesh_bytes, program_bytes, require
 from wse_sim.pipeline import compile_config, run_step, simulate_program
-from wse_sim.program import save_program
+from wse_sim.program import (
+    EdgePort,
+    FabIn,
+    Mem,
+    Op,
+    Port,
+    Program,
+    Task,
+    Trigger,
+    port_mask,
+    save_program,
+    vec,
+)
 from wse_sim.traffic import LATENCY_BINS, RouterTiming, run_traffic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +72,24 @@ def test_the_step_estimates_are_lower_bounds(tmp_path):
     assert step_footprint(cfg, reference=True).need <= _peak(lambda: run_step(str(path)))
     program = compile_config(str(path)).linked.program
     assert program_bytes(program).need <= _peak(lambda: simulate_program(program, cfg.wafer))
+
+
+def test_the_program_estimate_counts_code_and_the_memory_services_words():
+    """An inbound port's words are copied into the fabric and a long program's code is read
+    twice over: the estimate counts both, and stays below what simulating allocates."""
+    n, color = 50_000, 3
+    p = Program(2, 1)
+    p.ports.append(EdgePort("w", 0, 0, Port.W, color, True, np.ones(n, np.float32)))
+    p.add_route(0, 0, color, port_mask(Port.W), port_mask(Port.E))
+    p.add_route(1, 0, color, port_mask(Port.W), port_mask(Port.RAMP))
+    pe = p.pe(1, 0, 1)
+    pe.tasks.append(Task(0, Trigger.RESET, [vec(Op.MOV, 1, Mem(0), FabIn(color))] * n))
+    footprint = program_bytes(p)
+    assert footprint.need > 4 * n + 480 * n  # the port's words and the instructions' code
+    assert footprint.blame() == ("instructions", f"{n:,} instructions over 1 PEs")
+    wafer = WaferConfig(width=2, height=1)
+    simulate(p, wafer)  # compiled before measuring
+    assert footprint.need <= _peak(lambda: simulate(p, wafer))
 
 
 def test_the_mesh_estimate_counts_the_router_state():

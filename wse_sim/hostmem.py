@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from wse_sim.errors import UserError
-from wse_sim.program import BYTES_PER_WORD, Program
-from wse_sim.state import FIFO, ROUTE, ROUTER, SOURCE, WAVELET
+from wse_sim.program import BYTES_PER_WORD, CODE_INSTR, CODE_OPERAND, Program
+from wse_sim.state import FIFO, INSTR, OPERAND, OPERANDS, ROUTE, ROUTER, SOURCE, WAVELET
 
 MEMINFO = "/proc/meminfo"
 # Per PE of a fabric, whatever runs on it: the 18 int64 counters of wse_sim.stats.Stats.
@@ -34,6 +34,10 @@ STATS_BYTES_PER_PE = 18 * 8
 # occupied-FIFO mask, its entries of the two router lists, its wake-up slot).
 _FIFO_BYTES = FIFO.dtype.itemsize
 _NODE_BYTES = ROUTE.dtype.itemsize + ROUTER.dtype.itemsize + SOURCE.dtype.itemsize + 4 * 8
+# An instruction of a program: its row of `read_code`'s arrays and the engine's INSTR and
+# OPERAND records (both are held while the assembler reads the one into the other).
+_CODE_BYTES = (CODE_INSTR.itemsize + OPERANDS * CODE_OPERAND.itemsize + INSTR.dtype.itemsize
+               + OPERANDS * OPERAND.dtype.itemsize)
 
 @dataclass(frozen=True)
 class Footprint:
@@ -85,17 +89,30 @@ def human_bytes(count: int) -> str:
 
 def program_bytes(program: Program) -> Footprint:
     """What simulating `program` allocates: the SRAM pool (BYTES_PER_WORD per word each PE
-    allocates) and the counters of every PE of its fabric (`STATS_BYTES_PER_PE`). The
-    engine's per-thread and per-route state is not counted."""
+    allocates), the counters of every PE of its fabric (`STATS_BYTES_PER_PE`), its code
+    (`_CODE_BYTES` an instruction: read as arrays by validation while the assembler turns
+    it into engine records) and the memory service's words (every inbound word is copied
+    into the fabric, every outbound word expected has a slot there). The engine's
+    per-thread and per-route state is not counted."""
     words = sum(pe.sram_words for pe in program.pes.values())
-    pes = program.width * program.height
+    instructions = sum(len(task.instrs) for pe in program.pes.values() for task in pe.tasks)
+    edge = sum(len(p.data) if p.inbound else p.expected for p in program.ports)
+    pes = len(program.pes)
+    parts = {  # bytes, and what they are
+        "sram_words": (BYTES_PER_WORD * words, f"{words:,} SRAM words over {pes:,} PEs"),
+        "fabric": (STATS_BYTES_PER_PE * program.width * program.height,
+                   f"{program.width:,} x {program.height:,} PEs"),
+        "instructions": (_CODE_BYTES * instructions,
+                         f"{instructions:,} instructions over {pes:,} PEs"),
+        "ports": (BYTES_PER_WORD * edge,
+                  f"{edge:,} words through {len(program.ports):,} edge ports"),
+    }
 
     def blame() -> tuple[str, str]:
-        if BYTES_PER_WORD * words >= STATS_BYTES_PER_PE * pes:
-            return "sram_words", f"{words:,} SRAM words over {len(program.pes):,} PEs"
-        return "fabric", f"{program.width:,} x {program.height:,} PEs"
+        part = max(parts, key=lambda name: parts[name][0])
+        return part, parts[part][1]
 
-    return Footprint("the simulation", BYTES_PER_WORD * words + STATS_BYTES_PER_PE * pes, blame)
+    return Footprint("the simulation", sum(need for need, _ in parts.values()), blame)
 
 
 def mesh_bytes(width: int, height: int, depth: int) -> Footprint:

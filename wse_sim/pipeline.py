@@ -42,7 +42,7 @@ from wse_sim.energy import events_joules
 from wse_sim.engine import Loaded, SimResult, simulate
 from wse_sim.errors import SimulationStopped, UserError
 from wse_sim.hardware import WaferConfig
-from wse_sim.hostmem import require
+from wse_sim.hostmem import program_bytes, require
 from wse_sim.program import Program, read_tensor
 from wse_sim.report import hottest_links, partial_report, run_report
 from wse_sim.stats import Stats
@@ -227,6 +227,8 @@ def run_weight_streaming(cfg: RunConfig, source: str, max_cycles: int | None = N
     params, batch = init_params(cfg), make_batch(cfg)
     started = time.perf_counter()
     step = build_step(cfg, params, batch.tokens, batch.targets)
+    # its code and the weights it streams, which the graph's estimate above does not know
+    require(program_bytes(step.program), source)
     summary = build_graph(cfg).summary()
     tokens = step.shape.tokens
     step.program.meta = {"config": source, "mode": "weight_streaming",
