@@ -29,7 +29,7 @@ MEMINFO = "/proc/meminfo"
 STATS_BYTES_PER_PE = 18 * 8
 # Router state per node in packet mode (wse_sim.router.build_fabric, wse_sim.traffic), from
 # the record layouts of wse_sim.state: one input FIFO per link and one for the ramp, each a
-# FIFO and a FIFO_INFO record and its wavelet slots (`depth` rounded up to a power of two);
+# FIFO record and its wavelet slots (`depth` rounded up to a power of two);
 # per node a ROUTE, a ROUTER and a SOURCE record and four 8-byte words (its PE index, its
 # occupied-FIFO mask, its entries of the two router lists, its wake-up slot).
 _FIFO_BYTES = FIFO.dtype.itemsize
