@@ -906,9 +906,8 @@ def _validate_tasks(where: str, x: int, y: int, pe: PEProgram, program: Program,
                     valid: list[bool] | None = None) -> None:
     """The checks of a PE's tasks but those marked `valid` (`kept_tasks`); `code` the
     `Code` of `instructions(pe.tasks, valid)` (None: every instruction is checked one by
-    one). With `code`, the
-    instructions looked at one by one are the control ops (REPEAT bodies are tracked
-    through them) and the vector ops `_suspects` names."""
+    one). With `code`, the instructions looked at one by one are the control ops (REPEAT
+    bodies are tracked through them) and the vector ops `_suspects` names."""
     words = pe.sram_words
     ids = [task.id for task in pe.tasks]
     if code is not None:
