@@ -118,6 +118,40 @@ def strip_outputs(kernel: Kernel, ids: StreamIds, tensor: str, lanes: list[Lane]
                                [lane.pe for lane in lanes], order)
 
 
+@dataclass
+class RowwiseStrip:
+    """A strip kernel of a row-wise op y = f(x) with an optional backward dx from dy: its
+    lanes and their stream ids, x in and y out in ascending row order, dy in and dx out
+    (None without a backward) in descending order, as the backward visits the rows."""
+
+    kernel: Kernel
+    lanes: list[Lane]
+    x_in: list[int]
+    y_out: list[int]
+    dy_in: list[int] | None
+    dx_out: list[int] | None
+
+    @property
+    def pes(self) -> list[LocalPE]:
+        return [lane.pe for lane in self.lanes]
+
+
+def rowwise_strip(name: str, op: str, ops: list[str], ids: StreamIds, *, rows: int,
+                  lanes: list[tuple[int, int]], x: str, y: str, dy: str | None,
+                  dx: str | None) -> RowwiseStrip:
+    """The strip kernel of a row-wise op over [rows, cols] tensors (cols = the end of the
+    last lane) x -> y and, given dy, dy -> dx."""
+    kernel, strip = strip_kernel(name, op, ops, lanes)
+    kernel.shapes.update({t: (rows, lanes[-1][1]) for t in (x, y, dy, dx) if t is not None})
+    x_in = strip_inputs(kernel, ids, x, strip, "ascending")
+    y_out = strip_outputs(kernel, ids, y, strip, "ascending")
+    dy_in = dx_out = None
+    if dy is not None:
+        dy_in = strip_inputs(kernel, ids, dy, strip, "descending")
+        dx_out = strip_outputs(kernel, ids, dx, strip, "descending")
+    return RowwiseStrip(kernel, strip, x_in, y_out, dy_in, dx_out)
+
+
 def alloc_all(kernel: Kernel, pes: list[LocalPE], words: int, purpose: str) -> int:
     """Allocate `words` on every PE of `pes` at one common offset (the group's PEs allocate
     the same buffers in the same order, so any PE's offset is every PE's offset)."""

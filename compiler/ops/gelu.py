@@ -46,12 +46,7 @@ from compiler.graph import GraphBuilder, OpSpec
 from compiler.lowering.inbox import RING, Inbox, PerPE, RowStore, inbox, rounds
 from compiler.lowering.ir import FabOut, Imm, Instr, Mem, Op, Operand, repeat, vec
 from compiler.lowering.kernel import Kernel, LocalPE, StreamIds
-from compiler.lowering.rowreduce import (
-    alloc_all,
-    strip_inputs,
-    strip_kernel,
-    strip_outputs,
-)
+from compiler.lowering.rowreduce import alloc_all, rowwise_strip
 from compiler.ops.base import OpFamily, Tensors
 
 if TYPE_CHECKING:
@@ -112,16 +107,10 @@ def build_gelu(name: str, ops: list[str], ids: StreamIds, *, rows: int,
     backward = dy_tensor is not None
     if activation not in ("gelu", "gelu_tanh"):
         raise ValueError(f"{name}: unknown activation {activation!r}")
-    cols = lanes[-1][1]
-    kernel, strip = strip_kernel(name, "gelu", ops, lanes)
-    pes = [lane.pe for lane in strip]
-    kernel.shapes.update({t: (rows, cols) for t in (x_tensor, y_tensor, dy_tensor, dx_tensor)
-                          if t is not None})
-    x_in = strip_inputs(kernel, ids, x_tensor, strip, "ascending")
-    y_out = strip_outputs(kernel, ids, y_tensor, strip, "ascending")
-    if backward:
-        dy_in = strip_inputs(kernel, ids, dy_tensor, strip, "descending")
-        dx_out = strip_outputs(kernel, ids, dx_tensor, strip, "descending")
+    rs = rowwise_strip(name, "gelu", ops, ids, rows=rows, lanes=lanes, x=x_tensor,
+                       y=y_tensor, dy=dy_tensor, dx=dx_tensor)
+    kernel, strip, pes = rs.kernel, rs.lanes, rs.pes
+    x_in, y_out, dy_in, dx_out = rs.x_in, rs.y_out, rs.dy_in, rs.dx_out
     lane_width = max(lane.width for lane in strip)
     xs = alloc_all(kernel, pes, rows * lane_width, f"{x_tensor} (x)")
     phi = alloc_all(kernel, pes, rows * lane_width, "Phi(x), then gelu'(x)")

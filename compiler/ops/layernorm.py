@@ -58,9 +58,7 @@ from compiler.lowering.rowreduce import (
     broadcast_latency,
     reduce_latency,
     row_reduce,
-    strip_inputs,
-    strip_kernel,
-    strip_outputs,
+    rowwise_strip,
 )
 from compiler.ops.base import OpFamily, Tensors
 from compiler.ops.update import UpdateRule, emit_update
@@ -121,15 +119,10 @@ def build_layernorm(name: str, ops: list[str], ids: StreamIds, *, rows: int,
     update, no results)."""
     backward = dy_tensor is not None
     cols = lanes[-1][1]
-    kernel, strip = strip_kernel(name, "layernorm", ops, lanes)
-    pes = [lane.pe for lane in strip]
-    kernel.shapes.update({t: (rows, cols) for t in (x_tensor, y_tensor, dy_tensor, dx_tensor)
-                          if t is not None})
-    x_in = strip_inputs(kernel, ids, x_tensor, strip, "ascending")
-    y_out = strip_outputs(kernel, ids, y_tensor, strip, "ascending")
-    if backward:
-        dy_in = strip_inputs(kernel, ids, dy_tensor, strip, "descending")
-        dx_out = strip_outputs(kernel, ids, dx_tensor, strip, "descending")
+    rs = rowwise_strip(name, "layernorm", ops, ids, rows=rows, lanes=lanes, x=x_tensor,
+                       y=y_tensor, dy=dy_tensor, dx=dx_tensor)
+    kernel, strip, pes = rs.kernel, rs.lanes, rs.pes
+    x_in, y_out, dy_in, dx_out = rs.x_in, rs.y_out, rs.dy_in, rs.dx_out
     reducer = GroupReducer.create(kernel, ids, pes)
 
     lw = max(lane.width for lane in strip)
