@@ -192,3 +192,24 @@ def test_the_campaign_runs_batches_in_child_processes(tmp_path):
     assert sum(summary["endings"].values()) == 5
     assert summary["batches"][0]["outcome"] == "ok"
     assert not list(tmp_path.glob("*.npz"))
+
+
+def test_a_thread_short_of_fp_credit_and_of_input_waits_for_the_input():
+    # PE (0, 0) adds 2 wavelets from PE (1, 0) on one thread, at a quarter of an fp32 op a
+    # cycle, while a second thread runs a 20-element MOV. After the first ADD element the
+    # ADD thread lacks both its fp32 credit and a wavelet: a wait for the fabric, so those
+    # cycles are the MOV's (move), and the MOV may run in bulk meanwhile. One by one, the
+    # budget was checked first and they counted as compute (3 cycles more than in bulk).
+    p = Program(2, 1)
+    adder = p.pe(0, 0, 0)
+    adder.tasks.append(Task(0, Trigger.RESET, [vec(Op.ADD, 2, Reg(0), FabIn(0), Reg(0))]))
+    adder.tasks.append(Task(1, Trigger.RESET, [vec(Op.MOV, 20, Reg(0), Reg(0))]))
+    p.pe(1, 0, 0).tasks.append(Task(0, Trigger.RESET, [vec(Op.NEG, 2, FabOut(0), Reg(0))]))
+    p.add_route(1, 0, 0, port_mask(Port.RAMP), port_mask(Port.W))
+    p.add_route(0, 0, 0, port_mask(Port.E), port_mask(Port.RAMP))
+    wafer = _wafer(2, sram_reads_per_cycle=1, fp32_ops_per_cycle=0.25, queue_depth=1,
+                   microthreads=2, registers=1)
+    bulk = simulate(p, wafer)
+    one_by_one = simulate(p, wafer, bulk_runs=False)
+    assert_same_run(bulk, one_by_one)
+    assert one_by_one.stats.compute[0, 0] == 2  # the two ADD elements, nothing else

@@ -70,7 +70,8 @@ wait_output (a FABOUT destination's RAMP FIFO was full: waiting for output room)
 wait_input (a FABIN operand's receive queue held no ready wavelet: waiting for input);
 idle (the rest, including PEs without a program). `stalled` is the sum of the two stalls.
 The PE's own budgets (SRAM ports, fp32 credit, ramp slot, read debt) never stall: such a
-wait counts as compute or move, the work it delays.
+wait counts as compute or move, the work it delays. A thread short of a wavelet or of RAMP
+FIFO room waits for the fabric whatever its budgets (the fabric is checked first).
 
 Bulk execution (speed, not semantics). When one running thread of a PE is at a vector
 instruction without fabric operands and every other running thread waits for a wavelet
@@ -362,6 +363,48 @@ def _execute(fb, cs, s, thr, i, e, t):
 
 
 @hot_inline
+def _fabric_step(fb, cs, i, e, m, n, t):
+    """The fabric side of a step of m elements from element e of instruction i (n elements)
+    in cycle t: F_STALL flags if a FABIN it pops has no ready wavelet or the FABOUT it sends
+    to has no room, else its F_RECV and F_SEND flags (a half FABIN pops at even elements, a
+    half FABOUT sends at odd ones and at the last). Checked before the PE's own budgets: a
+    thread that lacks a wavelet or room waits for the fabric, whatever its budgets (the
+    cycle class and the bulk-run rule both say so)."""
+    flags = 0
+    for k in range(1, OPERANDS):
+        o = cs.opnd[U(i * OPERANDS + k)]
+        if o.kind == FABIN and (o.half == 0 or e & 1 == 0):
+            if not head_ready(fb, o.fifo, t):
+                f = fb.fifo[U(o.fifo)]
+                # An empty queue can only fill through a delivery, which wakes the PE.
+                return F_STALL if f.pushed == f.popped else F_STALL | F_NOSLEEP
+            flags |= F_RECV
+    d = cs.opnd[U(i * OPERANDS)]
+    if d.kind == FABOUT and (d.half == 0 or (e + m - 1) & 1 == 1 or e + m == n):
+        if not has_room(fb, d.fifo, t, fb.params[0].depth):
+            # A full RAMP FIFO gets room through a pop, which wakes the PE (one this
+            # cycle gives room next cycle).
+            return F_STALL | F_FULL | (F_NOSLEEP if fb.fifo[U(d.fifo)].last_grant == t else 0)
+        flags |= F_SEND
+    return flags
+
+
+@hot_inline
+def _budgets_allow(cs, s, sidx, reads, writes, flops, flags):
+    """The PE's budgets left this cycle hold a step's SRAM reads and writes, its fp32
+    credit if arithmetic and a ramp slot if it sends (a step needing more reads than a whole
+    cycle's budget proceeds when the budget is untouched: the excess becomes read debt)."""
+    full = cs.params[0].reads
+    if reads > s.rd_left and not (reads > full and s.rd_left == full):
+        return False
+    if writes > s.wr_left:
+        return False
+    if flops > 0 and cs.slot[U(sidx)].fpc < 1.0:
+        return False
+    return not (flags & F_SEND and s.ramp_left == 0)
+
+
+@hot_inline
 def _element(fb, cs, s, sidx, thr, t):
     """Try to advance thread thr (of slot sidx) by one element in cycle t, within the
     budgets left this cycle (s.rd_left, s.wr_left, s.ramp_left). Returns F_* flags."""
@@ -376,38 +419,14 @@ def _element(fb, cs, s, sidx, thr, t):
     if ins.simd > 0:
         return _step_half(fb, cs, s, sidx, thr, t)
     e = th.e
-    flops = ins.flops
-    waiting = F_BUSY_ARITH if flops > 0 else F_BUSY_MOVE
-    reads = ins.nrd
-    if e == 0:
-        reads += ins.nrd0
-    full = cs.params[0].reads
-    if reads > s.rd_left and not (reads > full and s.rd_left == full):
-        return waiting
-    writes = ins.wr
-    if writes > s.wr_left:
-        return waiting
-    sl = cs.slot[U(sidx)]
-    if flops > 0 and sl.fpc < 1.0:
-        return waiting
-    flags = 0
-    for k in range(1, OPERANDS):
-        o = cs.opnd[U(i * OPERANDS + k)]
-        if o.kind == FABIN:
-            if not head_ready(fb, o.fifo, t):
-                f = fb.fifo[U(o.fifo)]
-                # An empty queue can only fill through a delivery, which wakes the PE.
-                return F_STALL if f.pushed == f.popped else F_STALL | F_NOSLEEP
-            flags |= F_RECV
-    d = cs.opnd[U(i * OPERANDS)]
-    if d.kind == FABOUT:
-        if s.ramp_left == 0:
-            return waiting
-        if not has_room(fb, d.fifo, t, fb.params[0].depth):
-            # A full RAMP FIFO gets room through a pop, which wakes the PE (one this
-            # cycle gives room next cycle).
-            return F_STALL | F_FULL | (F_NOSLEEP if fb.fifo[U(d.fifo)].last_grant == t else 0)
-        flags |= F_SEND
+    flags = _fabric_step(fb, cs, i, e, 1, ins.n, t)
+    if flags & F_STALL:
+        return flags
+    flops, writes = ins.flops, ins.wr
+    reads = ins.nrd + (ins.nrd0 if e == 0 else 0)
+    if not _budgets_allow(cs, s, sidx, reads, writes, flops, flags):
+        return F_BUSY_ARITH if flops > 0 else F_BUSY_MOVE
+    if flags & F_SEND:
         s.ramp_left -= 1
     _execute(fb, cs, s, thr, i, e, t)
     return _charge(cs, s, sidx, thr, i, 1, reads, writes, flops, flags)
@@ -616,35 +635,15 @@ def _step_half(fb, cs, s, sidx, thr, t):
     e = th.e
     n = ins.n
     m = min(ins.simd, n - e)
+    flags = _fabric_step(fb, cs, i, e, m, n, t)
+    if flags & F_STALL:
+        return flags
     flops = ins.flops
-    waiting = F_BUSY_ARITH if flops > 0 else F_BUSY_MOVE
-    reads = _step_words(ins.nrd, ins.nrdh, m)
-    if e == 0:
-        reads += ins.nrd0
-    full = cs.params[0].reads
-    if reads > s.rd_left and not (reads > full and s.rd_left == full):
-        return waiting
+    reads = _step_words(ins.nrd, ins.nrdh, m) + (ins.nrd0 if e == 0 else 0)
     writes = _step_words(ins.wr, ins.wrh, m)
-    if writes > s.wr_left:
-        return waiting
-    sl = cs.slot[U(sidx)]
-    if flops > 0 and sl.fpc < 1.0:
-        return waiting
-    flags = 0
-    for k in range(1, OPERANDS):
-        o = cs.opnd[U(i * OPERANDS + k)]
-        if o.kind == FABIN and (o.half == 0 or e & 1 == 0):
-            if not head_ready(fb, o.fifo, t):
-                f = fb.fifo[U(o.fifo)]
-                return F_STALL if f.pushed == f.popped else F_STALL | F_NOSLEEP
-            flags |= F_RECV
-    d = cs.opnd[U(i * OPERANDS)]
-    if d.kind == FABOUT and (d.half == 0 or ((e + m - 1) & 1) == 1 or e + m == n):
-        if s.ramp_left == 0:
-            return waiting
-        if not has_room(fb, d.fifo, t, fb.params[0].depth):
-            return F_STALL | F_FULL | (F_NOSLEEP if fb.fifo[U(d.fifo)].last_grant == t else 0)
-        flags |= F_SEND
+    if not _budgets_allow(cs, s, sidx, reads, writes, flops, flags):
+        return F_BUSY_ARITH if flops > 0 else F_BUSY_MOVE
+    if flags & F_SEND:
         s.ramp_left -= 1
     for j in range(m):
         _half_element(fb, cs, s, th, i, e + j, n, t)
@@ -787,10 +786,10 @@ def _advance(fb, cs, s, sidx, thr, i, t):
     """SWITCH_ADV on thread thr in cycle t: put a control wavelet into the RAMP FIFO of the
     instruction's color (a FABOUT element's room and ramp slot; one cycle, class send)."""
     d = cs.opnd[U(i * OPERANDS)]
-    if s.ramp_left == 0:
-        return F_BUSY_MOVE
     if not has_room(fb, d.fifo, t, fb.params[0].depth):
         return F_STALL | F_FULL | (F_NOSLEEP if fb.fifo[U(d.fifo)].last_grant == t else 0)
+    if s.ramp_left == 0:
+        return F_BUSY_MOVE
     s.ramp_left -= 1
     inject(fb, s, d.fifo, CONTROL, t)
     cs.ctr[U(sidx)].control += 1
