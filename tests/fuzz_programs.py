@@ -7,7 +7,8 @@ this order:
 
 * the wafer: a 1..4 x 1..4 mesh, 2..6 colors, small FIFOs (depth 1..4), hop latency 1..3,
   1..3 microthreads, 1..3 SRAM reads and 1..2 writes per cycle, fp32 rates 0.25..2,
-  1..2 ramp slots each way, 1..6 registers, deadlock_cycles 1..400;
+  fp16 SIMD widths 1..4 (all-fp16), 1..2 (mixed, conversions), 1..2 ramp slots each way,
+  1..6 registers, deadlock_cycles 1..400;
 * routes: per color, multicast trees grown from a root PE (rx RAMP at the root, each edge
   an output port of the parent and the opposite input of the child, RAMP in tx where the
   stream is delivered, mostly leaves; trees of one color merge, which makes routes with
@@ -23,12 +24,15 @@ this order:
   it expects: such a run ends in "edge_count", the one-line error naming the port;
 * streams: some trees get a matched sender (a task producing n wavelets at the root) and
   receivers (a task consuming n, or a COLOR task consuming one per run) at every PE the
-  tree delivers to, so that a fair share of programs run to the end;
+  tree delivers to, so that a fair share of programs run to the end; a quarter of them
+  carry fp16, two halves a wavelet, at both ends;
 * tasks: 0..4 more per PE (RESET, LOCAL, COLOR on a delivered color), each 1..5
   instructions: vector ops of every opcode with MEM (strides -2..2, loop strides,
   stride-0 scalars), FABIN, FABOUT, REG and IMM (NaN and infinities included) operands,
   REPEAT (count 0..3), ACTIVATE / BLOCK / UNBLOCK / HALT of any task of the PE, and
-  SWITCH_ADV (a control wavelet) on a color the PE may send on.
+  SWITCH_ADV (a control wavelet) on a color the PE may send on; a quarter of the vector
+  ops with an fp16 form get fp16 memory and fabric operands (all-fp16, mixed and
+  conversions, `wse_sim.program`'s "fp16").
 
 `run_case` runs one case through `wse_sim.engine.simulate` and classifies how it ended
 ("done", "deadlock", "switch_fault", "edge_count" or "max_cycles"), asserting the
@@ -45,7 +49,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from hypothesis import strategies as st
@@ -60,6 +64,7 @@ from wse_sim.errors import (
 )
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
+    HALF_OPS,
     OPPOSITE,
     PORT_OFFSET,
     SOURCES_OF,
@@ -95,6 +100,8 @@ STRIPES = 3
 MAX_SIDE = 4
 MAX_TASKS_PER_PE = 6
 VECTOR_OPS = tuple(SOURCES_OF)
+HALF_VECTOR_OPS = tuple(op for op in VECTOR_OPS if op in HALF_OPS)
+TYPED = (Kind.MEM, Kind.FABIN, Kind.FABOUT, Kind.REG)  # validate's operands with a float type
 CONTROL_OPS = (Op.ACTIVATE, Op.BLOCK, Op.UNBLOCK, Op.HALT)
 MESH_PORTS = (Port.N, Port.E, Port.S, Port.W)
 WALL_SECONDS = 60.0  # one case may take this long after its first chunk of cycles
@@ -147,6 +154,9 @@ def wafers(width: int, height: int) -> st.SearchStrategy[WaferConfig]:
         max_tasks=st.just(TASK_IDS),
         deadlock_cycles=st.sampled_from([1, 3, 20, 100, 400]),
         switch_latency=st.integers(0, 2),
+        fp16_simd_width=st.sampled_from([1, 2, 4]),
+        mixed_simd_width=st.integers(1, 2),
+        fp16_convert_simd_width=st.integers(1, 2),
         edge_bytes_per_s=st.sampled_from([0.25, 1.0, 2.0, 44.0]).map(
             lambda words: 4 * WSE2["clock_hz"] * words),
         edge_latency_cycles=st.sampled_from([0, 1, 5, 40]),
@@ -328,18 +338,25 @@ def _stream(draw, program: Program, wafer: WaferConfig, ids: dict[tuple[int, int
     if any(pe not in ids or len(ids[pe]) >= MAX_TASKS_PER_PE for pe in pes):
         return
     n = draw(st.integers(1, 12))
-    op = pick(draw, VECTOR_OPS)
+    # An fp16 stream: the sender converts to two halves a wavelet (MOV), every receiver
+    # takes them as fp16 sources, so both ends count the same wavelets.
+    half = draw(st.integers(0, 3)) == 0
+    op = Op.MOV if half else pick(draw, VECTOR_OPS)
     sender = vec(op, n, FabOut(color), *_sources(draw, program, wafer, *root, n, 1, op,
                                                  _colors(program, *root, "tx")))
+    if half:
+        sender = _fp16(draw, sender, stream=color)
     program.pes[root].tasks.append(Task(_new_task(draw, ids, *root), Trigger.RESET, [sender]))
     for pe in delivered:
         per_run = draw(st.booleans())
-        op = pick(draw, VECTOR_OPS)
+        op = pick(draw, HALF_VECTOR_OPS if half else VECTOR_OPS)
         m = 1 if per_run else n
         dst = _destination(draw, program, wafer, *pe, m, 1, _colors(program, *pe, "rx"))
         srcs = _sources(draw, program, wafer, *pe, m, 1, op, _colors(program, *pe, "tx"),
                         must=color)
         body = [vec(op, m, dst, *srcs)]
+        if half:
+            body = [_fp16(draw, body[0], stream=color)]
         if per_run:
             task = Task(_new_task(draw, ids, *pe), Trigger.COLOR, body, color=color)
         else:
@@ -377,7 +394,36 @@ def _instruction(draw, program: Program, wafer: WaferConfig, x: int, y: int, loo
     op = pick(draw, VECTOR_OPS)
     n = draw(VECTOR_LENGTHS)
     dst = _destination(draw, program, wafer, x, y, n, loop_count, fabout)
-    return vec(op, n, dst, *_sources(draw, program, wafer, x, y, n, loop_count, op, fabin))
+    instr = vec(op, n, dst, *_sources(draw, program, wafer, x, y, n, loop_count, op, fabin))
+    return _fp16(draw, instr) if draw(st.integers(0, 3)) == 0 else instr
+
+
+def _fp16(draw, instr: Instr, stream: int | None = None) -> Instr:
+    """`instr` (if its op has an fp16 form) with fp16 operands: each memory and fabric
+    operand by a coin, the fabric operands of color `stream` always (a stream's ends agree).
+    An fp16 destination whose op is not MOV and whose typed sources are not all fp16 stays
+    fp32 (validate's rule: convert with a MOV first)."""
+    if instr.op not in HALF_OPS:
+        return instr
+    dst, *srcs = (_half(draw, o) if o.kind in (Kind.FABIN, Kind.FABOUT) and o.color == stream
+                  or o.kind in (Kind.MEM, Kind.FABIN, Kind.FABOUT) and draw(st.booleans())
+                  else o for o in (instr.dst, instr.a, instr.b, instr.c))
+    if instr.op != Op.MOV and any(o.kind in TYPED and not o.half for o in srcs):
+        dst = instr.dst
+    return replace(instr, dst=dst, a=srcs[0], b=srcs[1], c=srcs[2])
+
+
+def _half(draw, o: Operand) -> Operand:
+    """Operand o as fp16. A fabric operand carries two elements a wavelet; a memory
+    operand addresses halves of the words it addressed (a unit-stride one the pairs from
+    the low half of its first word, any other the low or high half of each), so it stays
+    within the PE's SRAM and a unit-stride vector starts at an even half."""
+    if o.kind != Kind.MEM:
+        return replace(o, half=True)
+    if o.stride == 1:
+        return Mem(2 * o.offset, 1, 2 * o.loop_stride, half=True)
+    return Mem(2 * o.offset + draw(st.integers(0, 1)), 2 * o.stride, 2 * o.loop_stride,
+               half=True)
 
 
 def _destination(draw, program: Program, wafer: WaferConfig, x: int, y: int, n: int,
@@ -605,10 +651,11 @@ def _instr(instr: Instr) -> str:
 
 def _operand(o: Operand) -> str:
     kind = o.kind.name
+    half = ", half=True" if o.half else ""
     if kind == "MEM":
-        return f"Mem({o.offset}, {o.stride}, {o.loop_stride})"
+        return f"Mem({o.offset}, {o.stride}, {o.loop_stride}{half})"
     if kind in ("FABIN", "FABOUT"):
-        return f"{'FabIn' if o.kind == Kind.FABIN else 'FabOut'}({o.color})"
+        return f"{'FabIn' if o.kind == Kind.FABIN else 'FabOut'}({o.color}{half})"
     if kind == "REG":
         return f"Reg({o.reg})"
     return f"Imm({o.value!r})"
