@@ -34,7 +34,7 @@ this order:
   ops with an fp16 form get fp16 memory and fabric operands (all-fp16, mixed and
   conversions, `wse_sim.program`'s "fp16").
 
-`run_case` runs one case through `wse_sim.engine.simulate` and classifies how it ended
+`run_case` runs one case on the engine (`wse_sim.engine.Loaded`) and classifies how it ended
 ("done", "deadlock", "switch_fault", "edge_count" or "max_cycles"), asserting the
 invariants each ending promises; any other exception is a crash and propagates.
 
@@ -54,7 +54,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from hypothesis import strategies as st
 
-from wse_sim.engine import SimResult, simulate
+from wse_sim.engine import Loaded, SimResult
 from wse_sim.errors import (
     DeadlockError,
     ProgramError,
@@ -506,31 +506,40 @@ def run_case(case: Case, twin: bool = False) -> str:
     """Run `case`; return how it ended: "done", "deadlock" or "max_cycles". Asserts the
     invariants of each ending; any exception that is not a deadlock or the max-cycles stop
     propagates.
-    `twin`: also run it without bulk execution (`simulate(bulk_runs=False)`) and on one
-    stripe of rows where the first run has up to three (`STRIPES`), which must end the same
+    `twin`: also run it again on the same load (`Loaded.run` starts from fresh state,
+    whatever the run before left), and without bulk execution (`bulk_runs=False`) on one
+    stripe of rows where the first run has up to three (`STRIPES`); each must end the same
     way (the same deadlock or stop line, or a finished run with the same cycles, counters,
     memories and registers)."""
     validate(case.program, case.wafer)  # a ProgramError here is a bug of the generator
-    ending, result, line = _simulate(case, threads=STRIPES)
-    if not twin:
-        return ending
-    ending2, result2, line2 = _simulate(case, bulk_runs=False, threads=1)
-    assert (ending2, line2) == (ending, line), (f"with bulk runs {line or ending}, without "
-                                                f"{line2 or ending2}")
+    loaded = Loaded(case.program, case.wafer, threads=STRIPES)
+    first = _simulate(case, loaded)
+    if twin:
+        _same_ending(case, first, _simulate(case, loaded), "a second run of the same load")
+        _same_ending(case, first, _simulate(case, Loaded(case.program, case.wafer, threads=1,
+                                                         bulk_runs=False)),
+                     "without bulk runs")
+    return first[0]
+
+
+def _same_ending(case: Case, first: tuple[str, SimResult | None, str],
+                 other: tuple[str, SimResult | None, str], how: str) -> None:
+    (ending, result, line), (ending2, result2, line2) = first, other
+    assert (ending2, line2) == (ending, line), f"{line or ending}, {how} {line2 or ending2}"
     if result is not None and result2 is not None:
-        assert result2.cycles == result.cycles, "cycles with and without bulk runs"
+        assert result2.cycles == result.cycles, f"cycles {how}"
         for name, value in vars(result.stats).items():
-            np.testing.assert_array_equal(value, getattr(result2.stats, name), err_msg=name)
+            np.testing.assert_array_equal(value, getattr(result2.stats, name),
+                                          err_msg=f"{name} {how}")
         for x, y in case.program.pes:
-            np.testing.assert_array_equal(result.sram(x, y), result2.sram(x, y))
-            np.testing.assert_array_equal(result.registers(x, y), result2.registers(x, y))
-    return ending
+            np.testing.assert_array_equal(result.sram(x, y), result2.sram(x, y), err_msg=how)
+            np.testing.assert_array_equal(result.registers(x, y), result2.registers(x, y),
+                                          err_msg=how)
 
 
-def _simulate(case: Case, bulk_runs: bool = True, threads: int = 1
-              ) -> tuple[str, SimResult | None, str]:
-    """How `case` ended, its result if finished, and its deadlock or stop line; `threads`:
-    the stripes of rows (a case this small runs them all on one worker)."""
+def _simulate(case: Case, loaded: Loaded) -> tuple[str, SimResult | None, str]:
+    """How `case` ended on `loaded` (its program and wafer), its result if finished, and its
+    deadlock or stop line."""
     first_chunk: list[float] = []  # when the first chunk ended: numba has compiled by then
 
     def watchdog(cycle: int) -> None:  # called between chunks of cycles
@@ -540,8 +549,7 @@ def _simulate(case: Case, bulk_runs: bool = True, threads: int = 1
             raise AssertionError(f"still running at cycle {cycle} after {WALL_SECONDS} s")
 
     try:
-        result = simulate(case.program, case.wafer, max_cycles=case.max_cycles,
-                          progress=watchdog, bulk_runs=bulk_runs, threads=threads)
+        result = loaded.run(max_cycles=case.max_cycles, progress=watchdog)
     except SwitchOrderError as err:
         message = str(err)
         assert "\n" not in message and SWITCH_LINE.match(message), message

@@ -1,7 +1,7 @@
 """Fuzzing the engine: random valid Programs (tests/fuzz_programs.py) must each end in a
-result, a named deadlock or the max-cycles stop, never in another exception, and a run
-without bulk execution, on one stripe of rows where the first has up to three, must end the
-same way. WSE_FUZZ_EXAMPLES sets how many programs
+result, a named deadlock or the max-cycles stop, never in another exception, and a second
+run of the same load, and a run without bulk execution on one stripe of rows where the
+first has up to three, must end the same way. WSE_FUZZ_EXAMPLES sets how many programs
 the test draws (300 by default, about 30 s); tests/fuzz_campaign.py runs thousands in
 child processes, so that a segfault or a hang is seen too.
 
