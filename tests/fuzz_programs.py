@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from hypothesis import strategies as st
@@ -77,6 +77,7 @@ from wse_sim.program import (
     Mem,
     Op,
     Operand,
+    PEProgram,
     Port,
     Program,
     Reg,
@@ -127,6 +128,9 @@ class Case:
     program: Program
     wafer: WaferConfig
     max_cycles: int
+    # One PE's program to put in place of its own for a run of the same load (the twin's):
+    # a new image, its tasks kept (the same list) or made again (equal, not the same).
+    replaced: dict[tuple[int, int], PEProgram] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return describe(self)
@@ -194,7 +198,18 @@ def cases(draw) -> Case:
                 _random_task(draw, program, wafer, ids, x, y)
     _targets(draw, program, ids)
     max_cycles = pick(draw, [1, 7, 60, 3000, 3000, 3000, 3000, 3000])
-    return Case(program, wafer, max_cycles)
+    return Case(program, wafer, max_cycles, _replaced(draw, program))
+
+
+def _replaced(draw, program: Program) -> dict[tuple[int, int], PEProgram]:
+    """A replacement for one PE's program (`Case.replaced`), or none."""
+    if not program.pes or draw(st.booleans()):
+        return {}
+    key = pick(draw, sorted(program.pes))
+    pe = program.pes[key]
+    image = {0: draw(_images(pe.sram_words))} if pe.sram_words else {}
+    tasks = pe.tasks if draw(st.booleans()) else [replace(task) for task in pe.tasks]
+    return {key: PEProgram(pe.sram_words, tasks, image)}
 
 
 def pick(draw, items):
@@ -510,15 +525,21 @@ def run_case(case: Case, twin: bool = False) -> str:
     whatever the run before left), and without bulk execution (`bulk_runs=False`) on one
     stripe of rows where the first run has up to three (`STRIPES`); each must end the same
     way (the same deadlock or stop line, or a finished run with the same cycles, counters,
-    memories and registers)."""
+    memories and registers). With `case.replaced`, the same load then runs with that PE
+    program in its place, as the program that has it does, and then as at first again."""
     validate(case.program, case.wafer)  # a ProgramError here is a bug of the generator
     loaded = Loaded(case.program, case.wafer, threads=STRIPES)
     first = _simulate(case, loaded)
-    if twin:
-        _same_ending(case, first, _simulate(case, loaded), "a second run of the same load")
-        _same_ending(case, first, _simulate(case, Loaded(case.program, case.wafer, threads=1,
-                                                         bulk_runs=False)),
-                     "without bulk runs")
+    if not twin:
+        return first[0]
+    _same_ending(case, first, _simulate(case, loaded), "a second run of the same load")
+    _same_ending(case, first, _simulate(case, Loaded(case.program, case.wafer, threads=1,
+                                                     bulk_runs=False)), "without bulk runs")
+    if case.replaced:
+        other = replace(case.program, pes={**case.program.pes, **case.replaced})
+        _same_ending(case, _simulate(case, Loaded(other, case.wafer, threads=STRIPES)),
+                     _simulate(case, loaded, case.replaced), "with a PE program replaced")
+        _same_ending(case, first, _simulate(case, loaded), "after a replaced run")
     return first[0]
 
 
@@ -537,9 +558,10 @@ def _same_ending(case: Case, first: tuple[str, SimResult | None, str],
                                           err_msg=how)
 
 
-def _simulate(case: Case, loaded: Loaded) -> tuple[str, SimResult | None, str]:
-    """How `case` ended on `loaded` (its program and wafer), its result if finished, and its
-    deadlock or stop line."""
+def _simulate(case: Case, loaded: Loaded, pes: dict[tuple[int, int], PEProgram] | None = None
+              ) -> tuple[str, SimResult | None, str]:
+    """How `case` ended on `loaded` (its program and wafer; `pes` in place of their PEs'
+    programs), its result if finished, and its deadlock or stop line."""
     first_chunk: list[float] = []  # when the first chunk ended: numba has compiled by then
 
     def watchdog(cycle: int) -> None:  # called between chunks of cycles
@@ -549,7 +571,7 @@ def _simulate(case: Case, loaded: Loaded) -> tuple[str, SimResult | None, str]:
             raise AssertionError(f"still running at cycle {cycle} after {WALL_SECONDS} s")
 
     try:
-        result = loaded.run(max_cycles=case.max_cycles, progress=watchdog)
+        result = loaded.run(pes, max_cycles=case.max_cycles, progress=watchdog)
     except SwitchOrderError as err:
         message = str(err)
         assert "\n" not in message and SWITCH_LINE.match(message), message
@@ -632,6 +654,11 @@ def describe(case: Case) -> str:
     for (x, y), pe in sorted(case.program.pes.items()):
         image = {offset: data.tolist() for offset, data in pe.image.items()}
         lines.append(f"  PE ({x}, {y}) sram_words {pe.sram_words} image {image}")
+        if (x, y) in case.replaced:
+            new = case.replaced[(x, y)]
+            how = "kept" if new.tasks is pe.tasks else "made again"
+            image = {offset: data.tolist() for offset, data in new.image.items()}
+            lines.append(f"    replaced for a run: its tasks {how}, image {image}")
         for task in pe.tasks:
             on = f" color {task.color}" if task.trigger == Trigger.COLOR else ""
             lines.append(f"    task {task.id} {task.trigger.name}{on}")
