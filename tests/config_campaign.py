@@ -6,9 +6,10 @@ Config k of seed s (drawn from numpy's generator seeded with (s, k), so any one 
 drawn again alone) is a gpt_tiny-sized model and training step with random widths (1, 2
 or 4 heads of 2..16, an MLP of 1 to 4 widths or one more), 1 or 2 layers, a vocabulary of
 8..299, 2..16 tokens, 1..3 sequences (micro-batches sometimes), SGD or AdamW, GELU exact or
-tanh, every placement strategy, lane widths chosen or 2..16, fp32 or mixed precision. Each
-is written to DIR/config-k.yaml and run in a child process with `python -m wse_sim run`,
-which must either pass the check (exit 0) or refuse the config in one line naming what
+tanh, every placement strategy, lane widths chosen or 2..16, fp32 or mixed precision; a
+quarter of them in weight-streaming mode (fp32, the whole batch at once) instead. Each is
+written to DIR/config-k.yaml and run in a child process with `python -m wse_sim run`, which
+must either pass the check (exit 0) or refuse the config in one line naming what
 (exit 2, as every user error does). A check that fails (exit 1), a traceback or a
 several-line error, a crash or a run past --timeout is a bug: its config stays in DIR with
 what the run printed. The summary (printed and DIR/summary.json) counts the outcomes and
@@ -41,15 +42,19 @@ def draw_config(seed: int, k: int) -> dict:
     seq = int(rng.integers(2, 17))
     batch = int(rng.integers(1, 4))
     micro = int(rng.choice([d for d in range(1, batch + 1) if batch % d == 0]))
-    precision = str(rng.choice(["fp32", "fp32", "mixed"]))
-    compile_ = {"placement": str(rng.choice(PLACEMENTS)), "seed": int(rng.integers(0, 10)),
-                "precision": precision}
-    if rng.random() < 0.3:
-        compile_["lane_width"] = int(rng.choice([2, 3, 4, 8, 16]))
     training = {"batch_size": batch, "seq_len": seq, "lr": float(rng.choice([0.1, 0.01])),
                 "seed": int(rng.integers(0, 100)), "optimizer": str(rng.choice(["sgd", "adamw"]))}
-    if rng.random() < 0.3 and precision == "fp32":  # micro-batches are built for fp32 only
-        training["micro_batch_size"] = micro
+    if rng.random() < 0.25:
+        # weight streaming lays the step out itself, in fp32, the whole batch at once
+        compile_ = {"mode": "weight_streaming"}
+    else:
+        precision = str(rng.choice(["fp32", "fp32", "mixed"]))
+        compile_ = {"placement": str(rng.choice(PLACEMENTS)), "seed": int(rng.integers(0, 10)),
+                    "precision": precision}
+        if rng.random() < 0.3:
+            compile_["lane_width"] = int(rng.choice([2, 3, 4, 8, 16]))
+        if rng.random() < 0.3 and precision == "fp32":  # micro-batches: fp32 only
+            training["micro_batch_size"] = micro
     return {
         "model": {"vocab_size": int(rng.integers(8, 300)), "n_ctx": seq + int(rng.integers(0, 8)),
                   "d_model": d_model, "n_layers": int(rng.integers(1, 3)), "n_heads": heads,
