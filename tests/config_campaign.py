@@ -10,7 +10,8 @@ tanh, every placement strategy, lane widths chosen or 2..16, fp32 or mixed preci
 quarter of them in weight-streaming mode (fp32, the whole batch at once) instead. Each is
 written to DIR/config-k.yaml and run in a child process with `python -m wse_sim run`, which
 must either pass the check (exit 0) or refuse the config in one line naming what
-(exit 2, as every user error does). A check that fails (exit 1), a traceback or a
+(exit 2, as every user error does). A check that fails (exit 1), an error naming an
+instruction of the compiled program (the compiler emitted an invalid one), a traceback or a
 several-line error, a crash or a run past --timeout is a bug: its config stays in DIR with
 what the run printed. The summary (printed and DIR/summary.json) counts the outcomes and
 lists each refusal's line. Exit status 0 if no config found a bug.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -31,7 +33,10 @@ import yaml
 
 from compiler.config import PLACEMENTS
 
-BUGS = ("check failed", "not one line", "crashed", "hung")
+BUGS = ("check failed", "invalid program", "not one line", "crashed", "hung")
+# A one-line error about an instruction of the compiled program: the compiler's fault, not
+# the config's (`wse_sim.program.validate`'s lines name the PE, task and instruction).
+INVALID_PROGRAM = re.compile(r"PE \(\d+, \d+\) task \d+ instr \d+")
 
 
 def draw_config(seed: int, k: int) -> dict:
@@ -76,7 +81,9 @@ def outcome(code: int | None, stderr: str) -> str:
     if code == 1:
         return "check failed"
     if code == 2:
-        return "refused" if len(stderr.strip().splitlines()) == 1 else "not one line"
+        if len(stderr.strip().splitlines()) != 1:
+            return "not one line"
+        return "invalid program" if INVALID_PROGRAM.search(stderr) else "refused"
     return "crashed"
 
 

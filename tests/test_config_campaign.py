@@ -18,6 +18,8 @@ from compiler.config import parse_config
     (0, "", "passed"),
     (2, "config.yaml: model.n_heads: ...\n", "refused"),
     (2, "Traceback (most recent call last):\n  File ...\nValueError: x\n", "not one line"),
+    (2, "error: PE (0, 0) task 0 instr 936: field n: a vector op needs n > 0 (got 0)\n",
+     "invalid program"),
     (1, "", "check failed"),
     (-11, "", "crashed"),
     (None, "", "hung"),

@@ -112,6 +112,17 @@ def test_fields_the_mode_does_not_use_are_refused(compile_fields, field, tmp_pat
     assert len(run.stderr.strip().splitlines()) == 1 and field in run.stderr
 
 
+def test_a_vocabulary_narrower_than_the_wafer_takes_one_column_a_token():
+    """Columns are at most the narrowest sliced activation's features, so that each owns
+    some logits: 4 tokens of vocabulary on a 5-column wafer (before, the fifth column
+    owned none and the lowering emitted an empty vector op, a ProgramError)."""
+    raw = fields()
+    raw["model"]["vocab_size"] = 4
+    report = run_parsed(RunConfig.model_validate(raw), "narrow vocabulary")
+    assert report["check"]["passed"]
+    assert report["fabric"]["width"] == 4
+
+
 def test_a_sequence_too_long_for_the_sram_is_refused():
     cfg = config().model_copy(update={"wafer": config().wafer.model_copy(
         update={"sram_bytes_per_pe": 4096})})

@@ -2,7 +2,8 @@
 rectangle of PEs, the weights streaming in through the north edge, the gradients going
 out through it, the activations staying in SRAM (`compiler.streaming.linear`'s layout).
 
-Layout. The rectangle is `cols` x B PEs: PE row b holds the T tokens of sequence b (data
+Layout. The rectangle is `cols` x B PEs (`region`: the wafer's width, at most the narrowest
+of d_model, d_ffn and the vocabulary): PE row b holds the T tokens of sequence b (data
 parallel down a column; a sequence never spans rows, so causal attention is row-local),
 PE column c owns the features `split(F, cols)[c]` of every activation with F features: of
 the residual stream (d_model), of q, k and v (d_model each), of the MLP's hidden layer
@@ -120,9 +121,11 @@ class Shape:
 
 def region(cfg: RunConfig) -> tuple[int, int]:
     """(cols, rows) of the step's rectangle: one PE row per sequence, as many columns as the
-    wafer has, at most one per residual feature."""
-    wafer = cfg.wafer
-    rows, cols = cfg.training.batch_size, min(wafer.width, cfg.model.d_model)
+    wafer has, at most one per feature of the narrowest sliced activation (the residual,
+    the MLP's hidden or the logits), so that every column owns some of each."""
+    wafer, model = cfg.wafer, cfg.model
+    rows = cfg.training.batch_size
+    cols = min(wafer.width, model.d_model, model.d_ffn, model.vocab_size)
     if rows > wafer.height:
         raise UserError(f"training.batch_size: weight streaming puts each of the {rows} "
                         f"sequences on a PE row of its own; the wafer has {wafer.height}")
