@@ -32,6 +32,9 @@ import numpy as np
 import yaml
 
 from compiler.config import PLACEMENTS
+from wse_sim.commands import OneLineParser, int_in
+from wse_sim.errors import UserError
+from wse_sim.outputs import check_outputs
 
 BUGS = ("check failed", "invalid program", "not one line", "crashed", "hung")
 # A one-line error about an instruction of the compiled program: the compiler's fault, not
@@ -126,12 +129,20 @@ def campaign(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", type=int, default=100, help="configs to run (100)")
-    parser.add_argument("--seed", type=int, default=0, help="the campaign's seed (0)")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per run (900)")
+    parser = OneLineParser(prog="tests/config_campaign.py",
+                           description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", type=int_in(1), default=100, help="configs to run (100)")
+    parser.add_argument("--seed", type=int_in(0), default=0, help="the campaign's seed (0)")
+    parser.add_argument("--timeout", type=int_in(1), default=900,
+                        help="seconds per run (900)")
     parser.add_argument("--out", default="config-campaign", help="folder of the kept configs")
-    return campaign(parser.parse_args())
+    args = parser.parse_args()
+    try:  # before the first run, not after the last
+        check_outputs(folders={"--out": (args.out, ["summary.json"])})
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return campaign(args)
 
 
 if __name__ == "__main__":

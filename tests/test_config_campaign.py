@@ -13,6 +13,8 @@ from config_campaign import draw_config, outcome
 
 from compiler.config import parse_config
 
+SCRIPT = Path(__file__).with_name("config_campaign.py")
+
 
 @pytest.mark.parametrize("code, stderr, ended", [
     (0, "", "passed"),
@@ -35,9 +37,24 @@ def test_drawn_configs_are_valid_and_drawn_again_alike():
     assert draw_config(7, 0) != draw_config(8, 0)
 
 
+@pytest.mark.parametrize("options, expected", [
+    (["--configs", "0"], "--configs: must be >= 1"),
+    (["--seed", "-1"], "--seed: must be >= 0"),
+    (["--timeout", "x"], "--timeout: not an integer"),
+    (["--out", "FILE"], "is not a folder"),
+])
+def test_a_bad_option_ends_in_one_line_before_any_run(options, expected, tmp_path):
+    file = tmp_path / "a file"
+    file.write_text("")
+    options = [str(file) if o == "FILE" else o for o in options]
+    run = subprocess.run([sys.executable, str(SCRIPT), *options], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 2 and expected in run.stderr.splitlines()[0], run.stderr
+    assert "Traceback" not in run.stderr and run.stdout == ""
+
+
 def test_the_campaign_runs_a_config_as_a_user_does(tmp_path):
-    script = Path(__file__).with_name("config_campaign.py")
-    run = subprocess.run([sys.executable, str(script), "--configs", "1", "--out",
+    run = subprocess.run([sys.executable, str(SCRIPT), "--configs", "1", "--out",
                           str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -9,25 +9,16 @@ import importlib
 import os
 import sys
 import tempfile
-from typing import Any, NoReturn, TextIO
+from typing import Any, TextIO
 
-from wse_sim.commands import COMMANDS
+from wse_sim.commands import COMMANDS, OneLineParser
 from wse_sim.errors import UserError
 
 INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process Ctrl-C stopped
 
 
-class _Parser(argparse.ArgumentParser):
-    """An argparse parser whose errors are one line and a pointer to --help (argparse's
-    own usage block of a command with many options runs to ten lines)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the "
-                     "options)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m wse_sim",
         description="Cycle-level wafer-scale engine simulator and GPT training-step compiler.",
     )

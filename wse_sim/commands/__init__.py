@@ -5,9 +5,19 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import NoReturn
 
 COMMANDS = ("run", "compile", "simulate", "graph", "schema", "traffic", "plot", "sweep",
             "train", "generate")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line and a pointer to --help (argparse's
+    own usage block of a command with many options runs to ten lines)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the "
+                     "options)\n")
 
 
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
