@@ -90,7 +90,8 @@ FIFO = Table(  # one input FIFO or receive queue: a 64-byte record, so a move to
     ("route", i4),  # the Route whose wavelets it holds
     ("router", i4),  # the router that owns it (for a receive queue: the PE's router)
     ("producer", i4),  # the router feeding it and listed by its pops, -1: none / other stripe
-    ("bit", i4),  # its bit in its router's `occupied` words (index from Router.fifo_lo)
+    ("bit", i4),  # its bit in its router's `occupied` words: its index - Router.fifo_lo,
+    # kept here so that marking it touches no router record (the move holds this line)
     init={"head_ready": NEVER, "last_grant": -1, "producer": -1},
     pad_to=64,
 )
