@@ -28,8 +28,11 @@
    needed 35-77 colors where no PE carried more than 23-52 streams), and picking each
    stream's tree *with* its color lets lanes step aside into a color that is free along
    another path. Cost: a reroute is one vectorised pass over the (colors x PEs of all
-   candidates) costs, ~50 us; gpt_small (about 4400 streams, most of them one-PE token
-   channels) needs 5-300 rounds and 0.01-1.4 reroutes per stream. A round gives up after
+   candidates) costs, ~50 us; for a wide multicast, whose candidates cover its window of
+   the box many times over, two prefix sums over the window and a sum per straight run
+   of each candidate instead (`_TreeRuns`: the same sums to the bit). gpt_small (about
+   4400 streams, most of them one-PE token channels) needs 5-300 rounds and 0.01-1.4
+   reroutes per stream. A round gives up after
    `MAX_ROUNDS` rounds, `REROUTES_PER_STREAM` reroutes per stream or `STALLED_ROUNDS`
    rounds without fewer streams sharing a pair. A PE that more streams start or end at than
    the wafer has colors is a `UserError` naming a stream at once.
@@ -141,6 +144,7 @@ HISTORY_STEP = 2.0  # cost added per round to a (PE, color) that is still shared
 STALLED_ROUNDS = 100  # ... or rounds without fewer streams sharing a pair
 RELAY_PASSES = 8  # times the streams still sharing a pair are split at relays ...
 MIN_RELAYED_HOPS = 4  # ... if their farthest destination is at least this many hops away
+RUNS_MIN_PAIRS = 1000  # candidates' pairs per color below which a stream's costs are gathered
 
 
 def fabric_elements(instrs: list[Instr], kind: Kind) -> dict[int, int]:
@@ -446,18 +450,109 @@ def _resources(tree: _Tree, stream: RoutedStream, pes: int, flat: dict[PE, int],
     return np.concatenate(held)
 
 
+def _run_bounds(tree: np.ndarray, layer: np.ndarray, line: np.ndarray,
+                along: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First and last positions of the straight runs in resources sorted by (tree, layer,
+    line, along): a run goes on while the tree, layer and line stay and `along` steps by
+    one."""
+    new = np.ones(tree.size, dtype=bool)
+    new[1:] = ((tree[1:] != tree[:-1]) | (layer[1:] != layer[:-1]) | (line[1:] != line[:-1])
+               | (along[1:] != along[:-1] + 1))
+    first = np.flatnonzero(new)
+    return first, np.append(first[1:], tree.size)[:first.size] - 1
+
+
+class _TreeRuns:
+    """A stream's candidate trees as straight runs of resources, so that a tree's cost is
+    a sum of run sums read off prefix sums of the cost table's window under the stream,
+    instead of one gathered pair per resource: a wide multicast stream has up to ~180
+    candidates of ~2,000 PEs each over a window of ~8,000, and gathering them was most of a
+    fine-lane compile.
+
+    The resources are a grid (layers, height, width) in row-major order (`_resources`). A
+    tree's resources sorted by (layer, y, x) fall into row runs; those left alone in their
+    row are grouped into column runs. The window is the rows and columns the stream's
+    candidates touch, in every layer; its cost is prefix-summed twice per color, along its
+    rows (row-major) and along its columns (column-major), each with a leading zero, and a
+    run [a, b] of either order sums to prefix[b + 1] - prefix[a].
+
+    Same totals as the gather, to the bit: every cost is a multiple of 1 / `scale`, so
+    while the window's costs in a color add up to less than 2^52 / `scale`, every partial
+    sum either way is exact, whatever its order. `totals` returns None when they do not
+    (early rounds of a crowded negotiation may not), and the caller gathers."""
+
+    def __init__(self, candidates: list[np.ndarray], grid: tuple[int, int, int]) -> None:
+        layers, height, width = grid
+        flat = np.concatenate(candidates)
+        tree = np.repeat(np.arange(len(candidates)), [c.size for c in candidates])
+        layer, pe = np.divmod(flat, height * width)
+        y, x = np.divmod(pe, width)
+        self.y0, self.y1, self.x0, self.x1 = y.min(), y.max() + 1, x.min(), x.max() + 1
+        h, w = self.y1 - self.y0, self.x1 - self.x0
+        y, x = y - self.y0, x - self.x0
+        self.cells = layers * h * w
+        self.gathered = flat.size  # pairs per color the gather reads
+        order = np.lexsort((x, y, layer, tree))
+        t, ly, yy, xx = tree[order], layer[order], y[order], x[order]
+        first, last = _run_bounds(t, ly, yy, xx)
+        alone = first == last
+        row_cell = (ly * h + yy) * w + xx  # row-major index in the window
+        runs = [(t[first[~alone]], row_cell[first[~alone]], row_cell[last[~alone]] + 1)]
+        # column runs of the rest, in the column-major prefix after the row-major one
+        t, ly, yy, xx = t[first[alone]], ly[first[alone]], yy[first[alone]], xx[first[alone]]
+        order = np.lexsort((yy, xx, ly, t))
+        t, ly, yy, xx = t[order], ly[order], yy[order], xx[order]
+        first, last = _run_bounds(t, ly, xx, yy)
+        col_cell = self.cells + 1 + (ly * w + xx) * h + yy
+        runs.append((t[first], col_cell[first], col_cell[last] + 1))
+        tree_of, self.lo, self.hi = (np.concatenate(part) for part in zip(*runs, strict=True))
+        order = np.argsort(tree_of, kind="stable")
+        tree_of, self.lo, self.hi = tree_of[order], self.lo[order], self.hi[order]
+        self.tree_starts = np.searchsorted(tree_of, np.arange(len(candidates)))
+
+    def pays(self) -> bool:
+        """Whether the two prefix sums over the window cost less than the gather: timed
+        on gpt_small's streams at 8,000 PEs, they broke even at about 7 gathered pairs a
+        cell of the window."""
+        return 8 * self.cells < self.gathered
+
+    def totals(self, cost: np.ndarray, grid: tuple[int, int, int],
+               scale: int) -> np.ndarray | None:
+        """Per [tree, color] the sum of the tree's pair costs, or None outside the exact
+        range (class docstring)."""
+        layers, height, width = grid
+        colors = cost.shape[1]
+        window = cost.reshape(layers, height, width, colors)[:, self.y0:self.y1,
+                                                             self.x0:self.x1]
+        n = self.cells
+        prefix = np.empty((2 * (n + 1), colors))
+        prefix[0] = prefix[n + 1] = 0.0
+        np.cumsum(window.reshape(n, colors), axis=0, out=prefix[1:n + 1])
+        if prefix[n].max() * scale >= 2.0 ** 52:
+            return None
+        np.cumsum(window.transpose(0, 2, 1, 3).reshape(n, colors), axis=0,
+                  out=prefix[n + 2:])
+        return np.add.reduceat(prefix[self.hi] - prefix[self.lo], self.tree_starts, axis=0)
+
+
 class _Negotiation:
     """PathFinder state over the (resource, color) pairs (module docstring): per stream
     its candidate trees as the resources each holds (`_resources`), the chosen (tree,
     color), and the occupancy, history and cost of every pair."""
 
-    def __init__(self, trees: list[list[np.ndarray]], resources: int, colors: int,
+    def __init__(self, trees: list[list[np.ndarray]], grid: tuple[int, int, int], colors: int,
                  earlier: _Negotiation | None = None) -> None:
         """Fresh, or going on from the history and pressure of an `earlier` negotiation
-        over the same box (going on to phases, its PEs' history copied to both layers)."""
+        over the same box (going on to phases, its PEs' history copied to both layers).
+        The resources are the `grid` (layers, height, width) of the box, row-major."""
         self.trees = trees
+        self.grid = grid
+        resources = int(np.prod(grid))
         self.flat = [np.concatenate(candidates) for candidates in trees]
         self.starts = [np.cumsum([0] + [t.size for t in candidates[:-1]]) for candidates in trees]
+        # per stream: its trees as runs where summing them pays, None where it does not, or
+        # not worked out yet (absent)
+        self.runs: dict[int, _TreeRuns | None] = {}
         # per (resource, color): resource-major, so a stream's are contiguous rows to gather
         self.occupancy = np.zeros((resources, colors), dtype=np.int64)
         self.history = (np.zeros(self.occupancy.shape) if earlier is None else
@@ -485,7 +580,7 @@ class _Negotiation:
         else's."""
         if choice is None:
             # [color, tree]: the sum of the tree's pair costs in that color
-            totals = np.add.reduceat(self.cost[self.flat[i]], self.starts[i], axis=0).T
+            totals = self._tree_costs(i).T
             color, tree = divmod(int(np.argmin(totals)), totals.shape[1])
             choice = (tree, color)
         self.choice[i] = tree, color = choice
@@ -494,6 +589,23 @@ class _Negotiation:
         self._reprice(held, color)
         for r in held.tolist():
             self.users[color][r].add(i)
+
+    def _tree_costs(self, i: int) -> np.ndarray:
+        """Per [tree, color] the sum of stream i's pair costs with that tree: from runs
+        where they pay (`_TreeRuns`, the same sums), else gathered."""
+        if i not in self.runs:
+            runs = (_TreeRuns(self.trees[i], self.grid)
+                    if self.flat[i].size >= RUNS_MIN_PAIRS else None)
+            self.runs[i] = runs if runs is not None and runs.pays() else None
+        if (runs := self.runs[i]) is not None:
+            # every cost is (1 + history) x (1 + pressure x streams): a multiple of 1 over
+            # the product of their denominators (powers of two, as of every float)
+            scale = (self.pressure.as_integer_ratio()[1]
+                     * float(HISTORY_STEP).as_integer_ratio()[1])
+            totals = runs.totals(self.cost, self.grid, scale)
+            if totals is not None:
+                return totals
+        return np.add.reduceat(self.cost[self.flat[i]], self.starts[i], axis=0)
 
     def unplace(self, i: int) -> None:
         tree, color = self.choice[i]
@@ -590,8 +702,8 @@ def _route(streams: list[RoutedStream], box: tuple[int, int, int, int], wafer: W
                                 for tree in trees_of[ends]]
             candidates.append(trees_of[ends])
             held.append(held_of[key])
-        negotiation = _Negotiation(held, pes * (len(_PHASE_LAYERS[WHOLE]) if phased else 1),
-                                   wafer.colors, negotiation)
+        negotiation = _Negotiation(held, (len(_PHASE_LAYERS[WHOLE]) if phased else 1,
+                                          y1 - y0, width), wafer.colors, negotiation)
         stuck = negotiation.run({i: earlier[id(s)] for i, s in enumerate(streams)
                                  if id(s) in earlier})
         earlier = {id(s): choice for s, choice in zip(streams, negotiation.choice, strict=True)}

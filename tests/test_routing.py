@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from kernel_bench import run_kernel
 
 from compiler.lowering.kernel import Kernel, LocalStream, StreamEnd, StreamIds, lane_cols
-from compiler.routing import _candidates, link
+from compiler.routing import _candidates, _TreeRuns, link
 from wse_sim.errors import UserError
 from wse_sim.hardware import WaferConfig
 from wse_sim.program import (
@@ -260,6 +260,62 @@ def test_harness_passthrough(rows, cols, lw):
     run = run_kernel(kernel, {"x": x})
     np.testing.assert_array_equal(run.outputs["y"], 2 * x)
     assert run.cycles >= rows * min(lw, cols)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), layers=st.sampled_from([1, 2]))
+def test_tree_costs_from_runs_equal_the_gathered_sums(seed, layers):
+    """A stream's tree costs summed from straight runs over prefix sums are the gathered
+    sums to the bit, for costs of the negotiation's form (1 + history) x (1 + pressure x
+    streams), in any order of the resources; past the exact range the runs decline."""
+    rng = np.random.default_rng(seed)
+    width, height, colors = 13, 11, 24
+    src = (int(rng.integers(width)), int(rng.integers(height)))
+    dsts = sorted({(int(rng.integers(width)), int(rng.integers(height)))
+                   for _ in range(rng.integers(1, 20))} - {src})
+    assume(dsts)
+    layer = rng.integers(layers, size=len(_candidates(src, dsts, (0, 0, width, height), 4)))
+    trees = [rng.permutation([(int(layer[k]) * height + y) * width + x for x, y in tree.rx])
+             for k, tree in enumerate(_candidates(src, dsts, (0, 0, width, height), 4))]
+    grid = (layers, height, width)
+    history = 2.0 * rng.integers(0, 400, (layers * height * width, colors))
+    occupancy = rng.integers(0, 6, history.shape)
+    pressure = 0.5 * 1.5 ** int(rng.integers(0, 20))
+    cost = (1.0 + history) * (1.0 + pressure * occupancy)
+    gathered = np.add.reduceat(cost[np.concatenate(trees)],
+                               np.cumsum([0] + [t.size for t in trees[:-1]]), axis=0)
+    runs = _TreeRuns(trees, grid)
+    np.testing.assert_array_equal(
+        runs.totals(cost, grid, pressure.as_integer_ratio()[1]), gathered)
+    assert runs.totals(cost, grid, 2**52) is None
+
+
+def test_negotiation_picks_the_same_trees_summing_runs_or_gathering(monkeypatch):
+    """Six lanes multicast to overlapping bands of rows of a 12 x 10 block, on a wafer of
+    6 colors: their candidates' costs are summed from runs (they pay), and the routed
+    program is the one the gathered sums give."""
+    import compiler.routing as routing
+
+    def routed():
+        ids = StreamIds()
+        bands = {j: tuple((x, y) for x in range(12) for y in range(j, j + 5)) for j in range(6)}
+        kernels = [sender("s", "t", 6, 2, ids), receiver("r", "t", bands, 12, 10, 2, ids)]
+        return link(kernels, {"s": (3, 20), "r": (0, 0)}, WaferConfig(colors=6))
+
+    summed = []
+    totals = _TreeRuns.totals
+
+    def counted(*args):
+        summed.append(totals(*args))
+        return summed[-1]
+
+    monkeypatch.setattr(_TreeRuns, "totals", counted)
+    with_runs = routed()
+    assert summed and all(t is not None for t in summed)
+    monkeypatch.setattr(routing, "RUNS_MIN_PAIRS", 10**9)
+    gathered = routed()
+    assert [(s.color, s.entries) for s in with_runs.streams] == [
+        (s.color, s.entries) for s in gathered.streams]
 
 
 def test_streams_negotiation_cannot_color_are_split_at_relays(monkeypatch):
