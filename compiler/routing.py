@@ -241,22 +241,39 @@ _FROM = {port: port_mask(OPPOSITE[port]) for port in MESH_PORTS}  # rx bit after
 
 @dataclass
 class _Tree:
-    """A candidate multicast tree: per PE the rx port mask of its route (the side it is
-    entered from; RAMP at the source), and the destinations, which fix the tx masks."""
+    """A candidate multicast tree: its PEs in the order it reaches them (`x`, `y`), each
+    with the rx port mask of its route (the side it is entered from; RAMP at the source),
+    and the destinations, which fix the tx masks. Arrays, not a dict of PEs: a fine-lane
+    step's streams have tens of millions of candidate PEs."""
 
-    rx: dict[PE, int]
+    x: np.ndarray  # int32
+    y: np.ndarray  # int32
+    rx: np.ndarray  # uint8 port masks
     dsts: Sequence[PE]
 
+    @classmethod
+    def of(cls, rx: dict[PE, int], dsts: Sequence[PE]) -> _Tree:
+        xy = np.array(list(rx), dtype=np.int32).reshape(-1, 2)
+        return cls(xy[:, 0], xy[:, 1], np.fromiter(rx.values(), dtype=np.uint8), dsts)
+
+    @property
+    def size(self) -> int:
+        return self.x.size
+
+    def pes(self) -> list[PE]:
+        return list(zip(self.x.tolist(), self.y.tolist(), strict=True))
+
     def entries(self) -> dict[PE, Route]:
+        rx = dict(zip(self.pes(), self.rx.tolist(), strict=True))
         # each PE's upstream neighbour sends to it; destinations also send to RAMP
         tx: dict[PE, int] = defaultdict(int)
-        for (x, y), came in self.rx.items():
+        for (x, y), came in rx.items():
             if came in _UPSTREAM:
                 dx, dy, out = _UPSTREAM[came]
                 tx[(x - dx, y - dy)] |= out
         for dst in self.dsts:
             tx[dst] |= _TO[Port.RAMP]
-        return {pe: Route(rx, tx.get(pe, 0)) for pe, rx in self.rx.items()}
+        return {pe: Route(came, tx.get(pe, 0)) for pe, came in rx.items()}
 
 
 _STEP = {Port.N: (0, -1), Port.E: (1, 0), Port.S: (0, 1), Port.W: (-1, 0)}
@@ -283,7 +300,7 @@ def _via_tree(src: PE, via: PE, dsts: Sequence[PE], x_first: bool) -> _Tree | No
                     and _straight(rx, reach, to_x, y, to_y, False)):
                 return None
             x, y = to_x, to_y
-    return _Tree(rx, dsts)
+    return _Tree.of(rx, dsts)
 
 
 def _straight(rx: dict[PE, int], reach: dict[tuple[int, int, bool, int], int], x: int, y: int,
@@ -332,18 +349,19 @@ def _candidates(src: PE, dsts: Sequence[PE], box: tuple[int, int, int, int],
                  range(max(y0, min(ys) - margin), min(y1 - 1, max(ys) + margin) + 1)]
         vias += [((xm, src[1]), False) for xm in
                  range(max(x0, min(xs) - margin), min(x1 - 1, max(xs) + margin) + 1)]
-    trees: dict[frozenset[PE], _Tree] = {}
+    trees: dict[bytes, _Tree] = {}  # by PE set (sorted flat indices), the first tree of each
     for via, x_first in vias:
         tree = _via_tree(src, via, dsts, x_first)
         if tree is not None:
-            trees.setdefault(frozenset(tree.rx), tree)
-    return sorted(trees.values(), key=lambda t: len(t.rx))
+            pes = np.sort(tree.y.astype(np.int64) << 32 | tree.x)
+            trees.setdefault(pes.tobytes(), tree)
+    return sorted(trees.values(), key=lambda t: t.size)
 
 
 def plain_tree(src: PE, dsts: Sequence[PE]) -> frozenset[PE]:
     """The PEs of a stream's smaller plain tree (XY or YX): the route it takes when
     nothing is in its way, for passes that estimate routes before routing."""
-    return frozenset(_candidates(src, dsts, (0, 0, 0, 0), None)[0].rx)
+    return frozenset(_candidates(src, dsts, (0, 0, 0, 0), None)[0].pes())
 
 
 @dataclass
@@ -434,18 +452,21 @@ _PHASE_LAYERS = {FORWARD: (_FORWARD_LAYER,), BACKWARD: (_BACKWARD_LAYER,),
                  WHOLE: (_FORWARD_LAYER, _BACKWARD_LAYER)}
 
 
-def _resources(tree: _Tree, stream: RoutedStream, pes: int, flat: dict[PE, int],
+def _resources(tree: _Tree, stream: RoutedStream, box: tuple[int, int, int, int],
                phased: bool) -> np.ndarray:
-    """The negotiation resources (layer x `pes` + flat PE) a stream holds with `tree`.
-    Without phases, its PEs. With phases, its PEs in the layers of its phase, and for a
-    stream of one phase its ends in the other layer too, so a PE sends or takes in at most
-    one stream per color (module docstring, step 4)."""
-    index = np.array([flat[pe] for pe in tree.rx], dtype=np.int64)
+    """The negotiation resources (layer x PEs of `box` + the PE's row-major index in it)
+    a stream holds with `tree`. Without phases, its PEs. With phases, its PEs in the layers
+    of its phase, and for a stream of one phase its ends in the other layer too, so a PE
+    sends or takes in at most one stream per color (module docstring, step 4)."""
+    x0, y0, x1, y1 = box
+    width, pes = x1 - x0, (x1 - x0) * (y1 - y0)
+    index = (tree.y - y0).astype(np.int64) * width + (tree.x - x0)
     if not phased:
         return index
     held = [layer * pes + index for layer in _PHASE_LAYERS[stream.phase]]
     if stream.phase != WHOLE:
-        ends = np.array([flat[pe] for pe in {stream.src, *stream.dsts}], dtype=np.int64)
+        ends = np.array([(y - y0) * width + x - x0 for x, y in {stream.src, *stream.dsts}],
+                        dtype=np.int64)
         held.append(_PHASE_LAYERS[WHOLE ^ stream.phase][0] * pes + ends)
     return np.concatenate(held)
 
@@ -681,7 +702,6 @@ def _route(streams: list[RoutedStream], box: tuple[int, int, int, int], wafer: W
     _check_ends(streams, wafer)
     x0, y0, x1, y1 = box
     width, pes = x1 - x0, (x1 - x0) * (y1 - y0)
-    flat = {(x, y): (y - y0) * width + x - x0 for y in range(y0, y1) for x in range(x0, x1)}
     earlier: dict[int, tuple[int, int]] = {}  # id(stream) -> its (tree, color) last pass
     # A stream's candidate trees and the resources each holds, by its ends (and phase): a
     # pass after a split at relays has new streams for the split ones only.
@@ -698,7 +718,7 @@ def _route(streams: list[RoutedStream], box: tuple[int, int, int, int], wafer: W
                                              None if s.local else ROUTE_MARGIN)
             key = (*ends, s.phase, phased)
             if key not in held_of:
-                held_of[key] = [_resources(tree, s, pes, flat, phased)
+                held_of[key] = [_resources(tree, s, box, phased)
                                 for tree in trees_of[ends]]
             candidates.append(trees_of[ends])
             held.append(held_of[key])
@@ -714,6 +734,7 @@ def _route(streams: list[RoutedStream], box: tuple[int, int, int, int], wafer: W
             return streams, max((s.color for s in streams), default=-1) + 1
         if not phased and _can_phase(streams, wafer):
             phased = True
+            held_of.clear()  # (the resources without phases: never held again)
             continue
         if splits < RELAY_PASSES:
             splits += 1

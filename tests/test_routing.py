@@ -210,7 +210,7 @@ def test_candidates_are_trees(src, dsts, margin):
     assume(src not in dsts)
     box = (0, 0, 7, 7)
     trees = _candidates(src, dsts, box, margin)
-    assert trees and sorted(map(len, (t.rx for t in trees))) == [len(t.rx) for t in trees]
+    assert trees and sorted(t.size for t in trees) == [t.size for t in trees]
     for tree in trees:
         entries = tree.entries()
         assert entries[src].rx == port_mask(Port.RAMP)
@@ -265,18 +265,26 @@ def test_harness_passthrough(rows, cols, lw):
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), layers=st.sampled_from([1, 2]))
 def test_tree_costs_from_runs_equal_the_gathered_sums(seed, layers):
-    """A stream's tree costs summed from straight runs over prefix sums are the gathered
-    sums to the bit, for costs of the negotiation's form (1 + history) x (1 + pressure x
-    streams), in any order of the resources; past the exact range the runs decline."""
+    """A stream's tree costs summed from straight runs over prefix sums (its ends in the
+    other layer among them) are the gathered sums to the bit, for costs of the
+    negotiation's form (1 + history) x (1 + pressure x streams), in any order of the
+    resources; past the exact range the runs decline."""
     rng = np.random.default_rng(seed)
     width, height, colors = 13, 11, 24
     src = (int(rng.integers(width)), int(rng.integers(height)))
     dsts = sorted({(int(rng.integers(width)), int(rng.integers(height)))
                    for _ in range(rng.integers(1, 20))} - {src})
     assume(dsts)
-    layer = rng.integers(layers, size=len(_candidates(src, dsts, (0, 0, width, height), 4)))
-    trees = [rng.permutation([(int(layer[k]) * height + y) * width + x for x, y in tree.rx])
-             for k, tree in enumerate(_candidates(src, dsts, (0, 0, width, height), 4))]
+    # each tree in a layer of its own; with two, the stream's ends in the other layer too
+    # (as a stream of one phase holds them: `_resources`)
+    ends = np.array([y * width + x for x, y in [src, *dsts]])
+    trees = []
+    for tree in _candidates(src, dsts, (0, 0, width, height), 4):
+        layer = int(rng.integers(layers))
+        held = [(layer * height + tree.y) * width + tree.x]
+        if layers == 2:
+            held.append((1 - layer) * height * width + ends)
+        trees.append(rng.permutation(np.concatenate(held)))
     grid = (layers, height, width)
     history = 2.0 * rng.integers(0, 400, (layers * height * width, colors))
     occupancy = rng.integers(0, 6, history.shape)
