@@ -32,10 +32,10 @@
    the box many times over, two prefix sums over the window and a sum per straight run
    of each candidate instead (`_TreeRuns`: the same sums to the bit). gpt_small (about
    4400 streams, most of them one-PE token channels) needs 5-300 rounds and 0.01-1.4
-   reroutes per stream. A round gives up after
-   `MAX_ROUNDS` rounds, `REROUTES_PER_STREAM` reroutes per stream or `STALLED_ROUNDS`
-   rounds without fewer streams sharing a pair. A PE that more streams start or end at than
-   the wafer has colors is a `UserError` naming a stream at once.
+   reroutes per stream. A round gives up after `MAX_ROUNDS` rounds, `REROUTES_PER_STREAM`
+   reroutes per stream or `STALLED_ROUNDS` rounds without fewer streams sharing a pair. A
+   PE that more streams start or end at than the wafer has colors is a `UserError` naming
+   a stream at once.
 4. Colors shared in time. A route held for the whole step makes 24 colors the scarce
    resource of the whole step, but a training step has two phases: a stream of the forward
    (a tensor that is not a gradient) carries its last wavelet before the loss sends its
