@@ -92,6 +92,7 @@ the rounds, and does not converge for the greedy placement.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -133,6 +134,10 @@ MESH_PORTS = (Port.N, Port.E, Port.S, Port.W)
 # The phases of a training step a stream carries wavelets in (module docstring, step 4)
 FORWARD, BACKWARD = 1, 2
 WHOLE = FORWARD | BACKWARD
+
+# One INFO record per negotiation round: a fine-lane compile may negotiate for minutes
+# (the CLI's progress line shows them on a terminal).
+_log = logging.getLogger(__name__)
 
 ROUTE_MARGIN = 8  # a lane's turns may lie this many PEs beyond its endpoints' bounding box
 MAX_ROUNDS = 800  # negotiation rounds before routing gives up ...
@@ -643,14 +648,14 @@ class _Negotiation:
         return sorted({i for c, r in zip(colors.tolist(), held.tolist(), strict=True)
                        for i in self.users[c][r]})
 
-    def run(self, start: dict[int, tuple[int, int]]) -> list[int]:
+    def run(self, start: dict[int, tuple[int, int]], stage: str) -> list[int]:
         """Negotiate until no pair is shared, or for at most `MAX_ROUNDS` rounds and
         `REROUTES_PER_STREAM` reroutes per stream (a feasible layout needs far fewer: at
         most 2 per stream for gpt_small's placements); returns the streams still sharing a
         pair (empty on success). Streams in `start` begin at its (tree, color) (those of
         an earlier negotiation), the others at their cheapest, largest tree first. Each
         round reroutes the sharing streams in an order shuffled from a fixed seed, so the
-        result is deterministic."""
+        result is deterministic; it is logged, under `stage`."""
         for i in start:
             self.place(i, start[i])
         order = sorted(range(len(self.trees)), key=lambda i: -self.trees[i][0].size)
@@ -664,6 +669,8 @@ class _Negotiation:
                and self.reroutes < budget and since < STALLED_ROUNDS):
             fewest, since = (len(shared), 0) if len(shared) < fewest else (fewest, since + 1)
             self.rounds += 1
+            _log.info("routing, %s: round %d, %d of %d streams share a (PE, color)", stage,
+                      self.rounds, len(shared), len(self.trees))
             self.history += HISTORY_STEP * (self.occupancy > 1)
             self.pressure = min(self.pressure * PRESSURE_GROWTH, PRESSURE_MAX)
             self._price()
@@ -724,8 +731,10 @@ def _route(streams: list[RoutedStream], box: tuple[int, int, int, int], wafer: W
             held.append(held_of[key])
         negotiation = _Negotiation(held, (len(_PHASE_LAYERS[WHOLE]) if phased else 1,
                                           y1 - y0, width), wafer.colors, negotiation)
+        stage = (f"relay pass {splits} ({len(_relays(streams))} relays)" if splits else
+                 "colors shared in two phases" if phased else "negotiation")
         stuck = negotiation.run({i: earlier[id(s)] for i, s in enumerate(streams)
-                                 if id(s) in earlier})
+                                 if id(s) in earlier}, stage)
         earlier = {id(s): choice for s, choice in zip(streams, negotiation.choice, strict=True)}
         for stream, trees, (tree, color) in zip(streams, candidates, negotiation.choice,
                                                 strict=True):

@@ -3,6 +3,8 @@ and the kernel harness."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
@@ -182,6 +184,19 @@ def test_forced_crossing_fails_after_negotiation():
                                         r"t[ab]\[lane 0\] \(\d streams pass that PE\) and the "
                                         r"wafer has 1 colors$"):
         link(kernels, positions, WaferConfig(colors=1))
+
+
+def test_negotiation_logs_each_round(caplog):
+    """The forced crossing's rounds, one INFO record each (the progress line shows them)."""
+    ids = StreamIds()
+    kernels = [sender("a", "ta", 1, 2, ids), receiver("ra", "ta", {0: ((0, 0),)}, 1, 1, 2, ids),
+               sender("b", "tb", 1, 2, ids), receiver("rb", "tb", {0: ((0, 0),)}, 1, 1, 2, ids)]
+    positions = {"a": (0, 1), "ra": (2, 1), "b": (1, 0), "rb": (1, 2)}
+    with caplog.at_level(logging.INFO, logger="compiler.routing"), pytest.raises(UserError):
+        link(kernels, positions, WaferConfig(colors=1))
+    rounds = [r.getMessage() for r in caplog.records if r.name == "compiler.routing"]
+    assert rounds[:2] == [f"routing, negotiation: round {k}, 2 of 2 streams share a (PE, color)"
+                          for k in (1, 2)]
 
 
 def test_negotiation_steps_aside_into_a_free_tree():

@@ -15,15 +15,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="program file to write (.npz)")
     parser.add_argument("--placement", metavar="NAME",
                         help="placement strategy (overrides compile.placement)")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
 
 
 def run(args: argparse.Namespace) -> int:
     from wse_sim.outputs import check_outputs
     from wse_sim.pipeline import compile_config
     from wse_sim.program import save_program
+    from wse_sim.progress import Progress
 
     check_outputs(files={"-o": args.output}, inputs=(args.config,))
-    compiled = compile_config(args.config, args.placement)
+    with Progress(not args.quiet):
+        compiled = compile_config(args.config, args.placement)
     program = compiled.linked.program
     save_program(program, args.output, compiled.cfg.wafer)
     switched = sum(1 for route in program.routes.values() if route.positions)
