@@ -150,6 +150,7 @@ STALLED_ROUNDS = 100  # ... or rounds without fewer streams sharing a pair
 RELAY_PASSES = 8  # times the streams still sharing a pair are split at relays ...
 MIN_RELAYED_HOPS = 4  # ... if their farthest destination is at least this many hops away
 RUNS_MIN_PAIRS = 1000  # candidates' pairs per color below which a stream's costs are gathered
+GATHER_ROWS = 4096  # ... at most this many at once (`_Negotiation._gathered`)
 
 
 def fabric_elements(instrs: list[Instr], kind: Kind) -> dict[int, int]:
@@ -579,6 +580,7 @@ class _Negotiation:
         # per stream: its trees as runs where summing them pays, None where it does not, or
         # not worked out yet (absent)
         self.runs: dict[int, _TreeRuns | None] = {}
+        self.groups: dict[int, list[tuple[int, int]]] = {}  # per wide stream (`_gathered`)
         # per (resource, color): resource-major, so a stream's are contiguous rows to gather
         self.occupancy = np.zeros((resources, colors), dtype=np.int64)
         self.history = (np.zeros(self.occupancy.shape) if earlier is None else
@@ -631,7 +633,28 @@ class _Negotiation:
             totals = runs.totals(self.cost, self.grid, scale)
             if totals is not None:
                 return totals
-        return np.add.reduceat(self.cost[self.flat[i]], self.starts[i], axis=0)
+        return self._gathered(i)
+
+    def _gathered(self, i: int) -> np.ndarray:
+        """Per [tree, color] the sum of stream i's pair costs with that tree, gathered a
+        group of trees at a time (at most `GATHER_ROWS` pairs, or one tree): a group's
+        gather stays in the cache while it is summed, 3x faster than the whole at 50,000
+        pairs, in the same order."""
+        flat, starts = self.flat[i], self.starts[i]
+        if flat.size <= GATHER_ROWS:
+            return np.add.reduceat(self.cost[flat], starts, axis=0)
+        ends = np.append(starts[1:], flat.size)
+        if i not in self.groups:  # trees first .. t - 1, t where tree t no longer fits
+            groups, first = [], 0
+            for t in range(1, len(starts)):
+                if ends[t] - starts[first] > GATHER_ROWS:
+                    groups.append((first, t))
+                    first = t
+            self.groups[i] = [*groups, (first, len(starts))]
+        return np.concatenate([
+            np.add.reduceat(self.cost[flat[starts[a]:ends[b - 1]]], starts[a:b] - starts[a],
+                            axis=0)
+            for a, b in self.groups[i]])
 
     def unplace(self, i: int) -> None:
         tree, color = self.choice[i]

@@ -313,6 +313,24 @@ def test_tree_costs_from_runs_equal_the_gathered_sums(seed, layers):
     assert runs.totals(cost, grid, 2**52) is None
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), group=st.sampled_from([1, 50, 400]))
+def test_tree_costs_gathered_in_groups_equal_the_whole_gather(seed, group):
+    """Gathered a group of trees at a time, a stream's tree costs are the sums of one
+    gather to the bit, whatever the costs (no exact range needed: the same order)."""
+    import compiler.routing as routing
+
+    rng = np.random.default_rng(seed)
+    trees = [rng.integers(0, 300, size) for size in rng.integers(1, 300, rng.integers(1, 30))]
+    negotiation = routing._Negotiation([trees], (1, 12, 25), 24)
+    negotiation.cost = rng.random(negotiation.cost.shape) * 10.0 ** rng.integers(0, 12)
+    whole = np.add.reduceat(negotiation.cost[np.concatenate(trees)],
+                            np.cumsum([0] + [t.size for t in trees[:-1]]), axis=0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(routing, "GATHER_ROWS", group)
+        np.testing.assert_array_equal(negotiation._gathered(0), whole)
+
+
 def test_negotiation_picks_the_same_trees_summing_runs_or_gathering(monkeypatch):
     """Six lanes multicast to overlapping bands of rows of a 12 x 10 block, on a wafer of
     6 colors: their candidates' costs are summed from runs (they pay), and the routed
