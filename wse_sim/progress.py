@@ -48,8 +48,8 @@ class Progress:
             self._logger.removeHandler(self._handler)
             self._logger.setLevel(self._level)
         if self.drawn:
-            print(f"\r{CLEAR_TO_END}" if self.transient else "", file=sys.stderr,
-                  end="" if self.transient else "\n", flush=True)
+            ending = f"\r{CLEAR_TO_END}" if self.transient else "\n"
+            print(ending, end="", file=sys.stderr, flush=True)
             self.drawn = False
 
 
@@ -62,7 +62,7 @@ class _CompilerRecords(logging.Handler):
     def __init__(self, progress: Progress) -> None:
         super().__init__(logging.INFO)
         self.progress = progress
-        self.drawn_at = -1.0
+        self.drawn_at = float("-inf")
 
     def emit(self, record: logging.LogRecord) -> None:
         now = time.perf_counter()
