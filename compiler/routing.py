@@ -355,7 +355,7 @@ def _candidates(src: PE, dsts: Sequence[PE], box: tuple[int, int, int, int],
                  range(max(y0, min(ys) - margin), min(y1 - 1, max(ys) + margin) + 1)]
         vias += [((xm, src[1]), False) for xm in
                  range(max(x0, min(xs) - margin), min(x1 - 1, max(xs) + margin) + 1)]
-    trees: dict[bytes, _Tree] = {}  # by PE set (sorted flat indices), the first tree of each
+    trees: dict[bytes, _Tree] = {}  # by PE set (its sorted (y, x) keys), the first of each
     for via, x_first in vias:
         tree = _via_tree(src, via, dsts, x_first)
         if tree is not None:
@@ -509,6 +509,7 @@ class _TreeRuns:
     (early rounds of a crowded negotiation may not), and the caller gathers."""
 
     def __init__(self, candidates: list[np.ndarray], grid: tuple[int, int, int]) -> None:
+        self.grid = grid
         layers, height, width = grid
         flat = np.concatenate(candidates)
         tree = np.repeat(np.arange(len(candidates)), [c.size for c in candidates])
@@ -543,14 +544,11 @@ class _TreeRuns:
         cell of the window."""
         return 8 * self.cells < self.gathered
 
-    def totals(self, cost: np.ndarray, grid: tuple[int, int, int],
-               scale: int) -> np.ndarray | None:
+    def totals(self, cost: np.ndarray, scale: int) -> np.ndarray | None:
         """Per [tree, color] the sum of the tree's pair costs, or None outside the exact
         range (class docstring)."""
-        layers, height, width = grid
         colors = cost.shape[1]
-        window = cost.reshape(layers, height, width, colors)[:, self.y0:self.y1,
-                                                             self.x0:self.x1]
+        window = cost.reshape(*self.grid, colors)[:, self.y0:self.y1, self.x0:self.x1]
         n = self.cells
         prefix = np.empty((2 * (n + 1), colors))
         prefix[0] = prefix[n + 1] = 0.0
@@ -580,7 +578,8 @@ class _Negotiation:
         # per stream: its trees as runs where summing them pays, None where it does not, or
         # not worked out yet (absent)
         self.runs: dict[int, _TreeRuns | None] = {}
-        self.groups: dict[int, list[tuple[int, int]]] = {}  # per wide stream (`_gathered`)
+        # per wide stream: its groups' resources and tree starts in them (`_gathered`)
+        self.groups: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         # per (resource, color): resource-major, so a stream's are contiguous rows to gather
         self.occupancy = np.zeros((resources, colors), dtype=np.int64)
         self.history = (np.zeros(self.occupancy.shape) if earlier is None else
@@ -630,7 +629,7 @@ class _Negotiation:
             # the product of their denominators (powers of two, as of every float)
             scale = (self.pressure.as_integer_ratio()[1]
                      * float(HISTORY_STEP).as_integer_ratio()[1])
-            totals = runs.totals(self.cost, self.grid, scale)
+            totals = runs.totals(self.cost, scale)
             if totals is not None:
                 return totals
         return self._gathered(i)
@@ -643,18 +642,16 @@ class _Negotiation:
         flat, starts = self.flat[i], self.starts[i]
         if flat.size <= GATHER_ROWS:
             return np.add.reduceat(self.cost[flat], starts, axis=0)
-        ends = np.append(starts[1:], flat.size)
         if i not in self.groups:  # trees first .. t - 1, t where tree t no longer fits
-            groups, first = [], 0
+            ends = np.append(starts[1:], flat.size)
+            cuts = [0]
             for t in range(1, len(starts)):
-                if ends[t] - starts[first] > GATHER_ROWS:
-                    groups.append((first, t))
-                    first = t
-            self.groups[i] = [*groups, (first, len(starts))]
-        return np.concatenate([
-            np.add.reduceat(self.cost[flat[starts[a]:ends[b - 1]]], starts[a:b] - starts[a],
-                            axis=0)
-            for a, b in self.groups[i]])
+                if ends[t] - starts[cuts[-1]] > GATHER_ROWS:
+                    cuts.append(t)
+            self.groups[i] = [(flat[starts[a]:ends[b - 1]], starts[a:b] - starts[a])
+                              for a, b in zip(cuts, [*cuts[1:], len(starts)], strict=True)]
+        return np.concatenate([np.add.reduceat(self.cost[pairs], local_starts, axis=0)
+                               for pairs, local_starts in self.groups[i]])
 
     def unplace(self, i: int) -> None:
         tree, color = self.choice[i]

@@ -309,8 +309,8 @@ def test_tree_costs_from_runs_equal_the_gathered_sums(seed, layers):
                                np.cumsum([0] + [t.size for t in trees[:-1]]), axis=0)
     runs = _TreeRuns(trees, grid)
     np.testing.assert_array_equal(
-        runs.totals(cost, grid, pressure.as_integer_ratio()[1]), gathered)
-    assert runs.totals(cost, grid, 2**52) is None
+        runs.totals(cost, pressure.as_integer_ratio()[1]), gathered)
+    assert runs.totals(cost, 2**52) is None
 
 
 @settings(max_examples=25, deadline=None)
