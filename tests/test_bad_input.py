@@ -483,6 +483,9 @@ CASES: list[tuple[str, Callable[..., list[str]], str]] = [
     ("A-sweep-no-file", lambda d: ["sweep"], "the following arguments are required: sweep"),
     ("A-unknown-option", lambda d: ["graph", config(d), "--verbose"],
      "unrecognized arguments: --verbose"),
+    ("A-compile-quiet-with-value", lambda d: ["compile", config(d), "-o", str(d / "s.npz"),
+                                              "--quiet=yes"],
+     "argument --quiet: ignored explicit argument 'yes'"),
 ]
 SUBPROCESS = ("E-config-graph", "O-json-fifo", "T-seed-negative", "A-no-command",
               "N-run-vocab", "F-program-fifo", "F-sweep-unknown-field")
