@@ -22,10 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numba
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
+from numba.core.caching import FunctionCache
 from numba.extending import intrinsic
 
 PACKAGE = Path(__file__).resolve().parent
@@ -39,37 +39,40 @@ hot = njit(cache=True, nogil=True, _nrt=False, error_model="numpy")
 hot_inline = njit(cache=True, nogil=True, _nrt=False, error_model="numpy", inline="always")
 
 
-def _cache_dirs() -> list[Path]:
-    """Where numba keeps this package's cache: its __pycache__, or NUMBA_CACHE_DIR."""
-    dirs = [PACKAGE / "__pycache__"]
-    if numba.config.CACHE_DIR:
-        dirs += list(Path(numba.config.CACHE_DIR).glob(f"{PACKAGE.name}_*"))
-    return dirs
+def _cache_dir() -> Path | None:
+    """The folder numba keeps this package's compiled code in, chosen (and made) as numba
+    does for any function here: NUMBA_CACHE_DIR, else the package's __pycache__ if writable,
+    else the user's cache folder; None if numba can cache nowhere. Asked of numba, not
+    guessed: a folder it has not used yet must get the stamp now, or the next process would
+    take what this one caches there for stale."""
+    try:
+        return Path(FunctionCache(drop_stale_cache).cache_path)
+    except (OSError, RuntimeError):
+        return None
 
 
 def drop_stale_cache() -> None:
     """Delete the cached code of ENGINE_SOURCES if any of those files changed since it was
     stored (called once, on import, before any cached function is loaded)."""
+    cache = _cache_dir()
+    if cache is None:
+        return
     digest = hashlib.sha256()
     for name in ENGINE_SOURCES:
         digest.update((PACKAGE / name).read_bytes())
     stamp = digest.hexdigest()
-    for cache in _cache_dirs():
-        marker = cache / STAMP
-        try:
-            if marker.exists() and marker.read_text() == stamp:
-                continue
-            # Absent when Python writes no bytecode (PYTHONDONTWRITEBYTECODE): numba makes it
-            # later, and without the stamp the next process would drop what it cached.
-            cache.mkdir(exist_ok=True)
-            for name in ENGINE_SOURCES:
-                for path in cache.glob(f"{Path(name).stem}.*.nb[ic]"):
-                    path.unlink(missing_ok=True)
-            tmp = cache / f"{STAMP}.{os.getpid()}"
-            tmp.write_text(stamp)
-            tmp.replace(marker)
-        except OSError:  # a read-only install: numba will not write a cache there either
-            continue
+    marker = cache / STAMP
+    try:
+        if marker.exists() and marker.read_text() == stamp:
+            return
+        for name in ENGINE_SOURCES:
+            for path in cache.glob(f"{Path(name).stem}.*.nb[ic]"):
+                path.unlink(missing_ok=True)
+        tmp = cache / f"{STAMP}.{os.getpid()}"
+        tmp.write_text(stamp)
+        tmp.replace(marker)
+    except OSError:  # a read-only folder: numba will not write a cache there either
+        return
 
 
 drop_stale_cache()
