@@ -18,7 +18,9 @@ own) after a warm-up that compiles or loads the numba code, which is not timed:
 
 Peak MiB is the row process's maximum resident memory (VmHWM: its Python, numpy and numba
 included, not the memory of the parent it was started from).
-The table is also written as CSV to DIR (default benchmarks/out/sim_speed.csv).
+A row the simulator-speed issue set a target for (64x64 at 1 thread and every core, 32x32
+at every core, gpt_small's compile and simulate, the full wafer) shows it and whether it
+is met. The table is also written as CSV to DIR (default benchmarks/out/sim_speed.csv).
 """
 
 from __future__ import annotations
@@ -34,6 +36,32 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# The simulator-speed issue's targets on a 2-core machine (README, "Benchmarks"): traffic
+# rows by (mesh side, one thread, every core), gpt_small's compile and simulate, the wafer.
+TRAFFIC_TARGETS = {(64, True, False): {"min_rate": 60}, (64, False, True): {"min_rate": 100},
+                   (32, False, True): {"min_rate": 40}}
+GPT_SMALL_TARGET = {"max_seconds": 5}
+WAFER_TARGET = {"max_seconds": 120, "max_mib": 4096}
+
+
+def _judge(target: dict, rate: float | None, seconds: float, peak_mib: float
+           ) -> tuple[str, str]:
+    """A row's target as text and whether the row meets it ("yes", "no", "" if none)."""
+    if not target:
+        return "", ""
+    text, met = [], True
+    if "min_rate" in target:
+        text.append(f">= {target['min_rate']}M PE-cycles/s")
+        met &= rate is not None and rate >= target["min_rate"]
+    if "max_seconds" in target:
+        text.append(f"<= {target['max_seconds']} s")
+        met &= seconds <= target["max_seconds"]
+    if "max_mib" in target:
+        text.append(f"<= {target['max_mib']} MiB")
+        met &= peak_mib <= target["max_mib"]
+    return ", ".join(text), "yes" if met else "no"
 
 
 def _cores() -> int:
@@ -146,37 +174,45 @@ def main() -> None:
         for threads in sorted({1, cores}):
             specs.append({"kind": "traffic", "size": [k, k], "rate": rate, "warmup": 0,
                           "cycles": int(cycles * scale), "threads": threads,
-                          "label": f"traffic {k}x{k} uniform {rate}, {threads} thread(s)"})
+                          "label": f"traffic {k}x{k} uniform {rate}, {threads} thread(s)",
+                          "target": TRAFFIC_TARGETS.get((k, threads == 1, threads == cores),
+                                                        {})})
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("gpt_tiny", "gpt_small"):
             path = str(Path(tmp) / f"{name}.npz")
+            target = GPT_SMALL_TARGET if name == "gpt_small" else {}
             specs.append({"kind": "compile", "config": str(ROOT / "models" / f"{name}.yaml"),
-                          "path": path, "threads": 1, "label": f"{name} compile"})
+                          "path": path, "threads": 1, "label": f"{name} compile",
+                          "target": target})
             specs.append({"kind": "program", "path": path, "threads": None,
-                          "label": f"{name} simulate, {cores} thread(s)"})
+                          "label": f"{name} simulate, {cores} thread(s)", "target": target})
         if not args.no_wafer:
             specs.append({"kind": "traffic", "size": [750, 994], "rate": 0.01,
                           "warmup": int(1000 * scale), "cycles": int(1000 * scale),
                           "threads": cores, "label": f"WSE-2 750x994 traffic uniform 0.01, "
-                          f"{int(2000 * scale)} cycles, {cores} thread(s)"})
+                          f"{int(2000 * scale)} cycles, {cores} thread(s)",
+                          "target": {} if args.quick else WAFER_TARGET})
         rows = [run_row(spec) for spec in specs]
-    print(f"{'workload':<58} {'M PE-cycles/s':>13} {'host s':>8} {'peak MiB':>9}")
+    print(f"{'workload':<58} {'M PE-cycles/s':>13} {'host s':>8} {'peak MiB':>9}  "
+          f"{'target':<26} met")
     for r in rows:
         rate = None if r["pe_cycles"] is None else r["pe_cycles"] / r["seconds"] / 1e6
         r["mpe_cycles_per_s"] = rate
+        r["target_text"], r["met"] = _judge(r["target"], rate, r["seconds"], r["peak_mib"])
         print(f"{r['label']:<58} {'-' if rate is None else f'{rate:.1f}':>13} "
-              f"{r['seconds']:>8.2f} {r['peak_mib']:>9.0f}")
+              f"{r['seconds']:>8.2f} {r['peak_mib']:>9.0f}  {r['target_text'] or '-':<26} "
+              f"{r['met']}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "sim_speed.csv"
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["workload", "threads", "pe_cycles", "host_seconds",
-                         "mpe_cycles_per_s", "peak_mib"])
+                         "mpe_cycles_per_s", "peak_mib", "target", "met"])
         for r in rows:
             rate = r["mpe_cycles_per_s"]
             writer.writerow([r["label"], r["threads"] or cores, r["pe_cycles"] or "",
                              f"{r['seconds']:.3f}", "" if rate is None else f"{rate:.2f}",
-                             f"{r['peak_mib']:.0f}"])
+                             f"{r['peak_mib']:.0f}", r["target_text"], r["met"]])
     print(f"wrote {path}")
 
 
