@@ -339,13 +339,10 @@ def test_cli_run_of_a_saved_program_with_a_bad_port_exits_2_in_one_line(tmp_path
     assert "port 'w' at PE (0, 0) side E color 3 (inbound): side E does not face off" in lines[0]
 
 
-def test_edge_ports_bit_identical_for_any_thread_count(monkeypatch):
+def test_edge_ports_bit_identical_for_any_thread_count(all_workers):
     """Inbound streams down four columns (their words cross every stripe boundary), two of
     them sharing a narrow budget with back-pressure, and outbound ports at the bottom: the
     same cycles, counters, words and arrival cycles with 1, 2 and 4 workers."""
-    from wse_sim import engine
-
-    monkeypatch.setattr(engine, "workers_for", lambda wk, visits: len(wk.stripe))
     height, n = 8, 20
     p = Program(4, height)
     for x in range(4):

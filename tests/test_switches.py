@@ -379,10 +379,7 @@ def test_streams_take_turns_on_one_color(case):
     np.testing.assert_array_equal(three.sram(0, width - 1), expected.astype(np.float32))
 
 
-def test_switches_bit_identical_for_any_thread_count(monkeypatch):
-    from wse_sim import engine
-
-    monkeypatch.setattr(engine, "workers_for", lambda wk, visits: len(wk.stripe))
+def test_switches_bit_identical_for_any_thread_count(all_workers):
     # Two-phase streams down columns, so wavelets and control wavelets cross stripes.
     wide = Program(6, 3)
     for col in range(6):

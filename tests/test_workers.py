@@ -2,13 +2,14 @@
 fabric, and a program placed anywhere on the wafer costs memory for the PEs it uses."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from programs import assert_same_run, outer_product_matmul, route_east
 
 from compiler.config import load_config
-from wse_sim import engine, traffic
+from wse_sim import threads
 from wse_sim.engine import simulate
 from wse_sim.errors import DeadlockError
 from wse_sim.hardware import WaferConfig
@@ -26,13 +27,6 @@ from wse_sim.program import (
     vec,
 )
 from wse_sim.traffic import run_traffic
-
-
-@pytest.fixture
-def all_workers(monkeypatch):
-    """Every stripe its own thread, however little work a cycle holds."""
-    for module in (engine, traffic):
-        monkeypatch.setattr(module, "workers_for", lambda wk, visits: len(wk.stripe))
 
 
 def test_program_bit_identical_for_any_thread_count(all_workers):
@@ -169,3 +163,47 @@ def test_cli_threads_option_gives_identical_reports(all_workers, tmp_path, monke
         assert report == reports[0]
         np.testing.assert_array_equal(c, tensors[0])
     np.testing.assert_allclose(tensors[0], a.astype(np.float64) @ b, rtol=1e-5, atol=1e-5)
+
+
+def _plan_run(ns_per_visit: dict[int, float], cycles: int = 2_000_000) -> dict[int, int]:
+    """Cycles a ChunkPlan gives each thread count over a run of 100 visits a cycle on two
+    stripes, a visit taking ns_per_visit[workers] of a fake clock."""
+    wk = SimpleNamespace(stripe=np.zeros(2, [("visits", np.int64)]))
+    now = [0.0]
+    plan = threads.ChunkPlan(wk, 1024, 256, 1 << 22, clock=lambda: now[0])
+    ran = {1: 0, 2: 0}
+    while sum(ran.values()) < cycles:
+        workers, chunk = plan.next()
+        wk.stripe["visits"][0] += 100 * chunk
+        now[0] += 100 * chunk * ns_per_visit[workers] * 1e-9
+        plan.ran(chunk)
+        ran[workers] += chunk
+    return ran
+
+
+def test_chunk_plan_keeps_the_faster_thread_count():
+    # An idle machine: two threads are faster; one runs only short timing chunks.
+    idle = _plan_run({1: 100.0, 2: 57.0})
+    assert idle[1] < 0.02 * (idle[1] + idle[2])
+    # Other processes busy on every core: the barrier makes two threads 10x slower.
+    busy = _plan_run({1: 100.0, 2: 1000.0})
+    assert busy[2] < 0.05 * (busy[1] + busy[2])
+
+
+def test_chunk_plan_follows_a_change_of_load():
+    # Busy for the first half of the run, then idle: the plan moves back to two threads.
+    wk = SimpleNamespace(stripe=np.zeros(2, [("visits", np.int64)]))
+    now = [0.0]
+    plan = threads.ChunkPlan(wk, 1024, 256, 1 << 22, clock=lambda: now[0])
+    late = {1: 0, 2: 0}
+    t = 0
+    while t < 4_000_000:
+        workers, chunk = plan.next()
+        ns = {1: 100.0, 2: 1000.0 if t < 2_000_000 else 57.0}[workers]
+        wk.stripe["visits"][0] += 100 * chunk
+        now[0] += 100 * chunk * ns * 1e-9
+        plan.ran(chunk)
+        t += chunk
+        if t > 3_000_000:
+            late[workers] += chunk
+    assert late[2] > 0.9 * (late[1] + late[2])

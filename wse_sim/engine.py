@@ -155,7 +155,6 @@ wavelets end at routers, not PEs: the check is sent = delivered + consumed by ro
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -174,13 +173,10 @@ from wse_sim.interrupt import sigint_flag
 from wse_sim.jit import (
     barrier,
     bits_float,
-    cores,
     float_bits,
     hot,
     hot_inline,
-    run_workers,
     trailing_zeros,
-    workers_for,
 )
 from wse_sim.program import (
     Kind,
@@ -208,6 +204,7 @@ from wse_sim.router import (
 )
 from wse_sim.state import CONTROL, EDGE_OUT, GATE_OFF, NEVER, OPERANDS, RECV
 from wse_sim.stats import Stats
+from wse_sim.threads import ChunkPlan, cores, run_workers
 
 # Plain ints for numba.
 MEM, FABIN, FABOUT, REG, IMM = (int(k) for k in (Kind.MEM, Kind.FABIN, Kind.FABOUT, Kind.REG,
@@ -1412,8 +1409,8 @@ def simulate(
     """Validate and run `program` to completion; see the module docstring for the model.
 
     The fabric's rows are split into `threads` stripes (default: one per core), run by as
-    many host threads as the work per cycle pays for (`wse_sim.jit.workers_for`); the
-    results do not depend on either.
+    many host threads as the work per cycle pays for and the machine's load allows
+    (`wse_sim.threads.ChunkPlan`); the results do not depend on either.
     Raises ProgramError (invalid program), DeadlockError, or SimulationStopped (a UserError
     holding the partial result) if the run needs more than `max_cycles` cycles or, with
     `interruptible`, Ctrl-C is pressed (`wse_sim.interrupt`; the run stops within a chunk
@@ -1429,16 +1426,13 @@ def _run(program: Program, asm: Assembled, max_cycles: int | None,
     """`simulate`'s loop over chunks of cycles."""
     fb, cs, wk = asm.fabric, asm.cores, asm.workers
     t = 0
-    chunk = 1024
-    workers = workers_for(wk, 0.0)
+    plan = ChunkPlan(wk, 1024, 256, 1 << 22)
     while True:
+        workers, chunk = plan.next()
         end = t + chunk if max_cycles is None else min(t + chunk, max_cycles)
-        started = time.perf_counter()
-        visits = int(wk.stripe["visits"].sum())
         t0 = t
         t, status = run_workers(run_worker, workers, fb, cs, wk, t, end, workers)
-        elapsed = time.perf_counter() - started
-        workers = workers_for(wk, (int(wk.stripe["visits"].sum()) - visits) / max(t - t0, 1))
+        plan.ran(t - t0)
         if progress is not None:
             progress(t)
         if status != RUNNING and max_cycles is not None and t > max_cycles:
@@ -1462,8 +1456,6 @@ def _run(program: Program, asm: Assembled, max_cycles: int | None,
             raise _stopped(program, asm, t, "max_cycles", f"reached max_cycles={max_cycles}")
         if interrupted():
             raise _stopped(program, asm, t, "interrupted", "interrupted (Ctrl-C)")
-        # Aim for ~0.2 s between progress calls.
-        chunk = int(min(max(chunk * min(0.2 / max(elapsed, 1e-4), 4.0), 256), 1 << 22))
     _settle(cs, t)
     # The fabric is empty: every wavelet sent (and every multicast copy) reached a PE.
     stats = Stats.from_state(program.width, program.height, t, fb, wk, cs)

@@ -7,9 +7,8 @@ helpers of `router.py`, the helpers here, the record layouts of `state.py` and t
 hash differs from the one stored beside the cache, deletes the cache files of all of them:
 an edit to any of them recompiles every loop (stale machine code cannot run).
 
-Workers. A run with several workers starts one host thread per stripe of fabric rows
-(`wse_sim.state`); the numba functions release the GIL and meet twice per simulated cycle
-at `barrier` (a spinning barrier on atomics: a cycle of a small fabric lasts microseconds,
+Barrier. The worker threads of a run (`wse_sim.threads`) meet twice per simulated cycle at
+`barrier` (a spinning barrier on atomics: a cycle of a small fabric lasts microseconds,
 too short to sleep and wake a thread; after a while a waiting thread yields its core).
 """
 
@@ -17,10 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from llvmlite import ir
 from numba import njit, types
@@ -162,36 +158,3 @@ def barrier(bar, workers):
         spins += 1
         if spins >= SPINS:
             sched_yield()
-
-
-def cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-# A cycle's routers and PEs are shared among more threads only when each thread gets this
-# many to run (a router or PE visit costs 50 to 200 ns; the two barriers of a cycle about a
-# microsecond). gpt_small's step, about 230 visits a cycle, simulated in 13 s on two
-# threads with 32 and in 20 s with 256, which kept it on one (measured when this was set).
-VISITS_PER_WORKER = 32
-
-
-def workers_for(wk: Any, visits_per_cycle: float) -> int:
-    """The worker threads worth starting for the next chunk of cycles of `wk`'s stripes."""
-    return max(1, min(len(wk.stripe), int(visits_per_cycle // VISITS_PER_WORKER)))
-
-
-def run_workers(fn: Callable[..., Any], workers: int, *args: Any) -> Any:
-    """fn(*args, w) for w = 0 .. workers - 1 at once, w = 0 on this thread; returns what
-    worker 0 returned (the workers of one cycle loop all return the same)."""
-    threads = [threading.Thread(target=fn, args=(*args, w)) for w in range(1, workers)]
-    for thread in threads:
-        thread.start()
-    try:
-        return fn(*args, 0)
-    finally:
-        for thread in threads:
-            thread.join()

@@ -31,7 +31,6 @@ destination distribution, averaged over sending nodes).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -39,7 +38,7 @@ import numpy as np
 
 from wse_sim.errors import UserError
 from wse_sim.hostmem import mesh_bytes, require
-from wse_sim.jit import barrier, cores, hot, run_workers, workers_for
+from wse_sim.jit import barrier, hot
 from wse_sim.router import (
     RAMP,
     TAG_COORD_BITS,
@@ -56,6 +55,7 @@ from wse_sim.router import (
 )
 from wse_sim.state import NEVER, SOURCE, TRAFFIC_PARAMS, Fabric, Sources, Workers
 from wse_sim.stats import Stats
+from wse_sim.threads import ChunkPlan, cores, run_workers
 
 PATTERNS = ("uniform", "transpose", "hotspot", "neighbor")
 UNIFORM, TRANSPOSE, HOTSPOT, NEIGHBOR = range(4)
@@ -266,7 +266,8 @@ def run_traffic(
     """Run synthetic traffic; see the module docstring. `drain` (default 4 * cycles) bounds
     the cycles run after the measurement window. The mesh's rows are split into `threads`
     stripes (default: one per core), run by as many host threads as the work per cycle
-    pays for (`wse_sim.jit.workers_for`); the results do not depend on either. Arguments
+    pays for and the machine's load allows (`wse_sim.threads.ChunkPlan`); the results do not
+    depend on either. Arguments
     out of range, and a mesh too large for this machine's memory, are UserErrors naming
     the argument."""
     if pattern not in PATTERNS:
@@ -304,19 +305,18 @@ def run_traffic(
     fb, wk, src = _build(spec, pattern, rate, seed, hotspot_fraction, threads or cores())
     win0, win1 = warmup, warmup + cycles
     fb.params["win0"], fb.params["win1"] = win0, win1
-    t, end, chunk, workers = 0, win1 + drain, 256, workers_for(wk, 0.0)
+    t, end = 0, win1 + drain
+    plan = ChunkPlan(wk, 256, 64, 1 << 20)
     while t < end:
-        started = time.perf_counter()
-        visits, t0 = int(wk.stripe["visits"].sum()), t
+        workers, chunk = plan.next()
+        t0 = t
         t, drained = run_workers(_traffic_worker, workers, fb, src, wk, t,
                                  min(t + chunk, end), workers)
-        elapsed = time.perf_counter() - started
-        workers = workers_for(wk, (int(wk.stripe["visits"].sum()) - visits) / max(t - t0, 1))
+        plan.ran(t - t0)
         if progress is not None:
             progress(t)
         if drained:
             break
-        chunk = int(min(max(chunk * min(0.2 / max(elapsed, 1e-4), 4.0), 64), 1 << 20))
     queued = _queued_before(src, win1)
     measured = int(wk.stripe["measured_in"].sum()) + queued
     done = int(wk.stripe["measured"].sum())
