@@ -52,12 +52,25 @@ blocks) 6.0e-4: the difference grows with the rounding points on a tensor's path
 estimate says, so a much deeper model needs R counted; the numpy reference run in float32
 instead of float64 differs from itself by as much (2.4e-4 on gpt_tiny), so this is the
 fp16 roundings' sensitivity, not the wafer's.
+
+Where float64 cannot tell. The estimate assumes a relative difference carries on without
+growing; a sum whose terms cancel grows it by their cancellation (a bias gradient of a
+4-feature LayerNorm summed over a few tokens). There a correct fp32 computation with the
+same rounding points misses float64 by more than the tolerance, and float64 cannot tell
+it from a wrong one. So when a tensor of a mixed step misses its tolerance, the reference
+step runs again in float32 (`float32_reference`); a tensor that this float32 reference
+misses by more than the tolerance as well is judged against the float32 reference instead,
+at the fp32 TOLERANCE (a wrong lane or a missing term is still far above it), and the
+report says so. Config 58 of the config campaign's seed 14 (d_model 4, 2 layers, mixed):
+grad:h0.ln2.bias misses float64 by 1.81e-3 and so does numpy's float32 run of the
+reference; the wafer misses that run by 2.1e-7.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -102,6 +115,9 @@ class CheckResult:
     tolerances: dict[str, float]  # tensor name -> its tolerance
     digest: str  # sha256 of every simulated tensor compared (float32 bits, by name)
     tolerance: float = TOLERANCE
+    # tensor name -> the float32 reference's own error, for each tensor judged against the
+    # float32 reference (its error and tolerance above are against it)
+    float32_judged: dict[str, float] = field(default_factory=dict)
 
     def failures(self) -> list[str]:
         return [name for name, err in self.errors.items() if not err <= self.tolerances[name]]
@@ -131,22 +147,44 @@ def optimizer_expected(training: TrainingConfig, initial: dict[str, np.ndarray],
     return expected
 
 
+def _reference_values(reference: ReferenceResult, parameters: Iterable[str],
+                      names: Iterable[str]) -> dict[str, np.ndarray]:
+    """The reference's value of each simulated tensor it computes (all but the optimizer's
+    outputs): the loss, the logits, the gradients, any other by graph name."""
+    known = {"loss": np.array([[reference.loss]]), "logits": reference.logits,
+             **{grad_name(p): reference.grads[p] for p in parameters}}
+    return {name: known[name] if name in known else reference.tensors[name]
+            for name in names}
+
+
 def compare(simulated: dict[str, np.ndarray], reference: ReferenceResult,
             initial: dict[str, np.ndarray], training: TrainingConfig,
-            state: OptimizerState | None = None, precision: str = "fp32") -> CheckResult:
+            state: OptimizerState | None = None, precision: str = "fp32",
+            float32_reference: Callable[[], ReferenceResult] | None = None) -> CheckResult:
     """Every simulated tensor and every update against float64 (see the docstring);
     `initial` are the float64 weights and `state` the optimizer state (None: the first
-    step's) both started from; `precision` the step's `compile.precision`."""
+    step's) both started from; `precision` the step's `compile.precision`;
+    `float32_reference` the same reference step run in float32, called only if a mixed
+    step's tensor misses float64 (the docstring, "Where float64 cannot tell")."""
     base = tolerance_for(precision)
     state = state or init_state(training.optimizer, initial)
     grads = {p: np.asarray(simulated[grad_name(p)], np.float64).reshape(start.shape)
              for p, start in initial.items()}
-    expected = {"loss": np.array([[reference.loss]]), "logits": reference.logits,
-                **{grad_name(p): reference.grads[p] for p in initial},
-                **optimizer_expected(training, initial, grads, state)}
-    errors = {name: relative_error(simulated[name], expected[name] if name in expected
-                                   else reference.tensors[name]) for name in simulated}
+    optimizer = optimizer_expected(training, initial, grads, state)
+    referenced = [name for name in simulated if name not in optimizer]
+    expected = {**_reference_values(reference, initial, referenced), **optimizer}
+    errors = {name: relative_error(simulated[name], expected[name]) for name in simulated}
     tolerances = dict.fromkeys(errors, base)
+    missed = [name for name in referenced if not errors[name] <= base]
+    float32_judged: dict[str, float] = {}
+    if precision == "mixed" and missed and float32_reference is not None:
+        float32 = _reference_values(float32_reference(), initial, missed)
+        for name in missed:
+            own = relative_error(float32[name], expected[name])
+            if own > base:  # float64 cannot tell a right fp32 computation from a wrong one
+                float32_judged[name] = own
+                errors[name] = relative_error(simulated[name], float32[name])
+                tolerances[name] = TOLERANCE
     step_errors, step_tolerances = update_checks(
         {p: simulated[updated_name(p)] for p in initial}, initial,
         {p: expected[updated_name(p)] for p in initial}, UpdateRule.of(training), base)
@@ -154,7 +192,7 @@ def compare(simulated: dict[str, np.ndarray], reference: ReferenceResult,
     tolerances |= step_tolerances
     passed = all(errors[name] <= tolerances[name] for name in errors)
     return CheckResult(passed, float(simulated["loss"].ravel()[0]), reference.loss, errors,
-                       tolerances, results_digest(simulated), base)
+                       tolerances, results_digest(simulated), base, float32_judged)
 
 
 def update_checks(updated: dict[str, np.ndarray], initial: dict[str, np.ndarray],

@@ -167,7 +167,8 @@ def check_report(check: CheckResult) -> dict[str, Any]:
               "results_sha256": check.digest,
               "tensors": _finite(check.errors, overflow, tensor_nulls),
               "tolerances": _finite(check.tolerances, "unbounded: the reference update is zero",
-                                    tolerance_nulls)}
+                                    tolerance_nulls),
+              "float32_judged": check.float32_judged}
     nulls.update((key, reasons) for key, reasons in (("tensors", tensor_nulls),
                                                       ("tolerances", tolerance_nulls)) if reasons)
     if nulls:
@@ -208,7 +209,9 @@ def run_parsed(cfg: RunConfig, source: str, placement: str | None = None,
                                  threads=threads, interruptible=interruptible)
     reference = reference_step(compiled.cfg, compiled.params, compiled.batch, np.float64)
     check = compare(step.results, reference, compiled.params, compiled.cfg.training,
-                    precision=compiled.cfg.compile.precision)
+                    precision=compiled.cfg.compile.precision,
+                    float32_reference=lambda: reference_step(
+                        compiled.cfg, compiled.params, compiled.batch, np.float32))
     report["check"] = check_report(check)
     return report
 

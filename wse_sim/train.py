@@ -172,7 +172,8 @@ class Training:
         graph = self.compiled.graph
         params, state = run.wafer.params(graph), run.wafer.optimizer(graph)
         check = compare(step.results, reference_step(cfg, params, batch, state=state), params,
-                        cfg.training, state, cfg.compile.precision)
+                        cfg.training, state, cfg.compile.precision,
+                        lambda: reference_step(cfg, params, batch, np.float32, state=state))
         float64 = reference_step(cfg, run.float64_params, batch, state=run.float64_state)
         seconds = time.perf_counter() - started
         worst = max((err / check.tolerances[name] if math.isfinite(err) else math.inf)

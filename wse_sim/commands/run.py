@@ -39,10 +39,13 @@ def format_check(check: dict[str, Any]) -> str:
              f"{shown(check['loss_ref'], '.7f')}"]
     worst_first = sorted(check["tensors"].items(),
                          key=lambda item: -math.inf if item[1] is None else -item[1])
+    float32_judged = check.get("float32_judged", {})
     for name, err in worst_first:
         verdict = "FAIL" if name in failures else "ok"
-        lines.append(f"  {name:<40} {shown(err, '.2e'):>8}  (<= {shown(tolerances[name], '.2e')})"
-                     f"  {verdict}")
+        against = (f", against float32: float64 cannot tell, the float32 reference misses it "
+                   f"by {float32_judged[name]:.2e}" if name in float32_judged else "")
+        lines.append(f"  {name:<40} {shown(err, '.2e'):>8}  (<= {shown(tolerances[name], '.2e')}"
+                     f"{against})  {verdict}")
     lines.append(f"check {'PASSED' if check['passed'] else 'FAILED'}: "
                  f"{len(check['tensors']) - len(failures)} of {len(check['tensors'])} tensors "
                  "within tolerance")
