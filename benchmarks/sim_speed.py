@@ -80,31 +80,15 @@ def traffic_row(size: tuple[int, int], rate: float, cycles: int, warmup: int,
 
 
 def program_row(path: str, threads: int | None) -> dict:
-    from wse_sim.engine import simulate
+    from wse_sim.engine import prepare_engine, simulate
     from wse_sim.program import read_program_file
 
     program, wafer = read_program_file(path)
-    simulate(_tiny_program(), wafer, threads=threads)  # compile
+    prepare_engine(wafer)
     started = time.perf_counter()
     r = simulate(program, wafer, threads=threads)
     seconds = time.perf_counter() - started
     return {"pe_cycles": program.width * program.height * r.cycles, "seconds": seconds}
-
-
-def _tiny_program():
-    import numpy as np
-
-    from wse_sim.program import FabIn, FabOut, Mem, Op, Port, Program, Task, Trigger, vec
-
-    p = Program(2, 1)
-    src = p.pe(0, 0, 4)
-    src.load(0, np.arange(4, dtype=np.float32))
-    src.tasks.append(Task(0, Trigger.RESET, [vec(Op.MOV, 4, FabOut(1), Mem(0))]))
-    p.pe(1, 0, 4).tasks.append(Task(0, Trigger.RESET, [vec(Op.FMA, 4, Mem(0), FabIn(1),
-                                                           Mem(0), Mem(0))]))
-    p.add_route(0, 0, 1, 1 << Port.RAMP, 1 << Port.E)
-    p.add_route(1, 0, 1, 1 << Port.W, 1 << Port.RAMP)
-    return p
 
 
 def compile_row(config: str, path: str) -> dict:

@@ -1,6 +1,8 @@
 """PE semantics and whole programs, with cycle counts derived by hand in each test."""
 
 import copy
+import logging
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -16,9 +18,10 @@ from programs import (
     systolic_dot,
 )
 
-from wse_sim.engine import Loaded, simulate
+from wse_sim.engine import Loaded, prepare_engine, simulate
 from wse_sim.errors import DeadlockError, ProgramError, SimulationStopped, UserError
 from wse_sim.hardware import WaferConfig
+from wse_sim.pipeline import simulate_program
 from wse_sim.program import (
     HALF_OPS,
     SOURCES_OF,
@@ -38,6 +41,7 @@ from wse_sim.program import (
     repeat,
     vec,
 )
+from wse_sim.report import format_report
 
 
 def wafer(**kw) -> WaferConfig:
@@ -545,3 +549,16 @@ def test_stats_of_two_runs_one_after_another_add_up():
     keys = {(r["x"], r["y"], r["color"], r["sent"]) for r in both.last_ramp}
     assert len(keys) == len(both.last_ramp)
     assert max(both.last_ramp["cycle"]) == max(second.last_ramp["cycle"]) + first.cycles
+
+
+def test_the_engines_compile_is_timed_apart_from_the_simulation(caplog):
+    wafer = WaferConfig(width=4, height=1)
+    with caplog.at_level(logging.INFO, logger="wse_sim.engine"):
+        assert prepare_engine(wafer) > 0
+    assert "preparing the simulator engine" in caplog.text
+    result, report = simulate_program(send_east(4, 3), wafer)
+    assert result.cycles > 0 and report["host_engine_seconds"] > 0
+    host = next(line for line in format_report(report).splitlines() if line.startswith("host"))
+    assert re.fullmatch(r"host +engine \d+\.\d s, simulate \d+\.\d s", host)
+    first_run = format_report({**report, "host_engine_seconds": 45.0})
+    assert "engine 45.0 s (numba compiled it: a first run; cached for the next), " in first_run

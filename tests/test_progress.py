@@ -54,6 +54,17 @@ def test_the_simulations_line_follows_the_compilers_and_stays(monkeypatch):
                         terminal.getvalue())
 
 
+def test_the_engines_record_is_drawn_however_soon_after_routings(monkeypatch):
+    # numba may compile the engine for a minute right after routing's last round
+    terminal = on_terminal(monkeypatch)
+    with Progress(True) as progress:
+        ROUTING.info("routing, negotiation: round 3")
+        logging.getLogger("wse_sim.engine").info("preparing the simulator engine")
+        progress(10)
+    assert re.search(r"round 3 .*\rpreparing the simulator engine +\d+\.\d s\x1b\[K"
+                     r"\rsimulating", terminal.getvalue())
+
+
 def test_nothing_is_drawn_off_a_terminal_or_when_quiet(monkeypatch):
     terminal = on_terminal(monkeypatch)
     with Progress(False) as progress:

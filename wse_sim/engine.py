@@ -154,7 +154,9 @@ wavelets end at routers, not PEs: the check is sent = delivered + consumed by ro
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -179,7 +181,10 @@ from wse_sim.jit import (
     trailing_zeros,
 )
 from wse_sim.program import (
+    FabIn,
+    FabOut,
     Kind,
+    Mem,
     Op,
     PEProgram,
     Port,
@@ -188,6 +193,7 @@ from wse_sim.program import (
     Trigger,
     validate,
     validate_replacement,
+    vec,
 )
 from wse_sim.router import (
     WOKEN_DELIVERY,
@@ -205,6 +211,8 @@ from wse_sim.router import (
 from wse_sim.state import CONTROL, EDGE_OUT, GATE_OFF, NEVER, OPERANDS, RECV
 from wse_sim.stats import Stats
 from wse_sim.threads import ChunkPlan, cores, run_workers
+
+_log = logging.getLogger(__name__)
 
 # Plain ints for numba.
 MEM, FABIN, FABOUT, REG, IMM = (int(k) for k in (Kind.MEM, Kind.FABIN, Kind.FABOUT, Kind.REG,
@@ -1419,6 +1427,27 @@ def simulate(
     docstring, "Bulk execution"; the tests compare the two)."""
     return Loaded(program, wafer, threads=threads, bulk_runs=bulk_runs).run(
         max_cycles=max_cycles, progress=progress, interruptible=interruptible)
+
+
+def prepare_engine(wafer: WaferConfig) -> float:
+    """Have the cycle loop's machine code ready, and return the seconds that took: numba
+    compiles it on a machine's first run (about 45 s on 2 cores) and caches it, and later
+    processes load it in a fraction of a second. It runs a two-PE program on `wafer` (a
+    sender and an FMA that receives), announced on the `wse_sim.engine` logger (INFO), which
+    a terminal's progress line shows."""
+    _log.info("preparing the simulator engine (numba compiles it on a first run, about a "
+              "minute; then cached)")
+    started = time.perf_counter()
+    program = Program(2, 1)
+    sender = program.pe(0, 0, 4)
+    sender.load(0, np.arange(4, dtype=np.float32))
+    sender.tasks.append(Task(0, Trigger.RESET, [vec(Op.MOV, 4, FabOut(1), Mem(0))]))
+    program.pe(1, 0, 4).tasks.append(Task(0, Trigger.RESET, [
+        vec(Op.FMA, 4, Mem(0), FabIn(1), Mem(0), Mem(0))]))
+    program.add_route(0, 0, 1, 1 << Port.RAMP, 1 << Port.E)
+    program.add_route(1, 0, 1, 1 << Port.W, 1 << Port.RAMP)
+    simulate(program, wafer, threads=1)
+    return time.perf_counter() - started
 
 
 def _run(program: Program, asm: Assembled, max_cycles: int | None,

@@ -30,6 +30,9 @@ from wse_sim.stats import PORT_NAMES, Stats
 
 CLASSES = ("compute", "send", "receive", "move", "stalled", "idle")  # PE-cycles by class
 STALLS = ("wait_output", "wait_input")  # the stalled PE-cycles by what they waited for
+# The engine's cached code loads in well under this (`wse_sim.engine.prepare_engine`); more
+# is numba compiling it.
+ENGINE_LOADED_SECONDS = 5.0
 
 
 def pe_cycles(stats: Stats, where: Any) -> dict[str, dict[str, int]]:
@@ -387,8 +390,13 @@ def format_report(report: dict[str, Any]) -> str:
     lines += _energy_lines(report)
     compile_part = (f"compile {report['compile_seconds']:.1f} s, "
                     if "compile_seconds" in report else "")
+    engine = report.get("host_engine_seconds")
+    engine_part = ("" if engine is None else f"engine {engine:.1f} s"
+                   + (" (numba compiled it: a first run; cached for the next)"
+                      if engine > ENGINE_LOADED_SECONDS else "") + ", ")
     lines += [
-        f"host          {compile_part}simulate {report['host_simulation_seconds']:.1f} s",
+        f"host          {compile_part}{engine_part}simulate "
+        f"{report['host_simulation_seconds']:.1f} s",
         "critical path " + _critical_path(report),
         "",
         f"{'kernel':<28} {'op':<14} {'PEs':>5} {'start':>9} {'end':>9} {'util':>6} "

@@ -52,7 +52,7 @@ from compiler.inputs import Batch
 from compiler.optim import OptimizerState, init_state
 from compiler.reference import mean_loss, reference_step
 from compiler.state import WaferState, initial_state, read_state, training_state
-from wse_sim.engine import Loaded
+from wse_sim.engine import Loaded, prepare_engine
 from wse_sim.errors import UserError
 from wse_sim.pipeline import compile_parsed
 from wse_sim.step import run_micro_batches
@@ -115,6 +115,7 @@ class Training:
         self.parameters = self.compiled.graph.parameters
         self.code = BatchCode(self.compiled)
         self.loaded = Loaded(self.compiled.linked.program, cfg.wafer)
+        prepare_engine(cfg.wafer)  # (so that numba's first compile is no step's host time)
         windows = np.concatenate(validation_batches(self.dataset.validation, 1,
                                                     cfg.training.seq_len))
         pick = np.linspace(0, len(windows) - 1, min(val_windows, len(windows)))
