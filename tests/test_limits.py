@@ -31,6 +31,7 @@ from wse_sim.cli import main
 from wse_sim.hardware import WaferConfig
 from wse_sim.plots import PLOT_FILES
 from wse_sim.program import Program, TensorLayout, TensorSlot, save_program
+from wse_sim.progress import CLEAR_TO_END
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "models" / "gpt_tiny.yaml"
@@ -88,10 +89,11 @@ def _outputs_after(paths: dict[str, Path], before: dict[str, bytes]) -> dict[str
 
 
 def _line(stderr: str) -> str:
-    """The one line on stderr (the progress line a terminal shows is not counted)."""
+    """The one line on stderr (the progress line a terminal shows, each of its drawings
+    ending in CLEAR_TO_END, is not counted)."""
     assert "Traceback" not in stderr, stderr
     lines = [seg for line in stderr.replace("\r\n", "\n").split("\n")
-             for seg in line.split("\r") if seg.strip() and not seg.startswith("simulating:")]
+             for seg in line.split("\r") if seg.strip() and not seg.endswith(CLEAR_TO_END)]
     assert len(lines) == 1, stderr
     return lines[0]
 
