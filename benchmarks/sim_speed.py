@@ -39,11 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # The simulator-speed issue's targets on a 2-core machine (README, "Benchmarks"): traffic
-# rows by (mesh side, one thread, every core), gpt_small's compile and simulate, the wafer.
+# rows by (mesh side, one thread, every core), gpt_small's compile and simulate, the wafer
+# (2 minutes for 1,000 cycles: the row runs 2,000, so 4).
 TRAFFIC_TARGETS = {(64, True, False): {"min_rate": 60}, (64, False, True): {"min_rate": 100},
                    (32, False, True): {"min_rate": 40}}
 GPT_SMALL_TARGET = {"max_seconds": 5}
-WAFER_TARGET = {"max_seconds": 120, "max_mib": 4096}
+WAFER_TARGET = {"max_seconds": 240, "max_mib": 4096}
 
 
 def _judge(target: dict, rate: float | None, seconds: float, peak_mib: float
