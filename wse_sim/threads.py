@@ -36,7 +36,7 @@ def workers_for(wk: Any, visits_per_cycle: float) -> int:
 
 
 CHUNK_SECONDS = 0.2  # a run's chunks of cycles last about this long (progress, Ctrl-C)
-TIMING_SECONDS = 0.01  # a chunk timed on the other thread count would last this long ...
+TIMING_SECONDS = 0.005  # a chunk timed on the other thread count would last this long ...
 TIMING_GAP_MAX = 64  # ... and comes at least this many chunks after the one before
 THREADS_WIN = 0.9  # several threads are chosen if a visit takes at most this share of one's
 
