@@ -68,6 +68,7 @@ class ChunkPlan:
         self.one = True  # one thread (else `pays`) while several pay
         self.per_visit: dict[bool, float] = {}  # one thread?: seconds a visit, last chunk
         self.gap, self.wait = 1, 0  # chunks from a timing to the next, left before it
+        self.per_cycle = CHUNK_SECONDS / first  # seconds a cycle, last chunk (a guess first)
         self.timing = False
         self.workers = self.cycles = self.visits = 0
         self.started = 0.0
@@ -79,7 +80,7 @@ class ChunkPlan:
         if self.pays > 1 and self.timed:
             self.workers = 1 if self.one != self.timing else self.pays
         if self.timing:
-            self.cycles = max(int(self.chunk * TIMING_SECONDS / CHUNK_SECONDS), 1)
+            self.cycles = max(int(TIMING_SECONDS / self.per_cycle), 1)
         self.visits = int(self.wk.stripe["visits"].sum())
         self.started = self.clock()
         return self.workers, self.cycles
@@ -100,8 +101,8 @@ class ChunkPlan:
             else:
                 self.wait = max(self.wait - 1, 0)
         self.pays = workers_for(self.wk, visits / max(cycles, 1))
-        full = seconds * self.chunk / max(self.cycles, 1)  # (a timing chunk is shorter)
-        self.chunk = int(min(max(self.chunk * min(CHUNK_SECONDS / max(full, 1e-4), 4.0),
+        self.per_cycle = max(seconds, 1e-6) / max(cycles, 1)
+        self.chunk = int(min(max(min(CHUNK_SECONDS / self.per_cycle, 4.0 * self.chunk),
                                  self.least), self.most))
 
     def _choose(self) -> None:

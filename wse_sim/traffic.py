@@ -306,7 +306,7 @@ def run_traffic(
     win0, win1 = warmup, warmup + cycles
     fb.params["win0"], fb.params["win1"] = win0, win1
     t, end = 0, win1 + drain
-    plan = ChunkPlan(wk, 256, 64, 1 << 20)
+    plan = ChunkPlan(wk, 16, 64, 1 << 20)  # (a first chunk short: a big mesh's cycle is ms)
     while t < end:
         workers, chunk = plan.next()
         t0 = t
