@@ -50,8 +50,8 @@ class ChunkPlan:
     Why measured: threads that meet at a barrier every cycle each need a core. When other
     processes keep the machine's cores busy, every barrier waits for a descheduled thread's
     next time slice: beside two busy loops on a 2-core machine gpt_small's step took 263 s
-    on two threads and 24.5 s on one (28.5 s on two with these timings). So now and then a
-    short chunk (TIMING_SECONDS) runs on the other thread count, and each chunk's time per
+    on two threads and 24.5 s on one (27 to 45 s on two with these timings). So now and then
+    a short chunk (TIMING_SECONDS) runs on the other thread count, and each chunk's time per
     router or PE visit is compared with the other count's last. Several threads are taken
     only after a timing of theirs beats one thread clearly (THREADS_WIN), from a short chunk
     on; one thread as soon as it is faster. A timing that changes nothing waits twice as
