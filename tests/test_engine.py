@@ -556,6 +556,9 @@ def test_the_engines_compile_is_timed_apart_from_the_simulation(caplog):
     with caplog.at_level(logging.INFO, logger="wse_sim.engine"):
         assert prepare_engine(wafer) > 0
     assert "preparing the simulator engine" in caplog.text
+    # its program fits the smallest wafer a config may describe
+    assert prepare_engine(WaferConfig(width=1, height=1, colors=1, max_tasks=1,
+                                      microthreads=1, queue_depth=1, sram_bytes_per_pe=4)) > 0
     result, report = simulate_program(send_east(4, 3), wafer)
     assert result.cycles > 0 and report["host_engine_seconds"] > 0
     host = next(line for line in format_report(report).splitlines() if line.startswith("host"))

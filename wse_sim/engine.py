@@ -1432,20 +1432,18 @@ def simulate(
 def prepare_engine(wafer: WaferConfig) -> float:
     """Have the cycle loop's machine code ready, and return the seconds that took: numba
     compiles it on a machine's first run (about 45 s on 2 cores) and caches it, and later
-    processes load it in a fraction of a second. It runs a two-PE program on `wafer` (a
-    sender and an FMA that receives), announced on the `wse_sim.engine` logger (INFO), which
-    a terminal's progress line shows."""
+    processes load it in a fraction of a second. It runs a program that fits any wafer (one
+    PE, one task, color 0: a word sent to itself, then an FMA that receives it), announced
+    on the `wse_sim.engine` logger (INFO), which a terminal's progress line shows."""
     _log.info("preparing the simulator engine (numba compiles it on a first run, about a "
               "minute; then cached)")
     started = time.perf_counter()
-    program = Program(2, 1)
-    sender = program.pe(0, 0, 4)
-    sender.load(0, np.arange(4, dtype=np.float32))
-    sender.tasks.append(Task(0, Trigger.RESET, [vec(Op.MOV, 4, FabOut(1), Mem(0))]))
-    program.pe(1, 0, 4).tasks.append(Task(0, Trigger.RESET, [
-        vec(Op.FMA, 4, Mem(0), FabIn(1), Mem(0), Mem(0))]))
-    program.add_route(0, 0, 1, 1 << Port.RAMP, 1 << Port.E)
-    program.add_route(1, 0, 1, 1 << Port.W, 1 << Port.RAMP)
+    program = Program(1, 1)
+    pe = program.pe(0, 0, 1)
+    pe.load(0, np.ones(1, np.float32))
+    pe.tasks.append(Task(0, Trigger.RESET, [vec(Op.MOV, 1, FabOut(0), Mem(0)),
+                                            vec(Op.FMA, 1, Mem(0), FabIn(0), Mem(0), Mem(0))]))
+    program.add_route(0, 0, 0, 1 << Port.RAMP, 1 << Port.RAMP)
     simulate(program, wafer, threads=1)
     return time.perf_counter() - started
 
