@@ -20,7 +20,7 @@ from compiler.config import RunConfig
 from compiler.generate import LOGITS, compile_forward, run_batch
 from compiler.graph import updated_name
 from compiler.state import WaferState, initial_state, read_state, step_pes
-from wse_sim.engine import Loaded
+from wse_sim.engine import Loaded, prepare_engine
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class Generated:
     prefill_cycles: int
     decode_cycles: list[int]
     compile_seconds: float
+    engine_seconds: float  # numba's (`wse_sim.engine.prepare_engine`)
     simulate_seconds: float
 
 
@@ -64,6 +65,8 @@ def generate(cfg: RunConfig, params: dict[str, np.ndarray], prompt: list[int], c
     prefill = _Runs(compile_forward(cfg, params, len(prompt)))
     decode = _Runs(compile_forward(cfg, params, 1)) if count > 1 else None
     compiled = time.perf_counter()
+    engine_seconds = prepare_engine(cfg.wafer)
+    simulating = time.perf_counter()
     caches = initial_state(prefill.compiled.linked.program, prefill.caches)
     logits, caches, prefill_cycles = prefill.run(prompt, 0, caches)
     tokens = [choose(logits[-1])]
@@ -74,5 +77,5 @@ def generate(cfg: RunConfig, params: dict[str, np.ndarray], prompt: list[int], c
                                             caches)
         tokens.append(choose(logits[0]))
         decode_cycles.append(cycles)
-    return Generated(tokens, prefill_cycles, decode_cycles, compiled - started,
-                     time.perf_counter() - compiled)
+    return Generated(tokens, prefill_cycles, decode_cycles, compiled - started, engine_seconds,
+                     time.perf_counter() - simulating)

@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         per = float(np.mean(out.decode_cycles))
         print(f"decode: {per:,.0f} cycles = {per / clock * 1e6:.2f} us per token "
               f"({clock / per:,.0f} tokens/s) over {len(out.decode_cycles)} tokens")
-    print(f"host: compile {out.compile_seconds:.1f} s, simulate {out.simulate_seconds:.1f} s")
+    print(f"host: compile {out.compile_seconds:.1f} s, engine {out.engine_seconds:.1f} s, "
+          f"simulate {out.simulate_seconds:.1f} s")
     if args.temperature != 0:
         return 0
     expected = reference_greedy(cfg, params, prompt, len(out.tokens))
