@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from wse_sim.threads import cores
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -63,10 +65,6 @@ def _judge(target: dict, rate: float | None, seconds: float, peak_mib: float
         text.append(f"<= {target['max_mib']} MiB")
         met &= peak_mib <= target["max_mib"]
     return ", ".join(text), "yes" if met else "no"
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def traffic_row(size: tuple[int, int], rate: float, cycles: int, warmup: int,
@@ -152,15 +150,15 @@ def main() -> None:
         print(json.dumps({**spec, **row, "peak_mib": _peak_mib()}))
         return
     scale = 0.2 if args.quick else 1.0
-    cores = _cores()
+    every_core = cores()
     specs = []
     for k, rate, cycles in ((16, 0.05, 40_000), (32, 0.1, 10_000), (64, 0.05, 4_000),
                             (256, 0.05, 400)):
-        for threads in sorted({1, cores}):
+        for threads in sorted({1, every_core}):
             specs.append({"kind": "traffic", "size": [k, k], "rate": rate, "warmup": 0,
                           "cycles": int(cycles * scale), "threads": threads,
                           "label": f"traffic {k}x{k} uniform {rate}, {threads} thread(s)",
-                          "target": TRAFFIC_TARGETS.get((k, threads == 1, threads == cores),
+                          "target": TRAFFIC_TARGETS.get((k, threads == 1, threads == every_core),
                                                         {})})
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("gpt_tiny", "gpt_small"):
@@ -170,12 +168,12 @@ def main() -> None:
                           "path": path, "threads": 1, "label": f"{name} compile",
                           "target": target})
             specs.append({"kind": "program", "path": path, "threads": None,
-                          "label": f"{name} simulate, {cores} thread(s)", "target": target})
+                          "label": f"{name} simulate, {every_core} thread(s)", "target": target})
         if not args.no_wafer:
             specs.append({"kind": "traffic", "size": [750, 994], "rate": 0.01,
                           "warmup": int(1000 * scale), "cycles": int(1000 * scale),
-                          "threads": cores, "label": f"WSE-2 750x994 traffic uniform 0.01, "
-                          f"{int(2000 * scale)} cycles, {cores} thread(s)",
+                          "threads": every_core, "label": f"WSE-2 750x994 traffic uniform 0.01, "
+                          f"{int(2000 * scale)} cycles, {every_core} thread(s)",
                           "target": {} if args.quick else WAFER_TARGET})
         rows = [run_row(spec) for spec in specs]
     print(f"{'workload':<58} {'M PE-cycles/s':>13} {'host s':>8} {'peak MiB':>9}  "
@@ -195,7 +193,7 @@ def main() -> None:
                          "mpe_cycles_per_s", "peak_mib", "target", "met"])
         for r in rows:
             rate = r["mpe_cycles_per_s"]
-            writer.writerow([r["label"], r["threads"] or cores, r["pe_cycles"] or "",
+            writer.writerow([r["label"], r["threads"] or every_core, r["pe_cycles"] or "",
                              f"{r['seconds']:.3f}", "" if rate is None else f"{rate:.2f}",
                              f"{r['peak_mib']:.0f}", r["target_text"], r["met"]])
     print(f"wrote {path}")

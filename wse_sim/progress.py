@@ -7,8 +7,6 @@ import sys
 import time
 
 CLEAR_TO_END = "\x1b[K"  # a shorter line drawn over a longer one leaves nothing behind
-
-
 LOGGERS = ("compiler", "wse_sim.engine")  # whose INFO records the line shows
 
 
