@@ -436,11 +436,21 @@ def test_a_stopped_bulk_run_counts_as_the_cycle_by_cycle_run(case, where):
     assert fast.stats.idle.min() >= 0
 
 
-def _receiver_beside_a_computing_thread(gap: int) -> Program:
+# What PE (1, 0)'s computing thread repeats: one instruction, or three in a row (one bulk
+# run goes from each into the next, and loops back).
+COMPUTING = {
+    "one": [vec(Op.ADD, 12, Mem(12), Mem(0), Mem(12))],
+    "three": [vec(Op.ADD, 1, Mem(12), Mem(0), Mem(12)),
+              vec(Op.FMA, 10, Mem(13), Mem(1), Imm(0.5), Mem(13)),
+              vec(Op.MUL, 1, Mem(23), Mem(11), Imm(1.5))],
+}
+
+
+def _receiver_beside_a_computing_thread(gap: int, computing: str) -> Program:
     """PE (0, 0) sends 12 words east, one every `gap` + 2 cycles; PE (1, 0) receives them
     on a COLOR task (one 12-element MOV, waiting between words) into the words that its
-    RESET task keeps adding up in 12-element ADDs, so that the sums depend on the cycle of
-    every element of both threads."""
+    RESET task keeps adding up (COMPUTING[computing]), so that the sums depend on the
+    cycle of every element of both threads."""
     p = Program(2, 1)
     sender = p.pe(0, 0, 12)
     sender.load(0, np.arange(1, 13, dtype=np.float32))
@@ -449,18 +459,20 @@ def _receiver_beside_a_computing_thread(gap: int) -> Program:
     receiver = p.pe(1, 0, 24)
     receiver.tasks += [
         Task(0, Trigger.COLOR, [vec(Op.MOV, 12, Mem(0), FabIn(0))], color=0),
-        Task(1, Trigger.RESET, repeat(30, [vec(Op.ADD, 12, Mem(12), Mem(0), Mem(12))]))]
+        Task(1, Trigger.RESET, repeat(30, COMPUTING[computing]))]
     p.add_route(0, 0, 0, port_mask(Port.RAMP), port_mask(Port.E))
     p.add_route(1, 0, 0, port_mask(Port.W), port_mask(Port.RAMP))
     return p
 
 
+@pytest.mark.parametrize("computing", sorted(COMPUTING))
 @pytest.mark.parametrize("gap", [3, 11, 40])
-def test_bulk_runs_beside_a_waiting_thread_are_invisible(gap):
-    # PE (1, 0)'s ADDs run in bulk while its receiving thread waits for a word, and each
-    # delivery cuts the run short: the same cycles, counters and memory as cycle by cycle,
-    # finished or stopped at any cycle.
-    program, w = _receiver_beside_a_computing_thread(gap), wafer(microthreads=2)
+def test_bulk_runs_beside_a_waiting_thread_are_invisible(gap, computing):
+    # PE (1, 0)'s computing thread runs in bulk while its receiving thread waits for a
+    # word, and each delivery cuts the run short: the same cycles, counters and memory as
+    # cycle by cycle, finished or stopped at any cycle.
+    program = _receiver_beside_a_computing_thread(gap, computing)
+    w = wafer(microthreads=2)
     fast, slow = (simulate(program, w, bulk_runs=b) for b in (True, False))
     assert_same_run(fast, slow)
     np.testing.assert_array_equal(fast.sram(1, 0), slow.sram(1, 0))

@@ -77,18 +77,20 @@ Bulk execution (speed, not semantics). When one running thread of a PE is at a v
 instruction without fabric operands and every other running thread waits for a wavelet
 in an empty receive queue (such a wait uses none of the PE's budgets), and no task can
 start (none is ready, or no microthread is free), only a delivery to the PE can change
-what it does until that instruction ends: no other thread moves, no wavelet is consumed
-or produced, no task starts (a LOCAL one needs an ACTIVATE, which only the working thread
-could execute). The engine then finds the cycles of the instruction's remaining elements
-at once, with the same budgets and credit as above (step by step, fp16), and does not look
-at the PE again until the cycle after its last element (a timer lists it); when no router
-and no other PE is listed, whole cycles are skipped. A delivery in cycle t cuts the run
-short: the elements of cycles up to t are run, the rest go on cycle by cycle from t + 1,
-when the wavelet may be consumed. The elements themselves run when the run is closed (at
-its end, at the cut, or when the PE or the run next needs them): nothing else writes or
-reads the PE's memory and registers meanwhile, so they compute what they would have. A
-property test and the fuzzer check that results, cycles and every counter equal those of
-the same run with `bulk_runs=False` (every cycle of every PE one by one).
+what it does until it reaches an instruction with a fabric operand or a control op, or
+its task ends: no other thread moves, no wavelet is consumed or produced, no task starts
+(a LOCAL one needs an ACTIVATE, which only the working thread could execute). The engine
+then finds the cycles of the remaining elements of that instruction and of each next one
+without fabric operands (REPEAT loop-backs are free) at once, with the same budgets and
+credit as above (step by step, fp16), and does not look at the PE again until the cycle
+after the last of them (a timer lists it); when no router and no other PE is listed,
+whole cycles are skipped. A delivery in cycle t cuts the run short: the elements of cycles
+up to t are run, the rest go on cycle by cycle from t + 1, when the wavelet may be
+consumed. The elements themselves run when the run is closed (at its end, at the cut, or
+when the PE or the run next needs them): nothing else writes or reads the PE's memory and
+registers meanwhile, so they compute what they would have. A property test and the fuzzer
+check that results, cycles and every counter equal those of the same run with
+`bulk_runs=False` (every cycle of every PE one by one).
 
 Sleep (speed, not semantics). A PE all of whose running threads wait for the fabric (an
 empty receive queue, or a full RAMP FIFO its router did not pop this cycle), with no task
@@ -234,7 +236,7 @@ F_ARITH, F_SEND, F_RECV, F_MOVE, F_STALL, F_BUSY_ARITH, F_BUSY_MOVE = 1, 2, 4, 8
 F_NOSLEEP, F_FULL = 128, 256
 F_WORK = F_ARITH | F_SEND | F_RECV | F_MOVE
 # Progress for the deadlock rule: a wait for the PE's own budgets ends within a few cycles
-# (and a bulk-run instruction counts those cycles as progress too).
+# (and a bulk run counts those cycles as progress too).
 F_PROGRESS = F_WORK | F_BUSY_ARITH | F_BUSY_MOVE
 
 
@@ -273,18 +275,23 @@ def _apply(op, a, b, c):
 
 
 @hot_inline
+def _successor(pc, it, rcount, rfirst, rlast):
+    """The instruction after pc (REPEAT loop-back is free) and the loop state then:
+    (pc, iter, rcount)."""
+    if rcount > 0 and pc == rlast:
+        it += 1
+        if it < rcount:
+            return rfirst, it, rcount
+        return pc + 1, 0, 0
+    return pc + 1, it, rcount
+
+
+@hot_inline
 def _end_instr(cs, sidx, thr, i):
-    """Thread thr of slot sidx finished instruction i: step to the next one (REPEAT
-    loop-back is free); free the thread after the task's last instruction."""
+    """Thread thr of slot sidx finished instruction i: step to the next one; free the
+    thread after the task's last instruction."""
     th = cs.th[U(thr)]
-    pc = i + 1
-    if th.rcount > 0 and i == th.rlast:
-        th.iter += 1
-        if th.iter < th.rcount:
-            pc = th.rfirst
-        else:
-            th.rcount = 0
-            th.iter = 0
+    pc, th.iter, th.rcount = _successor(i, th.iter, th.rcount, th.rfirst, th.rlast)
     th.e = 0
     task = cs.task[U(th.task)]
     if pc == task.end:
@@ -837,11 +844,19 @@ def _waits_for_delivery(fb, cs, i):
     return False
 
 
+@hot_inline
+def _bulk_next(cs, th):
+    """Thread th's instruction after the one it is at is memory-only too (`_bulk_walk`)."""
+    i = _successor(th.pc, th.iter, th.rcount, th.rfirst, th.rlast)[0]
+    return i != cs.task[U(th.task)].end and cs.ins[U(i)].bulk
+
+
 @hot
 def _bulk_thread(fb, cs, sidx, running):
     """The running thread of slot sidx that may run the rest of its instruction in bulk,
     or -1: the only one at a memory-only vector instruction with more than one element
-    left, every other running thread waiting for a delivery."""
+    left (or one, and a memory-only one next), every other running thread waiting for a
+    delivery."""
     threads = cs.params[0].threads
     found = -1
     r = running
@@ -850,7 +865,7 @@ def _bulk_thread(fb, cs, sidx, running):
         r &= r - 1
         th = cs.th[U(thr)]
         ins = cs.ins[U(th.pc)]
-        if ins.bulk and ins.n - th.e > 1:
+        if ins.bulk and (ins.n - th.e > 1 or _bulk_next(cs, th)):
             if found >= 0:
                 return -1
             found = thr
@@ -860,72 +875,104 @@ def _bulk_thread(fb, cs, sidx, running):
 
 
 @hot
-def _bulk_start(cs, sidx, thr, t):
-    """Start running the rest of thread thr's memory-only vector instruction in bulk in
-    cycle t (`_bulk_thread` chose it; the module docstring says why that is exact). Only
-    its timing is found now: its elements run and its cycles are counted when it is closed
-    (`_bulk_close`). Returns the cycle after its last element."""
+def _bulk_walk(cs, sidx, run, t_stop):
+    """Slot sidx's open bulk run (`cs.bulk`) from where it started, as the cycle-by-cycle
+    path runs it up to the start of cycle t_stop: its instruction, then each next one of
+    the thread's that has no fabric operand (`INSTR.bulk`), one after the other as long as
+    the task goes on. Returns (the cycle after its last element, whether it went on to the
+    task's end).
+
+    `run` False: only the timing is found (the thread does not move). `run` True: the run
+    is closed there: its elements run, its cycles count as compute (arithmetic op) or move
+    (MOV) instruction by instruction, the PE's budgets and the thread move on. Nothing else
+    touched the PE's memory or registers since it started (`_bulk_thread`), so running its
+    elements now computes what running them then did; a delivery that cuts it short wakes
+    the PE, which closes it first."""
     p = cs.params[0]
+    b = cs.bulk[U(sidx)]
+    sl = cs.slot[U(sidx)]
+    thr = b.thr
+    th = cs.th[U(thr)]
+    ctr = cs.ctr[U(sidx)]
+    end = cs.task[U(th.task)].end
+    i, e0, tc, debt, credit, fp_t = b.ins, b.e0, b.t0, b.debt, b.credit, b.fp_t
+    it, rcount = th.iter, th.rcount
+    worked = ended = False
+    while True:
+        ins = cs.ins[U(i)]
+        t0 = tc
+        e, tc, reads, first, last, debt, credit, fp_t = _bulk_timing(
+            p, ins, e0, debt, credit, fp_t, tc, t_stop)
+        if run:
+            if ins.simd > 0:
+                _run_half(cs, thr, i, e0, e)
+            else:
+                if e0 == 0 and e > 0:
+                    _load_scalars(cs, th, i)
+                _run_elements(cs, thr, i, e0, e)
+            _count_bulk(ctr, ins, e0, e, t0, tc, reads)
+            if last >= 0:
+                if ctr.first_cycle < 0:
+                    ctr.first_cycle = first
+                ctr.last_cycle = last
+                worked = True
+        if e < ins.n:
+            if run:
+                th.e = e
+            break
+        if run:
+            _end_instr(cs, sidx, thr, i)
+        i, it, rcount = _successor(i, it, rcount, th.rfirst, th.rlast)
+        e0 = 0
+        if i == end:
+            ended = True
+            break
+        if tc >= t_stop or not cs.ins[U(i)].bulk:
+            break
+    if run:
+        sl.rd_debt, sl.fpc, sl.fp_t = debt, credit, fp_t
+        sl.busy = tc
+        if worked:
+            k = thr - sidx * p.threads + 1  # the round-robin starts after the thread that worked
+            sl.th_rr = k if k < p.threads else 0
+    return tc, ended
+
+
+@hot_inline
+def _bulk_start(cs, sidx, thr, t):
+    """Start running thread thr's memory-only vector instructions in bulk in cycle t
+    (`_bulk_thread` chose it; the module docstring says why that is exact). Only the
+    timing is found now: the elements run and the cycles are counted when the run is
+    closed (`_bulk_close`). Returns (the cycle after the last element, whether the run goes
+    on to the task's end)."""
     sl = cs.slot[U(sidx)]
     th = cs.th[U(thr)]
     b = cs.bulk[U(sidx)]
     b.t0, b.fp_t, b.debt, b.credit = t, sl.fp_t, sl.rd_debt, sl.fpc
     b.ins, b.e0, b.thr, b.open = th.pc, th.e, thr, 1
-    return _bulk_timing(p, cs.ins[U(th.pc)], th.e, sl.rd_debt, sl.fpc, sl.fp_t, t, NEVER)[1]
+    return _bulk_walk(cs, sidx, False, NEVER)
 
 
-@hot
+@hot_inline
 def _bulk_close(cs, sidx, t_stop):
-    """Slot sidx's open bulk-run instruction as the cycle-by-cycle path runs it up to the
-    start of cycle t_stop, or to its end if that comes first: its elements run, its cycles
-    count as compute (arithmetic op) or move (MOV), the PE's budgets and the thread move
-    on. Nothing else touched the PE's memory or registers since the instruction started
-    (`_bulk_thread`), so running its elements now computes what running them then did."""
-    p = cs.params[0]
-    b = cs.bulk[U(sidx)]
-    b.open = 0
-    sl = cs.slot[U(sidx)]
-    thr, i = b.thr, b.ins
-    ins = cs.ins[U(i)]
-    th = cs.th[U(thr)]
-    e, tc, reads, first, last, debt, credit, fp_t = _bulk_timing(
-        p, ins, b.e0, b.debt, b.credit, b.fp_t, b.t0, t_stop)
-    if ins.simd > 0:
-        _run_half(cs, thr, i, b.e0, e)
-    else:
-        if b.e0 == 0 and e > 0:
-            _load_scalars(cs, th, i)
-        _run_elements(cs, thr, i, b.e0, e)
-    sl.rd_debt, sl.fpc, sl.fp_t = debt, credit, fp_t
-    sl.busy = tc
-    ctr = cs.ctr[U(sidx)]
-    _count_bulk(ctr, ins, b.e0, e, b.t0, tc, reads)
-    if last >= 0:
-        if ctr.first_cycle < 0:
-            ctr.first_cycle = first
-        ctr.last_cycle = last
-        k = thr - sidx * p.threads + 1  # the round-robin starts after the thread that worked
-        sl.th_rr = k if k < p.threads else 0
-    if e == ins.n:
-        _end_instr(cs, sidx, thr, i)
-    else:
-        th.e = e
+    """Close slot sidx's open bulk run at the start of cycle t_stop, or at its end if that
+    comes first (`_bulk_walk`)."""
+    cs.bulk[U(sidx)].open = 0
+    _bulk_walk(cs, sidx, True, t_stop)
 
 
 @hot
-def _bulk_resumes(fb, cs, sidx, thr, resume):
-    """Whether the PE must run in cycle `resume`, after thread thr's bulk-run instruction:
-    as the cycle-by-cycle path lists it after the instruction's last element, if the
-    thread goes on, another thread runs, or a task may start then."""
-    sl = cs.slot[U(sidx)]
-    th = cs.th[U(thr)]
-    task = cs.task[U(th.task)]
-    i = th.pc
-    loops = th.rcount > 0 and i == th.rlast and th.iter + 1 < th.rcount
-    if loops or i + 1 != task.end:
+def _bulk_resumes(fb, cs, sidx, thr, resume, ended):
+    """Whether the PE must run in cycle `resume`, after thread thr's bulk run: as the
+    cycle-by-cycle path lists it after the run's last element, if the thread goes on
+    (the run did not go on to the task's end), another thread runs, or a task may start
+    then."""
+    if not ended:
         return True
+    sl = cs.slot[U(sidx)]
     if sl.running & ~(1 << (thr - sidx * cs.params[0].threads)):
         return True
+    task = cs.task[U(cs.th[U(thr)].task)]
     task.run = 0  # as if ended
     pending = _scan_tasks(fb, cs, sidx, resume, False)[1]
     task.run = 1
@@ -934,8 +981,8 @@ def _bulk_resumes(fb, cs, sidx, thr, resume):
 
 @hot
 def _settle(cs, t):
-    """Bring the PE state to the end of cycle t - 1 when a run ends or stops: open bulk-run
-    instructions closed at t (`_bulk_close`), a PE asleep since cycle s counted as stalled
+    """Bring the PE state to the end of cycle t - 1 when a run ends or stops: open bulk runs
+    closed at t (`_bulk_close`), a PE asleep since cycle s counted as stalled
     in cycles s+1..t-1."""
     for sidx in range(len(cs.slot)):
         sl = cs.slot[U(sidx)]
@@ -1098,7 +1145,7 @@ def _pe_one(fb, cs, s, sidx, t):
     tasks started and threads waiting only for the PE's own budgets)."""
     p = cs.params[0]
     sl = cs.slot[U(sidx)]
-    if sl.busy > t:  # inside a bulk-run instruction: its timer lists it
+    if sl.busy > t:  # inside a bulk run: its timer lists it
         return 0
     if cs.bulk[U(sidx)].open:  # one that ended before t, woken since
         _bulk_close(cs, sidx, t)
@@ -1122,10 +1169,10 @@ def _pe_one(fb, cs, s, sidx, t):
     if running != 0 and p.bulk and (sl.wake == 0 or running == (1 << threads) - 1):
         thr = _bulk_thread(fb, cs, sidx, running)
         if thr >= 0:
-            resume = _bulk_start(cs, sidx, thr, t)
+            resume, ended = _bulk_start(cs, sidx, thr, t)
             sl.busy = resume
             s.bulk_end = max(s.bulk_end, resume)
-            if _bulk_resumes(fb, cs, sidx, thr, resume):
+            if _bulk_resumes(fb, cs, sidx, thr, resume, ended):
                 _timer_push(cs, s, resume, sidx)
             return progress + 1
     if running != 0:
@@ -1177,7 +1224,7 @@ def _pe_one(fb, cs, s, sidx, t):
 @hot
 def pe_phase(fb, cs, stripes, w, t):
     """Cycle t of worker w's listed PEs (after its routers): the PEs woken by the routers
-    are listed for t + 1, bulk-run PEs whose instruction ended run. Returns the progress."""
+    are listed for t + 1, bulk-run PEs whose run ended run. Returns the progress."""
     s = stripes[w]
     s.pcur = 1 - s.pcur
     s.p_ncur = s.p_nnext
@@ -1277,8 +1324,8 @@ def run_worker(fb, cs, wk, t, t_end, workers, w):
             break
         if inflight == 0 and active == 0 and e_left == 0:
             # Nothing runs, nothing is ready, the fabric is empty: the end, whatever the
-            # no-progress rule below would say. A PE whose task ended inside a bulk-run
-            # instruction (no longer listed) computes until bulk_end: then the run ends, or
+            # no-progress rule below would say. A PE whose task ends at the end of a
+            # bulk run (no longer listed) computes until bulk_end: then the run ends, or
             # sleeping threads wait for wavelets nobody can send.
             t = max(t, bulk_end)
             status = FROZEN if nsleep > 0 else DONE
@@ -1287,13 +1334,13 @@ def run_worker(fb, cs, wk, t, t_end, workers, w):
             if work > 0 or e_work > 0:
                 last_progress = t - 1
             if routers == 0 and (active > 0 or e_next < NEVER):
-                # Nothing in the routers can move, every listed PE is inside a bulk-run
-                # instruction: nothing happens until the first of them resumes or the edge
+                # Nothing in the routers can move, every listed PE is inside a bulk
+                # run: nothing happens until the first of them resumes or the edge
                 # ports may act (`e_next`: NEVER without ports).
                 t = max(t, min(next_free, t_end, e_next))
             if e_left > 0 and t <= edge.latency:
                 last_progress = t - 1  # the memory service's first words are on their way
-            # A bulk-run instruction makes progress every cycle until it ends.
+            # A bulk run makes progress every cycle until it ends.
             progressed = max(last_progress, bulk_end - 1)
             if t - progressed > deadlock:
                 status = DEADLOCK
@@ -1463,7 +1510,7 @@ def _run(program: Program, asm: Assembled, max_cycles: int | None,
         if progress is not None:
             progress(t)
         if status != RUNNING and max_cycles is not None and t > max_cycles:
-            # The last work was bulk-run instructions ending after the limit.
+            # The last work was bulk runs ending after the limit.
             raise _stopped(program, asm, max_cycles, "max_cycles",
                            f"reached max_cycles={max_cycles}")
         if status == DONE:

@@ -219,7 +219,7 @@ SLOT = Table(
     ("fp_t", i8),  # the cycle fpc was last brought up to date
     ("fpc", f8),  # fp32 credit
     ("queued", i8),  # the cycle it is listed to run in
-    ("busy", i8),  # inside a bulk-run instruction until this cycle
+    ("busy", i8),  # inside a bulk run until this cycle
     ("sleep", i8),  # asleep since this cycle (all threads wait for the fabric), -1 awake
     ("running", i8),  # bit k set: microthread k runs a task (a cycle visits only those)
     ("router", i4),
@@ -242,7 +242,7 @@ PE_COUNTERS = Table(
     init={"first_cycle": -1, "last_cycle": -1},
 )
 CYCLE_CLASSES = PE_COUNTERS.dtype.names[:6]
-BULK = Table(  # a PE's last bulk-run instruction: what it started from (`wse_sim.engine`
+BULK = Table(  # a PE's last bulk run: what it started from (`wse_sim.engine`
     # replays its timing up to the cycle it is closed at: its end, or earlier if cut short)
     ("t0", i8),  # the cycle it started in
     ("fp_t", i8), ("debt", i8), ("credit", f8),  # SLOT's fp_t, rd_debt and fpc then
@@ -356,7 +356,7 @@ STRIPE = Table(
     ("nsleep", i8),  # PEs asleep ...
     ("nfull", i8),  # ... of which some thread waits on a full RAMP FIFO
     ("last_progress", i8),  # the last cycle anything moved or ran (every worker's copy)
-    ("bulk_end", i8),  # the last cycle a bulk-run instruction ends in, + 1
+    ("bulk_end", i8),  # the last cycle a bulk run ends in, + 1
     ("accepted", i8), ("measured", i8), ("lat_sum", i8), ("lat_max", i8),  # packet mode
     ("measured_in", i8), ("behind", i8),  # packet sources
     ("rd_left", i8), ("wr_left", i8), ("ramp_left", i8),  # a PE's budgets left this cycle
