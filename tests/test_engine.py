@@ -436,8 +436,8 @@ def test_a_stopped_bulk_run_counts_as_the_cycle_by_cycle_run(case, where):
     assert fast.stats.idle.min() >= 0
 
 
-# What PE (1, 0)'s computing thread repeats: one instruction, or three in a row (one bulk
-# run goes from each into the next, and loops back).
+# What a computing thread repeats, adding words 0..11 into words 12..23: one instruction,
+# or three in a row (one bulk run goes from each into the next, and loops back).
 COMPUTING = {
     "one": [vec(Op.ADD, 12, Mem(12), Mem(0), Mem(12))],
     "three": [vec(Op.ADD, 1, Mem(12), Mem(0), Mem(12)),
@@ -460,22 +460,55 @@ def _receiver_beside_a_computing_thread(gap: int, computing: str) -> Program:
     receiver.tasks += [
         Task(0, Trigger.COLOR, [vec(Op.MOV, 12, Mem(0), FabIn(0))], color=0),
         Task(1, Trigger.RESET, repeat(30, COMPUTING[computing]))]
-    p.add_route(0, 0, 0, port_mask(Port.RAMP), port_mask(Port.E))
-    p.add_route(1, 0, 0, port_mask(Port.W), port_mask(Port.RAMP))
+    _east(p)
     return p
 
 
+def _sender_beside_a_computing_thread(gap: int, computing: str) -> Program:
+    """PE (0, 0) sends east, four times in 12-element MOVs, the words that its RESET task
+    keeps adding up (COMPUTING[computing]); PE (1, 0) takes one every `gap` + 2 cycles, so
+    the FIFOs on the way fill and the sending thread waits for room beside the computing
+    one: the words sent depend on the cycle of every element of both threads."""
+    p = Program(2, 1)
+    sender = p.pe(0, 0, 24)
+    sender.load(0, np.arange(1, 13, dtype=np.float32))
+    sender.tasks += [Task(0, Trigger.RESET, repeat(4, [vec(Op.MOV, 12, FabOut(0), Mem(12))])),
+                     Task(1, Trigger.RESET, repeat(30, COMPUTING[computing]))]
+    receiver = p.pe(1, 0, 48)
+    receiver.tasks.append(Task(0, Trigger.RESET, repeat(48, [
+        vec(Op.MOV, 1, Mem(0, 0, 1), FabIn(0)), vec(Op.NEG, gap, Reg(0), Reg(0))])))
+    _east(p)
+    return p
+
+
+def _east(p: Program) -> None:
+    """Color 0 from PE (0, 0) to PE (1, 0)."""
+    p.add_route(0, 0, 0, port_mask(Port.RAMP), port_mask(Port.E))
+    p.add_route(1, 0, 0, port_mask(Port.W), port_mask(Port.RAMP))
+
+
+BESIDE = {"receiving": _receiver_beside_a_computing_thread,
+          "sending": _sender_beside_a_computing_thread}
+
+
+def _same_memories(fast, slow) -> None:
+    for x in range(2):
+        np.testing.assert_array_equal(fast.sram(x, 0), slow.sram(x, 0))
+
+
+@pytest.mark.parametrize("beside", sorted(BESIDE))
 @pytest.mark.parametrize("computing", sorted(COMPUTING))
 @pytest.mark.parametrize("gap", [3, 11, 40])
-def test_bulk_runs_beside_a_waiting_thread_are_invisible(gap, computing):
-    # PE (1, 0)'s computing thread runs in bulk while its receiving thread waits for a
-    # word, and each delivery cuts the run short: the same cycles, counters and memory as
-    # cycle by cycle, finished or stopped at any cycle.
-    program = _receiver_beside_a_computing_thread(gap, computing)
+def test_bulk_runs_beside_a_waiting_thread_are_invisible(gap, computing, beside):
+    # A computing thread runs in bulk while the other thread of its PE waits for a word
+    # (receiving) or for room in its full RAMP FIFO (sending), and each delivery or pop
+    # cuts the run short: the same cycles, counters and memory as cycle by cycle, finished
+    # or stopped at any cycle.
+    program = BESIDE[beside](gap, computing)
     w = wafer(microthreads=2)
     fast, slow = (simulate(program, w, bulk_runs=b) for b in (True, False))
     assert_same_run(fast, slow)
-    np.testing.assert_array_equal(fast.sram(1, 0), slow.sram(1, 0))
+    _same_memories(fast, slow)
     for stop in range(1, fast.cycles, 7):
         runs = []
         for bulk_runs in (True, False):
@@ -483,7 +516,7 @@ def test_bulk_runs_beside_a_waiting_thread_are_invisible(gap, computing):
                 simulate(program, w, max_cycles=stop, bulk_runs=bulk_runs)
             runs.append(info.value.result)
         assert_same_run(*runs)
-        np.testing.assert_array_equal(runs[0].sram(1, 0), runs[1].sram(1, 0))
+        _same_memories(*runs)
 
 
 def test_a_loaded_program_runs_again_with_some_pes_replaced():

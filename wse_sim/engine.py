@@ -74,23 +74,24 @@ wait counts as compute or move, the work it delays. A thread short of a wavelet 
 FIFO room waits for the fabric whatever its budgets (the fabric is checked first).
 
 Bulk execution (speed, not semantics). When one running thread of a PE is at a vector
-instruction without fabric operands and every other running thread waits for a wavelet
-in an empty receive queue (such a wait uses none of the PE's budgets), and no task can
-start (none is ready, or no microthread is free), only a delivery to the PE can change
-what it does until it reaches an instruction with a fabric operand or a control op, or
-its task ends: no other thread moves, no wavelet is consumed or produced, no task starts
-(a LOCAL one needs an ACTIVATE, which only the working thread could execute). The engine
-then finds the cycles of the remaining elements of that instruction and of each next one
-without fabric operands (REPEAT loop-backs are free) at once, with the same budgets and
-credit as above (step by step, fp16), and does not look at the PE again until the cycle
-after the last of them (a timer lists it); when no router and no other PE is listed,
-whole cycles are skipped. A delivery in cycle t cuts the run short: the elements of cycles
-up to t are run, the rest go on cycle by cycle from t + 1, when the wavelet may be
-consumed. The elements themselves run when the run is closed (at its end, at the cut, or
-when the PE or the run next needs them): nothing else writes or reads the PE's memory and
-registers meanwhile, so they compute what they would have. A property test and the fuzzer
-check that results, cycles and every counter equal those of the same run with
-`bulk_runs=False` (every cycle of every PE one by one).
+instruction without fabric operands and every other running thread waits for a wavelet in an
+empty receive queue or for room in a RAMP FIFO every slot of which holds a wavelet (such
+waits use none of the PE's budgets), and no task can start (none is ready, or no
+microthread is free), only a delivery to the PE or a pop of its RAMP FIFO can change what it
+does until it reaches an instruction with a fabric operand or a control op, or its task
+ends: no other thread moves, no wavelet is consumed or produced, no task starts (a LOCAL one
+needs an ACTIVATE, which only the working thread could execute). The engine then finds the
+cycles of the remaining elements of that instruction and of each next one without fabric
+operands (REPEAT loop-backs are free) at once, with the same budgets and credit as above
+(step by step, fp16), and does not look at the PE again until the cycle after the last of
+them (a timer lists it); when no router and no other PE is listed, whole cycles are skipped.
+A delivery in cycle t cuts the run short (so does a pop, if a thread waits for room): the
+elements of cycles up to t are run, the rest go on cycle by cycle from t + 1, when the
+wavelet may be consumed (the room used). The elements themselves run when the run is closed
+(at its end, at the cut, or when the PE or the run next needs them): nothing else writes or
+reads the PE's memory and registers meanwhile, so they compute what they would have. A
+property test and the fuzzer check that results, cycles and every counter equal those of the
+same run with `bulk_runs=False` (every cycle of every PE one by one).
 
 Sleep (speed, not semantics). A PE all of whose running threads wait for the fabric (an
 empty receive queue, or a full RAMP FIFO its router did not pop this cycle), with no task
@@ -829,19 +830,30 @@ def _count_bulk(ctr, ins, e0, e, t0, tc, reads):
         ctr.sram_write += ins.wr * done
 
 
+WAITS_DELIVERY, WAITS_POP = 1, 2  # what a thread beside a bulk run waits for
+
+
 @hot_inline
-def _waits_for_delivery(fb, cs, i):
-    """Instruction i (a thread's next element) waits for a wavelet that only a delivery,
-    which wakes the PE, can bring: a FABIN operand's receive queue is empty (fp32; such an
-    element uses no budget until then)."""
+def _waits_for_fabric(fb, cs, i):
+    """What instruction i (a thread's next element) waits for that only the fabric, which
+    then wakes the PE, can bring (fp32; such an element uses no budget until then):
+    WAITS_DELIVERY, a wavelet into a FABIN operand's empty receive queue; WAITS_POP, room
+    in its FABOUT's RAMP FIFO, every slot of which holds a wavelet (one its router popped
+    this cycle has room next cycle: not counted; an element needs both, so it waits for
+    the room whatever its sources); else 0."""
     ins = cs.ins[U(i)]
     if ins.op >= FIRST_CONTROL or ins.simd > 0:
-        return False
+        return 0
     for k in range(1, OPERANDS):
         o = cs.opnd[U(i * OPERANDS + k)]
         if o.kind == FABIN and fb.fifo[U(o.fifo)].pushed == fb.fifo[U(o.fifo)].popped:
-            return True
-    return False
+            return WAITS_DELIVERY
+    d = cs.opnd[U(i * OPERANDS)]
+    if d.kind == FABOUT:
+        f = fb.fifo[U(d.fifo)]
+        if f.pushed - f.popped == fb.params[0].depth:
+            return WAITS_POP
+    return 0
 
 
 @hot_inline
@@ -854,11 +866,13 @@ def _bulk_next(cs, th):
 @hot
 def _bulk_thread(fb, cs, sidx, running):
     """The running thread of slot sidx that may run the rest of its instruction in bulk,
-    or -1: the only one at a memory-only vector instruction with more than one element
-    left (or one, and a memory-only one next), every other running thread waiting for a
-    delivery."""
+    or -1: the only one at a memory-only vector instruction with more than
+    one element left (or one, and a memory-only one next), every other running thread
+    waiting for the fabric (`_waits_for_fabric`). Also returns 1 if one of those waits for
+    a pop (then a pop must cut the run short), else 0."""
     threads = cs.params[0].threads
     found = -1
+    pop = 0
     r = running
     while r:
         thr = sidx * threads + trailing_zeros(np.uint64(r))
@@ -867,11 +881,15 @@ def _bulk_thread(fb, cs, sidx, running):
         ins = cs.ins[U(th.pc)]
         if ins.bulk and (ins.n - th.e > 1 or _bulk_next(cs, th)):
             if found >= 0:
-                return -1
+                return -1, 0
             found = thr
-        elif not _waits_for_delivery(fb, cs, th.pc):
-            return -1
-    return found
+        else:
+            waits = _waits_for_fabric(fb, cs, th.pc)
+            if waits == 0:
+                return -1, 0
+            if waits == WAITS_POP:
+                pop = 1
+    return found, pop
 
 
 @hot
@@ -939,7 +957,7 @@ def _bulk_walk(cs, sidx, run, t_stop):
 
 
 @hot_inline
-def _bulk_start(cs, sidx, thr, t):
+def _bulk_start(cs, sidx, thr, pop, t):
     """Start running thread thr's memory-only vector instructions in bulk in cycle t
     (`_bulk_thread` chose it; the module docstring says why that is exact). Only the
     timing is found now: the elements run and the cycles are counted when the run is
@@ -949,7 +967,7 @@ def _bulk_start(cs, sidx, thr, t):
     th = cs.th[U(thr)]
     b = cs.bulk[U(sidx)]
     b.t0, b.fp_t, b.debt, b.credit = t, sl.fp_t, sl.rd_debt, sl.fpc
-    b.ins, b.e0, b.thr, b.open = th.pc, th.e, thr, 1
+    b.ins, b.e0, b.thr, b.open, b.pop = th.pc, th.e, thr, 1, pop
     return _bulk_walk(cs, sidx, False, NEVER)
 
 
@@ -1167,9 +1185,9 @@ def _pe_one(fb, cs, s, sidx, t):
     running = sl.running
     # No task may start before a thread ends: none is ready, or no microthread is free.
     if running != 0 and p.bulk and (sl.wake == 0 or running == (1 << threads) - 1):
-        thr = _bulk_thread(fb, cs, sidx, running)
+        thr, pop = _bulk_thread(fb, cs, sidx, running)
         if thr >= 0:
-            resume, ended = _bulk_start(cs, sidx, thr, t)
+            resume, ended = _bulk_start(cs, sidx, thr, pop, t)
             sl.busy = resume
             s.bulk_end = max(s.bulk_end, resume)
             if _bulk_resumes(fb, cs, sidx, thr, resume, ended):
@@ -1233,16 +1251,18 @@ def pe_phase(fb, cs, stripes, w, t):
         entry = fb.woken[U(j)]
         sidx = entry >> 1
         sl = cs.slot[U(sidx)]
+        running_in_bulk = sl.busy > t + 1
         if entry & 1 == WOKEN_DELIVERY:
             sl.wake = 1
-            if sl.busy > t + 1:
-                # The wavelet may be consumed from t + 1, by a waiting thread or a task it
-                # starts: the bulk run ends after cycle t and the PE runs cycle by cycle.
-                _bulk_close(cs, sidx, t + 1)
-                if cs.timer_at[U(sidx)] >= 0:
-                    _timer_remove(cs, s, sidx)
-        elif sl.sleep < 0:
-            continue  # a pop only matters to a PE asleep on a full RAMP FIFO
+        elif sl.sleep < 0 and not (running_in_bulk and cs.bulk[U(sidx)].pop):
+            continue  # a pop matters to a PE asleep on a full RAMP FIFO, or beside one
+        if running_in_bulk:
+            # The wavelet may be consumed (the room used) from t + 1, by a waiting thread
+            # or a task it starts: the bulk run ends after cycle t and the PE runs cycle by
+            # cycle.
+            _bulk_close(cs, sidx, t + 1)
+            if cs.timer_at[U(sidx)] >= 0:
+                _timer_remove(cs, s, sidx)
         # (a PE whose timer is set runs when it fires)
         if sl.busy <= t or (sl.busy == t + 1 and cs.timer_at[U(sidx)] < 0):
             _list_pe(cs, s, sidx, t)

@@ -249,6 +249,7 @@ BULK = Table(  # a PE's last bulk run: what it started from (`wse_sim.engine`
     ("ins", i4), ("e0", i4),  # the instruction and its first element
     ("thr", i4),  # the thread running it
     ("open", i4),  # started and not yet closed: its elements and counts are still to do
+    ("pop", i4),  # a thread beside it waits for room in a full RAMP FIFO: a pop cuts it short
 )
 TASK = Table(
     ("trig", i4),  # Trigger
