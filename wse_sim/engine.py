@@ -866,10 +866,10 @@ def _bulk_next(cs, th):
 @hot
 def _bulk_thread(fb, cs, sidx, running):
     """The running thread of slot sidx that may run the rest of its instruction in bulk,
-    or -1: the only one at a memory-only vector instruction with more than
-    one element left (or one, and a memory-only one next), every other running thread
-    waiting for the fabric (`_waits_for_fabric`). Also returns 1 if one of those waits for
-    a pop (then a pop must cut the run short), else 0."""
+    or -1: the only one at a memory-only vector instruction with more than one element
+    left (or one, and a memory-only one next), every other running thread waiting for the
+    fabric (`_waits_for_fabric`). Also returns 1 if one of those waits for a pop (then a
+    pop must cut the run short), else 0."""
     threads = cs.params[0].threads
     found = -1
     pop = 0
@@ -904,8 +904,8 @@ def _bulk_walk(cs, sidx, run, t_stop):
     is closed there: its elements run, its cycles count as compute (arithmetic op) or move
     (MOV) instruction by instruction, the PE's budgets and the thread move on. Nothing else
     touched the PE's memory or registers since it started (`_bulk_thread`), so running its
-    elements now computes what running them then did; a delivery that cuts it short wakes
-    the PE, which closes it first."""
+    elements now computes what running them then did; a delivery (or pop) that cuts it
+    short wakes the PE, which closes it first."""
     p = cs.params[0]
     b = cs.bulk[U(sidx)]
     sl = cs.slot[U(sidx)]
