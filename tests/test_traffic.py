@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from wse_sim import router
 from wse_sim.cli import main
 from wse_sim.traffic import RouterTiming, mean_hops, run_traffic
 
@@ -51,6 +52,20 @@ def test_seeded_and_deterministic():
     b = run_traffic(8, 8, "hotspot", 0.05, 500, warmup=100, seed=7).to_json()
     c = run_traffic(8, 8, "hotspot", 0.05, 500, warmup=100, seed=8).to_json()
     assert a == b and a != c
+
+
+def test_latencies_split_between_stripe_and_shared_histograms(monkeypatch, all_workers):
+    # Latencies below NEAR_LATENCY_BINS count in the ejecting stripe's own histogram, the
+    # rest in the shared one: split at 4 cycles instead, most land in the shared one, and
+    # the results (the p99 latency included) are the default split's on any thread count.
+    def run(threads):
+        return run_traffic(8, 8, "uniform", 0.6, 300, warmup=50, drain=0,
+                           threads=threads).to_json()
+
+    want = run(1)
+    monkeypatch.setattr(router, "NEAR_LATENCY_BINS", 4)
+    for threads in (1, 2, 4):
+        assert run(threads) == want
 
 
 def test_cli_json(capsys):

@@ -75,6 +75,7 @@ FABRIC_PARAMS = Table(
     ("packet", i8),  # 1: destination-routed packets (traffic), 0: static routes (program)
     ("switch_latency", i8),  # extra cycles a switch change holds its color (wafer field)
     ("win0", i8), ("win1", i8),  # packet mode: the measurement window [win0, win1)
+    ("near_bins", i8),  # packet mode: latencies below it count in a stripe's own histogram
 )
 FIFO = Table(  # one input FIFO or receive queue: a 64-byte record, so a move touches one
     # cache line of each FIFO it pops and pushes. What the cycle loop changes:
@@ -189,6 +190,8 @@ class Fabric(NamedTuple):
     xin: np.ndarray  # int32 [cross-stripe FIFOs]: XFIFO indices grouped by owner stripe
     xpush: np.ndarray  # XPUSH [cross-stripe FIFOs]: deferred pushes, producer-stripe segments
     lat_hist: np.ndarray  # int64 [bins]: packet latencies (last bin: overflow), all stripes
+    lat_near: np.ndarray  # int64 [stripes * near_bins]: those below near_bins, per stripe
+    # (h_lo): no worker adds to a line another one adds to (`wse_sim.router.latencies`)
     switch: np.ndarray  # SWITCH [routes with switch positions]
     swpos: np.ndarray  # SWPOS [their positions]
     route_sw: np.ndarray  # int32 [routes]: its SWITCH, -1 a static route
@@ -341,6 +344,7 @@ STRIPE = Table(
     ("x_lo", i8), ("x_hi", i8),  # XFIFOs it feeds
     ("xi_lo", i8), ("xi_hi", i8),  # its entries of Fabric.xin (XFIFOs it owns)
     ("w_lo", i8),  # its segment of Fabric.woken
+    ("h_lo", i8),  # its segment of Fabric.lat_near
     ("e_lo", i8), ("nedge", i8),  # its segment of Fabric.edge_woken, entries in it
     ("rcur", i8), ("r_ncur", i8), ("r_nnext", i8),  # router lists (Fabric.active[rcur])
     ("pcur", i8), ("p_ncur", i8), ("p_nnext", i8),  # PE lists (Cores.active[pcur])

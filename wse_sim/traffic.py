@@ -50,6 +50,7 @@ from wse_sim.router import (
     exchange,
     has_room,
     inject,
+    latencies,
     list_pushed,
     route_phase,
 )
@@ -320,7 +321,7 @@ def run_traffic(
     queued = _queued_before(src, win1)
     measured = int(wk.stripe["measured_in"].sum()) + queued
     done = int(wk.stripe["measured"].sum())
-    hist = fb.lat_hist
+    hist = latencies(fb)
     p99 = float(np.searchsorted(np.cumsum(hist), 0.99 * done)) if done else float("nan")
     hops = mean_hops(width, height, pattern, hotspot_fraction)
     stats = Stats.from_state(width, height, t, fb, wk)
