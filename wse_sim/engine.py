@@ -241,6 +241,14 @@ F_WORK = F_ARITH | F_SEND | F_RECV | F_MOVE
 F_PROGRESS = F_WORK | F_BUSY_ARITH | F_BUSY_MOVE
 
 
+@hot_inline
+def i64(x):
+    """x as a (non-literal) int64. numba compiles a called, not inlined, function once per
+    distinct argument types, a literal constant (NEVER, True) or an int32 slot index
+    included; so the big ones are called with their arguments typed alike everywhere."""
+    return np.int64(x)
+
+
 @hot
 def _apply(op, a, b, c):
     """dst = OP(a, b, c) in float32."""
@@ -968,7 +976,7 @@ def _bulk_start(cs, sidx, thr, pop, t):
     b = cs.bulk[U(sidx)]
     b.t0, b.fp_t, b.debt, b.credit = t, sl.fp_t, sl.rd_debt, sl.fpc
     b.ins, b.e0, b.thr, b.open, b.pop = th.pc, th.e, thr, 1, pop
-    return _bulk_walk(cs, sidx, False, NEVER)
+    return _bulk_walk(cs, i64(sidx), np.bool_(False), i64(NEVER))
 
 
 @hot_inline
@@ -976,7 +984,7 @@ def _bulk_close(cs, sidx, t_stop):
     """Close slot sidx's open bulk run at the start of cycle t_stop, or at its end if that
     comes first (`_bulk_walk`)."""
     cs.bulk[U(sidx)].open = 0
-    _bulk_walk(cs, sidx, True, t_stop)
+    _bulk_walk(cs, i64(sidx), np.bool_(True), i64(t_stop))
 
 
 @hot
@@ -992,7 +1000,7 @@ def _bulk_resumes(fb, cs, sidx, thr, resume, ended):
         return True
     task = cs.task[U(cs.th[U(thr)].task)]
     task.run = 0  # as if ended
-    pending = _scan_tasks(fb, cs, sidx, resume, False)[1]
+    pending = _scan_tasks(fb, cs, i64(sidx), i64(resume), np.bool_(False))[1]
     task.run = 1
     return pending
 
@@ -1134,7 +1142,7 @@ def _timer_sift(cs, s, j, when, sidx):
 def _timer_push(cs, s, when, sidx):
     """A bulk-run PE resumes in cycle `when`."""
     s.timers += 1
-    _timer_sift(cs, s, s.timers - 1, when, sidx)
+    _timer_sift(cs, s, i64(s.timers - 1), i64(when), i64(sidx))
 
 
 @hot_inline
@@ -1146,7 +1154,7 @@ def _timer_remove(cs, s, sidx):
     n = s.timers
     if j < n:
         lo = s.s_lo
-        _timer_sift(cs, s, j, cs.timer_t[U(lo + n)], cs.timer_s[U(lo + n)])
+        _timer_sift(cs, s, i64(j), i64(cs.timer_t[U(lo + n)]), i64(cs.timer_s[U(lo + n)]))
 
 
 @hot_inline
@@ -1179,7 +1187,7 @@ def _pe_one(fb, cs, s, sidx, t):
         sl.full = 0
     progress = 0
     if sl.wake:
-        started, pending = _scan_tasks(fb, cs, sidx, t, True)
+        started, pending = _scan_tasks(fb, cs, i64(sidx), i64(t), np.bool_(True))
         progress += started
         sl.wake = 1 if pending else 0
     running = sl.running
@@ -1233,7 +1241,7 @@ def _pe_one(fb, cs, s, sidx, t):
             return progress
     if sl.running == 0 and sl.wake:
         # Keep the PE listed only if some task can start next cycle.
-        sl.wake = 1 if _scan_tasks(fb, cs, sidx, t + 1, False)[1] else 0
+        sl.wake = 1 if _scan_tasks(fb, cs, i64(sidx), i64(t + 1), np.bool_(False))[1] else 0
     if sl.running != 0 or sl.wake:
         _list_pe(cs, s, sidx, t)
     return progress
